@@ -1,0 +1,61 @@
+"""HIPT-JAX: hierarchical ViTs for gigapixel pathology in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Pins are the versions the package index of our build machines serves; see README.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "numpy==2.4.6",
+    "openslide-python==1.4.7",
+    "openslide-bin==4.0.1.2",
+    "ml-collections==1.1.0",
+    "einops==0.8.2",
+    "tifffile==2026.3.3",
+    "imagecodecs==2026.3.6",
+    "opencv-python-headless==5.0.0.93",
+    "scikit-learn==1.9.1",
+    "tensorflow-datasets==4.9.10",
+    "pillow==12.3.0",
+    "protobuf==6.33.6",
+    "pyarrow==25.0.1",
+    "absl-py",
+    "tqdm",
+    "tensorboardX",
+    "matplotlib",
+    "psutil",
+]
+
+EXTRAS = {
+    # torch is only needed to read/write the official .pth files.
+    "convert": ["torch==2.13.0"],
+    "beam": ["apache-beam==2.77.0"],
+    "test": ["pytest", "pytest-timeout", "torch==2.13.0", "apache-beam==2.77.0"],
+}
+
+setup(
+    name="hipt-jax",
+    version="0.1.0",
+    description="HIPT (CVPR 2022) in JAX/Flax: hierarchical ViTs for whole-slide images",
+    packages=find_packages(include=["hipt_jax", "hipt_jax.*", "data_prep", "data_prep.*", "configs"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "hipt-convert=hipt_jax.convert:main",
+            "hipt-embed=hipt_jax.cli.embed:main",
+            "hipt-extract=hipt_jax.evaluation.extract:main",
+            "hipt-knn=hipt_jax.evaluation.knn_cli:main",
+            "hipt-finetune=hipt_jax.finetune.main:main",
+            "hipt-pretrain=hipt_jax.pretrain.main:main",
+            "hipt-heatmap=hipt_jax.heatmap.cli:main",
+            "hipt-profile=hipt_jax.profiler:main",
+            "hipt-prep=data_prep.cli:main",
+        ]
+    },
+)
