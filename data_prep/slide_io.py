@@ -1,0 +1,137 @@
+"""Reading whole-slide images at a target resolution (shared by data_prep, hipt-embed, hipt-heatmap).
+
+The one subtle point is resolution: HIPT regions are 4096 px AT 20x (~0.5 um/px). A 40x slide
+(~0.25 um/px) must be read over 8192 level-0 pixels and downsampled, preferably from a pyramid
+level that already is 20x when the file has one. `region_geometry` decides this once;
+`read_region_at_mpp` executes it. Past the slide border the region is padded with white.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import cv2
+import numpy as np
+import openslide
+
+# Relative error within which a slide's mpp counts as an exact multiple of the target mpp, e.g. a
+# 0.499 um/px slide is read 1:1 for 0.5 um/px instead of being resampled by 0.2%.
+DEFAULT_MPP_TOLERANCE = 0.1
+
+
+class SlideError(Exception):
+    """A slide that cannot be used; the message names the file and the problem."""
+
+
+def open_slide(path: str) -> openslide.OpenSlide:
+    """Open a slide with OpenSlide, turning every failure into a one-line SlideError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SlideError(f"{path}: no such file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise SlideError(f"{path}: empty file")
+    try:
+        slide = openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(f"{path}: not a slide format OpenSlide can read") from None
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"{path}: unreadable or corrupt slide ({e})") from None
+    except Exception as e:  # PIL/ctypes errors on odd files
+        raise SlideError(f"{path}: cannot open ({type(e).__name__}: {e})") from None
+    if slide.dimensions[0] <= 0 or slide.dimensions[1] <= 0:
+        raise SlideError(f"{path}: slide has no pixels")
+    return slide
+
+
+def slide_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None, path: str = "") -> float:
+    """Level-0 microns per pixel from the slide metadata, else `assume_mpp`, else SlideError."""
+    props = slide.properties
+    values = []
+    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+        try:
+            v = float(props.get(key, "nan"))
+        except ValueError:
+            v = float("nan")
+        if np.isfinite(v) and v > 0:
+            values.append(v)
+    if values:
+        return float(np.mean(values))
+    if assume_mpp is not None:
+        return float(assume_mpp)
+    name = path or getattr(slide, "_filename", "slide")
+    raise SlideError(f"{name}: slide has no mpp in its metadata; pass --assume-mpp (e.g. 0.25 for 40x, "
+                     "0.5 for 20x)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionGeometry:
+    """How one output region of `region_px` px at the target mpp maps onto the slide."""
+    read_px: int       # side of the region in level-0 pixels
+    level: int         # pyramid level read from
+    level_px: int      # side of the region in pixels of that level (resized to region_px if != )
+    region_px: int
+    mpp: float         # mpp of the output image (= slide_mpp * read_px / region_px)
+
+
+def snap_scale(target_mpp: float, mpp: float, tolerance: float = DEFAULT_MPP_TOLERANCE) -> float:
+    """Level-0 pixels per output pixel; snapped to an integer when within `tolerance` of one."""
+    scale = target_mpp / mpp
+    nearest = round(scale)
+    if nearest >= 1 and abs(scale - nearest) <= tolerance * scale:
+        return float(nearest)
+    return scale
+
+
+def region_geometry(slide: openslide.OpenSlide, mpp: float, region_px: int = 4096,
+                    target_mpp: float = 0.5, tolerance: float = DEFAULT_MPP_TOLERANCE) -> RegionGeometry:
+    """Choose level-0 extent and pyramid level for regions of `region_px` px at `target_mpp`.
+
+    The level is the coarsest one that is still at least as fine as the target, so a 40x slide
+    with a 20x level reads 4096 px from that level, and one without reads 8192 px from level 0.
+    """
+    scale = snap_scale(target_mpp, mpp, tolerance)
+    read_px = int(round(region_px * scale))
+    best = 0
+    for lvl, down in enumerate(slide.level_downsamples):
+        # 1% slack: pyramid downsamples of odd-sized levels are not exact (e.g. 3.9998).
+        if down <= scale * 1.01 and down > slide.level_downsamples[best]:
+            best = lvl
+    level_px = int(round(read_px / slide.level_downsamples[best]))
+    return RegionGeometry(read_px=read_px, level=best, level_px=level_px, region_px=region_px,
+                          mpp=mpp * read_px / region_px)
+
+
+def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    """OpenSlide read_region composited over white -> uint8 [h,w,3]. (x, y) in level-0 pixels."""
+    rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
+    rgb = rgba[:, :, :3]
+    alpha = rgba[:, :, 3]
+    if alpha.min() == 255:  # fully inside the slide: the common, fast case
+        return np.ascontiguousarray(rgb)
+    # OpenSlide returns premultiplied-then-unpremultiplied RGBA; transparent = outside the scan.
+    a = alpha[:, :, None].astype(np.float32) / 255.0
+    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def read_region_geometry(slide: openslide.OpenSlide, x: int, y: int, geom: RegionGeometry) -> np.ndarray:
+    """Read one region described by `geom` at level-0 (x, y) -> uint8 [region_px, region_px, 3]."""
+    img = read_rgb(slide, x, y, geom.level, geom.level_px, geom.level_px)
+    if geom.level_px != geom.region_px:
+        # INTER_AREA is the box filter: for an exact 2x it is the mean of each 2x2 block.
+        interp = cv2.INTER_AREA if geom.level_px > geom.region_px else cv2.INTER_CUBIC
+        img = cv2.resize(img, (geom.region_px, geom.region_px), interpolation=interp)
+    return img
+
+
+def read_region_at_mpp(slide: openslide.OpenSlide, x: int, y: int, size_px: int = 4096,
+                       target_mpp: float = 0.5, assume_mpp: float | None = None,
+                       tolerance: float = DEFAULT_MPP_TOLERANCE) -> np.ndarray:
+    """Region of `size_px` px at `target_mpp` whose top-left is level-0 (x, y) -> uint8 [S,S,3].
+
+    A 40x slide reads 2*size_px level-0 pixels (or size_px from a 20x pyramid level) and resizes;
+    pixels past the slide border are white.
+    """
+    mpp = slide_mpp(slide, assume_mpp)
+    geom = region_geometry(slide, mpp, size_px, target_mpp, tolerance)
+    return read_region_geometry(slide, x, y, geom)

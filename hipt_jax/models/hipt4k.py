@@ -1,0 +1,183 @@
+"""HIPT_4K: one 4096 px region (or any H x W >= 256) to its hierarchical embeddings.
+
+The whole path — crop, normalize, cut into 256 px patches, ViT-256 over patch minibatches,
+regrid, ViT-4K — is ONE jitted device computation: no host round trip between the stages.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+
+PATCH = 256  # pixels per ViT-256 patch; a region is a grid of these
+
+
+def center_crop_box(height: int, width: int, multiple: int = PATCH) -> tuple[int, int, int, int]:
+    """(top, left, crop_h, crop_w) of torchvision's CenterCrop to a multiple of ``multiple``.
+
+    Offsets use Python's round (banker's rounding), as torchvision does: a difference of 1
+    gives offset 0, 3 gives 2, 255 gives 128.
+    """
+    if height < multiple or width < multiple:
+        raise ValueError(f"region is {height}x{width} px; HIPT4K needs at least {multiple} px per side")
+    crop_h, crop_w = height - height % multiple, width - width % multiple
+    return int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0)), crop_h, crop_w
+
+
+def normalize(images_u8: jnp.ndarray, dtype: Any = jnp.float32) -> jnp.ndarray:
+    """uint8 -> (x / 255 - 0.5) / 0.5, the transform the released weights expect."""
+    return ((images_u8.astype(jnp.float32) / 255.0 - 0.5) / 0.5).astype(dtype)
+
+
+def _cut_patches(regions: jnp.ndarray) -> tuple[jnp.ndarray, int, int]:
+    """[B,H,W,3] (H, W multiples of 256) -> ([B*R*C,256,256,3], R, C), row-major per region."""
+    batch, height, width, chans = regions.shape
+    rows, cols = height // PATCH, width // PATCH
+    # [B,R*256,C*256,3] -> [B,R,C,256,256,3] -> [B*R*C,256,256,3]: patch (i, j) of region b is
+    # row b*R*C + i*C + j, the reference's unfold order.
+    patches = regions.reshape(batch, rows, PATCH, cols, PATCH, chans).transpose(0, 1, 3, 2, 4, 5)
+    return patches.reshape(batch * rows * cols, PATCH, PATCH, chans), rows, cols
+
+
+def _map_in_minibatches(fn, xs: jnp.ndarray, batch_size: int):
+    """Apply ``fn`` to ``xs`` in sequential minibatches (bounded activation memory), padding the
+    last one; returns the concatenated outputs (a pytree with leading dim len(xs))."""
+    n = xs.shape[0]
+    batch_size = max(1, min(batch_size, n))
+    n_chunks = -(-n // batch_size)
+    pad = n_chunks * batch_size - n
+    if pad:
+        xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)], axis=0)
+    # [n_chunks*bs, ...] -> [n_chunks, bs, ...] so lax.map runs one minibatch per iteration.
+    chunks = xs.reshape((n_chunks, batch_size) + xs.shape[1:])
+    out = jax.lax.map(fn, chunks)
+    # [n_chunks, bs, ...] -> [n, ...]
+    return jax.tree.map(lambda y: y.reshape((n_chunks * batch_size,) + y.shape[2:])[:n], out)
+
+
+def region_forward(
+    params256: Any,
+    params4k: Optional[Any],
+    regions_u8: jnp.ndarray,
+    *,
+    config256: ml_collections.ConfigDict,
+    config4k: Optional[ml_collections.ConfigDict],
+    patch_batch: int = 256,
+    dtype: Any = jnp.float32,
+    return_attention: bool = False,
+) -> dict[str, jnp.ndarray]:
+    """Pure function: uint8 regions [B,H,W,3] -> HIPT_4K outputs (jit it with the configs static).
+
+    Outputs (leading B): features_cls256 [B,R*C,384], features_mean256 [B,384]; with ViT-4K also
+    features_cls4k [B,192] and features_mean256_cls4k [B,576]. With ``return_attention``:
+    attention256 [B,R*C,heads,256] (CLS -> 16 px tokens of each patch, last block) and
+    attention4k [B,heads,R*C] (CLS -> patches of the region).
+    """
+    batch, height, width, _ = regions_u8.shape
+    top, left, crop_h, crop_w = center_crop_box(height, width)
+    regions_u8 = regions_u8[:, top : top + crop_h, left : left + crop_w]
+    patches_u8, rows, cols = _cut_patches(regions_u8)
+    vit256 = build_vit(config256, dtype=dtype)
+
+    def embed_patches(chunk_u8):
+        # Normalize inside the minibatch so the fp32 copy of a region never exists at once.
+        cls, aux = vit256.apply(params256, normalize(chunk_u8, dtype))
+        if return_attention:
+            return cls.astype(jnp.float32), aux["attention"][:, :, 0, 1:]  # [b,heads,256]
+        return cls.astype(jnp.float32)
+
+    mapped = _map_in_minibatches(embed_patches, patches_u8, patch_batch)
+    cls256 = mapped[0] if return_attention else mapped
+    # [B*R*C,384] -> [B,R*C,384]
+    cls256 = cls256.reshape(batch, rows * cols, -1)
+    out = {"features_cls256": cls256, "features_mean256": cls256.mean(axis=1)}
+    if return_attention:
+        # [B*R*C,heads,256] -> [B,R*C,heads,256]
+        out["attention256"] = mapped[1].reshape(batch, rows * cols, *mapped[1].shape[1:])
+    if params4k is not None:
+        vit4k = build_vit(config4k, dtype=dtype)
+        # [B,R*C,384] -> [B,R,C,384]: the same row-major grid, no spatial transpose.
+        grid = cls256.reshape(batch, rows, cols, -1)
+        cls4k, aux4k = vit4k.apply(params4k, grid)
+        cls4k = cls4k.astype(jnp.float32)
+        out["features_cls4k"] = cls4k
+        out["features_mean256_cls4k"] = jnp.concatenate([out["features_mean256"], cls4k], axis=-1)
+        if return_attention:
+            out["attention4k"] = aux4k["attention"][:, :, 0, 1:]
+    return out
+
+
+class HIPT4K:
+    """Region model: ``HIPT4K.from_checkpoints(vit256=..., vit4k=...)(region_u8)``.
+
+    Args:
+      params256, params4k: Flax variable dicts ({"params": ...}); params4k may be None to get
+        only ViT-256 features.
+      config256, config4k: architecture ConfigDicts (see hipt_jax.models.configs).
+      patch_batch: ViT-256 minibatch inside the jitted computation (memory vs speed).
+      dtype: compute dtype (jnp.float32, or jnp.bfloat16 with fp32 params).
+    """
+
+    def __init__(self, params256, params4k, config256, config4k=None, *, patch_batch: int = 256,
+                 dtype: Any = jnp.float32):
+        self.params256, self.params4k = params256, params4k
+        self.config256, self.config4k = config256, config4k
+        self.patch_batch, self.dtype = patch_batch, dtype
+        self._jitted = {}
+
+    @classmethod
+    def from_checkpoints(cls, vit256: str, vit4k: Optional[str] = None, **kwargs) -> "HIPT4K":
+        """Load backbones from converted Orbax directories (hipt-convert, pretraining export)
+        or straight from the released .pth files (needs torch)."""
+        from hipt_jax import checkpoints  # local: keeps model import light
+
+        params256, config256 = checkpoints.load_backbone(vit256, expect_arch="vit256")
+        params4k = config4k = None
+        if vit4k is not None:
+            params4k, config4k = checkpoints.load_backbone(vit4k, expect_arch="vit4k")
+        return cls(params256, params4k, config256, config4k, **kwargs)
+
+    @classmethod
+    def random_init(cls, seed: int = 0, tiny: bool = False, with_vit4k: bool = True,
+                    **kwargs) -> "HIPT4K":
+        """Randomly initialised weights (reference init) for demos and tests; ``tiny`` swaps in
+        2-block/1-block stand-ins with the same input/output sizes."""
+        config256 = get_arch("vit256_tiny" if tiny else "vit256")
+        config4k = get_arch("vit4k_tiny" if tiny else "vit4k")
+        key256, key4k = jax.random.split(jax.random.PRNGKey(seed))
+        params256 = jax.jit(build_vit(config256).init)(key256, dummy_input(config256))
+        params4k = None
+        if with_vit4k:
+            params4k = jax.jit(build_vit(config4k).init)(key4k, dummy_input(config4k))
+        return cls(params256, params4k, config256, config4k if with_vit4k else None, **kwargs)
+
+    def _forward_fn(self, return_attention: bool):
+        if return_attention not in self._jitted:
+            self._jitted[return_attention] = jax.jit(functools.partial(
+                region_forward, config256=self.config256, config4k=self.config4k,
+                patch_batch=self.patch_batch, dtype=self.dtype, return_attention=return_attention,
+            ))
+        return self._jitted[return_attention]
+
+    def embed_batch(self, regions_u8, return_attention: bool = False) -> dict[str, np.ndarray]:
+        """uint8 [B,H,W,3] regions of one size -> dict of numpy arrays with leading B."""
+        regions_u8 = np.asarray(regions_u8)
+        if regions_u8.dtype != np.uint8 or regions_u8.ndim != 4 or regions_u8.shape[-1] != 3:
+            raise ValueError(f"expected uint8 [B,H,W,3] regions, got {regions_u8.dtype} {regions_u8.shape}")
+        out = self._forward_fn(return_attention)(self.params256, self.params4k, regions_u8)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def __call__(self, region_u8, return_attention: bool = False) -> dict[str, np.ndarray]:
+        """uint8 [H,W,3] region -> features_cls256 [R*C,384], features_mean256 [384],
+        features_cls4k [192], features_mean256_cls4k [576]."""
+        region_u8 = np.asarray(region_u8)
+        if region_u8.ndim != 3:
+            raise ValueError(f"expected one uint8 [H,W,3] region, got shape {region_u8.shape}")
+        out = self.embed_batch(region_u8[None], return_attention)
+        return {k: v[0] for k, v in out.items()}

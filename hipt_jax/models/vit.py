@@ -1,0 +1,238 @@
+"""One Vision Transformer definition for every HIPT scale.
+
+ViT-256 (pixels -> 16 px tokens), ViT-4K (384-d patch features -> region) and the slide-level
+aggregator differ only by configuration: the stem, the width/depth, pre- or post-norm blocks.
+Parameter names follow the reference's state-dict names (``blocks_3/attn/qkv``,
+``patch_embed/proj``, ``phi``) so that conversion is a rename plus a transpose.
+
+Every module returns ``(out, aux)``; aux carries what heatmaps and analysis need (all tokens
+after the final norm, the last block's softmax attention).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hipt_jax.models.pos_embed import interpolate_pos_embed
+
+Dtype = Any
+
+# Reference init: truncated normal std 0.02 for kernels, zero biases.
+_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
+    """Exact erf GELU as in torch.nn.GELU(); Flax's default is the tanh approximation."""
+    return nn.gelu(x, approximate=False)
+
+
+_ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "gelu": gelu_exact,
+    "relu": nn.relu,
+}
+
+
+def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, kernel_init=_kernel_init,
+        bias_init=nn.initializers.zeros, name=name,
+    )
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (DINO's drop_path): zero a sample's residual branch with
+    probability ``rate`` and rescale survivors by 1 / (1 - rate)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, mask_shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection laid out [q | k | v], each
+    head-major, as both timm's Attention and torch's MultiheadAttention in_proj store it."""
+
+    num_heads: int
+    dropout_rate: float = 0.0  # on the attention weights (torch MHA's dropout)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask=None, deterministic=True):
+        batch, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        qkv = _dense(3 * width, "qkv", self.dtype)(x)
+        # [B,N,3D] -> [3,B,H,N,hd]: the reference splits q|k|v first, then heads.
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
+        if key_mask is not None:
+            # key_mask [B,N] True for real tokens: padded keys get no weight.
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+        # Softmax in fp32 even under bf16 compute: the maps feed heatmaps and pooling.
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        dropped = nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), v)
+        # [B,H,N,hd] -> [B,N,D]: heads back to head-major channels.
+        out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, width)
+        return _dense(width, "proj", self.dtype)(out), attn
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    activation: str = "gelu"
+    dropout_rate: float = 0.0  # after the activation (torch TransformerEncoderLayer.dropout)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        width = x.shape[-1]
+        h = _ACTIVATIONS[self.activation](_dense(self.hidden_dim, "fc1", self.dtype)(x))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return _dense(width, "fc2", self.dtype)(h)
+
+
+class Block(nn.Module):
+    """Transformer block. ``pre_norm=True`` is the ViT block (x += f(LN(x)));
+    ``pre_norm=False`` is torch's TransformerEncoderLayer default (x = LN(x + f(x)))."""
+
+    num_heads: int
+    mlp_dim: int
+    pre_norm: bool = True
+    activation: str = "gelu"
+    ln_eps: float = 1e-6
+    dropout_rate: float = 0.0  # residual-branch dropout (post-norm encoder only)
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask=None, deterministic=True):
+        norm1 = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")
+        norm2 = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")
+        attn = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")
+        mlp = Mlp(self.mlp_dim, self.activation, self.dropout_rate, self.dtype, name="mlp")
+        drop_path = DropPath(self.drop_path)
+        dropout = nn.Dropout(self.dropout_rate)
+        if self.pre_norm:
+            y, attn_map = attn(norm1(x), key_mask, deterministic)
+            x = x + drop_path(y, deterministic)
+            x = x + drop_path(mlp(norm2(x), deterministic), deterministic)
+        else:
+            y, attn_map = attn(x, key_mask, deterministic)
+            x = norm1(x + dropout(y, deterministic=deterministic))
+            x = norm2(x + dropout(mlp(x, deterministic), deterministic=deterministic))
+        return x, attn_map
+
+
+class Encoder(nn.Module):
+    """A stack of blocks; stochastic depth grows linearly from 0 to ``drop_path_rate``.
+    Returns (tokens, last block's attention [B, heads, N, N])."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    pre_norm: bool = True
+    activation: str = "gelu"
+    ln_eps: float = 1e-6
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask=None, deterministic=True):
+        attn_map = None
+        for i in range(self.depth):
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+            x, attn_map = Block(
+                self.num_heads, self.mlp_dim, self.pre_norm, self.activation, self.ln_eps,
+                self.dropout_rate, rate, self.dtype, name=f"blocks_{i}",
+            )(x, key_mask, deterministic)
+        return x, attn_map
+
+
+class PixelStem(nn.Module):
+    """16x16/16 conv patch embedding, computed as one matmul over unfolded patches
+    (faster than a strided conv on CPU XLA). The kernel keeps nn.Conv's HWIO layout."""
+
+    width: int
+    patch_size: int = 16
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch_size
+        batch, height, width, chans = images.shape
+        rows, cols = height // p, width // p
+        kernel = self.param("kernel", _kernel_init, (p, p, chans, self.width))
+        bias = self.param("bias", nn.initializers.zeros, (self.width,))
+        # The reference's conv drops any remainder past the last full patch.
+        images = images[:, : rows * p, : cols * p]
+        # [B,R*p,C*p,3] -> [B,R,C,p*p*3] in (kh, kw, cin) order, matching HWIO flattening.
+        patches = images.reshape(batch, rows, p, cols, p, chans).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, rows, cols, p * p * chans).astype(self.dtype)
+        flat_kernel = kernel.reshape(p * p * chans, self.width).astype(self.dtype)
+        return patches @ flat_kernel + bias.astype(self.dtype)  # [B,R,C,D]
+
+
+class FeatureStem(nn.Module):
+    """ViT-4K's "phi": Linear(in -> width) + exact GELU (+ dropout 0 in the reference)."""
+
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, grid):
+        return gelu_exact(_dense(self.width, "dense", self.dtype)(grid))  # [B,R,C,D]
+
+
+class VisionTransformer(nn.Module):
+    """HIPT's ViT at any scale.
+
+    Input: ``stem="pixels"``: normalized images [B,H,W,3] (H, W multiples of patch_size);
+    ``stem="features"``: feature grids [B,R,C,F] (R x C tokens, row-major).
+    Returns ``(cls, aux)``: cls [B,D] after the final norm; aux["tokens"] [B,1+R*C,D] after the
+    final norm; aux["attention"] [B,heads,1+R*C,1+R*C] softmax of the last block.
+    """
+
+    stem: str = "pixels"
+    patch_size: int = 16
+    width: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_dim: int = 1536
+    pos_embed_grid: int = 14
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.stem == "pixels":
+            grid = PixelStem(self.width, self.patch_size, self.dtype, name="patch_embed")(x)
+        elif self.stem == "features":
+            grid = FeatureStem(self.width, self.dtype, name="phi")(x)
+        else:
+            raise ValueError(f"unknown stem {self.stem!r}: expected 'pixels' or 'features'")
+        batch, rows, cols, width = grid.shape
+        # [B,R,C,D] -> [B,R*C,D]: row-major tokens, token i*C+j is grid cell (i, j).
+        tokens = grid.reshape(batch, rows * cols, width)
+        cls_token = self.param("cls_token", _kernel_init, (1, 1, width))
+        n_pos = self.pos_embed_grid**2 + 1
+        pos_embed = self.param("pos_embed", _kernel_init, (1, n_pos, width))
+        cls = jnp.broadcast_to(cls_token.astype(tokens.dtype), (batch, 1, width))
+        tokens = jnp.concatenate([cls, tokens], axis=1)  # [B,1+R*C,D]
+        tokens = tokens + interpolate_pos_embed(pos_embed, rows, cols).astype(tokens.dtype)
+        tokens, attn = Encoder(
+            self.depth, self.num_heads, self.mlp_dim, pre_norm=True, activation="gelu",
+            ln_eps=1e-6, drop_path_rate=self.drop_path_rate, dtype=self.dtype, name="encoder",
+        )(tokens, deterministic=not train)
+        tokens = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(tokens)
+        return tokens[:, 0], {"tokens": tokens, "attention": attn}
