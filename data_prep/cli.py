@@ -1,0 +1,180 @@
+"""`hipt-prep` (also `python -m data_prep`): slides -> region, patch and feature shards.
+
+    hipt-prep regions  --slides DIR_OR_CSV --out OUT [--target-mpp 0.5] [--region 4096] [--workers N]
+                       [--runner pool|DirectRunner|DataflowRunner|FlinkRunner|SparkRunner] [beam flags]
+    hipt-prep patches  --regions OUT --out OUT_PATCHES [--patch 256] [--min-tissue 0.5]
+    hipt-prep features --regions OUT --out OUT_FEATS --vit256 CKPT [--dtype float16] [--batch 2]
+    hipt-prep tfds     --kind regions|patches|features --shards OUT --data-dir TFDS_DIR
+
+Exit code: 0 when every slide/shard succeeded, 1 when some failed (see OUT/manifest.json),
+2 for bad command-line input.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from data_prep.runner import InputError
+
+RUNNERS = ("pool", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner",
+           "PortableRunner", "PrismRunner")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                   help="process-pool size (runner 'pool')")
+    p.add_argument("--runner", default="pool", choices=RUNNERS,
+                   help="'pool' (local processes, default) or an Apache Beam runner; unknown flags "
+                        "are passed to Beam's PipelineOptions")
+    p.add_argument("--redo", action="store_true", help="redo finished items too")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hipt-prep", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("regions", help="slides -> tissue masks -> region shards")
+    r.add_argument("--slides", required=True, help="folder of slides (recursive) or CSV with path[,slide_id]")
+    r.add_argument("--out", required=True)
+    r.add_argument("--target-mpp", type=float, default=0.5, help="microns/pixel of stored regions (0.5 = 20x)")
+    r.add_argument("--region", type=int, default=4096, help="region side in pixels at --target-mpp")
+    r.add_argument("--mpp-tolerance", type=float, default=0.1,
+                   help="relative mpp error treated as an exact integer scale (0.499 -> 0.5)")
+    r.add_argument("--assume-mpp", type=float, default=None, help="mpp for slides whose metadata has none")
+    r.add_argument("--min-tissue", type=float, default=0.1, help="minimum tissue fraction of a kept region")
+    r.add_argument("--jpeg-quality", type=int, default=90)
+    r.add_argument("--mask-px", type=int, default=16, help="target px per tissue-mask px")
+    r.add_argument("--min-saturation", type=int, default=15, help="floor of the Otsu saturation threshold")
+    r.add_argument("--median-blur", type=int, default=7)
+    r.add_argument("--close-px", type=int, default=4)
+    r.add_argument("--min-tissue-area", type=int, default=256 * 256, help="target px^2")
+    r.add_argument("--min-hole-area", type=int, default=256 * 256, help="target px^2")
+    _add_run_flags(r)
+
+    p = sub.add_parser("patches", help="region shards -> 256 px patch shards (stage-1 pretraining)")
+    p.add_argument("--regions", required=True, help="output folder of `hipt-prep regions`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--patch", type=int, default=256)
+    p.add_argument("--min-tissue", type=float, default=0.0,
+                   help="drop patches whose non-background fraction is below this (0 = keep all)")
+    p.add_argument("--background-saturation", type=int, default=20,
+                   help="pixels with HSV saturation <= this count as background")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    _add_run_flags(p)
+
+    f = sub.add_parser("features", help="region shards -> [R*C,384] ViT-256 feature shards")
+    f.add_argument("--regions", required=True, help="output folder of `hipt-prep regions`")
+    f.add_argument("--out", required=True)
+    g = f.add_mutually_exclusive_group(required=True)
+    g.add_argument("--vit256", help="ViT-256 checkpoint (Orbax dir or released .pth)")
+    g.add_argument("--random-init", action="store_true", help="random ViT-256 weights (smoke tests)")
+    f.add_argument("--tiny", action="store_true", help="with --random-init: tiny test architecture")
+    f.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
+    f.add_argument("--batch", type=int, default=1, help="regions per forward pass")
+    f.add_argument("--redo", action="store_true")
+
+    t = sub.add_parser("tfds", help="register existing shards as a TFDS dataset (array_record)")
+    t.add_argument("--kind", required=True, choices=("regions", "patches", "features"))
+    t.add_argument("--shards", required=True, help="output folder of the matching hipt-prep command")
+    t.add_argument("--data-dir", required=True, help="TFDS data_dir to build into")
+    return ap
+
+
+def _regions(args, beam_args) -> int:
+    from data_prep.regions import RegionParams, process_slide
+    from data_prep.runner import list_slides, run_items
+    from data_prep.tissue import TissueParams
+
+    tissue = TissueParams(mask_px=args.mask_px, median_blur=args.median_blur,
+                          min_saturation=args.min_saturation, close_px=args.close_px,
+                          min_tissue_area=args.min_tissue_area, min_hole_area=args.min_hole_area)
+    params = RegionParams(target_mpp=args.target_mpp, region_px=args.region,
+                          mpp_tolerance=args.mpp_tolerance, assume_mpp=args.assume_mpp,
+                          min_tissue_fraction=args.min_tissue, jpeg_quality=args.jpeg_quality,
+                          tissue=tissue)
+    if args.region < 256 or args.region % 256:
+        raise InputError(f"--region {args.region}: must be a positive multiple of 256")
+    tasks = list_slides(args.slides)
+    out = os.path.abspath(args.out)
+    manifest = run_items(process_slide, tasks, [t.slide_id for t in tasks], out, "regions",
+                         params.to_dict(), (out, params), workers=args.workers, runner=args.runner,
+                         beam_args=beam_args, redo=args.redo)
+    return _report(manifest, out)
+
+
+def _patches(args, beam_args) -> int:
+    from data_prep.patches import PatchParams, list_region_shards, process_region_shard
+    from data_prep.runner import run_items
+
+    params = PatchParams(patch_px=args.patch, min_tissue_fraction=args.min_tissue,
+                         background_saturation=args.background_saturation,
+                         jpeg_quality=args.jpeg_quality)
+    src = os.path.abspath(args.regions)
+    ids = list_region_shards(src)
+    out = os.path.abspath(args.out)
+    manifest = run_items(process_region_shard, ids, ids, out, "patches",
+                         dict(dataclasses.asdict(params), regions=src), (src, out, params),
+                         workers=args.workers, runner=args.runner, beam_args=beam_args, redo=args.redo)
+    return _report(manifest, out)
+
+
+def _features(args) -> int:
+    from data_prep.features import FeatureExtractor, process_region_shard_features
+    from data_prep.patches import list_region_shards
+    from data_prep.runner import run_items
+
+    src = os.path.abspath(args.regions)
+    ids = list_region_shards(src)
+    out = os.path.abspath(args.out)
+    extractor = FeatureExtractor(vit256=args.vit256, random_init=args.random_init, tiny=args.tiny,
+                                 batch=args.batch, dtype=args.dtype)
+    params = dict(regions=src, vit256=args.vit256 and os.path.abspath(args.vit256),
+                  random_init=args.random_init, tiny=args.tiny, dtype=args.dtype)
+    # JAX already uses every core/accelerator of the host: one process, items in sequence.
+    manifest = run_items(process_region_shard_features, ids, ids, out, "features", params,
+                         (src, out, extractor), workers=1, runner="pool", redo=args.redo)
+    return _report(manifest, out)
+
+
+def _tfds(args) -> int:
+    from data_prep.tfds_builders import build_tfds
+
+    builder = build_tfds(args.kind, os.path.abspath(args.shards), os.path.abspath(args.data_dir))
+    print(f"TFDS dataset {builder.info.full_name} in {args.data_dir}: "
+          + ", ".join(f"{k}={v.num_examples}" for k, v in builder.info.splits.items()))
+    return 0
+
+
+def _report(manifest: dict, out: str) -> int:
+    counts = manifest["counts"]
+    failed = {k: v for k, v in manifest["items"].items() if v.get("status") != "done"}
+    print(f"{manifest['kind']}: {counts.get('done', 0)} done, {len(failed)} failed, "
+          f"{manifest['n_records']} records -> {out}")
+    for k, v in sorted(failed.items()):
+        print(f"  FAILED {k}: {v.get('error')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    runner = getattr(args, "runner", "pool")
+    if extra and (runner == "pool" or args.command in ("features", "tfds")):
+        ap.error(f"unrecognized arguments: {' '.join(extra)} (only Beam runners take extra flags)")
+    try:
+        if args.command == "regions":
+            return _regions(args, extra)
+        if args.command == "patches":
+            return _patches(args, extra)
+        if args.command == "features":
+            return _features(args)
+        return _tfds(args)
+    except (InputError, FileNotFoundError) as e:
+        print(f"hipt-prep {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

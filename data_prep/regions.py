@@ -1,0 +1,187 @@
+"""Per-slide work of `hipt-prep regions`: one slide -> one region shard + status + QC pictures.
+
+`process_slide` is a top-level, spawn-safe function used unchanged by the process pool and by
+the Apache Beam pipeline (data_prep.runner), so both produce identical shards. Outputs per slide:
+
+    OUT/regions/<slide_id>.array_record   one record per kept region (schema: data_prep.records)
+    OUT/status/<slide_id>.json            result: done/failed, counts, geometry, error, timings
+    OUT/qc/<slide_id>_mask.png            tissue mask next to the thumbnail
+    OUT/qc/<slide_id>_regions.png         kept region grid over the thumbnail
+
+Every file is written to a temporary name and renamed, and the status file is written last, so a
+slide counts as finished only when all of its outputs are complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import traceback
+
+import cv2
+import numpy as np
+
+from data_prep import records
+from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, open_slide, read_region_geometry,
+                                region_geometry, slide_mpp)
+from data_prep.tissue import TissueParams, region_fraction, segment_slide
+
+SHARD_EXT = ".array_record"
+# group_size:1 makes every record independently seekable (Grain random access) at a small size cost.
+ARRAY_RECORD_OPTIONS = "group_size:1"
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionParams:
+    """Everything that decides the content of a region shard (recorded in the manifest)."""
+    target_mpp: float = 0.5
+    region_px: int = 4096
+    mpp_tolerance: float = DEFAULT_MPP_TOLERANCE
+    assume_mpp: float | None = None
+    min_tissue_fraction: float = 0.1
+    jpeg_quality: int = 90
+    tissue: TissueParams = TissueParams()
+    qc_max_px: int = 1024
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RegionParams":
+        d = dict(d)
+        d["tissue"] = TissueParams(**d.get("tissue", {}))
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideTask:
+    slide_id: str
+    path: str
+
+
+def shard_path(out_dir: str, kind: str, slide_id: str) -> str:
+    return os.path.join(out_dir, kind, slide_id + SHARD_EXT)
+
+
+def status_path(out_dir: str, slide_id: str) -> str:
+    return os.path.join(out_dir, "status", slide_id + ".json")
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def region_grid(width: int, height: int, read_px: int) -> list[tuple[int, int]]:
+    """Level-0 top-left corners of a non-overlapping grid covering the slide, row-major.
+
+    The grid starts at (0, 0); the last row/column may extend past the border (padded white).
+    A slide smaller than one region gives one region at (0, 0).
+    """
+    rows = max(1, math.ceil(height / read_px))
+    cols = max(1, math.ceil(width / read_px))
+    return [(c * read_px, r * read_px) for r in range(rows) for c in range(cols)]
+
+
+def select_regions(slide, params: RegionParams, mpp: float):
+    """Geometry, tissue mask and the kept [(x, y, tissue_fraction)] of one open slide."""
+    geom = region_geometry(slide, mpp, params.region_px, params.target_mpp, params.mpp_tolerance)
+    tm = segment_slide(slide, geom.read_px / geom.region_px, params.tissue)
+    w, h = slide.dimensions
+    kept = []
+    for x, y in region_grid(w, h, geom.read_px):
+        frac = region_fraction(tm, x, y, geom.read_px)
+        if frac >= params.min_tissue_fraction:
+            kept.append((x, y, frac))
+    return geom, tm, kept
+
+
+def _qc_pictures(out_dir: str, slide_id: str, tm, geom, kept, max_px: int) -> None:
+    """Save <id>_mask.png (thumbnail | mask) and <id>_regions.png (kept grid over thumbnail)."""
+    qc = os.path.join(out_dir, "qc")
+    thumb = tm.thumb
+    scale = min(1.0, max_px / max(thumb.shape[:2]))
+    size = (max(1, int(thumb.shape[1] * scale)), max(1, int(thumb.shape[0] * scale)))
+    small = cv2.resize(thumb, size, interpolation=cv2.INTER_AREA)
+    mask = cv2.resize(tm.mask * 255, size, interpolation=cv2.INTER_NEAREST)
+    pair = np.concatenate([small, np.repeat(mask[:, :, None], 3, axis=2)], axis=1)
+    overlay = small.copy()
+    contours = [np.round(c * scale).astype(np.int32) for c in tm.contours]
+    holes = [np.round(c * scale).astype(np.int32) for c in tm.holes]
+    cv2.drawContours(overlay, contours, -1, (0, 160, 0), 1)
+    cv2.drawContours(overlay, holes, -1, (0, 0, 255), 1)
+    f = scale / tm.downsample  # level-0 px -> picture px
+    for x, y, _ in kept:
+        p0 = (int(round(x * f)), int(round(y * f)))
+        p1 = (int(round((x + geom.read_px) * f)) - 1, int(round((y + geom.read_px) * f)) - 1)
+        cv2.rectangle(overlay, p0, p1, (255, 0, 0), 1)
+    for name, img in (("mask", pair), ("regions", overlay)):
+        path = os.path.join(qc, f"{slide_id}_{name}.png")
+        tmp = f"{path}.tmp-{os.getpid()}.png"
+        cv2.imwrite(tmp, img[:, :, ::-1])
+        os.replace(tmp, path)
+
+
+def _write_region_shard(slide, slide_id: str, path: str, geom, kept, params: RegionParams) -> None:
+    # Imported here so that importing this module (e.g. by Beam's pickler) stays cheap.
+    from array_record.python import array_record_module
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    writer = array_record_module.ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
+    try:
+        for index, (x, y, frac) in enumerate(kept):
+            img = read_region_geometry(slide, x, y, geom)  # [region_px, region_px, 3] uint8
+            writer.write(records.region_record(
+                records.encode_jpeg(img, params.jpeg_quality), slide_id=slide_id, x=x, y=y,
+                level=geom.level, read_px=geom.read_px, mpp=geom.mpp, region_px=geom.region_px,
+                tissue_fraction=frac, index=index))
+    except BaseException:
+        writer.close()
+        os.remove(tmp)
+        raise
+    writer.close()
+    os.replace(tmp, path)
+
+
+def process_slide(task: SlideTask, out_dir: str, params: RegionParams) -> dict:
+    """Do one slide end to end; never raises for a bad slide (the error goes in the result)."""
+    t0 = time.time()
+    result = dict(slide_id=task.slide_id, path=task.path, status="failed", n_regions=0, error=None,
+                  shard=os.path.join("regions", task.slide_id + SHARD_EXT))
+    for sub in ("regions", "status", "qc"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    slide = None
+    try:
+        slide = open_slide(task.path)
+        mpp = slide_mpp(slide, params.assume_mpp, task.path)
+        geom, tm, kept = select_regions(slide, params, mpp)
+        result.update(slide_mpp=mpp, width=slide.dimensions[0], height=slide.dimensions[1],
+                      level=geom.level, read_px=geom.read_px, mpp=geom.mpp,
+                      tissue_fraction=float(tm.mask.mean()),
+                      n_candidates=len(region_grid(*slide.dimensions, geom.read_px)))
+        _qc_pictures(out_dir, task.slide_id, tm, geom, kept, params.qc_max_px)
+        if not tm.contours:
+            raise SlideError(f"{task.path}: no tissue found (saturation threshold {tm.threshold:.0f})")
+        if not kept:
+            raise SlideError(f"{task.path}: tissue found but no {params.region_px} px region reaches "
+                             f"tissue fraction {params.min_tissue_fraction}")
+        _write_region_shard(slide, task.slide_id, shard_path(out_dir, "regions", task.slide_id),
+                            geom, kept, params)
+        result.update(status="done", n_regions=len(kept))
+    except SlideError as e:
+        result["error"] = str(e)
+    except Exception as e:  # a bug or an OpenSlide read error mid-slide: keep the run going
+        result["error"] = f"{task.path}: {type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc(limit=5)
+    finally:
+        if slide is not None:
+            slide.close()
+    result["seconds"] = round(time.time() - t0, 3)
+    write_json_atomic(status_path(out_dir, task.slide_id), result)
+    return result

@@ -1,0 +1,241 @@
+"""Run a per-slide (or per-shard) function over many inputs: process pool or Apache Beam.
+
+Resumability lives in the per-item status files (OUT/status/<id>.json, written last and
+atomically by the item function): an item whose status says "done" and whose shard exists is
+skipped on a rerun; anything else (failed, never started, killed mid-way) is redone from scratch
+and overwrites its shard under the same deterministic name. The manifest (OUT/manifest.json) is
+an atomically rewritten summary of the status files plus the run parameters and versions.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import multiprocessing
+import os
+import platform
+import re
+import time
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+from data_prep.regions import SlideTask, status_path, write_json_atomic
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
+                    ".svslide", ".dcm")
+MANIFEST = "manifest.json"
+
+
+class InputError(Exception):
+    """Bad command-line input (missing folder, malformed CSV, duplicate slide ids...)."""
+
+
+def _safe_id(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
+
+
+def list_slides(slides: str) -> list[SlideTask]:
+    """Slides from a folder (searched recursively) or a CSV with a `path` and optional `slide_id`.
+
+    DICOM slides are folders of .dcm files: one task per folder, named after the folder.
+    CSV paths are relative to the CSV's folder.
+    """
+    if os.path.isdir(slides):
+        found, dicom_dirs = [], set()
+        for root, _, files in os.walk(slides):
+            for f in sorted(files):
+                ext = os.path.splitext(f)[1].lower()
+                if ext == ".dcm":
+                    if root not in dicom_dirs:
+                        dicom_dirs.add(root)
+                        found.append((os.path.basename(root), os.path.join(root, f)))
+                elif ext in SLIDE_EXTENSIONS:
+                    found.append((os.path.splitext(f)[0], os.path.join(root, f)))
+        tasks = [SlideTask(_safe_id(i), p) for i, p in sorted(found, key=lambda t: t[1])]
+    elif os.path.isfile(slides) and slides.lower().endswith(".csv"):
+        base = os.path.dirname(os.path.abspath(slides))
+        with open(slides, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise InputError(f"{slides}: CSV needs a 'path' column (and optionally 'slide_id')")
+            tasks = []
+            for n, row in enumerate(reader, start=2):
+                if not row["path"]:
+                    raise InputError(f"{slides}: line {n} has an empty path")
+                p = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
+                sid = row.get("slide_id") or os.path.splitext(os.path.basename(p))[0]
+                tasks.append(SlideTask(_safe_id(sid), p))
+    else:
+        raise InputError(f"{slides}: not a folder or a .csv file")
+    if not tasks:
+        raise InputError(f"{slides}: no slides found (extensions: {' '.join(SLIDE_EXTENSIONS)})")
+    seen = {}
+    for t in tasks:
+        if t.slide_id in seen:
+            raise InputError(f"{slides}: slide id {t.slide_id!r} used by both {seen[t.slide_id]} and "
+                             f"{t.path}; give unique ids in a CSV")
+        seen[t.slide_id] = t.path
+    return tasks
+
+
+def versions() -> dict:
+    import array_record  # noqa: F401  (version lookup below)
+    import cv2
+    import numpy
+    import openslide
+    from importlib import metadata
+
+    out = dict(python=platform.python_version(), numpy=numpy.__version__, opencv=cv2.__version__,
+               openslide_python=openslide.__version__, openslide=openslide.__library_version__)
+    for pkg in ("array-record", "hipt-jax"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def read_status(out_dir: str, item_id: str) -> dict | None:
+    try:
+        with open(status_path(out_dir, item_id)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_done(out_dir: str, item_id: str) -> bool:
+    st = read_status(out_dir, item_id)
+    return bool(st and st.get("status") == "done" and
+                os.path.exists(os.path.join(out_dir, st["shard"])))
+
+
+def check_params(out_dir: str, kind: str, params: dict) -> None:
+    """Refuse to mix shards made with different parameters in one output folder."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("kind") == kind and old.get("params") != params:
+        raise InputError(f"{out_dir}: existing shards were made with different parameters "
+                         f"({MANIFEST}); use a new --out folder")
+
+
+def write_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str], extra: dict | None = None) -> dict:
+    """Rebuild OUT/manifest.json from the status files of `ids` (atomic replace)."""
+    items = {}
+    for i in ids:
+        items[i] = read_status(out_dir, i) or dict(status="pending")
+    counts = {}
+    for st in items.values():
+        counts[st["status"]] = counts.get(st["status"], 0) + 1
+    manifest = dict(schema="hipt.prep-manifest.v1", kind=kind, params=params, versions=versions(),
+                    updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), counts=counts,
+                    n_records=sum(st.get("n_regions", st.get("n_records", 0)) or 0 for st in items.values()),
+                    items=items, **(extra or {}))
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    return manifest
+
+
+def clean_stale_tmp(out_dir: str) -> None:
+    """Remove temporary files left by a killed run (never read: shards are only globbed by ext)."""
+    for p in glob.glob(os.path.join(out_dir, "*", "*.tmp-*")):
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
+def _init_worker() -> None:
+    import cv2
+    # One OpenCV thread per process: parallelism comes from the processes.
+    cv2.setNumThreads(1)
+
+
+class _Call:
+    """Picklable fn(item, *args) for Pool.imap_unordered."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __call__(self, item):
+        return self.fn(item, *self.args)
+
+
+def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str,
+             on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """fn(item, *args) over items on `workers` spawn processes (inline if workers == 1)."""
+    results = []
+    bar = tqdm(total=len(items), desc=desc, unit="slide", dynamic_ncols=True)
+    if workers <= 1:
+        _init_worker()
+        it = map(_Call(fn, args), items)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        it = pool.imap_unordered(_Call(fn, args), items)
+    try:
+        for res in it:
+            results.append(res)
+            bar.update(1)
+            bar.set_postfix(failed=sum(r["status"] != "done" for r in results))
+            if on_result is not None:
+                on_result(res)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return results
+
+
+def run_beam(fn: Callable, items: Sequence, args: tuple, runner: str, beam_args: Sequence[str]) -> list[dict]:
+    """fn(item, *args) over items as an Apache Beam pipeline (the same function as the pool).
+
+    The outputs are written by the workers directly into the output folder, so for a cluster
+    runner that folder must be a filesystem every worker sees (NFS, Lustre, a GCS FUSE mount).
+    """
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(beam_args), runner=runner)
+    collected = []
+    with beam.Pipeline(options=options) as p:
+        results = (p
+                   | "Items" >> beam.Create(list(items))
+                   | "Spread" >> beam.Reshuffle()
+                   | "Process" >> beam.Map(_Call(fn, args)))
+        if runner == "DirectRunner":
+            _ = results | "Collect" >> beam.Map(collected.append)
+    # Status files are the source of truth on any runner; `collected` is only a fast path.
+    return collected
+
+
+def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, kind: str,
+              params: dict, fn_args: tuple, workers: int = 1, runner: str = "pool",
+              beam_args: Sequence[str] = (), redo: bool = False) -> dict:
+    """Skip finished items, run the rest, write the manifest; returns the manifest."""
+    os.makedirs(os.path.join(out_dir, "status"), exist_ok=True)
+    check_params(out_dir, kind, params)
+    clean_stale_tmp(out_dir)
+    todo = [(it, i) for it, i in zip(items, ids) if redo or not is_done(out_dir, i)]
+    skipped = len(items) - len(todo)
+    if skipped:
+        print(f"{kind}: {skipped} of {len(items)} already done in {out_dir}, skipping them")
+    write_manifest(out_dir, kind, params, ids)
+    todo_items = [it for it, _ in todo]
+    if todo_items:
+        if runner == "pool":
+            last = [time.time()]
+
+            def checkpoint(_res):
+                # Keep the manifest current during long runs without rewriting it per slide.
+                if time.time() - last[0] > 10:
+                    write_manifest(out_dir, kind, params, ids)
+                    last[0] = time.time()
+
+            run_pool(fn, todo_items, fn_args, workers, kind, checkpoint)
+        else:
+            run_beam(fn, todo_items, fn_args, runner, beam_args)
+    return write_manifest(out_dir, kind, params, ids)
