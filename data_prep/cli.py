@@ -130,6 +130,10 @@ def _features(args) -> int:
     out = os.path.abspath(args.out)
     extractor = FeatureExtractor(vit256=args.vit256, random_init=args.random_init, tiny=args.tiny,
                                  batch=args.batch, dtype=args.dtype)
+    try:
+        extractor.model  # load weights once, before any shard: a bad checkpoint fails fast
+    except Exception as e:
+        raise InputError(f"cannot load ViT-256 weights from {args.vit256}: {type(e).__name__}: {e}") from None
     params = dict(regions=src, vit256=args.vit256 and os.path.abspath(args.vit256),
                   random_init=args.random_init, tiny=args.tiny, dtype=args.dtype)
     # JAX already uses every core/accelerator of the host: one process, items in sequence.
