@@ -1,0 +1,66 @@
+"""Synthetic slide cohorts for tests (reusable by other test modules: import the fixtures).
+
+    from tests.fixtures_slides import synthetic_slides, LAYOUT  # noqa: F401  (pytest fixture)
+
+All slides are Aperio pyramids grown from the real CMU-1-Small-Region tissue
+(data_prep.synth.make_aperio_slide). The tissue layout is a boolean grid whose cells coincide
+with the region grid used by the tests (512 px regions at 0.5 um/px), so the expected region
+count can be computed by hand from LAYOUT.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from data_prep.synth import REAL_SLIDE, make_aperio_slide
+
+REGION = 512  # region side (px at 0.5 um/px) used by the data_prep tests
+# Level-0 (height, width) of the 20x slides: 4 x 6 region grid whose last column is only
+# 40 px wide (2600 = 5 * 512 + 40) and last row 464 px tall (2000 = 3 * 512 + 464).
+SIZE_20X = (2000, 2600)
+LAYOUT = np.array([[1, 0, 1, 0, 0, 1],
+                   [0, 1, 1, 0, 0, 0],
+                   [0, 0, 0, 1, 0, 1],
+                   [1, 0, 0, 0, 1, 1]], bool)
+
+
+def expected_regions(layout: np.ndarray = LAYOUT, size_hw=SIZE_20X, region: int = REGION,
+                     min_fraction: float = 0.1) -> list[tuple[int, int]]:
+    """Hand computation: a tissue cell gives a region unless the slide border cuts it below
+    `min_fraction` of the region area (here only the 40 px last column). 20x coordinates."""
+    h, w = size_hw
+    kept = []
+    for r in range(layout.shape[0]):
+        for c in range(layout.shape[1]):
+            inside = (min(h, (r + 1) * region) - r * region) * (min(w, (c + 1) * region) - c * region)
+            if layout[r, c] and inside / region ** 2 >= min_fraction:
+                kept.append((c * region, r * region))
+    return kept
+
+
+def make_cohort(folder: str) -> dict[str, str]:
+    """Three variants of the same layout: 20x, 40x without a 20x level, 40x with one."""
+    os.makedirs(folder, exist_ok=True)
+    h, w = SIZE_20X
+    paths = {
+        "s20": make_aperio_slide(os.path.join(folder, "s20.svs"), (h, w), mag=20, levels=(1, 4),
+                                 seed=1, tissue=LAYOUT, tissue_cell_px=REGION),
+        "s40": make_aperio_slide(os.path.join(folder, "s40.svs"), (2 * h, 2 * w), mag=40,
+                                 levels=(1, 4, 16), seed=1, tissue=LAYOUT, tissue_cell_px=2 * REGION),
+        "s40l": make_aperio_slide(os.path.join(folder, "s40l.svs"), (2 * h, 2 * w), mag=40,
+                                  levels=(1, 2, 8), seed=1, tissue=LAYOUT, tissue_cell_px=2 * REGION),
+    }
+    return paths
+
+
+@pytest.fixture(scope="session")
+def synthetic_slides(tmp_path_factory) -> dict[str, str]:
+    """{'s20', 's40', 's40l'} -> path of a synthetic slide (built once per test session)."""
+    return make_cohort(str(tmp_path_factory.mktemp("synthetic_slides")))
+
+
+@pytest.fixture(scope="session")
+def real_slide() -> str:
+    return REAL_SLIDE

@@ -1,0 +1,154 @@
+"""hipt-prep regions: counts vs hand computation, coordinates, pixels, manifest, bad input, reruns."""
+import json
+import os
+import shutil
+
+import numpy as np
+import openslide
+import pytest
+
+from data_prep.cli import main
+from data_prep.patches import read_shard
+from data_prep.records import decode_jpeg
+from data_prep.synth import make_aperio_slide
+from tests.fixtures_slides import (REGION, LAYOUT, expected_regions, real_slide,  # noqa: F401
+                                   synthetic_slides)
+
+JPEG_TOL = 6.5  # mean |error| of q90 JPEG on H&E texture: ~1.4 (re-encoding 20x tiles), ~5.2 (40x resized)
+
+
+def _run(args):
+    return main(["regions", "--workers", "1"] + args)
+
+
+@pytest.fixture(scope="module")
+def cohort_out(synthetic_slides, tmp_path_factory):
+    slides = tmp_path_factory.mktemp("cohort")
+    for name, p in synthetic_slides.items():
+        os.symlink(p, slides / os.path.basename(p))
+    out = tmp_path_factory.mktemp("out")
+    assert _run(["--slides", str(slides), "--out", str(out), "--region", str(REGION)]) == 0
+    return str(out)
+
+
+def _shard(out, sid):
+    return list(read_shard(os.path.join(out, "regions", sid + ".array_record")))
+
+
+@pytest.mark.parametrize("sid,scale", [("s20", 1), ("s40", 2), ("s40l", 2)])
+def test_region_counts_and_coordinates(cohort_out, sid, scale):
+    recs = _shard(cohort_out, sid)
+    expected = [(x * scale, y * scale) for x, y in expected_regions()]
+    assert [(r["x"], r["y"]) for r in recs] == expected
+    for i, r in enumerate(recs):
+        assert r["index"] == i and r["slide_id"] == sid and r["region_px"] == REGION
+        assert r["read_px"] == REGION * scale and r["mpp"] == pytest.approx(0.5)
+        assert r["level"] == (1 if sid == "s40l" else 0)
+        assert r["tissue_fraction"] > 0.8  # tissue cells are full of tissue (or cut by the border)
+
+
+@pytest.mark.parametrize("sid", ["s20", "s40", "s40l"])
+def test_stored_pixels_match_openslide(cohort_out, synthetic_slides, sid):
+    slide = openslide.OpenSlide(synthetic_slides[sid])
+    for r in _shard(cohort_out, sid)[:3]:
+        img = decode_jpeg(r["image_jpeg"]).astype(np.float32)
+        assert img.shape == (REGION, REGION, 3)
+        n = r["read_px"]
+        ref = np.asarray(slide.read_region((r["x"], r["y"]), 0, (n, n)))[:, :, :3].astype(np.float32)
+        f = n // REGION
+        ref = ref.reshape(REGION, f, REGION, f, 3).mean((1, 3))  # [n,n,3] -> [512,512,3]
+        assert np.abs(img - ref).mean() < JPEG_TOL
+        # The tolerance still tells a 1 px misalignment apart (texture differs by ~20 levels).
+        assert np.abs(img[:, 1:] - ref[:, :-1]).mean() > 2 * JPEG_TOL
+
+
+def test_manifest_status_and_qc(cohort_out):
+    with open(os.path.join(cohort_out, "manifest.json")) as f:
+        m = json.load(f)
+    assert m["kind"] == "regions" and m["counts"] == {"done": 3}
+    assert m["n_records"] == 3 * len(expected_regions())
+    assert m["params"]["region_px"] == REGION and m["versions"]["openslide"]
+    assert m["items"]["s40"]["read_px"] == 2 * REGION and m["items"]["s40"]["n_candidates"] == LAYOUT.size
+    for sid in ("s20", "s40", "s40l"):
+        for kind in ("mask", "regions"):
+            assert os.path.getsize(os.path.join(cohort_out, "qc", f"{sid}_{kind}.png")) > 100
+
+
+def test_real_slide_default_4096_region_is_padded(real_slide, tmp_path):
+    assert _run(["--slides", os.path.dirname(real_slide), "--out", str(tmp_path)]) == 0
+    (rec,) = _shard(str(tmp_path), "cmu_small_region")
+    img = decode_jpeg(rec["image_jpeg"])
+    assert img.shape == (4096, 4096, 3) and (rec["x"], rec["y"]) == (0, 0)
+    slide = openslide.OpenSlide(real_slide)
+    w, h = slide.dimensions
+    ref = np.asarray(slide.read_region((0, 0), 0, (w, h)))[:, :, :3].astype(np.float32)
+    assert np.abs(img[:h, :w] - ref).mean() < JPEG_TOL
+    assert img[h + 16:, :].min() >= 250 and img[:, w + 16:].min() >= 250  # white padding
+
+
+def test_real_slide_1024_grid(real_slide, tmp_path):
+    assert _run(["--slides", os.path.dirname(real_slide), "--out", str(tmp_path), "--region", "1024"]) == 0
+    recs = _shard(str(tmp_path), "cmu_small_region")
+    # 2220 x 2967 at 0.499 um/px -> 3 x 3 grid of 1024 px regions (snapped 1:1).
+    assert 1 <= len(recs) <= 9
+    assert all(r["x"] % 1024 == 0 and r["y"] % 1024 == 0 and r["x"] < 2220 and r["y"] < 2967 for r in recs)
+    assert (0, 0) not in [(r["x"], r["y"]) for r in recs]  # the top-left corner is empty glass
+
+
+def test_bad_inputs_reported_and_run_continues(tmp_path, synthetic_slides):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(synthetic_slides["s20"], slides / "good.svs")
+    (slides / "text.svs").write_text("this is a text file renamed .svs\n")
+    with open(synthetic_slides["s20"], "rb") as f:
+        (slides / "truncated.svs").write_bytes(f.read()[:50_000])
+    (slides / "zero.svs").write_bytes(b"")
+    make_aperio_slide(str(slides / "blank.svs"), (1024, 1024), levels=(1,), tissue=np.zeros((1, 1), bool))
+    make_aperio_slide(str(slides / "nompp.svs"), (1024, 1024), levels=(1,), mpp=None)
+    out = tmp_path / "out"
+    assert _run(["--slides", str(slides), "--out", str(out), "--region", str(REGION)]) == 1
+    with open(out / "manifest.json") as f:
+        items = json.load(f)["items"]
+    assert items["good"]["status"] == "done" and items["good"]["n_regions"] == len(expected_regions())
+    reasons = {k: v["error"] for k, v in items.items() if v["status"] == "failed"}
+    assert set(reasons) == {"text", "truncated", "zero", "blank", "nompp"}
+    assert "not a slide format" in reasons["text"]
+    assert "empty file" in reasons["zero"]
+    assert "no tissue" in reasons["blank"]
+    assert "--assume-mpp" in reasons["nompp"]
+    assert "truncated.svs" in reasons["truncated"]
+    # Rerun, same parameters: the good slide is skipped (shard untouched), failures retried.
+    mtime = os.path.getmtime(out / "regions" / "good.array_record")
+    assert _run(["--slides", str(slides), "--out", str(out), "--region", str(REGION)]) == 1
+    assert os.path.getmtime(out / "regions" / "good.array_record") == mtime
+    # Other parameters in the same folder are refused (exit 2) rather than mixed.
+    assert _run(["--slides", str(slides), "--out", str(out), "--region", str(REGION),
+                 "--assume-mpp", "0.5"]) == 2
+    only = tmp_path / "only_nompp"
+    only.mkdir()
+    shutil.move(str(slides / "nompp.svs"), only / "nompp.svs")
+    assert _run(["--slides", str(only), "--out", str(tmp_path / "out2"), "--region", str(REGION),
+                 "--assume-mpp", "0.5"]) == 0
+
+
+def test_rerun_skips_done_slides(cohort_out, synthetic_slides, capsys):
+    slides = os.path.dirname(synthetic_slides["s20"])
+    before = {sid: os.path.getmtime(os.path.join(cohort_out, "regions", sid + ".array_record"))
+              for sid in ("s20", "s40", "s40l")}
+    assert _run(["--slides", slides, "--out", cohort_out, "--region", str(REGION)]) == 0
+    assert "3 of 3 already done" in capsys.readouterr().out
+    after = {sid: os.path.getmtime(os.path.join(cohort_out, "regions", sid + ".array_record"))
+             for sid in before}
+    assert before == after
+
+
+def test_cli_bad_folder_exit_2(tmp_path, capsys):
+    assert _run(["--slides", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a folder or a .csv" in capsys.readouterr().err
+
+
+def test_csv_input(tmp_path, synthetic_slides):
+    csv = tmp_path / "slides.csv"
+    csv.write_text(f"slide_id,path\ncase_A,{synthetic_slides['s20']}\n")
+    assert _run(["--slides", str(csv), "--out", str(tmp_path / "o"), "--region", str(REGION)]) == 0
+    assert len(_shard(str(tmp_path / "o"), "case_A")) == len(expected_regions())

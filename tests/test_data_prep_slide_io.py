@@ -1,0 +1,75 @@
+"""data_prep.slide_io: opening, mpp, region geometry at the target resolution, padding."""
+import os
+
+import numpy as np
+import openslide
+import pytest
+
+from data_prep.slide_io import (SlideError, open_slide, read_region_at_mpp, region_geometry,
+                                slide_mpp, snap_scale)
+from data_prep.synth import make_aperio_slide
+from tests.fixtures_slides import real_slide, synthetic_slides  # noqa: F401  (fixtures)
+
+
+def _direct(path, x, y, level, size):
+    s = openslide.OpenSlide(path)
+    return np.asarray(s.read_region((x, y), level, (size, size)))[:, :, :3].astype(np.float32)
+
+
+def test_snap_scale():
+    assert snap_scale(0.5, 0.499) == 1.0          # 20x scanner: read 1:1
+    assert snap_scale(0.5, 0.2527) == 2.0         # 40x: 2 level-0 px per output px
+    assert snap_scale(0.5, 0.5) == 1.0
+    assert snap_scale(0.5, 0.35) == pytest.approx(0.5 / 0.35)  # no integer nearby: resample
+
+
+def test_geometry_20x_40x_with_and_without_20x_level(synthetic_slides):
+    g20 = region_geometry(openslide.OpenSlide(synthetic_slides["s20"]), 0.5, 4096, 0.5)
+    assert (g20.read_px, g20.level, g20.level_px, g20.mpp) == (4096, 0, 4096, 0.5)
+    # 40x without a 20x level: 8192 level-0 px, resized to 4096.
+    g40 = region_geometry(openslide.OpenSlide(synthetic_slides["s40"]), 0.25, 4096, 0.5)
+    assert (g40.read_px, g40.level, g40.level_px, g40.mpp) == (8192, 0, 8192, 0.5)
+    # 40x with a 20x level (downsample 2): read 4096 px from level 1, no resize.
+    g40l = region_geometry(openslide.OpenSlide(synthetic_slides["s40l"]), 0.25, 4096, 0.5)
+    assert (g40l.read_px, g40l.level, g40l.level_px) == (8192, 1, 4096)
+
+
+def test_real_slide_mpp_and_white_padding(real_slide):
+    slide = open_slide(real_slide)
+    assert slide_mpp(slide) == pytest.approx(0.499)
+    region = read_region_at_mpp(slide, 0, 0, size_px=4096, target_mpp=0.5)
+    assert region.shape == (4096, 4096, 3) and region.dtype == np.uint8
+    w, h = slide.dimensions  # 2220 x 2967: smaller than one region
+    np.testing.assert_array_equal(region[:h, :w], _direct(real_slide, 0, 0, 0, 4096)[:h, :w])
+    assert (region[h:] == 255).all() and (region[:, w:] == 255).all()
+
+
+def test_40x_read_equals_2x2_mean_of_level0(synthetic_slides):
+    x, y = 1024, 2048
+    for name in ("s40", "s40l"):
+        out = read_region_at_mpp(open_slide(synthetic_slides[name]), x, y, 512, 0.5).astype(np.float32)
+        ref = _direct(synthetic_slides["s40"], x, y, 0, 1024).reshape(512, 2, 512, 2, 3).mean((1, 3))
+        err = np.abs(out - ref)
+        # s40: same pixels, box filter; s40l: the 20x pyramid level was JPEG-compressed again.
+        assert err.mean() < (0.6 if name == "s40" else 3.0), (name, err.mean())
+
+
+def test_open_slide_errors(tmp_path):
+    txt = tmp_path / "notes.svs"
+    txt.write_text("not a slide")
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    for path, msg in ((txt, "not a slide format"), (empty, "empty file"),
+                      (tmp_path / "missing.svs", "no such file")):
+        with pytest.raises(SlideError, match=msg) as e:
+            open_slide(str(path))
+        assert str(path) in str(e.value)
+
+
+def test_missing_mpp_needs_assume_mpp(tmp_path):
+    p = make_aperio_slide(str(tmp_path / "nompp.svs"), (512, 512), levels=(1,), mpp=None)
+    slide = open_slide(p)
+    with pytest.raises(SlideError, match="--assume-mpp"):
+        slide_mpp(slide, path=p)
+    assert slide_mpp(slide, assume_mpp=0.25) == 0.25
+    assert os.path.getsize(p) > 0
