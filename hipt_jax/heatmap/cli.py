@@ -1,0 +1,173 @@
+"""hipt-heatmap: hierarchical attention heatmaps of a region, or a slide-level region-score map.
+
+Region mode (SPEC section 8):
+    hipt-heatmap --vit256 ckpt/vit256 --vit4k ckpt/vit4k --slide S.svs --x 0 --y 0 --out DIR
+    hipt-heatmap --random-init --image region.png --out DIR        # demo weights
+
+Slide mode (one score per region, e.g. HIPT-LGP attention pooling weights):
+    hipt-heatmap --slide S.svs --region-scores scores.npz --out DIR
+    (scores.npz: coords [M,2] level-0 x,y; scores [M]; region_px: level-0 side of a region)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _parse_shifts(text: str) -> tuple[int, ...]:
+    text = text.strip()
+    if text in ("", "none"):
+        return ()
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shifts must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hipt-heatmap", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("input region or slide")
+    src.add_argument("--image", help="region image file (PNG/JPEG/TIFF), RGB")
+    src.add_argument("--slide", help="whole-slide image (anything OpenSlide reads)")
+    src.add_argument("--x", type=int, default=0, help="level-0 x of the region's top-left corner")
+    src.add_argument("--y", type=int, default=0, help="level-0 y of the region's top-left corner")
+    src.add_argument("--size", type=int, default=4096, help="region side in pixels at --target-mpp")
+    src.add_argument("--target-mpp", type=float, default=0.5, help="microns per pixel of the region (20x)")
+    src.add_argument("--assume-mpp", type=float, default=None, help="level-0 mpp for slides without one")
+    mdl = p.add_argument_group("model")
+    mdl.add_argument("--vit256", help="ViT-256 checkpoint (Orbax dir from hipt-convert/pretraining, or .pth)")
+    mdl.add_argument("--vit4k", help="ViT-4K checkpoint (optional: without it only 256-level maps)")
+    mdl.add_argument("--random-init", action="store_true", help="random weights (demos; maps show nothing real)")
+    mdl.add_argument("--tiny", action="store_true", help="with --random-init: the tiny test architectures")
+    mdl.add_argument("--seed", type=int, default=0)
+    mdl.add_argument("--patch-batch", type=int, default=64, help="ViT-256 patch minibatch")
+    out = p.add_argument_group("maps")
+    out.add_argument("--out", required=True, help="output directory")
+    out.add_argument("--name", default=None, help="file name prefix (default: from the input)")
+    out.add_argument("--scale", type=int, default=4, help="output = region px / scale (1, 2, 4, 8, 16)")
+    out.add_argument("--alpha", type=float, default=0.5)
+    out.add_argument("--cmap", default="coolwarm")
+    out.add_argument("--shifts", type=_parse_shifts, default=(128, 256, 384),
+                     help="4K-level smoothing shifts in px, comma-separated, or 'none'")
+    out.add_argument("--shifts256", type=_parse_shifts, default=(128,),
+                     help="256-level smoothing shifts in px, or 'none'")
+    out.add_argument("--blends", choices=("all", "diagonal", "none"), default="all")
+    out.add_argument("--blend-weighting", choices=("equal", "coverage"), default="equal",
+                     help="equal: mean of the two maps (SPEC); coverage: reference's count-weighted mean")
+    out.add_argument("--region-scores", help="slide mode: npz with coords, scores, region_px")
+    out.add_argument("--thumb-px", type=int, default=2048, help="slide mode: longest side of the picture")
+    return p
+
+
+def _read_image(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def load_region(args) -> np.ndarray:
+    """The region named on the command line as uint8 [H,W,3]."""
+    if bool(args.image) == bool(args.slide):
+        raise ValueError("give exactly one of --image or --slide")
+    if args.image:
+        region = _read_image(args.image)
+    else:
+        from data_prep import slide_io
+
+        slide = slide_io.open_slide(args.slide)
+        region = slide_io.read_region_at_mpp(slide, args.x, args.y, size_px=args.size,
+                                             target_mpp=args.target_mpp, assume_mpp=args.assume_mpp)
+    if min(region.shape[:2]) < 256:
+        src = args.image or args.slide
+        raise ValueError(f"{src}: region is {region.shape[0]}x{region.shape[1]} px; need at least 256 per side")
+    return region
+
+
+def load_model(args):
+    from hipt_jax.models.hipt4k import HIPT4K
+
+    if args.random_init:
+        return HIPT4K.random_init(seed=args.seed, tiny=args.tiny, patch_batch=args.patch_batch)
+    if not args.vit256:
+        raise ValueError("give --vit256 CHECKPOINT (and usually --vit4k), or --random-init")
+    for path in (args.vit256, args.vit4k):
+        if path and not os.path.exists(path):
+            raise ValueError(f"{path}: no such checkpoint")
+    return HIPT4K.from_checkpoints(vit256=args.vit256, vit4k=args.vit4k, patch_batch=args.patch_batch)
+
+
+def run_region(args) -> dict:
+    from hipt_jax.heatmap.region import compute_region_heatmaps
+    from hipt_jax.heatmap.render import write_region_heatmaps
+
+    region = load_region(args)
+    name = args.name or (os.path.splitext(os.path.basename(args.image))[0] if args.image
+                         else f"{os.path.splitext(os.path.basename(args.slide))[0]}_x{args.x}_y{args.y}")
+    model = load_model(args)
+    t0 = time.perf_counter()
+    maps = compute_region_heatmaps(model, region, scale=args.scale, shifts256=args.shifts256,
+                                   shifts4k=args.shifts)
+    written = write_region_heatmaps(maps, args.out, name, alpha=args.alpha, cmap=args.cmap,
+                                    blends=args.blends, blend_weighting=args.blend_weighting)
+    n_files = sum(len(v) for v in written.values())
+    print(f"{n_files} files in {args.out} ({time.perf_counter() - t0:.1f} s); "
+          f"contact sheet: {written['contact_sheet'][0]}")
+    return written
+
+
+def run_slide(args) -> dict:
+    from data_prep import slide_io
+    from hipt_jax.heatmap.render import save_png
+    from hipt_jax.heatmap.slide import slide_attention_map
+
+    if not args.slide:
+        raise ValueError("--region-scores needs --slide (the picture the scores are painted on)")
+    if not os.path.isfile(args.region_scores):
+        raise ValueError(f"{args.region_scores}: no such file")
+    try:
+        data = np.load(args.region_scores)
+        coords, region_scores, region_px = data["coords"], data["scores"], float(data["region_px"])
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{args.region_scores}: need an npz with coords, scores, region_px ({e})") from None
+    slide = slide_io.open_slide(args.slide)
+    width, height = slide.dimensions
+    downsample = max(width, height) / args.thumb_px
+    thumb = np.asarray(slide.get_thumbnail((args.thumb_px, args.thumb_px)).convert("RGB"))
+    downsample = width / thumb.shape[1]
+    picture, _ = slide_attention_map(thumb, downsample, coords, region_px, region_scores,
+                                     alpha=args.alpha, cmap=args.cmap)
+    os.makedirs(args.out, exist_ok=True)
+    name = args.name or os.path.splitext(os.path.basename(args.slide))[0]
+    path = save_png(os.path.join(args.out, f"{name}_slide_attention.png"), picture)
+    print(f"slide attention map ({len(region_scores)} regions): {path}")
+    return {"slide": [path]}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = run_slide(args) if args.region_scores else run_region(args)
+    except Exception as e:  # one clear line, no traceback (SlideError, bad files, bad options)
+        if os.environ.get("HIPT_DEBUG"):
+            raise
+        print(f"hipt-heatmap: error: {e}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "heatmap_outputs.json"), "w") as f:
+        json.dump(written, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Score maps -> coloured overlays, PNG files and a contact sheet."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+DEFAULT_CMAP = "coolwarm"  # the reference's default
+
+
+def colorize(score: np.ndarray, cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """Scores in [0, 1] [H,W] -> uint8 RGB [H,W,3] through a matplotlib colormap."""
+    rgba = matplotlib.colormaps[cmap](np.clip(score, 0.0, 1.0))
+    return (rgba[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(region: np.ndarray, score: np.ndarray, alpha: float = 0.5, cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """alpha * colormap(score) + (1 - alpha) * region, rounded to uint8 (cv2.addWeighted)."""
+    if region.shape[:2] != score.shape:
+        raise ValueError(f"score map {score.shape} does not match region {region.shape[:2]}")
+    mixed = alpha * colorize(score, cmap).astype(np.float32) + (1.0 - alpha) * region.astype(np.float32)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray) -> str:
+    Image.fromarray(image).save(path)
+    return path
+
+
+def write_region_heatmaps(heatmaps, out_dir: str, name: str = "region", *, alpha: float = 0.5,
+                          cmap: str = DEFAULT_CMAP, blends: str = "all",
+                          blend_weighting: str = "equal") -> dict[str, list[str]]:
+    """Write every map of a ``RegionHeatmaps`` as overlay PNGs plus a contact sheet.
+
+    Files (in ``out_dir``): ``{name}.png`` (the region), ``{name}_256_head{j}.png``,
+    ``{name}_4k_head{i}.png``, ``{name}_blend_4k{i}_256{j}.png`` (``blends``: "all" pairs,
+    "diagonal" i == j, or "none"), ``{name}_contact_sheet.png`` and ``{name}_scores.npz`` (raw maps).
+    Returns the written paths grouped by kind.
+    """
+    if blends not in ("all", "diagonal", "none"):
+        raise ValueError(f"blends must be all, diagonal or none, got {blends!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = lambda suffix: os.path.join(out_dir, f"{name}{suffix}.png")  # noqa: E731
+    written = {"region": [save_png(path(""), heatmaps.region)], "256": [], "4k": [], "blend": []}
+    ov256 = [overlay(heatmaps.region, s, alpha, cmap) for s in heatmaps.scores256]
+    for j, img in enumerate(ov256):
+        written["256"].append(save_png(path(f"_256_head{j}"), img))
+    ov4k, ovblend = [], {}
+    if heatmaps.scores4k is not None:
+        ov4k = [overlay(heatmaps.region, s, alpha, cmap) for s in heatmaps.scores4k]
+        for i, img in enumerate(ov4k):
+            written["4k"].append(save_png(path(f"_4k_head{i}"), img))
+        if blends != "none":
+            for i in range(len(heatmaps.scores4k)):
+                for j in range(len(heatmaps.scores256)):
+                    if blends == "diagonal" and i != j:
+                        continue
+                    ovblend[i, j] = overlay(heatmaps.region, heatmaps.blend(i, j, blend_weighting), alpha, cmap)
+                    written["blend"].append(save_png(path(f"_blend_4k{i}_256{j}"), ovblend[i, j]))
+    npz = os.path.join(out_dir, f"{name}_scores.npz")
+    arrays = {"scores256": heatmaps.scores256, "count256": heatmaps.count256}
+    if heatmaps.scores4k is not None:
+        arrays.update(scores4k=heatmaps.scores4k, count4k=heatmaps.count4k)
+    np.savez_compressed(npz, **arrays)
+    written["scores"] = [npz]
+    written["contact_sheet"] = [contact_sheet(path("_contact_sheet"), heatmaps.region, ov256, ov4k, ovblend)]
+    return written
+
+
+def contact_sheet(path: str, region: np.ndarray, ov256: list, ov4k: list, ovblend: dict,
+                  thumb_px: int = 192, title: Optional[str] = None) -> str:
+    """One PNG: the region, the 4K-level heads, the 256-level heads, and the blend grid."""
+    heads = max(len(ov256), len(ov4k), 1)
+    rows = [("region", [region])]
+    if ov4k:
+        rows.append(("4K head", ov4k))
+    rows.append(("256 head", ov256))
+    blend_rows = sorted({i for i, _ in ovblend})
+    for i in blend_rows:
+        rows.append((f"4K {i} x 256", [ovblend.get((i, j)) for j in range(len(ov256))]))
+    inch = thumb_px / 100.0
+    fig, axes = plt.subplots(len(rows), heads, figsize=(heads * inch, len(rows) * inch * 1.12),
+                             squeeze=False, dpi=100)
+    for r, (label, images) in enumerate(rows):
+        for c in range(heads):
+            ax = axes[r, c]
+            ax.axis("off")
+            img = images[c] if c < len(images) else None
+            if img is None:
+                continue
+            ax.imshow(img)
+            head_label = "" if label == "region" else f" {c}"
+            ax.set_title(f"{label}{head_label}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,237 @@
+"""Hierarchical attention heatmaps: shapes, rank ranges, shift bookkeeping, golden image, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hipt_jax.heatmap import (compute_region_heatmaps, overlay, percentile_rank, scores4k, scores256,
+                              shift_region, slide_attention_map, unshift_and_average, write_region_heatmaps)
+from hipt_jax.models.hipt4k import HIPT4K
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+REAL_SLIDE = os.path.join(ROOT, "data_prep", "testdata", "cmu_small_region.svs")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return HIPT4K.random_init(seed=0, tiny=True, patch_batch=16)
+
+
+@pytest.fixture(scope="module")
+def tissue():
+    """A real 768 x 1024 tissue crop (non-square catches row/column mix-ups)."""
+    import openslide
+
+    slide = openslide.OpenSlide(REAL_SLIDE)
+    return np.ascontiguousarray(np.asarray(slide.read_region((600, 1700), 0, (1024, 768)))[:, :, :3])
+
+
+def test_percentile_rank_range_and_ties():
+    r = percentile_rank(np.array([[3.0, 1.0, 2.0, 2.0]]))
+    np.testing.assert_allclose(r, [[1.0, 0.25, 0.625, 0.625]])
+    r = percentile_rank(np.random.default_rng(0).normal(size=(5, 256)))
+    assert r.min() == pytest.approx(1 / 256) and r.max() == 1.0
+
+
+def test_score_shapes_ranks_and_layout():
+    rows, cols, heads = 2, 3, 6
+    rng = np.random.default_rng(0)
+    att256 = rng.random((rows * cols, heads, 256))
+    s = scores256(att256, rows, cols, scale=4)
+    assert s.shape == (heads, rows * 64, cols * 64)
+    assert 0 < s.min() and s.max() <= 1
+    # Patch (1, 2), head 3, token (5, 7) -> pixels [64+20:64+24, 128+28:128+32] at scale 4.
+    expect = percentile_rank(att256[1 * cols + 2, 3])[5 * 16 + 7]
+    np.testing.assert_allclose(s[3, 64 + 20 : 64 + 24, 128 + 28 : 128 + 32], expect)
+    # Each patch's 16x16 token ranks are a permutation of 1/256 .. 1 (no ties in random data).
+    block = s[0, 64:128:4, 0:64:4]
+    np.testing.assert_allclose(np.sort(block.ravel()), np.arange(1, 257) / 256, rtol=1e-6)
+
+    att4k = rng.random((heads, rows * cols))
+    s4 = scores4k(att4k, rows, cols, scale=16)
+    assert s4.shape == (heads, rows * 16, cols * 16)
+    np.testing.assert_allclose(s4[2, 16:, 32:], percentile_rank(att4k[2])[1 * cols + 2])
+    np.testing.assert_allclose(np.unique(s4[0]), np.arange(1, 7) / 6, rtol=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        scores4k(att4k, rows, cols, scale=3)
+    with pytest.raises(ValueError, match="patch grid"):
+        scores4k(att4k, 3, 3)
+
+
+def test_shift_region_pads_white():
+    region = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    shifted = shift_region(region, 2)
+    np.testing.assert_array_equal(shifted[:2, :3], region[2:, 2:])
+    assert (shifted[2:] == 255).all() and (shifted[:, 3:] == 255).all()
+
+
+def test_unshift_and_average_known_answer():
+    """Evaluation k sees G shifted by o_k plus a constant c_k, with garbage in its padding; the
+    average in original coordinates must be G + mean(c_k over the evaluations covering p)."""
+    height, width, offsets, consts = 12, 10, [0, 2, 4, 6], [0.0, 1.0, 2.0, 3.0]
+    big = np.random.default_rng(1).random((2, height + 8, width + 8))  # 2 "heads"
+    maps = []
+    for off, c in zip(offsets, consts):
+        m = np.full((2, height, width), 99.0)  # padding: must never leak in
+        m[:, : height - off, : width - off] = big[:, off:height, off:width] + c
+        maps.append(m)
+    mean, count = unshift_and_average(maps, offsets)
+    yy, xx = np.mgrid[:height, :width]
+    n_cover = sum((np.minimum(yy, xx) >= o).astype(int) for o in offsets)
+    np.testing.assert_array_equal(count, n_cover)
+    c_mean = sum((np.minimum(yy, xx) >= o) * c for o, c in zip(offsets, consts)) / n_cover
+    np.testing.assert_allclose(mean, big[:, :height, :width] + c_mean, rtol=1e-6)
+
+
+def _brute_force_maps(model, region, scale, shifts, level):
+    """Independent per-pixel reference: for each output pixel and each evaluation, find the
+    patch/token of the SHIFTED region containing it and average that evaluation's rank."""
+    height, width = region.shape[0] // scale, region.shape[1] // scale
+    rows, cols = region.shape[0] // 256, region.shape[1] // 256
+    total, count = None, np.zeros((height, width))
+    for off in [0, *shifts]:
+        out = model(shift_region(region, off), return_attention=True)
+        if level == "4k":
+            ranks = percentile_rank(out["attention4k"])  # [heads, R*C]
+        else:
+            ranks = percentile_rank(out["attention256"])  # [R*C, heads, 256]
+        acc = np.zeros((ranks.shape[0] if level == "4k" else ranks.shape[1], height, width))
+        for py in range(height):
+            for px in range(width):
+                y, x = py * scale - off, px * scale - off  # pixel in the shifted region
+                if y < 0 or x < 0:
+                    continue
+                patch = (y // 256) * cols + (x // 256)
+                if level == "4k":
+                    acc[:, py, px] = ranks[:, patch]
+                else:
+                    acc[:, py, px] = ranks[patch, :, ((y % 256) // 16) * 16 + (x % 256) // 16]
+        covered = (np.arange(height)[:, None] * scale >= off) & (np.arange(width)[None] * scale >= off)
+        count += covered
+        total = acc if total is None else total + acc
+    return total / count, count
+
+
+def test_region_heatmaps_match_brute_force(tiny_model, tissue):
+    region = tissue[:512, :768]  # 2 x 3 patches
+    maps = compute_region_heatmaps(tiny_model, region, scale=16, shifts256=(128,), shifts4k=(128, 256, 384),
+                                   progress=False)
+    assert maps.region.shape == (32, 48, 3)
+    assert maps.scores256.shape == (6, 32, 48) and maps.scores4k.shape == (6, 32, 48)
+    for s in (maps.scores256, maps.scores4k):
+        assert 0 < s.min() and s.max() <= 1
+    ref4k, n4k = _brute_force_maps(tiny_model, region, 16, (128, 256, 384), "4k")
+    ref256, n256 = _brute_force_maps(tiny_model, region, 16, (128,), "256")
+    np.testing.assert_array_equal(maps.count4k, n4k)
+    np.testing.assert_array_equal(maps.count256, n256)
+    np.testing.assert_allclose(maps.scores4k, ref4k, atol=1e-6)
+    np.testing.assert_allclose(maps.scores256, ref256, atol=1e-6)
+    # Blends: equal = plain mean; coverage = mean over all 4 + 2 underlying maps in the interior.
+    np.testing.assert_allclose(maps.blend(1, 2), 0.5 * (ref4k[1] + ref256[2]), atol=1e-6)
+    interior = maps.blend(1, 2, "coverage")[30, 40]
+    assert interior == pytest.approx((4 * ref4k[1, 30, 40] + 2 * ref256[2, 30, 40]) / 6, abs=1e-6)
+
+
+def test_crop_and_no_vit4k(tissue):
+    model = HIPT4K.random_init(seed=1, tiny=True, with_vit4k=False, patch_batch=16)
+    maps = compute_region_heatmaps(model, tissue[:300, :700], scale=8, progress=False)
+    assert maps.crop_box == (22, 94, 256, 512)  # banker's-rounded center crop, as HIPT4K does
+    assert maps.scores4k is None and maps.scores256.shape == (6, 32, 64)
+    with pytest.raises(ValueError, match="shift"):
+        compute_region_heatmaps(model, tissue[:512, :512], scale=8, shifts256=(100,), progress=False)
+
+
+def _golden_strip(maps):
+    """[4K head 0 | 256 head 0 | blend 0x0] overlays side by side, uint8."""
+    return np.concatenate([overlay(maps.region, maps.scores4k[0]), overlay(maps.region, maps.scores256[0]),
+                           overlay(maps.region, maps.blend(0, 0))], axis=1)
+
+
+def test_golden_image(tiny_model, tissue):
+    """Low-resolution maps of a fixed real crop with seed-0 tiny weights vs the stored fixture."""
+    maps = compute_region_heatmaps(tiny_model, tissue[:512, :512], scale=16, progress=False)
+    strip = _golden_strip(maps)
+    golden_png = os.path.join(FIXTURES, "heatmap_golden.png")
+    golden = np.load(os.path.join(FIXTURES, "heatmap_golden_scores.npy"))  # [2 (256, 4K), heads, 32, 32]
+    # Ranks are exact unless two attention values nearly tie: allow a few flipped pixels.
+    for key, ref in zip(("scores256", "scores4k"), golden.astype(np.float32)):
+        diff = np.abs(getattr(maps, key) - ref)
+        assert (diff > 2e-3).mean() < 0.01, f"{key}: {(diff > 2e-3).mean():.3%} pixels differ"
+    png = np.asarray(Image.open(golden_png).convert("RGB"))
+    assert png.shape == strip.shape == (32, 96, 3)
+    assert (np.abs(png.astype(int) - strip.astype(int)) > 2).mean() < 0.01
+
+
+def test_write_region_heatmaps_files(tiny_model, tissue, tmp_path):
+    maps = compute_region_heatmaps(tiny_model, tissue[:512, :512], scale=16, progress=False)
+    written = write_region_heatmaps(maps, str(tmp_path), "r", blends="diagonal")
+    assert len(written["256"]) == 6 and len(written["4k"]) == 6 and len(written["blend"]) == 6
+    assert os.path.exists(tmp_path / "r_blend_4k3_2563.png")
+    sheet = np.asarray(Image.open(written["contact_sheet"][0]))
+    assert sheet.shape[0] > 100 and sheet.shape[1] > 100
+    img = np.asarray(Image.open(tmp_path / "r_4k_head0.png"))
+    assert img.shape == (32, 32, 3)
+
+
+def test_slide_attention_map():
+    thumb = np.full((40, 60, 3), 200, np.uint8)
+    coords = np.array([[0, 0], [400, 0], [400, 200]])
+    picture, score = slide_attention_map(thumb, 10.0, coords, 200, np.array([0.1, 0.7, 0.2]))
+    assert picture.shape == thumb.shape
+    np.testing.assert_allclose(score[5, 5], 1 / 3)
+    np.testing.assert_allclose(score[5, 45], 1.0)
+    np.testing.assert_allclose(score[25, 45], 2 / 3)
+    assert np.isnan(score[30, 5]) and (picture[30, 5] == 200).all()
+    assert not (picture[5, 45] == 200).all()
+    with pytest.raises(ValueError, match="scores"):
+        slide_attention_map(thumb, 10.0, coords, 200, np.array([1.0]))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "hipt_jax.heatmap.cli", *args], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=300)
+
+
+def test_cli_image_and_errors(tissue, tmp_path):
+    image = tmp_path / "region.png"
+    Image.fromarray(tissue[:512, :512]).save(image)
+    res = _cli("--random-init", "--tiny", "--image", str(image), "--out", str(tmp_path / "out"),
+               "--scale", "16", "--blends", "none")
+    assert res.returncode == 0, res.stderr
+    outputs = json.load(open(tmp_path / "out" / "heatmap_outputs.json"))
+    assert len(outputs["4k"]) == 6 and outputs["blend"] == []
+    (tmp_path / "bad.png").write_text("not an image")
+    res = _cli("--random-init", "--tiny", "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2"))
+    assert res.returncode == 2 and "bad.png" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("--image", str(image), "--out", str(tmp_path / "o3"))
+    assert res.returncode == 2 and "--vit256" in res.stderr
+
+
+def test_cli_slide_scores(tmp_path):
+    np.savez(tmp_path / "scores.npz", coords=np.array([[0, 0], [1024, 0], [0, 1024]]),
+             scores=np.array([0.2, 0.5, 0.3]), region_px=1024)
+    res = _cli("--slide", REAL_SLIDE, "--region-scores", str(tmp_path / "scores.npz"), "--out",
+               str(tmp_path), "--thumb-px", "256")
+    assert res.returncode == 0, res.stderr
+    picture = np.asarray(Image.open(tmp_path / "cmu_small_region_slide_attention.png"))
+    assert max(picture.shape[:2]) == 256
+
+
+if __name__ == "__main__":
+    # Regenerate the golden fixtures (only after an intended change of the maps):
+    #   .venv/bin/python -m tests.test_heatmap
+    import openslide
+
+    slide = openslide.OpenSlide(REAL_SLIDE)
+    crop = np.ascontiguousarray(np.asarray(slide.read_region((600, 1700), 0, (512, 512)))[:, :, :3])
+    m = compute_region_heatmaps(HIPT4K.random_init(seed=0, tiny=True, patch_batch=16), crop, scale=16,
+                                progress=False)
+    os.makedirs(FIXTURES, exist_ok=True)
+    Image.fromarray(_golden_strip(m)).save(os.path.join(FIXTURES, "heatmap_golden.png"))
+    np.save(os.path.join(FIXTURES, "heatmap_golden_scores.npy"),
+            np.stack([m.scores256, m.scores4k]).astype(np.float16))
