@@ -1,0 +1,204 @@
+"""hipt-convert and hipt_jax.checkpoints: released layout -> Orbax -> released layout, errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hipt_jax import checkpoints, convert
+from hipt_jax.models.configs import build_vit, get_arch
+from tests import reference_torch as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_HEAD = 512  # head out_dim for test files (65536 in the released ones; same layout)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """Full-size random vit256 and vit4k files in the released DINO layout (small head)."""
+    d = tmp_path_factory.mktemp("released")
+    files = {}
+    for arch, seed in (("vit256", 0), ("vit4k", 10)):
+        files[arch] = str(d / f"{arch}_dino.pth")
+        ref.write_released_checkpoint(files[arch], arch, seed=seed, head_out_dim=SMALL_HEAD, optimizer_state=False)
+    return files
+
+
+def run_cli(capsys, *argv):
+    code = convert.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hipt-convert: error:") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_released_layout_is_what_the_spec_describes(released):
+    ckpt = ref.torch_load_trusted(released["vit256"])
+    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
+    teacher = ckpt["teacher"]
+    assert sum(k.startswith("backbone.") for k in teacher) == 150
+    assert sorted(k for k in teacher if k.startswith("head.")) == sorted(
+        f"head.{k}" for k in ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
+                              "mlp.4.bias", "last_layer.weight_g", "last_layer.weight_v"))
+    assert all(k.startswith("module.") for k in ckpt["student"])
+    assert ckpt["teacher"]["backbone.patch_embed.proj.weight"].shape == (384, 3, 16, 16)
+    assert ckpt["dino_loss"]["center"].shape == (1, SMALL_HEAD)
+    four_k = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    assert sum(k.startswith("backbone.") for k in four_k) == 78
+    assert four_k["backbone.phi.0.weight"].shape == (192, 384)
+    # A plain weights_only load refuses the Namespace: the reason the allow-list exists.
+    with pytest.raises(Exception):
+        torch.load(released["vit256"], map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("arch", ["vit256", "vit4k"])
+def test_roundtrip_bit_exact_with_head(released, tmp_path, capsys, arch):
+    src = released[arch]
+    code, out, err = run_cli(capsys, src, tmp_path / "ckpt", "--keep-head")
+    assert code == 0, err
+    assert f"{arch} teacher backbone" in out
+    info = checkpoints.read_arch(str(tmp_path / "ckpt"))
+    assert info["arch"] == arch and info["has_head"]
+    code, out, err = run_cli(capsys, "--to-torch", tmp_path / "ckpt", tmp_path / "back.pth")
+    assert code == 0, err
+    original = ref.torch_load_trusted(src)["teacher"]
+    back = torch.load(tmp_path / "back.pth", map_location="cpu", weights_only=True)["teacher"]
+    assert set(back) == set(original)
+    for key, tensor in original.items():
+        assert back[key].dtype == tensor.dtype and back[key].shape == tensor.shape, key
+        # Bit for bit: compare the raw bytes, not values.
+        assert torch.equal(back[key].view(torch.int32), tensor.view(torch.int32)), key
+    # The reference loader takes it with no missing or unexpected keys (strict).
+    ref.load_reference_weights(ref.build_reference(arch), str(tmp_path / "back.pth"))
+
+
+def test_head_layout_for_pretraining(released, tmp_path):
+    """--keep-head stores the DINO head as kernels [in,out] (documented in checkpoints.py)."""
+    variables, config, head, _ = checkpoints.load_reference_backbone(released["vit4k"], keep_head=True)
+    assert head["mlp_0"]["kernel"].shape == (192, 2048)
+    assert head["mlp_2"]["kernel"].shape == (2048, 2048)
+    assert head["mlp_4"]["kernel"].shape == (2048, 256) and head["mlp_4"]["bias"].shape == (256,)
+    assert head["last_layer"]["weight_v"].shape == (256, SMALL_HEAD)
+    assert head["last_layer"]["weight_g"].shape == (SMALL_HEAD,)
+    original = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    np.testing.assert_array_equal(head["last_layer"]["weight_v"], original["head.last_layer.weight_v"].numpy().T)
+
+
+def test_student_and_plain_state_dict(released, tmp_path, capsys):
+    code, _, err = run_cli(capsys, released["vit4k"], tmp_path / "s", "--which", "student")
+    assert code == 0, err
+    variables, _, _, info = checkpoints.load_checkpoint_dir(str(tmp_path / "s"))
+    student = ref.torch_load_trusted(released["vit4k"])["student"]
+    np.testing.assert_array_equal(variables["params"]["cls_token"], student["module.backbone.cls_token"].numpy())
+    # Back to torch: written under "student" with the "module.backbone." prefix.
+    code, _, err = run_cli(capsys, "--to-torch", tmp_path / "s", tmp_path / "s.pth")
+    assert code == 0, err
+    back = torch.load(tmp_path / "s.pth", weights_only=True)
+    assert "module.backbone.blocks.5.mlp.fc2.bias" in back["student"]
+    # A plain (already stripped) state dict, as many users save them.
+    plain = {k[len("backbone."):]: v for k, v in ref.torch_load_trusted(released["vit4k"])["teacher"].items()
+             if k.startswith("backbone.")}
+    torch.save(plain, tmp_path / "plain.pth")
+    variables, config = checkpoints.load_backbone(str(tmp_path / "plain.pth"))
+    assert config.arch == "vit4k"
+    np.testing.assert_array_equal(variables["params"]["phi"]["dense"]["kernel"], plain["phi.0.weight"].numpy().T)
+
+
+def test_pth_and_converted_dir_give_the_same_model(released, tmp_path, capsys):
+    assert run_cli(capsys, released["vit256"], tmp_path / "c")[0] == 0
+    from_dir, cfg = checkpoints.load_backbone(str(tmp_path / "c"), expect_arch="vit256")
+    from_pth, _ = checkpoints.load_backbone(released["vit256"], expect_arch="vit256")
+    flat_a = checkpoints.variables_to_reference(from_dir)
+    flat_b = checkpoints.variables_to_reference(from_pth)
+    assert flat_a.keys() == flat_b.keys() and len(flat_a) == 150
+    for k in flat_a:
+        np.testing.assert_array_equal(flat_a[k], flat_b[k])
+    assert sum(v.size for v in flat_a.values()) == 21_665_664
+    # And the converted weights compute what the reference computes.
+    model = ref.load_reference_weights(ref.build_reference("vit256"), released["vit256"])
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x).numpy()
+    got, _ = build_vit(cfg).apply(from_dir, x.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
+
+
+def test_truncated_file(released, tmp_path, capsys):
+    data = open(released["vit4k"], "rb").read()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, tmp_path / "cut.pth", tmp_path / "out")
+    assert_one_line_error(code, err, "cut.pth", "truncated or corrupt")
+    assert not (tmp_path / "out" / "arch.json").exists()
+
+
+def test_text_file(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("these are not weights\n" * 10)
+    code, _, err = run_cli(capsys, tmp_path / "notes.pth", tmp_path / "out")
+    assert_one_line_error(code, err, "notes.pth", "not a PyTorch checkpoint", "text file")
+
+
+def test_other_architecture(released, tmp_path, capsys):
+    code, _, err = run_cli(capsys, released["vit4k"], tmp_path / "out", "--arch", "vit256")
+    assert_one_line_error(code, err, "vit4k_dino.pth", "vit4k checkpoint", "--arch vit256")
+    # The Python API refuses a ViT-4K file passed as ViT-256, with the same kind of message.
+    from hipt_jax import HIPT4K
+
+    with pytest.raises(checkpoints.CheckpointError, match="is a vit4k checkpoint, expected vit256"):
+        HIPT4K.from_checkpoints(vit256=released["vit4k"])
+
+
+def test_missing_unexpected_and_mismatched_keys(released, tmp_path, capsys):
+    teacher = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    broken = dict(teacher)
+    del broken["backbone.blocks.2.attn.qkv.bias"]
+    broken["backbone.blocks.0.attn.extra.weight"] = torch.zeros(3)
+    broken["backbone.norm.weight"] = torch.ones(100)
+    torch.save({"teacher": broken}, tmp_path / "broken.pth")
+    code, _, err = run_cli(capsys, tmp_path / "broken.pth", tmp_path / "out")
+    assert_one_line_error(code, err, "missing keys: blocks.2.attn.qkv.bias",
+                          "unexpected keys: blocks.0.attn.extra.weight",
+                          "shape mismatches: norm.weight (100,) != (192,)")
+
+
+def test_other_bad_inputs(released, tmp_path, capsys):
+    code, _, err = run_cli(capsys, tmp_path / "nope.pth", tmp_path / "out")
+    assert_one_line_error(code, err, "no such file")
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 384)}, "epoch": 3}, tmp_path / "t.pth")
+    code, _, err = run_cli(capsys, tmp_path / "t.pth", tmp_path / "out", "--which", "student")
+    assert_one_line_error(code, err, "no 'student' entry")
+    os.makedirs(tmp_path / "full")
+    (tmp_path / "full" / "x").write_text("x")
+    code, _, err = run_cli(capsys, released["vit4k"], tmp_path / "full")
+    assert_one_line_error(code, err, "already exists")
+    code, _, err = run_cli(capsys, "--to-torch", tmp_path / "full", tmp_path / "x.pth")
+    assert_one_line_error(code, err, "no arch.json")
+
+
+def test_entry_point_exits_nonzero_without_traceback(tmp_path):
+    (tmp_path / "weights.pth").write_text("hello")
+    proc = subprocess.run([sys.executable, "-m", "hipt_jax.convert", str(tmp_path / "weights.pth"),
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("hipt-convert: error:")
+
+
+@pytest.mark.slow
+def test_full_size_released_file(tmp_path, capsys):
+    """The real layout at real size (65536-d head, optimizer state): ~704 MB like the release."""
+    path = str(tmp_path / "vit256_small_dino.pth")
+    ref.write_released_checkpoint(path, "vit256")
+    assert abs(os.path.getsize(path) - 704_238_867) / 704_238_867 < 0.01
+    code, _, err = run_cli(capsys, path, tmp_path / "ckpt", "--keep-head")
+    assert code == 0, err
+    head = checkpoints.load_checkpoint_dir(str(tmp_path / "ckpt"))[2]
+    assert head["last_layer"]["weight_v"].shape == (256, 65536)
