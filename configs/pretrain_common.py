@@ -1,0 +1,84 @@
+"""Fields shared by both pretraining configs; every one is overridable from the command line
+(``--config.optim.lr=1e-4``). Defaults are the paper's recipe (SPEC sections 4-5)."""
+from __future__ import annotations
+
+import ml_collections
+
+from hipt_jax.models.configs import get_arch
+
+
+def _parse_arg(arg: str) -> set[str]:
+    flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    unknown = flags - {"runlocal", "bf16"}
+    if unknown:
+        raise ValueError(f"unknown config arg(s) {sorted(unknown)}: use runlocal and/or bf16")
+    return flags
+
+
+def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
+    flags = _parse_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 0
+    # Architecture (a models.configs arch dict: stored beside the exported backbone).
+    c.model = get_arch("vit256" if stage == 1 else "vit4k")
+    c.head = ml_collections.ConfigDict(dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256))
+    c.drop_path_rate = 0.1                       # student only
+    c.compute_dtype = "bfloat16" if "bf16" in flags else "float32"
+
+    # Iterations: stage 1 ran 400K at batch 256, stage 2 200K at batch 256.
+    c.global_batch = 256
+    c.total_steps = 400_000 if stage == 1 else 200_000
+    c.stop_at_step = -1                          # stop early (schedules still use total_steps)
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=5e-4,                  # peak lr = lr * global_batch / 256
+        min_lr=1e-6,
+        warmup_steps=40_000 if stage == 1 else 20_000,
+        weight_decay=0.04, weight_decay_end=0.4,  # cosine, tensors with ndim > 1 only
+        clip_grad=3.0, global_norm=False,         # per-tensor clipping like DINO
+        freeze_last_layer_epochs=1,
+        b1=0.9, b2=0.999, eps=1e-8,
+    ))
+    c.teacher = ml_collections.ConfigDict(dict(
+        momentum=0.996, temp=0.04, warmup_temp=0.04, warmup_temp_steps=0))
+    c.student_temp = 0.1
+    c.center_momentum = 0.9
+
+    c.crops = ml_collections.ConfigDict(dict(
+        global_size=224 if stage == 1 else 14, local_size=96 if stage == 1 else 6, n_local=8,
+        global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)))  # scales: stage 1 only
+    c.data = ml_collections.ConfigDict(dict(
+        kind="png_folder" if stage == 1 else "feature_folder",
+        path="",
+        norm="half",              # stage 1 normalization: "half" (0.5/0.5) or "imagenet"
+        grid=(16, 16), in_features=384,   # stage 2 record layout
+        num_workers=4, read_threads=2, prefetch=8,
+        samples_per_epoch=-1,     # -1: the source's length (defines "epoch" for the freeze)
+    ))
+
+    # Devices and hosts.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.sharding_rules = (("batch", ("data", "fsdp")), ("params", "fsdp"))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=-1, process_id=-1))  # empty: env / auto-detect
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2000, keep=3, use_async=True))
+    c.log_every = 50
+    c.export_dir = ""             # default WORKDIR/export
+    c.warm_start = ""             # converted checkpoint dir (backbone + DINO head) to start from
+
+    if "runlocal" in flags:
+        c.model = get_arch("vit256_tiny" if stage == 1 else "vit4k_tiny")
+        c.head.update(out_dim=512, hidden_dim=64, bottleneck_dim=32)
+        c.global_batch = 4
+        c.total_steps = 6
+        c.optim.warmup_steps = 2
+        if stage == 1:
+            c.crops.update(global_size=64, local_size=32, n_local=2)
+        else:
+            c.crops.update(n_local=2)
+        c.data.num_workers = 0
+        c.checkpoint.every_steps = 3
+        c.log_every = 1
+    return c

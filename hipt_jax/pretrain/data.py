@@ -1,0 +1,169 @@
+"""Data sources of the two stages and the Grain pipeline that feeds the trainer.
+
+Sources are plain random-access objects (``__len__``, ``__getitem__ -> dict``):
+- ``PngFolderSource``: a folder (recursively) of RGB image patches (.png/.jpg), the stage-1
+  format the reference used; records {"image": uint8 [H,W,3]}.
+- ``FeatureFolderSource``: a folder of .npy / .pt files each holding one region's [256,384]
+  ViT-256 features, the stage-2 format the reference used; records {"features": [256,384]}.
+- ``hipt_jax.data.sources.PatchSource`` / ``FeatureSource``: ArrayRecord shards written by
+  ``hipt-prep`` (same record keys), selected with data.kind "patch_shards" / "feature_shards".
+
+Sample order. The trainer consumes a global stream of samples; sample ``g`` is record
+``shuffle_epoch(g // n)[g % n]`` (a fresh permutation every epoch, Grain's index shuffle).
+Global step s uses samples s*G .. s*G+G-1 (G = global batch); process p of P loads the
+contiguous slice s*G + p*L .. s*G + p*L + L-1 (L = G / P), which is exactly its block of the
+batch-sharded global array. Hence the global batch, and every augmentation (seeded by g), is
+identical for any number of hosts or loader workers.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from hipt_jax.pretrain.augment import FeatureMultiCrop, ImageMultiCrop
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+FEATURE_EXTS = (".npy", ".pt")
+
+
+def _list_files(folder: str, exts: tuple[str, ...], what: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: not a folder ({what} expected)")
+    files = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                   if p.lower().endswith(exts))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {what} files ({', '.join(exts)}) found")
+    return files
+
+
+class PngFolderSource:
+    """Stage 1: every image file under ``folder`` is one patch."""
+
+    def __init__(self, folder: str):
+        self.files = _list_files(folder, IMAGE_EXTS, "image")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[int(index)]
+        try:
+            with Image.open(path) as img:
+                return {"image": np.asarray(img.convert("RGB"), np.uint8)}
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+class FeatureFolderSource:
+    """Stage 2: every .npy / .pt file under ``folder`` is one region's [N,F] feature matrix."""
+
+    def __init__(self, folder: str, expect_shape=(256, 384)):
+        self.files = _list_files(folder, FEATURE_EXTS, "feature")
+        self.expect_shape = tuple(expect_shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[int(index)]
+        try:
+            if path.endswith(".pt"):
+                import torch  # only for the reference's .pt files
+                feats = torch.load(path, map_location="cpu", weights_only=True).numpy()
+            else:
+                feats = np.load(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise ValueError(f"{path}: cannot read features ({type(e).__name__}: {e})") from None
+        feats = np.asarray(feats, np.float32)
+        if feats.shape != self.expect_shape:
+            raise ValueError(f"{path}: features have shape {feats.shape}, "
+                             f"expected {self.expect_shape}")
+        return {"features": feats}
+
+
+def make_source(data_config: ml_collections.ConfigDict):
+    """The source named by data.kind at data.path."""
+    kind, path = data_config.kind, data_config.path
+    if not path:
+        raise ValueError("config.data.path is empty: set --config.data.path=FOLDER")
+    if kind == "png_folder":
+        return PngFolderSource(path)
+    if kind == "feature_folder":
+        return FeatureFolderSource(path, expect_shape=(data_config.grid[0] * data_config.grid[1],
+                                                       data_config.in_features))
+    if kind == "patch_shards":
+        from hipt_jax.data.sources import PatchSource
+        return PatchSource(path)
+    if kind == "feature_shards":
+        from hipt_jax.data.sources import FeatureSource
+        return FeatureSource(path)
+    raise ValueError(f"unknown data.kind {kind!r}: png_folder, feature_folder, patch_shards, "
+                     "feature_shards")
+
+
+def make_augment(config: ml_collections.ConfigDict) -> grain.transforms.Map:
+    crops = config.crops
+    if config.stage == 1:
+        return ImageMultiCrop(config.seed, crops.global_size, crops.local_size, crops.n_local,
+                              tuple(crops.global_scale), tuple(crops.local_scale))
+    return FeatureMultiCrop(config.seed, crops.global_size, crops.local_size, crops.n_local,
+                            tuple(config.data.grid))
+
+
+class ProcessSliceDataset(grain.MapDataset):
+    """Element i of this process's stream = global sample g (see the module docstring),
+    returned as {"index": g, **record}."""
+
+    def __init__(self, parent: grain.MapDataset, *, global_batch: int, process_index: int,
+                 process_count: int, num_steps: int):
+        super().__init__(parent)
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the "
+                             f"{process_count} processes")
+        self._global_batch = global_batch
+        self._local_batch = global_batch // process_count
+        self._offset = process_index * self._local_batch
+        self._length = num_steps * self._local_batch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def global_index(self, index: int) -> int:
+        step, j = divmod(int(index), self._local_batch)
+        return step * self._global_batch + self._offset + j
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        g = self.global_index(index)
+        return {"index": g, **self._parent[g]}
+
+    def __str__(self) -> str:
+        return "ProcessSliceDataset"
+
+
+def make_iterator(config: ml_collections.ConfigDict, source, *, process_index: int,
+                  process_count: int, num_steps: int):
+    """Checkpointable Grain iterator of per-process batches (dicts of numpy, leading dim L).
+
+    Augmentation runs in ``config.data.num_workers`` worker processes (0 = in this process).
+    """
+    records = grain.MapDataset.source(source).shuffle(seed=config.seed)
+    ds = ProcessSliceDataset(records, global_batch=config.global_batch,
+                             process_index=process_index, process_count=process_count,
+                             num_steps=num_steps)
+    ds = ds.map(make_augment(config))
+    local_batch = config.global_batch // process_count
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
+                                                 prefetch_buffer_size=config.data.prefetch))
+    it_ds = it_ds.batch(local_batch, drop_remainder=True)
+    if config.data.num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.data.num_workers, per_worker_buffer_size=2))
+    return iter(it_ds)

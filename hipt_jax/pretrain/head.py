@@ -1,0 +1,135 @@
+"""DINO projection head and the multi-crop student/teacher model.
+
+Head (as DINO's ``DINOHead`` with nlayers=3, norm_last_layer=True):
+Linear(D,2048)-GELU-Linear(2048,2048)-GELU-Linear(2048,256), L2-normalize (eps 1e-12),
+then a weight-normalized Linear(256, out_dim, no bias) whose gain g is fixed to 1, i.e. each
+output unit's weight vector is v / ||v||. Only ``v`` is a trainable parameter.
+
+Param names follow hipt_jax.checkpoints' head layout (= torch's Sequential indices):
+mlp_0, mlp_2, mlp_4 {kernel [in,out], bias}, last_layer/weight_v [256, out_dim] (kernel
+layout). The fixed gain ``last_layer/weight_g`` [out_dim] (all ones) is only added on export
+(``head_for_export``) so exported heads convert back to the reference .pth layout.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hipt_jax.models.configs import build_vit
+from hipt_jax.models.vit import gelu_exact
+
+Dtype = Any
+
+_trunc02 = nn.initializers.truncated_normal(stddev=0.02)
+
+# Name of the head's last layer in the param tree; the optimizer freezes it for the first epoch.
+LAST_LAYER = "last_layer"
+
+
+class DINOHead(nn.Module):
+    """[N, D] backbone CLS features -> [N, out_dim] logits (before any temperature)."""
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        dense = lambda feats, name: nn.Dense(  # noqa: E731
+            feats, dtype=self.dtype, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
+            name=name)
+        x = gelu_exact(dense(self.hidden_dim, "mlp_0")(x))
+        x = gelu_exact(dense(self.hidden_dim, "mlp_2")(x))
+        x = dense(self.bottleneck_dim, "mlp_4")(x)
+        # F.normalize(x, dim=-1, p=2): divide by max(||x||, 1e-12); in fp32 for stability.
+        x = x.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return WeightNormLinear(self.out_dim, self.dtype, name=LAST_LAYER)(x)
+
+
+class WeightNormLinear(nn.Module):
+    """torch weight_norm(Linear(in, out, bias=False)) with the gain fixed to 1."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        v = self.param("weight_v", _trunc02, (x.shape[-1], self.features))
+        # Every output unit (a column of the [in, out] kernel) gets unit norm, in fp32.
+        w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        return x.astype(self.dtype) @ w.astype(self.dtype)
+
+
+def head_for_export(head_params) -> dict:
+    """Our trainable head tree + the fixed gain weight_g = 1, as hipt_jax.checkpoints stores it."""
+    head = {k: dict(v) for k, v in head_params.items()}
+    out_dim = head[LAST_LAYER]["weight_v"].shape[-1]
+    head[LAST_LAYER]["weight_g"] = np.ones((out_dim,), np.float32)
+    return head
+
+
+def head_from_checkpoint(head: dict, source: str = "") -> dict:
+    """A stored head tree -> our trainable tree (drops weight_g, which must be all ones)."""
+    head = {k: dict(v) for k, v in head.items()}
+    gain = head[LAST_LAYER].pop("weight_g", None)
+    if gain is not None and not np.allclose(np.asarray(gain), 1.0, atol=1e-5):
+        raise ValueError(f"{source}: DINO head last_layer.weight_g is not all ones "
+                         "(trained without norm_last_layer); cannot warm-start a fixed-gain head")
+    return head
+
+
+class MultiCropDINO(nn.Module):
+    """Backbone + DINO head over a multi-crop batch.
+
+    Runs the backbone once per crop resolution (all global crops together, all local crops
+    together), as DINO's MultiCropWrapper does, then the head once over every CLS feature.
+    Input views are sample-major ([B, V, ...], what the data pipeline shards over devices);
+    output logits are view-major [V*B, out_dim] (rows v*B .. v*B+B-1 are view v), the layout
+    DINO's loss chunks.
+    """
+
+    backbone: ml_collections.ConfigDict
+    head_out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.vit = build_vit(self.backbone, drop_path_rate=self.drop_path_rate, dtype=self.dtype)
+        self.head = DINOHead(self.head_out_dim, self.head_hidden_dim, self.head_bottleneck_dim,
+                             self.dtype)
+
+    def features(self, views: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """[B, V, *crop] -> [V*B, D] CLS features in view-major order."""
+        batch, n_views = views.shape[:2]
+        # [B,V,...] -> [V,B,...] -> [V*B,...]: view-major, as torch.cat(crops) in DINO.
+        flat = jnp.swapaxes(views, 0, 1).reshape((n_views * batch,) + views.shape[2:])
+        cls, _ = self.vit(flat.astype(self.dtype), train=train)
+        return cls
+
+    def __call__(self, global_views, local_views=None, train: bool = False):
+        """Logits [V*B, out_dim]: global crops first, then local crops (if given)."""
+        feats = [self.features(global_views, train)]
+        if local_views is not None and local_views.shape[1] > 0:
+            feats.append(self.features(local_views, train))
+        return self.head(jnp.concatenate(feats, axis=0)).astype(jnp.float32)
+
+
+def build_model(config: ml_collections.ConfigDict, *, student: bool) -> MultiCropDINO:
+    """The student (with stochastic depth) or teacher (without) for a pretraining config."""
+    dtype = jnp.bfloat16 if config.get("compute_dtype", "float32") == "bfloat16" else jnp.float32
+    return MultiCropDINO(
+        backbone=config.model,
+        head_out_dim=config.head.out_dim,
+        head_hidden_dim=config.head.hidden_dim,
+        head_bottleneck_dim=config.head.bottleneck_dim,
+        drop_path_rate=config.drop_path_rate if student else 0.0,
+        dtype=dtype,
+    )

@@ -1,0 +1,43 @@
+"""DINO's self-distillation loss and center update (SPEC section 4).
+
+loss = mean over (teacher global view i, student view v != i) pairs of
+       mean over the batch of  sum_k -p_i[k] * log_softmax(s_v / student_temp)[k],
+with p_i = softmax((t_i - center) / teacher_temp), no gradient through the teacher.
+center <- m * center + (1 - m) * mean of teacher logits over the GLOBAL batch (both views).
+
+Under ``jax.jit`` with a batch sharded over devices or hosts, ``jnp.mean`` over the batch axis
+is already the global mean: no explicit all-reduce is needed.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dino_loss(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray, center: jnp.ndarray,
+              *, n_global: int, teacher_temp, student_temp: float = 0.1) -> jnp.ndarray:
+    """Scalar loss from view-major logits.
+
+    student_logits: [V*B, K] (V = n_global + n_local views, global first);
+    teacher_logits: [n_global*B, K]; center: [1, K].
+    """
+    n_views = student_logits.shape[0] * n_global // teacher_logits.shape[0]
+    batch = teacher_logits.shape[0] // n_global
+    # [V*B,K] -> [V,B,K]: chunk per view, as torch's .chunk(ncrops).
+    log_p_student = jax.nn.log_softmax(
+        student_logits.astype(jnp.float32).reshape(n_views, batch, -1) / student_temp, axis=-1)
+    teacher = (teacher_logits.astype(jnp.float32) - center) / teacher_temp
+    p_teacher = jax.lax.stop_gradient(jax.nn.softmax(teacher, axis=-1)).reshape(n_global, batch, -1)
+    # Sum over all pairs without materializing them: for teacher view i, the student views
+    # v != i contribute sum_v log_p[v] - log_p[i].
+    log_p_sum = log_p_student.sum(axis=0)                        # [B,K]
+    cross = -(p_teacher * (log_p_sum[None] - log_p_student[:n_global])).sum(-1)  # [G,B]
+    n_pairs = n_global * n_views - n_global  # 2 x 10 - 2 = 18 with DINO's multi-crop
+    return cross.mean(axis=1).sum() / n_pairs
+
+
+def update_center(center: jnp.ndarray, teacher_logits: jnp.ndarray,
+                  momentum: float = 0.9) -> jnp.ndarray:
+    """EMA of the teacher's batch-mean logits: [1,K] <- m * [1,K] + (1 - m) * mean([N,K])."""
+    batch_center = jnp.mean(teacher_logits.astype(jnp.float32), axis=0, keepdims=True)
+    return center * momentum + batch_center * (1.0 - momentum)

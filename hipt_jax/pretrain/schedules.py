@@ -1,0 +1,59 @@
+"""Per-iteration schedules of the DINO recipe, as pure jnp functions of the step.
+
+They reproduce DINO's ``utils.cosine_scheduler`` arrays (linear warm-up from
+``warmup_start`` over ``warmup_steps``, then a cosine from ``base`` to ``final`` over the
+remaining steps) without materializing them, so they can be evaluated inside the jitted update.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+
+def cosine_schedule(step, *, base: float, final: float, total_steps: int,
+                    warmup_steps: int = 0, warmup_start: float = 0.0):
+    """Value at ``step`` of DINO's cosine_scheduler(base, final, ...) flattened to iterations.
+
+    Warm-up: np.linspace(warmup_start, base, warmup_steps)[step] (endpoint included).
+    Then: final + (base - final) * (1 + cos(pi * j / (total_steps - warmup_steps))) / 2
+    with j = step - warmup_steps. Steps past the end keep the last value.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    step = jnp.minimum(step, total_steps - 1)
+    decay_steps = max(total_steps - warmup_steps, 1)
+    j = step - warmup_steps
+    cosine = final + 0.5 * (base - final) * (1.0 + jnp.cos(jnp.pi * j / decay_steps))
+    if warmup_steps <= 0:
+        return cosine
+    warm = warmup_start + (base - warmup_start) * step / max(warmup_steps - 1, 1)
+    return jnp.where(step < warmup_steps, warm, cosine)
+
+
+def linear_then_constant(step, *, start: float, end: float, warmup_steps: int):
+    """Teacher temperature: np.linspace(start, end, warmup_steps)[step], then ``end``."""
+    step = jnp.asarray(step, jnp.float32)
+    if warmup_steps <= 1:
+        return jnp.full_like(step, end)
+    frac = jnp.minimum(step / (warmup_steps - 1), 1.0)
+    return start + (end - start) * frac
+
+
+def all_schedules(step, config: ml_collections.ConfigDict) -> dict:
+    """lr, weight decay, teacher momentum and teacher temperature at ``step``.
+
+    The peak lr scales with the global batch: lr_base * global_batch / 256 (DINO's rule).
+    """
+    total = config.total_steps
+    optim = config.optim
+    peak_lr = optim.lr * config.global_batch / 256.0
+    return {
+        "lr": cosine_schedule(step, base=peak_lr, final=optim.min_lr, total_steps=total,
+                              warmup_steps=optim.warmup_steps),
+        "wd": cosine_schedule(step, base=optim.weight_decay, final=optim.weight_decay_end,
+                              total_steps=total),
+        "momentum": cosine_schedule(step, base=config.teacher.momentum, final=1.0,
+                                    total_steps=total),
+        "teacher_temp": linear_then_constant(step, start=config.teacher.warmup_temp,
+                                             end=config.teacher.temp,
+                                             warmup_steps=config.teacher.warmup_temp_steps),
+    }

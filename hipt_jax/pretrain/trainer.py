@@ -1,0 +1,318 @@
+"""The DINO trainer: one jitted update and the loop around it.
+
+Reading order:
+1. ``create_state``: the train state is ONE pytree
+   {"student", "teacher", "opt", "center", "step"} (teacher = copy of the student at init).
+2. ``make_update``: the pure update ``(state, batch, rng) -> (state, metrics)``:
+   teacher forward on the global crops, student forward on all crops, DINO loss, gradients,
+   clipping, AdamW (last layer frozen during the first epoch), EMA teacher, center update.
+3. ``train``: mesh + shardings, data iterator, Orbax checkpoint manager (train state and Grain
+   iterator state saved together, async, keep-N, automatic resume from the workdir), the loop
+   with console/TensorBoard logging, a stop on non-finite loss, and the teacher export.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hipt_jax import sharding as shd
+from hipt_jax.pretrain import data as data_lib
+from hipt_jax.pretrain import optimizer
+from hipt_jax.pretrain.augment import normalize_images
+from hipt_jax.pretrain.head import build_model, head_for_export, head_from_checkpoint
+from hipt_jax.pretrain.loss import dino_loss, update_center
+from hipt_jax.pretrain.schedules import all_schedules
+
+N_GLOBAL = 2  # DINO's teacher sees the 2 global crops
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------ 1. train state
+def dummy_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero batch with the shapes the pipeline produces (images uint8, features float32)."""
+    crops = config.crops
+    if config.stage == 1:
+        g = np.zeros((batch, N_GLOBAL, crops.global_size, crops.global_size, 3), np.uint8)
+        loc = np.zeros((batch, crops.n_local, crops.local_size, crops.local_size, 3), np.uint8)
+    else:
+        f = config.data.in_features
+        g = np.zeros((batch, N_GLOBAL, crops.global_size, crops.global_size, f), np.float32)
+        loc = np.zeros((batch, crops.n_local, crops.local_size, crops.local_size, f), np.float32)
+    return {"index": np.zeros((batch,), np.int64), "global": g, "local": loc}
+
+
+def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+    """Fresh train state (fp32 params); the teacher starts as a copy of the student."""
+    model = build_model(config, student=False)
+    views = _prepare_views(dummy_batch(config), config)
+    params = model.init(rng, views["global"], views["local"])["params"]
+    return {
+        "student": params,
+        "teacher": jax.tree.map(jnp.copy, params),
+        "opt": optimizer.init(params),
+        "center": jnp.zeros((1, config.head.out_dim), jnp.float32),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def _prepare_views(batch: dict, config: ml_collections.ConfigDict) -> dict:
+    """Stage 1 crops arrive as uint8 and are normalized here, on device."""
+    if config.stage == 1:
+        return {k: normalize_images(batch[k], config.data.norm) for k in ("global", "local")}
+    return {k: batch[k].astype(jnp.float32) for k in ("global", "local")}
+
+
+# ------------------------------------------------------------------------------ 2. the update
+def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int):
+    """The pure DINO update (to be jitted by the caller with shardings and donation)."""
+    student_model = build_model(config, student=True)
+    teacher_model = build_model(config, student=False)
+
+    def update(state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
+        step = state["step"]
+        sched = all_schedules(step, config)
+        views = _prepare_views(batch, config)
+        # Teacher: global crops only, no gradient, no stochastic depth.
+        teacher_logits = jax.lax.stop_gradient(
+            teacher_model.apply({"params": state["teacher"]}, views["global"]))
+
+        def loss_fn(student_params):
+            student_logits = student_model.apply(
+                {"params": student_params}, views["global"], views["local"], train=True,
+                rngs={"dropout": jax.random.fold_in(rng, step)})
+            return dino_loss(student_logits, teacher_logits, state["center"], n_global=N_GLOBAL,
+                             teacher_temp=sched["teacher_temp"], student_temp=config.student_temp)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["student"])
+        o = config.optim
+        student, opt = optimizer.update(
+            grads, state["opt"], state["student"], lr=sched["lr"], weight_decay=sched["wd"],
+            freeze_last_layer=step < freeze_last_layer_steps, clip_grad=o.clip_grad,
+            global_norm=o.global_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+        m = sched["momentum"]
+        teacher = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, state["teacher"], student)
+        new_state = {
+            "student": student, "teacher": teacher, "opt": opt,
+            "center": update_center(state["center"], teacher_logits, config.center_momentum),
+            "step": step + 1,
+        }
+        return new_state, {"loss": loss, **sched}
+
+    return update
+
+
+def jit_update(config, mesh, state_shardings, freeze_last_layer_steps: int):
+    """jax.jit of the update: explicit in/out shardings, the state donated."""
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    batch_sh = shd.batch_sharding(mesh, rules)
+    rep = shd.replicated(mesh)
+    batch_shardings = {k: batch_sh for k in ("index", "global", "local")}
+    return jax.jit(make_update(config, freeze_last_layer_steps),
+                   in_shardings=(state_shardings, batch_shardings, rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+
+def init_sharded_state(config, mesh, rng):
+    """Create the state directly in its shardings (FSDP params never exist unsharded)."""
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    abstract = jax.eval_shape(lambda r: create_state(config, r), rng)
+    state_sh = shd.param_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda r: create_state(config, r), out_shardings=state_sh)(rng)
+    return state, state_sh
+
+
+# ------------------------------------------------------------------------------ 3. the loop
+def _steps_per_epoch(config, source) -> int:
+    n = config.data.samples_per_epoch if config.data.samples_per_epoch > 0 else len(source)
+    return max(1, n // config.global_batch)
+
+
+def _warm_start(state, config):
+    """Load a converted backbone (+ its DINO head when present) into student and teacher."""
+    variables, _, head = _load_backbone_and_head(config.warm_start, config.model.arch)
+    params = dict(jax.device_get(state["student"]))
+    params["vit"] = _checked_replace(params["vit"], variables["params"], "backbone")
+    if head is not None:
+        head = head_from_checkpoint(head, config.warm_start)
+        params["head"] = _checked_replace(params["head"], head, "DINO head")
+    else:
+        logging.warning("%s has no DINO head: the head starts from random init",
+                        config.warm_start)
+    state = dict(state)
+    state["student"] = params
+    state["teacher"] = jax.tree.map(np.copy, params)
+    return state
+
+
+def _load_backbone_and_head(path, arch):
+    """(variables, arch config, head tree or None) from a converted dir or a reference .pth."""
+    from hipt_jax import checkpoints
+    if os.path.isdir(path):
+        variables, arch_config, head, _ = checkpoints.load_checkpoint_dir(path)
+    else:
+        variables, arch_config, head, _ = checkpoints.load_reference_backbone(
+            path, keep_head=True)
+    if arch_config.arch != arch:
+        raise ValueError(f"{path}: is a {arch_config.arch} checkpoint, this run trains {arch}")
+    return variables, arch_config, head
+
+
+def _checked_replace(ours, theirs, what):
+    ours_shapes = jax.tree.map(np.shape, ours)
+    theirs_shapes = jax.tree.map(np.shape, theirs)
+    if ours_shapes != theirs_shapes:
+        raise ValueError(f"warm start: {what} layout/shapes differ from the config's model")
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), theirs)
+
+
+def export_teacher(state, config, path: str, meta: dict | None = None) -> str:
+    """Save the teacher backbone (and its DINO head) in hipt-convert's format."""
+    from hipt_jax.checkpoints import save_backbone
+    teacher = jax.device_get(state["teacher"])
+    meta = dict(meta or {})
+    meta.update(source="hipt-pretrain", stage=int(config.stage), step=int(state["step"]))
+    save_backbone(path, {"params": teacher["vit"]}, config.model,
+                  head=head_for_export(teacher["head"]), meta=meta)
+    return path
+
+
+class _Logger:
+    """Console progress + TensorBoard + metrics.jsonl (process 0 only)."""
+
+    def __init__(self, workdir, config, total_steps, active):
+        self.active, self.config, self.total = active, config, total_steps
+        self.writer = None
+        self.jsonl = None
+        if active:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.t0, self.step0 = time.time(), None
+
+    def log(self, step: int, metrics: dict, crops_per_step: int):
+        if not self.active:
+            return
+        if self.step0 is None:
+            self.t0, self.step0 = time.time(), step
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if step % self.config.log_every and step != self.total - 1:
+            return
+        done = step - self.step0
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - 1 - step) / rate if rate > 0 else float("nan")
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+        self.writer.add_scalar("perf/steps_per_s", rate, step)
+        print(f"step {step:>7d}/{self.total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  "
+              f"wd {metrics['wd']:.3g}  mom {metrics['momentum']:.5f}  "
+              f"t_temp {metrics['teacher_temp']:.3f}  {rate:.2f} steps/s  "
+              f"{rate * self.config.global_batch:.1f} img/s ({rate * crops_per_step:.0f} crops/s)"
+              f"  ETA {eta / 60:.1f} min", flush=True)
+
+    def close(self):
+        if self.active:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def _checkpoint_manager(workdir, config):
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.checkpoint.keep, enable_async_checkpointing=config.checkpoint.use_async,
+        create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=options, item_names=("state", "data"))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) pretraining in ``workdir``; returns the last step's metrics.
+
+    Raises NonFiniteLossError (after closing the checkpoint manager, so the last good
+    checkpoint stays) when the loss stops being finite.
+    """
+    import grain
+    import orbax.checkpoint as ocp
+
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    mesh = shd.make_mesh(dict(config.mesh))
+    if config.global_batch % mesh.size:
+        raise ValueError(f"global_batch {config.global_batch} is not divisible by the "
+                         f"{mesh.size} devices")
+    source = data_lib.make_source(config.data)
+    freeze_steps = config.optim.freeze_last_layer_epochs * _steps_per_epoch(config, source)
+    total = config.total_steps
+    stop = total if config.stop_at_step < 0 else min(config.stop_at_step, total)
+
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    state, state_sh = init_sharded_state(config, mesh, init_rng)
+    iterator = data_lib.make_iterator(config, source, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), num_steps=total)
+    manager = _checkpoint_manager(workdir, config)
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=grain.checkpoint.CheckpointRestore(iterator)))
+        state = restored["state"]
+        if is_main:
+            print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
+    elif config.warm_start:
+        state = jax.device_put(_warm_start(state, config), state_sh)
+        if is_main:
+            print(f"warm start from {config.warm_start}", flush=True)
+
+    update = jit_update(config, mesh, state_sh, freeze_steps)
+    batch_sh = shd.batch_sharding(mesh, rules)
+    logger = _Logger(workdir, config, total, is_main)
+    crops_per_step = config.global_batch * (N_GLOBAL + config.crops.n_local)
+    step = int(jax.device_get(state["step"]))
+    metrics = {}
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=stop, initial=step, disable=not is_main or config.log_every <= 1,
+                   desc="pretrain", unit="step", file=sys.stderr)
+        while step < stop:
+            local = next(iterator)
+            batch = shd.global_batch(local, batch_sh)
+            state, dev_metrics = update(state, batch, step_rng)
+            metrics = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+            if not math.isfinite(metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite loss {metrics['loss']} at step {step}; stopping. The last good "
+                    f"checkpoint is kept in {workdir}/checkpoints (lower optim.lr or use fp32?)")
+            logger.log(step, metrics, crops_per_step)
+            step += 1
+            bar.update(1)
+            if step % config.checkpoint.every_steps == 0 or step == stop:
+                manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(iterator)))
+        bar.close()
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        logger.close()
+    export_dir = config.export_dir or os.path.join(workdir, "export")
+    export_teacher(state, config, export_dir)
+    if is_main:
+        print(f"exported teacher backbone to {export_dir}", flush=True)
+    return metrics
