@@ -79,6 +79,10 @@ class _ShardSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.decode(self.raw(int(index)))
 
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
     def decode(self, rec: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
