@@ -1,0 +1,46 @@
+"""Fields shared by the two HIPT-LGP configs (SPEC section 6); every one is overridable from the
+command line (``--config.optim.lr=1e-4``). Defaults are the paper's recipe."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def _parse_arg(arg: str) -> set[str]:
+    flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    unknown = flags - {"runlocal"}
+    if unknown:
+        raise ValueError(f"unknown config arg(s) {sorted(unknown)}: use runlocal")
+    return flags
+
+
+def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
+    flags = _parse_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(dict(
+        embeddings="",            # hipt-extract output folder (slides/<id>.npz)
+        labels="",                # CSV: slide_id,label | slide_id,case_id,survival_months,censorship
+        splits="kfold:10" if task == "subtyping" else "kfold:5",  # or a folder of splits_{i}.csv
+    ))
+    c.model = ml_collections.ConfigDict(dict(
+        local_arch="vit4k",       # the ViT-4K inside the LGP
+        pretrained_vit4k="",      # ViT-4K checkpoint (Orbax dir or .pth); "" = random init
+        freeze_local=True,        # the reference's freeze_4k
+        dropout=0.25,
+        n_classes=-1,             # -1: number of classes in the labels (4 time bins for survival)
+    ))
+    c.optim = ml_collections.ConfigDict(dict(lr=2e-4, weight_decay=1e-5, epochs=20))
+    c.train = ml_collections.ConfigDict(dict(
+        balanced_sampling=task == "subtyping",
+        accumulate_steps=1 if task == "subtyping" else 32,   # MCAT's gc: 32 patients per step
+        alpha_surv=0.0,           # survival NLL weight on uncensored patients (see finetune/survival.py)
+        n_bins=4,
+        buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    ))
+    if "runlocal" in flags:       # CPU-seconds: tiny ViT-4K, few epochs, 3 folds
+        c.model.local_arch = "vit4k_tiny"
+        c.optim.epochs = 3
+        c.data.splits = "kfold:3"
+        c.train.accumulate_steps = min(c.train.accumulate_steps, 4)
+    return c

@@ -1,0 +1,85 @@
+"""Slide-level metrics in plain numpy: ROC AUC, balanced accuracy, Harrell's concordance index.
+
+These match scikit-learn (``roc_auc_score``, ``balanced_accuracy_score``) and scikit-survival
+(``concordance_index_censored``) on the cases HIPT reports, without importing either at run time.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given their average rank (scipy's rankdata 'average')."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Start index of each run of equal values in the sorted array.
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    avg = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def binary_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of a binary problem (positives = y_true == 1); ties in score count half.
+
+    Mann-Whitney form: (sum of positive ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), which is
+    exactly the trapezoidal ROC area. NaN when only one class is present.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    score = np.asarray(score, np.float64)
+    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(score)
+    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """HIPT's reported AUC: binary -> AUC of class 1's probability; multi-class -> macro average of
+    one-vs-rest AUCs (scikit-learn's ``roc_auc_score(multi_class="ovr", average="macro")``).
+
+    Args:
+      y_true: int labels [N] in 0..K-1.
+      probs: class probabilities [N, K] (K >= 2).
+    """
+    y_true = np.asarray(y_true).astype(int)
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or probs.shape[0] != len(y_true):
+        raise ValueError(f"probs must be [N,K] with N={len(y_true)}, got {probs.shape}")
+    if probs.shape[1] == 2:
+        return binary_auc(y_true == 1, probs[:, 1])
+    return float(np.mean([binary_auc(y_true == k, probs[:, k]) for k in range(probs.shape[1])]))
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in ``y_true`` (scikit-learn's definition)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    recalls = [np.mean(y_pred[y_true == k] == k) for k in np.unique(y_true)]
+    return float(np.mean(recalls))
+
+
+def concordance_index(times: np.ndarray, events: np.ndarray, risks: np.ndarray) -> float:
+    """Harrell's C: fraction of comparable pairs whose risks are ordered like their times.
+
+    A pair (i, j) is comparable when patient i had the event (``events[i]`` true) and either
+    t_i < t_j, or t_i == t_j and j is censored (scikit-survival's convention). It is concordant
+    when risk_i > risk_j; tied risks count 0.5. Returns NaN with no comparable pair.
+
+    O(N^2) memory-free loop over event patients; cohorts are patients, so N is at most a few
+    thousand.
+    """
+    times = np.asarray(times, np.float64)
+    events = np.asarray(events).astype(bool)
+    risks = np.asarray(risks, np.float64)
+    concordant, comparable = 0.0, 0
+    for i in np.flatnonzero(events):
+        others = (times > times[i]) | ((times == times[i]) & ~events)
+        comparable += int(others.sum())
+        concordant += float((risks[i] > risks[others]).sum() + 0.5 * (risks[i] == risks[others]).sum())
+    return concordant / comparable if comparable else float("nan")

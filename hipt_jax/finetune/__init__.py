@@ -1,0 +1,1 @@
+"""Weakly supervised slide models (HIPT-LGP): subtyping and survival training with k-fold CV."""

@@ -1,0 +1,251 @@
+"""`hipt-finetune`: HIPT-LGP subtyping or survival with k-fold cross-validation.
+
+    hipt-finetune --config configs/lgp_subtyping.py --workdir runs/x \
+        --config.data.embeddings=EMB --config.data.labels=labels.csv [--config.data.splits=DIR]
+
+Reads the [M,256,384] ViT-256 features written by hipt-extract, trains one HIPT-LGP per fold
+(fresh init per fold), and writes to the workdir:
+    fold_{k}/checkpoint/   Orbax checkpoint of the trained params
+    fold_{k}/result.json   test (and val) metrics and per-item predictions
+    results.json, results.md   per-fold table with mean +/- std
+    roc.png (subtyping) or km.png (survival)
+A fold whose result.json exists is skipped, so an interrupted run resumes at the next fold.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from hipt_jax.evaluation import cohort as cohort_lib
+from hipt_jax.evaluation.extract import ExtractError, load_slide
+from hipt_jax.finetune import plots, survival
+from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, encode_local
+from hipt_jax.models import lgp
+
+
+class FinetuneError(Exception):
+    """Bad run input (message names the file and the problem)."""
+
+
+def _build_model(config, n_classes: int) -> lgp.HIPTLGP:
+    return lgp.HIPTLGP(n_classes=n_classes, local_arch=config.model.local_arch,
+                       freeze_local=config.model.freeze_local, dropout_rate=config.model.dropout)
+
+
+def _init_variables(model: lgp.HIPTLGP, config, seed: int, grid: int):
+    variables = lgp.init_lgp(model, seed=seed, grid=grid)
+    if config.model.pretrained_vit4k:
+        from hipt_jax.checkpoints import load_backbone
+
+        vit4k, _ = load_backbone(config.model.pretrained_vit4k, expect_arch="vit4k")
+        variables = lgp.with_pretrained_local(variables, vit4k)
+    return variables
+
+
+def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variables) -> tuple[list[Item], np.ndarray, dict]:
+    """Items (slides or patients) and their stratification labels.
+
+    With a frozen ViT-4K each slide is encoded once here ([M,256,384] -> [M,192]); otherwise the
+    items hold the raw features.
+    """
+    emb = config.data.embeddings
+    per_slide: dict[str, np.ndarray] = {}
+    missing = []
+    cache: dict = {}
+    for sid in coh.slide_ids:
+        try:
+            feats = load_slide(emb, sid)["features_cls256"]  # [M,R*C,384]
+        except ExtractError:
+            missing.append(sid)
+            continue
+        per_slide[sid] = (encode_local(model, local_variables, feats, config.train.buckets, cache)
+                          if config.model.freeze_local else feats)
+    if missing:
+        print(f"hipt-finetune: {len(missing)} labelled slide(s) not extracted in {emb}, skipped: "
+              f"{missing[:5]}", file=sys.stderr)
+    if not per_slide:
+        raise FinetuneError(f"{emb}: none of the labelled slides were extracted")
+    info: dict[str, Any] = {"n_slides": len(per_slide)}
+    if config.task == "subtyping":
+        items = [Item(sid, per_slide[sid], int(lab))
+                 for sid, lab in zip(coh.slide_ids, coh.labels) if sid in per_slide]
+        return items, np.array([it.label for it in items]), info
+    # Survival: one item per patient, its slides concatenated along the region axis.
+    cases: dict[str, list[int]] = {}
+    for i, (sid, case) in enumerate(zip(coh.slide_ids, coh.case_ids)):
+        if sid in per_slide:
+            cases.setdefault(case, []).append(i)
+    case_ids = sorted(cases)
+    times = np.array([coh.times[cases[c][0]] for c in case_ids])
+    cens = np.array([bool(coh.censored[cases[c][0]]) for c in case_ids])
+    bins, edges = survival.quartile_bins(times, cens, config.train.n_bins)
+    info["bin_edges"] = edges.tolist()
+    items = [Item(c, np.concatenate([per_slide[coh.slide_ids[i]] for i in cases[c]]), int(b), float(t), bool(e))
+             for c, b, t, e in zip(case_ids, bins, times, cens)]
+    return items, bins * 2 + cens, info
+
+
+def _map_split_ids(folds, items: list[Item], coh: cohort_lib.Cohort, task: str):
+    """Split files may list slide ids or (survival) case ids; map both to item ids."""
+    item_ids = {it.item_id for it in items}
+    to_item = {s: c for s, c in zip(coh.slide_ids, coh.case_ids)} if task == "survival" else {}
+    out = []
+    for fold in folds:
+        mapped = {}
+        for part, ids in fold.items():
+            mapped[part] = sorted({to_item.get(i, i) for i in ids} & item_ids)
+        out.append(mapped)
+    return out
+
+
+def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohort):
+    ids = [it.item_id for it in items]
+    spec = config.data.splits
+    if spec.startswith("kfold:"):
+        try:
+            return cohort_lib.resolve_splits(spec, ids, strata, config.seed)
+        except cohort_lib.CohortError:
+            if config.task != "survival":
+                raise
+            # Too few patients per (bin, censorship) stratum: stratify by censorship only.
+            return cohort_lib.resolve_splits(spec, ids, strata % 2, config.seed)
+    folds = cohort_lib.read_clam_splits(spec)
+    return _map_split_ids(folds, items, coh, config.task)
+
+
+def _save_checkpoint(path: str, params) -> None:
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(path), params, force=True)
+    ckptr.wait_until_finished()
+
+
+def _summary(values: list[float]) -> dict:
+    arr = np.array([v for v in values if v == v], np.float64)  # drop NaN folds
+    return {"mean": float(arr.mean()) if len(arr) else float("nan"),
+            "std": float(arr.std()) if len(arr) else float("nan")}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True) -> dict:
+    """Run every fold; returns the results dict written to workdir/results.json."""
+    if config.task not in ("subtyping", "survival"):
+        raise FinetuneError(f"config.task={config.task!r}: expected subtyping or survival")
+    if not config.data.embeddings or not config.data.labels:
+        raise FinetuneError("set --config.data.embeddings (hipt-extract output) and --config.data.labels (CSV)")
+    os.makedirs(workdir, exist_ok=True)
+    coh = cohort_lib.read_labels_csv(config.data.labels, require_survival=config.task == "survival")
+    n_classes = config.model.n_classes
+    if n_classes < 1:
+        n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)
+    model = _build_model(config, n_classes)
+    # The grid of the extracted features decides the ViT-4K pos-embed size (16 for 4096 px).
+    first = next((s for s in coh.slide_ids if os.path.isfile(os.path.join(config.data.embeddings, "slides", s + ".npz"))), None)
+    if first is None:
+        raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted")
+    grid = int(round(load_slide(config.data.embeddings, first)["features_cls256"].shape[1] ** 0.5))
+    base_vars = _init_variables(model, config, config.seed, grid)
+    items, strata, info = load_items(config, coh, model, base_vars)
+    folds = _splits(config, items, strata, coh)
+    by_id = {it.item_id: it for it in items}
+    trainer_cfg = TrainConfig(
+        task=config.task, epochs=config.optim.epochs, lr=config.optim.lr,
+        weight_decay=config.optim.weight_decay, accumulate_steps=config.train.accumulate_steps,
+        balanced_sampling=config.train.balanced_sampling, alpha_surv=config.train.alpha_surv,
+        buckets=tuple(config.train.buckets), seed=config.seed)
+    trainer = LGPTrainer(model, trainer_cfg)
+    metric = "auc" if config.task == "subtyping" else "c_index"
+    fold_results = []
+    for k, fold in enumerate(folds):
+        fold_dir = os.path.join(workdir, f"fold_{k}")
+        result_path = os.path.join(fold_dir, "result.json")
+        if os.path.isfile(result_path):
+            with open(result_path) as f:
+                fold_results.append(json.load(f))
+            continue
+        os.makedirs(fold_dir, exist_ok=True)
+        train = [by_id[i] for i in fold["train"]]
+        test = [by_id[i] for i in fold["test"]]
+        if not train or not test:
+            raise FinetuneError(f"fold {k}: empty train or test set after matching ids to extracted slides")
+        # Fresh aggregator init per fold (the frozen ViT-4K is the same in every fold).
+        fold_vars = _init_variables(model, config, config.seed + 1 + k, grid)
+        if config.model.freeze_local:
+            fold_vars = lgp.with_pretrained_local(fold_vars, {"params": base_vars["params"]["local_vit"]})
+        trainer.cfg.seed = config.seed + k
+        params = trainer.fit(fold_vars, train, desc=f"fold {k}" if show_progress else None)
+        test_metrics, preds = trainer.evaluate(params, test)
+        result = {"fold": k, "n_train": len(train), "n_test": len(test), "test": test_metrics,
+                  "predictions": jax.tree.map(lambda a: a.tolist() if hasattr(a, "tolist") else a, preds)}
+        if fold.get("val"):
+            val_items = [by_id[i] for i in fold["val"]]
+            result["val"] = trainer.evaluate(params, val_items)[0]
+        _save_checkpoint(os.path.join(fold_dir, "checkpoint"), params)
+        with open(result_path, "w") as f:
+            json.dump(result, f)
+        if show_progress:
+            print(f"fold {k}: test {metric} {test_metrics[metric]:.4f}", flush=True)
+        fold_results.append(result)
+    names = list(fold_results[0]["test"])
+    summary = {m: _summary([r["test"][m] for r in fold_results]) for m in names}
+    results = {"task": config.task, "n_items": len(items), "info": info, "class_names": coh.class_names,
+               "folds": [{"fold": r["fold"], **r["test"]} for r in fold_results], "summary": summary,
+               "config": config.to_dict()}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    table = format_table(results["folds"], names, summary)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    if config.task == "subtyping":
+        plots.plot_roc([{"labels": r["predictions"]["labels"], "probs": r["predictions"]["probs"],
+                         "auc": r["test"]["auc"]} for r in fold_results], coh.class_names,
+                       os.path.join(workdir, "roc.png"))
+    else:
+        cat = lambda key: np.concatenate([np.asarray(r["predictions"][key]) for r in fold_results])  # noqa: E731
+        plots.plot_km(cat("times"), cat("censored"), cat("risk"), os.path.join(workdir, "km.png"))
+    if show_progress:
+        print(table)
+    return results
+
+
+def format_table(rows: list[dict], names: list[str], summary: dict) -> str:
+    """Markdown table: one row per fold and a mean +/- std row."""
+    lines = ["| fold | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['fold']} | " + " | ".join(f"{r[m]:.4f}" for m in names) + " |")
+    lines.append("| mean +/- std | " + " | ".join(
+        f"{summary[m]['mean']:.4f} +/- {summary[m]['std']:.4f}" for m in names) + " |")
+    return "\n".join(lines)
+
+
+def _app_main(argv) -> None:
+    from absl import flags
+
+    del argv
+    config = flags.FLAGS.config
+    try:
+        run(config, flags.FLAGS.workdir)
+    except (FinetuneError, cohort_lib.CohortError, ExtractError, ValueError, FileNotFoundError) as e:
+        print(f"hipt-finetune: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    if "config" not in flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "configs/lgp_subtyping.py or configs/lgp_survival.py[:runlocal]")
+        flags.DEFINE_string("workdir", None, "output folder (checkpoints, results, plots)")
+        flags.mark_flags_as_required(["config", "workdir"])
+    app.run(_app_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

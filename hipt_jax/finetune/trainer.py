@@ -1,0 +1,181 @@
+"""HIPT-LGP training and evaluation for one cross-validation fold (subtyping or survival).
+
+One step = one slide (subtyping) or one patient (survival; the patient's slides concatenated
+along the region axis). Slides have different region counts M, so every input is padded to a
+bucket length with a mask (hipt_jax.models.lgp.pad_to_bucket): the jitted functions compile
+once per bucket, not once per slide.
+
+Gradient accumulation is real: per-item gradients are summed on device and the optimizer steps
+on sum / accumulate_steps every ``accumulate_steps`` items (32 patients for survival, as MCAT's
+``gc``; 1 for subtyping). A partial accumulation at the end of an epoch is applied with the
+same 1 / accumulate_steps scaling (MCAT would carry it into the next epoch).
+
+The optimizer is torch's Adam with coupled L2 (``weight_decay`` added to the gradient before
+the moments: optax.add_decayed_weights then optax.adam). A frozen local ViT-4K gets no update at
+all (no gradient and no decay), exactly like parameters with requires_grad=False in torch.
+
+With a frozen ViT-4K (the default) its per-region output is computed once per slide before
+training (``encode_local``) and the trainer runs only the aggregator: the same model and the same
+gradients, a fraction of the compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from hipt_jax.evaluation import metrics
+from hipt_jax.finetune import survival
+from hipt_jax.models.lgp import DEFAULT_BUCKETS, HIPTLGP, pad_to_bucket
+
+
+@dataclasses.dataclass
+class Item:
+    """One training/eval unit: a slide (subtyping) or a patient (survival)."""
+
+    item_id: str
+    inputs: np.ndarray            # [M,192] local embeddings (frozen) or [M,256,384] features
+    label: int = -1               # class (subtyping) or time bin (survival)
+    time: float = 0.0
+    censored: bool = False
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    task: str = "subtyping"       # "subtyping" | "survival"
+    epochs: int = 20
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    accumulate_steps: int = 1
+    balanced_sampling: bool = True
+    alpha_surv: float = 0.0
+    buckets: Sequence[int] = DEFAULT_BUCKETS
+    seed: int = 0
+
+
+def make_optimizer(params, lr: float, weight_decay: float, freeze_local: bool):
+    """torch.optim.Adam(lr, weight_decay) over the trainable params; frozen ViT-4K untouched."""
+    adam_l2 = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
+    labels = {k: ("frozen" if (k == "local_vit" and freeze_local) else "train") for k in params}
+    return optax.multi_transform({"train": adam_l2, "frozen": optax.set_to_zero()}, labels)
+
+
+def encode_local(model: HIPTLGP, variables, features: np.ndarray, buckets=DEFAULT_BUCKETS,
+                 fn_cache: dict | None = None) -> np.ndarray:
+    """[M,256,384] ViT-256 features -> [M,192] ViT-4K CLS (padded to a bucket, one compile each)."""
+    if fn_cache is None:
+        fn_cache = {}
+    if "local" not in fn_cache:
+        fn_cache["local"] = jax.jit(lambda v, x: model.apply(v, x, method=HIPTLGP.local))
+    padded, _ = pad_to_bucket(features, buckets)
+    return np.asarray(fn_cache["local"](variables, padded))[: len(features)]
+
+
+class LGPTrainer:
+    """Builds the jitted loss/grad/eval functions of one model + task; ``fit`` trains one fold."""
+
+    def __init__(self, model: HIPTLGP, cfg: TrainConfig):
+        if cfg.task not in ("subtyping", "survival"):
+            raise ValueError(f"unknown task {cfg.task!r}: expected subtyping or survival")
+        self.model, self.cfg = model, cfg
+        # Frozen ViT-4K: inputs are precomputed [M,192] -> run only the aggregator.
+        self.precomputed = model.freeze_local
+        self._grad = jax.jit(jax.value_and_grad(self._loss))
+        self._eval = jax.jit(self._logits)
+        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+    # -- pure functions -------------------------------------------------------------------
+    def _logits(self, params, x, mask, rng=None):
+        train = rng is not None
+        rngs = {"dropout": rng} if train else {}
+        if self.precomputed:
+            logits, _ = self.model.apply({"params": params}, x, mask, train,
+                                         method=HIPTLGP.aggregate, rngs=rngs)
+        else:
+            logits, _ = self.model.apply({"params": params}, x, mask, train, rngs=rngs)
+        return logits
+
+    def _loss(self, params, x, mask, label, censored, rng):
+        logits = self._logits(params, x, mask, rng)[None]  # [1,K]
+        if self.cfg.task == "subtyping":
+            return optax.softmax_cross_entropy_with_integer_labels(logits, label[None]).mean()
+        return survival.nll_survival_loss(logits, label[None], censored[None], self.cfg.alpha_surv)
+
+    # -- training -------------------------------------------------------------------------
+    def _epoch_order(self, items: Sequence[Item], rng: np.random.Generator) -> np.ndarray:
+        """Class-balanced sampling with replacement (CLAM's WeightedRandomSampler: weight N/N_c,
+        N draws per epoch), or a plain shuffle."""
+        n = len(items)
+        if self.cfg.task == "subtyping" and self.cfg.balanced_sampling:
+            labels = np.array([it.label for it in items])
+            counts = np.bincount(labels)
+            weights = n / counts[labels]
+            return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+        return rng.permutation(n)
+
+    def fit(self, variables, items: Sequence[Item], epochs: Optional[int] = None,
+            desc: Optional[str] = "train", log: Callable[[dict], None] | None = None):
+        """Train on ``items``; returns the trained params."""
+        cfg = self.cfg
+        params = variables["params"]
+        tx = make_optimizer(params, cfg.lr, cfg.weight_decay, self.model.freeze_local)
+        opt_state = tx.init(params)
+        update = jax.jit(lambda g, s, p: _apply(tx, g, s, p, cfg.accumulate_steps))
+        padded = [pad_to_bucket(it.inputs, cfg.buckets) for it in items]
+        np_rng = np.random.default_rng(cfg.seed)
+        key = jax.random.PRNGKey(cfg.seed)
+        epochs = cfg.epochs if epochs is None else epochs
+        for epoch in tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True,
+                          disable=desc is None):
+            acc, n_acc, losses = None, 0, []
+            for i in self._epoch_order(items, np_rng):
+                key, sub = jax.random.split(key)
+                x, mask = padded[i]
+                loss, grads = self._grad(params, x, mask, jnp.int32(items[i].label),
+                                         jnp.float32(items[i].censored), sub)
+                acc = grads if acc is None else self._add(acc, grads)
+                n_acc += 1
+                losses.append(loss)
+                if n_acc == cfg.accumulate_steps:
+                    params, opt_state = update(acc, opt_state, params)
+                    acc, n_acc = None, 0
+            if acc is not None:
+                params, opt_state = update(acc, opt_state, params)
+            if log is not None:
+                log({"epoch": epoch, "loss": float(np.mean(jax.device_get(losses)))})
+        return params
+
+    def predict(self, params, items: Sequence[Item]) -> np.ndarray:
+        """Logits [N,K] (eval mode)."""
+        out = [self._eval(params, *pad_to_bucket(it.inputs, self.cfg.buckets)) for it in items]
+        return np.stack(jax.device_get(out))
+
+    def evaluate(self, params, items: Sequence[Item]) -> tuple[dict, dict]:
+        """(metrics, predictions) on ``items``: subtyping AUC/accuracy/balanced accuracy;
+        survival c-index."""
+        logits = self.predict(params, items)
+        ids = [it.item_id for it in items]
+        if self.cfg.task == "subtyping":
+            labels = np.array([it.label for it in items])
+            probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+            preds = probs.argmax(1)
+            m = {"auc": metrics.auc(labels, probs), "acc": metrics.accuracy(labels, preds),
+                 "balanced_acc": metrics.balanced_accuracy(labels, preds)}
+            return m, {"ids": ids, "labels": labels, "probs": probs}
+        times = np.array([it.time for it in items])
+        cens = np.array([it.censored for it in items])
+        risk = np.asarray(survival.risk_score(jnp.asarray(logits)))
+        m = {"c_index": metrics.concordance_index(times, ~cens, risk)}
+        return m, {"ids": ids, "times": times, "censored": cens, "risk": risk}
+
+
+def _apply(tx, grad_sum, opt_state, params, accumulate_steps: int):
+    grads = jax.tree.map(lambda g: g / accumulate_steps, grad_sum)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state

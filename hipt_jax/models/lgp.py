@@ -1,0 +1,269 @@
+"""HIPT-LGP: the weakly supervised slide model (spec section 6, the reference's HIPT_LGP_FC).
+
+A slide is M regions, each a 16x16 grid of 384-d ViT-256 CLS features ([M,256,384]).
+
+    local   ViT-4K per region                           [M,256,384] -> [M,192]  (frozen by default)
+    phi     Linear + ReLU + dropout 0.25                [M,192]
+    global  2 post-norm TransformerEncoder layers       [M,192]     (3 heads, ff 192, no pos-embed)
+    pool    gated attention, softmax over regions       [M,192]     -> [192]
+    rho     Linear + ReLU + dropout 0.25; classifier    [192]       -> [n_classes]
+
+M varies per slide. To keep one compiled program per *bucket* rather than per slide, slides are
+padded to a bucket length (``pad_to_bucket``) with a boolean mask: padded regions are excluded as
+attention keys and get zero pooling weight, so the padded forward equals the unpadded one
+(tested). Padded query rows are computed and thrown away.
+
+The local ViT-4K has no dropout, so when it is frozen its output is a fixed function of the
+slide: trainers compute it once per slide (``method=HIPTLGP.local``) and train only the rest
+(``method=HIPTLGP.aggregate``), which is the same model and the same gradients at a fraction
+of the cost.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hipt_jax.models.configs import get_arch
+from hipt_jax.models.vit import Encoder, VisionTransformer
+
+Dtype = Any
+DEFAULT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# Torch's nn.Linear default init is what the reference trains from for the global layers; a
+# Flax default (lecun normal) is equivalent in spirit. Only the ViT-4K uses the trunc-normal init.
+_dense = nn.Dense
+
+
+class HIPTLGP(nn.Module):
+    """HIPT_LGP_FC. ``__call__(features [M,256,384] or [M,R,C,384], mask [M] bool)`` ->
+    (logits [n_classes], aux) with aux = {"attention": [M] pooling weights (0 on padding),
+    "local": [M,192] ViT-4K CLS per region}.
+
+    Attributes:
+      n_classes: classifier outputs (4 time bins for survival).
+      local_arch: architecture name of the local ViT-4K ("vit4k", or "vit4k_tiny" in tests).
+      freeze_local: stop gradients at the ViT-4K output (the reference's freeze_4k).
+      dropout_rate: dropout of phi, the encoder layers, the gated attention and rho (0.25).
+      global_heads, global_depth: the global TransformerEncoder (3 heads, 2 layers).
+    """
+
+    n_classes: int = 2
+    local_arch: str = "vit4k"
+    freeze_local: bool = True
+    dropout_rate: float = 0.25
+    global_heads: int = 3
+    global_depth: int = 2
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = get_arch(self.local_arch)
+        self.local_vit = VisionTransformer(
+            stem=cfg.stem, patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth,
+            num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pos_embed_grid=cfg.pos_embed_grid,
+            dtype=self.dtype)
+        width = cfg.width
+        self.global_phi = _dense(width, dtype=self.dtype)
+        # torch.nn.TransformerEncoderLayer(d_model=192, nhead=3, dim_feedforward=192,
+        # dropout=0.25, activation="relu"): post-norm, LayerNorm eps 1e-5.
+        self.global_transformer = Encoder(
+            depth=self.global_depth, num_heads=self.global_heads, mlp_dim=width, pre_norm=False,
+            activation="relu", ln_eps=1e-5, dropout_rate=self.dropout_rate, dtype=self.dtype)
+        self.attention_a = _dense(width, dtype=self.dtype)
+        self.attention_b = _dense(width, dtype=self.dtype)
+        self.attention_c = _dense(1, dtype=self.dtype)
+        self.global_rho = _dense(width, dtype=self.dtype)
+        self.classifier = _dense(self.n_classes, dtype=self.dtype)
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def local(self, features: jnp.ndarray) -> jnp.ndarray:
+        """[M,256,384] (or [M,R,C,384]) ViT-256 features -> [M,192] CLS-4K per region."""
+        if features.ndim == 3:
+            m, n, f = features.shape
+            side = int(round(n**0.5))
+            if side * side != n:
+                raise ValueError(f"[M,N,F] features need a square N, got N={n}; pass [M,R,C,F]")
+            # [M,256,384] -> [M,16,16,384]: token i*16+j is grid row i, column j (the reference's
+            # unfold(1,16,16).transpose(1,2) gives the same row-major grid).
+            features = features.reshape(m, side, side, f)
+        cls, _ = self.local_vit(features, train=False)
+        if self.freeze_local:
+            cls = jax.lax.stop_gradient(cls)
+        return cls
+
+    def aggregate(self, h_local: jnp.ndarray, mask: jnp.ndarray | None = None, train: bool = False):
+        """[M,192] region embeddings (+ mask [M]) -> (logits [n_classes], aux)."""
+        det = not train
+        m = h_local.shape[0]
+        if mask is None:
+            mask = jnp.ones((m,), bool)
+        h = self.dropout(nn.relu(self.global_phi(h_local)), deterministic=det)
+        # [M,192] -> [1,M,192]: the reference runs the encoder on one sequence of M regions.
+        h, _ = self.global_transformer(h[None], key_mask=mask[None], deterministic=det)
+        h = h[0]
+        a = self.dropout(jnp.tanh(self.attention_a(h)), deterministic=det)
+        b = self.dropout(nn.sigmoid(self.attention_b(h)), deterministic=det)
+        scores = self.attention_c(a * b)[:, 0].astype(jnp.float32)  # [M]
+        scores = jnp.where(mask, scores, -jnp.inf)
+        attn = jax.nn.softmax(scores)  # padded regions get exactly 0
+        pooled = attn.astype(h.dtype) @ h  # [192]
+        h_wsi = self.dropout(nn.relu(self.global_rho(pooled)), deterministic=det)
+        logits = self.classifier(h_wsi).astype(jnp.float32)
+        return logits, {"attention": attn}
+
+    def __call__(self, features, mask=None, train: bool = False):
+        h_local = self.local(features)
+        logits, aux = self.aggregate(h_local, mask, train)
+        return logits, dict(aux, local=h_local)
+
+
+def bucket_length(m: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= m (multiples of the largest bucket beyond it)."""
+    if m < 1:
+        raise ValueError("a slide needs at least one region")
+    for b in buckets:
+        if m <= b:
+            return b
+    top = buckets[-1]
+    return -(-m // top) * top
+
+
+def pad_to_bucket(x: np.ndarray, buckets: Sequence[int] = DEFAULT_BUCKETS):
+    """Pad the region axis of ``x`` [M,...] with zeros to its bucket -> (padded [L,...], mask [L])."""
+    m = x.shape[0]
+    length = bucket_length(m, buckets)
+    padded = np.zeros((length,) + x.shape[1:], x.dtype)
+    padded[:m] = x
+    mask = np.zeros((length,), bool)
+    mask[:m] = True
+    return padded, mask
+
+
+def init_lgp(model: HIPTLGP, seed: int = 0, grid: int = 16, in_features: int = 384):
+    """Random variables for ``model`` (reference init for the ViT-4K, Flax defaults elsewhere)."""
+    dummy = jnp.zeros((2, grid * grid, in_features), jnp.float32)
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), dummy)
+
+
+def with_pretrained_local(variables, vit4k_variables):
+    """Replace the local ViT-4K params with a pretrained backbone ({"params": ...} from
+    hipt_jax.checkpoints.load_backbone); shapes must match exactly."""
+    local = vit4k_variables["params"]
+    want, got = _shapes(variables["params"]["local_vit"]), _shapes(local)
+    if want != got:
+        raise ValueError(f"pretrained ViT-4K does not match the LGP's local ViT: {got} vs {want}")
+    params = dict(variables["params"], local_vit=jax.tree.map(jnp.asarray, local))
+    return dict(variables, params=params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Importer for the reference's HIPT_LGP_FC state dicts (torch)
+# ---------------------------------------------------------------------------------------------
+def _linear(sd, key):
+    """torch Linear [out,in] -> Flax Dense {kernel [in,out], bias}."""
+    return {"kernel": sd[f"{key}.weight"].T, "bias": sd[f"{key}.bias"]}
+
+
+def _norm(sd, key):
+    return {"scale": sd[f"{key}.weight"], "bias": sd[f"{key}.bias"]}
+
+
+def _vit4k_block(sd, key):
+    return {
+        "norm1": _norm(sd, f"{key}.norm1"), "norm2": _norm(sd, f"{key}.norm2"),
+        "attn": {"qkv": _linear(sd, f"{key}.attn.qkv"), "proj": _linear(sd, f"{key}.attn.proj")},
+        "mlp": {"fc1": _linear(sd, f"{key}.mlp.fc1"), "fc2": _linear(sd, f"{key}.mlp.fc2")},
+    }
+
+
+def _encoder_layer(sd, key):
+    # torch MHA: in_proj_weight [3D, D] = [Wq; Wk; Wv], heads contiguous inside each: the same
+    # [q | k | v] head-major layout as our fused qkv.
+    return {
+        "attn": {
+            "qkv": {"kernel": sd[f"{key}.self_attn.in_proj_weight"].T,
+                    "bias": sd[f"{key}.self_attn.in_proj_bias"]},
+            "proj": _linear(sd, f"{key}.self_attn.out_proj"),
+        },
+        "mlp": {"fc1": _linear(sd, f"{key}.linear1"), "fc2": _linear(sd, f"{key}.linear2")},
+        "norm1": _norm(sd, f"{key}.norm1"), "norm2": _norm(sd, f"{key}.norm2"),
+    }
+
+
+def _depth(sd, prefix):
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def import_lgp_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Reference HIPT_LGP_FC state dict (torch tensors or numpy) -> (variables, info).
+
+    info = {"n_classes", "local_depth", "global_depth"}; build the model with
+    ``HIPTLGP(n_classes=info["n_classes"], local_arch="vit4k")`` (local depth 6) and check the
+    variables with ``check_variables``. A "module." prefix (DataParallel) is stripped.
+    Raises ValueError naming missing/unexpected keys.
+    """
+    sd = {}
+    for k, v in state_dict.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        sd[k] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+    local_depth = _depth(sd, "local_vit.blocks.")
+    global_depth = _depth(sd, "global_transformer.layers.")
+    used = set()
+
+    class _Tracked(dict):
+        def __getitem__(self, key):
+            used.add(key)
+            if key not in self:
+                raise KeyError(key)
+            return dict.__getitem__(self, key)
+
+    tsd = _Tracked(sd)
+    try:
+        local = {
+            "cls_token": tsd["local_vit.cls_token"], "pos_embed": tsd["local_vit.pos_embed"],
+            "phi": {"dense": _linear(tsd, "local_vit.phi.0")},
+            "encoder": {f"blocks_{i}": _vit4k_block(tsd, f"local_vit.blocks.{i}") for i in range(local_depth)},
+            "norm": _norm(tsd, "local_vit.norm"),
+        }
+        params = {
+            "local_vit": local,
+            "global_phi": _linear(tsd, "global_phi.0"),
+            "global_transformer": {f"blocks_{i}": _encoder_layer(tsd, f"global_transformer.layers.{i}")
+                                   for i in range(global_depth)},
+            "attention_a": _linear(tsd, "global_attn_pool.attention_a.0"),
+            "attention_b": _linear(tsd, "global_attn_pool.attention_b.0"),
+            "attention_c": _linear(tsd, "global_attn_pool.attention_c"),
+            "global_rho": _linear(tsd, "global_rho.0"),
+            "classifier": _linear(tsd, "classifier"),
+        }
+    except KeyError as e:
+        missing = sorted(k for k in used if k not in sd)
+        raise ValueError(f"not a HIPT_LGP_FC state dict: missing keys {missing or [str(e)]}") from None
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise ValueError(f"HIPT_LGP_FC state dict has unexpected keys: {unexpected[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+    info = {"n_classes": int(sd["classifier.weight"].shape[0]), "local_depth": local_depth,
+            "global_depth": global_depth}
+    return {"params": params}, info
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in leaves}
+
+
+def check_variables(model: HIPTLGP, variables) -> None:
+    """Raise ValueError if ``variables`` do not have exactly the shapes ``model`` expects."""
+    want = _shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                  jnp.zeros((1, 256, 384), jnp.float32)))
+    got = _shapes(variables)
+    diff = sorted(f"missing {k}" for k in set(want) - set(got))
+    diff += sorted(f"unexpected {k}" for k in set(got) - set(want))
+    diff += sorted(f"{k}: {got[k]} vs expected {want[k]}" for k in set(want) & set(got) if want[k] != got[k])
+    if diff:
+        raise ValueError(f"LGP variables do not match the model: {diff[:10]}")
