@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Cloud TPU VM pod slice: create it, install HIPT-JAX on every worker, run the SAME hipt-pretrain
+# command on all workers (one JAX process per host; jax.distributed auto-detects the slice).
+#
+#   export TPU_NAME=hipt-v4-32 ZONE=us-central2-b ACCELERATOR=v4-32 RUNTIME=tpu-ubuntu2204-base
+#   launch/tpu_pod.sh create
+#   launch/tpu_pod.sh setup                      # copies this checkout, pip installs jax[tpu] + hipt-jax
+#   launch/tpu_pod.sh run --config configs/pretrain_vit256.py --workdir gs://BUCKET/runs/vit256 \
+#       --config.data.kind=patch_shards --config.data.path=gs://BUCKET/prep/patches \
+#       --config.global_batch=1024
+#   launch/tpu_pod.sh logs | ssh | delete
+#
+# Global batch: --config.global_batch is the batch of the whole slice; each host feeds
+# global_batch / num_hosts examples (its own slice of the shuffled data, by jax.process_index()),
+# and every device holds global_batch / num_devices. lr scales with global_batch / 256 (SPEC 4).
+# --workdir must be on storage every host sees (a gs:// bucket); checkpoints resume from it.
+set -euo pipefail
+
+: "${TPU_NAME:?set TPU_NAME}"
+: "${ZONE:?set ZONE (e.g. us-central2-b)}"
+ACCELERATOR="${ACCELERATOR:-v4-32}"
+RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
+PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
+REMOTE_DIR="${REMOTE_DIR:-hipt-jax}"
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+tpu() { gcloud compute tpus tpu-vm "$@" --zone="$ZONE" $PROJECT_FLAG; }
+on_all() { tpu ssh "$TPU_NAME" --worker=all --command="$1"; }
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  create)
+    tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR" --version="$RUNTIME" ${SPOT:+--spot}
+    ;;
+  setup)
+    # Ship this checkout (code only) to every worker, then install it with the TPU jaxlib.
+    tar -C "$REPO_DIR" --exclude=.venv --exclude=.git --exclude=demo_out -czf /tmp/hipt-jax.tgz .
+    tpu scp /tmp/hipt-jax.tgz "$TPU_NAME":/tmp/hipt-jax.tgz --worker=all
+    on_all "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf /tmp/hipt-jax.tgz && cd $REMOTE_DIR && \
+      python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
+      .venv/bin/pip install -q -e . && .venv/bin/pip install -q 'jax[tpu]==0.10.2' \
+        -f https://storage.googleapis.com/jax-releases/libtpu_releases.html && \
+      .venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'"
+    ;;
+  run)
+    # The same command on every host, in the background with a log file per host.
+    args=$(printf ' %q' "$@")
+    on_all "cd $REMOTE_DIR && nohup .venv/bin/python -m hipt_jax.pretrain$args > pretrain.log 2>&1 &"
+    echo "started on all workers; follow with: $0 logs"
+    ;;
+  logs)
+    tpu ssh "$TPU_NAME" --worker=0 --command="tail -f $REMOTE_DIR/pretrain.log"
+    ;;
+  ssh)
+    tpu ssh "$TPU_NAME" --worker="${1:-0}"
+    ;;
+  stop)
+    on_all "pkill -f 'hipt_jax.pretrain' || true"
+    ;;
+  delete)
+    tpu delete "$TPU_NAME" --quiet
+    ;;
+  *)
+    echo "usage: $0 create|setup|run ARGS...|logs|ssh [WORKER]|stop|delete" >&2
+    exit 2
+    ;;
+esac

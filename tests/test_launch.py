@@ -1,0 +1,125 @@
+"""Launch scripts: the local multi-process launcher runs a 2-process runlocal pretraining; the
+SLURM and TPU scripts parse and wire the environment as documented."""
+import os
+import re
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+REAL_SLIDE = os.path.join(ROOT, "data_prep", "testdata", "cmu_small_region.svs")
+
+
+@pytest.fixture(scope="module")
+def png_patches(tmp_path_factory):
+    """8 real-tissue 256 px PNG patches (the reference's stage-1 input format)."""
+    import openslide
+
+    folder = tmp_path_factory.mktemp("patches")
+    slide = openslide.OpenSlide(REAL_SLIDE)
+    for i in range(8):
+        rgb = np.asarray(slide.read_region((600 + 128 * i, 1700), 0, (256, 256)))[:, :, :3]
+        Image.fromarray(np.ascontiguousarray(rgb)).save(folder / f"p{i}.png")
+    return str(folder)
+
+
+def _pretrain_cmd(workdir, patches):
+    return [sys.executable, "-m", "hipt_jax.pretrain", "--config",
+            os.path.join(ROOT, "configs", "pretrain_vit256.py") + ":runlocal", "--workdir", str(workdir),
+            f"--config.data.path={patches}"]
+
+
+def _launch(args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(LAUNCH, "local_multiprocess.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def _losses(text, prefix=""):
+    return [float(m) for m in re.findall(rf"^{re.escape(prefix)}step\s+\d+/\d+\s+loss ([-\d.naninf]+)", text, re.M)]
+
+
+def test_two_process_runlocal_pretraining(png_patches, tmp_path):
+    res = _launch(["-n", "2", "--devices-per-process", "1", "--timeout", "500", "--",
+                   *_pretrain_cmd(tmp_path / "run", png_patches)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    # Both ranks joined one gloo group; process 0 logged every step with a finite loss.
+    assert "[1] [Gloo] Rank 1 is connected to 1 peer ranks" in res.stdout
+    losses = _losses(res.stdout, "[0] ")
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    assert _losses(res.stdout, "[1] ") == []  # only process 0 logs
+    from hipt_jax.checkpoints import load_backbone
+
+    variables, config = load_backbone(str(tmp_path / "run" / "export"), expect_arch="vit256")
+    assert config.depth == 2 and "cls_token" in variables["params"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_two_devices(png_patches, tmp_path):
+    res2 = _launch(["-n", "2", "--devices-per-process", "1", "--", *_pretrain_cmd(tmp_path / "a", png_patches)])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    res1 = subprocess.run(_pretrain_cmd(tmp_path / "b", png_patches), capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+    assert res2.returncode == 0 and res1.returncode == 0, res1.stderr[-2000:]
+    np.testing.assert_allclose(_losses(res2.stdout, "[0] "), _losses(res1.stdout), atol=2e-4)
+
+
+def test_launcher_propagates_failure_and_stops_peers():
+    code = ("import os, sys, time\n"
+            "rank = int(os.environ['JAX_PROCESS_ID'])\n"
+            "assert os.environ['JAX_NUM_PROCESSES'] == '3'\n"
+            "assert os.environ['JAX_COORDINATOR_ADDRESS'].startswith('127.0.0.1:')\n"
+            "print('hello', rank, flush=True)\n"
+            "sys.exit(7) if rank == 1 else time.sleep(120)\n")
+    res = _launch(["-n", "3", "--", sys.executable, "-c", code], timeout=60)
+    assert res.returncode == 7
+    assert "[1] hello 1" in res.stdout and "[2] hello 2" in res.stdout
+    res = _launch(["-n", "2"], timeout=60)
+    assert res.returncode == 2 and "after --" in res.stderr
+
+
+def _stub(path, body):
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.parametrize("mode", ["per_gpu", "per_host"])
+def test_slurm_script_environment(tmp_path, mode):
+    """Run the sbatch script with stub srun/scontrol/python: per_host must pass the coordinator
+    explicitly and hide SLURM_LOCALID; per_gpu leaves detection to jax (SLURM variables)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "scontrol", 'echo node-a; echo node-b\n')
+    # srun stub: run the given command once as task 1 of 2 (drop srun's own options).
+    _stub(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\n'
+                            'SLURM_PROCID=1 SLURM_NTASKS=2 SLURM_LOCALID=0 exec "$@"\n')
+    _stub(bin_dir / "fakepython", 'echo "ARGS=$*"; echo "COORD=${JAX_COORDINATOR_ADDRESS:-}"; '
+                                  'echo "PID=${JAX_PROCESS_ID:-}"; echo "LOCALID=${SLURM_LOCALID:-unset}"\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", MODE=mode, PYTHON=str(bin_dir / "fakepython"),
+               SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="2", SLURM_JOB_ID="42")
+    res = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "--config", "c.py", "--workdir", "w"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "ARGS=-m hipt_jax.pretrain --config c.py --workdir w" in res.stdout
+    if mode == "per_host":
+        assert "COORD=node-a:20042" in res.stdout and "PID=1" in res.stdout and "LOCALID=unset" in res.stdout
+    else:
+        assert "COORD=\n" in res.stdout and "LOCALID=0" in res.stdout
+
+
+def test_tpu_script_usage(tmp_path):
+    assert subprocess.run(["bash", "-n", os.path.join(LAUNCH, "tpu_pod.sh")]).returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "gcloud", 'echo "gcloud $*"\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="t", ZONE="z")
+    res = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "run", "--config", "configs/x.py",
+                          "--workdir", "gs://b/r"], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "tpu-vm ssh t --worker=all" in res.stdout and "hipt_jax.pretrain --config configs/x.py" in res.stdout
+    res = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh")], capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and "usage" in res.stderr
