@@ -45,12 +45,14 @@ PATCH_SCHEMA = "hipt.patch.v1"
 FEATURE_SCHEMA = "hipt.feature.v1"
 
 
-def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
-    """uint8 [H,W,3] RGB -> JPEG bytes (baseline, 4:2:0, libjpeg-turbo via OpenCV)."""
+def encode_jpeg(image: np.ndarray, quality: int = 90, bgr: bool = False) -> bytes:
+    """uint8 [H,W,3] RGB (or BGR with bgr=True) -> JPEG bytes (baseline 4:2:0, libjpeg-turbo)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected uint8 [H,W,3] RGB, got {image.dtype} {image.shape}")
-    # OpenCV expects BGR; a channel flip is a cheap view-copy compared with encoding.
-    ok, buf = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    # OpenCV encodes BGR; callers with BGR pixels at hand (the region writer) skip the swap,
+    # which costs as much as the encoding itself on a 4096 px region.
+    pixels = image if bgr else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()

@@ -136,9 +136,9 @@ def _write_region_shard(slide, slide_id: str, path: str, geom, kept, params: Reg
     writer = array_record_module.ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
     try:
         for index, (x, y, frac) in enumerate(kept):
-            img = read_region_geometry(slide, x, y, geom)  # [region_px, region_px, 3] uint8
+            img = read_region_geometry(slide, x, y, geom, order="bgr")  # [S,S,3] uint8, BGR
             writer.write(records.region_record(
-                records.encode_jpeg(img, params.jpeg_quality), slide_id=slide_id, x=x, y=y,
+                records.encode_jpeg(img, params.jpeg_quality, bgr=True), slide_id=slide_id, x=x, y=y,
                 level=geom.level, read_px=geom.read_px, mpp=geom.mpp, region_px=geom.region_px,
                 tissue_fraction=frac, index=index))
     except BaseException:

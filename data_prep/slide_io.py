@@ -101,22 +101,33 @@ def region_geometry(slide: openslide.OpenSlide, mpp: float, region_px: int = 409
                           mpp=mpp * read_px / region_px)
 
 
-def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+def composite_white(rgba: np.ndarray, order: str = "rgb") -> np.ndarray:
+    """uint8 [h,w,4] RGBA from OpenSlide -> uint8 [h,w,3] in `order` ("rgb" or "bgr") over white.
+
+    Transparent pixels are outside the scanned area (past the border, gaps in sparse scans).
+    """
+    if rgba[:, :, 3].min() == 255:  # fully inside the slide: one cheap OpenCV pass
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB if order == "rgb" else cv2.COLOR_RGBA2BGR)
+    a = rgba[:, :, 3:4].astype(np.float32) / 255.0
+    out = rgba[:, :, :3].astype(np.float32) * a + 255.0 * (1.0 - a)
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out if order == "rgb" else np.ascontiguousarray(out[:, :, ::-1])
+
+
+def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int,
+             order: str = "rgb") -> np.ndarray:
     """OpenSlide read_region composited over white -> uint8 [h,w,3]. (x, y) in level-0 pixels."""
     rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
-    rgb = rgba[:, :, :3]
-    alpha = rgba[:, :, 3]
-    if alpha.min() == 255:  # fully inside the slide: the common, fast case
-        return np.ascontiguousarray(rgb)
-    # OpenSlide returns premultiplied-then-unpremultiplied RGBA; transparent = outside the scan.
-    a = alpha[:, :, None].astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return composite_white(rgba, order)
 
 
-def read_region_geometry(slide: openslide.OpenSlide, x: int, y: int, geom: RegionGeometry) -> np.ndarray:
-    """Read one region described by `geom` at level-0 (x, y) -> uint8 [region_px, region_px, 3]."""
-    img = read_rgb(slide, x, y, geom.level, geom.level_px, geom.level_px)
+def read_region_geometry(slide: openslide.OpenSlide, x: int, y: int, geom: RegionGeometry,
+                         order: str = "rgb") -> np.ndarray:
+    """Read one region described by `geom` at level-0 (x, y) -> uint8 [region_px, region_px, 3].
+
+    order="bgr" skips a channel swap when the pixels go straight to an OpenCV JPEG encoder.
+    """
+    img = read_rgb(slide, x, y, geom.level, geom.level_px, geom.level_px, order)
     if geom.level_px != geom.region_px:
         # INTER_AREA is the box filter: for an exact 2x it is the mean of each 2x2 block.
         interp = cv2.INTER_AREA if geom.level_px > geom.region_px else cv2.INTER_CUBIC
