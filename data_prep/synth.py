@@ -40,6 +40,11 @@ def _source_pixels(dense: bool) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(rgba)[:, :, :3])
 
 
+def real_tissue_pixels(dense: bool = True) -> np.ndarray:
+    """The real slide's tissue as uint8 [H,W,3] (dense box by default); cached, do not modify."""
+    return _source_pixels(dense)
+
+
 def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
     """Reflect-tile indices into [0, n): 0..n-1, n-1..0, 0..n-1, ..."""
     idx = np.mod(idx, 2 * n)
