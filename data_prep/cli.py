@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 
@@ -28,12 +29,17 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runner", default="pool", choices=RUNNERS,
                    help="'pool' (local processes, default) or an Apache Beam runner; unknown flags "
                         "are passed to Beam's PipelineOptions")
+    p.add_argument("--beam-arg", action="append", default=[], metavar="FLAG",
+                   help="flag for Beam that clashes with ours, e.g. --beam-arg=--region=europe-west1")
     p.add_argument("--redo", action="store_true", help="redo finished items too")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hipt-prep", description=__doc__.split("\n")[0])
+    # allow_abbrev=False: unknown (Beam) flags must never be taken for abbreviations of ours.
+    ap = argparse.ArgumentParser(prog="hipt-prep", description=__doc__.split("\n")[0],
+                                 allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
 
     r = sub.add_parser("regions", help="slides -> tissue masks -> region shards")
     r.add_argument("--slides", required=True, help="folder of slides (recursive) or CSV with path[,slide_id]")
@@ -165,6 +171,7 @@ def main(argv=None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
     runner = getattr(args, "runner", "pool")
+    extra = list(extra) + list(getattr(args, "beam_arg", []))
     if extra and (runner == "pool" or args.command in ("features", "tfds")):
         ap.error(f"unrecognized arguments: {' '.join(extra)} (only Beam runners take extra flags)")
     try:
