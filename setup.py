@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "pillow==12.3.0",
     "protobuf==6.33.6",
     "pyarrow==25.0.1",
+    "msgpack==1.2.4",  # data_prep record schema (also a flax dependency)
     "absl-py",
     "tqdm",
     "tensorboardX",
