@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "pretraining config file[:arg]",
@@ -25,6 +25,9 @@ def _run(argv):
     config = _CONFIG.value
     if config is None or not _WORKDIR.value:
         sys.exit("hipt-pretrain: --config and --workdir are required")
+    # Orbax logs every checkpoint step at INFO; keep the console for our progress lines.
+    if logging.get_verbosity() == logging.INFO and not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     from hipt_jax import distributed
     distributed.initialize(config.distributed)
 

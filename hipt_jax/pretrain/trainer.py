@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -179,8 +180,23 @@ def _checked_replace(ours, theirs, what):
 
 
 def export_teacher(state, config, path: str, meta: dict | None = None) -> str:
-    """Save the teacher backbone (and its DINO head) in hipt-convert's format."""
-    from hipt_jax.checkpoints import save_backbone
+    """Save the teacher backbone (and its DINO head) in hipt-convert's format.
+
+    A previous export of hipt-pretrain at ``path`` is replaced; anything else there is an error.
+    """
+    from hipt_jax.checkpoints import ARCH_FILE, save_backbone
+    arch_file = os.path.join(path, ARCH_FILE)
+    if jax.process_index() == 0 and os.path.isfile(arch_file):
+        with open(arch_file) as f:
+            previous = json.load(f)
+        if previous.get("meta", {}).get("source") != "hipt-pretrain":
+            raise ValueError(f"{path}: holds a checkpoint not written by hipt-pretrain; "
+                             "refusing to overwrite it (set config.export_dir)")
+        shutil.rmtree(path)
+    if jax.process_count() > 1:
+        # Every process takes part in Orbax's save; none may see the old export.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("hipt-pretrain export")
     teacher = jax.device_get(state["teacher"])
     meta = dict(meta or {})
     meta.update(source="hipt-pretrain", stage=int(config.stage), step=int(state["step"]))
