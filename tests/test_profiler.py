@@ -1,0 +1,92 @@
+"""hipt-profile: FLOP accounting, measurements on tiny configs, table + JSON output."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import profile as profile_config
+from hipt_jax import profiler
+from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_region_flops_match_spec():
+    """SPEC section 2: a 4096 region is about 3,146 GFLOP, > 99.9% of it in ViT-256."""
+    total = profiler.hipt4k_region_flops(get_arch("vit256"), get_arch("vit4k"), 4096, 4096)
+    assert total / 1e9 == pytest.approx(3146, rel=2e-3)
+    vit4k = profiler.vit_forward_flops(get_arch("vit4k"), 16, 16)
+    assert vit4k / total < 1e-3
+
+
+@pytest.mark.parametrize("arch,grid,rel", [("vit256_tiny", (16, 16), 0.04), ("vit4k", (4, 5), 0.08)])
+def test_analytic_flops_match_xla(arch, grid, rel):
+    """The analytic matmul count is XLA's count of one forward minus the elementwise ops XLA also
+    counts (softmax, norms, erf GELU: ~3% for ViT-256, ~6% for the narrow ViT-4K)."""
+    config = get_arch(arch)
+    model = build_vit(config)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_input(config))
+    if config.stem == "pixels":
+        x = jnp.zeros((1, grid[0] * 16, grid[1] * 16, 3))
+    else:
+        x = jnp.zeros((1, grid[0], grid[1], config.in_features))
+    compiled = jax.jit(lambda p, x: model.apply(p, x)[0]).lower(params, x).compile()
+    xla = profiler.xla_flops(compiled)
+    ours = profiler.vit_forward_flops(config, *grid)
+    assert xla is not None
+    assert ours == pytest.approx(xla, rel=rel)
+    assert ours <= xla  # XLA also counts the non-matmul ops
+
+
+def _small_cfg(tmp_path):
+    cfg = profile_config.get_config("runlocal")
+    cfg.repeats = 1
+    cfg.pretrain_vit256.enabled = False  # the update steps have their own (slow) test
+    cfg.pretrain_vit4k.enabled = False
+    cfg.hipt4k.region_px = 256
+    cfg.json = str(tmp_path / "profile.json")
+    return cfg
+
+
+def test_run_profile_tiny(tmp_path):
+    report = profiler.run_profile(_small_cfg(tmp_path))
+    assert report["matmul_peak_gflop_s"] > 0
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"ViT-256 forward", "HIPT4K region", "loader stage 1", "loader stage 2"}
+    h = rows["HIPT4K region"]
+    assert h["throughput"] == pytest.approx(1 / h["step_s"])
+    assert h["gflop_per_step"] == pytest.approx(
+        profiler.hipt4k_region_flops(get_arch("vit256_tiny"), get_arch("vit4k_tiny"), 256, 256) / 1e9)
+    assert 0 < h["mfu"] < 2 and h["compile_s"] > 0 and h["memory"]["temp_mb"] >= 0
+    assert rows["loader stage 1"]["throughput"] > 0
+    table = profiler.format_table(report)
+    assert "HIPT4K region" in table and "MFU" in table
+    json.dumps(report)  # serializable as is
+
+
+@pytest.mark.slow
+def test_cli_runlocal_all_sections(tmp_path):
+    out = tmp_path / "p.json"
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.profiler", "--config",
+                          os.path.join(ROOT, "configs", "profile.py") + ":runlocal", f"--config.json={out}",
+                          f"--config.trace_dir={tmp_path / 'trace'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.load(open(out))
+    names = [r["name"] for r in report["rows"]]
+    assert "DINO step ViT-256 (stage 1)" in names and "DINO step ViT-4K (stage 2)" in names
+    step = next(r for r in report["rows"] if r["name"].startswith("DINO step ViT-4K"))
+    assert step["gflop_per_step"] > 0 and step["flops_source"] == "xla"
+    assert os.listdir(tmp_path / "trace")
+    assert "loader/step" in res.stdout
+
+
+def test_cli_bad_config(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.profiler", "--config",
+                          os.path.join(ROOT, "configs", "profile.py") + ":fast"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode != 0 and "unknown config arg" in res.stderr
