@@ -57,8 +57,18 @@ def make_cohort(folder: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def synthetic_slides(tmp_path_factory) -> dict[str, str]:
-    """{'s20', 's40', 's40l'} -> path of a synthetic slide (built once per test session)."""
-    return make_cohort(str(tmp_path_factory.mktemp("synthetic_slides")))
+    """{'s20', 's40', 's40l'} -> path of a synthetic slide (built once per test session).
+
+    Each test module importing this fixture gets its own fixture instance, so the cohort is
+    cached by path under the session's base temp folder (a marker file says it is complete).
+    """
+    folder = tmp_path_factory.getbasetemp() / "synthetic_slides_shared"
+    marker = folder / "COMPLETE"
+    if marker.exists():
+        return {k: str(folder / f"{k}.svs") for k in ("s20", "s40", "s40l")}
+    paths = make_cohort(str(folder))
+    marker.write_text("ok")
+    return paths
 
 
 @pytest.fixture(scope="session")
