@@ -1,0 +1,204 @@
+"""Pretraining runs end to end: data pipeline, CLI, kill-and-resume, non-finite stop, and the
+2-stage path (stage 1 on PNG patches -> export -> HIPT4K features -> stage 2 -> export)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.pretrain_vit256 import get_config as get_config_256
+from configs.pretrain_vit4k import get_config as get_config_4k
+from hipt_jax.pretrain import data as data_lib
+from hipt_jax.pretrain.augment import FeatureMultiCrop, ImageMultiCrop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+
+
+def _make_pngs(folder, n=16, size=96, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        # Smooth-ish random images: blur/jitter have something to act on.
+        small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((size, size), Image.BILINEAR)
+        img.save(folder / f"p{i:03d}.png")
+    return folder
+
+
+def _pretrain(workdir, config, *flags, stage=1, wait=True, **popen):
+    cfg = f"configs/pretrain_{'vit256' if stage == 1 else 'vit4k'}.py:runlocal"
+    cmd = [sys.executable, "-m", "hipt_jax.pretrain", "--config", cfg, f"--workdir={workdir}",
+           f"--config.data.path={config}", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def _losses(workdir, skip_lines=0):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f.readlines()[skip_lines:]]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+# ----------------------------------------------------------------------------------- data
+def test_image_multicrop_shapes_and_determinism(tmp_path):
+    src = data_lib.PngFolderSource(str(_make_pngs(tmp_path / "png", n=2)))
+    aug = ImageMultiCrop(seed=3, global_size=64, local_size=32, n_local=8)
+    a = aug.map({"index": 5, **src[0]})
+    b = aug.map({"index": 5, **src[0]})
+    c = aug.map({"index": 6, **src[0]})
+    assert a["global"].shape == (2, 64, 64, 3) and a["local"].shape == (8, 32, 32, 3)
+    assert a["global"].dtype == np.uint8
+    np.testing.assert_array_equal(a["global"], b["global"])  # a function of (seed, index)
+    assert not np.array_equal(a["global"], c["global"])
+
+
+def test_feature_crops_are_windows_of_the_grid_with_flips():
+    grid = np.arange(16 * 16 * 2, dtype=np.float32).reshape(16, 16, 2)
+    aug = FeatureMultiCrop(seed=0, global_size=14, local_size=6, n_local=8)
+    flipped = 0
+    for index in range(20):
+        out = aug.map({"index": index, "features": grid.reshape(256, 2)})  # row-major [256,F]
+        assert out["global"].shape == (2, 14, 14, 2) and out["local"].shape == (8, 6, 6, 2)
+        for crop in list(out["global"]) + list(out["local"]):
+            r0, c0 = divmod(int(crop[0, :, 0].min()) // 2, 16)
+            size = crop.shape[0]
+            window = grid[r0:r0 + size, c0:c0 + size]
+            if np.array_equal(crop, window[:, ::-1]):
+                flipped += 1
+            else:
+                np.testing.assert_array_equal(crop, window)
+    assert 0.3 < flipped / 200 < 0.7
+
+
+def test_pipeline_global_batch_is_the_same_for_any_process_split(tmp_path):
+    src = data_lib.PngFolderSource(str(_make_pngs(tmp_path / "png", n=6)))
+    c = get_config_256("runlocal")
+    c.global_batch = 4
+
+    def batches(pid, count):
+        it = data_lib.make_iterator(c, src, process_index=pid, process_count=count, num_steps=4)
+        return [next(it) for _ in range(4)]
+
+    whole = batches(0, 1)
+    halves = [batches(p, 2) for p in range(2)]
+    for step in range(4):
+        joined = np.concatenate([halves[0][step]["global"], halves[1][step]["global"]])
+        np.testing.assert_array_equal(joined, whole[step]["global"])
+        idx = whole[step]["index"]
+        np.testing.assert_array_equal(idx, np.arange(step * 4, step * 4 + 4))
+
+
+def test_feature_folder_rejects_bad_files_clearly(tmp_path):
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    np.save(folder / "good.npy", np.zeros((256, 384), np.float32))
+    np.save(folder / "bad.npy", np.zeros((16, 384), np.float32))
+    src = data_lib.FeatureFolderSource(str(folder))
+    with pytest.raises(ValueError, match=r"bad\.npy: features have shape \(16, 384\)"):
+        [src[i] for i in range(len(src))]
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        data_lib.PngFolderSource(str(folder))
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path):
+    code, out, err = _pretrain(tmp_path / "run", tmp_path / "missing")
+    assert code != 0
+    assert "hipt-pretrain:" in err and "missing: not a folder" in err
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- resume
+def _finished_checkpoints(workdir):
+    folder = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
+def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
+    pngs = _make_pngs(tmp_path / "png", n=10)
+    # Two Grain worker processes: their iterator state is part of the checkpoint.
+    common = ["--config.total_steps=1000", "--config.checkpoint.every_steps=3",
+              "--config.data.num_workers=2", "--config.global_batch=4"]
+    code, _, err = _pretrain(tmp_path / "ref", pngs, *common, "--config.stop_at_step=40")
+    assert code == 0, err[-2000:]
+    reference = _losses(tmp_path / "ref")
+
+    victim = _pretrain(tmp_path / "run", pngs, *common, wait=False, start_new_session=True)
+    deadline = time.time() + 300
+    while not _finished_checkpoints(tmp_path / "run"):
+        assert victim.poll() is None, victim.communicate()[1][-2000:]
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # the trainer and its loader workers
+    victim.communicate()
+    resume_from = _finished_checkpoints(tmp_path / "run")[-1]
+    assert 3 <= resume_from < 36, resume_from
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        seen = len(f.readlines())
+    code, out, err = _pretrain(tmp_path / "run", pngs, *common,
+                               f"--config.stop_at_step={resume_from + 4}")
+    assert code == 0, err[-2000:]
+    assert f"resumed from {tmp_path / 'run'}/checkpoints/{resume_from}" in out
+    resumed = _losses(tmp_path / "run", skip_lines=seen)
+    assert sorted(resumed) == list(range(resume_from, resume_from + 4))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    pngs = _make_pngs(tmp_path / "png", n=8)
+    # A teacher temperature of 0 turns the loss into NaN at the first step.
+    code, out, err = _pretrain(tmp_path / "run", pngs, "--config.teacher.temp=0.0",
+                               "--config.teacher.warmup_temp=0.0")
+    assert code != 0
+    assert "non-finite loss" in err and "Traceback" not in err
+    assert _finished_checkpoints(tmp_path / "run") == []
+
+
+# ------------------------------------------------------------------------------ 2 stages
+@pytest.mark.slow
+def test_two_stage_runlocal_end_to_end(tmp_path):
+    from hipt_jax.checkpoints import load_backbone, load_checkpoint_dir
+    from hipt_jax.models.hipt4k import HIPT4K
+
+    # Stage 1: ViT-256 (1 block) on 256 px PNG patches.
+    pngs = _make_pngs(tmp_path / "png", n=8, size=256)
+    code, _, err = _pretrain(tmp_path / "s1", pngs, "--config.model.depth=1")
+    assert code == 0, err[-2000:]
+    _, config256, head, info = load_checkpoint_dir(str(tmp_path / "s1" / "export"))
+    assert info["meta"]["step"] == 6 and config256.depth == 1
+    assert head["last_layer"]["weight_g"].shape == (512,)
+
+    # Features of two 4096 px regions with the exported ViT-256, saved as [256,384] .npy.
+    model = HIPT4K.from_checkpoints(vit256=str(tmp_path / "s1" / "export"), patch_batch=64)
+    rng = np.random.default_rng(0)
+    feats_dir = tmp_path / "feats"
+    feats_dir.mkdir()
+    for i in range(2):
+        small = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        region = np.asarray(Image.fromarray(small).resize((4096, 4096), Image.NEAREST))
+        feats = model(region)["features_cls256"]
+        assert feats.shape == (256, 384)
+        np.save(feats_dir / f"region{i}.npy", feats)
+
+    # Stage 2: ViT-4K on the feature grids, then both exports drive HIPT4K.
+    code, _, err = _pretrain(tmp_path / "s2", feats_dir, stage=2)
+    assert code == 0, err[-2000:]
+    _, config4k = load_backbone(str(tmp_path / "s2" / "export"), expect_arch="vit4k")
+    assert config4k.arch == "vit4k"
+    full = HIPT4K.from_checkpoints(vit256=str(tmp_path / "s1" / "export"),
+                                   vit4k=str(tmp_path / "s2" / "export"), patch_batch=64)
+    out = full(np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+                          .resize((1024, 1024))))
+    assert out["features_cls4k"].shape == (192,) and np.isfinite(out["features_cls4k"]).all()
