@@ -103,6 +103,10 @@ def test_bad_inputs_reported_and_run_continues(tmp_path, synthetic_slides):
     with open(synthetic_slides["s20"], "rb") as f:
         (slides / "truncated.svs").write_bytes(f.read()[:50_000])
     (slides / "zero.svs").write_bytes(b"")
+    data = bytearray(open(synthetic_slides["s20"], "rb").read())
+    third = len(data) // 3
+    data[third:2 * third] = bytes(third)  # level-0 tile data zeroed: opens fine, fails on read
+    (slides / "corrupt.svs").write_bytes(bytes(data))
     make_aperio_slide(str(slides / "blank.svs"), (1024, 1024), levels=(1,), tissue=np.zeros((1, 1), bool))
     make_aperio_slide(str(slides / "nompp.svs"), (1024, 1024), levels=(1,), mpp=None)
     out = tmp_path / "out"
@@ -111,7 +115,9 @@ def test_bad_inputs_reported_and_run_continues(tmp_path, synthetic_slides):
         items = json.load(f)["items"]
     assert items["good"]["status"] == "done" and items["good"]["n_regions"] == len(expected_regions())
     reasons = {k: v["error"] for k, v in items.items() if v["status"] == "failed"}
-    assert set(reasons) == {"text", "truncated", "zero", "blank", "nompp"}
+    assert set(reasons) == {"text", "truncated", "zero", "corrupt", "blank", "nompp"}
+    assert "corrupt.svs" in reasons["corrupt"] and "JPEG" in reasons["corrupt"]
+    assert not os.path.exists(out / "regions" / "corrupt.array_record")  # no partial shard
     assert "not a slide format" in reasons["text"]
     assert "empty file" in reasons["zero"]
     assert "no tissue" in reasons["blank"]
