@@ -117,7 +117,10 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
         return
     with open(path) as f:
         old = json.load(f)
-    if old.get("kind") == kind and old.get("params") != params:
+    if old.get("kind") != kind:  # status files are per item id: kinds must not share a folder
+        raise InputError(f"{out_dir}: holds `hipt-prep {old.get('kind')}` output; give "
+                         f"`hipt-prep {kind}` its own --out folder")
+    if old.get("params") != params:
         raise InputError(f"{out_dir}: existing shards were made with different parameters "
                          f"({MANIFEST}); use a new --out folder")
 

@@ -38,6 +38,7 @@ def test_patches_grid_coordinates_pixels_and_filter(regions_out, tmp_path):
         assert img.shape == (256, 256, 3)
         assert np.abs(img - crop).mean() < 6.5
 
+    assert main(["patches", "--regions", regions_out, "--out", regions_out, "--workers", "1"]) == 2
     assert main(["patches", "--regions", regions_out, "--out", str(tmp_path / "tissue"),
                  "--workers", "1", "--min-tissue", "0.5"]) == 0
     kept = list(read_shard(str(tmp_path / "tissue" / "patches" / "cmu_small_region.array_record")))
