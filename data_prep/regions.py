@@ -26,7 +26,7 @@ import numpy as np
 from data_prep import records
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, open_slide, read_region_geometry,
                                 region_geometry, slide_mpp)
-from data_prep.tissue import TissueParams, region_fraction, segment_slide
+from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
 
 SHARD_EXT = ".array_record"
 # group_size:1 makes every record independently seekable (Grain random access); "uncompressed"
@@ -103,25 +103,40 @@ def select_regions(slide, params: RegionParams, mpp: float):
     return geom, tm, kept
 
 
-def _qc_pictures(out_dir: str, slide_id: str, tm, geom, kept, max_px: int) -> None:
+def _qc_thumbnail(slide, tm, max_px: int) -> tuple[np.ndarray, float]:
+    """Thumbnail for the QC pictures -> (uint8 [h,w,3], level-0 px per thumbnail px).
+
+    Finer than the tissue mask when a pyramid level makes that cheap (the mask is often only
+    a few hundred pixels wide); otherwise the mask-resolution view is reused.
+    """
+    w0, h0 = slide.dimensions
+    down = max(w0, h0) / max_px
+    finest_cheap = max(d for d in slide.level_downsamples if d <= max(down, 1.0) * 1.01)
+    if down < tm.downsample and finest_cheap >= down / 4:  # read at most ~16x the output pixels
+        return low_res_view(slide, down), down
+    return tm.thumb, tm.downsample
+
+
+def _qc_pictures(out_dir: str, slide_id: str, slide, tm, geom, kept, max_px: int) -> None:
     """Save <id>_mask.png (thumbnail | mask) and <id>_regions.png (kept grid over thumbnail)."""
     qc = os.path.join(out_dir, "qc")
-    thumb = tm.thumb
+    thumb, down = _qc_thumbnail(slide, tm, max_px)
     scale = min(1.0, max_px / max(thumb.shape[:2]))
     size = (max(1, int(thumb.shape[1] * scale)), max(1, int(thumb.shape[0] * scale)))
     small = cv2.resize(thumb, size, interpolation=cv2.INTER_AREA)
     mask = cv2.resize(tm.mask * 255, size, interpolation=cv2.INTER_NEAREST)
     pair = np.concatenate([small, np.repeat(mask[:, :, None], 3, axis=2)], axis=1)
     overlay = small.copy()
-    contours = [np.round(c * scale).astype(np.int32) for c in tm.contours]
-    holes = [np.round(c * scale).astype(np.int32) for c in tm.holes]
-    cv2.drawContours(overlay, contours, -1, (0, 160, 0), 1)
-    cv2.drawContours(overlay, holes, -1, (0, 0, 255), 1)
-    f = scale / tm.downsample  # level-0 px -> picture px
+    c_scale = tm.downsample / down * scale  # mask px -> picture px
+    contours = [np.round(c * c_scale).astype(np.int32) for c in tm.contours]
+    holes = [np.round(c * c_scale).astype(np.int32) for c in tm.holes]
+    cv2.drawContours(overlay, contours, -1, (0, 160, 0), 2)
+    cv2.drawContours(overlay, holes, -1, (0, 0, 255), 2)
+    f = scale / down  # level-0 px -> picture px
     for x, y, _ in kept:
         p0 = (int(round(x * f)), int(round(y * f)))
         p1 = (int(round((x + geom.read_px) * f)) - 1, int(round((y + geom.read_px) * f)) - 1)
-        cv2.rectangle(overlay, p0, p1, (255, 0, 0), 1)
+        cv2.rectangle(overlay, p0, p1, (255, 0, 0), 2)
     for name, img in (("mask", pair), ("regions", overlay)):
         path = os.path.join(qc, f"{slide_id}_{name}.png")
         tmp = f"{path}.tmp-{os.getpid()}.png"
@@ -166,7 +181,7 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams) -> dict:
                       level=geom.level, read_px=geom.read_px, mpp=geom.mpp,
                       tissue_fraction=float(tm.mask.mean()),
                       n_candidates=len(region_grid(*slide.dimensions, geom.read_px)))
-        _qc_pictures(out_dir, task.slide_id, tm, geom, kept, params.qc_max_px)
+        _qc_pictures(out_dir, task.slide_id, slide, tm, geom, kept, params.qc_max_px)
         if not tm.contours:
             raise SlideError(f"{task.path}: no tissue found (saturation threshold {tm.threshold:.0f})")
         if not kept:
