@@ -4,9 +4,11 @@ Region mode (SPEC section 8):
     hipt-heatmap --vit256 ckpt/vit256 --vit4k ckpt/vit4k --slide S.svs --x 0 --y 0 --out DIR
     hipt-heatmap --random-init --image region.png --out DIR        # demo weights
 
-Slide mode (one score per region, e.g. HIPT-LGP attention pooling weights):
+Slide mode (one score per region painted over the slide):
+    hipt-heatmap --slide S.svs --lgp runs/lgp/fold_0/checkpoint --embeddings EMB --out DIR
+        (HIPT-LGP attention-pooling weights of the slide's regions; EMB = hipt-extract output)
     hipt-heatmap --slide S.svs --region-scores scores.npz --out DIR
-    (scores.npz: coords [M,2] level-0 x,y; scores [M]; region_px: level-0 side of a region)
+        (any scores: npz with coords [M,2] level-0 x,y; scores [M]; region_px: level-0 side)
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--blend-weighting", choices=("equal", "coverage"), default="equal",
                      help="equal: mean of the two maps (SPEC); coverage: reference's count-weighted mean")
     out.add_argument("--region-scores", help="slide mode: npz with coords, scores, region_px")
+    out.add_argument("--lgp", help="slide mode: trained HIPT-LGP checkpoint (hipt-finetune fold_k/checkpoint)")
+    out.add_argument("--embeddings", help="slide mode with --lgp: hipt-extract output (slides/<id>.npz)")
     out.add_argument("--thumb-px", type=int, default=2048, help="slide mode: longest side of the picture")
     return p
 
@@ -127,21 +131,46 @@ def run_region(args) -> dict:
     return written
 
 
+def _file_scores(path: str):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        data = np.load(path)
+        return data["coords"], data["scores"], float(data["region_px"])
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: need an npz with coords, scores, region_px ({e})") from None
+
+
+def _lgp_scores(args, slide):
+    """HIPT-LGP pooling weights of this slide's regions, from hipt-extract's per-slide npz."""
+    from data_prep import slide_io
+    from hipt_jax.heatmap.slide import lgp_region_attention
+
+    if not args.embeddings:
+        raise ValueError("--lgp needs --embeddings (the hipt-extract output with slides/<id>.npz)")
+    slide_id = os.path.splitext(os.path.basename(args.slide))[0]
+    npz = os.path.join(args.embeddings, "slides", slide_id + ".npz")
+    if not os.path.isfile(npz):
+        raise ValueError(f"{npz}: no extracted features for slide {slide_id}")
+    with np.load(npz) as z:
+        feats, coords = z["features_cls256"], z["coords"]
+    mpp = slide_io.slide_mpp(slide, args.assume_mpp, args.slide)
+    read_px = slide_io.region_geometry(slide, mpp, args.size, args.target_mpp).read_px
+    return coords, lgp_region_attention(args.lgp, feats), read_px
+
+
 def run_slide(args) -> dict:
     from data_prep import slide_io
     from hipt_jax.heatmap.render import save_png
     from hipt_jax.heatmap.slide import slide_attention_map
 
     if not args.slide:
-        raise ValueError("--region-scores needs --slide (the picture the scores are painted on)")
-    if not os.path.isfile(args.region_scores):
-        raise ValueError(f"{args.region_scores}: no such file")
-    try:
-        data = np.load(args.region_scores)
-        coords, region_scores, region_px = data["coords"], data["scores"], float(data["region_px"])
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{args.region_scores}: need an npz with coords, scores, region_px ({e})") from None
+        raise ValueError("slide mode needs --slide (the picture the scores are painted on)")
     slide = slide_io.open_slide(args.slide)
+    if args.lgp:
+        coords, region_scores, region_px = _lgp_scores(args, slide)
+    else:
+        coords, region_scores, region_px = _file_scores(args.region_scores)
     width, height = slide.dimensions
     downsample = max(width, height) / args.thumb_px
     thumb = np.asarray(slide.get_thumbnail((args.thumb_px, args.thumb_px)).convert("RGB"))
@@ -158,7 +187,7 @@ def run_slide(args) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        written = run_slide(args) if args.region_scores else run_region(args)
+        written = run_slide(args) if (args.region_scores or args.lgp) else run_region(args)
     except Exception as e:  # one clear line, no traceback (SlideError, bad files, bad options)
         if os.environ.get("HIPT_DEBUG"):
             raise
