@@ -9,9 +9,16 @@ Arg flags as in pretrain_vit256.py (``runlocal``, ``bf16``).
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import ml_collections
 
-from configs.pretrain_common import base_config
+try:
+    from configs.pretrain_common import base_config
+except ImportError:  # config file loaded by path from outside the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs.pretrain_common import base_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

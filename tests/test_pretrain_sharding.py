@@ -127,6 +127,7 @@ def _losses(workdir):
     return [by_step[s] for s in sorted(by_step)]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 4 fake devices (jax.distributed over localhost, gloo) == 1 process x 8."""
     pngs = _make_pngs(tmp_path / "png")

@@ -158,12 +158,17 @@ def make_iterator(config: ml_collections.ConfigDict, source, *, process_index: i
     ds = ProcessSliceDataset(records, global_batch=config.global_batch,
                              process_index=process_index, process_count=process_count,
                              num_steps=num_steps)
-    ds = ds.map(make_augment(config))
+    # Batch BEFORE leaving the MapDataset world: each element is then one whole per-process
+    # batch, and loader workers split the stream by batches, so the batch composition does
+    # not depend on the number of workers.
     local_batch = config.global_batch // process_count
+    ds = ds.map(make_augment(config)).batch(local_batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
                                                  prefetch_buffer_size=config.data.prefetch))
-    it_ds = it_ds.batch(local_batch, drop_remainder=True)
     if config.data.num_workers > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (notebooks, tests)
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.data.num_workers, per_worker_buffer_size=2))
     return iter(it_ds)

@@ -327,6 +327,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         manager.wait_until_finished()
         manager.close()
         logger.close()
+        iterator.close()  # stops loader worker processes
     export_dir = config.export_dir or os.path.join(workdir, "export")
     export_teacher(state, config, export_dir)
     if is_main:
