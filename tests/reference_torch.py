@@ -136,6 +136,18 @@ class _ViTBase(nn.Module):
     def forward(self, x):
         return self.forward_tokens(x)[:, 0]
 
+    def forward_with_attention(self, x):
+        """(CLS after the final norm, last block's attention) in ONE pass (what
+        forward + get_last_selfattention give, at half the cost)."""
+        x = self._tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        y, attn = last.attn(last.norm1(x))
+        x = x + y
+        x = x + last.mlp(last.norm2(x))
+        return self.norm(x)[:, 0], attn
+
     def get_last_selfattention(self, x):
         x = self._tokens(x)
         for i, blk in enumerate(self.blocks):
@@ -257,9 +269,12 @@ class HIPT_4K(nn.Module):
         cls256, attn256 = [], []
         for mini_bs in range(0, batch_256.shape[0], minibatch):
             mb = batch_256[mini_bs : mini_bs + minibatch]
-            cls256.append(self.model256(mb).detach().cpu())
             if attention:
-                attn256.append(self.model256.get_last_selfattention(mb)[:, :, 0, 1:].cpu())
+                cls, attn = self.model256.forward_with_attention(mb)
+                attn256.append(attn[:, :, 0, 1:].cpu())
+            else:
+                cls = self.model256(mb)
+            cls256.append(cls.detach().cpu())
         features_cls256 = torch.vstack(cls256)  # [R*C,384]
         features_mean256 = features_cls256.mean(dim=0).unsqueeze(dim=0)
         features_grid256 = (features_cls256.reshape(w_256, h_256, 384).transpose(0, 1).transpose(0, 2)

@@ -49,6 +49,11 @@ def test_vit256_parity(vit256, side):
     assert np.abs(cls - t_tokens[:, 0]).max() <= CLS_TOL
     assert np.abs(aux["tokens"] - t_tokens).max() <= 1e-4
     assert np.abs(aux["attention"] - t_attn).max() <= ATTN_TOL
+    # The reference's one-pass helper (used by the HIPT_4K oracle) is the same computation.
+    with torch.no_grad():
+        one_cls, one_attn = model.forward_with_attention(x)
+    np.testing.assert_array_equal(one_cls.numpy(), t_tokens[:, 0])
+    np.testing.assert_array_equal(one_attn.numpy(), t_attn)
     # Random weights must give non-trivial attention, else the tolerance proves nothing.
     assert t_attn.max() > 5 * t_attn.mean()
 

@@ -1,0 +1,94 @@
+"""hipt-embed: image and slide regions -> .npz with the Python API's keys and values."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hipt_jax import checkpoints
+from hipt_jax.cli import embed
+from hipt_jax.models.hipt4k import HIPT4K
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny random backbones saved as converted directories, and the model they make."""
+    d = tmp_path_factory.mktemp("embed")
+    model = HIPT4K.random_init(seed=0, tiny=True)
+    checkpoints.save_backbone(str(d / "vit256"), model.params256, model.config256)
+    checkpoints.save_backbone(str(d / "vit4k"), model.params4k, model.config4k)
+    return d, model
+
+
+def run(capsys, *argv):
+    code = embed.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_image_region(setup, capsys):
+    d, model = setup
+    region = np.random.default_rng(0).integers(0, 256, size=(600, 530, 3), dtype=np.uint8)
+    Image.fromarray(region).save(d / "region.png")
+    code, out, err = run(capsys, "--vit256", d / "vit256", "--vit4k", d / "vit4k", "--image", d / "region.png",
+                         "--out", d / "out" / "region.npz")
+    assert code == 0, err
+    assert "region 600x530 px -> 4 patches" in out and "features_cls4k" in out
+    saved = np.load(d / "out" / "region.npz")
+    want = model(region)
+    for key in embed.OUTPUT_KEYS:
+        np.testing.assert_allclose(saved[key], want[key], atol=1e-6, rtol=0)
+    assert saved["features_cls256"].shape == (4, 384) and saved["features_mean256_cls4k"].shape == (576,)
+
+
+def test_slide_region(setup, tmp_path, capsys):
+    """A 40x synthetic Aperio slide: 512 px at 0.5 um/px = 1024 level-0 px, downsampled."""
+    from data_prep.slide_io import open_slide, read_region_at_mpp
+    from data_prep.synth import make_aperio_slide
+
+    d, model = setup
+    slide_path = make_aperio_slide(str(tmp_path / "s.svs"), (2048, 2048), mag=40, levels=(1, 4))
+    code, out, err = run(capsys, "--vit256", d / "vit256", "--vit4k", d / "vit4k", "--slide", slide_path,
+                         "--x", 256, "--y", 512, "--size", 512, "--out", tmp_path / "s.npz", "--attention")
+    assert code == 0, err
+    saved = np.load(tmp_path / "s.npz")
+    region = read_region_at_mpp(open_slide(slide_path), 256, 512, size_px=512, target_mpp=0.5)
+    want = model(region, return_attention=True)
+    np.testing.assert_allclose(saved["features_cls4k"], want["features_cls4k"], atol=1e-6, rtol=0)
+    assert saved["attention256"].shape == (4, 6, 256) and saved["attention4k"].shape == (6, 4)
+
+
+def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
+    d, _ = setup
+    (tmp_path / "fake.png").write_text("not a png")
+    Image.fromarray(np.zeros((100, 300, 3), np.uint8)).save(tmp_path / "small.png")
+    cases = [
+        (["--image", tmp_path / "fake.png"], "fake.png: not an image file"),
+        (["--image", tmp_path / "small.png"], "needs >= 256 px"),
+        (["--image", tmp_path / "missing.png"], "missing.png: no such file"),
+        (["--slide", tmp_path / "fake.png"], "--slide needs --x and --y"),
+        (["--slide", tmp_path / "fake.png", "--x", 0, "--y", 0], "fake.png"),
+    ]
+    for extra, needle in cases:
+        code, _, err = run(capsys, "--vit256", d / "vit256", "--out", tmp_path / "o.npz", *extra)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and needle in err, (extra, err)
+    # A ViT-4K checkpoint given as ViT-256.
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "ok.png")
+    code, _, err = run(capsys, "--vit256", d / "vit4k", "--image", tmp_path / "ok.png", "--out", tmp_path / "o.npz")
+    assert code == 1 and "is a vit4k checkpoint, expected vit256" in err
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_entry_point_subprocess(setup, tmp_path):
+    d, _ = setup
+    (tmp_path / "bad.pth").write_bytes(b"\x00\x01garbage")
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "ok.png")
+    proc = subprocess.run([sys.executable, "-m", "hipt_jax.cli.embed", "--vit256", str(tmp_path / "bad.pth"),
+                           "--image", str(tmp_path / "ok.png"), "--out", str(tmp_path / "o.npz")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "bad.pth: not a PyTorch checkpoint" in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,127 @@
+"""HIPT4K region model against the reference HIPT_4K (full-size models, random weights)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hipt_jax import checkpoints
+from hipt_jax.checkpoints import reference_to_variables
+from hipt_jax.models.configs import get_arch
+from hipt_jax.models.hipt4k import HIPT4K, center_crop_box
+from tests import reference_torch as ref
+
+CLS_TOL = 2e-5
+ATTN_TOL = 1e-4
+
+
+def converted(model):
+    return reference_to_variables({k: v.numpy() for k, v in model.state_dict().items()})
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Reference HIPT_4K and our HIPT4K holding the same random full-size weights."""
+    m256 = ref.random_init_(ref.build_reference("vit256"), seed=3)
+    m4k = ref.random_init_(ref.build_reference("vit4k"), seed=4)
+    ours = HIPT4K(converted(m256), converted(m4k), get_arch("vit256"), get_arch("vit4k"), patch_batch=64)
+    return ref.HIPT_4K(m256, m4k), ours
+
+
+def tissue_like(height, width, seed=0):
+    """Smooth random colour blobs plus noise: more realistic statistics than pure noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(height // 64 + 2, width // 64 + 2, 3))
+    img = np.repeat(np.repeat(coarse, 64, 0), 64, 1)[:height, :width]
+    return np.clip(img + rng.normal(0, 20, size=img.shape), 0, 255).astype(np.uint8)
+
+
+def assert_parity(got, want):
+    for key in ("features_cls256", "features_mean256", "features_cls4k", "features_mean256_cls4k"):
+        assert got[key].shape == want[key].shape, key
+        assert np.abs(got[key] - want[key]).max() <= CLS_TOL, (key, np.abs(got[key] - want[key]).max())
+    for key in ("attention256", "attention4k"):
+        assert got[key].shape == want[key].shape, key
+        assert np.abs(got[key] - want[key]).max() <= ATTN_TOL, key
+
+
+def test_full_region_4096_parity(models):
+    """The full 4096 px region: 256 patches through ViT-256 (the costly test, ~1 min on 2 cores)."""
+    reference, ours = models
+    region = tissue_like(4096, 4096, seed=1)
+    want = reference.embed_region(region, attention=True)
+    got = ours(region, return_attention=True)
+    assert got["features_cls256"].shape == (256, 384) and got["features_cls4k"].shape == (192,)
+    assert got["attention256"].shape == (256, 6, 256) and got["attention4k"].shape == (6, 256)
+    assert_parity(got, want)
+
+
+def test_non_square_cropped_region_parity(models):
+    """1100x1400 -> centre crop 1024x1280 (offsets 38, 60) -> a 4x5 grid (non-square pos-embed)."""
+    reference, ours = models
+    region = tissue_like(1100, 1400, seed=2)
+    want = reference.embed_region(region, attention=True)
+    got = ours(region, return_attention=True)
+    assert got["features_cls256"].shape == (20, 384) and got["attention4k"].shape == (6, 20)
+    assert_parity(got, want)
+    # The crop really is the reference's: embedding the pre-cropped region gives the same result.
+    cropped = ours(np.ascontiguousarray(region[38:38 + 1024, 60:60 + 1280]))
+    np.testing.assert_array_equal(cropped["features_cls4k"], got["features_cls4k"])
+
+
+@pytest.mark.parametrize("diff,offset", [(0, 0), (1, 0), (3, 2), (5, 2), (7, 4), (255, 128), (253, 126)])
+def test_center_crop_uses_bankers_rounding(diff, offset):
+    top, left, h, w = center_crop_box(512 + diff, 256 + diff)
+    assert (top, left, h, w) == (offset, offset, 512, 256)
+    ref_crop = ref.center_crop(torch.zeros(1, 3, 512 + diff, 256 + diff), (512, 256))
+    assert ref_crop.shape[-2:] == (512, 256)
+
+
+def test_too_small_region_is_rejected():
+    with pytest.raises(ValueError, match="at least 256"):
+        center_crop_box(255, 1000)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return HIPT4K.random_init(seed=0, tiny=True, patch_batch=256)
+
+
+def test_patch_batch_does_not_change_results(tiny):
+    regions = np.stack([tissue_like(768, 512, seed=s) for s in (5, 6)])
+    full = tiny.embed_batch(regions)
+    small = HIPT4K(tiny.params256, tiny.params4k, tiny.config256, tiny.config4k, patch_batch=4).embed_batch(regions)
+    for key in full:
+        np.testing.assert_allclose(small[key], full[key], atol=1e-6, rtol=0)
+    # Batched regions are embedded independently, in order.
+    one = tiny(regions[1])
+    np.testing.assert_allclose(full["features_cls4k"][1], one["features_cls4k"], atol=1e-6, rtol=0)
+    assert full["features_mean256_cls4k"].shape == (2, 576)
+
+
+def test_vit256_only_and_bf16(tiny):
+    region = tissue_like(512, 512, seed=7)
+    only256 = HIPT4K(tiny.params256, None, tiny.config256)(region)
+    assert set(only256) == {"features_cls256", "features_mean256"}
+    f32 = tiny(region)
+    b16 = HIPT4K(tiny.params256, tiny.params4k, tiny.config256, tiny.config4k, dtype=jnp.bfloat16)(region)
+    assert b16["features_cls4k"].dtype == np.float32
+    err = np.abs(b16["features_cls4k"] - f32["features_cls4k"]).max()
+    assert 0 < err < 0.1, err
+
+
+def test_from_checkpoints_roundtrip(tiny, tmp_path):
+    checkpoints.save_backbone(str(tmp_path / "v256"), tiny.params256, tiny.config256)
+    checkpoints.save_backbone(str(tmp_path / "v4k"), tiny.params4k, tiny.config4k, meta={"step": 3})
+    model = HIPT4K.from_checkpoints(vit256=str(tmp_path / "v256"), vit4k=str(tmp_path / "v4k"))
+    assert model.config256.depth == 2 and model.config4k.depth == 1
+    region = tissue_like(300, 700, seed=8)
+    np.testing.assert_array_equal(model(region)["features_mean256_cls4k"], tiny(region)["features_mean256_cls4k"])
+    with pytest.raises(checkpoints.CheckpointError, match="is a vit256 checkpoint, expected vit4k"):
+        HIPT4K.from_checkpoints(vit256=str(tmp_path / "v256"), vit4k=str(tmp_path / "v256"))
+
+
+def test_bad_region_input(tiny):
+    with pytest.raises(ValueError, match="uint8"):
+        tiny.embed_batch(np.zeros((1, 256, 256, 3), np.float32))
+    with pytest.raises(ValueError, match="one uint8"):
+        tiny(np.zeros((256, 256), np.uint8))
