@@ -1,0 +1,1 @@
+"""Slide-level evaluation: embedding extraction, KNN protocols, metrics, cohort splits."""

@@ -66,19 +66,22 @@ def list_slides(shards: str) -> list[str]:
     return ids
 
 
-def read_records(path: str) -> Iterator[dict]:
-    """Decoded record maps of one shard, in order."""
+def read_records(path: str) -> list[dict]:
+    """Decoded record maps of one shard, in order (a slide's shard fits in host memory)."""
     from array_record.python import array_record_module
 
+    reader = None
     try:
         reader = array_record_module.ArrayRecordReader(path)
-    except Exception as e:  # array_record raises RuntimeError/ValueError on bad files
-        raise ExtractError(f"{path}: not a readable ArrayRecord shard ({e})") from None
-    try:
-        for i in range(reader.num_records()):
-            yield records.unpack(reader.read([i])[0])
+        return [records.unpack(raw) for raw in reader.read_all()]
+    except (RuntimeError, ValueError, OSError) as e:  # array_record raises RuntimeError on bad files
+        raise ExtractError(f"{path}: not a readable shard of records ({e})") from None
     finally:
-        reader.close()
+        if reader is not None:
+            try:
+                reader.close()
+            except RuntimeError:
+                pass
 
 
 def _feature_shard(features_dir: Optional[str], slide_id: str) -> Optional[str]:
@@ -161,7 +164,7 @@ def _decode(batch: list[dict]) -> np.ndarray:
 def embed_slide(extractor: Extractor, region_shard: str, feature_shard: Optional[str],
                 pool: concurrent.futures.Executor, progress: Optional[tqdm] = None) -> dict[str, np.ndarray]:
     """All regions of one slide -> the arrays stored in its .npz (see module docstring)."""
-    recs = list(read_records(region_shard))
+    recs = read_records(region_shard)
     if not recs:
         raise ExtractError(f"{region_shard}: shard has no region records")
     bad = [r.get("schema") for r in recs if r.get("schema") != records.REGION_SCHEMA]

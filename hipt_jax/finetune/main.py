@@ -57,14 +57,13 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     emb = config.data.embeddings
     per_slide: dict[str, np.ndarray] = {}
     missing = []
-    cache: dict = {}
     for sid in coh.slide_ids:
         try:
             feats = load_slide(emb, sid)["features_cls256"]  # [M,R*C,384]
         except ExtractError:
             missing.append(sid)
             continue
-        per_slide[sid] = (encode_local(model, local_variables, feats, config.train.buckets, cache)
+        per_slide[sid] = (encode_local(model, local_variables, feats, config.train.buckets)
                           if config.model.freeze_local else feats)
     if missing:
         print(f"hipt-finetune: {len(missing)} labelled slide(s) not extracted in {emb}, skipped: "

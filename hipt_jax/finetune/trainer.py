@@ -66,46 +66,79 @@ def make_optimizer(params, lr: float, weight_decay: float, freeze_local: bool):
     return optax.multi_transform({"train": adam_l2, "frozen": optax.set_to_zero()}, labels)
 
 
-def encode_local(model: HIPTLGP, variables, features: np.ndarray, buckets=DEFAULT_BUCKETS,
-                 fn_cache: dict | None = None) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _local_fn(model: HIPTLGP):
+    return jax.jit(lambda v, x: model.apply(v, x, method=HIPTLGP.local))
+
+
+def encode_local(model: HIPTLGP, variables, features: np.ndarray, buckets=DEFAULT_BUCKETS) -> np.ndarray:
     """[M,256,384] ViT-256 features -> [M,192] ViT-4K CLS (padded to a bucket, one compile each)."""
-    if fn_cache is None:
-        fn_cache = {}
-    if "local" not in fn_cache:
-        fn_cache["local"] = jax.jit(lambda v, x: model.apply(v, x, method=HIPTLGP.local))
     padded, _ = pad_to_bucket(features, buckets)
-    return np.asarray(fn_cache["local"](variables, padded))[: len(features)]
+    return np.asarray(_local_fn(model)(variables, padded))[: len(features)]
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(model: HIPTLGP, task: str, alpha: float, lr: float, weight_decay: float,
+              accumulate_steps: int):
+    """Jitted functions of one (model, task, optimizer) setting, cached across trainers and folds
+    so that k folds (and repeated runs in one process) compile once per bucket length."""
+    precomputed = model.freeze_local
+
+    def logits_fn(params, x, mask, rng=None):
+        train = rng is not None
+        rngs = {"dropout": rng} if train else {}
+        if precomputed:  # frozen ViT-4K: inputs are its [M,192] outputs
+            out, _ = model.apply({"params": params}, x, mask, train, method=HIPTLGP.aggregate, rngs=rngs)
+        else:
+            out, _ = model.apply({"params": params}, x, mask, train, rngs=rngs)
+        return out
+
+    def loss_fn(params, x, mask, label, censored, rng):
+        logits = logits_fn(params, x, mask, rng)[None]  # [1,K]
+        if task == "subtyping":
+            return optax.softmax_cross_entropy_with_integer_labels(logits, label[None]).mean()
+        return survival.nll_survival_loss(logits, label[None], censored[None], alpha)
+
+    def tx_for(params):
+        return make_optimizer(params, lr, weight_decay, model.freeze_local)
+
+    def apply_update(grad_sum, opt_state, params):
+        grads = jax.tree.map(lambda g: g / accumulate_steps, grad_sum)
+        updates, opt_state = tx_for(params).update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def accumulate(params, grad_sum, x, mask, label, censored, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, mask, label, censored, rng)
+        return loss, jax.tree.map(jnp.add, grad_sum, grads)
+
+    def step(params, opt_state, x, mask, label, censored, rng):
+        """accumulate_steps == 1: gradient and update in one device call."""
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, mask, label, censored, rng)
+        params, opt_state = apply_update(grads, opt_state, params)
+        return loss, params, opt_state
+
+    return {
+        "tx": tx_for,
+        "logits": jax.jit(logits_fn),
+        "accumulate": jax.jit(accumulate, donate_argnums=(1,)),
+        "update": jax.jit(apply_update, donate_argnums=(0, 1)),
+        "step": jax.jit(step, donate_argnums=(1,)),
+    }
 
 
 class LGPTrainer:
-    """Builds the jitted loss/grad/eval functions of one model + task; ``fit`` trains one fold."""
+    """Training and evaluation of one model + task; ``fit`` trains one fold."""
 
     def __init__(self, model: HIPTLGP, cfg: TrainConfig):
         if cfg.task not in ("subtyping", "survival"):
             raise ValueError(f"unknown task {cfg.task!r}: expected subtyping or survival")
         self.model, self.cfg = model, cfg
-        # Frozen ViT-4K: inputs are precomputed [M,192] -> run only the aggregator.
-        self.precomputed = model.freeze_local
-        self._grad = jax.jit(jax.value_and_grad(self._loss))
-        self._eval = jax.jit(self._logits)
-        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
-    # -- pure functions -------------------------------------------------------------------
-    def _logits(self, params, x, mask, rng=None):
-        train = rng is not None
-        rngs = {"dropout": rng} if train else {}
-        if self.precomputed:
-            logits, _ = self.model.apply({"params": params}, x, mask, train,
-                                         method=HIPTLGP.aggregate, rngs=rngs)
-        else:
-            logits, _ = self.model.apply({"params": params}, x, mask, train, rngs=rngs)
-        return logits
-
-    def _loss(self, params, x, mask, label, censored, rng):
-        logits = self._logits(params, x, mask, rng)[None]  # [1,K]
-        if self.cfg.task == "subtyping":
-            return optax.softmax_cross_entropy_with_integer_labels(logits, label[None]).mean()
-        return survival.nll_survival_loss(logits, label[None], censored[None], self.cfg.alpha_surv)
+    @property
+    def _fns(self):
+        c = self.cfg
+        return _compiled(self.model, c.task, float(c.alpha_surv), float(c.lr), float(c.weight_decay),
+                         int(c.accumulate_steps))
 
     # -- training -------------------------------------------------------------------------
     def _epoch_order(self, items: Sequence[Item], rng: np.random.Generator) -> np.ndarray:
@@ -121,39 +154,42 @@ class LGPTrainer:
 
     def fit(self, variables, items: Sequence[Item], epochs: Optional[int] = None,
             desc: Optional[str] = "train", log: Callable[[dict], None] | None = None):
-        """Train on ``items``; returns the trained params."""
-        cfg = self.cfg
+        """Train on ``items`` (fresh optimizer state); returns the trained params."""
+        cfg, fns = self.cfg, self._fns
         params = variables["params"]
-        tx = make_optimizer(params, cfg.lr, cfg.weight_decay, self.model.freeze_local)
-        opt_state = tx.init(params)
-        update = jax.jit(lambda g, s, p: _apply(tx, g, s, p, cfg.accumulate_steps))
+        opt_state = fns["tx"](params).init(params)
         padded = [pad_to_bucket(it.inputs, cfg.buckets) for it in items]
+        targets = [(jnp.int32(it.label), jnp.float32(it.censored)) for it in items]
         np_rng = np.random.default_rng(cfg.seed)
         key = jax.random.PRNGKey(cfg.seed)
         epochs = cfg.epochs if epochs is None else epochs
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
         for epoch in tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True,
                           disable=desc is None):
-            acc, n_acc, losses = None, 0, []
+            losses, acc, n_acc = [], None, 0
             for i in self._epoch_order(items, np_rng):
                 key, sub = jax.random.split(key)
                 x, mask = padded[i]
-                loss, grads = self._grad(params, x, mask, jnp.int32(items[i].label),
-                                         jnp.float32(items[i].censored), sub)
-                acc = grads if acc is None else self._add(acc, grads)
-                n_acc += 1
+                if cfg.accumulate_steps == 1:
+                    loss, params, opt_state = fns["step"](params, opt_state, x, mask, *targets[i], sub)
+                else:
+                    loss, acc = fns["accumulate"](params, zeros() if acc is None else acc, x, mask,
+                                                  *targets[i], sub)
+                    n_acc += 1
+                    if n_acc == cfg.accumulate_steps:
+                        params, opt_state = fns["update"](acc, opt_state, params)
+                        acc, n_acc = None, 0
                 losses.append(loss)
-                if n_acc == cfg.accumulate_steps:
-                    params, opt_state = update(acc, opt_state, params)
-                    acc, n_acc = None, 0
-            if acc is not None:
-                params, opt_state = update(acc, opt_state, params)
+            if acc is not None:  # partial accumulation at the end of the epoch
+                params, opt_state = fns["update"](acc, opt_state, params)
             if log is not None:
                 log({"epoch": epoch, "loss": float(np.mean(jax.device_get(losses)))})
         return params
 
     def predict(self, params, items: Sequence[Item]) -> np.ndarray:
         """Logits [N,K] (eval mode)."""
-        out = [self._eval(params, *pad_to_bucket(it.inputs, self.cfg.buckets)) for it in items]
+        logits_fn = self._fns["logits"]
+        out = [logits_fn(params, *pad_to_bucket(it.inputs, self.cfg.buckets)) for it in items]
         return np.stack(jax.device_get(out))
 
     def evaluate(self, params, items: Sequence[Item]) -> tuple[dict, dict]:
@@ -173,9 +209,3 @@ class LGPTrainer:
         risk = np.asarray(survival.risk_score(jnp.asarray(logits)))
         m = {"c_index": metrics.concordance_index(times, ~cens, risk)}
         return m, {"ids": ids, "times": times, "censored": cens, "risk": risk}
-
-
-def _apply(tx, grad_sum, opt_state, params, accumulate_steps: int):
-    grads = jax.tree.map(lambda g: g / accumulate_steps, grad_sum)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state

@@ -20,6 +20,7 @@ of the cost.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -142,10 +143,16 @@ def pad_to_bucket(x: np.ndarray, buckets: Sequence[int] = DEFAULT_BUCKETS):
     return padded, mask
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: HIPTLGP):
+    return jax.jit(model.init)
+
+
 def init_lgp(model: HIPTLGP, seed: int = 0, grid: int = 16, in_features: int = 384):
-    """Random variables for ``model`` (reference init for the ViT-4K, Flax defaults elsewhere)."""
+    """Random variables for ``model`` (reference init for the ViT-4K, Flax defaults elsewhere).
+    The jitted init is cached per model, so re-initializing for every fold compiles once."""
     dummy = jnp.zeros((2, grid * grid, in_features), jnp.float32)
-    return jax.jit(model.init)(jax.random.PRNGKey(seed), dummy)
+    return _jitted_init(model)(jax.random.PRNGKey(seed), dummy)
 
 
 def with_pretrained_local(variables, vit4k_variables):
