@@ -35,10 +35,8 @@ import numpy as np
 STEPS = ("synth", "prep", "pretrain256", "features", "pretrain4k", "extract", "knn", "lgp", "heatmap")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_STAINS = {"a": None, "b": (1.35, 0.8, 1.0)}  # optical-density gains per class
-REGION_PX = 4096
-SLIDE_PX = 4096  # one full region per synthetic slide ...
-# ... except the first: 2 x 2 regions, 3 with tissue, so its slide-level map has something to show.
-FIRST_SLIDE_PX = 2 * REGION_PX
+REGION_PX = 4096  # --region-px; each synthetic slide is one region, except the first: 2 x 2
+# regions, 3 with tissue, so that its slide-level map has something to show.
 FIRST_SLIDE_TISSUE = np.array([[1, 1], [1, 0]], bool)
 
 
@@ -116,11 +114,11 @@ def _is_progress(line: str) -> bool:
 def _make_slide(args) -> str:
     from data_prep.synth import make_aperio_slide
 
-    path, seed, stain, first = args
+    path, seed, stain, first, region_px = args
     if first:
-        return make_aperio_slide(path, (FIRST_SLIDE_PX, FIRST_SLIDE_PX), mag=20, levels=(1, 4, 16), seed=seed,
-                                 stain=stain, tissue=FIRST_SLIDE_TISSUE, tissue_cell_px=REGION_PX)
-    return make_aperio_slide(path, (SLIDE_PX, SLIDE_PX), mag=20, levels=(1, 4, 16), seed=seed, stain=stain)
+        return make_aperio_slide(path, (2 * region_px, 2 * region_px), mag=20, levels=(1, 4, 16), seed=seed,
+                                 stain=stain, tissue=FIRST_SLIDE_TISSUE, tissue_cell_px=region_px)
+    return make_aperio_slide(path, (region_px, region_px), mag=20, levels=(1, 4, 16), seed=seed, stain=stain)
 
 
 def step_synth(p: Paths, opts) -> dict:
@@ -133,7 +131,7 @@ def step_synth(p: Paths, opts) -> dict:
         path = os.path.join(p.slides, slide_id + ".svs")
         rows.append((slide_id, cls))
         if not os.path.exists(path):
-            jobs.append((path, 1000 + i, CLASS_STAINS[cls], i == 0))
+            jobs.append((path, 1000 + i, CLASS_STAINS[cls], i == 0, opts.region_px))
     from tqdm import tqdm
 
     with ProcessPoolExecutor(max_workers=opts.workers) as pool:
@@ -143,15 +141,15 @@ def step_synth(p: Paths, opts) -> dict:
         w = csv.writer(f)
         w.writerow(["slide_id", "label"])
         w.writerows(rows)
-    print(f"  {opts.slides} slides of {SLIDE_PX}x{SLIDE_PX} px at 20x (the first {FIRST_SLIDE_PX} px, 3 regions "
-          f"of tissue) in {_short(p.slides)}; "
+    print(f"  {opts.slides} slides of {opts.region_px}x{opts.region_px} px at 20x (the first {2 * opts.region_px} "
+          f"px, 3 regions of tissue) in {_short(p.slides)}; "
           f"classes a (original stain) and b (stain gains {CLASS_STAINS['b']}); labels {_short(p.labels)}")
     return {"slides": p.slides, "labels": p.labels}
 
 
 def step_prep(p: Paths, opts) -> dict:
     run_tool("prep_regions", "data_prep.cli", ["regions", "--slides", p.slides, "--out", p.prep,
-                                               "--region", str(REGION_PX), "--workers", str(opts.workers)], p.logs)
+                                               "--region", str(opts.region_px), "--workers", str(opts.workers)], p.logs)
     run_tool("prep_patches", "data_prep.cli", ["patches", "--regions", p.prep, "--out", p.patches,
                                                "--workers", str(opts.workers)], p.logs)
     regions = _count_files(os.path.join(p.prep, "regions"), ".array_record")
@@ -226,7 +224,7 @@ def step_heatmap(p: Paths, opts) -> dict:
     slide_path = os.path.join(p.slides, first)
     run_tool("heatmap", "hipt_jax.heatmap.cli",
              ["--vit256", os.path.join(p.stage1, "export"), "--vit4k", os.path.join(p.stage2, "export"),
-              "--slide", slide_path, "--x", "0", "--y", "0", "--size", str(REGION_PX), "--out", p.heatmaps,
+              "--slide", slide_path, "--x", "0", "--y", "0", "--size", str(opts.region_px), "--out", p.heatmaps,
               "--name", "region", "--scale", "8", "--blends", "diagonal", "--patch-batch", "64"], p.logs)
     result = {"heatmaps": p.heatmaps, "contact_sheet": os.path.join(p.heatmaps, "region_contact_sheet.png"),
               "demo_picture": demo_picture(p.heatmaps)}
@@ -236,7 +234,7 @@ def step_heatmap(p: Paths, opts) -> dict:
         # Slide-level map: HIPT-LGP's attention-pooling weight of every region of the slide.
         run_tool("heatmap_slide", "hipt_jax.heatmap.cli",
                  ["--slide", slide_path, "--lgp", lgp_ckpt, "--embeddings", p.embeddings, "--out", p.heatmaps,
-                  "--thumb-px", "512"], p.logs)
+                  "--thumb-px", "512", "--size", str(opts.region_px)], p.logs)
         result["slide_map"] = os.path.join(p.heatmaps, first[:-4] + "_slide_attention.png")
     elif os.path.exists(npz):
         # Without the lgp step: score regions by their CLS-4K norm (any per-region score works).
@@ -244,7 +242,7 @@ def step_heatmap(p: Paths, opts) -> dict:
             scores = np.linalg.norm(z["features_cls4k"], axis=-1)
             coords = z["coords"]
         scores_path = os.path.join(p.heatmaps, "region_scores.npz")
-        np.savez(scores_path, coords=coords, scores=scores, region_px=REGION_PX)
+        np.savez(scores_path, coords=coords, scores=scores, region_px=opts.region_px)
         run_tool("heatmap_slide", "hipt_jax.heatmap.cli",
                  ["--slide", slide_path, "--region-scores", scores_path, "--out", p.heatmaps, "--thumb-px", "512"],
                  p.logs)
@@ -324,6 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--slides", type=int, default=10, help="synthetic slides (half per class)")
     parser.add_argument("--steps-per-stage", dest="pretrain_steps", type=int, default=8, help="pretraining steps per stage")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for slide synthesis and prep")
+    parser.add_argument("--region-px", type=int, default=REGION_PX,
+                        help="region side (4096 = HIPT; smaller only for smoke tests of the first steps)")
     parser.add_argument("--clean", action="store_true", help="delete --out first")
     opts = parser.parse_args(argv)
     steps = [s.strip() for s in opts.steps.split(",") if s.strip()]

@@ -237,9 +237,9 @@ def _loader_data(stage: int, folder: str, n: int, config) -> None:
     from PIL import Image
 
     if stage == 1:
-        from data_prep.synth import _source_pixels
+        from data_prep.synth import real_tissue_pixels
 
-        tissue = _source_pixels(True)
+        tissue = real_tissue_pixels(True)
         rng = np.random.default_rng(0)
         for i in range(n):
             y = rng.integers(0, tissue.shape[0] - 256)

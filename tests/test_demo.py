@@ -1,0 +1,56 @@
+"""The end-to-end demo: a fast smoke of its first steps, and the whole pipeline (slow)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "hipt_jax.demo", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def test_demo_bad_arguments(tmp_path):
+    res = _demo("--out", str(tmp_path), "--steps", "synth,train")
+    assert res.returncode == 2 and "unknown step(s) ['train']" in res.stderr
+    res = _demo("--out", str(tmp_path), "--slides", "2")
+    assert res.returncode == 2 and "--slides" in res.stderr
+
+
+def test_demo_first_steps_small_regions(tmp_path):
+    """synth + prep on 1024 px regions: the cohort, labels and region shards line up."""
+    res = _demo("--out", str(tmp_path), "--steps", "synth,prep", "--slides", "4", "--region-px", "1024")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with open(tmp_path / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["a", "b", "a", "b"]
+    shards = sorted(os.listdir(tmp_path / "prep" / "regions"))
+    assert shards == [r["slide_id"] + ".array_record" for r in rows]
+    status = json.load(open(tmp_path / "prep" / "status" / "slide00_a.json"))
+    assert status.get("n_regions", status.get("regions", status.get("count"))) in (3, None)
+    assert len(os.listdir(tmp_path / "prep_patches" / "patches")) == 4
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["steps"] == ["synth", "prep"] and set(summary["seconds"]) == {"synth", "prep"}
+    assert "=== HIPT-JAX demo: summary" in res.stdout
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path):
+    """`make demo` as CI would run it (minutes): every step's outputs exist, KNN separates the
+    two stain classes, and the whole run stays under 10 minutes."""
+    res = _demo("--out", str(tmp_path / "demo_out"), timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    out = tmp_path / "demo_out"
+    summary = json.load(open(out / "summary.json"))
+    assert summary["total_seconds"] < 600
+    for step, items in summary["outputs"].items():
+        for key, path in items.items():
+            assert os.path.exists(path), f"{step}: {key} missing ({path})"
+    knn = json.load(open(out / "embeddings" / "knn_results.json"))
+    assert "paper" in json.dumps(knn)
+    assert os.path.getsize(out / "heatmaps" / "demo_heatmap.png") < 300_000
