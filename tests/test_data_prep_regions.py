@@ -158,3 +158,39 @@ def test_csv_input(tmp_path, synthetic_slides):
     csv.write_text(f"slide_id,path\ncase_A,{synthetic_slides['s20']}\n")
     assert _run(["--slides", str(csv), "--out", str(tmp_path / "o"), "--region", str(REGION)]) == 0
     assert len(_shard(str(tmp_path / "o"), "case_A")) == len(expected_regions())
+
+
+def test_list_slides_folder_dicom_and_duplicates(tmp_path):
+    from data_prep.runner import InputError, list_slides
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.svs").write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("ignored")
+    dcm = tmp_path / "case 7"
+    dcm.mkdir()
+    for name in ("b.dcm", "a.dcm"):  # a DICOM slide is a folder of instances: one task
+        (dcm / name).write_bytes(b"")
+    tasks = list_slides(str(tmp_path))
+    assert [(t.slide_id, os.path.basename(t.path)) for t in tasks] == [("x", "x.svs"), ("case_7", "a.dcm")]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.ndpi").write_bytes(b"")
+    with pytest.raises(InputError, match="'x' used by both"):
+        list_slides(str(tmp_path))
+    bad_csv = tmp_path / "s.csv"
+    bad_csv.write_text("file\nx.svs\n")
+    with pytest.raises(InputError, match="needs a 'path' column"):
+        list_slides(str(bad_csv))
+
+
+def test_tissue_too_small_for_a_region_is_reported(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    tissue = np.zeros((2, 2), bool)
+    tissue[1, 1] = True  # one 512 px tissue square: 1.6% of a 4096 px region
+    make_aperio_slide(str(slides / "speck.svs"), (1024, 1024), levels=(1,), tissue=tissue,
+                      tissue_cell_px=512)
+    assert _run(["--slides", str(slides), "--out", str(tmp_path / "o")]) == 1
+    with open(tmp_path / "o" / "manifest.json") as f:
+        err = json.load(f)["items"]["speck"]["error"]
+    assert "no 4096 px region reaches tissue fraction 0.1" in err
+    assert _run(["--slides", str(slides), "--out", str(tmp_path / "o2"), "--min-tissue", "0.01"]) == 0
