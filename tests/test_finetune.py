@@ -85,7 +85,6 @@ def test_survival_cindex_learns_class_dependent_times_and_not_shuffled(tmp_path)
     classes = make_feature_cohort(emb, n, signal=0.5, seed=4)
     # Patients of the first 40 slides own 2 slides of the same class: make pairs share a class.
     classes[1:40:2] = classes[0:40:2]
-    make_feature_cohort_pairs = {f"slide_{i:04d}" for i in range(40)}  # noqa: F841 (documentation)
     from tests.synthetic_cohort import write_embedding
 
     rng = np.random.default_rng(5)
@@ -107,3 +106,62 @@ def test_survival_cindex_learns_class_dependent_times_and_not_shuffled(tmp_path)
     assert os.path.isfile(tmp_path / "real" / "km.png")
     fold = json.load(open(tmp_path / "real" / "fold_0" / "result.json"))
     assert len(fold["predictions"]["risk"]) == fold["n_test"]
+
+
+def _items(n, m=3, grid=2, seed=0, width=None):
+    from hipt_jax.finetune.trainer import Item
+
+    rng = np.random.default_rng(seed)
+    shape = (m, width) if width else (m, grid * grid, 384)
+    return [Item(f"s{i}", rng.normal(size=shape).astype(np.float32), i % 2) for i in range(n)]
+
+
+def test_pretrained_frozen_vit4k_is_loaded_and_never_updated(tmp_path):
+    import jax
+
+    from hipt_jax.checkpoints import save_backbone
+    from hipt_jax.finetune.trainer import LGPTrainer, TrainConfig
+    from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+
+    cfg4k = get_arch("vit4k_tiny")
+    vit4k = jax.jit(build_vit(cfg4k).init)(jax.random.PRNGKey(7), dummy_input(cfg4k))
+    save_backbone(str(tmp_path / "vit4k"), vit4k, cfg4k)
+    c = lgp_subtyping.get_config("runlocal")
+    c.model.pretrained_vit4k = str(tmp_path / "vit4k")
+    model = finetune._build_model(c, 2)
+    variables = finetune._init_variables(model, c, seed=0, grid=2)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), variables["params"]["local_vit"], vit4k["params"])
+    assert all(jax.tree.leaves(same))
+    trainer = LGPTrainer(model, TrainConfig(epochs=1))  # any L2 step would move it
+    params = trainer.fit(variables, _items(4, width=192), desc=None)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params["local_vit"], vit4k["params"])
+    assert all(jax.tree.leaves(same))
+    assert not np.array_equal(params["classifier"]["kernel"], variables["params"]["classifier"]["kernel"])
+
+
+def test_unfrozen_local_vit_trains_end_to_end_on_raw_features():
+    from hipt_jax.finetune.trainer import LGPTrainer, TrainConfig
+    from hipt_jax.models import lgp
+
+    model = lgp.HIPTLGP(n_classes=2, local_arch="vit4k_tiny", freeze_local=False)
+    variables = lgp.init_lgp(model, grid=2)
+    trainer = LGPTrainer(model, TrainConfig(epochs=1, balanced_sampling=False))
+    items = _items(3)
+    params = trainer.fit(variables, items, desc=None)
+    before = variables["params"]["local_vit"]["phi"]["dense"]["kernel"]
+    assert np.abs(np.asarray(params["local_vit"]["phi"]["dense"]["kernel"]) - np.asarray(before)).max() > 0
+    assert trainer.predict(params, items).shape == (3, 2)
+
+
+def test_finetune_cli_reports_bad_input_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, "-m", "hipt_jax.finetune.main", "--config", os.path.join(root, "configs", "lgp_survival.py:runlocal"),
+         "--workdir", str(tmp_path / "w"), f"--config.data.embeddings={tmp_path}",
+         f"--config.data.labels={tmp_path / 'missing.csv'}"],
+        cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "missing.csv: labels file not found" in res.stderr and "Traceback" not in res.stderr

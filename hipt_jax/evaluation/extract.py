@@ -233,18 +233,20 @@ def slide_path(out_dir: str, slide_id: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def extract_cohort(model, shards: str, out_dir: str, *, features_dir: Optional[str] = None,
                    batch_per_device: int = 1, store_dtype: str = "float32",
-                   params: Optional[dict] = None, show_progress: bool = True) -> dict:
+                   params: Optional[dict] = None, show_progress: bool = True,
+                   extractor: Optional[Extractor] = None) -> dict:
     """Embed every slide of ``shards`` that has no .npz in ``out_dir`` yet; returns the manifest.
 
     ``model`` is a hipt_jax.HIPT4K with a ViT-4K. In a multi-process run each process takes
     slides i with i % process_count == process_index; process 0 writes the manifest.
+    Pass a prebuilt ``extractor`` to reuse its compiled functions across calls.
     """
     slide_ids = list_slides(shards)
     features_dir = features_dir if features_dir is not None else shards
     os.makedirs(os.path.join(out_dir, "slides"), exist_ok=True)
     mine = slide_ids[jax.process_index()::jax.process_count()]
     todo = [s for s in mine if not os.path.isfile(slide_path(out_dir, s))]
-    extractor = Extractor(model, batch_per_device)
+    extractor = extractor or Extractor(model, batch_per_device)
     region_dir = _kind_dir(shards, "regions")
     errors: dict[str, str] = {}
     n_regions = 0

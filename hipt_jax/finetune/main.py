@@ -224,9 +224,10 @@ def format_table(rows: list[dict], names: list[str], summary: dict) -> str:
 
 
 def _app_main(argv) -> None:
-    from absl import flags
+    from absl import flags, logging
 
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = flags.FLAGS.config
     try:
         run(config, flags.FLAGS.workdir)

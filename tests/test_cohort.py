@@ -1,0 +1,55 @@
+"""Cohort tables: labels CSV parsing, CLAM split files, seeded stratified k-fold."""
+import numpy as np
+import pytest
+
+from hipt_jax.evaluation import cohort
+from tests.synthetic_cohort import write_labels
+
+
+def test_labels_csv_string_classes_cases_and_survival(tmp_path):
+    path = write_labels(str(tmp_path / "l.csv"), [
+        {"slide_id": "a", "label": "LUSC", "case_id": "p1", "survival_months": "10.5", "censorship": "1"},
+        {"slide_id": "b", "label": "LUAD", "case_id": "p1", "survival_months": "10.5", "censorship": "1"},
+        {"slide_id": "c", "label": "LUAD", "case_id": "", "survival_months": "3", "censorship": "0"},
+    ])
+    c = cohort.read_labels_csv(path, require_survival=True)
+    assert c.class_names == ["LUAD", "LUSC"] and c.labels.tolist() == [1, 0, 0]
+    assert c.case_ids == ["p1", "p1", "c"]
+    assert c.censored.tolist() == [True, True, False] and c.times.tolist() == [10.5, 10.5, 3.0]
+
+
+def test_labels_csv_errors_name_the_file(tmp_path):
+    path = write_labels(str(tmp_path / "bad.csv"), [{"slide_id": "a", "klass": 1}])
+    with pytest.raises(cohort.CohortError, match=r"bad.csv: missing column\(s\) \['label'\]"):
+        cohort.read_labels_csv(path)
+    dup = write_labels(str(tmp_path / "dup.csv"), [{"slide_id": "a", "label": 1}, {"slide_id": "a", "label": 0}])
+    with pytest.raises(cohort.CohortError, match="duplicate"):
+        cohort.read_labels_csv(dup)
+
+
+def test_clam_split_files_with_uneven_columns_and_leak_check(tmp_path):
+    (tmp_path / "splits_0.csv").write_text(",train,val,test\n0,a,b,c\n1,d,,e\n2,f,,\n")
+    (tmp_path / "splits_1.csv").write_text(",train,val,test\n0,c,e,a\n")
+    folds = cohort.read_clam_splits(str(tmp_path))
+    assert folds[0] == {"train": ["a", "d", "f"], "val": ["b"], "test": ["c", "e"]}
+    assert folds[1] == {"train": ["c"], "val": ["e"], "test": ["a"]}
+    ids = list("abcdef")
+    assert cohort.resolve_splits(str(tmp_path), ids, [0] * 6) == folds
+    with pytest.raises(cohort.CohortError, match="not in the cohort"):
+        cohort.resolve_splits(str(tmp_path), ["a", "b"], [0, 0])
+    (tmp_path / "splits_2.csv").write_text(",train,val,test\n0,a,,a\n")
+    with pytest.raises(cohort.CohortError, match="both train and test"):
+        cohort.resolve_splits(str(tmp_path), ids, [0] * 6)
+
+
+def test_stratified_kfold_is_seeded_disjoint_and_stratified():
+    ids = [f"s{i}" for i in range(40)]
+    labels = np.array([0] * 30 + [1] * 10)
+    folds = cohort.resolve_splits("kfold:5", ids, labels, seed=3)
+    assert folds == cohort.resolve_splits("kfold:5", ids, labels, seed=3)
+    assert folds != cohort.resolve_splits("kfold:5", ids, labels, seed=4)
+    tests = [s for f in folds for s in f["test"]]
+    assert sorted(tests) == sorted(ids)  # every slide tested exactly once
+    for f in folds:
+        assert not set(f["train"]) & set(f["test"])
+        assert sum(labels[ids.index(s)] for s in f["test"]) == 2  # 10 positives / 5 folds
