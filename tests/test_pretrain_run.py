@@ -217,3 +217,31 @@ def test_two_stage_runlocal_end_to_end(tmp_path):
     out = full(np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
                           .resize((1024, 1024))))
     assert out["features_cls4k"].shape == (192,) and np.isfinite(out["features_cls4k"]).all()
+
+
+def test_warm_start_from_released_checkpoint_with_head(tmp_path):
+    """A .pth in the released layout (teacher backbone + DINO head) seeds student and teacher."""
+    import jax
+    from hipt_jax.pretrain import trainer
+    from tests import reference_torch as ref
+
+    pth = str(tmp_path / "vit4k_xs_dino.pth")
+    teacher = ref.write_released_checkpoint(pth, arch="vit4k_tiny", head_out_dim=512,
+                                            optimizer_state=False)
+    c = get_config_4k("runlocal")
+    c.head.update(hidden_dim=2048, bottleneck_dim=256)  # the released head's sizes
+    c.warm_start = pth
+    init = lambda cfg: jax.jit(lambda r: trainer.create_state(cfg, r))(jax.random.key(0))  # noqa: E731
+    state = trainer._warm_start(init(c), c)
+    want_head = ref.dino_head_state(192, 512, seed=2)  # the teacher head of that file
+    for net in ("student", "teacher"):
+        params = jax.device_get(state[net])
+        np.testing.assert_array_equal(params["vit"]["pos_embed"], teacher.pos_embed.detach().numpy())
+        np.testing.assert_array_equal(params["head"]["last_layer"]["weight_v"],
+                                      want_head["last_layer.weight_v"].numpy().T)
+        np.testing.assert_array_equal(params["head"]["mlp_2"]["kernel"],
+                                      want_head["mlp.2.weight"].numpy().T)
+        assert "weight_g" not in params["head"]["last_layer"]
+    c.head.update(hidden_dim=64)
+    with pytest.raises(ValueError, match="DINO head layout/shapes differ"):
+        trainer._warm_start(init(c), c)

@@ -1,0 +1,202 @@
+"""DINO update step, ours (JAX) vs DINO's torch step, on this machine, in one process.
+
+    python benchmarks/bench_pretrain.py                  # both stages, 3 timed steps each
+    python benchmarks/bench_pretrain.py --stages 2 --steps 5 --loader-workers 2
+
+Stage 1: ViT-S/16 + DINO head (65536), batch 16 of 2 x 224 px + 8 x 96 px crops.
+Stage 2: ViT-4K-XS + DINO head (65536), batch 64 of 2 x 14x14 + 8 x 6x6 feature grids.
+Both sides run the full iteration: teacher forward on the global crops, student forward and
+backward on all crops, DINO loss, per-tensor clipping, AdamW, EMA teacher, fp32. Timed steps
+alternate between the two frameworks (ours, torch, ours, ...) so that load from other
+processes hits both alike; the median is reported. FLOPs are XLA's cost analysis of our
+compiled update (the same arithmetic as the torch step), so FLOP/s compare directly.
+Also measured: the Grain loader's crops/s (augmentation in worker processes) against what the
+step consumes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from configs.pretrain_vit256 import get_config as get_config_256  # noqa: E402
+from configs.pretrain_vit4k import get_config as get_config_4k  # noqa: E402
+from hipt_jax import sharding as shd  # noqa: E402
+from hipt_jax.pretrain import data as data_lib  # noqa: E402
+from hipt_jax.pretrain import trainer  # noqa: E402
+from tests import reference_torch as ref  # noqa: E402
+from tests import reference_torch_dino as ref_dino  # noqa: E402
+
+N_LOCAL = 8
+
+
+def stage_config(stage: int, batch: int):
+    c = (get_config_256 if stage == 1 else get_config_4k)("")
+    c.global_batch = batch
+    c.data.num_workers = 0
+    return c
+
+
+def random_batch(c, rng):
+    b = trainer.dummy_batch(c, c.global_batch)
+    if c.stage == 1:
+        b["global"] = rng.integers(0, 256, b["global"].shape).astype(np.uint8)
+        b["local"] = rng.integers(0, 256, b["local"].shape).astype(np.uint8)
+    else:
+        b["global"] = rng.normal(size=b["global"].shape).astype(np.float32)
+        b["local"] = rng.normal(size=b["local"].shape).astype(np.float32)
+    return b
+
+
+class OursStep:
+    def __init__(self, c, batch):
+        mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+        self.state, sh = trainer.init_sharded_state(c, mesh, jax.random.key(0))
+        self.update = trainer.jit_update(c, mesh, sh, freeze_last_layer_steps=0)
+        self.batch = shd.global_batch(batch, shd.batch_sharding(mesh))
+        self.rng = jax.random.key(1)
+        t = time.perf_counter()
+        compiled = self.update.lower(self.state, self.batch, self.rng).compile()
+        self.compile_s = time.perf_counter() - t
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.flops = float(cost.get("flops", float("nan")))
+
+    def __call__(self):
+        t = time.perf_counter()
+        self.state, metrics = self.update(self.state, self.batch, self.rng)
+        jax.block_until_ready(metrics["loss"])
+        return time.perf_counter() - t
+
+
+class TorchStep:
+    """DINO's train_one_epoch iteration with the in-tree reference ViTs."""
+
+    def __init__(self, c, batch):
+        torch.manual_seed(0)
+        arch = "vit256" if c.stage == 1 else "vit4k"
+        width = c.model.width
+
+        def wrapper():
+            return ref_dino.MultiCropWrapper(ref.build_reference(arch).train(),
+                                             ref_dino.DINOHead(width, c.head.out_dim))
+        self.student, self.teacher = wrapper(), wrapper()
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.opt = torch.optim.AdamW(ref_dino.get_params_groups(self.student))
+        self.loss = ref_dino.DINOLoss(c.head.out_dim, 2 + N_LOCAL, 0.04, 0.04, 0, 10)
+        n = 1000
+        self.sched = (ref_dino.cosine_scheduler(5e-4 * c.global_batch / 256, 1e-6, n, 1, 10),
+                      ref_dino.cosine_scheduler(0.04, 0.4, n, 1),
+                      ref_dino.cosine_scheduler(0.996, 1.0, n, 1))
+        # ours [B,V,H,W,C] -> torch: list of V NCHW crops (normalized, as DINO's loader gives)
+        crops = []
+        for key in ("global", "local"):
+            x = batch[key]
+            if c.stage == 1:
+                x = (x.astype(np.float32) / 255.0 - 0.5) / 0.5
+            crops += [torch.from_numpy(np.ascontiguousarray(x[:, v].transpose(0, 3, 1, 2)))
+                      for v in range(x.shape[1])]
+        self.crops, self.it = crops, 0
+
+    def __call__(self):
+        t = time.perf_counter()
+        ref_dino.train_step(self.student, self.teacher, self.loss, self.opt, self.crops, self.it,
+                            1, *self.sched, clip_grad=3.0, freeze_last_layer=0)
+        self.it += 1
+        return time.perf_counter() - t
+
+
+def bench_step(stage, batch, steps, skip_torch):
+    c = stage_config(stage, batch)
+    b = random_batch(c, np.random.default_rng(0))
+    ours = OursStep(c, b)
+    ours()  # first call after compile (allocations)
+    theirs = None if skip_torch else TorchStep(c, b)
+    if theirs is not None:
+        theirs()  # warm-up
+    t_ours, t_torch = [], []
+    for _ in range(steps):
+        t_ours.append(ours())
+        if theirs is not None:
+            t_torch.append(theirs())
+    res = {"stage": stage, "batch": batch, "flops": ours.flops, "compile_s": ours.compile_s,
+           "ours_s": statistics.median(t_ours), "ours_all": t_ours}
+    if t_torch:
+        res.update(torch_s=statistics.median(t_torch), torch_all=t_torch)
+    return res
+
+
+def bench_loader(stage, batch, workers, n_batches):
+    """Crops/s of the real Grain pipeline (decode + multi-crop augmentation) on synthetic data."""
+    c = stage_config(stage, batch)
+    c.data.num_workers = workers
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for i in range(32):
+            if stage == 1:
+                small = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(small).resize((256, 256), Image.BICUBIC).save(f"{tmp}/p{i:03d}.png")
+            else:
+                np.save(f"{tmp}/r{i:03d}.npy", rng.normal(size=(256, 384)).astype(np.float32))
+        c.data.path = tmp
+        source = data_lib.make_source(c.data)
+        it = data_lib.make_iterator(c, source, process_index=0, process_count=1,
+                                    num_steps=n_batches + 2)
+        next(it)  # worker start-up
+        t = time.perf_counter()
+        for _ in range(n_batches):
+            next(it)
+        dt = time.perf_counter() - t
+        it.close()
+    return n_batches * batch * (2 + N_LOCAL) / dt
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", default="1,2")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per framework")
+    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--loader-batches", type=int, default=4)
+    p.add_argument("--skip-torch", action="store_true")
+    args = p.parse_args()
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    targets = {1: 1.3, 2: 1.5}
+    batches = {1: 16, 2: 64}
+    for stage in map(int, args.stages.split(",")):
+        r = bench_step(stage, batches[stage], args.steps, args.skip_torch)
+        crops = r["batch"] * (2 + N_LOCAL)
+        print(f"\nstage {stage}: batch {r['batch']} ({crops} crops), "
+              f"{r['flops'] / 1e9:.1f} GFLOP/step (XLA cost analysis), compile {r['compile_s']:.1f} s")
+        print(f"  ours : {r['ours_s']:.3f} s/step  {r['flops'] / r['ours_s'] / 1e9:.1f} GFLOP/s  "
+              f"(steps {', '.join(f'{t:.3f}' for t in r['ours_all'])})")
+        if "torch_s" in r:
+            ratio = r["torch_s"] / r["ours_s"]
+            print(f"  torch: {r['torch_s']:.3f} s/step  {r['flops'] / r['torch_s'] / 1e9:.1f} GFLOP/s  "
+                  f"(steps {', '.join(f'{t:.3f}' for t in r['torch_all'])})")
+            verdict = "MET" if ratio >= targets[stage] else "NOT MET"
+            print(f"  speed-up ours vs torch: {ratio:.2f}x (target >= {targets[stage]}x: {verdict})")
+        crops_s = bench_loader(stage, r["batch"], args.loader_workers, args.loader_batches)
+        need = crops / r["ours_s"]
+        print(f"  loader ({args.loader_workers} workers): {crops_s:.0f} crops/s; "
+              f"the step consumes {need:.0f} crops/s -> "
+              f"{'loader keeps up' if crops_s >= need else 'LOADER IS THE BOTTLENECK'}")
+
+
+if __name__ == "__main__":
+    main()
