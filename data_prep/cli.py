@@ -89,25 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _regions(args, beam_args) -> int:
-    from data_prep.regions import RegionParams, process_slide
-    from data_prep.runner import list_slides, run_items
+    from data_prep.runner import prepare_regions
     from data_prep.tissue import TissueParams
 
+    if args.region < 256 or args.region % 256:
+        raise InputError(f"--region {args.region}: must be a positive multiple of 256")
     tissue = TissueParams(mask_px=args.mask_px, median_blur=args.median_blur,
                           min_saturation=args.min_saturation, close_px=args.close_px,
                           min_tissue_area=args.min_tissue_area, min_hole_area=args.min_hole_area)
-    params = RegionParams(target_mpp=args.target_mpp, region_px=args.region,
-                          mpp_tolerance=args.mpp_tolerance, assume_mpp=args.assume_mpp,
-                          min_tissue_fraction=args.min_tissue, jpeg_quality=args.jpeg_quality,
-                          tissue=tissue)
-    if args.region < 256 or args.region % 256:
-        raise InputError(f"--region {args.region}: must be a positive multiple of 256")
-    tasks = list_slides(args.slides)
-    out = os.path.abspath(args.out)
-    manifest = run_items(process_slide, tasks, [t.slide_id for t in tasks], out, "regions",
-                         params.to_dict(), (out, params), workers=args.workers, runner=args.runner,
-                         beam_args=beam_args, redo=args.redo)
-    return _report(manifest, out)
+    manifest = prepare_regions(
+        args.slides, args.out, workers=args.workers, runner=args.runner, beam_args=beam_args,
+        redo=args.redo, target_mpp=args.target_mpp, region_px=args.region,
+        mpp_tolerance=args.mpp_tolerance, assume_mpp=args.assume_mpp,
+        min_tissue_fraction=args.min_tissue, jpeg_quality=args.jpeg_quality, tissue=tissue)
+    return _report(manifest, os.path.abspath(args.out))
 
 
 def _patches(args, beam_args) -> int:

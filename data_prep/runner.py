@@ -242,3 +242,23 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
         else:
             run_beam(fn, todo_items, fn_args, runner, beam_args)
     return write_manifest(out_dir, kind, params, ids)
+
+
+def prepare_regions(slides: str, out_dir: str, *, workers: int = 1, runner: str = "pool",
+                    beam_args: Sequence[str] = (), redo: bool = False, **params) -> dict:
+    """Python API of `hipt-prep regions`: returns the manifest (raises InputError on bad input).
+
+        manifest = prepare_regions("slides/", "out/", region_px=1024, min_tissue_fraction=0.05)
+        failed = {k: v["error"] for k, v in manifest["items"].items() if v["status"] != "done"}
+
+    `params` are RegionParams fields (target_mpp, region_px, assume_mpp, min_tissue_fraction,
+    jpeg_quality, tissue=TissueParams(...), ...).
+    """
+    from data_prep.regions import RegionParams, process_slide
+
+    region_params = RegionParams(**params)
+    tasks = list_slides(slides)
+    out = os.path.abspath(out_dir)
+    return run_items(process_slide, tasks, [t.slide_id for t in tasks], out, "regions",
+                     region_params.to_dict(), (out, region_params), workers=workers, runner=runner,
+                     beam_args=beam_args, redo=redo)

@@ -194,3 +194,14 @@ def test_tissue_too_small_for_a_region_is_reported(tmp_path):
         err = json.load(f)["items"]["speck"]["error"]
     assert "no 4096 px region reaches tissue fraction 0.1" in err
     assert _run(["--slides", str(slides), "--out", str(tmp_path / "o2"), "--min-tissue", "0.01"]) == 0
+
+
+def test_python_api_matches_cli(cohort_out, synthetic_slides, tmp_path):
+    from data_prep.runner import prepare_regions
+
+    m = prepare_regions(os.path.dirname(synthetic_slides["s20"]), str(tmp_path), region_px=REGION)
+    assert m["counts"] == {"done": 3}
+    for sid in ("s20", "s40", "s40l"):
+        with open(os.path.join(cohort_out, "regions", sid + ".array_record"), "rb") as a, \
+                open(tmp_path / "regions" / (sid + ".array_record"), "rb") as b:
+            assert a.read() == b.read()
