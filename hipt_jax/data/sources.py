@@ -95,7 +95,11 @@ class _ShardSource:
 
 class RegionSource(_ShardSource):
     """Region records -> dict(image uint8 [S,S,3], slide_id, x, y, level, read_px, mpp, region_px,
-    tissue_fraction, index)."""
+    tissue_fraction, region_index).
+
+    The record's `index` (position within its slide) is returned as `region_index`, leaving the
+    key `index` to pipelines that tag elements with their global position.
+    """
 
     kind, schema = "regions", records.REGION_SCHEMA
 
@@ -104,7 +108,8 @@ class RegionSource(_ShardSource):
                     x=np.int64(rec["x"]), y=np.int64(rec["y"]), level=np.int32(rec["level"]),
                     read_px=np.int32(rec["read_px"]), mpp=np.float32(rec["mpp"]),
                     region_px=np.int32(rec["region_px"]),
-                    tissue_fraction=np.float32(rec["tissue_fraction"]), index=np.int32(rec["index"]))
+                    tissue_fraction=np.float32(rec["tissue_fraction"]),
+                    region_index=np.int32(rec["index"]))
 
 
 class PatchSource(_ShardSource):
