@@ -38,6 +38,9 @@ CLASS_STAINS = {"a": None, "b": (1.35, 0.8, 1.0)}  # optical-density gains per c
 REGION_PX = 4096  # --region-px; each synthetic slide is one region, except the first: 2 x 2
 # regions, 3 with tissue, so that its slide-level map has something to show.
 FIRST_SLIDE_TISSUE = np.array([[1, 1], [1, 0]], bool)
+# Heatmaps are drawn on the real tissue: (x, y, size) of a 2048 px region of the embedded slide
+# (20x) with tissue on the right and glass on the left.
+REAL_REGION = (172, 900, 2048)
 
 
 class DemoError(Exception):
@@ -219,15 +222,18 @@ def step_lgp(p: Paths, opts) -> dict:
 
 
 def step_heatmap(p: Paths, opts) -> dict:
-    """Region heatmaps of the first slide's first region, and its slide-level region map."""
-    first = sorted(f for f in os.listdir(p.slides) if f.endswith(".svs"))[0]
-    slide_path = os.path.join(p.slides, first)
+    """Hierarchical heatmaps of a 2048 px region of the REAL slide, and slide 0's region map."""
+    from data_prep.synth import REAL_SLIDE
+
     run_tool("heatmap", "hipt_jax.heatmap.cli",
              ["--vit256", os.path.join(p.stage1, "export"), "--vit4k", os.path.join(p.stage2, "export"),
-              "--slide", slide_path, "--x", "0", "--y", "0", "--size", str(opts.region_px), "--out", p.heatmaps,
-              "--name", "region", "--scale", "8", "--blends", "diagonal", "--patch-batch", "64"], p.logs)
+              "--slide", REAL_SLIDE, "--x", str(REAL_REGION[0]), "--y", str(REAL_REGION[1]),
+              "--size", str(REAL_REGION[2]), "--out", p.heatmaps, "--name", "region", "--scale", "4",
+              "--blends", "diagonal", "--patch-batch", "64"], p.logs)
     result = {"heatmaps": p.heatmaps, "contact_sheet": os.path.join(p.heatmaps, "region_contact_sheet.png"),
               "demo_picture": demo_picture(p.heatmaps)}
+    first = sorted(f for f in os.listdir(p.slides) if f.endswith(".svs"))[0]
+    slide_path = os.path.join(p.slides, first)
     lgp_ckpt = os.path.join(p.lgp, "fold_0", "checkpoint")
     npz = os.path.join(p.embeddings, "slides", first[:-4] + ".npz")
     if os.path.isdir(lgp_ckpt):

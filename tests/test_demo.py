@@ -32,7 +32,8 @@ def test_demo_first_steps_small_regions(tmp_path):
     shards = sorted(os.listdir(tmp_path / "prep" / "regions"))
     assert shards == [r["slide_id"] + ".array_record" for r in rows]
     status = json.load(open(tmp_path / "prep" / "status" / "slide00_a.json"))
-    assert status.get("n_regions", status.get("regions", status.get("count"))) in (3, None)
+    assert status["status"] == "done" and status["n_regions"] == 3  # slide 0: 2x2 regions, 3 of tissue
+    assert json.load(open(tmp_path / "prep" / "status" / "slide01_b.json"))["n_regions"] == 1
     assert len(os.listdir(tmp_path / "prep_patches" / "patches")) == 4
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["steps"] == ["synth", "prep"] and set(summary["seconds"]) == {"synth", "prep"}

@@ -1,0 +1,68 @@
+"""Does hipt-profile report the same HIPT4K speed as benchmarks/bench_inference.py?
+
+    python benchmarks/bench_profiler.py [--reps 2] [--region 4096]
+
+One process, full-size models, one 4096 px region. Measured alternately (A, B, A, B, ...):
+  A = hipt-profile's HIPT4K section (hipt_jax.profiler.profile_hipt4k: jitted region_forward,
+      device-resident input, best of N after a warm-up) and its matmul peak probe;
+  B = bench_inference.py's JAX measurement (HIPT4K.__call__ on a host numpy region, best of N,
+      same-size matmul peak probe), imported from that script.
+Prints both s/region, GFLOP/s and share of peak, and their ratios (acceptance: within 10%).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=2, help="alternating rounds (each: 1 timed pass per side)")
+    p.add_argument("--region", type=int, default=4096)
+    p.add_argument("--patch-batch", type=int, default=256)
+    args = p.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    from benchmarks import bench_inference as bench
+    from configs import profile as profile_config
+    from hipt_jax import profiler
+
+    cfg = profile_config.get_config("")
+    cfg.repeats = 1
+    cfg.hipt4k.update(region_px=args.region, patch_batch=args.patch_batch)
+    bench.REGION = args.region
+    flops = profiler.hipt4k_region_flops(*profiler.hipt4k_forward(cfg)[2:], args.region, args.region)
+
+    _, ours = bench.build_models(args.patch_batch)
+    region = bench.test_region()
+    ours(region)  # compile (bench's first call)
+
+    prof_s, prof_peak, bench_s, bench_peak = [], [], [], []
+    for r in range(args.reps):
+        prof_peak.append(profiler.matmul_peak(2048, jnp.float32, 3))
+        row = profiler.profile_hipt4k(cfg, prof_peak[-1])
+        prof_s.append(row["step_s"])
+        bench_peak.append(bench.matmul_peaks(3)[0] * 1e9)
+        bench_s.append(bench.best_time(lambda: ours(region), 1))
+        print(f"round {r}: hipt-profile {prof_s[-1]:.2f} s/region (peak {prof_peak[-1] / 1e9:.0f} GFLOP/s); "
+              f"bench_inference {bench_s[-1]:.2f} s/region (peak {bench_peak[-1] / 1e9:.0f} GFLOP/s)", flush=True)
+
+    ps, bs = min(prof_s), min(bench_s)
+    pp, bp = max(prof_peak), max(bench_peak)
+    print(f"\nHIPT4K {args.region} px region, {flops / 1e9:.0f} GFLOP (same analytic count in both):")
+    print(f"  hipt-profile    {ps:7.2f} s/region  {flops / ps / 1e9:6.1f} GFLOP/s  MFU {flops / ps / pp:.0%}")
+    print(f"  bench_inference {bs:7.2f} s/region  {flops / bs / 1e9:6.1f} GFLOP/s  share of peak {flops / bs / bp:.0%}")
+    ratio = ps / bs
+    print(f"  ratio profile/bench: time {ratio:.3f}, MFU {(bs / ps) * (bp / pp):.3f} "
+          f"-> {'agree' if abs(ratio - 1) <= 0.10 else 'DISAGREE'} within 10%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
