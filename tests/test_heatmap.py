@@ -222,6 +222,37 @@ def test_cli_slide_scores(tmp_path):
     assert max(picture.shape[:2]) == 256
 
 
+
+def test_cli_lgp_slide_map(tmp_path):
+    """--lgp: the map's region scores are the trained model's attention-pooling weights."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from hipt_jax.heatmap.cli import main
+    from hipt_jax.heatmap.slide import lgp_region_attention
+    from hipt_jax.models import lgp
+
+    model = lgp.HIPTLGP(n_classes=3, local_arch="vit4k_tiny", dropout_rate=0.0)
+    params = lgp.init_lgp(model, seed=0)["params"]
+    ckpt = str(tmp_path / "fold_0" / "checkpoint")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(ckpt, params)
+    checkpointer.wait_until_finished()
+    feats = np.random.default_rng(0).normal(size=(3, 256, 384)).astype(np.float32)
+    os.makedirs(tmp_path / "emb" / "slides")
+    np.savez(tmp_path / "emb" / "slides" / "cmu_small_region.npz", features_cls256=feats,
+             coords=np.array([[0, 0], [1024, 0], [0, 1024]]))
+    attention = lgp_region_attention(ckpt, feats)
+    _, aux = model.apply({"params": params}, jax.numpy.asarray(feats))
+    np.testing.assert_allclose(attention, np.asarray(aux["attention"]), atol=1e-6)
+    assert attention.sum() == pytest.approx(1.0, abs=1e-5)
+    code = main(["--slide", REAL_SLIDE, "--lgp", ckpt, "--embeddings", str(tmp_path / "emb"), "--size", "1024",
+                 "--out", str(tmp_path / "maps"), "--thumb-px", "128"])
+    assert code == 0
+    assert os.path.exists(tmp_path / "maps" / "cmu_small_region_slide_attention.png")
+    assert main(["--slide", REAL_SLIDE, "--lgp", ckpt, "--out", str(tmp_path / "m2")]) == 2  # no --embeddings
+
+
 if __name__ == "__main__":
     # Regenerate the golden fixtures (only after an intended change of the maps):
     #   .venv/bin/python -m tests.test_heatmap

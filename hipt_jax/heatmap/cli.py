@@ -171,10 +171,8 @@ def run_slide(args) -> dict:
         coords, region_scores, region_px = _lgp_scores(args, slide)
     else:
         coords, region_scores, region_px = _file_scores(args.region_scores)
-    width, height = slide.dimensions
-    downsample = max(width, height) / args.thumb_px
     thumb = np.asarray(slide.get_thumbnail((args.thumb_px, args.thumb_px)).convert("RGB"))
-    downsample = width / thumb.shape[1]
+    downsample = slide.dimensions[0] / thumb.shape[1]  # level-0 px per thumbnail px
     picture, _ = slide_attention_map(thumb, downsample, coords, region_px, region_scores,
                                      alpha=args.alpha, cmap=args.cmap)
     os.makedirs(args.out, exist_ok=True)
