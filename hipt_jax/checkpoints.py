@@ -275,7 +275,8 @@ def read_pth(path: str) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle/unpickler errors: all mean "unusable file"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # First sentence only: torch appends paragraphs of advice to zip errors.
+        msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         if "central directory" in msg or "EOF" in msg or "truncated" in msg.lower() or "failed reading" in msg:
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg})") from None
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({msg})") from None

@@ -1,0 +1,225 @@
+"""Inference benchmark: our JAX HIPT4K vs the in-tree PyTorch reference, same inputs, one process.
+
+    python benchmarks/bench_inference.py                 # full run (~10 min on 2 busy cores)
+    python benchmarks/bench_inference.py --quick         # smaller ViT-256 batch, 1 repeat
+    python benchmarks/bench_inference.py --patch-batch 64 --xla-flags="--xla_cpu_use_onednn=true"
+
+Prints, for fp32 on this machine:
+  - matmul peak of each framework (2048^3 fp32 matmul, best of N): the yardstick for "share of peak";
+  - ViT-256 patches/s (batch of --patches 256 px patches) for both, ratio;
+  - HIPT4K seconds per 4096 px region for both: ours = one jitted computation with
+    --patch-batch patches per minibatch, the reference = HIPT_4K run the reference's way
+    (eager, minibatches of 256 patches), ratio; achieved GFLOP/s and share of each peak;
+  - the numerical agreement of the two on that region (max abs error of CLS-4K and CLS-256);
+  - bf16 compute (fp32 params, fp32 softmax): its speed and error against our fp32;
+  - peak RSS of embedding one region, measured in a fresh subprocess per framework, so that the
+    other framework's memory does not pollute it.
+Repeats are interleaved (ours, reference, ours, ...) and the best time counts, which is fairest
+on a machine shared with other jobs. Random weights (speed does not depend on their values).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+REGION = 4096
+
+
+def vit_flops(width: int, depth: int, mlp: int, tokens: int, stem_in: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of one ViT on one input with ``tokens`` tokens (+CLS)."""
+    n = tokens + 1
+    per_block = 2 * n * width * 3 * width + 2 * 2 * n * n * width + 2 * n * width * width + 2 * 2 * n * width * mlp
+    return depth * per_block + 2 * tokens * stem_in * width
+
+
+FLOPS_PATCH = vit_flops(384, 12, 1536, 256, 16 * 16 * 3)
+FLOPS_REGION = 256 * FLOPS_PATCH + vit_flops(192, 6, 768, 256, 384)
+
+
+def best_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peaks(reps: int) -> tuple[float, float]:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 2048
+    a = jnp.asarray(jax.random.normal(jax.random.PRNGKey(0), (n, n)))
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    t_jax = best_time(lambda: mm(a, a).block_until_ready(), reps)
+    ta = torch.randn(n, n)
+    ta @ ta
+    t_torch = best_time(lambda: ta @ ta, reps)
+    return 2 * n**3 / t_jax / 1e9, 2 * n**3 / t_torch / 1e9
+
+
+def build_models(patch_batch: int, dtype_name: str = "float32"):
+    """Reference HIPT_4K and our HIPT4K with the same random full-size weights."""
+    import jax.numpy as jnp
+
+    from hipt_jax.checkpoints import reference_to_variables
+    from hipt_jax.models.configs import get_arch
+    from hipt_jax.models.hipt4k import HIPT4K
+    from tests import reference_torch as ref
+
+    m256 = ref.random_init_(ref.build_reference("vit256"), seed=0)
+    m4k = ref.random_init_(ref.build_reference("vit4k"), seed=1)
+    conv = lambda m: reference_to_variables({k: v.numpy() for k, v in m.state_dict().items()})  # noqa: E731
+    dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+    ours = HIPT4K(conv(m256), conv(m4k), get_arch("vit256"), get_arch("vit4k"), patch_batch=patch_batch,
+                  dtype=dtype)
+    return ref.HIPT_4K(m256, m4k), ours
+
+
+def test_region(seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(REGION // 64, REGION // 64, 3))
+    img = np.repeat(np.repeat(coarse, 64, 0), 64, 1)
+    return np.clip(img + rng.normal(0, 20, size=img.shape), 0, 255).astype(np.uint8)
+
+
+def child_rss(framework: str, patch_batch: int, dtype_name: str) -> None:
+    """Run in a fresh process: embed one region with one framework, print peak RSS (JSON)."""
+    region = test_region()
+    if framework == "jax":
+        _, ours = build_models(patch_batch, dtype_name)
+        del _
+        ours(region)
+    else:
+        import torch
+
+        reference, _ = build_models(patch_batch)
+        del _
+        with torch.no_grad():
+            reference.embed_region(region)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"framework": framework, "peak_rss_gb": peak_kb / 1024**2}))
+
+
+def measure_rss(framework: str, patch_batch: int, dtype_name: str = "float32") -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-rss", framework, "--patch-batch", str(patch_batch),
+           "--dtype", dtype_name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS child ({framework}) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_gb"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="32 patches, 1 repeat of each timing")
+    p.add_argument("--patches", type=int, default=64, help="ViT-256 batch for the patches/s figure")
+    p.add_argument("--reps", type=int, default=2, help="interleaved repeats per timing (best counts)")
+    p.add_argument("--patch-batch", type=int, default=256, help="our ViT-256 minibatch inside HIPT4K")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our side (set before jax is imported)")
+    p.add_argument("--child-rss", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.xla_flags is not None:
+        os.environ["XLA_FLAGS"] = args.xla_flags
+    if args.child_rss:
+        child_rss(args.child_rss, args.patch_batch, args.dtype)
+        return 0
+    if args.quick:
+        args.patches, args.reps = 32, 1
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from hipt_jax.models.configs import build_vit, get_arch
+
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpus={os.cpu_count()}  "
+          f"load1={os.getloadavg()[0]:.1f}  jax {jax.__version__}  torch {torch.__version__} "
+          f"(threads {torch.get_num_threads()})  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    peak_jax, peak_torch = matmul_peaks(max(3, args.reps * 2))
+    print(f"matmul peak fp32 (2048^3): jax {peak_jax:.1f} GFLOP/s, torch {peak_torch:.1f} GFLOP/s", flush=True)
+
+    reference, ours = build_models(args.patch_batch)
+
+    # --- ViT-256 patches/s ---------------------------------------------------------------
+    x = np.random.default_rng(0).normal(size=(args.patches, 256, 256, 3)).astype(np.float32)
+    vit = jax.jit(lambda v, im: build_vit(get_arch("vit256")).apply(v, im)[0])
+    xj = jnp.asarray(x)
+    vit(ours.params256, xj).block_until_ready()
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    t_j, t_t = [], []
+    with torch.no_grad():
+        reference.model256(xt[:2])
+        for _ in range(args.reps):
+            t_j.append(best_time(lambda: vit(ours.params256, xj).block_until_ready(), 1))
+            t_t.append(best_time(lambda: reference.model256(xt), 1))
+    pj, pt = args.patches / min(t_j), args.patches / min(t_t)
+    print(f"ViT-256 ({args.patches} patches): jax {pj:.2f} patches/s ({pj * FLOPS_PATCH / 1e9:.0f} GFLOP/s, "
+          f"{pj * FLOPS_PATCH / 1e9 / peak_jax:.0%} of peak), torch {pt:.2f} patches/s "
+          f"({pt * FLOPS_PATCH / 1e9:.0f} GFLOP/s, {pt * FLOPS_PATCH / 1e9 / peak_torch:.0%} of peak), "
+          f"ratio {pj / pt:.2f}x", flush=True)
+
+    # --- HIPT4K region -------------------------------------------------------------------
+    region = test_region()
+    start = time.perf_counter()
+    got = ours(region)
+    compile_s = time.perf_counter() - start
+    t_j, t_t = [], []
+    for _ in range(args.reps):
+        t_j.append(best_time(lambda: ours(region), 1))
+        t_t.append(best_time(lambda: reference.embed_region(region), 1))
+        print(f"  region repeat: jax {t_j[-1]:.1f} s, torch {t_t[-1]:.1f} s", flush=True)
+    want = reference.embed_region(region)
+    sj, st = min(t_j), min(t_t)
+    gj, gt = FLOPS_REGION / sj / 1e9, FLOPS_REGION / st / 1e9
+    print(f"HIPT4K 4096 px region ({FLOPS_REGION / 1e9:.0f} GFLOP): jax {sj:.1f} s/region "
+          f"(patch_batch {args.patch_batch}; first call incl. compile {compile_s:.1f} s), torch {st:.1f} s/region; "
+          f"speed-up {st / sj:.2f}x", flush=True)
+    print(f"  achieved: jax {gj:.0f} GFLOP/s = {gj / peak_jax:.0%} of its matmul peak; "
+          f"torch {gt:.0f} GFLOP/s = {gt / peak_torch:.0%} of its matmul peak", flush=True)
+    print(f"  agreement: max|cls4k| err {np.abs(got['features_cls4k'] - want['features_cls4k']).max():.2e}, "
+          f"max|cls256| err {np.abs(got['features_cls256'] - want['features_cls256']).max():.2e}", flush=True)
+
+    # --- bf16 ----------------------------------------------------------------------------
+    if not args.no_bf16:
+        del reference
+        _, ours16 = build_models(args.patch_batch, "bfloat16")
+        got16 = ours16(region)
+        t16 = best_time(lambda: ours16(region), args.reps)
+        e4k = np.abs(got16["features_cls4k"] - got["features_cls4k"]).max()
+        e256 = np.abs(got16["features_cls256"] - got["features_cls256"]).max()
+        cos = float(np.dot(got16["features_cls4k"], got["features_cls4k"])
+                    / np.linalg.norm(got16["features_cls4k"]) / np.linalg.norm(got["features_cls4k"]))
+        print(f"bf16 compute: {t16:.1f} s/region ({sj / t16:.2f}x our fp32); max abs err vs fp32: "
+              f"cls4k {e4k:.3f} (|cls4k| max {np.abs(got['features_cls4k']).max():.2f}, cosine {cos:.5f}), "
+              f"cls256 {e256:.3f}", flush=True)
+
+    # --- peak RSS ------------------------------------------------------------------------
+    if not args.no_rss:
+        rss_j = measure_rss("jax", args.patch_batch)
+        rss_t = measure_rss("torch", args.patch_batch)
+        print(f"peak RSS, one 4096 region, fresh process: jax {rss_j:.2f} GB (patch_batch {args.patch_batch}), "
+              f"torch {rss_t:.2f} GB (target <= 3 GB)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
