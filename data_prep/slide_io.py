@@ -7,12 +7,15 @@ level that already is 20x when the file has one. `region_geometry` decides this 
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import sys
 
 import cv2
 import numpy as np
 import openslide
+import openslide.lowlevel
 
 # Relative error within which a slide's mpp counts as an exact multiple of the target mpp, e.g. a
 # 0.499 um/px slide is read 1:1 for 0.5 um/px instead of being resampled by 0.2%.
@@ -114,11 +117,38 @@ def composite_white(rgba: np.ndarray, order: str = "rgb") -> np.ndarray:
     return out if order == "rgb" else np.ascontiguousarray(out[:, :, ::-1])
 
 
+def _read_bgra_premultiplied(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int,
+                             h: int) -> np.ndarray | None:
+    """OpenSlide's native output -> uint8 [h,w,4] premultiplied BGRA, or None if unavailable.
+
+    openslide_read_region fills premultiplied ARGB uint32s, i.e. B,G,R,A bytes on little-endian
+    machines. Reading them straight into numpy skips openslide-python's ARGB->RGBA conversion,
+    PIL image and numpy copy (~50 ms per 4096 px region, as much as the JPEG encode).
+    """
+    osr = getattr(slide, "_osr", None)
+    fn = getattr(openslide.lowlevel, "_read_region", None)
+    if osr is None or fn is None or sys.byteorder != "little" or w <= 0 or h <= 0:
+        return None
+    buf = np.empty((h, w), np.uint32)
+    fn(osr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), int(x), int(y), int(level),
+       int(w), int(h))  # raises OpenSlideError on a read error (ctypes errcheck)
+    return buf.view(np.uint8).reshape(h, w, 4)  # [h,w] uint32 -> [h,w,4] bytes B,G,R,A
+
+
 def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int,
              order: str = "rgb") -> np.ndarray:
     """OpenSlide read_region composited over white -> uint8 [h,w,3]. (x, y) in level-0 pixels."""
-    rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
-    return composite_white(rgba, order)
+    bgra = _read_bgra_premultiplied(slide, x, y, level, w, h)
+    if bgra is None:  # not the C-backed OpenSlide class (or big-endian): public API
+        rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
+        return composite_white(rgba, order)
+    alpha = bgra[:, :, 3]
+    if alpha.min() != 255:
+        # Premultiplied colour over white: c*a/255 + 255*(1 - a/255) = c_premultiplied + 255 - a.
+        bgra = bgra.copy()
+        bgra[:, :, :3] += (255 - alpha)[:, :, None]
+        bgra[:, :, 3] = 255
+    return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB if order == "rgb" else cv2.COLOR_BGRA2BGR)
 
 
 def read_region_geometry(slide: openslide.OpenSlide, x: int, y: int, geom: RegionGeometry,
