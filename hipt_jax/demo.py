@@ -325,7 +325,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-    parser.add_argument("--slides", type=int, default=10, help="synthetic slides (half per class)")
+    parser.add_argument("--slides", type=int, default=8, help="synthetic slides (half per class)")
     parser.add_argument("--steps-per-stage", dest="pretrain_steps", type=int, default=8, help="pretraining steps per stage")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for slide synthesis and prep")
     parser.add_argument("--region-px", type=int, default=REGION_PX,
