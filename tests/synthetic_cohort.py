@@ -83,13 +83,15 @@ def write_embedding(emb_dir: str, slide_id: str, features_cls256: np.ndarray) ->
 
 
 def make_feature_cohort(emb_dir: str, n_items: int, n_classes: int = 2, grid: int = 2,
-                        regions=(2, 6), signal: float = 1.0, seed: int = 0) -> np.ndarray:
+                        regions=(2, 6), signal: float = 1.0, seed: int = 0,
+                        classes: np.ndarray | None = None) -> np.ndarray:
     """Write ``n_items`` slides slide_{i:04d}; features ~ N(0,1) + signal * class direction.
-    Returns the class of every slide."""
+    ``classes`` fixes the class of every slide (default: balanced, shuffled). Returns them."""
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(n_classes, 384)).astype(np.float32)
-    classes = np.arange(n_items) % n_classes
-    rng.shuffle(classes)
+    if classes is None:
+        classes = np.arange(n_items) % n_classes
+        rng.shuffle(classes)
     for i, c in enumerate(classes):
         m = int(rng.integers(regions[0], regions[1] + 1))
         feats = rng.normal(size=(m, grid * grid, 384)).astype(np.float32) + signal * directions[c]

@@ -38,9 +38,11 @@ def test_knn_and_lgp_subtyping_learn_stain_classes_from_tissue(tissue_embeddings
     emb, labels, rows = tissue_embeddings
     result = knn_cli.run(emb, labels, "kfold:3", seed=0)
     assert result["n_slides"] == 24
+    print({"tissue_knn": result["summary"]["paper"]["auc"], "tissue_dino": result["summary"]["dino"]["auc"]})
     assert result["summary"]["paper"]["auc"]["mean"] > 0.9, result["summary"]
     assert result["summary"]["dino"]["auc"]["mean"] > 0.9, result["summary"]
     res = finetune.run(_subtyping_config(emb, labels, epochs=4), str(tmp_path / "run"), show_progress=False)
+    print({"tissue_lgp": res["summary"]["auc"]})
     assert res["summary"]["auc"]["mean"] > 0.9, res["folds"]
     assert os.path.isfile(tmp_path / "run" / "roc.png")
     assert os.path.isdir(tmp_path / "run" / "fold_0" / "checkpoint")
@@ -58,50 +60,49 @@ def test_shuffled_labels_give_chance_level(tmp_path):
                              for i, c in enumerate(rng.permutation(classes))])
     real = knn_cli.run(emb, labels, "kfold:3", seed=0)["summary"]
     fake = knn_cli.run(emb, shuffled, "kfold:3", seed=0)["summary"]
+    print({"knn_real": real["paper"]["auc"], "knn_fake": fake["paper"]["auc"], "dino_fake": fake["dino"]["auc"]})
     assert real["paper"]["auc"]["mean"] > 0.9
     assert abs(fake["paper"]["auc"]["mean"] - 0.5) < 0.12 and abs(fake["dino"]["auc"]["mean"] - 0.5) < 0.12
     lgp_real = finetune.run(_subtyping_config(emb, labels, epochs=2), str(tmp_path / "r"), show_progress=False)
     lgp_fake = finetune.run(_subtyping_config(emb, shuffled, epochs=2), str(tmp_path / "f"), show_progress=False)
+    print({"lgp_real": lgp_real["summary"]["auc"], "lgp_fake": lgp_fake["summary"]["auc"]})
     assert lgp_real["summary"]["auc"]["mean"] > 0.9
     assert abs(lgp_fake["summary"]["auc"]["mean"] - 0.5) < 0.12, lgp_fake["folds"]
 
 
 def _survival_rows(classes, rng, shuffle=False):
-    """Class 1 dies early, class 0 late; ~30 % censored; 2 slides for some patients."""
-    times = np.where(classes == 1, rng.uniform(2, 20, len(classes)), rng.uniform(15, 60, len(classes)))
+    """Class k lives in [2 + 12k, 14 + 12k) months (class 0 dies first); ~30 % censored.
+    Slides 2j and 2j+1 (j < 20) belong to one patient (same class, same time)."""
+    times = 2.0 + 12.0 * classes + rng.uniform(0, 12, len(classes))
     cens = rng.random(len(classes)) < 0.3
     if shuffle:
         order = rng.permutation(len(classes))
         times, cens = times[order], cens[order]
-    # Slides 2k and 2k+1 of the same class share a patient when both are even-indexed pairs.
-    return [{"slide_id": f"slide_{i:04d}", "case_id": f"case_{i // 2 if i < 40 else i:04d}",
-             "survival_months": f"{times[i - i % 2 if i < 40 else i]:.3f}",
-             "censorship": int(cens[i - i % 2 if i < 40 else i])} for i in range(len(classes))]
+    owner = [i - i % 2 if i < 40 else i for i in range(len(classes))]  # first slide of the patient
+    return [{"slide_id": f"slide_{i:04d}", "case_id": f"case_{owner[i]:04d}",
+             "survival_months": f"{times[owner[i]]:.3f}", "censorship": int(cens[owner[i]])}
+            for i in range(len(classes))]
 
 
 def test_survival_cindex_learns_class_dependent_times_and_not_shuffled(tmp_path):
     emb = str(tmp_path / "emb")
     n = 160
-    classes = make_feature_cohort(emb, n, signal=0.5, seed=4)
-    # Patients of the first 40 slides own 2 slides of the same class: make pairs share a class.
-    classes[1:40:2] = classes[0:40:2]
-    from tests.synthetic_cohort import write_embedding
-
-    rng = np.random.default_rng(5)
-    directions = np.random.default_rng(4).normal(size=(2, 384)).astype(np.float32)
-    for i in range(1, 40, 2):  # rewrite odd slides so their features match their (new) class
-        write_embedding(emb, f"slide_{i:04d}",
-                        rng.normal(size=(3, 4, 384)).astype(np.float32) + 0.5 * directions[classes[i]])
+    classes = np.random.default_rng(4).permutation(np.arange(n) % 4)
+    classes[1:40:2] = classes[0:40:2]  # the two slides of a patient share its class
+    make_feature_cohort(emb, n, n_classes=4, signal=0.5, seed=4, classes=classes)
     results = {}
     for name, shuffle in (("real", False), ("shuffled", True)):
         rows = _survival_rows(classes, np.random.default_rng(6), shuffle)
         labels = write_labels(str(tmp_path / f"{name}.csv"), rows)
         c = lgp_survival.get_config("runlocal")
         c.data.embeddings, c.data.labels, c.data.splits = emb, labels, "kfold:3"
-        c.optim.epochs = 4
+        c.optim.epochs = 3
         results[name] = finetune.run(c, str(tmp_path / name), show_progress=False)
+    print({k: v["summary"]["c_index"] for k, v in results.items()})
     assert results["real"]["n_items"] == n - 20  # 20 patients with 2 slides each
     assert results["real"]["summary"]["c_index"]["mean"] > 0.7, results["real"]["folds"]
+    # Chance level. (Under the null, cross-validation is slightly anti-conservative: the held-out
+    # patients' times pull the train fold the other way, so expect a little below 0.5.)
     assert abs(results["shuffled"]["summary"]["c_index"]["mean"] - 0.5) < 0.12, results["shuffled"]["folds"]
     assert os.path.isfile(tmp_path / "real" / "km.png")
     fold = json.load(open(tmp_path / "real" / "fold_0" / "result.json"))

@@ -32,9 +32,9 @@ def test_forward_parity_with_torch_reference_eval_mode(local_arch, m):
 
 
 def test_padded_masked_forward_equals_unpadded():
-    model = lgp.HIPTLGP(n_classes=3, local_arch="vit4k_tiny")
-    variables = lgp.init_lgp(model, seed=2)
-    x = np.random.default_rng(0).normal(size=(5, 256, 384)).astype(np.float32)
+    model = lgp.HIPTLGP(n_classes=2, local_arch="vit4k_tiny")
+    variables = lgp.init_lgp(model, seed=2, grid=2)
+    x = np.random.default_rng(0).normal(size=(5, 4, 384)).astype(np.float32)  # 2x2 grids
     apply = jax.jit(model.apply)
     logits, aux = apply(variables, x)
     padded, mask = lgp.pad_to_bucket(x)
@@ -48,8 +48,8 @@ def test_padded_masked_forward_equals_unpadded():
 
 def test_training_mode_dropout_is_active_and_frozen_local_gets_no_gradient():
     model = lgp.HIPTLGP(n_classes=2, local_arch="vit4k_tiny", freeze_local=True)
-    variables = lgp.init_lgp(model)
-    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 256, 384)), jnp.float32)
+    variables = lgp.init_lgp(model, grid=2)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 4, 384)), jnp.float32)  # 2x2 grids
 
     def loss(params, key):
         logits, _ = model.apply({"params": params}, x, train=True, rngs={"dropout": key})
@@ -62,15 +62,13 @@ def test_training_mode_dropout_is_active_and_frozen_local_gets_no_gradient():
     a = jloss(variables["params"], jax.random.PRNGKey(0))
     b = jloss(variables["params"], jax.random.PRNGKey(1))
     assert a != b  # dropout differs between keys
-    unfrozen = lgp.HIPTLGP(n_classes=2, local_arch="vit4k_tiny", freeze_local=False)
-    g2 = jax.jit(jax.grad(lambda p: unfrozen.apply({"params": p}, x)[0].sum()))(variables["params"])
-    assert float(jnp.abs(g2["local_vit"]["phi"]["dense"]["kernel"]).max()) > 0
+    # (freeze_local=False training is covered by tests/test_finetune.py.)
 
 
 def test_local_then_aggregate_equals_full_forward():
     model = lgp.HIPTLGP(n_classes=2, local_arch="vit4k_tiny")
-    variables = lgp.init_lgp(model, seed=3)
-    x = np.random.default_rng(2).normal(size=(6, 256, 384)).astype(np.float32)
+    variables = lgp.init_lgp(model, seed=3, grid=2)
+    x = np.random.default_rng(2).normal(size=(6, 4, 384)).astype(np.float32)
     h = jax.jit(lambda v, x: model.apply(v, x, method=lgp.HIPTLGP.local))(variables, x)
     logits_a, _ = jax.jit(lambda v, h: model.apply(v, h, method=lgp.HIPTLGP.aggregate))(variables, h)
     logits_b, _ = jax.jit(model.apply)(variables, x)
