@@ -73,3 +73,18 @@ def test_missing_mpp_needs_assume_mpp(tmp_path):
         slide_mpp(slide, path=p)
     assert slide_mpp(slide, assume_mpp=0.25) == 0.25
     assert os.path.getsize(p) > 0
+
+
+def test_non_integer_scale_resamples(tmp_path):
+    import cv2
+
+    # A 0.3 um/px scanner: 0.5 / 0.3 = 1.667 is not near an integer, so 512 output px cover
+    # round(512 * 1.667) = 853 level-0 px, box-filtered down.
+    p = make_aperio_slide(str(tmp_path / "odd.svs"), (1200, 1200), levels=(1,), mpp=0.3)
+    slide = open_slide(p)
+    geom = region_geometry(slide, slide_mpp(slide), 512, 0.5)
+    assert (geom.read_px, geom.level, geom.level_px) == (853, 0, 853)
+    assert geom.mpp == pytest.approx(0.3 * 853 / 512)
+    out = read_region_at_mpp(slide, 100, 200, 512, 0.5)
+    ref = cv2.resize(_direct(p, 100, 200, 0, 853), (512, 512), interpolation=cv2.INTER_AREA)
+    assert out.shape == (512, 512, 3) and np.abs(out - ref).mean() < 0.6
