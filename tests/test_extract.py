@@ -94,7 +94,7 @@ def test_bad_shard_is_reported_and_run_continues(model, tmp_path):
     assert "broken.array_record" in manifest["slides"]["broken"]["error"]
 
 
-def test_cli_on_two_devices_and_clear_errors(cohort, tmp_path):
+def test_cli_on_two_devices_and_clear_errors(model, cohort, tmp_path):
     prep, rows = cohort
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "hipt_jax.evaluation.extract", "--random-init", "tiny",
@@ -105,6 +105,11 @@ def test_cli_on_two_devices_and_clear_errors(cohort, tmp_path):
     manifest = json.load(open(tmp_path / "emb" / "manifest.json"))
     assert manifest["params"]["batch"] == 2  # 1 region per device x 2 devices
     assert len(manifest["slides"]) == len(rows)
+    # The batch split over 2 devices gives the single-device results (same seed-0 tiny weights).
+    sid = rows[1]["slide_id"]
+    ref = model.embed_batch(np.stack(_decoded_regions(prep, sid)))
+    got = extract.load_slide(str(tmp_path / "emb"), sid)
+    np.testing.assert_allclose(got["features_cls4k"], ref["features_cls4k"], atol=1e-4)
     bad = subprocess.run([sys.executable, "-m", "hipt_jax.evaluation.extract", "--random-init", "tiny",
                           "--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -166,3 +166,66 @@ def test_finetune_cli_reports_bad_input_without_traceback(tmp_path):
         cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr
     assert "missing.csv: labels file not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_optimizer_is_torch_adam_with_coupled_l2_and_frozen_local_untouched():
+    import torch
+
+    from hipt_jax.finetune.trainer import make_optimizer
+
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(5, 3)).astype(np.float32)
+    frozen0 = rng.normal(size=(4,)).astype(np.float32)
+    grads = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(3)]
+    params = {"classifier": {"kernel": w0}, "local_vit": {"w": frozen0}}
+    tx = make_optimizer(params, lr=0.01, weight_decay=0.1, freeze_local=True)
+    state = tx.init(params)
+    import optax
+
+    for g in grads:
+        updates, state = tx.update({"classifier": {"kernel": g}, "local_vit": {"w": np.ones(4, np.float32)}},
+                                   state, params)
+        params = optax.apply_updates(params, updates)
+    tw = torch.nn.Parameter(torch.tensor(w0))
+    opt = torch.optim.Adam([tw], lr=0.01, weight_decay=0.1)
+    for g in grads:
+        tw.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_allclose(np.asarray(params["classifier"]["kernel"]), tw.detach().numpy(), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(params["local_vit"]["w"]), frozen0)
+
+
+def test_gradient_accumulation_is_one_step_on_the_mean_gradient():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from hipt_jax.finetune import survival
+    from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, make_optimizer
+    from hipt_jax.models import lgp
+
+    model = lgp.HIPTLGP(n_classes=4, local_arch="vit4k_tiny", dropout_rate=0.0)
+    variables = lgp.init_lgp(model, grid=2)
+    rng = np.random.default_rng(1)
+    items = [Item(f"p{i}", rng.normal(size=(3, 192)).astype(np.float32), label=i % 4, time=1.0 + i,
+                  censored=bool(i % 2)) for i in range(4)]
+    cfg = TrainConfig(task="survival", epochs=1, accumulate_steps=4, balanced_sampling=False)
+    got = LGPTrainer(model, cfg).fit(variables, items, desc=None)
+
+    @jax.jit
+    def grad(params, x, mask, label, censored):
+        def loss(p):
+            logits, _ = model.apply({"params": p}, x, mask, method=lgp.HIPTLGP.aggregate)
+            return survival.nll_survival_loss(logits[None], label[None], censored[None])
+        return jax.grad(loss)(params)
+
+    params = variables["params"]
+    grads = [grad(params, *lgp.pad_to_bucket(it.inputs), jnp.int32(it.label), jnp.float32(it.censored))
+             for it in items]
+    mean = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+    tx = make_optimizer(params, cfg.lr, cfg.weight_decay, True)
+    updates, _ = tx.update(mean, tx.init(params), params)
+    want = optax.apply_updates(params, updates)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)  # Adam: ~lr per step
+    assert not np.allclose(got["classifier"]["kernel"], params["classifier"]["kernel"])
