@@ -1,6 +1,6 @@
 """The whole HIPT pipeline on the embedded slide, on CPU, in minutes (`make demo`).
 
-    python -m hipt_jax.demo --out demo_out [--steps synth,prep,...] [--slides 10]
+    python -m hipt_jax.demo --out demo_out [--steps synth,prep,...] [--slides 8]
 
 Steps (each runs the project's own command-line tool, exactly as a user would, and prints it):
   synth       a cohort of synthetic Aperio slides grown from the real tissue of
@@ -13,8 +13,8 @@ Steps (each runs the project's own command-line tool, exactly as a user would, a
   knn         hipt-knn: the paper's KNN and DINO's weighted KNN, k-fold cross-validation
   lgp         hipt-finetune: HIPT-LGP subtyping (runlocal: tiny, 3 epochs, 3 folds) on top of
               the stage-2 ViT-4K
-  heatmap     hipt-heatmap: hierarchical attention heatmaps of one region with both
-              pretrained stages, and the slide map of HIPT-LGP's region attention
+  heatmap     hipt-heatmap: hierarchical attention heatmaps of a 2048 px region of the real
+              slide with both pretrained stages, and the slide map of HIPT-LGP's attention
 The models are tiny and trained for seconds: the point is that every stage runs and feeds the
 next, not the numbers. A `steps` subset reuses the outputs earlier steps left in --out.
 """
@@ -151,6 +151,7 @@ def step_synth(p: Paths, opts) -> dict:
 
 
 def step_prep(p: Paths, opts) -> dict:
+    """Tissue masks, 4096 px region shards at 20x, and 256 px patch shards."""
     run_tool("prep_regions", "data_prep.cli", ["regions", "--slides", p.slides, "--out", p.prep,
                                                "--region", str(opts.region_px), "--workers", str(opts.workers)], p.logs)
     run_tool("prep_patches", "data_prep.cli", ["patches", "--regions", p.prep, "--out", p.patches,
@@ -169,6 +170,7 @@ def _pretrain_args(config: str, workdir: str, data_kind: str, data_path: str, st
 
 
 def step_pretrain256(p: Paths, opts) -> dict:
+    """Stage-1 DINO pretraining of ViT-256 on the patch shards (runlocal, tiny model)."""
     run_tool("pretrain_vit256", "hipt_jax.pretrain",
              _pretrain_args("pretrain_vit256.py", p.stage1, "patch_shards", os.path.join(p.patches, "patches"),
                             opts.pretrain_steps), p.logs)
@@ -176,12 +178,14 @@ def step_pretrain256(p: Paths, opts) -> dict:
 
 
 def step_features(p: Paths, opts) -> dict:
+    """[256,384] ViT-256 features of every region with the stage-1 teacher."""
     run_tool("prep_features", "data_prep.cli", ["features", "--regions", p.prep, "--out", p.features,
                                                 "--vit256", os.path.join(p.stage1, "export")], p.logs)
     return {"features": os.path.join(p.features, "features")}
 
 
 def step_pretrain4k(p: Paths, opts) -> dict:
+    """Stage-2 DINO pretraining of ViT-4K on the feature grids (runlocal)."""
     run_tool("pretrain_vit4k", "hipt_jax.pretrain",
              _pretrain_args("pretrain_vit4k.py", p.stage2, "feature_shards", os.path.join(p.features, "features"),
                             opts.pretrain_steps), p.logs)
@@ -189,6 +193,7 @@ def step_pretrain4k(p: Paths, opts) -> dict:
 
 
 def step_extract(p: Paths, opts) -> dict:
+    """CLS-4K of every region and the slide embeddings (mean CLS-4K)."""
     run_tool("extract", "hipt_jax.evaluation.extract",
              ["--vit256", os.path.join(p.stage1, "export"), "--vit4k", os.path.join(p.stage2, "export"),
               "--shards", p.prep, "--features", os.path.join(p.features, "features"), "--out", p.embeddings,
@@ -199,6 +204,7 @@ def step_extract(p: Paths, opts) -> dict:
 
 
 def step_knn(p: Paths, opts) -> dict:
+    """Slide KNN evaluation: the paper's k=5 Euclidean and DINO's weighted cosine KNN."""
     out = os.path.join(p.embeddings, "knn_results.json")
     folds = max(2, min(5, opts.slides // 2))
     text = run_tool("knn", "hipt_jax.evaluation.knn_cli",
