@@ -6,11 +6,12 @@
 """
 from hipt_jax.models.configs import build_vit, get_arch, vit4k_xs, vit256_small
 from hipt_jax.models.hipt4k import HIPT4K, region_forward
+from hipt_jax.models.lgp import HIPTLGP
 from hipt_jax.models.vit import VisionTransformer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "HIPT4K", "VisionTransformer", "build_vit", "get_arch", "region_forward", "vit256_small",
+    "HIPT4K", "HIPTLGP", "VisionTransformer", "build_vit", "get_arch", "region_forward", "vit256_small",
     "vit4k_xs",
 ]
