@@ -23,7 +23,7 @@ def models():
     """Reference HIPT_4K and our HIPT4K holding the same random full-size weights."""
     m256 = ref.random_init_(ref.build_reference("vit256"), seed=3)
     m4k = ref.random_init_(ref.build_reference("vit4k"), seed=4)
-    ours = HIPT4K(converted(m256), converted(m4k), get_arch("vit256"), get_arch("vit4k"), patch_batch=64)
+    ours = HIPT4K(converted(m256), converted(m4k), get_arch("vit256"), get_arch("vit4k"))
     return ref.HIPT_4K(m256, m4k), ours
 
 
