@@ -59,7 +59,7 @@ def read_shard(path: str):
         reader.close()
 
 
-def background_fraction_keep(patch: np.ndarray, saturation: int) -> float:
+def stained_fraction(patch: np.ndarray, saturation: int) -> float:
     """Fraction of pixels that look stained (HSV saturation above the background level)."""
     sat = cv2.cvtColor(patch, cv2.COLOR_RGB2HSV)[:, :, 1]
     return float((sat > saturation).mean())
@@ -75,7 +75,7 @@ def region_to_patches(rec: dict, params: PatchParams):
     for r in range(rows):
         for c in range(cols):
             patch = img[r * p:(r + 1) * p, c * p:(c + 1) * p]  # [p,p,3]
-            frac = background_fraction_keep(patch, params.background_saturation)
+            frac = stained_fraction(patch, params.background_saturation)
             if frac < params.min_tissue_fraction:
                 continue
             out.append(records.patch_record(

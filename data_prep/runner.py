@@ -80,7 +80,6 @@ def list_slides(slides: str) -> list[SlideTask]:
 
 
 def versions() -> dict:
-    import array_record  # noqa: F401  (version lookup below)
     import cv2
     import numpy
     import openslide
@@ -193,26 +192,22 @@ def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str
     return results
 
 
-def run_beam(fn: Callable, items: Sequence, args: tuple, runner: str, beam_args: Sequence[str]) -> list[dict]:
+def run_beam(fn: Callable, items: Sequence, args: tuple, runner: str, beam_args: Sequence[str]) -> None:
     """fn(item, *args) over items as an Apache Beam pipeline (the same function as the pool).
 
     The outputs are written by the workers directly into the output folder, so for a cluster
     runner that folder must be a filesystem every worker sees (NFS, Lustre, a GCS FUSE mount).
+    The status files the workers write there are the results (the manifest is rebuilt from them).
     """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(list(beam_args), runner=runner)
-    collected = []
     with beam.Pipeline(options=options) as p:
-        results = (p
-                   | "Items" >> beam.Create(list(items))
-                   | "Spread" >> beam.Reshuffle()
-                   | "Process" >> beam.Map(_Call(fn, args)))
-        if runner == "DirectRunner":
-            _ = results | "Collect" >> beam.Map(collected.append)
-    # Status files are the source of truth on any runner; `collected` is only a fast path.
-    return collected
+        _ = (p
+             | "Items" >> beam.Create(list(items))
+             | "Spread" >> beam.Reshuffle()  # one slide per work item, spread over workers
+             | "Process" >> beam.Map(_Call(fn, args)))
 
 
 def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, kind: str,

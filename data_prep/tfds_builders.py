@@ -25,7 +25,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_prep import records
 from data_prep.patches import read_shard
 
 _CITATION = """@inproceedings{chen2022scaling,
@@ -197,6 +196,3 @@ def build_tfds(kind: str, shards_dir: str, data_dir: str, splits=None, beam_runn
     builder.download_and_prepare(download_config=config)
     return builder
 
-
-# Keep the record-schema names in one place: the TFDS features mirror data_prep.records.
-assert records.REGION_SCHEMA.endswith("v1") and records.FEATURE_SCHEMA.endswith("v1")
