@@ -32,6 +32,7 @@ import re
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -437,4 +438,5 @@ def load_backbone(path: str, expect_arch: Optional[str] = None) -> tuple[dict, m
         variables, config, _, _ = load_reference_backbone(path)
     if expect_arch is not None and config.arch != get_arch(expect_arch).arch:
         raise CheckpointError(f"{path}: is a {config.arch} checkpoint, expected {get_arch(expect_arch).arch}")
-    return variables, config
+    # On device once, so jitted calls do not copy the weights from host memory every time.
+    return jax.tree.map(jnp.asarray, variables), config
