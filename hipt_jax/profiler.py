@@ -277,7 +277,8 @@ def profile_loader(stage: int, cfg, step_row: dict | None) -> dict:
         for _ in range(batches):
             next(iterator)
         step = (time.perf_counter() - t0) / batches
-        del iterator
+        if hasattr(iterator, "close"):
+            iterator.close()  # stops the loader's worker processes
     crops = config.global_batch * (trainer.N_GLOBAL + config.crops.n_local)
     row = {"name": f"loader stage {stage}", "unit": "crops/s", "items_per_step": crops,
            "throughput": crops / step, "step_s": step, "compile_s": first, "gflop_per_step": None,
