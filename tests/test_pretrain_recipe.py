@@ -168,3 +168,26 @@ def test_full_update_matches_torch_dino_steps():
                                t_sd["backbone.blocks.0.attn.qkv.weight"].T, atol=1e-5)
     ours_s = jax.device_get(state["student"])
     np.testing.assert_allclose(ours_s["vit"]["pos_embed"], student.backbone.pos_embed.detach().numpy(), atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_params_and_finite_loss():
+    from configs.pretrain_vit256 import get_config
+    from hipt_jax import sharding as shd
+    from hipt_jax.pretrain import trainer
+
+    c = get_config("runlocal,bf16")
+    c.model.depth = 1
+    assert c.compute_dtype == "bfloat16"
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    state, sh = trainer.init_sharded_state(c, mesh, jax.random.key(0))
+    update = trainer.jit_update(c, mesh, sh, freeze_last_layer_steps=0)
+    batch = trainer.dummy_batch(c, c.global_batch)
+    batch["global"] = np.random.default_rng(0).integers(0, 256, batch["global"].shape).astype(np.uint8)
+    batch["local"] = np.random.default_rng(1).integers(0, 256, batch["local"].shape).astype(np.uint8)
+    before = np.asarray(state["student"]["vit"]["norm"]["bias"])
+    for _ in range(2):
+        state, metrics = update(state, batch, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"]))
+    dtypes = {x.dtype for x in jax.tree.leaves((state["student"], state["teacher"], state["opt"]["mu"]))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    assert np.abs(np.asarray(state["student"]["vit"]["norm"]["bias"]) - before).max() > 0

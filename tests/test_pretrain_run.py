@@ -167,6 +167,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
     assert f"resumed from {tmp_path / 'run'}/checkpoints/{resume_from}" in out
     resumed = _losses(tmp_path / "run", skip_lines=seen)
     assert sorted(resumed) == list(range(resume_from, resume_from + 4))
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "run" / "tensorboard"))
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], abs=1e-6), step
 

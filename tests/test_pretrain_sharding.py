@@ -25,8 +25,11 @@ _EQUIVALENCE = textwrap.dedent("""
     from hipt_jax.pretrain import trainer
 
     c = get_config("runlocal")
+    c.model.depth = 1  # one block (with stochastic depth) is enough, and compiles 3x faster
     c.global_batch = 8
-    c.optim.lr = 0.05  # large enough that 3 steps move every parameter visibly
+    # The recipe's lr (peak 5e-4 * 8 / 256): Adam turns gradients that are pure rounding
+    # noise into +-lr steps whose sign depends on the reduction order, so a large lr would
+    # make a few such elements differ by more than the tolerance on any two device layouts.
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(3):
@@ -76,7 +79,7 @@ def test_update_same_on_1_device_data_parallel_and_fsdp(tmp_path):
     ref = dict(np.load(tmp_path / "1x1.npz"))
     assert len(set(res["1x1"]["loss"])) == 3
     width = 384
-    peak_lr = 0.05 * 8 / 256
+    peak_lr = 5e-4 * 8 / 256
     for spec in ("8x1", "2x4"):
         np.testing.assert_allclose(res[spec]["loss"], res["1x1"]["loss"], atol=1e-5, err_msg=spec)
         got = dict(np.load(tmp_path / f"{spec}.npz"))
@@ -97,7 +100,8 @@ def test_update_same_on_1_device_data_parallel_and_fsdp(tmp_path):
                 have, want = np.delete(have, np.s_[k_part]), np.delete(want, np.s_[k_part])
             np.testing.assert_allclose(have, want, atol=1e-5, err_msg=f"{spec} {name}")
     # The parameters did move (the comparison is not between two initial states).
-    assert np.abs(ref["['student']['vit']['norm']['bias']"]).max() > 1e-4
+    assert np.abs(ref["['student']['vit']['norm']['bias']"]).max() > 1e-5
+    assert np.abs(ref["['opt']['mu']['vit']['norm']['bias']"]).max() > 1e-4
 
 
 def _free_port():
