@@ -91,10 +91,10 @@ def test_patch_batch_does_not_change_results(tiny):
     full = tiny.embed_batch(regions)
     small = HIPT4K(tiny.params256, tiny.params4k, tiny.config256, tiny.config4k, patch_batch=4).embed_batch(regions)
     for key in full:
-        np.testing.assert_allclose(small[key], full[key], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(small[key], full[key], atol=1e-5, rtol=0)  # fp32 summation order
     # Batched regions are embedded independently, in order.
     one = tiny(regions[1])
-    np.testing.assert_allclose(full["features_cls4k"][1], one["features_cls4k"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(full["features_cls4k"][1], one["features_cls4k"], atol=1e-5, rtol=0)
     assert full["features_mean256_cls4k"].shape == (2, 576)
 
 

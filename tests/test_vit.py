@@ -136,3 +136,19 @@ def test_bf16_compute_close_to_fp32(vit256):
     assert b16.dtype == jnp.bfloat16 and aux["attention"].dtype == jnp.float32
     err = np.abs(np.asarray(b16, np.float32) - np.asarray(f32)).max()
     assert 0 < err < 0.25, err
+
+
+def test_cls_only_last_block_is_the_same_computation(vit256, vit4k):
+    """cls_only (used by HIPT4K) prunes the last block to the CLS query: same CLS and CLS row."""
+    for (_, variables), arch, x in (
+        (vit256, "vit256", np.random.default_rng(1).normal(size=(2, 256, 256, 3)).astype(np.float32)),
+        (vit4k, "vit4k", np.random.default_rng(2).normal(size=(2, 4, 5, 384)).astype(np.float32)),
+    ):
+        module = build_vit(get_arch(arch))
+        full_cls, full = module.apply(variables, x)
+        cls, aux = module.apply(variables, x, cls_only=True)
+        assert aux["tokens"].shape == (2, 1, full_cls.shape[-1])
+        assert aux["attention"].shape == full["attention"][:, :, :1].shape
+        np.testing.assert_allclose(np.asarray(cls), np.asarray(full_cls), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(aux["attention"]), np.asarray(full["attention"][:, :, :1]),
+                                   atol=1e-7, rtol=0)

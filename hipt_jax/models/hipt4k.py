@@ -87,7 +87,7 @@ def region_forward(
 
     def embed_patches(chunk_u8):
         # Normalize inside the minibatch so the fp32 copy of a region never exists at once.
-        cls, aux = vit256.apply(params256, normalize(chunk_u8, dtype))
+        cls, aux = vit256.apply(params256, normalize(chunk_u8, dtype), cls_only=True)
         if return_attention:
             return cls.astype(jnp.float32), aux["attention"][:, :, 0, 1:]  # [b,heads,256]
         return cls.astype(jnp.float32)
@@ -104,7 +104,7 @@ def region_forward(
         vit4k = build_vit(config4k, dtype=dtype)
         # [B,R*C,384] -> [B,R,C,384]: the same row-major grid, no spatial transpose.
         grid = cls256.reshape(batch, rows, cols, -1)
-        cls4k, aux4k = vit4k.apply(params4k, grid)
+        cls4k, aux4k = vit4k.apply(params4k, grid, cls_only=True)
         cls4k = cls4k.astype(jnp.float32)
         out["features_cls4k"] = cls4k
         out["features_mean256_cls4k"] = jnp.concatenate([out["features_mean256"], cls4k], axis=-1)

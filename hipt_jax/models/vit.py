@@ -67,13 +67,17 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask=None, deterministic=True):
+    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False):
+        """``cls_only``: queries from token 0 only -> output [B,1,D], attention [B,H,1,N]
+        (keys and values still come from all tokens)."""
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
         qkv = _dense(3 * width, "qkv", self.dtype)(x)
         # [B,N,3D] -> [3,B,H,N,hd]: the reference splits q|k|v first, then heads.
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if cls_only:
+            q = q[:, :, :1]  # [B,H,1,hd]
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
         if key_mask is not None:
             # key_mask [B,N] True for real tokens: padded keys get no weight.
@@ -82,8 +86,8 @@ class Attention(nn.Module):
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         dropped = nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
         out = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), v)
-        # [B,H,N,hd] -> [B,N,D]: heads back to head-major channels.
-        out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, width)
+        # [B,H,Nq,hd] -> [B,Nq,D]: heads back to head-major channels.
+        out = out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], width)
         return _dense(width, "proj", self.dtype)(out), attn
 
 
@@ -115,7 +119,9 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask=None, deterministic=True):
+    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False):
+        """``cls_only`` (pre-norm only): update and return only token 0, [B,1,D]; what every
+        token after the LAST block is not needed for (the CLS output and its attention row)."""
         norm1 = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")
         norm2 = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")
         attn = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")
@@ -123,10 +129,12 @@ class Block(nn.Module):
         drop_path = DropPath(self.drop_path)
         dropout = nn.Dropout(self.dropout_rate)
         if self.pre_norm:
-            y, attn_map = attn(norm1(x), key_mask, deterministic)
-            x = x + drop_path(y, deterministic)
+            y, attn_map = attn(norm1(x), key_mask, deterministic, cls_only)
+            x = (x[:, :1] if cls_only else x) + drop_path(y, deterministic)
             x = x + drop_path(mlp(norm2(x), deterministic), deterministic)
         else:
+            if cls_only:
+                raise ValueError("cls_only is implemented for pre-norm blocks only")
             y, attn_map = attn(x, key_mask, deterministic)
             x = norm1(x + dropout(y, deterministic=deterministic))
             x = norm2(x + dropout(mlp(x, deterministic), deterministic=deterministic))
@@ -148,14 +156,16 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask=None, deterministic=True):
+    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False):
+        """``cls_only``: the last block computes token 0 only (tokens out [B,1,D], attention
+        [B,H,1,N]); ~7% fewer FLOPs for ViT-256 when only the CLS output is wanted."""
         attn_map = None
         for i in range(self.depth):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x, attn_map = Block(
                 self.num_heads, self.mlp_dim, self.pre_norm, self.activation, self.ln_eps,
                 self.dropout_rate, rate, self.dtype, name=f"blocks_{i}",
-            )(x, key_mask, deterministic)
+            )(x, key_mask, deterministic, cls_only and i == self.depth - 1)
         return x, attn_map
 
 
@@ -214,7 +224,9 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, cls_only: bool = False):
+        """``cls_only=True`` skips the last block's work for non-CLS tokens: same CLS output,
+        aux["tokens"] is then [B,1,D] and aux["attention"] [B,heads,1,1+N] (the CLS row)."""
         if self.stem == "pixels":
             grid = PixelStem(self.width, self.patch_size, self.dtype, name="patch_embed")(x)
         elif self.stem == "features":
@@ -233,6 +245,6 @@ class VisionTransformer(nn.Module):
         tokens, attn = Encoder(
             self.depth, self.num_heads, self.mlp_dim, pre_norm=True, activation="gelu",
             ln_eps=1e-6, drop_path_rate=self.drop_path_rate, dtype=self.dtype, name="encoder",
-        )(tokens, deterministic=not train)
+        )(tokens, deterministic=not train, cls_only=cls_only)
         tokens = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(tokens)
         return tokens[:, 0], {"tokens": tokens, "attention": attn}
