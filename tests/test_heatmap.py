@@ -197,19 +197,23 @@ def _cli(*args, cwd=None):
                           text=True, cwd=cwd or ROOT, timeout=300)
 
 
-def test_cli_image_and_errors(tissue, tmp_path):
+def test_cli_image_and_errors(tissue, tmp_path, capsys):
+    from hipt_jax.heatmap.cli import main
+
     image = tmp_path / "region.png"
     Image.fromarray(tissue[:512, :512]).save(image)
+    # One real entry-point run (subprocess), the error paths in-process.
     res = _cli("--random-init", "--tiny", "--image", str(image), "--out", str(tmp_path / "out"),
                "--scale", "16", "--blends", "none")
     assert res.returncode == 0, res.stderr
     outputs = json.load(open(tmp_path / "out" / "heatmap_outputs.json"))
     assert len(outputs["4k"]) == 6 and outputs["blend"] == []
     (tmp_path / "bad.png").write_text("not an image")
-    res = _cli("--random-init", "--tiny", "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2"))
-    assert res.returncode == 2 and "bad.png" in res.stderr and "Traceback" not in res.stderr
-    res = _cli("--image", str(image), "--out", str(tmp_path / "o3"))
-    assert res.returncode == 2 and "--vit256" in res.stderr
+    assert main(["--random-init", "--tiny", "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["--image", str(image), "--out", str(tmp_path / "o3")]) == 2
+    assert "--vit256" in capsys.readouterr().err
 
 
 def test_cli_slide_scores(tmp_path):
