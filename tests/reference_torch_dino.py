@@ -8,7 +8,6 @@ cosine_scheduler, clip_gradients, cancel_gradients_last_layer, get_params_groups
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -172,5 +171,3 @@ def head_state_to_jax(head: DINOHead) -> dict:
             for i in (0, 2, 4)}
     tree["last_layer"] = {"weight_v": sd["last_layer.weight_v"].T.copy()}
     return tree
-
-

@@ -142,19 +142,25 @@ def _steps_per_epoch(config, source) -> int:
 
 
 def _warm_start(state, config):
-    """Load a converted backbone (+ its DINO head when present) into student and teacher."""
+    """Load a converted backbone (+ its DINO head when present) into student and teacher.
+
+    Returns the state with numpy params (host copies, any sharding); the caller device_puts it.
+    """
     variables, _, head = _load_backbone_and_head(config.warm_start, config.model.arch)
-    params = dict(jax.device_get(state["student"]))
-    params["vit"] = _checked_replace(params["vit"], variables["params"], "backbone")
+    backbone = _checked_replace(state["student"]["vit"], variables["params"], "backbone")
+    state = dict(state)
     if head is not None:
-        head = head_from_checkpoint(head, config.warm_start)
-        params["head"] = _checked_replace(params["head"], head, "DINO head")
+        head = _checked_replace(state["student"]["head"],
+                                head_from_checkpoint(head, config.warm_start), "DINO head")
+        state["student"] = {"vit": backbone, "head": head}
+        state["teacher"] = jax.tree.map(np.copy, state["student"])
     else:
         logging.warning("%s has no DINO head: the head starts from random init",
                         config.warm_start)
-    state = dict(state)
-    state["student"] = params
-    state["teacher"] = jax.tree.map(np.copy, params)
+        # The random heads of student and teacher are already equal (distinct buffers).
+        state["student"] = {"vit": backbone, "head": state["student"]["head"]}
+        state["teacher"] = {"vit": jax.tree.map(np.copy, backbone),
+                            "head": state["teacher"]["head"]}
     return state
 
 
@@ -172,8 +178,9 @@ def _load_backbone_and_head(path, arch):
 
 
 def _checked_replace(ours, theirs, what):
-    ours_shapes = jax.tree.map(np.shape, ours)
-    theirs_shapes = jax.tree.map(np.shape, theirs)
+    """``theirs`` as fp32 numpy, after checking it has exactly the layout of ``ours``."""
+    ours_shapes = jax.tree.map(lambda x: tuple(x.shape), ours)
+    theirs_shapes = jax.tree.map(lambda x: tuple(np.shape(x)), theirs)
     if ours_shapes != theirs_shapes:
         raise ValueError(f"warm start: {what} layout/shapes differ from the config's model")
     return jax.tree.map(lambda x: np.asarray(x, np.float32), theirs)
@@ -197,7 +204,12 @@ def export_teacher(state, config, path: str, meta: dict | None = None) -> str:
         # Every process takes part in Orbax's save; none may see the old export.
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("hipt-pretrain export")
-    teacher = jax.device_get(state["teacher"])
+    if jax.process_count() > 1:
+        # FSDP-sharded leaves live on several hosts: gather full copies everywhere.
+        from jax.experimental import multihost_utils
+        teacher = multihost_utils.process_allgather(state["teacher"], tiled=True)
+    else:
+        teacher = jax.device_get(state["teacher"])
     meta = dict(meta or {})
     meta.update(source="hipt-pretrain", stage=int(config.stage), step=int(state["step"]))
     save_backbone(path, {"params": teacher["vit"]}, config.model,
