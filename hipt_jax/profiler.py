@@ -125,9 +125,12 @@ def memory_report(compiled) -> dict:
                       temp_mb=mb(m.temp_size_in_bytes))
     except Exception:
         pass
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:  # GPU/TPU allocators; CPU reports nothing
-        report["device_peak_mb"] = mb(stats["peak_bytes_in_use"])
+    # GPU/TPU allocators report a per-device peak (the max over this host's devices is shown);
+    # CPU reports nothing, and XLA's plan above is the per-device figure (arguments are sharded).
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    if peaks:
+        report["device_peak_mb"] = mb(max(peaks))
     report["process_peak_rss_mb"] = mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return report
 
