@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -133,7 +134,10 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
-    """2 processes x 4 fake devices (jax.distributed over localhost, gloo) == 1 process x 8."""
+    """2 processes x 4 fake devices (jax.distributed over localhost, gloo) == 1 process x 8.
+
+    The 2-process run also shards every large parameter over all 8 devices of both hosts
+    (mesh data=1 x fsdp=8), so the export has to gather them across processes."""
     pngs = _make_pngs(tmp_path / "png")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     single = subprocess.Popen(
@@ -145,7 +149,8 @@ def test_two_processes_match_one_process(tmp_path):
         [sys.executable, *_cli(tmp_path / "two", pngs,
                                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                                "--config.distributed.num_processes=2",
-                               f"--config.distributed.process_id={pid}")],
+                               f"--config.distributed.process_id={pid}",
+                               "--config.mesh.data=1", "--config.mesh.fsdp=8")],
         cwd=ROOT, text=True, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pid in range(2)]
     for p in [single, *procs]:
@@ -154,4 +159,8 @@ def test_two_processes_match_one_process(tmp_path):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == 3
     np.testing.assert_allclose(two, one, atol=1e-5)
-    assert (tmp_path / "two" / "export" / "arch.json").exists()
+    from hipt_jax.checkpoints import load_checkpoint_dir
+    one_vars = load_checkpoint_dir(str(tmp_path / "one" / "export"))[0]["params"]
+    two_vars = load_checkpoint_dir(str(tmp_path / "two" / "export"))[0]["params"]
+    for a, b in zip(jax.tree.leaves(one_vars), jax.tree.leaves(two_vars)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
