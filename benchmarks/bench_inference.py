@@ -14,6 +14,9 @@ Prints, for fp32 on this machine:
   - bf16 compute (fp32 params, fp32 softmax): its speed and error against our fp32;
   - peak RSS of embedding one region, measured in a fresh subprocess per framework, so that the
     other framework's memory does not pollute it.
+GFLOP/s use the reference's analytic FLOP count for both sides (3,146 GFLOP per region); ours
+actually executes ~6% fewer (the last ViT block only computes the CLS query, `cls_only`), so its
+"achieved" figure is reference-equivalent throughput.
 Repeats are interleaved (ours, reference, ours, ...) and the best time counts, which is fairest
 on a machine shared with other jobs. Random weights (speed does not depend on their values).
 """
@@ -207,12 +210,16 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     got = ours(region)
     compile_s = time.perf_counter() - start
-    t_j, t_t = [], []
+    t_j, t_t, outputs = [], [], {}
+
+    def run_reference():
+        outputs["want"] = reference.embed_region(region)  # kept: no extra run for the comparison
+
     for _ in range(args.reps):
         t_j.append(best_time(lambda: ours(region), 1))
-        t_t.append(best_time(lambda: reference.embed_region(region), 1))
+        t_t.append(best_time(run_reference, 1))
         print(f"  region repeat: jax {t_j[-1]:.1f} s, torch {t_t[-1]:.1f} s", flush=True)
-    want = reference.embed_region(region)
+    want = outputs["want"]
     sj, st = min(t_j), min(t_t)
     later = matmul_peaks(max(3, args.reps * 2))
     peak_jax, peak_torch = max(peak_jax, later[0]), max(peak_torch, later[1])
