@@ -43,6 +43,8 @@ setup(
     version="0.1.0",
     description="HIPT (CVPR 2022) in JAX/Flax: hierarchical ViTs for whole-slide images",
     packages=find_packages(include=["hipt_jax", "hipt_jax.*", "data_prep", "data_prep.*", "configs"]),
+    # The embedded demo slide (public domain, 1.9 MB) ships with the package.
+    package_data={"data_prep": ["testdata/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
