@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="32 patches, 1 repeat of each timing")
     p.add_argument("--patches", type=int, default=64, help="ViT-256 batch for the patches/s figure")
     p.add_argument("--reps", type=int, default=2, help="interleaved repeats per timing (best counts)")
-    p.add_argument("--patch-batch", type=int, default=64, help="our ViT-256 minibatch inside HIPT4K")
+    p.add_argument("--patch-batch", type=int, default=8, help="our ViT-256 minibatch inside HIPT4K")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our side (set before jax is imported)")

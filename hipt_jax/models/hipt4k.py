@@ -68,7 +68,7 @@ def region_forward(
     *,
     config256: ml_collections.ConfigDict,
     config4k: Optional[ml_collections.ConfigDict],
-    patch_batch: int = 64,
+    patch_batch: int = 8,
     dtype: Any = jnp.float32,
     return_attention: bool = False,
 ) -> dict[str, jnp.ndarray]:
@@ -120,13 +120,14 @@ class HIPT4K:
       params256, params4k: Flax variable dicts ({"params": ...}); params4k may be None to get
         only ViT-256 features.
       config256, config4k: architecture ConfigDicts (see hipt_jax.models.configs).
-      patch_batch: ViT-256 minibatch inside the jitted computation (memory vs speed). 64 is the
-        default: on a 2-core CPU it was ~10% faster than 256 and peaks at 1.3 GB instead of 2.9 GB
-        per 4096 px region (BENCHMARKS.md, issue 2).
+      patch_batch: ViT-256 minibatch inside the jitted computation. Small is fast on CPU (the
+        activations of a minibatch stay in cache): on 2 cores a 4096 px region took 8.3 s at 8,
+        9.6 s at 16, 14.6 s at 64, 14.8 s at 256, and peak memory falls too (BENCHMARKS.md,
+        issue 2). On accelerators a larger value may pay off.
       dtype: compute dtype (jnp.float32, or jnp.bfloat16 with fp32 params).
     """
 
-    def __init__(self, params256, params4k, config256, config4k=None, *, patch_batch: int = 64,
+    def __init__(self, params256, params4k, config256, config4k=None, *, patch_batch: int = 8,
                  dtype: Any = jnp.float32):
         self.params256, self.params4k = params256, params4k
         self.config256, self.config4k = config256, config4k
