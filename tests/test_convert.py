@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hipt_jax import checkpoints, convert
-from hipt_jax.models.configs import build_vit, get_arch
+from hipt_jax.models.configs import build_vit
 from tests import reference_torch as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
