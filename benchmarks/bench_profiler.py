@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3, help="alternating rounds (each: 1 timed pass per side)")
     p.add_argument("--region", type=int, default=4096)
-    p.add_argument("--patch-batch", type=int, default=256)
+    p.add_argument("--patch-batch", type=int, default=8)
     args = p.parse_args(argv)
 
     import jax

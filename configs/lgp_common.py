@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import ml_collections
 
-
-def _parse_arg(arg: str) -> set[str]:
-    flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = flags - {"runlocal"}
-    if unknown:
-        raise ValueError(f"unknown config arg(s) {sorted(unknown)}: use runlocal")
-    return flags
+from configs.config_args import parse_config_arg
 
 
 def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
-    flags = _parse_arg(arg)
+    flags = parse_config_arg(arg, {"runlocal"})
     c = ml_collections.ConfigDict()
     c.task = task
     c.seed = 0

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs.config_args import parse_config_arg
+
 from hipt_jax.models.configs import get_arch
 
 
-def _parse_arg(arg: str) -> set[str]:
-    flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = flags - {"runlocal", "bf16"}
-    if unknown:
-        raise ValueError(f"unknown config arg(s) {sorted(unknown)}: use runlocal and/or bf16")
-    return flags
-
-
 def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
-    flags = _parse_arg(arg)
+    flags = parse_config_arg(arg, {"runlocal", "bf16"})
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.seed = 0

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs.config_args import parse_config_arg
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = flags - {"runlocal", "bf16"}
-    if unknown:
-        raise ValueError(f"unknown config arg(s) {sorted(unknown)}: use runlocal and/or bf16")
+    flags = parse_config_arg(arg, {"runlocal", "bf16"})
     c = ml_collections.ConfigDict()
     c.dtype = "bfloat16" if "bf16" in flags else "float32"   # compute dtype of the models
     c.repeats = 3            # timed runs per measurement (median reported), after one warm-up
@@ -26,7 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # HIPT4K: the full region path (crop, ViT-256 over patch minibatches, ViT-4K), one region,
     # measured exactly as benchmarks/bench_inference.py does (see hipt_jax/profiler.py).
     c.hipt4k = ml_collections.ConfigDict(dict(enabled=True, arch256="vit256", arch4k="vit4k",
-                                              region_px=4096, batch=1, patch_batch=256))
+                                              region_px=4096, batch=1, patch_batch=8))
     # One DINO update step of each stage (the configs/pretrain_*.py config + overrides).
     c.pretrain_vit256 = ml_collections.ConfigDict(dict(enabled=True, config_arg="", global_batch=16))
     c.pretrain_vit4k = ml_collections.ConfigDict(dict(enabled=True, config_arg="", global_batch=64))
