@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # Fast suite (slow-marked tests excluded); `make test-all` runs everything.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
