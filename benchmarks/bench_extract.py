@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH  # noqa: E402  (after the path set-up)
+
 
 def build_models(patch_batch: int):
     """Reference HIPT_4K and our HIPT4K with the same random full-size weights."""
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--region-px", type=int, default=1024)
     ap.add_argument("--regions", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--patch-batch", type=int, default=64)
+    ap.add_argument("--patch-batch", type=int, default=DEFAULT_PATCH_BATCH)
     ap.add_argument("--batch-per-device", type=int, default=1)
     args = ap.parse_args()
 

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH
+
 OUTPUT_KEYS = ("features_cls256", "features_mean256", "features_cls4k", "features_mean256_cls4k")
 
 
@@ -67,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel (default 0.5 = 20x)")
     p.add_argument("--assume-mpp", type=float, help="level-0 mpp to use when the slide has none in its metadata")
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--patch-batch", type=int, default=8,
+    p.add_argument("--patch-batch", type=int, default=DEFAULT_PATCH_BATCH,
                    help="ViT-256 patches per minibatch (8 was fastest on a 2-core CPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--attention", action="store_true", help="also save last-block attention maps")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from data_prep import records
 from hipt_jax import sharding
+from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH
 
 SHARD_EXT = ".array_record"
 MANIFEST = "manifest.json"
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of precomputed ViT-256 feature shards (default: SHARDS/features if present)")
     p.add_argument("--out", required=True, help="output folder (slides/*.npz + manifest.json)")
     p.add_argument("--batch-per-device", type=int, default=1, help="regions per device per step")
-    p.add_argument("--patch-batch", type=int, default=256, help="ViT-256 patches per minibatch")
+    p.add_argument("--patch-batch", type=int, default=DEFAULT_PATCH_BATCH, help="ViT-256 patches per minibatch")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of the stored [M,R*C,384] features")

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH
+
 
 def _parse_shifts(text: str) -> tuple[int, ...]:
     text = text.strip()
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--random-init", action="store_true", help="random weights (demos; maps show nothing real)")
     mdl.add_argument("--tiny", action="store_true", help="with --random-init: the tiny test architectures")
     mdl.add_argument("--seed", type=int, default=0)
-    mdl.add_argument("--patch-batch", type=int, default=64, help="ViT-256 patch minibatch")
+    mdl.add_argument("--patch-batch", type=int, default=DEFAULT_PATCH_BATCH, help="ViT-256 patch minibatch")
     out = p.add_argument_group("maps")
     out.add_argument("--out", required=True, help="output directory")
     out.add_argument("--name", default=None, help="file name prefix (default: from the input)")
