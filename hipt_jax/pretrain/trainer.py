@@ -77,27 +77,74 @@ def _prepare_views(batch: dict, config: ml_collections.ConfigDict) -> dict:
 
 
 # ------------------------------------------------------------------------------ 2. the update
+def _microbatches(x: jnp.ndarray, n: int) -> jnp.ndarray:
+    """[B, ...] -> [n, B/n, ...] with STRIDED chunks (chunk i = samples i, i+n, ...): the batch
+    axis stays the major, device-sharded one, so every chunk is spread over all devices."""
+    # [B,...] -> [B/n, n, ...] -> [n, B/n, ...]
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+
+
 def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int):
-    """The pure DINO update (to be jitted by the caller with shardings and donation)."""
+    """The pure DINO update (to be jitted by the caller with shardings and donation).
+
+    ``config.microbatches = n > 1`` runs teacher and student over the batch in n sequential
+    chunks inside the one program and averages their gradients. The math is the same (the
+    center is fixed during a step and the loss is a per-sample mean; stochastic depth draws
+    differ), but each chunk's activations stay in cache: on CPU this is much faster, and on
+    accelerators it bounds activation memory.
+    """
     student_model = build_model(config, student=True)
     teacher_model = build_model(config, student=False)
+    n_micro = int(config.get("microbatches", 1))
+
+    def loss_and_grads(params: dict, views: dict, center, sched, rng):
+        """(loss, grads, teacher_logits) of one (micro)batch."""
+        # Teacher: global crops only, no gradient, no stochastic depth.
+        teacher_logits = jax.lax.stop_gradient(
+            teacher_model.apply({"params": params["teacher"]}, views["global"]))
+
+        def loss_fn(student_params):
+            student_logits = student_model.apply(
+                {"params": student_params}, views["global"], views["local"], train=True,
+                rngs={"dropout": rng})
+            return dino_loss(student_logits, teacher_logits, center, n_global=N_GLOBAL,
+                             teacher_temp=sched["teacher_temp"], student_temp=config.student_temp)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params["student"])
+        return loss, grads, teacher_logits
+
+    def accumulate(state, views, sched, rng):
+        """Sum of the n microbatches' gradients (lax.scan), then their mean."""
+        if views["global"].shape[0] % n_micro:
+            raise ValueError(f"config.microbatches={n_micro} must divide the global batch "
+                             f"({views['global'].shape[0]})")
+        chunks = {k: _microbatches(v, n_micro) for k, v in views.items()}
+
+        def body(carry, xs):
+            i, chunk = xs
+            loss, grads, t_logits = loss_and_grads(state, chunk, state["center"], sched,
+                                                   jax.random.fold_in(rng, i))
+            g_sum, l_sum = carry
+            return (jax.tree.map(jnp.add, g_sum, grads), l_sum + loss), t_logits
+
+        zeros = jax.tree.map(jnp.zeros_like, state["student"])
+        (g_sum, l_sum), t_logits = jax.lax.scan(
+            body, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(n_micro), chunks))
+        # The center needs only the mean over all teacher rows, so the order does not matter:
+        # [n, G*B/n, K] -> [G*B, K].
+        t_logits = t_logits.reshape((-1, t_logits.shape[-1]))
+        return l_sum / n_micro, jax.tree.map(lambda g: g / n_micro, g_sum), t_logits
 
     def update(state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
         step = state["step"]
         sched = all_schedules(step, config)
         views = _prepare_views(batch, config)
-        # Teacher: global crops only, no gradient, no stochastic depth.
-        teacher_logits = jax.lax.stop_gradient(
-            teacher_model.apply({"params": state["teacher"]}, views["global"]))
-
-        def loss_fn(student_params):
-            student_logits = student_model.apply(
-                {"params": student_params}, views["global"], views["local"], train=True,
-                rngs={"dropout": jax.random.fold_in(rng, step)})
-            return dino_loss(student_logits, teacher_logits, state["center"], n_global=N_GLOBAL,
-                             teacher_temp=sched["teacher_temp"], student_temp=config.student_temp)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["student"])
+        step_rng = jax.random.fold_in(rng, step)
+        if n_micro > 1:
+            loss, grads, teacher_logits = accumulate(state, views, sched, step_rng)
+        else:
+            loss, grads, teacher_logits = loss_and_grads(state, views, state["center"], sched,
+                                                         step_rng)
         o = config.optim
         student, opt = optimizer.update(
             grads, state["opt"], state["student"], lr=sched["lr"], weight_decay=sched["wd"],
