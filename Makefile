@@ -21,7 +21,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m hipt_jax.demo --out demo_out
 
-# Everything, slow-marked tests included (about 7 min on 2 idle cores): the 2-process and
+# Everything, slow-marked tests included (about 8 min on 2 idle cores): the 2-process and
 # two-stage pretraining tests and the full demo are acceptance tests CI must run.
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
