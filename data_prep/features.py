@@ -7,15 +7,11 @@ Runs in one process: JAX already spreads each batch over all cores / local accel
 """
 from __future__ import annotations
 
-import os
-import time
-import traceback
 
 import numpy as np
 
 from data_prep import records
-from data_prep.patches import read_shard, region_shard_file
-from data_prep.regions import ARRAY_RECORD_OPTIONS, SHARD_EXT, status_path, write_json_atomic
+from data_prep.patches import derive_shard
 
 PATCH = 256
 
@@ -61,39 +57,21 @@ def _flush(writer, extractor: FeatureExtractor, pending: list[dict]) -> int:
 
 def process_region_shard_features(slide_id: str, regions_dir: str, out_dir: str,
                                   extractor: FeatureExtractor) -> dict:
-    """Region shard of one slide -> feature shard (tmp + rename, status file last)."""
-    from array_record.python import array_record_module
+    """Region shard of one slide -> feature shard."""
 
-    t0 = time.time()
-    shard_rel = os.path.join("features", slide_id + SHARD_EXT)
-    result = dict(slide_id=slide_id, status="failed", n_records=0, error=None, shard=shard_rel)
-    os.makedirs(os.path.join(out_dir, "features"), exist_ok=True)
-    path = os.path.join(out_dir, shard_rel)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        writer = array_record_module.ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
+    def write_features(regions, writer) -> dict:
         n, pending = 0, []
-        try:
-            for rec in read_shard(region_shard_file(regions_dir, slide_id)):
-                # Regions of different sizes cannot share a batch.
-                if pending and rec["region_px"] != pending[0]["region_px"]:
-                    n += _flush(writer, extractor, pending)
-                    pending = []
-                pending.append(rec)
-                if len(pending) == extractor.batch:
-                    n += _flush(writer, extractor, pending)
-                    pending = []
-            if pending:
+        for rec in regions:
+            # Regions of different sizes cannot share a batch.
+            if pending and rec["region_px"] != pending[0]["region_px"]:
                 n += _flush(writer, extractor, pending)
-        finally:
-            writer.close()
-        os.replace(tmp, path)
-        result.update(status="done", n_records=n)
-    except Exception as e:
-        result["error"] = f"{slide_id}: {type(e).__name__}: {e}"
-        result["traceback"] = traceback.format_exc(limit=5)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    result["seconds"] = round(time.time() - t0, 3)
-    write_json_atomic(status_path(out_dir, slide_id), result)
-    return result
+                pending = []
+            pending.append(rec)
+            if len(pending) == extractor.batch:
+                n += _flush(writer, extractor, pending)
+                pending = []
+        if pending:
+            n += _flush(writer, extractor, pending)
+        return dict(n_records=n)
+
+    return derive_shard(slide_id, regions_dir, out_dir, "features", write_features)

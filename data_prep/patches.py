@@ -86,29 +86,29 @@ def region_to_patches(rec: dict, params: PatchParams):
     return out
 
 
-def process_region_shard(slide_id: str, regions_dir: str, out_dir: str, params: PatchParams) -> dict:
-    """Region shard of one slide -> patch shard (tmp + rename, status file last)."""
+def derive_shard(slide_id: str, regions_dir: str, out_dir: str, kind: str, write_records) -> dict:
+    """Region shard of one slide -> a derived ``kind`` shard ("patches", "features"), written
+    under a temporary name and renamed, the status file last (what makes reruns resumable).
+
+    ``write_records(region_records, writer) -> dict`` writes the derived records and returns
+    result fields (at least ``n_records``). Any failure is reported in the status, not raised.
+    """
     from array_record.python import array_record_module
 
     t0 = time.time()
-    shard_rel = os.path.join("patches", slide_id + SHARD_EXT)
+    shard_rel = os.path.join(kind, slide_id + SHARD_EXT)
     result = dict(slide_id=slide_id, status="failed", n_records=0, error=None, shard=shard_rel)
-    os.makedirs(os.path.join(out_dir, "patches"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, kind), exist_ok=True)
     path = os.path.join(out_dir, shard_rel)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         writer = array_record_module.ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
-        n = n_regions = 0
         try:
-            for rec in read_shard(region_shard_file(regions_dir, slide_id)):
-                for patch in region_to_patches(rec, params):
-                    writer.write(patch)
-                    n += 1
-                n_regions += 1
+            fields = write_records(read_shard(region_shard_file(regions_dir, slide_id)), writer)
         finally:
             writer.close()
         os.replace(tmp, path)
-        result.update(status="done", n_records=n, n_regions_read=n_regions)
+        result.update(status="done", **fields)
     except Exception as e:
         result["error"] = f"{slide_id}: {type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc(limit=5)
@@ -117,3 +117,18 @@ def process_region_shard(slide_id: str, regions_dir: str, out_dir: str, params: 
     result["seconds"] = round(time.time() - t0, 3)
     write_json_atomic(status_path(out_dir, slide_id), result)
     return result
+
+
+def process_region_shard(slide_id: str, regions_dir: str, out_dir: str, params: PatchParams) -> dict:
+    """Region shard of one slide -> patch shard."""
+
+    def write_patches(regions, writer) -> dict:
+        n = n_regions = 0
+        for rec in regions:
+            for patch in region_to_patches(rec, params):
+                writer.write(patch)
+                n += 1
+            n_regions += 1
+        return dict(n_records=n, n_regions_read=n_regions)
+
+    return derive_shard(slide_id, regions_dir, out_dir, "patches", write_patches)
