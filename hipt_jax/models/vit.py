@@ -25,8 +25,14 @@ _kernel_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
 def gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
-    """Exact erf GELU as in torch.nn.GELU(); Flax's default is the tanh approximation."""
-    return nn.gelu(x, approximate=False)
+    """Exact erf GELU, 0.5 x (1 + erf(x / sqrt 2)), written as torch.nn.GELU() computes it.
+
+    Flax's default is the tanh approximation, and ``nn.gelu(approximate=False)`` goes
+    through erfc, which XLA:CPU evaluates more slowly and does not fuse into the preceding
+    matmul as it does erf. Same values to fp32 rounding (where 1 + erf underflows, GELU is
+    below 1e-7 |x|).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))  # 1/sqrt(2)
 
 
 _ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
@@ -55,12 +61,41 @@ class DropPath(nn.Module):
         keep = 1.0 - self.rate
         mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, mask_shape)
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+        # One multiply by 0 or 1/keep (torch: x.div(keep) * mask), cheaper than a select.
+        return x * (mask.astype(x.dtype) * (1.0 / keep))
+
+
+class QKV(nn.Module):
+    """The fused qkv Linear (params ``kernel`` [D, 3D], ``bias`` [3D], laid out [q | k | v],
+    each head-major, as timm's Attention and torch's MultiheadAttention in_proj store it),
+    applied as three projections of width D.
+
+    Same parameters and values as one [D, 3D] Dense, but the gradient with respect to the
+    input is then a sum of three matmuls instead of one over a concatenation of dq, dk, dv,
+    and no [B,N,3,H,hd] activation is transposed: the attention sub-layer's forward and
+    backward take about a third less time on XLA:CPU. ``x_q`` (default ``x``) are the
+    tokens that need queries.
+    """
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, x_q=None):
+        width = x.shape[-1]
+        kernel = self.param("kernel", _kernel_init, (width, 3 * width))
+        bias = self.param("bias", nn.initializers.zeros, (3 * width,))
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+        x = x.astype(self.dtype)
+        x_q = x if x_q is None else x_q.astype(self.dtype)
+
+        def project(inputs, i):  # [B,N,D] @ [D,D] + [D]: slice i of [q | k | v]
+            return inputs @ kernel[:, i * width:(i + 1) * width] + bias[i * width:(i + 1) * width]
+
+        return project(x_q, 0), project(x, 1), project(x, 2)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection laid out [q | k | v], each
-    head-major, as both timm's Attention and torch's MultiheadAttention in_proj store it."""
+    """Multi-head self-attention; its qkv projection is stored fused (see ``QKV``)."""
 
     num_heads: int
     dropout_rate: float = 0.0  # on the attention weights (torch MHA's dropout)
@@ -72,22 +107,23 @@ class Attention(nn.Module):
         (keys and values still come from all tokens)."""
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
-        qkv = _dense(3 * width, "qkv", self.dtype)(x)
-        # [B,N,3D] -> [3,B,H,N,hd]: the reference splits q|k|v first, then heads.
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if cls_only:
-            q = q[:, :, :1]  # [B,H,1,hd]
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
+        q, k, v = QKV(self.dtype, name="qkv")(x, x[:, :1] if cls_only else None)
+        n_q = q.shape[1]
+        # [B,N,D] -> [B,N,H,hd]: channels are head-major, so this is a free reshape; the
+        # einsums take the heads where they are instead of transposing them to the front.
+        q = q.reshape(batch, n_q, self.num_heads, head_dim)
+        k = k.reshape(batch, tokens, self.num_heads, head_dim)
+        v = v.reshape(batch, tokens, self.num_heads, head_dim)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)  # [B,H,Nq,N]
         if key_mask is not None:
             # key_mask [B,N] True for real tokens: padded keys get no weight.
             logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
         # Softmax in fp32 even under bf16 compute: the maps feed heatmaps and pooling.
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         dropped = nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), v)
-        # [B,H,Nq,hd] -> [B,Nq,D]: heads back to head-major channels.
-        out = out.transpose(0, 2, 1, 3).reshape(batch, q.shape[2], width)
+        out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v)
+        # [B,Nq,H,hd] -> [B,Nq,D]: heads back to head-major channels (a free reshape).
+        out = out.reshape(batch, n_q, width)
         return _dense(width, "proj", self.dtype)(out), attn
 
 
