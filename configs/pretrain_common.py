@@ -18,6 +18,9 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c.model = get_arch("vit256" if stage == 1 else "vit4k")
     c.head = ml_collections.ConfigDict(dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256))
     c.drop_path_rate = 0.1                       # student only
+    # The head reads only the CLS token, so the last block skips the others' attention output
+    # and MLP (same values and gradients, ~13% fewer FLOPs); False: every token, as DINO.
+    c.last_block_cls_only = True
     c.compute_dtype = "bfloat16" if "bf16" in flags else "float32"
 
     # Iterations: stage 1 ran 400K at batch 256, stage 2 200K at batch 256.
@@ -25,9 +28,10 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c.total_steps = 400_000 if stage == 1 else 200_000
     c.stop_at_step = -1                          # stop early (schedules still use total_steps)
     # Sequential chunks of the batch inside one update (gradients averaged: same math). On CPU
-    # small chunks stay in cache (global_batch / 8 is fastest here); on accelerators it bounds
-    # activation memory. global_batch / microbatches must be a multiple of the data devices.
-    c.microbatches = 1
+    # small chunks stay in cache; on accelerators they bound activation memory. -1 = auto:
+    # about 4 samples per device per chunk on CPU, the whole batch on GPU/TPU. Otherwise a
+    # count; global_batch / microbatches must then be a multiple of the devices.
+    c.microbatches = -1
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-4,                  # peak lr = lr * global_batch / 256

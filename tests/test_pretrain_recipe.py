@@ -228,3 +228,58 @@ def test_microbatched_update_equals_whole_batch_update():
             # noise that Adam turns into +-lr steps. q and v parts are compared.
             want, have = np.delete(want, np.s_[width:2 * width]), np.delete(have, np.s_[width:2 * width])
         np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_last_block_on_cls_only_gives_the_same_logits_and_gradients():
+    """The default (the last block computes the CLS token only, the only one the head reads)
+    gives the logits and student gradients of running every token through it, as DINO does."""
+    from hipt_jax.pretrain import trainer
+    from hipt_jax.pretrain.head import build_model
+
+    c = get_config_4k("runlocal")
+    c.drop_path_rate = 0.0
+    rng = np.random.default_rng(0)
+    b = trainer.dummy_batch(c, 3)
+    g = jnp.asarray(rng.normal(size=b["global"].shape).astype(np.float32))
+    loc = jnp.asarray(rng.normal(size=b["local"].shape).astype(np.float32))
+    params = trainer.create_state(c, jax.random.key(0))["student"]
+    outs = {}
+    for cls_only in (True, False):
+        c.last_block_cls_only = cls_only
+        model = build_model(c, student=True)
+
+        def f(p):
+            logits = model.apply({"params": p}, g, loc, train=True)
+            return jnp.sum(jnp.sin(logits)), logits
+        (_, logits), grads = jax.value_and_grad(f, has_aux=True)(params)
+        outs[cls_only] = (logits, grads)
+    np.testing.assert_allclose(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-6)
+    flat_true = jax.tree_util.tree_flatten_with_path(outs[True][1])[0]
+    for (path, have), want in zip(flat_true, jax.tree.leaves(outs[False][1])):
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+    # The last block's MLP sees one token per crop instead of all of them: fewer FLOPs.
+    depth = c.model.depth
+    fc1 = outs[True][1]["vit"]["encoder"][f"blocks_{depth - 1}"]["mlp"]["fc1"]["kernel"]
+    assert np.abs(np.asarray(fc1)).max() > 0
+
+
+def test_microbatches_auto_and_bad_counts():
+    from hipt_jax import sharding as shd
+    from hipt_jax.pretrain import trainer
+
+    c = get_config_4k("")
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    assert c.microbatches == -1  # auto by default
+    c.global_batch = 64
+    assert trainer.resolve_microbatches(c, mesh) == 64 // trainer.CPU_SAMPLES_PER_MICROBATCH
+    c.global_batch = 6  # 6 // 4 = 1 chunk
+    assert trainer.resolve_microbatches(c, mesh) == 1
+    c.global_batch = 40  # 40 // 4 = 10 chunks of 4
+    assert trainer.resolve_microbatches(c, mesh) == 10
+    c.microbatches = 3
+    with pytest.raises(ValueError, match="microbatches=3"):
+        trainer.resolve_microbatches(c, mesh)
+    c.microbatches = 8
+    assert trainer.resolve_microbatches(c, mesh) == 8

@@ -28,6 +28,7 @@ _EQUIVALENCE = textwrap.dedent("""
     c = get_config("runlocal")
     c.model.depth = 1  # one block (with stochastic depth) is enough, and compiles 3x faster
     c.global_batch = 8
+    c.microbatches = 1  # auto would chunk 1 device's batch but not 8 devices' (other draws)
     # The recipe's lr (peak 5e-4 * 8 / 256): Adam turns gradients that are pure rounding
     # noise into +-lr steps whose sign depends on the reduction order, so a large lr would
     # make a few such elements differ by more than the tolerance on any two device layouts.

@@ -107,6 +107,10 @@ class MultiCropDINO(nn.Module):
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     drop_path_rate: float = 0.0
+    # Only the CLS output feeds the head, so by default the last block skips the other
+    # tokens' attention output, MLP and residual: same CLS values and gradients, ~13% fewer
+    # FLOPs. False runs every token through it, as the reference does.
+    last_block_cls_only: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -119,9 +123,7 @@ class MultiCropDINO(nn.Module):
         batch, n_views = views.shape[:2]
         # [B,V,...] -> [V,B,...] -> [V*B,...]: view-major, as torch.cat(crops) in DINO.
         flat = jnp.swapaxes(views, 0, 1).reshape((n_views * batch,) + views.shape[2:])
-        # Only the CLS output feeds the head, so the last block skips the other tokens'
-        # attention output, MLP and residual (same CLS value and gradients, ~13% fewer FLOPs).
-        cls, _ = self.vit(flat.astype(self.dtype), train=train, cls_only=True)
+        cls, _ = self.vit(flat.astype(self.dtype), train=train, cls_only=self.last_block_cls_only)
         return cls
 
     def __call__(self, global_views, local_views=None, train: bool = False):
@@ -141,5 +143,6 @@ def build_model(config: ml_collections.ConfigDict, *, student: bool) -> MultiCro
         head_hidden_dim=config.head.hidden_dim,
         head_bottleneck_dim=config.head.bottleneck_dim,
         drop_path_rate=config.drop_path_rate if student else 0.0,
+        last_block_cls_only=config.last_block_cls_only,
         dtype=dtype,
     )

@@ -84,18 +84,43 @@ def _microbatches(x: jnp.ndarray, n: int) -> jnp.ndarray:
     return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
 
 
-def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int):
+# config.microbatches = -1 ("auto") on CPU: chunks of this many samples per device, the
+# fastest for both stages on a 2-core machine (BENCHMARKS.md, "Pretraining").
+CPU_SAMPLES_PER_MICROBATCH = 4
+
+
+def resolve_microbatches(config: ml_collections.ConfigDict, mesh) -> int:
+    """``config.microbatches``, with -1 ("auto") decided for the mesh: on CPU as many chunks
+    as leave about CPU_SAMPLES_PER_MICROBATCH samples per device (cache-sized activations);
+    1 on GPU/TPU, whose whole per-device batch is what keeps the matmul units busy."""
+    n = int(config.get("microbatches", 1))
+    batch = config.global_batch
+    if n == -1:
+        if mesh.devices.flat[0].platform != "cpu":
+            return 1
+        n = max(1, batch // (mesh.size * CPU_SAMPLES_PER_MICROBATCH))
+        while batch % (n * mesh.size):  # largest count <= n that splits evenly over devices
+            n -= 1
+        return n
+    if n < 1 or batch % n or (batch // n) % mesh.size:
+        raise ValueError(f"config.microbatches={n}: expected -1 (auto) or a count that divides "
+                         f"global_batch {batch} into chunks divisible by the {mesh.size} devices")
+    return n
+
+
+def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
+                microbatches: int = 1):
     """The pure DINO update (to be jitted by the caller with shardings and donation).
 
-    ``config.microbatches = n > 1`` runs teacher and student over the batch in n sequential
-    chunks inside the one program and averages their gradients. The math is the same (the
-    center is fixed during a step and the loss is a per-sample mean; stochastic depth draws
-    differ), but each chunk's activations stay in cache: on CPU this is much faster, and on
-    accelerators it bounds activation memory.
+    ``microbatches = n > 1`` (see ``resolve_microbatches``) runs teacher and student over the
+    batch in n sequential chunks inside the one program and averages their gradients. The
+    math is the same (the center is fixed during a step and the loss is a per-sample mean;
+    stochastic depth draws differ), but each chunk's activations stay in cache: on CPU this is
+    much faster, and on accelerators it bounds activation memory.
     """
     student_model = build_model(config, student=True)
     teacher_model = build_model(config, student=False)
-    n_micro = int(config.get("microbatches", 1))
+    n_micro = int(microbatches)
 
     def loss_and_grads(params: dict, views: dict, center, sched, rng):
         """(loss, grads, teacher_logits) of one (micro)batch."""
@@ -115,9 +140,6 @@ def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int)
 
     def accumulate(state, views, sched, rng):
         """Sum of the n microbatches' gradients (lax.scan), then their mean."""
-        if views["global"].shape[0] % n_micro:
-            raise ValueError(f"config.microbatches={n_micro} must divide the global batch "
-                             f"({views['global'].shape[0]})")
         chunks = {k: _microbatches(v, n_micro) for k, v in views.items()}
 
         def body(carry, xs):
@@ -168,7 +190,8 @@ def jit_update(config, mesh, state_shardings, freeze_last_layer_steps: int):
     batch_sh = shd.batch_sharding(mesh, rules)
     rep = shd.replicated(mesh)
     batch_shardings = {k: batch_sh for k in ("index", "global", "local")}
-    return jax.jit(make_update(config, freeze_last_layer_steps),
+    update = make_update(config, freeze_last_layer_steps, resolve_microbatches(config, mesh))
+    return jax.jit(update,
                    in_shardings=(state_shardings, batch_shardings, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
@@ -356,6 +379,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             print(f"warm start from {config.warm_start}", flush=True)
 
     update = jit_update(config, mesh, state_sh, freeze_steps)
+    if is_main:
+        n_micro = resolve_microbatches(config, mesh)
+        print(f"update: global batch {config.global_batch} on {mesh.size} device(s) "
+              f"({dict(mesh.shape)}), {n_micro} microbatch(es)"
+              f"{' (auto)' if config.microbatches == -1 else ''}", flush=True)
     batch_sh = shd.batch_sharding(mesh, rules)
     logger = _Logger(workdir, config, total, is_main)
     crops_per_step = config.global_batch * (N_GLOBAL + config.crops.n_local)
