@@ -102,24 +102,20 @@ def _translate(name: str, rules, to_ours: bool) -> Optional[tuple[str, str]]:
     return None
 
 
+# layout -> (reference -> ours, ours -> reference); other layouts are stored as they are.
+_LAYOUTS = {
+    "linear": (lambda a: a.T, lambda a: a.T),                                  # [out,in] <-> [in,out]
+    "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),  # OIHW <-> HWIO
+    "gain": (lambda a: a.reshape(-1), lambda a: a.reshape(-1, 1)),             # [out,1] <-> [out]
+}
+
+
 def _to_ours(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return np.ascontiguousarray(array.T)
-    if layout == "conv":
-        return np.ascontiguousarray(array.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-    if layout == "gain":
-        return array.reshape(-1)
-    return array
+    return np.ascontiguousarray(_LAYOUTS[layout][0](array)) if layout in _LAYOUTS else array
 
 
 def _to_reference(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return np.ascontiguousarray(array.T)
-    if layout == "conv":
-        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))  # HWIO -> OIHW
-    if layout == "gain":
-        return array.reshape(-1, 1)
-    return array
+    return np.ascontiguousarray(_LAYOUTS[layout][1](array)) if layout in _LAYOUTS else array
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -195,47 +191,37 @@ def _short_list(items: list[str], limit: int = 6) -> str:
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
+def _rename_all(items: dict, rules, to_ours: bool, unknown: str) -> dict[str, np.ndarray]:
+    """Translate every name with ``rules`` and convert its array's layout; ``unknown``
+    (formatted with the name) is the error for a name no rule covers."""
+    out = {}
+    for name, array in items.items():
+        hit = _translate(name, rules, to_ours=to_ours)
+        if hit is None:
+            raise CheckpointError(unknown.format(name))
+        out[hit[0]] = (_to_ours if to_ours else _to_reference)(np.asarray(array), hit[1])
+    return out
+
+
 def reference_to_variables(backbone: dict[str, np.ndarray]) -> dict:
     """Stripped reference backbone state dict (numpy) -> Flax variables {"params": ...}."""
-    flat = {}
-    for name, array in backbone.items():
-        hit = _translate(name, _BACKBONE_RULES, to_ours=True)
-        if hit is None:
-            raise CheckpointError(f"unexpected key {name}")
-        flat[hit[0]] = _to_ours(np.asarray(array), hit[1])
-    return {"params": _unflatten(flat)}
+    return {"params": _unflatten(_rename_all(backbone, _BACKBONE_RULES, True, "unexpected key {}"))}
 
 
 def variables_to_reference(variables: dict) -> dict[str, np.ndarray]:
     """Flax variables -> stripped reference backbone state dict (numpy, reference layouts)."""
-    out = {}
-    for path, array in _flatten(variables["params"]).items():
-        hit = _translate(path, _BACKBONE_RULES, to_ours=False)
-        if hit is None:
-            raise CheckpointError(f"parameter {path} has no reference name")
-        out[hit[0]] = _to_reference(np.asarray(array), hit[1])
-    return out
+    return _rename_all(_flatten(variables["params"]), _BACKBONE_RULES, False,
+                       "parameter {} has no reference name")
 
 
 def reference_head_to_tree(head: dict[str, np.ndarray]) -> dict:
     """Stripped DINO head tensors ("mlp.0.weight", ...) -> our head tree (see module doc)."""
-    flat = {}
-    for name, array in head.items():
-        hit = _translate(name, _HEAD_RULES, to_ours=True)
-        if hit is None:
-            raise CheckpointError(f"unexpected DINO head key head.{name}")
-        flat[hit[0]] = _to_ours(np.asarray(array), hit[1])
-    return _unflatten(flat)
+    return _unflatten(_rename_all(head, _HEAD_RULES, True, "unexpected DINO head key head.{}"))
 
 
 def head_tree_to_reference(head: dict) -> dict[str, np.ndarray]:
-    out = {}
-    for path, array in _flatten(head).items():
-        hit = _translate(path, _HEAD_RULES, to_ours=False)
-        if hit is None:
-            raise CheckpointError(f"head parameter {path} has no reference name")
-        out[hit[0]] = _to_reference(np.asarray(array), hit[1])
-    return out
+    """Our head tree -> stripped DINO head tensors in the reference layouts."""
+    return _rename_all(_flatten(head), _HEAD_RULES, False, "head parameter {} has no reference name")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 
 from data_prep import records
 from data_prep.synth import _source_pixels, stain_perturb
+from tests.shards import write_shard
 
 CLASS_STAINS = ((1.0, 1.0, 1.0), (1.45, 0.7, 1.0))
 
@@ -35,17 +36,11 @@ def tissue_crop(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def write_region_shard(prep_dir: str, slide_id: str, images: list[np.ndarray]) -> str:
     """Region shard in hipt-prep's layout and schema (data_prep.records)."""
-    from array_record.python import array_record_module
-
-    os.makedirs(os.path.join(prep_dir, "regions"), exist_ok=True)
     path = os.path.join(prep_dir, "regions", slide_id + ".array_record")
-    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-    for i, img in enumerate(images):
-        writer.write(records.region_record(
-            records.encode_jpeg(img), slide_id=slide_id, x=i * img.shape[1], y=0, level=0,
-            read_px=img.shape[0], mpp=0.5, region_px=img.shape[0], tissue_fraction=1.0, index=i))
-    writer.close()
-    return path
+    return write_shard(path, (records.region_record(
+        records.encode_jpeg(img), slide_id=slide_id, x=i * img.shape[1], y=0, level=0,
+        read_px=img.shape[0], mpp=0.5, region_px=img.shape[0], tissue_fraction=1.0, index=i)
+        for i, img in enumerate(images)))
 
 
 def write_labels(path: str, rows: list[dict]) -> str:

@@ -1,22 +1,13 @@
 """TFDS builders over hipt-prep shards: generation (plain and Beam) and reading, without TensorFlow."""
-import os
 
 import numpy as np
 import pytest
-from array_record.python import array_record_module
 
 from data_prep import records
 from data_prep.cli import main
+from tests.shards import write_shard
 
 tfds = pytest.importorskip("tensorflow_datasets")
-
-
-def _write(path, recs):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    w = array_record_module.ArrayRecordWriter(path, "group_size:1")
-    for r in recs:
-        w.write(r)
-    w.close()
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +23,8 @@ def shards(tmp_path_factory):
                                               tissue_fraction=0.5, index=i))
             feats.append(records.feature_record(rng.normal(size=(2, 384)), grid=(1, 2), slide_id=sid,
                                                 x=512 * i, y=0, mpp=0.5, region_px=512, dtype="float32"))
-        _write(str(root / "regions" / f"{sid}.array_record"), regs)
-        _write(str(root / "features" / f"{sid}.array_record"), feats)
+        write_shard(root / "regions" / f"{sid}.array_record", regs)
+        write_shard(root / "features" / f"{sid}.array_record", feats)
     return str(root)
 
 

@@ -11,6 +11,7 @@ import pytest
 from data_prep import records
 from hipt_jax.evaluation import extract
 from hipt_jax.models.hipt4k import HIPT4K
+from tests.shards import write_shard
 from tests.synthetic_cohort import make_tissue_cohort, write_region_shard, tissue_crop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +59,6 @@ def test_extract_matches_region_model_and_resumes(model, cohort, tmp_path):
 
 
 def test_precomputed_feature_shards_are_reused(model, cohort, tmp_path):
-    from array_record.python import array_record_module
-
     prep, rows = cohort
     sid = rows[-1]["slide_id"]
     feats_dir = tmp_path / "feats" / "features"
@@ -69,11 +68,9 @@ def test_precomputed_feature_shards_are_reused(model, cohort, tmp_path):
     f256 = model.embed_batch(np.stack(imgs))["features_cls256"]
     # Deliberately perturbed features prove they were read instead of recomputed.
     f256 = f256 + 0.5
-    w = array_record_module.ArrayRecordWriter(str(feats_dir / (sid + ".array_record")), "group_size:1")
-    for r, f in zip(recs, f256):
-        w.write(records.feature_record(f, grid=(2, 2), slide_id=sid, x=r["x"], y=r["y"], mpp=0.5,
-                                       region_px=512, dtype="float32"))
-    w.close()
+    write_shard(feats_dir / (sid + ".array_record"), (
+        records.feature_record(f, grid=(2, 2), slide_id=sid, x=r["x"], y=r["y"], mpp=0.5,
+                               region_px=512, dtype="float32") for r, f in zip(recs, f256)))
     out = str(tmp_path / "emb")
     extract.extract_cohort(model, prep, out, features_dir=str(tmp_path / "feats"), show_progress=False)
     got = extract.load_slide(out, sid)

@@ -5,19 +5,11 @@ import pickle
 import grain
 import numpy as np
 import pytest
-from array_record.python import array_record_module
 
 from data_prep import records
 from hipt_jax.data import FeatureSource, PatchSource, RegionSource, make_iter_dataset, make_loader
 from hipt_jax.data.sources import resolve_shards
-
-
-def _write(path, recs):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    w = array_record_module.ArrayRecordWriter(path, "group_size:1")
-    for r in recs:
-        w.write(r)
-    w.close()
+from tests.shards import write_shard
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +32,9 @@ def shards(tmp_path_factory):
             f[:, 0] = np.arange(16)  # token index, to check the row-major grid layout
             feats.append(records.feature_record(f, grid=(4, 4), slide_id=sid, x=64 * i, y=0, mpp=0.5,
                                                 region_px=1024, dtype="float32"))
-        _write(str(root / "regions" / f"{sid}.array_record"), regs)
-        _write(str(root / "patches" / f"{sid}.array_record"), pats)
-        _write(str(root / "features" / f"{sid}.array_record"), feats)
+        write_shard(root / "regions" / f"{sid}.array_record", regs)
+        write_shard(root / "patches" / f"{sid}.array_record", pats)
+        write_shard(root / "features" / f"{sid}.array_record", feats)
     return str(root)
 
 

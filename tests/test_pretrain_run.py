@@ -250,25 +250,18 @@ def test_warm_start_from_released_checkpoint_with_head(tmp_path):
 
 def test_arrayrecord_shards_drop_in_for_both_stages(tmp_path):
     """hipt-prep's patch and feature shards feed the same pipeline as the folder formats."""
-    from array_record.python import array_record_module
     from data_prep import records
+    from tests.shards import write_shard
 
-    (tmp_path / "patches").mkdir()
-    (tmp_path / "features").mkdir()
     rng = np.random.default_rng(0)
-    with_writer = lambda path: array_record_module.ArrayRecordWriter(str(path), "group_size:1")  # noqa: E731
-    w = with_writer(tmp_path / "patches" / "s.array_record")
-    for i in range(4):
-        jpeg = records.encode_jpeg(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
-        w.write(records.patch_record(jpeg, slide_id="s", x=i, y=0, region_x=0, region_y=0, row=0,
-                                     col=i, patch_px=256, mpp=0.5, tissue_fraction=1.0))
-    w.close()
-    w = with_writer(tmp_path / "features" / "s.array_record")
+    write_shard(tmp_path / "patches" / "s.array_record", (
+        records.patch_record(records.encode_jpeg(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)),
+                             slide_id="s", x=i, y=0, region_x=0, region_y=0, row=0, col=i,
+                             patch_px=256, mpp=0.5, tissue_fraction=1.0) for i in range(4)))
     grids = [rng.normal(size=(256, 384)).astype(np.float32) for _ in range(4)]
-    for i, g in enumerate(grids):
-        w.write(records.feature_record(g, grid=(16, 16), slide_id="s", x=i, y=0, mpp=0.5,
-                                       region_px=4096, dtype="float32"))
-    w.close()
+    write_shard(tmp_path / "features" / "s.array_record", (
+        records.feature_record(g, grid=(16, 16), slide_id="s", x=i, y=0, mpp=0.5,
+                               region_px=4096, dtype="float32") for i, g in enumerate(grids)))
     for stage, kind, get in ((1, "patch_shards", get_config_256), (2, "feature_shards", get_config_4k)):
         c = get("runlocal")
         c.data.kind, c.data.path, c.global_batch = kind, str(tmp_path), 2

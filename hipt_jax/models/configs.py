@@ -36,14 +36,16 @@ def vit4k_xs() -> ml_collections.ConfigDict:
 
 def vit256_tiny() -> ml_collections.ConfigDict:
     """Tiny stand-in for tests and runlocal: same interface (384-d output), 2 blocks."""
-    return _vit_config(arch="vit256", stem="pixels", patch_size=16, in_features=3, width=384,
-                       depth=2, num_heads=6, mlp_dim=384, pos_embed_grid=14)
+    c = vit256_small()
+    c.update(depth=2, mlp_dim=384)
+    return c
 
 
 def vit4k_tiny() -> ml_collections.ConfigDict:
     """Tiny stand-in for ViT-4K: 384-d input, 192-d output, 1 block."""
-    return _vit_config(arch="vit4k", stem="features", patch_size=1, in_features=384, width=192,
-                       depth=1, num_heads=6, mlp_dim=192, pos_embed_grid=14)
+    c = vit4k_xs()
+    c.update(depth=1, mlp_dim=192)
+    return c
 
 
 ARCHITECTURES = {
