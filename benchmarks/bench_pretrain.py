@@ -38,6 +38,7 @@ from configs.pretrain_vit4k import get_config as get_config_4k  # noqa: E402
 from hipt_jax import sharding as shd  # noqa: E402
 from hipt_jax.pretrain import data as data_lib  # noqa: E402
 from hipt_jax.pretrain import trainer  # noqa: E402
+from hipt_jax.profiler import update_flops  # noqa: E402
 from tests import reference_torch as ref  # noqa: E402
 from tests import reference_torch_dino as ref_dino  # noqa: E402
 
@@ -74,19 +75,9 @@ class OursStep:
         t = time.perf_counter()
         self.update.lower(self.state, self.batch, self.rng).compile()
         self.compile_s = time.perf_counter() - t
-
-        def whole_batch_flops(cls_only: bool) -> float:
-            # XLA's cost analysis counts a lax.scan body once: count the same update compiled
-            # for the whole batch (identical arithmetic).
-            whole = c.copy_and_resolve_references()
-            whole.microbatches, whole.last_block_cls_only = 1, cls_only
-            cost = trainer.jit_update(whole, mesh, sh, freeze_last_layer_steps=0).lower(
-                self.state, self.batch, self.rng).compile().cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            return float(cost.get("flops", float("nan")))
-
-        self.flops = whole_batch_flops(c.last_block_cls_only)
-        self.ref_flops = whole_batch_flops(False)
+        args = (self.state, self.batch, self.rng)
+        self.flops = update_flops(c, mesh, sh, args) or float("nan")
+        self.ref_flops = update_flops(c, mesh, sh, args, last_block_cls_only=False) or float("nan")
 
     def __call__(self):
         t = time.perf_counter()

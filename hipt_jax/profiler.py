@@ -78,6 +78,20 @@ def xla_flops(compiled) -> float | None:
         return None
 
 
+def update_flops(config, mesh, state_shardings, args, **overrides) -> float | None:
+    """FLOPs of the DINO update on the whole batch (``microbatches=1``; ``overrides`` set
+    other config fields). XLA's cost analysis counts a lax.scan body once, so a microbatched
+    program undercounts; its arithmetic is this one's. ``args``: (state, batch, rng), which
+    may be donated later but not yet."""
+    from hipt_jax.pretrain import trainer
+
+    whole = config.copy_and_resolve_references()
+    whole.microbatches = 1
+    whole.update(overrides)
+    update = trainer.jit_update(whole, mesh, state_shardings, freeze_last_layer_steps=0)
+    return xla_flops(update.lower(*args).compile())
+
+
 # ------------------------------------------------------------------------------ timing
 def _block(tree) -> None:
     jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
@@ -230,20 +244,14 @@ def profile_pretrain(stage: int, cfg, peak: float, trace_dir: str = "") -> dict:
                      else v) for k, v in batch.items()}
     step_rng = jax.random.key(1)
     n_micro = trainer.resolve_microbatches(config, mesh)
-    flops = None
-    if n_micro > 1:
-        # XLA's cost analysis counts a lax.scan body once: count the same update compiled for
-        # the whole batch (identical arithmetic), before the timed steps donate the state.
-        whole = config.copy_and_resolve_references()
-        whole.microbatches = 1
-        flops = xla_flops(trainer.jit_update(whole, mesh, state_sh, freeze_last_layer_steps=0)
-                          .lower(state, batch, step_rng).compile())
+    # Counted before the timed steps donate the state.
+    flops = update_flops(config, mesh, state_sh, (state, batch, step_rng)) if n_micro > 1 else None
     res = compile_and_time(update, (state, batch, step_rng), cfg.repeats, trace_dir=trace_dir,
                            name=f"pretrain_stage{stage}",
                            carry=lambda args, out: (out[0], args[1], args[2]))
     crops = config.global_batch * (trainer.N_GLOBAL + config.crops.n_local)
     name = "DINO step ViT-256 (stage 1)" if stage == 1 else "DINO step ViT-4K (stage 2)"
-    flops = flops if n_micro > 1 else xla_flops(res["compiled"])
+    flops = flops or xla_flops(res["compiled"])
     return _row(name, "images/s", config.global_batch, res, flops, peak, "xla",
                 global_batch=config.global_batch, crops_per_step=crops, devices=mesh.size,
                 microbatches=n_micro,

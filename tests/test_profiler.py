@@ -90,3 +90,23 @@ def test_cli_bad_config(tmp_path):
                           os.path.join(ROOT, "configs", "profile.py") + ":fast"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode != 0 and "unknown config arg" in res.stderr
+
+
+def test_update_flops_counts_the_whole_batch_of_a_microbatched_update():
+    """XLA's cost analysis counts a lax.scan body once: update_flops compiles the whole batch."""
+    from configs.pretrain_vit4k import get_config
+    from hipt_jax import sharding as shd
+    from hipt_jax.pretrain import trainer
+
+    c = get_config("runlocal")
+    c.global_batch, c.microbatches = 8, 4
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    state, sh = trainer.init_sharded_state(c, mesh, jax.random.key(0))
+    args = (state, shd.global_batch(trainer.dummy_batch(c, 8), shd.batch_sharding(mesh)),
+            jax.random.key(1))
+    scanned = profiler.xla_flops(trainer.jit_update(c, mesh, sh, 0).lower(*args).compile())
+    whole = profiler.update_flops(c, mesh, sh, args)
+    # The scan body is a quarter of the batch: roughly 4x fewer counted FLOPs than the truth.
+    assert whole > 2.5 * scanned
+    every_token = profiler.update_flops(c, mesh, sh, args, last_block_cls_only=False)
+    assert every_token > whole
