@@ -131,7 +131,9 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=2
-MinJobAge=600
+# 0: finished jobs stay visible to scontrol, and `sbatch --wait` polls every 2 s (it backs off
+# to 32 s between polls when MinJobAge is large).
+MinJobAge=0
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
@@ -201,7 +203,7 @@ class SlurmCluster:
         return Job(job_id, res.returncode, output.replace("%j", str(job_id)))
 
     def job_state(self, job_id: int) -> str:
-        """RUNNING, PENDING, COMPLETED, CANCELLED, FAILED ... (kept MinJobAge seconds after the end)."""
+        """RUNNING, PENDING, COMPLETED, CANCELLED, FAILED ... (finished jobs are never purged here)."""
         out = self.run("scontrol", "show", "job", str(job_id)).stdout
         match = re.search(r"JobState=(\S+)", out)
         if not match:
