@@ -22,7 +22,7 @@ import traceback
 import cv2
 import numpy as np
 
-from data_prep.shards import REGION, SHARD_EXT, encode_jpeg, open_shard_writer, shard_path, write_json_atomic
+from data_prep.shards import REGION, encode_jpeg, open_shard_writer, shard_path, write_json_atomic
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, open_slide, read_region_geometry,
                                 region_geometry, slide_mpp)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
@@ -139,7 +139,7 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams) -> dict:
     """Do one slide end to end; never raises for a bad slide (the error goes in the result)."""
     t0 = time.time()
     result = dict(slide_id=task.slide_id, path=task.path, status="failed", n_regions=0, error=None,
-                  shard=os.path.join("regions", task.slide_id + SHARD_EXT))
+                  shard=os.path.relpath(shard_path(out_dir, "regions", task.slide_id), out_dir))
     for sub in ("regions", "status", "qc"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     slide = None

@@ -344,7 +344,11 @@ def _open_reader(path: str):
     from array_record.python import array_record_module
 
     try:
-        return array_record_module.ArrayRecordReader(path)
+        reader = array_record_module.ArrayRecordReader(path)
+        if not reader.ok():  # a file that is no ArrayRecord opens as "0 records" with a bad status
+            reader.read_all()  # raises that status
+            raise RuntimeError("reader status not ok")
+        return reader
     except (RuntimeError, ValueError, OSError) as e:  # array_record raises RuntimeError on bad files
         raise ShardError(f"{path}: not a readable shard of records ({e})") from None
 
