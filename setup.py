@@ -58,7 +58,7 @@ setup(
             "hipt-pretrain=hipt_jax.pretrain.main:main",
             "hipt-heatmap=hipt_jax.heatmap.cli:main",
             "hipt-profile=hipt_jax.profiler:main",
-            "hipt-prep=data_prep.cli:main",
+            "hipt-prep=hipt_jax.cli.prep:main",
         ]
     },
 )

@@ -58,9 +58,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from data_prep import records
+    from data_prep import bags, shards
     from data_prep.synth import stain_perturb
-    from hipt_jax.evaluation import extract
+    from hipt_jax import extraction
     from tests.synthetic_cohort import tissue_crop, write_region_shard
 
     rng = np.random.default_rng(0)
@@ -73,23 +73,23 @@ def main() -> None:
         warm = os.path.join(work, "warm")
         write_region_shard(warm, "warm", regions[: 1])
         reference, ours = build_models(args.patch_batch)
-        extractor = extract.Extractor(ours, args.batch_per_device)
+        extractor = extraction.Extractor(ours, args.batch_per_device)
         t0 = time.perf_counter()
-        extract.extract_cohort(ours, warm, os.path.join(work, "warm_out"), extractor=extractor,
-                               show_progress=False)
+        extraction.extract_cohort(ours, warm, os.path.join(work, "warm_out"), extractor=extractor,
+                                  show_progress=False)
         compile_s = time.perf_counter() - t0
 
         def run_ours():
             out = os.path.join(work, "out")
             shutil.rmtree(out, ignore_errors=True)
-            extract.extract_cohort(ours, prep, out, extractor=extractor, show_progress=False)
-            return extract.load_slide(out, "slide")["features_cls4k"]
+            extraction.extract_cohort(ours, prep, out, extractor=extractor, show_progress=False)
+            return bags.read_bag(out, "slide")["features_cls4k"]
 
         def run_reference():
             cls4k = []
             with torch.no_grad():
-                for rec in extract.read_records(shard):
-                    out = reference.embed_region(records.decode_jpeg(rec["image_jpeg"]))
+                for rec in shards.read_records(shard):
+                    out = reference.embed_region(shards.decode_jpeg(rec["image_jpeg"]))
                     cls4k.append(out["features_cls4k"])
             return np.stack(cls4k)
 

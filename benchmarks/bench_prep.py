@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep.cli import main as prep_main  # noqa: E402
+from hipt_jax.cli.prep import main as prep_main  # noqa: E402
 from data_prep.regions import RegionParams, select_regions  # noqa: E402
 from data_prep.slide_io import open_slide, slide_mpp  # noqa: E402
 from data_prep.synth import make_aperio_slide  # noqa: E402

@@ -3,7 +3,7 @@
 `process_slide` is a top-level, spawn-safe function used unchanged by the process pool and by
 the Apache Beam pipeline (data_prep.runner), so both produce identical shards. Outputs per slide:
 
-    OUT/regions/<slide_id>.array_record   one record per kept region (schema: data_prep.records)
+    OUT/regions/<slide_id>.array_record   one record per kept region (schema: data_prep.shards.REGION)
     OUT/status/<slide_id>.json            result: done/failed, counts, geometry, error, timings
     OUT/qc/<slide_id>_mask.png            tissue mask next to the thumbnail
     OUT/qc/<slide_id>_regions.png         kept region grid over the thumbnail
@@ -14,7 +14,6 @@ slide counts as finished only when all of its outputs are complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -23,15 +22,10 @@ import traceback
 import cv2
 import numpy as np
 
-from data_prep import records
+from data_prep.shards import REGION, encode_jpeg, open_shard_writer, shard_path, write_json_atomic
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, open_slide, read_region_geometry,
                                 region_geometry, slide_mpp)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
-
-SHARD_EXT = ".array_record"
-# group_size:1 makes every record independently seekable (Grain random access); "uncompressed"
-# because JPEG bytes and float features do not compress, and trying costs ~60 ms per 4096 region.
-ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,21 +56,8 @@ class SlideTask:
     path: str
 
 
-def shard_path(out_dir: str, kind: str, slide_id: str) -> str:
-    return os.path.join(out_dir, kind, slide_id + SHARD_EXT)
-
-
 def status_path(out_dir: str, slide_id: str) -> str:
     return os.path.join(out_dir, "status", slide_id + ".json")
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def region_grid(width: int, height: int, read_px: int) -> list[tuple[int, int]]:
@@ -145,31 +126,20 @@ def _qc_pictures(out_dir: str, slide_id: str, slide, tm, geom, kept, max_px: int
 
 
 def _write_region_shard(slide, slide_id: str, path: str, geom, kept, params: RegionParams) -> None:
-    # Imported here so that importing this module (e.g. by Beam's pickler) stays cheap.
-    from array_record.python import array_record_module
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    writer = array_record_module.ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
-    try:
+    with open_shard_writer(path) as writer:
         for index, (x, y, frac) in enumerate(kept):
             img = read_region_geometry(slide, x, y, geom, order="bgr")  # [S,S,3] uint8, BGR
-            writer.write(records.region_record(
-                records.encode_jpeg(img, params.jpeg_quality, bgr=True), slide_id=slide_id, x=x, y=y,
-                level=geom.level, read_px=geom.read_px, mpp=geom.mpp, region_px=geom.region_px,
-                tissue_fraction=frac, index=index))
-    except BaseException:
-        writer.close()
-        os.remove(tmp)
-        raise
-    writer.close()
-    os.replace(tmp, path)
+            writer.write(REGION.encode(
+                image_jpeg=encode_jpeg(img, params.jpeg_quality, bgr=True), slide_id=slide_id,
+                x=x, y=y, level=geom.level, read_px=geom.read_px, mpp=geom.mpp,
+                region_px=geom.region_px, tissue_fraction=frac, index=index))
 
 
 def process_slide(task: SlideTask, out_dir: str, params: RegionParams) -> dict:
     """Do one slide end to end; never raises for a bad slide (the error goes in the result)."""
     t0 = time.time()
     result = dict(slide_id=task.slide_id, path=task.path, status="failed", n_regions=0, error=None,
-                  shard=os.path.join("regions", task.slide_id + SHARD_EXT))
+                  shard=os.path.relpath(shard_path(out_dir, "regions", task.slide_id), out_dir))
     for sub in ("regions", "status", "qc"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     slide = None

@@ -13,18 +13,17 @@ import glob
 import json
 import multiprocessing
 import os
-import platform
 import re
 import time
 from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from data_prep.regions import SlideTask, status_path, write_json_atomic
+from data_prep.regions import SlideTask, status_path
+from data_prep.shards import MANIFEST, package_versions, write_run_manifest
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
                     ".svslide", ".dcm")
-MANIFEST = "manifest.json"
 
 
 class InputError(Exception):
@@ -35,7 +34,7 @@ def _safe_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
 
 
-def list_slides(slides: str) -> list[SlideTask]:
+def find_slide_files(slides: str) -> list[SlideTask]:
     """Slides from a folder (searched recursively) or a CSV with a `path` and optional `slide_id`.
 
     DICOM slides are folders of .dcm files: one task per folder, named after the folder.
@@ -83,16 +82,10 @@ def versions() -> dict:
     import cv2
     import numpy
     import openslide
-    from importlib import metadata
 
-    out = dict(python=platform.python_version(), numpy=numpy.__version__, opencv=cv2.__version__,
-               openslide_python=openslide.__version__, openslide=openslide.__library_version__)
-    for pkg in ("array-record", "hipt-jax"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return dict(package_versions(("array-record", "hipt-jax")), numpy=numpy.__version__,
+                opencv=cv2.__version__, openslide_python=openslide.__version__,
+                openslide=openslide.__library_version__)
 
 
 def read_status(out_dir: str, item_id: str) -> dict | None:
@@ -124,20 +117,12 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
                          f"({MANIFEST}); use a new --out folder")
 
 
-def write_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str], extra: dict | None = None) -> dict:
+def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str]) -> dict:
     """Rebuild OUT/manifest.json from the status files of `ids` (atomic replace)."""
-    items = {}
-    for i in ids:
-        items[i] = read_status(out_dir, i) or dict(status="pending")
-    counts = {}
-    for st in items.values():
-        counts[st["status"]] = counts.get(st["status"], 0) + 1
-    manifest = dict(schema="hipt.prep-manifest.v1", kind=kind, params=params, versions=versions(),
-                    updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), counts=counts,
-                    n_records=sum(st.get("n_regions", st.get("n_records", 0)) or 0 for st in items.values()),
-                    items=items, **(extra or {}))
-    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
-    return manifest
+    items = {i: read_status(out_dir, i) or dict(status="pending") for i in ids}
+    n_records = sum(st.get("n_regions", st.get("n_records", 0)) or 0 for st in items.values())
+    return write_run_manifest(out_dir, schema="hipt.prep-manifest.v1", items=items, params=params,
+                              versions=versions(), extra=dict(kind=kind, n_records=n_records))
 
 
 def clean_stale_tmp(out_dir: str) -> None:
@@ -221,7 +206,7 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
     skipped = len(items) - len(todo)
     if skipped:
         print(f"{kind}: {skipped} of {len(items)} already done in {out_dir}, skipping them")
-    write_manifest(out_dir, kind, params, ids)
+    rebuild_manifest(out_dir, kind, params, ids)
     todo_items = [it for it, _ in todo]
     if todo_items:
         if runner == "pool":
@@ -230,13 +215,13 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
             def checkpoint(_res):
                 # Keep the manifest current during long runs without rewriting it per slide.
                 if time.time() - last[0] > 10:
-                    write_manifest(out_dir, kind, params, ids)
+                    rebuild_manifest(out_dir, kind, params, ids)
                     last[0] = time.time()
 
             run_pool(fn, todo_items, fn_args, workers, kind, checkpoint)
         else:
             run_beam(fn, todo_items, fn_args, runner, beam_args)
-    return write_manifest(out_dir, kind, params, ids)
+    return rebuild_manifest(out_dir, kind, params, ids)
 
 
 def prepare_regions(slides: str, out_dir: str, *, workers: int = 1, runner: str = "pool",
@@ -252,7 +237,7 @@ def prepare_regions(slides: str, out_dir: str, *, workers: int = 1, runner: str 
     from data_prep.regions import RegionParams, process_slide
 
     region_params = RegionParams(**params)
-    tasks = list_slides(slides)
+    tasks = find_slide_files(slides)
     out = os.path.abspath(out_dir)
     return run_items(process_slide, tasks, [t.slide_id for t in tasks], out, "regions",
                      region_params.to_dict(), (out, region_params), workers=workers, runner=runner,

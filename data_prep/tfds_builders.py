@@ -18,14 +18,13 @@ Splits: everything goes to "train" unless `splits={"train": [slide ids], "test":
 """
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_prep.patches import read_shard
+from data_prep import shards
 
 _CITATION = """@inproceedings{chen2022scaling,
   title={Scaling Vision Transformers to Gigapixel Images via Hierarchical Self-Supervised Learning},
@@ -34,37 +33,31 @@ _CITATION = """@inproceedings{chen2022scaling,
   booktitle={CVPR}, year={2022}}"""
 
 
-def _region_example(rec):
-    key = f"{rec['slide_id']}/{rec['x']}/{rec['y']}"
-    return key, dict(image=rec["image_jpeg"], slide_id=rec["slide_id"], x=rec["x"], y=rec["y"],
-                     level=rec["level"], read_px=rec["read_px"], mpp=rec["mpp"],
-                     region_px=rec["region_px"], tissue_fraction=rec["tissue_fraction"],
-                     index=rec["index"])
-
-
-def _patch_example(rec):
-    key = f"{rec['slide_id']}/{rec['x']}/{rec['y']}"
-    return key, dict(image=rec["image_jpeg"], slide_id=rec["slide_id"], x=rec["x"], y=rec["y"],
-                     region_x=rec["region_x"], region_y=rec["region_y"], row=rec["row"],
-                     col=rec["col"], mpp=rec["mpp"], tissue_fraction=rec["tissue_fraction"])
-
-
-def _feature_example(rec):
-    key = f"{rec['slide_id']}/{rec['x']}/{rec['y']}"
-    feats = np.frombuffer(rec["features"], np.dtype(rec["dtype"]).newbyteorder("<"))
-    return key, dict(features=feats.reshape(rec["shape"]).astype(rec["dtype"]),
-                     grid=np.asarray(rec["grid"], np.int32), slide_id=rec["slide_id"], x=rec["x"],
-                     y=rec["y"], mpp=rec["mpp"], region_px=rec["region_px"])
-
-
-_EXAMPLE_FNS = {"regions": _region_example, "patches": _patch_example, "features": _feature_example}
-
-
 def _shard_examples(path: str, kind: str):
     """All (key, example) pairs of one shard (top level: picklable for Beam)."""
-    fn = _EXAMPLE_FNS[kind]
-    for rec in read_shard(path):
-        yield fn(rec)
+    record_kind = shards.kind_of(kind)
+    for rec in shards.iter_records(path, record_kind):
+        yield f"{rec['slide_id']}/{rec['x']}/{rec['y']}", record_kind.example(rec, decode=False)
+
+
+def _tfds_feature(field: shards.Field, feature_dtype):
+    """The TFDS feature of one record field (by its storage type)."""
+    t = field.type
+    if t is shards.JPEG:
+        return tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg")
+    if t is shards.STR:
+        return tfds.features.Text()
+    if t is shards.PAIR:
+        return tfds.features.Tensor(shape=(2,), dtype=np.int32)
+    if t is shards.FEATURES:
+        return tfds.features.Tensor(shape=(None, 384), dtype=feature_dtype)
+    return {shards.INT64: np.int64, shards.INT32: np.int32, shards.FLOAT32: np.float32}[t]
+
+
+def features_dict(kind: str, feature_dtype=np.float16) -> tfds.features.FeaturesDict:
+    """TFDS features of a record kind: every example field of its table in data_prep.shards."""
+    return tfds.features.FeaturesDict({f.example_key: _tfds_feature(f, feature_dtype)
+                                       for f in shards.kind_of(kind).example_fields})
 
 
 class _HiptShardBuilder(tfds.core.GeneratorBasedBuilder):
@@ -88,25 +81,24 @@ class _HiptShardBuilder(tfds.core.GeneratorBasedBuilder):
         self._splits = splits
         super().__init__(**kwargs)
 
-    def _shard_paths(self) -> list[str]:
+    def _slide_shards(self) -> dict[str, str]:
         if not self._shards_dir:
             raise ValueError(f"{type(self).__name__}: pass shards_dir= (a hipt-prep output folder)")
-        folder = os.path.join(self._shards_dir, self.KIND)
-        folder = folder if os.path.isdir(folder) else self._shards_dir
-        paths = sorted(glob.glob(os.path.join(folder, "*.array_record")))
-        if not paths:
-            raise FileNotFoundError(f"{self._shards_dir}: no {self.KIND} shards (*.array_record)")
-        return paths
+        return shards.list_slide_shards(self._shards_dir, self.KIND)
 
-    def _info_kwargs(self) -> dict:
-        return dict(builder=self, homepage="https://github.com/mahmoodlab/HIPT", citation=_CITATION,
-                    description=f"HIPT {self.KIND} from hipt-prep (record schema in data_prep.records).")
+    def _feature_dtype(self):
+        return np.float16  # only feature shards have a stored dtype
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, homepage="https://github.com/mahmoodlab/HIPT", citation=_CITATION,
+            description=f"HIPT {self.KIND} from hipt-prep (record schema in data_prep.shards).",
+            features=features_dict(self.KIND, self._feature_dtype()))
 
     def _split_generators(self, dl_manager):
-        paths = self._shard_paths()
+        by_id = self._slide_shards()
         if self._splits is None:
-            return {"train": self._generate_examples(paths)}
-        by_id = {os.path.basename(p)[:-len(".array_record")]: p for p in paths}
+            return {"train": self._generate_examples(list(by_id.values()))}
         out = {}
         for name, ids in self._splits.items():
             missing = [i for i in ids if i not in by_id]
@@ -143,24 +135,11 @@ class HiptRegions(_HiptShardBuilder):
 
     KIND = "regions"
 
-    def _info(self):
-        return tfds.core.DatasetInfo(**self._info_kwargs(), features=tfds.features.FeaturesDict(dict(
-            image=tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            slide_id=tfds.features.Text(), x=np.int64, y=np.int64, level=np.int32, read_px=np.int32,
-            mpp=np.float32, region_px=np.int32, tissue_fraction=np.float32, index=np.int32)))
-
 
 class HiptPatches(_HiptShardBuilder):
     """256 px patches for stage-1 (ViT-256) pretraining."""
 
     KIND = "patches"
-
-    def _info(self):
-        return tfds.core.DatasetInfo(**self._info_kwargs(), features=tfds.features.FeaturesDict(dict(
-            image=tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            slide_id=tfds.features.Text(), x=np.int64, y=np.int64, region_x=np.int64,
-            region_y=np.int64, row=np.int32, col=np.int32, mpp=np.float32,
-            tissue_fraction=np.float32)))
 
 
 class HiptFeatures(_HiptShardBuilder):
@@ -175,15 +154,10 @@ class HiptFeatures(_HiptShardBuilder):
                 with open(spec) as f:
                     return np.float32 if "float32" in f.read() else np.float16
             return np.float16
-        for rec in read_shard(self._shard_paths()[0]):
+        first = next(iter(self._slide_shards().values()))
+        for rec in shards.iter_records(first, shards.FEATURE):
             return np.dtype(rec["dtype"]).type
         return np.float16
-
-    def _info(self):
-        return tfds.core.DatasetInfo(**self._info_kwargs(), features=tfds.features.FeaturesDict(dict(
-            features=tfds.features.Tensor(shape=(None, 384), dtype=self._feature_dtype()),
-            grid=tfds.features.Tensor(shape=(2,), dtype=np.int32), slide_id=tfds.features.Text(),
-            x=np.int64, y=np.int64, mpp=np.float32, region_px=np.int32)))
 
 
 BUILDERS = {"regions": HiptRegions, "patches": HiptPatches, "features": HiptFeatures}

@@ -1,18 +1,12 @@
-"""Hand-made ArrayRecord shards for tests (hipt-prep's own writers add tmp + rename + status)."""
+"""Hand-made ArrayRecord shards for tests (hipt-prep's own writers add status files and manifests)."""
 from __future__ import annotations
 
-import os
 from typing import Iterable
+
+from data_prep import shards
 
 
 def write_shard(path, records: Iterable[bytes]) -> str:
-    """One ArrayRecord file of already packed records (data_prep.records.*_record)."""
-    from array_record.python import array_record_module
-
-    path = str(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-    for record in records:
-        writer.write(record)
-    writer.close()
-    return path
+    """One shard of already encoded records (data_prep.shards: REGION.encode, encode_feature...)."""
+    shards.write_shard(str(path), records)
+    return str(path)

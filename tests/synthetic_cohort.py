@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from data_prep import records
+from data_prep import bags, shards
 from data_prep.synth import _source_pixels, stain_perturb
 from tests.shards import write_shard
 
@@ -35,10 +35,10 @@ def tissue_crop(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def write_region_shard(prep_dir: str, slide_id: str, images: list[np.ndarray]) -> str:
-    """Region shard in hipt-prep's layout and schema (data_prep.records)."""
+    """Region shard in hipt-prep's layout and schema (data_prep.shards.REGION)."""
     path = os.path.join(prep_dir, "regions", slide_id + ".array_record")
-    return write_shard(path, (records.region_record(
-        records.encode_jpeg(img), slide_id=slide_id, x=i * img.shape[1], y=0, level=0,
+    return write_shard(path, (shards.REGION.encode(
+        image_jpeg=shards.encode_jpeg(img), slide_id=slide_id, x=i * img.shape[1], y=0, level=0,
         read_px=img.shape[0], mpp=0.5, region_px=img.shape[0], tissue_fraction=1.0, index=i)
         for i, img in enumerate(images)))
 
@@ -69,12 +69,11 @@ def make_tissue_cohort(root: str, n_per_class: int = 10, regions=(1, 3), size: i
 
 def write_embedding(emb_dir: str, slide_id: str, features_cls256: np.ndarray) -> None:
     """One slide in hipt-extract's output layout (slide_embedding = feature mean stand-in)."""
-    os.makedirs(os.path.join(emb_dir, "slides"), exist_ok=True)
     m = len(features_cls256)
-    np.savez(os.path.join(emb_dir, "slides", slide_id + ".npz"), features_cls256=features_cls256,
-             features_cls4k=np.zeros((m, 192), np.float32),
-             slide_embedding=features_cls256.mean(axis=(0, 1))[:192].astype(np.float32),
-             coords=np.zeros((m, 2), np.int64))
+    bags.write_bag(emb_dir, slide_id, dict(
+        features_cls256=features_cls256, features_cls4k=np.zeros((m, 192), np.float32),
+        slide_embedding=features_cls256.mean(axis=(0, 1))[:192].astype(np.float32),
+        coords=np.zeros((m, 2), np.int64)))
 
 
 def make_feature_cohort(emb_dir: str, n_items: int, n_classes: int = 2, grid: int = 2,

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from data_prep.cli import main
+from hipt_jax.cli.prep import main
 from tests.fixtures_slides import REGION, synthetic_slides  # noqa: F401  (fixture)
 
 pytest.importorskip("apache_beam")

@@ -5,10 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from data_prep.cli import main
-from data_prep.patches import read_shard
-from data_prep import records
-from data_prep.records import decode_features, decode_jpeg
+from hipt_jax.cli.prep import main
+from data_prep.shards import iter_records
+from data_prep.shards import FEATURE, decode_features, decode_jpeg, encode_feature
 from tests.fixtures_slides import real_slide  # noqa: F401  (fixture)
 
 
@@ -21,13 +20,13 @@ def regions_out(real_slide, tmp_path_factory):
 
 
 def _regions(out):
-    return list(read_shard(os.path.join(out, "regions", "cmu_small_region.array_record")))
+    return list(iter_records(os.path.join(out, "regions", "cmu_small_region.array_record")))
 
 
 def test_patches_grid_coordinates_pixels_and_filter(regions_out, tmp_path):
     regions = _regions(regions_out)
     assert main(["patches", "--regions", regions_out, "--out", str(tmp_path / "all"), "--workers", "1"]) == 0
-    patches = list(read_shard(str(tmp_path / "all" / "patches" / "cmu_small_region.array_record")))
+    patches = list(iter_records(str(tmp_path / "all" / "patches" / "cmu_small_region.array_record")))
     assert len(patches) == 16 * len(regions)  # 1024 px region -> 4 x 4 patches of 256
     by_region = {(r["x"], r["y"]): decode_jpeg(r["image_jpeg"]).astype(np.float32) for r in regions}
     for p in patches[:20]:
@@ -41,7 +40,7 @@ def test_patches_grid_coordinates_pixels_and_filter(regions_out, tmp_path):
     assert main(["patches", "--regions", regions_out, "--out", regions_out, "--workers", "1"]) == 2
     assert main(["patches", "--regions", regions_out, "--out", str(tmp_path / "tissue"),
                  "--workers", "1", "--min-tissue", "0.5"]) == 0
-    kept = list(read_shard(str(tmp_path / "tissue" / "patches" / "cmu_small_region.array_record")))
+    kept = list(iter_records(str(tmp_path / "tissue" / "patches" / "cmu_small_region.array_record")))
     assert 0 < len(kept) < len(patches)  # the real slide has glass around the tissue
     assert min(p["tissue_fraction"] for p in kept) >= 0.5
     fractions = {(p["x"], p["y"]): p["tissue_fraction"] for p in patches}
@@ -54,7 +53,7 @@ def test_features_equal_hipt4k(regions_out, tmp_path, dtype="float16", tol=2e-3)
     out = tmp_path / "feats"
     assert main(["features", "--regions", regions_out, "--out", str(out), "--random-init", "--tiny",
                  "--dtype", dtype, "--batch", "2"]) == 0
-    feats = list(read_shard(str(out / "features" / "cmu_small_region.array_record")))
+    feats = list(iter_records(str(out / "features" / "cmu_small_region.array_record")))
     regions = _regions(regions_out)
     assert [(f["x"], f["y"]) for f in feats] == [(r["x"], r["y"]) for r in regions]
     model = HIPT4K.random_init(seed=0, tiny=True, with_vit4k=False)
@@ -66,7 +65,7 @@ def test_features_equal_hipt4k(regions_out, tmp_path, dtype="float16", tol=2e-3)
     with open(out / "manifest.json") as f:
         assert json.load(f)["counts"] == {"done": 1}
     # float32 storage is exact (checked on the record level, without a second model run).
-    exact = records.unpack(records.feature_record(ref[0], grid=(4, 4), slide_id="s", x=0, y=0, mpp=0.5,
+    exact = FEATURE.decode(encode_feature(ref[0], grid=(4, 4), slide_id="s", x=0, y=0, mpp=0.5,
                                                   region_px=1024, dtype="float32"))
     np.testing.assert_array_equal(decode_features(exact), ref[0])
 

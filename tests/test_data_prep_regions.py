@@ -7,9 +7,9 @@ import numpy as np
 import openslide
 import pytest
 
-from data_prep.cli import main
-from data_prep.patches import read_shard
-from data_prep.records import decode_jpeg
+from hipt_jax.cli.prep import main
+from data_prep.shards import iter_records
+from data_prep.shards import decode_jpeg
 from data_prep.synth import make_aperio_slide
 from tests.fixtures_slides import (REGION, LAYOUT, expected_regions, real_slide,  # noqa: F401
                                    synthetic_slides)
@@ -32,7 +32,7 @@ def cohort_out(synthetic_slides, tmp_path_factory):
 
 
 def _shard(out, sid):
-    return list(read_shard(os.path.join(out, "regions", sid + ".array_record")))
+    return list(iter_records(os.path.join(out, "regions", sid + ".array_record")))
 
 
 @pytest.mark.parametrize("sid,scale", [("s20", 1), ("s40", 2), ("s40l", 2)])
@@ -160,8 +160,8 @@ def test_csv_input(tmp_path, synthetic_slides):
     assert len(_shard(str(tmp_path / "o"), "case_A")) == len(expected_regions())
 
 
-def test_list_slides_folder_dicom_and_duplicates(tmp_path):
-    from data_prep.runner import InputError, list_slides
+def test_find_slide_files_folder_dicom_and_duplicates(tmp_path):
+    from data_prep.runner import InputError, find_slide_files
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.svs").write_bytes(b"")
@@ -170,16 +170,16 @@ def test_list_slides_folder_dicom_and_duplicates(tmp_path):
     dcm.mkdir()
     for name in ("b.dcm", "a.dcm"):  # a DICOM slide is a folder of instances: one task
         (dcm / name).write_bytes(b"")
-    tasks = list_slides(str(tmp_path))
+    tasks = find_slide_files(str(tmp_path))
     assert [(t.slide_id, os.path.basename(t.path)) for t in tasks] == [("x", "x.svs"), ("case_7", "a.dcm")]
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x.ndpi").write_bytes(b"")
     with pytest.raises(InputError, match="'x' used by both"):
-        list_slides(str(tmp_path))
+        find_slide_files(str(tmp_path))
     bad_csv = tmp_path / "s.csv"
     bad_csv.write_text("file\nx.svs\n")
     with pytest.raises(InputError, match="needs a 'path' column"):
-        list_slides(str(bad_csv))
+        find_slide_files(str(bad_csv))
 
 
 def test_tissue_too_small_for_a_region_is_reported(tmp_path):

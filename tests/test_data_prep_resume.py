@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from data_prep.cli import main
-from data_prep.patches import read_shard
+from hipt_jax.cli.prep import main
+from data_prep.shards import iter_records
 from data_prep.synth import make_aperio_slide
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def _all_records(out):
 
 
 def _cmd(slides, out):
-    return [sys.executable, "-m", "data_prep", "regions", "--slides", slides, "--out", out,
+    return [sys.executable, "-m", "hipt_jax.cli.prep", "regions", "--slides", slides, "--out", out,
             "--region", REGION, "--workers", "2"]
 
 
@@ -97,4 +97,4 @@ def test_sigkill_and_resume_gives_identical_records(slides_dir, tmp_path):
     src = RegionSource(out)
     keys = [(r["slide_id"], r["x"], r["y"]) for r in (src.raw(i) for i in range(len(src)))]
     assert len(keys) == len(set(keys)) == m["n_records"]
-    assert list(read_shard(os.path.join(out, "regions", "slide0.array_record")))[0]["slide_id"] == "slide0"
+    assert list(iter_records(os.path.join(out, "regions", "slide0.array_record")))[0]["slide_id"] == "slide0"

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from data_prep import records
-from data_prep.cli import main
+from data_prep.shards import REGION, encode_feature, encode_jpeg
+from hipt_jax.cli.prep import main
 from tests.shards import write_shard
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -18,10 +18,10 @@ def shards(tmp_path_factory):
         regs, feats = [], []
         for i in range(3):
             img = rng.integers(0, 255, (256, 512, 3), dtype=np.uint8)
-            regs.append(records.region_record(records.encode_jpeg(img), slide_id=sid, x=512 * i, y=0,
+            regs.append(REGION.encode(image_jpeg=encode_jpeg(img), slide_id=sid, x=512 * i, y=0,
                                               level=0, read_px=512, mpp=0.5, region_px=512,
                                               tissue_fraction=0.5, index=i))
-            feats.append(records.feature_record(rng.normal(size=(2, 384)), grid=(1, 2), slide_id=sid,
+            feats.append(encode_feature(rng.normal(size=(2, 384)), grid=(1, 2), slide_id=sid,
                                                 x=512 * i, y=0, mpp=0.5, region_px=512, dtype="float32"))
         write_shard(root / "regions" / f"{sid}.array_record", regs)
         write_shard(root / "features" / f"{sid}.array_record", feats)

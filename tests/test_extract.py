@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from data_prep import records
-from hipt_jax.evaluation import extract
+from data_prep import bags, shards
+from hipt_jax import extraction
 from hipt_jax.models.hipt4k import HIPT4K
 from tests.shards import write_shard
 from tests.synthetic_cohort import make_tissue_cohort, write_region_shard, tissue_crop
@@ -30,18 +30,18 @@ def cohort(tmp_path_factory):
 
 
 def _decoded_regions(prep, sid):
-    return [records.decode_jpeg(r["image_jpeg"])
-            for r in extract.read_records(os.path.join(prep, "regions", sid + ".array_record"))]
+    return [shards.decode_jpeg(r["image_jpeg"])
+            for r in shards.read_records(os.path.join(prep, "regions", sid + ".array_record"))]
 
 
 def test_extract_matches_region_model_and_resumes(model, cohort, tmp_path):
     prep, rows = cohort
     out = str(tmp_path / "emb")
-    manifest = extract.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    manifest = extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
     assert all(v["status"] == "done" for v in manifest["slides"].values())
     assert set(manifest["slides"]) == {r["slide_id"] for r in rows}
     sid = rows[0]["slide_id"]
-    got = extract.load_slide(out, sid)
+    got = bags.read_bag(out, sid)
     imgs = _decoded_regions(prep, sid)
     ref = model.embed_batch(np.stack(imgs))
     assert got["features_cls256"].shape == (len(imgs), 4, 384)
@@ -51,10 +51,10 @@ def test_extract_matches_region_model_and_resumes(model, cohort, tmp_path):
     with open(os.path.join(out, "manifest.json")) as f:
         assert json.load(f)["slides"][sid]["num_regions"] == len(imgs)
     # Resume: finished slides are skipped; a deleted one is redone identically.
-    os.remove(extract.slide_path(out, sid))
-    again = extract.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    os.remove(bags.bag_path(out, sid))
+    again = extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
     assert again["run"]["regions"] == len(imgs)
-    np.testing.assert_allclose(extract.load_slide(out, sid)["features_cls4k"], got["features_cls4k"], atol=1e-6)
+    np.testing.assert_allclose(bags.read_bag(out, sid)["features_cls4k"], got["features_cls4k"], atol=1e-6)
     assert not [f for f in os.listdir(os.path.join(out, "slides")) if ".tmp-" in f]
 
 
@@ -63,17 +63,17 @@ def test_precomputed_feature_shards_are_reused(model, cohort, tmp_path):
     sid = rows[-1]["slide_id"]
     feats_dir = tmp_path / "feats" / "features"
     feats_dir.mkdir(parents=True)
-    recs = list(extract.read_records(os.path.join(prep, "regions", sid + ".array_record")))
-    imgs = [records.decode_jpeg(r["image_jpeg"]) for r in recs]
+    recs = list(shards.read_records(os.path.join(prep, "regions", sid + ".array_record")))
+    imgs = [shards.decode_jpeg(r["image_jpeg"]) for r in recs]
     f256 = model.embed_batch(np.stack(imgs))["features_cls256"]
     # Deliberately perturbed features prove they were read instead of recomputed.
     f256 = f256 + 0.5
     write_shard(feats_dir / (sid + ".array_record"), (
-        records.feature_record(f, grid=(2, 2), slide_id=sid, x=r["x"], y=r["y"], mpp=0.5,
+        shards.encode_feature(f, grid=(2, 2), slide_id=sid, x=r["x"], y=r["y"], mpp=0.5,
                                region_px=512, dtype="float32") for r, f in zip(recs, f256)))
     out = str(tmp_path / "emb")
-    extract.extract_cohort(model, prep, out, features_dir=str(tmp_path / "feats"), show_progress=False)
-    got = extract.load_slide(out, sid)
+    extraction.extract_cohort(model, prep, out, features_dir=str(tmp_path / "feats"), show_progress=False)
+    got = bags.read_bag(out, sid)
     np.testing.assert_allclose(got["features_cls256"], f256, atol=1e-6)
     want4k = np.asarray(model.embed_batch(np.stack(imgs))["features_cls4k"])
     assert np.abs(got["features_cls4k"] - want4k).max() > 1e-3  # came from the perturbed features
@@ -85,7 +85,7 @@ def test_bad_shard_is_reported_and_run_continues(model, tmp_path):
     write_region_shard(prep, "good", [tissue_crop(rng, 256)])
     with open(os.path.join(prep, "regions", "broken.array_record"), "wb") as f:
         f.write(b"not an array record")
-    manifest = extract.extract_cohort(model, prep, str(tmp_path / "emb"), show_progress=False)
+    manifest = extraction.extract_cohort(model, prep, str(tmp_path / "emb"), show_progress=False)
     assert manifest["slides"]["good"]["status"] == "done"
     assert manifest["slides"]["broken"]["status"] == "failed"
     assert "broken.array_record" in manifest["slides"]["broken"]["error"]
@@ -105,7 +105,7 @@ def test_cli_on_two_devices_and_clear_errors(model, cohort, tmp_path):
     # The batch split over 2 devices gives the single-device results (same seed-0 tiny weights).
     sid = rows[1]["slide_id"]
     ref = model.embed_batch(np.stack(_decoded_regions(prep, sid)))
-    got = extract.load_slide(str(tmp_path / "emb"), sid)
+    got = bags.read_bag(str(tmp_path / "emb"), sid)
     np.testing.assert_allclose(got["features_cls4k"], ref["features_cls4k"], atol=1e-4)
     bad = subprocess.run([sys.executable, "-m", "hipt_jax.evaluation.extract", "--random-init", "tiny",
                           "--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")],

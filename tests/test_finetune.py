@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import lgp_subtyping, lgp_survival
-from hipt_jax.evaluation import extract, knn_cli
+from hipt_jax import extraction
+from hipt_jax.evaluation import knn_cli
 from hipt_jax.finetune import main as finetune
 from hipt_jax.models.hipt4k import HIPT4K
 from tests.synthetic_cohort import make_feature_cohort, make_tissue_cohort, write_labels
@@ -22,7 +23,7 @@ def tissue_embeddings(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tissue"))
     prep, rows = make_tissue_cohort(root, n_per_class=12, regions=(1, 2), size=512, seed=1)
     emb = os.path.join(root, "emb")
-    extract.extract_cohort(HIPT4K.random_init(seed=0, tiny=True), prep, emb, batch_per_device=2,
+    extraction.extract_cohort(HIPT4K.random_init(seed=0, tiny=True), prep, emb, batch_per_device=2,
                            show_progress=False)
     return emb, write_labels(os.path.join(root, "labels.csv"), rows), rows
 

@@ -6,9 +6,8 @@ import grain
 import numpy as np
 import pytest
 
-from data_prep import records
+from data_prep.shards import PATCH, REGION, encode_feature, encode_jpeg, find_shards
 from hipt_jax.data import FeatureSource, PatchSource, RegionSource, make_iter_dataset, make_loader
-from hipt_jax.data.sources import resolve_shards
 from tests.shards import write_shard
 
 
@@ -22,15 +21,15 @@ def shards(tmp_path_factory):
         regs, pats, feats = [], [], []
         for i in range(5):
             img = np.full((64, 64, 3), 40 * i + 10 * s, np.uint8)
-            regs.append(records.region_record(records.encode_jpeg(img), slide_id=sid, x=64 * i, y=0,
+            regs.append(REGION.encode(image_jpeg=encode_jpeg(img), slide_id=sid, x=64 * i, y=0,
                                               level=0, read_px=64, mpp=0.5, region_px=64,
                                               tissue_fraction=0.5, index=i))
-            pats.append(records.patch_record(records.encode_jpeg(np.zeros((256, 256, 3), np.uint8)),
+            pats.append(PATCH.encode(image_jpeg=encode_jpeg(np.zeros((256, 256, 3), np.uint8)),
                                              slide_id=sid, x=64 * i, y=0, region_x=0, region_y=0,
                                              row=0, col=i, patch_px=256, mpp=0.5, tissue_fraction=1.0))
             f = rng.normal(size=(16, 384)).astype(np.float32)
             f[:, 0] = np.arange(16)  # token index, to check the row-major grid layout
-            feats.append(records.feature_record(f, grid=(4, 4), slide_id=sid, x=64 * i, y=0, mpp=0.5,
+            feats.append(encode_feature(f, grid=(4, 4), slide_id=sid, x=64 * i, y=0, mpp=0.5,
                                                 region_px=1024, dtype="float32"))
         write_shard(root / "regions" / f"{sid}.array_record", regs)
         write_shard(root / "patches" / f"{sid}.array_record", pats)
@@ -61,7 +60,7 @@ def test_wrong_kind_and_missing(shards, tmp_path):
         RegionSource(os.path.join(shards, "features"))[0]
     with pytest.raises(FileNotFoundError, match="no .*shards"):
         RegionSource(str(tmp_path))
-    assert len(resolve_shards(os.path.join(shards, "regions", "*.array_record"))) == 2
+    assert len(find_shards(os.path.join(shards, "regions", "*.array_record"))) == 2
 
 
 def test_source_pickles_for_grain_workers(shards):

@@ -250,17 +250,17 @@ def test_warm_start_from_released_checkpoint_with_head(tmp_path):
 
 def test_arrayrecord_shards_drop_in_for_both_stages(tmp_path):
     """hipt-prep's patch and feature shards feed the same pipeline as the folder formats."""
-    from data_prep import records
+    from data_prep.shards import PATCH, encode_feature, encode_jpeg
     from tests.shards import write_shard
 
     rng = np.random.default_rng(0)
     write_shard(tmp_path / "patches" / "s.array_record", (
-        records.patch_record(records.encode_jpeg(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)),
+        PATCH.encode(image_jpeg=encode_jpeg(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)),
                              slide_id="s", x=i, y=0, region_x=0, region_y=0, row=0, col=i,
                              patch_px=256, mpp=0.5, tissue_fraction=1.0) for i in range(4)))
     grids = [rng.normal(size=(256, 384)).astype(np.float32) for _ in range(4)]
     write_shard(tmp_path / "features" / "s.array_record", (
-        records.feature_record(g, grid=(16, 16), slide_id="s", x=i, y=0, mpp=0.5,
+        encode_feature(g, grid=(16, 16), slide_id="s", x=i, y=0, mpp=0.5,
                                region_px=4096, dtype="float32") for i, g in enumerate(grids)))
     for stage, kind, get in ((1, "patch_shards", get_config_256), (2, "feature_shards", get_config_4k)):
         c = get("runlocal")

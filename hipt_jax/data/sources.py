@@ -1,4 +1,4 @@
-"""Grain data sources over the ArrayRecord shards written by `hipt-prep` (schema: data_prep.records).
+"""Grain data sources over the ArrayRecord shards written by `hipt-prep` (data_prep.shards).
 
 Each source is a plain random-access source (`__len__`, `__getitem__` -> dict of numpy arrays and
 str), so it plugs into `grain.DataLoader`, `grain.MapDataset.source(...)` or a hand-written loop:
@@ -8,92 +8,24 @@ str), so it plugs into `grain.DataLoader`, `grain.MapDataset.source(...)` or a h
     loader = make_loader(FeatureSource("FEATS"), batch_size=64, seed=0)
     it = iter(loader); batch = next(it); state = it.get_state()   # checkpointable position
 
+Sources accept whatever data_prep.shards.find_shards does (a shard, a glob, a folder, a hipt-prep
+output folder, a manifest.json, a list). The keys of an element are the example fields of the
+record kind's table in data_prep.shards.
+
 `make_loader` shards records by JAX process (each host reads a disjoint part), shuffles with a
 seed per epoch, batches, and exposes Grain's iterator state for checkpoint/resume.
 """
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
-from data_prep import records
-
-SHARD_EXT = ".array_record"
+from data_prep import shards
 
 
-def resolve_shards(paths: str | Sequence[str], kind: str | None = None) -> list[str]:
-    """Shard files from a file, a glob, a folder, or a hipt-prep output folder (OUT/<kind>/).
-
-    The result is sorted, so record indices are stable across processes and runs.
-    """
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    out: list[str] = []
-    for p in items:
-        p = os.fspath(p)
-        if os.path.isdir(p):
-            sub = os.path.join(p, kind) if kind else None
-            folder = sub if sub and os.path.isdir(sub) else p
-            out.extend(sorted(glob.glob(os.path.join(folder, "*" + SHARD_EXT))))
-        elif any(ch in p for ch in "*?["):
-            out.extend(sorted(glob.glob(p)))
-        elif os.path.isfile(p):
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such shard file or folder")
-    if not out:
-        raise FileNotFoundError(f"{paths}: no *{SHARD_EXT} shards found")
-    return sorted(set(out), key=out.index)
-
-
-class _ShardSource:
-    """Random access over the records of some shards; subclasses decode one record."""
-
-    kind: str = ""
-    schema: str = ""
-
-    def __init__(self, paths: str | Sequence[str]):
-        self.paths = resolve_shards(paths, self.kind)
-        self._source = None
-
-    def _records(self):
-        # Opened lazily so the source pickles cheaply into Grain worker processes.
-        if self._source is None:
-            self._source = grain.sources.ArrayRecordDataSource(self.paths)
-        return self._source
-
-    def __len__(self) -> int:
-        return len(self._records())
-
-    def raw(self, index: int) -> dict[str, Any]:
-        """The undecoded record map (JPEG bytes and all)."""
-        rec = records.unpack(self._records()[index])
-        if rec["schema"] != self.schema:
-            raise ValueError(f"record {index} has schema {rec['schema']!r}, expected {self.schema!r} "
-                             f"(wrong shard folder for {type(self).__name__}?)")
-        return rec
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.decode(self.raw(int(index)))
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
-
-    def decode(self, rec: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def __getstate__(self):
-        return {"paths": self.paths, "_source": None}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self.paths)} shards)"
-
-
-class RegionSource(_ShardSource):
+class RegionSource(shards.RecordSource):
     """Region records -> dict(image uint8 [S,S,3], slide_id, x, y, level, read_px, mpp, region_px,
     tissue_fraction, region_index).
 
@@ -101,51 +33,38 @@ class RegionSource(_ShardSource):
     key `index` to pipelines that tag elements with their global position.
     """
 
-    kind, schema = "regions", records.REGION_SCHEMA
+    def __init__(self, paths: str | Sequence[str]):
+        super().__init__(paths, shards.REGION)
 
-    def decode(self, rec):
-        return dict(image=records.decode_jpeg(rec["image_jpeg"]), slide_id=rec["slide_id"],
-                    x=np.int64(rec["x"]), y=np.int64(rec["y"]), level=np.int32(rec["level"]),
-                    read_px=np.int32(rec["read_px"]), mpp=np.float32(rec["mpp"]),
-                    region_px=np.int32(rec["region_px"]),
-                    tissue_fraction=np.float32(rec["tissue_fraction"]),
-                    region_index=np.int32(rec["index"]))
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = super().__getitem__(index)
+        example["region_index"] = example.pop("index")
+        return example
 
 
-class PatchSource(_ShardSource):
+class PatchSource(shards.RecordSource):
     """Patch records -> dict(image uint8 [P,P,3], slide_id, x, y, region_x, region_y, row, col,
     mpp, tissue_fraction)."""
 
-    kind, schema = "patches", records.PATCH_SCHEMA
-
-    def decode(self, rec):
-        return dict(image=records.decode_jpeg(rec["image_jpeg"]), slide_id=rec["slide_id"],
-                    x=np.int64(rec["x"]), y=np.int64(rec["y"]), region_x=np.int64(rec["region_x"]),
-                    region_y=np.int64(rec["region_y"]), row=np.int32(rec["row"]),
-                    col=np.int32(rec["col"]), mpp=np.float32(rec["mpp"]),
-                    tissue_fraction=np.float32(rec["tissue_fraction"]))
+    def __init__(self, paths: str | Sequence[str]):
+        super().__init__(paths, shards.PATCH)
 
 
-class FeatureSource(_ShardSource):
+class FeatureSource(shards.RecordSource):
     """Feature records -> dict(features float32 [R*C,384] (or [R,C,384] with as_grid=True),
-    grid int32 [2], slide_id, x, y)."""
+    grid int32 [2], slide_id, x, y, mpp, region_px)."""
 
-    kind, schema = "features", records.FEATURE_SCHEMA
-
-    def __init__(self, paths, as_grid: bool = False):
-        super().__init__(paths)
+    def __init__(self, paths: str | Sequence[str], as_grid: bool = False):
+        super().__init__(paths, shards.FEATURE)
         self.as_grid = as_grid
 
-    def __getstate__(self):
-        return {**super().__getstate__(), "as_grid": self.as_grid}
-
-    def decode(self, rec):
-        feats = records.decode_features(rec)  # [R*C, D] float32, token i*C+j = grid row i, col j
-        rows, cols = rec["grid"]
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = super().__getitem__(index)  # features [R*C, D]: token i*C+j = grid row i, col j
         if self.as_grid:
-            feats = feats.reshape(rows, cols, feats.shape[-1])  # [R*C,D] -> [R,C,D] (row-major)
-        return dict(features=feats, grid=np.asarray([rows, cols], np.int32),
-                    slide_id=rec["slide_id"], x=np.int64(rec["x"]), y=np.int64(rec["y"]))
+            rows, cols = example["grid"]
+            # [R*C,D] -> [R,C,D] (row-major)
+            example["features"] = example["features"].reshape(rows, cols, -1)
+        return example
 
     def slide_index(self) -> dict[str, list[int]]:
         """slide_id -> record indices of its regions (in shard order)."""

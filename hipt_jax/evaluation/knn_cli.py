@@ -19,9 +19,9 @@ from typing import Optional
 
 import numpy as np
 
+from data_prep.bags import BagError, read_slide_embeddings
 from hipt_jax.evaluation import cohort as cohort_lib
 from hipt_jax.evaluation import knn, metrics
-from hipt_jax.evaluation.extract import ExtractError, load_slide_embeddings
 
 PROTOCOLS = ("paper", "dino")
 
@@ -80,7 +80,7 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, **kwarg
     coh = cohort_lib.read_labels_csv(labels)
     if (coh.labels < 0).any():
         raise cohort_lib.CohortError(f"{labels}: every slide needs a label")
-    emb = load_slide_embeddings(embeddings_dir)
+    emb = read_slide_embeddings(embeddings_dir)
     keep = [i for i, s in enumerate(coh.slide_ids) if s in emb]
     if not keep:
         raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}")
@@ -112,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         result = run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
                      k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on)
-    except (cohort_lib.CohortError, ExtractError, ValueError) as e:
+    except (cohort_lib.CohortError, BagError, ValueError) as e:
         print(f"hipt-knn: error: {e}", file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.embeddings, "knn_results.json")

@@ -22,8 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from data_prep import bags
+from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
-from hipt_jax.evaluation.extract import ExtractError, load_slide
 from hipt_jax.finetune import plots, survival
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, encode_local
 from hipt_jax.models import lgp
@@ -59,8 +60,8 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     missing = []
     for sid in coh.slide_ids:
         try:
-            feats = load_slide(emb, sid)["features_cls256"]  # [M,R*C,384]
-        except ExtractError:
+            feats = read_bag(emb, sid)["features_cls256"]  # [M,R*C,384]
+        except BagError:
             missing.append(sid)
             continue
         per_slide[sid] = (encode_local(model, local_variables, feats, config.train.buckets)
@@ -145,10 +146,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
         n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)
     model = _build_model(config, n_classes)
     # The grid of the extracted features decides the ViT-4K pos-embed size (16 for 4096 px).
-    first = next((s for s in coh.slide_ids if os.path.isfile(os.path.join(config.data.embeddings, "slides", s + ".npz"))), None)
+    extracted = bags.list_bags(config.data.embeddings)
+    first = next((s for s in coh.slide_ids if s in extracted), None)
     if first is None:
         raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted")
-    grid = int(round(load_slide(config.data.embeddings, first)["features_cls256"].shape[1] ** 0.5))
+    grid = int(round(read_bag(config.data.embeddings, first)["features_cls256"].shape[1] ** 0.5))
     base_vars = _init_variables(model, config, config.seed, grid)
     items, strata, info = load_items(config, coh, model, base_vars)
     folds = _splits(config, items, strata, coh)
@@ -231,7 +233,7 @@ def _app_main(argv) -> None:
     config = flags.FLAGS.config
     try:
         run(config, flags.FLAGS.workdir)
-    except (FinetuneError, cohort_lib.CohortError, ExtractError, ValueError, FileNotFoundError) as e:
+    except (FinetuneError, cohort_lib.CohortError, BagError, ValueError, FileNotFoundError) as e:
         print(f"hipt-finetune: error: {e}", file=sys.stderr)
         sys.exit(2)
 

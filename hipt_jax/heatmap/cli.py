@@ -145,17 +145,14 @@ def _file_scores(path: str):
 
 def _lgp_scores(args, slide):
     """HIPT-LGP pooling weights of this slide's regions, from hipt-extract's per-slide npz."""
-    from data_prep import slide_io
+    from data_prep import bags, slide_io
     from hipt_jax.heatmap.slide import lgp_region_attention
 
     if not args.embeddings:
         raise ValueError("--lgp needs --embeddings (the hipt-extract output with slides/<id>.npz)")
     slide_id = os.path.splitext(os.path.basename(args.slide))[0]
-    npz = os.path.join(args.embeddings, "slides", slide_id + ".npz")
-    if not os.path.isfile(npz):
-        raise ValueError(f"{npz}: no extracted features for slide {slide_id}")
-    with np.load(npz) as z:
-        feats, coords = z["features_cls256"], z["coords"]
+    bag = bags.read_bag(args.embeddings, slide_id)  # BagError (a ValueError) when not extracted
+    feats, coords = bag["features_cls256"], bag["coords"]
     mpp = slide_io.slide_mpp(slide, args.assume_mpp, args.slide)
     read_px = slide_io.region_geometry(slide, mpp, args.size, args.target_mpp).read_px
     return coords, lgp_region_attention(args.lgp, feats), read_px

@@ -1,4 +1,4 @@
-"""`hipt-prep` (also `python -m data_prep`): slides -> region, patch and feature shards.
+"""`hipt-prep` (also `python -m hipt_jax.cli.prep`): slides -> region, patch and feature shards.
 
     hipt-prep regions  --slides DIR_OR_CSV --out OUT [--target-mpp 0.5] [--region 4096] [--workers N]
                        [--runner pool|DirectRunner|DataflowRunner|FlinkRunner|SparkRunner] [beam flags]
@@ -106,14 +106,15 @@ def _regions(args, beam_args) -> int:
 
 
 def _patches(args, beam_args) -> int:
-    from data_prep.patches import PatchParams, list_region_shards, process_region_shard
+    from data_prep.patches import PatchParams, process_region_shard
     from data_prep.runner import run_items
+    from data_prep.shards import REGION, list_slide_shards
 
     params = PatchParams(patch_px=args.patch, min_tissue_fraction=args.min_tissue,
                          background_saturation=args.background_saturation,
                          jpeg_quality=args.jpeg_quality)
     src = os.path.abspath(args.regions)
-    ids = list_region_shards(src)
+    ids = list(list_slide_shards(src, REGION))
     out = os.path.abspath(args.out)
     manifest = run_items(process_region_shard, ids, ids, out, "patches",
                          dict(dataclasses.asdict(params), regions=src), (src, out, params),
@@ -122,24 +123,28 @@ def _patches(args, beam_args) -> int:
 
 
 def _features(args) -> int:
-    from data_prep.features import FeatureExtractor, process_region_shard_features
-    from data_prep.patches import list_region_shards
+    from data_prep.patches import derive_shard
     from data_prep.runner import run_items
+    from data_prep.shards import REGION, list_slide_shards
+    from hipt_jax.extraction import Extractor
+    from hipt_jax.models.hipt4k import HIPT4K
 
     src = os.path.abspath(args.regions)
-    ids = list_region_shards(src)
+    ids = list(list_slide_shards(src, REGION))
     out = os.path.abspath(args.out)
-    extractor = FeatureExtractor(vit256=args.vit256, random_init=args.random_init, tiny=args.tiny,
-                                 batch=args.batch, dtype=args.dtype)
-    try:
-        extractor.model  # load weights once, before any shard: a bad checkpoint fails fast
+    try:  # load weights once, before any shard: a bad checkpoint fails fast
+        model = (HIPT4K.random_init(seed=0, tiny=args.tiny, with_vit4k=False) if args.random_init
+                 else HIPT4K.from_checkpoints(vit256=args.vit256, vit4k=None))
     except Exception as e:
         raise InputError(f"cannot load ViT-256 weights from {args.vit256}: {type(e).__name__}: {e}") from None
+    extractor = Extractor(model, batch_per_device=args.batch)
+    write_features = functools.partial(extractor.write_feature_shard, store_dtype=args.dtype)
     params = dict(regions=src, vit256=args.vit256 and os.path.abspath(args.vit256),
                   random_init=args.random_init, tiny=args.tiny, dtype=args.dtype)
-    # JAX already uses every core/accelerator of the host: one process, items in sequence.
-    manifest = run_items(process_region_shard_features, ids, ids, out, "features", params,
-                         (src, out, extractor), workers=1, runner="pool", redo=args.redo)
+    # JAX already spreads each batch over every core/accelerator of the host: one process.
+    manifest = run_items(derive_shard, ids, ids, out, "features", params,
+                         (src, out, "features", write_features), workers=1, runner="pool",
+                         redo=args.redo)
     return _report(manifest, out)
 
 
