@@ -1,5 +1,5 @@
 """Fields shared by both pretraining configs; every one is overridable from the command line
-(``--config.optim.lr=1e-4``). Defaults are the paper's recipe (SPEC sections 4-5)."""
+(``--config.optim.lr=1e-4``). Defaults are the paper's recipe (DINO as HIPT ran both stages)."""
 from __future__ import annotations
 
 import ml_collections
