@@ -189,9 +189,9 @@ def step_synth(p: Paths, opts) -> dict:
 def step_prep(p: Paths, opts) -> dict:
     """Tissue masks, 4096 px region shards at 20x, and 256 px patch shards."""
     run_tool("prep_regions", "prep", ["regions", "--slides", p.slides, "--out", p.prep,
-                                               "--region", str(opts.region_px), "--workers", str(opts.workers)], p.logs)
+                                      "--region", str(opts.region_px), "--workers", str(opts.workers)], p.logs)
     run_tool("prep_patches", "prep", ["patches", "--regions", p.prep, "--out", p.patches,
-                                               "--workers", str(opts.workers)], p.logs)
+                                      "--workers", str(opts.workers)], p.logs)
     regions = _count_files(os.path.join(p.prep, "regions"), ".array_record")
     print(f"  region shards: {regions} slides; QC pictures in {_short(os.path.join(p.prep, 'qc'))}")
     return {"regions": os.path.join(p.prep, "regions"), "patches": os.path.join(p.patches, "patches"),
@@ -216,7 +216,7 @@ def step_pretrain256(p: Paths, opts) -> dict:
 def step_features(p: Paths, opts) -> dict:
     """[256,384] ViT-256 features of every region with the stage-1 teacher."""
     run_tool("prep_features", "prep", ["features", "--regions", p.prep, "--out", p.features,
-                                                "--vit256", os.path.join(p.stage1, "export")], p.logs)
+                                      "--vit256", os.path.join(p.stage1, "export")], p.logs)
     return {"features": os.path.join(p.features, "features")}
 
 
