@@ -1,4 +1,4 @@
-"""Fields shared by the two HIPT-LGP configs (SPEC section 6); every one is overridable from the
+"""Fields shared by the two HIPT-LGP configs; every one is overridable from the
 command line (``--config.optim.lr=1e-4``). Defaults are the paper's recipe."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """HIPT-LGP slide subtyping (cross-entropy, Adam 2e-4 + L2 1e-5, 20 epochs, class-balanced
-sampling, 10-fold CV; SPEC section 6).
+sampling, 10-fold CV: the reference's recipe).
 
     hipt-finetune --config configs/lgp_subtyping.py --workdir runs/brca \
         --config.data.embeddings=emb/ --config.data.labels=labels.csv \

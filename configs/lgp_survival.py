@@ -1,6 +1,6 @@
 """HIPT-LGP survival (MCAT-style: 4 quartile time bins of the uncensored patients, patient-level
 concatenation of slides, NLL survival loss, gradient accumulation over 32 patients, c-index,
-5-fold CV; SPEC section 6).
+5-fold CV: the reference's recipe).
 
     hipt-finetune --config configs/lgp_survival.py --workdir runs/luad_surv \
         --config.data.embeddings=emb/ --config.data.labels=survival.csv

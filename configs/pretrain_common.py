@@ -1,5 +1,5 @@
 """Fields shared by both pretraining configs; every one is overridable from the command line
-(``--config.optim.lr=1e-4``). Defaults are the paper's recipe (SPEC sections 4-5)."""
+(``--config.optim.lr=1e-4``). Defaults are the paper's recipe (DINO as HIPT ran both stages)."""
 from __future__ import annotations
 
 import ml_collections
@@ -14,7 +14,7 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.seed = 0
-    # Architecture (a models.configs arch dict: stored beside the exported backbone).
+    # Architecture (a get_arch dict of hipt_jax.models: stored beside the exported backbone).
     c.model = get_arch("vit256" if stage == 1 else "vit4k")
     c.head = ml_collections.ConfigDict(dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256))
     c.drop_path_rate = 0.1                       # student only

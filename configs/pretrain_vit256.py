@@ -1,4 +1,4 @@
-"""Stage 1: DINO pretraining of ViT-256-16 on 256 px patches (SPEC section 4).
+"""Stage 1: DINO pretraining of ViT-256-16 on 256 px patches, HIPT's first stage.
 
     hipt-pretrain --config configs/pretrain_vit256.py --workdir runs/vit256 \
         --config.data.path=/data/patches --config.global_batch=256

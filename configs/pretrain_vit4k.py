@@ -1,4 +1,4 @@
-"""Stage 2: DINO pretraining of ViT-4K-256 on [16,16,384] ViT-256 feature grids (SPEC section 5).
+"""Stage 2: DINO pretraining of ViT-4K-256 on [16,16,384] ViT-256 feature grids, HIPT's 2nd stage.
 
     hipt-pretrain --config configs/pretrain_vit4k.py --workdir runs/vit4k \
         --config.data.path=/data/features      # folder of [256,384] .npy/.pt files

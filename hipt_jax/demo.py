@@ -17,6 +17,11 @@ Steps (each runs the project's own command-line tool, exactly as a user would, a
               slide with both pretrained stages, and the slide map of HIPT-LGP's attention
 The models are tiny and trained for seconds: the point is that every stage runs and feeds the
 next, not the numbers. A `steps` subset reuses the outputs earlier steps left in --out.
+
+Runs from an installed package (`pip install .`, then from any folder): the configs (the
+top-level `configs` package) and the embedded slide (`data_prep` package data) are found with
+importlib.resources, and every command runs as `python -m MODULE` with the same import path as
+this process.
 """
 from __future__ import annotations
 
@@ -29,11 +34,24 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from importlib import resources
 
 import numpy as np
 
+# The command-line tools the demo runs, by module (`python -m MODULE`): the one place to change
+# when a command moves.
+COMMANDS = {
+    "prep": "hipt_jax.cli.prep",                     # hipt-prep
+    "pretrain": "hipt_jax.pretrain",              # hipt-pretrain
+    "extract": "hipt_jax.evaluation.extract",     # hipt-extract
+    "knn": "hipt_jax.evaluation.knn_cli",         # hipt-knn
+    "finetune": "hipt_jax.finetune.main",         # hipt-finetune
+    "heatmap": "hipt_jax.heatmap.cli",            # hipt-heatmap
+}
 STEPS = ("synth", "prep", "pretrain256", "features", "pretrain4k", "extract", "knn", "lgp", "heatmap")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder this process imports hipt_jax from (site-packages, a --target folder or a checkout);
+# the commands get it first on PYTHONPATH so they run the same code whatever their cwd.
+IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_STAINS = {"a": None, "b": (1.35, 0.8, 1.0)}  # optical-density gains per class
 REGION_PX = 4096  # --region-px; each synthetic slide is one region, except the first: 2 x 2
 # regions, 3 with tissue, so that its slide-level map has something to show.
@@ -45,6 +63,22 @@ REAL_REGION = (172, 900, 2048)
 
 class DemoError(Exception):
     """A step failed; the message says which and where its log is."""
+
+
+def config_file(name: str) -> str:
+    """Path of configs/NAME in the installed `configs` package (ml-collections loads it by path)."""
+    path = resources.files("configs").joinpath(name)
+    if not path.is_file():
+        raise DemoError(f"configs/{name}: not found in the installed configs package")
+    return str(path)
+
+
+def embedded_slide() -> str:
+    """Path of the embedded real slide, shipped as data_prep package data."""
+    path = resources.files("data_prep").joinpath("testdata", "cmu_small_region.svs")
+    if not path.is_file():
+        raise DemoError("data_prep/testdata/cmu_small_region.svs: not found in the installed data_prep package")
+    return str(path)
 
 
 class Paths:
@@ -69,23 +103,24 @@ def _banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
-def run_tool(name: str, module: str, args: list[str], log_dir: str, *, show: int = 12,
+def run_tool(name: str, command: str, args: list[str], log_dir: str, *, show: int = 12,
              env: dict | None = None, echo: bool = True) -> str:
-    """Run ``python -m module args`` (one of our CLIs), log everything, echo the tail.
+    """Run ``python -m COMMANDS[command] args`` (one of our CLIs), log everything, echo the tail.
 
     Progress lines are echoed live (lines with "step", "%", "regions", "fold" or "AUC");
     the full output goes to LOG_DIR/<name>.log. Raises DemoError on a non-zero exit.
     """
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{name}.log")
-    cmd = [sys.executable, "-m", module, *args]
+    cmd = [sys.executable, "-m", COMMANDS[command], *args]
     print("$ " + " ".join(_short(a) for a in cmd[2:]), flush=True)
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (IMPORT_ROOT, os.environ.get("PYTHONPATH")) if p)
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     lines, last_shown = [], None
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=ROOT, env=full_env, bufsize=1)
+                                cwd=log_dir, env=full_env, bufsize=1)
         for line in proc.stdout:
             log.write(line)
             lines.append(line.rstrip("\n"))
@@ -100,7 +135,8 @@ def run_tool(name: str, module: str, args: list[str], log_dir: str, *, show: int
 
 
 def _short(arg: str) -> str:
-    return arg.replace(ROOT + os.sep, "")
+    """A path as the user typed it: relative to the current folder when inside it."""
+    return arg.replace(os.getcwd() + os.sep, "")
 
 
 def _is_progress(line: str) -> bool:
@@ -152,10 +188,10 @@ def step_synth(p: Paths, opts) -> dict:
 
 def step_prep(p: Paths, opts) -> dict:
     """Tissue masks, 4096 px region shards at 20x, and 256 px patch shards."""
-    run_tool("prep_regions", "hipt_jax.cli.prep", ["regions", "--slides", p.slides, "--out", p.prep,
-                                               "--region", str(opts.region_px), "--workers", str(opts.workers)], p.logs)
-    run_tool("prep_patches", "hipt_jax.cli.prep", ["patches", "--regions", p.prep, "--out", p.patches,
-                                               "--workers", str(opts.workers)], p.logs)
+    run_tool("prep_regions", "prep", ["regions", "--slides", p.slides, "--out", p.prep,
+                                      "--region", str(opts.region_px), "--workers", str(opts.workers)], p.logs)
+    run_tool("prep_patches", "prep", ["patches", "--regions", p.prep, "--out", p.patches,
+                                      "--workers", str(opts.workers)], p.logs)
     regions = _count_files(os.path.join(p.prep, "regions"), ".array_record")
     print(f"  region shards: {regions} slides; QC pictures in {_short(os.path.join(p.prep, 'qc'))}")
     return {"regions": os.path.join(p.prep, "regions"), "patches": os.path.join(p.patches, "patches"),
@@ -163,7 +199,7 @@ def step_prep(p: Paths, opts) -> dict:
 
 
 def _pretrain_args(config: str, workdir: str, data_kind: str, data_path: str, steps: int) -> list[str]:
-    return ["--config", os.path.join(ROOT, "configs", config) + ":runlocal", "--workdir", workdir,
+    return ["--config", config_file(config) + ":runlocal", "--workdir", workdir,
             f"--config.data.kind={data_kind}", f"--config.data.path={data_path}",
             f"--config.total_steps={steps}", f"--config.checkpoint.every_steps={steps}",
             f"--config.log_every={max(1, steps // 5)}"]
@@ -171,7 +207,7 @@ def _pretrain_args(config: str, workdir: str, data_kind: str, data_path: str, st
 
 def step_pretrain256(p: Paths, opts) -> dict:
     """Stage-1 DINO pretraining of ViT-256 on the patch shards (runlocal, tiny model)."""
-    run_tool("pretrain_vit256", "hipt_jax.pretrain",
+    run_tool("pretrain_vit256", "pretrain",
              _pretrain_args("pretrain_vit256.py", p.stage1, "patch_shards", os.path.join(p.patches, "patches"),
                             opts.pretrain_steps), p.logs)
     return {"vit256_export": os.path.join(p.stage1, "export"), "tensorboard": p.stage1}
@@ -179,14 +215,14 @@ def step_pretrain256(p: Paths, opts) -> dict:
 
 def step_features(p: Paths, opts) -> dict:
     """[256,384] ViT-256 features of every region with the stage-1 teacher."""
-    run_tool("prep_features", "hipt_jax.cli.prep", ["features", "--regions", p.prep, "--out", p.features,
-                                                "--vit256", os.path.join(p.stage1, "export")], p.logs)
+    run_tool("prep_features", "prep", ["features", "--regions", p.prep, "--out", p.features,
+                                      "--vit256", os.path.join(p.stage1, "export")], p.logs)
     return {"features": os.path.join(p.features, "features")}
 
 
 def step_pretrain4k(p: Paths, opts) -> dict:
     """Stage-2 DINO pretraining of ViT-4K on the feature grids (runlocal)."""
-    run_tool("pretrain_vit4k", "hipt_jax.pretrain",
+    run_tool("pretrain_vit4k", "pretrain",
              _pretrain_args("pretrain_vit4k.py", p.stage2, "feature_shards", os.path.join(p.features, "features"),
                             opts.pretrain_steps), p.logs)
     return {"vit4k_export": os.path.join(p.stage2, "export")}
@@ -194,7 +230,7 @@ def step_pretrain4k(p: Paths, opts) -> dict:
 
 def step_extract(p: Paths, opts) -> dict:
     """CLS-4K of every region and the slide embeddings (mean CLS-4K)."""
-    run_tool("extract", "hipt_jax.evaluation.extract",
+    run_tool("extract", "extract",
              ["--vit256", os.path.join(p.stage1, "export"), "--vit4k", os.path.join(p.stage2, "export"),
               "--shards", p.prep, "--features", os.path.join(p.features, "features"), "--out", p.embeddings,
               "--no-progress"], p.logs)
@@ -207,7 +243,7 @@ def step_knn(p: Paths, opts) -> dict:
     """Slide KNN evaluation: the paper's k=5 Euclidean and DINO's weighted cosine KNN."""
     out = os.path.join(p.embeddings, "knn_results.json")
     folds = max(2, min(5, opts.slides // 2))
-    text = run_tool("knn", "hipt_jax.evaluation.knn_cli",
+    text = run_tool("knn", "knn",
                     ["--embeddings", p.embeddings, "--labels", p.labels, "--splits", f"kfold:{folds}",
                      "--k", str(min(5, opts.slides - opts.slides // folds - 1)), "--out", out], p.logs, show=30,
                     echo=False)
@@ -217,8 +253,8 @@ def step_knn(p: Paths, opts) -> dict:
 
 def step_lgp(p: Paths, opts) -> dict:
     """HIPT-LGP subtyping with k-fold CV on the extracted features (runlocal config)."""
-    text = run_tool("lgp", "hipt_jax.finetune.main",
-                    ["--config", os.path.join(ROOT, "configs", "lgp_subtyping.py") + ":runlocal", "--workdir", p.lgp,
+    text = run_tool("lgp", "finetune",
+                    ["--config", config_file("lgp_subtyping.py") + ":runlocal", "--workdir", p.lgp,
                      f"--config.data.embeddings={p.embeddings}", f"--config.data.labels={p.labels}",
                      f"--config.model.pretrained_vit4k={os.path.join(p.stage2, 'export')}"], p.logs,
                     show=30, echo=False)
@@ -229,11 +265,9 @@ def step_lgp(p: Paths, opts) -> dict:
 
 def step_heatmap(p: Paths, opts) -> dict:
     """Hierarchical heatmaps of a 2048 px region of the REAL slide, and slide 0's region map."""
-    from data_prep.synth import REAL_SLIDE
-
-    run_tool("heatmap", "hipt_jax.heatmap.cli",
+    run_tool("heatmap", "heatmap",
              ["--vit256", os.path.join(p.stage1, "export"), "--vit4k", os.path.join(p.stage2, "export"),
-              "--slide", REAL_SLIDE, "--x", str(REAL_REGION[0]), "--y", str(REAL_REGION[1]),
+              "--slide", embedded_slide(), "--x", str(REAL_REGION[0]), "--y", str(REAL_REGION[1]),
               "--size", str(REAL_REGION[2]), "--out", p.heatmaps, "--name", "region", "--scale", "4",
               "--blends", "diagonal", "--patch-batch", "64"], p.logs)
     result = {"heatmaps": p.heatmaps, "contact_sheet": os.path.join(p.heatmaps, "region_contact_sheet.png"),
@@ -244,7 +278,7 @@ def step_heatmap(p: Paths, opts) -> dict:
     npz = os.path.join(p.embeddings, "slides", first[:-4] + ".npz")
     if os.path.isdir(lgp_ckpt):
         # Slide-level map: HIPT-LGP's attention-pooling weight of every region of the slide.
-        run_tool("heatmap_slide", "hipt_jax.heatmap.cli",
+        run_tool("heatmap_slide", "heatmap",
                  ["--slide", slide_path, "--lgp", lgp_ckpt, "--embeddings", p.embeddings, "--out", p.heatmaps,
                   "--thumb-px", "512", "--size", str(opts.region_px)], p.logs)
         result["slide_map"] = os.path.join(p.heatmaps, first[:-4] + "_slide_attention.png")
@@ -255,7 +289,7 @@ def step_heatmap(p: Paths, opts) -> dict:
             coords = z["coords"]
         scores_path = os.path.join(p.heatmaps, "region_scores.npz")
         np.savez(scores_path, coords=coords, scores=scores, region_px=opts.region_px)
-        run_tool("heatmap_slide", "hipt_jax.heatmap.cli",
+        run_tool("heatmap_slide", "heatmap",
                  ["--slide", slide_path, "--region-scores", scores_path, "--out", p.heatmaps, "--thumb-px", "512"],
                  p.logs)
         result["slide_map"] = os.path.join(p.heatmaps, first[:-4] + "_slide_attention.png")

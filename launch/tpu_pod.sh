@@ -12,7 +12,7 @@
 #
 # Global batch: --config.global_batch is the batch of the whole slice; each host feeds
 # global_batch / num_hosts examples (its own slice of the shuffled data, by jax.process_index()),
-# and every device holds global_batch / num_devices. lr scales with global_batch / 256 (SPEC 4).
+# and every device holds global_batch / num_devices. lr scales with global_batch / 256 (as DINO).
 # --workdir must be on storage every host sees (a gs:// bucket); checkpoints resume from it.
 set -euo pipefail
 

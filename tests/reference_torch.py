@@ -1,4 +1,4 @@
-"""The HIPT reference, re-written in PyTorch from SPEC.md sections 1-3 (parity oracle).
+"""The HIPT reference, re-written in PyTorch after the official code's structure (parity oracle).
 
 This is deliberately the reference's own code shape (DINO/timm ``VisionTransformer`` with
 ``interpolate_pos_encoding`` called with a SCALE FACTOR, ``vit4k_xs`` with its ``phi`` stem,

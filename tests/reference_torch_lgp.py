@@ -1,5 +1,5 @@
-"""PyTorch reference of HIPT-LGP (spec section 6; the reference's HIPT_LGP_FC and Attn_Net_Gated),
-written from the spec, for parity tests. Importable without pytest.
+"""PyTorch reference of HIPT-LGP (the reference's HIPT_LGP_FC and Attn_Net_Gated),
+written after the official code, for parity tests. Importable without pytest.
 
 Module and parameter names follow the reference so its state dicts load unchanged:
 local_vit.*, global_phi.0.*, global_transformer.layers.{i}.*, global_attn_pool.attention_{a,b}.0.*,

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -55,3 +56,50 @@ def test_full_demo(tmp_path):
     knn = json.load(open(out / "embeddings" / "knn_results.json"))
     assert "paper" in json.dumps(knn)
     assert os.path.getsize(out / "heatmaps" / "demo_heatmap.png") < 300_000
+
+
+def _install_non_editable(target):
+    """`pip install --target` of a copy of the source tree (no deps, offline): a real install."""
+    src = target.parent / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "demo_out", ".pytest_cache"))
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    shutil.rmtree(src)  # nothing may come from the source tree
+
+
+def _tree(folder):
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs
+            if "__pycache__" not in d}
+
+
+def test_demo_from_installed_package(tmp_path):
+    """The installed package runs the demo from any folder: configs and the embedded slide come
+    from the installed packages, the commands import it, and nothing is written into it."""
+    site = tmp_path / "site"
+    _install_non_editable(site)
+    before = _tree(site)
+    cwd, out = tmp_path / "elsewhere", tmp_path / "demo"
+    cwd.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site))
+    where = subprocess.run([sys.executable, "-c", "import hipt_jax.demo as d; print(d.__file__); "
+                            "print(d.config_file('pretrain_vit256.py')); print(d.config_file('lgp_subtyping.py')); "
+                            "print(d.embedded_slide())"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert where.stdout.split() == [str(site / "hipt_jax" / "demo.py"), str(site / "configs" / "pretrain_vit256.py"),
+                                    str(site / "configs" / "lgp_subtyping.py"),
+                                    str(site / "data_prep" / "testdata" / "cmu_small_region.svs")], where.stderr
+    # The first steps (slides grown from the packaged tissue, hipt-prep as a subprocess); the
+    # full pipeline from a checkout is test_full_demo.
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.demo", "--out", str(out), "--steps", "synth,prep",
+                          "--slides", "4", "--region-px", "1024"], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == ["synth", "prep"]
+    for step, items in summary["outputs"].items():
+        for key, path in items.items():
+            assert os.path.exists(path), f"{step}: {key} missing ({path})"
+    assert len(os.listdir(out / "prep" / "regions")) == 4
+    assert _tree(site) == before, "the demo wrote into the installed package"
+    assert os.listdir(cwd) == []

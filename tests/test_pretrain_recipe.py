@@ -67,7 +67,7 @@ def test_schedules_match_dino_at_every_step():
     }
     for name, want in expected.items():
         np.testing.assert_allclose(np.asarray(got[name]), want, rtol=2e-6, atol=1e-9, err_msg=name)
-    # SPEC's closed form of the teacher momentum.
+    # DINO's closed form of the teacher momentum (cosine 0.996 -> 1).
     m = 1 - (1 - 0.996) * (np.cos(np.pi * steps / c.total_steps) + 1) / 2
     np.testing.assert_allclose(np.asarray(got["momentum"]), m, atol=1e-7)
 

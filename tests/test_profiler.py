@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_region_flops_match_spec():
-    """SPEC section 2: a 4096 region is about 3,146 GFLOP, > 99.9% of it in ViT-256."""
+    """The reference's count: a 4096 region is about 3,146 GFLOP, > 99.9% of it in ViT-256."""
     total = profiler.hipt4k_region_flops(get_arch("vit256"), get_arch("vit4k"), 4096, 4096)
     assert total / 1e9 == pytest.approx(3146, rel=2e-3)
     vit4k = profiler.vit_forward_flops(get_arch("vit4k"), 16, 16)

@@ -7,7 +7,7 @@ from hipt_jax.finetune import survival
 
 
 def _numpy_nll(logits, y, c, alpha, eps=1e-7):
-    """The formula written out per patient with python loops (SPEC section 6 / MCAT)."""
+    """The formula written out per patient with python loops (MCAT's NLL survival loss)."""
     total = 0.0
     for lg, yi, ci in zip(logits, y, c):
         h = 1.0 / (1.0 + np.exp(-lg.astype(np.float64)))

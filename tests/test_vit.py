@@ -1,4 +1,4 @@
-"""The Flax ViT against the PyTorch reference (SPEC sections 1-3): CLS, tokens, attention."""
+"""The Flax ViT against the PyTorch reference (ViT-256, ViT-4K, HIPT4K): CLS, tokens, attention."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""K-nearest-neighbour slide classifiers in JAX (section 7 of the spec).
+"""K-nearest-neighbour slide classifiers in JAX (the paper's k=5 Euclidean KNN and DINO's weighted cosine KNN).
 
 Two protocols on slide embeddings (mean CLS-4K per slide):
 - ``knn_euclidean``: the HIPT paper's plain KNN (k=5, Euclidean, uniform votes, no feature

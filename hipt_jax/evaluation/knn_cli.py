@@ -1,4 +1,4 @@
-"""`hipt-knn`: self-supervised slide KNN evaluation on mean CLS-4K embeddings (spec section 7).
+"""`hipt-knn`: self-supervised slide KNN evaluation on mean CLS-4K embeddings (the paper's KNN protocol and DINO's).
 
     hipt-knn --embeddings EMB --labels labels.csv --splits DIR_OR_kfold:10 [--out results.json]
 

@@ -1,4 +1,4 @@
-"""Hierarchical attention heatmaps (SPEC section 8) and slide-level region-score maps.
+"""Hierarchical attention heatmaps (the reference's two-level CLS attention maps) and slide-level region-score maps.
 
     from hipt_jax import HIPT4K
     from hipt_jax.heatmap import compute_region_heatmaps, write_region_heatmaps

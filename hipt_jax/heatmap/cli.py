@@ -1,6 +1,6 @@
 """hipt-heatmap: hierarchical attention heatmaps of a region, or a slide-level region-score map.
 
-Region mode (SPEC section 8):
+Region mode (the reference's hierarchical maps: ranked last-block CLS attention of both levels):
     hipt-heatmap --vit256 ckpt/vit256 --vit4k ckpt/vit4k --slide S.svs --x 0 --y 0 --out DIR
     hipt-heatmap --random-init --image region.png --out DIR        # demo weights
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="256-level smoothing shifts in px, or 'none'")
     out.add_argument("--blends", choices=("all", "diagonal", "none"), default="all")
     out.add_argument("--blend-weighting", choices=("equal", "coverage"), default="equal",
-                     help="equal: mean of the two maps (SPEC); coverage: reference's count-weighted mean")
+                     help="equal: mean of the two maps (the paper's blend); coverage: reference's count-weighted mean")
     out.add_argument("--region-scores", help="slide mode: npz with coords, scores, region_px")
     out.add_argument("--lgp", help="slide mode: trained HIPT-LGP checkpoint (hipt-finetune fold_k/checkpoint)")
     out.add_argument("--embeddings", help="slide mode with --lgp: hipt-extract output (slides/<id>.npz)")

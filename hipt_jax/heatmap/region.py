@@ -1,4 +1,4 @@
-"""Hierarchical attention heatmaps of one region (SPEC section 8), computed with HIPT4K.
+"""Hierarchical attention heatmaps of one region (the reference's 256- and 4K-level maps), computed with HIPT4K.
 
 The region is evaluated unshifted and shifted by each offset (default 128/256/384 px, white
 padding); each evaluation gives per-head attention maps of both levels, which are ranked,

@@ -119,7 +119,7 @@ def blend(score_a: np.ndarray, score_b: np.ndarray, count_a: np.ndarray | None =
 
     With coverage counts, each map is weighted by how many evaluations it averages, i.e. the mean
     over all underlying shifted maps: the reference's ``(s4k*n4k + s256*n256) / (n4k + n256)``.
-    Without, the plain average of the two maps (SPEC section 8).
+    Without, the plain average of the two maps (the blend the paper describes).
     """
     if count_a is None or count_b is None:
         return 0.5 * (score_a + score_b)

@@ -1,4 +1,4 @@
-"""HIPT-LGP: the weakly supervised slide model (spec section 6, the reference's HIPT_LGP_FC).
+"""HIPT-LGP: the weakly supervised slide model (the reference's HIPT_LGP_FC).
 
 A slide is M regions, each a 16x16 grid of 384-d ViT-256 CLS features ([M,256,384]).
 

@@ -5,13 +5,13 @@ sample stream (see data.py). Randomness comes from ``np.random.default_rng([seed
 a sample's crops depend on (seed, g) and nothing else: the same on 1 or N hosts, with any number
 of workers, and after a resume.
 
-Stage 1 (SPEC section 4) follows DINO's DataAugmentationDINO with torchvision's PIL code paths:
+Stage 1 follows DINO's DataAugmentationDINO with torchvision's PIL code paths:
 RandomResizedCrop (bicubic) -> flip p 0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 in random
 order -> grayscale p 0.2 -> Gaussian blur (global 1: p 1.0, global 2: p 0.1, locals: p 0.5)
 -> solarize p 0.2 (global 2 only). Crops stay uint8 (4x less inter-process traffic);
 normalization happens on device in the update step (``normalize_images``).
 
-Stage 2 (SPEC section 5): random 14x14 global and 6x6 local crops of the [16,16,384] feature
+Stage 2 (HIPT's ViT-4K recipe): random 14x14 global and 6x6 local crops of the [16,16,384] feature
 grid, each with an independent horizontal flip (column axis reversed).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 MEAN_STD = {
-    # The released HIPT weights expect mean = std = 0.5 (SPEC section 2).
+    # The released HIPT weights are served with mean = std = 0.5 (stage-1 training used ImageNet's).
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }

@@ -1,4 +1,4 @@
-"""DINO's self-distillation loss and center update (SPEC section 4).
+"""DINO's self-distillation loss and center update (as DINO's DINOLoss computes them).
 
 loss = mean over (teacher global view i, student view v != i) pairs of
        mean over the batch of  sum_k -p_i[k] * log_softmax(s_v / student_temp)[k],
