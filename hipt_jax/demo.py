@@ -171,7 +171,7 @@ def _pretrain_args(config: str, workdir: str, data_kind: str, data_path: str, st
 
 def step_pretrain256(p: Paths, opts) -> dict:
     """Stage-1 DINO pretraining of ViT-256 on the patch shards (runlocal, tiny model)."""
-    run_tool("pretrain_vit256", "hipt_jax.pretrain",
+    run_tool("pretrain_vit256", "hipt_jax.cli.pretrain",
              _pretrain_args("pretrain_vit256.py", p.stage1, "patch_shards", os.path.join(p.patches, "patches"),
                             opts.pretrain_steps), p.logs)
     return {"vit256_export": os.path.join(p.stage1, "export"), "tensorboard": p.stage1}
@@ -186,7 +186,7 @@ def step_features(p: Paths, opts) -> dict:
 
 def step_pretrain4k(p: Paths, opts) -> dict:
     """Stage-2 DINO pretraining of ViT-4K on the feature grids (runlocal)."""
-    run_tool("pretrain_vit4k", "hipt_jax.pretrain",
+    run_tool("pretrain_vit4k", "hipt_jax.cli.pretrain",
              _pretrain_args("pretrain_vit4k.py", p.stage2, "feature_shards", os.path.join(p.features, "features"),
                             opts.pretrain_steps), p.logs)
     return {"vit4k_export": os.path.join(p.stage2, "export")}
@@ -194,7 +194,7 @@ def step_pretrain4k(p: Paths, opts) -> dict:
 
 def step_extract(p: Paths, opts) -> dict:
     """CLS-4K of every region and the slide embeddings (mean CLS-4K)."""
-    run_tool("extract", "hipt_jax.evaluation.extract",
+    run_tool("extract", "hipt_jax.cli.extract",
              ["--vit256", os.path.join(p.stage1, "export"), "--vit4k", os.path.join(p.stage2, "export"),
               "--shards", p.prep, "--features", os.path.join(p.features, "features"), "--out", p.embeddings,
               "--no-progress"], p.logs)
@@ -207,7 +207,7 @@ def step_knn(p: Paths, opts) -> dict:
     """Slide KNN evaluation: the paper's k=5 Euclidean and DINO's weighted cosine KNN."""
     out = os.path.join(p.embeddings, "knn_results.json")
     folds = max(2, min(5, opts.slides // 2))
-    text = run_tool("knn", "hipt_jax.evaluation.knn_cli",
+    text = run_tool("knn", "hipt_jax.cli.knn",
                     ["--embeddings", p.embeddings, "--labels", p.labels, "--splits", f"kfold:{folds}",
                      "--k", str(min(5, opts.slides - opts.slides // folds - 1)), "--out", out], p.logs, show=30,
                     echo=False)
@@ -217,7 +217,7 @@ def step_knn(p: Paths, opts) -> dict:
 
 def step_lgp(p: Paths, opts) -> dict:
     """HIPT-LGP subtyping with k-fold CV on the extracted features (runlocal config)."""
-    text = run_tool("lgp", "hipt_jax.finetune.main",
+    text = run_tool("lgp", "hipt_jax.cli.finetune",
                     ["--config", os.path.join(ROOT, "configs", "lgp_subtyping.py") + ":runlocal", "--workdir", p.lgp,
                      f"--config.data.embeddings={p.embeddings}", f"--config.data.labels={p.labels}",
                      f"--config.model.pretrained_vit4k={os.path.join(p.stage2, 'export')}"], p.logs,
@@ -231,7 +231,7 @@ def step_heatmap(p: Paths, opts) -> dict:
     """Hierarchical heatmaps of a 2048 px region of the REAL slide, and slide 0's region map."""
     from data_prep.synth import REAL_SLIDE
 
-    run_tool("heatmap", "hipt_jax.heatmap.cli",
+    run_tool("heatmap", "hipt_jax.cli.heatmap",
              ["--vit256", os.path.join(p.stage1, "export"), "--vit4k", os.path.join(p.stage2, "export"),
               "--slide", REAL_SLIDE, "--x", str(REAL_REGION[0]), "--y", str(REAL_REGION[1]),
               "--size", str(REAL_REGION[2]), "--out", p.heatmaps, "--name", "region", "--scale", "4",
@@ -244,7 +244,7 @@ def step_heatmap(p: Paths, opts) -> dict:
     npz = os.path.join(p.embeddings, "slides", first[:-4] + ".npz")
     if os.path.isdir(lgp_ckpt):
         # Slide-level map: HIPT-LGP's attention-pooling weight of every region of the slide.
-        run_tool("heatmap_slide", "hipt_jax.heatmap.cli",
+        run_tool("heatmap_slide", "hipt_jax.cli.heatmap",
                  ["--slide", slide_path, "--lgp", lgp_ckpt, "--embeddings", p.embeddings, "--out", p.heatmaps,
                   "--thumb-px", "512", "--size", str(opts.region_px)], p.logs)
         result["slide_map"] = os.path.join(p.heatmaps, first[:-4] + "_slide_attention.png")
@@ -255,7 +255,7 @@ def step_heatmap(p: Paths, opts) -> dict:
             coords = z["coords"]
         scores_path = os.path.join(p.heatmaps, "region_scores.npz")
         np.savez(scores_path, coords=coords, scores=scores, region_px=opts.region_px)
-        run_tool("heatmap_slide", "hipt_jax.heatmap.cli",
+        run_tool("heatmap_slide", "hipt_jax.cli.heatmap",
                  ["--slide", slide_path, "--region-scores", scores_path, "--out", p.heatmaps, "--thumb-px", "512"],
                  p.logs)
         result["slide_map"] = os.path.join(p.heatmaps, first[:-4] + "_slide_attention.png")

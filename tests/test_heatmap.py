@@ -193,12 +193,12 @@ def test_slide_attention_map():
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "hipt_jax.heatmap.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hipt_jax.cli.heatmap", *args], capture_output=True,
                           text=True, cwd=cwd or ROOT, timeout=300)
 
 
 def test_cli_image_and_errors(tissue, tmp_path, capsys):
-    from hipt_jax.heatmap.cli import main
+    from hipt_jax.cli.heatmap import main
 
     image = tmp_path / "region.png"
     Image.fromarray(tissue[:512, :512]).save(image)
@@ -232,7 +232,7 @@ def test_cli_lgp_slide_map(tmp_path):
     import jax
     import orbax.checkpoint as ocp
 
-    from hipt_jax.heatmap.cli import main
+    from hipt_jax.cli.heatmap import main
     from hipt_jax.heatmap.slide import lgp_region_attention
     from hipt_jax.models import lgp
 

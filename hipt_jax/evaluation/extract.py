@@ -24,12 +24,11 @@ exists are skipped. JPEG decoding runs in a thread pool one batch ahead of the d
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
-import sys
 import time
+import zipfile
 from typing import Any, Iterator, Optional
 
 import jax
@@ -38,7 +37,6 @@ from tqdm import tqdm
 
 from data_prep import records
 from hipt_jax import sharding
-from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH
 
 SHARD_EXT = ".array_record"
 MANIFEST = "manifest.json"
@@ -298,85 +296,39 @@ def load_slide(out_dir: str, slide_id: str) -> dict[str, np.ndarray]:
     path = slide_path(out_dir, slide_id)
     if not os.path.isfile(path):
         raise ExtractError(f"{path}: slide {slide_id!r} was not extracted")
-    with np.load(path) as z:
-        out = {k: z[k] for k in z.files}
+    out = _read_npz(path)
     out["features_cls256"] = out["features_cls256"].astype(np.float32)
     return out
 
 
-def load_slide_embeddings(out_dir: str) -> dict[str, np.ndarray]:
-    """slide_id -> slide embedding [192] for every extracted slide under ``out_dir``."""
+def _read_npz(path: str, keys: Optional[tuple[str, ...]] = None) -> dict[str, np.ndarray]:
+    """The arrays of one slide's .npz; a truncated or corrupt file is an ExtractError."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in (keys or z.files)}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ExtractError(f"{path}: truncated or corrupt slide file ({type(e).__name__}: {e})") from None
+
+
+def load_slide_embeddings(out_dir: str, failed: Optional[dict[str, str]] = None) -> dict[str, np.ndarray]:
+    """slide_id -> slide embedding [192] for every extracted slide under ``out_dir``.
+
+    An unreadable (truncated, corrupt) slide file raises ExtractError, or, when a ``failed``
+    dict is given, is skipped and recorded there as slide_id -> error."""
     folder = os.path.join(out_dir, "slides")
     if not os.path.isdir(folder):
         raise ExtractError(f"{out_dir}: no slides/ folder; run hipt-extract first")
     out = {}
     for f in sorted(os.listdir(folder)):
         if f.endswith(".npz") and ".tmp-" not in f:
-            with np.load(os.path.join(folder, f)) as z:
-                out[f[:-4]] = np.asarray(z["slide_embedding"], np.float32)
+            try:
+                emb = _read_npz(os.path.join(folder, f), ("slide_embedding",))["slide_embedding"]
+            except ExtractError as e:
+                if failed is None:
+                    raise
+                failed[f[:-4]] = str(e)
+                continue
+            out[f[:-4]] = np.asarray(emb, np.float32)
     if not out:
         raise ExtractError(f"{folder}: no extracted slides")
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hipt-extract", description=__doc__.split("\n\n")[0])
-    p.add_argument("--vit256", help="ViT-256 checkpoint (Orbax dir from hipt-convert, or .pth)")
-    p.add_argument("--vit4k", help="ViT-4K checkpoint (Orbax dir or .pth)")
-    p.add_argument("--random-init", choices=["full", "tiny"],
-                   help="random weights instead of checkpoints (smoke tests only)")
-    p.add_argument("--shards", required=True, help="hipt-prep output folder (with regions/)")
-    p.add_argument("--features", default=None,
-                   help="folder of precomputed ViT-256 feature shards (default: SHARDS/features if present)")
-    p.add_argument("--out", required=True, help="output folder (slides/*.npz + manifest.json)")
-    p.add_argument("--batch-per-device", type=int, default=1, help="regions per device per step")
-    p.add_argument("--patch-batch", type=int, default=DEFAULT_PATCH_BATCH, help="ViT-256 patches per minibatch")
-    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
-                   help="dtype of the stored [M,R*C,384] features")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from hipt_jax import distributed
-
-    distributed.initialize()
-    import jax.numpy as jnp
-
-    from hipt_jax.models.hipt4k import HIPT4K
-
-    dtype = jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32
-    try:
-        if args.random_init:
-            model = HIPT4K.random_init(seed=0, tiny=args.random_init == "tiny",
-                                       patch_batch=args.patch_batch, dtype=dtype)
-        elif args.vit256 and args.vit4k:
-            model = HIPT4K.from_checkpoints(vit256=args.vit256, vit4k=args.vit4k,
-                                            patch_batch=args.patch_batch, dtype=dtype)
-        else:
-            raise ExtractError("give --vit256 and --vit4k checkpoints (or --random-init for a smoke test)")
-        params = {"vit256": args.vit256, "vit4k": args.vit4k, "random_init": args.random_init,
-                  "shards": os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
-        manifest = extract_cohort(model, args.shards, args.out, features_dir=args.features,
-                                  batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
-                                  params=params, show_progress=not args.no_progress)
-    except (ExtractError, ValueError, FileNotFoundError) as e:
-        print(f"hipt-extract: error: {e}", file=sys.stderr)
-        return 2
-    failed = {s: v["error"] for s, v in manifest["slides"].items() if v["status"] == "failed"}
-    for s, err in failed.items():
-        print(f"hipt-extract: slide {s} failed: {err}", file=sys.stderr)
-    run = manifest["run"]
-    print(f"hipt-extract: {run['regions']} regions in {run['seconds']:.1f} s "
-          f"({run['regions_per_s']} regions/s); {len(manifest['slides']) - len(failed)} slides ok, "
-          f"{len(failed)} failed -> {os.path.join(args.out, MANIFEST)}")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
