@@ -26,7 +26,7 @@ def _run() -> int:
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = flags.absl_config(PROG, {"seed": "seed"})
-    with flags.progress(not absl_flags.FLAGS.no_progress):
+    with flags.progress(flags.absl_progress()):
         results = run(config, absl_flags.FLAGS.workdir)
     return flags.report_failed(PROG, results["failed_slides"])
 

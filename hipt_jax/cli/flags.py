@@ -199,8 +199,7 @@ def add_model_flags(p, *, vit4k: bool = True, vit4k_help: str = "ViT-4K checkpoi
                    help="random weights instead of checkpoints (demos, smoke tests): tiny = the "
                         "small test architectures, full = the paper's sizes")
     g.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
-    g.add_argument("--tiny", dest="tiny", action=_Deprecated, use="--random-init tiny", nargs=0,
-                   const=True, default=False, help=argparse.SUPPRESS)
+    g.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # old; warned in _finish_model
     p.finish(lambda parser, args: _finish_model(parser, args, required))
 
 
@@ -211,13 +210,14 @@ def _random_init(text: str) -> str:
 
 
 def _finish_model(parser: Parser, args: argparse.Namespace, required: bool) -> None:
-    if args.random_init is None:  # the old bare switch
+    if args.random_init is None:  # the old bare switch, with or without --tiny
         args.random_init = "tiny" if args.tiny else "full"
-        warn_deprecated(parser.prog, "--random-init" + (" --tiny" if args.tiny else ""),
+        warn_deprecated(parser.prog, "--random-init" + (" --tiny" if args.tiny else "") + " (no value)",
                         f"--random-init {args.random_init}")
     elif args.tiny and args.random_init == "none":
         parser.error("--tiny needs --random-init (use --random-init tiny)")
     elif args.tiny:
+        warn_deprecated(parser.prog, "--tiny", "--random-init tiny")
         args.random_init = "tiny"
     if args.random_init != "none" and args.vit256:
         parser.error("give --vit256 or --random-init, not both")
@@ -357,21 +357,29 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
 
 
 def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False) -> None:
-    """The shared flags an absl command accepts (each overrides its config field when given)."""
+    """The shared flags an absl command accepts (each overrides its config field when given).
+    Their names are spelled with hyphens, as in the argparse commands."""
     from absl import flags as absl_flags
 
-    if "no_progress" in absl_flags.FLAGS:
+    if "no-progress" in absl_flags.FLAGS:
         return
-    absl_flags.DEFINE_bool("no_progress", False, "no progress bars")
+    absl_flags.DEFINE_bool("no-progress", False, "no progress bars")
     if seed:
         absl_flags.DEFINE_integer("seed", None, "sets config.seed")
     if compute_dtype:
-        absl_flags.DEFINE_enum("compute_dtype", None, list(COMPUTE_DTYPES), "sets the config's compute dtype")
+        absl_flags.DEFINE_enum("compute-dtype", None, list(COMPUTE_DTYPES), "sets the config's compute dtype")
+
+
+def absl_progress() -> bool:
+    """False when --no-progress was given."""
+    from absl import flags as absl_flags
+
+    return not absl_flags.FLAGS["no-progress"].value
 
 
 def absl_config(prog: str, fields: dict[str, str]):
     """The loaded --config with the shared flags applied: ``fields`` maps a shared flag name
-    ("seed", "compute_dtype") to the config field it sets."""
+    ("seed", "compute-dtype") to the config field it sets."""
     from absl import flags as absl_flags
 
     config = absl_flags.FLAGS["config"].value  # a config file that failed to load raises OSError here

@@ -26,7 +26,7 @@ def _run() -> int:
     from absl import flags as absl_flags
     from absl import logging
 
-    config = flags.absl_config(PROG, {"seed": "seed", "compute_dtype": "compute_dtype"})
+    config = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "compute_dtype"})
     if not absl_flags.FLAGS.workdir:
         raise flags.UsageError("--workdir is required")
     # Orbax logs every checkpoint step at INFO; keep the console for our progress lines.
@@ -37,7 +37,7 @@ def _run() -> int:
     distributed.initialize(config.distributed)
     from hipt_jax.pretrain.trainer import train
 
-    with flags.progress(not absl_flags.FLAGS.no_progress):
+    with flags.progress(flags.absl_progress()):
         train(config, absl_flags.FLAGS.workdir)
     return flags.EXIT_OK
 

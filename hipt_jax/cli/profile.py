@@ -25,7 +25,7 @@ def _run() -> int:
     from hipt_jax import distributed
     from hipt_jax.profiler import format_table, run_profile
 
-    cfg = flags.absl_config(PROG, {"seed": "seed", "compute_dtype": "dtype"})
+    cfg = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "dtype"})
     distributed.initialize()
     report = run_profile(cfg)
     if jax.process_index() == 0:
