@@ -96,6 +96,18 @@ def run_command(prog: str, fn: Callable[[], int]) -> int:
         raise
 
 
+def command(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
+            run: Callable[[argparse.Namespace], int]) -> Callable[[Optional[list[str]]], int]:
+    """``main(argv) -> exit code`` of an argparse command: parse, then ``run(args)`` under
+    ``run_command``."""
+    def main(argv: Optional[list[str]] = None) -> int:
+        args = build_parser().parse_args(argv)
+        return run_command(prog, lambda: run(args))
+
+    main.__doc__ = f"{prog}: parse argv (default sys.argv[1:]) and run; returns the exit code."
+    return main
+
+
 def report_failed(prog: str, failed: dict[str, str]) -> int:
     """Name every failed item on stderr; 1 if there is any, else 0."""
     for item, error in sorted(failed.items()):

@@ -144,9 +144,7 @@ def _run(args) -> int:
     return flags.EXIT_OK
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return flags.run_command(PROG, lambda: _run(args))
+main = flags.command(PROG, build_parser, _run)
 
 
 if __name__ == "__main__":

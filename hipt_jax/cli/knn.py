@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional
 
 from hipt_jax.cli import flags
 
@@ -48,9 +47,7 @@ def _run(args) -> int:
     return flags.report_failed(PROG, result["failed_slides"])
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return flags.run_command(PROG, lambda: _run(args))
+main = flags.command(PROG, build_parser, _run)
 
 
 if __name__ == "__main__":
