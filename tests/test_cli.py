@@ -233,3 +233,17 @@ def test_deprecated_spellings_map_to_the_new_flags_with_a_warning(capsys):
     assert args.random_init == "full" and "use --random-init full" in capsys.readouterr().err
     args = extract.build_parser().parse_args(["--random-init", "tiny", "--batch", "4", "--shards", "s", "--out", "o"])
     assert args.batch_per_device == 4 and "use --batch-per-device" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the mapping itself
+def test_error_table_names_real_exceptions_and_bugs_keep_their_traceback():
+    import importlib
+
+    for module, name in flags.INPUT_ERRORS + flags.FAILURE_ERRORS:
+        cls = getattr(importlib.import_module(module), name)  # a rename must update the table
+        assert issubclass(cls, Exception)
+    from hipt_jax.evaluation.extract import ExtractError
+
+    assert flags.run_command("t", lambda: (_ for _ in ()).throw(ExtractError("x"))) == flags.EXIT_BAD_INPUT
+    with pytest.raises(ZeroDivisionError):  # a bug is not "bad input"
+        flags.run_command("t", lambda: 1 // 0)

@@ -45,24 +45,28 @@ class UsageError(ValueError):
 
 
 # ------------------------------------------------------------------------------ exit codes
-def input_errors() -> tuple[type[BaseException], ...]:
-    """The library exceptions that mean "bad input" (exit 2): the one list of them."""
-    from data_prep.runner import InputError
-    from data_prep.slide_io import SlideError
-    from hipt_jax.checkpoints import CheckpointError
-    from hipt_jax.evaluation.cohort import CohortError
-    from hipt_jax.evaluation.extract import ExtractError
-    from hipt_jax.finetune.main import FinetuneError
+# The library exceptions that mean "bad input" (exit 2) and "the run failed" (exit 1): the one
+# list of them. Looked up among the modules already imported (an exception cannot come from a
+# module that was never loaded), so mapping an error imports nothing heavy.
+INPUT_ERRORS = (
+    ("data_prep.runner", "InputError"), ("data_prep.slide_io", "SlideError"),
+    ("hipt_jax.checkpoints", "CheckpointError"), ("hipt_jax.evaluation.cohort", "CohortError"),
+    ("hipt_jax.evaluation.extract", "ExtractError"), ("hipt_jax.finetune.main", "FinetuneError"),
+)
+FAILURE_ERRORS = (("hipt_jax.pretrain.trainer", "NonFiniteLossError"),)  # training diverged
 
-    return (UsageError, InputError, SlideError, CheckpointError, CohortError, ExtractError,
-            FinetuneError, ValueError, OSError)
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    found = (getattr(sys.modules.get(module), name, None) for module, name in names)
+    return tuple(cls for cls in found if cls is not None)
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    return (UsageError, ValueError, OSError) + _loaded(INPUT_ERRORS)
 
 
 def failure_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that end a run that started well (exit 1): training diverged."""
-    from hipt_jax.pretrain.trainer import NonFiniteLossError
-
-    return (NonFiniteLossError,)
+    return _loaded(FAILURE_ERRORS)
 
 
 def one_line(error: BaseException | str) -> str:
