@@ -50,14 +50,14 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "hipt-convert=hipt_jax.convert:main",
+            "hipt-convert=hipt_jax.cli.convert:main",
             "hipt-embed=hipt_jax.cli.embed:main",
-            "hipt-extract=hipt_jax.evaluation.extract:main",
-            "hipt-knn=hipt_jax.evaluation.knn_cli:main",
-            "hipt-finetune=hipt_jax.finetune.main:main",
-            "hipt-pretrain=hipt_jax.pretrain.main:main",
-            "hipt-heatmap=hipt_jax.heatmap.cli:main",
-            "hipt-profile=hipt_jax.profiler:main",
+            "hipt-extract=hipt_jax.cli.extract:main",
+            "hipt-knn=hipt_jax.cli.knn:main",
+            "hipt-finetune=hipt_jax.cli.finetune:main",
+            "hipt-pretrain=hipt_jax.cli.pretrain:main",
+            "hipt-heatmap=hipt_jax.cli.heatmap:main",
+            "hipt-profile=hipt_jax.cli.profile:main",
             "hipt-prep=hipt_jax.cli.prep:main",
         ]
     },

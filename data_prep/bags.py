@@ -106,13 +106,24 @@ def read_bag(out_dir: str, slide_id: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_slide_embeddings(out_dir: str) -> dict[str, np.ndarray]:
-    """slide_id -> slide embedding [192] for every extracted slide under ``out_dir``."""
+def read_slide_embeddings(out_dir: str, failed: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """slide_id -> slide embedding [192] for every extracted slide under ``out_dir``.
+
+    An unreadable (truncated, corrupt) bag raises BagError or, when a ``failed`` dict is given,
+    is skipped and recorded there as slide_id -> error."""
     folder = os.path.join(out_dir, SLIDES)
     if not os.path.isdir(folder):
         raise BagError(f"{out_dir}: no {SLIDES}/ folder; run hipt-extract first")
-    out = {sid: np.asarray(read_bag_file(p, ("slide_embedding",))["slide_embedding"], np.float32)
-           for sid, p in list_bags(out_dir).items()}
+    out = {}
+    for sid, path in list_bags(out_dir).items():
+        try:
+            emb = read_bag_file(path, ("slide_embedding",))["slide_embedding"]
+        except BagError as e:
+            if failed is None:
+                raise
+            failed[sid] = str(e)
+            continue
+        out[sid] = np.asarray(emb, np.float32)
     if not out:
         raise BagError(f"{folder}: no extracted slides")
     return out

@@ -1,4 +1,5 @@
-"""``hipt-convert``: the released PyTorch weights <-> our Orbax checkpoints.
+"""The released PyTorch weights <-> our Orbax checkpoints (the library of ``hipt-convert``,
+whose command line is hipt_jax/cli/convert.py).
 
     hipt-convert vit256_small_dino.pth ckpt/vit256               # teacher backbone, arch auto
     hipt-convert vit4k_xs_dino.pth ckpt/vit4k --keep-head        # + DINO head (resume pretraining)
@@ -13,9 +14,7 @@ with no missing keys. Tensors survive the round trip bit for bit.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -56,41 +55,3 @@ def to_torch(src: str, dst: str) -> dict:
     out = {container: state} if container else state
     torch.save(out, dst)
     return {"arch": config.arch, "tensors": len(state), "dst": os.path.abspath(dst)}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hipt-convert",
-        description="Convert the released HIPT PyTorch checkpoints to hipt-jax Orbax directories, and back.")
-    p.add_argument("src", help="SRC.pth (forward) or a converted directory (--to-torch)")
-    p.add_argument("dst", help="DST_DIR (forward, must not exist or be empty) or DST.pth (--to-torch)")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="which network of a DINO checkpoint to take (default: teacher, as the reference)")
-    p.add_argument("--arch", choices=["auto", "vit256", "vit4k", "vit256_tiny", "vit4k_tiny"], default="auto",
-                   help="expected architecture (default: detect from the tensors)")
-    p.add_argument("--keep-head", action="store_true", help="also keep the DINO head (for resuming pretraining)")
-    p.add_argument("--to-torch", action="store_true", help="reverse: converted directory -> reference .pth")
-    return p
-
-
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.to_torch:
-            info = to_torch(args.src, args.dst)
-            print(f"wrote {info['dst']}: {info['arch']}, {info['tensors']} tensors in the reference layout")
-        else:
-            info = to_orbax(args.src, args.dst, which=args.which, arch=args.arch, keep_head=args.keep_head)
-            head = " + DINO head" if info["head"] else ""
-            print(f"wrote {info['dst']}: {info['arch']} {args.which} backbone, {info['params']:,} parameters{head}")
-    except CheckpointError as e:
-        print(f"hipt-convert: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"hipt-convert: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,12 +41,12 @@ import numpy as np
 # The command-line tools the demo runs, by module (`python -m MODULE`): the one place to change
 # when a command moves.
 COMMANDS = {
-    "prep": "hipt_jax.cli.prep",                     # hipt-prep
-    "pretrain": "hipt_jax.pretrain",              # hipt-pretrain
-    "extract": "hipt_jax.evaluation.extract",     # hipt-extract
-    "knn": "hipt_jax.evaluation.knn_cli",         # hipt-knn
-    "finetune": "hipt_jax.finetune.main",         # hipt-finetune
-    "heatmap": "hipt_jax.heatmap.cli",            # hipt-heatmap
+    "prep": "hipt_jax.cli.prep",            # hipt-prep
+    "pretrain": "hipt_jax.cli.pretrain",    # hipt-pretrain
+    "extract": "hipt_jax.cli.extract",      # hipt-extract
+    "knn": "hipt_jax.cli.knn",              # hipt-knn
+    "finetune": "hipt_jax.cli.finetune",    # hipt-finetune
+    "heatmap": "hipt_jax.cli.heatmap",      # hipt-heatmap
 }
 STEPS = ("synth", "prep", "pretrain256", "features", "pretrain4k", "extract", "knn", "lgp", "heatmap")
 # The folder this process imports hipt_jax from (site-packages, a --target folder or a checkout);

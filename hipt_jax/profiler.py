@@ -1,4 +1,5 @@
-"""hipt-profile: how fast each HIPT stage runs on the current devices.
+"""How fast each HIPT stage runs on the current devices (the library of `hipt-profile`, whose
+command line is hipt_jax/cli/profile.py).
 
     hipt-profile --config configs/profile.py[:runlocal] [--config.json=out.json] [--config.trace_dir=DIR]
 
@@ -26,11 +27,9 @@ too); the matmul peak is the best n x n fp32 matmul (n = 2048 by default, as the
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -365,41 +364,3 @@ def format_table(report: dict) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines.append(f"\nprocess peak RSS {rss:.0f} MB (all sections)")
     return "\n".join(lines)
-
-
-def _main(argv) -> None:
-    from absl import flags
-
-    del argv
-    cfg = flags.FLAGS["config"].value
-    if cfg is None:
-        sys.exit("hipt-profile: --config is required (e.g. configs/profile.py:runlocal)")
-    from hipt_jax import distributed
-
-    distributed.initialize()
-    try:
-        report = run_profile(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"hipt-profile: {e}")
-    if jax.process_index() == 0:
-        print(format_table(report), flush=True)
-        if cfg.json:
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-            with open(cfg.json, "w") as f:
-                json.dump(report, f, indent=1)
-            print(f"wrote {cfg.json}")
-        if cfg.trace_dir:
-            print(f"traces in {cfg.trace_dir} (tensorboard --logdir {cfg.trace_dir})")
-
-
-def main() -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "profile config file[:runlocal]", lock_config=True)
-    app.run(_main)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hipt_jax import checkpoints, convert
+from hipt_jax import checkpoints
+from hipt_jax.cli import convert
 from hipt_jax.models.configs import build_vit
 from tests import reference_torch as ref
 
@@ -186,9 +187,9 @@ def test_other_bad_inputs(released, tmp_path, capsys):
 
 def test_entry_point_exits_nonzero_without_traceback(tmp_path):
     (tmp_path / "weights.pth").write_text("hello")
-    proc = subprocess.run([sys.executable, "-m", "hipt_jax.convert", str(tmp_path / "weights.pth"),
+    proc = subprocess.run([sys.executable, "-m", "hipt_jax.cli.convert", str(tmp_path / "weights.pth"),
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("hipt-convert: error:")
 

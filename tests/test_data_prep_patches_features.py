@@ -51,8 +51,8 @@ def test_features_equal_hipt4k(regions_out, tmp_path, dtype="float16", tol=2e-3)
     from hipt_jax import HIPT4K
 
     out = tmp_path / "feats"
-    assert main(["features", "--regions", regions_out, "--out", str(out), "--random-init", "--tiny",
-                 "--dtype", dtype, "--batch", "2"]) == 0
+    assert main(["features", "--regions", regions_out, "--out", str(out), "--random-init", "tiny",
+                 "--store-dtype", dtype, "--batch-per-device", "2"]) == 0
     feats = list(iter_records(str(out / "features" / "cmu_small_region.array_record")))
     regions = _regions(regions_out)
     assert [(f["x"], f["y"]) for f in feats] == [(r["x"], r["y"]) for r in regions]

@@ -75,11 +75,11 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
     ]
     for extra, needle in cases:
         code, _, err = run(capsys, "--vit256", d / "vit256", "--out", tmp_path / "o.npz", *extra)
-        assert code == 1 and len(err.strip().splitlines()) == 1 and needle in err, (extra, err)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (extra, err)
     # A ViT-4K checkpoint given as ViT-256.
     Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "ok.png")
     code, _, err = run(capsys, "--vit256", d / "vit4k", "--image", tmp_path / "ok.png", "--out", tmp_path / "o.npz")
-    assert code == 1 and "is a vit4k checkpoint, expected vit256" in err
+    assert code == 2 and "is a vit4k checkpoint, expected vit256" in err
     assert not (tmp_path / "o.npz").exists()
 
 
@@ -90,5 +90,5 @@ def test_entry_point_subprocess(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hipt_jax.cli.embed", "--vit256", str(tmp_path / "bad.pth"),
                            "--image", str(tmp_path / "ok.png"), "--out", str(tmp_path / "o.npz")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "bad.pth: not a PyTorch checkpoint" in proc.stderr.strip().splitlines()[-1]

@@ -94,7 +94,7 @@ def test_bad_shard_is_reported_and_run_continues(model, tmp_path):
 def test_cli_on_two_devices_and_clear_errors(model, cohort, tmp_path):
     prep, rows = cohort
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "hipt_jax.evaluation.extract", "--random-init", "tiny",
+    cmd = [sys.executable, "-m", "hipt_jax.cli.extract", "--random-init", "tiny",
            "--shards", prep, "--out", str(tmp_path / "emb"), "--no-progress"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -107,7 +107,7 @@ def test_cli_on_two_devices_and_clear_errors(model, cohort, tmp_path):
     ref = model.embed_batch(np.stack(_decoded_regions(prep, sid)))
     got = bags.read_bag(str(tmp_path / "emb"), sid)
     np.testing.assert_allclose(got["features_cls4k"], ref["features_cls4k"], atol=1e-4)
-    bad = subprocess.run([sys.executable, "-m", "hipt_jax.evaluation.extract", "--random-init", "tiny",
+    bad = subprocess.run([sys.executable, "-m", "hipt_jax.cli.extract", "--random-init", "tiny",
                           "--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr

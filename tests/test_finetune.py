@@ -9,7 +9,7 @@ import pytest
 
 from configs import lgp_subtyping, lgp_survival
 from hipt_jax import extraction
-from hipt_jax.evaluation import knn_cli
+from hipt_jax.evaluation import knn_eval
 from hipt_jax.finetune import main as finetune
 from hipt_jax.models.hipt4k import HIPT4K
 from tests.synthetic_cohort import make_feature_cohort, make_tissue_cohort, write_labels
@@ -37,7 +37,7 @@ def _subtyping_config(emb, labels, splits="kfold:3", epochs=3):
 
 def test_knn_and_lgp_subtyping_learn_stain_classes_from_tissue(tissue_embeddings, tmp_path):
     emb, labels, rows = tissue_embeddings
-    result = knn_cli.run(emb, labels, "kfold:3", seed=0)
+    result = knn_eval.run(emb, labels, "kfold:3", seed=0)
     assert result["n_slides"] == 24
     print({"tissue_knn": result["summary"]["paper"]["auc"], "tissue_dino": result["summary"]["dino"]["auc"]})
     assert result["summary"]["paper"]["auc"]["mean"] > 0.9, result["summary"]
@@ -59,8 +59,8 @@ def test_shuffled_labels_give_chance_level(tmp_path):
     shuffled = write_labels(str(tmp_path / "shuffled.csv"),
                             [{"slide_id": f"slide_{i:04d}", "label": int(c)}
                              for i, c in enumerate(rng.permutation(classes))])
-    real = knn_cli.run(emb, labels, "kfold:3", seed=0)["summary"]
-    fake = knn_cli.run(emb, shuffled, "kfold:3", seed=0)["summary"]
+    real = knn_eval.run(emb, labels, "kfold:3", seed=0)["summary"]
+    fake = knn_eval.run(emb, shuffled, "kfold:3", seed=0)["summary"]
     print({"knn_real": real["paper"]["auc"], "knn_fake": fake["paper"]["auc"], "dino_fake": fake["dino"]["auc"]})
     assert real["paper"]["auc"]["mean"] > 0.9
     assert abs(fake["paper"]["auc"]["mean"] - 0.5) < 0.12 and abs(fake["dino"]["auc"]["mean"] - 0.5) < 0.12
@@ -161,7 +161,7 @@ def test_finetune_cli_reports_bad_input_without_traceback(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run(
-        [sys.executable, "-m", "hipt_jax.finetune.main", "--config", os.path.join(root, "configs", "lgp_survival.py:runlocal"),
+        [sys.executable, "-m", "hipt_jax.cli.finetune", "--config", os.path.join(root, "configs", "lgp_survival.py:runlocal"),
          "--workdir", str(tmp_path / "w"), f"--config.data.embeddings={tmp_path}",
          f"--config.data.labels={tmp_path / 'missing.csv'}"],
         cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=300)

@@ -193,23 +193,23 @@ def test_slide_attention_map():
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "hipt_jax.heatmap.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hipt_jax.cli.heatmap", *args], capture_output=True,
                           text=True, cwd=cwd or ROOT, timeout=300)
 
 
 def test_cli_image_and_errors(tissue, tmp_path, capsys):
-    from hipt_jax.heatmap.cli import main
+    from hipt_jax.cli.heatmap import main
 
     image = tmp_path / "region.png"
     Image.fromarray(tissue[:512, :512]).save(image)
     # One real entry-point run (subprocess), the error paths in-process.
-    res = _cli("--random-init", "--tiny", "--image", str(image), "--out", str(tmp_path / "out"),
+    res = _cli("--random-init", "tiny", "--image", str(image), "--out", str(tmp_path / "out"),
                "--scale", "16", "--blends", "none")
     assert res.returncode == 0, res.stderr
     outputs = json.load(open(tmp_path / "out" / "heatmap_outputs.json"))
     assert len(outputs["4k"]) == 6 and outputs["blend"] == []
     (tmp_path / "bad.png").write_text("not an image")
-    assert main(["--random-init", "--tiny", "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2")]) == 2
+    assert main(["--random-init", "tiny", "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "bad.png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["--image", str(image), "--out", str(tmp_path / "o3")]) == 2
@@ -232,7 +232,7 @@ def test_cli_lgp_slide_map(tmp_path):
     import jax
     import orbax.checkpoint as ocp
 
-    from hipt_jax.heatmap.cli import main
+    from hipt_jax.cli.heatmap import main
     from hipt_jax.heatmap.slide import lgp_region_attention
     from hipt_jax.models import lgp
 

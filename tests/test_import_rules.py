@@ -109,7 +109,7 @@ def test_repository_follows_the_import_rules():
     ("hipt_jax/models/vit.py", "def f():\n    from hipt_jax.data import sources\n"),
     ("hipt_jax/models/lgp.py", "from ..evaluation import metrics\n"),
     ("hipt_jax/extraction.py", "from data_prep.patches import derive_shard\n"),
-    ("hipt_jax/heatmap/cli.py", "def f():\n    from data_prep import runner\n"),
+    ("hipt_jax/heatmap/slide.py", "def f():\n    from data_prep import runner\n"),
 ])
 def test_planted_back_imports_are_caught(relpath, source):
     assert violations(relpath, source)

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from hipt_jax.evaluation import knn_cli
+from hipt_jax.cli import knn as knn_cli
 from tests.synthetic_cohort import make_feature_cohort, write_labels
 
 

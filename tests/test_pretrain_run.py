@@ -42,7 +42,7 @@ def _make_pngs(folder, n=16, size=96, seed=0):
 
 def _pretrain(workdir, config, *flags, stage=1, wait=True, **popen):
     cfg = f"configs/pretrain_{'vit256' if stage == 1 else 'vit4k'}.py:runlocal"
-    cmd = [sys.executable, "-m", "hipt_jax.pretrain", "--config", cfg, f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "hipt_jax.cli.pretrain", "--config", cfg, f"--workdir={workdir}",
            f"--config.data.path={config}", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)

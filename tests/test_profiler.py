@@ -71,7 +71,7 @@ def test_run_profile_tiny(tmp_path):
 @pytest.mark.slow
 def test_cli_runlocal_all_sections(tmp_path):
     out = tmp_path / "p.json"
-    res = subprocess.run([sys.executable, "-m", "hipt_jax.profiler", "--config",
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--config",
                           os.path.join(ROOT, "configs", "profile.py") + ":runlocal", f"--config.json={out}",
                           f"--config.trace_dir={tmp_path / 'trace'}"],
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
@@ -86,7 +86,7 @@ def test_cli_runlocal_all_sections(tmp_path):
 
 
 def test_cli_bad_config(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "hipt_jax.profiler", "--config",
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--config",
                           os.path.join(ROOT, "configs", "profile.py") + ":fast"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode != 0 and "unknown config arg" in res.stderr

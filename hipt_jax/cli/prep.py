@@ -3,11 +3,11 @@
     hipt-prep regions  --slides DIR_OR_CSV --out OUT [--target-mpp 0.5] [--region 4096] [--workers N]
                        [--runner pool|DirectRunner|DataflowRunner|FlinkRunner|SparkRunner] [beam flags]
     hipt-prep patches  --regions OUT --out OUT_PATCHES [--patch 256] [--min-tissue 0.5]
-    hipt-prep features --regions OUT --out OUT_FEATS --vit256 CKPT [--dtype float16] [--batch 2]
+    hipt-prep features --regions OUT --out OUT_FEATS --vit256 CKPT [--store-dtype float16] [--batch-per-device 2]
     hipt-prep tfds     --kind regions|patches|features --shards OUT --data-dir TFDS_DIR
 
-Exit code: 0 when every slide/shard succeeded, 1 when some failed (see OUT/manifest.json),
-2 for bad command-line input.
+Exit code (hipt_jax.cli.flags): 0 when every slide/shard succeeded, 1 when some failed (named
+in OUT/manifest.json), 2 for bad command-line input.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import os
 import sys
 
 from data_prep.runner import InputError
+from hipt_jax.cli import flags
 
 RUNNERS = ("pool", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner",
            "PortableRunner", "PrismRunner")
@@ -32,23 +33,19 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-arg", action="append", default=[], metavar="FLAG",
                    help="flag for Beam that clashes with ours, e.g. --beam-arg=--region=europe-west1")
     p.add_argument("--redo", action="store_true", help="redo finished items too")
+    flags.add_progress_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: unknown (Beam) flags must never be taken for abbreviations of ours.
-    ap = argparse.ArgumentParser(prog="hipt-prep", description=__doc__.split("\n")[0],
-                                 allow_abbrev=False)
+    ap = flags.Parser(prog="hipt-prep", description=__doc__.split("\n")[0], allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
 
     r = sub.add_parser("regions", help="slides -> tissue masks -> region shards")
     r.add_argument("--slides", required=True, help="folder of slides (recursive) or CSV with path[,slide_id]")
     r.add_argument("--out", required=True)
-    r.add_argument("--target-mpp", type=float, default=0.5, help="microns/pixel of stored regions (0.5 = 20x)")
-    r.add_argument("--region", type=int, default=4096, help="region side in pixels at --target-mpp")
-    r.add_argument("--mpp-tolerance", type=float, default=0.1,
-                   help="relative mpp error treated as an exact integer scale (0.499 -> 0.5)")
-    r.add_argument("--assume-mpp", type=float, default=None, help="mpp for slides whose metadata has none")
+    flags.add_region_flags(r, size_flag="--region", mpp_tolerance=True)
     r.add_argument("--min-tissue", type=float, default=0.1, help="minimum tissue fraction of a kept region")
     r.add_argument("--jpeg-quality", type=int, default=90)
     r.add_argument("--mask-px", type=int, default=16, help="target px per tissue-mask px")
@@ -73,13 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("features", help="region shards -> [R*C,384] ViT-256 feature shards")
     f.add_argument("--regions", required=True, help="output folder of `hipt-prep regions`")
     f.add_argument("--out", required=True)
-    g = f.add_mutually_exclusive_group(required=True)
-    g.add_argument("--vit256", help="ViT-256 checkpoint (Orbax dir or released .pth)")
-    g.add_argument("--random-init", action="store_true", help="random ViT-256 weights (smoke tests)")
-    f.add_argument("--tiny", action="store_true", help="with --random-init: tiny test architecture")
-    f.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
-    f.add_argument("--batch", type=int, default=1, help="regions per forward pass")
+    flags.add_model_flags(f, vit4k=False)
+    flags.add_storage_flags(f, choices=("float16", "float32"), default="float16", deprecated_dtype=True)
+    flags.add_compute_flags(f, compute_dtype=False, batch_per_device=1, batch_help="regions per forward pass")
     f.add_argument("--redo", action="store_true")
+    flags.add_progress_flag(f)
 
     t = sub.add_parser("tfds", help="register existing shards as a TFDS dataset (array_record)")
     t.add_argument("--kind", required=True, choices=("regions", "patches", "features"))
@@ -132,15 +127,16 @@ def _features(args) -> int:
     src = os.path.abspath(args.regions)
     ids = list(list_slide_shards(src, REGION))
     out = os.path.abspath(args.out)
+    random_init, tiny = args.random_init != "none", args.random_init == "tiny"
     try:  # load weights once, before any shard: a bad checkpoint fails fast
-        model = (HIPT4K.random_init(seed=0, tiny=args.tiny, with_vit4k=False) if args.random_init
+        model = (HIPT4K.random_init(seed=args.seed, tiny=tiny, with_vit4k=False) if random_init
                  else HIPT4K.from_checkpoints(vit256=args.vit256, vit4k=None))
     except Exception as e:
         raise InputError(f"cannot load ViT-256 weights from {args.vit256}: {type(e).__name__}: {e}") from None
-    extractor = Extractor(model, batch_per_device=args.batch)
-    write_features = functools.partial(extractor.write_feature_shard, store_dtype=args.dtype)
+    extractor = Extractor(model, batch_per_device=args.batch_per_device)
+    write_features = functools.partial(extractor.write_feature_shard, store_dtype=args.store_dtype)
     params = dict(regions=src, vit256=args.vit256 and os.path.abspath(args.vit256),
-                  random_init=args.random_init, tiny=args.tiny, dtype=args.dtype)
+                  random_init=random_init, tiny=tiny, dtype=args.store_dtype)
     # JAX already spreads each batch over every core/accelerator of the host: one process.
     manifest = run_items(derive_shard, ids, ids, out, "features", params,
                          (src, out, "features", write_features), workers=1, runner="pool",
@@ -159,12 +155,10 @@ def _tfds(args) -> int:
 
 def _report(manifest: dict, out: str) -> int:
     counts = manifest["counts"]
-    failed = {k: v for k, v in manifest["items"].items() if v.get("status") != "done"}
+    failed = {k: v.get("error") for k, v in manifest["items"].items() if v.get("status") != "done"}
     print(f"{manifest['kind']}: {counts.get('done', 0)} done, {len(failed)} failed, "
           f"{manifest['n_records']} records -> {out}")
-    for k, v in sorted(failed.items()):
-        print(f"  FAILED {k}: {v.get('error')}", file=sys.stderr)
-    return 1 if failed else 0
+    return flags.report_failed(f"hipt-prep {manifest['kind']}", failed)
 
 
 def main(argv=None) -> int:
@@ -174,17 +168,18 @@ def main(argv=None) -> int:
     extra = list(extra) + list(getattr(args, "beam_arg", []))
     if extra and (runner == "pool" or args.command in ("features", "tfds")):
         ap.error(f"unrecognized arguments: {' '.join(extra)} (only Beam runners take extra flags)")
-    try:
-        if args.command == "regions":
-            return _regions(args, extra)
-        if args.command == "patches":
-            return _patches(args, extra)
-        if args.command == "features":
-            return _features(args)
-        return _tfds(args)
-    except (InputError, FileNotFoundError) as e:
-        print(f"hipt-prep {args.command}: {e}", file=sys.stderr)
-        return 2
+    with flags.progress(not getattr(args, "no_progress", False)):
+        return flags.run_command(f"hipt-prep {args.command}", lambda: _run(args, extra))
+
+
+def _run(args, extra) -> int:
+    if args.command == "regions":
+        return _regions(args, extra)
+    if args.command == "patches":
+        return _patches(args, extra)
+    if args.command == "features":
+        return _features(args)
+    return _tfds(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`hipt-finetune`: HIPT-LGP subtyping or survival with k-fold cross-validation.
+"""HIPT-LGP subtyping or survival with k-fold cross-validation (`hipt-finetune`, whose command
+line is hipt_jax/cli/finetune.py).
 
     hipt-finetune --config configs/lgp_subtyping.py --workdir runs/x \
         --config.data.embeddings=EMB --config.data.labels=labels.csv [--config.data.splits=DIR]
@@ -7,7 +8,8 @@ Reads the [M,256,384] ViT-256 features written by hipt-extract, trains one HIPT-
 (fresh init per fold), and writes to the workdir:
     fold_{k}/checkpoint/   Orbax checkpoint of the trained params
     fold_{k}/result.json   test (and val) metrics and per-item predictions
-    results.json, results.md   per-fold table with mean +/- std
+    results.json, results.md   per-fold table with mean +/- std (results.json also names the
+                               slides whose feature file could not be read: "failed_slides")
     roc.png (subtyping) or km.png (survival)
 A fold whose result.json exists is skipped, so an interrupted run resumes at the next fold.
 """
@@ -49,20 +51,27 @@ def _init_variables(model: lgp.HIPTLGP, config, seed: int, grid: int):
     return variables
 
 
-def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variables) -> tuple[list[Item], np.ndarray, dict]:
+def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variables,
+               failed: Optional[dict[str, str]] = None) -> tuple[list[Item], np.ndarray, dict]:
     """Items (slides or patients) and their stratification labels.
 
     With a frozen ViT-4K each slide is encoded once here ([M,256,384] -> [M,192]); otherwise the
-    items hold the raw features.
+    items hold the raw features. Slides without a feature file are skipped with a warning; a
+    file that cannot be read is skipped and recorded in ``failed`` (slide_id -> error).
     """
     emb = config.data.embeddings
     per_slide: dict[str, np.ndarray] = {}
     missing = []
     for sid in coh.slide_ids:
+        if not os.path.isfile(bags.bag_path(emb, sid)):
+            missing.append(sid)
+            continue
         try:
             feats = read_bag(emb, sid)["features_cls256"]  # [M,R*C,384]
-        except BagError:
-            missing.append(sid)
+        except BagError as e:
+            if failed is None:
+                raise
+            failed[sid] = str(e)
             continue
         per_slide[sid] = (encode_local(model, local_variables, feats, config.train.buckets)
                           if config.model.freeze_local else feats)
@@ -145,14 +154,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     if n_classes < 1:
         n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)
     model = _build_model(config, n_classes)
-    # The grid of the extracted features decides the ViT-4K pos-embed size (16 for 4096 px).
-    extracted = bags.list_bags(config.data.embeddings)
-    first = next((s for s in coh.slide_ids if s in extracted), None)
-    if first is None:
-        raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted")
-    grid = int(round(read_bag(config.data.embeddings, first)["features_cls256"].shape[1] ** 0.5))
+    grid = _feature_grid(config.data.embeddings, coh.slide_ids)
     base_vars = _init_variables(model, config, config.seed, grid)
-    items, strata, info = load_items(config, coh, model, base_vars)
+    failed: dict[str, str] = {}
+    items, strata, info = load_items(config, coh, model, base_vars, failed)
     folds = _splits(config, items, strata, coh)
     by_id = {it.item_id: it for it in items}
     trainer_cfg = TrainConfig(
@@ -197,7 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     summary = {m: _summary([r["test"][m] for r in fold_results]) for m in names}
     results = {"task": config.task, "n_items": len(items), "info": info, "class_names": coh.class_names,
                "folds": [{"fold": r["fold"], **r["test"]} for r in fold_results], "summary": summary,
-               "config": config.to_dict()}
+               "failed_slides": failed, "config": config.to_dict()}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     table = format_table(results["folds"], names, summary)
@@ -215,6 +220,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     return results
 
 
+def _feature_grid(embeddings: str, slide_ids: list[str]) -> int:
+    """Side of the ViT-256 feature grid of the first readable labelled slide (16 for 4096 px
+    regions): it decides the ViT-4K pos-embed size."""
+    for sid in slide_ids:
+        if os.path.isfile(bags.bag_path(embeddings, sid)):
+            try:
+                return int(round(read_bag(embeddings, sid)["features_cls256"].shape[1] ** 0.5))
+            except BagError:
+                continue  # recorded as failed by load_items
+    raise FinetuneError(f"{embeddings}: none of the labelled slides were extracted")
+
+
 def format_table(rows: list[dict], names: list[str], summary: dict) -> str:
     """Markdown table: one row per fold and a mean +/- std row."""
     lines = ["| fold | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -223,31 +240,3 @@ def format_table(rows: list[dict], names: list[str], summary: dict) -> str:
     lines.append("| mean +/- std | " + " | ".join(
         f"{summary[m]['mean']:.4f} +/- {summary[m]['std']:.4f}" for m in names) + " |")
     return "\n".join(lines)
-
-
-def _app_main(argv) -> None:
-    from absl import flags, logging
-
-    del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    config = flags.FLAGS.config
-    try:
-        run(config, flags.FLAGS.workdir)
-    except (FinetuneError, cohort_lib.CohortError, BagError, ValueError, FileNotFoundError) as e:
-        print(f"hipt-finetune: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "configs/lgp_subtyping.py or configs/lgp_survival.py[:runlocal]")
-        flags.DEFINE_string("workdir", None, "output folder (checkpoints, results, plots)")
-        flags.mark_flags_as_required(["config", "workdir"])
-    app.run(_app_main, argv=argv)
-
-
-if __name__ == "__main__":
-    main()

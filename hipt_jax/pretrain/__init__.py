@@ -5,5 +5,6 @@ on [16,16,384] grids of ViT-256 features (multi-crop of feature grids). Both sta
 recipe (DINO as HIPT ran it) and one trainer: ``hipt_jax.pretrain.trainer.train(config, workdir)``.
 
 Modules, in reading order: head (DINO head + multi-crop model), loss, schedules, optimizer,
-augment (crops), data (sources + Grain pipeline), trainer, main (CLI).
+augment (crops), data (sources + Grain pipeline), trainer; the command line is
+hipt_jax/cli/pretrain.py.
 """

@@ -1,5 +1,5 @@
-"""``python -m hipt_jax.pretrain --config configs/pretrain_vit256.py:runlocal --workdir DIR``."""
-from hipt_jax.pretrain.main import main
+"""``python -m hipt_jax.pretrain ...`` is ``hipt-pretrain ...`` (hipt_jax/cli/pretrain.py)."""
+from hipt_jax.cli.pretrain import main
 
 if __name__ == "__main__":
     main()

@@ -2,13 +2,15 @@
 
 Region mode (the reference's hierarchical maps: ranked last-block CLS attention of both levels):
     hipt-heatmap --vit256 ckpt/vit256 --vit4k ckpt/vit4k --slide S.svs --x 0 --y 0 --out DIR
-    hipt-heatmap --random-init --image region.png --out DIR        # demo weights
+    hipt-heatmap --random-init tiny --image region.png --out DIR   # demo weights
 
 Slide mode (one score per region painted over the slide):
     hipt-heatmap --slide S.svs --lgp runs/lgp/fold_0/checkpoint --embeddings EMB --out DIR
         (HIPT-LGP attention-pooling weights of the slide's regions; EMB = hipt-extract output)
     hipt-heatmap --slide S.svs --region-scores scores.npz --out DIR
         (any scores: npz with coords [M,2] level-0 x,y; scores [M]; region_px: level-0 side)
+
+Exit codes: 0 ok, 2 bad usage or input (hipt_jax.cli.flags).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import time
 
 import numpy as np
 
-from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH
+from hipt_jax.cli import flags
+
+PROG = "hipt-heatmap"
 
 
 def _parse_shifts(text: str) -> tuple[int, ...]:
@@ -34,23 +38,13 @@ def _parse_shifts(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hipt-heatmap", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("input region or slide")
-    src.add_argument("--image", help="region image file (PNG/JPEG/TIFF), RGB")
-    src.add_argument("--slide", help="whole-slide image (anything OpenSlide reads)")
-    src.add_argument("--x", type=int, default=0, help="level-0 x of the region's top-left corner")
-    src.add_argument("--y", type=int, default=0, help="level-0 y of the region's top-left corner")
-    src.add_argument("--size", type=int, default=4096, help="region side in pixels at --target-mpp")
-    src.add_argument("--target-mpp", type=float, default=0.5, help="microns per pixel of the region (20x)")
-    src.add_argument("--assume-mpp", type=float, default=None, help="level-0 mpp for slides without one")
-    mdl = p.add_argument_group("model")
-    mdl.add_argument("--vit256", help="ViT-256 checkpoint (Orbax dir from hipt-convert/pretraining, or .pth)")
-    mdl.add_argument("--vit4k", help="ViT-4K checkpoint (optional: without it only 256-level maps)")
-    mdl.add_argument("--random-init", action="store_true", help="random weights (demos; maps show nothing real)")
-    mdl.add_argument("--tiny", action="store_true", help="with --random-init: the tiny test architectures")
-    mdl.add_argument("--seed", type=int, default=0)
-    mdl.add_argument("--patch-batch", type=int, default=DEFAULT_PATCH_BATCH, help="ViT-256 patch minibatch")
+    p = flags.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags.add_region_source_flags(p, required=False, xy_default=0)
+    flags.add_region_flags(p)
+    # Region mode needs weights; slide mode (--lgp / --region-scores) does not.
+    flags.add_model_flags(p, vit4k_help="ViT-4K checkpoint (optional: without it only 256-level maps)",
+                          required=False)
+    flags.add_compute_flags(p, patch_batch=True)
     out = p.add_argument_group("maps")
     out.add_argument("--out", required=True, help="output directory")
     out.add_argument("--name", default=None, help="file name prefix (default: from the input)")
@@ -71,57 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_image(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-
-
-def load_region(args) -> np.ndarray:
-    """The region named on the command line as uint8 [H,W,3]."""
-    if bool(args.image) == bool(args.slide):
-        raise ValueError("give exactly one of --image or --slide")
-    if args.image:
-        region = _read_image(args.image)
-    else:
-        from data_prep import slide_io
-
-        slide = slide_io.open_slide(args.slide)
-        region = slide_io.read_region_at_mpp(slide, args.x, args.y, size_px=args.size,
-                                             target_mpp=args.target_mpp, assume_mpp=args.assume_mpp)
-    if min(region.shape[:2]) < 256:
-        src = args.image or args.slide
-        raise ValueError(f"{src}: region is {region.shape[0]}x{region.shape[1]} px; need at least 256 per side")
-    return region
-
-
-def load_model(args):
-    from hipt_jax.models.hipt4k import HIPT4K
-
-    if args.random_init:
-        return HIPT4K.random_init(seed=args.seed, tiny=args.tiny, patch_batch=args.patch_batch)
-    if not args.vit256:
-        raise ValueError("give --vit256 CHECKPOINT (and usually --vit4k), or --random-init")
-    for path in (args.vit256, args.vit4k):
-        if path and not os.path.exists(path):
-            raise ValueError(f"{path}: no such checkpoint")
-    return HIPT4K.from_checkpoints(vit256=args.vit256, vit4k=args.vit4k, patch_batch=args.patch_batch)
-
-
 def run_region(args) -> dict:
     from hipt_jax.heatmap.region import compute_region_heatmaps
     from hipt_jax.heatmap.render import write_region_heatmaps
 
-    region = load_region(args)
+    region = flags.read_region(args)
     name = args.name or (os.path.splitext(os.path.basename(args.image))[0] if args.image
                          else f"{os.path.splitext(os.path.basename(args.slide))[0]}_x{args.x}_y{args.y}")
-    model = load_model(args)
+    if args.random_init == "none" and not args.vit256:
+        raise flags.UsageError("give --vit256 CHECKPOINT (and usually --vit4k), or --random-init tiny|full")
+    model = flags.load_hipt4k(args)
     t0 = time.perf_counter()
     maps = compute_region_heatmaps(model, region, scale=args.scale, shifts256=args.shifts256,
                                    shifts4k=args.shifts)
@@ -181,18 +134,14 @@ def run_slide(args) -> dict:
     return {"slide": [path]}
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        written = run_slide(args) if (args.region_scores or args.lgp) else run_region(args)
-    except Exception as e:  # one clear line, no traceback (SlideError, bad files, bad options)
-        if os.environ.get("HIPT_DEBUG"):
-            raise
-        print(f"hipt-heatmap: error: {e}", file=sys.stderr)
-        return 2
+def _run(args) -> int:
+    written = run_slide(args) if (args.region_scores or args.lgp) else run_region(args)
     with open(os.path.join(args.out, "heatmap_outputs.json"), "w") as f:
         json.dump(written, f, indent=1)
-    return 0
+    return flags.EXIT_OK
+
+
+main = flags.command(PROG, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`hipt-knn`: self-supervised slide KNN evaluation on mean CLS-4K embeddings (the paper's KNN protocol and DINO's).
+"""Self-supervised slide KNN evaluation on mean CLS-4K embeddings; the
+command line is `hipt-knn` (hipt_jax/cli/knn.py).
 
     hipt-knn --embeddings EMB --labels labels.csv --splits DIR_OR_kfold:10 [--out results.json]
 
@@ -10,12 +11,6 @@ and report AUC (binary: class 1; multi-class: macro one-vs-rest), balanced accur
 accuracy; then mean +/- std over folds as a table and a JSON file.
 """
 from __future__ import annotations
-
-import argparse
-import json
-import os
-import sys
-from typing import Optional
 
 import numpy as np
 
@@ -80,7 +75,8 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, **kwarg
     coh = cohort_lib.read_labels_csv(labels)
     if (coh.labels < 0).any():
         raise cohort_lib.CohortError(f"{labels}: every slide needs a label")
-    emb = read_slide_embeddings(embeddings_dir)
+    failed: dict[str, str] = {}
+    emb = read_slide_embeddings(embeddings_dir, failed=failed)  # unreadable slide files -> failed
     keep = [i for i, s in enumerate(coh.slide_ids) if s in emb]
     if not keep:
         raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}")
@@ -89,42 +85,6 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, **kwarg
                                       coh.labels[keep] if splits.startswith("kfold:") else coh.labels, seed)
     result = evaluate_folds(emb, coh, folds, **kwargs)
     result["n_slides"] = len(ids)
-    result["missing_slides"] = [s for s in coh.slide_ids if s not in emb]
+    result["missing_slides"] = [s for s in coh.slide_ids if s not in emb and s not in failed]
+    result["failed_slides"] = failed
     return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hipt-knn", description=__doc__.split("\n\n")[0])
-    p.add_argument("--embeddings", required=True, help="hipt-extract output folder")
-    p.add_argument("--labels", required=True, help="CSV with slide_id,label")
-    p.add_argument("--splits", default="kfold:10", help="folder of splits_{i}.csv or kfold:K")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated k-fold")
-    p.add_argument("--k", type=int, default=5, help="k of the paper protocol")
-    p.add_argument("--k-dino", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--fit-on", choices=["train", "train+val"], default="train")
-    p.add_argument("--out", default=None, help="JSON output (default: EMBEDDINGS/knn_results.json)")
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
-                     k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on)
-    except (cohort_lib.CohortError, BagError, ValueError) as e:
-        print(f"hipt-knn: error: {e}", file=sys.stderr)
-        return 2
-    out = args.out or os.path.join(args.embeddings, "knn_results.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    if result["missing_slides"]:
-        print(f"hipt-knn: {len(result['missing_slides'])} labelled slide(s) have no embedding "
-              f"(skipped): {result['missing_slides'][:5]}", file=sys.stderr)
-    print(format_table(result))
-    print(f"-> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,51 @@
+"""``hipt-convert``: the released PyTorch weights <-> our Orbax checkpoints.
+
+    hipt-convert vit256_small_dino.pth ckpt/vit256               # teacher backbone, arch auto
+    hipt-convert vit4k_xs_dino.pth ckpt/vit4k --keep-head        # + DINO head (resume pretraining)
+    hipt-convert --to-torch ckpt/vit256 vit256_roundtrip.pth     # back to the reference layout
+
+The conversion itself is hipt_jax.convert (to_orbax, to_torch). Exit codes: 0 ok, 2 bad usage
+or input (hipt_jax.cli.flags).
+"""
+from __future__ import annotations
+
+import sys
+
+from hipt_jax.cli import flags
+
+PROG = "hipt-convert"
+
+
+def build_parser() -> flags.Parser:
+    p = flags.Parser(
+        prog=PROG,
+        description="Convert the released HIPT PyTorch checkpoints to hipt-jax Orbax directories, and back.")
+    p.add_argument("src", help="SRC.pth (forward) or a converted directory (--to-torch)")
+    p.add_argument("dst", help="DST_DIR (forward, must not exist or be empty) or DST.pth (--to-torch)")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                   help="which network of a DINO checkpoint to take (default: teacher, as the reference)")
+    p.add_argument("--arch", choices=["auto", "vit256", "vit4k", "vit256_tiny", "vit4k_tiny"], default="auto",
+                   help="expected architecture (default: detect from the tensors)")
+    p.add_argument("--keep-head", action="store_true", help="also keep the DINO head (for resuming pretraining)")
+    p.add_argument("--to-torch", action="store_true", help="reverse: converted directory -> reference .pth")
+    return p
+
+
+def _run(args) -> int:
+    from hipt_jax.convert import to_orbax, to_torch
+
+    if args.to_torch:
+        info = to_torch(args.src, args.dst)
+        print(f"wrote {info['dst']}: {info['arch']}, {info['tensors']} tensors in the reference layout")
+    else:
+        info = to_orbax(args.src, args.dst, which=args.which, arch=args.arch, keep_head=args.keep_head)
+        head = " + DINO head" if info["head"] else ""
+        print(f"wrote {info['dst']}: {info['arch']} {args.which} backbone, {info['params']:,} parameters{head}")
+    return flags.EXIT_OK
+
+
+main = flags.command(PROG, build_parser, _run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

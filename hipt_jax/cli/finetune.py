@@ -1,0 +1,47 @@
+"""`hipt-finetune`: HIPT-LGP subtyping or survival with k-fold cross-validation.
+
+    hipt-finetune --config configs/lgp_subtyping.py --workdir runs/x \
+        --config.data.embeddings=EMB --config.data.labels=labels.csv [--config.data.splits=DIR]
+
+What it trains and writes: hipt_jax.finetune.main (run). Shared flags (hipt_jax.cli.flags):
+--no-progress, --seed (sets config.seed); the LGP configs have no compute-dtype or per-device
+batch field, so those flags are not accepted. Exit codes: 0 ok, 1 some slides' feature files
+could not be read (skipped, named under "failed_slides" in WORKDIR/results.json), 2 bad usage
+or input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from hipt_jax.cli import flags
+
+PROG = "hipt-finetune"
+
+
+def _run() -> int:
+    from absl import flags as absl_flags
+    from absl import logging
+
+    from hipt_jax.finetune.main import run
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    config = flags.absl_config(PROG, {"seed": "seed"})
+    with flags.progress(flags.absl_progress()):
+        results = run(config, absl_flags.FLAGS.workdir)
+    return flags.report_failed(PROG, results["failed_slides"])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    if "config" not in absl_flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "configs/lgp_subtyping.py or configs/lgp_survival.py[:runlocal]")
+        absl_flags.DEFINE_string("workdir", None, "output folder (checkpoints, results, plots)")
+        absl_flags.mark_flags_as_required(["config", "workdir"])
+    flags.define_absl_shared_flags(seed=True)
+    flags.absl_main(PROG, _run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Flag groups shared by the console scripts, their deprecated spellings, and the exit codes.
+
+Every command builds its parser with ``Parser`` and the ``add_*`` groups below, so a flag has
+one name, one meaning and one help text everywhere:
+
+    region      --target-mpp  --assume-mpp  --size (hipt-prep regions: --region)
+                [--image --slide --x --y: the region a single-region command reads]
+    model       --vit256  --vit4k  --random-init {none,tiny,full}  --seed
+    compute     --compute-dtype  --batch-per-device  --patch-batch
+    storage     --store-dtype
+    progress    --no-progress
+
+Old spellings still work for one release and print a deprecation line on stderr:
+``--mpp`` (-> --target-mpp), ``--dtype`` (-> --compute-dtype in hipt-embed, --store-dtype in
+hipt-prep features), a bare ``--random-init`` and ``--tiny`` (-> --random-init full|tiny),
+``--batch`` (-> --batch-per-device).
+
+Exit codes, the same for every command:
+    0  everything succeeded
+    1  some items (slides, shards, bags) failed; each is named, with its error, in the output
+       manifest or results file and on stderr (also: a training run that diverged)
+    2  bad usage or bad input (unknown flag, invalid value, missing or unreadable input file,
+       bad checkpoint): one line "PROG: error: ..." on stderr, no traceback
+Library exceptions are mapped to these codes in one place, ``run_command``; HIPT_DEBUG=1 in
+the environment re-raises them with their traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator, Optional
+
+EXIT_OK = 0
+EXIT_ITEMS_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+RANDOM_INIT = ("none", "tiny", "full")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class UsageError(ValueError):
+    """A flag combination the parser cannot check by itself (exit 2)."""
+
+
+# ------------------------------------------------------------------------------ exit codes
+# The library exceptions that mean "bad input" (exit 2) and "the run failed" (exit 1): the one
+# list of them. Looked up among the modules already imported (an exception cannot come from a
+# module that was never loaded), so mapping an error imports nothing heavy.
+INPUT_ERRORS = (
+    ("data_prep.runner", "InputError"), ("data_prep.slide_io", "SlideError"),
+    ("data_prep.shards", "ShardError"), ("data_prep.bags", "BagError"),
+    ("hipt_jax.models.checkpoint", "CheckpointError"), ("hipt_jax.evaluation.cohort", "CohortError"),
+    ("hipt_jax.extraction", "ExtractError"), ("hipt_jax.finetune.main", "FinetuneError"),
+)
+FAILURE_ERRORS = (("hipt_jax.pretrain.trainer", "NonFiniteLossError"),)  # training diverged
+
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    found = (getattr(sys.modules.get(module), name, None) for module, name in names)
+    return tuple(cls for cls in found if cls is not None)
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    return (UsageError, ValueError, OSError) + _loaded(INPUT_ERRORS)
+
+
+def failure_errors() -> tuple[type[BaseException], ...]:
+    return _loaded(FAILURE_ERRORS)
+
+
+def one_line(error: BaseException | str) -> str:
+    """An exception (or text) as one line: OSErrors as "FILE: reason", multi-line messages as
+    their first and last lines (a config file's traceback ends with the actual error)."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def print_error(prog: str, error: BaseException | str) -> None:
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+
+
+def run_command(prog: str, fn: Callable[[], int]) -> int:
+    """``fn()``'s exit code, with library exceptions mapped to the policy in the docstring."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- narrowed right below, everything else re-raised
+        if os.environ.get("HIPT_DEBUG"):
+            raise
+        if isinstance(e, failure_errors()):
+            print_error(prog, e)
+            return EXIT_ITEMS_FAILED
+        if isinstance(e, input_errors()):
+            print_error(prog, e)
+            return EXIT_BAD_INPUT
+        raise
+
+
+def command(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
+            run: Callable[[argparse.Namespace], int]) -> Callable[[Optional[list[str]]], int]:
+    """``main(argv) -> exit code`` of an argparse command: parse, then ``run(args)`` under
+    ``run_command``."""
+    def main(argv: Optional[list[str]] = None) -> int:
+        args = build_parser().parse_args(argv)
+        return run_command(prog, lambda: run(args))
+
+    main.__doc__ = f"{prog}: parse argv (default sys.argv[1:]) and run; returns the exit code."
+    return main
+
+
+def report_failed(prog: str, failed: dict[str, str]) -> int:
+    """Name every failed item on stderr; 1 if there is any, else 0."""
+    for item, error in sorted(failed.items()):
+        print(f"{prog}: FAILED {item}: {error}", file=sys.stderr)
+    return EXIT_ITEMS_FAILED if failed else EXIT_OK
+
+
+# ------------------------------------------------------------------------------ argparse
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and checks that run after parsing (``finish``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._finishers: list[Callable[["Parser", argparse.Namespace], None]] = []
+
+    def finish(self, fn: Callable[["Parser", argparse.Namespace], None]) -> None:
+        """Run ``fn(parser, args)`` after every parse (resolve old spellings, cross-checks)."""
+        self._finishers.append(fn)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        for fn in self._finishers:
+            fn(self, namespace)
+        return namespace, extra
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def warn_deprecated(prog: str, old: str, new: str) -> None:
+    print(f"{prog}: warning: {old} is deprecated and will be removed in the next release; use {new}",
+          file=sys.stderr)
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling: stores into the new flag's destination and warns on stderr."""
+
+    def __init__(self, option_strings, dest, use: str = "", **kwargs):
+        self.use = use
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn_deprecated(parser.prog, option_string, self.use)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_deprecated(p, old: str, new: str, dest: str, **kwargs) -> None:
+    """``old`` (hidden from --help) sets ``dest`` like ``new`` does, with a warning."""
+    p.add_argument(old, dest=dest, action=_Deprecated, use=new, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS, **kwargs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------ groups
+def add_region_flags(p, *, size_flag: str = "--size", size_default: int = 4096,
+                     mpp_tolerance: bool = False, deprecated_mpp: bool = False) -> None:
+    """Region side and resolution: --target-mpp, --assume-mpp and the side in px."""
+    g = p.add_argument_group("region and resolution")
+    g.add_argument(size_flag, dest=size_flag.lstrip("-"), type=int, default=size_default,
+                   help=f"region side in px at --target-mpp (default {size_default})")
+    g.add_argument("--target-mpp", type=float, default=0.5,
+                   help="microns per pixel of the region (default 0.5 = 20x)")
+    g.add_argument("--assume-mpp", type=float, default=None,
+                   help="level-0 mpp for slides whose metadata has none")
+    if mpp_tolerance:
+        g.add_argument("--mpp-tolerance", type=float, default=0.1,
+                       help="relative mpp error treated as an exact integer scale (0.499 -> 0.5)")
+    if deprecated_mpp:
+        add_deprecated(g, "--mpp", "--target-mpp", "target_mpp", type=float)
+
+
+def add_region_source_flags(p, *, required: bool, xy_default: Optional[int]) -> None:
+    """The one region a single-region command reads: an image file, or a slide at (--x, --y)."""
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--image", help="region image file (PNG/JPEG/TIFF), >= 256 px per side")
+    src.add_argument("--slide", help="whole-slide image (anything OpenSlide reads)")
+    p.add_argument("--x", type=int, default=xy_default, help="level-0 x of the region's top-left corner")
+    p.add_argument("--y", type=int, default=xy_default, help="level-0 y of the region's top-left corner")
+
+
+def add_model_flags(p, *, vit4k: bool = True, vit4k_help: str = "ViT-4K checkpoint",
+                    required: bool = True) -> None:
+    """--vit256 [--vit4k] | --random-init {tiny,full}, and --seed of the random weights.
+
+    ``required``: after parsing, one of --vit256 or --random-init must be given."""
+    g = p.add_argument_group("model")
+    g.add_argument("--vit256", help="ViT-256 checkpoint: converted/exported directory or released .pth")
+    if vit4k:
+        g.add_argument("--vit4k", help=f"{vit4k_help}: directory or .pth")
+    g.add_argument("--random-init", nargs="?", const=None, default="none", type=_random_init,
+                   metavar="{none,tiny,full}",
+                   help="random weights instead of checkpoints (demos, smoke tests): tiny = the "
+                        "small test architectures, full = the paper's sizes")
+    g.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
+    g.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # old; warned in _finish_model
+    p.finish(lambda parser, args: _finish_model(parser, args, required))
+
+
+def _random_init(text: str) -> str:
+    if text not in RANDOM_INIT:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(RANDOM_INIT)})")
+    return text
+
+
+def _finish_model(parser: Parser, args: argparse.Namespace, required: bool) -> None:
+    if args.random_init is None:  # the old bare switch, with or without --tiny
+        args.random_init = "tiny" if args.tiny else "full"
+        warn_deprecated(parser.prog, "--random-init" + (" --tiny" if args.tiny else "") + " (no value)",
+                        f"--random-init {args.random_init}")
+    elif args.tiny and args.random_init == "none":
+        parser.error("--tiny needs --random-init (use --random-init tiny)")
+    elif args.tiny:
+        warn_deprecated(parser.prog, "--tiny", "--random-init tiny")
+        args.random_init = "tiny"
+    if args.random_init != "none" and args.vit256:
+        parser.error("give --vit256 or --random-init, not both")
+    if required and args.random_init == "none" and not args.vit256:
+        parser.error("give --vit256 CHECKPOINT (and usually --vit4k), or --random-init tiny|full")
+
+
+def add_compute_flags(p, *, compute_dtype: bool = True, batch_per_device: Optional[int] = None,
+                      batch_help: str = "regions per device per step", patch_batch: bool = False,
+                      deprecated_dtype: bool = False) -> None:
+    """--compute-dtype, --batch-per-device (when the command batches), --patch-batch."""
+    g = p.add_argument_group("compute")
+    if compute_dtype:
+        g.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
+                       help="dtype of the matmuls (parameters stay float32)")
+        if deprecated_dtype:
+            add_deprecated(g, "--dtype", "--compute-dtype", "compute_dtype", choices=COMPUTE_DTYPES)
+    if batch_per_device is not None:
+        g.add_argument("--batch-per-device", type=_positive_int, default=batch_per_device, help=batch_help)
+        add_deprecated(g, "--batch", "--batch-per-device", "batch_per_device", type=_positive_int)
+    if patch_batch:
+        from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH
+
+        g.add_argument("--patch-batch", type=_positive_int, default=DEFAULT_PATCH_BATCH,
+                       help=f"ViT-256 patches per minibatch (default {DEFAULT_PATCH_BATCH})")
+
+
+def add_storage_flags(p, *, choices: tuple[str, ...], default: str, deprecated_dtype: bool = False) -> None:
+    """--store-dtype: the dtype features are written in."""
+    g = p.add_argument_group("storage")
+    g.add_argument("--store-dtype", choices=choices, default=default,
+                   help=f"dtype of the stored features (default {default})")
+    if deprecated_dtype:
+        add_deprecated(g, "--dtype", "--store-dtype", "store_dtype", choices=choices)
+
+
+def add_progress_flag(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@contextlib.contextmanager
+def progress(enabled: bool) -> Iterator[None]:
+    """Progress bars (tqdm, in this process and its workers) on or off for a block."""
+    if enabled:
+        yield
+        return
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
+# ------------------------------------------------------------------------------ using the groups
+def compute_dtype(args):
+    import jax.numpy as jnp
+
+    return jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32
+
+
+def load_hipt4k(args, *, need_vit4k: bool = False):
+    """The HIPT4K the model (and compute) flags name."""
+    from hipt_jax.models.hipt4k import HIPT4K
+
+    kwargs = dict(patch_batch=args.patch_batch, dtype=compute_dtype(args))
+    if args.random_init != "none":
+        return HIPT4K.random_init(seed=args.seed, tiny=args.random_init == "tiny", **kwargs)
+    if need_vit4k and not args.vit4k:
+        raise UsageError("give --vit256 and --vit4k checkpoints (or --random-init tiny|full)")
+    for path in (args.vit256, args.vit4k):
+        if path and not os.path.exists(path):
+            raise UsageError(f"{path}: no such checkpoint")
+    return HIPT4K.from_checkpoints(vit256=args.vit256, vit4k=args.vit4k, **kwargs)
+
+
+def read_image(path: str):
+    """An RGB image file -> uint8 [H,W,3] (alpha dropped, grayscale expanded)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+    Image.MAX_IMAGE_PIXELS = None  # regions are large on purpose; the size check is ours
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise UsageError(f"{path}: not an image file PIL can read") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: unreadable image ({e})") from None
+
+
+def read_region(args):
+    """The region the region-source flags name, as uint8 [H,W,3] (>= 256 px per side)."""
+    if bool(args.image) == bool(args.slide):
+        raise UsageError("give exactly one of --image or --slide")
+    if args.image:
+        region = read_image(args.image)
+    else:
+        from data_prep.slide_io import open_slide, read_region_at_mpp
+
+        if args.x is None or args.y is None:
+            raise UsageError("--slide needs --x and --y (level-0 top-left of the region)")
+        region = read_region_at_mpp(open_slide(args.slide), args.x, args.y, size_px=args.size,
+                                    target_mpp=args.target_mpp, assume_mpp=args.assume_mpp)
+    if min(region.shape[:2]) < 256:
+        raise UsageError(f"{args.image or args.slide}: region is {region.shape[0]}x{region.shape[1]} px; "
+                         "a region needs >= 256 px per side")
+    return region
+
+
+# ------------------------------------------------------------------------------ absl commands
+def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = None) -> None:
+    """Run an absl / ml-collections command under the exit-code policy: flag errors (unknown
+    flag, missing --config, a config file that fails to load) exit 2 with one line."""
+    from absl import app
+    from absl import flags as absl_flags
+
+    def parse(args: list[str]) -> list[str]:
+        try:
+            return absl_flags.FLAGS(args)
+        except absl_flags.Error as e:
+            print_error(prog, e)
+            sys.exit(EXIT_BAD_INPUT)
+
+    def main(rest: list[str]) -> None:
+        if len(rest) > 1:
+            print_error(prog, f"unexpected arguments {rest[1:]} (flags are --name=value)")
+            sys.exit(EXIT_BAD_INPUT)
+        sys.exit(run_command(prog, body))
+
+    app.run(main, argv=argv, flags_parser=parse)
+
+
+def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False) -> None:
+    """The shared flags an absl command accepts (each overrides its config field when given).
+    Their names are spelled with hyphens, as in the argparse commands."""
+    from absl import flags as absl_flags
+
+    if "no-progress" in absl_flags.FLAGS:
+        return
+    absl_flags.DEFINE_bool("no-progress", False, "no progress bars")
+    if seed:
+        absl_flags.DEFINE_integer("seed", None, "sets config.seed")
+    if compute_dtype:
+        absl_flags.DEFINE_enum("compute-dtype", None, list(COMPUTE_DTYPES), "sets the config's compute dtype")
+
+
+def absl_progress() -> bool:
+    """False when --no-progress was given."""
+    from absl import flags as absl_flags
+
+    return not absl_flags.FLAGS["no-progress"].value
+
+
+def absl_config(prog: str, fields: dict[str, str]):
+    """The loaded --config with the shared flags applied: ``fields`` maps a shared flag name
+    ("seed", "compute-dtype") to the config field it sets."""
+    from absl import flags as absl_flags
+
+    config = absl_flags.FLAGS["config"].value  # a config file that failed to load raises OSError here
+    if config is None:
+        raise UsageError("--config is required")
+    for flag, field in fields.items():
+        value = absl_flags.FLAGS[flag].value
+        if value is not None:
+            config[field] = value
+    return config

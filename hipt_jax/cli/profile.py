@@ -1,0 +1,54 @@
+"""hipt-profile: how fast each HIPT stage runs on the current devices.
+
+    hipt-profile --config configs/profile.py[:runlocal] [--config.json=out.json] [--config.trace_dir=DIR]
+
+What it measures: hipt_jax.profiler (run_profile). Shared flags (hipt_jax.cli.flags): --seed
+(sets config.seed), --compute-dtype (sets config.dtype, the models' compute dtype),
+--no-progress (accepted for uniformity; the profiler draws no progress bars). The batch
+sizes are per measurement, not per device, so --batch-per-device is not accepted. Exit
+codes: 0 ok, 2 bad usage or input.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from hipt_jax.cli import flags
+
+PROG = "hipt-profile"
+
+
+def _run() -> int:
+    import jax
+
+    from hipt_jax import distributed
+    from hipt_jax.profiler import format_table, run_profile
+
+    cfg = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "dtype"})
+    distributed.initialize()
+    report = run_profile(cfg)
+    if jax.process_index() == 0:
+        print(format_table(report), flush=True)
+        if cfg.json:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+            with open(cfg.json, "w") as f:
+                json.dump(report, f, indent=1)
+            print(f"wrote {cfg.json}")
+        if cfg.trace_dir:
+            print(f"traces in {cfg.trace_dir} (tensorboard --logdir {cfg.trace_dir})")
+    return flags.EXIT_OK
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    if "config" not in absl_flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "profile config file[:runlocal]", lock_config=True)
+    flags.define_absl_shared_flags(seed=True, compute_dtype=True)
+    flags.absl_main(PROG, _run, argv)
+
+
+if __name__ == "__main__":
+    main()
