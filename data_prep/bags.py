@@ -93,7 +93,7 @@ def read_bag_file(path: str, keys: tuple[str, ...] | None = None) -> dict[str, n
     except BagError:
         raise
     except Exception as e:  # truncated zip, missing key, bad pickle...: one clear message
-        raise BagError(f"{path}: unreadable bag ({type(e).__name__}: {e})") from None
+        raise BagError(f"{path}: truncated or corrupt bag ({type(e).__name__}: {e})") from None
 
 
 def read_bag(out_dir: str, slide_id: str) -> dict[str, np.ndarray]:

@@ -91,5 +91,5 @@ def test_bags_write_read_list(tmp_path):
         bags.read_bag(out, "s9")
     with open(bags.bag_path(out, "trunc"), "wb") as f:
         f.write(open(path, "rb").read()[:100])
-    with pytest.raises(bags.BagError, match="trunc.npz: unreadable bag"):
+    with pytest.raises(bags.BagError, match="trunc.npz: truncated or corrupt bag"):
         bags.read_bag(out, "trunc")
