@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 def embed(args) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
 
-    from hipt_jax.checkpoints import CheckpointError
+    from hipt_jax.models.checkpoint import CheckpointError
     from hipt_jax.models.hipt4k import HIPT4K
 
     if args.slide is not None:

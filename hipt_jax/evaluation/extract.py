@@ -100,7 +100,7 @@ class Extractor:
     batch split over the local devices' data axis; ViT-4K alone for precomputed features."""
 
     def __init__(self, model, batch_per_device: int = 1, devices=None):
-        from hipt_jax.models.configs import build_vit
+        from hipt_jax.models.archs import build_vit
         from hipt_jax.models.hipt4k import region_forward
 
         if model.params4k is None:
