@@ -129,3 +129,22 @@ def test_missing_keys_and_damaged_state(vit4k_tiny, tmp_path):
         checkpoint.save(str(tmp_path / "bad"), dict(params, norm={"scale": np.ones(7), "bias": np.ones(192)}),
                         "vit", config)
     assert not os.path.exists(tmp_path / "bad")
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+def test_imported_reference_lgp_saves_and_computes_what_the_reference_computes(tmp_path):
+    import torch
+
+    from hipt_jax.models import torch_io
+    from tests.reference_torch_lgp import random_lgp
+
+    ref = random_lgp(n_classes=2, local_arch="vit4k_tiny", seed=4)
+    variables, info = torch_io.import_lgp_state_dict(ref.state_dict())
+    assert info["local_arch"] == "vit4k_tiny" and info["arch"].n_classes == 2
+    path = checkpoint.save(str(tmp_path / "lgp"), variables["params"], "hipt_lgp", info["arch"])
+    loaded = checkpoint.load(path, kind="hipt_lgp")
+    x = torch.randn(4, 256, 384, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x)[0][0].numpy()
+    got, _ = loaded.module().apply(loaded.variables, jnp.asarray(x.numpy()))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)

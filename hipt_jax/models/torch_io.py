@@ -44,48 +44,48 @@ from hipt_jax.models.checkpoint import (
 # Layout says how the array changes: "same", "linear" (transpose [out,in] -> [in,out]),
 # "conv" (OIHW -> HWIO), "gain" ([K,1] -> [K]).
 _FIELDS = {"i": r"\d+", "norm": r"norm[12]", "sub": r"attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2"}
-_BACKBONE_RULES = [
-    ("cls_token", "cls_token", "same"),
-    ("pos_embed", "pos_embed", "same"),
-    ("patch_embed.proj.weight", "patch_embed/kernel", "conv"),
-    ("patch_embed.proj.bias", "patch_embed/bias", "same"),
-    ("phi.0.weight", "phi/dense/kernel", "linear"),
-    ("phi.0.bias", "phi/dense/bias", "same"),
-    ("blocks.{i}.{norm}.weight", "encoder/blocks_{i}/{norm}/scale", "same"),
-    ("blocks.{i}.{norm}.bias", "encoder/blocks_{i}/{norm}/bias", "same"),
-    ("blocks.{i}.{sub}.weight", "encoder/blocks_{i}/{sub}/kernel", "linear"),
-    ("blocks.{i}.{sub}.bias", "encoder/blocks_{i}/{sub}/bias", "same"),
-    ("norm.weight", "norm/scale", "same"),
-    ("norm.bias", "norm/bias", "same"),
-]
-_HEAD_RULES = [
-    ("mlp.{i}.weight", "mlp_{i}/kernel", "linear"),
-    ("mlp.{i}.bias", "mlp_{i}/bias", "same"),
+# How a torch module's weight/bias become ours: module type -> (weight name, weight layout).
+_MODULES = {"linear": ("kernel", "linear"), "conv": ("kernel", "conv"), "norm": ("scale", "same")}
+
+
+def _module_rules(modules) -> list[tuple[str, str, str]]:
+    """[(reference module, our module, type)] -> rules for its .weight and .bias."""
+    rules = []
+    for ref, ours, kind in modules:
+        weight, layout = _MODULES[kind]
+        rules += [(f"{ref}.weight", f"{ours}/{weight}", layout), (f"{ref}.bias", f"{ours}/bias", "same")]
+    return rules
+
+
+_BACKBONE_RULES = [("cls_token", "cls_token", "same"), ("pos_embed", "pos_embed", "same")] + _module_rules([
+    ("patch_embed.proj", "patch_embed", "conv"),                    # ViT-256
+    ("phi.0", "phi/dense", "linear"),                               # ViT-4K
+    ("blocks.{i}.{norm}", "encoder/blocks_{i}/{norm}", "norm"),
+    ("blocks.{i}.{sub}", "encoder/blocks_{i}/{sub}", "linear"),
+    ("norm", "norm", "norm"),
+])
+_HEAD_RULES = _module_rules([("mlp.{i}", "mlp_{i}", "linear")]) + [
     ("last_layer.weight_v", "last_layer/weight_v", "linear"),
     ("last_layer.weight_g", "last_layer/weight_g", "gain"),
 ]
-
-
 # HIPT_LGP_FC: the local ViT-4K under "local_vit", then the global layers.
-_LGP_LINEAR = [  # torch Linear (weight [out,in], bias) -> Flax Dense (kernel [in,out], bias)
-    ("global_phi.0", "global_phi"),
-    ("global_transformer.layers.{i}.self_attn.out_proj", "global_transformer/blocks_{i}/attn/proj"),
-    ("global_transformer.layers.{i}.linear1", "global_transformer/blocks_{i}/mlp/fc1"),
-    ("global_transformer.layers.{i}.linear2", "global_transformer/blocks_{i}/mlp/fc2"),
-    ("global_attn_pool.attention_a.0", "attention_a"),
-    ("global_attn_pool.attention_b.0", "attention_b"),
-    ("global_attn_pool.attention_c", "attention_c"),
-    ("global_rho.0", "global_rho"),
-    ("classifier", "classifier"),
-]
+_LAYER = "global_transformer.layers.{i}"
+_BLOCK = "global_transformer/blocks_{i}"
 _LGP_RULES = [(f"local_vit.{ref}", f"local_vit/{ours}", layout) for ref, ours, layout in _BACKBONE_RULES] + [
-    ("global_transformer.layers.{i}.self_attn.in_proj_weight", "global_transformer/blocks_{i}/attn/qkv/kernel",
-     "linear"),
-    ("global_transformer.layers.{i}.self_attn.in_proj_bias", "global_transformer/blocks_{i}/attn/qkv/bias", "same"),
-    ("global_transformer.layers.{i}.{norm}.weight", "global_transformer/blocks_{i}/{norm}/scale", "same"),
-    ("global_transformer.layers.{i}.{norm}.bias", "global_transformer/blocks_{i}/{norm}/bias", "same"),
-] + [rule for ref, ours in _LGP_LINEAR for rule in ((f"{ref}.weight", f"{ours}/kernel", "linear"),
-                                                    (f"{ref}.bias", f"{ours}/bias", "same"))]
+    (f"{_LAYER}.self_attn.in_proj_weight", f"{_BLOCK}/attn/qkv/kernel", "linear"),
+    (f"{_LAYER}.self_attn.in_proj_bias", f"{_BLOCK}/attn/qkv/bias", "same"),
+] + _module_rules([
+    ("global_phi.0", "global_phi", "linear"),
+    (f"{_LAYER}.self_attn.out_proj", f"{_BLOCK}/attn/proj", "linear"),
+    (f"{_LAYER}.linear1", f"{_BLOCK}/mlp/fc1", "linear"),
+    (f"{_LAYER}.linear2", f"{_BLOCK}/mlp/fc2", "linear"),
+    (f"{_LAYER}.{{norm}}", f"{_BLOCK}/{{norm}}", "norm"),
+    ("global_attn_pool.attention_a.0", "attention_a", "linear"),
+    ("global_attn_pool.attention_b.0", "attention_b", "linear"),
+    ("global_attn_pool.attention_c", "attention_c", "linear"),
+    ("global_rho.0", "global_rho", "linear"),
+    ("classifier", "classifier", "linear"),
+])
 
 
 def _template_regex(template: str, sep: str) -> re.Pattern:
