@@ -33,8 +33,8 @@ from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH  # noqa: E402  (after the
 
 def build_models(patch_batch: int):
     """Reference HIPT_4K and our HIPT4K with the same random full-size weights."""
-    from hipt_jax.checkpoints import reference_to_variables
-    from hipt_jax.models.configs import get_arch
+    from hipt_jax.models.torch_io import reference_to_variables
+    from hipt_jax.models.archs import get_arch
     from hipt_jax.models.hipt4k import HIPT4K
     from tests import reference_torch as ref
 

@@ -77,8 +77,8 @@ def build_models(patch_batch: int, dtype_name: str = "float32"):
     """Reference HIPT_4K and our HIPT4K with the same random full-size weights."""
     import jax.numpy as jnp
 
-    from hipt_jax.checkpoints import reference_to_variables
-    from hipt_jax.models.configs import get_arch
+    from hipt_jax.models.torch_io import reference_to_variables
+    from hipt_jax.models.archs import get_arch
     from hipt_jax.models.hipt4k import HIPT4K
     from tests import reference_torch as ref
 
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from hipt_jax.models.configs import build_vit, get_arch
+    from hipt_jax.models.archs import build_vit, get_arch
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpus={os.cpu_count()}  "
           f"load1={os.getloadavg()[0]:.1f}  jax {jax.__version__}  torch {torch.__version__} "

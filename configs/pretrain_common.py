@@ -6,7 +6,7 @@ import ml_collections
 
 from configs.config_args import parse_config_arg
 
-from hipt_jax.models.configs import get_arch
+from hipt_jax.models.archs import get_arch
 
 
 def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
@@ -14,7 +14,7 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.seed = 0
-    # Architecture (a get_arch dict of hipt_jax.models: stored beside the exported backbone).
+    # Architecture (a models.archs arch dict: stored beside the exported backbone).
     c.model = get_arch("vit256" if stage == 1 else "vit4k")
     c.head = ml_collections.ConfigDict(dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256))
     c.drop_path_rate = 0.1                       # student only

@@ -18,40 +18,29 @@ import os
 
 import numpy as np
 
-from hipt_jax.checkpoints import (
-    CheckpointError, head_tree_to_reference, load_checkpoint_dir, load_reference_backbone, save_backbone,
-    variables_to_reference,
-)
+from hipt_jax.models import checkpoint, torch_io
+from hipt_jax.models.checkpoint import CheckpointError
 
 
 def to_orbax(src: str, dst: str, which: str = "teacher", arch: str = "auto", keep_head: bool = False) -> dict:
-    """Convert a reference .pth into DST (arch.json + Orbax state). Returns the arch.json dict."""
-    variables, config, head, layout = load_reference_backbone(src, which=which, arch=arch, keep_head=keep_head)
+    """Convert a reference .pth into DST (arch.json + Orbax state). Returns a summary dict."""
+    variables, config, head, layout = torch_io.load_reference_backbone(src, which=which, arch=arch,
+                                                                       keep_head=keep_head)
     meta = {"source": os.path.abspath(src), "which": which, **layout}
-    save_backbone(dst, variables, config, head=head, meta=meta)
-    n_params = sum(int(np.prod(np.shape(a))) for a in variables_to_reference(variables).values())
+    checkpoint.save(dst, variables["params"], "vit", config, meta=meta, head=head)
+    n_params = sum(int(np.prod(np.shape(a))) for a in torch_io.variables_to_reference(variables).values())
     return {"arch": config.arch, "params": n_params, "head": head is not None, "dst": os.path.abspath(dst)}
 
 
 def to_torch(src: str, dst: str) -> dict:
-    """Write a converted directory back as a .pth in the reference key layout."""
+    """Write a saved ViT directory back as a .pth in the reference key layout (and container /
+    prefix it was converted from; the released teacher layout otherwise)."""
     import torch
 
     if os.path.exists(dst) and os.path.isdir(dst):
         raise CheckpointError(f"{dst}: is a directory; --to-torch writes a .pth file")
-    variables, config, head, info = load_checkpoint_dir(src)
-    meta = info.get("meta", {})
-    # Write back where the tensors came from (default: the released teacher layout).
-    container = meta.get("container", "teacher")
-    prefix = meta.get("prefix", "backbone.")  # "backbone.", "module.backbone." or "" (plain)
-    head_prefix = prefix.replace("backbone.", "") + "head."
-
-    def tensor(a):
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(a)))
-
-    state = {f"{prefix}{k}": tensor(v) for k, v in variables_to_reference(variables).items()}
-    if head is not None:
-        state.update({f"{head_prefix}{k}": tensor(v) for k, v in head_tree_to_reference(head).items()})
-    out = {container: state} if container else state
+    loaded = checkpoint.load(src, kind="vit")
+    out = torch_io.reference_state(loaded.variables, loaded.head, loaded.meta)
     torch.save(out, dst)
-    return {"arch": config.arch, "tensors": len(state), "dst": os.path.abspath(dst)}
+    n_tensors = sum(len(v) for v in out.values()) if loaded.meta.get("container", "teacher") else len(out)
+    return {"arch": loaded.config.arch, "tensors": n_tensors, "dst": os.path.abspath(dst)}

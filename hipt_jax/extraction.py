@@ -84,7 +84,7 @@ class Extractor:
     """
 
     def __init__(self, model, batch_per_device: int = 1, devices=None):
-        from hipt_jax.models.configs import build_vit
+        from hipt_jax.models.archs import build_vit
         from hipt_jax.models.hipt4k import region_forward
 
         self.model = model

@@ -176,7 +176,7 @@ def _dtype(name: str):
 
 
 def profile_vit256(cfg, peak: float, trace_dir: str = "") -> dict:
-    from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+    from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 
     arch = get_arch(cfg.vit256.arch)
     model = build_vit(arch, dtype=_dtype(cfg.dtype))
@@ -193,7 +193,7 @@ def hipt4k_forward(cfg):
     """The HIPT4K region path exactly as HIPT4K.embed_batch runs it: (fn, params, config256, config4k)."""
     import functools
 
-    from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+    from hipt_jax.models.archs import build_vit, dummy_input, get_arch
     from hipt_jax.models.hipt4k import region_forward
 
     c256, c4k = get_arch(cfg.hipt4k.arch256), get_arch(cfg.hipt4k.arch4k)

@@ -1,4 +1,4 @@
-"""hipt-convert and hipt_jax.checkpoints: released layout -> Orbax -> released layout, errors."""
+"""hipt-convert, hipt_jax.models.torch_io and .checkpoint: released layout -> Orbax -> released layout, errors."""
 import os
 import shutil
 import subprocess
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hipt_jax import checkpoints
 from hipt_jax.cli import convert
-from hipt_jax.models.configs import build_vit
+from hipt_jax.models import checkpoint, torch_io
+from hipt_jax.models.archs import build_vit
 from tests import reference_torch as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def test_roundtrip_bit_exact_with_head(released, tmp_path, capsys, arch):
     code, out, err = run_cli(capsys, src, tmp_path / "ckpt", "--keep-head")
     assert code == 0, err
     assert f"{arch} teacher backbone" in out
-    info = checkpoints.read_arch(str(tmp_path / "ckpt"))
+    info = checkpoint.read_arch(str(tmp_path / "ckpt"))
     assert info["arch"] == arch and info["has_head"]
     code, out, err = run_cli(capsys, "--to-torch", tmp_path / "ckpt", tmp_path / "back.pth")
     assert code == 0, err
@@ -84,8 +84,8 @@ def test_roundtrip_bit_exact_with_head(released, tmp_path, capsys, arch):
 
 
 def test_head_layout_for_pretraining(released, tmp_path):
-    """--keep-head stores the DINO head as kernels [in,out] (documented in checkpoints.py)."""
-    variables, config, head, _ = checkpoints.load_reference_backbone(released["vit4k"], keep_head=True)
+    """--keep-head stores the DINO head as kernels [in,out] (documented in torch_io.py)."""
+    variables, config, head, _ = torch_io.load_reference_backbone(released["vit4k"], keep_head=True)
     assert head["mlp_0"]["kernel"].shape == (192, 2048)
     assert head["mlp_2"]["kernel"].shape == (2048, 2048)
     assert head["mlp_4"]["kernel"].shape == (2048, 256) and head["mlp_4"]["bias"].shape == (256,)
@@ -98,7 +98,7 @@ def test_head_layout_for_pretraining(released, tmp_path):
 def test_student_and_plain_state_dict(released, tmp_path, capsys):
     code, _, err = run_cli(capsys, released["vit4k"], tmp_path / "s", "--which", "student")
     assert code == 0, err
-    variables, _, _, info = checkpoints.load_checkpoint_dir(str(tmp_path / "s"))
+    variables = checkpoint.load(str(tmp_path / "s")).variables
     student = ref.torch_load_trusted(released["vit4k"])["student"]
     np.testing.assert_array_equal(variables["params"]["cls_token"], student["module.backbone.cls_token"].numpy())
     # Back to torch: written under "student" with the "module.backbone." prefix.
@@ -110,17 +110,17 @@ def test_student_and_plain_state_dict(released, tmp_path, capsys):
     plain = {k[len("backbone."):]: v for k, v in ref.torch_load_trusted(released["vit4k"])["teacher"].items()
              if k.startswith("backbone.")}
     torch.save(plain, tmp_path / "plain.pth")
-    variables, config = checkpoints.load_backbone(str(tmp_path / "plain.pth"))
+    variables, config = checkpoint.load_backbone(str(tmp_path / "plain.pth"))
     assert config.arch == "vit4k"
     np.testing.assert_array_equal(variables["params"]["phi"]["dense"]["kernel"], plain["phi.0.weight"].numpy().T)
 
 
 def test_pth_and_converted_dir_give_the_same_model(released, tmp_path, capsys):
     assert run_cli(capsys, released["vit256"], tmp_path / "c")[0] == 0
-    from_dir, cfg = checkpoints.load_backbone(str(tmp_path / "c"), expect_arch="vit256")
-    from_pth, _ = checkpoints.load_backbone(released["vit256"], expect_arch="vit256")
-    flat_a = checkpoints.variables_to_reference(from_dir)
-    flat_b = checkpoints.variables_to_reference(from_pth)
+    from_dir, cfg = checkpoint.load_backbone(str(tmp_path / "c"), expect_arch="vit256")
+    from_pth, _ = checkpoint.load_backbone(released["vit256"], expect_arch="vit256")
+    flat_a = torch_io.variables_to_reference(from_dir)
+    flat_b = torch_io.variables_to_reference(from_pth)
     assert flat_a.keys() == flat_b.keys() and len(flat_a) == 150
     for k in flat_a:
         np.testing.assert_array_equal(flat_a[k], flat_b[k])
@@ -154,7 +154,7 @@ def test_other_architecture(released, tmp_path, capsys):
     # The Python API refuses a ViT-4K file passed as ViT-256, with the same kind of message.
     from hipt_jax import HIPT4K
 
-    with pytest.raises(checkpoints.CheckpointError, match="is a vit4k checkpoint, expected vit256"):
+    with pytest.raises(checkpoint.CheckpointError, match="is a vit4k checkpoint, expected vit256"):
         HIPT4K.from_checkpoints(vit256=released["vit4k"])
 
 
@@ -204,5 +204,5 @@ def test_full_size_released_file(tmp_path, capsys):
     assert abs(os.path.getsize(path) - 704_238_867) / 704_238_867 < 0.01
     code, _, err = run_cli(capsys, path, tmp_path / "ckpt", "--keep-head")
     assert code == 0, err
-    head = checkpoints.load_checkpoint_dir(str(tmp_path / "ckpt"))[2]
+    head = checkpoint.load(str(tmp_path / "ckpt")).head
     assert head["last_layer"]["weight_v"].shape == (256, 65536)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hipt_jax import checkpoints
+from hipt_jax.models import checkpoint
 from hipt_jax.cli import embed
 from hipt_jax.models.hipt4k import HIPT4K
 
@@ -19,8 +19,8 @@ def setup(tmp_path_factory):
     """Tiny random backbones saved as converted directories, and the model they make."""
     d = tmp_path_factory.mktemp("embed")
     model = HIPT4K.random_init(seed=0, tiny=True)
-    checkpoints.save_backbone(str(d / "vit256"), model.params256, model.config256)
-    checkpoints.save_backbone(str(d / "vit4k"), model.params4k, model.config4k)
+    checkpoint.save(str(d / "vit256"), model.params256["params"], "vit", model.config256)
+    checkpoint.save(str(d / "vit4k"), model.params4k["params"], "vit", model.config4k)
     return d, model
 
 

@@ -121,13 +121,13 @@ def _items(n, m=3, grid=2, seed=0, width=None):
 def test_pretrained_frozen_vit4k_is_loaded_and_never_updated(tmp_path):
     import jax
 
-    from hipt_jax.checkpoints import save_backbone
+    from hipt_jax.models import checkpoint
     from hipt_jax.finetune.trainer import LGPTrainer, TrainConfig
-    from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+    from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 
     cfg4k = get_arch("vit4k_tiny")
     vit4k = jax.jit(build_vit(cfg4k).init)(jax.random.PRNGKey(7), dummy_input(cfg4k))
-    save_backbone(str(tmp_path / "vit4k"), vit4k, cfg4k)
+    checkpoint.save(str(tmp_path / "vit4k"), vit4k["params"], "vit", cfg4k)
     c = lgp_subtyping.get_config("runlocal")
     c.model.pretrained_vit4k = str(tmp_path / "vit4k")
     model = finetune._build_model(c, 2)

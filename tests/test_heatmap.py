@@ -230,18 +230,15 @@ def test_cli_slide_scores(tmp_path):
 def test_cli_lgp_slide_map(tmp_path):
     """--lgp: the map's region scores are the trained model's attention-pooling weights."""
     import jax
-    import orbax.checkpoint as ocp
 
     from hipt_jax.cli.heatmap import main
     from hipt_jax.heatmap.slide import lgp_region_attention
-    from hipt_jax.models import lgp
+    from hipt_jax.models import checkpoint, lgp
 
     model = lgp.HIPTLGP(n_classes=3, local_arch="vit4k_tiny", dropout_rate=0.0)
     params = lgp.init_lgp(model, seed=0)["params"]
     ckpt = str(tmp_path / "fold_0" / "checkpoint")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(ckpt, params)
-    checkpointer.wait_until_finished()
+    checkpoint.save(ckpt, params, "hipt_lgp", lgp.lgp_arch(model, "subtyping"))
     feats = np.random.default_rng(0).normal(size=(3, 256, 384)).astype(np.float32)
     os.makedirs(tmp_path / "emb" / "slides")
     np.savez(tmp_path / "emb" / "slides" / "cmu_small_region.npz", features_cls256=feats,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from hipt_jax import checkpoints
-from hipt_jax.checkpoints import reference_to_variables
-from hipt_jax.models.configs import get_arch
+from hipt_jax.models import checkpoint
+from hipt_jax.models.torch_io import reference_to_variables
+from hipt_jax.models.archs import get_arch
 from hipt_jax.models.hipt4k import HIPT4K, center_crop_box
 from tests import reference_torch as ref
 
@@ -110,13 +110,13 @@ def test_vit256_only_and_bf16(tiny):
 
 
 def test_from_checkpoints_roundtrip(tiny, tmp_path):
-    checkpoints.save_backbone(str(tmp_path / "v256"), tiny.params256, tiny.config256)
-    checkpoints.save_backbone(str(tmp_path / "v4k"), tiny.params4k, tiny.config4k, meta={"step": 3})
+    checkpoint.save(str(tmp_path / "v256"), tiny.params256["params"], "vit", tiny.config256)
+    checkpoint.save(str(tmp_path / "v4k"), tiny.params4k["params"], "vit", tiny.config4k, meta={"step": 3})
     model = HIPT4K.from_checkpoints(vit256=str(tmp_path / "v256"), vit4k=str(tmp_path / "v4k"))
     assert model.config256.depth == 2 and model.config4k.depth == 1
     region = tissue_like(300, 700, seed=8)
     np.testing.assert_array_equal(model(region)["features_mean256_cls4k"], tiny(region)["features_mean256_cls4k"])
-    with pytest.raises(checkpoints.CheckpointError, match="is a vit256 checkpoint, expected vit4k"):
+    with pytest.raises(checkpoint.CheckpointError, match="is a vit256 checkpoint, expected vit4k"):
         HIPT4K.from_checkpoints(vit256=str(tmp_path / "v256"), vit4k=str(tmp_path / "v256"))
 
 

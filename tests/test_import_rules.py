@@ -17,8 +17,6 @@ ORCHESTRATORS = ("hipt_jax/cli/", "hipt_jax/demo.py")
 
 # Known violations other branches of the same restructuring remove; each names its way out.
 ALLOWED = {
-    # removed when checkpoints move into hipt_jax.models
-    ("hipt_jax/models/hipt4k.py", "hipt_jax.checkpoints"),
     # hipt-profile's loader benchmark cuts PNG patches from the embedded slide; removed when that
     # helper moves with the command into hipt_jax/cli/profile.py
     ("hipt_jax/profiler.py", "data_prep.synth"),

@@ -52,7 +52,7 @@ def test_two_process_runlocal_pretraining(png_patches, tmp_path):
     losses = _losses(res.stdout, "[0] ")
     assert len(losses) == 4 and np.isfinite(losses).all()
     assert _losses(res.stdout, "[1] ") == []  # only process 0 logs
-    from hipt_jax.checkpoints import load_backbone
+    from hipt_jax.models.checkpoint import load_backbone
 
     variables, config = load_backbone(str(tmp_path / "run" / "export"), expect_arch="vit256")
     assert config.depth == 2 and "cls_token" in variables["params"]

@@ -7,12 +7,12 @@ import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor")
 
-from hipt_jax.models import lgp
+from hipt_jax.models import checkpoint, lgp, torch_io
 from tests.reference_torch_lgp import random_lgp
 
 
 def _import(ref):
-    variables, info = lgp.import_lgp_state_dict(ref.state_dict())
+    variables, info = torch_io.import_lgp_state_dict(ref.state_dict())
     return variables, info
 
 
@@ -25,7 +25,7 @@ def test_forward_parity_with_torch_reference_eval_mode(local_arch, m):
         logits_ref, _, _, attn_ref = ref(x)
     variables, info = _import(ref)
     model = lgp.HIPTLGP(n_classes=info["n_classes"], local_arch=local_arch)
-    lgp.check_variables(model, variables)
+    checkpoint.check_params(variables["params"], "hipt_lgp", lgp.lgp_arch(model), "imported")
     logits, aux = jax.jit(model.apply)(variables, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(logits), logits_ref[0].numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(aux["attention"]), attn_ref[0].numpy(), atol=1e-5, rtol=0)
@@ -80,13 +80,14 @@ def test_importer_reports_missing_and_unexpected_keys():
     broken = dict(sd)
     del broken["classifier.bias"]
     with pytest.raises(ValueError, match="missing keys.*classifier.bias"):
-        lgp.import_lgp_state_dict(broken)
+        torch_io.import_lgp_state_dict(broken)
     extra = dict(sd, **{"global_vit.cls_token": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected keys.*global_vit"):
-        lgp.import_lgp_state_dict(extra)
-    variables, info = lgp.import_lgp_state_dict({"module." + k: v for k, v in sd.items()})
+        torch_io.import_lgp_state_dict(extra)
+    variables, info = torch_io.import_lgp_state_dict({"module." + k: v for k, v in sd.items()})
     with pytest.raises(ValueError, match="do not match"):
-        lgp.check_variables(lgp.HIPTLGP(n_classes=3, local_arch="vit4k_tiny"), variables)
+        checkpoint.check_params(variables["params"], "hipt_lgp",
+                                lgp.lgp_arch(lgp.HIPTLGP(n_classes=3, local_arch="vit4k_tiny")), "imported")
 
 
 def test_bucket_lengths():

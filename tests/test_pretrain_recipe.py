@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from configs.pretrain_vit4k import get_config as get_config_4k
-from hipt_jax import checkpoints
+from hipt_jax.models import torch_io
 from hipt_jax.pretrain import optimizer, schedules
 from hipt_jax.pretrain.head import DINOHead
 from hipt_jax.pretrain.loss import dino_loss, update_center
@@ -136,7 +136,7 @@ def test_full_update_matches_torch_dino_steps():
     mom_s = ref_dino.cosine_scheduler(0.996, 1.0, 4, 1)
 
     sd = {k: v.detach().numpy() for k, v in student.state_dict().items()}
-    params = {"vit": checkpoints.reference_to_variables(
+    params = {"vit": torch_io.reference_to_variables(
         {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})["params"],
               "head": ref_dino.head_state_to_jax(student.head)}
     state = trainer.create_state(c, jax.random.key(0))

@@ -185,16 +185,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------ 2 stages
 @pytest.mark.slow
 def test_two_stage_runlocal_end_to_end(tmp_path):
-    from hipt_jax.checkpoints import load_backbone, load_checkpoint_dir
+    from hipt_jax.models.checkpoint import load, load_backbone
     from hipt_jax.models.hipt4k import HIPT4K
 
     # Stage 1: ViT-256 (1 block) on 256 px PNG patches.
     pngs = _make_pngs(tmp_path / "png", n=8, size=256)
     code, _, err = _pretrain(tmp_path / "s1", pngs, "--config.model.depth=1")
     assert code == 0, err[-2000:]
-    _, config256, head, info = load_checkpoint_dir(str(tmp_path / "s1" / "export"))
-    assert info["meta"]["step"] == 6 and config256.depth == 1
-    assert head["last_layer"]["weight_g"].shape == (512,)
+    export = load(str(tmp_path / "s1" / "export"))
+    assert export.meta["step"] == 6 and export.config.depth == 1
+    assert export.head["last_layer"]["weight_g"].shape == (512,)
 
     # Features of two 4096 px regions with the exported ViT-256, saved as [256,384] .npy.
     model = HIPT4K.from_checkpoints(vit256=str(tmp_path / "s1" / "export"), patch_batch=64)

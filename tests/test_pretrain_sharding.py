@@ -160,8 +160,8 @@ def test_two_processes_match_one_process(tmp_path):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == 3
     np.testing.assert_allclose(two, one, atol=1e-5)
-    from hipt_jax.checkpoints import load_checkpoint_dir
-    one_vars = load_checkpoint_dir(str(tmp_path / "one" / "export"))[0]["params"]
-    two_vars = load_checkpoint_dir(str(tmp_path / "two" / "export"))[0]["params"]
+    from hipt_jax.models.checkpoint import load
+    one_vars = load(str(tmp_path / "one" / "export")).params
+    two_vars = load(str(tmp_path / "two" / "export")).params
     for a, b in zip(jax.tree.leaves(one_vars), jax.tree.leaves(two_vars)):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 
 from configs import profile as profile_config
 from hipt_jax import profiler
-from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

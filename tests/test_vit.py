@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from hipt_jax.checkpoints import reference_to_variables
-from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+from hipt_jax.models.torch_io import reference_to_variables
+from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 from hipt_jax.models.vit import Block, DropPath, gelu_exact
 from tests import reference_torch as ref
 

@@ -6,7 +6,7 @@ line is hipt_jax/cli/finetune.py).
 
 Reads the [M,256,384] ViT-256 features written by hipt-extract, trains one HIPT-LGP per fold
 (fresh init per fold), and writes to the workdir:
-    fold_{k}/checkpoint/   Orbax checkpoint of the trained params
+    fold_{k}/checkpoint/   the trained HIPT-LGP (hipt_jax.models.checkpoint: arch.json + state)
     fold_{k}/result.json   test (and val) metrics and per-item predictions
     results.json, results.md   per-fold table with mean +/- std (results.json also names the
                                slides whose feature file could not be read: "failed_slides")
@@ -29,7 +29,7 @@ from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
 from hipt_jax.finetune import plots, survival
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, encode_local
-from hipt_jax.models import lgp
+from hipt_jax.models import checkpoint, lgp
 
 
 class FinetuneError(Exception):
@@ -44,9 +44,7 @@ def _build_model(config, n_classes: int) -> lgp.HIPTLGP:
 def _init_variables(model: lgp.HIPTLGP, config, seed: int, grid: int):
     variables = lgp.init_lgp(model, seed=seed, grid=grid)
     if config.model.pretrained_vit4k:
-        from hipt_jax.checkpoints import load_backbone
-
-        vit4k, _ = load_backbone(config.model.pretrained_vit4k, expect_arch="vit4k")
+        vit4k, _ = checkpoint.load_backbone(config.model.pretrained_vit4k, expect_arch="vit4k")
         variables = lgp.with_pretrained_local(variables, vit4k)
     return variables
 
@@ -128,12 +126,9 @@ def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohor
     return _map_split_ids(folds, items, coh, config.task)
 
 
-def _save_checkpoint(path: str, params) -> None:
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.abspath(path), params, force=True)
-    ckptr.wait_until_finished()
+def _save_checkpoint(path: str, params, model: lgp.HIPTLGP, task: str) -> None:
+    """The fold's model as kind "hipt_lgp" (arch.json rebuilds it; a rerun replaces it)."""
+    checkpoint.save(path, params, "hipt_lgp", lgp.lgp_arch(model, task), overwrite=True)
 
 
 def _summary(values: list[float]) -> dict:
@@ -192,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
         if fold.get("val"):
             val_items = [by_id[i] for i in fold["val"]]
             result["val"] = trainer.evaluate(params, val_items)[0]
-        _save_checkpoint(os.path.join(fold_dir, "checkpoint"), params)
+        _save_checkpoint(os.path.join(fold_dir, "checkpoint"), params, model, config.task)
         with open(result_path, "w") as f:
             json.dump(result, f)
         if show_progress:

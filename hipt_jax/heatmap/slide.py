@@ -57,36 +57,13 @@ def slide_attention_map(thumbnail: np.ndarray, downsample: float, coords: np.nda
     return out, score
 
 
-def _lgp_local_arch(params) -> str:
-    """The ViT-4K architecture name inside trained HIPT-LGP params (matched by depth and mlp)."""
-    from hipt_jax.models.configs import ARCHITECTURES
-
-    encoder = params["local_vit"]["encoder"]
-    depth = sum(k.startswith("blocks_") for k in encoder)
-    mlp = encoder["blocks_0"]["mlp"]["fc1"]["kernel"].shape[-1]
-    for name, make in ARCHITECTURES.items():
-        cfg = make()
-        if cfg.arch == "vit4k" and cfg.depth == depth and cfg.mlp_dim == mlp:
-            return name
-    raise ValueError(f"HIPT-LGP local ViT-4K with depth {depth}, mlp {mlp} matches no known architecture")
-
-
 def lgp_region_attention(checkpoint: str, features_cls256: np.ndarray) -> np.ndarray:
     """Gated-attention pooling weights [M] of a trained HIPT-LGP (hipt-finetune's
     fold_k/checkpoint) for one slide's ViT-256 features [M, 256, 384] (hipt-extract's npz)."""
-    import os
-
     import jax.numpy as jnp
-    import orbax.checkpoint as ocp
 
-    from hipt_jax.models.lgp import HIPTLGP
+    from hipt_jax.models import checkpoint as ckpt
 
-    path = os.path.abspath(checkpoint)
-    if not os.path.isdir(path):
-        raise ValueError(f"{checkpoint}: no such HIPT-LGP checkpoint directory")
-    params = ocp.StandardCheckpointer().restore(path)
-    params = params.get("params", params)
-    n_classes = int(params["classifier"]["kernel"].shape[-1])
-    model = HIPTLGP(n_classes=n_classes, local_arch=_lgp_local_arch(params), dropout_rate=0.0)
-    _, aux = model.apply({"params": params}, jnp.asarray(features_cls256, jnp.float32))
+    loaded = ckpt.load(checkpoint, kind="hipt_lgp")
+    _, aux = loaded.module().apply(loaded.variables, jnp.asarray(features_cls256, jnp.float32))
     return np.asarray(aux["attention"], np.float32)

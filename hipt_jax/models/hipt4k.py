@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hipt_jax.models.configs import build_vit, dummy_input, get_arch
+from hipt_jax.models.archs import build_vit, dummy_input, get_arch
+from hipt_jax.models.checkpoint import load_backbone
 
 PATCH = 256  # pixels per ViT-256 patch; a region is a grid of these
 # ViT-256 minibatch inside the region program. Small is fast on CPU (activations stay in cache);
@@ -122,7 +123,7 @@ class HIPT4K:
     Args:
       params256, params4k: Flax variable dicts ({"params": ...}); params4k may be None to get
         only ViT-256 features.
-      config256, config4k: architecture ConfigDicts (see hipt_jax.models.configs).
+      config256, config4k: architecture ConfigDicts (see hipt_jax.models.archs).
       patch_batch: ViT-256 minibatch inside the jitted computation. Small is fast on CPU (the
         activations of a minibatch stay in cache): on 2 cores a 4096 px region took 8.3 s at 8,
         9.6 s at 16, 14.6 s at 64, 14.8 s at 256, and peak memory falls too (BENCHMARKS.md,
@@ -139,14 +140,12 @@ class HIPT4K:
 
     @classmethod
     def from_checkpoints(cls, vit256: str, vit4k: Optional[str] = None, **kwargs) -> "HIPT4K":
-        """Load backbones from converted Orbax directories (hipt-convert, pretraining export)
-        or straight from the released .pth files (needs torch)."""
-        from hipt_jax import checkpoints  # local: keeps model import light
-
-        params256, config256 = checkpoints.load_backbone(vit256, expect_arch="vit256")
+        """Load backbones from saved ViT directories (hipt-convert, pretraining export) or
+        straight from the released .pth files (needs torch)."""
+        params256, config256 = load_backbone(vit256, expect_arch="vit256")
         params4k = config4k = None
         if vit4k is not None:
-            params4k, config4k = checkpoints.load_backbone(vit4k, expect_arch="vit4k")
+            params4k, config4k = load_backbone(vit4k, expect_arch="vit4k")
         return cls(params256, params4k, config256, config4k, **kwargs)
 
     @classmethod

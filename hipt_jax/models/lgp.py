@@ -21,15 +21,16 @@ of the cost.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from hipt_jax.models.configs import get_arch
-from hipt_jax.models.vit import Encoder, VisionTransformer
+from hipt_jax.models.archs import build_vit, get_arch
+from hipt_jax.models.vit import Encoder
 
 Dtype = Any
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -62,10 +63,7 @@ class HIPTLGP(nn.Module):
 
     def setup(self):
         cfg = get_arch(self.local_arch)
-        self.local_vit = VisionTransformer(
-            stem=cfg.stem, patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth,
-            num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pos_embed_grid=cfg.pos_embed_grid,
-            dtype=self.dtype)
+        self.local_vit = build_vit(cfg, dtype=self.dtype)
         width = cfg.width
         self.global_phi = _dense(width, dtype=self.dtype)
         # torch.nn.TransformerEncoderLayer(d_model=192, nhead=3, dim_feedforward=192,
@@ -157,7 +155,7 @@ def init_lgp(model: HIPTLGP, seed: int = 0, grid: int = 16, in_features: int = 3
 
 def with_pretrained_local(variables, vit4k_variables):
     """Replace the local ViT-4K params with a pretrained backbone ({"params": ...} from
-    hipt_jax.checkpoints.load_backbone); shapes must match exactly."""
+    hipt_jax.models.checkpoint.load_backbone); shapes must match exactly."""
     local = vit4k_variables["params"]
     want, got = _shapes(variables["params"]["local_vit"]), _shapes(local)
     if want != got:
@@ -166,111 +164,29 @@ def with_pretrained_local(variables, vit4k_variables):
     return dict(variables, params=params)
 
 
-# ---------------------------------------------------------------------------------------------
-# Importer for the reference's HIPT_LGP_FC state dicts (torch)
-# ---------------------------------------------------------------------------------------------
-def _linear(sd, key):
-    """torch Linear [out,in] -> Flax Dense {kernel [in,out], bias}."""
-    return {"kernel": sd[f"{key}.weight"].T, "bias": sd[f"{key}.bias"]}
-
-
-def _norm(sd, key):
-    return {"scale": sd[f"{key}.weight"], "bias": sd[f"{key}.bias"]}
-
-
-def _vit4k_block(sd, key):
-    return {
-        "norm1": _norm(sd, f"{key}.norm1"), "norm2": _norm(sd, f"{key}.norm2"),
-        "attn": {"qkv": _linear(sd, f"{key}.attn.qkv"), "proj": _linear(sd, f"{key}.attn.proj")},
-        "mlp": {"fc1": _linear(sd, f"{key}.mlp.fc1"), "fc2": _linear(sd, f"{key}.mlp.fc2")},
-    }
-
-
-def _encoder_layer(sd, key):
-    # torch MHA: in_proj_weight [3D, D] = [Wq; Wk; Wv], heads contiguous inside each: the same
-    # [q | k | v] head-major layout as our fused qkv.
-    return {
-        "attn": {
-            "qkv": {"kernel": sd[f"{key}.self_attn.in_proj_weight"].T,
-                    "bias": sd[f"{key}.self_attn.in_proj_bias"]},
-            "proj": _linear(sd, f"{key}.self_attn.out_proj"),
-        },
-        "mlp": {"fc1": _linear(sd, f"{key}.linear1"), "fc2": _linear(sd, f"{key}.linear2")},
-        "norm1": _norm(sd, f"{key}.norm1"), "norm2": _norm(sd, f"{key}.norm2"),
-    }
-
-
-def _depth(sd, prefix):
-    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
-
-
-def import_lgp_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict, dict]:
-    """Reference HIPT_LGP_FC state dict (torch tensors or numpy) -> (variables, info).
-
-    info = {"n_classes", "local_depth", "global_depth"}; build the model with
-    ``HIPTLGP(n_classes=info["n_classes"], local_arch="vit4k")`` (local depth 6) and check the
-    variables with ``check_variables``. A "module." prefix (DataParallel) is stripped.
-    Raises ValueError naming missing/unexpected keys.
-    """
-    sd = {}
-    for k, v in state_dict.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        sd[k] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
-    local_depth = _depth(sd, "local_vit.blocks.")
-    global_depth = _depth(sd, "global_transformer.layers.")
-    used = set()
-
-    class _Tracked(dict):
-        def __getitem__(self, key):
-            used.add(key)
-            if key not in self:
-                raise KeyError(key)
-            return dict.__getitem__(self, key)
-
-    tsd = _Tracked(sd)
-    try:
-        local = {
-            "cls_token": tsd["local_vit.cls_token"], "pos_embed": tsd["local_vit.pos_embed"],
-            "phi": {"dense": _linear(tsd, "local_vit.phi.0")},
-            "encoder": {f"blocks_{i}": _vit4k_block(tsd, f"local_vit.blocks.{i}") for i in range(local_depth)},
-            "norm": _norm(tsd, "local_vit.norm"),
-        }
-        params = {
-            "local_vit": local,
-            "global_phi": _linear(tsd, "global_phi.0"),
-            "global_transformer": {f"blocks_{i}": _encoder_layer(tsd, f"global_transformer.layers.{i}")
-                                   for i in range(global_depth)},
-            "attention_a": _linear(tsd, "global_attn_pool.attention_a.0"),
-            "attention_b": _linear(tsd, "global_attn_pool.attention_b.0"),
-            "attention_c": _linear(tsd, "global_attn_pool.attention_c"),
-            "global_rho": _linear(tsd, "global_rho.0"),
-            "classifier": _linear(tsd, "classifier"),
-        }
-    except KeyError as e:
-        missing = sorted(k for k in used if k not in sd)
-        raise ValueError(f"not a HIPT_LGP_FC state dict: missing keys {missing or [str(e)]}") from None
-    unexpected = sorted(set(sd) - used)
-    if unexpected:
-        raise ValueError(f"HIPT_LGP_FC state dict has unexpected keys: {unexpected[:10]}"
-                         f"{' ...' if len(unexpected) > 10 else ''}")
-    info = {"n_classes": int(sd["classifier.weight"].shape[0]), "local_depth": local_depth,
-            "global_depth": global_depth}
-    return {"params": params}, info
-
-
 def _shapes(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in leaves}
 
 
-def check_variables(model: HIPTLGP, variables) -> None:
-    """Raise ValueError if ``variables`` do not have exactly the shapes ``model`` expects."""
-    want = _shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                  jnp.zeros((1, 256, 384), jnp.float32)))
-    got = _shapes(variables)
-    diff = sorted(f"missing {k}" for k in set(want) - set(got))
-    diff += sorted(f"unexpected {k}" for k in set(got) - set(want))
-    diff += sorted(f"{k}: {got[k]} vs expected {want[k]}" for k in set(want) & set(got) if want[k] != got[k])
-    if diff:
-        raise ValueError(f"LGP variables do not match the model: {diff[:10]}")
+def lgp_arch(model: HIPTLGP, task: str = "") -> ml_collections.ConfigDict:
+    """Everything that rebuilds ``model`` (stored as the arch.json of its checkpoints): class
+    count, local ViT-4K (name and full architecture), widths, dropout, freeze flag, task."""
+    local = get_arch(model.local_arch)
+    return ml_collections.ConfigDict(dict(
+        n_classes=model.n_classes, local_arch=model.local_arch, local=local.to_dict(),
+        in_features=local.in_features, width=local.width, freeze_local=model.freeze_local,
+        dropout_rate=model.dropout_rate, global_heads=model.global_heads,
+        global_depth=model.global_depth, task=task))
+
+
+def build_lgp(config: ml_collections.ConfigDict, *, dtype: Dtype = jnp.float32) -> HIPTLGP:
+    """The HIPTLGP module an ``lgp_arch`` config describes (dtype is a run-time choice)."""
+    return HIPTLGP(n_classes=config.n_classes, local_arch=config.local_arch,
+                   freeze_local=config.freeze_local, dropout_rate=config.dropout_rate,
+                   global_heads=config.global_heads, global_depth=config.global_depth, dtype=dtype)
+
+
+def example_input(config: ml_collections.ConfigDict) -> tuple:
+    """Init input of an ``lgp_arch`` config: one region of 16x16 ViT-256 features [1,256,F]."""
+    return (jnp.zeros((1, 256, config.in_features), jnp.float32),)

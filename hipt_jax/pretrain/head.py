@@ -5,7 +5,7 @@ Linear(D,2048)-GELU-Linear(2048,2048)-GELU-Linear(2048,256), L2-normalize (eps 1
 then a weight-normalized Linear(256, out_dim, no bias) whose gain g is fixed to 1, i.e. each
 output unit's weight vector is v / ||v||. Only ``v`` is a trainable parameter.
 
-Param names follow hipt_jax.checkpoints' head layout (= torch's Sequential indices):
+Param names follow hipt_jax.models.torch_io's head layout (= torch's Sequential indices):
 mlp_0, mlp_2, mlp_4 {kernel [in,out], bias}, last_layer/weight_v [256, out_dim] (kernel
 layout). The fixed gain ``last_layer/weight_g`` [out_dim] (all ones) is only added on export
 (``head_for_export``) so exported heads convert back to the reference .pth layout.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hipt_jax.models.configs import build_vit
+from hipt_jax.models.archs import build_vit
 from hipt_jax.models.vit import gelu_exact
 
 Dtype = Any
@@ -75,7 +75,7 @@ class WeightNormLinear(nn.Module):
 
 
 def head_for_export(head_params) -> dict:
-    """Our trainable head tree + the fixed gain weight_g = 1, as hipt_jax.checkpoints stores it."""
+    """Our trainable head tree + the fixed gain weight_g = 1, as hipt_jax.models.torch_io lays it out."""
     head = {k: dict(v) for k, v in head_params.items()}
     out_dim = head[LAST_LAYER]["weight_v"].shape[-1]
     head[LAST_LAYER]["weight_g"] = np.ones((out_dim,), np.float32)

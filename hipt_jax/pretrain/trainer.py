@@ -236,12 +236,12 @@ def _warm_start(state, config):
 
 def _load_backbone_and_head(path, arch):
     """(variables, arch config, head tree or None) from a converted dir or a reference .pth."""
-    from hipt_jax import checkpoints
+    from hipt_jax.models import checkpoint, torch_io
     if os.path.isdir(path):
-        variables, arch_config, head, _ = checkpoints.load_checkpoint_dir(path)
+        loaded = checkpoint.load(path, kind="vit")
+        variables, arch_config, head = loaded.variables, loaded.config, loaded.head
     else:
-        variables, arch_config, head, _ = checkpoints.load_reference_backbone(
-            path, keep_head=True)
+        variables, arch_config, head, _ = torch_io.load_reference_backbone(path, keep_head=True)
     if arch_config.arch != arch:
         raise ValueError(f"{path}: is a {arch_config.arch} checkpoint, this run trains {arch}")
     return variables, arch_config, head
@@ -257,11 +257,11 @@ def _checked_replace(ours, theirs, what):
 
 
 def export_teacher(state, config, path: str, meta: dict | None = None) -> str:
-    """Save the teacher backbone (and its DINO head) in hipt-convert's format.
+    """Save the teacher backbone (and its DINO head) as a model of kind "vit", as hipt-convert.
 
     A previous export of hipt-pretrain at ``path`` is replaced; anything else there is an error.
     """
-    from hipt_jax.checkpoints import ARCH_FILE, save_backbone
+    from hipt_jax.models.checkpoint import ARCH_FILE, save
     arch_file = os.path.join(path, ARCH_FILE)
     if jax.process_index() == 0 and os.path.isfile(arch_file):
         with open(arch_file) as f:
@@ -282,8 +282,7 @@ def export_teacher(state, config, path: str, meta: dict | None = None) -> str:
         teacher = jax.device_get(state["teacher"])
     meta = dict(meta or {})
     meta.update(source="hipt-pretrain", stage=int(config.stage), step=int(state["step"]))
-    save_backbone(path, {"params": teacher["vit"]}, config.model,
-                  head=head_for_export(teacher["head"]), meta=meta)
+    save(path, teacher["vit"], "vit", config.model, meta=meta, head=head_for_export(teacher["head"]))
     return path
 
 

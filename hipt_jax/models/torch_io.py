@@ -1,15 +1,4 @@
-"""Backbone checkpoints: our Orbax format, and the reference's PyTorch layout.
-
-On disk, a converted or exported backbone is a directory::
-
-    DIR/arch.json   {"format": "hipt-jax-backbone", "arch": "vit256", "config": {...},
-                     "has_head": false, "meta": {...}}
-    DIR/state/      Orbax checkpoint of {"params": <Flax params>, ["head": <DINO head>]}
-
-``load_backbone`` also accepts a released ``.pth`` file directly (converted in memory; needs
-torch). Everything a user can get wrong ends in a one-line ``CheckpointError`` that names the
-file and the problem (missing keys, unexpected keys, shape mismatches, wrong architecture,
-truncated or non-checkpoint file).
+"""The reference's PyTorch ``.pth`` files <-> our Flax trees (import and export).
 
 Layouts (reference name -> our tree; Linear [out,in] -> kernel [in,out], Conv OIHW -> HWIO):
     cls_token, pos_embed                 -> params/cls_token, params/pos_embed
@@ -23,28 +12,29 @@ DINO head (kept with ``hipt-convert --keep-head``, for resuming pretraining):
     head.mlp.{0,2,4}.{weight,bias}       -> head/mlp_{0,2,4}/{kernel [in,out], bias}
     head.last_layer.weight_v [K,256]     -> head/last_layer/weight_v [256,K]  (kernel layout)
     head.last_layer.weight_g [K,1]       -> head/last_layer/weight_g [K]
+HIPT_LGP_FC (the reference's slide model): ``local_vit.*`` is a ViT-4K as above; the global
+layers are torch Linear / TransformerEncoderLayer modules (see ``_LGP_RULES``). torch's
+``in_proj_weight`` [3D, D] stacks [Wq; Wk; Wv] with heads contiguous inside each: the same
+[q | k | v] head-major layout as our fused qkv, so it only needs the transpose.
+
+``read_pth`` loads with ``torch.load(weights_only=True)`` and only DINO's argparse.Namespace
+allow-listed, so no code from the pickle runs. Errors are one-line ``CheckpointError``s.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hipt_jax.models.configs import ARCHITECTURES, build_vit, dummy_input, get_arch
-
-FORMAT = "hipt-jax-backbone"
-ARCH_FILE = "arch.json"
-STATE_DIR = "state"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line naming the file and problem."""
+from hipt_jax.models import lgp
+from hipt_jax.models.archs import ARCHITECTURES, build_vit, dummy_input, get_arch
+from hipt_jax.models.checkpoint import (
+    ARCH_FILE, CheckpointError, expected_param_shapes, flatten, shape_problems, short_list,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,26 +44,48 @@ class CheckpointError(ValueError):
 # Layout says how the array changes: "same", "linear" (transpose [out,in] -> [in,out]),
 # "conv" (OIHW -> HWIO), "gain" ([K,1] -> [K]).
 _FIELDS = {"i": r"\d+", "norm": r"norm[12]", "sub": r"attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2"}
-_BACKBONE_RULES = [
-    ("cls_token", "cls_token", "same"),
-    ("pos_embed", "pos_embed", "same"),
-    ("patch_embed.proj.weight", "patch_embed/kernel", "conv"),
-    ("patch_embed.proj.bias", "patch_embed/bias", "same"),
-    ("phi.0.weight", "phi/dense/kernel", "linear"),
-    ("phi.0.bias", "phi/dense/bias", "same"),
-    ("blocks.{i}.{norm}.weight", "encoder/blocks_{i}/{norm}/scale", "same"),
-    ("blocks.{i}.{norm}.bias", "encoder/blocks_{i}/{norm}/bias", "same"),
-    ("blocks.{i}.{sub}.weight", "encoder/blocks_{i}/{sub}/kernel", "linear"),
-    ("blocks.{i}.{sub}.bias", "encoder/blocks_{i}/{sub}/bias", "same"),
-    ("norm.weight", "norm/scale", "same"),
-    ("norm.bias", "norm/bias", "same"),
-]
-_HEAD_RULES = [
-    ("mlp.{i}.weight", "mlp_{i}/kernel", "linear"),
-    ("mlp.{i}.bias", "mlp_{i}/bias", "same"),
+# How a torch module's weight/bias become ours: module type -> (weight name, weight layout).
+_MODULES = {"linear": ("kernel", "linear"), "conv": ("kernel", "conv"), "norm": ("scale", "same")}
+
+
+def _module_rules(modules) -> list[tuple[str, str, str]]:
+    """[(reference module, our module, type)] -> rules for its .weight and .bias."""
+    rules = []
+    for ref, ours, kind in modules:
+        weight, layout = _MODULES[kind]
+        rules += [(f"{ref}.weight", f"{ours}/{weight}", layout), (f"{ref}.bias", f"{ours}/bias", "same")]
+    return rules
+
+
+_BACKBONE_RULES = [("cls_token", "cls_token", "same"), ("pos_embed", "pos_embed", "same")] + _module_rules([
+    ("patch_embed.proj", "patch_embed", "conv"),                    # ViT-256
+    ("phi.0", "phi/dense", "linear"),                               # ViT-4K
+    ("blocks.{i}.{norm}", "encoder/blocks_{i}/{norm}", "norm"),
+    ("blocks.{i}.{sub}", "encoder/blocks_{i}/{sub}", "linear"),
+    ("norm", "norm", "norm"),
+])
+_HEAD_RULES = _module_rules([("mlp.{i}", "mlp_{i}", "linear")]) + [
     ("last_layer.weight_v", "last_layer/weight_v", "linear"),
     ("last_layer.weight_g", "last_layer/weight_g", "gain"),
 ]
+# HIPT_LGP_FC: the local ViT-4K under "local_vit", then the global layers.
+_LAYER = "global_transformer.layers.{i}"
+_BLOCK = "global_transformer/blocks_{i}"
+_LGP_RULES = [(f"local_vit.{ref}", f"local_vit/{ours}", layout) for ref, ours, layout in _BACKBONE_RULES] + [
+    (f"{_LAYER}.self_attn.in_proj_weight", f"{_BLOCK}/attn/qkv/kernel", "linear"),
+    (f"{_LAYER}.self_attn.in_proj_bias", f"{_BLOCK}/attn/qkv/bias", "same"),
+] + _module_rules([
+    ("global_phi.0", "global_phi", "linear"),
+    (f"{_LAYER}.self_attn.out_proj", f"{_BLOCK}/attn/proj", "linear"),
+    (f"{_LAYER}.linear1", f"{_BLOCK}/mlp/fc1", "linear"),
+    (f"{_LAYER}.linear2", f"{_BLOCK}/mlp/fc2", "linear"),
+    (f"{_LAYER}.{{norm}}", f"{_BLOCK}/{{norm}}", "norm"),
+    ("global_attn_pool.attention_a.0", "attention_a", "linear"),
+    ("global_attn_pool.attention_b.0", "attention_b", "linear"),
+    ("global_attn_pool.attention_c", "attention_c", "linear"),
+    ("global_rho.0", "global_rho", "linear"),
+    ("classifier", "classifier", "linear"),
+])
 
 
 def _template_regex(template: str, sep: str) -> re.Pattern:
@@ -118,17 +130,6 @@ def _to_reference(array: np.ndarray, layout: str) -> np.ndarray:
     return np.ascontiguousarray(_LAYOUTS[layout][1](array)) if layout in _LAYOUTS else array
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, dict) or hasattr(value, "items") and not hasattr(value, "shape"):
-            out.update(_flatten(dict(value), path))
-        else:
-            out[path] = value
-    return out
-
-
 def _unflatten(flat: dict[str, Any]) -> dict:
     tree: dict = {}
     for path, value in flat.items():
@@ -140,14 +141,19 @@ def _unflatten(flat: dict[str, Any]) -> dict:
     return tree
 
 
+def _reference_shapes(our_shapes: dict[str, tuple], rules) -> dict[str, tuple[int, ...]]:
+    """Our {path: shape} -> {reference name: shape in the reference layout}."""
+    out = {}
+    for path, shape in our_shapes.items():
+        name, layout = _translate(path, rules, to_ours=False)
+        out[name] = tuple(_to_reference(np.empty(shape, np.uint8), layout).shape)
+    return out
+
+
 def expected_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Reference name -> shape of every backbone tensor of an architecture (no weights built)."""
     shapes = jax.eval_shape(build_vit(config).init, jax.random.PRNGKey(0), dummy_input(config))
-    out = {}
-    for path, leaf in _flatten(shapes["params"]).items():
-        name, layout = _translate(path, _BACKBONE_RULES, to_ours=False)
-        out[name] = tuple(_to_reference(np.empty(leaf.shape, np.uint8), layout).shape)
-    return out
+    return _reference_shapes({k: v.shape for k, v in flatten(shapes["params"]).items()}, _BACKBONE_RULES)
 
 
 def infer_arch(backbone: dict[str, np.ndarray]) -> str:
@@ -170,25 +176,10 @@ def infer_arch(backbone: dict[str, np.ndarray]) -> str:
 
 def check_backbone(backbone: dict[str, np.ndarray], config: ml_collections.ConfigDict, source: str) -> None:
     """Raise a one-line CheckpointError listing missing/unexpected keys and shape mismatches."""
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(backbone))
-    unexpected = sorted(set(backbone) - set(expected))
-    mismatched = [f"{k} {tuple(backbone[k].shape)} != {expected[k]}" for k in sorted(expected)
-                  if k in backbone and tuple(backbone[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_short_list(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {_short_list(mismatched)}")
+    got = {k: tuple(v.shape) for k, v in backbone.items()}
+    problems = shape_problems(expected_shapes(config), got)
     if problems:
         raise CheckpointError(f"{source}: not a valid {config.arch} backbone: " + "; ".join(problems))
-
-
-def _short_list(items: list[str], limit: int = 6) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _rename_all(items: dict, rules, to_ours: bool, unknown: str) -> dict[str, np.ndarray]:
@@ -210,7 +201,7 @@ def reference_to_variables(backbone: dict[str, np.ndarray]) -> dict:
 
 def variables_to_reference(variables: dict) -> dict[str, np.ndarray]:
     """Flax variables -> stripped reference backbone state dict (numpy, reference layouts)."""
-    return _rename_all(_flatten(variables["params"]), _BACKBONE_RULES, False,
+    return _rename_all(flatten(variables["params"]), _BACKBONE_RULES, False,
                        "parameter {} has no reference name")
 
 
@@ -221,7 +212,7 @@ def reference_head_to_tree(head: dict[str, np.ndarray]) -> dict:
 
 def head_tree_to_reference(head: dict) -> dict[str, np.ndarray]:
     """Our head tree -> stripped DINO head tensors in the reference layouts."""
-    return _rename_all(_flatten(head), _HEAD_RULES, False, "head parameter {} has no reference name")
+    return _rename_all(flatten(head), _HEAD_RULES, False, "head parameter {} has no reference name")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +273,7 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
         raise CheckpointError(f"--which must be teacher or student, not {which!r}")
     if "teacher" in obj or "student" in obj:
         if which not in obj:
-            raise CheckpointError(f"{source}: has no '{which}' entry (keys: {_short_list(sorted(map(str, obj)))})")
+            raise CheckpointError(f"{source}: has no '{which}' entry (keys: {short_list(sorted(map(str, obj)))})")
         state, container = obj[which], which
     elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state, container = obj["state_dict"], "state_dict"
@@ -334,95 +325,59 @@ def infer_arch_or_explain(backbone: dict, source: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Our Orbax format
+# Writing reference .pth files
 # ---------------------------------------------------------------------------------------------
-def _config_name(config: ml_collections.ConfigDict) -> str:
-    for name, make in ARCHITECTURES.items():
-        if make().to_dict() == config.to_dict():
-            return name
-    return config.arch
+def reference_state(variables: dict, head: Optional[dict], meta: dict) -> dict:
+    """Our backbone (+ DINO head) -> the reference's nested state dict of torch tensors, under
+    the container and key prefix ``meta`` recorded at import (default: the released teacher)."""
+    import torch
 
+    container = meta.get("container", "teacher")
+    prefix = meta.get("prefix", "backbone.")  # "backbone.", "module.backbone." or "" (plain)
+    head_prefix = prefix.replace("backbone.", "") + "head."
 
-def save_backbone(path: str, variables: dict, config: ml_collections.ConfigDict,
-                  head: Optional[dict] = None, meta: Optional[dict] = None) -> str:
-    """Write ``variables`` ({"params": ...}), optional DINO ``head`` tree and ``meta`` (any
-    JSON-able dict, e.g. source file, training step) as DIR/arch.json + DIR/state (Orbax).
+    def tensor(a):
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(a)))
 
-    ``path`` must not exist or be an empty directory. Returns the absolute directory.
-    """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise CheckpointError(f"{path}: already exists and is not an empty directory")
-    os.makedirs(path, exist_ok=True)
-    tree = {"params": jax.tree.map(np.asarray, dict(variables["params"]))}
+    state = {f"{prefix}{k}": tensor(v) for k, v in variables_to_reference(variables).items()}
     if head is not None:
-        tree["head"] = jax.tree.map(np.asarray, dict(head))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, STATE_DIR), tree)
-    info = {
-        "format": FORMAT,
-        "version": 1,
-        "arch": config.arch,
-        "name": _config_name(config),
-        "config": config.to_dict(),
-        "has_head": head is not None,
-        "meta": meta or {},
-    }
-    with open(os.path.join(path, ARCH_FILE), "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    return path
+        state.update({f"{head_prefix}{k}": tensor(v) for k, v in head_tree_to_reference(head).items()})
+    return {container: state} if container else state
 
 
-def read_arch(path: str) -> dict:
-    """The arch.json of a converted directory (validated)."""
-    arch_file = os.path.join(path, ARCH_FILE)
-    try:
-        with open(arch_file) as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {ARCH_FILE} (not a hipt-jax checkpoint directory)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{arch_file}: invalid JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or "config" not in info:
-        raise CheckpointError(f"{arch_file}: not a {FORMAT} description")
-    return info
+# ---------------------------------------------------------------------------------------------
+# The reference's HIPT_LGP_FC state dicts
+# ---------------------------------------------------------------------------------------------
+def _depth(sd: Mapping[str, Any], prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
 
 
-def load_checkpoint_dir(path: str) -> tuple[dict, ml_collections.ConfigDict, Optional[dict], dict]:
-    """DIR -> (variables, config, head or None, arch.json dict); arrays are numpy."""
-    import orbax.checkpoint as ocp
+def import_lgp_state_dict(state_dict: Mapping[str, Any], source: str = "HIPT_LGP_FC state dict"
+                          ) -> tuple[dict, dict]:
+    """Reference HIPT_LGP_FC state dict (torch tensors or numpy) -> (variables, info).
 
-    path = os.path.abspath(os.fspath(path))
-    info = read_arch(path)
-    config = ml_collections.ConfigDict(info["config"])
-    state = os.path.join(path, STATE_DIR)
-    if not os.path.isdir(state):
-        raise CheckpointError(f"{path}: missing {STATE_DIR}/ (incomplete conversion?)")
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.restore(state)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{state}: cannot restore Orbax checkpoint ({msg})") from None
-    variables = {"params": tree["params"]}
-    check_backbone(variables_to_reference(variables), config, path)
-    return variables, config, tree.get("head"), info
-
-
-def load_backbone(path: str, expect_arch: Optional[str] = None) -> tuple[dict, ml_collections.ConfigDict]:
-    """A converted directory or a reference .pth (teacher) -> (variables, config).
-
-    ``expect_arch`` ("vit256" or "vit4k") turns a file of the other architecture into a clear
-    CheckpointError instead of a shape error deep inside the model.
+    info = {"n_classes", "local_arch", "local_depth", "global_depth", "arch"}; ``arch`` is the
+    ``lgp.lgp_arch`` config (``lgp.build_lgp(info["arch"])`` is the model; ``checkpoint.save``
+    stores it). The local ViT-4K architecture is recognised from its tensors. A "module."
+    prefix (DataParallel) is stripped. Raises CheckpointError naming missing/unexpected keys.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        variables, config, _, _ = load_checkpoint_dir(path)
-    else:
-        variables, config, _, _ = load_reference_backbone(path)
-    if expect_arch is not None and config.arch != get_arch(expect_arch).arch:
-        raise CheckpointError(f"{path}: is a {config.arch} checkpoint, expected {get_arch(expect_arch).arch}")
-    # On device once, so jitted calls do not copy the weights from host memory every time.
-    return jax.tree.map(jnp.asarray, variables), config
+    sd = {}
+    for k, v in state_dict.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        sd[k] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+    if "classifier.weight" not in sd:
+        raise CheckpointError(f"{source}: not a HIPT_LGP_FC state dict: missing keys: classifier.weight")
+    local = {k[len("local_vit."):]: v for k, v in sd.items() if k.startswith("local_vit.")}
+    local_arch = infer_arch_or_explain(local, f"{source} local_vit")
+    model = lgp.HIPTLGP(n_classes=int(sd["classifier.weight"].shape[0]), local_arch=local_arch,
+                        global_depth=_depth(sd, "global_transformer.layers."))
+    config = lgp.lgp_arch(model)
+    ours = {k[len("params/"):]: v for k, v in expected_param_shapes("hipt_lgp", config).items()}
+    problems = shape_problems(_reference_shapes(ours, _LGP_RULES), {k: v.shape for k, v in sd.items()})
+    if problems:
+        raise CheckpointError(f"{source}: not a valid HIPT_LGP_FC state dict: " + "; ".join(problems))
+    params = _unflatten(_rename_all(sd, _LGP_RULES, True, "unexpected key {}"))
+    info = {"n_classes": model.n_classes, "local_arch": local_arch, "local_depth": get_arch(local_arch).depth,
+            "global_depth": model.global_depth, "arch": config}
+    return {"params": params}, info

@@ -1,0 +1,279 @@
+"""One on-disk format for every saved model: ``save(path, ...)`` and ``load(path)``.
+
+A saved model is a directory::
+
+    DIR/arch.json   {"format": "hipt-jax-model", "version": 1, "kind": "vit" | "hipt_lgp",
+                     "arch": "vit256", "config": {...}, "has_head": false, "meta": {...}}
+    DIR/state/      Orbax checkpoint of {"params": <Flax params>, ["head": <DINO head>]}
+
+``kind`` says which module ``config`` rebuilds:
+    vit       a ViT backbone (vit256 / vit4k and their tiny stand-ins): hipt-convert output and
+              the teacher hipt-pretrain exports (those keep the DINO head, has_head true)
+    hipt_lgp  a trained HIPT-LGP (hipt-finetune's fold_k/checkpoint): n_classes, local ViT-4K
+              architecture, widths, dropout, freeze flag and task
+``load`` rebuilds the module from arch.json alone and checks every parameter against it, so
+nothing is guessed from array shapes. Directories written before the kinds existed (arch.json
+with "format": "hipt-jax-backbone") load as kind "vit".
+
+Everything a user can get wrong ends in a one-line ``CheckpointError`` naming the file and the
+problem (missing or unexpected keys, shape mismatches, wrong kind or architecture, a damaged
+state). ``load_backbone`` is the helper the region and slide models use: a directory of kind
+"vit" or a released ``.pth`` (converted in memory by ``torch_io``; needs torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from hipt_jax.models import lgp
+from hipt_jax.models.archs import ARCHITECTURES, build_vit, dummy_input, get_arch
+
+FORMAT = "hipt-jax-model"
+VERSION = 1
+LEGACY_FORMATS = {"hipt-jax-backbone": "vit"}  # format name -> kind, for directories of older releases
+ARCH_FILE = "arch.json"
+STATE_DIR = "state"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the file and problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds: how an arch config becomes a module, and what to feed its init
+# ---------------------------------------------------------------------------------------------
+class _Kind(NamedTuple):
+    build: Callable[..., nn.Module]                     # (config, **run-time options) -> module
+    example: Callable[[ml_collections.ConfigDict], tuple]  # config -> init inputs
+    arch_name: Callable[[ml_collections.ConfigDict], str]  # config -> readable name in arch.json
+
+
+def _vit_name(config: ml_collections.ConfigDict) -> str:
+    for name, make in ARCHITECTURES.items():
+        if make().to_dict() == config.to_dict():
+            return name
+    return config.arch
+
+
+KINDS = {
+    "vit": _Kind(build_vit, lambda c: (dummy_input(c),), lambda c: c.arch),
+    "hipt_lgp": _Kind(lgp.build_lgp, lgp.example_input, lambda c: "hipt_lgp"),
+}
+
+
+class Loaded(NamedTuple):
+    """What ``load`` returns. ``params`` is the Flax "params" collection (host arrays)."""
+
+    params: Any
+    kind: str
+    config: ml_collections.ConfigDict
+    head: Optional[dict]
+    meta: dict
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params}
+
+    def module(self, **options) -> nn.Module:
+        """The Flax module rebuilt from arch.json (``options``: run-time choices such as dtype)."""
+        return KINDS[self.kind].build(self.config, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a tree against what the architecture expects
+# ---------------------------------------------------------------------------------------------
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a/b/c": leaf}."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if hasattr(value, "items") and not hasattr(value, "shape"):
+            out.update(flatten(dict(value), path))
+        else:
+            out[path] = value
+    return out
+
+
+def short_list(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def shape_problems(expected: dict[str, tuple], got: dict[str, tuple]) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches between two {name: shape} maps."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = [f"{k} {got[k]} != {expected[k]}" for k in sorted(expected)
+                  if k in got and got[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {short_list(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {short_list(mismatched)}")
+    return problems
+
+
+def expected_param_shapes(kind: str, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """"params/..." path -> shape of every parameter the architecture has (no weights built)."""
+    spec = KINDS[kind]
+    shapes = jax.eval_shape(spec.build(config).init, jax.random.PRNGKey(0), *spec.example(config))
+    return {k: tuple(v.shape) for k, v in flatten({"params": shapes["params"]}).items()}
+
+
+def check_params(params, kind: str, config: ml_collections.ConfigDict, source: str) -> None:
+    """Raise a one-line CheckpointError unless ``params`` has exactly the architecture's layout."""
+    got = {k: tuple(v.shape) for k, v in flatten({"params": params}).items()}
+    problems = shape_problems(expected_param_shapes(kind, config), got)
+    if problems:
+        raise CheckpointError(f"{source}: params do not match the {KINDS[kind].arch_name(config)} "
+                              "architecture: " + "; ".join(problems))
+
+
+def _as_config(arch_config, kind: str, source: str) -> ml_collections.ConfigDict:
+    if kind not in KINDS:
+        raise CheckpointError(f"{source}: unknown model kind {kind!r}; known: {sorted(KINDS)}")
+    config = ml_collections.ConfigDict(dict(arch_config))
+    if kind == "hipt_lgp":
+        _check_lgp_local(config, source)
+    return config
+
+
+def _check_lgp_local(config: ml_collections.ConfigDict, source: str) -> None:
+    """The stored local ViT-4K architecture must be the registered one the name stands for
+    (head counts, for one, leave no trace in the parameter shapes)."""
+    try:
+        registered = get_arch(config.local_arch).to_dict()
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source}: HIPT-LGP local architecture: {e}") from None
+    if "local" in config and config.local.to_dict() != registered:
+        raise CheckpointError(f"{source}: HIPT-LGP local architecture {config.local.to_dict()} differs "
+                              f"from the registered {config.local_arch} {registered}")
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------
+def save(path: str, params, kind: str, arch_config, meta: Optional[dict] = None,
+         head: Optional[dict] = None, overwrite: bool = False) -> str:
+    """Write ``params`` (the Flax "params" collection), an optional DINO ``head`` tree and
+    ``meta`` (any JSON-able dict: source file, training step ...) as DIR/arch.json + DIR/state.
+
+    ``params`` is checked against ``arch_config`` first. ``path`` must not exist or be an empty
+    directory, unless ``overwrite`` (then a previous save there is replaced). Returns the
+    absolute directory.
+    """
+    import shutil
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    config = _as_config(arch_config, kind, path)
+    check_params(params, kind, config, path)
+    if overwrite and os.path.isdir(path):
+        shutil.rmtree(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CheckpointError(f"{path}: already exists and is not an empty directory")
+    os.makedirs(path, exist_ok=True)
+    tree = {"params": jax.tree.map(np.asarray, dict(params))}
+    if head is not None:
+        tree["head"] = jax.tree.map(np.asarray, dict(head))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, STATE_DIR), tree)
+    info = {
+        "format": FORMAT, "version": VERSION, "kind": kind, "arch": KINDS[kind].arch_name(config),
+        "config": config.to_dict(), "has_head": head is not None, "meta": meta or {},
+    }
+    if kind == "vit":
+        info["name"] = _vit_name(config)
+    with open(os.path.join(path, ARCH_FILE), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    return path
+
+
+def read_arch(path: str) -> dict:
+    """The arch.json of a saved model directory, validated; legacy formats get their "kind"."""
+    arch_file = os.path.join(path, ARCH_FILE)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    try:
+        with open(arch_file) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        bare = os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))
+        hint = " (bare Orbax params from an older hipt-finetune: re-run it)" if bare else ""
+        raise CheckpointError(f"{path}: no {ARCH_FILE} (not a hipt-jax checkpoint directory){hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{arch_file}: invalid JSON ({e})") from None
+    if not isinstance(info, dict) or "config" not in info:
+        raise CheckpointError(f"{arch_file}: not a {FORMAT} description")
+    if info.get("format") in LEGACY_FORMATS:
+        info = dict(info, kind=LEGACY_FORMATS[info["format"]])
+    elif info.get("format") != FORMAT:
+        raise CheckpointError(f"{arch_file}: not a {FORMAT} description (format {info.get('format')!r})")
+    elif int(info.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{arch_file}: format version {info['version']} is newer than this "
+                              f"hipt-jax reads ({VERSION})")
+    return info
+
+
+def _restore_state(path: str, has_head: bool) -> dict:
+    import orbax.checkpoint as ocp
+
+    state = os.path.join(path, STATE_DIR)
+    if not os.path.isdir(state):
+        raise CheckpointError(f"{path}: missing {STATE_DIR}/ (incomplete save?)")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(state)
+    except Exception as e:  # Orbax raises many types for a damaged directory
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{state}: cannot restore Orbax checkpoint ({msg})") from None
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise CheckpointError(f"{state}: no params in the Orbax checkpoint")
+    if has_head != ("head" in tree):
+        raise CheckpointError(f"{state}: arch.json says has_head={has_head} but the state "
+                              f"{'has' if 'head' in tree else 'has no'} DINO head")
+    return tree
+
+
+def load(path: str, kind: Optional[str] = None) -> Loaded:
+    """DIR -> Loaded(params, kind, config, head or None, meta), every parameter checked against
+    the architecture in arch.json. ``kind`` (optional) turns another kind into a CheckpointError."""
+    path = os.path.abspath(os.fspath(path))
+    info = read_arch(path)
+    found = info.get("kind")
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{path}: is a {found} checkpoint, expected {kind}")
+    config = _as_config(info["config"], found, path)
+    tree = _restore_state(path, bool(info.get("has_head")))
+    check_params(tree["params"], found, config, path)
+    return Loaded(tree["params"], found, config, tree.get("head"), dict(info.get("meta") or {}))
+
+
+def load_backbone(path: str, expect_arch: Optional[str] = None) -> tuple[dict, ml_collections.ConfigDict]:
+    """A saved ViT directory or a released .pth (teacher) -> (variables, config), on device.
+
+    ``expect_arch`` ("vit256" or "vit4k") turns a file of the other architecture into a clear
+    CheckpointError instead of a shape error deep inside the model.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        loaded = load(path, kind="vit")
+        variables, config = loaded.variables, loaded.config
+    else:
+        from hipt_jax.models import torch_io  # .pth only: torch_io needs this module's errors
+
+        variables, config, _, _ = torch_io.load_reference_backbone(path)
+    if expect_arch is not None and config.arch != get_arch(expect_arch).arch:
+        raise CheckpointError(f"{path}: is a {config.arch} checkpoint, expected {get_arch(expect_arch).arch}")
+    # On device once, so jitted calls do not copy the weights from host memory every time.
+    return jax.tree.map(jnp.asarray, variables), config
