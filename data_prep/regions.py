@@ -43,12 +43,6 @@ class RegionParams:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "RegionParams":
-        d = dict(d)
-        d["tissue"] = TissueParams(**d.get("tissue", {}))
-        return cls(**d)
-
 
 @dataclasses.dataclass(frozen=True)
 class SlideTask:

@@ -43,7 +43,7 @@ def assert_one_line_error(code, err, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_released_layout_is_what_the_spec_describes(released):
+def test_released_layout_is_the_reference_layout(released):
     ckpt = ref.torch_load_trusted(released["vit256"])
     assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
     teacher = ckpt["teacher"]

@@ -15,7 +15,7 @@ from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_region_flops_match_spec():
+def test_region_flops_match_the_reference_count():
     """The reference's count: a 4096 region is about 3,146 GFLOP, > 99.9% of it in ViT-256."""
     total = profiler.hipt4k_region_flops(get_arch("vit256"), get_arch("vit4k"), 4096, 4096)
     assert total / 1e9 == pytest.approx(3146, rel=2e-3)

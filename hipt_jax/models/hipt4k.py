@@ -125,9 +125,8 @@ class HIPT4K:
         only ViT-256 features.
       config256, config4k: architecture ConfigDicts (see hipt_jax.models.archs).
       patch_batch: ViT-256 minibatch inside the jitted computation. Small is fast on CPU (the
-        activations of a minibatch stay in cache): on 2 cores a 4096 px region took 8.3 s at 8,
-        9.6 s at 16, 14.6 s at 64, 14.8 s at 256, and peak memory falls too (BENCHMARKS.md,
-        issue 2). On accelerators a larger value may pay off.
+        activations of a minibatch stay in cache, and peak memory falls too; see
+        BENCHMARKS.md for the measured trade-off). On accelerators a larger value may pay off.
       dtype: compute dtype (jnp.float32, or jnp.bfloat16 with fp32 params).
     """
 
