@@ -24,11 +24,11 @@ demo: $(STAMP)
 # Everything, slow-marked tests included (about 8 min on 2 idle cores): the 2-process and
 # two-stage pretraining tests and the full demo are acceptance tests CI must run.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The inner loop while developing: skips the tests marked slow (about 4.5 min).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py

@@ -35,7 +35,7 @@ EXTRAS = {
     # torch is only needed to read/write the official .pth files.
     "convert": ["torch==2.13.0"],
     "beam": ["apache-beam==2.77.0"],
-    "test": ["pytest", "pytest-timeout", "torch==2.13.0", "apache-beam==2.77.0"],
+    "test": ["pytest", "pytest-timeout", "pytest-xdist==3.8.0", "torch==2.13.0", "apache-beam==2.77.0"],
 }
 
 setup(
