@@ -47,9 +47,10 @@ def _run(args) -> int:
                               batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
                               params=params, show_progress=not args.no_progress, fmt=args.format)
     failed = {s: v["error"] for s, v in manifest["slides"].items() if v["status"] == "failed"}
+    n_done = sum(v["status"] == "done" for v in manifest["slides"].values())
     run = manifest["run"]
     print(f"{PROG}: {run['regions']} regions in {run['seconds']:.1f} s "
-          f"({run['regions_per_s']} regions/s); {len(manifest['slides']) - len(failed)} slides ok, "
+          f"({run['regions_per_s']} regions/s); {n_done} slides ok, "
           f"{len(failed)} failed -> {os.path.join(args.out, MANIFEST)}")
     return flags.report_failed(PROG, failed)
 
