@@ -2,6 +2,7 @@
 by hipt-knn, official-layout .pt bags training HIPT-LGP and feeding stage-2 pretraining."""
 import itertools
 import os
+import sys
 
 import h5py
 import numpy as np
@@ -60,9 +61,11 @@ def test_round_trip_every_format_pair_is_exact(tmp_path):
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == (3, 4, 384)
 
 
-def test_float16_bag_and_bad_files_give_clear_errors(tmp_path):
+def test_float16_bag_and_bad_files_give_clear_errors(tmp_path, monkeypatch):
     """float16 ViT-256 features survive npz/h5 unchanged; a corrupt h5, a .pt that is not a
-    tensor, and a request for an array the format lacks each name the file."""
+    tensor, and a request for an array the format lacks each name the file; .pt without torch
+    installed is refused up front. Plant checked: dropping the missing-key check in
+    read_bag_file returns {} for ("coords",) and fails."""
     orig = _bag(np.random.default_rng(1))
     orig["features_cls256"] = orig["features_cls256"].astype(np.float16)
     for fmt in ("npz", "h5"):
@@ -78,6 +81,10 @@ def test_float16_bag_and_bad_files_give_clear_errors(tmp_path):
     bags.write_bag_file(str(tmp_path / "x.pt"), orig)
     with pytest.raises(bags.BagError, match="x.pt: bag has no coords"):
         bags.read_bag_file(str(tmp_path / "x.pt"), ("coords",))
+    bags.check_format("h5")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(bags.BagError, match=r"\.pt bags need PyTorch: pip install torch"):
+        bags.check_format("pt")
 
 
 def _trident_h5(path, feats, rng):
@@ -131,28 +138,34 @@ def test_trident_h5_folder_is_read_by_hipt_knn(tmp_path, capsys):
 
 
 def test_official_pt_bags_train_lgp_and_feed_stage2(tmp_path):
-    """torch.save of [M,4,384] tensors (the official layout, tiny 2x2 grid) trains HIPT-LGP end
-    to end with hipt-finetune's library entry, and the stage-2 source reads the same regions
-    from .pt, .h5 and .npz bags. Plant checked: finetune looking only for .npz bags
-    (bags.bag_path) finds no slide and fails."""
+    """torch.save of [M,4,384] tensors (the official layout, tiny 2x2 grid) in a plain folder
+    are found, read and encoded by hipt-finetune's loader and train HIPT-LGP (one epoch, the
+    classifier moves), and the stage-2 source reads the same regions from .pt, .h5 and .npz
+    bags. Plant checked: finetune looking only for .npz bags (bags.bag_path) finds no slide."""
     from configs import lgp_subtyping
+    from hipt_jax.evaluation import cohort as cohort_lib
     from hipt_jax.finetune import main as finetune
+    from hipt_jax.finetune.trainer import LGPTrainer, TrainConfig
     from hipt_jax.pretrain.data import make_source
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "pt_bags"
     folder.mkdir()
-    classes, sample = _cohort(rng, 8, 384)
+    classes, sample = _cohort(rng, 6, 384)
     for i, c in enumerate(classes):
         torch.save(torch.from_numpy(sample(c, (int(rng.integers(1, 4)), 4, 384))), folder / f"s{i:02d}.pt")
     labels = write_labels(str(tmp_path / "labels.csv"),
                           [{"slide_id": f"s{i:02d}", "label": int(c)} for i, c in enumerate(classes)])
     c = lgp_subtyping.get_config("runlocal")
-    c.data.embeddings, c.data.labels, c.data.splits = str(folder), labels, "kfold:2"
-    c.optim.epochs = 1
-    res = finetune.run(c, str(tmp_path / "run"), show_progress=False)
-    assert len(res["folds"]) == 2 and np.isfinite(res["summary"]["auc"]["mean"])
-    assert os.path.isdir(tmp_path / "run" / "fold_0" / "checkpoint")
+    c.data.embeddings, c.data.labels = str(folder), labels
+    coh = cohort_lib.read_labels_csv(labels)
+    model = finetune._build_model(c, 2)
+    variables = finetune._init_variables(model, c, seed=0, grid=finetune._feature_grid(str(folder), coh.slide_ids))
+    items, _, info = finetune.load_items(c, coh, model, variables)
+    assert info["n_slides"] == 6 and items[0].inputs.shape[1:] == (192,)  # frozen ViT-4K ran on them
+    trainer = LGPTrainer(model, TrainConfig(epochs=1))
+    params = trainer.fit(variables, items, desc=None)
+    assert not np.array_equal(params["classifier"]["kernel"], variables["params"]["classifier"]["kernel"])
     # Stage 2 (data.kind "bags"): one record per region, same numbers in every format.
     import ml_collections
 
