@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "protobuf==6.33.6",
     "pyarrow==25.0.1",
     "msgpack==1.2.4",  # data_prep record schema (also a flax dependency)
+    "h5py==3.16.0",  # TRIDENT/CLAM .h5 bags (data_prep.bags)
     "absl-py",
     "tqdm",
     "tensorboardX",

@@ -1,26 +1,43 @@
 """Per-slide bags: the embeddings of every region of one slide, one file per slide.
 
-`hipt-extract` writes OUT/slides/<slide_id>.npz holding
+`hipt-extract` writes OUT/slides/<slide_id>.<npz|h5|pt> holding
     features_cls256  [M, R*C, 384]  ViT-256 CLS of every 256 px patch (row-major grid), the
                                     input of HIPT-LGP (float32 or float16)
     features_cls4k   [M, 192]       ViT-4K CLS of every region
     slide_embedding  [192]          mean of features_cls4k over the regions (KNN input)
     coords           [M, 2]         (x, y) level-0 top-left corner of each region
-and the slide models, KNN and heatmap tools read them back through this module.
+and the slide models, KNN, stage-2 pretraining and heatmap tools read them back through this
+module. The file format follows the extension:
 
-File formats sit behind a small seam: a BagFormat knows its file extension and how to write and
-read a dict of named arrays. Only .npz exists today; another format (h5, .pt) is one more
-BagFormat in FORMATS, and readers pick the format from the file name.
+- ``.npz``: the arrays above under their names (plus the coordinate attributes as a JSON string
+  ``coords_attrs_json``).
+- ``.h5``: the TRIDENT/CLAM layout: dataset ``features`` [M, D] and ``coords`` int64 [M, 2] whose
+  attributes describe the grid (patch_size at the target magnification, patch_size_level0,
+  level0_magnification, target_magnification, overlap, name, ...). hipt-extract stores the
+  CLS-4K [M, 192] as ``features`` and adds ``features_cls256`` and ``slide_embedding``.
+  A foreign h5 is read by the shape of ``features``: [M, 192] -> features_cls4k (CLS-4K of each
+  region); [M, R*C, 384] -> features_cls256 (the official region bags); any other [M, D]
+  (a patch encoder's features, or a mean ViT-256 vector per region) -> features_region.
+- ``.pt``: the official HIPT region bag, ``torch.save`` of one float tensor [M, R*C, 384]
+  (features_cls256 only; torch is imported only for this format).
+
+Slide embedding of a bag (`slide_embedding_of`, what hipt-knn uses): the stored
+``slide_embedding`` if any, else the mean over regions of features_cls4k ([192], the paper's
+protocol), else the mean of features_region ([D]), else the mean of features_cls256 over regions
+and patches ([384], a mean ViT-256 embedding: no ViT-4K has run on such a bag). One cohort must
+give one embedding width; a mixed cohort is refused naming the odd file.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Callable
 
 import numpy as np
 
 SLIDES = "slides"
+ATTRS_KEY = "coords_attrs_json"  # npz: the h5 coords attributes, as JSON
 
 
 class BagError(ValueError):
@@ -31,23 +48,119 @@ class BagError(ValueError):
 class BagFormat:
     """How bags of one file format are written and read."""
     ext: str                                                     # ".npz"
-    write: Callable[[str, dict[str, np.ndarray]], None]          # (path, arrays) -> file
+    write: Callable[[str, dict[str, np.ndarray], dict], None]    # (path, arrays, coords attrs)
     read: Callable[[str, tuple[str, ...] | None], dict[str, np.ndarray]]  # (path, keys|None)
+    keys: Callable[[str], tuple[str, ...]]                       # path -> array names it holds
+    attrs: Callable[[str], dict]                                 # path -> coords attributes
 
 
-def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+def _write_npz(path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    extra = {ATTRS_KEY: np.array(json.dumps(attrs))} if attrs else {}
     with open(path, "wb") as f:  # a file object: np.savez would append .npz to a bare name
-        np.savez(f, **arrays)
+        np.savez(f, **arrays, **extra)
 
 
 def _read_npz(path: str, keys: tuple[str, ...] | None) -> dict[str, np.ndarray]:
     with np.load(path) as z:
-        return {k: z[k] for k in (keys or z.files)}
+        return {k: z[k] for k in (keys or z.files) if k in z.files and k != ATTRS_KEY}
 
 
-NPZ = BagFormat(".npz", _write_npz, _read_npz)
-FORMATS = {"npz": NPZ}
+def _npz_keys(path: str) -> tuple[str, ...]:
+    with np.load(path) as z:
+        return tuple(k for k in z.files if k != ATTRS_KEY)
+
+
+def _npz_attrs(path: str) -> dict:
+    with np.load(path) as z:
+        return json.loads(str(z[ATTRS_KEY])) if ATTRS_KEY in z.files else {}
+
+
+def _h5py():
+    import h5py  # a hard dependency, imported late so .npz users never pay for it
+    return h5py
+
+
+def _h5_names(f) -> dict[str, str]:
+    """bag key -> h5 dataset name, deciding what ``features`` holds from its shape."""
+    names = {k: k for k in f.keys() if k != "features"}
+    if "features" in f:
+        shape = f["features"].shape
+        if len(shape) == 3:
+            key = "features_cls256"
+        elif len(shape) == 2 and shape[1] == 192:
+            key = "features_cls4k"
+        else:
+            key = "features_region"
+        names.setdefault(key, "features")
+    return names
+
+
+def _write_h5(path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    main = "features_cls4k" if "features_cls4k" in arrays else "features_cls256"
+    with _h5py().File(path, "w") as f:
+        for k, v in arrays.items():
+            f.create_dataset("features" if k == main else k, data=v)
+        for k, v in attrs.items():
+            if "coords" in f:
+                f["coords"].attrs[k] = v
+
+
+def _read_h5(path: str, keys: tuple[str, ...] | None) -> dict[str, np.ndarray]:
+    with _h5py().File(path, "r") as f:
+        names = _h5_names(f)
+        return {k: f[names[k]][()] for k in (keys or names) if k in names}
+
+
+def _h5_keys(path: str) -> tuple[str, ...]:
+    with _h5py().File(path, "r") as f:
+        return tuple(_h5_names(f))
+
+
+def _h5_attrs(path: str) -> dict:
+    with _h5py().File(path, "r") as f:
+        if "coords" not in f:
+            return {}
+        return {k: (v.item() if isinstance(v, np.generic) else v.decode() if isinstance(v, bytes) else v)
+                for k, v in f["coords"].attrs.items()}
+
+
+def _torch():
+    try:
+        import torch  # optional: only the official .pt bags need it
+    except ImportError:
+        raise BagError(".pt bags need PyTorch: pip install torch (or use --format npz|h5)") from None
+    return torch
+
+
+def _write_pt(path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    torch = _torch()
+    feats = np.ascontiguousarray(arrays["features_cls256"], np.float32)  # [M,R*C,384], official dtype
+    torch.save(torch.from_numpy(feats), path)
+
+
+def _read_pt(path: str, keys: tuple[str, ...] | None) -> dict[str, np.ndarray]:
+    if keys and "features_cls256" not in keys:
+        return {}
+    t = _torch().load(path, map_location="cpu", weights_only=True)
+    if not hasattr(t, "numpy") or t.ndim != 3:
+        raise BagError(f"{path}: expected a tensor [M, R*C, 384] (official HIPT region bag), "
+                       f"got {getattr(t, 'shape', type(t).__name__)}")
+    return {"features_cls256": t.float().numpy()}
+
+
+NPZ = BagFormat(".npz", _write_npz, _read_npz, _npz_keys, _npz_attrs)
+H5 = BagFormat(".h5", _write_h5, _read_h5, _h5_keys, _h5_attrs)
+PT = BagFormat(".pt", _write_pt, _read_pt, lambda path: ("features_cls256",), lambda path: {})
+FORMATS = {"npz": NPZ, "h5": H5, "pt": PT}
 DEFAULT_FORMAT = "npz"
+
+
+def check_format(fmt: str) -> None:
+    """BagError unless bags of format ``fmt`` can be written here (known name, torch for .pt)."""
+    if fmt not in FORMATS:
+        raise BagError(f"unknown bag format {fmt!r} ({', '.join(FORMATS)})")
+    if fmt == "pt":
+        _torch()
 
 
 def _format_of(path: str) -> BagFormat:
@@ -63,70 +176,157 @@ def bag_path(out_dir: str, slide_id: str, fmt: str = DEFAULT_FORMAT) -> str:
 
 
 def write_bag(out_dir: str, slide_id: str, arrays: dict[str, np.ndarray],
-              fmt: str = DEFAULT_FORMAT) -> str:
-    """Write one slide's bag under a temporary name, then rename: a bag is complete or absent."""
+              fmt: str = DEFAULT_FORMAT, attrs: dict | None = None) -> str:
+    """Write one slide's bag under a temporary name, then rename: a bag is complete or absent.
+    ``attrs`` (h5 coords attributes: patch_size, patch_size_level0, ...) go where the format
+    keeps them (.pt keeps only features_cls256)."""
     path = bag_path(out_dir, slide_id, fmt)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    FORMATS[fmt].write(tmp, arrays)
-    os.replace(tmp, path)
+    write_bag_file(path, arrays, attrs)
     return path
 
 
+def write_bag_file(path: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
+    """One bag at ``path`` in the format its extension names (temporary name, then rename)."""
+    fmt = _format_of(path)
+    tmp = f"{path}.tmp-{os.getpid()}{fmt.ext}"
+    fmt.write(tmp, arrays, {k: v for k, v in (attrs or {}).items() if v is not None})
+    os.replace(tmp, path)
+
+
 def list_bags(out_dir: str) -> dict[str, str]:
-    """slide_id -> bag path of every finished bag under OUT/slides (sorted by slide id)."""
+    """slide_id -> bag path of every finished bag under OUT/slides (sorted by slide id), or
+    directly in ``out_dir`` when it has no slides/ folder (a folder of CLAM/TRIDENT h5 or
+    official .pt bags)."""
     folder = os.path.join(out_dir, SLIDES)
+    if not os.path.isdir(folder):
+        folder = out_dir
     if not os.path.isdir(folder):
         return {}
     out = {}
     for name in sorted(os.listdir(folder)):
         for fmt in FORMATS.values():
             if name.endswith(fmt.ext) and ".tmp-" not in name:
-                out[name[: -len(fmt.ext)]] = os.path.join(folder, name)
+                out.setdefault(name[: -len(fmt.ext)], os.path.join(folder, name))
     return out
+
+
+def find_bag(out_dir: str, slide_id: str) -> str | None:
+    """The bag file of ``slide_id`` under ``out_dir`` in any format, or None."""
+    folder = os.path.join(out_dir, SLIDES)
+    folder = folder if os.path.isdir(folder) else out_dir
+    for fmt in FORMATS.values():
+        path = os.path.join(folder, slide_id + fmt.ext)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def read_bag_file(path: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """The arrays of one bag file (only ``keys`` when given); BagError when unreadable."""
+    """The arrays of one bag file (only ``keys`` when given); BagError when unreadable or when
+    a requested array is not in the file."""
     try:
-        return _format_of(path).read(path, keys)
+        out = _format_of(path).read(path, keys)
     except BagError:
         raise
-    except Exception as e:  # truncated zip, missing key, bad pickle...: one clear message
+    except Exception as e:  # truncated zip, bad h5, bad pickle...: one clear message
         raise BagError(f"{path}: truncated or corrupt bag ({type(e).__name__}: {e})") from None
-
-
-def read_bag(out_dir: str, slide_id: str) -> dict[str, np.ndarray]:
-    """The arrays of one extracted slide (features_cls256 as float32)."""
-    found = [p for p in (bag_path(out_dir, slide_id, f) for f in FORMATS) if os.path.isfile(p)]
-    if not found:
-        raise BagError(f"{bag_path(out_dir, slide_id)}: slide {slide_id!r} was not extracted")
-    out = read_bag_file(found[0])
-    out["features_cls256"] = out["features_cls256"].astype(np.float32)
+    missing = [k for k in (keys or ()) if k not in out]
+    if missing:
+        raise BagError(f"{path}: bag has no {', '.join(missing)} (it holds {', '.join(sorted(out)) or 'nothing'})")
     return out
 
 
+def bag_keys(path: str) -> tuple[str, ...]:
+    """Names of the arrays a bag file holds (h5 ``features`` named by its shape)."""
+    try:
+        return tuple(_format_of(path).keys(path))
+    except BagError:
+        raise
+    except Exception as e:  # noqa: BLE001 - same message as read_bag_file
+        raise BagError(f"{path}: truncated or corrupt bag ({type(e).__name__}: {e})") from None
+
+
+def read_coords_attrs(path: str) -> dict:
+    """The coordinate attributes of a bag (patch_size, patch_size_level0, ...; {} for .pt)."""
+    try:
+        return _format_of(path).attrs(path)
+    except Exception as e:  # noqa: BLE001
+        raise BagError(f"{path}: truncated or corrupt bag ({type(e).__name__}: {e})") from None
+
+
+def convert_bag(src: str, dst: str) -> None:
+    """Rewrite the bag ``src`` in the format of ``dst``'s extension (arrays and attributes)."""
+    write_bag_file(dst, read_bag_file(src), read_coords_attrs(src))
+
+
+def read_bag(out_dir: str, slide_id: str) -> dict[str, np.ndarray]:
+    """The arrays of one extracted slide, any format (features_cls256 as float32)."""
+    path = find_bag(out_dir, slide_id)
+    if path is None:
+        raise BagError(f"{bag_path(out_dir, slide_id)}: slide {slide_id!r} was not extracted")
+    out = read_bag_file(path)
+    if "features_cls256" in out:
+        out["features_cls256"] = out["features_cls256"].astype(np.float32)
+    return out
+
+
+# Which arrays give a slide embedding, best first, and how (see the module docstring).
+_EMBEDDING_SOURCES = (
+    ("slide_embedding", lambda a: a),
+    ("features_cls4k", lambda a: a.mean(axis=0)),          # [M,192] -> [192]
+    ("features_region", lambda a: a.mean(axis=0)),         # [M,D] -> [D]
+    ("features_cls256", lambda a: a.mean(axis=(0, 1))),    # [M,R*C,384] -> [384]
+)
+
+
+def read_slide_embedding(path: str) -> np.ndarray:
+    """The slide embedding of one bag file (float32 vector; see the module docstring)."""
+    held = bag_keys(path)
+    for key, reduce in _EMBEDDING_SOURCES:
+        if key in held:
+            arr = read_bag_file(path, (key,))[key]
+            if key != "slide_embedding" and len(arr) == 0:
+                raise BagError(f"{path}: bag has no regions")
+            return np.asarray(reduce(np.asarray(arr, np.float32)), np.float32)
+    raise BagError(f"{path}: bag has no features ({', '.join(held) or 'empty'})")
+
+
 def read_slide_embeddings(out_dir: str, failed: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-    """slide_id -> slide embedding [192] for every extracted slide under ``out_dir``.
+    """slide_id -> slide embedding for every bag under ``out_dir`` (its slides/ folder, or the
+    folder itself for a folder of h5/.pt bags).
 
     An unreadable (truncated, corrupt) bag raises BagError or, when a ``failed`` dict is given,
-    is skipped and recorded there as slide_id -> error."""
-    folder = os.path.join(out_dir, SLIDES)
-    if not os.path.isdir(folder):
-        raise BagError(f"{out_dir}: no {SLIDES}/ folder; run hipt-extract first")
-    out = {}
-    for sid, path in list_bags(out_dir).items():
+    is skipped and recorded there as slide_id -> error. Bags whose embeddings differ in width
+    (CLS-4K [192] next to mean ViT-256 [384]) raise BagError naming the first odd file."""
+    found = list_bags(out_dir)
+    if not found and not os.path.isdir(os.path.join(out_dir, SLIDES)):
+        exts = "|".join(f.ext[1:] for f in FORMATS.values())
+        raise BagError(f"{out_dir}: no {SLIDES}/ folder and no *.{{{exts}}} bags; run hipt-extract first")
+    out: dict[str, np.ndarray] = {}
+    for sid, path in found.items():
         try:
-            emb = read_bag_file(path, ("slide_embedding",))["slide_embedding"]
+            emb = read_slide_embedding(path)
         except BagError as e:
             if failed is None:
                 raise
             failed[sid] = str(e)
             continue
-        out[sid] = np.asarray(emb, np.float32)
+        if out and emb.shape != next(iter(out.values())).shape:
+            first = next(iter(out))
+            raise BagError(f"{path}: slide embedding has width {emb.shape[0]} but {found[first]} "
+                           f"has {next(iter(out.values())).shape[0]}; one cohort needs one kind of bag")
+        out[sid] = emb
     if not out:
-        raise BagError(f"{folder}: no extracted slides")
+        raise BagError(f"{os.path.join(out_dir, SLIDES)}: no extracted slides")
     return out
+
+
+def num_regions(path: str) -> int:
+    """M, the number of regions of a bag file."""
+    held = bag_keys(path)
+    key = "coords" if "coords" in held else "features_cls256"
+    return int(read_bag_file(path, (key,))[key].shape[0])
 
 
 def manifest_items(out_dir: str, slide_ids: list[str], errors: dict[str, str]) -> dict[str, dict]:
@@ -136,9 +336,8 @@ def manifest_items(out_dir: str, slide_ids: list[str], errors: dict[str, str]) -
     items = {}
     for s in slide_ids:
         if s in bags:
-            coords = read_bag_file(bags[s], ("coords",))["coords"]
             items[s] = {"file": os.path.relpath(bags[s], out_dir), "status": "done",
-                        "num_regions": int(coords.shape[0])}
+                        "num_regions": num_regions(bags[s])}
         elif s in errors:
             items[s] = {"status": "failed", "error": errors[s]}
         else:

@@ -10,7 +10,8 @@ It writes the two products of the pipeline:
   float16 or float32), the same numbers as ``HIPT4K(...)(region)["features_cls256"]``. A model
   without a ViT-4K is enough.
 - per-slide bags (`hipt-extract`): `extract_cohort` embeds every slide of a hipt-prep output
-  folder into OUT/slides/<slide_id>.npz (data_prep.bags) and writes OUT/manifest.json. When
+  folder into OUT/slides/<slide_id>.<npz|h5|pt> (data_prep.bags) and writes OUT/manifest.json
+  from every process's status file (OUT/status/process_<i>.json). When
   feature shards of a slide exist already, only the cheap ViT-4K runs on them.
 
 JPEG decoding runs in a thread one batch ahead of the device. Regions of different sizes never
@@ -184,10 +185,21 @@ class Extractor:
     def embed_slide(self, region_shard: str, feature_shard: Optional[str] = None,
                     progress: Optional[tqdm] = None) -> dict[str, np.ndarray]:
         """All regions of one slide -> the arrays of its bag (see data_prep.bags)."""
-        self._require_vit4k()
+        return self.embed_slide_bag(region_shard, feature_shard, progress)[0]
+
+    def embed_slide_bag(self, region_shard: str, feature_shard: Optional[str] = None,
+                        progress: Optional[tqdm] = None) -> tuple[dict[str, np.ndarray], dict]:
+        """All regions of one slide -> (the arrays of its bag, its coordinate attributes)."""
         recs = shards.read_records(region_shard, shards.REGION)
         if not recs:
             raise ExtractError(f"{region_shard}: shard has no region records")
+        return self.embed_records(recs, region_shard, feature_shard, progress), coords_attrs(recs)
+
+    def embed_records(self, recs: list[dict], source: str, feature_shard: Optional[str] = None,
+                      progress: Optional[tqdm] = None) -> dict[str, np.ndarray]:
+        """Region records (image_jpeg, x, y, region_px) of one slide -> its bag arrays;
+        ``source`` names the input in error messages."""
+        self._require_vit4k()
         coords = np.array([[r["x"], r["y"]] for r in recs], np.int64)
         progress = progress if progress is not None else tqdm(disable=True)
         if feature_shard is not None:
@@ -195,7 +207,7 @@ class Extractor:
         else:
             cls256, cls4k = self._embed_regions(recs, progress)
         if len({c.shape[1:] for c in cls256}) > 1:
-            raise ExtractError(f"{region_shard}: regions of different sizes in one slide")
+            raise ExtractError(f"{source}: regions of different sizes in one slide")
         cls4k_all = np.concatenate(cls4k).astype(np.float32)
         return {
             "features_cls256": np.concatenate(cls256),
@@ -203,6 +215,17 @@ class Extractor:
             "slide_embedding": cls4k_all.mean(axis=0),
             "coords": coords,
         }
+
+
+def coords_attrs(recs: list[dict]) -> dict:
+    """The TRIDENT/CLAM coordinate attributes of one slide's regions (magnification = 10 / mpp,
+    the usual 0.5 um/px = 20x convention)."""
+    r = recs[0]
+    level0_mpp = float(r["mpp"]) * float(r["region_px"]) / float(r["read_px"])  # um per level-0 px
+    return {"patch_size": int(r["region_px"]), "patch_size_level0": int(r["read_px"]),
+            "level0_magnification": round(10.0 / level0_mpp, 3),
+            "target_magnification": round(10.0 / float(r["mpp"]), 3),
+            "overlap": 0, "name": str(r["slide_id"]), "mpp": float(r["mpp"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,16 +238,59 @@ def _existing_feature_shard(features_dir: Optional[str], slide_id: str) -> Optio
     return path if os.path.isfile(path) else None
 
 
+STATUS = "status"  # OUT/status/process_<i>.json: one process's slides of the last run
+
+
+def _status_path(out_dir: str, process: int) -> str:
+    return os.path.join(out_dir, STATUS, f"process_{process:05d}.json")
+
+
+def write_process_status(out_dir: str, process: int, slides: dict[str, dict], run: dict) -> None:
+    """This process's own record of its slides: {slide_id: {status, error?}} and run figures."""
+    os.makedirs(os.path.join(out_dir, STATUS), exist_ok=True)
+    shards.write_json_atomic(_status_path(out_dir, process),
+                             {"process": process, "slides": slides, "run": run})
+
+
+def merge_process_status(out_dir: str, process_count: int) -> tuple[dict[str, str], list[dict]]:
+    """(slide_id -> error of every failed slide, per-process run figures) from the status files
+    of processes 0..process_count-1 (files of an earlier run with more processes are ignored)."""
+    import json
+
+    errors: dict[str, str] = {}
+    runs = []
+    for p in range(process_count):
+        path = _status_path(out_dir, p)
+        if not os.path.isfile(path):
+            raise ExtractError(f"{path}: process {p} wrote no status (did it crash?)")
+        with open(path) as f:
+            status = json.load(f)
+        errors.update({s: v["error"] for s, v in status["slides"].items() if v["status"] == "failed"})
+        runs.append(status["run"])
+    return errors, runs
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process got here (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Optional[str] = None,
                    batch_per_device: int = 1, store_dtype: str = "float32",
                    params: Optional[dict] = None, show_progress: bool = True,
-                   extractor: Optional[Extractor] = None) -> dict:
+                   extractor: Optional[Extractor] = None, fmt: str = bags.DEFAULT_FORMAT) -> dict:
     """Embed every slide of ``shards_dir`` that has no bag in ``out_dir`` yet; returns the manifest.
 
-    ``model`` is a hipt_jax.HIPT4K with a ViT-4K. In a multi-process run each process takes
-    slides i with i % process_count == process_index; process 0 writes the manifest.
-    Pass a prebuilt ``extractor`` to reuse its compiled functions across calls.
+    ``model`` is a hipt_jax.HIPT4K with a ViT-4K; ``fmt`` the bag format (npz, h5, pt). In a
+    multi-process run each process takes slides i with i % process_count == process_index and
+    writes its own status file (OUT/status/process_<i>.json); after a barrier every process
+    merges all of them, so the manifest (written by process 0) has every slide's status,
+    including other processes' failures. Pass a prebuilt ``extractor`` to reuse its compiled
+    functions across calls.
     """
+    bags.check_format(fmt)  # before any work: an unknown format or .pt without torch
     region_shards = shards.list_slide_shards(shards_dir, shards.REGION)
     slide_ids = list(region_shards)
     features_dir = features_dir if features_dir is not None else shards_dir
@@ -233,28 +299,37 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
     done = bags.list_bags(out_dir)
     todo = [s for s in mine if s not in done]
     extractor = extractor or Extractor(model, batch_per_device)
-    errors: dict[str, str] = {}
+    status: dict[str, dict] = {s: {"status": "done"} for s in mine if s in done}
     n_regions = 0
     t0 = time.time()
     bar = tqdm(total=None, unit="region", desc="extract", disable=not show_progress, dynamic_ncols=True)
     for slide_id in todo:
         bar.set_postfix_str(slide_id)
         try:
-            arrays = extractor.embed_slide(region_shards[slide_id],
-                                           _existing_feature_shard(features_dir, slide_id), bar)
-        except ValueError as e:  # ExtractError, ShardError, bad pixels: the slide fails, the run goes on
-            errors[slide_id] = str(e)
+            arrays, attrs = extractor.embed_slide_bag(region_shards[slide_id],
+                                                      _existing_feature_shard(features_dir, slide_id), bar)
+            arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
+            bags.write_bag(out_dir, slide_id, arrays, fmt, attrs=attrs)
+        except ValueError as e:  # ExtractError, ShardError, BagError, bad pixels: the slide fails, the run goes on
+            status[slide_id] = {"status": "failed", "error": str(e)}
             continue
-        arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
-        bags.write_bag(out_dir, slide_id, arrays)
+        status[slide_id] = {"status": "done"}
         n_regions += len(arrays["coords"])
     bar.close()
     seconds = time.time() - t0
+    write_process_status(out_dir, jax.process_index(), status,
+                         {"regions": n_regions, "seconds": round(seconds, 3)})
+    _barrier("hipt-extract status")  # every process's status file is on disk past this line
+    errors, runs = merge_process_status(out_dir, jax.process_count())
     manifest = shards.write_run_manifest(
         out_dir, schema=EMBEDDINGS_SCHEMA, items=bags.manifest_items(out_dir, slide_ids, errors),
-        params=dict(params or {}, store_dtype=store_dtype, batch=extractor.batch),
+        params=dict(params or {}, store_dtype=store_dtype, batch=extractor.batch, format=fmt,
+                    processes=jax.process_count()),
         versions=shards.package_versions(VERSION_PACKAGES), items_key="slides",
         write=jax.process_index() == 0)
-    manifest["run"] = {"regions": n_regions, "seconds": round(seconds, 3),
-                       "regions_per_s": round(n_regions / seconds, 4) if seconds > 0 else None}
+    total = sum(r["regions"] for r in runs)
+    wall = max(r["seconds"] for r in runs)
+    manifest["run"] = {"regions": total, "seconds": round(wall, 3),
+                       "regions_per_s": round(total / wall, 4) if wall > 0 else None}
+    _barrier("hipt-extract manifest")  # no process leaves before the manifest is written
     return manifest

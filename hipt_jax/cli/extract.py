@@ -2,6 +2,7 @@
 
     hipt-extract --vit256 CKPT256 --vit4k CKPT4K --shards PREP_OUT --out EMB_DIR
     hipt-extract --random-init tiny --shards PREP_OUT --out EMB_DIR            # smoke test
+    hipt-extract ... --format h5        # TRIDENT/CLAM h5 bags (or pt: official HIPT .pt bags)
 
 What it computes and writes: hipt_jax.extraction (extract_cohort). Exit codes: 0 every
 slide done, 1 some slides failed (named in EMB_DIR/manifest.json), 2 bad usage or input.
@@ -22,7 +23,10 @@ def build_parser() -> flags.Parser:
     p.add_argument("--shards", required=True, help="hipt-prep output folder (with regions/)")
     p.add_argument("--features", default=None,
                    help="folder of precomputed ViT-256 feature shards (default: SHARDS/features if present)")
-    p.add_argument("--out", required=True, help="output folder (slides/*.npz + manifest.json)")
+    p.add_argument("--out", required=True, help="output folder (slides/<id>.<format> + manifest.json)")
+    p.add_argument("--format", choices=("npz", "h5", "pt"), default="npz",
+                   help="bag format: npz (all arrays), h5 (TRIDENT/CLAM layout: features + coords "
+                        "with attributes), pt (official HIPT region bag [M,256,384]; needs torch)")
     flags.add_compute_flags(p, batch_per_device=1, patch_batch=True)
     flags.add_storage_flags(p, choices=("float32", "float16"), default="float32")
     flags.add_progress_flag(p)
@@ -41,11 +45,12 @@ def _run(args) -> int:
               "shards": os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
     manifest = extract_cohort(model, args.shards, args.out, features_dir=args.features,
                               batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
-                              params=params, show_progress=not args.no_progress)
+                              params=params, show_progress=not args.no_progress, fmt=args.format)
     failed = {s: v["error"] for s, v in manifest["slides"].items() if v["status"] == "failed"}
+    n_done = sum(v["status"] == "done" for v in manifest["slides"].values())
     run = manifest["run"]
     print(f"{PROG}: {run['regions']} regions in {run['seconds']:.1f} s "
-          f"({run['regions_per_s']} regions/s); {len(manifest['slides']) - len(failed)} slides ok, "
+          f"({run['regions_per_s']} regions/s); {n_done} slides ok, "
           f"{len(failed)} failed -> {os.path.join(args.out, MANIFEST)}")
     return flags.report_failed(PROG, failed)
 

@@ -105,6 +105,9 @@ def _lgp_scores(args, slide):
         raise ValueError("--lgp needs --embeddings (the hipt-extract output with slides/<id>.npz)")
     slide_id = os.path.splitext(os.path.basename(args.slide))[0]
     bag = bags.read_bag(args.embeddings, slide_id)  # BagError (a ValueError) when not extracted
+    if "coords" not in bag:  # an official .pt bag holds features only
+        raise ValueError(f"{bags.find_bag(args.embeddings, slide_id)}: bag has no region coordinates "
+                         "(use an npz or h5 bag)")
     feats, coords = bag["features_cls256"], bag["coords"]
     mpp = slide_io.slide_mpp(slide, args.assume_mpp, args.slide)
     read_px = slide_io.region_geometry(slide, mpp, args.size, args.target_mpp).read_px

@@ -61,7 +61,7 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     per_slide: dict[str, np.ndarray] = {}
     missing = []
     for sid in coh.slide_ids:
-        if not os.path.isfile(bags.bag_path(emb, sid)):
+        if bags.find_bag(emb, sid) is None:
             missing.append(sid)
             continue
         try:
@@ -219,7 +219,7 @@ def _feature_grid(embeddings: str, slide_ids: list[str]) -> int:
     """Side of the ViT-256 feature grid of the first readable labelled slide (16 for 4096 px
     regions): it decides the ViT-4K pos-embed size."""
     for sid in slide_ids:
-        if os.path.isfile(bags.bag_path(embeddings, sid)):
+        if bags.find_bag(embeddings, sid) is not None:
             try:
                 return int(round(read_bag(embeddings, sid)["features_cls256"].shape[1] ** 0.5))
             except BagError:

@@ -5,6 +5,8 @@ Sources are plain random-access objects (``__len__``, ``__getitem__ -> dict``):
   format the reference used; records {"image": uint8 [H,W,3]}.
 - ``FeatureFolderSource``: a folder of .npy / .pt files each holding one region's [256,384]
   ViT-256 features, the stage-2 format the reference used; records {"features": [256,384]}.
+- ``BagRegionSource``: per-slide bags (hipt-extract output, TRIDENT/CLAM .h5 or the official
+  [M,256,384] .pt region bags; data_prep.bags), one record per region, data.kind "bags".
 - ``hipt_jax.data.sources.PatchSource`` / ``FeatureSource``: ArrayRecord shards written by
   ``hipt-prep`` (same record keys), selected with data.kind "patch_shards" / "feature_shards".
 
@@ -26,6 +28,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from data_prep import bags
 from hipt_jax.pretrain.augment import FeatureMultiCrop, ImageMultiCrop
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -87,6 +90,39 @@ class FeatureFolderSource:
         return {"features": feats}
 
 
+class BagRegionSource:
+    """Stage 2 from per-slide bags: record i is one region's features_cls256 [R*C,384] of a bag
+    under ``folder`` (its slides/ folder or the folder itself; any bag format)."""
+
+    def __init__(self, folder: str, expect_shape=(256, 384)):
+        found = bags.list_bags(folder)
+        if not found:
+            raise FileNotFoundError(f"{folder}: no bags (slides/*.npz|h5|pt or *.npz|h5|pt) found")
+        self.files = list(found.values())
+        counts = [bags.num_regions(p) for p in self.files]
+        self._starts = np.cumsum([0] + counts)  # record i lives in file searchsorted(starts, i)
+        self.expect_shape = tuple(expect_shape)
+        self._cache: tuple[str, np.ndarray] | None = None  # last bag read (records come in runs)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _features(self, path: str) -> np.ndarray:
+        if self._cache is None or self._cache[0] != path:
+            feats = bags.read_bag_file(path, ("features_cls256",))["features_cls256"]
+            self._cache = (path, np.asarray(feats, np.float32))  # [M,R*C,384]
+        return self._cache[1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        file = int(np.searchsorted(self._starts, int(index), side="right")) - 1
+        path = self.files[file]
+        feats = self._features(path)[int(index) - int(self._starts[file])]
+        if feats.shape != self.expect_shape:
+            raise ValueError(f"{path}: region features have shape {feats.shape}, "
+                             f"expected {self.expect_shape}")
+        return {"features": feats}
+
+
 def make_source(data_config: ml_collections.ConfigDict):
     """The source named by data.kind at data.path."""
     kind, path = data_config.kind, data_config.path
@@ -97,14 +133,17 @@ def make_source(data_config: ml_collections.ConfigDict):
     if kind == "feature_folder":
         return FeatureFolderSource(path, expect_shape=(data_config.grid[0] * data_config.grid[1],
                                                        data_config.in_features))
+    if kind == "bags":
+        return BagRegionSource(path, expect_shape=(data_config.grid[0] * data_config.grid[1],
+                                                   data_config.in_features))
     if kind == "patch_shards":
         from hipt_jax.data.sources import PatchSource
         return PatchSource(path)
     if kind == "feature_shards":
         from hipt_jax.data.sources import FeatureSource
         return FeatureSource(path)
-    raise ValueError(f"unknown data.kind {kind!r}: png_folder, feature_folder, patch_shards, "
-                     "feature_shards")
+    raise ValueError(f"unknown data.kind {kind!r}: png_folder, feature_folder, bags, "
+                     "patch_shards, feature_shards")
 
 
 def make_augment(config: ml_collections.ConfigDict) -> grain.transforms.Map:

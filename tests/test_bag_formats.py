@@ -1,0 +1,181 @@
+"""Bags in every format: npz <-> h5 <-> pt round trips, TRIDENT-layout h5 written by h5py read
+by hipt-knn, official-layout .pt bags training HIPT-LGP and feeding stage-2 pretraining."""
+import itertools
+import os
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from data_prep import bags
+from tests.synthetic_cohort import write_labels
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# What each format carries (the .pt official bag is only the [M,R*C,384] tensor).
+CARRIES = {"npz": {"features_cls256", "features_cls4k", "slide_embedding", "coords"},
+           "h5": {"features_cls256", "features_cls4k", "slide_embedding", "coords"},
+           "pt": {"features_cls256"}}
+ATTRS = {"patch_size": 4096, "patch_size_level0": 8192, "level0_magnification": 40.0,
+         "target_magnification": 20.0, "overlap": 0, "name": "slide_a", "mpp": 0.5}
+# The attributes TRIDENT writes on its coords dataset (published names).
+TRIDENT_ATTRS = dict(patch_size=4096, patch_size_level0=8192, level0_magnification=40,
+                     target_magnification=20, overlap=0, name="s", savetodir="/job/patches",
+                     level0_width=100000, level0_height=80000)
+
+
+def _bag(rng, m=3, tokens=4):
+    return {"features_cls256": rng.normal(size=(m, tokens, 384)).astype(np.float32),
+            "features_cls4k": rng.normal(size=(m, 192)).astype(np.float32),
+            "slide_embedding": rng.normal(size=(192,)).astype(np.float32),
+            "coords": rng.integers(0, 10 ** 6, size=(m, 2)).astype(np.int64)}
+
+
+def test_round_trip_every_format_pair_is_exact(tmp_path):
+    """Each pair a -> b -> a keeps every array both carry bit for bit (and its dtype), and the
+    coords attributes between npz and h5. Plant checked: mapping an h5 `features` [M,192] to
+    features_region instead of features_cls4k fails the h5 legs."""
+    orig = _bag(np.random.default_rng(0))
+    for a, b in itertools.product(bags.FORMATS, repeat=2):
+        pa, pb, back = (str(tmp_path / f"{a}_{b}_{i}.{f}") for i, f in enumerate((a, b, a)))
+        bags.write_bag_file(pa, orig, ATTRS)
+        bags.convert_bag(pa, pb)
+        bags.convert_bag(pb, back)
+        for path, fmts in ((pb, (a, b)), (back, (a, b))):
+            got = bags.read_bag_file(path)
+            keys = set.intersection(*(CARRIES[f] for f in fmts))
+            assert set(got) == keys, (a, b, sorted(got))
+            for k in keys:
+                assert got[k].dtype == orig[k].dtype and np.array_equal(got[k], orig[k]), (a, b, k)
+            assert bags.num_regions(path) == 3
+            if "pt" not in fmts:
+                assert bags.read_coords_attrs(path) == ATTRS, (a, b)
+    # Our h5 is the TRIDENT layout: features = CLS-4K [M,192], coords with the attributes.
+    with h5py.File(tmp_path / "h5_h5_1.h5") as f:
+        assert f["features"].shape == (3, 192) and f["coords"].dtype == np.int64
+        assert f["coords"].attrs["patch_size_level0"] == 8192 and f["coords"].attrs["name"] == "slide_a"
+    # The .pt file is exactly what the official code loads: one float tensor [M,R*C,384].
+    t = torch.load(tmp_path / "pt_pt_1.pt", weights_only=True)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == (3, 4, 384)
+
+
+def test_float16_bag_and_bad_files_give_clear_errors(tmp_path, monkeypatch):
+    """float16 ViT-256 features survive npz/h5 unchanged; a corrupt h5, a .pt that is not a
+    tensor, and a request for an array the format lacks each name the file; .pt without torch
+    installed is refused up front. Plant checked: dropping the missing-key check in
+    read_bag_file returns {} for ("coords",) and fails."""
+    orig = _bag(np.random.default_rng(1))
+    orig["features_cls256"] = orig["features_cls256"].astype(np.float16)
+    for fmt in ("npz", "h5"):
+        path = str(tmp_path / f"half.{fmt}")
+        bags.write_bag_file(path, orig)
+        assert bags.read_bag_file(path)["features_cls256"].dtype == np.float16
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    with pytest.raises(bags.BagError, match="bad.h5: truncated or corrupt"):
+        bags.read_bag_file(str(tmp_path / "bad.h5"))
+    torch.save({"a": torch.zeros(2)}, tmp_path / "dict.pt")
+    with pytest.raises(bags.BagError, match=r"dict.pt: expected a tensor \[M, R\*C, 384\]"):
+        bags.read_bag_file(str(tmp_path / "dict.pt"))
+    bags.write_bag_file(str(tmp_path / "x.pt"), orig)
+    with pytest.raises(bags.BagError, match="x.pt: bag has no coords"):
+        bags.read_bag_file(str(tmp_path / "x.pt"), ("coords",))
+    bags.check_format("h5")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(bags.BagError, match=r"\.pt bags need PyTorch: pip install torch"):
+        bags.check_format("pt")
+
+
+def _trident_h5(path, feats, rng):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=feats)
+        coords = f.create_dataset("coords", data=rng.integers(0, 10 ** 5, size=(len(feats), 2)))
+        for k, v in dict(TRIDENT_ATTRS, name=os.path.basename(path)[:-3]).items():
+            coords.attrs[k] = v
+
+
+def _cohort(rng, n, width):
+    """n slides of 2 classes; class c shifts every feature along one random direction."""
+    direction = rng.normal(size=width).astype(np.float32)
+    classes = np.arange(n) % 2
+    return classes, lambda c, shape: (rng.normal(size=shape) + 2.0 * c * direction).astype(np.float32)
+
+
+def test_trident_h5_folder_is_read_by_hipt_knn(tmp_path, capsys):
+    """A folder of TRIDENT-layout h5 files (features [M,192] = CLS-4K per region, coords with
+    TRIDENT's attribute names) written by h5py is a hipt-knn input; [M,384] and [M,256,384]
+    features map to 384-wide embeddings and a mixed cohort is refused. Plant checked: taking
+    the first region instead of the mean over regions drops the AUC and fails the value check."""
+    from hipt_jax.cli import knn as knn_cli
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    classes, sample = _cohort(rng, 20, 192)
+    for i, c in enumerate(classes):
+        _trident_h5(str(folder / f"s{i:02d}.h5"), sample(c, (int(rng.integers(2, 5)), 192)), rng)
+    labels = write_labels(str(tmp_path / "labels.csv"),
+                          [{"slide_id": f"s{i:02d}", "label": int(c)} for i, c in enumerate(classes)])
+    out = str(tmp_path / "knn.json")
+    assert knn_cli.main(["--embeddings", str(folder), "--labels", labels, "--splits", "kfold:2",
+                         "--out", out]) == 0, capsys.readouterr().err
+    emb = bags.read_slide_embeddings(str(folder))
+    with h5py.File(folder / "s03.h5") as f:
+        np.testing.assert_allclose(emb["s03"], f["features"][()].mean(0), rtol=1e-6)
+    import json
+    assert json.load(open(out))["summary"]["paper"]["auc"]["mean"] > 0.9
+    # Region-level ViT-256 features: [M,384] (one vector per region) and [M,256,384] (grids).
+    _trident_h5(str(tmp_path / "r384.h5"), rng.normal(size=(3, 384)).astype(np.float32), rng)
+    _trident_h5(str(tmp_path / "grid.h5"), rng.normal(size=(3, 4, 384)).astype(np.float32), rng)
+    assert "features_region" in bags.bag_keys(str(tmp_path / "r384.h5"))
+    assert bags.read_slide_embedding(str(tmp_path / "r384.h5")).shape == (384,)
+    grid = bags.read_bag_file(str(tmp_path / "grid.h5"))["features_cls256"]
+    np.testing.assert_allclose(bags.read_slide_embedding(str(tmp_path / "grid.h5")), grid.mean((0, 1)), rtol=1e-6)
+    os.rename(tmp_path / "r384.h5", folder / "zz.h5")
+    with pytest.raises(bags.BagError, match="zz.h5: slide embedding has width 384"):
+        bags.read_slide_embeddings(str(folder))
+
+
+def test_official_pt_bags_train_lgp_and_feed_stage2(tmp_path):
+    """torch.save of [M,4,384] tensors (the official layout, tiny 2x2 grid) in a plain folder
+    are found, read and encoded by hipt-finetune's loader and train HIPT-LGP (one epoch, the
+    classifier moves), and the stage-2 source reads the same regions from .pt, .h5 and .npz
+    bags. Plant checked: finetune looking only for .npz bags (bags.bag_path) finds no slide."""
+    from configs import lgp_subtyping
+    from hipt_jax.evaluation import cohort as cohort_lib
+    from hipt_jax.finetune import main as finetune
+    from hipt_jax.finetune.trainer import LGPTrainer, TrainConfig
+    from hipt_jax.pretrain.data import make_source
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "pt_bags"
+    folder.mkdir()
+    classes, sample = _cohort(rng, 6, 384)
+    for i, c in enumerate(classes):
+        torch.save(torch.from_numpy(sample(c, (int(rng.integers(1, 4)), 4, 384))), folder / f"s{i:02d}.pt")
+    labels = write_labels(str(tmp_path / "labels.csv"),
+                          [{"slide_id": f"s{i:02d}", "label": int(c)} for i, c in enumerate(classes)])
+    c = lgp_subtyping.get_config("runlocal")
+    c.data.embeddings, c.data.labels = str(folder), labels
+    coh = cohort_lib.read_labels_csv(labels)
+    model = finetune._build_model(c, 2)
+    variables = finetune._init_variables(model, c, seed=0, grid=finetune._feature_grid(str(folder), coh.slide_ids))
+    items, _, info = finetune.load_items(c, coh, model, variables)
+    assert info["n_slides"] == 6 and items[0].inputs.shape[1:] == (192,)  # frozen ViT-4K ran on them
+    trainer = LGPTrainer(model, TrainConfig(epochs=1))
+    params = trainer.fit(variables, items, desc=None)
+    assert not np.array_equal(params["classifier"]["kernel"], variables["params"]["classifier"]["kernel"])
+    # Stage 2 (data.kind "bags"): one record per region, same numbers in every format.
+    import ml_collections
+
+    first = torch.load(folder / "s00.pt", weights_only=True).numpy()
+    for fmt in ("pt", "h5", "npz"):
+        one = tmp_path / f"stage2_{fmt}"
+        one.mkdir()
+        bags.convert_bag(str(folder / "s00.pt"), str(one / f"s00.{fmt}"))
+        src = make_source(ml_collections.ConfigDict(dict(kind="bags", path=str(one), grid=(2, 2),
+                                                         in_features=384)))
+        assert len(src) == len(first)
+        for i in range(len(first)):
+            np.testing.assert_array_equal(src[i]["features"], first[i])
