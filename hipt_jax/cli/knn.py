@@ -8,6 +8,7 @@ input.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -28,20 +29,52 @@ def build_parser() -> flags.Parser:
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--fit-on", choices=["train", "train+val"], default="train")
     p.add_argument("--out", default=None, help="JSON output (default: EMBEDDINGS/knn_results.json)")
+    p.add_argument("--label-column", default="label", help="CSV column holding the class (e.g. oncotree_code)")
+    p.add_argument("--classes", default=None, type=_class_list,
+                   help="comma-separated classes to keep, in this order (e.g. IDC,ILC); other rows dropped")
+    p.add_argument("--label-frac", type=_fraction, default=1.0,
+                   help="seeded per-class patient-level fraction of each training part (test unchanged)")
+    p.add_argument("--save-splits", default=None, metavar="DIR",
+                   help="write the folds used as CLAM split files DIR/splits_{i}.csv")
     return p
+
+
+def _class_list(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
+    return names
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
 
 
 def _run(args) -> int:
     from hipt_jax.evaluation.knn_eval import format_table, run
 
     result = run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
-                 k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on)
+                 k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on,
+                 label_column=args.label_column, classes=args.classes, label_frac=args.label_frac,
+                 save_splits=args.save_splits)
     out = args.out or os.path.join(args.embeddings, "knn_results.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     if result["missing_slides"]:
         print(f"{PROG}: {len(result['missing_slides'])} labelled slide(s) have no embedding "
               f"(skipped): {result['missing_slides'][:5]}", file=sys.stderr)
+    for cls, n in sorted(result["dropped_by_class"].items()):
+        print(f"{PROG}: dropped {n} row(s) of class {cls!r} (not in --classes)", file=sys.stderr)
+    if result["skipped_split_ids"]:
+        ids = result["skipped_split_ids"]
+        print(f"{PROG}: {len(ids)} split id(s) not in the labels CSV (skipped): {ids[:10]}", file=sys.stderr)
+    print(f"{PROG}: {result['folds_source']}, label fraction {result['label_frac']}", file=sys.stderr)
     print(format_table(result))
     print(f"-> {out}")
     return flags.report_failed(PROG, result["failed_slides"])

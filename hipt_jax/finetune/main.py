@@ -24,7 +24,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_prep import bags
 from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
 from hipt_jax.finetune import plots, survival
@@ -61,7 +60,7 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     per_slide: dict[str, np.ndarray] = {}
     missing = []
     for sid in coh.slide_ids:
-        if not os.path.isfile(bags.bag_path(emb, sid)):
+        if cohort_lib.bag_file(emb, sid) is None:  # ids are names inside EMB/slides, never paths
             missing.append(sid)
             continue
         try:
@@ -111,19 +110,40 @@ def _map_split_ids(folds, items: list[Item], coh: cohort_lib.Cohort, task: str):
     return out
 
 
-def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohort):
+def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohort,
+            workdir: Optional[str] = None) -> cohort_lib.FoldPlan:
+    """The folds (hipt_jax.evaluation.cohort.plan_folds: the same rules as hipt-knn), written
+    to WORKDIR/splits/ as CLAM split files when a workdir is given."""
     ids = [it.item_id for it in items]
     spec = config.data.splits
-    if spec.startswith("kfold:"):
-        try:
-            return cohort_lib.resolve_splits(spec, ids, strata, config.seed)
-        except cohort_lib.CohortError:
-            if config.task != "survival":
-                raise
-            # Too few patients per (bin, censorship) stratum: stratify by censorship only.
-            return cohort_lib.resolve_splits(spec, ids, strata % 2, config.seed)
-    folds = cohort_lib.read_clam_splits(spec)
-    return _map_split_ids(folds, items, coh, config.task)
+    unit = "case" if config.task == "survival" else "slide"
+    frac = float(config.data.get("label_frac", 1.0))
+    try:
+        plan = cohort_lib.plan_folds(coh, spec, ids, strata, unit=unit, seed=config.seed, label_frac=frac)
+    except cohort_lib.CohortError:
+        if config.task != "survival" or not spec.startswith("kfold:"):
+            raise
+        # Too few patients per (bin, censorship) stratum: stratify by censorship only.
+        plan = cohort_lib.plan_folds(coh, spec, ids, strata % 2, unit=unit, seed=config.seed, label_frac=frac)
+    if config.task == "subtyping":
+        where = f"{spec} fold {{k}}" if spec.startswith("kfold:") else os.path.join(spec, "splits_{k}.csv")
+        cohort_lib.check_training_classes(plan.folds, {it.item_id: it.label for it in items},
+                                          coh.class_names, where)
+    if plan.skipped_ids:
+        print(f"hipt-finetune: {len(plan.skipped_ids)} split id(s) not in {config.data.labels} "
+              f"(skipped): {plan.skipped_ids[:10]}", file=sys.stderr)
+    if workdir:
+        cohort_lib.write_clam_splits(plan.folds, os.path.join(workdir, "splits"))
+    return plan
+
+
+def _class_list(classes) -> Optional[list[str]]:
+    """config.data.classes: "IDC,ILC" or a sequence; empty = every class."""
+    if not classes:
+        return None
+    if isinstance(classes, str):
+        return [c.strip() for c in classes.split(",") if c.strip()] or None
+    return [str(c) for c in classes]
 
 
 def _save_checkpoint(path: str, params, model: lgp.HIPTLGP, task: str) -> None:
@@ -144,7 +164,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     if not config.data.embeddings or not config.data.labels:
         raise FinetuneError("set --config.data.embeddings (hipt-extract output) and --config.data.labels (CSV)")
     os.makedirs(workdir, exist_ok=True)
-    coh = cohort_lib.read_labels_csv(config.data.labels, require_survival=config.task == "survival")
+    frac = float(config.data.get("label_frac", 1.0))
+    if not 0.0 < frac <= 1.0:
+        raise FinetuneError(f"config.data.label_frac={frac}: expected a fraction in (0, 1]")
+    coh = cohort_lib.read_labels_csv(config.data.labels, require_survival=config.task == "survival",
+                                     label_column=config.data.get("label_column", "label") or "label",
+                                     classes=_class_list(config.data.get("classes", "")))
+    for cls, n in sorted(coh.dropped.items()):
+        print(f"hipt-finetune: dropped {n} row(s) of class {cls!r} (not in data.classes)", file=sys.stderr)
     n_classes = config.model.n_classes
     if n_classes < 1:
         n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)
@@ -153,7 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     base_vars = _init_variables(model, config, config.seed, grid)
     failed: dict[str, str] = {}
     items, strata, info = load_items(config, coh, model, base_vars, failed)
-    folds = _splits(config, items, strata, coh)
+    plan = _splits(config, items, strata, coh, workdir)
+    folds = plan.folds
     by_id = {it.item_id: it for it in items}
     trainer_cfg = TrainConfig(
         task=config.task, epochs=config.optim.epochs, lr=config.optim.lr,
@@ -197,7 +225,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     summary = {m: _summary([r["test"][m] for r in fold_results]) for m in names}
     results = {"task": config.task, "n_items": len(items), "info": info, "class_names": coh.class_names,
                "folds": [{"fold": r["fold"], **r["test"]} for r in fold_results], "summary": summary,
-               "failed_slides": failed, "config": config.to_dict()}
+               "failed_slides": failed, "config": config.to_dict(),
+               "folds_source": plan.describe(), "label_frac": frac, "dropped_by_class": coh.dropped,
+               "skipped_split_ids": plan.skipped_ids}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     table = format_table(results["folds"], names, summary)
@@ -219,7 +249,7 @@ def _feature_grid(embeddings: str, slide_ids: list[str]) -> int:
     """Side of the ViT-256 feature grid of the first readable labelled slide (16 for 4096 px
     regions): it decides the ViT-4K pos-embed size."""
     for sid in slide_ids:
-        if os.path.isfile(bags.bag_path(embeddings, sid)):
+        if cohort_lib.bag_file(embeddings, sid) is not None:
             try:
                 return int(round(read_bag(embeddings, sid)["features_cls256"].shape[1] ** 0.5))
             except BagError:
