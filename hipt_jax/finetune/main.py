@@ -163,7 +163,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
         raise FinetuneError(f"config.task={config.task!r}: expected subtyping or survival")
     if not config.data.embeddings or not config.data.labels:
         raise FinetuneError("set --config.data.embeddings (hipt-extract output) and --config.data.labels (CSV)")
-    os.makedirs(workdir, exist_ok=True)
     frac = float(config.data.get("label_frac", 1.0))
     if not 0.0 < frac <= 1.0:
         raise FinetuneError(f"config.data.label_frac={frac}: expected a fraction in (0, 1]")
@@ -172,6 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
                                      classes=_class_list(config.data.get("classes", "")))
     for cls, n in sorted(coh.dropped.items()):
         print(f"hipt-finetune: dropped {n} row(s) of class {cls!r} (not in data.classes)", file=sys.stderr)
+    os.makedirs(workdir, exist_ok=True)  # after the labels are validated: bad input writes nothing
     n_classes = config.model.n_classes
     if n_classes < 1:
         n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)
