@@ -224,3 +224,81 @@ def test_knn_cli_official_cohort_save_splits_and_bad_splits(emb, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "splits_1.csv: patient(s) ['TCGA-ID-0001']" in err and len(err.splitlines()) == 1
     assert "Traceback" not in err
+
+
+def _lgp_config(task, emb, splits, **data):
+    from configs import lgp_subtyping, lgp_survival
+
+    c = (lgp_subtyping if task == "subtyping" else lgp_survival).get_config("runlocal")
+    c.data.embeddings, c.data.labels, c.data.splits = emb, LABELS, splits
+    c.data.update(data)
+    c.optim.epochs = 1
+    c.model.freeze_local = False  # items keep raw features: no ViT-4K encoding in these tests
+    return c
+
+
+class _InstantTrainer:
+    """Stands in for the LGP trainer: these tests check which items reach each fold, not
+    learning (tests/test_finetune.py trains for real), and compiling the LGP per fold would
+    cost minutes on a 2-core machine."""
+
+    def __init__(self, model, cfg):
+        self.cfg = cfg
+
+    def fit(self, variables, items, desc=None):
+        return {"n_train": len(items)}
+
+    def evaluate(self, params, items):
+        if self.cfg.task == "survival":
+            preds = {"times": [it.time for it in items], "censored": [it.censored for it in items],
+                     "risk": list(np.linspace(0, 1, len(items)))}
+            return {"c_index": 0.5}, preds
+        probs = [[0.5, 0.5] for _ in items]
+        return {"auc": 0.5}, {"labels": [it.label for it in items], "probs": probs}
+
+
+@pytest.fixture
+def instant_finetune(monkeypatch):
+    from hipt_jax.finetune import main as finetune
+
+    monkeypatch.setattr(finetune, "LGPTrainer", _InstantTrainer)
+    monkeypatch.setattr(finetune, "_init_variables", lambda model, config, seed, grid: {"params": {}})
+    monkeypatch.setattr(finetune, "_save_checkpoint", lambda *a, **k: None)
+    return finetune
+
+
+def test_finetune_reads_the_same_cohort_and_writes_its_splits(emb, tmp_path, capsys, instant_finetune):
+    """hipt-finetune on the official table: class filter, label column, label fraction, CLAM
+    subtyping splits (unknown id skipped and listed as hipt-knn does) and MCAT survival splits;
+    the folds used are written to WORKDIR/splits/. Plants: splits not written; label_frac
+    ignored; survival val column not used as the test part."""
+    finetune = instant_finetune
+    cfg = _lgp_config("subtyping", emb, SUBTYPE, label_column="oncotree_code", classes="IDC,ILC",
+                      label_frac=0.5)
+    res = finetune.run(cfg, str(tmp_path / "sub"), show_progress=False)
+    assert res["skipped_split_ids"] == [UNKNOWN] and res["dropped_by_class"] == {"MDLC": 3}
+    assert res["class_names"] == ["IDC", "ILC"]
+    written = cohort.read_clam_splits(str(tmp_path / "sub" / "splits"))
+    full = cohort.plan_folds(_brca(classes=["IDC", "ILC"]), SUBTYPE, _brca(classes=["IDC", "ILC"]).slide_ids,
+                             _brca(classes=["IDC", "ILC"]).labels).folds
+    for k, (w, f) in enumerate(zip(written, full)):
+        assert w["test"] == f["test"] and w["val"] == f["val"] and set(w["train"]) < set(f["train"])
+        assert json.load(open(tmp_path / "sub" / f"fold_{k}" / "result.json"))["n_train"] == len(w["train"])
+    assert UNKNOWN in capsys.readouterr().err
+    surv = finetune.run(_lgp_config("survival", emb, SURV), str(tmp_path / "surv"), show_progress=False)
+    written = cohort.read_clam_splits(str(tmp_path / "surv" / "splits"))
+    assert [len(f["test"]) for f in written] == [9, 9] and surv["n_items"] == 18
+
+
+def test_finetune_bad_cohort_stops_before_any_work(emb, tmp_path):
+    """Plant: the workdir created before the labels are read (bad input leaves an output
+    folder behind)."""
+    from hipt_jax.finetune import main as finetune
+
+    bad = write_labels(str(tmp_path / "bad.csv"), [{"slide_id": "../emb/slides/x", "label": "a"},
+                                                   {"slide_id": "y", "label": "b"}])
+    cfg = _lgp_config("subtyping", emb, "kfold:2")
+    cfg.data.labels = bad
+    with pytest.raises(CohortError, match=r"bad.csv: row 2: id '../emb/slides/x' is a path"):
+        finetune.run(cfg, str(tmp_path / "run"), show_progress=False)
+    assert not os.path.exists(tmp_path / "run")
