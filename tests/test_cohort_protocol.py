@@ -290,10 +290,13 @@ def test_finetune_reads_the_same_cohort_and_writes_its_splits(emb, tmp_path, cap
     assert [len(f["test"]) for f in written] == [9, 9] and surv["n_items"] == 18
 
 
-def test_finetune_bad_cohort_stops_before_any_work(emb, tmp_path):
-    """Plant: the workdir created before the labels are read (bad input leaves an output
-    folder behind)."""
+def test_finetune_bad_cohort_stops_before_any_work(emb, tmp_path, monkeypatch):
+    """Plants: the workdir created before the labels are read (bad input leaves an output
+    folder behind); folds checked only after every slide's features were read."""
     from hipt_jax.finetune import main as finetune
+
+    def no_work(*a, **k):
+        raise AssertionError("features read before the cohort was validated")
 
     bad = write_labels(str(tmp_path / "bad.csv"), [{"slide_id": "../emb/slides/x", "label": "a"},
                                                    {"slide_id": "y", "label": "b"}])
@@ -302,3 +305,18 @@ def test_finetune_bad_cohort_stops_before_any_work(emb, tmp_path):
     with pytest.raises(CohortError, match=r"bad.csv: row 2: id '../emb/slides/x' is a path"):
         finetune.run(cfg, str(tmp_path / "run"), show_progress=False)
     assert not os.path.exists(tmp_path / "run")
+    monkeypatch.setattr(finetune, "load_items", no_work)
+    leak = tmp_path / "leak"
+    shutil.copytree(SUBTYPE, leak)
+    with open(leak / "splits_0.csv", "a") as f:
+        f.write("99,TCGA-IL-0002-01Z-00-DX1,,\n")  # patient IL-0002 is in fold 0's train part
+    cfg = _lgp_config("subtyping", emb, str(leak), label_column="oncotree_code", classes="IDC,ILC")
+    with pytest.raises(CohortError, match=r"splits_0.csv: patient\(s\) \['TCGA-IL-0002'\]"):
+        finetune.run(cfg, str(tmp_path / "run2"), show_progress=False)
+    one_class = tmp_path / "one_class"
+    one_class.mkdir()
+    (one_class / "splits_0.csv").write_text(",train,val,test\n0,TCGA-ID-0000-01Z-00-DX1,,TCGA-IL-0000-01Z-00-DX1\n")
+    cfg = _lgp_config("subtyping", emb, str(one_class), label_column="oncotree_code", classes="IDC,ILC")
+    with pytest.raises(CohortError, match=r"one_class/splits_0.csv: class\(es\) \['ILC'\] have no slide"):
+        finetune.run(cfg, str(tmp_path / "run3"), show_progress=False)
+    assert not os.path.exists(tmp_path / "run2") and not os.path.exists(tmp_path / "run3")

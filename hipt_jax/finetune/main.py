@@ -110,8 +110,32 @@ def _map_split_ids(folds, items: list[Item], coh: cohort_lib.Cohort, task: str):
     return out
 
 
+def check_folds_before_work(config, coh: cohort_lib.Cohort) -> None:
+    """Build the folds from the slides that have a bag, before any feature is read, so a bad
+    split file or a class missing from a training part stops the run at once."""
+    present = [s for s in coh.slide_ids if cohort_lib.bag_file(config.data.embeddings, s) is not None]
+    if not present:
+        raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted")
+    if config.task == "subtyping":
+        label_of = dict(zip(coh.slide_ids, coh.labels))
+        items = [Item(s, None, int(label_of[s])) for s in present]
+        strata = np.array([it.label for it in items])
+    else:
+        first = {}
+        for i, (s, c) in enumerate(zip(coh.slide_ids, coh.case_ids)):
+            if s in set(present):
+                first.setdefault(c, i)
+        cases = sorted(first)
+        times = np.array([coh.times[first[c]] for c in cases])
+        cens = np.array([bool(coh.censored[first[c]]) for c in cases])
+        bins, _ = survival.quartile_bins(times, cens, config.train.n_bins)
+        items = [Item(c, None, int(b)) for c, b in zip(cases, bins)]
+        strata = bins * 2 + cens
+    _splits(config, items, strata, coh, quiet=True)
+
+
 def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohort,
-            workdir: Optional[str] = None) -> cohort_lib.FoldPlan:
+            workdir: Optional[str] = None, quiet: bool = False) -> cohort_lib.FoldPlan:
     """The folds (hipt_jax.evaluation.cohort.plan_folds: the same rules as hipt-knn), written
     to WORKDIR/splits/ as CLAM split files when a workdir is given."""
     ids = [it.item_id for it in items]
@@ -129,7 +153,7 @@ def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohor
         where = f"{spec} fold {{k}}" if spec.startswith("kfold:") else os.path.join(spec, "splits_{k}.csv")
         cohort_lib.check_training_classes(plan.folds, {it.item_id: it.label for it in items},
                                           coh.class_names, where)
-    if plan.skipped_ids:
+    if plan.skipped_ids and not quiet:
         print(f"hipt-finetune: {len(plan.skipped_ids)} split id(s) not in {config.data.labels} "
               f"(skipped): {plan.skipped_ids[:10]}", file=sys.stderr)
     if workdir:
@@ -171,6 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
                                      classes=_class_list(config.data.get("classes", "")))
     for cls, n in sorted(coh.dropped.items()):
         print(f"hipt-finetune: dropped {n} row(s) of class {cls!r} (not in data.classes)", file=sys.stderr)
+    check_folds_before_work(config, coh)
     os.makedirs(workdir, exist_ok=True)  # after the labels are validated: bad input writes nothing
     n_classes = config.model.n_classes
     if n_classes < 1:
