@@ -19,6 +19,7 @@ def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
         label_column="label",     # CSV column of the class (e.g. oncotree_code)
         classes="",               # "IDC,ILC": keep and order these classes ("" = all)
         label_frac=1.0,           # per-class patient-level fraction of each training part
+        allow_leaky_splits=False,  # accept split files with a patient in two parts (warned, recorded)
     ))
     c.model = ml_collections.ConfigDict(dict(
         local_arch="vit4k",       # the ViT-4K inside the LGP

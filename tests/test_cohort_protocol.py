@@ -320,3 +320,15 @@ def test_finetune_bad_cohort_stops_before_any_work(emb, tmp_path, monkeypatch):
     with pytest.raises(CohortError, match=r"one_class/splits_0.csv: class\(es\) \['ILC'\] have no slide"):
         finetune.run(cfg, str(tmp_path / "run3"), show_progress=False)
     assert not os.path.exists(tmp_path / "run2") and not os.path.exists(tmp_path / "run3")
+
+
+def test_leaky_split_files_need_an_explicit_opt_in(tmp_path):
+    """The official HIPT BRCA subtyping splits are slide-level (1-10 patients per fold in train
+    and test); rerunning them needs allow_leaks, which records the patients. Plant: allow_leaks
+    ignored (still refused) or leaks not recorded."""
+    coh = _brca(classes=["IDC", "ILC"])
+    (tmp_path / "splits_0.csv").write_text(
+        ",train,val,test\n0,TCGA-ID-0001-01Z-00-DX1,,TCGA-ID-0001-01Z-00-DX2\n"
+        "1,TCGA-IL-0000-01Z-00-DX1,,TCGA-IL-0003-01Z-00-DX1\n")
+    plan = cohort.plan_folds(coh, str(tmp_path), coh.slide_ids, coh.labels, allow_leaks=True)
+    assert plan.leaky_patients == {0: ["TCGA-ID-0001"]}

@@ -36,6 +36,9 @@ def build_parser() -> flags.Parser:
                    help="seeded per-class patient-level fraction of each training part (test unchanged)")
     p.add_argument("--save-splits", default=None, metavar="DIR",
                    help="write the folds used as CLAM split files DIR/splits_{i}.csv")
+    p.add_argument("--allow-leaky-splits", action="store_true",
+                   help="accept split files that put one patient in two parts (warned and recorded; "
+                        "e.g. the official slide-level HIPT BRCA splits); refused by default")
     return p
 
 
@@ -62,7 +65,7 @@ def _run(args) -> int:
     result = run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
                  k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on,
                  label_column=args.label_column, classes=args.classes, label_frac=args.label_frac,
-                 save_splits=args.save_splits)
+                 save_splits=args.save_splits, allow_leaky_splits=args.allow_leaky_splits)
     out = args.out or os.path.join(args.embeddings, "knn_results.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
@@ -74,6 +77,10 @@ def _run(args) -> int:
     if result["skipped_split_ids"]:
         ids = result["skipped_split_ids"]
         print(f"{PROG}: {len(ids)} split id(s) not in the labels CSV (skipped): {ids[:10]}", file=sys.stderr)
+    if result["leaky_patients"]:
+        n = sum(len(v) for v in result["leaky_patients"].values())
+        print(f"{PROG}: WARNING: {n} patient(s) appear in two parts of a fold (--allow-leaky-splits; "
+              "listed under leaky_patients in the results)", file=sys.stderr)
     print(f"{PROG}: {result['folds_source']}, label fraction {result['label_frac']}", file=sys.stderr)
     print(format_table(result))
     print(f"-> {out}")

@@ -436,6 +436,7 @@ class FoldPlan:
     grouped: bool                      # generated folds kept each patient in one part
     skipped_ids: list[str]             # split-file ids absent from the cohort (listed once)
     source: str                        # the spec
+    leaky_patients: dict = dataclasses.field(default_factory=dict)  # fold -> patients (allow_leaks)
 
     def describe(self) -> str:
         kind = "generated" if parse_kfold(self.source) else f"from {self.source}"
@@ -469,6 +470,22 @@ def _split_to_items(fold_ids: Iterable[str], coh: Cohort, items: set, unit: str,
     return list(out)
 
 
+def patient_leaks(folds: Sequence[dict], case_of_item: dict) -> dict[int, list[str]]:
+    """fold index -> patients found in more than one of train/val/test."""
+    out = {}
+    for k, fold in enumerate(folds):
+        owner: dict[str, str] = {}
+        leaks = set()
+        for part in PARTS:
+            for i in fold.get(part, []):
+                c = case_of_item.get(i, i)
+                if owner.setdefault(c, part) != part:
+                    leaks.add(c)
+        if leaks:
+            out[k] = sorted(leaks)
+    return out
+
+
 def check_no_patient_leak(folds: Sequence[dict], case_of_item: dict, where: str) -> None:
     """Refuse folds that put one patient in two parts, naming the patients."""
     for k, fold in enumerate(folds):
@@ -497,7 +514,7 @@ def check_training_classes(folds: Sequence[dict], label_of_item: dict, class_nam
 
 
 def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *, unit: str = "slide",
-               seed: int = 0, label_frac: float = 1.0) -> FoldPlan:
+               seed: int = 0, label_frac: float = 1.0, allow_leaks: bool = False) -> FoldPlan:
     """The one fold builder of hipt-knn and hipt-finetune.
 
     items: the item ids that can be used (extracted slides, or case ids of patients with an
@@ -505,7 +522,8 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
     (the class; for survival the time bin / censorship). Split-file ids absent from the cohort
     are skipped and listed in ``skipped_ids``; a patient in two parts is refused; generated
     folds are patient-level when the CSV has case ids; ``label_frac`` subsamples the training
-    patients per class."""
+    patients per class. ``allow_leaks`` (explicit opt-in, e.g. to rerun the official HIPT BRCA
+    subtyping splits, which are slide-level) records leaking patients instead of refusing."""
     items = list(items)
     strata = list(strata)
     case_of = coh.case_of()
@@ -514,6 +532,7 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
     kf = parse_kfold(spec)
     skipped: dict[str, None] = {}
     grouped = False
+    leaks: dict = {}
     if kf:
         grouped = coh.has_case_ids and unit == "slide"
         groups = [case_of_item[i] for i in items] if grouped else None
@@ -531,10 +550,13 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
         folds = [{p: _split_to_items(f[p], coh, item_set, unit, insensitive, skipped) for p in PARTS}
                  for f in raw]
         where = os.path.join(spec, "splits_{k}.csv")
-        check_no_patient_leak(folds, case_of_item, where)
+        if allow_leaks:
+            leaks = patient_leaks(folds, case_of_item)
+        else:
+            check_no_patient_leak(folds, case_of_item, where)
         for k, f in enumerate(folds):
             if not f["train"] or not f["test"]:
                 raise CohortError(f"{where.format(k=k)}: no extracted item in its train or test part")
     if label_frac != 1.0:
         folds = apply_label_frac(folds, label_frac, case_of_item, stratum_of, seed)
-    return FoldPlan(folds, unit, grouped, list(skipped), spec)
+    return FoldPlan(folds, unit, grouped, list(skipped), spec, leaks)

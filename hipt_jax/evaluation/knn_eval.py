@@ -72,7 +72,8 @@ def format_table(result: dict) -> str:
 
 
 def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_column: str = "label",
-        classes=None, label_frac: float = 1.0, save_splits: str | None = None, **kwargs) -> dict:
+        classes=None, label_frac: float = 1.0, save_splits: str | None = None,
+        allow_leaky_splits: bool = False, **kwargs) -> dict:
     """Read the cohort, build the folds (hipt_jax.evaluation.cohort.plan_folds, the same rules
     as hipt-finetune), evaluate; ``save_splits``: write the folds used as CLAM split files."""
     coh = cohort_lib.read_labels_csv(labels, label_column=label_column, classes=classes)
@@ -83,7 +84,7 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_c
         raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}")
     label_of = dict(zip(coh.slide_ids, coh.labels))
     plan = cohort_lib.plan_folds(coh, splits, present, [label_of[s] for s in present],
-                                 seed=seed, label_frac=label_frac)
+                                 seed=seed, label_frac=label_frac, allow_leaks=allow_leaky_splits)
     fit_val = kwargs.get("fit_on") == "train+val"
     check = [{**f, "train": f["train"] + (f["val"] if fit_val else [])} for f in plan.folds]
     cohort_lib.check_training_classes(check, label_of, coh.class_names,
@@ -97,6 +98,7 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_c
     result["label_frac"] = label_frac
     result["dropped_by_class"] = coh.dropped
     result["skipped_split_ids"] = plan.skipped_ids
+    result["leaky_patients"] = {str(k): v for k, v in plan.leaky_patients.items()}
     result["missing_slides"] = [s for s in coh.slide_ids if s not in emb and s not in failed]
     result["failed_slides"] = failed
     return result

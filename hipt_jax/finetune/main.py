@@ -142,13 +142,16 @@ def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohor
     spec = config.data.splits
     unit = "case" if config.task == "survival" else "slide"
     frac = float(config.data.get("label_frac", 1.0))
+    allow = bool(config.data.get("allow_leaky_splits", False))
     try:
-        plan = cohort_lib.plan_folds(coh, spec, ids, strata, unit=unit, seed=config.seed, label_frac=frac)
+        plan = cohort_lib.plan_folds(coh, spec, ids, strata, unit=unit, seed=config.seed, label_frac=frac,
+                                     allow_leaks=allow)
     except cohort_lib.CohortError:
         if config.task != "survival" or not spec.startswith("kfold:"):
             raise
         # Too few patients per (bin, censorship) stratum: stratify by censorship only.
-        plan = cohort_lib.plan_folds(coh, spec, ids, strata % 2, unit=unit, seed=config.seed, label_frac=frac)
+        plan = cohort_lib.plan_folds(coh, spec, ids, strata % 2, unit=unit, seed=config.seed, label_frac=frac,
+                                     allow_leaks=allow)
     if config.task == "subtyping":
         where = f"{spec} fold {{k}}" if spec.startswith("kfold:") else os.path.join(spec, "splits_{k}.csv")
         cohort_lib.check_training_classes(plan.folds, {it.item_id: it.label for it in items},
@@ -156,6 +159,10 @@ def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohor
     if plan.skipped_ids and not quiet:
         print(f"hipt-finetune: {len(plan.skipped_ids)} split id(s) not in {config.data.labels} "
               f"(skipped): {plan.skipped_ids[:10]}", file=sys.stderr)
+    if plan.leaky_patients and not quiet:
+        print(f"hipt-finetune: WARNING: {sum(map(len, plan.leaky_patients.values()))} patient(s) appear in "
+              "two parts of a fold (data.allow_leaky_splits; listed under leaky_patients in results.json)",
+              file=sys.stderr)
     if workdir:
         cohort_lib.write_clam_splits(plan.folds, os.path.join(workdir, "splits"))
     return plan
@@ -252,7 +259,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
                "folds": [{"fold": r["fold"], **r["test"]} for r in fold_results], "summary": summary,
                "failed_slides": failed, "config": config.to_dict(),
                "folds_source": plan.describe(), "label_frac": frac, "dropped_by_class": coh.dropped,
-               "skipped_split_ids": plan.skipped_ids}
+               "skipped_split_ids": plan.skipped_ids,
+               "leaky_patients": {str(k): v for k, v in plan.leaky_patients.items()}}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     table = format_table(results["folds"], names, summary)
