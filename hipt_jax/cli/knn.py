@@ -21,7 +21,7 @@ PROG = "hipt-knn"
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--embeddings", required=True, help="hipt-extract output folder")
-    p.add_argument("--labels", required=True, help="CSV with slide_id,label")
+    p.add_argument("--labels", required=True, help="labels CSV (slide_id + a label column; extra columns ignored)")
     p.add_argument("--splits", default="kfold:10", help="folder of splits_{i}.csv or kfold:K")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated k-fold")
     p.add_argument("--k", type=int, default=5, help="k of the paper protocol")
