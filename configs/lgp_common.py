@@ -16,6 +16,10 @@ def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
         embeddings="",            # hipt-extract output folder (slides/<id>.npz)
         labels="",                # CSV: slide_id,label | slide_id,case_id,survival_months,censorship
         splits="kfold:10" if task == "subtyping" else "kfold:5",  # or a folder of splits_{i}.csv
+        label_column="label",     # CSV column of the class (e.g. oncotree_code)
+        classes="",               # "IDC,ILC": keep and order these classes ("" = all)
+        label_frac=1.0,           # per-class patient-level fraction of each training part
+        allow_leaky_splits=False,  # accept split files with a patient in two parts (warned, recorded)
     ))
     c.model = ml_collections.ConfigDict(dict(
         local_arch="vit4k",       # the ViT-4K inside the LGP

@@ -39,7 +39,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert knn_cli.main(["--embeddings", str(tmp_path), "--labels", str(tmp_path / "x.csv")]) == 2
     err = capsys.readouterr().err
     assert "x.csv: labels file not found" in err and len(err.strip().splitlines()) == 1
-    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": "a", "label": 0}])
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": "a", "label": 0}, {"slide_id": "b", "label": 1}])
     assert knn_cli.main(["--embeddings", str(tmp_path), "--labels", labels]) == 2
     assert "run hipt-extract first" in capsys.readouterr().err
     assert os.path.exists(labels)

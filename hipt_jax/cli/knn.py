@@ -8,6 +8,7 @@ input.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ def build_parser() -> flags.Parser:
     p = flags.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--embeddings", required=True,
                    help="hipt-extract output folder, or a folder of bags (.npz, TRIDENT/CLAM .h5, official .pt)")
-    p.add_argument("--labels", required=True, help="CSV with slide_id,label")
+    p.add_argument("--labels", required=True, help="labels CSV (slide_id + a label column; extra columns ignored)")
     p.add_argument("--splits", default="kfold:10", help="folder of splits_{i}.csv or kfold:K")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated k-fold")
     p.add_argument("--k", type=int, default=5, help="k of the paper protocol")
@@ -29,20 +30,59 @@ def build_parser() -> flags.Parser:
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--fit-on", choices=["train", "train+val"], default="train")
     p.add_argument("--out", default=None, help="JSON output (default: EMBEDDINGS/knn_results.json)")
+    p.add_argument("--label-column", default="label", help="CSV column holding the class (e.g. oncotree_code)")
+    p.add_argument("--classes", default=None, type=_class_list,
+                   help="comma-separated classes to keep, in this order (e.g. IDC,ILC); other rows dropped")
+    p.add_argument("--label-frac", type=_fraction, default=1.0,
+                   help="seeded per-class patient-level fraction of each training part (test unchanged)")
+    p.add_argument("--save-splits", default=None, metavar="DIR",
+                   help="write the folds used as CLAM split files DIR/splits_{i}.csv")
+    p.add_argument("--allow-leaky-splits", action="store_true",
+                   help="accept split files that put one patient in two parts (warned and recorded; "
+                        "e.g. the official slide-level HIPT BRCA splits); refused by default")
     return p
+
+
+def _class_list(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
+    return names
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
 
 
 def _run(args) -> int:
     from hipt_jax.evaluation.knn_eval import format_table, run
 
     result = run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
-                 k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on)
+                 k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on,
+                 label_column=args.label_column, classes=args.classes, label_frac=args.label_frac,
+                 save_splits=args.save_splits, allow_leaky_splits=args.allow_leaky_splits)
     out = args.out or os.path.join(args.embeddings, "knn_results.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     if result["missing_slides"]:
         print(f"{PROG}: {len(result['missing_slides'])} labelled slide(s) have no embedding "
               f"(skipped): {result['missing_slides'][:5]}", file=sys.stderr)
+    for cls, n in sorted(result["dropped_by_class"].items()):
+        print(f"{PROG}: dropped {n} row(s) of class {cls!r} (not in --classes)", file=sys.stderr)
+    if result["skipped_split_ids"]:
+        ids = result["skipped_split_ids"]
+        print(f"{PROG}: {len(ids)} split id(s) not in the labels CSV (skipped): {ids[:10]}", file=sys.stderr)
+    if result["leaky_patients"]:
+        n = sum(len(v) for v in result["leaky_patients"].values())
+        print(f"{PROG}: WARNING: {n} patient(s) appear in two parts of a fold (--allow-leaky-splits; "
+              "listed under leaky_patients in the results)", file=sys.stderr)
+    print(f"{PROG}: {result['folds_source']}, label fraction {result['label_frac']}", file=sys.stderr)
     print(format_table(result))
     print(f"-> {out}")
     return flags.report_failed(PROG, result["failed_slides"])

@@ -1,22 +1,46 @@
-"""Cohort tables: slide labels, survival columns, and cross-validation splits.
+"""Cohort tables: slide labels, survival columns, split files, patient-level folds, label
+fractions. Read by hipt-knn and hipt-finetune alike, so both treat every input the same way.
 
-Labels CSV (one row per slide; extra columns are ignored):
-    slide_id,label[,case_id][,survival_months,censorship]
-``label`` may be any strings (classes are their sorted unique values) or integers 0..K-1.
-``censorship`` follows CLAM/MCAT: 1 = censored (no event observed), 0 = event.
+Labels CSV (the official HIPT / CLAM / MCAT dataset CSVs as they are; extra columns ignored):
+    slide_id[,case_id][,<label column>][,survival_months,censorship]
+- ``slide_id`` is a NAME, never a path: ids with a path separator, ``.``/``..`` or that
+  would resolve outside the embeddings folder are refused naming the CSV row. A slide-file
+  extension (.svs, .tif, .ndpi, ...) is stripped, so ids match the embedding files by stem.
+  Duplicates are detected after that normalization (and case-folded on a case-insensitive
+  filesystem).
+- The label comes from ``label_column`` (default ``label``; e.g. ``oncotree_code``). Classes
+  are the sorted distinct values; integer labels are classes by value (``1,2`` are two
+  classes, not 0..2). ``classes`` selects and orders classes: rows of other classes are
+  dropped and counted (``Cohort.dropped``). At least 2 classes are required.
+- Survival: ``survival_months`` finite and >= 0, ``censorship`` 0/1 (CLAM/MCAT convention:
+  1 = censored, no event observed). ``case_id`` groups the slides of one patient.
+- Read as UTF-8 (a BOM is tolerated); other encodings fail naming the file.
 
-Splits: either a directory of CLAM split files ``splits_{i}.csv`` (columns train, val, test,
-each a list of slide ids; shorter columns padded with empty cells), or ``kfold:K`` for a seeded
-stratified K-fold generated here (test = one fold, train = the rest, no val).
+Splits (``spec``):
+- a folder of ``splits_{i}.csv``: CLAM/HIPT subtyping files (columns train,val,test) or
+  MCAT/HIPT survival files (columns train,val only: ``val`` is the held-out fold and becomes
+  the test part). Ids may be slide ids (with or without extension) or case ids (a case id
+  selects all that patient's slides). Ids absent from the cohort are listed once and skipped.
+  A file that puts one patient in two parts is refused naming the patient ids.
+- ``kfold:K`` (optionally ``kfold:K:val=F``): a seeded stratified K-fold; with case ids in the
+  CSV it is a stratified GROUP k-fold (no patient in two parts), and ``val=F`` carves a
+  patient-level validation part of about F of the training patients out of train.
+Every fold list can be written back as CLAM split files (``write_clam_splits``).
+
+Label fraction (``label_frac`` in (0, 1]): per fold, per class, a seeded subsample of the
+training PATIENTS; a fixed seed gives nested training parts as the fraction grows, and the
+val and test parts never change.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import glob
+import io
+import math
 import os
 import re
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -25,90 +49,373 @@ class CohortError(ValueError):
     """Bad cohort input (message names the file and the problem)."""
 
 
+# Whole-slide image and bag extensions stripped from ids ("x.svs" and "x" name the same slide).
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu",
+                    ".svslide", ".czi", ".dcm", ".isyntax", ".qptiff", ".npz", ".h5", ".pt")
+PARTS = ("train", "val", "test")
+
+
 @dataclasses.dataclass
 class Cohort:
     slide_ids: list[str]
-    labels: np.ndarray                 # int [N] class index ("" -> -1 when only survival is given)
+    labels: np.ndarray                 # int [N] class index (-1 when only survival is given)
     class_names: list[str]
     case_ids: list[str]                # = slide_ids when the CSV has no case_id column
     times: Optional[np.ndarray] = None     # survival_months [N] float
     censored: Optional[np.ndarray] = None  # bool [N], True = censored
+    path: str = ""
+    has_case_ids: bool = False         # the CSV has a (non-empty) case_id column
+    dropped: dict = dataclasses.field(default_factory=dict)  # class -> rows dropped by `classes`
+    dropped_ids: set = dataclasses.field(default_factory=set)  # slide and case ids of those rows
+
+    def slides_of_case(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for s, c in zip(self.slide_ids, self.case_ids):
+            out.setdefault(c, []).append(s)
+        return out
+
+    def case_of(self) -> dict[str, str]:
+        return dict(zip(self.slide_ids, self.case_ids))
 
 
-def read_labels_csv(path: str, require_survival: bool = False) -> Cohort:
-    """Parse the labels CSV described in the module docstring."""
+# ---------------------------------------------------------------------------------- ids and files
+
+def read_csv_rows(path: str, what: str = "CSV") -> list[dict[str, str]]:
+    """Rows of a UTF-8 CSV (BOM tolerated); a missing file or another encoding is a CohortError."""
     if not os.path.isfile(path):
-        raise CohortError(f"{path}: labels file not found")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        raise CohortError(f"{path}: {what} file not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CohortError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = list(reader)
+    if reader.fieldnames:
+        for r in rows:  # strip header whitespace ("slide_id " -> "slide_id")
+            for k in list(r):
+                if k is not None and k != k.strip():
+                    r[k.strip()] = r.pop(k)
+    return rows
+
+
+def strip_extension(name: str) -> str:
+    low = name.lower()
+    for ext in SLIDE_EXTENSIONS:
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def normalize_id(raw: str, where: str) -> str:
+    """A slide or case id as a file-name stem; ``where`` ("FILE: row N") names the row when the
+    id is empty or looks like a path."""
+    name = (raw or "").strip()
+    if not name:
+        raise CohortError(f"{where}: empty id")
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(s in name for s in seps) or name in (".", "..") or "\0" in name:
+        raise CohortError(f"{where}: id {name!r} is a path; ids must be plain slide names")
+    return strip_extension(name)
+
+
+def _case_insensitive(folder: str) -> bool:
+    """Whether the filesystem holding ``folder`` ignores case (probe: the swapped-case name of an
+    existing folder resolves to the same folder)."""
+    folder = os.path.abspath(folder)
+    base = os.path.basename(folder)
+    swapped = base.swapcase()
+    if not base or swapped == base or not os.path.isdir(folder):
+        return os.path.normcase("A") == os.path.normcase("a")
+    other = os.path.join(os.path.dirname(folder), swapped)
+    try:
+        return os.path.exists(other) and os.path.samefile(folder, other)
+    except OSError:
+        return False
+
+
+def id_key(slide_id: str, case_insensitive: bool) -> str:
+    return slide_id.lower() if case_insensitive else slide_id
+
+
+def resolve_in_folder(folder: str, slide_id: str, ext: str, where: str = "") -> str:
+    """FOLDER/<slide_id><ext>, refusing ids that are paths or would resolve outside FOLDER
+    (symlinked escapes included). The file need not exist."""
+    name = normalize_id(slide_id, where or folder)
+    path = os.path.join(folder, name + ext)
+    root = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise CohortError(f"{where or folder}: id {slide_id!r} resolves outside {folder}")
+    return path
+
+
+def bag_file(embeddings: str, slide_id: str, where: str = "") -> Optional[str]:
+    """The extracted bag of ``slide_id`` inside EMB/slides/ (or EMB itself when it has no
+    slides/, e.g. a folder of TRIDENT .h5 or official .pt bags), or None when it was not
+    extracted. The one place a slide id becomes a file path in evaluation."""
+    from data_prep import bags
+
+    folder = os.path.join(embeddings, bags.SLIDES)
+    folder = folder if os.path.isdir(folder) else embeddings
+    for fmt in bags.FORMATS.values():
+        path = resolve_in_folder(folder, slide_id, fmt.ext, where)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+# ---------------------------------------------------------------------------------- labels CSV
+
+def _parse_labels(raw: list[str], classes: Optional[Sequence[str]], path: str, column: str):
+    """(class index per row or -1 when dropped, class names)."""
+    is_int = all(re.fullmatch(r"\s*-?\d+\s*", v) for v in raw)
+    canon = [str(int(v)) if is_int else v for v in raw]
+    if classes:
+        names = [str(int(c)) if is_int and re.fullmatch(r"-?\d+", str(c).strip()) else str(c).strip()
+                 for c in classes]
+        if len(set(names)) != len(names):
+            raise CohortError(f"classes {list(classes)}: a class is listed twice")
+        absent = [c for c in names if c not in set(canon)]
+        if absent:
+            raise CohortError(f"{path}: class(es) {absent} not found in column {column!r} "
+                              f"(values: {sorted(set(canon))[:10]})")
+    else:
+        distinct = set(canon)
+        names = ([str(v) for v in sorted(int(v) for v in distinct)] if is_int else sorted(distinct))
+    index = {c: i for i, c in enumerate(names)}
+    return np.array([index.get(v, -1) for v in canon], np.int64), names
+
+
+def _survival(rows, path: str, lines: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    times, censored = [], []
+    for r, line in zip(rows, lines):
+        t, c = (r.get("survival_months") or "").strip(), (r.get("censorship") or "").strip()
+        try:
+            tv = float(t)
+        except ValueError:
+            tv = float("nan")
+        if not math.isfinite(tv) or tv < 0:
+            raise CohortError(f"{path}: row {line}: survival_months {t!r} must be a finite number >= 0")
+        if c not in ("0", "1", "0.0", "1.0"):
+            raise CohortError(f"{path}: row {line}: censorship {c!r} must be 0 (event) or 1 (censored)")
+        times.append(tv)
+        censored.append(c.startswith("1"))
+    return np.array(times, np.float64), np.array(censored, bool)
+
+
+def read_labels_csv(path: str, require_survival: bool = False, label_column: str = "label",
+                    classes: Optional[Sequence[str]] = None,
+                    case_insensitive: Optional[bool] = None) -> Cohort:
+    """Parse the labels CSV described in the module docstring. ``require_survival``: survival
+    columns required and the label column optional; otherwise the label column is required."""
+    rows = read_csv_rows(path, "labels")
     if not rows:
         raise CohortError(f"{path}: no rows")
-    cols = set(rows[0])
-    need = {"slide_id"} | ({"survival_months", "censorship"} if require_survival else {"label"})
+    cols = {c for c in rows[0] if c is not None}
+    label_column = label_column or "label"
+    need = {"slide_id"} | ({"survival_months", "censorship"} if require_survival else {label_column})
     if need - cols:
         raise CohortError(f"{path}: missing column(s) {sorted(need - cols)}; has {sorted(cols)}")
-    ids = [r["slide_id"].strip() for r in rows]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise CohortError(f"{path}: duplicate slide_id(s) {dup}")
-    labels, class_names = np.full(len(rows), -1), []
-    if "label" in cols:
-        raw = [r["label"].strip() for r in rows]
-        if all(re.fullmatch(r"-?\d+", v) for v in raw):
-            labels = np.array([int(v) for v in raw])
-            class_names = [str(c) for c in range(int(labels.max()) + 1)]
-        else:
-            class_names = sorted(set(raw))
-            labels = np.array([class_names.index(v) for v in raw])
-    case_ids = [r.get("case_id", "").strip() or r["slide_id"].strip() for r in rows]
+    lines = list(range(2, len(rows) + 2))  # CSV line of each row (header = line 1)
+    ids = [normalize_id(r["slide_id"], f"{path}: row {n}") for r, n in zip(rows, lines)]
+    has_cases = "case_id" in cols and any((r.get("case_id") or "").strip() for r in rows)
+    cases = [normalize_id(r["case_id"], f"{path}: row {n}") if (r.get("case_id") or "").strip() else s
+             for r, n, s in zip(rows, lines, ids)]
+    insensitive = _case_insensitive(os.path.dirname(os.path.abspath(path))) \
+        if case_insensitive is None else case_insensitive
+    seen: dict[str, int] = {}
+    for sid, n in zip(ids, lines):
+        key = id_key(sid, insensitive)
+        if key in seen:
+            raise CohortError(f"{path}: rows {seen[key]} and {n}: duplicate slide_id {sid!r} "
+                              "(compared without extension" + (", ignoring case)" if insensitive else ")"))
+        seen[key] = n
+    labels, class_names = np.full(len(rows), -1, np.int64), []
+    dropped: dict[str, int] = {}
+    keep = np.ones(len(rows), bool)
+    if label_column in cols and (not require_survival or classes
+                                 or any((r.get(label_column) or "").strip() for r in rows)):
+        raw = [(r.get(label_column) or "").strip() for r in rows]
+        empty = [n for v, n in zip(raw, lines) if not v]
+        if empty and not require_survival:
+            raise CohortError(f"{path}: row {empty[0]}: empty {label_column!r}")
+        if not empty:
+            labels, class_names = _parse_labels(raw, classes, path, label_column)
+            keep = labels >= 0
+            for v, k in zip(raw, keep):
+                if not k:
+                    dropped[v] = dropped.get(v, 0) + 1
+            if not require_survival and len(class_names) < 2:
+                raise CohortError(f"{path}: column {label_column!r} has {len(class_names)} class(es) "
+                                  f"{class_names}; classification needs at least 2")
+    elif classes:
+        raise CohortError(f"{path}: classes given but no column {label_column!r}")
     times = censored = None
     if {"survival_months", "censorship"} <= cols:
+        kept_rows = [r for r, k in zip(rows, keep) if k]
         try:
-            times = np.array([float(r["survival_months"]) for r in rows])
-            censored = np.array([int(float(r["censorship"])) for r in rows]) == 1
-        except ValueError as e:
-            raise CohortError(f"{path}: survival_months/censorship must be numbers ({e})") from None
-    return Cohort(ids, labels, class_names, case_ids, times, censored)
+            times, censored = _survival(kept_rows, path, [n for n, k in zip(lines, keep) if k])
+        except CohortError:
+            if require_survival:
+                raise
+            times = censored = None  # a classification run ignores unusable survival columns
+    dropped_ids = {x for i, s, c in zip(range(len(ids)), ids, cases) if not keep[i] for x in (s, c)}
+    sel = np.flatnonzero(keep)
+    return Cohort([ids[i] for i in sel], labels[sel], class_names, [cases[i] for i in sel],
+                  times, censored, path=path, has_case_ids=has_cases, dropped=dropped,
+                  dropped_ids=dropped_ids - {cases[i] for i in sel})
 
 
-def read_clam_splits(directory: str) -> list[dict[str, list[str]]]:
-    """splits_0.csv, splits_1.csv, ... -> [{"train": [...], "val": [...], "test": [...]}, ...]."""
+# ---------------------------------------------------------------------------------- split files
+
+def _split_files(directory: str) -> list[str]:
     files = glob.glob(os.path.join(directory, "splits_*.csv"))
     numbered = sorted((int(m.group(1)), f) for f in files
                       if (m := re.fullmatch(r"splits_(\d+)\.csv", os.path.basename(f))))
     if not numbered:
         raise CohortError(f"{directory}: no splits_{{i}}.csv files")
+    return [f for _, f in numbered]
+
+
+def read_clam_splits(directory: str) -> list[dict[str, list[str]]]:
+    """splits_0.csv, splits_1.csv, ... -> [{"train": [...], "val": [...], "test": [...]}, ...].
+
+    Subtyping files (train,val,test) are taken as they are; survival files (train,val only) have
+    their held-out ``val`` column moved to ``test``. Ids are normalized (extension stripped,
+    refused when they are paths)."""
     folds = []
-    for _, f in numbered:
-        with open(f, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or "train" not in rows[0] or "test" not in rows[0]:
-            raise CohortError(f"{f}: expected columns train, val, test")
-        folds.append({part: [r[part].strip() for r in rows if r.get(part, "") and r[part].strip()]
-                      for part in ("train", "val", "test")})
+    for f in _split_files(directory):
+        rows = read_csv_rows(f, "split")
+        cols = set(rows[0]) if rows else set()
+        if "train" not in cols or not ({"test", "val"} & cols):
+            raise CohortError(f"{f}: expected columns train,val,test (subtyping) or train,val (survival)")
+        fold = {p: [] for p in PARTS}
+        for n, r in enumerate(rows, start=2):
+            for part in PARTS:
+                v = (r.get(part) or "").strip()
+                if v:
+                    fold[part].append(normalize_id(v, f"{f}: row {n}"))
+        if "test" not in cols:  # MCAT survival format: val is the held-out fold
+            fold = {"train": fold["train"], "val": [], "test": fold["val"]}
+        folds.append(fold)
     return folds
 
 
-def stratified_kfold(ids: Sequence[str], strata: Sequence, k: int, seed: int) -> list[dict[str, list[str]]]:
-    """Seeded stratified K-fold over ``ids`` (scikit-learn's StratifiedKFold with shuffling)."""
-    from sklearn.model_selection import StratifiedKFold
+def write_clam_splits(folds: Sequence[dict], directory: str) -> list[str]:
+    """Folds as CLAM split files DIRECTORY/splits_{i}.csv (",train,val,test", padded columns)."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i, fold in enumerate(folds):
+        cols = [list(fold.get(p, [])) for p in PARTS]
+        n = max([len(c) for c in cols] + [0])
+        path = os.path.join(directory, f"splits_{i}.csv")
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["", *PARTS])
+            for j in range(n):
+                w.writerow([j] + [c[j] if j < len(c) else "" for c in cols])
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- folds
+
+def stratified_kfold(ids: Sequence[str], strata: Sequence, k: int, seed: int,
+                     groups: Optional[Sequence[str]] = None) -> list[dict[str, list[str]]]:
+    """Seeded stratified K-fold over ``ids`` (scikit-learn's StratifiedKFold with shuffling);
+    with ``groups`` a StratifiedGroupKFold: all ids of a group land in the same part."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     ids = list(ids)
     strata = np.asarray(strata)
-    counts = np.unique(strata, return_counts=True)[1]
-    if k < 2 or len(ids) < k:
-        raise CohortError(f"cannot make {k} folds from {len(ids)} items")
-    if counts.min() < k:  # a stratum smaller than k: fall back to class-level strata
+    n_units = len(set(groups)) if groups is not None else len(ids)
+    if k < 2 or n_units < k:
+        raise CohortError(f"cannot make {k} folds from {n_units} " + ("patients" if groups is not None else "items"))
+    if groups is not None:
+        unit_strata = {}
+        for g, s in zip(groups, strata):
+            unit_strata.setdefault(g, s)
+        counts = np.unique(list(unit_strata.values()), return_counts=True)[1]
+    else:
+        counts = np.unique(strata, return_counts=True)[1]
+    if counts.min() < k:
         raise CohortError(f"a class/stratum has only {counts.min()} member(s), fewer than {k} folds")
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [{"train": [ids[i] for i in tr], "val": [], "test": [ids[i] for i in te]}
-            for tr, te in skf.split(np.zeros(len(ids)), strata)]
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(len(ids)), strata)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(len(ids)), strata, np.asarray(groups))
+    return [{"train": [ids[i] for i in tr], "val": [], "test": [ids[i] for i in te]} for tr, te in parts]
 
 
-def resolve_splits(spec: str, ids: Sequence[str], strata: Sequence, seed: int = 0) -> list[dict[str, list[str]]]:
-    """``spec`` = a CLAM split directory or ``kfold:K``; ids absent from ``ids`` are an error."""
-    if re.fullmatch(r"kfold:\d+", spec or ""):
-        return stratified_kfold(ids, strata, int(spec.split(":")[1]), seed)
+def _per_class_patient_subset(ids: Sequence[str], unit_of: dict, stratum_of: dict, frac: float,
+                              rng: np.random.Generator) -> set:
+    """Units (patients) per stratum: a seeded permutation of each stratum's units, first
+    ceil(frac * n) kept (at least 1): nested as ``frac`` grows for the same rng state."""
+    by_stratum: dict = {}
+    for i in ids:
+        u = unit_of[i]
+        by_stratum.setdefault(stratum_of[i], {})[u] = None
+    keep = set()
+    for s in sorted(by_stratum, key=str):
+        units = sorted(by_stratum[s])
+        order = rng.permutation(len(units))
+        n = max(1, math.ceil(frac * len(units) - 1e-9))
+        keep.update(units[j] for j in order[:n])
+    return keep
+
+
+def carve_val(fold: dict, unit_of: dict, stratum_of: dict, frac: float, seed: int) -> dict:
+    """Move about ``frac`` of each class's training patients to ``val`` (seeded)."""
+    rng = np.random.default_rng([seed, 7919])
+    val_units = _per_class_patient_subset(fold["train"], unit_of, stratum_of, frac, rng)
+    return {"train": [i for i in fold["train"] if unit_of[i] not in val_units],
+            "val": [i for i in fold["train"] if unit_of[i] in val_units], "test": fold["test"]}
+
+
+def apply_label_frac(folds: Sequence[dict], frac: float, unit_of: dict, stratum_of: dict,
+                     seed: int) -> list[dict]:
+    """Each fold's train part reduced to a seeded per-class sample of ``frac`` of its patients
+    (nested across fractions for one seed); val and test unchanged."""
+    if not 0.0 < frac <= 1.0:
+        raise CohortError(f"label_frac={frac}: expected a fraction in (0, 1]")
+    if frac == 1.0:
+        return [dict(f) for f in folds]
+    out = []
+    for k, fold in enumerate(folds):
+        rng = np.random.default_rng([seed, k, 104729])
+        keep = _per_class_patient_subset(fold["train"], unit_of, stratum_of, frac, rng)
+        out.append({**fold, "train": [i for i in fold["train"] if unit_of[i] in keep]})
+    return out
+
+
+def parse_kfold(spec: str) -> Optional[tuple[int, float]]:
+    """``kfold:K`` or ``kfold:K:val=F`` -> (K, F); None for anything else."""
+    m = re.fullmatch(r"kfold:(\d+)(?::val=([0-9.]+))?", spec or "")
+    if not m:
+        return None
+    val = float(m.group(2)) if m.group(2) else 0.0
+    if not 0.0 <= val < 1.0:
+        raise CohortError(f"{spec!r}: val fraction must be in [0, 1)")
+    return int(m.group(1)), val
+
+
+def resolve_splits(spec: str, ids: Sequence[str], strata: Sequence, seed: int = 0,
+                   groups: Optional[Sequence[str]] = None) -> list[dict[str, list[str]]]:
+    """Folds over ``ids``: ``spec`` = a CLAM split directory or ``kfold:K[:val=F]``
+    (``groups``: one patient id per id, kept together). Split-file ids absent from ``ids``
+    are an error here; ``FoldPlan``/``plan_folds`` skip and list them instead."""
+    kf = parse_kfold(spec)
+    if kf:
+        folds = stratified_kfold(ids, strata, kf[0], seed, groups)
+        if kf[1]:
+            unit_of = dict(zip(ids, groups if groups is not None else ids))
+            folds = [carve_val(f, unit_of, dict(zip(ids, strata)), kf[1], seed + k)
+                     for k, f in enumerate(folds)]
+        return folds
     if not spec or not os.path.isdir(spec):
         raise CohortError(f"{spec!r}: splits must be a directory of splits_{{i}}.csv or 'kfold:K'")
     folds = read_clam_splits(spec)
@@ -121,3 +428,137 @@ def resolve_splits(spec: str, ids: Sequence[str], strata: Sequence, seed: int = 
         if leak:
             raise CohortError(f"{spec}/splits_{i}.csv: ids in both train and test: {sorted(leak)[:5]}")
     return folds
+
+
+@dataclasses.dataclass
+class FoldPlan:
+    """The folds a run uses, over item ids (slide ids, or case ids when ``unit == "case"``)."""
+    folds: list[dict]
+    unit: str                          # "slide" or "case"
+    grouped: bool                      # generated folds kept each patient in one part
+    skipped_ids: list[str]             # split-file ids absent from the cohort (listed once)
+    source: str                        # the spec
+    leaky_patients: dict = dataclasses.field(default_factory=dict)  # fold -> patients (allow_leaks)
+
+    def describe(self) -> str:
+        kind = "generated" if parse_kfold(self.source) else f"from {self.source}"
+        grp = ", patient-level (grouped by case_id)" if self.grouped else ""
+        return f"{len(self.folds)} folds {kind}{grp}"
+
+
+def _split_to_items(fold_ids: Iterable[str], coh: Cohort, items: set, unit: str, insensitive: bool,
+                    unknown: dict) -> list[str]:
+    """Split-file ids (slide or case ids) -> item ids; unknown ids collected, not fatal."""
+    slides_of_case = coh.slides_of_case()
+    case_of = coh.case_of()
+    by_key = {id_key(s, insensitive): s for s in coh.slide_ids}
+    case_by_key = {id_key(c, insensitive): c for c in slides_of_case}
+    dropped = {id_key(x, insensitive) for x in coh.dropped_ids}
+    out: dict[str, None] = {}
+    for raw in fold_ids:
+        key = id_key(raw, insensitive)
+        if key in by_key:
+            slides = [by_key[key]]
+        elif key in case_by_key:
+            slides = slides_of_case[case_by_key[key]]
+        else:
+            if key not in dropped:  # rows removed by the class filter are already counted
+                unknown.setdefault(raw, None)
+            continue
+        for s in slides:
+            item = case_of[s] if unit == "case" else s
+            if item in items:  # slides without embeddings: reported by the caller
+                out[item] = None
+    return list(out)
+
+
+def patient_leaks(folds: Sequence[dict], case_of_item: dict) -> dict[int, list[str]]:
+    """fold index -> patients found in more than one of train/val/test."""
+    out = {}
+    for k, fold in enumerate(folds):
+        owner: dict[str, str] = {}
+        leaks = set()
+        for part in PARTS:
+            for i in fold.get(part, []):
+                c = case_of_item.get(i, i)
+                if owner.setdefault(c, part) != part:
+                    leaks.add(c)
+        if leaks:
+            out[k] = sorted(leaks)
+    return out
+
+
+def check_no_patient_leak(folds: Sequence[dict], case_of_item: dict, where: str) -> None:
+    """Refuse folds that put one patient in two parts, naming the patients."""
+    for k, fold in enumerate(folds):
+        owner: dict[str, str] = {}
+        leaks = set()
+        for part in PARTS:
+            for i in fold.get(part, []):
+                c = case_of_item.get(i, i)
+                if owner.setdefault(c, part) != part:
+                    leaks.add(c)
+        if leaks:
+            name = where.format(k=k)
+            raise CohortError(f"{name}: patient(s) {sorted(leaks)[:10]} appear in more than one of "
+                              "train/val/test (a patient's slides must stay in one part)")
+
+
+def check_training_classes(folds: Sequence[dict], label_of_item: dict, class_names: Sequence[str],
+                           where: str) -> None:
+    """Every class needs at least one item in every fold's training part."""
+    for k, fold in enumerate(folds):
+        present = {label_of_item[i] for i in fold["train"]}
+        absent = [class_names[c] for c in range(len(class_names)) if c not in present]
+        if absent:
+            raise CohortError(f"{where.format(k=k)}: class(es) {absent} have no slide in the "
+                              "training part; every class needs at least one")
+
+
+def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *, unit: str = "slide",
+               seed: int = 0, label_frac: float = 1.0, allow_leaks: bool = False) -> FoldPlan:
+    """The one fold builder of hipt-knn and hipt-finetune.
+
+    items: the item ids that can be used (extracted slides, or case ids of patients with an
+    extracted slide when ``unit == "case"``); strata: the stratification label of each item
+    (the class; for survival the time bin / censorship). Split-file ids absent from the cohort
+    are skipped and listed in ``skipped_ids``; a patient in two parts is refused; generated
+    folds are patient-level when the CSV has case ids; ``label_frac`` subsamples the training
+    patients per class. ``allow_leaks`` (explicit opt-in, e.g. to rerun the official HIPT BRCA
+    subtyping splits, which are slide-level) records leaking patients instead of refusing."""
+    items = list(items)
+    strata = list(strata)
+    case_of = coh.case_of()
+    case_of_item = {i: (i if unit == "case" else case_of[i]) for i in items}
+    stratum_of = dict(zip(items, strata))
+    kf = parse_kfold(spec)
+    skipped: dict[str, None] = {}
+    grouped = False
+    leaks: dict = {}
+    if kf:
+        grouped = coh.has_case_ids and unit == "slide"
+        groups = [case_of_item[i] for i in items] if grouped else None
+        folds = stratified_kfold(items, strata, kf[0], seed, groups)
+        if kf[1]:
+            folds = [carve_val(f, case_of_item, stratum_of, kf[1], seed + k) for k, f in enumerate(folds)]
+        where = f"{spec} fold {{k}}"
+    else:
+        if not spec or not os.path.isdir(spec):
+            raise CohortError(f"{spec!r}: splits must be a directory of splits_{{i}}.csv or "
+                              "'kfold:K' / 'kfold:K:val=F'")
+        raw = read_clam_splits(spec)
+        insensitive = _case_insensitive(spec)
+        item_set = set(items)
+        folds = [{p: _split_to_items(f[p], coh, item_set, unit, insensitive, skipped) for p in PARTS}
+                 for f in raw]
+        where = os.path.join(spec, "splits_{k}.csv")
+        if allow_leaks:
+            leaks = patient_leaks(folds, case_of_item)
+        else:
+            check_no_patient_leak(folds, case_of_item, where)
+        for k, f in enumerate(folds):
+            if not f["train"] or not f["test"]:
+                raise CohortError(f"{where.format(k=k)}: no extracted item in its train or test part")
+    if label_frac != 1.0:
+        folds = apply_label_frac(folds, label_frac, case_of_item, stratum_of, seed)
+    return FoldPlan(folds, unit, grouped, list(skipped), spec, leaks)

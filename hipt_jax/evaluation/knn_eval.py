@@ -71,20 +71,34 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, **kwargs) -> dict:
-    coh = cohort_lib.read_labels_csv(labels)
-    if (coh.labels < 0).any():
-        raise cohort_lib.CohortError(f"{labels}: every slide needs a label")
+def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_column: str = "label",
+        classes=None, label_frac: float = 1.0, save_splits: str | None = None,
+        allow_leaky_splits: bool = False, **kwargs) -> dict:
+    """Read the cohort, build the folds (hipt_jax.evaluation.cohort.plan_folds, the same rules
+    as hipt-finetune), evaluate; ``save_splits``: write the folds used as CLAM split files."""
+    coh = cohort_lib.read_labels_csv(labels, label_column=label_column, classes=classes)
     failed: dict[str, str] = {}
     emb = read_slide_embeddings(embeddings_dir, failed=failed)  # unreadable slide files -> failed
-    keep = [i for i, s in enumerate(coh.slide_ids) if s in emb]
-    if not keep:
+    present = [s for s in coh.slide_ids if cohort_lib.bag_file(embeddings_dir, s) and s in emb]
+    if not present:
         raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}")
-    ids = [coh.slide_ids[i] for i in keep]
-    folds = cohort_lib.resolve_splits(splits, ids if splits.startswith("kfold:") else coh.slide_ids,
-                                      coh.labels[keep] if splits.startswith("kfold:") else coh.labels, seed)
-    result = evaluate_folds(emb, coh, folds, **kwargs)
-    result["n_slides"] = len(ids)
+    label_of = dict(zip(coh.slide_ids, coh.labels))
+    plan = cohort_lib.plan_folds(coh, splits, present, [label_of[s] for s in present],
+                                 seed=seed, label_frac=label_frac, allow_leaks=allow_leaky_splits)
+    fit_val = kwargs.get("fit_on") == "train+val"
+    check = [{**f, "train": f["train"] + (f["val"] if fit_val else [])} for f in plan.folds]
+    cohort_lib.check_training_classes(check, label_of, coh.class_names,
+                                      f"{splits} fold {{k}}" if splits.startswith("kfold:")
+                                      else f"{splits}/splits_{{k}}.csv")
+    if save_splits:
+        cohort_lib.write_clam_splits(plan.folds, save_splits)
+    result = evaluate_folds(emb, coh, plan.folds, **kwargs)
+    result["n_slides"] = len(present)
+    result["folds_source"] = plan.describe()
+    result["label_frac"] = label_frac
+    result["dropped_by_class"] = coh.dropped
+    result["skipped_split_ids"] = plan.skipped_ids
+    result["leaky_patients"] = {str(k): v for k, v in plan.leaky_patients.items()}
     result["missing_slides"] = [s for s in coh.slide_ids if s not in emb and s not in failed]
     result["failed_slides"] = failed
     return result

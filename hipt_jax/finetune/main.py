@@ -24,7 +24,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_prep import bags
 from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
 from hipt_jax.finetune import plots, survival
@@ -61,7 +60,7 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     per_slide: dict[str, np.ndarray] = {}
     missing = []
     for sid in coh.slide_ids:
-        if bags.find_bag(emb, sid) is None:
+        if cohort_lib.bag_file(emb, sid) is None:  # ids are names inside EMB/slides, never paths
             missing.append(sid)
             continue
         try:
@@ -111,19 +110,71 @@ def _map_split_ids(folds, items: list[Item], coh: cohort_lib.Cohort, task: str):
     return out
 
 
-def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohort):
+def check_folds_before_work(config, coh: cohort_lib.Cohort) -> None:
+    """Build the folds from the slides that have a bag, before any feature is read, so a bad
+    split file or a class missing from a training part stops the run at once."""
+    present = [s for s in coh.slide_ids if cohort_lib.bag_file(config.data.embeddings, s) is not None]
+    if not present:
+        raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted")
+    if config.task == "subtyping":
+        label_of = dict(zip(coh.slide_ids, coh.labels))
+        items = [Item(s, None, int(label_of[s])) for s in present]
+        strata = np.array([it.label for it in items])
+    else:
+        first = {}
+        for i, (s, c) in enumerate(zip(coh.slide_ids, coh.case_ids)):
+            if s in set(present):
+                first.setdefault(c, i)
+        cases = sorted(first)
+        times = np.array([coh.times[first[c]] for c in cases])
+        cens = np.array([bool(coh.censored[first[c]]) for c in cases])
+        bins, _ = survival.quartile_bins(times, cens, config.train.n_bins)
+        items = [Item(c, None, int(b)) for c, b in zip(cases, bins)]
+        strata = bins * 2 + cens
+    _splits(config, items, strata, coh, quiet=True)
+
+
+def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohort,
+            workdir: Optional[str] = None, quiet: bool = False) -> cohort_lib.FoldPlan:
+    """The folds (hipt_jax.evaluation.cohort.plan_folds: the same rules as hipt-knn), written
+    to WORKDIR/splits/ as CLAM split files when a workdir is given."""
     ids = [it.item_id for it in items]
     spec = config.data.splits
-    if spec.startswith("kfold:"):
-        try:
-            return cohort_lib.resolve_splits(spec, ids, strata, config.seed)
-        except cohort_lib.CohortError:
-            if config.task != "survival":
-                raise
-            # Too few patients per (bin, censorship) stratum: stratify by censorship only.
-            return cohort_lib.resolve_splits(spec, ids, strata % 2, config.seed)
-    folds = cohort_lib.read_clam_splits(spec)
-    return _map_split_ids(folds, items, coh, config.task)
+    unit = "case" if config.task == "survival" else "slide"
+    frac = float(config.data.get("label_frac", 1.0))
+    allow = bool(config.data.get("allow_leaky_splits", False))
+    try:
+        plan = cohort_lib.plan_folds(coh, spec, ids, strata, unit=unit, seed=config.seed, label_frac=frac,
+                                     allow_leaks=allow)
+    except cohort_lib.CohortError:
+        if config.task != "survival" or not spec.startswith("kfold:"):
+            raise
+        # Too few patients per (bin, censorship) stratum: stratify by censorship only.
+        plan = cohort_lib.plan_folds(coh, spec, ids, strata % 2, unit=unit, seed=config.seed, label_frac=frac,
+                                     allow_leaks=allow)
+    if config.task == "subtyping":
+        where = f"{spec} fold {{k}}" if spec.startswith("kfold:") else os.path.join(spec, "splits_{k}.csv")
+        cohort_lib.check_training_classes(plan.folds, {it.item_id: it.label for it in items},
+                                          coh.class_names, where)
+    if plan.skipped_ids and not quiet:
+        print(f"hipt-finetune: {len(plan.skipped_ids)} split id(s) not in {config.data.labels} "
+              f"(skipped): {plan.skipped_ids[:10]}", file=sys.stderr)
+    if plan.leaky_patients and not quiet:
+        print(f"hipt-finetune: WARNING: {sum(map(len, plan.leaky_patients.values()))} patient(s) appear in "
+              "two parts of a fold (data.allow_leaky_splits; listed under leaky_patients in results.json)",
+              file=sys.stderr)
+    if workdir:
+        cohort_lib.write_clam_splits(plan.folds, os.path.join(workdir, "splits"))
+    return plan
+
+
+def _class_list(classes) -> Optional[list[str]]:
+    """config.data.classes: "IDC,ILC" or a sequence; empty = every class."""
+    if not classes:
+        return None
+    if isinstance(classes, str):
+        return [c.strip() for c in classes.split(",") if c.strip()] or None
+    return [str(c) for c in classes]
 
 
 def _save_checkpoint(path: str, params, model: lgp.HIPTLGP, task: str) -> None:
@@ -143,8 +194,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
         raise FinetuneError(f"config.task={config.task!r}: expected subtyping or survival")
     if not config.data.embeddings or not config.data.labels:
         raise FinetuneError("set --config.data.embeddings (hipt-extract output) and --config.data.labels (CSV)")
-    os.makedirs(workdir, exist_ok=True)
-    coh = cohort_lib.read_labels_csv(config.data.labels, require_survival=config.task == "survival")
+    frac = float(config.data.get("label_frac", 1.0))
+    if not 0.0 < frac <= 1.0:
+        raise FinetuneError(f"config.data.label_frac={frac}: expected a fraction in (0, 1]")
+    coh = cohort_lib.read_labels_csv(config.data.labels, require_survival=config.task == "survival",
+                                     label_column=config.data.get("label_column", "label") or "label",
+                                     classes=_class_list(config.data.get("classes", "")))
+    for cls, n in sorted(coh.dropped.items()):
+        print(f"hipt-finetune: dropped {n} row(s) of class {cls!r} (not in data.classes)", file=sys.stderr)
+    check_folds_before_work(config, coh)
+    os.makedirs(workdir, exist_ok=True)  # after the labels are validated: bad input writes nothing
     n_classes = config.model.n_classes
     if n_classes < 1:
         n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)
@@ -153,7 +212,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     base_vars = _init_variables(model, config, config.seed, grid)
     failed: dict[str, str] = {}
     items, strata, info = load_items(config, coh, model, base_vars, failed)
-    folds = _splits(config, items, strata, coh)
+    plan = _splits(config, items, strata, coh, workdir)
+    folds = plan.folds
     by_id = {it.item_id: it for it in items}
     trainer_cfg = TrainConfig(
         task=config.task, epochs=config.optim.epochs, lr=config.optim.lr,
@@ -197,7 +257,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     summary = {m: _summary([r["test"][m] for r in fold_results]) for m in names}
     results = {"task": config.task, "n_items": len(items), "info": info, "class_names": coh.class_names,
                "folds": [{"fold": r["fold"], **r["test"]} for r in fold_results], "summary": summary,
-               "failed_slides": failed, "config": config.to_dict()}
+               "failed_slides": failed, "config": config.to_dict(),
+               "folds_source": plan.describe(), "label_frac": frac, "dropped_by_class": coh.dropped,
+               "skipped_split_ids": plan.skipped_ids,
+               "leaky_patients": {str(k): v for k, v in plan.leaky_patients.items()}}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     table = format_table(results["folds"], names, summary)
@@ -219,7 +282,7 @@ def _feature_grid(embeddings: str, slide_ids: list[str]) -> int:
     """Side of the ViT-256 feature grid of the first readable labelled slide (16 for 4096 px
     regions): it decides the ViT-4K pos-embed size."""
     for sid in slide_ids:
-        if bags.find_bag(embeddings, sid) is not None:
+        if cohort_lib.bag_file(embeddings, sid) is not None:
             try:
                 return int(round(read_bag(embeddings, sid)["features_cls256"].shape[1] ** 0.5))
             except BagError:
