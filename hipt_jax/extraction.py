@@ -258,3 +258,128 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
     manifest["run"] = {"regions": n_regions, "seconds": round(seconds, 3),
                        "regions_per_s": round(n_regions / seconds, 4) if seconds > 0 else None}
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct path: coordinates + slides -> bags, regions read from the slide (no JPEG round trip)
+# ---------------------------------------------------------------------------------------------
+def _read_batch(slide, coords: np.ndarray, geom, readers: concurrent.futures.Executor) -> np.ndarray:
+    """Regions at level-0 (x, y) rows of ``coords`` -> uint8 [b,S,S,3], read on ``readers``
+    (OpenSlide handles are safe for concurrent reads; the C decoders release the GIL)."""
+    from data_prep.slide_io import read_region_geometry
+
+    futures = [readers.submit(read_region_geometry, slide, int(x), int(y), geom) for x, y in coords]
+    return np.stack([f.result() for f in futures])
+
+
+def _prefetch_read(slide, coords: np.ndarray, geom, batch: int, readers, pool
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(coords [b,2], images [b,S,S,3]) per batch, the next batch reading while the caller
+    runs the device on this one."""
+    pending = None
+    for i in range(0, len(coords), batch):
+        chunk = coords[i:i + batch]
+        upcoming = (chunk, pool.submit(_read_batch, slide, chunk, geom, readers))
+        if pending is not None:
+            yield pending[0], pending[1].result()
+        pending = upcoming
+    if pending is not None:
+        yield pending[0], pending[1].result()
+
+
+def embed_slide_direct(extractor: Extractor, slide, coords: np.ndarray, geom, *, readers: int = 4,
+                       progress: Optional[tqdm] = None) -> dict[str, np.ndarray]:
+    """One open slide's regions at ``coords`` (level-0 top-left, [N,2]) read at ``geom`` (a
+    data_prep.slide_io.RegionGeometry) -> the arrays of its bag, as ``Extractor.embed_slide``."""
+    extractor._require_vit4k()
+    progress = progress if progress is not None else tqdm(disable=True)
+    cls256, cls4k = [], []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, readers)) as read_pool:
+        for chunk, images in _prefetch_read(slide, coords, geom, extractor.batch, read_pool,
+                                            extractor._pool):
+            out256, out4k = extractor.regions(images)
+            cls256.append(np.asarray(out256)[: len(chunk)])
+            cls4k.append(np.asarray(out4k)[: len(chunk)])
+            progress.update(len(chunk))
+    cls4k_all = np.concatenate(cls4k).astype(np.float32)
+    return {"features_cls256": np.concatenate(cls256), "features_cls4k": cls4k_all,
+            "slide_embedding": cls4k_all.mean(axis=0), "coords": np.asarray(coords, np.int64)}
+
+
+def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region_px: int,
+                     assume_mpp: Optional[float], mpp_tolerance: float, allow_upsample: bool):
+    """RegionGeometry of a slide for the direct path, checked against its coordinate file."""
+    from data_prep import coords as coords_io
+    from data_prep import slide_io
+
+    mpp, source = slide_io.resolve_mpp(slide, assume_mpp, path)
+    slide_io.check_upsample(mpp, target_mpp, mpp_tolerance, allow_upsample, path)
+    geom = slide_io.region_geometry(slide, mpp, region_px, target_mpp, mpp_tolerance)
+    extent = coords_io.coords_file_extent(coords_file, slide.level_downsamples)
+    if extent is not None and abs(extent - geom.read_px) > 0.02 * geom.read_px:
+        raise ExtractError(f"{coords_file.path}: coordinates are for {extent} px level-0 regions, but "
+                           f"{region_px} px at {target_mpp} um/px reads {geom.read_px} level-0 px of "
+                           f"{path}; give matching --size/--target-mpp")
+    if len(coords_file.coords) == 0:
+        raise ExtractError(f"{coords_file.path}: no coordinates")
+    return geom, mpp, source
+
+
+def extract_cohort_direct(model, slides: str, coords_dir: str, out_dir: str, *,
+                          target_mpp: float = 0.5, region_px: int = 4096,
+                          assume_mpp: Optional[float] = None, mpp_tolerance: float = 0.1,
+                          allow_upsample: bool = False, readers: int = 4,
+                          batch_per_device: int = 1, store_dtype: str = "float32",
+                          params: Optional[dict] = None, show_progress: bool = True,
+                          extractor: Optional[Extractor] = None) -> dict:
+    """`hipt-extract --slides S --coords C`: every slide of S with a coordinate file in C
+    (HIPT-JAX `hipt-prep coords`, TRIDENT or CLAM h5) -> OUT/slides/<slide_id>.npz, each region
+    read straight from the slide at ``target_mpp``; returns the manifest.
+
+    Slides are matched to coordinate files by id (``<id>_patches.h5`` or ``<id>.h5``); a slide
+    without one fails (named in the manifest). Multi-process: as ``extract_cohort``.
+    """
+    from data_prep import coords as coords_io
+    from data_prep import runner, slide_io
+
+    tasks = {t.slide_id: t.path for t in runner.find_slide_files(slides)}
+    files = coords_io.find_coords_files(coords_dir)
+    slide_ids = sorted(tasks)
+    os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)
+    mine = slide_ids[jax.process_index()::jax.process_count()]
+    done = bags.list_bags(out_dir)
+    extractor = extractor or Extractor(model, batch_per_device)
+    errors: dict[str, str] = {}
+    n_regions, t0 = 0, time.time()
+    bar = tqdm(total=None, unit="region", desc="extract", disable=not show_progress, dynamic_ncols=True)
+    for slide_id in (s for s in mine if s not in done):
+        bar.set_postfix_str(slide_id)
+        slide = None
+        try:
+            if slide_id not in files:
+                raise ExtractError(f"{tasks[slide_id]}: no coordinate file {slide_id}_patches.h5 in {coords_dir}")
+            cf = coords_io.read_coords(files[slide_id])
+            slide = slide_io.open_slide(tasks[slide_id])
+            geom, _, _ = _direct_geometry(slide, tasks[slide_id], cf, target_mpp=target_mpp,
+                                          region_px=region_px, assume_mpp=assume_mpp,
+                                          mpp_tolerance=mpp_tolerance, allow_upsample=allow_upsample)
+            arrays = embed_slide_direct(extractor, slide, cf.coords, geom, readers=readers, progress=bar)
+        except (ValueError, slide_io.SlideError) as e:  # the slide fails, the run goes on
+            errors[slide_id] = str(e)
+            continue
+        finally:
+            if slide is not None:
+                slide.close()
+        arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
+        bags.write_bag(out_dir, slide_id, arrays)
+        n_regions += len(arrays["coords"])
+    bar.close()
+    seconds = time.time() - t0
+    manifest = shards.write_run_manifest(
+        out_dir, schema=EMBEDDINGS_SCHEMA, items=bags.manifest_items(out_dir, slide_ids, errors),
+        params=dict(params or {}, store_dtype=store_dtype, batch=extractor.batch, direct=True),
+        versions=shards.package_versions(VERSION_PACKAGES), items_key="slides",
+        write=jax.process_index() == 0)
+    manifest["run"] = {"regions": n_regions, "seconds": round(seconds, 3),
+                       "regions_per_s": round(n_regions / seconds, 4) if seconds > 0 else None}
+    return manifest
