@@ -81,7 +81,7 @@ def main(argv=None) -> None:
 
     def direct():
         out = tempfile.mkdtemp(dir=work)
-        extraction.extract_cohort_direct(model, slides, os.path.join(work, "coords"), out,
+        extraction.extract_cohort_direct(model, {SID: REAL_SLIDE}, os.path.join(work, "coords"), out,
                                          region_px=args.region, readers=args.readers,
                                          show_progress=False, extractor=ex)
         return bags.read_bag(out, SID)

@@ -325,24 +325,25 @@ def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region
     return geom, mpp, source
 
 
-def extract_cohort_direct(model, slides: str, coords_dir: str, out_dir: str, *,
+def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_dir: str, *,
                           target_mpp: float = 0.5, region_px: int = 4096,
                           assume_mpp: Optional[float] = None, mpp_tolerance: float = 0.1,
                           allow_upsample: bool = False, readers: int = 4,
                           batch_per_device: int = 1, store_dtype: str = "float32",
                           params: Optional[dict] = None, show_progress: bool = True,
                           extractor: Optional[Extractor] = None) -> dict:
-    """`hipt-extract --slides S --coords C`: every slide of S with a coordinate file in C
-    (HIPT-JAX `hipt-prep coords`, TRIDENT or CLAM h5) -> OUT/slides/<slide_id>.npz, each region
-    read straight from the slide at ``target_mpp``; returns the manifest.
+    """`hipt-extract --slides S --coords C`: every slide of ``slides`` (slide_id -> path) with a
+    coordinate file in C (HIPT-JAX `hipt-prep coords`, TRIDENT or CLAM h5) ->
+    OUT/slides/<slide_id>.npz, each region read straight from the slide at ``target_mpp``;
+    returns the manifest.
 
     Slides are matched to coordinate files by id (``<id>_patches.h5`` or ``<id>.h5``); a slide
     without one fails (named in the manifest). Multi-process: as ``extract_cohort``.
     """
     from data_prep import coords as coords_io
-    from data_prep import runner, slide_io
+    from data_prep import slide_io
 
-    tasks = {t.slide_id: t.path for t in runner.find_slide_files(slides)}
+    tasks = dict(slides)
     files = coords_io.find_coords_files(coords_dir)
     slide_ids = sorted(tasks)
     os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)

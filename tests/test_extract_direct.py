@@ -39,13 +39,13 @@ def prepared(tmp_path_factory):
     os.symlink(REAL_SLIDE, slides / os.path.basename(REAL_SLIDE))
     manifest = prepare_coords(str(slides), str(root / "prep"), region_px=SIZE, min_tissue_fraction=0.5)
     assert manifest["items"][SID]["status"] == "done"
-    return root, str(slides)
+    return root, {SID: REAL_SLIDE}, str(slides)
 
 
 def test_direct_features_equal_hipt4k_on_read_region_at_mpp(model, extractor, prepared):
     """The bag of the direct path equals HIPT4K on read_region_at_mpp output (<= 1e-5).
-    (Plant: reading at geom.level_px without the resize, or swapping x/y, breaks the equality.)"""
-    root, slides = prepared
+    (Plant: reading the regions at (y, x) breaks the equality.)"""
+    root, slides, slides_dir = prepared
     out = str(root / "emb")
     man = extraction.extract_cohort_direct(model, slides, str(root / "prep"), out, region_px=SIZE,
                                            readers=2, show_progress=False, extractor=extractor)
@@ -81,7 +81,7 @@ def test_trident_and_clam_coordinates(model, extractor, prepared, tmp_path, caps
     coordinate files drive the direct path; through the CLI a CLAM file made for 256 px patches
     fails the slide with a reason naming the file (exit 1). (Plant: ignoring coords_file_extent
     makes the 256 px file pass.)"""
-    root, slides = prepared
+    root, slides, slides_dir = prepared
     ours = read_coords(str(root / "prep" / "coords" / f"{SID}_patches.h5")).coords[:2]
     trident = tmp_path / "trident"
     _trident_file(str(trident / "job" / "patches" / f"{SID}_patches.h5"), ours, SIZE)
@@ -93,7 +93,7 @@ def test_trident_and_clam_coordinates(model, extractor, prepared, tmp_path, caps
     with h5py.File(clam / f"{SID}.h5", "w") as f:
         d = f.create_dataset("coords", data=np.asarray(ours, np.int64))
         d.attrs.update(dict(patch_size=256, patch_level=0, name=SID))
-    cli = ["--random-init", "tiny", "--slides", slides, "--size", str(SIZE), "--no-progress",
+    cli = ["--random-init", "tiny", "--slides", slides_dir, "--size", str(SIZE), "--no-progress",
            "--coords", str(tmp_path / "clam"), "--out", str(tmp_path / "e2")]
     assert extract_main(cli) == 1
     err = capsys.readouterr().err

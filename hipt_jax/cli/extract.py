@@ -59,12 +59,14 @@ def _run(args) -> int:
               "random_init": None if args.random_init == "none" else args.random_init,
               "shards": args.shards and os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
     if args.coords is not None:
+        from data_prep.runner import find_slide_files
         from hipt_jax.extraction import extract_cohort_direct
 
+        slides = {t.slide_id: t.path for t in find_slide_files(args.slides)}
         params.update(shards=None, slides=os.path.abspath(args.slides), coords=os.path.abspath(args.coords),
                       target_mpp=args.target_mpp, size=args.size, assume_mpp=args.assume_mpp)
         manifest = extract_cohort_direct(
-            model, args.slides, args.coords, args.out, target_mpp=args.target_mpp, region_px=args.size,
+            model, slides, args.coords, args.out, target_mpp=args.target_mpp, region_px=args.size,
             assume_mpp=args.assume_mpp, mpp_tolerance=args.mpp_tolerance,
             allow_upsample=args.allow_upsample, readers=args.readers,
             batch_per_device=args.batch_per_device, store_dtype=args.store_dtype, params=params,
