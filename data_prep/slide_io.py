@@ -235,8 +235,9 @@ def read_region_at_mpp(slide: openslide.OpenSlide, x: int, y: int, size_px: int 
     """Region of `size_px` px at `target_mpp` whose top-left is level-0 (x, y) -> uint8 [S,S,3].
 
     A 40x slide reads 2*size_px level-0 pixels (or size_px from a 20x pyramid level) and resizes;
-    pixels past the slide border are white.
+    pixels past the slide border are white. The level-0 mpp is checked as in `resolve_mpp`
+    (an implausible metadata value needs `assume_mpp`).
     """
-    mpp = slide_mpp(slide, assume_mpp)
+    mpp, _ = resolve_mpp(slide, assume_mpp)
     geom = region_geometry(slide, mpp, size_px, target_mpp, tolerance)
     return read_region_geometry(slide, x, y, geom)

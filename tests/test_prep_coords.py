@@ -8,6 +8,8 @@ import pytest
 import tifffile
 
 from data_prep.coords import read_coords
+from data_prep.shards import decode_jpeg, read_records
+from data_prep.slide_io import open_slide, read_region_at_mpp
 from data_prep.synth import make_aperio_slide, real_tissue_pixels
 from hipt_jax.cli.prep import main
 from tests.fixtures_slides import REGION, SIZE_20X, expected_regions, synthetic_slides  # noqa: F401
@@ -91,8 +93,9 @@ def _tiff_72dpi(path):
 
 def test_72dpi_tiff_refused_then_assume_mpp(tmp_path, capsys):
     """A 72 dpi generic TIFF (352.8 um/px per OpenSlide) is refused with a one-line reason that
-    names --assume-mpp, and no shard is written; --assume-mpp 0.5 then works.
-    (Plant: dropping the plausibility check in resolve_mpp makes the first run exit 0.)"""
+    names --assume-mpp, and no shard is written; --assume-mpp 0.5 then works (with --codec png,
+    pixel-exact). (Plants: dropping the plausibility check in resolve_mpp makes the first run
+    exit 0; encoding PNG regions as JPEG breaks the exact equality.)"""
     slides = tmp_path / "slides"
     slides.mkdir()
     _tiff_72dpi(str(slides / "photo.tif"))
@@ -101,8 +104,14 @@ def test_72dpi_tiff_refused_then_assume_mpp(tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if "FAILED" in ln]
     assert len(err) == 1 and "photo" in err[0] and "--assume-mpp" in err[0] and "72 dpi" in err[0]
     assert not os.path.exists(out / "regions" / "photo.array_record")
-    assert _prep("regions", slides, tmp_path / "out2", "--assume-mpp", "0.5") == 0
-    assert os.path.getsize(tmp_path / "out2" / "regions" / "photo.array_record") > 0
+    # ... and with --codec png the stored pixels are exactly the slide reader's (lossless).
+    assert _prep("regions", slides, tmp_path / "out2", "--assume-mpp", "0.5", "--codec", "png") == 0
+    recs = read_records(str(tmp_path / "out2" / "regions" / "photo.array_record"))
+    assert len(recs) >= 2
+    slide = open_slide(str(slides / "photo.tif"))
+    for r in recs:
+        want = read_region_at_mpp(slide, r["x"], r["y"], REGION, 0.5, assume_mpp=0.5)
+        np.testing.assert_array_equal(decode_jpeg(r["image_jpeg"]), want)
     man = json.loads((tmp_path / "out2" / "manifest.json").read_text())
     assert man["items"]["photo"]["mpp_source"] == "assumed"
 
