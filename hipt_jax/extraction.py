@@ -12,6 +12,9 @@ It writes the two products of the pipeline:
 - per-slide bags (`hipt-extract`): `extract_cohort` embeds every slide of a hipt-prep output
   folder into OUT/slides/<slide_id>.npz (data_prep.bags) and writes OUT/manifest.json. When
   feature shards of a slide exist already, only the cheap ViT-4K runs on them.
+- the same bags without region shards (`hipt-extract --slides --coords`):
+  `extract_cohort_direct` reads each region at the coordinates of a CLAM/TRIDENT h5 file straight
+  from the slide (threaded reads, one batch ahead of the device; no JPEG).
 
 JPEG decoding runs in a thread one batch ahead of the device. Regions of different sizes never
 share a batch; the last batch of a run is zero-padded to the fixed batch size (one compiled
