@@ -24,7 +24,8 @@ INSTALL_REQUIRES = [
     "protobuf==6.33.6",
     "pyarrow==25.0.1",
     "msgpack==1.2.4",  # data_prep record schema (also a flax dependency)
-    "h5py==3.16.0",  # TRIDENT/CLAM .h5 bags (data_prep.bags)
+    "h5py==3.16.0",  # TRIDENT/CLAM .h5 bags and coordinate files
+    "shapely==2.2.0",  # annotation polygons (hipt-prep --annotations)
     "absl-py",
     "tqdm",
     "tensorboardX",

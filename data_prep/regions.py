@@ -23,9 +23,13 @@ import cv2
 import numpy as np
 
 from data_prep.shards import REGION, encode_jpeg, open_shard_writer, shard_path, write_json_atomic
-from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, open_slide, read_region_geometry,
-                                region_geometry, slide_mpp)
+from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, open_slide,
+                                read_region_geometry, region_geometry, resolve_mpp, snap_scale)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
+
+
+_LATER_OPTIONS = ("allow_upsample", "codec", "annotations", "include_classes", "exclude_classes",
+                  "annotation_overlap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +43,21 @@ class RegionParams:
     jpeg_quality: int = 90
     tissue: TissueParams = TissueParams()
     qc_max_px: int = 1024
+    allow_upsample: bool = False
+    codec: str = "jpeg"            # "jpeg" (jpeg_quality) or "png" (lossless)
+    annotations: str | None = None  # folder of QuPath GeoJSON files, one per slide
+    include_classes: str = ""       # comma-separated; empty = every non-excluded polygon
+    exclude_classes: str = "Exclude,Ignore"
+    annotation_overlap: float = 0.5
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # Options added later are recorded only when set, so existing output folders (whose
+        # manifest predates them) can still be resumed with the same command.
+        for f in dataclasses.fields(self):
+            if f.name in _LATER_OPTIONS and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +81,10 @@ def region_grid(width: int, height: int, read_px: int) -> list[tuple[int, int]]:
     return [(c * read_px, r * read_px) for r in range(rows) for c in range(cols)]
 
 
-def select_regions(slide, params: RegionParams, mpp: float):
-    """Geometry, tissue mask and the kept [(x, y, tissue_fraction)] of one open slide."""
+def select_regions(slide, params: RegionParams, mpp: float, annotations=None):
+    """Geometry, tissue mask and the kept [(x, y, tissue_fraction)] of one open slide.
+
+    `annotations` (data_prep.annotations.Annotations) further restricts the kept regions."""
     geom = region_geometry(slide, mpp, params.region_px, params.target_mpp, params.mpp_tolerance)
     tm = segment_slide(slide, geom.read_px / geom.region_px, params.tissue)
     w, h = slide.dimensions
@@ -75,7 +93,26 @@ def select_regions(slide, params: RegionParams, mpp: float):
         frac = region_fraction(tm, x, y, geom.read_px)
         if frac >= params.min_tissue_fraction:
             kept.append((x, y, frac))
+    if annotations is not None:
+        from data_prep.annotations import filter_regions
+
+        kept = filter_regions(kept, geom.read_px, (w, h), annotations, params.annotation_overlap)
     return geom, tm, kept
+
+
+def _load_slide_annotations(task: SlideTask, params: RegionParams):
+    """The slide's Annotations when --annotations is set (SlideError if its file is missing)."""
+    if not params.annotations:
+        return None
+    from data_prep.annotations import AnnotationError, find_annotation_file, load_annotations
+
+    path = find_annotation_file(params.annotations, task.slide_id, task.path)
+    if path is None:
+        raise SlideError(f"{task.path}: no annotation file {task.slide_id}.geojson in {params.annotations}")
+    try:
+        return load_annotations(path, params.include_classes, params.exclude_classes)
+    except AnnotationError as e:
+        raise SlideError(str(e)) from None
 
 
 def _qc_thumbnail(slide, tm, max_px: int) -> tuple[np.ndarray, float]:
@@ -92,7 +129,8 @@ def _qc_thumbnail(slide, tm, max_px: int) -> tuple[np.ndarray, float]:
     return tm.thumb, tm.downsample
 
 
-def _qc_pictures(out_dir: str, slide_id: str, slide, tm, geom, kept, max_px: int) -> None:
+def _qc_pictures(out_dir: str, slide_id: str, slide, tm, geom, kept, max_px: int,
+                 annotations=None) -> None:
     """Save <id>_mask.png (thumbnail | mask) and <id>_regions.png (kept grid over thumbnail)."""
     qc = os.path.join(out_dir, "qc")
     thumb, down = _qc_thumbnail(slide, tm, max_px)
@@ -112,6 +150,12 @@ def _qc_pictures(out_dir: str, slide_id: str, slide, tm, geom, kept, max_px: int
         p0 = (int(round(x * f)), int(round(y * f)))
         p1 = (int(round((x + geom.read_px) * f)) - 1, int(round((y + geom.read_px) * f)) - 1)
         cv2.rectangle(overlay, p0, p1, (255, 0, 0), 2)
+    if annotations is not None:  # inclusions yellow, exclusions magenta (RGB)
+        from data_prep.annotations import polygon_rings
+
+        for polys, color in ((annotations.include, (230, 200, 0)), (annotations.exclude, (220, 0, 220))):
+            rings = [np.round(np.asarray(r) * f).astype(np.int32) for r in polygon_rings(polys)]
+            cv2.polylines(overlay, rings, True, color, 2)
     for name, img in (("mask", pair), ("regions", overlay)):
         path = os.path.join(qc, f"{slide_id}_{name}.png")
         tmp = f"{path}.tmp-{os.getpid()}.png"
@@ -119,40 +163,81 @@ def _qc_pictures(out_dir: str, slide_id: str, slide, tm, geom, kept, max_px: int
         os.replace(tmp, path)
 
 
+def encode_region(img_bgr: np.ndarray, params: RegionParams) -> bytes:
+    """uint8 [S,S,3] BGR -> the stored image bytes: JPEG, or lossless PNG with codec="png"."""
+    if params.codec == "png":
+        ok, buf = cv2.imencode(".png", img_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise RuntimeError("PNG encoding failed")
+        return buf.tobytes()
+    return encode_jpeg(img_bgr, params.jpeg_quality, bgr=True)
+
+
 def _write_region_shard(slide, slide_id: str, path: str, geom, kept, params: RegionParams) -> None:
     with open_shard_writer(path) as writer:
         for index, (x, y, frac) in enumerate(kept):
             img = read_region_geometry(slide, x, y, geom, order="bgr")  # [S,S,3] uint8, BGR
+            # The field keeps its name; decoders (cv2.imdecode) read PNG bytes as well.
             writer.write(REGION.encode(
-                image_jpeg=encode_jpeg(img, params.jpeg_quality, bgr=True), slide_id=slide_id,
+                image_jpeg=encode_region(img, params), slide_id=slide_id,
                 x=x, y=y, level=geom.level, read_px=geom.read_px, mpp=geom.mpp,
                 region_px=geom.region_px, tissue_fraction=frac, index=index))
 
 
-def process_slide(task: SlideTask, out_dir: str, params: RegionParams) -> dict:
-    """Do one slide end to end; never raises for a bad slide (the error goes in the result)."""
+def _write_coords(slide, slide_id: str, path: str, geom, kept, params: RegionParams, mpp: float,
+                  mpp_source: str) -> None:
+    from data_prep.coords import write_coords
+
+    write_coords(path, [(x, y) for x, y, _ in kept], slide_id=slide_id, region_px=geom.region_px,
+                 read_px=geom.read_px, slide_mpp=mpp, target_mpp=params.target_mpp,
+                 width=slide.dimensions[0], height=slide.dimensions[1], mpp_source=mpp_source,
+                 tissue_fraction=[f for _, _, f in kept])
+
+
+def output_path(out_dir: str, slide_id: str, output: str) -> str:
+    """Where one slide's product goes: the region shard, or (output="coords") its h5 coordinates."""
+    if output == "coords":
+        from data_prep.coords import coords_path
+
+        return coords_path(out_dir, slide_id)
+    return shard_path(out_dir, "regions", slide_id)
+
+
+def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: str = "regions") -> dict:
+    """Do one slide end to end; never raises for a bad slide (the error goes in the result).
+
+    output="regions" writes the region shard; output="coords" the same selection as a
+    CLAM/TRIDENT coordinate file with no pixels (data_prep.coords)."""
     t0 = time.time()
+    product = output_path(out_dir, task.slide_id, output)
     result = dict(slide_id=task.slide_id, path=task.path, status="failed", n_regions=0, error=None,
-                  shard=os.path.relpath(shard_path(out_dir, "regions", task.slide_id), out_dir))
-    for sub in ("regions", "status", "qc"):
+                  shard=os.path.relpath(product, out_dir))
+    for sub in (os.path.dirname(result["shard"]), "status", "qc"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     slide = None
     try:
         slide = open_slide(task.path)
-        mpp = slide_mpp(slide, params.assume_mpp, task.path)
-        geom, tm, kept = select_regions(slide, params, mpp)
-        result.update(slide_mpp=mpp, width=slide.dimensions[0], height=slide.dimensions[1],
+        mpp, mpp_source = resolve_mpp(slide, params.assume_mpp, task.path)
+        snapped = snap_scale(params.target_mpp, mpp, params.mpp_tolerance) != params.target_mpp / mpp
+        result.update(slide_mpp=mpp, mpp_source=mpp_source + (", snapped" if snapped else ""))
+        check_upsample(mpp, params.target_mpp, params.mpp_tolerance, params.allow_upsample, task.path)
+        annotations = _load_slide_annotations(task, params)
+        geom, tm, kept = select_regions(slide, params, mpp, annotations)
+        result.update(width=slide.dimensions[0], height=slide.dimensions[1],
                       level=geom.level, read_px=geom.read_px, mpp=geom.mpp,
                       tissue_fraction=float(tm.mask.mean()),
                       n_candidates=len(region_grid(*slide.dimensions, geom.read_px)))
-        _qc_pictures(out_dir, task.slide_id, slide, tm, geom, kept, params.qc_max_px)
+        _qc_pictures(out_dir, task.slide_id, slide, tm, geom, kept, params.qc_max_px, annotations)
         if not tm.contours:
             raise SlideError(f"{task.path}: no tissue found (saturation threshold {tm.threshold:.0f})")
         if not kept:
             raise SlideError(f"{task.path}: tissue found but no {params.region_px} px region reaches "
-                             f"tissue fraction {params.min_tissue_fraction}")
-        _write_region_shard(slide, task.slide_id, shard_path(out_dir, "regions", task.slide_id),
-                            geom, kept, params)
+                             f"tissue fraction {params.min_tissue_fraction}"
+                             + (" inside the annotations" if annotations is not None else ""))
+        if output == "coords":
+            _write_coords(slide, task.slide_id, product, geom, kept, params, mpp, mpp_source)
+        else:
+            _write_region_shard(slide, task.slide_id, product, geom, kept, params)
         result.update(status="done", n_regions=len(kept))
     except SlideError as e:
         result["error"] = str(e)

@@ -242,3 +242,20 @@ def prepare_regions(slides: str, out_dir: str, *, workers: int = 1, runner: str 
     return run_items(process_slide, tasks, [t.slide_id for t in tasks], out, "regions",
                      region_params.to_dict(), (out, region_params), workers=workers, runner=runner,
                      beam_args=beam_args, redo=redo)
+
+
+def prepare_coords(slides: str, out_dir: str, *, workers: int = 1, runner: str = "pool",
+                   beam_args: Sequence[str] = (), redo: bool = False, **params) -> dict:
+    """Python API of `hipt-prep coords`: the `regions` selection written as CLAM/TRIDENT h5
+    coordinate files (OUT/coords/<slide_id>_patches.h5), no pixels; returns the manifest."""
+    import functools
+
+    from data_prep.regions import RegionParams, process_slide
+
+    region_params = RegionParams(**params)
+    tasks = find_slide_files(slides)
+    out = os.path.abspath(out_dir)
+    fn = functools.partial(process_slide, output="coords")
+    return run_items(fn, tasks, [t.slide_id for t in tasks], out, "coords",
+                     region_params.to_dict(), (out, region_params), workers=workers, runner=runner,
+                     beam_args=beam_args, redo=redo)

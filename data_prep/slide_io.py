@@ -46,8 +46,72 @@ def open_slide(path: str) -> openslide.OpenSlide:
     return slide
 
 
+# A microscope's level-0 resolution lies well inside this range (um/px); outside it the metadata
+# is a screen/print resolution or garbage (a 72 dpi TIFF tag reads as 352.8 um/px).
+PLAUSIBLE_MPP = (0.1, 10.0)
+# TIFF resolution tags of screen/print images (dots per inch): never a scanner's resolution.
+PRINT_DPI = (72.0, 96.0, 150.0, 200.0, 300.0, 600.0)
+
+
+def _print_dpi_tag(props) -> float | None:
+    """The dpi value when the TIFF resolution tags look like a screen/print image, else None."""
+    if str(props.get("tiff.ResolutionUnit", "")).lower() != "inch":
+        return None
+    try:
+        dpi = float(props.get("tiff.XResolution", "nan"))
+    except ValueError:
+        return None
+    return dpi if any(abs(dpi - d) < 1e-3 for d in PRINT_DPI) else None
+
+
+def mpp_problem(slide: openslide.OpenSlide, mpp: float) -> str | None:
+    """Why a level-0 mpp read from the slide's metadata cannot be a microscope's, or None."""
+    dpi = _print_dpi_tag(slide.properties)
+    if dpi is not None:
+        return f"its TIFF resolution tag says {dpi:g} dpi ({mpp:.4g} um/px), a screen/print value"
+    lo, hi = PLAUSIBLE_MPP
+    if not lo <= mpp <= hi:
+        return f"its metadata says {mpp:.4g} um/px, outside the {lo}-{hi} um/px of a microscope"
+    return None
+
+
+def resolve_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None,
+                path: str = "") -> tuple[float, str]:
+    """Level-0 mpp and where it came from: ("slide property" | "assumed").
+
+    A plausible mpp in the metadata wins. An implausible one (see `mpp_problem`) or none at all
+    needs `assume_mpp`; without it SlideError names the reason and the way out.
+    """
+    name = path or getattr(slide, "_filename", "slide")
+    try:
+        mpp = slide_mpp(slide, None, name)
+    except SlideError:
+        if assume_mpp is not None:
+            return float(assume_mpp), "assumed"
+        raise
+    problem = mpp_problem(slide, mpp)
+    if problem is None:
+        return mpp, "slide property"
+    if assume_mpp is not None:
+        return float(assume_mpp), "assumed"
+    raise SlideError(f"{name}: refused: {problem}; if it really is a slide, pass --assume-mpp "
+                     "(e.g. 0.25 for 40x, 0.5 for 20x)")
+
+
+def check_upsample(mpp: float, target_mpp: float, tolerance: float = DEFAULT_MPP_TOLERANCE,
+                   allow_upsample: bool = False, path: str = "slide") -> None:
+    """SlideError when reading at `target_mpp` would enlarge the slide's pixels beyond snapping."""
+    if allow_upsample or snap_scale(target_mpp, mpp, tolerance) >= 1.0:
+        return
+    raise SlideError(f"{path}: refused: slide is {mpp:.4g} um/px, coarser than the target "
+                     f"{target_mpp:g} um/px (regions would be upsampled {mpp / target_mpp:.2f}x); "
+                     "pass --allow-upsample to accept, or a --target-mpp >= the slide's")
+
+
 def slide_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None, path: str = "") -> float:
-    """Level-0 microns per pixel from the slide metadata, else `assume_mpp`, else SlideError."""
+    """Level-0 microns per pixel from the slide metadata, else `assume_mpp`, else SlideError.
+
+    No plausibility check (see `resolve_mpp`)."""
     props = slide.properties
     values = []
     for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
@@ -171,8 +235,9 @@ def read_region_at_mpp(slide: openslide.OpenSlide, x: int, y: int, size_px: int 
     """Region of `size_px` px at `target_mpp` whose top-left is level-0 (x, y) -> uint8 [S,S,3].
 
     A 40x slide reads 2*size_px level-0 pixels (or size_px from a 20x pyramid level) and resizes;
-    pixels past the slide border are white.
+    pixels past the slide border are white. The level-0 mpp is checked as in `resolve_mpp`
+    (an implausible metadata value needs `assume_mpp`).
     """
-    mpp = slide_mpp(slide, assume_mpp)
+    mpp, _ = resolve_mpp(slide, assume_mpp)
     geom = region_geometry(slide, mpp, size_px, target_mpp, tolerance)
     return read_region_geometry(slide, x, y, geom)

@@ -13,6 +13,9 @@ It writes the two products of the pipeline:
   folder into OUT/slides/<slide_id>.<npz|h5|pt> (data_prep.bags) and writes OUT/manifest.json
   from every process's status file (OUT/status/process_<i>.json). When
   feature shards of a slide exist already, only the cheap ViT-4K runs on them.
+- the same bags without region shards (`hipt-extract --slides --coords`):
+  `extract_cohort_direct` reads each region at the coordinates of a CLAM/TRIDENT h5 file straight
+  from the slide (threaded reads, one batch ahead of the device; no JPEG).
 
 JPEG decoding runs in a thread one batch ahead of the device. Regions of different sizes never
 share a batch; the last batch of a run is zero-padded to the fixed batch size (one compiled
@@ -277,41 +280,33 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Optional[str] = None,
-                   batch_per_device: int = 1, store_dtype: str = "float32",
-                   params: Optional[dict] = None, show_progress: bool = True,
-                   extractor: Optional[Extractor] = None, fmt: str = bags.DEFAULT_FORMAT) -> dict:
-    """Embed every slide of ``shards_dir`` that has no bag in ``out_dir`` yet; returns the manifest.
+def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor: Extractor,
+                    fmt: str, store_dtype: str, params: dict, show_progress: bool) -> dict:
+    """The per-slide loop shared by the shard path and the direct path.
 
-    ``model`` is a hipt_jax.HIPT4K with a ViT-4K; ``fmt`` the bag format (npz, h5, pt). In a
+    ``embed_one(slide_id, progress) -> (arrays, coordinate attributes)`` embeds one slide. In a
     multi-process run each process takes slides i with i % process_count == process_index and
     writes its own status file (OUT/status/process_<i>.json); after a barrier every process
     merges all of them, so the manifest (written by process 0) has every slide's status,
-    including other processes' failures. Pass a prebuilt ``extractor`` to reuse its compiled
-    functions across calls.
+    including other processes' failures. A slide whose bag already exists is not redone.
     """
-    bags.check_format(fmt)  # before any work: an unknown format or .pt without torch
-    region_shards = shards.list_slide_shards(shards_dir, shards.REGION)
-    slide_ids = list(region_shards)
-    features_dir = features_dir if features_dir is not None else shards_dir
+    from data_prep.slide_io import SlideError
+
     os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)
     mine = slide_ids[jax.process_index()::jax.process_count()]
     done = bags.list_bags(out_dir)
-    todo = [s for s in mine if s not in done]
-    extractor = extractor or Extractor(model, batch_per_device)
     status: dict[str, dict] = {s: {"status": "done"} for s in mine if s in done}
     n_regions = 0
     t0 = time.time()
     bar = tqdm(total=None, unit="region", desc="extract", disable=not show_progress, dynamic_ncols=True)
-    for slide_id in todo:
+    for slide_id in (s for s in mine if s not in done):
         bar.set_postfix_str(slide_id)
         try:
-            arrays, attrs = extractor.embed_slide_bag(region_shards[slide_id],
-                                                      _existing_feature_shard(features_dir, slide_id), bar)
+            arrays, attrs = embed_one(slide_id, bar)
             arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
             bags.write_bag(out_dir, slide_id, arrays, fmt, attrs=attrs)
-        except ValueError as e:  # ExtractError, ShardError, BagError, bad pixels: the slide fails, the run goes on
-            status[slide_id] = {"status": "failed", "error": str(e)}
+        except (ValueError, SlideError) as e:  # ExtractError, ShardError, BagError, bad pixels:
+            status[slide_id] = {"status": "failed", "error": str(e)}  # the slide fails, the run goes on
             continue
         status[slide_id] = {"status": "done"}
         n_regions += len(arrays["coords"])
@@ -323,7 +318,7 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
     errors, runs = merge_process_status(out_dir, jax.process_count())
     manifest = shards.write_run_manifest(
         out_dir, schema=EMBEDDINGS_SCHEMA, items=bags.manifest_items(out_dir, slide_ids, errors),
-        params=dict(params or {}, store_dtype=store_dtype, batch=extractor.batch, format=fmt,
+        params=dict(params, store_dtype=store_dtype, batch=extractor.batch, format=fmt,
                     processes=jax.process_count()),
         versions=shards.package_versions(VERSION_PACKAGES), items_key="slides",
         write=jax.process_index() == 0)
@@ -333,3 +328,139 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
                        "regions_per_s": round(total / wall, 4) if wall > 0 else None}
     _barrier("hipt-extract manifest")  # no process leaves before the manifest is written
     return manifest
+
+
+def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Optional[str] = None,
+                   batch_per_device: int = 1, store_dtype: str = "float32",
+                   params: Optional[dict] = None, show_progress: bool = True,
+                   extractor: Optional[Extractor] = None, fmt: str = bags.DEFAULT_FORMAT) -> dict:
+    """Embed every slide of ``shards_dir`` that has no bag in ``out_dir`` yet; returns the manifest.
+
+    ``model`` is a hipt_jax.HIPT4K with a ViT-4K; ``fmt`` the bag format (npz, h5, pt).
+    Multi-process runs: see ``_extract_slides``. Pass a prebuilt ``extractor`` to reuse its
+    compiled functions across calls.
+    """
+    bags.check_format(fmt)  # before any work: an unknown format or .pt without torch
+    region_shards = shards.list_slide_shards(shards_dir, shards.REGION)
+    features_dir = features_dir if features_dir is not None else shards_dir
+    extractor = extractor or Extractor(model, batch_per_device)
+
+    def embed_one(slide_id, bar):
+        return extractor.embed_slide_bag(region_shards[slide_id],
+                                         _existing_feature_shard(features_dir, slide_id), bar)
+
+    return _extract_slides(out_dir, list(region_shards), embed_one, extractor=extractor, fmt=fmt,
+                           store_dtype=store_dtype, params=dict(params or {}),
+                           show_progress=show_progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct path: coordinates + slides -> bags, regions read from the slide (no JPEG round trip)
+# ---------------------------------------------------------------------------------------------
+def _read_batch(slide, coords: np.ndarray, geom, readers: concurrent.futures.Executor) -> np.ndarray:
+    """Regions at level-0 (x, y) rows of ``coords`` -> uint8 [b,S,S,3], read on ``readers``
+    (OpenSlide handles are safe for concurrent reads; the C decoders release the GIL)."""
+    from data_prep.slide_io import read_region_geometry
+
+    futures = [readers.submit(read_region_geometry, slide, int(x), int(y), geom) for x, y in coords]
+    return np.stack([f.result() for f in futures])
+
+
+def _prefetch_read(slide, coords: np.ndarray, geom, batch: int, readers, pool
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(coords [b,2], images [b,S,S,3]) per batch, the next batch reading while the caller
+    runs the device on this one."""
+    pending = None
+    for i in range(0, len(coords), batch):
+        chunk = coords[i:i + batch]
+        upcoming = (chunk, pool.submit(_read_batch, slide, chunk, geom, readers))
+        if pending is not None:
+            yield pending[0], pending[1].result()
+        pending = upcoming
+    if pending is not None:
+        yield pending[0], pending[1].result()
+
+
+def embed_slide_direct(extractor: Extractor, slide, coords: np.ndarray, geom, *, readers: int = 4,
+                       progress: Optional[tqdm] = None) -> dict[str, np.ndarray]:
+    """One open slide's regions at ``coords`` (level-0 top-left, [N,2]) read at ``geom`` (a
+    data_prep.slide_io.RegionGeometry) -> the arrays of its bag, as ``Extractor.embed_slide``."""
+    extractor._require_vit4k()
+    progress = progress if progress is not None else tqdm(disable=True)
+    cls256, cls4k = [], []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, readers)) as read_pool:
+        for chunk, images in _prefetch_read(slide, coords, geom, extractor.batch, read_pool,
+                                            extractor._pool):
+            out256, out4k = extractor.regions(images)
+            cls256.append(np.asarray(out256)[: len(chunk)])
+            cls4k.append(np.asarray(out4k)[: len(chunk)])
+            progress.update(len(chunk))
+    cls4k_all = np.concatenate(cls4k).astype(np.float32)
+    return {"features_cls256": np.concatenate(cls256), "features_cls4k": cls4k_all,
+            "slide_embedding": cls4k_all.mean(axis=0), "coords": np.asarray(coords, np.int64)}
+
+
+def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region_px: int,
+                     assume_mpp: Optional[float], mpp_tolerance: float, allow_upsample: bool):
+    """RegionGeometry of a slide for the direct path, checked against its coordinate file."""
+    from data_prep import coords as coords_io
+    from data_prep import slide_io
+
+    mpp, source = slide_io.resolve_mpp(slide, assume_mpp, path)
+    slide_io.check_upsample(mpp, target_mpp, mpp_tolerance, allow_upsample, path)
+    geom = slide_io.region_geometry(slide, mpp, region_px, target_mpp, mpp_tolerance)
+    extent = coords_io.coords_file_extent(coords_file, slide.level_downsamples)
+    if extent is not None and abs(extent - geom.read_px) > 0.02 * geom.read_px:
+        raise ExtractError(f"{coords_file.path}: coordinates are for {extent} px level-0 regions, but "
+                           f"{region_px} px at {target_mpp} um/px reads {geom.read_px} level-0 px of "
+                           f"{path}; give matching --size/--target-mpp")
+    if len(coords_file.coords) == 0:
+        raise ExtractError(f"{coords_file.path}: no coordinates")
+    return geom, mpp, source
+
+
+def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_dir: str, *,
+                          target_mpp: float = 0.5, region_px: int = 4096,
+                          assume_mpp: Optional[float] = None, mpp_tolerance: float = 0.1,
+                          allow_upsample: bool = False, readers: int = 4,
+                          batch_per_device: int = 1, store_dtype: str = "float32",
+                          params: Optional[dict] = None, show_progress: bool = True,
+                          extractor: Optional[Extractor] = None,
+                          fmt: str = bags.DEFAULT_FORMAT) -> dict:
+    """`hipt-extract --slides S --coords C`: every slide of ``slides`` (slide_id -> path) with a
+    coordinate file in C (HIPT-JAX `hipt-prep coords`, TRIDENT or CLAM h5) ->
+    OUT/slides/<slide_id>.<fmt>, each region read straight from the slide at ``target_mpp``;
+    returns the manifest.
+
+    Slides are matched to coordinate files by id (``<id>_patches.h5`` or ``<id>.h5``); a slide
+    without one fails (named in the manifest). Multi-process runs: see ``_extract_slides``.
+    """
+    from data_prep import coords as coords_io
+    from data_prep import slide_io
+
+    bags.check_format(fmt)
+    files = coords_io.find_coords_files(coords_dir)
+    extractor = extractor or Extractor(model, batch_per_device)
+
+    def embed_one(slide_id, bar):
+        path = slides[slide_id]
+        if slide_id not in files:
+            raise ExtractError(f"{path}: no coordinate file {slide_id}_patches.h5 in {coords_dir}")
+        cf = coords_io.read_coords(files[slide_id])
+        slide = slide_io.open_slide(path)
+        try:
+            geom, mpp, _ = _direct_geometry(slide, path, cf, target_mpp=target_mpp,
+                                            region_px=region_px, assume_mpp=assume_mpp,
+                                            mpp_tolerance=mpp_tolerance, allow_upsample=allow_upsample)
+            arrays = embed_slide_direct(extractor, slide, cf.coords, geom, readers=readers, progress=bar)
+        finally:
+            slide.close()
+        attrs = {"patch_size": int(region_px), "patch_size_level0": int(geom.read_px),
+                 "level0_magnification": round(10.0 / mpp, 3),
+                 "target_magnification": round(10.0 / geom.mpp, 3), "overlap": 0,
+                 "name": slide_id, "mpp": float(geom.mpp)}
+        return arrays, attrs
+
+    return _extract_slides(out_dir, sorted(slides), embed_one, extractor=extractor, fmt=fmt,
+                           store_dtype=store_dtype, params=dict(params or {}, direct=True),
+                           show_progress=show_progress)

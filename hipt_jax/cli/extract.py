@@ -3,6 +3,10 @@
     hipt-extract --vit256 CKPT256 --vit4k CKPT4K --shards PREP_OUT --out EMB_DIR
     hipt-extract --random-init tiny --shards PREP_OUT --out EMB_DIR            # smoke test
     hipt-extract ... --format h5        # TRIDENT/CLAM h5 bags (or pt: official HIPT .pt bags)
+    hipt-extract --vit256 A --vit4k B --slides SLIDES --coords COORDS --out EMB_DIR  # direct reads
+
+With --slides/--coords (coordinate files of `hipt-prep coords`, TRIDENT or CLAM) each region is
+read straight from the slide at --target-mpp: no region shards, no JPEG.
 
 What it computes and writes: hipt_jax.extraction (extract_cohort). Exit codes: 0 every
 slide done, 1 some slides failed (named in EMB_DIR/manifest.json), 2 bad usage or input.
@@ -20,13 +24,28 @@ PROG = "hipt-extract"
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     flags.add_model_flags(p)
-    p.add_argument("--shards", required=True, help="hipt-prep output folder (with regions/)")
+    p.add_argument("--shards", default=None, help="hipt-prep regions output folder (with regions/)")
+    d = p.add_argument_group("direct reads (instead of --shards)")
+    d.add_argument("--slides", default=None, help="folder of slides (recursive) or CSV with path[,slide_id]")
+    d.add_argument("--coords", default=None,
+                   help="folder of h5 coordinate files (hipt-prep coords, TRIDENT or CLAM), searched recursively")
+    d.add_argument("--allow-upsample", action="store_true", help="accept slides coarser than --target-mpp")
+    d.add_argument("--readers", type=int, default=4, help="threads reading regions from the slide")
+    flags.add_region_flags(p, mpp_tolerance=True)
     p.add_argument("--features", default=None,
                    help="folder of precomputed ViT-256 feature shards (default: SHARDS/features if present)")
     p.add_argument("--out", required=True, help="output folder (slides/<id>.<format> + manifest.json)")
     p.add_argument("--format", choices=("npz", "h5", "pt"), default="npz",
                    help="bag format: npz (all arrays), h5 (TRIDENT/CLAM layout: features + coords "
                         "with attributes), pt (official HIPT region bag [M,256,384]; needs torch)")
+
+    def _check_source(parser, args):
+        direct = args.slides is not None or args.coords is not None
+        if direct and (args.slides is None or args.coords is None):
+            parser.error("--slides and --coords go together")
+        if direct == (args.shards is not None):
+            parser.error("give either --shards or --slides with --coords")
+    p.finish(_check_source)
     flags.add_compute_flags(p, batch_per_device=1, patch_batch=True)
     flags.add_storage_flags(p, choices=("float32", "float16"), default="float32")
     flags.add_progress_flag(p)
@@ -42,10 +61,24 @@ def _run(args) -> int:
     model = flags.load_hipt4k(args, need_vit4k=True)
     params = {"vit256": args.vit256, "vit4k": args.vit4k,
               "random_init": None if args.random_init == "none" else args.random_init,
-              "shards": os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
-    manifest = extract_cohort(model, args.shards, args.out, features_dir=args.features,
-                              batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
-                              params=params, show_progress=not args.no_progress, fmt=args.format)
+              "shards": args.shards and os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
+    if args.coords is not None:
+        from data_prep.runner import find_slide_files
+        from hipt_jax.extraction import extract_cohort_direct
+
+        slides = {t.slide_id: t.path for t in find_slide_files(args.slides)}
+        params.update(shards=None, slides=os.path.abspath(args.slides), coords=os.path.abspath(args.coords),
+                      target_mpp=args.target_mpp, size=args.size, assume_mpp=args.assume_mpp)
+        manifest = extract_cohort_direct(
+            model, slides, args.coords, args.out, target_mpp=args.target_mpp, region_px=args.size,
+            assume_mpp=args.assume_mpp, mpp_tolerance=args.mpp_tolerance,
+            allow_upsample=args.allow_upsample, readers=args.readers,
+            batch_per_device=args.batch_per_device, store_dtype=args.store_dtype, params=params,
+            show_progress=not args.no_progress, fmt=args.format)
+    else:
+        manifest = extract_cohort(model, args.shards, args.out, features_dir=args.features,
+                                  batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
+                                  params=params, show_progress=not args.no_progress, fmt=args.format)
     failed = {s: v["error"] for s, v in manifest["slides"].items() if v["status"] == "failed"}
     n_done = sum(v["status"] == "done" for v in manifest["slides"].values())
     run = manifest["run"]

@@ -2,6 +2,7 @@
 
     hipt-prep regions  --slides DIR_OR_CSV --out OUT [--target-mpp 0.5] [--region 4096] [--workers N]
                        [--runner pool|DirectRunner|DataflowRunner|FlinkRunner|SparkRunner] [beam flags]
+    hipt-prep coords   --slides DIR_OR_CSV --out OUT [same selection flags]   # h5 coordinates, no pixels
     hipt-prep patches  --regions OUT --out OUT_PATCHES [--patch 256] [--min-tissue 0.5]
     hipt-prep features --regions OUT --out OUT_FEATS --vit256 CKPT [--store-dtype float16] [--batch-per-device 2]
     hipt-prep tfds     --kind regions|patches|features --shards OUT --data-dir TFDS_DIR
@@ -36,6 +37,33 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     flags.add_progress_flag(p)
 
 
+def _add_selection_flags(r: argparse.ArgumentParser) -> None:
+    """Which regions of which slides: shared by `regions` and `coords` (one selection)."""
+    r.add_argument("--slides", required=True, help="folder of slides (recursive) or CSV with path[,slide_id]")
+    r.add_argument("--out", required=True)
+    flags.add_region_flags(r, size_flag="--region", mpp_tolerance=True)
+    r.add_argument("--allow-upsample", action="store_true",
+                   help="accept slides coarser than --target-mpp (their regions are upsampled)")
+    r.add_argument("--min-tissue", type=float, default=0.1, help="minimum tissue fraction of a kept region")
+    r.add_argument("--mask-px", type=int, default=16, help="target px per tissue-mask px")
+    r.add_argument("--min-saturation", type=int, default=15, help="floor of the Otsu saturation threshold")
+    r.add_argument("--median-blur", type=int, default=7)
+    r.add_argument("--close-px", type=int, default=4)
+    r.add_argument("--min-tissue-area", type=int, default=256 * 256, help="target px^2")
+    r.add_argument("--min-hole-area", type=int, default=256 * 256, help="target px^2")
+    a = r.add_argument_group("annotations (QuPath GeoJSON, one <slide_id>.geojson per slide)")
+    a.add_argument("--annotations", default=None, metavar="DIR",
+                   help="keep only regions inside the slide's inclusion polygons, drop those mostly "
+                        "inside its exclusion polygons")
+    a.add_argument("--include-classes", default="",
+                   help="comma-separated classification names of inclusion polygons (default: every "
+                        "polygon not excluded)")
+    a.add_argument("--exclude-classes", default="Exclude,Ignore",
+                   help="comma-separated classification names of exclusion polygons")
+    a.add_argument("--annotation-overlap", type=float, default=0.5,
+                   help="fraction of a region that must lie inside inclusions (or, to drop it, exclusions)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: unknown (Beam) flags must never be taken for abbreviations of ours.
     ap = flags.Parser(prog="hipt-prep", description=__doc__.split("\n")[0], allow_abbrev=False)
@@ -43,18 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
 
     r = sub.add_parser("regions", help="slides -> tissue masks -> region shards")
-    r.add_argument("--slides", required=True, help="folder of slides (recursive) or CSV with path[,slide_id]")
-    r.add_argument("--out", required=True)
-    flags.add_region_flags(r, size_flag="--region", mpp_tolerance=True)
-    r.add_argument("--min-tissue", type=float, default=0.1, help="minimum tissue fraction of a kept region")
+    _add_selection_flags(r)
     r.add_argument("--jpeg-quality", type=int, default=90)
-    r.add_argument("--mask-px", type=int, default=16, help="target px per tissue-mask px")
-    r.add_argument("--min-saturation", type=int, default=15, help="floor of the Otsu saturation threshold")
-    r.add_argument("--median-blur", type=int, default=7)
-    r.add_argument("--close-px", type=int, default=4)
-    r.add_argument("--min-tissue-area", type=int, default=256 * 256, help="target px^2")
-    r.add_argument("--min-hole-area", type=int, default=256 * 256, help="target px^2")
+    r.add_argument("--codec", default="jpeg", choices=("jpeg", "png"),
+                   help="region image codec: jpeg (--jpeg-quality) or png (lossless, larger)")
     _add_run_flags(r)
+
+    c = sub.add_parser("coords", help="slides -> tissue masks -> CLAM/TRIDENT h5 region coordinates (no pixels)")
+    _add_selection_flags(c)
+    _add_run_flags(c)
 
     p = sub.add_parser("patches", help="region shards -> 256 px patch shards (stage-1 pretraining)")
     p.add_argument("--regions", required=True, help="output folder of `hipt-prep regions`")
@@ -83,20 +108,44 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _regions(args, beam_args) -> int:
-    from data_prep.runner import prepare_regions
+def _selection_params(args) -> dict:
+    """RegionParams fields shared by `regions` and `coords`."""
     from data_prep.tissue import TissueParams
 
     if args.region < 256 or args.region % 256:
         raise InputError(f"--region {args.region}: must be a positive multiple of 256")
+    if args.annotations and not os.path.isdir(args.annotations):
+        raise InputError(f"--annotations {args.annotations}: not a folder")
     tissue = TissueParams(mask_px=args.mask_px, median_blur=args.median_blur,
                           min_saturation=args.min_saturation, close_px=args.close_px,
                           min_tissue_area=args.min_tissue_area, min_hole_area=args.min_hole_area)
+    extra = {}
+    if args.annotations:  # only recorded when used, so older output folders stay compatible
+        extra = dict(annotations=os.path.abspath(args.annotations),
+                     include_classes=args.include_classes, exclude_classes=args.exclude_classes,
+                     annotation_overlap=args.annotation_overlap)
+    if args.allow_upsample:
+        extra["allow_upsample"] = True
+    return dict(target_mpp=args.target_mpp, region_px=args.region,
+                mpp_tolerance=args.mpp_tolerance, assume_mpp=args.assume_mpp,
+                min_tissue_fraction=args.min_tissue, tissue=tissue, **extra)
+
+
+def _regions(args, beam_args) -> int:
+    from data_prep.runner import prepare_regions
+
+    extra = dict(codec="png") if args.codec == "png" else {}
     manifest = prepare_regions(
         args.slides, args.out, workers=args.workers, runner=args.runner, beam_args=beam_args,
-        redo=args.redo, target_mpp=args.target_mpp, region_px=args.region,
-        mpp_tolerance=args.mpp_tolerance, assume_mpp=args.assume_mpp,
-        min_tissue_fraction=args.min_tissue, jpeg_quality=args.jpeg_quality, tissue=tissue)
+        redo=args.redo, jpeg_quality=args.jpeg_quality, **extra, **_selection_params(args))
+    return _report(manifest, os.path.abspath(args.out))
+
+
+def _coords(args, beam_args) -> int:
+    from data_prep.runner import prepare_coords
+
+    manifest = prepare_coords(args.slides, args.out, workers=args.workers, runner=args.runner,
+                              beam_args=beam_args, redo=args.redo, **_selection_params(args))
     return _report(manifest, os.path.abspath(args.out))
 
 
@@ -175,6 +224,8 @@ def main(argv=None) -> int:
 def _run(args, extra) -> int:
     if args.command == "regions":
         return _regions(args, extra)
+    if args.command == "coords":
+        return _coords(args, extra)
     if args.command == "patches":
         return _patches(args, extra)
     if args.command == "features":

@@ -1,0 +1,118 @@
+"""User annotations (QuPath GeoJSON export, one file per slide) that restrict region selection.
+
+A polygon whose classification name is in the exclude list is an exclusion; every other polygon
+(or, when an include list is given, only those whose class is in it) is an inclusion. A region is
+kept when at least `min_overlap` of its area inside the slide lies in the inclusion polygons
+(all regions qualify when the file has no inclusion polygon) and less than `min_overlap` of it
+lies in the exclusion polygons. Coordinates are level-0 pixels, as QuPath exports them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import shapely
+from shapely.geometry import box, shape
+
+
+class AnnotationError(ValueError):
+    """An annotation file that cannot be used (the message names the file and the problem)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotations:
+    path: str
+    include: list        # shapely polygons, level-0 px
+    exclude: list
+
+    def union(self, which: str):
+        polys = getattr(self, which)
+        return shapely.union_all(polys) if polys else None
+
+
+def _names(csv: str) -> set[str]:
+    return {n.strip().lower() for n in (csv or "").split(",") if n.strip()}
+
+
+def _class_name(props: dict) -> str:
+    cls = (props or {}).get("classification")
+    if isinstance(cls, dict):
+        return str(cls.get("name", ""))
+    return str(cls or "")
+
+
+def _features(doc, path: str) -> list:
+    if isinstance(doc, list):
+        return doc
+    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+        return list(doc.get("features") or [])
+    if isinstance(doc, dict) and doc.get("type") == "Feature":
+        return [doc]
+    raise AnnotationError(f"{path}: not a GeoJSON Feature, FeatureCollection or list of features")
+
+
+def find_annotation_file(folder: str, slide_id: str, slide_path: str = "") -> str | None:
+    """DIR/<slide_id>.geojson (or .json, or <slide file name>.geojson as QuPath names it)."""
+    names = [slide_id + ".geojson", slide_id + ".json"]
+    if slide_path:
+        names.append(os.path.basename(slide_path) + ".geojson")
+    for n in names:
+        p = os.path.join(folder, n)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def load_annotations(path: str, include_classes: str = "", exclude_classes: str = "Exclude,Ignore"
+                     ) -> Annotations:
+    """Polygons of one QuPath GeoJSON file split into inclusions and exclusions."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise AnnotationError(f"{path}: cannot read GeoJSON ({e})") from None
+    inc_names, exc_names = _names(include_classes), _names(exclude_classes)
+    include, exclude = [], []
+    for n, feat in enumerate(_features(doc, path)):
+        geom = (feat or {}).get("geometry")
+        if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
+            continue  # points, lines: not areas
+        try:
+            poly = shapely.make_valid(shape(geom))
+        except Exception as e:
+            raise AnnotationError(f"{path}: feature {n}: bad geometry ({e})") from None
+        name = _class_name(feat.get("properties")).lower()
+        if name in exc_names:
+            exclude.append(poly)
+        elif not inc_names or name in inc_names:
+            include.append(poly)
+    return Annotations(path, include, exclude)
+
+
+def filter_regions(kept: list, read_px: int, slide_wh: tuple[int, int], ann: Annotations,
+                   min_overlap: float = 0.5) -> list:
+    """The (x, y, ...) entries of `kept` whose region passes the inclusion/exclusion rules."""
+    inc, exc = ann.union("include"), ann.union("exclude")
+    w, h = slide_wh
+    out = []
+    for item in kept:
+        x, y = item[0], item[1]
+        cell = box(x, y, min(x + read_px, w), min(y + read_px, h))  # the part inside the slide
+        area = cell.area or 1.0
+        if inc is not None and cell.intersection(inc).area / area < min_overlap:
+            continue
+        if exc is not None and cell.intersection(exc).area / area >= min_overlap:
+            continue
+        out.append(item)
+    return out
+
+
+def polygon_rings(polys: list) -> list:
+    """Exterior rings of polygons as [(x, y), ...] level-0 point lists (for QC drawings)."""
+    rings = []
+    for p in polys:
+        for g in getattr(p, "geoms", [p]):
+            if g.geom_type == "Polygon":
+                rings.append(list(g.exterior.coords))
+    return rings

@@ -1,0 +1,107 @@
+"""hipt-extract --slides --coords: regions read straight from the slide (embedded real slide,
+tiny random model, 512 px regions), coordinate files from hipt-prep coords, TRIDENT and CLAM."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from data_prep import bags
+from data_prep.coords import read_coords
+from data_prep.runner import prepare_coords
+from data_prep.slide_io import open_slide, read_region_at_mpp
+from data_prep.synth import REAL_SLIDE
+from hipt_jax import extraction
+from hipt_jax.cli.extract import main as extract_main
+from hipt_jax.models.hipt4k import HIPT4K
+
+SID = "cmu_small_region"
+SIZE = 512
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HIPT4K.random_init(seed=0, tiny=True)
+
+
+@pytest.fixture(scope="module")
+def extractor(model):
+    """One engine for the module: compiled once, reused by every extraction here."""
+    return extraction.Extractor(model, batch_per_device=2)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("direct")
+    slides = root / "slides"
+    slides.mkdir()
+    os.symlink(REAL_SLIDE, slides / os.path.basename(REAL_SLIDE))
+    manifest = prepare_coords(str(slides), str(root / "prep"), region_px=SIZE, min_tissue_fraction=0.5)
+    assert manifest["items"][SID]["status"] == "done"
+    return root, {SID: REAL_SLIDE}, str(slides)
+
+
+def test_direct_features_equal_hipt4k_on_read_region_at_mpp(model, extractor, prepared):
+    """The bag of the direct path equals HIPT4K on read_region_at_mpp output (<= 1e-5).
+    (Plant: reading the regions at (y, x) breaks the equality.)"""
+    root, slides, slides_dir = prepared
+    out = str(root / "emb")
+    man = extraction.extract_cohort_direct(model, slides, str(root / "prep"), out, region_px=SIZE,
+                                           readers=2, show_progress=False, extractor=extractor)
+    assert man["slides"][SID]["status"] == "done"
+    got = bags.read_bag(out, SID)
+    coords = read_coords(str(root / "prep" / "coords" / f"{SID}_patches.h5")).coords
+    np.testing.assert_array_equal(got["coords"], coords)
+    slide = open_slide(REAL_SLIDE)
+    imgs = np.stack([read_region_at_mpp(slide, int(x), int(y), SIZE, 0.5) for x, y in coords])
+    ref = model.embed_batch(imgs)
+    assert len(coords) >= 3
+    np.testing.assert_allclose(got["features_cls256"], ref["features_cls256"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["features_cls4k"], ref["features_cls4k"], atol=1e-5, rtol=0)
+
+
+def _trident_file(path, coords, size0):
+    """A TRIDENT-layout coordinate file written from its published attribute names."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        d.attrs.update(dict(patch_size=SIZE, patch_size_level0=size0, level0_magnification=20,
+                            target_magnification=20, overlap=0, name=SID, savetodir=os.path.dirname(path),
+                            level0_width=2220, level0_height=2967))
+
+
+def _direct(model, extractor, slides, coords, out):
+    return extraction.extract_cohort_direct(model, slides, coords, out, region_px=SIZE, readers=2,
+                                            show_progress=False, extractor=extractor)
+
+
+def test_trident_and_clam_coordinates(model, extractor, prepared, tmp_path, capsys):
+    """TRIDENT (`<job>/patches/<id>_patches.h5`) and CLAM (`<id>.h5` with patch_size/patch_level)
+    coordinate files drive the direct path; through the CLI a CLAM file made for 256 px patches
+    fails the slide with a reason naming the file (exit 1). (Plant: ignoring coords_file_extent
+    makes the 256 px file pass.)"""
+    root, slides, slides_dir = prepared
+    ours = read_coords(str(root / "prep" / "coords" / f"{SID}_patches.h5")).coords[:2]
+    trident = tmp_path / "trident"
+    _trident_file(str(trident / "job" / "patches" / f"{SID}_patches.h5"), ours, SIZE)
+    assert _direct(model, extractor, slides, str(trident), str(tmp_path / "e1"))["slides"][SID]["status"] == "done"
+    np.testing.assert_array_equal(bags.read_bag(str(tmp_path / "e1"), SID)["coords"], ours)
+
+    clam = tmp_path / "clam" / "patches"
+    clam.mkdir(parents=True)
+    with h5py.File(clam / f"{SID}.h5", "w") as f:
+        d = f.create_dataset("coords", data=np.asarray(ours, np.int64))
+        d.attrs.update(dict(patch_size=256, patch_level=0, name=SID))
+    cli = ["--random-init", "tiny", "--slides", slides_dir, "--size", str(SIZE), "--no-progress",
+           "--coords", str(tmp_path / "clam"), "--out", str(tmp_path / "e2")]
+    assert extract_main(cli) == 1
+    err = capsys.readouterr().err
+    assert f"{SID}.h5" in err and "256 px level-0" in err
+    man = json.loads((tmp_path / "e2" / "manifest.json").read_text())
+    assert man["params"]["coords"] == str(tmp_path / "clam") and man["slides"][SID]["status"] == "failed"
+    with h5py.File(clam / f"{SID}.h5", "a") as f:
+        f["coords"].attrs["patch_size"] = SIZE
+    assert _direct(model, extractor, slides, str(tmp_path / "clam"), str(tmp_path / "e3"))["slides"][SID]["status"] == "done"
+    a, b = (bags.read_bag(str(tmp_path / e), SID) for e in ("e1", "e3"))
+    np.testing.assert_allclose(a["features_cls4k"], b["features_cls4k"], atol=1e-6)

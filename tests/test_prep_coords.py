@@ -1,0 +1,131 @@
+"""hipt-prep coords / --annotations / resolution sanity (synthetic slides, 512 px regions)."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from data_prep.coords import read_coords
+from data_prep.shards import decode_jpeg, read_records
+from data_prep.slide_io import open_slide, read_region_at_mpp
+from data_prep.synth import make_aperio_slide, real_tissue_pixels
+from hipt_jax.cli.prep import main
+from tests.fixtures_slides import REGION, SIZE_20X, expected_regions, synthetic_slides  # noqa: F401
+
+
+def _prep(command, slides, out, *extra):
+    return main([command, "--workers", "1", "--no-progress", "--slides", str(slides), "--out", str(out),
+                 "--region", str(REGION), *extra])
+
+
+def _one_slide_dir(tmp_path, path, name=None):
+    d = tmp_path / "slides"
+    d.mkdir(exist_ok=True)
+    os.symlink(path, d / (name or os.path.basename(path)))
+    return d
+
+
+def _geojson(path, polygons):
+    """QuPath-style FeatureCollection of (ring [(x, y)...], class name or None)."""
+    feats = []
+    for ring, cls in polygons:
+        props = {"objectType": "annotation"}
+        if cls:
+            props["classification"] = {"name": cls, "colorRGB": -65536}
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring + [ring[0]]]},
+                      "properties": props})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+
+
+def test_coords_files_in_trident_layout(synthetic_slides, tmp_path):
+    """The coordinate file holds the same selection as `regions` with TRIDENT's attributes.
+    (Plant: writing coords as (y, x) fails the equality.)"""
+    out = tmp_path / "out"
+    assert _prep("coords", _one_slide_dir(tmp_path, synthetic_slides["s40"]), out) == 0
+    path = out / "coords" / "s40_patches.h5"
+    cf = read_coords(str(path))
+    assert [tuple(c) for c in cf.coords] == [(2 * x, 2 * y) for x, y in expected_regions()]
+    with h5py.File(path) as f:
+        assert f["coords"].dtype == np.int64
+    a = cf.attrs
+    assert (a["patch_size"], a["patch_size_level0"]) == (REGION, 2 * REGION)
+    assert (a["level0_magnification"], a["target_magnification"]) == (40, 20)
+    assert (a["level0_width"], a["level0_height"], a["name"]) == (2 * SIZE_20X[1], 2 * SIZE_20X[0], "s40")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["kind"] == "coords" and man["items"]["s40"]["mpp_source"] == "slide property"
+    assert not (out / "regions").exists() and (out / "qc" / "s40_regions.png").exists()
+
+
+def test_annotations_keep_inside_and_drop_excluded(synthetic_slides, tmp_path):
+    """A polygon over the left half keeps exactly the regions inside it; an exclusion polygon
+    removes the one region it covers. (Plants: ignoring the inclusion union keeps the right
+    half; testing the exclusion with `<` instead of `>=` keeps the excluded region.)"""
+    slides = _one_slide_dir(tmp_path, synthetic_slides["s20"])
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    h = SIZE_20X[0]
+    half = 3 * REGION  # the region grid has 6 columns: the left 3
+    _geojson(ann / "s20.geojson", [([(0, 0), (half, 0), (half, h), (0, h)], "Tumor")])
+    out = tmp_path / "inc"
+    assert _prep("coords", slides, out, "--annotations", str(ann)) == 0
+    inside = [(x, y) for x, y in expected_regions() if x < half]
+    assert 0 < len(inside) < len(expected_regions())
+    assert [tuple(c) for c in read_coords(str(out / "coords" / "s20_patches.h5")).coords] == inside
+
+    x0, y0 = inside[0]  # an exclusion square over one kept region (slightly larger than it)
+    _geojson(ann / "s20.geojson", [([(0, 0), (half, 0), (half, h), (0, h)], "Tumor"),
+                                   ([(x0 - 5, y0 - 5), (x0 + REGION + 5, y0 - 5),
+                                     (x0 + REGION + 5, y0 + REGION + 5), (x0 - 5, y0 + REGION + 5)], "Exclude")])
+    out2 = tmp_path / "exc"
+    assert _prep("coords", slides, out2, "--annotations", str(ann)) == 0
+    assert [tuple(c) for c in read_coords(str(out2 / "coords" / "s20_patches.h5")).coords] == inside[1:]
+
+
+def _tiff_72dpi(path):
+    tissue = real_tissue_pixels()
+    img = np.ascontiguousarray(np.tile(tissue, (2, 2, 1))[:1024, :1024])  # [1024,1024,3] uint8
+    tifffile.imwrite(path, img, tile=(256, 256), resolution=(72, 72), resolutionunit="INCH",
+                     photometric="rgb")
+    return path
+
+
+def test_72dpi_tiff_refused_then_assume_mpp(tmp_path, capsys):
+    """A 72 dpi generic TIFF (352.8 um/px per OpenSlide) is refused with a one-line reason that
+    names --assume-mpp, and no shard is written; --assume-mpp 0.5 then works (with --codec png,
+    pixel-exact). (Plants: dropping the plausibility check in resolve_mpp makes the first run
+    exit 0; encoding PNG regions as JPEG breaks the exact equality.)"""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _tiff_72dpi(str(slides / "photo.tif"))
+    out = tmp_path / "out"
+    assert _prep("regions", slides, out) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "FAILED" in ln]
+    assert len(err) == 1 and "photo" in err[0] and "--assume-mpp" in err[0] and "72 dpi" in err[0]
+    assert not os.path.exists(out / "regions" / "photo.array_record")
+    # ... and with --codec png the stored pixels are exactly the slide reader's (lossless).
+    assert _prep("regions", slides, tmp_path / "out2", "--assume-mpp", "0.5", "--codec", "png") == 0
+    recs = read_records(str(tmp_path / "out2" / "regions" / "photo.array_record"))
+    assert len(recs) >= 2
+    slide = open_slide(str(slides / "photo.tif"))
+    for r in recs:
+        want = read_region_at_mpp(slide, r["x"], r["y"], REGION, 0.5, assume_mpp=0.5)
+        np.testing.assert_array_equal(decode_jpeg(r["image_jpeg"]), want)
+    man = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    assert man["items"]["photo"]["mpp_source"] == "assumed"
+
+
+def test_10x_slide_needs_allow_upsample(tmp_path, capsys):
+    """A 1.0 um/px slide against a 0.5 um/px target fails unless --allow-upsample.
+    (Plant: check_upsample returning early always makes the first run exit 0.)"""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    make_aperio_slide(str(slides / "s10x.svs"), (768, 768), mag=20, levels=(1,), mpp=1.0)
+    assert _prep("coords", slides, tmp_path / "a") == 1
+    err = capsys.readouterr().err
+    assert "--allow-upsample" in err and "1 um/px" in err
+    assert not (tmp_path / "a" / "coords" / "s10x_patches.h5").exists()
+    assert _prep("coords", slides, tmp_path / "b", "--allow-upsample", "--min-tissue", "0.01") == 0
+    cf = read_coords(str(tmp_path / "b" / "coords" / "s10x_patches.h5"))
+    assert cf.attrs["patch_size_level0"] == REGION // 2
