@@ -4,10 +4,17 @@ line is hipt_jax/cli/finetune.py).
     hipt-finetune --config configs/lgp_subtyping.py --workdir runs/x \
         --config.data.embeddings=EMB --config.data.labels=labels.csv [--config.data.splits=DIR]
 
-Reads the [M,256,384] ViT-256 features written by hipt-extract, trains one HIPT-LGP per fold
-(fresh init per fold), and writes to the workdir:
-    fold_{k}/checkpoint/   the trained HIPT-LGP (hipt_jax.models.checkpoint: arch.json + state)
-    fold_{k}/result.json   test (and val) metrics and per-item predictions
+Reads the bags written by hipt-extract, trains one model per fold (fresh init per fold):
+HIPT-LGP on the [M,256,384] ViT-256 features, or a baseline of hipt_jax.models.mil
+(``model.name``: abmil, clam_sb, mean_pool) on region ([M,192]) or patch ([M*256,384]) bags.
+With a val part, the epoch with the best validation loss (or ``selection.metric``) is selected
+(optional early stopping by CLAM's rule). Writes to the workdir:
+    fold_{k}/checkpoint/   the model evaluated on test (hipt_jax.models.checkpoint: arch.json + state)
+    fold_{k}/checkpoint_final/  the last epoch's model, when a selected epoch was evaluated instead
+    fold_{k}/result.json   test (and val) metrics, which model was evaluated, per-epoch history,
+                           per-item predictions
+    fold_{k}/tensorboard/  per-epoch train/val loss and metrics
+    summary.csv            CLAM-style: one row per fold, test_* and val_* metrics
     results.json, results.md   per-fold table with mean +/- std (results.json also names the
                                slides whose feature file could not be read: "failed_slides")
     roc.png (subtyping) or km.png (survival)

@@ -1,4 +1,5 @@
-"""HIPT-LGP training and evaluation for one cross-validation fold (subtyping or survival).
+"""HIPT-LGP (or slide baseline: hipt_jax.models.mil) training and evaluation for one
+cross-validation fold (subtyping or survival), with validation-based model selection.
 
 One step = one slide (subtyping) or one patient (survival; the patient's slides concatenated
 along the region axis). Slides have different region counts M, so every input is padded to a
