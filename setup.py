@@ -37,7 +37,8 @@ EXTRAS = {
     # torch is only needed to read/write the official .pth files.
     "convert": ["torch==2.13.0"],
     "beam": ["apache-beam==2.77.0"],
-    "test": ["pytest", "pytest-timeout", "pytest-xdist==3.8.0", "torch==2.13.0", "apache-beam==2.77.0"],
+    "test": ["pytest", "pytest-timeout", "pytest-xdist==3.8.0", "torch==2.13.0", "apache-beam==2.77.0",
+             "scikit-survival==0.28.0"],
 }
 
 setup(
@@ -57,6 +58,7 @@ setup(
             "hipt-extract=hipt_jax.cli.extract:main",
             "hipt-knn=hipt_jax.cli.knn:main",
             "hipt-finetune=hipt_jax.cli.finetune:main",
+            "hipt-predict=hipt_jax.cli.predict:main",
             "hipt-pretrain=hipt_jax.cli.pretrain:main",
             "hipt-heatmap=hipt_jax.cli.heatmap:main",
             "hipt-profile=hipt_jax.cli.profile:main",

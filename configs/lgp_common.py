@@ -22,6 +22,12 @@ def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
         allow_leaky_splits=False,  # accept split files with a patient in two parts (warned, recorded)
     ))
     c.model = ml_collections.ConfigDict(dict(
+        name="hipt_lgp",          # hipt_lgp | abmil | clam_sb | mean_pool (hipt_jax.models.mil)
+        bag="region",             # baselines: region ([M,192] features_cls4k) | patch ([M*256,384])
+        embed=512,                # abmil / clam_sb: width of the instance embedding
+        attn_hidden=256,          # abmil / clam_sb: width of the gated attention
+        k_sample=8,               # clam_sb: instances per side of the instance loss
+        bag_weight=0.7,           # clam_sb: bag loss weight (1 - it: instance loss)
         local_arch="vit4k",       # the ViT-4K inside the LGP
         pretrained_vit4k="",      # ViT-4K checkpoint (Orbax dir or .pth); "" = random init
         freeze_local=True,        # the reference's freeze_4k
@@ -35,6 +41,13 @@ def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
         alpha_surv=0.0,           # survival NLL weight on uncensored patients (see finetune/survival.py)
         n_bins=4,
         buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    ))
+    c.selection = ml_collections.ConfigDict(dict(
+        metric="loss",            # on the fold's val part: loss (lowest) or auc/balanced_acc/c_index (highest)
+        evaluate="best",          # model evaluated on test when the fold has val: best | final
+        early_stopping=False,     # CLAM's rule: stop after `patience` epochs without improvement...
+        patience=20,
+        min_epochs=50,            # ...but only at an epoch index (0-based) above this
     ))
     if "runlocal" in flags:       # CPU-seconds: tiny ViT-4K, few epochs, 3 folds
         c.model.local_arch = "vit4k_tiny"

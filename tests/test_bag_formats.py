@@ -160,7 +160,7 @@ def test_official_pt_bags_train_lgp_and_feed_stage2(tmp_path):
     c.data.embeddings, c.data.labels = str(folder), labels
     coh = cohort_lib.read_labels_csv(labels)
     model = finetune._build_model(c, 2)
-    variables = finetune._init_variables(model, c, seed=0, grid=finetune._feature_grid(str(folder), coh.slide_ids))
+    variables = finetune._init_variables(model, c, seed=0, grid=finetune._bag_shape(c, coh.slide_ids)[0])
     items, _, info = finetune.load_items(c, coh, model, variables)
     assert info["n_slides"] == 6 and items[0].inputs.shape[1:] == (192,)  # frozen ViT-4K ran on them
     trainer = LGPTrainer(model, TrainConfig(epochs=1))

@@ -1,39 +1,24 @@
-"""Slide-level metrics in plain numpy: ROC AUC, balanced accuracy, Harrell's concordance index.
-
-These match scikit-learn (``roc_auc_score``, ``balanced_accuracy_score``) and scikit-survival
-(``concordance_index_censored``) on the cases HIPT reports, without importing either at run time.
+"""Slide-level metrics: ROC AUC and balanced accuracy from scikit-learn, Harrell's concordance
+index in numpy (equal to scikit-survival's ``concordance_index_censored``, checked in the tests;
+scikit-survival is a test-only dependency), and the log-rank test from SciPy.
 """
 from __future__ import annotations
 
 import numpy as np
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` with ties given their average rank (scipy's rankdata 'average')."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    # Start index of each run of equal values in the sorted array.
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
 def binary_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC of a binary problem (positives = y_true == 1); ties in score count half.
 
-    Mann-Whitney form: (sum of positive ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), which is
-    exactly the trapezoidal ROC area. NaN when only one class is present.
+    scikit-learn's ``roc_auc_score``; NaN (instead of an exception) when only one class is present.
     """
+    from sklearn.metrics import roc_auc_score
+
     y_true = np.asarray(y_true).astype(bool)
     score = np.asarray(score, np.float64)
-    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y_true.all() or not y_true.any():
         return float("nan")
-    ranks = _average_ranks(score)
-    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y_true, score))
 
 
 def auc(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -59,9 +44,13 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean per-class recall over the classes present in ``y_true`` (scikit-learn's definition)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    recalls = [np.mean(y_pred[y_true == k] == k) for k in np.unique(y_true)]
-    return float(np.mean(recalls))
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():  # predicted classes absent from y_true: sklearn warns, same value
+        warnings.simplefilter("ignore")
+        return float(balanced_accuracy_score(np.asarray(y_true), np.asarray(y_pred)))
 
 
 def concordance_index(times: np.ndarray, events: np.ndarray, risks: np.ndarray) -> float:
@@ -83,3 +72,20 @@ def concordance_index(times: np.ndarray, events: np.ndarray, risks: np.ndarray) 
         comparable += int(others.sum())
         concordant += float((risks[i] > risks[others]).sum() + 0.5 * (risks[i] == risks[others]).sum())
     return concordant / comparable if comparable else float("nan")
+
+
+def logrank_pvalue(times: np.ndarray, events: np.ndarray, groups: np.ndarray) -> float:
+    """Two-sided log-rank p-value between the patients with ``groups`` true and false (SciPy's
+    ``stats.logrank``); NaN when a group is empty."""
+    from scipy import stats
+
+    times = np.asarray(times, np.float64)
+    events = np.asarray(events).astype(bool)
+    groups = np.asarray(groups).astype(bool)
+    if groups.all() or not groups.any():
+        return float("nan")
+
+    def data(sel):
+        return stats.CensoredData(uncensored=times[sel & events], right=times[sel & ~events])
+
+    return float(stats.logrank(data(groups), data(~groups)).pvalue)

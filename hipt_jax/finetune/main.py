@@ -4,10 +4,17 @@ line is hipt_jax/cli/finetune.py).
     hipt-finetune --config configs/lgp_subtyping.py --workdir runs/x \
         --config.data.embeddings=EMB --config.data.labels=labels.csv [--config.data.splits=DIR]
 
-Reads the [M,256,384] ViT-256 features written by hipt-extract, trains one HIPT-LGP per fold
-(fresh init per fold), and writes to the workdir:
-    fold_{k}/checkpoint/   the trained HIPT-LGP (hipt_jax.models.checkpoint: arch.json + state)
-    fold_{k}/result.json   test (and val) metrics and per-item predictions
+Reads the bags written by hipt-extract, trains one model per fold (fresh init per fold):
+HIPT-LGP on the [M,256,384] ViT-256 features, or a baseline of hipt_jax.models.mil
+(``model.name``: abmil, clam_sb, mean_pool) on region ([M,192]) or patch ([M*256,384]) bags.
+With a val part, the epoch with the best validation loss (or ``selection.metric``) is selected
+(optional early stopping by CLAM's rule). Writes to the workdir:
+    fold_{k}/checkpoint/   the model evaluated on test (hipt_jax.models.checkpoint: arch.json + state)
+    fold_{k}/checkpoint_final/  the last epoch's model, when a selected epoch was evaluated instead
+    fold_{k}/result.json   test (and val) metrics, which model was evaluated, per-epoch history,
+                           per-item predictions
+    fold_{k}/tensorboard/  per-epoch train/val loss and metrics
+    summary.csv            CLAM-style: one row per fold, test_* and val_* metrics
     results.json, results.md   per-fold table with mean +/- std (results.json also names the
                                slides whose feature file could not be read: "failed_slides")
     roc.png (subtyping) or km.png (survival)
@@ -21,26 +28,48 @@ import sys
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
-from hipt_jax.finetune import plots, survival
+from hipt_jax.finetune import plots, reporting, survival
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, encode_local
-from hipt_jax.models import checkpoint, lgp
+from hipt_jax.models import checkpoint, lgp, mil
 
 
 class FinetuneError(Exception):
     """Bad run input (message names the file and the problem)."""
 
 
-def _build_model(config, n_classes: int) -> lgp.HIPTLGP:
+def _model_name(config) -> str:
+    name = config.model.get("name", "hipt_lgp")
+    if name != "hipt_lgp" and name not in mil.MIL_MODELS:
+        raise FinetuneError(f"config.model.name={name!r}: expected hipt_lgp or one of {list(mil.MIL_MODELS)}")
+    bag = config.model.get("bag", "region")
+    if bag not in ("region", "patch"):
+        raise FinetuneError(f"config.model.bag={bag!r}: expected region or patch")
+    return name
+
+
+def _mil_arch(config, n_classes: int, in_features: int):
+    m = config.model
+    return mil.mil_arch(m.name, n_classes, in_features, embed=m.embed, attn_hidden=m.attn_hidden,
+                        dropout_rate=m.dropout, k_sample=m.k_sample, subtyping=config.task == "subtyping",
+                        task=config.task, bag=m.bag)
+
+
+def _build_model(config, n_classes: int, in_features: int = 384):
+    if _model_name(config) != "hipt_lgp":
+        return mil.build_mil(_mil_arch(config, n_classes, in_features))
     return lgp.HIPTLGP(n_classes=n_classes, local_arch=config.model.local_arch,
                        freeze_local=config.model.freeze_local, dropout_rate=config.model.dropout)
 
 
-def _init_variables(model: lgp.HIPTLGP, config, seed: int, grid: int):
+def _init_variables(model, config, seed: int, grid: int, in_features: int = 384):
+    if not isinstance(model, lgp.HIPTLGP):  # a baseline: a bag of two instances [2,F]
+        return model.init(jax.random.PRNGKey(seed), jnp.zeros((2, in_features), jnp.float32))
     variables = lgp.init_lgp(model, seed=seed, grid=grid)
     if config.model.pretrained_vit4k:
         vit4k, _ = checkpoint.load_backbone(config.model.pretrained_vit4k, expect_arch="vit4k")
@@ -64,14 +93,14 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
             missing.append(sid)
             continue
         try:
-            feats = read_bag(emb, sid)["features_cls256"]  # [M,R*C,384]
+            bag = read_bag(emb, sid)
         except BagError as e:
             if failed is None:
                 raise
             failed[sid] = str(e)
             continue
-        per_slide[sid] = (encode_local(model, local_variables, feats, config.train.buckets)
-                          if config.model.freeze_local else feats)
+        per_slide[sid] = bag_input(model, local_variables, bag, config.model.get("bag", "region"),
+                                   config.train.buckets)
     if missing:
         print(f"hipt-finetune: {len(missing)} labelled slide(s) not extracted in {emb}, skipped: "
               f"{missing[:5]}", file=sys.stderr)
@@ -95,6 +124,19 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     items = [Item(c, np.concatenate([per_slide[coh.slide_ids[i]] for i in cases[c]]), int(b), float(t), bool(e))
              for c, b, t, e in zip(case_ids, bins, times, cens)]
     return items, bins * 2 + cens, info
+
+
+def bag_input(model, variables, bag: dict, level: str, buckets=lgp.DEFAULT_BUCKETS) -> np.ndarray:
+    """The model input of one slide's bag (data_prep.bags): HIPT-LGP with a frozen ViT-4K gets
+    its [M,192] outputs (computed here once), an unfrozen one the raw [M,R*C,384] features; a
+    baseline gets the [M,192] features_cls4k (``level`` "region") or the [M*R*C,384] patch
+    features (``level`` "patch")."""
+    feats = bag["features_cls256"]  # [M,R*C,384]
+    if isinstance(model, lgp.HIPTLGP):
+        return encode_local(model, variables, feats, buckets) if model.freeze_local else feats
+    if level == "region":
+        return np.asarray(bag["features_cls4k"], np.float32)  # [M,192]
+    return feats.reshape(-1, feats.shape[-1])  # [M,R*C,384] -> [M*R*C,384]
 
 
 def _map_split_ids(folds, items: list[Item], coh: cohort_lib.Cohort, task: str):
@@ -177,9 +219,14 @@ def _class_list(classes) -> Optional[list[str]]:
     return [str(c) for c in classes]
 
 
-def _save_checkpoint(path: str, params, model: lgp.HIPTLGP, task: str) -> None:
-    """The fold's model as kind "hipt_lgp" (arch.json rebuilds it; a rerun replaces it)."""
-    checkpoint.save(path, params, "hipt_lgp", lgp.lgp_arch(model, task), overwrite=True)
+def _save_checkpoint(path: str, params, model, task: str, config=None, in_features: int = 384,
+                     meta: Optional[dict] = None) -> None:
+    """The fold's model as kind "hipt_lgp" or "mil" (arch.json rebuilds it; a rerun replaces it)."""
+    if isinstance(model, lgp.HIPTLGP):
+        checkpoint.save(path, params, "hipt_lgp", lgp.lgp_arch(model, task), meta=meta, overwrite=True)
+    else:
+        checkpoint.save(path, params, "mil", _mil_arch(config, model.n_classes, in_features), meta=meta,
+                        overwrite=True)
 
 
 def _summary(values: list[float]) -> dict:
@@ -207,19 +254,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     n_classes = config.model.n_classes
     if n_classes < 1:
         n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)
-    model = _build_model(config, n_classes)
-    grid = _feature_grid(config.data.embeddings, coh.slide_ids)
-    base_vars = _init_variables(model, config, config.seed, grid)
+    grid, in_features = _bag_shape(config, coh.slide_ids)
+    model = _build_model(config, n_classes, in_features)
+    base_vars = _init_variables(model, config, config.seed, grid, in_features)
     failed: dict[str, str] = {}
     items, strata, info = load_items(config, coh, model, base_vars, failed)
     plan = _splits(config, items, strata, coh, workdir)
     folds = plan.folds
     by_id = {it.item_id: it for it in items}
+    sel = config.get("selection", ml_collections.ConfigDict(dict(
+        metric="loss", evaluate="best", early_stopping=False, patience=20, min_epochs=50)))
+    if sel.evaluate not in ("best", "final"):
+        raise FinetuneError(f"config.selection.evaluate={sel.evaluate!r}: expected best or final")
     trainer_cfg = TrainConfig(
         task=config.task, epochs=config.optim.epochs, lr=config.optim.lr,
         weight_decay=config.optim.weight_decay, accumulate_steps=config.train.accumulate_steps,
         balanced_sampling=config.train.balanced_sampling, alpha_surv=config.train.alpha_surv,
-        buckets=tuple(config.train.buckets), seed=config.seed)
+        buckets=tuple(config.train.buckets), seed=config.seed,
+        bag_weight=config.model.get("bag_weight", 0.7), select_metric=sel.metric,
+        early_stopping=sel.early_stopping, patience=sel.patience, min_epochs=sel.min_epochs)
     trainer = LGPTrainer(model, trainer_cfg)
     metric = "auc" if config.task == "subtyping" else "c_index"
     fold_results = []
@@ -233,36 +286,57 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
         os.makedirs(fold_dir, exist_ok=True)
         train = [by_id[i] for i in fold["train"]]
         test = [by_id[i] for i in fold["test"]]
+        val_items = [by_id[i] for i in fold.get("val", [])]
         if not train or not test:
             raise FinetuneError(f"fold {k}: empty train or test set after matching ids to extracted slides")
-        # Fresh aggregator init per fold (the frozen ViT-4K is the same in every fold).
-        fold_vars = _init_variables(model, config, config.seed + 1 + k, grid)
-        if config.model.freeze_local:
+        # Fresh init per fold (the frozen ViT-4K is the same in every fold).
+        fold_vars = _init_variables(model, config, config.seed + 1 + k, grid, in_features)
+        if isinstance(model, lgp.HIPTLGP) and config.model.freeze_local:
             fold_vars = lgp.with_pretrained_local(fold_vars, {"params": base_vars["params"]["local_vit"]})
         trainer.cfg.seed = config.seed + k
-        params = trainer.fit(fold_vars, train, desc=f"fold {k}" if show_progress else None)
+        with reporting.EpochWriter(os.path.join(fold_dir, "tensorboard")) as writer:
+            fit = trainer.train(fold_vars, train, val_items or None,
+                                desc=f"fold {k}" if show_progress else None, log=writer)
+        use_best = fit.selected_by != "final_epoch" and sel.evaluate == "best"
+        params = fit.selected if use_best else fit.final
         test_metrics, preds = trainer.evaluate(params, test)
-        result = {"fold": k, "n_train": len(train), "n_test": len(test), "test": test_metrics,
+        evaluated = {"model": "best_val" if use_best else "final_epoch",
+                     "epoch": fit.selected_epoch if use_best else fit.last_epoch,
+                     "selected_by": fit.selected_by if use_best else "final_epoch",
+                     "best_val_epoch": fit.selected_epoch if fit.selected_by != "final_epoch" else None,
+                     "last_epoch": fit.last_epoch, "stopped_early": fit.stopped_early}
+        result = {"fold": k, "n_train": len(train), "n_val": len(val_items), "n_test": len(test),
+                  "test": test_metrics, "evaluated": evaluated, "history": fit.history,
                   "predictions": jax.tree.map(lambda a: a.tolist() if hasattr(a, "tolist") else a, preds)}
-        if fold.get("val"):
-            val_items = [by_id[i] for i in fold["val"]]
+        if val_items:
             result["val"] = trainer.evaluate(params, val_items)[0]
-        _save_checkpoint(os.path.join(fold_dir, "checkpoint"), params, model, config.task)
+            if use_best:  # the final-epoch model on test, for comparison
+                result["test_final_epoch"] = trainer.evaluate(fit.final, test)[0]
+        meta = {"fold": k, "epoch": evaluated["epoch"], "evaluated": evaluated["model"]}
+        _save_checkpoint(os.path.join(fold_dir, "checkpoint"), params, model, config.task, config,
+                         in_features, meta)
+        if use_best:  # the final-epoch model stays available
+            _save_checkpoint(os.path.join(fold_dir, "checkpoint_final"), fit.final, model, config.task,
+                             config, in_features, {"fold": k, "epoch": fit.last_epoch, "evaluated": "final_epoch"})
         with open(result_path, "w") as f:
             json.dump(result, f)
         if show_progress:
-            print(f"fold {k}: test {metric} {test_metrics[metric]:.4f}", flush=True)
+            print(f"fold {k}: test {metric} {test_metrics[metric]:.4f} ({evaluated['model']}, "
+                  f"epoch {evaluated['epoch']})", flush=True)
         fold_results.append(result)
     names = list(fold_results[0]["test"])
     summary = {m: _summary([r["test"][m] for r in fold_results]) for m in names}
-    results = {"task": config.task, "n_items": len(items), "info": info, "class_names": coh.class_names,
-               "folds": [{"fold": r["fold"], **r["test"]} for r in fold_results], "summary": summary,
-               "failed_slides": failed, "config": config.to_dict(),
+    results = {"task": config.task, "model": _model_name(config), "n_items": len(items), "info": info,
+               "class_names": coh.class_names,
+               "folds": [{"fold": r["fold"], **r["test"],
+                          "evaluated": r.get("evaluated", {}).get("model", "final_epoch")} for r in fold_results],
+               "summary": summary, "failed_slides": failed, "config": config.to_dict(),
                "folds_source": plan.describe(), "label_frac": frac, "dropped_by_class": coh.dropped,
                "skipped_split_ids": plan.skipped_ids,
                "leaky_patients": {str(k): v for k, v in plan.leaky_patients.items()}}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
+    reporting.write_summary_csv(os.path.join(workdir, "summary.csv"), fold_results)
     table = format_table(results["folds"], names, summary)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
@@ -278,16 +352,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     return results
 
 
-def _feature_grid(embeddings: str, slide_ids: list[str]) -> int:
-    """Side of the ViT-256 feature grid of the first readable labelled slide (16 for 4096 px
-    regions): it decides the ViT-4K pos-embed size."""
+def _bag_shape(config, slide_ids: list[str]) -> tuple[int, int]:
+    """(side of the ViT-256 feature grid: 16 for 4096 px regions, which sizes the ViT-4K
+    pos-embed; instance width of the model's bags) from the first readable labelled slide."""
+    emb = config.data.embeddings
     for sid in slide_ids:
-        if cohort_lib.bag_file(embeddings, sid) is not None:
+        if cohort_lib.bag_file(emb, sid) is not None:
             try:
-                return int(round(read_bag(embeddings, sid)["features_cls256"].shape[1] ** 0.5))
+                bag = read_bag(emb, sid)
             except BagError:
                 continue  # recorded as failed by load_items
-    raise FinetuneError(f"{embeddings}: none of the labelled slides were extracted")
+            feats = bag["features_cls256"]
+            grid = int(round(feats.shape[1] ** 0.5))
+            if _model_name(config) != "hipt_lgp" and config.model.bag == "region":
+                return grid, int(bag["features_cls4k"].shape[-1])
+            return grid, int(feats.shape[-1])
+    raise FinetuneError(f"{emb}: none of the labelled slides were extracted")
 
 
 def format_table(rows: list[dict], names: list[str], summary: dict) -> str:

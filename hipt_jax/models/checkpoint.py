@@ -11,6 +11,7 @@ A saved model is a directory::
               the teacher hipt-pretrain exports (those keep the DINO head, has_head true)
     hipt_lgp  a trained HIPT-LGP (hipt-finetune's fold_k/checkpoint): n_classes, local ViT-4K
               architecture, widths, dropout, freeze flag and task
+    mil       a trained slide baseline (hipt_jax.models.mil: mean_pool, abmil, clam_sb)
 ``load`` rebuilds the module from arch.json alone and checks every parameter against it, so
 nothing is guessed from array shapes. Directories written before the kinds existed (arch.json
 with "format": "hipt-jax-backbone") load as kind "vit".
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from hipt_jax.models import lgp
+from hipt_jax.models import lgp, mil
 from hipt_jax.models.archs import ARCHITECTURES, build_vit, dummy_input, get_arch
 
 FORMAT = "hipt-jax-model"
@@ -64,6 +65,7 @@ def _vit_name(config: ml_collections.ConfigDict) -> str:
 KINDS = {
     "vit": _Kind(build_vit, lambda c: (dummy_input(c),), lambda c: c.arch),
     "hipt_lgp": _Kind(lgp.build_lgp, lgp.example_input, lambda c: "hipt_lgp"),
+    "mil": _Kind(mil.build_mil, mil.example_input, lambda c: c.name),  # hipt-finetune baselines
 }
 
 

@@ -1,0 +1,127 @@
+"""Apply a finished hipt-finetune run to slides (`hipt-predict`, command line in
+hipt_jax/cli/predict.py).
+
+Every fold's evaluated model (WORKDIR/fold_k/checkpoint: the one its result.json says was
+evaluated on test) scores every slide of an embeddings folder (hipt-extract output), one slide
+at a time, exactly as the run scored its test slides; the ensemble is the mean over folds of
+the class probabilities (subtyping) or of the risk (survival). Survival runs trained on
+patients (their slides concatenated); here each slide is scored on its own.
+
+Writes OUT (CSV, one row per slide):
+    subtyping: slide_id, fold{k}_p_{class}..., ensemble_p_{class}..., ensemble_pred
+    survival:  slide_id, fold{k}_risk..., ensemble_risk
+and OUT_attention/<slide_id>.npz with ``attention`` [folds, M] (region bags and HIPT-LGP) or
+[folds, M, R*C] (patch bags: one weight per patch of each region), the ensemble mean
+``attention_mean`` and the bag's ``coords`` [M,2], for heatmaps.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import sys
+from typing import Optional
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import bags
+from data_prep.bags import BagError
+from hipt_jax.finetune import survival
+from hipt_jax.finetune.main import FinetuneError, bag_input
+from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig
+from hipt_jax.models import checkpoint
+
+
+def _fold_dirs(run_dir: str) -> list[str]:
+    dirs = [d for d in glob.glob(os.path.join(run_dir, "fold_*")) if re.fullmatch(r"fold_\d+", os.path.basename(d))]
+    dirs = sorted(dirs, key=lambda d: int(d.rsplit("_", 1)[1]))
+    dirs = [d for d in dirs if os.path.isfile(os.path.join(d, "checkpoint", checkpoint.ARCH_FILE))]
+    if not dirs:
+        raise FinetuneError(f"{run_dir}: no fold_k/checkpoint (not a finished hipt-finetune run)")
+    return dirs
+
+
+def _run_info(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        raise FinetuneError(f"{path}: not found (not a finished hipt-finetune run)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"{path}: unreadable ({e})") from None
+
+
+class FoldModel:
+    """One fold's saved model and a trainer that scores bags with it."""
+
+    def __init__(self, path: str, task: str, buckets):
+        loaded = checkpoint.load(path)
+        self.module, self.params = loaded.module(), loaded.params
+        self.level = loaded.config.get("bag", "region") if loaded.kind == "mil" else "region"
+        self.trainer = LGPTrainer(self.module, TrainConfig(task=task, buckets=tuple(buckets)))
+
+    def score(self, slide_id: str, bag: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [K], attention [M_instances])."""
+        x = bag_input(self.module, {"params": self.params}, bag, self.level, self.trainer.cfg.buckets)
+        logits, _, attention = self.trainer.predict_with_attention(self.params, [Item(slide_id, x)])
+        return logits[0], attention[0]
+
+
+def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool = True,
+                slide_ids: Optional[list[str]] = None) -> dict:
+    """Score the slides of ``embeddings`` (all, or ``slide_ids``) with every fold of ``run_dir``;
+    returns {"n_slides", "folds", "failed_slides": {slide_id: error}, "out", "attention_dir"}."""
+    info = _run_info(run_dir)
+    task, class_names = info.get("task"), info.get("class_names") or []
+    buckets = info.get("config", {}).get("train", {}).get("buckets") or (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    folds = [FoldModel(os.path.join(d, "checkpoint"), task, buckets) for d in _fold_dirs(run_dir)]
+    available = bags.list_bags(embeddings)
+    if not available:
+        raise FinetuneError(f"{embeddings}: no extracted slides (expected hipt-extract output with slides/)")
+    ids = list(available) if slide_ids is None else [s for s in slide_ids if s in available]
+    att_dir = os.path.splitext(out_csv)[0] + "_attention"
+    os.makedirs(att_dir, exist_ok=True)
+    rows, failed = [], {}
+    for sid in tqdm(ids, desc="predict", disable=not show_progress, dynamic_ncols=True):
+        try:
+            bag = bags.read_bag(embeddings, sid)
+        except BagError as e:
+            failed[sid] = str(e)
+            print(f"hipt-predict: {e}", file=sys.stderr)
+            continue
+        scores = [f.score(sid, bag) for f in folds]
+        logits = np.stack([s[0] for s in scores])  # [folds,K]
+        attention = np.stack([s[1] for s in scores])  # [folds,M] or [folds,M*R*C]
+        m = len(bag["features_cls256"])
+        attention = attention.reshape((len(folds), m, -1)) if attention.shape[1] != m else attention
+        np.savez(os.path.join(att_dir, sid + ".npz"), attention=attention, attention_mean=attention.mean(0),
+                 coords=bag.get("coords", np.zeros((m, 2), np.int64)))
+        rows.append(_row(sid, logits, task, class_names))
+    with open(out_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["slide_id"])
+        w.writeheader()
+        w.writerows(rows)
+    return {"n_slides": len(rows), "folds": len(folds), "failed_slides": failed, "out": out_csv,
+            "attention_dir": att_dir}
+
+
+def _row(slide_id: str, logits: np.ndarray, task: str, class_names: list[str]) -> dict:
+    row: dict = {"slide_id": slide_id}
+    if task == "survival":
+        risk = np.asarray(survival.risk_score(logits))  # [folds]
+        row.update({f"fold{k}_risk": float(r) for k, r in enumerate(risk)})
+        row["ensemble_risk"] = float(risk.mean())
+        return row
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)  # [folds,K]
+    names = class_names if len(class_names) == probs.shape[1] else [str(c) for c in range(probs.shape[1])]
+    for k, p in enumerate(probs):
+        row.update({f"fold{k}_p_{n}": float(v) for n, v in zip(names, p)})
+    mean = probs.mean(0)
+    row.update({f"ensemble_p_{n}": float(v) for n, v in zip(names, mean)})
+    row["ensemble_pred"] = names[int(mean.argmax())]
+    return row

@@ -1,0 +1,202 @@
+"""hipt-finetune model selection and early stopping, the baselines trained end to end on a small
+synthetic cohort (real labels: AUC > 0.9; shuffled: ~0.5), and hipt-predict reproducing a fold's
+test predictions."""
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import lgp_subtyping
+from data_prep import bags
+from hipt_jax.finetune import main as finetune
+from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig
+from hipt_jax.models import mil
+from tests.synthetic_cohort import write_labels
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+N_SLIDES = 96
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """96 slides, 2 classes, 2-5 regions; region (192-d) and patch (2x2 x 384-d) features both
+    shifted along a class direction; labels.csv, and shuffled labels with 3 CLAM split files in
+    which every part holds each (real class, shuffled label) pair equally often.
+
+    The shuffled labels are balanced against the real classes inside every split on purpose:
+    with a plain permutation and generated folds, the chance association between shuffled
+    labels and the (easily learned) real classes in the training part is mirrored with opposite
+    sign in the test part, and CV lands well below 0.5 (measured 0.33), the known negative bias
+    of cross-validation under the null. Balanced parts leave nothing to learn, so ~0.5 it is."""
+    root = tmp_path_factory.mktemp("mil")
+    rng = np.random.default_rng(0)
+    d4k, d256 = rng.normal(size=(2, 192)).astype(np.float32), rng.normal(size=(2, 384)).astype(np.float32)
+    classes = np.arange(N_SLIDES) % 2
+    rng.shuffle(classes)
+    emb = str(root / "emb")
+    for i, c in enumerate(classes):
+        m = int(rng.integers(2, 6))
+        f256 = rng.normal(size=(m, 4, 384)).astype(np.float32) + 0.5 * d256[c]
+        bags.write_bag(emb, f"slide_{i:04d}", dict(
+            features_cls256=f256, features_cls4k=rng.normal(size=(m, 192)).astype(np.float32) + 0.5 * d4k[c],
+            slide_embedding=np.zeros(192, np.float32), coords=np.zeros((m, 2), np.int64)))
+    labels = write_labels(str(root / "labels.csv"), [{"slide_id": f"slide_{i:04d}", "label": int(c)}
+                                                       for i, c in enumerate(classes)])
+    fake = np.zeros(N_SLIDES, int)
+    for c in (0, 1):
+        members = rng.permutation(np.flatnonzero(classes == c))
+        fake[members[: len(members) // 2]] = 1
+    shuffled = write_labels(str(root / "shuffled.csv"), [{"slide_id": f"slide_{i:04d}", "label": int(f)}
+                                                           for i, f in enumerate(fake)])
+    split_dir = root / "null_splits"
+    split_dir.mkdir()
+    groups = [np.flatnonzero((classes == c) & (fake == f)) for c in (0, 1) for f in (0, 1)]  # 4 x 24
+    for k in range(3):
+        test = sorted(i for g in groups for i in g[k::3])
+        train = sorted(set(range(N_SLIDES)) - set(test))
+        _write_split(split_dir / f"splits_{k}.csv", [f"slide_{i:04d}" for i in train], [],
+                     [f"slide_{i:04d}" for i in test])
+    return emb, labels, (shuffled, str(split_dir))
+
+
+def _write_split(path, train, val, test):
+    """One CLAM split file: unnamed index column, then train, val, test padded with empty cells."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["", "train", "val", "test"])
+        for j in range(max(len(train), len(val), len(test))):
+            w.writerow([j] + [part[j] if j < len(part) else "" for part in (train, val, test)])
+
+
+def _config(emb, labels, name, bag="region", epochs=3):
+    c = lgp_subtyping.get_config("runlocal")
+    c.data.embeddings, c.data.labels, c.data.splits = emb, labels, "kfold:3"
+    c.model.name, c.model.bag = name, bag
+    c.model.embed, c.model.attn_hidden, c.model.k_sample = 32, 16, 2
+    c.optim.epochs = epochs
+    c.train.buckets = (8, 32)
+    return c
+
+
+@pytest.mark.parametrize("name,bag", [("mean_pool", "region"), ("abmil", "region"), ("clam_sb", "patch")])
+def test_baseline_learns_real_labels_and_not_shuffled(cohort, tmp_path, name, bag):
+    """Plant: the bag loss trained on label 0 for every slide -> real AUC far below 0.9."""
+    emb, labels, (shuffled, null_splits) = cohort
+    real = finetune.run(_config(emb, labels, name, bag), str(tmp_path / "real"), show_progress=False)
+    null = _config(emb, shuffled, name, bag)
+    null.data.splits = null_splits
+    fake = finetune.run(null, str(tmp_path / "fake"), show_progress=False)
+    print({name: (real["summary"]["auc"], fake["summary"]["auc"])})
+    assert real["model"] == name
+    assert real["summary"]["auc"]["mean"] > 0.9, real["folds"]
+    assert abs(fake["summary"]["auc"]["mean"] - 0.5) < 0.15, fake["folds"]
+    arch = json.load(open(tmp_path / "real" / "fold_0" / "checkpoint" / "arch.json"))
+    assert arch["kind"] == "mil" and arch["config"]["name"] == name and arch["config"]["bag"] == bag
+    assert (tmp_path / "real" / "summary.csv").read_text().startswith("folds,test_auc")
+    assert os.listdir(tmp_path / "real" / "fold_0" / "tensorboard")
+
+
+def _items(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Item(f"s{i}", rng.normal(size=(3, 8)).astype(np.float32) + (i % 2), int(i % 2)) for i in range(n)]
+
+
+def _scripted_trainer(val_losses, **cfg):
+    model = mil.build_mil(mil.mil_arch("abmil", 2, 8, embed=8, attn_hidden=4))
+    trainer = LGPTrainer(model, TrainConfig(epochs=len(val_losses), buckets=(8,), balanced_sampling=False, **cfg))
+    seq = iter(val_losses)
+    trainer.evaluate = lambda params, items: ({"loss": next(seq), "auc": 0.5}, {})
+    return model, trainer
+
+
+def test_selection_keeps_the_params_of_the_epoch_with_lowest_val_loss():
+    """Val loss lowest at epoch 3 (0-based): the selected params are exactly those after 4
+    epochs of the same run; the final (7th) epoch's params are kept too.
+    Plant: `score >= best` reversed to `<=` -> selects epoch 0 and fails."""
+    model, trainer = _scripted_trainer([5.0, 4.0, 3.0, 1.0, 2.0, 2.5, 3.0])
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 8), np.float32))
+    items = _items()
+    fit = trainer.train(variables, items, val_items=items[:2], desc=None)
+    assert (fit.selected_epoch, fit.last_epoch, fit.selected_by, fit.stopped_early) == (3, 6, "val_loss", False)
+    _, ref = _scripted_trainer([0.0] * 4)
+    four = ref.fit(variables, items, desc=None)
+    for a, b in zip(jax.tree.leaves(fit.selected), jax.tree.leaves(four)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(jax.tree.leaves(fit.final), jax.tree.leaves(four)))
+    assert [round(r["val/loss"], 1) for r in fit.history] == [5.0, 4.0, 3.0, 1.0, 2.0, 2.5, 3.0]
+
+
+def test_early_stopping_stops_at_patience_after_min_epochs():
+    """CLAM's rule. Best at epoch 2, patience 3: stop at epoch 5; with min_epochs 6: at epoch 7.
+    Plant: min_epochs ignored in the stop rule -> second run stops at epoch 5."""
+    losses = [3.0, 2.0, 1.0] + [1.5] * 9
+    model, trainer = _scripted_trainer(losses, early_stopping=True, patience=3, min_epochs=0)
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 8), np.float32))
+    fit = trainer.train(variables, _items(), val_items=_items()[:2], desc=None)
+    assert (fit.selected_epoch, fit.last_epoch, fit.stopped_early) == (2, 5, True)
+    model, trainer = _scripted_trainer(losses, early_stopping=True, patience=3, min_epochs=6)
+    fit = trainer.train(variables, _items(), val_items=_items()[:2], desc=None)
+    assert (fit.selected_epoch, fit.last_epoch, fit.stopped_early) == (2, 7, True)
+
+
+def test_finetune_with_val_reports_selection_and_predict_reproduces_fold_test(cohort, tmp_path):
+    """CLAM split files with val: results say which model was evaluated; hipt-predict on the
+    embeddings reproduces each fold's test probabilities exactly.
+    Plant: predict scoring with checkpoint_final instead of the evaluated model -> not equal."""
+    from hipt_jax.cli import predict as predict_cli
+
+    emb, labels, _ = cohort
+    ids = [f"slide_{i:04d}" for i in range(N_SLIDES)]
+    split_dir = tmp_path / "splits"
+    split_dir.mkdir()
+    for k in range(2):
+        test, val = ids[k * 30:(k + 1) * 30], ids[60 + k * 10: 70 + k * 10]
+        _write_split(split_dir / f"splits_{k}.csv", [i for i in ids if i not in test and i not in val], val, test)
+    c = _config(emb, labels, "abmil", epochs=4)
+    c.data.splits = str(split_dir)
+    run = str(tmp_path / "run")
+    res = finetune.run(c, run, show_progress=False)
+    fold0 = json.load(open(os.path.join(run, "fold_0", "result.json")))
+    assert fold0["evaluated"]["model"] == "best_val" and fold0["evaluated"]["selected_by"] == "val_loss"
+    assert "val" in fold0 and "test_final_epoch" in fold0 and len(fold0["history"]) == 4
+    assert os.path.isdir(os.path.join(run, "fold_0", "checkpoint_final"))
+    assert res["folds"][0]["evaluated"] == "best_val"
+    header = open(os.path.join(run, "summary.csv")).readline().strip().split(",")
+    assert header[:2] == ["folds", "test_auc"] and "val_auc" in header and header[-2:] == ["evaluated", "epoch"]
+    out = str(tmp_path / "preds.csv")
+    assert predict_cli.main(["--run", run, "--embeddings", emb, "--out", out, "--no-progress"]) == 0
+    rows = {r["slide_id"]: r for r in csv.DictReader(open(out))}
+    assert len(rows) == N_SLIDES
+    for k in range(2):
+        pred = json.load(open(os.path.join(run, f"fold_{k}", "result.json")))["predictions"]
+        for sid, probs in zip(pred["ids"], pred["probs"]):
+            assert [float(rows[sid][f"fold{k}_p_{c}"]) for c in ("0", "1")] == probs
+    att = np.load(os.path.join(str(tmp_path / "preds_attention"), "slide_0000.npz"))
+    assert att["attention"].shape[0] == 2 and np.allclose(att["attention"].sum(1), 1, atol=1e-5)
+    assert predict_cli.main(["--run", str(tmp_path / "nope"), "--embeddings", emb, "--out", out]) == 2
+
+
+def test_baseline_survival_learns_class_dependent_times(cohort, tmp_path):
+    """clam_sb on survival (no instance loss there): class 0 dies first, c-index > 0.68
+    (ceiling ~0.75: pairs within one class are coin flips).
+    Plant: risk sign flipped in survival.risk_score -> c-index < 0.3."""
+    emb, labels, _ = cohort
+    rows = list(csv.DictReader(open(labels)))
+    rng = np.random.default_rng(5)
+    surv = write_labels(str(tmp_path / "surv.csv"), [
+        {"slide_id": r["slide_id"], "case_id": f"case_{i}", "label": r["label"],
+         "survival_months": 2.0 + 12.0 * int(r["label"]) + rng.uniform(0, 12),
+         "censorship": int(rng.random() < 0.3)} for i, r in enumerate(rows)])
+    from configs import lgp_survival
+
+    c = lgp_survival.get_config("runlocal")
+    c.data.embeddings, c.data.labels, c.data.splits = emb, surv, "kfold:2"
+    c.model.name, c.model.embed, c.model.attn_hidden = "clam_sb", 32, 16
+    c.optim.epochs, c.train.buckets = 3, (8,)
+    res = finetune.run(c, str(tmp_path / "surv"), show_progress=False)
+    print({"clam_sb_survival": res["summary"]["c_index"]})
+    assert res["model"] == "clam_sb" and res["summary"]["c_index"]["mean"] > 0.68, res["folds"]
+    assert os.path.isfile(tmp_path / "surv" / "km.png")
