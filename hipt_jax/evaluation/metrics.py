@@ -83,3 +83,22 @@ def concordance_index(times: np.ndarray, events: np.ndarray, risks: np.ndarray) 
         comparable += int(others.sum())
         concordant += float((risks[i] > risks[others]).sum() + 0.5 * (risks[i] == risks[others]).sum())
     return concordant / comparable if comparable else float("nan")
+
+
+def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """F1 per class present in ``y_true``, averaged with weights = class support (scikit-learn's
+    ``f1_score(average="weighted")``; a class never predicted has F1 0)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    total = 0.0
+    for k in np.unique(y_true):
+        tp = float(np.sum((y_pred == k) & (y_true == k)))
+        denom = float(np.sum(y_pred == k) + np.sum(y_true == k))
+        total += (2 * tp / denom if denom else 0.0) * np.sum(y_true == k)
+    return float(total / len(y_true))
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts [K,K]: row = true class, column = predicted class."""
+    out = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(out, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    return out
