@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from hipt_jax.evaluation import knn, metrics
-from hipt_jax.evaluation.linear_probe import linear_probe
+from hipt_jax.evaluation.linear_probe import C_GRID, linear_probe
 
 METHODS = ("knn_dino", "knn5", "probe")
 METRICS = ("acc", "balanced_acc", "auc", "weighted_f1")
@@ -35,7 +35,7 @@ def knn_probs(x_tr, y_tr, x_ev, n_classes: int, *, k_dino: int = 20, temperature
 
 def evaluate_features(features: np.ndarray, labels: np.ndarray, splits: np.ndarray,
                       class_names: list[str], *, seed: int = 0, methods=METHODS,
-                      val_fraction: float = 0.2) -> dict:
+                      val_fraction: float = 0.2, c_grid=C_GRID) -> dict:
     """Every method on every evaluated split -> {"results": {split: {method: scores}},
     "predictions": {split: {method: pred}}, "probe_C": ..., "probe_search": ...}."""
     n_classes = len(class_names)
@@ -51,7 +51,8 @@ def evaluate_features(features: np.ndarray, labels: np.ndarray, splits: np.ndarr
         x_val = features[splits == "val"] if has_val else None
         y_val = labels[splits == "val"] if has_val else None
         probe = {s: linear_probe(x_tr, y_tr, features[splits == s], n_classes=n_classes, seed=seed,
-                                 val_fraction=val_fraction, x_val=x_val, y_val=y_val)
+                                 val_fraction=val_fraction, x_val=x_val, y_val=y_val,
+                                 c_grid=c_grid)
                  for s in eval_splits}
         first = probe[eval_splits[0]]
         out["probe_C"] = first.C

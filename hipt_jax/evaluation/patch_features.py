@@ -18,6 +18,7 @@ instead of recomputing; any change recomputes.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
@@ -73,14 +74,8 @@ class CLSExtractor:
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
         self.params = variables
-        model = build_vit(config, dtype=dtype)
-
-        def forward(variables, tiles_u8):
-            cls, _ = model.apply(variables, normalize_images(tiles_u8, norm).astype(dtype), cls_only=True)
-            return cls.astype(jnp.float32)  # [B,D]
-
-        self._forward = jax.jit(forward, in_shardings=(self.replicated, self.batch_sharding),
-                                out_shardings=self.batch_sharding)
+        self._forward = _jitted_forward(json.dumps(config.to_dict(), sort_keys=True), norm,
+                                        jnp.dtype(dtype).name, self.mesh)
 
     def _batch(self, tiles_u8: np.ndarray):
         n = len(tiles_u8)
@@ -112,6 +107,23 @@ class CLSExtractor:
                         future = ahead.submit(decode, chunks[i + 1])
                     out.append(self._batch(tiles))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_forward(config_json: str, norm: str, dtype_name: str, mesh: Mesh):
+    """One jitted CLS forward per (architecture, preprocessing, mesh): later extractors in the
+    same process (a rerun, the pretraining monitor) reuse its compilations."""
+    import ml_collections
+
+    dtype = jnp.dtype(dtype_name)
+    model = build_vit(ml_collections.ConfigDict(json.loads(config_json)), dtype=dtype)
+
+    def forward(variables, tiles_u8):
+        cls, _ = model.apply(variables, normalize_images(tiles_u8, norm).astype(dtype), cls_only=True)
+        return cls.astype(jnp.float32)  # [B,D]
+
+    return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
+                   out_shardings=NamedSharding(mesh, P("data")))
 
 
 def _model_identity(checkpoint: Optional[str], random_init: str, seed: int) -> dict:

@@ -19,7 +19,9 @@ def embedding_2d(x: np.ndarray, seed: int = 0, method: str = "auto") -> tuple[np
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3.0)))
-    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x), "t-SNE"
+    method = "exact" if len(x) <= 500 else "barnes_hut"  # exact is faster on small sets
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed, method=method,
+                max_iter=500).fit_transform(x), "t-SNE"
 
 
 def plot_embedding(x: np.ndarray, labels: np.ndarray, class_names: list[str], path: str,
