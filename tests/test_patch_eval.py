@@ -170,3 +170,43 @@ def test_cli_end_to_end(tiles_dir, tmp_path, capsys):
     assert cli.main(["--tiles", str(tmp_path / "missing"), "--out", out, "--random-init", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing: not a tile folder" in err[0]
+
+
+def tensorboard_steps(folder, tag):
+    """Steps of the scalar ``tag`` in the event files of ``folder`` (TFRecord framing:
+    u64 length, u32 crc, payload, u32 crc; payload = an Event protobuf)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def test_knn_monitor_in_runlocal_pretraining(tiles_dir, tmp_path):
+    """eval.knn inside a runlocal stage-1 pretraining: the KNN of the teacher appears in
+    metrics.jsonl and TensorBoard at steps 2 and 4, and keep_best writes export_best.
+    (Plant: dropping the monitor call from the trainer loop -> no knn rows.)"""
+    from configs.pretrain_vit256 import get_config
+    from hipt_jax.pretrain.trainer import train
+
+    config = get_config("runlocal")
+    config.data.path = tiles_dir
+    config.total_steps, config.checkpoint.every_steps = 4, 100  # the least a run needs
+    config.eval.knn.update(path=tiles_dir, every_steps=2, keep_best=True)
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    knn_rows = [r for r in rows if "knn/acc" in r]
+    assert [r["step"] for r in knn_rows] == [2, 4]
+    assert all(r["knn/acc"] > 0.9 for r in knn_rows)
+    assert tensorboard_steps(os.path.join(workdir, "tensorboard"), "knn/acc") == [2, 4]
+    assert os.path.isfile(os.path.join(workdir, "export_best", "arch.json"))
