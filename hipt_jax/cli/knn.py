@@ -1,6 +1,11 @@
 """`hipt-knn`: self-supervised slide KNN evaluation on mean CLS-4K embeddings.
 
     hipt-knn --embeddings EMB --labels labels.csv --splits DIR_OR_kfold:10 [--out results.json]
+    hipt-knn ... --embedding cls4k_mean,cls256_mean,mean256_cls4k [--label-fraction 0.1] [--plot]
+
+--embedding (hipt_jax.evaluation.slide_embeddings): one name, a comma list or "all"; several
+run on the same folds and print one table (row per embedding and protocol); the JSON keeps the
+first one's result at the top level and every one under "baselines".
 
 The protocols and metrics: hipt_jax.evaluation.knn_eval. Exit codes: 0 ok, 1 some slide files
 could not be read (skipped, named under "failed_slides" in the results JSON), 2 bad usage or
@@ -28,21 +33,58 @@ def build_parser() -> flags.Parser:
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--fit-on", choices=["train", "train+val"], default="train")
     p.add_argument("--out", default=None, help="JSON output (default: EMBEDDINGS/knn_results.json)")
+    p.add_argument("--embedding", default="cls4k_mean",
+                   help="cls4k_mean (default), cls256_mean, mean256_cls4k, a comma list, or all")
+    p.add_argument("--label-fraction", type=_fraction, default=1.0, metavar="F",
+                   help="fraction of each fold's training slides kept per class (0.1 or 10%%)")
+    p.add_argument("--plot", action="store_true",
+                   help="embedding map (t-SNE/UMAP) and confusion matrices next to --out")
     return p
 
 
+def _fraction(text: str) -> float:
+    from hipt_jax.cli.patch_eval import _fraction as parse
+
+    return parse(text)
+
+
+def _names(text: str) -> list[str]:
+    from hipt_jax.evaluation import slide_embeddings
+
+    names = list(slide_embeddings.EMBEDDINGS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        slide_embeddings.check_name(n)
+    return names
+
+
 def _run(args) -> int:
+    from hipt_jax.evaluation import knn_eval
     from hipt_jax.evaluation.knn_eval import format_table, run
 
-    result = run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
-                 k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on)
+    results = {name: run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
+                         k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on,
+                         embedding=name, label_fraction=args.label_fraction)
+               for name in _names(args.embedding)}
     out = args.out or os.path.join(args.embeddings, "knn_results.json")
+    if args.plot:
+        coh = knn_eval.cohort_lib.read_labels_csv(args.labels)
+        stem = os.path.splitext(out)[0]
+        for name, r in results.items():
+            r["plots"] = knn_eval.write_plots(r, coh, os.path.dirname(os.path.abspath(out)),
+                                              f"{os.path.basename(stem)}_{name}", args.seed)
+    table = knn_eval.baseline_table(results)
+    for r in results.values():
+        r.pop("_embeddings")
+    result = dict(next(iter(results.values())))
+    if len(results) > 1:
+        result["baselines"] = results
+        result["baseline_table"] = table
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     if result["missing_slides"]:
         print(f"{PROG}: {len(result['missing_slides'])} labelled slide(s) have no embedding "
               f"(skipped): {result['missing_slides'][:5]}", file=sys.stderr)
-    print(format_table(result))
+    print(result["baseline_table"] if len(results) > 1 else format_table(result))
     print(f"-> {out}")
     return flags.report_failed(PROG, result["failed_slides"])
 

@@ -23,8 +23,9 @@ PROTOCOLS = ("paper", "dino")
 
 def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, folds: list[dict],
                    *, k_paper: int = 5, k_dino: int = 20, temperature: float = 0.07,
-                   fit_on: str = "train") -> dict:
-    """Per-fold metrics of both protocols + mean/std summary."""
+                   fit_on: str = "train", label_fraction: float = 1.0, seed: int = 0) -> dict:
+    """Per-fold metrics of both protocols + mean/std summary. ``label_fraction`` < 1 fits on a
+    seeded per-class fraction of each fold's training slides (the few-label protocol)."""
     label_of = dict(zip(coh.slide_ids, coh.labels))
     n_classes = len(coh.class_names)
     rows = {p: [] for p in PROTOCOLS}
@@ -34,6 +35,10 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
         test_ids = [s for s in fold["test"] if s in embeddings]
         if not fit_ids or not test_ids:
             raise cohort_lib.CohortError(f"fold {i}: no extracted slides in train or test")
+        if label_fraction < 1:
+            from hipt_jax.evaluation.tiles import subsample_fraction
+            keep = subsample_fraction(np.array([label_of[s] for s in fit_ids]), label_fraction, seed + i)
+            fit_ids = [fit_ids[j] for j in keep]
         x_tr = np.stack([embeddings[s] for s in fit_ids])
         y_tr = np.array([label_of[s] for s in fit_ids])
         x_te = np.stack([embeddings[s] for s in test_ids])
@@ -48,7 +53,8 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
             rows[p].append({"fold": i, "n_train": len(fit_ids), "n_test": len(test_ids),
                             "auc": metrics.auc(y_te, probs),
                             "balanced_acc": metrics.balanced_accuracy(y_te, pred),
-                            "acc": metrics.accuracy(y_te, pred)})
+                            "acc": metrics.accuracy(y_te, pred),
+                            "true": y_te.tolist(), "pred": pred.tolist()})
     summary = {}
     for p in PROTOCOLS:
         summary[p] = {}
@@ -57,7 +63,8 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
             summary[p][m] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
                              "std": float(vals.std()) if len(vals) else float("nan")}
     return {"folds": rows, "summary": summary, "class_names": coh.class_names,
-            "params": {"k_paper": k_paper, "k_dino": k_dino, "temperature": temperature, "fit_on": fit_on}}
+            "params": {"k_paper": k_paper, "k_dino": k_dino, "temperature": temperature, "fit_on": fit_on,
+                       "label_fraction": label_fraction}}
 
 
 def format_table(result: dict) -> str:
@@ -71,20 +78,62 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, **kwargs) -> dict:
+def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0,
+        embedding: str = "cls4k_mean", **kwargs) -> dict:
+    """One embedding (hipt_jax.evaluation.slide_embeddings) on the cohort's folds."""
     coh = cohort_lib.read_labels_csv(labels)
     if (coh.labels < 0).any():
         raise cohort_lib.CohortError(f"{labels}: every slide needs a label")
     failed: dict[str, str] = {}
-    emb = read_slide_embeddings(embeddings_dir, failed=failed)  # unreadable slide files -> failed
+    if embedding == "cls4k_mean":
+        emb = read_slide_embeddings(embeddings_dir, failed=failed)  # unreadable slide files -> failed
+    else:
+        from hipt_jax.evaluation import slide_embeddings
+        emb = slide_embeddings.read(embeddings_dir, embedding, failed=failed)
     keep = [i for i, s in enumerate(coh.slide_ids) if s in emb]
     if not keep:
         raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}")
     ids = [coh.slide_ids[i] for i in keep]
     folds = cohort_lib.resolve_splits(splits, ids if splits.startswith("kfold:") else coh.slide_ids,
                                       coh.labels[keep] if splits.startswith("kfold:") else coh.labels, seed)
-    result = evaluate_folds(emb, coh, folds, **kwargs)
+    result = evaluate_folds(emb, coh, folds, seed=seed, **kwargs)
+    result["embedding"] = embedding
+    result["_embeddings"] = emb  # for plots; dropped before writing JSON
     result["n_slides"] = len(ids)
     result["missing_slides"] = [s for s in coh.slide_ids if s not in emb and s not in failed]
     result["failed_slides"] = failed
     return result
+
+
+def baseline_table(results: dict[str, dict]) -> str:
+    """One row per (embedding, protocol): the slide-KNN baselines side by side."""
+    lines = ["| embedding | dim | protocol | AUC | balanced acc | acc | folds |", "|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        dim = len(next(iter(result["_embeddings"].values()))) if "_embeddings" in result else ""
+        for p in PROTOCOLS:
+            s = result["summary"][p]
+            cells = [f"{s[m]['mean']:.4f} +/- {s[m]['std']:.4f}" for m in ("auc", "balanced_acc", "acc")]
+            lines.append(f"| {name} | {dim} | {p} | " + " | ".join(cells) + f" | {len(result['folds'][p])} |")
+    return "\n".join(lines)
+
+
+def write_plots(result: dict, coh: cohort_lib.Cohort, out_dir: str, prefix: str, seed: int = 0) -> list[str]:
+    """Embedding map of the slides (t-SNE/UMAP, colored by class) and the confusion matrix of
+    each protocol over the pooled test folds."""
+    import os
+
+    from hipt_jax.evaluation import plots
+
+    label_of = dict(zip(coh.slide_ids, coh.labels))
+    emb = result["_embeddings"]
+    ids = [s for s in emb if s in label_of]
+    written = [plots.plot_embedding(np.stack([emb[s] for s in ids]), np.array([label_of[s] for s in ids]),
+                                    coh.class_names, os.path.join(out_dir, f"{prefix}_map.png"),
+                                    f"slide embeddings {result['embedding']}", seed)]
+    for p in PROTOCOLS:
+        true = np.concatenate([f["true"] for f in result["folds"][p]]).astype(int)
+        pred = np.concatenate([f["pred"] for f in result["folds"][p]]).astype(int)
+        cm = metrics.confusion_matrix(true, pred, len(coh.class_names))
+        written.append(plots.plot_confusion(cm, coh.class_names, os.path.join(out_dir, f"{prefix}_confusion_{p}.png"),
+                                            f"{result['embedding']}, {p}, test folds pooled"))
+    return written
