@@ -201,7 +201,7 @@ def test_knn_monitor_in_runlocal_pretraining(tiles_dir, tmp_path):
     config = get_config("runlocal")
     config.data.path = tiles_dir
     config.total_steps, config.checkpoint.every_steps = 4, 100  # the least a run needs
-    config.eval.knn.update(path=tiles_dir, every_steps=2, keep_best=True)
+    config.eval.knn.update(path=tiles_dir, every_steps=2, keep_best=True, batch_per_device=16)  # = the fixture: one compile
     workdir = str(tmp_path / "run")
     train(config, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
