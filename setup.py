@@ -57,6 +57,7 @@ setup(
             "hipt-embed=hipt_jax.cli.embed:main",
             "hipt-extract=hipt_jax.cli.extract:main",
             "hipt-knn=hipt_jax.cli.knn:main",
+            "hipt-patch-eval=hipt_jax.cli.patch_eval:main",
             "hipt-finetune=hipt_jax.cli.finetune:main",
             "hipt-predict=hipt_jax.cli.predict:main",
             "hipt-pretrain=hipt_jax.cli.pretrain:main",

@@ -70,6 +70,13 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c.export_dir = ""             # default WORKDIR/export
     c.warm_start = ""             # converted checkpoint dir (backbone + DINO head) to start from
 
+    # KNN monitor (hipt_jax/pretrain/knn_monitor.py): DINO's weighted KNN on the current teacher
+    # every `every_steps` steps (0 = off). Stage 1: path = labelled tile folder/CSV; stage 2:
+    # path = feature shards + labels = CSV slide_id,label. keep_best: WORKDIR/export_best too.
+    c.eval = ml_collections.ConfigDict(dict(knn=ml_collections.ConfigDict(dict(
+        path="", labels="", every_steps=0, size=224, k=20, temperature=0.07, test_fraction=0.3,
+        batch_per_device=32, keep_best=False))))
+
     if "runlocal" in flags:
         c.model = get_arch("vit256_tiny" if stage == 1 else "vit4k_tiny")
         c.head.update(out_dim=512, hidden_dim=64, bottleneck_dim=32)
@@ -83,4 +90,5 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
         c.data.num_workers = 0
         c.checkpoint.every_steps = 3
         c.log_every = 1
+        c.eval.knn.update(size=64, batch_per_device=8)
     return c

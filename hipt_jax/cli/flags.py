@@ -53,6 +53,7 @@ INPUT_ERRORS = (
     ("data_prep.shards", "ShardError"), ("data_prep.bags", "BagError"),
     ("hipt_jax.models.checkpoint", "CheckpointError"), ("hipt_jax.evaluation.cohort", "CohortError"),
     ("hipt_jax.extraction", "ExtractError"), ("hipt_jax.finetune.main", "FinetuneError"),
+    ("hipt_jax.evaluation.tiles", "TileDatasetError"),
 )
 FAILURE_ERRORS = (("hipt_jax.pretrain.trainer", "NonFiniteLossError"),)  # training diverged
 

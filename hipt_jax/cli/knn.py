@@ -1,6 +1,11 @@
 """`hipt-knn`: self-supervised slide KNN evaluation on mean CLS-4K embeddings.
 
     hipt-knn --embeddings EMB --labels labels.csv --splits DIR_OR_kfold:10 [--out results.json]
+    hipt-knn ... --embedding cls4k_mean,cls256_mean,mean256_cls4k [--label-fraction 0.1] [--plot]
+
+--embedding (hipt_jax.evaluation.slide_embeddings): one name, a comma list or "all"; several
+run on the same folds and print one table (row per embedding and protocol); the JSON keeps the
+first one's result at the top level and every one under "baselines".
 
 The protocols and metrics: hipt_jax.evaluation.knn_eval. Exit codes: 0 ok, 1 some slide files
 could not be read (skipped, named under "failed_slides" in the results JSON), 2 bad usage or
@@ -33,13 +38,18 @@ def build_parser() -> flags.Parser:
     p.add_argument("--label-column", default="label", help="CSV column holding the class (e.g. oncotree_code)")
     p.add_argument("--classes", default=None, type=_class_list,
                    help="comma-separated classes to keep, in this order (e.g. IDC,ILC); other rows dropped")
-    p.add_argument("--label-frac", type=_fraction, default=1.0,
-                   help="seeded per-class patient-level fraction of each training part (test unchanged)")
+    p.add_argument("--label-frac", "--label-fraction", dest="label_frac", type=_fraction, default=1.0,
+                   help="seeded per-class patient-level fraction of each training part, 0.25 or 25%% "
+                        "(test unchanged)")
     p.add_argument("--save-splits", default=None, metavar="DIR",
                    help="write the folds used as CLAM split files DIR/splits_{i}.csv")
     p.add_argument("--allow-leaky-splits", action="store_true",
                    help="accept split files that put one patient in two parts (warned and recorded; "
                         "e.g. the official slide-level HIPT BRCA splits); refused by default")
+    p.add_argument("--embedding", default="cls4k_mean",
+                   help="cls4k_mean (default), cls256_mean, mean256_cls4k, a comma list, or all")
+    p.add_argument("--plot", action="store_true",
+                   help="embedding map (t-SNE/UMAP) and confusion matrices next to --out")
     return p
 
 
@@ -52,7 +62,7 @@ def _class_list(text: str) -> list[str]:
 
 def _fraction(text: str) -> float:
     try:
-        value = float(text)
+        value = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
     except ValueError:
         value = float("nan")
     if not 0.0 < value <= 1.0:
@@ -60,14 +70,39 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _names(text: str) -> list[str]:
+    from hipt_jax.evaluation import slide_embeddings
+
+    names = list(slide_embeddings.EMBEDDINGS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        slide_embeddings.check_name(n)
+    return names
+
+
 def _run(args) -> int:
+    from hipt_jax.evaluation import knn_eval
     from hipt_jax.evaluation.knn_eval import format_table, run
 
-    result = run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
-                 k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on,
-                 label_column=args.label_column, classes=args.classes, label_frac=args.label_frac,
-                 save_splits=args.save_splits, allow_leaky_splits=args.allow_leaky_splits)
+    results = {name: run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
+                         k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on,
+                         label_column=args.label_column, classes=args.classes, label_frac=args.label_frac,
+                         save_splits=args.save_splits, allow_leaky_splits=args.allow_leaky_splits,
+                         embedding=name)
+               for name in _names(args.embedding)}
     out = args.out or os.path.join(args.embeddings, "knn_results.json")
+    if args.plot:
+        coh = knn_eval.cohort_lib.read_labels_csv(args.labels)
+        stem = os.path.splitext(out)[0]
+        for name, r in results.items():
+            r["plots"] = knn_eval.write_plots(r, coh, os.path.dirname(os.path.abspath(out)),
+                                              f"{os.path.basename(stem)}_{name}", args.seed)
+    table = knn_eval.baseline_table(results)
+    for r in results.values():
+        r.pop("_embeddings")
+    result = dict(next(iter(results.values())))
+    if len(results) > 1:
+        result["baselines"] = results
+        result["baseline_table"] = table
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     if result["missing_slides"]:
@@ -83,7 +118,7 @@ def _run(args) -> int:
         print(f"{PROG}: WARNING: {n} patient(s) appear in two parts of a fold (--allow-leaky-splits; "
               "listed under leaky_patients in the results)", file=sys.stderr)
     print(f"{PROG}: {result['folds_source']}, label fraction {result['label_frac']}", file=sys.stderr)
-    print(format_table(result))
+    print(result["baseline_table"] if len(results) > 1 else format_table(result))
     print(f"-> {out}")
     return flags.report_failed(PROG, result["failed_slides"])
 

@@ -23,8 +23,9 @@ PROTOCOLS = ("paper", "dino")
 
 def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, folds: list[dict],
                    *, k_paper: int = 5, k_dino: int = 20, temperature: float = 0.07,
-                   fit_on: str = "train") -> dict:
-    """Per-fold metrics of both protocols + mean/std summary."""
+                   fit_on: str = "train", label_fraction: float = 1.0, seed: int = 0) -> dict:
+    """Per-fold metrics of both protocols + mean/std summary. ``label_fraction`` < 1 fits on a
+    seeded per-class fraction of each fold's training slides (the few-label protocol)."""
     label_of = dict(zip(coh.slide_ids, coh.labels))
     n_classes = len(coh.class_names)
     rows = {p: [] for p in PROTOCOLS}
@@ -34,6 +35,10 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
         test_ids = [s for s in fold["test"] if s in embeddings]
         if not fit_ids or not test_ids:
             raise cohort_lib.CohortError(f"fold {i}: no extracted slides in train or test")
+        if label_fraction < 1:
+            from hipt_jax.evaluation.tiles import subsample_fraction
+            keep = subsample_fraction(np.array([label_of[s] for s in fit_ids]), label_fraction, seed + i)
+            fit_ids = [fit_ids[j] for j in keep]
         x_tr = np.stack([embeddings[s] for s in fit_ids])
         y_tr = np.array([label_of[s] for s in fit_ids])
         x_te = np.stack([embeddings[s] for s in test_ids])
@@ -48,7 +53,8 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
             rows[p].append({"fold": i, "n_train": len(fit_ids), "n_test": len(test_ids),
                             "auc": metrics.auc(y_te, probs),
                             "balanced_acc": metrics.balanced_accuracy(y_te, pred),
-                            "acc": metrics.accuracy(y_te, pred)})
+                            "acc": metrics.accuracy(y_te, pred),
+                            "true": y_te.tolist(), "pred": pred.tolist()})
     summary = {}
     for p in PROTOCOLS:
         summary[p] = {}
@@ -57,7 +63,8 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
             summary[p][m] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
                              "std": float(vals.std()) if len(vals) else float("nan")}
     return {"folds": rows, "summary": summary, "class_names": coh.class_names,
-            "params": {"k_paper": k_paper, "k_dino": k_dino, "temperature": temperature, "fit_on": fit_on}}
+            "params": {"k_paper": k_paper, "k_dino": k_dino, "temperature": temperature, "fit_on": fit_on,
+                       "label_fraction": label_fraction}}
 
 
 def format_table(result: dict) -> str:
@@ -73,12 +80,17 @@ def format_table(result: dict) -> str:
 
 def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_column: str = "label",
         classes=None, label_frac: float = 1.0, save_splits: str | None = None,
-        allow_leaky_splits: bool = False, **kwargs) -> dict:
+        allow_leaky_splits: bool = False, embedding: str = "cls4k_mean", **kwargs) -> dict:
     """Read the cohort, build the folds (hipt_jax.evaluation.cohort.plan_folds, the same rules
-    as hipt-finetune), evaluate; ``save_splits``: write the folds used as CLAM split files."""
+    as hipt-finetune), evaluate one slide embedding (hipt_jax.evaluation.slide_embeddings);
+    ``save_splits``: write the folds used as CLAM split files."""
     coh = cohort_lib.read_labels_csv(labels, label_column=label_column, classes=classes)
     failed: dict[str, str] = {}
-    emb = read_slide_embeddings(embeddings_dir, failed=failed)  # unreadable slide files -> failed
+    if embedding == "cls4k_mean":
+        emb = read_slide_embeddings(embeddings_dir, failed=failed)  # unreadable slide files -> failed
+    else:
+        from hipt_jax.evaluation import slide_embeddings
+        emb = slide_embeddings.read(embeddings_dir, embedding, failed=failed)
     present = [s for s in coh.slide_ids if cohort_lib.bag_file(embeddings_dir, s) and s in emb]
     if not present:
         raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}")
@@ -92,13 +104,50 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_c
                                       else f"{splits}/splits_{{k}}.csv")
     if save_splits:
         cohort_lib.write_clam_splits(plan.folds, save_splits)
-    result = evaluate_folds(emb, coh, plan.folds, **kwargs)
+    result = evaluate_folds(emb, coh, plan.folds, seed=seed, **kwargs)
+    result["embedding"] = embedding
+    result["_embeddings"] = emb  # for plots; dropped before writing JSON
     result["n_slides"] = len(present)
     result["folds_source"] = plan.describe()
     result["label_frac"] = label_frac
+    result["params"]["label_fraction"] = label_frac  # applied by plan_folds (patient level)
     result["dropped_by_class"] = coh.dropped
     result["skipped_split_ids"] = plan.skipped_ids
     result["leaky_patients"] = {str(k): v for k, v in plan.leaky_patients.items()}
     result["missing_slides"] = [s for s in coh.slide_ids if s not in emb and s not in failed]
     result["failed_slides"] = failed
     return result
+
+
+def baseline_table(results: dict[str, dict]) -> str:
+    """One row per (embedding, protocol): the slide-KNN baselines side by side."""
+    lines = ["| embedding | dim | protocol | AUC | balanced acc | acc | folds |", "|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        dim = len(next(iter(result["_embeddings"].values()))) if "_embeddings" in result else ""
+        for p in PROTOCOLS:
+            s = result["summary"][p]
+            cells = [f"{s[m]['mean']:.4f} +/- {s[m]['std']:.4f}" for m in ("auc", "balanced_acc", "acc")]
+            lines.append(f"| {name} | {dim} | {p} | " + " | ".join(cells) + f" | {len(result['folds'][p])} |")
+    return "\n".join(lines)
+
+
+def write_plots(result: dict, coh: cohort_lib.Cohort, out_dir: str, prefix: str, seed: int = 0) -> list[str]:
+    """Embedding map of the slides (t-SNE/UMAP, colored by class) and the confusion matrix of
+    each protocol over the pooled test folds."""
+    import os
+
+    from hipt_jax.evaluation import plots
+
+    label_of = dict(zip(coh.slide_ids, coh.labels))
+    emb = result["_embeddings"]
+    ids = [s for s in emb if s in label_of]
+    written = [plots.plot_embedding(np.stack([emb[s] for s in ids]), np.array([label_of[s] for s in ids]),
+                                    coh.class_names, os.path.join(out_dir, f"{prefix}_map.png"),
+                                    f"slide embeddings {result['embedding']}", seed)]
+    for p in PROTOCOLS:
+        true = np.concatenate([f["true"] for f in result["folds"][p]]).astype(int)
+        pred = np.concatenate([f["pred"] for f in result["folds"][p]]).astype(int)
+        cm = metrics.confusion_matrix(true, pred, len(coh.class_names))
+        written.append(plots.plot_confusion(cm, coh.class_names, os.path.join(out_dir, f"{prefix}_confusion_{p}.png"),
+                                            f"{result['embedding']}, {p}, test folds pooled"))
+    return written

@@ -89,3 +89,22 @@ def logrank_pvalue(times: np.ndarray, events: np.ndarray, groups: np.ndarray) ->
         return stats.CensoredData(uncensored=times[sel & events], right=times[sel & ~events])
 
     return float(stats.logrank(data(groups), data(~groups)).pvalue)
+
+
+def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """F1 per class present in ``y_true``, averaged with weights = class support (scikit-learn's
+    ``f1_score(average="weighted")``; a class never predicted has F1 0)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    total = 0.0
+    for k in np.unique(y_true):
+        tp = float(np.sum((y_pred == k) & (y_true == k)))
+        denom = float(np.sum(y_pred == k) + np.sum(y_true == k))
+        total += (2 * tp / denom if denom else 0.0) * np.sum(y_true == k)
+    return float(total / len(y_true))
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts [K,K]: row = true class, column = predicted class."""
+    out = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(out, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    return out

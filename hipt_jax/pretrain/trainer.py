@@ -388,6 +388,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     crops_per_step = config.global_batch * (N_GLOBAL + config.crops.n_local)
     step = int(jax.device_get(state["step"]))
     metrics = {}
+    from hipt_jax.pretrain.knn_monitor import from_config as knn_monitor_from_config
+    knn_monitor = knn_monitor_from_config(config, workdir)
     try:
         from tqdm import tqdm
         bar = tqdm(total=stop, initial=step, disable=not is_main or config.log_every <= 1,
@@ -404,6 +406,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logger.log(step, metrics, crops_per_step)
             step += 1
             bar.update(1)
+            if knn_monitor is not None:  # eval.knn: KNN of the current teacher every N steps
+                knn_monitor(step, stop, state, logger)
             if step % config.checkpoint.every_steps == 0 or step == stop:
                 manager.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),

@@ -1,0 +1,139 @@
+"""Labelled tile datasets for patch-level evaluation (CRC-100K, BCSS, BreastPathQ-style).
+
+Three layouts are read:
+- ImageFolder: ``DIR/<class>/*.png|jpg|jpeg|tif|tiff`` (no split: a seeded stratified split
+  makes the test part, see ``split_tiles``);
+- ``DIR/train/<class>/...`` + ``DIR/test/<class>/...`` (and optionally ``DIR/val/<class>``);
+- a CSV with columns ``path,label[,split]`` (paths relative to the CSV's folder; split one of
+  train/val/test; without the column the seeded split is used).
+
+Classes are the sorted unique label strings. ``label_fraction`` keeps a seeded, per-class
+fraction of the TRAIN tiles (at least one per class), as in the few-label protocol.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+import numpy as np
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+
+
+class TileDatasetError(ValueError):
+    """Bad tile dataset (message names the folder or file and the problem)."""
+
+
+@dataclasses.dataclass
+class TileSet:
+    paths: list[str]
+    labels: np.ndarray          # int [N]
+    splits: np.ndarray          # str [N] in SPLITS
+    class_names: list[str]
+
+    def select(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.splits == split)
+
+
+def _images_in(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f)))
+
+
+def _class_folders(root: str) -> dict[str, list[str]]:
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    return {c: _images_in(os.path.join(root, c)) for c in classes}
+
+
+def _read_folder(root: str) -> tuple[list[str], list[str], list[str]]:
+    subdirs = {d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+    if {"train", "test"} <= subdirs:
+        parts = [s for s in SPLITS if s in subdirs]
+    else:
+        parts = [None]
+    paths, labels, splits = [], [], []
+    for part in parts:
+        base = os.path.join(root, part) if part else root
+        for cls, files in _class_folders(base).items():
+            paths += files
+            labels += [cls] * len(files)
+            splits += [part or ""] * len(files)
+    return paths, labels, splits
+
+
+def _read_csv(path: str) -> tuple[list[str], list[str], list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise TileDatasetError(f"{path}: expected a header with columns path,label[,split]")
+    base = os.path.dirname(os.path.abspath(path))
+    paths = [os.path.join(base, r["path"].strip()) for r in rows]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise TileDatasetError(f"{path}: {len(missing)} listed tile(s) do not exist, e.g. {missing[0]}")
+    splits = [(r.get("split") or "").strip() for r in rows]
+    bad = sorted({s for s in splits if s and s not in SPLITS})
+    if bad:
+        raise TileDatasetError(f"{path}: unknown split value(s) {bad}; use train/val/test")
+    return paths, [r["label"].strip() for r in rows], splits
+
+
+def split_tiles(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Seeded stratified train/test assignment (str [N]); at least one test tile per class
+    that has two or more tiles."""
+    rng = np.random.default_rng(seed)
+    out = np.full(len(labels), "train", dtype=object)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(test_fraction * len(idx))) if len(idx) > 1 else 0
+        n_test = min(max(n_test, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        out[idx[:n_test]] = "test"
+    return out.astype(str)
+
+
+def subsample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices (sorted) of a seeded per-class ``fraction`` of ``labels`` (>= 1 per class)."""
+    if not 0 < fraction <= 1:
+        raise TileDatasetError(f"label fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(rng.choice(idx, max(1, int(round(fraction * len(idx)))), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def read_tiles(source: str, *, test_fraction: float = 0.3, seed: int = 0,
+               label_fraction: float = 1.0) -> TileSet:
+    """The tile dataset at ``source`` (folder or CSV), with every tile assigned to a split."""
+    if os.path.isfile(source) and source.lower().endswith(".csv"):
+        paths, names, splits = _read_csv(source)
+    elif os.path.isdir(source):
+        paths, names, splits = _read_folder(source)
+    else:
+        raise TileDatasetError(f"{source}: not a tile folder or a .csv file")
+    if not paths:
+        raise TileDatasetError(f"{source}: no tiles ({', '.join(IMAGE_EXTS)}) in class folders")
+    class_names = sorted(set(names))
+    if len(class_names) < 2:
+        raise TileDatasetError(f"{source}: needs at least 2 classes, found {class_names}")
+    labels = np.array([class_names.index(n) for n in names])
+    splits = np.array(splits, dtype=object)
+    if (splits == "").all():
+        splits = split_tiles(labels, test_fraction, seed).astype(object)
+    elif (splits == "").any():
+        raise TileDatasetError(f"{source}: give a split for every tile or for none")
+    splits = splits.astype(str)
+    if not (splits == "train").any() or not (splits == "test").any():
+        raise TileDatasetError(f"{source}: needs both train and test tiles")
+    train = np.flatnonzero(splits == "train")
+    kept = train[subsample_fraction(labels[train], label_fraction, seed)]
+    dropped = np.setdiff1d(train, kept)
+    keep_mask = np.ones(len(paths), bool)
+    keep_mask[dropped] = False
+    idx = np.flatnonzero(keep_mask)
+    return TileSet([paths[i] for i in idx], labels[idx], splits[idx], class_names)

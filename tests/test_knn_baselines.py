@@ -1,0 +1,58 @@
+"""hipt-knn --embedding: the slide-KNN baselines on one cohort shaped like the demo's (8 slides,
+2 classes, kfold:4), one table, label fraction, plots, and the reserved `wsi` name."""
+import json
+import os
+
+import numpy as np
+
+from data_prep.bags import read_bag
+from hipt_jax.cli import knn as knn_cli
+from hipt_jax.evaluation import slide_embeddings
+from tests.synthetic_cohort import make_feature_cohort, write_labels
+
+
+def _cohort(tmp_path, n=8):
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, n, n_classes=2, signal=2.0, seed=0)
+    labels = write_labels(str(tmp_path / "labels.csv"),
+                          [{"slide_id": f"slide_{i:04d}", "label": "ab"[c]} for i, c in enumerate(classes)])
+    return emb, labels
+
+
+def test_every_baseline_writes_its_row_in_one_table(tmp_path, capsys):
+    """(Plant: cls256_mean averaging only the first region -> the value check fails; dropping a
+    name from the registry -> the row count fails.)"""
+    emb, labels = _cohort(tmp_path)
+    out = str(tmp_path / "knn.json")
+    argv = ["--embeddings", emb, "--labels", labels, "--splits", "kfold:4", "--k", "3", "--out", out]
+    assert knn_cli.main(argv + ["--embedding", "all", "--label-fraction", "0.5"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| cls") or line.startswith("| mean")]
+    assert len(rows) == 6, table  # 3 embeddings x 2 protocols
+    assert {r.split("|")[1].strip() for r in rows} == {"cls4k_mean", "cls256_mean", "mean256_cls4k"}
+    assert {r.split("|")[2].strip() for r in rows} == {"192", "384", "576"}
+    result = json.load(open(out))
+    assert result["embedding"] == "cls4k_mean" and "paper" in result["summary"]  # old layout kept
+    assert set(result["baselines"]) == {"cls4k_mean", "cls256_mean", "mean256_cls4k"}
+    assert result["params"]["label_fraction"] == 0.5
+    assert all(r["n_train"] == 4 for r in result["folds"]["paper"])  # 6 train slides (3 per class) -> 2 per class
+    assert result["baselines"]["cls256_mean"]["summary"]["paper"]["auc"]["mean"] > 0.9
+    assert knn_cli.main(argv + ["--embedding", "cls256_mean", "--plot"]) == 0
+    assert os.path.getsize(str(tmp_path / "knn_cls256_mean_map.png")) > 1000
+    assert os.path.isfile(str(tmp_path / "knn_cls256_mean_confusion_dino.png"))
+    bag = read_bag(emb, "slide_0003")
+    got = slide_embeddings.read(emb, "cls256_mean")["slide_0003"]
+    np.testing.assert_allclose(got, bag["features_cls256"].mean(axis=(0, 1)), rtol=1e-6)
+    got = slide_embeddings.read(emb, "mean256_cls4k")["slide_0003"]
+    assert got.shape == (576,)
+    np.testing.assert_allclose(got[:384], bag["features_cls256"].mean(axis=1).mean(0), rtol=1e-6)
+
+
+def test_wsi_is_reserved_and_unknown_names_fail(tmp_path, capsys):
+    emb, labels = _cohort(tmp_path)
+    argv = ["--embeddings", emb, "--labels", labels, "--splits", "kfold:4"]
+    assert knn_cli.main(argv + ["--embedding", "wsi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage-3" in err[0]
+    assert knn_cli.main(argv + ["--embedding", "cls4k_mean,nope"]) == 2
+    assert "nope: unknown" in capsys.readouterr().err

@@ -1,0 +1,212 @@
+"""hipt-patch-eval: tile layouts, KNN / linear probe on synthetic two-stain tiles cut from the
+embedded slide's tissue (a tiny random ViT-256 already separates the stains), parity with
+scikit-learn, the command end to end (cache, label fraction, plots, bad input)."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.synth import stain_perturb
+from hipt_jax.cli import patch_eval as cli
+from hipt_jax.evaluation import knn, patch_eval
+from hipt_jax.evaluation.linear_probe import standardize_fit
+from hipt_jax.evaluation.patch_features import cache_key, cached_features, load_tile
+from hipt_jax.evaluation.tiles import TileDatasetError, read_tiles
+from tests.synthetic_cohort import CLASS_STAINS, tissue_crop
+
+N_PER_CLASS = 30
+SIZE = 64  # tiles are 96 px, resized + center-cropped to 64 (4x4 tokens) to keep the test fast
+
+
+def make_tiles(root, n=N_PER_CLASS, seed=0):
+    """DIR/<class>/*.png: tumor = the slide's stain, stroma = the bluer stain shift."""
+    rng = np.random.default_rng(seed)
+    for c, stain in enumerate(CLASS_STAINS):
+        d = os.path.join(root, ["tumor", "stroma"][c])
+        os.makedirs(d, exist_ok=True)
+        for i in range(n):
+            gains = np.asarray(stain) * rng.uniform(0.93, 1.07, 3)
+            Image.fromarray(stain_perturb(tissue_crop(rng, 96), gains)).save(os.path.join(d, f"t{i:03d}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tiles_dir(tmp_path_factory):
+    return make_tiles(tmp_path_factory.mktemp("tiles"))
+
+
+@pytest.fixture(scope="module")
+def features(tiles_dir):
+    tiles = read_tiles(tiles_dir, seed=0)
+    feats, _ = cached_features(tiles.paths, checkpoint=None, random_init="tiny", size=SIZE,
+                               batch_per_device=16, progress=False)
+    return tiles, feats
+
+
+def test_layouts_and_label_fraction(tmp_path):
+    """ImageFolder gets a seeded stratified split; train/test folders and a CSV keep theirs;
+    --label-fraction keeps that share of TRAIN tiles per class. (Plant: subsample_fraction
+    returning all indices -> the 10% count check fails.)"""
+    for split, n in (("train", 20), ("test", 5)):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "tt" / split / c)
+            for i in range(n):
+                Image.new("RGB", (32, 40)).save(tmp_path / "tt" / split / c / f"{i}.png")
+    t = read_tiles(str(tmp_path / "tt"))
+    assert t.class_names == ["a", "b"] and (t.splits == "test").sum() == 10 and (t.splits == "train").sum() == 40
+    t10 = read_tiles(str(tmp_path / "tt"), label_fraction=0.1)
+    assert (t10.splits == "train").sum() == 4 and (t10.splits == "test").sum() == 10
+    assert read_tiles(str(tmp_path / "tt"), label_fraction=0.1, seed=1).paths != t10.paths
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows([[f"tt/train/a/{i}.png", "a", "train"] for i in range(3)]
+                    + [[f"tt/train/b/{i}.png", "b", "test"] for i in range(2)])
+    t = read_tiles(str(tmp_path / "t.csv"))
+    assert list(t.splits) == ["train"] * 3 + ["test"] * 2
+    assert load_tile(t.paths[0], 24).shape == (24, 24, 3)  # 32x40 -> shorter side 24, center crop
+    with open(tmp_path / "bad.csv", "w") as f:
+        f.write("path,label\nnope.png,a\n")
+    with pytest.raises(TileDatasetError, match="bad.csv.*do not exist"):
+        read_tiles(str(tmp_path / "bad.csv"))
+
+
+def test_knn_and_probe_separate_stains_and_not_shuffled(features):
+    """> 0.9 on the two stain classes, about chance with shuffled labels. (Plant: fitting the
+    KNN on the evaluated tiles themselves, i.e. x_tr = x_ev in knn_probs, makes the shuffled
+    run score ~1 and fail.)"""
+    tiles, feats = features
+    res = patch_eval.evaluate_features(feats, tiles.labels, tiles.splits, tiles.class_names)
+    for m in patch_eval.METHODS:
+        assert res["results"]["test"][m]["acc"] > 0.9, (m, res["results"]["test"][m])
+        assert res["results"]["test"][m]["auc"] > 0.9
+    rng = np.random.default_rng(0)
+    accs = []
+    for rep in range(2):
+        shuffled = rng.permutation(tiles.labels)
+        r = patch_eval.evaluate_features(feats, shuffled, tiles.splits, tiles.class_names, seed=rep,
+                                         c_grid=(1e-2, 1.0))
+        accs.append([r["results"]["test"][m]["balanced_acc"] for m in patch_eval.METHODS])
+    assert abs(np.mean(accs) - 0.5) < 0.15, accs
+
+
+def test_knn_equals_sklearn(features):
+    """Both KNNs give scikit-learn's predictions and accuracy (<= 1e-9) on the same features;
+    vote fractions equal too (float32 similarities: 1e-5 for the exp-weighted vote).
+    (Plant: temperature 0.7 instead of 0.07 in the weighted vote -> probabilities differ.)"""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    tiles, feats = features
+    tr, te = tiles.splits == "train", tiles.splits == "test"
+    x_tr, y_tr, x_te, y_te = feats[tr], tiles.labels[tr], feats[te], tiles.labels[te]
+    ours = patch_eval.knn_probs(x_tr, y_tr, x_te, 2)
+    sk5 = KNeighborsClassifier(5).fit(x_tr.astype(np.float64), y_tr)
+    np.testing.assert_array_equal(ours["knn5"], sk5.predict_proba(x_te.astype(np.float64)))
+    skd = KNeighborsClassifier(20, metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1.0 - d) / 0.07)).fit(x_tr.astype(np.float64), y_tr)
+    np.testing.assert_allclose(ours["knn_dino"], skd.predict_proba(x_te.astype(np.float64)), atol=1e-5)
+    for name, sk in (("knn5", sk5), ("knn_dino", skd)):
+        ours_acc = patch_eval.scores_of(ours[name], y_te)["acc"]
+        assert abs(ours_acc - sk.score(x_te.astype(np.float64), y_te)) <= 1e-9
+        np.testing.assert_array_equal(ours[name].argmax(1), sk.predict(x_te.astype(np.float64)))
+    # Non-trivial check of the weighted vote on features where classes overlap.
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(80, 16)), rng.integers(0, 3, 80)
+    q = rng.normal(size=(30, 16))
+    skd = KNeighborsClassifier(20, metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1.0 - d) / 0.07)).fit(x, y)
+    np.testing.assert_allclose(knn.knn_cosine_weighted(x, y, q, n_classes=3), skd.predict_proba(q), atol=1e-5)
+
+
+def test_probe_matches_sklearn_at_chosen_C(features):
+    """The probe's accuracy equals scikit-learn's LogisticRegression fit independently on the
+    train tiles standardized with their own statistics, at the C the search chose.
+    (Plant: standardizing with the TEST features' statistics -> predictions differ.)"""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    tiles, feats = features
+    # A harder problem than the stains (noise added) so that C matters.
+    rng = np.random.default_rng(0)
+    noisy = feats + rng.normal(scale=3 * feats.std(), size=feats.shape).astype(np.float32)
+    res = patch_eval.evaluate_features(noisy, tiles.labels, tiles.splits, tiles.class_names, methods=("probe",))
+    C = res["probe_C"]
+    assert len(res["probe_search"]) == 7
+    tr, te = tiles.splits == "train", tiles.splits == "test"
+    scaler = StandardScaler().fit(noisy[tr].astype(np.float64))
+    clf = LogisticRegression(C=C, max_iter=1000).fit(scaler.transform(noisy[tr].astype(np.float64)), tiles.labels[tr])
+    sk_acc = clf.score(scaler.transform(noisy[te].astype(np.float64)), tiles.labels[te])
+    assert abs(res["results"]["test"]["probe"]["acc"] - sk_acc) <= 1e-9
+    assert res["predictions"]["test"]["probe"] == clf.predict(scaler.transform(noisy[te].astype(np.float64))).tolist()
+    mean, std = standardize_fit(noisy[tr].astype(np.float64))
+    np.testing.assert_allclose(mean, scaler.mean_)
+
+
+def test_cli_end_to_end(tiles_dir, tmp_path, capsys):
+    """The command writes the table, JSON and pictures; the second run loads the cached
+    features; a bad dataset exits 2 with one line. (Plant: a cache key without the tile
+    mtimes -> touching a tile would reuse stale features; checked via cache_hit.)"""
+    out = str(tmp_path / "pe")
+    argv = ["--tiles", tiles_dir, "--out", out, "--random-init", "tiny", "--size", str(SIZE),
+            "--batch-per-device", "16", "--no-progress"]
+    assert cli.main(argv + ["--plot", "--label-fraction", "50%"]) == 0
+    res = json.load(open(os.path.join(out, "patch_eval.json")))
+    assert res["label_fraction"] == 0.5 and res["n_train"] == 20 and not res["cache_hit"]
+    assert "| test | linear probe" in open(os.path.join(out, "patch_eval.md")).read()
+    for f in ("embedding_map.png", "confusion_test_knn_dino.png", "confusion_test_probe.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 1000
+    assert cli.main(argv + ["--label-fraction", "0.5"]) == 0
+    assert json.load(open(os.path.join(out, "patch_eval.json")))["cache_hit"]
+    paths = read_tiles(tiles_dir).paths[:3]
+    key = cache_key(paths, {"random_init": "tiny"}, {"size": SIZE})
+    assert cache_key(paths, {"random_init": "tiny"}, {"size": SIZE + 1}) != key
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cache_key(paths, {"random_init": "tiny"}, {"size": SIZE}) != key
+    capsys.readouterr()
+    assert cli.main(["--tiles", str(tmp_path / "missing"), "--out", out, "--random-init", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing: not a tile folder" in err[0]
+
+
+def tensorboard_steps(folder, tag):
+    """Steps of the scalar ``tag`` in the event files of ``folder`` (TFRecord framing:
+    u64 length, u32 crc, payload, u32 crc; payload = an Event protobuf)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def test_knn_monitor_in_runlocal_pretraining(tiles_dir, tmp_path):
+    """eval.knn inside a runlocal stage-1 pretraining: the KNN of the teacher appears in
+    metrics.jsonl and TensorBoard at steps 2 and 4, and keep_best writes export_best.
+    (Plant: dropping the monitor call from the trainer loop -> no knn rows.)"""
+    from configs.pretrain_vit256 import get_config
+    from hipt_jax.pretrain.trainer import train
+
+    config = get_config("runlocal")
+    config.data.path = tiles_dir
+    config.total_steps, config.checkpoint.every_steps = 4, 100  # the least a run needs
+    config.eval.knn.update(path=tiles_dir, every_steps=2, keep_best=True, batch_per_device=16)  # = the fixture: one compile
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    knn_rows = [r for r in rows if "knn/acc" in r]
+    assert [r["step"] for r in knn_rows] == [2, 4]
+    assert all(r["knn/acc"] > 0.9 for r in knn_rows)
+    assert tensorboard_steps(os.path.join(workdir, "tensorboard"), "knn/acc") == [2, 4]
+    assert os.path.isfile(os.path.join(workdir, "export_best", "arch.json"))
