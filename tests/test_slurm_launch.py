@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
+from tests.slurm_cluster import free_port, slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow  # whole pretraining and extraction jobs: `make test`, not test-fast
 
@@ -45,8 +45,10 @@ def _clean_env(base: dict) -> dict:
 
 def _job_env(cluster, module: str) -> dict:
     env = _clean_env(cluster.env)
+    # JAX_PORT: a free coordinator port (the script's default derives it from the job id, and
+    # every fresh test cluster numbers its jobs from 1: two clusters on one machine would collide).
     env.update(PYTHON=sys.executable, MODE="per_host", TASKS_PER_HOST="2", MODULE=module,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PORT=str(free_port()))
     return env
 
 
@@ -101,8 +103,9 @@ def two_task_run(slurm_cluster, feats, tmp_path_factory):  # noqa: F811
 
 
 def test_two_task_pretraining_equals_one_process(two_task_run, feats, tmp_path):
-    """Plant: the script ignores TASKS_PER_HOST (srun --ntasks-per-node=1) -> one task runs
-    alone, no gloo group forms, the test fails."""
+    """Plant: the script exports JAX_PROCESS_ID=0 instead of $SLURM_PROCID -> both tasks register
+    as process 0, the coordinator aborts the job and the test fails. (Ignoring TASKS_PER_HOST is
+    no plant on one node: srun warns and still starts the job's 2 tasks.)"""
     workdir, out = two_task_run
     assert re.search(r"hipt_jax\.pretrain: 1 nodes, 2 tasks \(per_host\), coordinator \S+:\d+", out), out
     assert GLOO in out, out[-3000:]
