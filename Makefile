@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= convert,beam,test
 STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast test-cluster bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 # The inner loop while developing: skips the tests marked slow (about 4.5 min).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+# The multi-host launch tests alone (also part of `make test`): a real one-node SLURM cluster
+# (installs slurm-wlm and munge with apt-get when missing; needs root), the sbatch script's
+# 2-task pretraining / preemption / extraction jobs, Beam on 2 worker processes, the TPU dry run.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q --durations=15 tests/test_slurm.py tests/test_slurm_launch.py \
+		tests/test_data_prep_beam.py tests/test_launch.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py

@@ -9,6 +9,7 @@
 #       --config.data.kind=patch_shards --config.data.path=gs://BUCKET/prep/patches \
 #       --config.global_batch=1024
 #   launch/tpu_pod.sh logs | ssh | delete
+#   launch/tpu_pod.sh --dry-run run ...          # (or DRY_RUN=1) print every command, run none
 #
 # Global batch: --config.global_batch is the batch of the whole slice; each host feeds
 # global_batch / num_hosts examples (its own slice of the shuffled data, by jax.process_index()),
@@ -16,6 +17,7 @@
 # --workdir must be on storage every host sees (a gs:// bucket); checkpoints resume from it.
 set -euo pipefail
 
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE (e.g. us-central2-b)}"
 ACCELERATOR="${ACCELERATOR:-v4-32}"
@@ -23,8 +25,12 @@ RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
 PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 REMOTE_DIR="${REMOTE_DIR:-hipt-jax}"
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY_RUN="${DRY_RUN:-0}"
 
-tpu() { gcloud compute tpus tpu-vm "$@" --zone="$ZONE" $PROJECT_FLAG; }
+# Every command of this script goes through x: run it, or with --dry-run print it (shell-quoted,
+# one line each) and run nothing.
+x() { if [[ "$DRY_RUN" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+tpu() { x gcloud compute tpus tpu-vm "$@" --zone="$ZONE" $PROJECT_FLAG; }
 on_all() { tpu ssh "$TPU_NAME" --worker=all --command="$1"; }
 
 cmd="${1:-}"; shift || true
@@ -34,7 +40,7 @@ case "$cmd" in
     ;;
   setup)
     # Ship this checkout (code only) to every worker, then install it with the TPU jaxlib.
-    tar -C "$REPO_DIR" --exclude=.venv --exclude=.git --exclude=demo_out -czf /tmp/hipt-jax.tgz .
+    x tar -C "$REPO_DIR" --exclude=.venv --exclude=.git --exclude=demo_out -czf /tmp/hipt-jax.tgz .
     tpu scp /tmp/hipt-jax.tgz "$TPU_NAME":/tmp/hipt-jax.tgz --worker=all
     on_all "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf /tmp/hipt-jax.tgz && cd $REMOTE_DIR && \
       python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
@@ -46,7 +52,7 @@ case "$cmd" in
     # The same command on every host, in the background with a log file per host.
     args=$(printf ' %q' "$@")
     on_all "cd $REMOTE_DIR && nohup .venv/bin/python -m hipt_jax.pretrain$args > pretrain.log 2>&1 &"
-    echo "started on all workers; follow with: $0 logs"
+    [[ "$DRY_RUN" == 1 ]] || echo "started on all workers; follow with: $0 logs"
     ;;
   logs)
     tpu ssh "$TPU_NAME" --worker=0 --command="tail -f $REMOTE_DIR/pretrain.log"

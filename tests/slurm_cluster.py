@@ -181,14 +181,16 @@ class SlurmCluster:
         return res
 
     def sbatch(self, script: str, *args: str, ntasks: int = 1, wait: bool = False, workdir: str,
-               timeout: float = 120, env: Optional[dict[str, str]] = None) -> Job:
-        """Submit ``script`` (its text) with ``args``; ``wait`` blocks until the job ended."""
+               timeout: float = 120, env: Optional[dict[str, str]] = None,
+               options: tuple[str, ...] = ()) -> Job:
+        """Submit ``script`` (its text) with ``args``; ``wait`` blocks until the job ended.
+        ``options`` are extra sbatch options (they override the script's #SBATCH lines)."""
         path = os.path.join(workdir, f"job-{time.monotonic_ns()}.sh")
         with open(path, "w") as f:
             f.write(script)
         output = os.path.join(workdir, "slurm-%j.out")
         cmd = ["sbatch", "--parsable", f"--ntasks={ntasks}", "--time=10", f"--chdir={workdir}",
-               f"--output={output}", *(["--wait"] if wait else []), path, *args]
+               f"--output={output}", *options, *(["--wait"] if wait else []), path, *args]
         try:
             res = subprocess.run(cmd, env=env or self.env, stdin=subprocess.DEVNULL, capture_output=True,
                                  text=True, timeout=timeout)

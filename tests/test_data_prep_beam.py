@@ -22,15 +22,24 @@ def _records(out, kind):
     return recs
 
 
-def test_beam_direct_runner_equals_pool(synthetic_slides, tmp_path):
-    slides = tmp_path / "slides"
+@pytest.fixture(scope="module")
+def pool_regions(synthetic_slides, tmp_path_factory):  # noqa: F811
+    """(hipt-prep regions flags, its process-pool output folder): 3 slides and a broken one."""
+    root = tmp_path_factory.mktemp("beam")
+    slides = root / "slides"
     slides.mkdir()
     for p in synthetic_slides.values():
         os.symlink(p, slides / os.path.basename(p))
     (slides / "broken.svs").write_text("not a slide")
     common = ["--slides", str(slides), "--region", str(REGION)]
-    pool_out, beam_out = str(tmp_path / "pool"), str(tmp_path / "beam")
+    pool_out = str(root / "pool")
     assert main(["regions", *common, "--out", pool_out, "--workers", "2"]) == 1
+    return common, pool_out
+
+
+def test_beam_direct_runner_equals_pool(pool_regions, tmp_path):
+    common, pool_out = pool_regions
+    beam_out = str(tmp_path / "beam")
     # Extra flags go to Beam's PipelineOptions untouched.
     assert main(["regions", *common, "--out", beam_out, "--runner", "DirectRunner",
                  "--direct_num_workers", "1"]) == 1
@@ -48,6 +57,21 @@ def test_beam_direct_runner_equals_pool(synthetic_slides, tmp_path):
     assert main(["patches", "--regions", pool_out, "--out", str(tmp_path / "pb"),
                  "--runner", "DirectRunner"]) == 0
     assert _records(str(tmp_path / "pp"), "patches") == _records(str(tmp_path / "pb"), "patches")
+
+
+def test_beam_multi_processing_two_workers_equals_pool(pool_regions, tmp_path):
+    """The DirectRunner with 2 worker processes (each slide pickled to a separate SDK worker
+    process) writes the pool's records. Plant: the Beam step skips slides outside the submitting
+    process (pid check) -> no shards, this test fails while the in-process DirectRunner test passes."""
+    common, pool_out = pool_regions
+    beam_out = str(tmp_path / "beam_mp")
+    assert main(["regions", *common, "--out", beam_out, "--runner", "DirectRunner",
+                 "--direct_running_mode=multi_processing", "--direct_num_workers=2"]) == 1
+    pool, beam = _records(pool_out, "regions"), _records(beam_out, "regions")
+    assert len(pool) == 3 and pool == beam  # record for record, byte for byte
+    with open(os.path.join(beam_out, "manifest.json")) as f:
+        m = json.load(f)
+    assert m["counts"] == {"done": 3, "failed": 1}
 
 
 def test_pool_only_flags_rejected(tmp_path):

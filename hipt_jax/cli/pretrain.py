@@ -42,7 +42,8 @@ def _run() -> int:
     return flags.EXIT_OK
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def define_flags() -> None:
+    """Define this command's absl flags (once per process); parse with absl's FLAGS(argv)."""
     from absl import flags as absl_flags
     from ml_collections import config_flags
 
@@ -50,6 +51,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         config_flags.DEFINE_config_file("config", None, "pretraining config file[:arg]", lock_config=True)
         absl_flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, export)")
     flags.define_absl_shared_flags(seed=True, compute_dtype=True)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    define_flags()
     flags.absl_main(PROG, _run, argv)
 
 
