@@ -20,6 +20,7 @@ shape per region size).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import time
 from typing import Callable, Iterable, Iterator, Optional
@@ -29,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import bags, shards
-from hipt_jax import sharding
+from hipt_jax import provenance, sharding
 
 PATCH = 256  # pixels per ViT-256 patch
 EMBEDDINGS_SCHEMA = "hipt.embeddings.v1"
@@ -215,19 +216,68 @@ def _existing_feature_shard(features_dir: Optional[str], slide_id: str) -> Optio
     return path if os.path.isfile(path) else None
 
 
+def _feature_manifest(features_dir: str) -> Optional[str]:
+    """The hipt-prep manifest.json of a features folder (OUT or OUT/features), if any."""
+    for folder in (features_dir, os.path.dirname(os.path.abspath(features_dir))):
+        path = os.path.join(folder, shards.MANIFEST)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def check_feature_model(features_dir: Optional[str], vit256_id: Optional[str]) -> None:
+    """Precomputed feature shards must come from the requested ViT-256 (``vit256_id``: the
+    content hash or random-init identity of provenance.model_fingerprint); ExtractError
+    naming the folder otherwise. A folder without feature shards is not checked."""
+    if not features_dir or vit256_id is None:
+        return
+    folder = shards.kind_folder(features_dir, shards.FEATURE)
+    if not os.path.isdir(folder) or not glob_shards(folder):
+        return
+    manifest = _feature_manifest(features_dir)
+    made_by = None
+    if manifest is not None:
+        try:
+            with open(manifest) as f:
+                params = json.load(f).get("params") or {}
+        except (OSError, ValueError, AttributeError):
+            params = {}
+        made_by = params.get("vit256_id")
+    if made_by is None:
+        raise ExtractError(f"{features_dir}: precomputed features do not record which ViT-256 made them "
+                           "(re-run hipt-prep features, or omit --features)")
+    if made_by != vit256_id:
+        raise ExtractError(f"{features_dir}: precomputed features were made by another ViT-256 "
+                           f"(vit256: {made_by[:16]} -> {vit256_id[:16]}); use matching features or omit --features")
+
+
+def glob_shards(folder: str) -> list[str]:
+    return [n for n in os.listdir(folder) if n.endswith(shards.SHARD_EXT)]
+
+
 def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Optional[str] = None,
                    batch_per_device: int = 1, store_dtype: str = "float32",
                    params: Optional[dict] = None, show_progress: bool = True,
-                   extractor: Optional[Extractor] = None) -> dict:
+                   extractor: Optional[Extractor] = None, fingerprint: Optional[dict] = None,
+                   overwrite: bool = False, resume_anyway: bool = False) -> dict:
     """Embed every slide of ``shards_dir`` that has no bag in ``out_dir`` yet; returns the manifest.
 
     ``model`` is a hipt_jax.HIPT4K with a ViT-4K. In a multi-process run each process takes
     slides i with i % process_count == process_index; process 0 writes the manifest.
     Pass a prebuilt ``extractor`` to reuse its compiled functions across calls.
+    ``fingerprint`` (provenance.model_fingerprint + parameters): bags already in ``out_dir``
+    are reused only when it matches the folder's (``overwrite`` / ``resume_anyway``: see
+    hipt_jax.provenance); its "vit256" entry is checked against precomputed features.
     """
     region_shards = shards.list_slide_shards(shards_dir, shards.REGION)
     slide_ids = list(region_shards)
     features_dir = features_dir if features_dir is not None else shards_dir
+    if fingerprint is not None:
+        check_feature_model(features_dir, fingerprint.get("vit256"))
+        fingerprint = dict(fingerprint, shards=provenance.params_hash(os.path.join(shards_dir, shards.MANIFEST)),
+                           store_dtype=store_dtype)
+        provenance.check(out_dir, fingerprint, outputs=(bags.SLIDES, shards.MANIFEST),
+                         overwrite=overwrite, resume_anyway=resume_anyway, what="embeddings folder")
     os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)
     mine = slide_ids[jax.process_index()::jax.process_count()]
     done = bags.list_bags(out_dir)

@@ -26,6 +26,7 @@ def build_parser() -> flags.Parser:
     flags.add_compute_flags(p, batch_per_device=1, patch_batch=True)
     flags.add_storage_flags(p, choices=("float32", "float16"), default="float32")
     flags.add_progress_flag(p)
+    flags.add_reuse_flags(p)
     return p
 
 
@@ -34,14 +35,21 @@ def _run(args) -> int:
     from data_prep.shards import MANIFEST
     from hipt_jax.extraction import extract_cohort
 
+    from hipt_jax import provenance
+
+    flags.check_output_dir(args.out)
     distributed.initialize()
     model = flags.load_hipt4k(args, need_vit4k=True)
+    fingerprint = dict(provenance.model_fingerprint(args.vit256, args.vit4k, args.random_init, args.seed),
+                       compute_dtype=args.compute_dtype)
     params = {"vit256": args.vit256, "vit4k": args.vit4k,
               "random_init": None if args.random_init == "none" else args.random_init,
               "shards": os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
     manifest = extract_cohort(model, args.shards, args.out, features_dir=args.features,
                               batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
-                              params=params, show_progress=not args.no_progress)
+                              params=params, show_progress=not args.no_progress,
+                              fingerprint=fingerprint, overwrite=args.overwrite,
+                              resume_anyway=args.resume_anyway)
     failed = {s: v["error"] for s, v in manifest["slides"].items() if v["status"] == "failed"}
     run = manifest["run"]
     print(f"{PROG}: {run['regions']} regions in {run['seconds']:.1f} s "
