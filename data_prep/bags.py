@@ -68,8 +68,13 @@ def write_bag(out_dir: str, slide_id: str, arrays: dict[str, np.ndarray],
     path = bag_path(out_dir, slide_id, fmt)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    FORMATS[fmt].write(tmp, arrays)
-    os.replace(tmp, path)
+    try:
+        FORMATS[fmt].write(tmp, arrays)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, Ctrl-C: no partial file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 

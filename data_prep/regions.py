@@ -22,7 +22,8 @@ import traceback
 import cv2
 import numpy as np
 
-from data_prep.shards import REGION, encode_jpeg, open_shard_writer, shard_path, write_json_atomic
+from data_prep.shards import (REGION, encode_jpeg, file_sha256, open_shard_writer, shard_path,
+                              write_json_atomic)
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, open_slide, read_region_geometry,
                                 region_geometry, slide_mpp)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
@@ -159,7 +160,8 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams) -> dict:
                              f"tissue fraction {params.min_tissue_fraction}")
         _write_region_shard(slide, task.slide_id, shard_path(out_dir, "regions", task.slide_id),
                             geom, kept, params)
-        result.update(status="done", n_regions=len(kept))
+        result.update(status="done", n_regions=len(kept),
+                      sha256=file_sha256(shard_path(out_dir, "regions", task.slide_id)))
     except SlideError as e:
         result["error"] = str(e)
     except Exception as e:  # a bug or an OpenSlide read error mid-slide: keep the run going

@@ -296,7 +296,11 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
             errors[slide_id] = str(e)
             continue
         arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
-        bags.write_bag(out_dir, slide_id, arrays)
+        try:
+            bags.write_bag(out_dir, slide_id, arrays)
+        except OSError as e:  # disk full, quota, I/O error: this slide fails, nothing partial is kept
+            errors[slide_id] = f"{bags.bag_path(out_dir, slide_id)}: write failed ({e.strerror or e})"
+            continue
         n_regions += len(arrays["coords"])
     bar.close()
     seconds = time.time() - t0

@@ -31,11 +31,11 @@ def build_parser() -> flags.Parser:
 
 
 def _run(args) -> int:
-    from hipt_jax import distributed
-    from data_prep.shards import MANIFEST
-    from hipt_jax.extraction import extract_cohort
+    import jax
 
-    from hipt_jax import provenance
+    from data_prep.shards import MANIFEST
+    from hipt_jax import distributed, provenance, workdir_lock
+    from hipt_jax.extraction import extract_cohort
 
     flags.check_output_dir(args.out)
     distributed.initialize()
@@ -45,11 +45,12 @@ def _run(args) -> int:
     params = {"vit256": args.vit256, "vit4k": args.vit4k,
               "random_init": None if args.random_init == "none" else args.random_init,
               "shards": os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
-    manifest = extract_cohort(model, args.shards, args.out, features_dir=args.features,
-                              batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
-                              params=params, show_progress=not args.no_progress,
-                              fingerprint=fingerprint, overwrite=args.overwrite,
-                              resume_anyway=args.resume_anyway)
+    with workdir_lock.hold(args.out, enabled=jax.process_index() == 0):
+        manifest = extract_cohort(model, args.shards, args.out, features_dir=args.features,
+                                  batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
+                                  params=params, show_progress=not args.no_progress,
+                                  fingerprint=fingerprint, overwrite=args.overwrite,
+                                  resume_anyway=args.resume_anyway)
     failed = {s: v["error"] for s, v in manifest["slides"].items() if v["status"] == "failed"}
     run = manifest["run"]
     print(f"{PROG}: {run['regions']} regions in {run['seconds']:.1f} s "

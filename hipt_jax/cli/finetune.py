@@ -42,7 +42,8 @@ def _run() -> int:
         raise flags.UsageError("--workdir is required")
     flags.check_output_dir(absl_flags.FLAGS.workdir)
     with flags.progress(flags.absl_progress()):
-        results = run(config, absl_flags.FLAGS.workdir)
+        results = run(config, absl_flags.FLAGS.workdir, overwrite=absl_flags.FLAGS.overwrite,
+                      resume_anyway=absl_flags.FLAGS["resume-anyway"].value)
     return flags.report_failed(PROG, results["failed_slides"])
 
 
@@ -54,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         config_flags.DEFINE_config_file("config", None, "configs/lgp_subtyping.py or configs/lgp_survival.py[:runlocal]")
         absl_flags.DEFINE_string("workdir", None, "output folder (checkpoints, results, plots)")
         absl_flags.mark_flags_as_required(["config", "workdir"])
-    flags.define_absl_shared_flags(seed=True)
+    flags.define_absl_shared_flags(seed=True, reuse=True)
     flags.absl_main(PROG, _run, argv)
 
 

@@ -55,7 +55,8 @@ INPUT_ERRORS = (
     ("data_prep.shards", "ShardError"), ("data_prep.bags", "BagError"),
     ("hipt_jax.models.checkpoint", "CheckpointError"), ("hipt_jax.evaluation.cohort", "CohortError"),
     ("hipt_jax.extraction", "ExtractError"), ("hipt_jax.finetune.main", "FinetuneError"),
-    ("hipt_jax.provenance", "ProvenanceError"),
+    ("hipt_jax.provenance", "ProvenanceError"), ("hipt_jax.workdir_lock", "LockedError"),
+    ("hipt_jax.pretrain.trainer", "CheckpointRestoreError"),
 )
 FAILURE_ERRORS = (("hipt_jax.pretrain.trainer", "NonFiniteLossError"),)  # training diverged
 
@@ -266,6 +267,13 @@ def add_reuse_flags(p) -> None:
                    help="delete this command's outputs in the output folder and start over")
     g.add_argument("--resume-anyway", action="store_true",
                    help="keep outputs made with other inputs/weights/parameters and continue")
+
+
+def check_output_file(path: str, need_bytes: int = 0) -> None:
+    """check_output_dir for the folder of an output file, and the file itself not a folder."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: output file is a folder")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), need_bytes)
 
 
 def check_output_dir(path: str, need_bytes: int = 0) -> None:
@@ -493,7 +501,7 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
     app.run(main, argv=argv, flags_parser=parse)
 
 
-def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False) -> None:
+def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False, reuse: bool = False) -> None:
     """The shared flags an absl command accepts (each overrides its config field when given).
     Their names are spelled with hyphens, as in the argparse commands."""
     from absl import flags as absl_flags
@@ -505,6 +513,9 @@ def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False)
         absl_flags.DEFINE_integer("seed", None, "sets config.seed")
     if compute_dtype:
         absl_flags.DEFINE_enum("compute-dtype", None, list(COMPUTE_DTYPES), "sets the config's compute dtype")
+    if reuse:  # what to do with a workdir made by another run (hipt_jax.provenance)
+        absl_flags.DEFINE_bool("overwrite", False, "delete this command's outputs in the workdir and start over")
+        absl_flags.DEFINE_bool("resume-anyway", False, "keep outputs made with other inputs or config and continue")
 
 
 def absl_progress() -> bool:

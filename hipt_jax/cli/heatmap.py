@@ -135,6 +135,7 @@ def run_slide(args) -> dict:
 
 
 def _run(args) -> int:
+    flags.check_output_dir(args.out)
     written = run_slide(args) if (args.region_scores or args.lgp) else run_region(args)
     with open(os.path.join(args.out, "heatmap_outputs.json"), "w") as f:
         json.dump(written, f, indent=1)

@@ -178,6 +178,9 @@ def main(argv=None) -> int:
 
 
 def _run(args, extra) -> int:
+    out = getattr(args, "out", None) or getattr(args, "data_dir", None)
+    if out:
+        flags.check_output_dir(out)
     if args.command == "regions":
         return _regions(args, extra)
     if args.command == "patches":

@@ -58,7 +58,8 @@ def _run() -> int:
     from hipt_jax.pretrain.trainer import train
 
     with flags.progress(flags.absl_progress()):
-        train(config, absl_flags.FLAGS.workdir)
+        train(config, absl_flags.FLAGS.workdir, overwrite=absl_flags.FLAGS.overwrite,
+              resume_anyway=absl_flags.FLAGS["resume-anyway"].value)
     return flags.EXIT_OK
 
 
@@ -69,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "config" not in absl_flags.FLAGS:
         config_flags.DEFINE_config_file("config", None, "pretraining config file[:arg]", lock_config=True)
         absl_flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, export)")
-    flags.define_absl_shared_flags(seed=True, compute_dtype=True)
+    flags.define_absl_shared_flags(seed=True, compute_dtype=True, reuse=True)
     flags.absl_main(PROG, _run, argv)
 
 
