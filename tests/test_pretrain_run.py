@@ -174,9 +174,10 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     pngs = _make_pngs(tmp_path / "png", n=8)
-    # A teacher temperature of 0 turns the loss into NaN at the first step.
-    code, out, err = _pretrain(tmp_path / "run", pngs, "--config.teacher.temp=0.0",
-                               "--config.teacher.warmup_temp=0.0")
+    # A float32-denormal teacher temperature (0 itself is refused as out of range) turns the
+    # loss into NaN at the first step.
+    code, out, err = _pretrain(tmp_path / "run", pngs, "--config.teacher.temp=1e-45",
+                               "--config.teacher.warmup_temp=1e-45")
     assert code != 0
     assert "non-finite loss" in err and "Traceback" not in err
     assert _finished_checkpoints(tmp_path / "run") == []

@@ -37,7 +37,7 @@ def _run(args) -> int:
     from hipt_jax import distributed, provenance, workdir_lock
     from hipt_jax.extraction import extract_cohort
 
-    flags.check_output_dir(args.out)
+    flags.check_output_dir(args.out, _estimate_bytes(args.shards, args.store_dtype))
     distributed.initialize()
     model = flags.load_hipt4k(args, need_vit4k=True)
     fingerprint = dict(provenance.model_fingerprint(args.vit256, args.vit4k, args.random_init, args.seed),
@@ -57,6 +57,20 @@ def _run(args) -> int:
           f"({run['regions_per_s']} regions/s); {len(manifest['slides']) - len(failed)} slides ok, "
           f"{len(failed)} failed -> {os.path.join(args.out, MANIFEST)}")
     return flags.report_failed(PROG, failed)
+
+
+def _estimate_bytes(shards_dir: str, store_dtype: str) -> int:
+    """Bags of every region the shards' manifest counts: [256, 384] ViT-256 features in
+    ``store_dtype`` + 1 KiB per region (CLS-4K, coordinates, zip overhead)."""
+    import json
+
+    try:
+        with open(os.path.join(shards_dir, "manifest.json")) as f:
+            n_regions = int(json.load(f).get("n_records") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        n_regions = 0
+    per_region = 256 * 384 * (2 if store_dtype == "float16" else 4) + 1024
+    return max(flags.MIN_FREE_BYTES, n_regions * per_region)
 
 
 main = flags.command(PROG, build_parser, _run)

@@ -269,14 +269,17 @@ def add_reuse_flags(p) -> None:
                    help="keep outputs made with other inputs/weights/parameters and continue")
 
 
-def check_output_file(path: str, need_bytes: int = 0) -> None:
+MIN_FREE_BYTES = 16 * 2**20  # every command: room for its manifests and one item's output
+
+
+def check_output_file(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
     """check_output_dir for the folder of an output file, and the file itself not a folder."""
     if os.path.isdir(path):
         raise UsageError(f"{path}: output file is a folder")
     check_output_dir(os.path.dirname(os.path.abspath(path)), need_bytes)
 
 
-def check_output_dir(path: str, need_bytes: int = 0) -> None:
+def check_output_dir(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
     """Before any work: ``path`` can be created, is a folder, is writable, and its filesystem has
     at least ``need_bytes`` free (an estimate the caller states). UsageError naming it if not."""
     import shutil
