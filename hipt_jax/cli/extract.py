@@ -35,13 +35,14 @@ def _run(args) -> int:
 
     from data_prep.shards import MANIFEST
     from hipt_jax import distributed, provenance, workdir_lock
-    from hipt_jax.extraction import extract_cohort
+    from hipt_jax.extraction import check_feature_model, extract_cohort
 
     flags.check_output_dir(args.out, _estimate_bytes(args.shards, args.store_dtype))
-    distributed.initialize()
-    model = flags.load_hipt4k(args, need_vit4k=True)
     fingerprint = dict(provenance.model_fingerprint(args.vit256, args.vit4k, args.random_init, args.seed),
                        compute_dtype=args.compute_dtype)
+    check_feature_model(args.features if args.features is not None else args.shards, fingerprint["vit256"])
+    distributed.initialize()
+    model = flags.load_hipt4k(args, need_vit4k=True)
     params = {"vit256": args.vit256, "vit4k": args.vit4k,
               "random_init": None if args.random_init == "none" else args.random_init,
               "shards": os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
