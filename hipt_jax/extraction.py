@@ -276,8 +276,9 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
         check_feature_model(features_dir, fingerprint.get("vit256"))
         fingerprint = dict(fingerprint, shards=provenance.params_hash(os.path.join(shards_dir, shards.MANIFEST)),
                            store_dtype=store_dtype)
-        provenance.check(out_dir, fingerprint, outputs=(bags.SLIDES, shards.MANIFEST),
-                         overwrite=overwrite, resume_anyway=resume_anyway, what="embeddings folder")
+        if jax.process_index() == 0:  # process 0 checks and writes the fingerprint
+            provenance.check(out_dir, fingerprint, outputs=(bags.SLIDES, shards.MANIFEST),
+                             overwrite=overwrite, resume_anyway=resume_anyway, what="embeddings folder")
     os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)
     mine = slide_ids[jax.process_index()::jax.process_count()]
     done = bags.list_bags(out_dir)
