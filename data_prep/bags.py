@@ -190,8 +190,13 @@ def write_bag_file(path: str, arrays: dict[str, np.ndarray], attrs: dict | None 
     """One bag at ``path`` in the format its extension names (temporary name, then rename)."""
     fmt = _format_of(path)
     tmp = f"{path}.tmp-{os.getpid()}{fmt.ext}"
-    fmt.write(tmp, arrays, {k: v for k, v in (attrs or {}).items() if v is not None})
-    os.replace(tmp, path)
+    try:
+        fmt.write(tmp, arrays, {k: v for k, v in (attrs or {}).items() if v is not None})
+        os.replace(tmp, path)
+    except BaseException:  # disk full, Ctrl-C: no partial file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def list_bags(out_dir: str) -> dict[str, str]:

@@ -22,7 +22,8 @@ import traceback
 import cv2
 import numpy as np
 
-from data_prep.shards import REGION, encode_jpeg, open_shard_writer, shard_path, write_json_atomic
+from data_prep.shards import (REGION, encode_jpeg, file_sha256, open_shard_writer, shard_path,
+                              write_json_atomic)
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, open_slide,
                                 read_region_geometry, region_geometry, resolve_mpp, snap_scale)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
@@ -238,7 +239,7 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
             _write_coords(slide, task.slide_id, product, geom, kept, params, mpp, mpp_source)
         else:
             _write_region_shard(slide, task.slide_id, product, geom, kept, params)
-        result.update(status="done", n_regions=len(kept))
+        result.update(status="done", n_regions=len(kept), sha256=file_sha256(product))
     except SlideError as e:
         result["error"] = str(e)
     except Exception as e:  # a bug or an OpenSlide read error mid-slide: keep the run going

@@ -125,6 +125,19 @@ def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str]) 
                               versions=versions(), extra=dict(kind=kind, n_records=n_records))
 
 
+def retire_output(out_dir: str, item_id: str) -> None:
+    """Remove an item's old shard and status before it is (re)done: if the new attempt fails,
+    no stale shard is left for downstream tools to read."""
+    st = read_status(out_dir, item_id)
+    old = [os.path.join(out_dir, st["shard"])] if st and st.get("shard") else []
+    old += glob.glob(os.path.join(out_dir, "*", glob.escape(item_id) + ".array_record"))
+    for path in old + [status_path(out_dir, item_id)]:
+        try:
+            os.remove(path)
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+
+
 def clean_stale_tmp(out_dir: str) -> None:
     """Remove temporary files left by a killed run (never read: shards are only globbed by ext)."""
     for p in glob.glob(os.path.join(out_dir, "*", "*.tmp-*")):
@@ -203,6 +216,8 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
     check_params(out_dir, kind, params)
     clean_stale_tmp(out_dir)
     todo = [(it, i) for it, i in zip(items, ids) if redo or not is_done(out_dir, i)]
+    for _, item_id in todo:
+        retire_output(out_dir, item_id)
     skipped = len(items) - len(todo)
     if skipped:
         print(f"{kind}: {skipped} of {len(items)} already done in {out_dir}, skipping them")

@@ -340,9 +340,41 @@ def list_slide_shards(root: str, kind: str | RecordKind) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (recorded in a shard's status file when it is written)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_status_path(path: str) -> str:
+    """OUT/status/<slide_id>.json of a shard OUT/<kind>/<slide_id>.array_record."""
+    out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return os.path.join(out, "status", slide_id_of(path) + ".json")
+
+
+def verify_shard(path: str) -> None:
+    """ShardError naming the file when its bytes differ from the checksum its status file
+    recorded (shards without a status or a checksum are not checked)."""
+    status = shard_status_path(path)
+    try:
+        with open(status) as f:
+            expected = json.load(f).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return
+    if expected and os.path.isfile(path) and file_sha256(path) != expected:
+        raise ShardError(f"{path}: damaged shard (checksum does not match {status}); "
+                         "rerun hipt-prep with --redo")
+
+
 def _open_reader(path: str):
     from array_record.python import array_record_module
 
+    verify_shard(path)
     try:
         reader = array_record_module.ArrayRecordReader(path)
         if not reader.ok():  # a file that is no ArrayRecord opens as "0 records" with a bad status

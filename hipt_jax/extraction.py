@@ -24,6 +24,7 @@ shape per region size).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import time
 from typing import Callable, Iterable, Iterator, Optional
@@ -33,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import bags, shards
-from hipt_jax import sharding
+from hipt_jax import provenance, sharding
 
 PATCH = 256  # pixels per ViT-256 patch
 EMBEDDINGS_SCHEMA = "hipt.embeddings.v1"
@@ -241,6 +242,56 @@ def _existing_feature_shard(features_dir: Optional[str], slide_id: str) -> Optio
     return path if os.path.isfile(path) else None
 
 
+def _feature_manifest(features_dir: str) -> Optional[str]:
+    """The hipt-prep manifest.json of a features folder (OUT or OUT/features), if any."""
+    for folder in (features_dir, os.path.dirname(os.path.abspath(features_dir))):
+        path = os.path.join(folder, shards.MANIFEST)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def check_feature_model(features_dir: Optional[str], vit256_id: Optional[str]) -> None:
+    """Precomputed feature shards must come from the requested ViT-256 (``vit256_id``: the
+    content hash or random-init identity of provenance.model_fingerprint); ExtractError
+    naming the folder otherwise. A folder without feature shards is not checked."""
+    if not features_dir or vit256_id is None:
+        return
+    folder = shards.kind_folder(features_dir, shards.FEATURE)
+    if not os.path.isdir(folder) or not glob_shards(folder):
+        return
+    manifest = _feature_manifest(features_dir)
+    made_by = None
+    if manifest is not None:
+        try:
+            with open(manifest) as f:
+                params = json.load(f).get("params") or {}
+        except (OSError, ValueError, AttributeError):
+            params = {}
+        made_by = params.get("vit256_id")
+    if made_by is None:
+        raise ExtractError(f"{features_dir}: precomputed features do not record which ViT-256 made them "
+                           "(re-run hipt-prep features, or omit --features)")
+    if made_by != vit256_id:
+        raise ExtractError(f"{features_dir}: precomputed features were made by another ViT-256 "
+                           f"(vit256: {made_by[:16]} -> {vit256_id[:16]}); use matching features or omit --features")
+
+
+def glob_shards(folder: str) -> list[str]:
+    return [n for n in os.listdir(folder) if n.endswith(shards.SHARD_EXT)]
+
+
+def check_provenance(out_dir: str, fingerprint: Optional[dict], *, overwrite: bool = False,
+                     resume_anyway: bool = False) -> None:
+    """Bags already in ``out_dir`` are reused only when ``fingerprint`` matches the folder's
+    (``overwrite`` / ``resume_anyway``: see hipt_jax.provenance). Process 0 checks and writes
+    it; the others wait, so no process starts on a folder that is about to be cleared."""
+    if fingerprint is not None and jax.process_index() == 0:
+        provenance.check(out_dir, fingerprint, outputs=(bags.SLIDES, shards.MANIFEST),
+                         overwrite=overwrite, resume_anyway=resume_anyway, what="embeddings folder")
+    _barrier("hipt-extract provenance")
+
+
 STATUS = "status"  # OUT/status/process_<i>.json: one process's slides of the last run
 
 
@@ -308,6 +359,10 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
         except (ValueError, SlideError) as e:  # ExtractError, ShardError, BagError, bad pixels:
             status[slide_id] = {"status": "failed", "error": str(e)}  # the slide fails, the run goes on
             continue
+        except OSError as e:  # disk full, quota, I/O error: this slide fails, nothing partial is kept
+            status[slide_id] = {"status": "failed", "error": f"{bags.bag_path(out_dir, slide_id, fmt)}: "
+                                                             f"write failed ({e.strerror or e})"}
+            continue
         status[slide_id] = {"status": "done"}
         n_regions += len(arrays["coords"])
     bar.close()
@@ -333,16 +388,25 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
 def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Optional[str] = None,
                    batch_per_device: int = 1, store_dtype: str = "float32",
                    params: Optional[dict] = None, show_progress: bool = True,
-                   extractor: Optional[Extractor] = None, fmt: str = bags.DEFAULT_FORMAT) -> dict:
+                   extractor: Optional[Extractor] = None, fmt: str = bags.DEFAULT_FORMAT,
+                   fingerprint: Optional[dict] = None, overwrite: bool = False,
+                   resume_anyway: bool = False) -> dict:
     """Embed every slide of ``shards_dir`` that has no bag in ``out_dir`` yet; returns the manifest.
 
     ``model`` is a hipt_jax.HIPT4K with a ViT-4K; ``fmt`` the bag format (npz, h5, pt).
     Multi-process runs: see ``_extract_slides``. Pass a prebuilt ``extractor`` to reuse its
-    compiled functions across calls.
+    compiled functions across calls. ``fingerprint`` (provenance.model_fingerprint +
+    parameters): see ``check_provenance``; its "vit256" entry is checked against precomputed
+    features.
     """
     bags.check_format(fmt)  # before any work: an unknown format or .pt without torch
     region_shards = shards.list_slide_shards(shards_dir, shards.REGION)
     features_dir = features_dir if features_dir is not None else shards_dir
+    if fingerprint is not None:
+        check_feature_model(features_dir, fingerprint.get("vit256"))
+        fingerprint = dict(fingerprint, shards=provenance.params_hash(os.path.join(shards_dir, shards.MANIFEST)),
+                           store_dtype=store_dtype, format=fmt)
+    check_provenance(out_dir, fingerprint, overwrite=overwrite, resume_anyway=resume_anyway)
     extractor = extractor or Extractor(model, batch_per_device)
 
     def embed_one(slide_id, bar):
@@ -426,7 +490,8 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
                           batch_per_device: int = 1, store_dtype: str = "float32",
                           params: Optional[dict] = None, show_progress: bool = True,
                           extractor: Optional[Extractor] = None,
-                          fmt: str = bags.DEFAULT_FORMAT) -> dict:
+                          fmt: str = bags.DEFAULT_FORMAT, fingerprint: Optional[dict] = None,
+                          overwrite: bool = False, resume_anyway: bool = False) -> dict:
     """`hipt-extract --slides S --coords C`: every slide of ``slides`` (slide_id -> path) with a
     coordinate file in C (HIPT-JAX `hipt-prep coords`, TRIDENT or CLAM h5) ->
     OUT/slides/<slide_id>.<fmt>, each region read straight from the slide at ``target_mpp``;
@@ -440,6 +505,12 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
 
     bags.check_format(fmt)
     files = coords_io.find_coords_files(coords_dir)
+    if fingerprint is not None:
+        fingerprint = dict(fingerprint, store_dtype=store_dtype, format=fmt, target_mpp=target_mpp,
+                           region_px=region_px, assume_mpp=assume_mpp,
+                           coords=provenance.config_hash({sid: shards.file_sha256(path)
+                                                          for sid, path in files.items()}))
+    check_provenance(out_dir, fingerprint, overwrite=overwrite, resume_anyway=resume_anyway)
     extractor = extractor or Extractor(model, batch_per_device)
 
     def embed_one(slide_id, bar):

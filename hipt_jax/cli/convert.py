@@ -9,6 +9,7 @@ or input (hipt_jax.cli.flags).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from hipt_jax.cli import flags
@@ -34,6 +35,10 @@ def build_parser() -> flags.Parser:
 def _run(args) -> int:
     from hipt_jax.convert import to_orbax, to_torch
 
+    if args.to_torch:
+        flags.check_output_file(args.dst)
+    else:
+        flags.check_output_dir(os.path.dirname(os.path.abspath(args.dst)))
     if args.to_torch:
         info = to_torch(args.src, args.dst)
         print(f"wrote {info['dst']}: {info['arch']}, {info['tensors']} tensors in the reference layout")

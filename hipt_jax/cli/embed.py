@@ -45,6 +45,7 @@ def embed(args) -> dict[str, np.ndarray]:
 
 
 def _run(args) -> int:
+    flags.check_output_file(args.out)
     start = time.perf_counter()
     out = embed(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

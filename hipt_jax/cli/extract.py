@@ -49,36 +49,29 @@ def build_parser() -> flags.Parser:
     flags.add_compute_flags(p, batch_per_device=1, patch_batch=True)
     flags.add_storage_flags(p, choices=("float32", "float16"), default="float32")
     flags.add_progress_flag(p)
+    flags.add_reuse_flags(p)
     return p
 
 
 def _run(args) -> int:
-    from hipt_jax import distributed
-    from data_prep.shards import MANIFEST
-    from hipt_jax.extraction import extract_cohort
+    import jax
 
+    from data_prep.shards import MANIFEST
+    from hipt_jax import distributed, provenance, workdir_lock
+    from hipt_jax.extraction import check_feature_model
+
+    flags.check_output_dir(args.out, _estimate_bytes(args.shards, args.store_dtype) if args.shards else 0)
+    fingerprint = dict(provenance.model_fingerprint(args.vit256, args.vit4k, args.random_init, args.seed),
+                       compute_dtype=args.compute_dtype)
+    if args.shards:
+        check_feature_model(args.features if args.features is not None else args.shards, fingerprint["vit256"])
     distributed.initialize()
     model = flags.load_hipt4k(args, need_vit4k=True)
     params = {"vit256": args.vit256, "vit4k": args.vit4k,
               "random_init": None if args.random_init == "none" else args.random_init,
               "shards": args.shards and os.path.abspath(args.shards), "compute_dtype": args.compute_dtype}
-    if args.coords is not None:
-        from data_prep.runner import find_slide_files
-        from hipt_jax.extraction import extract_cohort_direct
-
-        slides = {t.slide_id: t.path for t in find_slide_files(args.slides)}
-        params.update(shards=None, slides=os.path.abspath(args.slides), coords=os.path.abspath(args.coords),
-                      target_mpp=args.target_mpp, size=args.size, assume_mpp=args.assume_mpp)
-        manifest = extract_cohort_direct(
-            model, slides, args.coords, args.out, target_mpp=args.target_mpp, region_px=args.size,
-            assume_mpp=args.assume_mpp, mpp_tolerance=args.mpp_tolerance,
-            allow_upsample=args.allow_upsample, readers=args.readers,
-            batch_per_device=args.batch_per_device, store_dtype=args.store_dtype, params=params,
-            show_progress=not args.no_progress, fmt=args.format)
-    else:
-        manifest = extract_cohort(model, args.shards, args.out, features_dir=args.features,
-                                  batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
-                                  params=params, show_progress=not args.no_progress, fmt=args.format)
+    with workdir_lock.hold(args.out, enabled=jax.process_index() == 0):
+        manifest = _extract(args, model, params, fingerprint)
     failed = {s: v["error"] for s, v in manifest["slides"].items() if v["status"] == "failed"}
     n_done = sum(v["status"] == "done" for v in manifest["slides"].values())
     run = manifest["run"]
@@ -86,6 +79,41 @@ def _run(args) -> int:
           f"({run['regions_per_s']} regions/s); {n_done} slides ok, "
           f"{len(failed)} failed -> {os.path.join(args.out, MANIFEST)}")
     return flags.report_failed(PROG, failed)
+
+
+def _extract(args, model, params: dict, fingerprint: dict) -> dict:
+    """The shard path (--shards) or the direct path (--slides with --coords)."""
+    from hipt_jax.extraction import extract_cohort, extract_cohort_direct
+
+    common = dict(batch_per_device=args.batch_per_device, store_dtype=args.store_dtype,
+                  show_progress=not args.no_progress, fmt=args.format, fingerprint=fingerprint,
+                  overwrite=args.overwrite, resume_anyway=args.resume_anyway)
+    if args.coords is None:
+        return extract_cohort(model, args.shards, args.out, features_dir=args.features, params=params,
+                              **common)
+    from data_prep.runner import find_slide_files
+
+    slides = {t.slide_id: t.path for t in find_slide_files(args.slides)}
+    params.update(shards=None, slides=os.path.abspath(args.slides), coords=os.path.abspath(args.coords),
+                  target_mpp=args.target_mpp, size=args.size, assume_mpp=args.assume_mpp)
+    return extract_cohort_direct(
+        model, slides, args.coords, args.out, target_mpp=args.target_mpp, region_px=args.size,
+        assume_mpp=args.assume_mpp, mpp_tolerance=args.mpp_tolerance, allow_upsample=args.allow_upsample,
+        readers=args.readers, params=params, **common)
+
+
+def _estimate_bytes(shards_dir: str, store_dtype: str) -> int:
+    """Bags of every region the shards' manifest counts: [256, 384] ViT-256 features in
+    ``store_dtype`` + 1 KiB per region (CLS-4K, coordinates, zip overhead)."""
+    import json
+
+    try:
+        with open(os.path.join(shards_dir, "manifest.json")) as f:
+            n_regions = int(json.load(f).get("n_records") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        n_regions = 0
+    per_region = 256 * 384 * (2 if store_dtype == "float16" else 4) + 1024
+    return max(flags.MIN_FREE_BYTES, n_regions * per_region)
 
 
 main = flags.command(PROG, build_parser, _run)

@@ -17,6 +17,14 @@ from hipt_jax.cli import flags
 
 PROG = "hipt-finetune"
 
+# Every numeric field the run uses, with its valid range (checked before any work).
+_I, _F = flags.int_at_least, flags.float_in
+CONFIG_RANGES = {
+    "seed": _I(0), "model.dropout": _F(0.0, 1.0, low_open=False, high_open=True), "model.n_classes": _I(-1),
+    "optim.lr": _F(0.0, 10.0), "optim.weight_decay": _F(0.0, 10.0, low_open=False), "optim.epochs": _I(1),
+    "train.accumulate_steps": _I(1), "train.alpha_surv": _F(0.0, 1.0, low_open=False), "train.n_bins": _I(2),
+}
+
 
 def _run() -> int:
     from absl import flags as absl_flags
@@ -26,8 +34,16 @@ def _run() -> int:
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = flags.absl_config(PROG, {"seed": "seed"})
+    flags.check_config(config, CONFIG_RANGES)
+    splits = str(config.data.splits)
+    if splits.startswith("kfold:"):
+        flags.check_config({"data": {"splits": splits[len("kfold:"):]}}, {"data.splits": _I(2)})
+    if not absl_flags.FLAGS.workdir:
+        raise flags.UsageError("--workdir is required")
+    flags.check_output_dir(absl_flags.FLAGS.workdir)
     with flags.progress(flags.absl_progress()):
-        results = run(config, absl_flags.FLAGS.workdir)
+        results = run(config, absl_flags.FLAGS.workdir, overwrite=absl_flags.FLAGS.overwrite,
+                      resume_anyway=absl_flags.FLAGS["resume-anyway"].value)
     return flags.report_failed(PROG, results["failed_slides"])
 
 
@@ -39,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         config_flags.DEFINE_config_file("config", None, "configs/lgp_subtyping.py or configs/lgp_survival.py[:runlocal]")
         absl_flags.DEFINE_string("workdir", None, "output folder (checkpoints, results, plots)")
         absl_flags.mark_flags_as_required(["config", "workdir"])
-    flags.define_absl_shared_flags(seed=True)
+    flags.define_absl_shared_flags(seed=True, reuse=True)
     flags.absl_main(PROG, _run, argv)
 
 

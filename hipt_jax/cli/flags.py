@@ -35,6 +35,8 @@ from typing import Callable, Iterator, Optional
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C: one line, the work so far kept (128 + SIGINT, the shell's convention)
+INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, a process still busy in native code (compiling) is ended
 
 RANDOM_INIT = ("none", "tiny", "full")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -54,6 +56,8 @@ INPUT_ERRORS = (
     ("hipt_jax.models.checkpoint", "CheckpointError"), ("hipt_jax.evaluation.cohort", "CohortError"),
     ("hipt_jax.extraction", "ExtractError"), ("hipt_jax.finetune.main", "FinetuneError"),
     ("hipt_jax.evaluation.tiles", "TileDatasetError"),
+    ("hipt_jax.provenance", "ProvenanceError"), ("hipt_jax.workdir_lock", "LockedError"),
+    ("hipt_jax.pretrain.trainer", "CheckpointRestoreError"),
 )
 FAILURE_ERRORS = (("hipt_jax.pretrain.trainer", "NonFiniteLossError"),)  # training diverged
 
@@ -86,10 +90,48 @@ def print_error(prog: str, error: BaseException | str) -> None:
     print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
 
 
+def _interrupt_watchdog(prog: str) -> None:
+    """Ctrl-C while the main thread is inside native code (XLA compiling, a long device call)
+    reaches Python only when that call returns. CPython's C-level handler writes the signal
+    number to the wakeup fd at once, so a thread reading it can end the process cleanly
+    (one line, exit 130) when the main thread has not unwound within INTERRUPT_GRACE_S.
+    Finished outputs are already on disk (every writer renames complete files into place)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or getattr(_interrupt_watchdog, "on", False):
+        return
+    try:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        return
+    _interrupt_watchdog.on = True
+
+    def watch() -> None:
+        while True:
+            data = os.read(read_fd, 64)
+            if not data or signal.SIGINT not in data:
+                continue
+            threading.Event().wait(INTERRUPT_GRACE_S)
+            print(f"{prog}: interrupted (Ctrl-C); finished outputs are kept, rerun the same command "
+                  "to continue", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+
+    threading.Thread(target=watch, name="hipt-interrupt-watchdog", daemon=True).start()
+
+
 def run_command(prog: str, fn: Callable[[], int]) -> int:
-    """``fn()``'s exit code, with library exceptions mapped to the policy in the docstring."""
+    """``fn()``'s exit code, with library exceptions mapped to the policy in the docstring, and
+    Ctrl-C (KeyboardInterrupt) to one line and exit code 130."""
+    _interrupt_watchdog(prog)
     try:
         return fn()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); finished outputs are kept, rerun the same command to continue",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 -- narrowed right below, everything else re-raised
         if os.environ.get("HIPT_DEBUG"):
             raise
@@ -176,22 +218,107 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low`` (and <= ``high`` when given)."""
+    what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def float_in(low: float, high: float = float("inf"), *, low_open: bool = True,
+             high_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float in the interval (low, high] (ends as given)."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open or high == float("inf") else "]")
+    what = f"a number in {lo}{low:g}, {high:g}{hi}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        ok = value == value and abs(value) != float("inf")
+        ok = ok and (value > low if low_open else value >= low)
+        ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_float = float_in(0.0)
+
+
+def add_reuse_flags(p) -> None:
+    """--overwrite / --resume-anyway: what to do with an output folder made by another run
+    (hipt_jax.provenance)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete this command's outputs in the output folder and start over")
+    g.add_argument("--resume-anyway", action="store_true",
+                   help="keep outputs made with other inputs/weights/parameters and continue")
+
+
+MIN_FREE_BYTES = 16 * 2**20  # every command: room for its manifests and one item's output
+
+
+def check_output_file(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
+    """check_output_dir for the folder of an output file, and the file itself not a folder."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: output file is a folder")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), need_bytes)
+
+
+def check_output_dir(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
+    """Before any work: ``path`` can be created, is a folder, is writable, and its filesystem has
+    at least ``need_bytes`` free (an estimate the caller states). UsageError naming it if not."""
+    import shutil
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{path}: output location exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{path}: output folder is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise UsageError(f"{path}: {free / 2**20:.0f} MiB free, this run needs about "
+                         f"{need_bytes / 2**20:.0f} MiB")
+
+
 # ------------------------------------------------------------------------------ groups
+MPP = float_in(0.0, 1000.0)  # microns per pixel: > 0 (a slide scanned at 1 mm/px is not a slide)
+
+
 def add_region_flags(p, *, size_flag: str = "--size", size_default: int = 4096,
                      mpp_tolerance: bool = False, deprecated_mpp: bool = False) -> None:
     """Region side and resolution: --target-mpp, --assume-mpp and the side in px."""
     g = p.add_argument_group("region and resolution")
-    g.add_argument(size_flag, dest=size_flag.lstrip("-"), type=int, default=size_default,
+    g.add_argument(size_flag, dest=size_flag.lstrip("-"), type=int_at_least(256), default=size_default,
                    help=f"region side in px at --target-mpp (default {size_default})")
-    g.add_argument("--target-mpp", type=float, default=0.5,
+    g.add_argument("--target-mpp", type=MPP, default=0.5,
                    help="microns per pixel of the region (default 0.5 = 20x)")
-    g.add_argument("--assume-mpp", type=float, default=None,
+    g.add_argument("--assume-mpp", type=MPP, default=None,
                    help="level-0 mpp for slides whose metadata has none")
     if mpp_tolerance:
-        g.add_argument("--mpp-tolerance", type=float, default=0.1,
+        g.add_argument("--mpp-tolerance", type=float_in(0.0, 0.5, low_open=False, high_open=True), default=0.1,
                        help="relative mpp error treated as an exact integer scale (0.499 -> 0.5)")
     if deprecated_mpp:
-        add_deprecated(g, "--mpp", "--target-mpp", "target_mpp", type=float)
+        add_deprecated(g, "--mpp", "--target-mpp", "target_mpp", type=MPP)
 
 
 def add_region_source_flags(p, *, required: bool, xy_default: Optional[int]) -> None:
@@ -199,8 +326,8 @@ def add_region_source_flags(p, *, required: bool, xy_default: Optional[int]) -> 
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--image", help="region image file (PNG/JPEG/TIFF), >= 256 px per side")
     src.add_argument("--slide", help="whole-slide image (anything OpenSlide reads)")
-    p.add_argument("--x", type=int, default=xy_default, help="level-0 x of the region's top-left corner")
-    p.add_argument("--y", type=int, default=xy_default, help="level-0 y of the region's top-left corner")
+    p.add_argument("--x", type=int_at_least(0), default=xy_default, help="level-0 x of the region's top-left corner")
+    p.add_argument("--y", type=int_at_least(0), default=xy_default, help="level-0 y of the region's top-left corner")
 
 
 def add_model_flags(p, *, vit4k: bool = True, vit4k_help: str = "ViT-4K checkpoint",
@@ -216,7 +343,7 @@ def add_model_flags(p, *, vit4k: bool = True, vit4k_help: str = "ViT-4K checkpoi
                    metavar="{none,tiny,full}",
                    help="random weights instead of checkpoints (demos, smoke tests): tiny = the "
                         "small test architectures, full = the paper's sizes")
-    g.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of --random-init weights")
     g.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # old; warned in _finish_model
     p.finish(lambda parser, args: _finish_model(parser, args, required))
 
@@ -362,7 +489,11 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
         try:
             return absl_flags.FLAGS(args)
         except absl_flags.Error as e:
-            print_error(prog, e)
+            message = config_override_error(args, e) if "--config." in str(e) else one_line(e)
+            print_error(prog, message)
+            sys.exit(EXIT_BAD_INPUT)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # a bad --config.FIELD override
+            print_error(prog, config_override_error(args, e))
             sys.exit(EXIT_BAD_INPUT)
 
     def main(rest: list[str]) -> None:
@@ -374,7 +505,7 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
     app.run(main, argv=argv, flags_parser=parse)
 
 
-def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False) -> None:
+def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False, reuse: bool = False) -> None:
     """The shared flags an absl command accepts (each overrides its config field when given).
     Their names are spelled with hyphens, as in the argparse commands."""
     from absl import flags as absl_flags
@@ -386,6 +517,9 @@ def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False)
         absl_flags.DEFINE_integer("seed", None, "sets config.seed")
     if compute_dtype:
         absl_flags.DEFINE_enum("compute-dtype", None, list(COMPUTE_DTYPES), "sets the config's compute dtype")
+    if reuse:  # what to do with a workdir made by another run (hipt_jax.provenance)
+        absl_flags.DEFINE_bool("overwrite", False, "delete this command's outputs in the workdir and start over")
+        absl_flags.DEFINE_bool("resume-anyway", False, "keep outputs made with other inputs or config and continue")
 
 
 def absl_progress() -> bool:
@@ -408,3 +542,76 @@ def absl_config(prog: str, fields: dict[str, str]):
         if value is not None:
             config[field] = value
     return config
+
+
+# ------------------------------------------------------------------------------ config checks
+def _closest_field(config, path: str) -> str:
+    """'unknown config field a.b.x (did you mean a.b.y?)' for the first part of ``path`` that
+    the config lacks; "" when every part exists."""
+    import difflib
+
+    node, done = config, []
+    for part in path.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            where = ".".join(done + [part])
+            close = difflib.get_close_matches(part, keys, n=1, cutoff=0.0)
+            hint = f" (did you mean config.{'.'.join(done + close[:1])}?)" if close else ""
+            return f"unknown config field config.{where}{hint}"
+        node, done = node[part], done + [part]
+    return ""
+
+
+def _load_config_file(argv: list[str]):
+    """The config a --config=FILE[:ARG] argument names, loaded the way ml_collections does
+    (None when it cannot be loaded: the caller then reports the raw error)."""
+    import importlib.util
+
+    spec = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec = arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    if not spec:
+        return None
+    path, _, config_arg = spec.partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_hipt_config_for_error", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(config_arg) if config_arg else module.get_config()
+    except Exception:  # noqa: BLE001 -- only used to improve an error message
+        return None
+
+
+def config_override_error(argv: list[str], error: BaseException) -> str:
+    """One line for a --config.FIELD=VALUE override the config rejected: an unknown field names
+    the closest valid one; a bad value names the field."""
+    from absl import flags as absl_flags
+
+    flag = absl_flags.FLAGS._flags().get("config")  # a half-parsed flag may hold the loaded config
+    config = getattr(flag, "_value", None)
+    if config is None:
+        config = _load_config_file(argv)
+    for arg in argv:
+        if arg.startswith("--config."):
+            path = arg[len("--config."):].split("=", 1)[0]
+            if config is not None:
+                message = _closest_field(config, path)
+                if message:
+                    return message
+    return one_line(error).replace("\\n", " ")
+
+
+def check_config(config, rules: dict) -> None:
+    """Range-check config fields before any work: ``rules`` maps a dotted field to an argparse
+    type of this module (int_at_least, float_in, ...). UsageError naming the field."""
+    for path, check in rules.items():
+        node = config
+        for part in path.split("."):
+            node = node[part]
+        try:
+            check(str(node))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"config.{path}={node!r}: {e}") from None

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("maps")
     out.add_argument("--out", required=True, help="output directory")
     out.add_argument("--name", default=None, help="file name prefix (default: from the input)")
-    out.add_argument("--scale", type=int, default=4, help="output = region px / scale (1, 2, 4, 8, 16)")
-    out.add_argument("--alpha", type=float, default=0.5)
+    out.add_argument("--scale", type=flags.int_at_least(1), default=4, help="output = region px / scale (1, 2, 4, 8, 16)")
+    out.add_argument("--alpha", type=flags.float_in(0.0, 1.0, low_open=False), default=0.5)
     out.add_argument("--cmap", default="coolwarm")
     out.add_argument("--shifts", type=_parse_shifts, default=(128, 256, 384),
                      help="4K-level smoothing shifts in px, comma-separated, or 'none'")
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--region-scores", help="slide mode: npz with coords, scores, region_px")
     out.add_argument("--lgp", help="slide mode: trained HIPT-LGP checkpoint (hipt-finetune fold_k/checkpoint)")
     out.add_argument("--embeddings", help="slide mode with --lgp: hipt-extract output (slides/<id>.npz)")
-    out.add_argument("--thumb-px", type=int, default=2048, help="slide mode: longest side of the picture")
+    out.add_argument("--thumb-px", type=flags.int_at_least(64), default=2048, help="slide mode: longest side of the picture")
     return p
 
 
@@ -138,6 +138,7 @@ def run_slide(args) -> dict:
 
 
 def _run(args) -> int:
+    flags.check_output_dir(args.out)
     written = run_slide(args) if (args.region_scores or args.lgp) else run_region(args)
     with open(os.path.join(args.out, "heatmap_outputs.json"), "w") as f:
         json.dump(written, f, indent=1)

@@ -29,10 +29,11 @@ def build_parser() -> flags.Parser:
                    help="hipt-extract output folder, or a folder of bags (.npz, TRIDENT/CLAM .h5, official .pt)")
     p.add_argument("--labels", required=True, help="labels CSV (slide_id + a label column; extra columns ignored)")
     p.add_argument("--splits", default="kfold:10", help="folder of splits_{i}.csv or kfold:K")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated k-fold")
-    p.add_argument("--k", type=int, default=5, help="k of the paper protocol")
-    p.add_argument("--k-dino", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--seed", type=flags.int_at_least(0), default=0, help="seed of the generated k-fold")
+    p.add_argument("--k", type=flags.int_at_least(1), default=5, help="k of the paper protocol")
+    p.add_argument("--k-dino", type=flags.int_at_least(1), default=None,
+                   help="k of DINO's protocol (default 20, capped at the smallest training set)")
+    p.add_argument("--temperature", type=flags.float_in(0.0, 100.0), default=0.07)
     p.add_argument("--fit-on", choices=["train", "train+val"], default="train")
     p.add_argument("--out", default=None, help="JSON output (default: EMBEDDINGS/knn_results.json)")
     p.add_argument("--label-column", default="label", help="CSV column holding the class (e.g. oncotree_code)")
@@ -83,6 +84,7 @@ def _run(args) -> int:
     from hipt_jax.evaluation import knn_eval
     from hipt_jax.evaluation.knn_eval import format_table, run
 
+    flags.check_output_file(args.out or os.path.join(args.embeddings, "knn_results.json"))
     results = {name: run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
                          k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on,
                          label_column=args.label_column, classes=args.classes, label_frac=args.label_frac,

@@ -23,10 +23,12 @@ from hipt_jax.cli import flags
 
 RUNNERS = ("pool", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner",
            "PortableRunner", "PrismRunner")
+JPEG_QUALITY = flags.int_at_least(1, 100)
+SATURATION = flags.int_at_least(0, 255)  # HSV saturation, 8 bit
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+    p.add_argument("--workers", type=flags.int_at_least(1), default=max(1, (os.cpu_count() or 1)),
                    help="process-pool size (runner 'pool')")
     p.add_argument("--runner", default="pool", choices=RUNNERS,
                    help="'pool' (local processes, default) or an Apache Beam runner; unknown flags "
@@ -44,13 +46,13 @@ def _add_selection_flags(r: argparse.ArgumentParser) -> None:
     flags.add_region_flags(r, size_flag="--region", mpp_tolerance=True)
     r.add_argument("--allow-upsample", action="store_true",
                    help="accept slides coarser than --target-mpp (their regions are upsampled)")
-    r.add_argument("--min-tissue", type=float, default=0.1, help="minimum tissue fraction of a kept region")
-    r.add_argument("--mask-px", type=int, default=16, help="target px per tissue-mask px")
-    r.add_argument("--min-saturation", type=int, default=15, help="floor of the Otsu saturation threshold")
-    r.add_argument("--median-blur", type=int, default=7)
-    r.add_argument("--close-px", type=int, default=4)
-    r.add_argument("--min-tissue-area", type=int, default=256 * 256, help="target px^2")
-    r.add_argument("--min-hole-area", type=int, default=256 * 256, help="target px^2")
+    r.add_argument("--min-tissue", type=flags.float_in(0.0, 1.0, low_open=False), default=0.1, help="minimum tissue fraction of a kept region")
+    r.add_argument("--mask-px", type=flags.int_at_least(1), default=16, help="target px per tissue-mask px")
+    r.add_argument("--min-saturation", type=SATURATION, default=15, help="floor of the Otsu saturation threshold")
+    r.add_argument("--median-blur", type=flags.int_at_least(0), default=7)
+    r.add_argument("--close-px", type=flags.int_at_least(0), default=4)
+    r.add_argument("--min-tissue-area", type=flags.int_at_least(0), default=256 * 256, help="target px^2")
+    r.add_argument("--min-hole-area", type=flags.int_at_least(0), default=256 * 256, help="target px^2")
     a = r.add_argument_group("annotations (QuPath GeoJSON, one <slide_id>.geojson per slide)")
     a.add_argument("--annotations", default=None, metavar="DIR",
                    help="keep only regions inside the slide's inclusion polygons, drop those mostly "
@@ -60,7 +62,7 @@ def _add_selection_flags(r: argparse.ArgumentParser) -> None:
                         "polygon not excluded)")
     a.add_argument("--exclude-classes", default="Exclude,Ignore",
                    help="comma-separated classification names of exclusion polygons")
-    a.add_argument("--annotation-overlap", type=float, default=0.5,
+    a.add_argument("--annotation-overlap", type=flags.float_in(0.0, 1.0), default=0.5,
                    help="fraction of a region that must lie inside inclusions (or, to drop it, exclusions)")
 
 
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("regions", help="slides -> tissue masks -> region shards")
     _add_selection_flags(r)
-    r.add_argument("--jpeg-quality", type=int, default=90)
+    r.add_argument("--jpeg-quality", type=JPEG_QUALITY, default=90)
     r.add_argument("--codec", default="jpeg", choices=("jpeg", "png"),
                    help="region image codec: jpeg (--jpeg-quality) or png (lossless, larger)")
     _add_run_flags(r)
@@ -84,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("patches", help="region shards -> 256 px patch shards (stage-1 pretraining)")
     p.add_argument("--regions", required=True, help="output folder of `hipt-prep regions`")
     p.add_argument("--out", required=True)
-    p.add_argument("--patch", type=int, default=256)
-    p.add_argument("--min-tissue", type=float, default=0.0,
+    p.add_argument("--patch", type=flags.int_at_least(16), default=256)
+    p.add_argument("--min-tissue", type=flags.float_in(0.0, 1.0, low_open=False), default=0.0,
                    help="drop patches whose non-background fraction is below this (0 = keep all)")
-    p.add_argument("--background-saturation", type=int, default=20,
+    p.add_argument("--background-saturation", type=SATURATION, default=20,
                    help="pixels with HSV saturation <= this count as background")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--jpeg-quality", type=JPEG_QUALITY, default=90)
     _add_run_flags(p)
 
     f = sub.add_parser("features", help="region shards -> [R*C,384] ViT-256 feature shards")
@@ -184,8 +186,11 @@ def _features(args) -> int:
         raise InputError(f"cannot load ViT-256 weights from {args.vit256}: {type(e).__name__}: {e}") from None
     extractor = Extractor(model, batch_per_device=args.batch_per_device)
     write_features = functools.partial(extractor.write_feature_shard, store_dtype=args.store_dtype)
+    from hipt_jax import provenance
+
     params = dict(regions=src, vit256=args.vit256 and os.path.abspath(args.vit256),
-                  random_init=random_init, tiny=tiny, dtype=args.store_dtype)
+                  random_init=random_init, tiny=tiny, dtype=args.store_dtype,
+                  vit256_id=provenance.model_fingerprint(args.vit256, None, args.random_init, args.seed)["vit256"])
     # JAX already spreads each batch over every core/accelerator of the host: one process.
     manifest = run_items(derive_shard, ids, ids, out, "features", params,
                          (src, out, "features", write_features), workers=1, runner="pool",
@@ -222,6 +227,9 @@ def main(argv=None) -> int:
 
 
 def _run(args, extra) -> int:
+    out = getattr(args, "out", None) or getattr(args, "data_dir", None)
+    if out:
+        flags.check_output_dir(out)
     if args.command == "regions":
         return _regions(args, extra)
     if args.command == "coords":

@@ -21,6 +21,24 @@ from hipt_jax.cli import flags
 
 PROG = "hipt-pretrain"
 
+# Every numeric field the run uses, with its valid range (checked before any work).
+_I, _F = flags.int_at_least, flags.float_in
+CONFIG_RANGES = {
+    "seed": _I(0), "global_batch": _I(1), "total_steps": _I(1), "stop_at_step": _I(-1),
+    "microbatches": _I(-1), "log_every": _I(1), "drop_path_rate": _F(0.0, 1.0, low_open=False, high_open=True),
+    "student_temp": _F(0.0, 100.0), "center_momentum": _F(0.0, 1.0, low_open=False),
+    "head.out_dim": _I(1), "head.hidden_dim": _I(1), "head.bottleneck_dim": _I(1),
+    "optim.lr": _F(0.0, 10.0), "optim.min_lr": _F(0.0, 10.0, low_open=False), "optim.warmup_steps": _I(0),
+    "optim.weight_decay": _F(0.0, 10.0, low_open=False), "optim.weight_decay_end": _F(0.0, 10.0, low_open=False),
+    "optim.clip_grad": _F(0.0, 1e9, low_open=False), "optim.freeze_last_layer_epochs": _I(0),
+    "optim.b1": _F(0.0, 1.0, low_open=False, high_open=True), "optim.b2": _F(0.0, 1.0, low_open=False, high_open=True),
+    "optim.eps": _F(0.0, 1.0), "teacher.momentum": _F(0.0, 1.0, low_open=False),
+    "teacher.temp": _F(0.0, 100.0), "teacher.warmup_temp": _F(0.0, 100.0), "teacher.warmup_temp_steps": _I(0),
+    "crops.global_size": _I(1), "crops.local_size": _I(1), "crops.n_local": _I(0),
+    "data.num_workers": _I(0), "data.read_threads": _I(1), "data.prefetch": _I(1), "data.samples_per_epoch": _I(-1),
+    "checkpoint.every_steps": _I(1), "checkpoint.keep": _I(1),
+}
+
 
 def _run() -> int:
     from absl import flags as absl_flags
@@ -29,6 +47,8 @@ def _run() -> int:
     config = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "compute_dtype"})
     if not absl_flags.FLAGS.workdir:
         raise flags.UsageError("--workdir is required")
+    flags.check_config(config, CONFIG_RANGES)
+    flags.check_output_dir(absl_flags.FLAGS.workdir)
     # Orbax logs every checkpoint step at INFO; keep the console for our progress lines.
     if logging.get_verbosity() == logging.INFO and not absl_flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -38,7 +58,8 @@ def _run() -> int:
     from hipt_jax.pretrain.trainer import train
 
     with flags.progress(flags.absl_progress()):
-        train(config, absl_flags.FLAGS.workdir)
+        train(config, absl_flags.FLAGS.workdir, overwrite=absl_flags.FLAGS.overwrite,
+              resume_anyway=absl_flags.FLAGS["resume-anyway"].value)
     return flags.EXIT_OK
 
 
@@ -50,7 +71,7 @@ def define_flags() -> None:
     if "config" not in absl_flags.FLAGS:
         config_flags.DEFINE_config_file("config", None, "pretraining config file[:arg]", lock_config=True)
         absl_flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, export)")
-    flags.define_absl_shared_flags(seed=True, compute_dtype=True)
+    flags.define_absl_shared_flags(seed=True, compute_dtype=True, reuse=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

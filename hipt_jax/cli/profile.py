@@ -18,6 +18,14 @@ from hipt_jax.cli import flags
 
 PROG = "hipt-profile"
 
+_I = flags.int_at_least
+CONFIG_RANGES = {
+    "repeats": _I(1), "seed": _I(0), "matmul.n": _I(1), "matmul.repeats": _I(1), "vit256.batch": _I(1),
+    "hipt4k.region_px": _I(256), "hipt4k.batch": _I(1), "hipt4k.patch_batch": _I(1),
+    "pretrain_vit256.global_batch": _I(1), "pretrain_vit4k.global_batch": _I(1),
+    "loader.num_records": _I(1), "loader.batches": _I(1), "loader.num_workers": _I(0),
+}
+
 
 def _run() -> int:
     import jax
@@ -26,6 +34,10 @@ def _run() -> int:
     from hipt_jax.profiler import format_table, run_profile
 
     cfg = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "dtype"})
+    flags.check_config(cfg, CONFIG_RANGES)
+    for path in (cfg.json and os.path.dirname(os.path.abspath(cfg.json)), cfg.trace_dir):
+        if path:
+            flags.check_output_dir(path)
     distributed.initialize()
     report = run_profile(cfg)
     if jax.process_index() == 0:

@@ -12,6 +12,8 @@ accuracy; then mean +/- std over folds as a table and a JSON file.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from data_prep.bags import BagError, read_slide_embeddings
@@ -22,12 +24,15 @@ PROTOCOLS = ("paper", "dino")
 
 
 def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, folds: list[dict],
-                   *, k_paper: int = 5, k_dino: int = 20, temperature: float = 0.07,
+                   *, k_paper: int = 5, k_dino: Optional[int] = None, temperature: float = 0.07,
                    fit_on: str = "train", label_fraction: float = 1.0, seed: int = 0) -> dict:
-    """Per-fold metrics of both protocols + mean/std summary. ``label_fraction`` < 1 fits on a
+    """Per-fold metrics of both protocols + mean/std summary. ``k_dino=None``: DINO's 20,
+    capped at the smallest training set; a k given explicitly must fit in every training set
+    (CohortError before any work otherwise), as must k_paper. ``label_fraction`` < 1 fits on a
     seeded per-class fraction of each fold's training slides (the few-label protocol)."""
     label_of = dict(zip(coh.slide_ids, coh.labels))
     n_classes = len(coh.class_names)
+    k_paper, k_dino = _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature)
     rows = {p: [] for p in PROTOCOLS}
     for i, fold in enumerate(folds):
         fit_ids = fold["train"] + (fold.get("val", []) if fit_on == "train+val" else [])
@@ -65,6 +70,23 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
     return {"folds": rows, "summary": summary, "class_names": coh.class_names,
             "params": {"k_paper": k_paper, "k_dino": k_dino, "temperature": temperature, "fit_on": fit_on,
                        "label_fraction": label_fraction}}
+
+
+def _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature) -> tuple[int, int]:
+    if not temperature > 0:
+        raise cohort_lib.CohortError(f"--temperature {temperature}: must be > 0")
+    sizes = []
+    for fold in folds:
+        fit = fold["train"] + (fold.get("val", []) if fit_on == "train+val" else [])
+        sizes.append(len([s for s in fit if s in embeddings]))
+    smallest = min(sizes) if sizes else 0
+    if smallest == 0:  # an empty training set: the fold loop names it
+        return k_paper, k_dino if k_dino is not None else 20
+    for flag, k in (("--k", k_paper), ("--k-dino", k_dino)):
+        if k is not None and not 1 <= k <= smallest:
+            raise cohort_lib.CohortError(f"{flag} {k}: must be between 1 and the smallest training "
+                                         f"set ({smallest} slides, fold {sizes.index(smallest)})")
+    return k_paper, k_dino if k_dino is not None else max(1, min(20, smallest))
 
 
 def format_table(result: dict) -> str:

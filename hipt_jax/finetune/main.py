@@ -18,10 +18,15 @@ With a val part, the epoch with the best validation loss (or ``selection.metric`
     results.json, results.md   per-fold table with mean +/- std (results.json also names the
                                slides whose feature file could not be read: "failed_slides")
     roc.png (subtyping) or km.png (survival)
-A fold whose result.json exists is skipped, so an interrupted run resumes at the next fold.
+A fold whose result.json exists is skipped, so an interrupted run resumes at the next fold,
+but only when the workdir's provenance.json (hashes of the config, the label and split files,
+the embeddings' provenance and the pretrained ViT-4K) matches this run: finished folds are never
+reported under other labels or another config (hipt_jax.provenance; ``overwrite`` /
+``resume_anyway``).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -34,9 +39,12 @@ import numpy as np
 
 from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
+from hipt_jax import provenance, workdir_lock
 from hipt_jax.finetune import plots, reporting, survival
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, encode_local
 from hipt_jax.models import checkpoint, lgp, mil
+
+OUTPUTS = ("results.json", "results.md", "roc.png", "km.png")  # + fold_*/
 
 
 class FinetuneError(Exception):
@@ -235,12 +243,41 @@ def _summary(values: list[float]) -> dict:
             "std": float(arr.std()) if len(arr) else float("nan")}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True) -> dict:
+def fingerprint(config: ml_collections.ConfigDict) -> dict:
+    """What decides a fold's numbers: the config, the label file, the split files, the
+    embeddings (their provenance, or their slide files' names when they have none) and the
+    pretrained ViT-4K, each as a content hash."""
+    splits = config.data.splits
+    emb_fp = provenance.read(config.data.embeddings) if os.path.isdir(config.data.embeddings) else None
+    return {
+        "config": provenance.config_hash({k: v for k, v in config.to_dict().items() if k != "data"}),
+        "labels": provenance.content_hash(config.data.labels),
+        "splits": splits if str(splits).startswith("kfold:") else provenance.content_hash(splits),
+        "embeddings": provenance.config_hash(emb_fp) if emb_fp is not None else
+        provenance.config_hash(sorted(bags.list_bags(config.data.embeddings))),
+        "pretrained_vit4k": provenance.content_hash(config.model.pretrained_vit4k or None),
+    }
+
+
+def _outputs(workdir: str) -> list[str]:
+    folds = [os.path.basename(p) for p in glob.glob(os.path.join(workdir, "fold_*"))]
+    return sorted(folds) + [o for o in OUTPUTS]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True,
+        overwrite: bool = False, resume_anyway: bool = False) -> dict:
     """Run every fold; returns the results dict written to workdir/results.json."""
-    if config.task not in ("subtyping", "survival"):
-        raise FinetuneError(f"config.task={config.task!r}: expected subtyping or survival")
-    if not config.data.embeddings or not config.data.labels:
-        raise FinetuneError("set --config.data.embeddings (hipt-extract output) and --config.data.labels (CSV)")
+    _check_inputs(config)
+    coh = _read_cohort(config)  # labels and folds validated: bad input writes nothing
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock.hold(workdir):
+        provenance.check(workdir, fingerprint(config), outputs=_outputs(workdir), overwrite=overwrite,
+                         resume_anyway=resume_anyway, what="fine-tuning workdir")
+        return _run_folds(config, workdir, show_progress, coh)
+
+
+def _read_cohort(config) -> cohort_lib.Cohort:
+    """The labelled cohort, with its folds checked before any feature is read."""
     frac = float(config.data.get("label_frac", 1.0))
     if not 0.0 < frac <= 1.0:
         raise FinetuneError(f"config.data.label_frac={frac}: expected a fraction in (0, 1]")
@@ -250,7 +287,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     for cls, n in sorted(coh.dropped.items()):
         print(f"hipt-finetune: dropped {n} row(s) of class {cls!r} (not in data.classes)", file=sys.stderr)
     check_folds_before_work(config, coh)
-    os.makedirs(workdir, exist_ok=True)  # after the labels are validated: bad input writes nothing
+    return coh
+
+
+def _check_inputs(config) -> None:
+    if config.task not in ("subtyping", "survival"):
+        raise FinetuneError(f"config.task={config.task!r}: expected subtyping or survival")
+    if not config.data.embeddings or not config.data.labels:
+        raise FinetuneError("set --config.data.embeddings (hipt-extract output) and --config.data.labels (CSV)")
+    for name in ("labels", "embeddings"):
+        path = config.data[name]
+        if path and not os.path.exists(path):
+            raise FinetuneError(f"{path}: no such file or folder (config.data.{name})")
+    splits = config.data.splits
+    if splits and not str(splits).startswith("kfold:") and not os.path.isdir(splits):
+        raise FinetuneError(f"{splits}: no such folder of splits_{{i}}.csv (config.data.splits)")
+    vit4k = config.model.pretrained_vit4k
+    if vit4k and not os.path.exists(vit4k):
+        raise FinetuneError(f"{vit4k}: no such checkpoint (config.model.pretrained_vit4k)")
+
+
+def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: bool,
+               coh: cohort_lib.Cohort) -> dict:
+    frac = float(config.data.get("label_frac", 1.0))
     n_classes = config.model.n_classes
     if n_classes < 1:
         n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)

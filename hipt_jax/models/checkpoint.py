@@ -193,12 +193,39 @@ def save(path: str, params, kind: str, arch_config, meta: Optional[dict] = None,
     info = {
         "format": FORMAT, "version": VERSION, "kind": kind, "arch": KINDS[kind].arch_name(config),
         "config": config.to_dict(), "has_head": head is not None, "meta": meta or {},
+        "state_sha256": state_sha256(os.path.join(path, STATE_DIR)),
     }
     if kind == "vit":
         info["name"] = _vit_name(config)
     with open(os.path.join(path, ARCH_FILE), "w") as f:
         json.dump(info, f, indent=2, sort_keys=True)
     return path
+
+
+def state_sha256(state_dir: str) -> str:
+    """SHA-256 over the files of an Orbax state directory (relative path + bytes, sorted):
+    recorded in arch.json at save, checked at load, so damaged bytes are never loaded."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(state_dir):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, state_dir).encode() + b"\0")
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def verify_state(path: str, info: dict) -> None:
+    """CheckpointError when the state's bytes differ from the checksum in arch.json (saves
+    made before checksums existed have none and are not checked)."""
+    expected = info.get("state_sha256")
+    state = os.path.join(path, STATE_DIR)
+    if expected and os.path.isdir(state) and state_sha256(state) != expected:
+        raise CheckpointError(f"{state}: damaged checkpoint (checksum does not match {ARCH_FILE})")
 
 
 def read_arch(path: str) -> dict:
@@ -256,6 +283,7 @@ def load(path: str, kind: Optional[str] = None) -> Loaded:
     if kind is not None and found != kind:
         raise CheckpointError(f"{path}: is a {found} checkpoint, expected {kind}")
     config = _as_config(info["config"], found, path)
+    verify_state(path, info)
     tree = _restore_state(path, bool(info.get("has_head")))
     check_params(tree["params"], found, config, path)
     return Loaded(tree["params"], found, config, tree.get("head"), dict(info.get("meta") or {}))

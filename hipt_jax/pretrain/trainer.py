@@ -335,17 +335,142 @@ def _checkpoint_manager(workdir, config):
                                  options=options, item_names=("state", "data"))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Run (or resume) pretraining in ``workdir``; returns the last step's metrics.
+CHECKSUMS = "checkpoint_checksums.json"  # step -> SHA-256 of checkpoints/<step>/ (written when final)
 
-    Raises NonFiniteLossError (after closing the checkpoint manager, so the last good
-    checkpoint stays) when the loss stops being finite.
-    """
+
+def _checksums_path(workdir: str) -> str:
+    return os.path.join(workdir, CHECKSUMS)
+
+
+def _read_checksums(workdir: str) -> dict:
+    try:
+        with open(_checksums_path(workdir)) as f:
+            return {int(k): v for k, v in json.load(f).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _record_checksums(manager, workdir: str) -> None:
+    """Hash every finished checkpoint that has no checksum yet; drop those Orbax deleted."""
+    from hipt_jax import provenance
+
+    sums = _read_checksums(workdir)
+    steps = set(manager.all_steps())
+    sums = {k: v for k, v in sums.items() if k in steps}
+    for step in steps - set(sums):
+        sums[step] = provenance.content_hash(os.path.join(workdir, "checkpoints", str(step)))
+    tmp = _checksums_path(workdir) + f".tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({str(k): v for k, v in sorted(sums.items())}, f, indent=1)
+    os.replace(tmp, _checksums_path(workdir))
+
+
+def _restore_newest(manager, workdir: str, state, iterator, is_main: bool):
+    """(step, state) of the newest checkpoint that verifies and restores, or (None, state)
+    when there is none. A checkpoint whose bytes do not match its recorded checksum, or that
+    Orbax cannot restore, is skipped with a message naming it; the one used is named."""
     import grain
     import orbax.checkpoint as ocp
 
+    from hipt_jax import provenance
+
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None, state
+    sums = _read_checksums(workdir)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    skipped = []
+    for step in steps:
+        path = os.path.join(workdir, "checkpoints", str(step))
+        if step in sums and provenance.content_hash(path) != sums[step]:
+            skipped.append(f"{path} (checksum mismatch)")
+            continue
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=grain.checkpoint.CheckpointRestore(iterator)))
+        except Exception as e:  # noqa: BLE001 -- any damage: try the next older checkpoint
+            skipped.append(f"{path} ({type(e).__name__})")
+            continue
+        if is_main:
+            for bad in skipped:
+                print(f"warning: checkpoint {bad} does not restore; skipped", file=sys.stderr, flush=True)
+            print(f"resumed from {path}" + (" (newest checkpoint that restores)" if skipped else ""), flush=True)
+        return step, restored["state"]
+    raise CheckpointRestoreError(f"{workdir}/checkpoints: no checkpoint restores ({'; '.join(skipped)}); "
+                                 "use --overwrite to start over")
+
+
+class CheckpointRestoreError(ValueError):
+    """Every checkpoint of a run directory is damaged (the message names them)."""
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keep the lines of metrics.jsonl for steps < ``step`` (what the restored state has seen),
+    so a resumed run does not repeat lines; a torn last line is dropped too."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] < step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+# Config fields that do not change what is trained (how long this invocation runs, logging,
+# checkpoint cadence, loader parallelism, device layout): a resumed run may change them.
+RUN_CONTROL_FIELDS = ("stop_at_step", "log_every", "checkpoint", "export_dir", "distributed", "mesh",
+                      "microbatches", "data.num_workers", "data.read_threads", "data.prefetch")
+RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", CHECKSUMS)
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict:
+    """What a run directory's checkpoints depend on: the config without its run-control fields,
+    and the content of the warm-start checkpoint."""
+    from hipt_jax import provenance
+
+    data = config.to_dict()
+    for field in RUN_CONTROL_FIELDS:
+        node, *rest = field.split(".")
+        if rest:
+            data.get(node, {}).pop(rest[0], None)
+        else:
+            data.pop(node, None)
+    return {"config": provenance.config_hash(data), "data_path": str(config.data.path),
+            "warm_start": provenance.content_hash(config.warm_start or None)}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+          resume_anyway: bool = False) -> dict:
+    """Run (or resume) pretraining in ``workdir``; returns the last step's metrics.
+
+    The workdir is locked for the run (a second run fails at once naming the holder), and
+    resumed only when its provenance (config hash, warm start) matches (``overwrite`` /
+    ``resume_anyway``: hipt_jax.provenance). Raises NonFiniteLossError (after closing the
+    checkpoint manager, so the last good checkpoint stays) when the loss stops being finite.
+    """
+    from hipt_jax import provenance, workdir_lock
+
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
+    with workdir_lock.hold(workdir, enabled=is_main):
+        if is_main:
+            provenance.check(workdir, fingerprint(config), outputs=RUN_OUTPUTS, overwrite=overwrite,
+                             resume_anyway=resume_anyway, what="pretraining run directory")
+        return _train(config, workdir, is_main)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> dict:
+    import grain
+    import orbax.checkpoint as ocp
+
     rules = tuple(tuple(r) for r in config.sharding_rules)
     mesh = shd.make_mesh(dict(config.mesh))
     if config.global_batch % mesh.size:
@@ -362,17 +487,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     iterator = data_lib.make_iterator(config, source, process_index=jax.process_index(),
                                       process_count=jax.process_count(), num_steps=total)
     manager = _checkpoint_manager(workdir, config)
-    latest = manager.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
-        state = restored["state"]
-        if is_main:
-            print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
-    elif config.warm_start:
+    latest, state = _restore_newest(manager, workdir, state, iterator, is_main)
+    if is_main:
+        _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), latest or 0)
+    if latest is None and config.warm_start:
         state = jax.device_put(_warm_start(state, config), state_sh)
         if is_main:
             print(f"warm start from {config.warm_start}", flush=True)
@@ -409,12 +527,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if knn_monitor is not None:  # eval.knn: KNN of the current teacher every N steps
                 knn_monitor(step, stop, state, logger)
             if step % config.checkpoint.every_steps == 0 or step == stop:
+                manager.wait_until_finished()  # Orbax waits for the previous save anyway
+                if is_main:
+                    _record_checksums(manager, workdir)
                 manager.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
                     data=grain.checkpoint.CheckpointSave(iterator)))
         bar.close()
     finally:
         manager.wait_until_finished()
+        if is_main:
+            _record_checksums(manager, workdir)
         manager.close()
         logger.close()
         iterator.close()  # stops loader worker processes

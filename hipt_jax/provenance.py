@@ -1,0 +1,162 @@
+"""What produced an output folder: one fingerprint per folder, checked before it is reused.
+
+A fingerprint is a flat dict of the things that decide the numbers in a folder: content hashes
+of the model checkpoints, the architecture, resolution and preprocessing parameters, the hash of
+the label file, the hash of the config. It is stored as OUT/provenance.json when a command first
+writes into OUT. A rerun into the same folder continues only when its fingerprint equals the
+stored one; otherwise ``check`` raises ProvenanceError (exit 2) with a one-line diff of what
+changed. ``overwrite=True`` (--overwrite) deletes the folder's outputs and starts over;
+``resume_anyway=True`` (--resume-anyway) keeps them, records the new fingerprint and says so.
+
+Hashes are SHA-256 of file bytes; a directory (an Orbax checkpoint) hashes its files' relative
+paths and bytes in sorted order, so the same weights written twice give the same hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from typing import Any, Iterable, Optional
+
+FILE = "provenance.json"
+SCHEMA = "hipt.provenance.v1"
+_CHUNK = 1 << 20
+
+
+class ProvenanceError(ValueError):
+    """An output folder made by something else than this run (the message is the diff)."""
+
+
+# ------------------------------------------------------------------------------ hashes
+def _hash_file_into(h, path: str) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+
+
+def content_hash(path: Optional[str]) -> Optional[str]:
+    """SHA-256 of a file, or of a directory's files (relative path + bytes, sorted); None for
+    None. Skips our own provenance file and temporary files."""
+    if not path:
+        return None
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        _hash_file_into(h, path)
+        return h.hexdigest()
+    if not os.path.isdir(path):
+        raise ProvenanceError(f"{path}: no such file or directory")
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            if name == FILE or ".tmp" in name:
+                continue
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode() + b"\0")
+            _hash_file_into(h, full)
+    return h.hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    """SHA-256 of a config (ConfigDict or plain dict) as canonical JSON."""
+    data = config.to_dict() if hasattr(config, "to_dict") else config
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ fingerprints
+def read(out_dir: str) -> Optional[dict]:
+    path = os.path.join(out_dir, FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return dict(data["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ProvenanceError(f"{path}: unreadable provenance file ({type(e).__name__}); "
+                              "use --overwrite to start over") from None
+
+
+def write(out_dir: str, fingerprint: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"schema": SCHEMA, "fingerprint": fingerprint}, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str, sort_keys=True) if not isinstance(value, str) else value
+    return text[:12] + "..." if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text[:60]
+
+
+def diff(old: dict, new: dict) -> str:
+    """'key: old -> new; ...' for every key whose value differs ("" when equal)."""
+    keys = sorted(set(old) | set(new))
+    parts = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(parts)
+
+
+def _normalize(fingerprint: dict) -> dict:
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def check(out_dir: str, fingerprint: dict, *, outputs: Iterable[str] = (), overwrite: bool = False,
+          resume_anyway: bool = False, what: str = "output folder") -> str:
+    """Make ``out_dir`` safe to continue: returns "new", "match", "overwritten" or "resumed".
+
+    ``outputs`` are the entries (relative to ``out_dir``) this command writes; --overwrite
+    deletes them. A folder that has outputs but no provenance file (made before provenance
+    existed, or by hand) is treated as a mismatch."""
+    fingerprint = _normalize(fingerprint)
+    old = read(out_dir)
+    existing = [o for o in outputs if os.path.lexists(os.path.join(out_dir, o))]
+    if overwrite:
+        clear(out_dir, existing)
+        write(out_dir, fingerprint)
+        return "overwritten"
+    if old is None and not existing:
+        write(out_dir, fingerprint)
+        return "new"
+    if old == fingerprint:
+        return "match"
+    change = diff(old, fingerprint) if old is not None else "no provenance.json (made by an unknown run)"
+    if resume_anyway:
+        print(f"warning: {out_dir}: resuming a {what} made with other inputs ({change})", file=sys.stderr)
+        write(out_dir, fingerprint)
+        return "resumed"
+    raise ProvenanceError(f"{out_dir}: {what} was made with other inputs ({change}); "
+                          "use --overwrite to start over or --resume-anyway to keep it")
+
+
+def clear(out_dir: str, entries: Iterable[str]) -> None:
+    """Delete ``entries`` (files or folders relative to ``out_dir``) and the provenance file."""
+    for name in list(entries) + [FILE]:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def model_fingerprint(vit256: Optional[str] = None, vit4k: Optional[str] = None,
+                      random_init: str = "none", seed: int = 0) -> dict:
+    """The identity of the weights a command was asked for: content hashes of the checkpoints,
+    or "random:<tiny|full>:seed<N>" for --random-init."""
+    if random_init and random_init != "none":
+        rand = f"random:{random_init}:seed{int(seed)}"
+        return {"vit256": rand, "vit4k": rand}
+    return {"vit256": content_hash(vit256), "vit4k": content_hash(vit4k)}
+
+
+def params_hash(manifest_path: str) -> Optional[str]:
+    """Hash of the ``params`` of a run manifest (what made a shard folder), None if absent."""
+    if not os.path.isfile(manifest_path):
+        return None
+    try:
+        with open(manifest_path) as f:
+            return config_hash(json.load(f).get("params"))
+    except (OSError, ValueError, AttributeError) as e:
+        raise ProvenanceError(f"{manifest_path}: unreadable manifest ({type(e).__name__})") from None

@@ -1,0 +1,365 @@
+"""Every command on every class of bad input: exit code, one line naming the file or field, no
+traceback, and nothing left behind that a later command would accept.
+
+Classes: numeric parameters out of range (flags and config fields), unknown config fields,
+output locations that are files / not writable, outputs reused after the inputs changed
+(weights, precomputed features, labels, config), a second run in a locked workdir, damaged
+checkpoints (fallback to an older one; flipped bytes), a full disk during a run, Ctrl-C.
+argparse commands run in-process; the absl ones (pretrain, finetune) as subprocesses, because
+absl keeps its flags in one global registry. Each test names the bug planted once to see it fail.
+"""
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_prep import bags
+from hipt_jax import provenance, workdir_lock
+from tests.synthetic_cohort import make_feature_cohort, make_tissue_cohort, write_labels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+
+
+def assert_one_line(code, err, prog, *needles, exit_code=2):
+    """Exit code, exactly one line from ``prog`` (other lines: absl/XLA logging), no traceback."""
+    assert code == exit_code, err
+    assert "Traceback" not in err, err
+    ours = [line for line in err.strip().splitlines() if line.startswith(prog)]
+    assert len(ours) == 1, err
+    for needle in needles:
+        assert needle in ours[0], ours[0]
+
+
+def _in_process(main, argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _subprocess(module, *argv, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory):
+    """4 slides of one 256 px region each, in hipt-prep's layout."""
+    root = tmp_path_factory.mktemp("prep")
+    prep_dir, rows = make_tissue_cohort(str(root), n_per_class=2, regions=(1, 1), size=256, seed=0)
+    return prep_dir
+
+
+@pytest.fixture(scope="module")
+def feature_cohort(tmp_path_factory):
+    """6 extracted slides and their labels (hipt-knn / hipt-finetune input)."""
+    root = tmp_path_factory.mktemp("features")
+    emb = str(root / "emb")
+    classes = make_feature_cohort(emb, 6, grid=2, regions=(1, 2))
+    labels = write_labels(str(root / "labels.csv"),
+                          [{"slide_id": f"slide_{i:04d}", "label": f"t{c}"} for i, c in enumerate(classes)])
+    return emb, labels
+
+
+# ------------------------------------------------------------------------------ parameters
+@pytest.mark.parametrize("command, argv, needle", [
+    ("prep", ["regions", "--slides", "S", "--out", "{out}", "--target-mpp", "0"], "--target-mpp"),
+    ("prep", ["regions", "--slides", "S", "--out", "{out}", "--target-mpp", "nan"], "--target-mpp"),
+    ("prep", ["regions", "--slides", "S", "--out", "{out}", "--assume-mpp", "-0.25"], "--assume-mpp"),
+    ("prep", ["regions", "--slides", "S", "--out", "{out}", "--min-tissue", "1.5"], "--min-tissue"),
+    ("prep", ["regions", "--slides", "S", "--out", "{out}", "--workers", "0"], "--workers"),
+    ("prep", ["patches", "--regions", "R", "--out", "{out}", "--jpeg-quality", "0"], "--jpeg-quality"),
+    ("embed", ["--random-init", "tiny", "--image", "x.png", "--out", "{out}/o.npz", "--patch-batch", "0"], "--patch-batch"),
+    ("extract", ["--random-init", "tiny", "--shards", "S", "--out", "{out}", "--batch-per-device", "0"], "--batch-per-device"),
+    ("extract", ["--random-init", "tiny", "--shards", "S", "--out", "{out}", "--seed", "-1"], "--seed"),
+    ("knn", ["--embeddings", "E", "--labels", "L", "--k", "0", "--out", "{out}/r.json"], "--k"),
+    ("knn", ["--embeddings", "E", "--labels", "L", "--temperature", "0", "--out", "{out}/r.json"], "--temperature"),
+    ("knn", ["--embeddings", "E", "--labels", "L", "--k-dino", "-3", "--out", "{out}/r.json"], "--k-dino"),
+    ("heatmap", ["--random-init", "tiny", "--image", "x.png", "--out", "{out}", "--scale", "0"], "--scale"),
+    ("heatmap", ["--random-init", "tiny", "--image", "x.png", "--out", "{out}", "--size", "10"], "--size"),
+])
+def test_numeric_flags_out_of_range_exit_2_before_any_work(command, argv, needle, tmp_path, capsys):
+    """Plant: --target-mpp parsed with type=float (0 reached the reader: ZeroDivisionError per
+    slide); --k with type=int (k=0 gave NaN metrics)."""
+    import importlib
+
+    out = tmp_path / "out"
+    main = importlib.import_module(f"hipt_jax.cli.{command}").main
+    code, _, err = _in_process(main, [a.format(out=out) for a in argv], capsys)
+    assert_one_line(code, err, "hipt-", needle)
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("module, argv, needles", [
+    ("hipt_jax.cli.finetune", ["--config", "configs/lgp_subtyping.py:runlocal", "--config.optim.lrr=1"],
+     ("unknown config field config.optim.lrr", "config.optim.lr?")),
+    ("hipt_jax.cli.finetune", ["--config", "configs/lgp_subtyping.py:runlocal", "--config.optim.epochs=-1"],
+     ("config.optim.epochs",)),
+    ("hipt_jax.cli.pretrain", ["--config", "configs/pretrain_vit256.py:runlocal", "--config.checkpoint.every_steps=0"],
+     ("config.checkpoint.every_steps",)),
+])
+def test_config_fields_range_checked_and_unknown_ones_name_the_closest(module, argv, needles, tmp_path):
+    """Plant: no check_config call (epochs=-1 trained nothing and reported exit 0); the raw
+    ml_collections KeyError (a traceback) instead of config_override_error."""
+    workdir = tmp_path / "run"
+    code, _, err = _subprocess(module, *argv, f"--workdir={workdir}")
+    assert_one_line(code, err, module.replace("hipt_jax.cli.", "hipt-"), *needles)
+    assert not workdir.exists()
+
+
+def test_closest_config_field_is_named_even_when_far_off():
+    """Plant: difflib cutoff left at its default 0.6 (no suggestion for a far-off name)."""
+    from configs.lgp_subtyping import get_config
+    from hipt_jax.cli.flags import UsageError, _closest_field, check_config, int_at_least
+
+    config = get_config("runlocal")
+    assert "did you mean config.optim." in _closest_field(config, "optim.zzzz")
+    assert _closest_field(config, "optim.lr") == ""
+    config.optim.epochs = 0
+    with pytest.raises(UsageError, match="config.optim.epochs"):
+        check_config(config, {"optim.epochs": int_at_least(1)})
+
+
+def test_knn_k_larger_than_a_training_set_is_refused(feature_cohort, tmp_path, capsys):
+    """Plant: no _check_k (k=5 on 4 training slides was accepted and gave a meaningless AUC)."""
+    from hipt_jax.cli.knn import main
+
+    emb, labels = feature_cohort
+    out = tmp_path / "r.json"
+    code, _, err = _in_process(main, ["--embeddings", emb, "--labels", labels, "--splits", "kfold:3",
+                                      "--k", "5", "--out", out], capsys)
+    assert_one_line(code, err, "hipt-knn", "--k 5", "smallest training set")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ output locations
+def test_output_locations_checked_before_work(prep, feature_cohort, tmp_path, capsys):
+    """Plant: no flags.check_output_dir / check_output_file at the start of hipt-extract and
+    hipt-knn (an --out that is a file gave a traceback after the computing was done)."""
+    from hipt_jax.cli import extract, knn
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code, _, err = _in_process(extract.main, ["--random-init", "tiny", "--shards", prep, "--out", a_file], capsys)
+    assert_one_line(code, err, "hipt-extract", str(a_file), "not a folder")
+    emb, labels = feature_cohort
+    code, _, err = _in_process(knn.main, ["--embeddings", emb, "--labels", labels, "--out", tmp_path], capsys)
+    assert_one_line(code, err, "hipt-knn", str(tmp_path), "is a folder")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            code, _, err = _in_process(knn.main, ["--embeddings", emb, "--labels", labels,
+                                                  "--out", ro / "r.json"], capsys)
+            assert_one_line(code, err, "hipt-knn", str(ro), "not writable")
+        finally:
+            ro.chmod(0o755)
+
+
+# ------------------------------------------------------------------------------ provenance
+def test_extract_rerun_with_other_weights_stops_with_a_diff(prep, tmp_path, capsys):
+    """Plant: extract_cohort without provenance.check (a rerun with other weights kept the old
+    bags, added new ones, and exited 0)."""
+    from hipt_jax.cli.extract import main
+
+    out = tmp_path / "emb"
+    base = ["--random-init", "tiny", "--shards", prep, "--out", out, "--no-progress"]
+    code, _, err = _in_process(main, base + ["--seed", "0"], capsys)
+    assert code == 0, err
+    first = bags.read_bag(str(out), "c0_s000")["slide_embedding"]
+    mtimes = {p: os.path.getmtime(p) for p in bags.list_bags(str(out)).values()}
+    code, _, err = _in_process(main, base + ["--seed", "1"], capsys)
+    assert_one_line(code, err, "hipt-extract", str(out), "vit256: random:tiny:seed0 -> random:tiny:seed1",
+                    "--overwrite")
+    assert {p: os.path.getmtime(p) for p in bags.list_bags(str(out)).values()} == mtimes
+    assert bags.read_bag(str(out), "c0_s000")["slide_embedding"].shape == first.shape
+    # --overwrite: the old bags and manifest go, the new fingerprint is recorded (the run
+    # itself is the one above; here only what --overwrite does to the folder).
+    fp = dict(provenance.read(str(out)), vit256="random:tiny:seed1")
+    assert provenance.check(str(out), fp, outputs=("slides", "manifest.json"), overwrite=True) == "overwritten"
+    assert not bags.list_bags(str(out)) and provenance.read(str(out))["vit256"] == "random:tiny:seed1"
+
+
+def test_precomputed_features_must_come_from_the_requested_vit256(prep, tmp_path, capsys):
+    """Plant: no check_feature_model (features of another ViT-256 silently overrode --vit256)."""
+    from hipt_jax.cli.extract import main
+
+    feats = tmp_path / "feats"
+    (feats / "features").mkdir(parents=True)
+    (feats / "features" / "c0_s000.array_record").write_bytes(b"")
+    argv = ["--random-init", "tiny", "--shards", prep, "--features", feats, "--out", tmp_path / "emb"]
+    code, _, err = _in_process(main, argv, capsys)
+    assert_one_line(code, err, "hipt-extract", str(feats), "do not record which ViT-256")
+    (feats / "manifest.json").write_text(json.dumps({"params": {"vit256_id": "0123abcd" * 8}}))
+    code, _, err = _in_process(main, argv, capsys)
+    assert_one_line(code, err, "hipt-extract", str(feats), "another ViT-256")
+    assert not bags.list_bags(str(tmp_path / "emb"))
+
+
+def test_finetune_reuses_no_fold_after_labels_or_config_changed(feature_cohort, tmp_path):
+    """Plant: run() without provenance.check (fold_0/result.json of the old labels was reported
+    under the new ones)."""
+    from configs.lgp_subtyping import get_config
+    from hipt_jax.finetune.main import fingerprint, run
+
+    emb, labels = feature_cohort
+    my_labels = tmp_path / "labels.csv"
+    my_labels.write_text(open(labels).read())
+    config = get_config("runlocal")
+    config.data.embeddings, config.data.labels = emb, str(my_labels)
+    workdir = tmp_path / "run"
+    provenance.check(str(workdir), fingerprint(config))
+    (workdir / "fold_0").mkdir()
+    (workdir / "fold_0" / "result.json").write_text("{}")
+    my_labels.write_text(my_labels.read_text().replace("t0", "tX", 1))  # one label changed
+    with pytest.raises(provenance.ProvenanceError, match="labels: "):
+        run(config, str(workdir), show_progress=False)
+    my_labels.write_text(open(labels).read())
+    config.optim.lr = 1e-3
+    with pytest.raises(provenance.ProvenanceError, match="config: "):
+        run(config, str(workdir), show_progress=False)
+    assert (workdir / "fold_0" / "result.json").exists()  # kept for the user to decide
+    assert provenance.check(str(workdir), fingerprint(config), outputs=["fold_0"], overwrite=True) == "overwritten"
+    assert not (workdir / "fold_0").exists()
+
+
+# ------------------------------------------------------------------------------ locks
+def test_workdir_lock_names_the_holder_and_takes_over_dead_ones(tmp_path):
+    """Plant: acquire() without O_EXCL (two runs shared one workdir); no liveness check (a
+    SIGKILLed run's lock blocked every later run)."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / workdir_lock.LOCK
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(workdir_lock.LockedError, match=f"pid {sleeper.pid} on host {socket.gethostname()}"):
+            workdir_lock.acquire(str(tmp_path))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    path = workdir_lock.acquire(str(tmp_path))  # the holder is dead now
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    workdir_lock.release(path)
+    assert not lock.exists()
+
+
+def test_second_pretrain_in_a_locked_workdir_fails_at_once(tmp_path):
+    """Plant: train() without workdir_lock.hold (the second run started and the two crashed
+    one another)."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = {"pid": 1, "host": socket.gethostname()}  # pid 1 is always alive
+    (workdir / workdir_lock.LOCK).write_text(json.dumps(holder))
+    t0 = time.time()
+    code, _, err = _subprocess("hipt_jax.cli.pretrain", "--config", "configs/pretrain_vit4k.py:runlocal",
+                               f"--workdir={workdir}", f"--config.data.path={tmp_path}")
+    assert_one_line(code, err, "hipt-pretrain", "pid 1 on host")
+    assert not (workdir / "checkpoints").exists()
+    assert time.time() - t0 < 120
+
+
+# ------------------------------------------------------------------------------ corruption
+def test_pretrain_falls_back_to_the_newest_checkpoint_that_restores(tmp_path, capsys):
+    """Plant: _restore_newest restoring only manager.latest_step() (a damaged last checkpoint
+    stopped the run); _truncate_metrics not called (metrics.jsonl repeated steps 3-5)."""
+    from configs.pretrain_vit4k import get_config
+    from hipt_jax.pretrain import trainer
+
+    data = tmp_path / "feats"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        np.save(data / f"r{i}.npy", rng.normal(size=(256, 384)).astype(np.float32))
+    config = get_config("runlocal")
+    config.data.path = str(data)
+    config.checkpoint.use_async = False
+    workdir = str(tmp_path / "run")
+    trainer.train(config, workdir)
+    ckpt = os.path.join(workdir, "checkpoints", "6")
+    damaged = max((os.path.join(r, f) for r, _, fs in os.walk(ckpt) for f in fs), key=os.path.getsize)
+    with open(damaged, "r+b") as f:
+        f.seek(os.path.getsize(damaged) // 2)
+        f.write(bytes(100))
+    capsys.readouterr()
+    trainer.train(config, workdir)
+    out = capsys.readouterr()
+    assert f"{ckpt} (checksum mismatch)" in out.err
+    assert "resumed from" in out.out and "checkpoints/3 (newest checkpoint that restores)" in out.out
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == list(range(6))
+
+
+def test_flipped_bytes_in_a_saved_model_are_detected(tmp_path):
+    """Plant: load() without verify_state (100 zeroed bytes loaded as weights)."""
+    import jax
+
+    from hipt_jax.models import checkpoint
+    from hipt_jax.models.archs import build_vit, get_arch
+
+    arch = get_arch("vit4k_tiny")
+    params = build_vit(arch).init(jax.random.PRNGKey(0), np.zeros((1, 2, 2, 384), np.float32))["params"]
+    path = checkpoint.save(str(tmp_path / "m"), params, "vit", arch)
+    checkpoint.load(path)
+    state = os.path.join(path, "state")
+    biggest = max((os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs), key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        data = bytearray(f.read())
+        for i in range(100):
+            data[(i * 7919) % len(data)] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+    with pytest.raises(checkpoint.CheckpointError, match="damaged checkpoint"):
+        checkpoint.load(path)
+
+
+# ------------------------------------------------------------------------------ environment
+def test_full_disk_during_extract_is_a_clean_per_slide_failure(prep, tmp_path, monkeypatch):
+    """Plant: write_bag without the temp-file cleanup, extract_cohort without the OSError
+    branch (a traceback, *.tmp-* files left, no final manifest)."""
+    from hipt_jax import extraction
+    from hipt_jax.models.hipt4k import HIPT4K
+
+    def full_disk(path, arrays):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setitem(bags.FORMATS, "npz", bags.BagFormat(".npz", full_disk, bags.NPZ.read))
+    out = tmp_path / "emb"
+    manifest = extraction.extract_cohort(HIPT4K.random_init(seed=0, tiny=True), prep, str(out),
+                                         show_progress=False)
+    statuses = {v["status"] for v in manifest["slides"].values()}
+    assert statuses == {"failed"}
+    assert all("No space left" in v["error"] for v in manifest["slides"].values())
+    assert not [f for f in os.listdir(out / "slides") if ".tmp-" in f]
+    with open(out / "manifest.json") as f:
+        assert {v["status"] for v in json.load(f)["slides"].values()} == {"failed"}
+
+
+def test_ctrl_c_during_a_run_exits_130_with_one_line(prep, tmp_path):
+    """Plant: run_command without the KeyboardInterrupt branch (a traceback and exit 1)."""
+    out = tmp_path / "emb"
+    proc = subprocess.Popen([sys.executable, "-m", "hipt_jax.cli.extract", "--random-init", "tiny",
+                             "--shards", prep, "--out", out, "--no-progress"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / workdir_lock.LOCK).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the lock appears once the model is loaded, right before compiling
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert_one_line(proc.returncode, err, "hipt-extract", "interrupted", exit_code=130)
+    assert not [f for f in os.listdir(out / "slides") if ".tmp-" in f] if (out / "slides").exists() else True
