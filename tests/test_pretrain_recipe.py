@@ -172,11 +172,21 @@ def test_full_update_matches_torch_dino_steps():
         state, metrics = update(state, batch, jax.random.key(1))
         np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5, err_msg=f"step {it}")
     np.testing.assert_allclose(np.asarray(state["center"]), loss_fn.center.numpy(), atol=1e-5)
+    # The teacher moves by only ~(1 - m) x the student's steps (a few 1e-6 here), so compare its
+    # DISPLACEMENT from the shared start, to 3% of the largest move (float32 rounding of the
+    # EMA is ~0.5%): an absolute 1e-5 on the weights would pass with a teacher that never moved.
+    # Plant: EMA toward the student from BEFORE the update fails (checked: ~50% off).
     t_sd = {k: v.detach().numpy() for k, v in teacher.state_dict().items()}
     ours_t = jax.device_get(state["teacher"])
-    np.testing.assert_allclose(ours_t["head"]["last_layer"]["weight_v"], t_sd["head.last_layer.weight_v"].T, atol=1e-5)
-    np.testing.assert_allclose(ours_t["vit"]["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
-                               t_sd["backbone.blocks.0.attn.qkv.weight"].T, atol=1e-5)
+    for ours_w, key, start in (
+            (ours_t["head"]["last_layer"]["weight_v"], "head.last_layer.weight_v",
+             params["head"]["last_layer"]["weight_v"]),
+            (ours_t["vit"]["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"], "backbone.blocks.0.attn.qkv.weight",
+             params["vit"]["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])):
+        want = t_sd[key].T.astype(np.float64) - np.asarray(start, np.float64)
+        have = np.asarray(ours_w, np.float64) - np.asarray(start, np.float64)
+        assert np.abs(want).max() > 1e-7, key
+        np.testing.assert_allclose(have, want, atol=0.03 * np.abs(want).max(), err_msg=key)
     ours_s = jax.device_get(state["student"])
     np.testing.assert_allclose(ours_s["vit"]["pos_embed"], student.backbone.pos_embed.detach().numpy(), atol=1e-5)
 
