@@ -60,7 +60,7 @@ def test_released_layout_is_what_the_spec_describes(released):
     assert four_k["backbone.phi.0.weight"].shape == (192, 384)
     # A plain weights_only load refuses the Namespace: the reason the allow-list exists.
     # (Plant: loading with weights_only=False here, as if the allow-list were not needed,
-    # fails the raises; checked.)
+    # fails the raises. The old pytest.raises(Exception) also passed on unrelated errors.)
     with pytest.raises(pickle.UnpicklingError, match="(?i)weights.only"):
         torch.load(released["vit256"], map_location="cpu", weights_only=True)
 

@@ -37,7 +37,7 @@ def test_vit_and_dino_head_init_is_std_002_untruncated():
     """The official trunc_normal_(std=0.02) cuts at +-2 in absolute units: in effect a normal of
     std 0.02. Flax's truncated_normal(0.02) cuts at 2 sigma (std 0.0176, max |w| 0.04).
     Plant: ``nn.initializers.truncated_normal(stddev=0.02)`` back in vit.py or head.py fails
-    (std 0.0176; checked for both)."""
+    (std 0.0176; checked for vit.py)."""
     arch = get_arch("vit256_tiny")
     vit = build_vit(arch)
     params = jax.jit(vit.init)(jax.random.key(0), dummy_input(arch, batch=1, grid=2))["params"]
@@ -53,7 +53,7 @@ def test_vit_and_dino_head_init_is_std_002_untruncated():
     for k in ("mlp_0", "mlp_2", "mlp_4"):
         assert not np.any(hp[k]["bias"])
     # The weight-normalized last layer keeps torch's default Linear init, U(+-1/sqrt(64)).
-    # Plant: the trunc-normal init there fails (max 0.08 > 0.125 expected range; checked).
+    # Plant: the trunc-normal init there fails (its max is 0.04 < 0.12; not run separately).
     v = np.asarray(hp["last_layer"]["weight_v"])
     assert 0.12 < np.abs(v).max() <= 0.125 and abs(v.std() - 0.125 / np.sqrt(3)) < 0.003
 
