@@ -13,6 +13,9 @@ CLS token only); ``--microbatches`` overrides. Timed steps alternate between the
 reported. FLOPs are XLA's cost analysis of our compiled update for the whole batch: "ours"
 counts what our program executes, "reference" the same update with every token through the
 last block, which is the arithmetic of the torch step (torch's FLOP/s use that count).
+Stochastic depth: the in-tree torch reference has none, so ours runs with
+``--drop-path 0.0`` by default (the same on both sides; the recipe's 0.1 is
+``--drop-path 0.1``, printed as a one-sided setting).
 Also measured: the Grain loader's crops/s (augmentation in worker processes) against what the
 step consumes.
 """
@@ -45,8 +48,9 @@ from tests import reference_torch_dino as ref_dino  # noqa: E402
 N_LOCAL = 8
 
 
-def stage_config(stage: int, batch: int, microbatches: int = -1):
+def stage_config(stage: int, batch: int, microbatches: int = -1, drop_path: float = 0.0):
     c = (get_config_256 if stage == 1 else get_config_4k)("")
+    c.drop_path_rate = drop_path
     c.global_batch = batch
     c.microbatches = microbatches
     c.data.num_workers = 0
@@ -125,24 +129,41 @@ class TorchStep:
         return time.perf_counter() - t
 
 
-def bench_step(stage, batch, steps, skip_torch, microbatches=-1):
-    c = stage_config(stage, batch, microbatches)
+def _timed_with_threads(step, threads: int) -> float:
+    shipped = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return step()
+    finally:
+        torch.set_num_threads(shipped)
+
+
+def bench_step(stage, batch, steps, skip_torch, microbatches=-1, drop_path=0.0,
+               torch_threads=()):
+    """Median s/step of ours and of torch at each thread count in ``torch_threads`` (the first
+    is the reference as shipped: torch's default thread count)."""
+    c = stage_config(stage, batch, microbatches, drop_path)
     b = random_batch(c, np.random.default_rng(0))
     ours = OursStep(c, b)
     ours()  # first call after compile (allocations)
     theirs = None if skip_torch else TorchStep(c, b)
+    threads = list(torch_threads) or [torch.get_num_threads()]
     if theirs is not None:
         theirs()  # warm-up
-    t_ours, t_torch = [], []
+    t_ours, t_torch = [], {n: [] for n in threads}
     for _ in range(steps):
         t_ours.append(ours())
         if theirs is not None:
-            t_torch.append(theirs())
+            for n in threads:
+                t_torch[n].append(_timed_with_threads(theirs, n))
     res = {"stage": stage, "batch": batch, "flops": ours.flops, "ref_flops": ours.ref_flops,
            "microbatches": ours.microbatches, "compile_s": ours.compile_s,
            "ours_s": statistics.median(t_ours), "ours_all": t_ours}
-    if t_torch:
-        res.update(torch_s=statistics.median(t_torch), torch_all=t_torch)
+    if theirs is not None:
+        per = {n: statistics.median(t) for n, t in t_torch.items()}
+        best = min(per, key=per.get)
+        res.update(torch_s=per[threads[0]], torch_all=t_torch[threads[0]], torch_by_threads=per,
+                   torch_best_threads=best, torch_best_s=per[best])
     return res
 
 
@@ -197,6 +218,14 @@ def main():
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--loader-batches", type=int, default=4)
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--batch", type=int, default=0,
+                   help="global batch of every stage (0: 16 for stage 1, 64 for stage 2)")
+    p.add_argument("--torch-threads", default="1",
+                   help="extra torch thread counts to time besides the shipped default "
+                        "(the reference's best setting is the fastest of them)")
+    p.add_argument("--drop-path", type=float, default=0.0,
+                   help="our student's stochastic depth (the torch reference has none: 0.0 "
+                        "keeps both sides the same)")
     p.add_argument("--microbatches", default="auto,auto",
                    help="config.microbatches for stage 1,2: auto (the config default, -1) or a "
                         "count (our step only; torch runs the batch whole)")
@@ -213,9 +242,12 @@ def main():
     for stage in map(int, args.stages.split(",")):
         micro = args.microbatches.split(",")[stage - 1]
         micro = -1 if micro == "auto" else int(micro)
-        r = bench_step(stage, batches[stage], args.steps, args.skip_torch, micro)
+        r = bench_step(stage, args.batch or batches[stage], args.steps, args.skip_torch, micro, args.drop_path,
+                       [torch.get_num_threads()] + [int(n) for n in args.torch_threads.split(",") if n])
         crops = r["batch"] * (2 + N_LOCAL)
-        print(f"\nstage {stage}: batch {r['batch']} ({crops} crops, ours in {r['microbatches']} "
+        print(f"\nstage {stage}: stochastic depth ours {args.drop_path}, reference 0.0"
+              f"{'' if args.drop_path == 0 else ' (ONE-SIDED: not a like-for-like figure)'}")
+        print(f"stage {stage}: batch {r['batch']} ({crops} crops, ours in {r['microbatches']} "
               f"microbatch(es){' (auto)' if micro == -1 else ''}), GFLOP/step (XLA cost analysis): "
               f"ours {r['flops'] / 1e9:.1f}, reference {r['ref_flops'] / 1e9:.1f}; "
               f"compile {r['compile_s']:.1f} s")
@@ -227,8 +259,15 @@ def main():
             print(f"  torch: {r['torch_s']:.3f} s/step  {r['ref_flops'] / r['torch_s'] / 1e9:.1f} GFLOP/s "
               f"= {r['ref_flops'] / r['torch_s'] / peak_torch:.0%} of the torch matmul peak  "
                   f"(steps {', '.join(f'{t:.3f}' for t in r['torch_all'])})")
-            verdict = "MET" if ratio >= targets[stage] else "NOT MET"
-            print(f"  speed-up ours vs torch: {ratio:.2f}x (target >= {targets[stage]}x: {verdict})")
+            best_ratio = r["torch_best_s"] / r["ours_s"]
+            print("  torch s/step by threads: " + ", ".join(
+                f"{n}: {t:.3f}" for n, t in r["torch_by_threads"].items()))
+            print(f"  speed-up vs the reference as shipped ({torch.get_num_threads()} threads): "
+                  f"{ratio:.2f}x; vs the reference at its best thread count "
+                  f"({r['torch_best_threads']}): {best_ratio:.2f}x")
+            headline = min(ratio, best_ratio)
+            verdict = "MET" if headline >= targets[stage] else "NOT MET"
+            print(f"  headline (the lower): {headline:.2f}x (target >= {targets[stage]}x: {verdict})")
         crops_s = bench_loader(stage, r["batch"], args.loader_workers, args.loader_batches)
         need = crops / r["ours_s"]
         print(f"  loader ({args.loader_workers} workers): {crops_s:.0f} crops/s; "

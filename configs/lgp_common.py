@@ -30,7 +30,9 @@ def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
         bag_weight=0.7,           # clam_sb: bag loss weight (1 - it: instance loss)
         local_arch="vit4k",       # the ViT-4K inside the LGP
         pretrained_vit4k="",      # ViT-4K checkpoint (Orbax dir or .pth); "" = random init
-        freeze_local=True,        # the reference's freeze_4k
+        # The reference's freeze_4k, whose default (class and command line) is off: the ViT-4K
+        # is fine-tuned. Its README runs both ways; True precomputes the ViT-4K once (faster).
+        freeze_local=False,
         dropout=0.25,
         n_classes=-1,             # -1: number of classes in the labels (4 time bins for survival)
     ))
@@ -51,6 +53,7 @@ def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
     ))
     if "runlocal" in flags:       # CPU-seconds: tiny ViT-4K, few epochs, 3 folds
         c.model.local_arch = "vit4k_tiny"
+        c.model.freeze_local = True   # ViT-4K computed once per slide: CPU seconds
         c.optim.epochs = 3
         c.data.splits = "kfold:3"
         c.train.accumulate_steps = min(c.train.accumulate_steps, 4)

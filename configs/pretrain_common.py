@@ -43,7 +43,8 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
         b1=0.9, b2=0.999, eps=1e-8,
     ))
     c.teacher = ml_collections.ConfigDict(dict(
-        momentum=0.996, temp=0.04, warmup_temp=0.04, warmup_temp_steps=0))
+        # Temperature warm-up counts EPOCHS (stepped once per epoch, as DINO does).
+        momentum=0.996, temp=0.04, warmup_temp=0.04, warmup_temp_epochs=0))
     c.student_temp = 0.1
     c.center_momentum = 0.9
 
@@ -53,7 +54,9 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         kind="png_folder" if stage == 1 else "feature_folder",
         path="",
-        norm="half",              # stage 1 normalization: "half" (0.5/0.5) or "imagenet"
+        # Stage 1 normalization: "imagenet" (what the official stage-1 training used) or "half"
+        # (0.5/0.5, what the official HIPT_4K inference uses). See README "Recipe fidelity".
+        norm="imagenet",
         grid=(16, 16), in_features=384,   # stage 2 record layout
         num_workers=4, read_threads=2, prefetch=8,
         samples_per_epoch=-1,     # -1: the source's length (defines "epoch" for the freeze)

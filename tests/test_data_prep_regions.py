@@ -89,8 +89,12 @@ def test_real_slide_default_4096_region_is_padded(real_slide, tmp_path):
 def test_real_slide_1024_grid(real_slide, tmp_path):
     assert _run(["--slides", os.path.dirname(real_slide), "--out", str(tmp_path), "--region", "1024"]) == 0
     recs = _shard(str(tmp_path), "cmu_small_region")
-    # 2220 x 2967 at 0.499 um/px -> 3 x 3 grid of 1024 px regions (snapped 1:1).
-    assert 1 <= len(recs) <= 9
+    # 2220 x 2967 at 0.499 um/px -> 3 x 3 grid of 1024 px regions (snapped 1:1), of which
+    # exactly these 5 hold tissue (the x = 2048 column is a 172 px strip of glass, the top-left
+    # corner empty glass). Plant: floor(height / region) rows instead of ceil fails:
+    # (0, 2048) and (1024, 2048) disappear (checked).
+    assert sorted((r["x"], r["y"]) for r in recs) == [(0, 1024), (0, 2048), (1024, 0), (1024, 1024),
+                                                      (1024, 2048)]
     assert all(r["x"] % 1024 == 0 and r["y"] % 1024 == 0 and r["x"] < 2220 and r["y"] < 2967 for r in recs)
     assert (0, 0) not in [(r["x"], r["y"]) for r in recs]  # the top-left corner is empty glass
 

@@ -131,8 +131,22 @@ def test_region_heatmaps_match_brute_force(tiny_model, tissue):
     np.testing.assert_array_equal(maps.count256, n256)
     np.testing.assert_allclose(maps.scores4k, ref4k, atol=1e-6)
     np.testing.assert_allclose(maps.scores256, ref256, atol=1e-6)
-    # Blends: equal = plain mean; coverage = mean over all 4 + 2 underlying maps in the interior.
-    np.testing.assert_allclose(maps.blend(1, 2), 0.5 * (ref4k[1] + ref256[2]), atol=1e-6)
+    # Blends: official = the reference's module functions, written as they compute it: each
+    # level's sum of shifted rank maps (0..100) over an "overlay" of 100 per 4K evaluation and
+    # 200 per 256 evaluation, then (score4k*overlay4k + score256*overlay256) / (overlay4k +
+    # overlay256) = (n4k*s4k + 2*n256*s256) / (n4k + 2*n256).
+    # Plants: weighting the 256 level once (coverage) or the plain mean (equal) as "official":
+    # both fail at the top/left edge pixels (checked).
+    overlay4k, overlay256 = 100.0 * n4k, 200.0 * n256
+    official = (ref4k[1] * overlay4k + ref256[2] * overlay256) / (overlay4k + overlay256)
+    np.testing.assert_allclose(maps.blend(1, 2), official, atol=1e-6)
+    np.testing.assert_allclose(maps.blend(1, 2, "official"), official, atol=1e-6)
+    edge = n4k < 4
+    assert edge.any() and (~edge).any()
+    assert np.abs(maps.blend(1, 2, "equal") - official)[edge].max() > 1e-3
+    assert np.abs(maps.blend(1, 2, "coverage") - official).max() > 1e-3
+    # equal = plain mean; coverage = mean over all 4 + 2 underlying maps in the interior.
+    np.testing.assert_allclose(maps.blend(1, 2, "equal"), 0.5 * (ref4k[1] + ref256[2]), atol=1e-6)
     interior = maps.blend(1, 2, "coverage")[30, 40]
     assert interior == pytest.approx((4 * ref4k[1, 30, 40] + 2 * ref256[2, 30, 40]) / 6, abs=1e-6)
 
@@ -149,7 +163,7 @@ def test_crop_and_no_vit4k(tissue):
 def _golden_strip(maps):
     """[4K head 0 | 256 head 0 | blend 0x0] overlays side by side, uint8."""
     return np.concatenate([overlay(maps.region, maps.scores4k[0]), overlay(maps.region, maps.scores256[0]),
-                           overlay(maps.region, maps.blend(0, 0))], axis=1)
+                           overlay(maps.region, maps.blend(0, 0, "equal"))], axis=1)
 
 
 def test_golden_image(tiny_model, tissue):

@@ -70,10 +70,16 @@ def test_non_square_cropped_region_parity(models):
 
 @pytest.mark.parametrize("diff,offset", [(0, 0), (1, 0), (3, 2), (5, 2), (7, 4), (255, 128), (253, 126)])
 def test_center_crop_uses_bankers_rounding(diff, offset):
+    """Odd differences hit round-half-to-even (1.5 -> 2, 2.5 -> 2, 126.5 -> 126). The offsets
+    are checked against the reference's crop of an index image, with different odd differences
+    on the two sides. Plant: ``(height - crop_h) // 2`` (floor) fails 6 of the 7 cases (checked)."""
     top, left, h, w = center_crop_box(512 + diff, 256 + diff)
     assert (top, left, h, w) == (offset, offset, 512, 256)
-    ref_crop = ref.center_crop(torch.zeros(1, 3, 512 + diff, 256 + diff), (512, 256))
-    assert ref_crop.shape[-2:] == (512, 256)
+    for height, width in ((512 + diff, 256 + diff), (512 + diff, 256 + (diff + 2) % 256)):
+        index = torch.arange(height * width, dtype=torch.float64).reshape(1, 1, height, width)
+        ref_crop = ref.center_crop(index, (512, 256))
+        ref_top, ref_left = divmod(int(ref_crop[0, 0, 0, 0]), width)
+        assert center_crop_box(height, width) == (ref_top, ref_left, 512, 256)
 
 
 def test_too_small_region_is_rejected():

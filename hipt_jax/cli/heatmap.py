@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--shifts256", type=_parse_shifts, default=(128,),
                      help="256-level smoothing shifts in px, or 'none'")
     out.add_argument("--blends", choices=("all", "diagonal", "none"), default="all")
-    out.add_argument("--blend-weighting", choices=("equal", "coverage"), default="equal",
-                     help="equal: mean of the two maps (the paper's blend); coverage: reference's count-weighted mean")
+    out.add_argument("--blend-weighting", choices=("official", "equal", "coverage"), default="official",
+                     help="official: the reference's module functions, (n4k*s4k + 2*n256*s256)/(n4k + 2*n256) "
+                          "with n the evaluations per pixel; equal: plain mean of the two maps; "
+                          "coverage: (n4k*s4k + n256*s256)/(n4k + n256)")
     out.add_argument("--region-scores", help="slide mode: npz with coords, scores, region_px")
     out.add_argument("--lgp", help="slide mode: trained HIPT-LGP checkpoint (hipt-finetune fold_k/checkpoint)")
     out.add_argument("--embeddings", help="slide mode with --lgp: hipt-extract output (slides/<id>.npz)")

@@ -38,13 +38,20 @@ class RegionHeatmaps:
     scale: int
     crop_box: tuple[int, int, int, int]  # (top, left, height, width) of the crop in the input
 
-    def blend(self, head4k: int, head256: int, weighting: str = "equal") -> np.ndarray:
-        """Blend of 4K head ``head4k`` and 256 head ``head256`` ("equal" or "coverage", see
-        ``scores.blend``)."""
+    def blend(self, head4k: int, head256: int, weighting: str = "official") -> np.ndarray:
+        """Blend of 4K head ``head4k`` and 256 head ``head256``.
+
+        official: the reference's module functions, (n4k*s4k + 2*n256*s256) / (n4k + 2*n256);
+        equal: the plain mean of the two maps; coverage: (n4k*s4k + n256*s256) / (n4k + n256)
+        (the mean over all underlying shifted maps).
+        """
         if self.scores4k is None:
             raise ValueError("no 4K-level maps: the model has no ViT-4K")
-        if weighting not in ("equal", "coverage"):
-            raise ValueError(f"blend weighting must be 'equal' or 'coverage', got {weighting!r}")
+        if weighting not in scores.BLEND_WEIGHTINGS:
+            raise ValueError(f"blend weighting must be one of {scores.BLEND_WEIGHTINGS}, got {weighting!r}")
+        if weighting == "official":
+            return scores.blend_official(self.scores4k[head4k], self.scores256[head256],
+                                         self.count4k, self.count256)
         if weighting == "equal":
             return scores.blend(self.scores4k[head4k], self.scores256[head256])
         return scores.blend(self.scores4k[head4k], self.scores256[head256], self.count4k, self.count256)

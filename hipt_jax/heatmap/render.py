@@ -35,7 +35,7 @@ def save_png(path: str, image: np.ndarray) -> str:
 
 def write_region_heatmaps(heatmaps, out_dir: str, name: str = "region", *, alpha: float = 0.5,
                           cmap: str = DEFAULT_CMAP, blends: str = "all",
-                          blend_weighting: str = "equal") -> dict[str, list[str]]:
+                          blend_weighting: str = "official") -> dict[str, list[str]]:
     """Write every map of a ``RegionHeatmaps`` as overlay PNGs plus a contact sheet.
 
     Files (in ``out_dir``): ``{name}.png`` (the region), ``{name}_256_head{j}.png``,

@@ -5,7 +5,12 @@ forward lives in ``hipt_jax.heatmap.region``. Conventions:
 
 - A score map is float32 [H_s, W_s] at the output resolution (region pixels / ``scale``).
 - Percentile ranks are ``rankdata(v) / len(v)`` in (0, 1] (ties get their average rank), the
-  reference's ``rankdata(v) * 100 / len(v)`` divided by 100.
+  reference's ``rankdata(v) * 100 / len(v)`` divided by 100. We rank the n TOKENS; the
+  reference ranks the upsampled PIXEL map (each token repeated B times). That is an exact
+  constant offset: reference = ours - (B - 1) / (2 n B), i.e. 0.195 percentile points for the
+  4K level (n = 256 patches, B = 64 x 64 at scale 4) and 0.18 points for the 256 level (B = 4 x 4).
+  We keep token ranks on purpose: the offset is under half a colormap level everywhere and
+  ranks stay independent of the output scale.
 - A shifted evaluation at offset ``o`` looks at ``region[o:, o:]`` padded with white at the
   bottom/right, so its pixel ``p`` is the original pixel ``p + o``.
 """
@@ -113,14 +118,29 @@ def unshift_and_average(maps: Sequence[np.ndarray], offsets: Sequence[int]) -> t
     return (total / count).astype(np.float32), count
 
 
+BLEND_WEIGHTINGS = ("official", "equal", "coverage")
+
+
 def blend(score_a: np.ndarray, score_b: np.ndarray, count_a: np.ndarray | None = None,
           count_b: np.ndarray | None = None) -> np.ndarray:
-    """4K x 256 blend: the mean of two smoothed maps.
+    """4K x 256 blend of two smoothed maps: ``(n_a*s_a + n_b*s_b) / (n_a + n_b)``.
 
-    With coverage counts, each map is weighted by how many evaluations it averages, i.e. the mean
-    over all underlying shifted maps: the reference's ``(s4k*n4k + s256*n256) / (n4k + n256)``.
-    Without, the plain average of the two maps (the blend the paper describes).
+    Without counts, the plain average of the two maps (the blend the paper describes). With
+    counts, each map is weighted by the given count (see ``blend_official`` for the weights
+    the reference's module functions use).
     """
     if count_a is None or count_b is None:
         return 0.5 * (score_a + score_b)
     return ((score_a * count_a + score_b * count_b) / (count_a + count_b)).astype(np.float32)
+
+
+def blend_official(score4k: np.ndarray, score256: np.ndarray, count4k: np.ndarray,
+                   count256: np.ndarray) -> np.ndarray:
+    """The reference's module-level hierarchical heatmap blend:
+    ``(n4k*s4k + 2*n256*s256) / (n4k + 2*n256)`` with n the evaluations averaged at each pixel.
+
+    The reference accumulates the 256 level with a per-evaluation weight of 200 against 100 for
+    the 4K level, so the 256 level counts twice. Interior pixels (n4k = 4, n256 = 2) get equal
+    weights; near the top/left edge (n4k = 1, n256 = 1) the 256 level gets 2/3.
+    """
+    return blend(score4k, score256, count4k, 2 * np.asarray(count256))

@@ -48,14 +48,15 @@ class HIPTLGP(nn.Module):
     Attributes:
       n_classes: classifier outputs (4 time bins for survival).
       local_arch: architecture name of the local ViT-4K ("vit4k", or "vit4k_tiny" in tests).
-      freeze_local: stop gradients at the ViT-4K output (the reference's freeze_4k).
+      freeze_local: stop gradients at the ViT-4K output (the reference's freeze_4k; off by
+        default there and here, so the ViT-4K is fine-tuned).
       dropout_rate: dropout of phi, the encoder layers, the gated attention and rho (0.25).
       global_heads, global_depth: the global TransformerEncoder (3 heads, 2 layers).
     """
 
     n_classes: int = 2
     local_arch: str = "vit4k"
-    freeze_local: bool = True
+    freeze_local: bool = False
     dropout_rate: float = 0.25
     global_heads: int = 3
     global_depth: int = 2

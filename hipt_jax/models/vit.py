@@ -20,8 +20,21 @@ from hipt_jax.models.pos_embed import interpolate_pos_embed
 
 Dtype = Any
 
-# Reference init: truncated normal std 0.02 for kernels, zero biases.
-_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def reference_trunc_normal(stddev: float = 0.02, bound: float = 2.0):
+    """The reference's ``trunc_normal_(std=0.02)``: a normal of std ``stddev`` truncated at
+    +-``bound`` in ABSOLUTE units (torch's a=-2, b=2), i.e. at 100 sigma for std 0.02: in
+    effect an untruncated normal (measured std 0.0200). Flax's ``truncated_normal(0.02)`` cuts
+    at +-2 sigma instead and gives std 0.0176."""
+    def init(key, shape, dtype=jnp.float32):
+        x = stddev * jax.random.normal(key, shape, jnp.float32)
+        return jnp.clip(x, -bound, bound).astype(dtype)
+    return init
+
+
+# Reference init: trunc_normal_(std=0.02) for kernels, pos-embed and CLS; zero biases.
+_kernel_init = reference_trunc_normal(0.02)
 
 
 def gelu_exact(x: jnp.ndarray) -> jnp.ndarray:

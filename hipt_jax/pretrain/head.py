@@ -21,11 +21,14 @@ import ml_collections
 import numpy as np
 
 from hipt_jax.models.archs import build_vit
-from hipt_jax.models.vit import gelu_exact
+from hipt_jax.models.vit import gelu_exact, reference_trunc_normal
 
 Dtype = Any
 
-_trunc02 = nn.initializers.truncated_normal(stddev=0.02)
+_trunc02 = reference_trunc_normal(0.02)  # as the reference's trunc_normal_(std=0.02)
+# The reference creates the last layer after its trunc-normal init pass, so it keeps torch's
+# default Linear init: kaiming_uniform(a=sqrt 5) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_torch_linear_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 # Name of the head's last layer in the param tree; the optimizer freezes it for the first epoch.
 LAST_LAYER = "last_layer"
@@ -61,7 +64,7 @@ class WeightNormLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        v = self.param("weight_v", _trunc02, (x.shape[-1], self.features))
+        v = self.param("weight_v", _torch_linear_default, (x.shape[-1], self.features))
         # x @ (v_j / ||v_j||) == (x @ v_j) / ||v_j||: scale the logits instead of the weights.
         # Both ways are the same math, but XLA:CPU fuses a normalized weight into the big
         # matmul's operand and, for small batches (the teacher's 2 x B rows), recomputes it per

@@ -1,5 +1,7 @@
-"""Per-iteration schedules of the DINO recipe, as pure jnp functions of the step.
+"""Schedules of the DINO recipe, as pure jnp functions of the step.
 
+lr, weight decay and teacher momentum are per-iteration; the teacher temperature is a
+per-EPOCH array in DINO (stepped once per epoch, indexed by ``step // steps_per_epoch``).
 They reproduce DINO's ``utils.cosine_scheduler`` arrays (linear warm-up from
 ``warmup_start`` over ``warmup_steps``, then a cosine from ``base`` to ``final`` over the
 remaining steps) without materializing them, so they can be evaluated inside the jitted update.
@@ -38,10 +40,19 @@ def linear_then_constant(step, *, start: float, end: float, warmup_steps: int):
     return start + (end - start) * frac
 
 
-def all_schedules(step, config: ml_collections.ConfigDict) -> dict:
+def teacher_temperature(step, teacher: ml_collections.ConfigDict, steps_per_epoch: int = 1):
+    """DINO's per-epoch teacher temperature: linspace(warmup_temp, temp, warmup_temp_epochs)
+    indexed by the epoch ``step // steps_per_epoch``, then ``temp``. Constant within an epoch."""
+    epoch = jnp.floor_divide(jnp.asarray(step, jnp.int32), max(int(steps_per_epoch), 1))
+    return linear_then_constant(epoch, start=teacher.warmup_temp, end=teacher.temp,
+                                warmup_steps=teacher.warmup_temp_epochs)
+
+
+def all_schedules(step, config: ml_collections.ConfigDict, steps_per_epoch: int = 1) -> dict:
     """lr, weight decay, teacher momentum and teacher temperature at ``step``.
 
     The peak lr scales with the global batch: lr_base * global_batch / 256 (DINO's rule).
+    ``steps_per_epoch`` only affects the teacher temperature (stepped once per epoch).
     """
     total = config.total_steps
     optim = config.optim
@@ -53,7 +64,5 @@ def all_schedules(step, config: ml_collections.ConfigDict) -> dict:
                               total_steps=total),
         "momentum": cosine_schedule(step, base=config.teacher.momentum, final=1.0,
                                     total_steps=total),
-        "teacher_temp": linear_then_constant(step, start=config.teacher.warmup_temp,
-                                             end=config.teacher.temp,
-                                             warmup_steps=config.teacher.warmup_temp_steps),
+        "teacher_temp": teacher_temperature(step, config.teacher, steps_per_epoch),
     }

@@ -109,7 +109,7 @@ def resolve_microbatches(config: ml_collections.ConfigDict, mesh) -> int:
 
 
 def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
-                microbatches: int = 1):
+                microbatches: int = 1, steps_per_epoch: int = 1):
     """The pure DINO update (to be jitted by the caller with shardings and donation).
 
     ``microbatches = n > 1`` (see ``resolve_microbatches``) runs teacher and student over the
@@ -159,7 +159,7 @@ def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
 
     def update(state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
         step = state["step"]
-        sched = all_schedules(step, config)
+        sched = all_schedules(step, config, steps_per_epoch)
         views = _prepare_views(batch, config)
         step_rng = jax.random.fold_in(rng, step)
         if n_micro > 1:
@@ -184,13 +184,15 @@ def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
     return update
 
 
-def jit_update(config, mesh, state_shardings, freeze_last_layer_steps: int):
+def jit_update(config, mesh, state_shardings, freeze_last_layer_steps: int,
+               steps_per_epoch: int = 1):
     """jax.jit of the update: explicit in/out shardings, the state donated."""
     rules = tuple(tuple(r) for r in config.sharding_rules)
     batch_sh = shd.batch_sharding(mesh, rules)
     rep = shd.replicated(mesh)
     batch_shardings = {k: batch_sh for k in ("index", "global", "local")}
-    update = make_update(config, freeze_last_layer_steps, resolve_microbatches(config, mesh))
+    update = make_update(config, freeze_last_layer_steps, resolve_microbatches(config, mesh),
+                         steps_per_epoch)
     return jax.jit(update,
                    in_shardings=(state_shardings, batch_shardings, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
@@ -477,7 +479,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
         raise ValueError(f"global_batch {config.global_batch} is not divisible by the "
                          f"{mesh.size} devices")
     source = data_lib.make_source(config.data)
-    freeze_steps = config.optim.freeze_last_layer_epochs * _steps_per_epoch(config, source)
+    steps_per_epoch = _steps_per_epoch(config, source)
+    freeze_steps = config.optim.freeze_last_layer_epochs * steps_per_epoch
     total = config.total_steps
     stop = total if config.stop_at_step < 0 else min(config.stop_at_step, total)
 
@@ -495,7 +498,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
         if is_main:
             print(f"warm start from {config.warm_start}", flush=True)
 
-    update = jit_update(config, mesh, state_sh, freeze_steps)
+    update = jit_update(config, mesh, state_sh, freeze_steps, steps_per_epoch)
     if is_main:
         n_micro = resolve_microbatches(config, mesh)
         print(f"update: global batch {config.global_batch} on {mesh.size} device(s) "
