@@ -33,7 +33,7 @@ CONFIG_RANGES = {
     "optim.clip_grad": _F(0.0, 1e9, low_open=False), "optim.freeze_last_layer_epochs": _I(0),
     "optim.b1": _F(0.0, 1.0, low_open=False, high_open=True), "optim.b2": _F(0.0, 1.0, low_open=False, high_open=True),
     "optim.eps": _F(0.0, 1.0), "teacher.momentum": _F(0.0, 1.0, low_open=False),
-    "teacher.temp": _F(0.0, 100.0), "teacher.warmup_temp": _F(0.0, 100.0), "teacher.warmup_temp_steps": _I(0),
+    "teacher.temp": _F(0.0, 100.0), "teacher.warmup_temp": _F(0.0, 100.0), "teacher.warmup_temp_epochs": _I(0),
     "crops.global_size": _I(1), "crops.local_size": _I(1), "crops.n_local": _I(0),
     "data.num_workers": _I(0), "data.read_threads": _I(1), "data.prefetch": _I(1), "data.samples_per_epoch": _I(-1),
     "checkpoint.every_steps": _I(1), "checkpoint.keep": _I(1),
