@@ -22,10 +22,10 @@ import pytest
 
 from data_prep import bags
 from hipt_jax import provenance, workdir_lock
+from tests.cli_helpers import ENV, call_main, run_module
 from tests.synthetic_cohort import make_feature_cohort, make_tissue_cohort, write_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
 
 
 def assert_one_line(code, err, prog, *needles, exit_code=2):
@@ -38,19 +38,8 @@ def assert_one_line(code, err, prog, *needles, exit_code=2):
         assert needle in ours[0], ours[0]
 
 
-def _in_process(main, argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _subprocess(module, *argv, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
+_in_process = call_main
+_subprocess = run_module
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,16 @@ argparse commands run in-process; the absl ones (pretrain, finetune, profile) as
 because absl keeps its flags in one global registry."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from data_prep.synth import make_aperio_slide
 from hipt_jax.cli import convert, embed, extract, flags, heatmap, knn, prep
+from tests.cli_helpers import call_main, run_module
 from tests.synthetic_cohort import make_feature_cohort, tissue_crop, write_labels, write_region_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 # The argparse commands: name -> main(argv) -> exit code.
 MAINS = {"hipt-convert": convert.main, "hipt-embed": embed.main, "hipt-extract": extract.main,
@@ -47,20 +44,8 @@ def data(tmp_path_factory):
     return {"root": root, "prep": prep_dir, "slides": str(slides), "emb": emb, "labels": labels}
 
 
-def _call(main, argv, capsys):
-    """main(argv) in-process -> (exit code, stdout, stderr); argparse's SystemExit included."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _cli(module, *argv, timeout=300):
-    res = subprocess.run([sys.executable, "-m", module, *map(str, argv)], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=timeout)
-    return res.returncode, res.stdout, res.stderr
+_call = call_main
+_cli = run_module
 
 
 def _errors(err):

@@ -490,18 +490,9 @@ def patient_leaks(folds: Sequence[dict], case_of_item: dict) -> dict[int, list[s
 
 def check_no_patient_leak(folds: Sequence[dict], case_of_item: dict, where: str) -> None:
     """Refuse folds that put one patient in two parts, naming the patients."""
-    for k, fold in enumerate(folds):
-        owner: dict[str, str] = {}
-        leaks = set()
-        for part in PARTS:
-            for i in fold.get(part, []):
-                c = case_of_item.get(i, i)
-                if owner.setdefault(c, part) != part:
-                    leaks.add(c)
-        if leaks:
-            name = where.format(k=k)
-            raise CohortError(f"{name}: patient(s) {sorted(leaks)[:10]} appear in more than one of "
-                              "train/val/test (a patient's slides must stay in one part)")
+    for k, leaks in patient_leaks(folds, case_of_item).items():
+        raise CohortError(f"{where.format(k=k)}: patient(s) {leaks[:10]} appear in more than one of "
+                          "train/val/test (a patient's slides must stay in one part)")
 
 
 def check_training_classes(folds: Sequence[dict], label_of_item: dict, class_names: Sequence[str],
