@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= convert,beam,test
 STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')
 
-.PHONY: venv demo test test-fast test-cluster bench clean
+.PHONY: venv demo test test-all test-cluster bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m hipt_jax.demo --out demo_out
 
-# Everything, slow-marked tests included (about 8 min on 2 idle cores): the 2-process and
-# two-stage pretraining tests and the full demo are acceptance tests CI must run.
+# What CI runs: every test not marked slow, on two pytest-xdist workers (one per core).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=15 tests
 
-# The inner loop while developing: skips the tests marked slow (about 4.5 min).
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+# Everything, slow-marked acceptance tests included (full demo, 2-process and SLURM jobs,
+# whole runlocal pretrainings): about 25 min on 2 cores.
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # The multi-host launch tests alone (also part of `make test`): a real one-node SLURM cluster
 # (installs slurm-wlm and munge with apt-get when missing; needs root), the sbatch script's

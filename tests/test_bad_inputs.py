@@ -259,6 +259,7 @@ def test_second_pretrain_in_a_locked_workdir_fails_at_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------ corruption
+@pytest.mark.slow  # a whole runlocal pretraining: `make test-all`
 def test_pretrain_falls_back_to_the_newest_checkpoint_that_restores(tmp_path, capsys):
     """Plant: _restore_newest restoring only manager.latest_step() (a damaged last checkpoint
     stopped the run); _truncate_metrics not called (metrics.jsonl repeated steps 3-5)."""

@@ -191,6 +191,7 @@ def tensorboard_steps(folder, tag):
     return steps
 
 
+@pytest.mark.slow  # a whole runlocal pretraining: `make test-all`
 def test_knn_monitor_in_runlocal_pretraining(tiles_dir, tmp_path):
     """eval.knn inside a runlocal stage-1 pretraining: the KNN of the teacher appears in
     metrics.jsonl and TensorBoard at steps 2 and 4, and keep_best writes export_best.

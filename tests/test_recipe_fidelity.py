@@ -7,6 +7,7 @@ tests/test_pretrain_recipe.py, the official heatmap blend in tests/test_heatmap.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import lgp_subtyping, lgp_survival
 from configs.pretrain_vit256 import get_config as get_config_256
@@ -88,6 +89,7 @@ def _run_dino_steps(dtype_flag: str, steps: int):
     return np.asarray(losses), init, jax.device_get(state["student"])
 
 
+@pytest.mark.slow  # a whole runlocal pretraining: `make test-all`
 def test_bf16_steps_track_fp32_steps_over_20_steps():
     """`:bf16` = bfloat16 matmuls/activations, fp32 params, optimizer state, loss and softmax;
     no loss scaling (bf16 has fp32's exponent range). Stated tolerance: over 20 DINO steps of a
