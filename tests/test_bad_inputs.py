@@ -204,18 +204,23 @@ def test_finetune_reuses_no_fold_after_labels_or_config_changed(feature_cohort, 
     from hipt_jax.finetune.main import fingerprint, run
 
     emb, labels = feature_cohort
+    # Two classes of 3 slides: a cohort the fold rules accept (each class in every training part).
+    rows = open(labels).read().splitlines()
+    two_classes = "\n".join([rows[0]] + [r.replace(",t2", ",t0") for r in rows[1:]]) + "\n"
     my_labels = tmp_path / "labels.csv"
-    my_labels.write_text(open(labels).read())
+    my_labels.write_text(two_classes)
     config = get_config("runlocal")
     config.data.embeddings, config.data.labels = emb, str(my_labels)
+    config.data.splits = "kfold:2"
     workdir = tmp_path / "run"
     provenance.check(str(workdir), fingerprint(config))
     (workdir / "fold_0").mkdir()
     (workdir / "fold_0" / "result.json").write_text("{}")
-    my_labels.write_text(my_labels.read_text().replace("t0", "tX", 1))  # one label changed
+    # The same cohort, rows in another order: the labels file changed.
+    my_labels.write_text("\n".join([rows[0]] + two_classes.splitlines()[1:][::-1]) + "\n")
     with pytest.raises(provenance.ProvenanceError, match="labels: "):
         run(config, str(workdir), show_progress=False)
-    my_labels.write_text(open(labels).read())
+    my_labels.write_text(two_classes)
     config.optim.lr = 1e-3
     with pytest.raises(provenance.ProvenanceError, match="config: "):
         run(config, str(workdir), show_progress=False)
@@ -321,12 +326,12 @@ def test_full_disk_during_extract_is_a_clean_per_slide_failure(prep, tmp_path, m
     from hipt_jax import extraction
     from hipt_jax.models.hipt4k import HIPT4K
 
-    def full_disk(path, arrays):
+    def full_disk(path, arrays, attrs=None):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    monkeypatch.setitem(bags.FORMATS, "npz", bags.BagFormat(".npz", full_disk, bags.NPZ.read))
+    monkeypatch.setitem(bags.FORMATS, "npz", bags.BagFormat(".npz", full_disk, bags.NPZ.read, bags.NPZ.keys, bags.NPZ.attrs))
     out = tmp_path / "emb"
     manifest = extraction.extract_cohort(HIPT4K.random_init(seed=0, tiny=True), prep, str(out),
                                          show_progress=False)

@@ -248,6 +248,12 @@ class _InstantTrainer:
     def fit(self, variables, items, desc=None):
         return {"n_train": len(items)}
 
+    def train(self, variables, items, val_items=None, desc=None, log=None):
+        from hipt_jax.finetune.trainer import FitResult
+
+        return FitResult(final={}, selected={}, selected_epoch=0, last_epoch=0, stopped_early=False,
+                         selected_by="final_epoch")
+
     def evaluate(self, params, items):
         if self.cfg.task == "survival":
             preds = {"times": [it.time for it in items], "censored": [it.censored for it in items],
@@ -262,7 +268,7 @@ def instant_finetune(monkeypatch):
     from hipt_jax.finetune import main as finetune
 
     monkeypatch.setattr(finetune, "LGPTrainer", _InstantTrainer)
-    monkeypatch.setattr(finetune, "_init_variables", lambda model, config, seed, grid: {"params": {}})
+    monkeypatch.setattr(finetune, "_init_variables", lambda *args, **kwargs: {"params": {}})
     monkeypatch.setattr(finetune, "_save_checkpoint", lambda *a, **k: None)
     return finetune
 

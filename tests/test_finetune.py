@@ -205,7 +205,8 @@ def test_gradient_accumulation_is_one_step_on_the_mean_gradient():
     from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, make_optimizer
     from hipt_jax.models import lgp
 
-    model = lgp.HIPTLGP(n_classes=4, local_arch="vit4k_tiny", dropout_rate=0.0)
+    # Items hold pre-encoded [M,192] regions: the frozen-local setting.
+    model = lgp.HIPTLGP(n_classes=4, local_arch="vit4k_tiny", dropout_rate=0.0, freeze_local=True)
     variables = lgp.init_lgp(model, grid=2)
     rng = np.random.default_rng(1)
     items = [Item(f"p{i}", rng.normal(size=(3, 192)).astype(np.float32), label=i % 4, time=1.0 + i,

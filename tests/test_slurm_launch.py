@@ -192,10 +192,13 @@ def test_two_task_extraction_equals_one_process(slurm_cluster, cohort, tmp_path)
     res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.extract", *args, "--out", str(tmp_path / "one")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert res.returncode == 0, res.stderr[-3000:]
-    # Each process embedded its own share: 2 summaries whose regions add up to one process's.
-    shares = [int(n) for n in re.findall(r"^hipt-extract: (\d+) regions", out, re.M)]
+    # Each process embedded its own share (its status file): the shares add up to one process's
+    # regions, and both processes print the merged total.
+    status = os.path.join(str(tmp_path / "two"), "status")
+    shares = [json.load(open(os.path.join(status, f)))["run"]["regions"] for f in sorted(os.listdir(status))]
     total = int(re.search(r"^hipt-extract: (\d+) regions", res.stdout, re.M).group(1))
     assert len(shares) == 2 and sum(shares) == total and min(shares) > 0, (shares, total)
+    assert [int(n) for n in re.findall(r"^hipt-extract: (\d+) regions", out, re.M)] == [total, total]
     for sid in slide_ids:
         two, one = bags.read_bag(str(tmp_path / "two"), sid), bags.read_bag(str(tmp_path / "one"), sid)
         assert sorted(two) == sorted(one), sid

@@ -296,10 +296,11 @@ def _check_inputs(config) -> None:
         raise FinetuneError(f"config.task={config.task!r}: expected subtyping or survival")
     if not config.data.embeddings or not config.data.labels:
         raise FinetuneError("set --config.data.embeddings (hipt-extract output) and --config.data.labels (CSV)")
+    what = {"labels": "labels file not found", "embeddings": "embeddings folder not found"}
     for name in ("labels", "embeddings"):
         path = config.data[name]
         if path and not os.path.exists(path):
-            raise FinetuneError(f"{path}: no such file or folder (config.data.{name})")
+            raise FinetuneError(f"{path}: {what[name]} (config.data.{name})")
     splits = config.data.splits
     if splits and not str(splits).startswith("kfold:") and not os.path.isdir(splits):
         raise FinetuneError(f"{splits}: no such folder of splits_{{i}}.csv (config.data.splits)")
