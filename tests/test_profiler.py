@@ -64,7 +64,10 @@ def test_run_profile_tiny(tmp_path):
     # MFU = executed FLOPs / step time / measured matmul peak, a fraction of the peak.
     # Plant: mfu against half the peak fails the definition check (not run: shared machine).
     assert h["mfu"] == pytest.approx(h["gflop_s"] / report["matmul_peak_gflop_s"], rel=1e-9)
-    assert 0 < h["mfu"] <= 1 and h["compile_s"] > 0 and h["memory"]["temp_mb"] >= 0
+    # No upper bound: the peak and the region are timed at different moments, and on a shared
+    # machine (or beside another pytest-xdist worker) the peak can be measured while the cores
+    # are busy, so a tiny model's MFU can read above 1. The definition check above is the test.
+    assert h["mfu"] > 0 and h["compile_s"] > 0 and h["memory"]["temp_mb"] >= 0
     assert rows["loader stage 1"]["throughput"] > 0
     table = profiler.format_table(report)
     assert "HIPT4K region" in table and "MFU" in table
