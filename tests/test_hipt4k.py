@@ -44,6 +44,7 @@ def assert_parity(got, want):
         assert np.abs(got[key] - want[key]).max() <= ATTN_TOL, key
 
 
+@pytest.mark.slow  # ~3 CPU-minutes; the cropped-region test below keeps full-size parity in `make test`
 def test_full_region_4096_parity(models):
     """The full 4096 px region: 256 patches through ViT-256 (the costly test, ~1 min on 2 cores)."""
     reference, ours = models
