@@ -8,8 +8,9 @@ drawn here, recorded in call order; the torch side runs the reference's modules 
 documented TransformerEncoderLayer (post-norm) algorithm written out so that the attention-weight
 dropout, which torch applies inside its fused attention, can take the same mask.
 
-Plants run (each fails): attention dropout on the attention output instead of the weights;
-phi's dropout before the ReLU; ``freeze_local=True`` (local ViT-4K gradients become 0).
+Plant run: the gated attention's dropout moved inside the tanh (tanh(dropout(x)) instead of
+dropout(tanh(x))) fails the survival case. (A frozen ViT-4K fails the non-zero local-gradient
+check by construction.)
 """
 import flax.linen as nn
 import jax
