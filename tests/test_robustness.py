@@ -144,8 +144,8 @@ def test_full_disk_in_hipt_prep_is_a_clean_per_slide_failure(prep, tmp_path, mon
     assert not list((out2 / "patches").glob("*.array_record"))  # no shard without its status
 
 
-def _fail_after_partial_write(real_open):
-    """open() whose files fill the disk after a few bytes (for the writers of hipt_jax.outputs)."""
+def _fail_after_partial_write(real_open, folder):
+    """open() whose files opened for writing under ``folder`` fill the disk after a few bytes."""
     class Full:
         def __init__(self, f):
             self.f = f
@@ -160,7 +160,11 @@ def _fail_after_partial_write(real_open):
         def __exit__(self, *exc):
             self.f.close()
 
-    return lambda path, mode="r", **kw: Full(real_open(path, mode, **kw)) if "w" in mode else real_open(path, mode, **kw)
+    def fake_open(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return Full(f) if "w" in mode and str(path).startswith(str(folder)) else f
+
+    return fake_open
 
 
 def test_full_disk_while_writing_results_is_one_line_and_no_partial_file(feature_cohort, tmp_path,
@@ -175,9 +179,10 @@ def test_full_disk_while_writing_results_is_one_line_and_no_partial_file(feature
 
     emb, labels = feature_cohort
     out = tmp_path / "r.json"
-    monkeypatch.setattr(outputs, "open", _fail_after_partial_write(builtins.open), raising=False)
+    monkeypatch.setattr(builtins, "open", _fail_after_partial_write(builtins.open, tmp_path))
     code, _, err = call_main(knn.main, ["--embeddings", emb, "--labels", labels, "--splits", "kfold:2",
                                         "--k", "1", "--out", out], capsys)
+    monkeypatch.undo()
     assert_one_line(code, err, "hipt-knn", str(out), "No space left", exit_code=1)
     assert not out.exists() and not _leftovers(tmp_path)
 
@@ -308,8 +313,8 @@ def test_ctrl_c_during_pretrain_compilation_exits_130_with_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------ free space
 def test_pretrain_free_space_estimate_is_its_checkpoints():
-    """Plant: hipt-pretrain checking only flags.MIN_FREE_BYTES (a 16 MiB floor for a run
-    that writes 4 checkpoints of 0.7 GB each). The released vit256_small_dino.pth (704,258,011
+    """Plant: _estimate_bytes returning flags.MIN_FREE_BYTES (a 16 MiB floor for a run that
+    writes 4 checkpoints of 0.7 GB each; hipt-pretrain checks this estimate before any work). The released vit256_small_dino.pth (704,258,011
     bytes) holds what one of our checkpoints holds: student, teacher and the Adam moments."""
     from configs.pretrain_vit256 import get_config
     from hipt_jax.cli.pretrain import _estimate_bytes
