@@ -243,7 +243,7 @@ def verify_bag(path: str) -> None:
     except (OSError, IndexError, UnicodeDecodeError):
         return
     if file_sha256(path) != expected:
-        raise BagError(f"{path}: damaged bag (checksum does not match {side}); "
+        raise BagError(f"{path}: truncated or corrupt bag (its SHA-256 does not match {side}); "
                        "rerun hipt-extract into the same folder (it redoes damaged bags)")
     _verified[path] = key
 

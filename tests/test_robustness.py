@@ -72,12 +72,12 @@ def test_a_damaged_bag_is_named_on_read_and_redone_by_extraction(tmp_path, monke
     with open(path, "r+b") as f:  # one feature value changed; the h5 file stays readable
         f.seek(at)
         f.write(np.float32(9.0).tobytes())
-    with pytest.raises(bags.BagError, match=f"{path}: damaged bag"):
+    with pytest.raises(bags.BagError, match=f"{path}: truncated or corrupt bag \\(its SHA-256 does not match"):
         bags.read_bag_file(path)
     failed = {}
     with pytest.raises(bags.BagError):  # nothing else readable: the error names the folder
         bags.read_slide_embeddings(str(tmp_path), failed)
-    assert "damaged bag" in failed["s1"]
+    assert "does not match" in failed["s1"]
     assert bags.manifest_items(str(tmp_path), ["s1"], {})["s1"]["status"] == "failed"
 
     def embed_one(slide_id, bar):
@@ -322,3 +322,39 @@ def test_pretrain_free_space_estimate_is_its_checkpoints():
     config = get_config()
     per_checkpoint = _estimate_bytes(config) / (config.checkpoint.keep + 1)
     assert abs(per_checkpoint / 704_258_011 - 1) < 0.05
+
+
+# ------------------------------------------------------------------------------ shards: damage, failed redo
+def _redo_fails(slide_id: str, out_dir: str) -> dict:
+    """A hipt-prep item function whose (re)do fails."""
+    result = {"slide_id": slide_id, "status": "failed", "error": f"{slide_id}: unreadable slide",
+              "shard": f"regions/{slide_id}.array_record"}
+    shards.write_item_status(os.path.join(out_dir, "status", slide_id + ".json"), result,
+                             os.path.join(out_dir, result["shard"]))
+    return result
+
+
+def test_a_damaged_shard_is_named_and_a_failed_redo_leaves_no_stale_shard(tmp_path):
+    """Plants: _open_reader without verify_shard (a shard whose bytes changed was decoded);
+    run_items without retire_output (after a failed --redo the old shard was still listed and
+    read by hipt-extract)."""
+    from data_prep import runner
+    from tests.synthetic_cohort import write_region_shard
+
+    out = str(tmp_path / "out")
+    path = write_region_shard(out, "s1", [np.full((256, 256, 3), 200, np.uint8)])
+    os.makedirs(os.path.join(out, "status"))
+    shards.write_json_atomic(os.path.join(out, "status", "s1.json"),
+                             {"slide_id": "s1", "status": "done", "shard": "regions/s1.array_record",
+                              "sha256": shards.file_sha256(path)})
+    assert len(list(shards.iter_records(path))) == 1
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(shards.ShardError, match=f"{path}: damaged shard"):
+        list(shards.iter_records(path))
+
+    manifest = runner.run_items(_redo_fails, ["s1"], ["s1"], out, "regions", {}, (out,), redo=True)
+    assert manifest["items"]["s1"]["status"] == "failed"
+    assert not os.path.exists(path)  # nothing a downstream tool could list and read
+    assert not [f for f in os.listdir(os.path.join(out, "regions")) if f.endswith(".array_record")]
