@@ -197,6 +197,7 @@ def test_full_disk_while_writing_results_is_one_line_and_no_partial_file(feature
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # an Orbax save and torch: 97 s at load 20 (`make test-all`); full disk is fast-tested above
 def test_full_disk_in_hipt_convert_leaves_no_half_checkpoint(tmp_path, monkeypatch, capsys):
     """Plant: to_torch calling torch.save(out, dst) directly (a truncated .pth that
     torch.load half-reads); to_orbax saving straight into DST (a directory without arch.json)."""
@@ -288,6 +289,7 @@ def test_a_config_file_that_is_not_python_is_one_line(bad_files, tmp_path):
 
 
 # ------------------------------------------------------------------------------ Ctrl-C
+@pytest.mark.slow  # up to the watchdog's 10 s grace + start-up; the fast Ctrl-C test is test_bad_inputs'
 def test_ctrl_c_during_pretrain_compilation_exits_130_with_one_line(tmp_path):
     """Plant: run_command without the KeyboardInterrupt branch and no watchdog (a traceback
     from inside the compile, or a hang until XLA returns)."""
