@@ -291,8 +291,9 @@ def test_a_config_file_that_is_not_python_is_one_line(bad_files, tmp_path):
 # ------------------------------------------------------------------------------ Ctrl-C
 @pytest.mark.slow  # up to the watchdog's 10 s grace + start-up; the fast Ctrl-C test is test_bad_inputs'
 def test_ctrl_c_during_pretrain_compilation_exits_130_with_one_line(tmp_path):
-    """Plant: run_command without the KeyboardInterrupt branch and no watchdog (a traceback
-    from inside the compile, or a hang until XLA returns)."""
+    """Expected without the fix: a traceback from inside the compile or a hang until XLA
+    returns (run_command's KeyboardInterrupt branch and watchdog; that plant was run on the
+    hipt-extract test in test_bad_inputs, not on this one)."""
     data = tmp_path / "feats"
     data.mkdir()
     rng = np.random.default_rng(0)
