@@ -361,3 +361,16 @@ def test_a_damaged_shard_is_named_and_a_failed_redo_leaves_no_stale_shard(tmp_pa
     assert manifest["items"]["s1"]["status"] == "failed"
     assert not os.path.exists(path)  # nothing a downstream tool could list and read
     assert not [f for f in os.listdir(os.path.join(out, "regions")) if f.endswith(".array_record")]
+
+
+# ------------------------------------------------------------------------------ pretraining resume
+def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
+    """The fast check of the metrics half of the slow fallback test in test_bad_inputs. Plant:
+    keeping lines with step <= restored step (step 3 logged twice after resuming from 3)."""
+    from hipt_jax.pretrain.trainer import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(6)) + '{"step": 6, "lo')
+    _truncate_metrics(str(path), 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert not _leftovers(tmp_path)
