@@ -15,7 +15,6 @@ Exit codes: 0 ok, 2 bad usage or input (hipt_jax.cli.flags).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

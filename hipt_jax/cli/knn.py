@@ -14,7 +14,6 @@ input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

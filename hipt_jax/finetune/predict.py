@@ -34,6 +34,7 @@ from hipt_jax.finetune import survival
 from hipt_jax.finetune.main import FinetuneError, bag_input
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig
 from hipt_jax.models import checkpoint
+from hipt_jax.outputs import atomic_path
 
 
 def _fold_dirs(run_dir: str) -> list[str]:
