@@ -21,6 +21,9 @@ module. The file format follows the extension:
 - ``.pt``: the official HIPT region bag, ``torch.save`` of one float tensor [M, R*C, 384]
   (features_cls256 only; torch is imported only for this format).
 
+Every bag written here gets its SHA-256 in ``<bag>.sha256`` next to it (sha256sum's format);
+every read verifies it, and a mismatch is a BagError naming the file (foreign bags have none).
+
 Slide embedding of a bag (`slide_embedding_of`, what hipt-knn uses): the stored
 ``slide_embedding`` if any, else the mean over regions of features_cls4k ([192], the paper's
 protocol), else the mean of features_region ([D]), else the mean of features_cls256 over regions
@@ -35,6 +38,8 @@ import os
 from typing import Callable
 
 import numpy as np
+
+from data_prep.shards import file_sha256
 
 SLIDES = "slides"
 ATTRS_KEY = "coords_attrs_json"  # npz: the h5 coords attributes, as JSON
@@ -187,16 +192,60 @@ def write_bag(out_dir: str, slide_id: str, arrays: dict[str, np.ndarray],
 
 
 def write_bag_file(path: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
-    """One bag at ``path`` in the format its extension names (temporary name, then rename)."""
+    """One bag at ``path`` in the format its extension names (temporary name, then rename),
+    and its SHA-256 next to it (``checksum_path``), which every read verifies."""
     fmt = _format_of(path)
     tmp = f"{path}.tmp-{os.getpid()}{fmt.ext}"
+    side = checksum_path(path)
+    side_tmp = f"{side}.tmp-{os.getpid()}"
     try:
         fmt.write(tmp, arrays, {k: v for k, v in (attrs or {}).items() if v is not None})
+        with open(side_tmp, "w") as f:  # sha256sum's format: `sha256sum -c` checks it in the folder
+            f.write(f"{file_sha256(tmp)}  {os.path.basename(path)}\n")
+        _remove(side)  # the old bag's checksum never sits next to the new bag
         os.replace(tmp, path)
+        os.replace(side_tmp, side)
     except BaseException:  # disk full, Ctrl-C: no partial file is left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, side_tmp):
+            _remove(leftover)
         raise
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
+CHECKSUM_EXT = ".sha256"
+_verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) of a bag verified in this process
+
+
+def checksum_path(path: str) -> str:
+    """Where the SHA-256 of the bag file ``path`` is recorded when it is written (<bag>.sha256)."""
+    return path + CHECKSUM_EXT
+
+
+def verify_bag(path: str) -> None:
+    """BagError naming the file when its bytes differ from the checksum recorded at writing.
+    Bags written elsewhere (CLAM/TRIDENT h5, official .pt) have no checksum and are not checked;
+    a bag is hashed once per process while its size and mtime stay the same."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # the read itself names a missing file
+    key = (st.st_size, st.st_mtime_ns)
+    if _verified.get(path) == key:
+        return
+    side = checksum_path(path)
+    try:
+        with open(side) as f:
+            expected = f.read().split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return
+    if file_sha256(path) != expected:
+        raise BagError(f"{path}: truncated or corrupt bag (its SHA-256 does not match {side}); "
+                       "rerun hipt-extract into the same folder (it redoes damaged bags)")
+    _verified[path] = key
 
 
 def list_bags(out_dir: str) -> dict[str, str]:
@@ -230,6 +279,7 @@ def find_bag(out_dir: str, slide_id: str) -> str | None:
 def read_bag_file(path: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """The arrays of one bag file (only ``keys`` when given); BagError when unreadable or when
     a requested array is not in the file."""
+    verify_bag(path)
     try:
         out = _format_of(path).read(path, keys)
     except BagError:
@@ -244,6 +294,7 @@ def read_bag_file(path: str, keys: tuple[str, ...] | None = None) -> dict[str, n
 
 def bag_keys(path: str) -> tuple[str, ...]:
     """Names of the arrays a bag file holds (h5 ``features`` named by its shape)."""
+    verify_bag(path)
     try:
         return tuple(_format_of(path).keys(path))
     except BagError:
@@ -341,8 +392,11 @@ def manifest_items(out_dir: str, slide_ids: list[str], errors: dict[str, str]) -
     items = {}
     for s in slide_ids:
         if s in bags:
-            items[s] = {"file": os.path.relpath(bags[s], out_dir), "status": "done",
-                        "num_regions": num_regions(bags[s])}
+            try:
+                items[s] = {"file": os.path.relpath(bags[s], out_dir), "status": "done",
+                            "num_regions": num_regions(bags[s])}
+            except BagError as e:  # damaged since it was written: failed, named
+                items[s] = {"status": "failed", "error": str(e)}
         elif s in errors:
             items[s] = {"status": "failed", "error": errors[s]}
         else:

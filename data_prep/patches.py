@@ -17,7 +17,7 @@ import numpy as np
 
 from data_prep.regions import status_path
 from data_prep.shards import (PATCH, REGION, decode_jpeg, encode_jpeg, file_sha256, find_slide_shard, iter_records,
-                              open_shard_writer, shard_path, write_json_atomic)
+                              open_shard_writer, shard_path, write_item_status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def derive_shard(slide_id: str, regions_dir: str, out_dir: str, kind: str, write
         result["error"] = f"{slide_id}: {type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc(limit=5)
     result["seconds"] = round(time.time() - t0, 3)
-    write_json_atomic(status_path(out_dir, slide_id), result)
+    write_item_status(status_path(out_dir, slide_id), result, path)
     return result
 
 

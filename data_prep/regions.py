@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from data_prep.shards import (REGION, encode_jpeg, file_sha256, open_shard_writer, shard_path,
-                              write_json_atomic)
+                              write_item_status)
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, open_slide,
                                 read_region_geometry, region_geometry, resolve_mpp, snap_scale)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
@@ -249,5 +249,5 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
         if slide is not None:
             slide.close()
     result["seconds"] = round(time.time() - t0, 3)
-    write_json_atomic(status_path(out_dir, task.slide_id), result)
+    write_item_status(status_path(out_dir, task.slide_id), result, product)
     return result

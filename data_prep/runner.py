@@ -9,6 +9,7 @@ an atomically rewritten summary of the status files plus the run parameters and 
 from __future__ import annotations
 
 import csv
+import io
 import glob
 import json
 import multiprocessing
@@ -34,6 +35,16 @@ def _safe_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
 
 
+def _read_utf8(path: str) -> str:
+    """A CSV's text: UTF-8 with or without a BOM; another encoding is an InputError naming it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8") from None
+
+
 def find_slide_files(slides: str) -> list[SlideTask]:
     """Slides from a folder (searched recursively) or a CSV with a `path` and optional `slide_id`.
 
@@ -54,17 +65,18 @@ def find_slide_files(slides: str) -> list[SlideTask]:
         tasks = [SlideTask(_safe_id(i), p) for i, p in sorted(found, key=lambda t: t[1])]
     elif os.path.isfile(slides) and slides.lower().endswith(".csv"):
         base = os.path.dirname(os.path.abspath(slides))
-        with open(slides, newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise InputError(f"{slides}: CSV needs a 'path' column (and optionally 'slide_id')")
-            tasks = []
-            for n, row in enumerate(reader, start=2):
-                if not row["path"]:
-                    raise InputError(f"{slides}: line {n} has an empty path")
-                p = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
-                sid = row.get("slide_id") or os.path.splitext(os.path.basename(p))[0]
-                tasks.append(SlideTask(_safe_id(sid), p))
+        reader = csv.DictReader(io.StringIO(_read_utf8(slides), newline=""))
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise InputError(f"{slides}: CSV needs a 'path' column (and optionally 'slide_id')")
+        tasks = []
+        for n, row in enumerate(reader, start=2):
+            if not row["path"]:
+                raise InputError(f"{slides}: line {n} has an empty path")
+            p = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
+            sid = row.get("slide_id") or os.path.splitext(os.path.basename(p))[0]
+            if row.get("slide_id") and (re.search(r"[/\\]", sid) or sid.strip() in (".", "..")):
+                raise InputError(f"{slides}: line {n}: slide_id {sid!r} is a path; ids must be plain names")
+            tasks.append(SlideTask(_safe_id(sid), p))
     else:
         raise InputError(f"{slides}: not a folder or a .csv file")
     if not tasks:
@@ -117,9 +129,12 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
                          f"({MANIFEST}); use a new --out folder")
 
 
-def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str]) -> dict:
-    """Rebuild OUT/manifest.json from the status files of `ids` (atomic replace)."""
-    items = {i: read_status(out_dir, i) or dict(status="pending") for i in ids}
+def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str],
+                     results: dict[str, dict] | None = None) -> dict:
+    """Rebuild OUT/manifest.json from the status files of `ids` (atomic replace); ``results``
+    (item id -> returned result) stand in for status files that could not be written."""
+    results = results or {}
+    items = {i: read_status(out_dir, i) or results.get(i) or dict(status="pending") for i in ids}
     n_records = sum(st.get("n_regions", st.get("n_records", 0)) or 0 for st in items.values())
     return write_run_manifest(out_dir, schema="hipt.prep-manifest.v1", items=items, params=params,
                               versions=versions(), extra=dict(kind=kind, n_records=n_records))
@@ -223,6 +238,7 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
         print(f"{kind}: {skipped} of {len(items)} already done in {out_dir}, skipping them")
     rebuild_manifest(out_dir, kind, params, ids)
     todo_items = [it for it, _ in todo]
+    returned: dict[str, dict] = {}  # pool results: the manifest's record when a status write failed
     if todo_items:
         if runner == "pool":
             last = [time.time()]
@@ -233,10 +249,11 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
                     rebuild_manifest(out_dir, kind, params, ids)
                     last[0] = time.time()
 
-            run_pool(fn, todo_items, fn_args, workers, kind, checkpoint)
+            results = run_pool(fn, todo_items, fn_args, workers, kind, checkpoint)
+            returned = {r.get("slide_id"): r for r in results}
         else:
             run_beam(fn, todo_items, fn_args, runner, beam_args)
-    return rebuild_manifest(out_dir, kind, params, ids)
+    return rebuild_manifest(out_dir, kind, params, ids, returned)
 
 
 def prepare_regions(slides: str, out_dir: str, *, workers: int = 1, runner: str = "pool",

@@ -467,12 +467,14 @@ def open_shard_writer(path: str):
     writer = array_record_module.ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
     try:
         yield writer
+        writer.close()  # flushes: a full disk may first show here
+        os.replace(tmp, path)
     except BaseException:
-        writer.close()
-        os.remove(tmp)
+        with contextlib.suppress(Exception):
+            writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
         raise
-    writer.close()
-    os.replace(tmp, path)
 
 
 def write_shard(path: str, records: Iterable[bytes]) -> int:
@@ -489,12 +491,30 @@ def write_shard(path: str, records: Iterable[bytes]) -> int:
 # Run manifests (hipt-prep and hipt-extract)
 # ---------------------------------------------------------------------------------------------
 def write_json_atomic(path: str, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, complete or not at all (a failed write leaves no temp file)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_item_status(status_file: str, result: dict, product: str) -> None:
+    """Record one item's result (hipt-prep's per-slide status file, written last). When even
+    that write fails (disk full), the item's product is removed and the error put in
+    ``result``, which the caller returns: the run goes on and its manifest names the failure."""
+    try:
+        write_json_atomic(status_file, result)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(product)
+        result.update(status="failed", error=f"{status_file}: status write failed ({e.strerror or e})")
 
 
 def package_versions(packages: Sequence[str]) -> dict[str, str | None]:

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from hipt_jax.models import checkpoint, torch_io
+from hipt_jax.outputs import atomic_path
 from hipt_jax.models.checkpoint import CheckpointError
 
 
@@ -27,7 +28,10 @@ def to_orbax(src: str, dst: str, which: str = "teacher", arch: str = "auto", kee
     variables, config, head, layout = torch_io.load_reference_backbone(src, which=which, arch=arch,
                                                                        keep_head=keep_head)
     meta = {"source": os.path.abspath(src), "which": which, **layout}
-    checkpoint.save(dst, variables["params"], "vit", config, meta=meta, head=head)
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise CheckpointError(f"{dst}: already exists and is not an empty directory")
+    with atomic_path(dst) as tmp:  # a full disk leaves no half-written checkpoint directory
+        checkpoint.save(tmp, variables["params"], "vit", config, meta=meta, head=head)
     n_params = sum(int(np.prod(np.shape(a))) for a in torch_io.variables_to_reference(variables).values())
     return {"arch": config.arch, "params": n_params, "head": head is not None, "dst": os.path.abspath(dst)}
 
@@ -41,6 +45,7 @@ def to_torch(src: str, dst: str) -> dict:
         raise CheckpointError(f"{dst}: is a directory; --to-torch writes a .pth file")
     loaded = checkpoint.load(src, kind="vit")
     out = torch_io.reference_state(loaded.variables, loaded.head, loaded.meta)
-    torch.save(out, dst)
+    with atomic_path(dst) as tmp:
+        torch.save(out, tmp)
     n_tensors = sum(len(v) for v in out.values()) if loaded.meta.get("container", "teacher") else len(out)
     return {"arch": loaded.config.arch, "tensors": n_tensors, "dst": os.path.abspath(dst)}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import sys
 import time
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -331,6 +332,16 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _intact(bag: str) -> bool:
+    """False (and a line on stderr) when a finished bag's bytes no longer match its checksum."""
+    try:
+        bags.verify_bag(bag)
+        return True
+    except bags.BagError as e:
+        print(f"hipt-extract: redoing {e}", file=sys.stderr)
+        return False
+
+
 def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor: Extractor,
                     fmt: str, store_dtype: str, params: dict, show_progress: bool) -> dict:
     """The per-slide loop shared by the shard path and the direct path.
@@ -345,7 +356,7 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
 
     os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)
     mine = slide_ids[jax.process_index()::jax.process_count()]
-    done = bags.list_bags(out_dir)
+    done = {s: p for s, p in bags.list_bags(out_dir).items() if _intact(p)}  # damaged bags are redone
     status: dict[str, dict] = {s: {"status": "done"} for s in mine if s in done}
     n_regions = 0
     t0 = time.time()

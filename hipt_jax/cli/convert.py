@@ -35,10 +35,11 @@ def build_parser() -> flags.Parser:
 def _run(args) -> int:
     from hipt_jax.convert import to_orbax, to_torch
 
+    need = max(flags.MIN_FREE_BYTES, _size(args.src))  # the output holds a subset of the input's tensors
     if args.to_torch:
-        flags.check_output_file(args.dst)
+        flags.check_output_file(args.dst, need)
     else:
-        flags.check_output_dir(os.path.dirname(os.path.abspath(args.dst)))
+        flags.check_output_dir(os.path.dirname(os.path.abspath(args.dst)), need)
     if args.to_torch:
         info = to_torch(args.src, args.dst)
         print(f"wrote {info['dst']}: {info['arch']}, {info['tensors']} tensors in the reference layout")
@@ -47,6 +48,13 @@ def _run(args) -> int:
         head = " + DINO head" if info["head"] else ""
         print(f"wrote {info['dst']}: {info['arch']} {args.which} backbone, {info['params']:,} parameters{head}")
     return flags.EXIT_OK
+
+
+def _size(path: str) -> int:
+    """Bytes of a file, or of every file under a directory (0 when missing: the run names it)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
 main = flags.command(PROG, build_parser, _run)

@@ -49,7 +49,11 @@ def _run(args) -> int:
     start = time.perf_counter()
     out = embed(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, **out)
+    from hipt_jax.outputs import atomic_path
+
+    path = args.out if args.out.endswith(".npz") else args.out + ".npz"  # as np.savez names it
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a full disk leaves no partial .npz
+        np.savez(f, **out)
     h, w = (int(v) for v in out["region_shape"])
     print(f"region {h}x{w} px -> {out['features_cls256'].shape[0]} patches of 256 px "
           f"({time.perf_counter() - start:.1f} s)")

@@ -30,7 +30,7 @@ def build_parser() -> flags.Parser:
     d.add_argument("--coords", default=None,
                    help="folder of h5 coordinate files (hipt-prep coords, TRIDENT or CLAM), searched recursively")
     d.add_argument("--allow-upsample", action="store_true", help="accept slides coarser than --target-mpp")
-    d.add_argument("--readers", type=int, default=4, help="threads reading regions from the slide")
+    d.add_argument("--readers", type=flags.int_at_least(1, 256), default=4, help="threads reading regions from the slide")
     flags.add_region_flags(p, mpp_tolerance=True)
     p.add_argument("--features", default=None,
                    help="folder of precomputed ViT-256 feature shards (default: SHARDS/features if present)")

@@ -18,7 +18,8 @@ hipt-prep features), a bare ``--random-init`` and ``--tiny`` (-> --random-init f
 Exit codes, the same for every command:
     0  everything succeeded
     1  some items (slides, shards, bags) failed; each is named, with its error, in the output
-       manifest or results file and on stderr (also: a training run that diverged)
+       manifest or results file and on stderr (also: a training run that diverged, a result
+       file that could not be written, e.g. disk full: one line naming it, nothing partial left)
     2  bad usage or bad input (unknown flag, invalid value, missing or unreadable input file,
        bad checkpoint): one line "PROG: error: ..." on stderr, no traceback
 Library exceptions are mapped to these codes in one place, ``run_command``; HIPT_DEBUG=1 in
@@ -59,7 +60,8 @@ INPUT_ERRORS = (
     ("hipt_jax.provenance", "ProvenanceError"), ("hipt_jax.workdir_lock", "LockedError"),
     ("hipt_jax.pretrain.trainer", "CheckpointRestoreError"),
 )
-FAILURE_ERRORS = (("hipt_jax.pretrain.trainer", "NonFiniteLossError"),)  # training diverged
+FAILURE_ERRORS = (("hipt_jax.pretrain.trainer", "NonFiniteLossError"),  # training diverged
+                  ("hipt_jax.outputs", "OutputWriteError"))  # disk full while writing results
 
 
 def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
@@ -208,13 +210,17 @@ def add_deprecated(p, old: str, new: str, dest: str, **kwargs) -> None:
                    help=argparse.SUPPRESS, **kwargs)
 
 
+MAX_BATCH = 65536  # batch sizes: beyond this no device holds the batch (MemoryError, not a result)
+
+
 def _positive_int(text: str) -> int:
+    """argparse type of batch sizes: an integer in [1, MAX_BATCH]."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_BATCH}], got {text!r}") from None
+    if not 1 <= value <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_BATCH}], got {value}")
     return value
 
 
@@ -301,6 +307,7 @@ def check_output_dir(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
 
 
 # ------------------------------------------------------------------------------ groups
+MAX_REGION_PX = 65536  # a region side beyond this is a whole slide, not a region
 MPP = float_in(0.0, 1000.0)  # microns per pixel: > 0 (a slide scanned at 1 mm/px is not a slide)
 
 
@@ -308,7 +315,7 @@ def add_region_flags(p, *, size_flag: str = "--size", size_default: int = 4096,
                      mpp_tolerance: bool = False, deprecated_mpp: bool = False) -> None:
     """Region side and resolution: --target-mpp, --assume-mpp and the side in px."""
     g = p.add_argument_group("region and resolution")
-    g.add_argument(size_flag, dest=size_flag.lstrip("-"), type=int_at_least(256), default=size_default,
+    g.add_argument(size_flag, dest=size_flag.lstrip("-"), type=int_at_least(256, MAX_REGION_PX), default=size_default,
                    help=f"region side in px at --target-mpp (default {size_default})")
     g.add_argument("--target-mpp", type=MPP, default=0.5,
                    help="microns per pixel of the region (default 0.5 = 20x)")
@@ -495,6 +502,12 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
         except (AttributeError, KeyError, TypeError, ValueError) as e:  # a bad --config.FIELD override
             print_error(prog, config_override_error(args, e))
             sys.exit(EXIT_BAD_INPUT)
+        except Exception as e:  # noqa: BLE001 -- a config file that is not Python (binary, syntax error)
+            if os.environ.get("HIPT_DEBUG"):
+                raise
+            print_error(prog, f"{_config_spec(args) or '--config'}: cannot load the config file "
+                              f"({type(e).__name__}: {one_line(e)})")
+            sys.exit(EXIT_BAD_INPUT)
 
     def main(rest: list[str]) -> None:
         if len(rest) > 1:
@@ -562,17 +575,23 @@ def _closest_field(config, path: str) -> str:
     return ""
 
 
-def _load_config_file(argv: list[str]):
-    """The config a --config=FILE[:ARG] argument names, loaded the way ml_collections does
-    (None when it cannot be loaded: the caller then reports the raw error)."""
-    import importlib.util
-
+def _config_spec(argv: list[str]) -> Optional[str]:
+    """FILE[:ARG] of a --config argument (None when there is none)."""
     spec = None
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             spec = arg[len("--config="):]
         elif arg == "--config" and i + 1 < len(argv):
             spec = argv[i + 1]
+    return spec
+
+
+def _load_config_file(argv: list[str]):
+    """The config a --config=FILE[:ARG] argument names, loaded the way ml_collections does
+    (None when it cannot be loaded: the caller then reports the raw error)."""
+    import importlib.util
+
+    spec = _config_spec(argv)
     if not spec:
         return None
     path, _, config_arg = spec.partition(":")

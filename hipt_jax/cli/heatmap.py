@@ -15,7 +15,6 @@ Exit codes: 0 ok, 2 bad usage or input (hipt_jax.cli.flags).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,9 +31,27 @@ def _parse_shifts(text: str) -> tuple[int, ...]:
     if text in ("", "none"):
         return ()
     try:
-        return tuple(int(t) for t in text.split(","))
+        shifts = tuple(int(t) for t in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"shifts must be comma-separated integers, got {text!r}") from None
+    if any(s < 1 for s in shifts):
+        raise argparse.ArgumentTypeError(f"shifts must be positive pixel offsets, got {text!r}")
+    return shifts
+
+
+def _cmap(text: str) -> str:
+    import matplotlib
+
+    if text not in matplotlib.colormaps:
+        raise argparse.ArgumentTypeError(f"unknown matplotlib colormap {text!r} (e.g. coolwarm, jet, viridis)")
+    return text
+
+
+def _file_name(text: str) -> str:
+    """--name is a file name prefix, never a path."""
+    if not text.strip() or "/" in text or "\\" in text or text.strip() in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain file name prefix (no path separators)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_compute_flags(p, patch_batch=True)
     out = p.add_argument_group("maps")
     out.add_argument("--out", required=True, help="output directory")
-    out.add_argument("--name", default=None, help="file name prefix (default: from the input)")
+    out.add_argument("--name", type=_file_name, default=None, help="file name prefix (default: from the input)")
     out.add_argument("--scale", type=flags.int_at_least(1), default=4, help="output = region px / scale (1, 2, 4, 8, 16)")
     out.add_argument("--alpha", type=flags.float_in(0.0, 1.0, low_open=False), default=0.5)
-    out.add_argument("--cmap", default="coolwarm")
+    out.add_argument("--cmap", type=_cmap, default="coolwarm")
     out.add_argument("--shifts", type=_parse_shifts, default=(128, 256, 384),
                      help="4K-level smoothing shifts in px, comma-separated, or 'none'")
     out.add_argument("--shifts256", type=_parse_shifts, default=(128,),
@@ -142,8 +159,9 @@ def run_slide(args) -> dict:
 def _run(args) -> int:
     flags.check_output_dir(args.out)
     written = run_slide(args) if (args.region_scores or args.lgp) else run_region(args)
-    with open(os.path.join(args.out, "heatmap_outputs.json"), "w") as f:
-        json.dump(written, f, indent=1)
+    from hipt_jax.outputs import write_json
+
+    write_json(os.path.join(args.out, "heatmap_outputs.json"), written, indent=1)
     return flags.EXIT_OK
 
 

@@ -14,7 +14,6 @@ input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -83,6 +82,7 @@ def _names(text: str) -> list[str]:
 def _run(args) -> int:
     from hipt_jax.evaluation import knn_eval
     from hipt_jax.evaluation.knn_eval import format_table, run
+    from hipt_jax.outputs import write_json
 
     flags.check_output_file(args.out or os.path.join(args.embeddings, "knn_results.json"))
     results = {name: run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
@@ -105,8 +105,7 @@ def _run(args) -> int:
     if len(results) > 1:
         result["baselines"] = results
         result["baseline_table"] = table
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(out, result, indent=1)
     if result["missing_slides"]:
         print(f"{PROG}: {len(result['missing_slides'])} labelled slide(s) have no embedding "
               f"(skipped): {result['missing_slides'][:5]}", file=sys.stderr)

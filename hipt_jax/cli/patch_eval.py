@@ -34,12 +34,12 @@ def build_parser() -> flags.Parser:
     flags.add_model_flags(p, vit4k=False)
     flags.add_compute_flags(p, batch_per_device=32, batch_help="tiles per device per step")
     flags.add_progress_flag(p)
-    p.add_argument("--size", type=int, default=224, help="tile side after resize + center crop (default 224)")
+    p.add_argument("--size", type=flags.int_at_least(16, 4096), default=224, help="tile side after resize + center crop (default 224)")
     p.add_argument("--norm", choices=["half", "imagenet"], default="half",
                    help="input normalization: 0.5/0.5 (HIPT_4K inference) or ImageNet statistics")
     p.add_argument("--label-fraction", type=_fraction, default=1.0, metavar="F",
                    help="fraction of TRAIN labels kept per class: 0.01, 0.1, 1 (or 1%%, 10%%, 100%%)")
-    p.add_argument("--test-fraction", type=float, default=0.3,
+    p.add_argument("--test-fraction", type=flags.float_in(0.0, 1.0, high_open=True), default=0.3,
                    help="test part of a dataset without splits (seeded, stratified)")
     p.add_argument("--cache", default=None, help="feature cache folder (default OUT/features_cache)")
     p.add_argument("--plot", action="store_true", help="embedding map (t-SNE/UMAP) and confusion matrices")
@@ -51,6 +51,9 @@ def _run(args) -> int:
     from hipt_jax.evaluation.patch_features import cached_features
     from hipt_jax.evaluation.tiles import read_tiles
 
+    flags.check_output_dir(args.out)
+    if args.cache:
+        flags.check_output_dir(args.cache)
     tiles = read_tiles(args.tiles, test_fraction=args.test_fraction, seed=args.seed,
                        label_fraction=args.label_fraction)
     if args.vit256 and not os.path.exists(args.vit256):

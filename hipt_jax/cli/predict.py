@@ -29,6 +29,7 @@ def _run(args) -> int:
 
     from hipt_jax.finetune.predict import predict_run
 
+    flags.check_output_file(args.out)
     logging.set_verbosity(logging.WARNING)
     with flags.progress(not args.no_progress):
         result = predict_run(args.run, args.embeddings, args.out, show_progress=not args.no_progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import sys
 
@@ -215,6 +216,33 @@ def _report(manifest: dict, out: str) -> int:
     return flags.report_failed(f"hipt-prep {manifest['kind']}", failed)
 
 
+def _estimate_bytes(args) -> int:
+    """Free space a hipt-prep run needs, checked before any work (an estimate, not a bound):
+    regions: half the slides' bytes (JPEG regions of the tissue at 20x from mostly 40x slides);
+    patches: the region shards' bytes (the same pixels re-cut); features: [256, 384] per region
+    in --store-dtype; coords, tfds: the minimum."""
+    import glob as glob_lib
+
+    def total(paths) -> int:
+        return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+
+    need = 0
+    if args.command == "regions" and os.path.isdir(args.slides):
+        need = total(os.path.join(r, f) for r, _, fs in os.walk(args.slides) for f in fs) // 2
+    elif args.command in ("patches", "features"):
+        regions = glob_lib.glob(os.path.join(args.regions, "**", "*.array_record"), recursive=True)
+        if args.command == "patches":
+            need = total(regions)
+        else:
+            try:
+                with open(os.path.join(args.regions, "manifest.json")) as f:
+                    n = int(json.load(f).get("n_records") or 0)
+            except (OSError, ValueError, TypeError, AttributeError):
+                n = 0
+            need = n * 256 * 384 * (2 if args.store_dtype == "float16" else 4)
+    return max(flags.MIN_FREE_BYTES, need)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
@@ -229,7 +257,7 @@ def main(argv=None) -> int:
 def _run(args, extra) -> int:
     out = getattr(args, "out", None) or getattr(args, "data_dir", None)
     if out:
-        flags.check_output_dir(out)
+        flags.check_output_dir(out, _estimate_bytes(args))
     if args.command == "regions":
         return _regions(args, extra)
     if args.command == "coords":

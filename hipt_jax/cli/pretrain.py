@@ -48,7 +48,7 @@ def _run() -> int:
     if not absl_flags.FLAGS.workdir:
         raise flags.UsageError("--workdir is required")
     flags.check_config(config, CONFIG_RANGES)
-    flags.check_output_dir(absl_flags.FLAGS.workdir)
+    flags.check_output_dir(absl_flags.FLAGS.workdir, _estimate_bytes(config))
     # Orbax logs every checkpoint step at INFO; keep the console for our progress lines.
     if logging.get_verbosity() == logging.INFO and not absl_flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -61,6 +61,21 @@ def _run() -> int:
         train(config, absl_flags.FLAGS.workdir, overwrite=absl_flags.FLAGS.overwrite,
               resume_anyway=absl_flags.FLAGS["resume-anyway"].value)
     return flags.EXIT_OK
+
+
+def _estimate_bytes(config) -> int:
+    """Free space the run needs: its kept checkpoints (+1 being written), each holding student,
+    teacher and two Adam moments of backbone + DINO head in float32. For ViT-256 this gives
+    ~0.70 GB per checkpoint, the size of the released vit256_small_dino.pth (0.70 GB)."""
+    try:
+        m, h = config.model, config.head
+        backbone = m.depth * (4 * m.width * m.width + 2 * m.width * m.mlp_dim)
+        head = (m.width * h.hidden_dim + h.hidden_dim ** 2 + h.hidden_dim * h.bottleneck_dim
+                + h.bottleneck_dim * h.out_dim)
+        keep = int(config.checkpoint.get("keep", 3))
+        return max(flags.MIN_FREE_BYTES, 4 * 4 * (backbone + head) * (keep + 1))
+    except (AttributeError, KeyError, TypeError):
+        return flags.MIN_FREE_BYTES
 
 
 def define_flags() -> None:

@@ -41,6 +41,7 @@ from data_prep import bags
 from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
 from hipt_jax import provenance, workdir_lock
+from hipt_jax.outputs import atomic_path, write_json, write_text
 from hipt_jax.finetune import plots, reporting, survival
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, encode_local
 from hipt_jax.models import checkpoint, lgp, mil
@@ -231,11 +232,11 @@ def _class_list(classes) -> Optional[list[str]]:
 def _save_checkpoint(path: str, params, model, task: str, config=None, in_features: int = 384,
                      meta: Optional[dict] = None) -> None:
     """The fold's model as kind "hipt_lgp" or "mil" (arch.json rebuilds it; a rerun replaces it)."""
-    if isinstance(model, lgp.HIPTLGP):
-        checkpoint.save(path, params, "hipt_lgp", lgp.lgp_arch(model, task), meta=meta, overwrite=True)
-    else:
-        checkpoint.save(path, params, "mil", _mil_arch(config, model.n_classes, in_features), meta=meta,
-                        overwrite=True)
+    with atomic_path(path) as tmp:  # a full disk leaves no half-written checkpoint
+        if isinstance(model, lgp.HIPTLGP):
+            checkpoint.save(tmp, params, "hipt_lgp", lgp.lgp_arch(model, task), meta=meta)
+        else:
+            checkpoint.save(tmp, params, "mil", _mil_arch(config, model.n_classes, in_features), meta=meta)
 
 
 def _summary(values: list[float]) -> dict:
@@ -379,8 +380,7 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
         if use_best:  # the final-epoch model stays available
             _save_checkpoint(os.path.join(fold_dir, "checkpoint_final"), fit.final, model, config.task,
                              config, in_features, {"fold": k, "epoch": fit.last_epoch, "evaluated": "final_epoch"})
-        with open(result_path, "w") as f:
-            json.dump(result, f)
+        write_json(result_path, result)  # last: a fold is finished when its result.json exists
         if show_progress:
             print(f"fold {k}: test {metric} {test_metrics[metric]:.4f} ({evaluated['model']}, "
                   f"epoch {evaluated['epoch']})", flush=True)
@@ -395,12 +395,10 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
                "folds_source": plan.describe(), "label_frac": frac, "dropped_by_class": coh.dropped,
                "skipped_split_ids": plan.skipped_ids,
                "leaky_patients": {str(k): v for k, v in plan.leaky_patients.items()}}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    write_json(os.path.join(workdir, "results.json"), results, indent=1, default=str)
     reporting.write_summary_csv(os.path.join(workdir, "summary.csv"), fold_results)
     table = format_table(results["folds"], names, summary)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    write_text(os.path.join(workdir, "results.md"), table + "\n")
     if config.task == "subtyping":
         plots.plot_roc([{"labels": r["predictions"]["labels"], "probs": r["predictions"]["probs"],
                          "auc": r["test"]["auc"]} for r in fold_results], coh.class_names,

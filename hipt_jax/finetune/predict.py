@@ -34,6 +34,7 @@ from hipt_jax.finetune import survival
 from hipt_jax.finetune.main import FinetuneError, bag_input
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig
 from hipt_jax.models import checkpoint
+from hipt_jax.outputs import atomic_path
 
 
 def _fold_dirs(run_dir: str) -> list[str]:
@@ -99,10 +100,11 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
         attention = np.stack([s[1] for s in scores])  # [folds,M] or [folds,M*R*C]
         m = len(bag["features_cls256"])
         attention = attention.reshape((len(folds), m, -1)) if attention.shape[1] != m else attention
-        np.savez(os.path.join(att_dir, sid + ".npz"), attention=attention, attention_mean=attention.mean(0),
-                 coords=bag.get("coords", np.zeros((m, 2), np.int64)))
+        with atomic_path(os.path.join(att_dir, sid + ".npz")) as tmp, open(tmp, "wb") as f:
+            np.savez(f, attention=attention, attention_mean=attention.mean(0),
+                     coords=bag.get("coords", np.zeros((m, 2), np.int64)))
         rows.append(_row(sid, logits, task, class_names))
-    with open(out_csv, "w", newline="") as f:
+    with atomic_path(out_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["slide_id"])
         w.writeheader()
         w.writerows(rows)

@@ -29,7 +29,10 @@ def overlay(region: np.ndarray, score: np.ndarray, alpha: float = 0.5, cmap: str
 
 
 def save_png(path: str, image: np.ndarray) -> str:
-    Image.fromarray(image).save(path)
+    from hipt_jax.outputs import atomic_path
+
+    with atomic_path(path) as tmp:  # a full disk leaves no truncated PNG
+        Image.fromarray(image).save(tmp)
     return path
 
 
@@ -100,6 +103,9 @@ def contact_sheet(path: str, region: np.ndarray, ov256: list, ov4k: list, ovblen
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.3)
-    fig.savefig(path)
+    from hipt_jax.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path
