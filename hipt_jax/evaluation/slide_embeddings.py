@@ -6,8 +6,8 @@ Each name maps to a function of one slide's bag arrays (hipt-extract output) -> 
                     (the paper's "mean ViT-256" baseline);
 - ``mean256_cls4k`` [576]: the region embedding [mean CLS-256 of the region, CLS-4K of the
                     region] (HIPT_4K's features_mean256_cls4k) averaged over regions.
-``wsi`` (a stage-3 slide-level model) is reserved: once it exists, ``register("wsi", keys, fn)``
-adds it and every command taking ``--embedding`` offers it.
+- ``wsi``           [192]: the stage-3 ViT-WSI CLS of the slide (``slide_embedding_wsi``, added
+                    to the bags by ``hipt-extract --vitwsi CKPT``; hipt_jax/wsi.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from data_prep.bags import SLIDES, BagError, list_bags, read_bag_file
 
 # name -> (bag keys read, function of those arrays -> [D])
 EMBEDDINGS: dict[str, tuple[tuple[str, ...], Callable[[dict], np.ndarray]]] = {}
-RESERVED = {"wsi": "needs a stage-3 slide model, which this version does not have yet"}
+RESERVED: dict[str, str] = {}
 
 
 def register(name: str, keys: tuple[str, ...], fn: Callable[[dict], np.ndarray]) -> None:
@@ -40,6 +40,7 @@ def _mean256_cls4k(a):  # per region [mean256 (384) | cls4k (192)] -> mean over 
 register("cls4k_mean", ("slide_embedding",), lambda a: a["slide_embedding"])
 register("cls256_mean", ("features_cls256",), _cls256_mean)
 register("mean256_cls4k", ("features_cls256", "features_cls4k"), _mean256_cls4k)
+register("wsi", ("slide_embedding_wsi",), lambda a: a["slide_embedding_wsi"])
 
 
 def check_name(name: str) -> None:
