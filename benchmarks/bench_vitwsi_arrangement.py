@@ -72,8 +72,10 @@ def main() -> None:
     emb = os.path.join(root, "emb")
     labels = write_cohort(emb, n_per_class=a.per_class, seed=a.seed)
     rows = {"cls4k_mean": _auc(emb, labels, "cls4k_mean", a.seed)}
+    print("cls4k_mean", rows["cls4k_mean"], flush=True)
     _random_wsi(emb, a.seed)
     rows["wsi (random init)"] = _auc(emb, labels, "wsi", a.seed)
+    print("wsi (random init)", rows["wsi (random init)"], flush=True)
     t0 = time.time()
     _cli("hipt_jax.cli.pretrain", "--config", "configs/pretrain_vitwsi.py", f"--workdir={root}/run",
          f"--config.data.path={emb}", f"--config.seed={a.seed}", f"--config.total_steps={a.steps}",

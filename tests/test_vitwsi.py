@@ -37,21 +37,19 @@ def _slide(seed=0, label=0):
 def test_padded_equals_unpadded(tiny_wsi):
     """Plant: drop the key mask in VisionTransformer._regions (padded keys then get weight)."""
     module, params = tiny_wsi
+    apply = jax.jit(lambda x, c, k: module.apply({"params": params}, x[None], coords=c[None],
+                                                 key_mask=None if k is None else k[None]))
     feats, cells = _slide()
     m = len(feats)
-    cls, aux = module.apply({"params": params}, jnp.asarray(feats)[None],
-                            coords=jnp.asarray(cells)[None])
-    padded = pad_slide(feats, cells, 64)
-    cls_p, aux_p = module.apply({"params": params}, *(jnp.asarray(x)[None] for x in padded[:1]),
-                                coords=jnp.asarray(padded[1])[None], key_mask=jnp.asarray(padded[2])[None])
+    cls, aux = apply(feats, cells, None)
+    cls_p, aux_p = apply(*pad_slide(feats, cells, 64))
     np.testing.assert_allclose(cls_p, cls, atol=1e-5)
     np.testing.assert_allclose(aux_p["attention"][0, :, 0, 1 + m:], 0.0, atol=1e-7)
     emb, attn = embed_slide(module, params, feats, cells)  # bucket padding (16 -> 32 here)
     np.testing.assert_allclose(emb, cls[0], atol=1e-5)
     assert attn.shape == (m,) and attn.sum() == pytest.approx(1.0, abs=1e-5)
     # Positions matter: a slide with its cells permuted is another slide.
-    moved, _ = module.apply({"params": params}, jnp.asarray(feats)[None],
-                            coords=jnp.asarray(cells[::-1].copy())[None])
+    moved, _ = apply(feats, cells[::-1].copy(), None)
     assert np.abs(np.asarray(moved - cls)).max() > 1e-4
 
 
@@ -203,6 +201,10 @@ def test_runlocal_export_reloads_and_feeds_extract_knn_and_lgp(stage3_run, tmp_p
     want, _ = loaded.module().apply({"params": loaded.params}, a["features_cls4k"][None],
                                     coords=grid_cells(a["coords"], 4096)[None])
     np.testing.assert_allclose(a["slide_embedding_wsi"], want[0], atol=1e-5)
+    from hipt_jax.wsi import wsi_attention  # what hipt-heatmap --vitwsi paints
+    coords, stored = wsi_attention(bag)
+    np.testing.assert_allclose(wsi_attention(bag, str(root / "run" / "export"))[1], stored, atol=1e-6)
+    assert len(coords) == len(stored) and stored.sum() == pytest.approx(1.0, abs=1e-5)
     assert knn.main(["--embeddings", str(root / "emb"), "--labels", labels, "--splits", "kfold:2", "--k", "3",
                      "--embedding", "wsi,cls4k_mean", "--out", str(tmp_path / "knn.json")]) == 0
     assert "wsi" in json.dumps(json.load(open(tmp_path / "knn.json")))
