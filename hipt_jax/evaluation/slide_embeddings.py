@@ -15,11 +15,15 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.bags import SLIDES, BagError, list_bags, read_bag_file
+from data_prep.bags import SLIDES, BagError, bag_keys, list_bags, read_bag_file
 
 # name -> (bag keys read, function of those arrays -> [D])
 EMBEDDINGS: dict[str, tuple[tuple[str, ...], Callable[[dict], np.ndarray]]] = {}
 RESERVED: dict[str, str] = {}
+# Names whose bag arrays only an extra pass writes (not hipt-extract by default): how to get them.
+# "all" leaves them out; asking for one on bags without it is a one-line error saying how.
+NEEDS_PASS = {"wsi": "hipt-extract --vitwsi STAGE3_EXPORT --out EMB (a stage-3 ViT-WSI from "
+                     "configs/pretrain_vitwsi.py)"}
 
 
 def register(name: str, keys: tuple[str, ...], fn: Callable[[dict], np.ndarray]) -> None:
@@ -43,6 +47,11 @@ register("mean256_cls4k", ("features_cls256", "features_cls4k"), _mean256_cls4k)
 register("wsi", ("slide_embedding_wsi",), lambda a: a["slide_embedding_wsi"])
 
 
+def names_for_all() -> list[str]:
+    """What ``--embedding all`` runs: every name that plain hipt-extract bags provide."""
+    return [n for n in EMBEDDINGS if n not in NEEDS_PASS]
+
+
 def check_name(name: str) -> None:
     if name in RESERVED:
         raise ValueError(f"--embedding {name}: {RESERVED[name]}")
@@ -55,8 +64,12 @@ def read(out_dir: str, name: str, failed: dict[str, str] | None = None) -> dict[
     bags are skipped and recorded in ``failed`` (or raise BagError without it)."""
     check_name(name)
     keys, fn = EMBEDDINGS[name]
+    found = list_bags(out_dir)
+    if name in NEEDS_PASS and found and not all(k in bag_keys(p) for p in found.values() for k in keys):
+        raise BagError(f"{out_dir}: --embedding {name}: some bags have no {', '.join(keys)}; "
+                       f"add it with {NEEDS_PASS[name]}")
     out = {}
-    for sid, path in list_bags(out_dir).items():
+    for sid, path in found.items():
         try:
             out[sid] = np.asarray(fn(read_bag_file(path, keys)), np.float32)
         except BagError as e:
