@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3, help="config.optim.lr (peak = lr * batch / 256)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="extra config override for the stage-3 run, e.g. --set head.out_dim=256")
     a = ap.parse_args()
     from hipt_jax.evaluation.arrangement import write_cohort
 
@@ -82,12 +84,13 @@ def main() -> None:
          f"--config.global_batch={a.batch}", f"--config.optim.lr={a.lr}",
          f"--config.optim.warmup_steps={max(1, a.steps // 10)}", "--config.teacher.momentum=0.99",
          "--config.head.out_dim=1024", "--config.data.num_workers=0",
-         f"--config.checkpoint.every_steps={a.steps}", f"--config.log_every={max(1, a.steps // 10)}")
+         f"--config.checkpoint.every_steps={a.steps}", f"--config.log_every={max(1, a.steps // 10)}",
+         *(f"--config.{kv}" for kv in a.set))
     train_s = time.time() - t0
     _cli("hipt_jax.cli.extract", "--vitwsi", f"{root}/run/export", "--out", emb, "--no-progress")
     rows[f"wsi (stage 3, {a.steps} steps)"] = _auc(emb, labels, "wsi", a.seed)
     print(f"arrangement cohort: {2 * a.per_class} slides, seed {a.seed}; stage 3: {a.steps} steps "
-          f"at batch {a.batch}, lr {a.lr}, {train_s:.0f} s (start-up and compilation included)")
+          f"at batch {a.batch}, lr {a.lr} {' '.join(a.set)}, {train_s:.0f} s (start-up and compilation included)")
     print(f"{'embedding':<28} " + "  ".join(f"{p:>22}" for p in next(iter(rows.values()))))
     for name, by_proto in rows.items():
         print(f"{name:<28} " + "  ".join(f"AUC {m:.3f} +/- {s:.3f}".rjust(22) for m, s in by_proto.values()))
