@@ -30,6 +30,7 @@ def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
         bag_weight=0.7,           # clam_sb: bag loss weight (1 - it: instance loss)
         local_arch="vit4k",       # the ViT-4K inside the LGP
         pretrained_vit4k="",      # ViT-4K checkpoint (Orbax dir or .pth); "" = random init
+        pretrained_global="",     # stage-3 ViT-WSI export: starts global_phi + the global layers
         # The reference's freeze_4k, whose default (class and command line) is off: the ViT-4K
         # is fine-tuned. Its README runs both ways; True precomputes the ViT-4K once (faster).
         freeze_local=False,

@@ -1,5 +1,5 @@
 """hipt-knn --embedding: the slide-KNN baselines on one cohort shaped like the demo's (8 slides,
-2 classes, kfold:4), one table, label fraction, plots, and the reserved `wsi` name."""
+2 classes, kfold:4), one table, label fraction, plots, and `wsi` on bags without its pass."""
 import json
 import os
 
@@ -48,11 +48,11 @@ def test_every_baseline_writes_its_row_in_one_table(tmp_path, capsys):
     np.testing.assert_allclose(got[:384], bag["features_cls256"].mean(axis=1).mean(0), rtol=1e-6)
 
 
-def test_wsi_is_reserved_and_unknown_names_fail(tmp_path, capsys):
+def test_wsi_without_its_pass_and_unknown_names_fail(tmp_path, capsys):
     emb, labels = _cohort(tmp_path)
     argv = ["--embeddings", emb, "--labels", labels, "--splits", "kfold:4"]
-    assert knn_cli.main(argv + ["--embedding", "wsi"]) == 2
+    assert knn_cli.main(argv + ["--embedding", "wsi"]) == 2  # bags without slide_embedding_wsi
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "stage-3" in err[0]
+    assert len(err) == 1 and "hipt-extract --vitwsi" in err[0]
     assert knn_cli.main(argv + ["--embedding", "cls4k_mean,nope"]) == 2
     assert "nope: unknown" in capsys.readouterr().err

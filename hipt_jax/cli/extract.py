@@ -4,6 +4,8 @@
     hipt-extract --random-init tiny --shards PREP_OUT --out EMB_DIR            # smoke test
     hipt-extract ... --format h5        # TRIDENT/CLAM h5 bags (or pt: official HIPT .pt bags)
     hipt-extract --vit256 A --vit4k B --slides SLIDES --coords COORDS --out EMB_DIR  # direct reads
+    hipt-extract --vitwsi STAGE3_EXPORT --out EMB_DIR   # add slide_embedding_wsi to existing bags
+    hipt-extract ... --shards PREP_OUT --out EMB_DIR --vitwsi STAGE3_EXPORT   # both in one go
 
 With --slides/--coords (coordinate files of `hipt-prep coords`, TRIDENT or CLAM) each region is
 read straight from the slide at --target-mpp: no region shards, no JPEG.
@@ -23,7 +25,11 @@ PROG = "hipt-extract"
 
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    flags.add_model_flags(p)
+    flags.add_model_flags(p, required=False)
+    p.add_argument("--vitwsi", default=None,
+                   help="stage-3 ViT-WSI export (hipt-pretrain configs/pretrain_vitwsi.py): add "
+                        "slide_embedding_wsi and attention_wsi to every bag; alone (no --shards/"
+                        "--slides) it runs over the bags already in --out")
     p.add_argument("--shards", default=None, help="hipt-prep regions output folder (with regions/)")
     d = p.add_argument_group("direct reads (instead of --shards)")
     d.add_argument("--slides", default=None, help="folder of slides (recursive) or CSV with path[,slide_id]")
@@ -43,8 +49,12 @@ def build_parser() -> flags.Parser:
         direct = args.slides is not None or args.coords is not None
         if direct and (args.slides is None or args.coords is None):
             parser.error("--slides and --coords go together")
+        if args.vitwsi and not direct and args.shards is None:
+            return  # the stage-3 pass alone, over --out's bags
         if direct == (args.shards is not None):
             parser.error("give either --shards or --slides with --coords")
+        if args.random_init == "none" and not args.vit256:
+            parser.error("give --vit256 CHECKPOINT (and usually --vit4k), or --random-init tiny|full")
     p.finish(_check_source)
     flags.add_compute_flags(p, batch_per_device=1, patch_batch=True)
     flags.add_storage_flags(p, choices=("float32", "float16"), default="float32")
@@ -54,6 +64,22 @@ def build_parser() -> flags.Parser:
 
 
 def _run(args) -> int:
+    if args.vitwsi and args.shards is None and args.slides is None:
+        return _vitwsi(args)
+    code = _run_extract(args)
+    return max(code, _vitwsi(args)) if args.vitwsi else code
+
+
+def _vitwsi(args) -> int:
+    """The stage-3 pass: slide_embedding_wsi (+ attention_wsi) into every bag of --out."""
+    from hipt_jax.wsi import add_wsi_embeddings
+
+    failed = add_wsi_embeddings(args.out, args.vitwsi, show_progress=not args.no_progress)
+    print(f"{PROG}: ViT-WSI slide embeddings added to the bags in {args.out}")
+    return flags.report_failed(PROG, failed)
+
+
+def _run_extract(args) -> int:
     import jax
 
     from data_prep.shards import MANIFEST

@@ -7,6 +7,8 @@ Region mode (the reference's hierarchical maps: ranked last-block CLS attention 
 Slide mode (one score per region painted over the slide):
     hipt-heatmap --slide S.svs --lgp runs/lgp/fold_0/checkpoint --embeddings EMB --out DIR
         (HIPT-LGP attention-pooling weights of the slide's regions; EMB = hipt-extract output)
+    hipt-heatmap --slide S.svs --vitwsi runs/vitwsi/export --embeddings EMB --out DIR
+        (stage-3 ViT-WSI CLS attention over the regions; --vitwsi stored: the bag's attention_wsi)
     hipt-heatmap --slide S.svs --region-scores scores.npz --out DIR
         (any scores: npz with coords [M,2] level-0 x,y; scores [M]; region_px: level-0 side)
 
@@ -79,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "coverage: (n4k*s4k + n256*s256)/(n4k + n256)")
     out.add_argument("--region-scores", help="slide mode: npz with coords, scores, region_px")
     out.add_argument("--lgp", help="slide mode: trained HIPT-LGP checkpoint (hipt-finetune fold_k/checkpoint)")
-    out.add_argument("--embeddings", help="slide mode with --lgp: hipt-extract output (slides/<id>.npz)")
+    out.add_argument("--embeddings", help="slide mode with --lgp/--vitwsi: hipt-extract output (slides/<id>.npz)")
+    out.add_argument("--vitwsi", help="slide mode: stage-3 ViT-WSI export (its CLS attention over the "
+                                      "regions), or 'stored' for the bag's attention_wsi (hipt-extract --vitwsi)")
     out.add_argument("--thumb-px", type=flags.int_at_least(64), default=2048, help="slide mode: longest side of the picture")
     return p
 
@@ -133,6 +137,23 @@ def _lgp_scores(args, slide):
     return coords, lgp_region_attention(args.lgp, feats), read_px
 
 
+def _vitwsi_scores(args, slide):
+    """Stage-3 CLS attention over this slide's regions (hipt_jax.wsi.wsi_attention)."""
+    from data_prep import bags, slide_io
+    from hipt_jax.wsi import wsi_attention
+
+    if not args.embeddings:
+        raise ValueError("--vitwsi needs --embeddings (the hipt-extract output with slides/<id>.npz)")
+    slide_id = os.path.splitext(os.path.basename(args.slide))[0]
+    bag = bags.find_bag(args.embeddings, slide_id)
+    if bag is None:
+        raise ValueError(f"{args.embeddings}: slide {slide_id!r} was not extracted")
+    coords, scores = wsi_attention(bag, None if args.vitwsi == "stored" else args.vitwsi)
+    mpp = slide_io.slide_mpp(slide, args.assume_mpp, args.slide)
+    read_px = slide_io.region_geometry(slide, mpp, args.size, args.target_mpp).read_px
+    return coords, scores, read_px
+
+
 def run_slide(args) -> dict:
     from data_prep import slide_io
     from hipt_jax.heatmap.render import save_png
@@ -143,6 +164,8 @@ def run_slide(args) -> dict:
     slide = slide_io.open_slide(args.slide)
     if args.lgp:
         coords, region_scores, region_px = _lgp_scores(args, slide)
+    elif args.vitwsi:
+        coords, region_scores, region_px = _vitwsi_scores(args, slide)
     else:
         coords, region_scores, region_px = _file_scores(args.region_scores)
     thumb = np.asarray(slide.get_thumbnail((args.thumb_px, args.thumb_px)).convert("RGB"))
@@ -158,7 +181,7 @@ def run_slide(args) -> dict:
 
 def _run(args) -> int:
     flags.check_output_dir(args.out)
-    written = run_slide(args) if (args.region_scores or args.lgp) else run_region(args)
+    written = run_slide(args) if (args.region_scores or args.lgp or args.vitwsi) else run_region(args)
     from hipt_jax.outputs import write_json
 
     write_json(os.path.join(args.out, "heatmap_outputs.json"), written, indent=1)

@@ -47,7 +47,8 @@ def build_parser() -> flags.Parser:
                    help="accept split files that put one patient in two parts (warned and recorded; "
                         "e.g. the official slide-level HIPT BRCA splits); refused by default")
     p.add_argument("--embedding", default="cls4k_mean",
-                   help="cls4k_mean (default), cls256_mean, mean256_cls4k, a comma list, or all")
+                   help="cls4k_mean (default), cls256_mean, mean256_cls4k, wsi (stage 3: after hipt-extract "
+                        "--vitwsi), a comma list, or all (all but wsi)")
     p.add_argument("--plot", action="store_true",
                    help="embedding map (t-SNE/UMAP) and confusion matrices next to --out")
     return p
@@ -73,7 +74,7 @@ def _fraction(text: str) -> float:
 def _names(text: str) -> list[str]:
     from hipt_jax.evaluation import slide_embeddings
 
-    names = list(slide_embeddings.EMBEDDINGS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    names = slide_embeddings.names_for_all() if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
     for n in names:
         slide_embeddings.check_name(n)
     return names

@@ -38,6 +38,12 @@ CONFIG_RANGES = {
     "data.num_workers": _I(0), "data.read_threads": _I(1), "data.prefetch": _I(1), "data.samples_per_epoch": _I(-1),
     "checkpoint.every_steps": _I(1), "checkpoint.keep": _I(1),
 }
+# Stage 3 (ViT-WSI) views are windows of regions, not pixel or grid crops.
+STAGE3_RANGES = {
+    **{k: v for k, v in CONFIG_RANGES.items() if k != "crops.global_size"},
+    "crops.global_tokens": _I(-1), "crops.region_dropout": _F(0.0, 1.0, low_open=False, high_open=True),
+    "crops.noise_std": _F(0.0, 100.0, low_open=False),
+}
 
 
 def _run() -> int:
@@ -47,7 +53,7 @@ def _run() -> int:
     config = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "compute_dtype"})
     if not absl_flags.FLAGS.workdir:
         raise flags.UsageError("--workdir is required")
-    flags.check_config(config, CONFIG_RANGES)
+    flags.check_config(config, STAGE3_RANGES if config.get("stage") == 3 else CONFIG_RANGES)
     flags.check_output_dir(absl_flags.FLAGS.workdir, _estimate_bytes(config))
     # Orbax logs every checkpoint step at INFO; keep the console for our progress lines.
     if logging.get_verbosity() == logging.INFO and not absl_flags.FLAGS["verbosity"].present:

@@ -6,8 +6,8 @@ Each name maps to a function of one slide's bag arrays (hipt-extract output) -> 
                     (the paper's "mean ViT-256" baseline);
 - ``mean256_cls4k`` [576]: the region embedding [mean CLS-256 of the region, CLS-4K of the
                     region] (HIPT_4K's features_mean256_cls4k) averaged over regions.
-``wsi`` (a stage-3 slide-level model) is reserved: once it exists, ``register("wsi", keys, fn)``
-adds it and every command taking ``--embedding`` offers it.
+- ``wsi``           [192]: the stage-3 ViT-WSI CLS of the slide (``slide_embedding_wsi``, added
+                    to the bags by ``hipt-extract --vitwsi CKPT``; hipt_jax/wsi.py).
 """
 from __future__ import annotations
 
@@ -15,11 +15,15 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.bags import SLIDES, BagError, list_bags, read_bag_file
+from data_prep.bags import SLIDES, BagError, bag_keys, list_bags, read_bag_file
 
 # name -> (bag keys read, function of those arrays -> [D])
 EMBEDDINGS: dict[str, tuple[tuple[str, ...], Callable[[dict], np.ndarray]]] = {}
-RESERVED = {"wsi": "needs a stage-3 slide model, which this version does not have yet"}
+RESERVED: dict[str, str] = {}
+# Names whose bag arrays only an extra pass writes (not hipt-extract by default): how to get them.
+# "all" leaves them out; asking for one on bags without it is a one-line error saying how.
+NEEDS_PASS = {"wsi": "hipt-extract --vitwsi STAGE3_EXPORT --out EMB (a stage-3 ViT-WSI from "
+                     "configs/pretrain_vitwsi.py)"}
 
 
 def register(name: str, keys: tuple[str, ...], fn: Callable[[dict], np.ndarray]) -> None:
@@ -40,6 +44,12 @@ def _mean256_cls4k(a):  # per region [mean256 (384) | cls4k (192)] -> mean over 
 register("cls4k_mean", ("slide_embedding",), lambda a: a["slide_embedding"])
 register("cls256_mean", ("features_cls256",), _cls256_mean)
 register("mean256_cls4k", ("features_cls256", "features_cls4k"), _mean256_cls4k)
+register("wsi", ("slide_embedding_wsi",), lambda a: a["slide_embedding_wsi"])
+
+
+def names_for_all() -> list[str]:
+    """What ``--embedding all`` runs: every name that plain hipt-extract bags provide."""
+    return [n for n in EMBEDDINGS if n not in NEEDS_PASS]
 
 
 def check_name(name: str) -> None:
@@ -54,8 +64,12 @@ def read(out_dir: str, name: str, failed: dict[str, str] | None = None) -> dict[
     bags are skipped and recorded in ``failed`` (or raise BagError without it)."""
     check_name(name)
     keys, fn = EMBEDDINGS[name]
+    found = list_bags(out_dir)
+    if name in NEEDS_PASS and found and not all(k in bag_keys(p) for p in found.values() for k in keys):
+        raise BagError(f"{out_dir}: --embedding {name}: some bags have no {', '.join(keys)}; "
+                       f"add it with {NEEDS_PASS[name]}")
     out = {}
-    for sid, path in list_bags(out_dir).items():
+    for sid, path in found.items():
         try:
             out[sid] = np.asarray(fn(read_bag_file(path, keys)), np.float32)
         except BagError as e:

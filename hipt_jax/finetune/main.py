@@ -84,6 +84,9 @@ def _init_variables(model, config, seed: int, grid: int, in_features: int = 384)
     if config.model.pretrained_vit4k:
         vit4k, _ = checkpoint.load_backbone(config.model.pretrained_vit4k, expect_arch="vit4k")
         variables = lgp.with_pretrained_local(variables, vit4k)
+    if config.model.get("pretrained_global"):
+        loaded = checkpoint.load(config.model.pretrained_global, kind="vit")
+        variables = lgp.with_pretrained_global(variables, loaded.params, config.model.pretrained_global)
     return variables
 
 
@@ -258,6 +261,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
         "embeddings": provenance.config_hash(emb_fp) if emb_fp is not None else
         provenance.config_hash(sorted(bags.list_bags(config.data.embeddings))),
         "pretrained_vit4k": provenance.content_hash(config.model.pretrained_vit4k or None),
+        **({"pretrained_global": provenance.content_hash(config.model.pretrained_global)}
+           if config.model.get("pretrained_global") else {}),
     }
 
 

@@ -14,7 +14,7 @@ from hipt_jax.models.vit import VisionTransformer
 
 _VIT_FIELDS = (
     "stem", "patch_size", "width", "depth", "num_heads", "mlp_dim", "pos_embed_grid",
-    "in_features",
+    "in_features", "pre_norm", "activation", "ln_eps",
 )
 
 
@@ -48,11 +48,40 @@ def vit4k_tiny() -> ml_collections.ConfigDict:
     return c
 
 
+def vitwsi() -> ml_collections.ConfigDict:
+    """ViT-WSI (stage 3): a slide's [M,192] CLS-4K region embeddings -> slide CLS [192].
+
+    The blocks are exactly HIPT-LGP's global transformer (2 post-norm layers, 3 heads, ReLU,
+    feed-forward 192, LayerNorm eps 1e-5) and the stem its Linear + ReLU ``phi``, so that a
+    stage-3 export initializes HIPT-LGP's global part (``model.pretrained_global``). Positions:
+    2D sin-cos of the region grid cell (no table; ``pos_embed_grid`` unused)."""
+    return _vit_config(arch="vitwsi", stem="regions", patch_size=1, in_features=192, width=192,
+                       depth=2, num_heads=3, mlp_dim=192, pos_embed_grid=0, pre_norm=False,
+                       activation="relu", ln_eps=1e-5)
+
+
+def vitwsi_tiny() -> ml_collections.ConfigDict:
+    """Tiny stand-in for ViT-WSI: 1 layer."""
+    c = vitwsi()
+    c.update(depth=1)
+    return c
+
+
+def vitwsi_576() -> ml_collections.ConfigDict:
+    """ViT-WSI over the 576-d ``mean256_cls4k`` region embeddings [mean CLS-256 | CLS-4K]."""
+    c = vitwsi()
+    c.update(in_features=576)
+    return c
+
+
 ARCHITECTURES = {
     "vit256": vit256_small,
     "vit4k": vit4k_xs,
     "vit256_tiny": vit256_tiny,
     "vit4k_tiny": vit4k_tiny,
+    "vitwsi": vitwsi,
+    "vitwsi_tiny": vitwsi_tiny,
+    "vitwsi_576": vitwsi_576,
 }
 
 
@@ -70,12 +99,16 @@ def build_vit(config: ml_collections.ConfigDict, *, drop_path_rate: float = 0.0,
     return VisionTransformer(
         stem=config.stem, patch_size=config.patch_size, width=config.width, depth=config.depth,
         num_heads=config.num_heads, mlp_dim=config.mlp_dim, pos_embed_grid=config.pos_embed_grid,
-        drop_path_rate=drop_path_rate, dtype=dtype,
+        drop_path_rate=drop_path_rate, dtype=dtype, pre_norm=config.get("pre_norm", True),
+        activation=config.get("activation", "gelu"), ln_eps=config.get("ln_eps", 1e-6),
     )
 
 
 def dummy_input(config: ml_collections.ConfigDict, batch: int = 1, grid: int = 14):
-    """A zero input of the right kind for ``init``: [B,grid*p,grid*p,3] or [B,grid,grid,F]."""
+    """A zero input of the right kind for ``init``: [B,grid*p,grid*p,3], [B,grid,grid,F] or,
+    for region tokens, [B,grid,F]."""
+    if config.stem == "regions":
+        return jnp.zeros((batch, grid, config.in_features), jnp.float32)
     if config.stem == "pixels":
         side = grid * config.patch_size
         return jnp.zeros((batch, side, side, config.in_features), jnp.float32)

@@ -165,6 +165,27 @@ def with_pretrained_local(variables, vit4k_variables):
     return dict(variables, params=params)
 
 
+def with_pretrained_global(variables, vitwsi_params, source: str = "stage-3 export"):
+    """Start the global part from a stage-3 ViT-WSI export (archs.vitwsi: the same layers):
+    its region stem -> global_phi, its encoder blocks -> global_transformer. The export's CLS
+    token, position codes and final norm have no place in HIPT-LGP (gated attention pooling,
+    no positions) and are left out; depth, width and heads must match exactly."""
+    params = dict(variables["params"])
+    mapping = {"global_phi": vitwsi_params.get("region_embed", {}).get("dense"),
+               "global_transformer": vitwsi_params.get("encoder")}
+    for name, theirs in mapping.items():
+        if theirs is None or _shapes(theirs) != _shapes(params[name]):
+            raise ValueError(f"{source}: not a ViT-WSI export matching HIPT-LGP's {name} "
+                             f"(width {params['global_phi']['kernel'].shape[1]}, "
+                             f"{_global_depth(params)} global layers)")
+        params[name] = jax.tree.map(jnp.asarray, theirs)
+    return dict(variables, params=params)
+
+
+def _global_depth(params) -> int:
+    return sum(1 for k in params["global_transformer"] if k.startswith("blocks_"))
+
+
 def _shapes(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in leaves}

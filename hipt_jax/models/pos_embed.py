@@ -79,3 +79,23 @@ def interpolate_pos_embed(pos_embed: jnp.ndarray, rows: int, cols: int) -> jnp.n
     # [rows, cols, D] -> [1, rows*cols, D], row-major like the token order.
     resized = resized.reshape(1, rows * cols, -1)
     return jnp.concatenate([cls_pos, resized], axis=1)
+
+
+def sincos_2d(grid_rc: jnp.ndarray, width: int, temperature: float = 10000.0) -> jnp.ndarray:
+    """Fixed 2D sine-cosine position codes of grid cells, for any grid shape and size.
+
+    ``grid_rc`` [..., 2] (row, column) cell indices (int or float) -> [..., width] float32:
+    the first half of the channels encodes the row, the second half the column, each as
+    [sin(p * w_k), cos(p * w_k)] with w_k = temperature^(-k / (width/4)), k < width/4 (the
+    2D layout MAE and ViT-WSI-style slide models use). No parameters: a slide of 3 x 200
+    regions and one of 40 x 40 get codes from the same function.
+    """
+    if width % 4:
+        raise ValueError(f"sincos_2d needs a width divisible by 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / temperature ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)  # [W/4]
+    pos = grid_rc.astype(jnp.float32)
+    # [..., 1] * [W/4] -> [..., W/4] per axis; then [sin | cos] of the row, [sin | cos] of the col.
+    rows = pos[..., 0:1] * omega
+    cols = pos[..., 1:2] * omega
+    return jnp.concatenate([jnp.sin(rows), jnp.cos(rows), jnp.sin(cols), jnp.cos(cols)], axis=-1)

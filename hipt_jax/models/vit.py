@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hipt_jax.models.pos_embed import interpolate_pos_embed
+from hipt_jax.models.pos_embed import interpolate_pos_embed, sincos_2d
 
 Dtype = Any
 
@@ -253,11 +253,30 @@ class FeatureStem(nn.Module):
         return gelu_exact(_dense(self.width, "dense", self.dtype)(grid))  # [B,R,C,D]
 
 
+class RegionStem(nn.Module):
+    """The slide-level (ViT-WSI) stem: Linear(in -> width) + activation per region embedding.
+    With ReLU it is HIPT-LGP's global ``phi`` (Linear + ReLU), so a stage-3 export can start
+    that model's global transformer (hipt_jax.models.lgp.with_pretrained_global)."""
+
+    width: int
+    activation: str = "relu"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, regions):
+        return _ACTIVATIONS[self.activation](_dense(self.width, "dense", self.dtype)(regions))  # [B,M,D]
+
+
 class VisionTransformer(nn.Module):
     """HIPT's ViT at any scale.
 
     Input: ``stem="pixels"``: normalized images [B,H,W,3] (H, W multiples of patch_size);
-    ``stem="features"``: feature grids [B,R,C,F] (R x C tokens, row-major).
+    ``stem="features"``: feature grids [B,R,C,F] (R x C tokens, row-major);
+    ``stem="regions"`` (stage 3, ViT-WSI): a slide's region embeddings [B,M,F] in any order,
+    with ``coords`` [B,M,2] their (row, column) on the slide's region grid (2D sin-cos
+    position codes, any grid shape) and ``key_mask`` [B,M] True for real regions (padding to a
+    bucket length leaves the real tokens' outputs unchanged). Without ``coords`` the regions are
+    taken as one row (0, 0..M-1), which only ``init`` should rely on.
     Returns ``(cls, aux)``: cls [B,D] after the final norm; aux["tokens"] [B,1+R*C,D] after the
     final norm; aux["attention"] [B,heads,1+R*C,1+R*C] softmax of the last block.
     """
@@ -271,17 +290,24 @@ class VisionTransformer(nn.Module):
     pos_embed_grid: int = 14
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    # Block style; the defaults are the ViT-256/4K ones. ViT-WSI uses HIPT-LGP's global layers
+    # (post-norm, ReLU, eps 1e-5), see archs.vitwsi.
+    pre_norm: bool = True
+    activation: str = "gelu"
+    ln_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x, train: bool = False, cls_only: bool = False):
+    def __call__(self, x, train: bool = False, cls_only: bool = False, coords=None, key_mask=None):
         """``cls_only=True`` skips the last block's work for non-CLS tokens: same CLS output,
         aux["tokens"] is then [B,1,D] and aux["attention"] [B,heads,1,1+N] (the CLS row)."""
+        if self.stem == "regions":
+            return self._regions(x, coords, key_mask, train, cls_only)
         if self.stem == "pixels":
             grid = PixelStem(self.width, self.patch_size, self.dtype, name="patch_embed")(x)
         elif self.stem == "features":
             grid = FeatureStem(self.width, self.dtype, name="phi")(x)
         else:
-            raise ValueError(f"unknown stem {self.stem!r}: expected 'pixels' or 'features'")
+            raise ValueError(f"unknown stem {self.stem!r}: expected 'pixels', 'features' or 'regions'")
         batch, rows, cols, width = grid.shape
         # [B,R,C,D] -> [B,R*C,D]: row-major tokens, token i*C+j is grid cell (i, j).
         tokens = grid.reshape(batch, rows * cols, width)
@@ -291,9 +317,30 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(cls_token.astype(tokens.dtype), (batch, 1, width))
         tokens = jnp.concatenate([cls, tokens], axis=1)  # [B,1+R*C,D]
         tokens = tokens + interpolate_pos_embed(pos_embed, rows, cols).astype(tokens.dtype)
+        return self._encode(tokens, None, train, cls_only)
+
+    def _encode(self, tokens, key_mask, train, cls_only):
+        """[B,1+N,D] tokens (CLS first) -> (cls [B,D], aux) through the blocks and final norm."""
         tokens, attn = Encoder(
-            self.depth, self.num_heads, self.mlp_dim, pre_norm=True, activation="gelu",
-            ln_eps=1e-6, drop_path_rate=self.drop_path_rate, dtype=self.dtype, name="encoder",
-        )(tokens, deterministic=not train, cls_only=cls_only)
-        tokens = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(tokens)
+            self.depth, self.num_heads, self.mlp_dim, pre_norm=self.pre_norm,
+            activation=self.activation, ln_eps=self.ln_eps, drop_path_rate=self.drop_path_rate,
+            dtype=self.dtype, name="encoder",
+        )(tokens, key_mask, deterministic=not train, cls_only=cls_only)
+        tokens = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(tokens)
         return tokens[:, 0], {"tokens": tokens, "attention": attn}
+
+    def _regions(self, x, coords, key_mask, train, cls_only):
+        """Stage-3 tokens: region embeddings + 2D sin-cos of their grid cell, CLS first."""
+        batch, n_regions, _ = x.shape
+        tokens = RegionStem(self.width, self.activation, self.dtype, name="region_embed")(x)  # [B,M,D]
+        if coords is None:
+            coords = jnp.stack([jnp.zeros((n_regions,)), jnp.arange(n_regions)], -1)[None]  # [1,M,2]
+        tokens = tokens + sincos_2d(coords, self.width).astype(tokens.dtype)
+        cls_token = self.param("cls_token", _kernel_init, (1, 1, self.width))
+        cls = jnp.broadcast_to(cls_token.astype(tokens.dtype), (batch, 1, self.width))
+        tokens = jnp.concatenate([cls, tokens], axis=1)  # [B,1+M,D]
+        mask = None
+        if key_mask is not None:
+            # [B,M] -> [B,1+M]: the CLS token is always a key.
+            mask = jnp.concatenate([jnp.ones((batch, 1), bool), key_mask.astype(bool)], axis=1)
+        return self._encode(tokens, mask, train, cls_only)

@@ -166,3 +166,148 @@ class FeatureMultiCrop(grain.transforms.Map):
         out["local"] = (np.stack(locals_) if locals_ else
                         np.zeros((0, self.local_size, self.local_size, feats.shape[-1]), np.float32))
         return out
+
+
+# ------------------------------------------------------------------- stage 3: slides of regions
+def _dihedral(rng, cells: np.ndarray) -> np.ndarray:
+    """One of the 8 flips/rotations of the grid, drawn from ``rng``, applied to [N,2] (row, col)
+    cells; the result is shifted so its smallest row and column are 0."""
+    rc = cells.astype(np.int64)
+    if rng.random() < 0.5:
+        rc = rc[:, ::-1]                  # transpose (with the flips: every rotation)
+    signs = np.where(rng.random(2) < 0.5, -1, 1)
+    rc = rc * signs
+    return (rc - rc.min(axis=0)).astype(np.float32) if len(rc) else rc.astype(np.float32)
+
+
+def _in_window(cells: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+    r, c = cells[:, 0], cells[:, 1]
+    return (r >= top) & (r < top + h) & (c >= left) & (c < left + w)
+
+
+def global_window(rng, cells: np.ndarray, scale=(0.5, 1.0), tries: int = 10) -> np.ndarray:
+    """Indices of the regions inside a random rectangle of the region grid holding at least
+    half of the slide's regions (ceil(M/2)); the area is a ``scale`` fraction of the tissue's
+    bounding box, the aspect ratio in [3/4, 4/3] (as a random resized crop). After ``tries``
+    misses the whole bounding box is the window."""
+    m = len(cells)
+    need = -(-m // 2)
+    rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+    for _ in range(tries):
+        area = rows * cols * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        h = min(rows, max(1, int(round(math.sqrt(area / aspect)))))
+        w = min(cols, max(1, int(round(math.sqrt(area * aspect)))))
+        top, left = int(rng.integers(0, rows - h + 1)), int(rng.integers(0, cols - w + 1))
+        inside = np.flatnonzero(_in_window(cells, top, left, h, w))
+        if len(inside) >= need:
+            return inside
+    return np.arange(m)
+
+
+def local_window(rng, cells: np.ndarray, size: int) -> np.ndarray:
+    """Indices of the regions in a size x size window placed over a random tissue region
+    (so it holds at least that one)."""
+    anchor = cells[int(rng.integers(0, len(cells)))]
+    top = int(anchor[0]) - int(rng.integers(0, size))
+    left = int(anchor[1]) - int(rng.integers(0, size))
+    return np.flatnonzero(_in_window(cells, top, left, size, size))
+
+
+def region_dropout(rng, idx: np.ndarray, rate: float, keep_at_least: int) -> np.ndarray:
+    """Drop each region with probability ``rate``, never going below ``keep_at_least``."""
+    drop = rng.random(len(idx)) < rate
+    n_drop = min(int(drop.sum()), max(0, len(idx) - keep_at_least))
+    dropped = np.flatnonzero(drop)[:n_drop]
+    return np.delete(idx, dropped)
+
+
+def region_view(rng, features: np.ndarray, cells: np.ndarray, idx: np.ndarray, length: int,
+                noise_std: float, feature_std: float):
+    """One padded view: (features [length,F], cells [length,2], mask [length]) from the regions
+    ``idx`` (subsampled to ``length`` when there are more), Gaussian noise of std
+    noise_std * the slide's feature std, and a random flip/rotation of the grid cells."""
+    if len(idx) > length:
+        idx = np.sort(rng.choice(idx, size=length, replace=False))
+    n, f = len(idx), features.shape[1]
+    feats = np.zeros((length, f), np.float32)
+    feats[:n] = features[idx] + rng.normal(0.0, noise_std * feature_std, (n, f)).astype(np.float32)
+    pos = np.zeros((length, 2), np.float32)
+    pos[:n] = _dihedral(rng, cells[idx])
+    mask = np.zeros((length,), bool)
+    mask[:n] = True
+    return feats, pos, mask
+
+
+def region_views(features: np.ndarray, cells: np.ndarray, seed: int, index: int, *,
+                 global_tokens: int, n_local: int, local_size: int, dropout: float = 0.1,
+                 noise_std: float = 0.05, global_scale=(0.5, 1.0)) -> dict[str, np.ndarray]:
+    """The DINO views of one slide, a pure function of (slide arrays, seed, index).
+
+    features [M,F] region embeddings, cells [M,2] (row, column) grid cells. Returns
+    global [2,Lg,F], global_coords [2,Lg,2], global_mask [2,Lg]   (Lg = global_tokens)
+    local  [n,Ll,F], local_coords  [n,Ll,2], local_mask  [n,Ll]   (Ll = local_size**2).
+    Global views: a rectangle with >= ceil(M/2) regions (global_window), region dropout that
+    keeps >= ceil(M/2) of them; local views: a local_size x local_size window over a random
+    region, dropout keeping >= 1. Every view: noise, flip/rotation of its cells.
+    """
+    features = np.asarray(features, np.float32)
+    cells = np.asarray(cells)
+    m = len(features)
+    if m == 0:
+        raise ValueError("slide has no regions")
+    rng = sample_rng(seed, index)
+    need = -(-m // 2)
+    feature_std = float(features.std()) if m > 1 else 1.0
+    out: dict[str, list] = {k: [] for k in ("global", "global_coords", "global_mask",
+                                            "local", "local_coords", "local_mask")}
+    views = [("global", global_tokens, None)] * 2 + [("local", local_size * local_size, local_size)] * n_local
+    for kind, length, size in views:
+        if kind == "global":
+            idx = region_dropout(rng, global_window(rng, cells, global_scale), dropout, need)
+        else:
+            idx = region_dropout(rng, local_window(rng, cells, size), dropout, 1)
+        feats, pos, mask = region_view(rng, features, cells, idx, length, noise_std, feature_std)
+        out[kind].append(feats)
+        out[f"{kind}_coords"].append(pos)
+        out[f"{kind}_mask"].append(mask)
+    f = features.shape[1]
+    empty = {"local": np.zeros((0, local_size**2, f), np.float32),
+             "local_coords": np.zeros((0, local_size**2, 2), np.float32),
+             "local_mask": np.zeros((0, local_size**2), bool)}
+    return {k: (np.stack(v) if v else empty[k]) for k, v in out.items()}
+
+
+class RegionMultiCrop(grain.transforms.Map):
+    """{"index", "features" [M,F], "cells" [M,2]} -> region_views(...) + "index"."""
+
+    def __init__(self, seed: int, global_tokens: int, n_local: int = 8, local_size: int = 4,
+                 dropout: float = 0.1, noise_std: float = 0.05, global_scale=(0.5, 1.0)):
+        self.seed, self.kw = seed, dict(global_tokens=global_tokens, n_local=n_local,
+                                        local_size=local_size, dropout=dropout,
+                                        noise_std=noise_std, global_scale=tuple(global_scale))
+
+    def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+        out = region_views(element["features"], element["cells"], self.seed, element["index"],
+                           **self.kw)
+        return {"index": np.int64(element["index"]), **out}
+
+
+def region_dummy_batch(config, batch: int, n_global: int) -> dict[str, np.ndarray]:
+    """Zero stage-3 batch with the pipeline's shapes (for init and the sharding layout)."""
+    crops, f = config.crops, config.model.in_features
+    lg, ll = crops.global_tokens, crops.local_size**2
+    if lg <= 0:
+        raise ValueError("crops.global_tokens is unresolved (-1): see data.resolve_config")
+    out = {"index": np.zeros((batch,), np.int64)}
+    for kind, n, length in (("global", n_global, lg), ("local", crops.n_local, ll)):
+        out[kind] = np.zeros((batch, n, length, f), np.float32)
+        out[f"{kind}_coords"] = np.zeros((batch, n, length, 2), np.float32)
+        out[f"{kind}_mask"] = np.ones((batch, n, length), bool)
+    return out
+
+
+def region_views_of_batch(batch: dict) -> dict:
+    """Stage-3 batch -> {"global": {"x", "coords", "mask"}, "local": {...}} (the model's input)."""
+    return {k: {"x": batch[k].astype(np.float32), "coords": batch[f"{k}_coords"], "mask": batch[f"{k}_mask"]}
+            for k in ("global", "local")}

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep import bags
-from hipt_jax.pretrain.augment import FeatureMultiCrop, ImageMultiCrop
+from hipt_jax.pretrain.augment import FeatureMultiCrop, ImageMultiCrop, RegionMultiCrop
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 FEATURE_EXTS = (".npy", ".pt")
@@ -123,6 +123,48 @@ class BagRegionSource:
         return {"features": feats}
 
 
+SLIDE_FEATURES = ("cls4k", "mean256_cls4k")
+
+
+class SlideBagSource:
+    """Stage 3 (ViT-WSI): one record per slide bag under ``folder`` (hipt-extract output, any
+    bag format): {"features" [M,F], "cells" [M,2] (row, column) on the slide's region grid}.
+
+    ``feature``: "cls4k" (features_cls4k [M,192]) or "mean256_cls4k" ([M,576]: the mean of the
+    region's ViT-256 CLS next to its CLS-4K). Cells come from the bag's level-0 corners divided
+    by its patch_size_level0 (inferred from the corners when the bag does not say).
+    """
+
+    def __init__(self, folder: str, feature: str = "cls4k"):
+        if feature not in SLIDE_FEATURES:
+            raise ValueError(f"data.feature {feature!r}: expected one of {SLIDE_FEATURES}")
+        found = bags.list_bags(folder)
+        if not found:
+            raise FileNotFoundError(f"{folder}: no bags (slides/*.npz|h5|pt or *.npz|h5|pt) found")
+        self.slide_ids, self.files, self.feature = list(found), list(found.values()), feature
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def max_regions(self) -> int:
+        return max(bags.num_regions(p) for p in self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from hipt_jax.models.vitwsi import grid_cells
+        path = self.files[int(index)]
+        keys = ("features_cls4k", "coords") + (("features_cls256",) if self.feature != "cls4k" else ())
+        a = bags.read_bag_file(path, keys)
+        feats = np.asarray(a["features_cls4k"], np.float32)
+        if self.feature == "mean256_cls4k":
+            # [M,R*C,384] -> [M,384], next to [M,192] -> [M,576]
+            feats = np.concatenate([np.asarray(a["features_cls256"], np.float32).mean(axis=1), feats], 1)
+        if len(feats) == 0 or len(a["coords"]) != len(feats):
+            raise ValueError(f"{path}: {len(feats)} region embeddings but {len(a['coords'])} "
+                             "coordinates (a slide needs >= 1 region, one corner each)")
+        step = bags.read_coords_attrs(path).get("patch_size_level0")
+        return {"features": feats, "cells": grid_cells(a["coords"], step)}
+
+
 def make_source(data_config: ml_collections.ConfigDict):
     """The source named by data.kind at data.path."""
     kind, path = data_config.kind, data_config.path
@@ -136,6 +178,8 @@ def make_source(data_config: ml_collections.ConfigDict):
     if kind == "bags":
         return BagRegionSource(path, expect_shape=(data_config.grid[0] * data_config.grid[1],
                                                    data_config.in_features))
+    if kind == "slide_bags":
+        return SlideBagSource(path, data_config.get("feature", "cls4k"))
     if kind == "patch_shards":
         from hipt_jax.data.sources import PatchSource
         return PatchSource(path)
@@ -143,11 +187,26 @@ def make_source(data_config: ml_collections.ConfigDict):
         from hipt_jax.data.sources import FeatureSource
         return FeatureSource(path)
     raise ValueError(f"unknown data.kind {kind!r}: png_folder, feature_folder, bags, "
-                     "patch_shards, feature_shards")
+                     "patch_shards, feature_shards, slide_bags")
+
+
+def resolve_config(config: ml_collections.ConfigDict, source) -> ml_collections.ConfigDict:
+    """``config`` with its data-dependent fields decided for ``source``: stage 3's
+    crops.global_tokens = -1 becomes the bucket length of the cohort's largest slide, so a global
+    view can always hold every region it keeps. Other stages: ``config`` unchanged."""
+    if config.stage != 3 or config.crops.global_tokens > 0:
+        return config
+    from hipt_jax.models.lgp import bucket_length
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.crops.global_tokens = bucket_length(source.max_regions())
+    return config
 
 
 def make_augment(config: ml_collections.ConfigDict) -> grain.transforms.Map:
     crops = config.crops
+    if config.stage == 3:
+        return RegionMultiCrop(config.seed, crops.global_tokens, crops.n_local, crops.local_size,
+                               crops.region_dropout, crops.noise_std, tuple(crops.global_scale))
     if config.stage == 1:
         return ImageMultiCrop(config.seed, crops.global_size, crops.local_size, crops.n_local,
                               tuple(crops.global_scale), tuple(crops.local_scale))

@@ -121,18 +121,27 @@ class MultiCropDINO(nn.Module):
         self.head = DINOHead(self.head_out_dim, self.head_hidden_dim, self.head_bottleneck_dim,
                              self.dtype)
 
-    def features(self, views: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """[B, V, *crop] -> [V*B, D] CLS features in view-major order."""
-        batch, n_views = views.shape[:2]
-        # [B,V,...] -> [V,B,...] -> [V*B,...]: view-major, as torch.cat(crops) in DINO.
-        flat = jnp.swapaxes(views, 0, 1).reshape((n_views * batch,) + views.shape[2:])
-        cls, _ = self.vit(flat.astype(self.dtype), train=train, cls_only=self.last_block_cls_only)
+    def features(self, views, train: bool) -> jnp.ndarray:
+        """[B, V, *crop] -> [V*B, D] CLS features in view-major order. Stage 3 views are a dict
+        {"x" [B,V,N,F], "coords" [B,V,N,2], "mask" [B,V,N]} of padded region sets."""
+        def view_major(a):
+            batch, n_views = a.shape[:2]
+            # [B,V,...] -> [V,B,...] -> [V*B,...]: view-major, as torch.cat(crops) in DINO.
+            return jnp.swapaxes(a, 0, 1).reshape((n_views * batch,) + a.shape[2:])
+        if isinstance(views, dict):
+            cls, _ = self.vit(view_major(views["x"]).astype(self.dtype), train=train,
+                              cls_only=self.last_block_cls_only, coords=view_major(views["coords"]),
+                              key_mask=view_major(views["mask"]))
+            return cls
+        cls, _ = self.vit(view_major(views).astype(self.dtype), train=train,
+                          cls_only=self.last_block_cls_only)
         return cls
 
     def __call__(self, global_views, local_views=None, train: bool = False):
         """Logits [V*B, out_dim]: global crops first, then local crops (if given)."""
         feats = [self.features(global_views, train)]
-        if local_views is not None and local_views.shape[1] > 0:
+        n_local = 0 if local_views is None else jax.tree.leaves(local_views)[0].shape[1]
+        if n_local > 0:
             feats.append(self.features(local_views, train))
         return self.head(jnp.concatenate(feats, axis=0)).astype(jnp.float32)
 

@@ -29,7 +29,7 @@ import numpy as np
 from hipt_jax import sharding as shd
 from hipt_jax.pretrain import data as data_lib
 from hipt_jax.pretrain import optimizer
-from hipt_jax.pretrain.augment import normalize_images
+from hipt_jax.pretrain.augment import normalize_images, region_dummy_batch, region_views_of_batch
 from hipt_jax.pretrain.head import build_model, head_for_export, head_from_checkpoint
 from hipt_jax.pretrain.loss import dino_loss, update_center
 from hipt_jax.pretrain.schedules import all_schedules
@@ -45,6 +45,8 @@ class NonFiniteLossError(RuntimeError):
 def dummy_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict[str, np.ndarray]:
     """Zero batch with the shapes the pipeline produces (images uint8, features float32)."""
     crops = config.crops
+    if config.stage == 3:  # slides of regions: padded sets + cells + key masks
+        return region_dummy_batch(config, batch, N_GLOBAL)
     if config.stage == 1:
         g = np.zeros((batch, N_GLOBAL, crops.global_size, crops.global_size, 3), np.uint8)
         loc = np.zeros((batch, crops.n_local, crops.local_size, crops.local_size, 3), np.uint8)
@@ -73,6 +75,8 @@ def _prepare_views(batch: dict, config: ml_collections.ConfigDict) -> dict:
     """Stage 1 crops arrive as uint8 and are normalized here, on device."""
     if config.stage == 1:
         return {k: normalize_images(batch[k], config.data.norm) for k in ("global", "local")}
+    if config.stage == 3:
+        return region_views_of_batch(batch)
     return {k: batch[k].astype(jnp.float32) for k in ("global", "local")}
 
 
@@ -140,7 +144,7 @@ def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
 
     def accumulate(state, views, sched, rng):
         """Sum of the n microbatches' gradients (lax.scan), then their mean."""
-        chunks = {k: _microbatches(v, n_micro) for k, v in views.items()}
+        chunks = jax.tree.map(lambda v: _microbatches(v, n_micro), views)
 
         def body(carry, xs):
             i, chunk = xs
@@ -190,7 +194,7 @@ def jit_update(config, mesh, state_shardings, freeze_last_layer_steps: int,
     rules = tuple(tuple(r) for r in config.sharding_rules)
     batch_sh = shd.batch_sharding(mesh, rules)
     rep = shd.replicated(mesh)
-    batch_shardings = {k: batch_sh for k in ("index", "global", "local")}
+    batch_shardings = {k: batch_sh for k in dummy_batch(config)}
     update = make_update(config, freeze_last_layer_steps, resolve_microbatches(config, mesh),
                          steps_per_epoch)
     return jax.jit(update,
@@ -479,6 +483,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
         raise ValueError(f"global_batch {config.global_batch} is not divisible by the "
                          f"{mesh.size} devices")
     source = data_lib.make_source(config.data)
+    config = data_lib.resolve_config(config, source)
     steps_per_epoch = _steps_per_epoch(config, source)
     freeze_steps = config.optim.freeze_last_layer_epochs * steps_per_epoch
     total = config.total_steps
