@@ -12,8 +12,9 @@ SPMD program is per device, so it reads directly as:
 
 A plan compiled by XLA:CPU is an estimate of an accelerator's: the sharding, parameter and
 optimizer bytes are exact, the temporaries depend on the backend's fusion and layout choices.
-The largest per-device batch that fits is found by compiling powers of two (then bisecting
-between the last that fits and the first that does not); beyond it, a batch needs
+The largest per-device batch that fits is found from a few compiles (the line through two
+plans predicts it, compiles around the prediction bracket it to within 1/8); beyond it, a batch
+needs
 ``ceil(batch / largest)`` microbatches (hipt_jax.pretrain.trainer accumulates them).
 """
 from __future__ import annotations
@@ -109,26 +110,39 @@ def hipt4k_plan(mesh, per_device_batch: int, region_px: int = 4096, patch_batch:
 # ------------------------------------------------------------------------------ the search
 def largest_fitting(plan_at, hbm: int, start: int = 1, limit: int = 4096) -> tuple[int, Optional[dict]]:
     """Largest per-device batch b <= limit with plan_at(b)["total"] <= hbm (0 when even
-    ``start`` does not fit): doubling, then bisection. -> (b, its plan)."""
-    fits, best_plan, b = 0, None, start
-    misses = None
-    while b <= limit:
-        plan = plan_at(b)
-        if plan["total"] > hbm:
-            misses = b
-            break
-        fits, best_plan, b = b, plan, b * 2
-    if misses is None or fits == 0:
-        return fits, best_plan
-    lo, hi = fits, misses  # lo fits, hi does not
-    while hi - lo > max(1, lo // 8):  # to within 1/8: each step is a full compile
-        mid = (lo + hi) // 2
-        plan = plan_at(mid)
-        if plan["total"] <= hbm:
-            lo, best_plan = mid, plan
+    ``start`` does not fit), to within 1/8. XLA's buffers grow about linearly with the batch,
+    so the line through two compiles predicts the answer; compiles around the prediction then
+    bracket it (each probe is a full compile: a handful instead of a doubling search).
+    -> (b, its plan)."""
+    def fits(b):
+        return plan_at(b)["total"] <= hbm
+
+    if not fits(start):
+        return 0, None
+    lo, hi = start, limit + 1  # lo fits, hi does not (limit + 1: nothing known yet)
+    second = min(limit, 2 * start)
+    if second > lo:
+        if fits(second):
+            lo = second
         else:
-            hi = mid
-    return lo, best_plan
+            hi = second
+    a, b = plan_at(start)["total"], plan_at(lo if lo > start else second)["total"]
+    x = lo if lo > start else second
+    slope = (b - a) / (x - start) if x > start else 0.0
+    guess = limit if slope <= 0 else start + int((hbm - a) / slope)
+    guess = max(lo + 1, min(guess, hi - 1))
+    while hi - lo > max(1, lo // 8):
+        if fits(guess):
+            lo = guess
+        else:
+            hi = guess
+        # next probe: just above a fitting guess (a near-exact prediction ends at once),
+        # else the middle of the bracket
+        step = max(1, lo // 16)
+        guess = lo + step if guess == lo and lo + step < hi else (lo + hi) // 2
+        if guess <= lo or guess >= hi:
+            break
+    return lo, plan_at(lo)
 
 
 def microbatches_needed(per_device_batch: int, largest: int) -> Optional[int]:
