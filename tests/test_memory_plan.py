@@ -55,6 +55,7 @@ def test_largest_fitting_and_microbatches():
     assert memory_plan.microbatches_needed(32, 0) is None
 
 
+@pytest.mark.slow  # a fresh process that re-executes itself and compiles: ~20 s of CPU idle
 def test_cli_plan_on_two_fake_devices_with_fsdp(tmp_path):
     """The command re-executes itself with 2 fake CPU devices; with fsdp=2 each device holds
     about half of the parameters. Plant: drop the re-exec -> 'JAX sees 1 device(s)', exit 2."""
@@ -75,3 +76,11 @@ def test_cli_plan_on_two_fake_devices_with_fsdp(tmp_path):
     n = sum(int(np.size(x)) for x in jax.tree.leaves(trainer.create_state(get_config("runlocal"),
                                                                              jax.random.key(0))["student"]))
     assert 0.5 * 8 * n <= rows[0]["plan"]["params"] < 0.75 * 8 * n
+
+
+def test_cli_plan_bad_input_is_one_line_exit_2():
+    """Plant: parse_bytes returns 0 for text it cannot read -> the plan runs, exit 0, fails."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "1", "--hbm", "lots"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 2 and "--hbm 'lots'" in res.stderr and "Traceback" not in res.stderr
