@@ -25,7 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # HIPT4K: the full region path (crop, ViT-256 over patch minibatches, ViT-4K), one region,
     # measured exactly as benchmarks/bench_inference.py does (see hipt_jax/profiler.py).
     c.hipt4k = ml_collections.ConfigDict(dict(enabled=True, arch256="vit256", arch4k="vit4k",
-                                              region_px=4096, batch=1, patch_batch=8))
+                                              region_px=4096, batch=1, patch_batch=0))  # 0: auto
     # One DINO update step of each stage (the configs/pretrain_*.py config + overrides).
     c.pretrain_vit256 = ml_collections.ConfigDict(dict(enabled=True, config_arg="", global_batch=16))
     c.pretrain_vit4k = ml_collections.ConfigDict(dict(enabled=True, config_arg="", global_batch=64))

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from data_prep import bags, shards
 from hipt_jax import provenance, sharding
+from hipt_jax.prefetch import prefetch_to_device
 
 PATCH = 256  # pixels per ViT-256 patch
 EMBEDDINGS_SCHEMA = "hipt.embeddings.v1"
@@ -128,7 +129,7 @@ class Extractor:
     def regions(self, images_u8: np.ndarray):
         """uint8 [b,H,W,3] (b <= batch) -> async (cls256 [batch,R*C,384], cls4k [batch,192] or
         None without a ViT-4K)."""
-        return self._full(self.params256, self.params4k, jax.device_put(self._pad(images_u8), self._data))
+        return self._full(self.params256, self.params4k, self._put(images_u8))
 
     def grids(self, grids: np.ndarray):
         """[b,R,C,384] precomputed ViT-256 features -> async cls4k [batch,192]."""
@@ -142,10 +143,32 @@ class Extractor:
     def _region_batches(self, records: Iterable[dict]) -> Iterator[tuple[list[dict], np.ndarray, tuple]]:
         """(region records, decoded images [b,H,W,3], device outputs cut to b) per device batch."""
         batches = batches_by_key(records, self.batch, key=lambda r: r["region_px"])
-        for batch, images in _prefetch_decoded(batches, self._pool):
-            out256, out4k = self.regions(images)
-            cls4k = None if out4k is None else np.asarray(out4k)[: len(batch)]
-            yield batch, images, (np.asarray(out256)[: len(batch)], cls4k)
+        return self.pipelined(_prefetch_decoded(batches, self._pool))
+
+    def pipelined(self, batches: Iterable[tuple]) -> Iterator[tuple]:
+        """(key, images [b,H,W,3]) pairs -> (key, images, host outputs cut to b), with two
+        batches on their way to the devices and batch i+1 dispatched before batch i's results
+        are read (the host writes i while the device runs i+1)."""
+        on_device = prefetch_to_device(batches, lambda bi: (bi, self._put(bi[1])))
+        running = None  # the batch dispatched last: its results are read after the next dispatch
+        for (batch, images), regions in on_device:
+            dispatched = (batch, images, self._full(self.params256, self.params4k, regions))
+            if running is not None:
+                yield self._fetched(*running)
+            running = dispatched
+        if running is not None:
+            yield self._fetched(*running)
+
+    def _put(self, images_u8: np.ndarray):
+        """Padded uint8 batch -> its (asynchronous) copy on the devices' data axis."""
+        return jax.device_put(self._pad(images_u8), self._data)
+
+    @staticmethod
+    def _fetched(batch, images, outputs):
+        """(records, images, host outputs cut to the real batch) of a dispatched batch."""
+        out256, out4k = outputs
+        cls4k = None if out4k is None else np.asarray(out4k)[: len(batch)]
+        return batch, images, (np.asarray(out256)[: len(batch)], cls4k)
 
     # -------------------------------------------------------------- per-region feature shards
     def write_feature_shard(self, region_records: Iterable[dict], writer,
@@ -464,11 +487,10 @@ def embed_slide_direct(extractor: Extractor, slide, coords: np.ndarray, geom, *,
     progress = progress if progress is not None else tqdm(disable=True)
     cls256, cls4k = [], []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, readers)) as read_pool:
-        for chunk, images in _prefetch_read(slide, coords, geom, extractor.batch, read_pool,
-                                            extractor._pool):
-            out256, out4k = extractor.regions(images)
-            cls256.append(np.asarray(out256)[: len(chunk)])
-            cls4k.append(np.asarray(out4k)[: len(chunk)])
+        batches = _prefetch_read(slide, coords, geom, extractor.batch, read_pool, extractor._pool)
+        for chunk, _, (out256, out4k) in extractor.pipelined(batches):
+            cls256.append(out256)
+            cls4k.append(out4k)
             progress.update(len(chunk))
     cls4k_all = np.concatenate(cls4k).astype(np.float32)
     return {"features_cls256": np.concatenate(cls256), "features_cls4k": cls4k_all,

@@ -194,13 +194,14 @@ def hipt4k_forward(cfg):
     import functools
 
     from hipt_jax.models.archs import build_vit, dummy_input, get_arch
-    from hipt_jax.models.hipt4k import region_forward
+    from hipt_jax.models.hipt4k import auto_patch_batch, region_forward
 
     c256, c4k = get_arch(cfg.hipt4k.arch256), get_arch(cfg.hipt4k.arch4k)
     k256, k4k = jax.random.split(jax.random.PRNGKey(cfg.seed))
     p256 = jax.jit(build_vit(c256).init)(k256, dummy_input(c256))
     p4k = jax.jit(build_vit(c4k).init)(k4k, dummy_input(c4k))
-    fn = functools.partial(region_forward, config256=c256, config4k=c4k, patch_batch=cfg.hipt4k.patch_batch,
+    patch_batch = auto_patch_batch(cfg.hipt4k.patch_batch or None, c256, _dtype(cfg.dtype))  # 0: auto
+    fn = functools.partial(region_forward, config256=c256, config4k=c4k, patch_batch=patch_batch,
                            dtype=_dtype(cfg.dtype))
     return fn, (p256, p4k), c256, c4k
 
@@ -212,7 +213,7 @@ def profile_hipt4k(cfg, peak: float, trace_dir: str = "") -> dict:
     res = compile_and_time(fn, (p256, p4k, regions), cfg.repeats, trace_dir=trace_dir, name="hipt4k")
     flops = batch * hipt4k_region_flops(c256, c4k, side, side)
     return _row("HIPT4K region", "regions/s", batch, res, flops, peak, "analytic",
-                region_px=side, patch_batch=cfg.hipt4k.patch_batch, s_per_region=res["step_s"] / batch)
+                region_px=side, patch_batch=fn.keywords["patch_batch"], s_per_region=res["step_s"] / batch)
 
 
 def pretrain_config(stage: int, section):
@@ -250,10 +251,18 @@ def profile_pretrain(stage: int, cfg, peak: float, trace_dir: str = "") -> dict:
                            carry=lambda args, out: (out[0], args[1], args[2]))
     crops = config.global_batch * (trainer.N_GLOBAL + config.crops.n_local)
     name = "DINO step ViT-256 (stage 1)" if stage == 1 else "DINO step ViT-4K (stage 2)"
+    fed = {"state": trainer.init_sharded_state(config, mesh, jax.random.key(cfg.seed))[0]}
+
+    def fed_step(device_batch):  # the update on a fresh state (the timed one was donated)
+        fed["state"], metrics = update(fed["state"], device_batch, step_rng)
+        return metrics
+
+    batch_sh = shd.batch_sharding(mesh, rules)
+    feed = {"step": fed_step, "put": lambda local: shd.global_batch(local, batch_sh)}
     flops = flops or xla_flops(res["compiled"])
     return _row(name, "images/s", config.global_batch, res, flops, peak, "xla",
                 global_batch=config.global_batch, crops_per_step=crops, devices=mesh.size,
-                microbatches=n_micro,
+                microbatches=n_micro, feed=feed,
                 arch=config.model.arch + ("" if config.model.depth in (12, 6) else "-tiny"))
 
 
@@ -308,7 +317,33 @@ def profile_loader(stage: int, cfg, step_row: dict | None) -> dict:
     if step_row is not None:
         # > 1: the loader outruns the update step (it is not the bottleneck).
         row["loader_over_step"] = step_row["step_s"] / step
+        feed = step_row.get("feed")
+        if feed is not None:  # the update fed by this loader, as the trainer runs it
+            iterator = data_lib.make_iterator(config, source, process_index=0, process_count=1,
+                                              num_steps=cfg.loader.batches + 1)
+            next(iterator)  # worker start-up is not a step
+            batches = (next(iterator) for _ in range(cfg.loader.batches))
+            row["host_wait_share"] = host_wait_share(feed["step"], batches, feed["put"], step_row["step_s"])
+            if hasattr(iterator, "close"):
+                iterator.close()
     return row
+
+
+def host_wait_share(step, batches, put, device_step_s: float) -> float:
+    """Share of a fed training loop's wall time in which the device waits for the host:
+    ``1 - n * device_step_s / wall`` for n steps run on batches from ``batches`` (prefetched
+    to the device two ahead, as the trainers do), clipped to [0, 1]. ``device_step_s`` is the
+    step's time on device-resident inputs (compile_and_time)."""
+    from hipt_jax.prefetch import prefetch_to_device
+
+    n, out = 0, None
+    t0 = time.perf_counter()
+    for batch in prefetch_to_device(batches, put):
+        out = step(batch)
+        n += 1
+    jax.block_until_ready(out)
+    wall = time.perf_counter() - t0
+    return min(1.0, max(0.0, 1.0 - n * device_step_s / wall)) if n else 0.0
 
 
 # ------------------------------------------------------------------------------ report
@@ -335,6 +370,7 @@ def run_profile(cfg) -> dict:
             rows.append(profile_loader(stage, cfg, steps.get(stage)))
     for row in rows:
         row.pop("compiled", None)
+        row.pop("feed", None)
     return report
 
 
@@ -355,7 +391,9 @@ def format_table(report: dict) -> str:
             "" if r["gflop_per_step"] is None else f"{r['gflop_per_step']:.4g}",
             "" if r["gflop_s"] is None else f"{r['gflop_s']:.1f}",
             "" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%",
-            mem_txt + (f"  (loader/step {r['loader_over_step']:.2f}x)" if "loader_over_step" in r else ""),
+            mem_txt + (f"  (loader/step {r['loader_over_step']:.2f}x)" if "loader_over_step" in r else "")
+            + (f"  (device waits for host {100 * r['host_wait_share']:.0f}% of the step)"
+               if "host_wait_share" in r else ""),
         ])
     widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
     lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -364,3 +402,41 @@ def format_table(report: dict) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines.append(f"\nprocess peak RSS {rss:.0f} MB (all sections)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ calibration
+def calibrate(cfg) -> list[str]:
+    """``hipt-profile --calibrate``: measure this machine's CPU minibatch sizes for the enabled
+    sections and store them (hipt_jax.models.minibatch); returns one line per result."""
+    from hipt_jax import sharding as shd
+    from hipt_jax.models import minibatch
+    from hipt_jax.models.archs import get_arch
+    from hipt_jax.models.hipt4k import calibrate_patch_batch
+    from hipt_jax.pretrain import trainer
+
+    lines = []
+    if cfg.hipt4k.enabled:
+        best = calibrate_patch_batch(get_arch(cfg.hipt4k.arch256), _dtype(cfg.dtype), repeats=cfg.repeats)
+        lines.append(f"HIPT4K patch_batch: {best} (stored in {minibatch.cache_file()})")
+    for stage, section in ((1, cfg.pretrain_vit256), (2, cfg.pretrain_vit4k)):
+        if not section.enabled:
+            continue
+        config = pretrain_config(stage, section)
+        mesh = shd.make_mesh(dict(config.mesh))
+        per_device = config.global_batch // mesh.size
+        rules = tuple(tuple(r) for r in config.sharding_rules)
+
+        def seconds_per_sample(samples: int) -> float:
+            config.microbatches = per_device // samples
+            state, state_sh = trainer.init_sharded_state(config, mesh, jax.random.key(cfg.seed))
+            batch = shd.global_batch(trainer.dummy_batch(config, config.global_batch),
+                                     shd.batch_sharding(mesh, rules))
+            update = trainer.jit_update(config, mesh, state_sh, freeze_last_layer_steps=0)
+            res = compile_and_time(update, (state, batch, jax.random.key(1)), cfg.repeats,
+                                   carry=lambda args, out: (out[0], args[1], args[2]))
+            return res["step_s"] / config.global_batch
+
+        candidates = [s for s in (1, 2, 4, 8, 16, 32) if s <= per_device and per_device % s == 0]
+        best = minibatch.calibrate(minibatch.microbatch_key(config), candidates, seconds_per_sample)
+        lines.append(f"pretraining stage {stage}: {best} sample(s) per device per microbatch")
+    return lines

@@ -295,7 +295,11 @@ def test_microbatches_auto_and_bad_counts():
     mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
     assert c.microbatches == -1  # auto by default
     c.global_batch = 64
-    assert trainer.resolve_microbatches(c, mesh) == 64 // trainer.CPU_SAMPLES_PER_MICROBATCH
+    # Samples per microbatch come from the machine (hipt_jax.models.minibatch); pinned to 4 here.
+    from hipt_jax.models import minibatch
+    mp = pytest.MonkeyPatch()
+    mp.setattr(minibatch, "samples_per_microbatch", lambda config, per_device, info=None: min(4, per_device))
+    assert trainer.resolve_microbatches(c, mesh) == 64 // 4
     c.global_batch = 6  # 6 // 4 = 1 chunk
     assert trainer.resolve_microbatches(c, mesh) == 1
     c.global_batch = 40  # 40 // 4 = 10 chunks of 4
@@ -305,3 +309,4 @@ def test_microbatches_auto_and_bad_counts():
         trainer.resolve_microbatches(c, mesh)
     c.microbatches = 8
     assert trainer.resolve_microbatches(c, mesh) == 8
+    mp.undo()

@@ -89,6 +89,7 @@ def test_cli_runlocal_all_sections(tmp_path):
     assert step["gflop_per_step"] > 0 and step["flops_source"] == "xla"
     assert os.listdir(tmp_path / "trace")
     assert "loader/step" in res.stdout
+    assert "device waits for host" in res.stdout  # share of the step the device waits (prefetched loop)
 
 
 def test_cli_bad_config(tmp_path):

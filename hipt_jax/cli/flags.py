@@ -391,10 +391,9 @@ def add_compute_flags(p, *, compute_dtype: bool = True, batch_per_device: Option
         g.add_argument("--batch-per-device", type=_positive_int, default=batch_per_device, help=batch_help)
         add_deprecated(g, "--batch", "--batch-per-device", "batch_per_device", type=_positive_int)
     if patch_batch:
-        from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH
-
-        g.add_argument("--patch-batch", type=_positive_int, default=DEFAULT_PATCH_BATCH,
-                       help=f"ViT-256 patches per minibatch (default {DEFAULT_PATCH_BATCH})")
+        g.add_argument("--patch-batch", type=_positive_int, default=None,
+                       help="ViT-256 patches per minibatch (default: auto, chosen for this machine: "
+                            "hipt-profile --calibrate measures it once, else the CPU's cache sizes decide)")
 
 
 def add_storage_flags(p, *, choices: tuple[str, ...], default: str, deprecated_dtype: bool = False) -> None:

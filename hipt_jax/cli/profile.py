@@ -1,6 +1,15 @@
 """hipt-profile: how fast each HIPT stage runs on the current devices.
 
     hipt-profile --config configs/profile.py[:runlocal] [--config.json=out.json] [--config.trace_dir=DIR]
+    hipt-profile --plan --devices 8 --hbm 80GB[,40GB] [--fsdp 1] [--sections stage1,stage2,hipt4k]
+    hipt-profile --calibrate --config configs/profile.py   # this machine's CPU minibatch sizes
+
+--plan: per-device memory plans of the full-size updates and extraction for N devices without
+the hardware (hipt_jax.memory_plan); on CPU the command re-executes itself with N fake devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=N). No --config needed.
+--calibrate: times the candidate ViT-256 minibatches of the region program (and, for the enabled
+pretraining sections, the samples per microbatch of the update) and stores the fastest for this
+machine (hipt_jax.models.minibatch), which "auto" then uses.
 
 What it measures: hipt_jax.profiler (run_profile). Shared flags (hipt_jax.cli.flags): --seed
 (sets config.seed), --compute-dtype (sets config.dtype, the models' compute dtype),
@@ -12,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional
 
 from hipt_jax.cli import flags
@@ -21,19 +31,57 @@ PROG = "hipt-profile"
 _I = flags.int_at_least
 CONFIG_RANGES = {
     "repeats": _I(1), "seed": _I(0), "matmul.n": _I(1), "matmul.repeats": _I(1), "vit256.batch": _I(1),
-    "hipt4k.region_px": _I(256), "hipt4k.batch": _I(1), "hipt4k.patch_batch": _I(1),
+    "hipt4k.region_px": _I(256), "hipt4k.batch": _I(1), "hipt4k.patch_batch": _I(0),
     "pretrain_vit256.global_batch": _I(1), "pretrain_vit4k.global_batch": _I(1),
     "loader.num_records": _I(1), "loader.batches": _I(1), "loader.num_workers": _I(0),
 }
 
 
+def _run_plan() -> int:
+    from absl import flags as absl_flags
+
+    from hipt_jax import memory_plan
+
+    f = absl_flags.FLAGS
+    if f.devices < 1:
+        raise flags.UsageError("--plan needs --devices N (N >= 1)")
+    try:
+        hbms = [memory_plan.parse_bytes(h) for h in f.hbm]
+    except ValueError as e:
+        raise flags.UsageError(str(e)) from None
+    rows = memory_plan.run_plan(f.devices, hbms, fsdp=f.fsdp, sections=f.sections, tiny=f.tiny,
+                                search=f.search, compute_dtype=f["compute-dtype"].value)
+    print(memory_plan.format_plan(rows), flush=True)
+    print("(XLA:CPU buffer assignment of the SPMD program, per device: an estimate of an "
+          "accelerator's; params/optimizer/inputs are exact)")
+    if f.plan_json:
+        with open(f.plan_json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+        print(f"wrote {f.plan_json}")
+    return flags.EXIT_OK
+
+
+def _run_calibrate(cfg) -> int:
+    from hipt_jax.profiler import calibrate
+
+    for line in calibrate(cfg):
+        print(line, flush=True)
+    return flags.EXIT_OK
+
+
 def _run() -> int:
     import jax
+    from absl import flags as absl_flags
 
     from hipt_jax import distributed
     from hipt_jax.profiler import format_table, run_profile
 
+    if absl_flags.FLAGS.plan:
+        return _run_plan()
     cfg = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "dtype"})
+    if absl_flags.FLAGS.calibrate:
+        flags.check_config(cfg, CONFIG_RANGES)
+        return _run_calibrate(cfg)
     flags.check_config(cfg, CONFIG_RANGES)
     for path in (cfg.json and os.path.dirname(os.path.abspath(cfg.json)), cfg.trace_dir):
         if path:
@@ -59,7 +107,48 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "config" not in absl_flags.FLAGS:
         config_flags.DEFINE_config_file("config", None, "profile config file[:runlocal]", lock_config=True)
     flags.define_absl_shared_flags(seed=True, compute_dtype=True)
+    if "plan" not in absl_flags.FLAGS:
+        absl_flags.DEFINE_bool("plan", False, "per-device memory plans for --devices N (no execution)")
+        absl_flags.DEFINE_integer("devices", 0, "--plan: number of devices of the mesh")
+        absl_flags.DEFINE_list("hbm", ["80GB"], "--plan: memory per device, one or more (80GB,40GB)")
+        absl_flags.DEFINE_integer("fsdp", 1, "--plan: size of the mesh's fsdp axis (data = devices / fsdp)")
+        absl_flags.DEFINE_list("sections", ["stage1", "stage2", "hipt4k"], "--plan: programs to plan")
+        absl_flags.DEFINE_bool("tiny", False, "--plan: tiny archs (a quick check of the command)")
+        absl_flags.DEFINE_bool("search", True, "--plan: search the largest per-device batch that fits")
+        absl_flags.DEFINE_string("plan_json", "", "--plan: also write the rows here")
+        absl_flags.DEFINE_bool("calibrate", False, "measure this machine's CPU minibatch sizes and store them")
+    _fake_devices_for_plan(sys.argv if argv is None else argv, reexec=argv is None)
     flags.absl_main(PROG, _run, argv)
+
+
+def _requested_devices(argv: list[str]) -> int:
+    """N of --devices N / --devices=N when --plan is given, else 0 (before flag parsing)."""
+    if not any(a in ("--plan", "--plan=true", "--plan=True") for a in argv):
+        return 0
+    for i, a in enumerate(argv):
+        if a.startswith("--devices="):
+            value = a.split("=", 1)[1]
+        elif a == "--devices" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _fake_devices_for_plan(argv: list[str], reexec: bool) -> None:
+    """--plan --devices N on CPU: N fake host devices. XLA reads the flag when its CPU client is
+    created, so the command re-executes itself with it set (or, called in-process before any
+    device was used, sets it in place)."""
+    n = _requested_devices(argv)
+    flag = f"--xla_force_host_platform_device_count={n}"
+    if n <= 1 or flag in os.environ.get("XLA_FLAGS", ""):
+        return
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip())
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if reexec:
+        os.execve(sys.executable, [sys.executable, "-m", "hipt_jax.cli.profile", *argv[1:]], env)
+    os.environ.update(XLA_FLAGS=env["XLA_FLAGS"], JAX_PLATFORMS=env["JAX_PLATFORMS"])
 
 
 if __name__ == "__main__":

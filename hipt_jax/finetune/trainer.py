@@ -34,6 +34,7 @@ from tqdm import tqdm
 from hipt_jax.evaluation import metrics
 from hipt_jax.finetune import survival
 from hipt_jax.models.lgp import DEFAULT_BUCKETS, HIPTLGP, pad_to_bucket
+from hipt_jax.prefetch import prefetch_to_device
 
 
 @dataclasses.dataclass
@@ -240,9 +241,10 @@ class LGPTrainer:
         for epoch in tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True,
                           disable=desc is None):
             losses, logits, order, acc, n_acc = [], [], self._epoch_order(items, np_rng), None, 0
-            for i in order:
+            # The next two items' inputs are copied to the device while this one trains.
+            device_items = prefetch_to_device(order, lambda i: (i, jax.device_put(padded[i])))
+            for i, (x, mask) in device_items:
                 key, sub = jax.random.split(key)
-                x, mask = padded[i]
                 if cfg.accumulate_steps == 1:
                     (loss, out), params, opt_state = fns["step"](params, opt_state, x, mask, *targets[i], sub)
                 else:

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from hipt_jax.models import minibatch
 from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 from hipt_jax.models.checkpoint import load_backbone
 
 PATCH = 256  # pixels per ViT-256 patch; a region is a grid of these
-# ViT-256 minibatch inside the region program. Small is fast on CPU (activations stay in cache);
-# every CLI defaults to this one value (see the HIPT4K docstring for the measurements).
+# ViT-256 minibatch inside the region program when a caller passes none and the machine is not
+# asked (region_forward's default). HIPT4K and every CLI default to "auto": a value chosen for
+# the machine's caches or calibrated on it (hipt_jax.models.minibatch).
 DEFAULT_PATCH_BATCH = 8
 
 
@@ -117,6 +119,15 @@ def region_forward(
     return out
 
 
+def auto_patch_batch(patch_batch: Optional[int], config256, dtype: Any = jnp.float32) -> int:
+    """An explicit minibatch as given; None: chosen for the default device (see HIPT4K)."""
+    if patch_batch is not None:
+        return int(patch_batch)
+    if jax.default_backend() != "cpu":
+        return minibatch.MAX_PATCH_BATCH
+    return minibatch.region_patch_batch(config256, jnp.dtype(dtype).itemsize)
+
+
 class HIPT4K:
     """Region model: ``HIPT4K.from_checkpoints(vit256=..., vit4k=...)(region_u8)``.
 
@@ -124,17 +135,17 @@ class HIPT4K:
       params256, params4k: Flax variable dicts ({"params": ...}); params4k may be None to get
         only ViT-256 features.
       config256, config4k: architecture ConfigDicts (see hipt_jax.models.archs).
-      patch_batch: ViT-256 minibatch inside the jitted computation. Small is fast on CPU (the
-        activations of a minibatch stay in cache, and peak memory falls too; see
-        BENCHMARKS.md for the measured trade-off). On accelerators a larger value may pay off.
+      patch_batch: ViT-256 minibatch inside the jitted computation; None (default) = auto: on
+        CPU the size calibrated on this machine or fitted to its caches
+        (hipt_jax.models.minibatch), the whole region (256) on GPU/TPU.
       dtype: compute dtype (jnp.float32, or jnp.bfloat16 with fp32 params).
     """
 
-    def __init__(self, params256, params4k, config256, config4k=None, *, patch_batch: int = DEFAULT_PATCH_BATCH,
+    def __init__(self, params256, params4k, config256, config4k=None, *, patch_batch: Optional[int] = None,
                  dtype: Any = jnp.float32):
         self.params256, self.params4k = params256, params4k
         self.config256, self.config4k = config256, config4k
-        self.patch_batch, self.dtype = patch_batch, dtype
+        self.patch_batch, self.dtype = auto_patch_batch(patch_batch, config256, dtype), dtype
         self._jitted = {}
 
     @classmethod
@@ -185,3 +196,31 @@ class HIPT4K:
             raise ValueError(f"expected one uint8 [H,W,3] region, got shape {region_u8.shape}")
         out = self.embed_batch(region_u8[None], return_attention)
         return {k: v[0] for k, v in out.items()}
+
+
+def calibrate_patch_batch(config256, dtype: Any = jnp.float32, candidates=(4, 8, 16, 32, 64),
+                          patches: int = 64, repeats: int = 2, seed: int = 0) -> int:
+    """Time the region program's ViT-256 stage (``patches`` random patches in minibatches of each
+    candidate size, best of ``repeats`` after a warm-up), store the fastest for this machine
+    (hipt_jax.models.minibatch) and return it. About a minute for the full ViT-256 on a CPU."""
+    import time
+
+    vit = build_vit(config256, dtype=dtype)
+    params = jax.jit(vit.init)(jax.random.PRNGKey(seed), dummy_input(config256))
+    x = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (patches, PATCH, PATCH, 3), np.uint8))
+
+    def seconds_per_patch(b: int) -> float:
+        def embed(chunk_u8):
+            return vit.apply(params, normalize(chunk_u8, dtype), cls_only=True)[0]
+
+        fn = jax.jit(lambda u8: _map_in_minibatches(embed, u8, b))
+        fn(x).block_until_ready()  # compile + warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(x).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        return best / patches
+
+    key = minibatch.patch_batch_key(config256, jnp.dtype(dtype).itemsize)
+    return minibatch.calibrate(key, [b for b in candidates if b <= patches], seconds_per_patch)

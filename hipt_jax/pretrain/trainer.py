@@ -12,6 +12,7 @@ Reading order:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from hipt_jax import sharding as shd
+from hipt_jax.prefetch import prefetch_to_device
 from hipt_jax.pretrain import data as data_lib
 from hipt_jax.pretrain import optimizer
 from hipt_jax.pretrain.augment import normalize_images, region_dummy_batch, region_views_of_batch
@@ -88,21 +90,20 @@ def _microbatches(x: jnp.ndarray, n: int) -> jnp.ndarray:
     return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
 
 
-# config.microbatches = -1 ("auto") on CPU: chunks of this many samples per device, the
-# fastest for both stages on a 2-core machine (BENCHMARKS.md, "Pretraining").
-CPU_SAMPLES_PER_MICROBATCH = 4
-
-
 def resolve_microbatches(config: ml_collections.ConfigDict, mesh) -> int:
     """``config.microbatches``, with -1 ("auto") decided for the mesh: on CPU as many chunks
-    as leave about CPU_SAMPLES_PER_MICROBATCH samples per device (cache-sized activations);
-    1 on GPU/TPU, whose whole per-device batch is what keeps the matmul units busy."""
+    as leave the samples per device that hipt_jax.models.minibatch picks for this machine
+    (a calibration stored for it, else the rule from its cache sizes); 1 on GPU/TPU, whose
+    whole per-device batch is what keeps the matmul units busy."""
+    from hipt_jax.models import minibatch
+
     n = int(config.get("microbatches", 1))
     batch = config.global_batch
     if n == -1:
         if mesh.devices.flat[0].platform != "cpu":
             return 1
-        n = max(1, batch // (mesh.size * CPU_SAMPLES_PER_MICROBATCH))
+        per_device = max(1, batch // mesh.size)
+        n = max(1, per_device // minibatch.samples_per_microbatch(config, per_device))
         while batch % (n * mesh.size):  # largest count <= n that splits evenly over devices
             n -= 1
         return n
@@ -453,6 +454,35 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
             "warm_start": provenance.content_hash(config.warm_start or None)}
 
 
+def fetch_metrics(pending: list) -> list[tuple[int, dict]]:
+    """ONE device-to-host transfer for the metrics of every pending step -> [(step, floats)]."""
+    if not pending:
+        return []
+    steps, trees = zip(*pending)
+    host = jax.device_get(list(trees))
+    return [(s, {k: float(v) for k, v in m.items()}) for s, m in zip(steps, host)]
+
+
+def _fetch_due(step: int, stop: int, config, knn_monitor) -> bool:
+    """Metrics are fetched on logging steps and before a KNN evaluation (which logs after
+    them and may export the teacher); the checkpoint boundary fetches on its own."""
+    logged = step - 1  # the step whose update just ran
+    return (logged % config.log_every == 0 or step == stop
+            or (knn_monitor is not None and step % knn_monitor.cfg.every_steps == 0))
+
+
+def _check_and_log(fetched: list, workdir: str, logger, crops_per_step: int) -> dict:
+    """Stop on the first non-finite loss; log every fetched step in order. -> last metrics."""
+    metrics = {}
+    for step, metrics in fetched:
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite loss {metrics['loss']} at step {step}; stopping. The last good "
+                f"checkpoint is kept in {workdir}/checkpoints (lower optim.lr or use fp32?)")
+        logger.log(step, metrics, crops_per_step)
+    return metrics
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
           resume_anyway: bool = False) -> dict:
     """Run (or resume) pretraining in ``workdir``; returns the last step's metrics.
@@ -520,27 +550,31 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
         from tqdm import tqdm
         bar = tqdm(total=stop, initial=step, disable=not is_main or config.log_every <= 1,
                    desc="pretrain", unit="step", file=sys.stderr)
+        pending = []  # (step, device metrics) not fetched yet: no host round trip per step
         while step < stop:
-            local = next(iterator)
-            batch = shd.global_batch(local, batch_sh)
-            state, dev_metrics = update(state, batch, step_rng)
-            metrics = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
-            if not math.isfinite(metrics["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite loss {metrics['loss']} at step {step}; stopping. The last good "
-                    f"checkpoint is kept in {workdir}/checkpoints (lower optim.lr or use fp32?)")
-            logger.log(step, metrics, crops_per_step)
-            step += 1
-            bar.update(1)
-            if knn_monitor is not None:  # eval.knn: KNN of the current teacher every N steps
-                knn_monitor(step, stop, state, logger)
-            if step % config.checkpoint.every_steps == 0 or step == stop:
-                manager.wait_until_finished()  # Orbax waits for the previous save anyway
-                if is_main:
-                    _record_checksums(manager, workdir)
-                manager.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=grain.checkpoint.CheckpointSave(iterator)))
+            # Batches go to the device two ahead of the update, within one checkpoint interval:
+            # the Grain iterator saved with a checkpoint is then exactly at the checkpointed step.
+            segment_end = min(stop, (step // config.checkpoint.every_steps + 1) * config.checkpoint.every_steps)
+            batches = itertools.islice(iterator, segment_end - step)
+            for batch in prefetch_to_device(batches, lambda b: shd.global_batch(b, batch_sh)):
+                state, dev_metrics = update(state, batch, step_rng)
+                pending.append((step, dev_metrics))
+                step += 1
+                bar.update(1)
+                if _fetch_due(step, stop, config, knn_monitor):
+                    metrics = _check_and_log(fetch_metrics(pending), workdir, logger, crops_per_step)
+                    pending = []
+                if knn_monitor is not None:  # eval.knn: KNN of the current teacher every N steps
+                    knn_monitor(step, stop, state, logger)
+            # A checkpoint is written only after its step's metrics (and all before) passed.
+            metrics = _check_and_log(fetch_metrics(pending), workdir, logger, crops_per_step) or metrics
+            pending = []
+            manager.wait_until_finished()  # Orbax waits for the previous save anyway
+            if is_main:
+                _record_checksums(manager, workdir)
+            manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(iterator)))
         bar.close()
     finally:
         manager.wait_until_finished()

@@ -1,0 +1,240 @@
+"""Per-device memory plans without the hardware (``hipt-profile --plan``).
+
+The full-size stage-1 and stage-2 DINO updates and the HIPT4K region program are lowered and
+compiled for a mesh of N devices (on CPU: N fake host devices, XLA_FLAGS=
+--xla_force_host_platform_device_count=N) from abstract shapes only (jax.eval_shape and
+jit(...).lower(...).compile(); nothing is executed). XLA's buffer assignment of the compiled
+SPMD program is per device, so it reads directly as:
+
+- parameters and optimizer state: counted from the sharded state (bytes of each leaf's shard);
+- inputs: the per-device batch; activations/temporaries: XLA's temp buffers;
+- total = arguments + outputs not aliased to a donated argument + temporaries.
+
+A plan compiled by XLA:CPU is an estimate of an accelerator's: the sharding, parameter and
+optimizer bytes are exact, the temporaries depend on the backend's fusion and layout choices.
+The largest per-device batch that fits is found from a few compiles (the line through two
+plans predicts it, compiles around the prediction bracket it to within 1/8); beyond it, a batch
+needs
+``ceil(batch / largest)`` microbatches (hipt_jax.pretrain.trainer accumulates them).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import jax
+import numpy as np
+
+GIB = 2**30
+
+# What a plan covers: (name, per-device batch is regions for extraction, images for the updates)
+SECTIONS = ("stage1", "stage2", "hipt4k")
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' / '40GiB' / '16G' / '512MB' -> bytes (GB and GiB both read as 2**30: HBM sizes
+    are quoted in binary units)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not m:
+        raise ValueError(f"--hbm {text!r}: expected a size such as 80GB, 40GB, 16GiB")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def shard_bytes(tree, shardings) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs under its NamedShardings."""
+    leaves = jax.tree.leaves(tree)
+    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x, sh in zip(leaves, shs))
+
+
+def _xla_bytes(compiled) -> dict:
+    m = compiled.memory_analysis()
+    args, out, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes,
+                              m.alias_size_in_bytes, m.temp_size_in_bytes)
+    return {"arguments": args, "outputs": out, "aliased": alias, "temp": temp,
+            "total": args + max(out - alias, 0) + temp}
+
+
+# ------------------------------------------------------------------------------ the programs
+def pretrain_plan(config, mesh, per_device_batch: int, microbatches: int = 1) -> dict:
+    """Compile one DINO update (abstract shapes only) -> per-device bytes."""
+    from hipt_jax import sharding as shd
+    from hipt_jax.pretrain import trainer
+
+    config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    config.global_batch = per_device_batch * mesh.size
+    config.microbatches = microbatches
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    abstract = jax.eval_shape(lambda r: trainer.create_state(config, r), jax.random.key(0))
+    state_sh = shd.param_shardings(abstract, mesh, rules)
+    batch_sh = shd.batch_sharding(mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+             for k, v in trainer.dummy_batch(config, config.global_batch).items()}
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
+    update = trainer.jit_update(config, mesh, state_sh, freeze_last_layer_steps=0)
+    compiled = update.lower(state, batch, jax.random.key(1)).compile()
+    params = shard_bytes([abstract["student"], abstract["teacher"]], [state_sh["student"], state_sh["teacher"]])
+    opt = shard_bytes(abstract["opt"], state_sh["opt"])
+    inputs = shard_bytes(list(batch.values()), [batch_sh] * len(batch))
+    return {"params": params, "optimizer": opt, "inputs": inputs, **_xla_bytes(compiled)}
+
+
+def hipt4k_plan(mesh, per_device_batch: int, region_px: int = 4096, patch_batch: int = 256,
+                arch256: str = "vit256", arch4k: str = "vit4k") -> dict:
+    """Compile the HIPT4K region program as the extractor runs it (params replicated, regions
+    split over the devices) -> per-device bytes."""
+    import functools
+
+    from hipt_jax import sharding as shd
+    from hipt_jax.models.archs import build_vit, dummy_input, get_arch
+    from hipt_jax.models.hipt4k import region_forward
+
+    c256, c4k = get_arch(arch256), get_arch(arch4k)
+    p256 = jax.eval_shape(build_vit(c256).init, jax.random.PRNGKey(0), dummy_input(c256))
+    p4k = jax.eval_shape(build_vit(c4k).init, jax.random.PRNGKey(0), dummy_input(c4k))
+    repl, data = shd.replicated(mesh), shd.batch_sharding(mesh)
+    fn = functools.partial(region_forward, config256=c256, config4k=c4k, patch_batch=patch_batch)
+    regions = jax.ShapeDtypeStruct((per_device_batch * mesh.size, region_px, region_px, 3), np.uint8,
+                                   sharding=data)
+    jitted = jax.jit(lambda a, b, r: fn(a, b, r)["features_cls4k"], in_shardings=(repl, repl, data),
+                     out_shardings=data)
+    compiled = jitted.lower(p256, p4k, regions).compile()
+    params = shard_bytes([p256, p4k], [jax.tree.map(lambda _: repl, p256), jax.tree.map(lambda _: repl, p4k)])
+    inputs = math.prod(regions.shape) // mesh.size
+    return {"params": params, "optimizer": 0, "inputs": inputs, **_xla_bytes(compiled)}
+
+
+# ------------------------------------------------------------------------------ the search
+def largest_fitting(plan_at, hbm: int, start: int = 1, limit: int = 4096) -> tuple[int, Optional[dict]]:
+    """Largest per-device batch b <= limit with plan_at(b)["total"] <= hbm (0 when even
+    ``start`` does not fit), to within 1/8. XLA's buffers grow about linearly with the batch,
+    so the line through two compiles predicts the answer; compiles around the prediction then
+    bracket it (each probe is a full compile: a handful instead of a doubling search).
+    -> (b, its plan)."""
+    def fits(b):
+        return plan_at(b)["total"] <= hbm
+
+    if not fits(start):
+        return 0, None
+    lo, hi = start, limit + 1  # lo fits, hi does not (limit + 1: nothing known yet)
+    second = min(limit, 2 * start)
+    if second > lo:
+        if fits(second):
+            lo = second
+        else:
+            hi = second
+    a, b = plan_at(start)["total"], plan_at(lo if lo > start else second)["total"]
+    x = lo if lo > start else second
+    slope = (b - a) / (x - start) if x > start else 0.0
+    guess = limit if slope <= 0 else start + int((hbm - a) / slope)
+    guess = max(lo + 1, min(guess, hi - 1))
+    while hi - lo > max(1, lo // 8):
+        if fits(guess):
+            lo = guess
+        else:
+            hi = guess
+        # next probe: just above a fitting guess (a near-exact prediction ends at once),
+        # else the middle of the bracket
+        step = max(1, lo // 16)
+        guess = lo + step if guess == lo and lo + step < hi else (lo + hi) // 2
+        if guess <= lo or guess >= hi:
+            break
+    return lo, plan_at(lo)
+
+
+def microbatches_needed(per_device_batch: int, largest: int) -> Optional[int]:
+    """Smallest count n dividing the batch with batch / n <= largest (None: nothing fits)."""
+    if largest <= 0:
+        return None
+    for n in range(1, per_device_batch + 1):
+        if per_device_batch % n == 0 and per_device_batch // n <= largest:
+            return n
+    return None
+
+
+def plan_section(name: str, mesh, hbm: int, *, target_batch: int, search: bool = True,
+                 stage_config=None, region_px: int = 4096, limit: int = 4096, memo: Optional[dict] = None,
+                 tiny: bool = False) -> dict:
+    """One row: the plan at the target (paper) per-device batch, fits or not, the largest batch
+    that fits and the microbatches the target needs beyond it. ``memo`` (batch -> plan) lets
+    rows of other HBM sizes reuse the compiles."""
+    memo = {} if memo is None else memo
+    archs = dict(arch256="vit256_tiny", arch4k="vit4k_tiny") if tiny else {}
+
+    def plan_at(b):
+        if b not in memo:
+            memo[b] = (hipt4k_plan(mesh, b, region_px=region_px, **archs) if name == "hipt4k"
+                       else pretrain_plan(stage_config, mesh, b))
+        return memo[b]
+
+    row = {"name": name, "devices": mesh.size, "mesh": dict(mesh.shape), "hbm": hbm,
+           "target_per_device": target_batch, "plan": plan_at(target_batch)}
+    row["fits"] = row["plan"]["total"] <= hbm
+    if search:
+        largest, _ = largest_fitting(plan_at, hbm, limit=limit)
+        row["largest_per_device"] = largest
+        row["microbatches"] = 1 if row["fits"] else (
+            None if name == "hipt4k" else microbatches_needed(target_batch, largest))
+    return row
+
+
+def format_plan(rows: list[dict]) -> str:
+    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    cols = ["program", "devices", "batch/dev", "params GiB", "opt GiB", "inputs GiB", "temp GiB",
+            "total GiB", "HBM GiB", "fits", "largest batch/dev", "microbatches"]
+    table = []
+    for r in rows:
+        p = r["plan"]
+        table.append([r["name"], f"{r['devices']} {r['mesh']}", str(r["target_per_device"]), gib(p["params"]),
+                      gib(p["optimizer"]), gib(p["inputs"]), gib(p["temp"]), gib(p["total"]), gib(r["hbm"]),
+                      "yes" if r["fits"] else "NO", str(r.get("largest_per_device", "")),
+                      "" if r.get("microbatches") is None else str(r["microbatches"])])
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the command
+def _stage_config(stage: int, tiny: bool, fsdp: int, compute_dtype: Optional[str] = None):
+    import importlib
+
+    module = importlib.import_module("configs.pretrain_vit256" if stage == 1 else "configs.pretrain_vit4k")
+    config = module.get_config("runlocal" if tiny else "")
+    config.mesh.fsdp = fsdp
+    if compute_dtype:
+        config.compute_dtype = compute_dtype
+    return config
+
+
+def run_plan(devices: int, hbms: list[int], *, fsdp: int = 1, sections=SECTIONS, tiny: bool = False,
+             search: bool = True, region_px: int = 4096, compute_dtype: Optional[str] = None) -> list[dict]:
+    """Rows for every (section, HBM size) on a mesh of ``devices`` devices (data x fsdp).
+    The per-device target batch is the configs' global batch (the paper's) over the devices;
+    extraction: 1 region per device. Plans are compiled once per batch size and shared by
+    the HBM sizes."""
+    from hipt_jax import sharding as shd
+
+    have = jax.devices()
+    if len(have) < devices:
+        raise ValueError(f"--devices {devices}: JAX sees {len(have)} device(s); on CPU run with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} (hipt-profile --plan sets it)")
+    if devices % fsdp:
+        raise ValueError(f"--fsdp {fsdp} does not divide --devices {devices}")
+    mesh = shd.make_mesh({"data": devices // fsdp, "fsdp": fsdp}, have[:devices])
+    rows = []
+    for name in sections:
+        if name not in SECTIONS:
+            raise ValueError(f"unknown plan section {name!r}: expected one of {', '.join(SECTIONS)}")
+        config = None if name == "hipt4k" else _stage_config(1 if name == "stage1" else 2, tiny, fsdp,
+                                                                  compute_dtype)
+        target = 1 if name == "hipt4k" else max(1, config.global_batch // devices)
+        memo: dict = {}
+        for hbm in hbms:
+            rows.append(plan_section(name, mesh, hbm, target_batch=target, search=search, stage_config=config,
+                                     region_px=512 if tiny else region_px, memo=memo, tiny=tiny,
+                                     limit=64 if tiny else 4096))
+    return rows

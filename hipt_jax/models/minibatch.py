@@ -1,0 +1,189 @@
+"""ViT minibatch sizes chosen from the machine, not tuned once for one CPU.
+
+Two quantities depend on the CPU's caches: the ViT-256 minibatch inside the HIPT4K region
+program (``patch_batch``) and the samples per pretraining microbatch. Both are resolved here:
+
+1. A calibration, when one was measured on this machine for this model: a short timing of the
+   candidate sizes (``calibrate``), stored in ``$XDG_CACHE_HOME/hipt_jax/minibatch.json``
+   (default ~/.cache) under a key of the machine (CPU model, cores, cache sizes, jax version,
+   XLA_FLAGS) and the model (arch dims, dtype, what is run). ``hipt-profile --calibrate`` and
+   the benchmarks write it.
+2. Otherwise the cache rule: the largest power of two ``b`` whose working set fits in the
+   caches the process can use, ``b * bytes_per_sample <= L2 (all our cores) + L3 (every L3
+   instance our cores share)``, at least 1. ``bytes_per_sample`` is one transformer block's
+   live activations for one sample (``block_bytes``; summed over
+   the crops of one sample for a training step).
+
+An explicit value (flag or config field) always wins. On GPU/TPU there is no cache to fit:
+callers use the whole batch there.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+from typing import Callable, Iterable, Optional
+
+MAX_PATCH_BATCH = 256  # a 4096 px region has 256 patches: the reference's single minibatch
+
+
+# ------------------------------------------------------------------------------ the machine
+def _size_bytes(text: str) -> int:
+    """'32768K' / '1M' / '512' (sysfs cache sizes) -> bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG") or 0) * scale
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'0-3,8' -> {0,1,2,3,8}."""
+    out: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_info(sysfs: str = "/sys/devices/system/cpu") -> dict:
+    """{"model", "cores" (usable by this process), "l1d", "l2", "l3" (bytes visible to those
+    cores: per-core caches summed over our cores, shared caches counted once per instance)}."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    totals = {"l1d": 0, "l2": 0, "l3": 0}
+    seen = set()
+    for core in cores:
+        for index in glob.glob(os.path.join(sysfs, f"cpu{core}", "cache", "index*")):
+            try:
+                level = int(open(os.path.join(index, "level")).read())
+                kind = open(os.path.join(index, "type")).read().strip()
+                size = _size_bytes(open(os.path.join(index, "size")).read())
+                shared = frozenset(_cpu_list(open(os.path.join(index, "shared_cpu_list")).read()) or {core})
+            except (OSError, ValueError):
+                continue
+            name = {1: "l1d", 2: "l2", 3: "l3"}.get(level)
+            if name is None or kind == "Instruction" or (level, shared) in seen:
+                continue
+            seen.add((level, shared))
+            totals[name] += size
+    return {"model": _cpu_model(), "cores": len(cores), **totals}
+
+
+def cache_budget(info: Optional[dict] = None) -> int:
+    """Bytes a minibatch's working set may take: L2 + L3 as seen by this process (1 MiB when
+    the caches cannot be read, so the rule still gives a small minibatch)."""
+    info = info or cpu_info()
+    return max(info["l2"] + info["l3"], 1 << 20)
+
+
+# ------------------------------------------------------------------------------ the rule
+def block_bytes(tokens: int, width: int, mlp_dim: int, heads: int, dtype_bytes: int = 4) -> int:
+    """Live activations of one transformer block for one sample, the larger of its two phases:
+    attention (residual, norm, q, k, v, output: 6 x width per token, plus the heads' tokens^2
+    score matrices) and MLP (residual, norm, output: 3 x width, plus the mlp_dim hidden layer)."""
+    attention = tokens * 6 * width + heads * tokens * tokens
+    mlp = tokens * (3 * width + mlp_dim)
+    return dtype_bytes * max(attention, mlp)
+
+
+def fit_power_of_two(bytes_per_sample: int, budget: int, max_batch: int) -> int:
+    """Largest power of two b <= max_batch with b * bytes_per_sample <= budget (at least 1)."""
+    b = 1
+    while b * 2 <= max_batch and (b * 2) * bytes_per_sample <= budget:
+        b *= 2
+    return b
+
+
+# ------------------------------------------------------------------------------ calibration
+def cache_file() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hipt_jax", "minibatch.json")
+
+
+def machine_key(info: Optional[dict] = None) -> str:
+    import jax
+
+    info = info or cpu_info()
+    return (f"{info['model']}|{info['cores']} cores|L2 {info['l2']}|L3 {info['l3']}|jax {jax.__version__}"
+            f"|{os.environ.get('XLA_FLAGS', '')}")
+
+
+def _read_cache() -> dict:
+    try:
+        with open(cache_file()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def calibrated(model_key: str) -> Optional[int]:
+    """The size calibrated on this machine for ``model_key``, or None."""
+    entry = _read_cache().get(machine_key(), {}).get(model_key)
+    return int(entry["best"]) if entry else None
+
+
+def calibrate(model_key: str, candidates: Iterable[int], seconds_per_sample: Callable[[int], float]) -> int:
+    """Time every candidate (``seconds_per_sample(b)``: compile, warm up and time the program at
+    size b), store the fastest for this machine and model, and return it."""
+    timings = {int(b): float(seconds_per_sample(int(b))) for b in candidates}
+    best = min(timings, key=timings.get)
+    data = _read_cache()
+    data.setdefault(machine_key(), {})[model_key] = {"best": best, "s_per_sample": timings}
+    path = cache_file()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return best
+
+
+# ------------------------------------------------------------------------------ the two sizes
+def patch_batch_key(config256, dtype_bytes: int) -> str:
+    return (f"patch_batch|w{config256.width} d{config256.depth} h{config256.num_heads} "
+            f"m{config256.mlp_dim} p{config256.patch_size}|{8 * dtype_bytes}bit")
+
+
+def region_patch_batch(config256, dtype_bytes: int = 4, info: Optional[dict] = None) -> int:
+    """ViT-256 minibatch of the region program: calibrated value, else the cache rule."""
+    found = calibrated(patch_batch_key(config256, dtype_bytes))
+    if found:
+        return found
+    tokens = (256 // config256.patch_size) ** 2 + 1
+    ws = block_bytes(tokens, config256.width, config256.mlp_dim, config256.num_heads, dtype_bytes)
+    return fit_power_of_two(ws, cache_budget(info), MAX_PATCH_BATCH)
+
+
+def microbatch_key(config) -> str:
+    m, c = config.model, config.crops
+    return (f"pretrain|stage{config.stage}|w{m.width} d{m.depth} h{m.num_heads} m{m.mlp_dim} "
+            f"p{m.patch_size}|crops {c.global_size}/{c.local_size}x{c.n_local}")
+
+
+def training_bytes_per_sample(config) -> int:
+    """One DINO sample's working set in a block: its 2 global + n_local local crops."""
+    m, c = config.model, config.crops
+
+    def per_crop(size):
+        return block_bytes((size // m.patch_size) ** 2 + 1, m.width, m.mlp_dim, m.num_heads)
+
+    return 2 * per_crop(c.global_size) + c.n_local * per_crop(c.local_size)
+
+
+def samples_per_microbatch(config, per_device_batch: int, info: Optional[dict] = None) -> int:
+    """Samples per device in one pretraining microbatch: calibrated value, else the cache rule."""
+    found = calibrated(microbatch_key(config))
+    if found:
+        return min(found, per_device_batch)
+    return fit_power_of_two(training_bytes_per_sample(config), cache_budget(info), per_device_batch)

@@ -1,0 +1,86 @@
+"""hipt-profile --plan: per-device memory plans from compiles only (tiny archs here)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hipt_jax import memory_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_bytes():
+    assert memory_plan.parse_bytes("80GB") == 80 * 2**30
+    assert memory_plan.parse_bytes("16GiB") == 16 * 2**30
+    assert memory_plan.parse_bytes("512MB") == 512 * 2**20
+    with pytest.raises(ValueError, match="--hbm"):
+        memory_plan.parse_bytes("lots")
+
+
+def test_plan_params_and_optimizer_bytes_match_a_hand_count():
+    """Params = student + teacher in fp32, optimizer = Adam's mu and nu in fp32 plus one int32
+    step count per tensor, counted here from a concrete init (not through the plan's shardings).
+    Plant: count only the student in the plan -> the params check fails by 2x."""
+    from configs.pretrain_vit4k import get_config
+    from hipt_jax import sharding as shd
+    from hipt_jax.pretrain import trainer
+
+    config = get_config("runlocal")
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    plan = memory_plan.pretrain_plan(config, mesh, per_device_batch=2)
+    student = trainer.create_state(config, jax.random.key(0))["student"]
+    leaves = jax.tree.leaves(student)
+    n_params = sum(int(np.size(x)) for x in leaves)
+    assert plan["params"] == 2 * 4 * n_params
+    assert plan["optimizer"] == 2 * 4 * n_params + 4 * len(leaves)
+    # stage-2 inputs: index int64 + 2 global and 2 local float32 feature crops per sample
+    c = config.crops
+    per_sample = 8 + 4 * 384 * (2 * c.global_size ** 2 + c.n_local * c.local_size ** 2)
+    assert plan["inputs"] == 2 * per_sample
+    assert plan["arguments"] >= plan["params"] + plan["optimizer"] + plan["inputs"]
+    assert plan["temp"] > 0 and plan["total"] >= plan["arguments"]
+
+
+def test_largest_fitting_and_microbatches():
+    """Plant: return the first batch that does not fit -> 9 instead of 8 fails."""
+    plan_at = lambda b: {"total": 100 * b}  # noqa: E731
+    assert memory_plan.largest_fitting(plan_at, 850)[0] == 8
+    assert memory_plan.largest_fitting(plan_at, 50)[0] == 0
+    assert memory_plan.microbatches_needed(32, 8) == 4
+    assert memory_plan.microbatches_needed(24, 5) == 6  # 24 / 6 = 4 <= 5
+    assert memory_plan.microbatches_needed(32, 0) is None
+
+
+@pytest.mark.slow  # a fresh process that re-executes itself and compiles: ~20 s of CPU idle
+def test_cli_plan_on_two_fake_devices_with_fsdp(tmp_path):
+    """The command re-executes itself with 2 fake CPU devices; with fsdp=2 each device holds
+    about half of the parameters. Plant: drop the re-exec -> 'JAX sees 1 device(s)', exit 2."""
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "2",
+                          "--hbm", "1GB,1MB", "--fsdp", "2", "--sections", "stage2", "--tiny", "--nosearch",
+                          f"--plan_json={out}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "total GiB" in res.stdout and "fits" in res.stdout
+    rows = json.load(open(out))
+    assert [r["fits"] for r in rows] == [True, False]
+    assert rows[0]["devices"] == 2 and rows[0]["mesh"] == {"data": 1, "fsdp": 2}
+    # The hand count of the full (unsharded) params, from the single-device plan above.
+    from configs.pretrain_vit4k import get_config
+    from hipt_jax.pretrain import trainer
+    n = sum(int(np.size(x)) for x in jax.tree.leaves(trainer.create_state(get_config("runlocal"),
+                                                                             jax.random.key(0))["student"]))
+    assert 0.5 * 8 * n <= rows[0]["plan"]["params"] < 0.75 * 8 * n
+
+
+def test_cli_plan_bad_input_is_one_line_exit_2():
+    """Plant: parse_bytes returns 0 for text it cannot read -> the plan runs, exit 0, fails."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "1", "--hbm", "lots"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 2 and "--hbm 'lots'" in res.stderr and "Traceback" not in res.stderr
