@@ -39,6 +39,8 @@ def _run() -> int:
         if path:
             flags.check_output_dir(path)
     distributed.initialize()
+    flags.report_devices(PROG)
+    cfg.dtype = flags.compute_dtype_name(cfg.dtype)  # auto -> this backend's dtype
     report = run_profile(cfg)
     if jax.process_index() == 0:
         print(format_table(report), flush=True)
@@ -59,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "config" not in absl_flags.FLAGS:
         config_flags.DEFINE_config_file("config", None, "profile config file[:runlocal]", lock_config=True)
     flags.define_absl_shared_flags(seed=True, compute_dtype=True)
-    flags.absl_main(PROG, _run, argv)
+    flags.absl_main(PROG, _run, argv, devices_at_start=False)  # after jax.distributed starts
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+import einops
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,6 +16,7 @@ import numpy as np
 
 from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 from hipt_jax.models.checkpoint import load_backbone
+from hipt_jax.models.precision import resolve_dtype
 
 PATCH = 256  # pixels per ViT-256 patch; a region is a grid of these
 # ViT-256 minibatch inside the region program. Small is fast on CPU (activations stay in cache);
@@ -41,12 +43,11 @@ def normalize(images_u8: jnp.ndarray, dtype: Any = jnp.float32) -> jnp.ndarray:
 
 def _cut_patches(regions: jnp.ndarray) -> tuple[jnp.ndarray, int, int]:
     """[B,H,W,3] (H, W multiples of 256) -> ([B*R*C,256,256,3], R, C), row-major per region."""
-    batch, height, width, chans = regions.shape
-    rows, cols = height // PATCH, width // PATCH
-    # [B,R*256,C*256,3] -> [B,R,C,256,256,3] -> [B*R*C,256,256,3]: patch (i, j) of region b is
-    # row b*R*C + i*C + j, the reference's unfold order.
-    patches = regions.reshape(batch, rows, PATCH, cols, PATCH, chans).transpose(0, 1, 3, 2, 4, 5)
-    return patches.reshape(batch * rows * cols, PATCH, PATCH, chans), rows, cols
+    rows, cols = regions.shape[1] // PATCH, regions.shape[2] // PATCH
+    # [B,R*256,C*256,3] -> [B*R*C,256,256,3]: patch (i, j) of region b is row b*R*C + i*C + j,
+    # the reference's unfold order.
+    patches = einops.rearrange(regions, "b (r y) (c x) ch -> (b r c) y x ch", y=PATCH, x=PATCH)
+    return patches, rows, cols
 
 
 def _map_in_minibatches(fn, xs: jnp.ndarray, batch_size: int):
@@ -127,14 +128,15 @@ class HIPT4K:
       patch_batch: ViT-256 minibatch inside the jitted computation. Small is fast on CPU (the
         activations of a minibatch stay in cache, and peak memory falls too; see
         BENCHMARKS.md for the measured trade-off). On accelerators a larger value may pay off.
-      dtype: compute dtype (jnp.float32, or jnp.bfloat16 with fp32 params).
+      dtype: compute dtype: "auto" (default: bfloat16 on GPU/TPU, float32 on CPU), "float32",
+        "bfloat16" or a dtype; parameters stay float32 (hipt_jax.models.precision).
     """
 
     def __init__(self, params256, params4k, config256, config4k=None, *, patch_batch: int = DEFAULT_PATCH_BATCH,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = "auto"):
         self.params256, self.params4k = params256, params4k
         self.config256, self.config4k = config256, config4k
-        self.patch_batch, self.dtype = patch_batch, dtype
+        self.patch_batch, self.dtype = patch_batch, resolve_dtype(dtype)
         self._jitted = {}
 
     @classmethod
