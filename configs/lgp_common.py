@@ -37,6 +37,7 @@ def base_config(task: str, arg: str = "") -> ml_collections.ConfigDict:
         dropout=0.25,
         n_classes=-1,             # -1: number of classes in the labels (4 time bins for survival)
     ))
+    c.compute_dtype = "auto"       # HIPT-LGP matmuls: auto = bfloat16 on GPU/TPU, float32 on CPU
     c.optim = ml_collections.ConfigDict(dict(lr=2e-4, weight_decay=1e-5, epochs=20))
     c.train = ml_collections.ConfigDict(dict(
         balanced_sampling=task == "subtyping",

@@ -21,7 +21,8 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     # The head reads only the CLS token, so the last block skips the others' attention output
     # and MLP (same values and gradients, ~13% fewer FLOPs); False: every token, as DINO.
     c.last_block_cls_only = True
-    c.compute_dtype = "bfloat16" if "bf16" in flags else "float32"
+    # auto: bfloat16 on GPU/TPU, float32 on CPU (params and optimizer state float32 always).
+    c.compute_dtype = "bfloat16" if "bf16" in flags else "auto"
 
     # Iterations: stage 1 ran 400K at batch 256, stage 2 200K at batch 256.
     c.global_batch = 256

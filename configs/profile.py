@@ -16,7 +16,7 @@ from configs.config_args import parse_config_arg
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     flags = parse_config_arg(arg, {"runlocal", "bf16"})
     c = ml_collections.ConfigDict()
-    c.dtype = "bfloat16" if "bf16" in flags else "float32"   # compute dtype of the models
+    c.dtype = "bfloat16" if "bf16" in flags else "auto"   # compute dtype of the models (auto: bf16 on GPU/TPU)
     c.repeats = 3            # timed runs per measurement (median reported), after one warm-up
     c.seed = 0
     c.matmul = ml_collections.ConfigDict(dict(n=2048, repeats=5))   # square matmul peak probe

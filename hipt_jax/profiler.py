@@ -172,7 +172,9 @@ def _row(name: str, unit: str, items: float, res: dict, flops: float | None, pea
 
 # ------------------------------------------------------------------------------ sections
 def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    from hipt_jax.models.precision import resolve_dtype
+
+    return resolve_dtype(name)
 
 
 def profile_vit256(cfg, peak: float, trace_dir: str = "") -> dict:

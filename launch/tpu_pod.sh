@@ -4,7 +4,7 @@
 #
 #   export TPU_NAME=hipt-v4-32 ZONE=us-central2-b ACCELERATOR=v4-32 RUNTIME=tpu-ubuntu2204-base
 #   launch/tpu_pod.sh create
-#   launch/tpu_pod.sh setup                      # copies this checkout, pip installs jax[tpu] + hipt-jax
+#   launch/tpu_pod.sh setup                      # copies this checkout, pip installs hipt-jax[tpu]
 #   launch/tpu_pod.sh run --config configs/pretrain_vit256.py --workdir gs://BUCKET/runs/vit256 \
 #       --config.data.kind=patch_shards --config.data.path=gs://BUCKET/prep/patches \
 #       --config.global_batch=1024
@@ -24,6 +24,8 @@ ACCELERATOR="${ACCELERATOR:-v4-32}"
 RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
 PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 REMOTE_DIR="${REMOTE_DIR:-hipt-jax}"
+# setup installs the package with this extra: tpu (libtpu matching the jax pin), or e.g. tpu,convert.
+EXTRA="${EXTRA:-tpu}"
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN="${DRY_RUN:-0}"
 
@@ -39,12 +41,13 @@ case "$cmd" in
     tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR" --version="$RUNTIME" ${SPOT:+--spot}
     ;;
   setup)
-    # Ship this checkout (code only) to every worker, then install it with the TPU jaxlib.
+    # Ship this checkout (code only) to every worker, then install it with the TPU extra (one pip
+    # command, so the resolver sees jax and libtpu together).
     x tar -C "$REPO_DIR" --exclude=.venv --exclude=.git --exclude=demo_out -czf /tmp/hipt-jax.tgz .
     tpu scp /tmp/hipt-jax.tgz "$TPU_NAME":/tmp/hipt-jax.tgz --worker=all
     on_all "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf /tmp/hipt-jax.tgz && cd $REMOTE_DIR && \
       python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
-      .venv/bin/pip install -q -e . && .venv/bin/pip install -q 'jax[tpu]==0.10.2' \
+      .venv/bin/pip install -q -e '.[$EXTRA]' \
         -f https://storage.googleapis.com/jax-releases/libtpu_releases.html && \
       .venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'"
     ;;

@@ -87,11 +87,13 @@ def _run_extract(args) -> int:
     from hipt_jax.extraction import check_feature_model
 
     flags.check_output_dir(args.out, _estimate_bytes(args.shards, args.store_dtype) if args.shards else 0)
+    distributed.initialize()
+    flags.report_devices(PROG)
+    args.compute_dtype = flags.compute_dtype_name(args.compute_dtype)  # "auto" -> what this backend computes in
     fingerprint = dict(provenance.model_fingerprint(args.vit256, args.vit4k, args.random_init, args.seed),
                        compute_dtype=args.compute_dtype)
     if args.shards:
         check_feature_model(args.features if args.features is not None else args.shards, fingerprint["vit256"])
-    distributed.initialize()
     model = flags.load_hipt4k(args, need_vit4k=True)
     params = {"vit256": args.vit256, "vit4k": args.vit4k,
               "random_init": None if args.random_init == "none" else args.random_init,
@@ -142,7 +144,7 @@ def _estimate_bytes(shards_dir: str, store_dtype: str) -> int:
     return max(flags.MIN_FREE_BYTES, n_regions * per_region)
 
 
-main = flags.command(PROG, build_parser, _run)
+main = flags.command(PROG, build_parser, _run, devices_at_start=False)  # after jax.distributed
 
 
 if __name__ == "__main__":

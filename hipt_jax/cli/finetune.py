@@ -4,8 +4,8 @@
         --config.data.embeddings=EMB --config.data.labels=labels.csv [--config.data.splits=DIR]
 
 What it trains and writes: hipt_jax.finetune.main (run). Shared flags (hipt_jax.cli.flags):
---no-progress, --seed (sets config.seed); the LGP configs have no compute-dtype or per-device
-batch field, so those flags are not accepted. Exit codes: 0 ok, 1 some slides' feature files
+--no-progress, --seed (sets config.seed), --compute-dtype (sets config.compute_dtype); the
+LGP configs have no per-device batch field, so that flag is not accepted. Exit codes: 0 ok, 1 some slides' feature files
 could not be read (skipped, named under "failed_slides" in WORKDIR/results.json), 2 bad usage
 or input.
 """
@@ -33,7 +33,7 @@ def _run() -> int:
     from hipt_jax.finetune.main import run
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    config = flags.absl_config(PROG, {"seed": "seed"})
+    config = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "compute_dtype"})
     flags.check_config(config, CONFIG_RANGES)
     splits = str(config.data.splits)
     if splits.startswith("kfold:"):
@@ -55,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         config_flags.DEFINE_config_file("config", None, "configs/lgp_subtyping.py or configs/lgp_survival.py[:runlocal]")
         absl_flags.DEFINE_string("workdir", None, "output folder (checkpoints, results, plots)")
         absl_flags.mark_flags_as_required(["config", "workdir"])
-    flags.define_absl_shared_flags(seed=True, reuse=True)
+    flags.define_absl_shared_flags(seed=True, compute_dtype=True, reuse=True)
     flags.absl_main(PROG, _run, argv)
 
 

@@ -40,7 +40,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: one line, the work so far kept (128 + SIGINT, 
 INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, a process still busy in native code (compiling) is ended
 
 RANDOM_INIT = ("none", "tiny", "full")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # = hipt_jax.models.precision.COMPUTE_DTYPES
 
 
 class UsageError(ValueError):
@@ -124,11 +124,61 @@ def _interrupt_watchdog(prog: str) -> None:
     threading.Thread(target=watch, name="hipt-interrupt-watchdog", daemon=True).start()
 
 
-def run_command(prog: str, fn: Callable[[], int]) -> int:
+# ------------------------------------------------------------------------------ devices
+ACCELERATOR_HINT = ('pip install -e ".[cuda12]" (NVIDIA GPU) or -e ".[tpu]" (TPU VM); see the '
+                    "README's installation section")
+
+
+def visible_accelerators(dev: str = "/dev", which: Callable[[str], Optional[str]] = None) -> list[str]:
+    """What the operating system shows of GPUs/TPUs, whatever JAX sees: ``nvidia-smi`` on PATH,
+    NVIDIA device files (``/dev/nvidia0`` ...), TPU device files (``/dev/accel0`` ...)."""
+    import glob
+    import shutil
+
+    found = []
+    if (which or shutil.which)("nvidia-smi"):
+        found.append("nvidia-smi on PATH")
+    for pattern in ("nvidia[0-9]*", "accel*"):
+        files = sorted(glob.glob(os.path.join(dev, pattern)))
+        if files:
+            found.append(", ".join(files[:2]) + (" ..." if len(files) > 2 else ""))
+    return found
+
+
+def report_devices(prog: str, *, visible: Optional[list[str]] = None) -> str:
+    """At start-up: one line on stdout naming JAX's backend and device kinds, and a warning on
+    stderr when the system shows an accelerator but JAX sees only CPUs (the CPU-only jaxlib
+    installed on a GPU/TPU machine). Initializes JAX's backends: commands that start
+    jax.distributed call this after it (``run_command(..., devices_at_start=False)``).
+    Returns the backend name."""
+    import collections
+
+    import jax
+
+    devices = jax.devices()
+    backend = jax.default_backend()
+    kinds = collections.Counter(d.device_kind for d in devices)
+    listed = ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
+    where = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
+    print(f"{prog}: JAX {jax.__version__}, backend {backend}: {listed}{where}", flush=True)
+    chosen_cpu = os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"  # asked for, not missed
+    visible = visible_accelerators() if visible is None else visible
+    if backend == "cpu" and visible and not chosen_cpu:
+        print(f"{prog}: warning: an accelerator is visible to the system ({'; '.join(visible)}) but JAX "
+              f"sees only CPU devices: running on CPU. Install the accelerator build: {ACCELERATOR_HINT}",
+              file=sys.stderr, flush=True)
+    return backend
+
+
+def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = True) -> int:
     """``fn()``'s exit code, with library exceptions mapped to the policy in the docstring, and
-    Ctrl-C (KeyboardInterrupt) to one line and exit code 130."""
+    Ctrl-C (KeyboardInterrupt) to one line and exit code 130. ``devices_at_start``: report the
+    JAX backend and devices first (``report_devices``); commands that start jax.distributed
+    pass False and call ``report_devices`` right after starting it."""
     _interrupt_watchdog(prog)
     try:
+        if devices_at_start:
+            report_devices(prog)
         return fn()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (Ctrl-C); finished outputs are kept, rerun the same command to continue",
@@ -147,12 +197,13 @@ def run_command(prog: str, fn: Callable[[], int]) -> int:
 
 
 def command(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
-            run: Callable[[argparse.Namespace], int]) -> Callable[[Optional[list[str]]], int]:
+            run: Callable[[argparse.Namespace], int], *,
+            devices_at_start: bool = True) -> Callable[[Optional[list[str]]], int]:
     """``main(argv) -> exit code`` of an argparse command: parse, then ``run(args)`` under
     ``run_command``."""
     def main(argv: Optional[list[str]] = None) -> int:
         args = build_parser().parse_args(argv)
-        return run_command(prog, lambda: run(args))
+        return run_command(prog, lambda: run(args), devices_at_start=devices_at_start)
 
     main.__doc__ = f"{prog}: parse argv (default sys.argv[1:]) and run; returns the exit code."
     return main
@@ -383,8 +434,9 @@ def add_compute_flags(p, *, compute_dtype: bool = True, batch_per_device: Option
     """--compute-dtype, --batch-per-device (when the command batches), --patch-batch."""
     g = p.add_argument_group("compute")
     if compute_dtype:
-        g.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
-                       help="dtype of the matmuls (parameters stay float32)")
+        g.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto",
+                       help="dtype of the matmuls; auto (default): bfloat16 on GPU/TPU, float32 on "
+                            "CPU. Parameters, softmax, norms and losses stay float32")
         if deprecated_dtype:
             add_deprecated(g, "--dtype", "--compute-dtype", "compute_dtype", choices=COMPUTE_DTYPES)
     if batch_per_device is not None:
@@ -428,9 +480,17 @@ def progress(enabled: bool) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------ using the groups
 def compute_dtype(args):
-    import jax.numpy as jnp
+    """--compute-dtype as a dtype ("auto" resolved for the backend JAX runs on)."""
+    from hipt_jax.models.precision import resolve_dtype
 
-    return jnp.bfloat16 if args.compute_dtype == "bfloat16" else jnp.float32
+    return resolve_dtype(args.compute_dtype)
+
+
+def compute_dtype_name(name: str) -> str:
+    """A --compute-dtype value with "auto" resolved: "float32" or "bfloat16"."""
+    from hipt_jax.models.precision import dtype_name
+
+    return dtype_name(name)
 
 
 def load_hipt4k(args, *, need_vit4k: bool = False):
@@ -485,7 +545,8 @@ def read_region(args):
 
 
 # ------------------------------------------------------------------------------ absl commands
-def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = None) -> None:
+def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = None, *,
+              devices_at_start: bool = True) -> None:
     """Run an absl / ml-collections command under the exit-code policy: flag errors (unknown
     flag, missing --config, a config file that fails to load) exit 2 with one line."""
     from absl import app
@@ -512,7 +573,7 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
         if len(rest) > 1:
             print_error(prog, f"unexpected arguments {rest[1:]} (flags are --name=value)")
             sys.exit(EXIT_BAD_INPUT)
-        sys.exit(run_command(prog, body))
+        sys.exit(run_command(prog, body, devices_at_start=devices_at_start))
 
     app.run(main, argv=argv, flags_parser=parse)
 

@@ -61,6 +61,8 @@ def _run() -> int:
     from hipt_jax import distributed
 
     distributed.initialize(config.distributed)
+    flags.report_devices(PROG)
+    config.compute_dtype = flags.compute_dtype_name(config.compute_dtype)  # auto -> what this backend computes in
     from hipt_jax.pretrain.trainer import train
 
     with flags.progress(flags.absl_progress()):
@@ -97,7 +99,7 @@ def define_flags() -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     define_flags()
-    flags.absl_main(PROG, _run, argv)
+    flags.absl_main(PROG, _run, argv, devices_at_start=False)  # after jax.distributed starts
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ def _run() -> int:
         if path:
             flags.check_output_dir(path)
     distributed.initialize()
+    flags.report_devices(PROG)
+    cfg.dtype = flags.compute_dtype_name(cfg.dtype)  # auto -> this backend's dtype
     report = run_profile(cfg)
     if jax.process_index() == 0:
         print(format_table(report), flush=True)
@@ -118,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         absl_flags.DEFINE_string("plan_json", "", "--plan: also write the rows here")
         absl_flags.DEFINE_bool("calibrate", False, "measure this machine's CPU minibatch sizes and store them")
     _fake_devices_for_plan(sys.argv if argv is None else argv, reexec=argv is None)
-    flags.absl_main(PROG, _run, argv)
+    flags.absl_main(PROG, _run, argv, devices_at_start=False)  # after jax.distributed starts
 
 
 def _requested_devices(argv: list[str]) -> int:

@@ -45,6 +45,7 @@ from hipt_jax.outputs import atomic_path, write_json, write_text
 from hipt_jax.finetune import plots, reporting, survival
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, encode_local
 from hipt_jax.models import checkpoint, lgp, mil
+from hipt_jax.models.precision import resolve_dtype
 
 OUTPUTS = ("results.json", "results.md", "roc.png", "km.png")  # + fold_*/
 
@@ -74,7 +75,8 @@ def _build_model(config, n_classes: int, in_features: int = 384):
     if _model_name(config) != "hipt_lgp":
         return mil.build_mil(_mil_arch(config, n_classes, in_features))
     return lgp.HIPTLGP(n_classes=n_classes, local_arch=config.model.local_arch,
-                       freeze_local=config.model.freeze_local, dropout_rate=config.model.dropout)
+                       freeze_local=config.model.freeze_local, dropout_rate=config.model.dropout,
+                       dtype=resolve_dtype(config.get("compute_dtype", "auto")))
 
 
 def _init_variables(model, config, seed: int, grid: int, in_features: int = 384):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
+import einops
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,6 +17,7 @@ import numpy as np
 from hipt_jax.models import minibatch
 from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 from hipt_jax.models.checkpoint import load_backbone
+from hipt_jax.models.precision import resolve_dtype
 
 PATCH = 256  # pixels per ViT-256 patch; a region is a grid of these
 # ViT-256 minibatch inside the region program when a caller passes none and the machine is not
@@ -43,12 +45,11 @@ def normalize(images_u8: jnp.ndarray, dtype: Any = jnp.float32) -> jnp.ndarray:
 
 def _cut_patches(regions: jnp.ndarray) -> tuple[jnp.ndarray, int, int]:
     """[B,H,W,3] (H, W multiples of 256) -> ([B*R*C,256,256,3], R, C), row-major per region."""
-    batch, height, width, chans = regions.shape
-    rows, cols = height // PATCH, width // PATCH
-    # [B,R*256,C*256,3] -> [B,R,C,256,256,3] -> [B*R*C,256,256,3]: patch (i, j) of region b is
-    # row b*R*C + i*C + j, the reference's unfold order.
-    patches = regions.reshape(batch, rows, PATCH, cols, PATCH, chans).transpose(0, 1, 3, 2, 4, 5)
-    return patches.reshape(batch * rows * cols, PATCH, PATCH, chans), rows, cols
+    rows, cols = regions.shape[1] // PATCH, regions.shape[2] // PATCH
+    # [B,R*256,C*256,3] -> [B*R*C,256,256,3]: patch (i, j) of region b is row b*R*C + i*C + j,
+    # the reference's unfold order.
+    patches = einops.rearrange(regions, "b (r y) (c x) ch -> (b r c) y x ch", y=PATCH, x=PATCH)
+    return patches, rows, cols
 
 
 def _map_in_minibatches(fn, xs: jnp.ndarray, batch_size: int):
@@ -138,14 +139,16 @@ class HIPT4K:
       patch_batch: ViT-256 minibatch inside the jitted computation; None (default) = auto: on
         CPU the size calibrated on this machine or fitted to its caches
         (hipt_jax.models.minibatch), the whole region (256) on GPU/TPU.
-      dtype: compute dtype (jnp.float32, or jnp.bfloat16 with fp32 params).
+      dtype: compute dtype: "auto" (default: bfloat16 on GPU/TPU, float32 on CPU), "float32",
+        "bfloat16" or a dtype; parameters stay float32 (hipt_jax.models.precision).
     """
 
     def __init__(self, params256, params4k, config256, config4k=None, *, patch_batch: Optional[int] = None,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = "auto"):
         self.params256, self.params4k = params256, params4k
         self.config256, self.config4k = config256, config4k
-        self.patch_batch, self.dtype = auto_patch_batch(patch_batch, config256, dtype), dtype
+        self.dtype = resolve_dtype(dtype)
+        self.patch_batch = auto_patch_batch(patch_batch, config256, self.dtype)
         self._jitted = {}
 
     @classmethod

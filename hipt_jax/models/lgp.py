@@ -102,7 +102,8 @@ class HIPTLGP(nn.Module):
             mask = jnp.ones((m,), bool)
         h = self.dropout(nn.relu(self.global_phi(h_local)), deterministic=det)
         # [M,192] -> [1,M,192]: the reference runs the encoder on one sequence of M regions.
-        h, _ = self.global_transformer(h[None], key_mask=mask[None], deterministic=det)
+        h, _ = self.global_transformer(h[None], key_mask=mask[None], deterministic=det,
+                                       need_weights=False)  # no map wanted: fused attention
         h = h[0]
         a = self.dropout(jnp.tanh(self.attention_a(h)), deterministic=det)
         b = self.dropout(nn.sigmoid(self.attention_b(h)), deterministic=det)

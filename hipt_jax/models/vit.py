@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -108,36 +109,50 @@ class QKV(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; its qkv projection is stored fused (see ``QKV``)."""
+    """Multi-head self-attention; its qkv projection is stored fused (see ``QKV``).
+
+    Two paths, same values: when the caller needs the softmax weights (``need_weights`` at
+    inference: heatmaps, the last block's CLS row) or dropout acts on them (training with
+    ``dropout_rate`` > 0), the explicit einsum/softmax below; otherwise
+    ``jax.nn.dot_product_attention``, which is cuDNN's fused kernel on GPUs and XLA's on TPUs
+    and CPUs, and returns no weights (None)."""
 
     num_heads: int
     dropout_rate: float = 0.0  # on the attention weights (torch MHA's dropout)
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False):
+    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False, need_weights=True):
         """``cls_only``: queries from token 0 only -> output [B,1,D], attention [B,H,1,N]
         (keys and values still come from all tokens)."""
-        batch, tokens, width = x.shape
+        width = x.shape[-1]
         head_dim = width // self.num_heads
         q, k, v = QKV(self.dtype, name="qkv")(x, x[:, :1] if cls_only else None)
-        n_q = q.shape[1]
         # [B,N,D] -> [B,N,H,hd]: channels are head-major, so this is a free reshape; the
         # einsums take the heads where they are instead of transposing them to the front.
-        q = q.reshape(batch, n_q, self.num_heads, head_dim)
-        k = k.reshape(batch, tokens, self.num_heads, head_dim)
-        v = v.reshape(batch, tokens, self.num_heads, head_dim)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)  # [B,H,Nq,N]
+        q, k, v = (einops.rearrange(t, "b n (h d) -> b n h d", h=self.num_heads) for t in (q, k, v))
+        dropout_active = self.dropout_rate > 0.0 and not deterministic
+        if (need_weights and deterministic) or dropout_active:
+            out, attn = self._explicit(q, k, v, key_mask, deterministic)
+        else:
+            # key_mask [B,N] True for real tokens -> [B,1,1,N] over (heads, queries). Softmax in
+            # fp32 inside, as below.
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            out, attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5), None
+        # [B,Nq,H,hd] -> [B,Nq,D]: heads back to head-major channels (a free reshape).
+        out = einops.rearrange(out, "b n h d -> b n (h d)")
+        return _dense(width, "proj", self.dtype)(out), attn
+
+    def _explicit(self, q, k, v, key_mask, deterministic):
+        """q [B,Nq,H,hd], k, v [B,N,H,hd] -> (out [B,Nq,H,hd], softmax weights [B,H,Nq,N] fp32)."""
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1]**-0.5, k)  # [B,H,Nq,N]
         if key_mask is not None:
             # key_mask [B,N] True for real tokens: padded keys get no weight.
             logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
         # Softmax in fp32 even under bf16 compute: the maps feed heatmaps and pooling.
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         dropped = nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v)
-        # [B,Nq,H,hd] -> [B,Nq,D]: heads back to head-major channels (a free reshape).
-        out = out.reshape(batch, n_q, width)
-        return _dense(width, "proj", self.dtype)(out), attn
+        return jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v), attn
 
 
 class Mlp(nn.Module):
@@ -168,9 +183,10 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False):
+    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False, need_weights=True):
         """``cls_only`` (pre-norm only): update and return only token 0, [B,1,D]; what every
-        token after the LAST block is not needed for (the CLS output and its attention row)."""
+        token after the LAST block is not needed for (the CLS output and its attention row).
+        ``need_weights=False``: attention map None (fused attention, see ``Attention``)."""
         norm1 = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")
         norm2 = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")
         attn = Attention(self.num_heads, self.dropout_rate, self.dtype, name="attn")
@@ -178,13 +194,13 @@ class Block(nn.Module):
         drop_path = DropPath(self.drop_path)
         dropout = nn.Dropout(self.dropout_rate)
         if self.pre_norm:
-            y, attn_map = attn(norm1(x), key_mask, deterministic, cls_only)
+            y, attn_map = attn(norm1(x), key_mask, deterministic, cls_only, need_weights)
             x = (x[:, :1] if cls_only else x) + drop_path(y, deterministic)
             x = x + drop_path(mlp(norm2(x), deterministic), deterministic)
         else:
             if cls_only:
                 raise ValueError("cls_only is implemented for pre-norm blocks only")
-            y, attn_map = attn(x, key_mask, deterministic)
+            y, attn_map = attn(x, key_mask, deterministic, need_weights=need_weights)
             x = norm1(x + dropout(y, deterministic=deterministic))
             x = norm2(x + dropout(mlp(x, deterministic), deterministic=deterministic))
         return x, attn_map
@@ -205,16 +221,19 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False):
+    def __call__(self, x, key_mask=None, deterministic=True, cls_only=False, need_weights=True):
         """``cls_only``: the last block computes token 0 only (tokens out [B,1,D], attention
-        [B,H,1,N]); ~7% fewer FLOPs for ViT-256 when only the CLS output is wanted."""
+        [B,H,1,N]); ~7% fewer FLOPs for ViT-256 when only the CLS output is wanted.
+        Only the last block's weights are ever returned (at inference, with ``need_weights``):
+        every other block takes the fused attention path."""
         attn_map = None
         for i in range(self.depth):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x, attn_map = Block(
                 self.num_heads, self.mlp_dim, self.pre_norm, self.activation, self.ln_eps,
                 self.dropout_rate, rate, self.dtype, name=f"blocks_{i}",
-            )(x, key_mask, deterministic, cls_only and i == self.depth - 1)
+            )(x, key_mask, deterministic, cls_only and i == self.depth - 1,
+              need_weights and i == self.depth - 1)
         return x, attn_map
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from hipt_jax.models.archs import build_vit
 from hipt_jax.models.vit import gelu_exact, reference_trunc_normal
+from hipt_jax.models.precision import resolve_dtype
 
 Dtype = Any
 
@@ -148,7 +149,7 @@ class MultiCropDINO(nn.Module):
 
 def build_model(config: ml_collections.ConfigDict, *, student: bool) -> MultiCropDINO:
     """The student (with stochastic depth) or teacher (without) for a pretraining config."""
-    dtype = jnp.bfloat16 if config.get("compute_dtype", "float32") == "bfloat16" else jnp.float32
+    dtype = resolve_dtype(config.get("compute_dtype", "auto"))
     return MultiCropDINO(
         backbone=config.model,
         head_out_dim=config.head.out_dim,
