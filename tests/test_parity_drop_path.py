@@ -29,7 +29,7 @@ from hipt_jax import sharding as shd
 from hipt_jax.models import torch_io
 from hipt_jax.models.vit import DropPath
 from hipt_jax.pretrain import trainer
-from hipt_jax.pretrain.head import build_model
+from hipt_jax.pretrain.head import build_model, view_major
 from tests import reference_torch as ref
 from tests import reference_torch_dino as ref_dino
 from tests import reference_torch_droppath as ref_dp
@@ -66,7 +66,8 @@ def _replay_fn(c):
 
 
 def _masks_from(intermediates):
-    """{block: [mask per drop-path call]} from captured DropPath outputs, masks [V*b] of 0/1."""
+    """{block: [mask per drop-path call]} from captured DropPath outputs, masks [b*V] of 0/1
+    (the backbone runs sample-major: row s*V + v is sample s, view v)."""
     masks = {}
     for path, out in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
         keys = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
@@ -79,7 +80,7 @@ def _masks_from(intermediates):
 
 
 def _replayed_masks(c, params, views, key):
-    """{block: [mask per drop-path call]} of one student forward, masks [V*b] of 0/1."""
+    """{block: [mask per drop-path call]} of one student forward, masks [b*V] of 0/1."""
     return _masks_from(_replay_fn(c)(params, views["global"], views["local"], key))
 
 
@@ -97,7 +98,7 @@ def _step_masks(c, params, views, step_key, n_micro):
             assert len(calls) == 4, (b, len(calls))  # (global, local) x (attention, MLP)
             for j, m in enumerate(calls):
                 v = n_views["global" if j < 2 else "local"]
-                full[b][j][:, i::n_micro] = m.reshape(v, -1)  # [V*b] view-major -> [V, b]
+                full[b][j][:, i::n_micro] = m.reshape(-1, v).T  # [b*V] sample-major -> [V, b]
     order = []
     for g in (0, 1):
         for b in range(DEPTH):
@@ -137,12 +138,15 @@ def test_drop_path_student_forward_and_gradients_match_torch():
         logits, state = model.apply({"params": p}, g, loc, train=True, rngs={"dropout": jax.random.key(3)},
                                     mutable=["intermediates"],
                                     capture_intermediates=lambda m, _: isinstance(m, DropPath))
-        return jnp.sum(logits * weights), state["intermediates"]
+        return jnp.sum(view_major(logits) * weights), state["intermediates"]  # [B,V,K] -> torch's [V*B,K]
 
     (val, inter), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(jax.tree.map(jnp.asarray, params))
     got = _masks_from(inter)
     # torch's call order: (global, local) x block x (attention, MLP); block 0 has rate 0.
-    order = [got[blk][2 * grp + br] for grp in (0, 1) for blk in range(DEPTH) for br in (0, 1)]
+    n_views = (g.shape[1], loc.shape[1])
+    # Our rows are sample-major [B*V]; torch's are view-major [V*B]: [B*V] -> [B,V] -> [V,B] -> [V*B].
+    order = [got[blk][2 * grp + br].reshape(-1, n_views[grp]).T.reshape(-1)
+             for grp in (0, 1) for blk in range(DEPTH) for br in (0, 1)]
     assert all(len(v) == 4 for v in got.values()) and len(got) == DEPTH
     feed.push([m[:, None, None] for j, m in enumerate(order) if (j // 2) % DEPTH != 0])
     assert sum(int((m == 0).sum()) for m in order) > 0

@@ -101,9 +101,13 @@ class MultiCropDINO(nn.Module):
 
     Runs the backbone once per crop resolution (all global crops together, all local crops
     together), as DINO's MultiCropWrapper does, then the head once over every CLS feature.
-    Input views are sample-major ([B, V, ...], what the data pipeline shards over devices);
-    output logits are view-major [V*B, out_dim] (rows v*B .. v*B+B-1 are view v), the layout
-    DINO's loss chunks.
+    Input views are sample-major ([B, V, ...], what the data pipeline shards over devices) and
+    so are the output logits, [B, V, out_dim] (global views first). The sample axis stays the
+    major one all the way through: [B,V,...] -> [B*V,...] keeps the device sharding of B, while
+    DINO's view-major order ([V,B,...] -> [V*B,...], torch.cat(crops)) would put the sharded
+    axis in the minor half of a merged axis, which SPMD can only serve by gathering the whole
+    batch onto every device (each device would then compute every sample).
+    ``view_major`` turns the logits into DINO's [V*B, out_dim] layout where a test needs it.
     """
 
     backbone: ml_collections.ConfigDict
@@ -123,28 +127,34 @@ class MultiCropDINO(nn.Module):
                              self.dtype)
 
     def features(self, views, train: bool) -> jnp.ndarray:
-        """[B, V, *crop] -> [V*B, D] CLS features in view-major order. Stage 3 views are a dict
+        """[B, V, *crop] -> [B, V, D] CLS features. Stage 3 views are a dict
         {"x" [B,V,N,F], "coords" [B,V,N,2], "mask" [B,V,N]} of padded region sets."""
-        def view_major(a):
-            batch, n_views = a.shape[:2]
-            # [B,V,...] -> [V,B,...] -> [V*B,...]: view-major, as torch.cat(crops) in DINO.
-            return jnp.swapaxes(a, 0, 1).reshape((n_views * batch,) + a.shape[2:])
+        leaf = jax.tree.leaves(views)[0]
+        batch, n_views = leaf.shape[:2]
+
+        def sample_major(a):
+            return a.reshape((batch * n_views,) + a.shape[2:])  # [B,V,...] -> [B*V,...]
         if isinstance(views, dict):
-            cls, _ = self.vit(view_major(views["x"]).astype(self.dtype), train=train,
-                              cls_only=self.last_block_cls_only, coords=view_major(views["coords"]),
-                              key_mask=view_major(views["mask"]))
-            return cls
-        cls, _ = self.vit(view_major(views).astype(self.dtype), train=train,
-                          cls_only=self.last_block_cls_only)
-        return cls
+            cls, _ = self.vit(sample_major(views["x"]).astype(self.dtype), train=train,
+                              cls_only=self.last_block_cls_only, coords=sample_major(views["coords"]),
+                              key_mask=sample_major(views["mask"]))
+        else:
+            cls, _ = self.vit(sample_major(views).astype(self.dtype), train=train,
+                              cls_only=self.last_block_cls_only)
+        return cls.reshape((batch, n_views) + cls.shape[1:])  # [B*V,D] -> [B,V,D]
 
     def __call__(self, global_views, local_views=None, train: bool = False):
-        """Logits [V*B, out_dim]: global crops first, then local crops (if given)."""
+        """Logits [B, V, out_dim]: global crops first, then local crops (if given)."""
         feats = [self.features(global_views, train)]
         n_local = 0 if local_views is None else jax.tree.leaves(local_views)[0].shape[1]
         if n_local > 0:
             feats.append(self.features(local_views, train))
-        return self.head(jnp.concatenate(feats, axis=0)).astype(jnp.float32)
+        return self.head(jnp.concatenate(feats, axis=1)).astype(jnp.float32)
+
+
+def view_major(logits: jnp.ndarray) -> jnp.ndarray:
+    """[B, V, K] -> [V*B, K], DINO's torch.cat(crops) row order (rows v*B..v*B+B-1 = view v)."""
+    return jnp.swapaxes(logits, 0, 1).reshape((-1,) + logits.shape[2:])
 
 
 def build_model(config: ml_collections.ConfigDict, *, student: bool) -> MultiCropDINO:

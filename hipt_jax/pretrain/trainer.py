@@ -157,9 +157,8 @@ def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
         zeros = jax.tree.map(jnp.zeros_like, state["student"])
         (g_sum, l_sum), t_logits = jax.lax.scan(
             body, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(n_micro), chunks))
-        # The center needs only the mean over all teacher rows, so the order does not matter:
-        # [n, G*B/n, K] -> [G*B, K].
-        t_logits = t_logits.reshape((-1, t_logits.shape[-1]))
+        # t_logits [n, B/n, G, K]: the center needs only the mean over all teacher rows, which
+        # update_center takes over every leading axis (no reshape of the sharded sample axis).
         return l_sum / n_micro, jax.tree.map(lambda g: g / n_micro, g_sum), t_logits
 
     def update(state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
