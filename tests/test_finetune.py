@@ -85,6 +85,7 @@ def _survival_rows(classes, rng, shuffle=False):
             for i in range(len(classes))]
 
 
+@pytest.mark.slow  # survival learning end to end (~65 s); the survival loss and LGP are checked against torch in test_parity_lgp_train
 def test_survival_cindex_learns_class_dependent_times_and_not_shuffled(tmp_path):
     emb = str(tmp_path / "emb")
     n = 160

@@ -43,6 +43,7 @@ def _losses(text, prefix=""):
     return [float(m) for m in re.findall(rf"^{re.escape(prefix)}step\s+\d+/\d+\s+loss ([-\d.naninf]+)", text, re.M)]
 
 
+@pytest.mark.slow  # two JAX processes also start under srun in test_slurm (fast) and match one process in the slow tests
 def test_two_process_runlocal_pretraining(png_patches, tmp_path):
     res = _launch(["-n", "2", "--devices-per-process", "1", "--timeout", "500", "--",
                    *_pretrain_cmd(tmp_path / "run", png_patches)])

@@ -99,6 +99,7 @@ def test_cli_bad_config(tmp_path):
     assert res.returncode != 0 and "unknown config arg" in res.stderr
 
 
+@pytest.mark.slow  # three full compiles of the stage-2 update (~40 s)
 def test_update_flops_counts_the_whole_batch_of_a_microbatched_update():
     """XLA's cost analysis counts a lax.scan body once: update_flops compiles the whole batch."""
     from configs.pretrain_vit4k import get_config

@@ -109,6 +109,7 @@ _EQUIVALENCE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh 8-device process (~40 s); test_pretrain_sharding checks the shared trainer on 8 devices in make test
 def test_one_update_same_on_1_and_8_devices():
     """Plant: in the 8-device run, shift the batch by one sample (b[k][1:] + b[k][:1])."""
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")

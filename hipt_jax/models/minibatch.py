@@ -165,20 +165,32 @@ def region_patch_batch(config256, dtype_bytes: int = 4, info: Optional[dict] = N
     return fit_power_of_two(ws, cache_budget(info), MAX_PATCH_BATCH)
 
 
+def _crop_tokens(config) -> tuple[int, int]:
+    """Tokens (CLS included) of one global and one local crop. Stages 1-2 cut square pixel or
+    feature crops into patches; stage 3's views are windows of region tokens (a global view
+    padded to ``global_tokens``, a local one ``local_size`` x ``local_size`` regions)."""
+    m, c = config.model, config.crops
+    if config.get("stage", 1) == 3:
+        return c.global_tokens + 1, c.local_size ** 2 + 1
+    return (c.global_size // m.patch_size) ** 2 + 1, (c.local_size // m.patch_size) ** 2 + 1
+
+
 def microbatch_key(config) -> str:
     m, c = config.model, config.crops
+    g, loc = _crop_tokens(config)
     return (f"pretrain|stage{config.stage}|w{m.width} d{m.depth} h{m.num_heads} m{m.mlp_dim} "
-            f"p{m.patch_size}|crops {c.global_size}/{c.local_size}x{c.n_local}")
+            f"|crops {g}/{loc}x{c.n_local} tokens")
 
 
 def training_bytes_per_sample(config) -> int:
     """One DINO sample's working set in a block: its 2 global + n_local local crops."""
     m, c = config.model, config.crops
+    g, loc = _crop_tokens(config)
 
-    def per_crop(size):
-        return block_bytes((size // m.patch_size) ** 2 + 1, m.width, m.mlp_dim, m.num_heads)
+    def per_crop(tokens):
+        return block_bytes(tokens, m.width, m.mlp_dim, m.num_heads)
 
-    return 2 * per_crop(c.global_size) + c.n_local * per_crop(c.local_size)
+    return 2 * per_crop(g) + c.n_local * per_crop(loc)
 
 
 def samples_per_microbatch(config, per_device_batch: int, info: Optional[dict] = None) -> int:
