@@ -252,6 +252,8 @@ def test_microbatched_update_equals_whole_batch_update():
         np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # ~60 s; make test keeps it covered: the full update below runs the default
+# last_block_cls_only=True and matches DINO's torch loop, which runs every token.
 def test_last_block_on_cls_only_gives_the_same_logits_and_gradients():
     """The default (the last block computes the CLS token only, the only one the head reads)
     gives the logits and student gradients of running every token through it, as DINO does."""
