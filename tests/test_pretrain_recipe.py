@@ -192,6 +192,8 @@ def test_full_update_matches_torch_dino_steps():
     np.testing.assert_allclose(ours_s["vit"]["pos_embed"], student.backbone.pos_embed.detach().numpy(), atol=1e-5)
 
 
+@pytest.mark.slow  # ~30 s; make test keeps bf16 covered: test_accelerator_ready (bf16 activations,
+# fp32 params and Adam state) and test_vit (bf16 forward close to fp32)
 def test_bf16_compute_keeps_fp32_params_and_finite_loss():
     from configs.pretrain_vit256 import get_config
     from hipt_jax import sharding as shd
