@@ -26,11 +26,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=15 tests
 
 # Everything, slow-marked acceptance tests included (full demo, 2-process and SLURM jobs,
-# whole runlocal pretrainings): about 25 min on 2 cores.
+# whole runlocal pretrainings, full-size 4096 px parity).
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
-# The multi-host launch tests alone (also part of `make test`): a real one-node SLURM cluster
+# The multi-host launch tests alone (`make test` runs their fast part: the cluster fixture,
+# scheduler variables, 2 JAX processes under srun, scancel): a real one-node SLURM cluster
 # (installs slurm-wlm and munge with apt-get when missing; needs root), the sbatch script's
 # 2-task pretraining / preemption / extraction jobs, Beam on 2 worker processes, the TPU dry run.
 test-cluster: $(STAMP)
