@@ -171,3 +171,20 @@ def head_state_to_jax(head: DINOHead) -> dict:
             for i in (0, 2, 4)}
     tree["last_layer"] = {"weight_v": sd["last_layer.weight_v"].T.copy()}
     return tree
+
+
+def student_to_jax(student: MultiCropWrapper) -> dict:
+    """A torch student's weights as our student tree {"vit": ..., "head": ...}."""
+    from hipt_jax.models import torch_io
+
+    sd = {k: v.detach().numpy() for k, v in student.state_dict().items()}
+    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return {"vit": torch_io.reference_to_variables(backbone)["params"], "head": head_state_to_jax(student.head)}
+
+
+def tiny_run_schedules(config, lr_warmup_epochs: int) -> tuple:
+    """DINO's lr / weight-decay / teacher-momentum schedules of a 4-epoch run with one
+    iteration per epoch, for a pretraining config (peak lr scaled by batch / 256)."""
+    peak = config.optim.lr * config.global_batch / 256
+    return (cosine_scheduler(peak, config.optim.min_lr, 4, 1, lr_warmup_epochs),
+            cosine_scheduler(0.04, 0.4, 4, 1), cosine_scheduler(0.996, 1.0, 4, 1))

@@ -91,3 +91,13 @@ def make_feature_cohort(emb_dir: str, n_items: int, n_classes: int = 2, grid: in
         feats = rng.normal(size=(m, grid * grid, 384)).astype(np.float32) + signal * directions[c]
         write_embedding(emb_dir, f"slide_{i:04d}", feats)
     return classes
+
+
+def small_labelled_feature_cohort(root) -> tuple[str, str]:
+    """6 extracted slides (2 classes, 2x2 grids, 1-2 regions) and their labels CSV under root:
+    hipt-knn / hipt-finetune input for the bad-input tests."""
+    emb = os.path.join(str(root), "emb")
+    classes = make_feature_cohort(emb, 6, grid=2, regions=(1, 2))
+    labels = write_labels(os.path.join(str(root), "labels.csv"),
+                          [{"slide_id": f"slide_{i:04d}", "label": f"t{c}"} for i, c in enumerate(classes)])
+    return emb, labels

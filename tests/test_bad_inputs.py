@@ -23,7 +23,7 @@ import pytest
 from data_prep import bags
 from hipt_jax import provenance, workdir_lock
 from tests.cli_helpers import ENV, call_main, run_module
-from tests.synthetic_cohort import make_feature_cohort, make_tissue_cohort, write_labels
+from tests.synthetic_cohort import make_feature_cohort, make_tissue_cohort, write_labels, small_labelled_feature_cohort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,12 +53,7 @@ def prep(tmp_path_factory):
 @pytest.fixture(scope="module")
 def feature_cohort(tmp_path_factory):
     """6 extracted slides and their labels (hipt-knn / hipt-finetune input)."""
-    root = tmp_path_factory.mktemp("features")
-    emb = str(root / "emb")
-    classes = make_feature_cohort(emb, 6, grid=2, regions=(1, 2))
-    labels = write_labels(str(root / "labels.csv"),
-                          [{"slide_id": f"slide_{i:04d}", "label": f"t{c}"} for i, c in enumerate(classes)])
-    return emb, labels
+    return small_labelled_feature_cohort(tmp_path_factory.mktemp("features"))
 
 
 # ------------------------------------------------------------------------------ parameters

@@ -184,15 +184,9 @@ def run_case(mesh_spec: str, microbatches: int) -> dict:
         p.requires_grad = False
     opt = torch.optim.AdamW(ref_dino.get_params_groups(student))
     loss_fn = ref_dino.DINOLoss(64, 2 + c.crops.n_local, 0.04, 0.04, 0, 4)
-    peak = c.optim.lr * c.global_batch / 256
-    lr_s = ref_dino.cosine_scheduler(peak, c.optim.min_lr, 4, 1, 1)
-    wd_s = ref_dino.cosine_scheduler(0.04, 0.4, 4, 1)
-    mom_s = ref_dino.cosine_scheduler(0.996, 1.0, 4, 1)
+    lr_s, wd_s, mom_s = ref_dino.tiny_run_schedules(c, lr_warmup_epochs=1)
 
-    sd = {k: v.detach().numpy() for k, v in student.state_dict().items()}
-    params = {"vit": torch_io.reference_to_variables(
-        {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})["params"],
-              "head": ref_dino.head_state_to_jax(student.head)}
+    params = ref_dino.student_to_jax(student)
     state = trainer.create_state(c, jax.random.key(0))
     assert jax.tree.structure(state["student"]) == jax.tree.structure(params)
     mesh = shd.make_mesh({"data": data, "fsdp": fsdp}, jax.devices()[:data * fsdp])
