@@ -38,10 +38,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.peak_memory import PeakRss  # noqa: E402  (after the path set-up)
-from hipt_jax.models.hipt4k import DEFAULT_PATCH_BATCH  # noqa: E402
 
 
-def build_models(patch_batch: int):
+def build_models(patch_batch):
     """Reference HIPT_4K and our HIPT4K with the same random full-size weights."""
     from hipt_jax.models.torch_io import reference_to_variables
     from hipt_jax.models.archs import get_arch
@@ -81,7 +80,8 @@ def main() -> None:
     ap.add_argument("--region-px", type=int, default=1024)
     ap.add_argument("--regions", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--patch-batch", type=int, default=DEFAULT_PATCH_BATCH)
+    ap.add_argument("--patch-batch", type=int, default=None,
+                    help="ViT-256 minibatch inside the region program (default: chosen for this machine)")
     ap.add_argument("--batch-per-device", type=int, default=1)
     ap.add_argument("--ref-threads", default="1,2,4",
                     help="torch thread counts tried for the reference's best setting")
@@ -159,10 +159,12 @@ def main() -> None:
         f_ours = ours_executed_flops(extractor, args.region_px)
         f_ref = reference_executed_flops(reference, regions[0], 256)
         f_best = reference_executed_flops(reference, regions[0], best[2])
+        from benchmarks.machine import machine_tag
+        print(f"machine: {machine_tag()}")
         print(f"devices: {jax.local_devices()}  torch threads as shipped: {shipped_threads}  "
               f"load avg: {os.getloadavg()}")
         print(f"regions: {n} x {args.region_px} px ({(args.region_px // 256) ** 2} patches each), "
-              f"patch_batch {args.patch_batch}, batch {extractor.batch}")
+              f"patch_batch {ours.patch_batch}, batch {extractor.batch}")
         mib = 2.0 ** 20
         print(f"ours (hipt-extract, warm): {ours_rps:.4f} regions/s  (times {['%.2f' % t for t in t_ours]} s; "
               f"first call incl. compile {compile_s:.1f} s)  peak RSS +{max(m_ours) / mib:.0f} MiB  "

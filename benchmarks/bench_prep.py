@@ -154,6 +154,8 @@ def main() -> None:
             runs.append((*r, mem.peak))
         return min(runs, key=lambda r: r[1])
 
+    from benchmarks.machine import machine_tag
+    print(f"machine: {machine_tag()}", flush=True)
     par_before = machine_parallelism()
     n_raw, t_raw, c_raw, m_raw = best(raw_reads, folder, args.region, 1)
     raw_best = (t_raw, 1, c_raw, m_raw)

@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3, help="alternating rounds (each: 1 timed pass per side)")
     p.add_argument("--region", type=int, default=4096)
-    p.add_argument("--patch-batch", type=int, default=8)
+    p.add_argument("--patch-batch", type=int, default=None,
+                   help="ViT-256 minibatch (default: chosen for this machine, as hipt-profile does)")
     args = p.parse_args(argv)
 
     import jax
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     from hipt_jax import profiler
 
     cfg = profile_config.get_config("")
-    cfg.hipt4k.update(region_px=args.region, patch_batch=args.patch_batch)
+    cfg.hipt4k.update(region_px=args.region, patch_batch=args.patch_batch or 0)  # 0: auto
     bench.REGION = args.region
 
     # A: the program hipt-profile times (profiler.profile_hipt4k = hipt4k_forward + compile_and_time).
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
 
     ps, bs = min(prof_s), min(bench_s)
     pp, bp = max(prof_peak), max(bench_peak)
-    print(f"\nHIPT4K {args.region} px region, {flops / 1e9:.0f} GFLOP analytic (the figures on this count):")
+    from benchmarks.machine import machine_tag
+    print(f"\nmachine: {machine_tag()}")
+    print(f"HIPT4K {args.region} px region, {flops / 1e9:.0f} GFLOP analytic (the figures on this count):")
     print(f"  hipt-profile    {ps:7.2f} s/region  {flops / ps / 1e9:6.1f} GFLOP/s  MFU {flops / ps / pp:.0%}")
     print(f"  bench_inference {bs:7.2f} s/region  {flops / bs / 1e9:6.1f} GFLOP/s  share of peak {flops / bs / bp:.0%}")
     ratio = ps / bs
