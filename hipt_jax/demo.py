@@ -15,6 +15,9 @@ Steps (each runs the project's own command-line tool, exactly as a user would, a
               the stage-2 ViT-4K
   heatmap     hipt-heatmap: hierarchical attention heatmaps of a 2048 px region of the real
               slide with both pretrained stages, and the slide map of HIPT-LGP's attention
+  wsi         (optional: only when named in --steps, e.g. --steps wsi after a full run) stage 3:
+              hipt-pretrain of ViT-WSI on the slide bags (runlocal, no labels), hipt-extract
+              --vitwsi (slide_embedding_wsi), hipt-knn --embedding wsi
 The models are tiny and trained for seconds: the point is that every stage runs and feeds the
 next, not the numbers. A `steps` subset reuses the outputs earlier steps left in --out.
 
@@ -49,6 +52,8 @@ COMMANDS = {
     "heatmap": "hipt_jax.cli.heatmap",      # hipt-heatmap
 }
 STEPS = ("synth", "prep", "pretrain256", "features", "pretrain4k", "extract", "knn", "lgp", "heatmap")
+# Run only when named in --steps (after extract): stage 3 adds ~47 s of CPU to the demo's minute.
+OPTIONAL_STEPS = ("wsi",)
 # The folder this process imports hipt_jax from (site-packages, a --target folder or a checkout);
 # the commands get it first on PYTHONPATH so they run the same code whatever their cwd.
 IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +98,7 @@ class Paths:
         self.features = os.path.join(self.out, "prep_features")    # own --out (own status files)
         self.stage1 = os.path.join(self.out, "pretrain_vit256")
         self.stage2 = os.path.join(self.out, "pretrain_vit4k")
+        self.stage3 = os.path.join(self.out, "pretrain_vitwsi")
         self.embeddings = os.path.join(self.out, "embeddings")
         self.lgp = os.path.join(self.out, "lgp")
         self.heatmaps = os.path.join(self.out, "heatmaps")
@@ -239,16 +245,32 @@ def step_extract(p: Paths, opts) -> dict:
     return {"embeddings": os.path.join(p.embeddings, "slides")}
 
 
+def _run_knn(p: Paths, opts, name: str, out: str, extra: tuple[str, ...] = ()) -> None:
+    folds = max(2, min(5, opts.slides // 2))
+    text = run_tool(name, "knn",
+                    ["--embeddings", p.embeddings, "--labels", p.labels, "--splits", f"kfold:{folds}",
+                     "--k", str(min(5, opts.slides - opts.slides // folds - 1)), "--out", out, *extra], p.logs,
+                    show=30, echo=False)
+    print("\n".join("  " + line for line in text.splitlines() if line.strip() and not line.startswith(("I1", "W1"))))
+
+
 def step_knn(p: Paths, opts) -> dict:
     """Slide KNN evaluation: the paper's k=5 Euclidean and DINO's weighted cosine KNN."""
     out = os.path.join(p.embeddings, "knn_results.json")
-    folds = max(2, min(5, opts.slides // 2))
-    text = run_tool("knn", "knn",
-                    ["--embeddings", p.embeddings, "--labels", p.labels, "--splits", f"kfold:{folds}",
-                     "--k", str(min(5, opts.slides - opts.slides // folds - 1)), "--out", out], p.logs, show=30,
-                    echo=False)
-    print("\n".join("  " + line for line in text.splitlines() if line.strip() and not line.startswith(("I1", "W1"))))
+    _run_knn(p, opts, "knn", out)
     return {"knn_results": out}
+
+
+def step_wsi(p: Paths, opts) -> dict:
+    """Stage 3: ViT-WSI pretrained on the slide bags (no labels), its slide embeddings, their KNN."""
+    run_tool("pretrain_vitwsi", "pretrain",
+             _pretrain_args("pretrain_vitwsi.py", p.stage3, "slide_bags", p.embeddings, opts.pretrain_steps),
+             p.logs)
+    export = os.path.join(p.stage3, "export")
+    run_tool("extract_vitwsi", "extract", ["--vitwsi", export, "--out", p.embeddings, "--no-progress"], p.logs)
+    out = os.path.join(p.embeddings, "knn_results_wsi.json")
+    _run_knn(p, opts, "knn_wsi", out, ("--embedding", "wsi"))
+    return {"vitwsi_export": export, "knn_results_wsi": out}
 
 
 def step_lgp(p: Paths, opts) -> dict:
@@ -314,7 +336,7 @@ def demo_picture(heatmap_dir: str, head: int = 0, side: int = 256) -> str:
 
 STEP_FUNCS = {"synth": step_synth, "prep": step_prep, "pretrain256": step_pretrain256,
               "features": step_features, "pretrain4k": step_pretrain4k, "extract": step_extract,
-              "knn": step_knn, "lgp": step_lgp, "heatmap": step_heatmap}
+              "knn": step_knn, "wsi": step_wsi, "lgp": step_lgp, "heatmap": step_heatmap}
 
 
 # ------------------------------------------------------------------------------ summary
@@ -364,7 +386,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hipt_jax.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder")
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"comma-separated subset of {','.join(STEPS)} (optional: {','.join(OPTIONAL_STEPS)})")
     parser.add_argument("--slides", type=int, default=8, help="synthetic slides (half per class)")
     parser.add_argument("--steps-per-stage", dest="pretrain_steps", type=int, default=8, help="pretraining steps per stage")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for slide synthesis and prep")
@@ -375,7 +398,8 @@ def main(argv=None) -> int:
     steps = [s.strip() for s in opts.steps.split(",") if s.strip()]
     unknown = [s for s in steps if s not in STEP_FUNCS]
     if unknown:
-        print(f"hipt_jax.demo: error: unknown step(s) {unknown}; steps are {','.join(STEPS)}", file=sys.stderr)
+        print(f"hipt_jax.demo: error: unknown step(s) {unknown}; steps are {','.join(STEPS + OPTIONAL_STEPS)}",
+              file=sys.stderr)
         return 2
     if opts.slides < 4:
         print("hipt_jax.demo: error: --slides must be >= 4 (two per class for cross-validation)", file=sys.stderr)

@@ -41,6 +41,51 @@ def test_demo_first_steps_small_regions(tmp_path):
     assert "=== HIPT-JAX demo: summary" in res.stdout
 
 
+def test_wsi_step_commands(tmp_path, monkeypatch):
+    """The optional stage-3 step runs hipt-pretrain (configs/pretrain_vitwsi.py:runlocal) on the
+    demo's slide bags, hipt-extract --vitwsi with its export, then hipt-knn --embedding wsi (the
+    commands themselves run in test_vitwsi's runlocal test and, on the demo's slides, in the slow
+    test below). Plant: data.kind=feature_shards for the stage-3 run."""
+    from hipt_jax import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_tool", lambda name, command, args, log_dir, **kw: calls.append((command, args)) or "")
+    p = demo.Paths(str(tmp_path))
+    out = demo.step_wsi(p, type("Opts", (), {"slides": 8, "pretrain_steps": 8})())
+    assert [c for c, _ in calls] == ["pretrain", "extract", "knn"]
+    pretrain, extract, knn = (args for _, args in calls)
+    assert pretrain[1].endswith("pretrain_vitwsi.py:runlocal")
+    assert "--config.data.kind=slide_bags" in pretrain and f"--config.data.path={p.embeddings}" in pretrain
+    assert extract[:2] == ["--vitwsi", out["vitwsi_export"]] and extract[3] == p.embeddings
+    assert knn[knn.index("--embedding") + 1] == "wsi" and out["knn_results_wsi"] in knn
+    assert "wsi" not in demo.STEPS and "wsi" in demo.OPTIONAL_STEPS  # not in the default make demo
+
+
+@pytest.mark.slow
+def test_wsi_step_on_demo_slides(tmp_path):
+    """Stage 3 on the demo's slides: the demo's slide generator (4 slides, 1024 px regions),
+    hipt-prep coords + hipt-extract with tiny random weights (direct reads), then the demo's wsi step
+    (hipt-pretrain ...pretrain_vitwsi.py:runlocal, hipt-extract --vitwsi, hipt-knn --embedding wsi)."""
+    out = tmp_path / "demo_out"
+    res = _demo("--out", str(out), "--steps", "synth", "--slides", "4", "--region-px", "1024")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for cmd in (["hipt_jax.cli.prep", "coords", "--slides", str(out / "slides"), "--out", str(out / "coords"),
+                 "--region", "1024"],
+                ["hipt_jax.cli.extract", "--random-init", "tiny", "--slides", str(out / "slides"), "--coords",
+                 str(out / "coords"), "--size", "1024", "--out", str(out / "embeddings"), "--no-progress"]):
+        ran = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, cwd=ROOT, timeout=900)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+    res = _demo("--out", str(out), "--steps", "wsi", "--slides", "4")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    from data_prep import bags
+    found = bags.list_bags(str(out / "embeddings"))
+    assert len(found) == 4
+    for path in found.values():
+        assert bags.read_bag_file(path, ("slide_embedding_wsi",))["slide_embedding_wsi"].shape == (192,)
+    summary = json.load(open(out / "embeddings" / "knn_results_wsi.json"))["summary"]
+    assert set(summary) == {"paper", "dino"}
+
+
 # The README's claim ("KNN separates the two stain classes ... AUC 1.0"), with a margin for a
 # fold that lands one slide on the wrong side of k=5 neighbours.
 DEMO_MIN_KNN_AUC = 0.95

@@ -268,6 +268,41 @@ def test_cli_lgp_slide_map(tmp_path):
     assert main(["--slide", REAL_SLIDE, "--lgp", ckpt, "--out", str(tmp_path / "m2")]) == 2  # no --embeddings
 
 
+def test_cli_vitwsi_slide_map(tmp_path):
+    """--vitwsi EXPORT: the painted scores are the stage-3 CLS attention over the slide's regions
+    (last block, heads averaged, renormalized to sum to 1), saved on the slide's region grid.
+    Plants: the grid built from (column, row) cells (shape 3 x 2); embed_slide without the
+    renormalization (the regions' share of the softmax, which also covers the CLS, sums < 1);
+    the attention row of the first region instead of the CLS's."""
+    import jax
+
+    from hipt_jax.cli.heatmap import main
+    from hipt_jax.models import checkpoint
+    from hipt_jax.models.archs import build_vit, get_arch
+
+    arch = get_arch("vitwsi_tiny")
+    module = build_vit(arch)
+    params = module.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 4, 192)))["params"]
+    export = checkpoint.save(str(tmp_path / "export"), params, "vit", arch)
+    cells = np.array([[0, 0], [0, 1], [0, 2], [1, 0], [1, 2]])  # 2 x 3 regions, (1, 1) no tissue
+    feats = np.random.default_rng(0).normal(size=(len(cells), 192)).astype(np.float32)
+    os.makedirs(tmp_path / "emb" / "slides")
+    np.savez(tmp_path / "emb" / "slides" / "cmu_small_region.npz", features_cls4k=feats,
+             coords=cells[:, ::-1] * 1024)  # level-0 (x, y) corners of 1024 px regions
+    code = main(["--slide", REAL_SLIDE, "--vitwsi", export, "--embeddings", str(tmp_path / "emb"),
+                 "--size", "1024", "--out", str(tmp_path / "maps"), "--thumb-px", "128"])
+    assert code == 0
+    assert os.path.getsize(tmp_path / "maps" / "cmu_small_region_slide_attention.png") > 0
+    with np.load(tmp_path / "maps" / "cmu_small_region_region_scores.npz") as z:
+        scores, grid = z["scores"], z["grid"]
+    assert grid.shape == (2, 3) and np.isnan(grid[1, 1])
+    np.testing.assert_array_equal(grid[cells[:, 0], cells[:, 1]], scores)
+    assert scores.sum() == pytest.approx(1.0, abs=1e-5)
+    _, aux = module.apply({"params": params}, feats[None], coords=cells[None])
+    want = np.asarray(aux["attention"])[0, :, 0, 1:].mean(axis=0)  # [H,1+M,1+M] -> CLS row [M]
+    np.testing.assert_allclose(scores, want / want.sum(), atol=1e-6)
+
+
 if __name__ == "__main__":
     # Regenerate the golden fixtures (only after an intended change of the maps):
     #   .venv/bin/python -m tests.test_heatmap

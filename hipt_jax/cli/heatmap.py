@@ -175,8 +175,27 @@ def run_slide(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     name = args.name or os.path.splitext(os.path.basename(args.slide))[0]
     path = save_png(os.path.join(args.out, f"{name}_slide_attention.png"), picture)
-    print(f"slide attention map ({len(region_scores)} regions): {path}")
-    return {"slide": [path]}
+    scores_path = _save_region_scores(os.path.join(args.out, f"{name}_region_scores.npz"), coords,
+                                      region_scores, region_px)
+    print(f"slide attention map ({len(region_scores)} regions): {path}; scores: {scores_path}")
+    return {"slide": [path], "scores": [scores_path]}
+
+
+def _save_region_scores(path: str, coords, scores, region_px: float) -> str:
+    """The painted scores as numbers: coords [M,2] (level-0 x, y), scores [M], region_px (the
+    --region-scores input format) and grid [rows, columns] of the slide's region grid (row 0 /
+    column 0 = the top / left region; NaN where the slide has no region)."""
+    from hipt_jax.models.vitwsi import grid_cells
+    from hipt_jax.outputs import atomic_path
+
+    coords = np.asarray(coords).reshape(-1, 2)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    cells = grid_cells(coords, int(round(region_px)))  # [M,(row, column)]
+    grid = np.full(tuple(cells.max(axis=0) + 1) if len(cells) else (0, 0), np.nan, np.float32)
+    grid[cells[:, 0], cells[:, 1]] = scores
+    with atomic_path(path) as tmp:
+        np.savez(tmp, coords=coords, scores=scores, region_px=float(region_px), grid=grid)
+    return path
 
 
 def _run(args) -> int:
