@@ -140,6 +140,13 @@ def _finished_checkpoints(workdir):
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
 
 
+# Slow (about 95 s): its checks stay fast in tests/test_slurm.py::
+# test_scancel_then_resubmit_equals_uninterrupted (tasks killed mid-run by the scheduler, 2 Grain
+# worker processes per task, resume from the checkpoint, metrics.jsonl cut back without repeats,
+# TensorBoard events, the resumed steps' losses and the export equal the uninterrupted run's).
+# What only this test adds: stage 1 (PNG crops; their determinism across workers and process
+# splits: test_pipeline_global_batch_is_the_same_for_any_process_split) and a one-process run.
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
     pngs = _make_pngs(tmp_path / "png", n=10)
     # Two Grain worker processes: their iterator state is part of the checkpoint.
