@@ -54,15 +54,13 @@ def build_models(patch_batch):
     return ref.HIPT_4K(m256, m4k), ours
 
 
-def ours_executed_flops(extractor, region_px: int) -> float:
-    """FLOPs of one call of our compiled region program (XLA cost analysis), per region."""
-    import jax
-    import numpy as np
+def ours_executed_flops(model, region_px: int) -> float:
+    """FLOPs our region program executes per region (XLA cost analysis of the same arithmetic
+    without the minibatch loop, whose body XLA would count once)."""
+    from hipt_jax import profiler
 
-    x = jax.device_put(np.zeros((extractor.batch, region_px, region_px, 3), np.uint8), extractor._data)
-    cost = extractor._full.lower(extractor.params256, extractor.params4k, x).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) / extractor.batch
+    return profiler.region_xla_flops(model.params256, model.params4k, model.config256, model.config4k,
+                                     region_px, model.dtype)
 
 
 def reference_executed_flops(reference, region_u8, minibatch: int) -> float:
@@ -156,7 +154,7 @@ def main() -> None:
 
         n = args.regions
         ours_rps, ref_rps, best_rps = n / min(t_ours), n / min(t_ref), n / best[0]
-        f_ours = ours_executed_flops(extractor, args.region_px)
+        f_ours = ours_executed_flops(ours, args.region_px)
         f_ref = reference_executed_flops(reference, regions[0], 256)
         f_best = reference_executed_flops(reference, regions[0], best[2])
         from benchmarks.machine import machine_tag

@@ -77,6 +77,25 @@ def xla_flops(compiled) -> float | None:
         return None
 
 
+def region_xla_flops(params256, params4k, config256, config4k, region_px: int, dtype=jnp.float32,
+                     batch: int = 1) -> float | None:
+    """Executed FLOPs of one region of the HIPT4K region program (XLA cost analysis), per region.
+
+    The program runs its ViT-256 minibatches in a ``lax.map`` loop and XLA's cost analysis
+    counts a loop body once, so the looped program itself reports 1/n_chunks of its work.
+    Compile (never run) the same arithmetic with every patch in one minibatch instead."""
+    import functools
+
+    from hipt_jax.models.hipt4k import region_forward
+
+    n_patches = batch * (region_px // 256) ** 2
+    fn = jax.jit(functools.partial(region_forward, config256=config256, config4k=config4k,
+                                   patch_batch=max(1, n_patches), dtype=dtype))
+    regions = jax.ShapeDtypeStruct((batch, region_px, region_px, 3), jnp.uint8)
+    flops = xla_flops(fn.lower(params256, params4k, regions).compile())
+    return None if flops is None else flops / batch
+
+
 def update_flops(config, mesh, state_shardings, args, **overrides) -> float | None:
     """FLOPs of the DINO update on the whole batch (``microbatches=1``; ``overrides`` set
     other config fields). XLA's cost analysis counts a lax.scan body once, so a microbatched

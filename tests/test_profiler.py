@@ -118,3 +118,23 @@ def test_update_flops_counts_the_whole_batch_of_a_microbatched_update():
     assert whole > 2.5 * scanned
     every_token = profiler.update_flops(c, mesh, sh, args, last_block_cls_only=False)
     assert every_token > whole
+
+
+def test_region_xla_flops_counts_every_minibatch_of_the_region_loop():
+    """The region program maps its ViT-256 minibatches with lax.map and XLA's cost analysis counts
+    a loop body once; region_xla_flops must count the whole region. Plant: compile the looped
+    program (patch_batch=1) in region_xla_flops -> it reports ~1/4 of the work and this fails."""
+    import functools
+
+    from hipt_jax.models.hipt4k import region_forward
+
+    c256, c4k = get_arch("vit256_tiny"), get_arch("vit4k_tiny")
+    p256 = build_vit(c256).init(jax.random.PRNGKey(0), dummy_input(c256))
+    p4k = build_vit(c4k).init(jax.random.PRNGKey(1), dummy_input(c4k))
+    x = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.uint8)  # 4 patches of 256 px
+    looped = jax.jit(functools.partial(region_forward, config256=c256, config4k=c4k, patch_batch=1))
+    counted_once = profiler.xla_flops(looped.lower(p256, p4k, x).compile())
+    whole = profiler.region_xla_flops(p256, p4k, c256, c4k, 512)
+    assert 3.0 * counted_once < whole < 4.5 * counted_once
+    # at most the analytic count (the last ViT-256 block computes the CLS token only)
+    assert whole <= profiler.hipt4k_region_flops(c256, c4k, 512, 512)
