@@ -21,6 +21,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Machine calibrations (`hipt-profile --calibrate`, stored under $XDG_CACHE_HOME/hipt_jax) of the
+# developer's machine must neither change what tests see nor be overwritten by them.
+if "HIPT_TEST_KEEP_XDG_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="hipt-jax-test-xdg-cache-")
+
+# Longest files first: pytest-xdist's --dist loadfile hands out files in collection order, and
+# the SLURM launch jobs (several minutes on one worker) would otherwise start last and leave
+# the other worker idle at the end.
+_HEAVY_FIRST = ("test_slurm.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: 0 if os.path.basename(str(item.fspath)) in _HEAVY_FIRST else 1)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test, excluded from `make test`")

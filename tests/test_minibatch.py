@@ -48,6 +48,11 @@ def test_calibration_is_stored_per_machine_and_wins(tmp_path, monkeypatch):
     assert best == 16 and minibatch.calibrated(key) == 16
     assert minibatch.region_patch_batch(vit256, 4) == 16
     assert os.path.isfile(tmp_path / "hipt_jax" / "minibatch.json")
+    # A calibration belongs to the machine it was measured on: for another machine (``info``)
+    # the rule decides. Plant: look calibrations up under this machine's key whatever ``info``
+    # says -> 16 instead of the rule's 32 for the 128 MiB L3 machine.
+    other = {"model": "x", "cores": 2, "l1d": 0, "l2": 1 << 20, "l3": 128 << 20}
+    assert minibatch.region_patch_batch(vit256, 4, other) == 32
 
 
 def test_pretraining_samples_per_microbatch_from_the_rule(monkeypatch, tmp_path):

@@ -127,9 +127,9 @@ def _read_cache() -> dict:
         return {}
 
 
-def calibrated(model_key: str) -> Optional[int]:
-    """The size calibrated on this machine for ``model_key``, or None."""
-    entry = _read_cache().get(machine_key(), {}).get(model_key)
+def calibrated(model_key: str, info: Optional[dict] = None) -> Optional[int]:
+    """The size calibrated for ``model_key`` on this machine (or on the one ``info`` describes), or None."""
+    entry = _read_cache().get(machine_key(info), {}).get(model_key)
     return int(entry["best"]) if entry else None
 
 
@@ -157,7 +157,7 @@ def patch_batch_key(config256, dtype_bytes: int) -> str:
 
 def region_patch_batch(config256, dtype_bytes: int = 4, info: Optional[dict] = None) -> int:
     """ViT-256 minibatch of the region program: calibrated value, else the cache rule."""
-    found = calibrated(patch_batch_key(config256, dtype_bytes))
+    found = calibrated(patch_batch_key(config256, dtype_bytes), info)
     if found:
         return found
     tokens = (256 // config256.patch_size) ** 2 + 1
@@ -195,7 +195,7 @@ def training_bytes_per_sample(config) -> int:
 
 def samples_per_microbatch(config, per_device_batch: int, info: Optional[dict] = None) -> int:
     """Samples per device in one pretraining microbatch: calibrated value, else the cache rule."""
-    found = calibrated(microbatch_key(config))
+    found = calibrated(microbatch_key(config), info)
     if found:
         return min(found, per_device_batch)
     return fit_power_of_two(training_bytes_per_sample(config), cache_budget(info), per_device_batch)
