@@ -22,11 +22,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # Machine calibrations (`hipt-profile --calibrate`, stored under $XDG_CACHE_HOME/hipt_jax) of the
-# developer's machine must neither change what tests see nor be overwritten by them.
+# developer's machine must neither change what tests see nor be overwritten by them
+# (HIPT_TEST_KEEP_XDG_CACHE=1 keeps the real one, e.g. to test against a stored calibration).
 if "HIPT_TEST_KEEP_XDG_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="hipt-jax-test-xdg-cache-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 # Longest files first: pytest-xdist's --dist loadfile hands out files in collection order, and
 # the SLURM launch jobs (several minutes on one worker) would otherwise start last and leave
