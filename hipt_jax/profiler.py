@@ -313,6 +313,7 @@ def profile_loader(stage: int, cfg, step_row: dict | None) -> dict:
 
     section = cfg.pretrain_vit256 if stage == 1 else cfg.pretrain_vit4k
     config = pretrain_config(stage, section)
+    # Both measurements read the records: they stay inside the folder's lifetime.
     with tempfile.TemporaryDirectory() as folder:
         _loader_data(stage, folder, cfg.loader.num_records, config)
         config.data.path = folder
@@ -330,23 +331,24 @@ def profile_loader(stage: int, cfg, step_row: dict | None) -> dict:
         step = (time.perf_counter() - t0) / batches
         if hasattr(iterator, "close"):
             iterator.close()  # stops the loader's worker processes
-    crops = config.global_batch * (trainer.N_GLOBAL + config.crops.n_local)
-    row = {"name": f"loader stage {stage}", "unit": "crops/s", "items_per_step": crops,
-           "throughput": crops / step, "step_s": step, "compile_s": first, "gflop_per_step": None,
-           "gflop_s": None, "mfu": None, "flops_source": None, "memory": {},
-           "num_workers": cfg.loader.num_workers}
-    if step_row is not None:
-        # > 1: the loader outruns the update step (it is not the bottleneck).
-        row["loader_over_step"] = step_row["step_s"] / step
-        feed = step_row.get("feed")
-        if feed is not None:  # the update fed by this loader, as the trainer runs it
-            iterator = data_lib.make_iterator(config, source, process_index=0, process_count=1,
-                                              num_steps=cfg.loader.batches + 1)
-            next(iterator)  # worker start-up is not a step
-            batches = (next(iterator) for _ in range(cfg.loader.batches))
-            row["host_wait_share"] = host_wait_share(feed["step"], batches, feed["put"], step_row["step_s"])
-            if hasattr(iterator, "close"):
-                iterator.close()
+        crops = config.global_batch * (trainer.N_GLOBAL + config.crops.n_local)
+        row = {"name": f"loader stage {stage}", "unit": "crops/s", "items_per_step": crops,
+               "throughput": crops / step, "step_s": step, "compile_s": first,
+               "gflop_per_step": None, "gflop_s": None, "mfu": None, "flops_source": None,
+               "memory": {}, "num_workers": cfg.loader.num_workers}
+        if step_row is not None:
+            # > 1: the loader outruns the update step (it is not the bottleneck).
+            row["loader_over_step"] = step_row["step_s"] / step
+            feed = step_row.get("feed")
+            if feed is not None:  # the update fed by this loader, as the trainer runs it
+                iterator = data_lib.make_iterator(config, source, process_index=0,
+                                                  process_count=1, num_steps=batches + 1)
+                next(iterator)  # worker start-up is not a step
+                fed = (next(iterator) for _ in range(batches))
+                row["host_wait_share"] = host_wait_share(feed["step"], fed, feed["put"],
+                                                         step_row["step_s"])
+                if hasattr(iterator, "close"):
+                    iterator.close()
     return row
 
 

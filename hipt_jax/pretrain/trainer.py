@@ -32,7 +32,10 @@ from hipt_jax.prefetch import prefetch_to_device
 from hipt_jax.pretrain import data as data_lib
 from hipt_jax.pretrain import optimizer
 from hipt_jax.pretrain.augment import normalize_images, region_dummy_batch, region_views_of_batch
-from hipt_jax.pretrain.head import build_model, head_for_export, head_from_checkpoint
+from hipt_jax.pretrain.head import (LAST_LAYER, MultiCropDINO, build_model, head_for_export,
+                                    head_from_checkpoint, last_layer_input_grad,
+                                    last_layer_logits, last_layer_weight_grad, logits_dot,
+                                    weight_norm, weight_norm_grad)
 from hipt_jax.pretrain.loss import dino_loss, update_center
 from hipt_jax.pretrain.schedules import all_schedules
 
@@ -113,64 +116,97 @@ def resolve_microbatches(config: ml_collections.ConfigDict, mesh) -> int:
     return n
 
 
+def _without_last_layer(params: dict) -> dict:
+    """The student tree without head/last_layer (a shallow copy; leaves are shared)."""
+    head = {k: v for k, v in params["head"].items() if k != LAST_LAYER}
+    return {**params, "head": head}
+
+
 def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
                 microbatches: int = 1, steps_per_epoch: int = 1):
     """The pure DINO update (to be jitted by the caller with shardings and donation).
-
-    ``microbatches = n > 1`` (see ``resolve_microbatches``) runs teacher and student over the
-    batch in n sequential chunks inside the one program and averages their gradients. The
-    math is the same (the center is fixed during a step and the loss is a per-sample mean;
-    stochastic depth draws differ), but each chunk's activations stay in cache: on CPU this is
-    much faster, and on accelerators it bounds activation memory.
-    """
+    ``microbatches = n > 1`` (see ``resolve_microbatches`` and ``loss_and_grads`` below) runs
+    teacher and student over the batch in n sequential chunks and averages their gradients."""
     student_model = build_model(config, student=True)
     teacher_model = build_model(config, student=False)
+    dtype = student_model.dtype
     n_micro = int(microbatches)
 
-    def loss_and_grads(params: dict, views: dict, center, sched, rng):
-        """(loss, grads, teacher_logits) of one (micro)batch."""
+    def chunk_grads(state: dict, head_w: dict, views: dict, sched, rng):
+        """One (micro)batch up to the head's last layer, which is applied here by hand with
+        the effective weights in ``head_w`` so that its weight gradient z^T g can be formed
+        once over all chunks afterwards. Returns (loss, grads of every other student
+        parameter, teacher logits, bottleneck z, d loss / d logits, logits_dot)."""
         # Teacher: global crops only, no gradient, no stochastic depth.
+        z_teacher = teacher_model.apply({"params": state["teacher"]}, views["global"],
+                                        method=MultiCropDINO.bottleneck)
         teacher_logits = jax.lax.stop_gradient(
-            teacher_model.apply({"params": params["teacher"]}, views["global"]))
+            last_layer_logits(z_teacher, head_w["teacher"], dtype))
 
-        def loss_fn(student_params):
-            student_logits = student_model.apply(
-                {"params": student_params}, views["global"], views["local"], train=True,
-                rngs={"dropout": rng})
-            return dino_loss(student_logits, teacher_logits, center, n_global=N_GLOBAL,
+        def student_z(params):  # every student parameter but the last layer's
+            return student_model.apply(
+                {"params": params}, views["global"], views["local"], train=True,
+                rngs={"dropout": rng}, method=MultiCropDINO.bottleneck)
+
+        z, pullback = jax.vjp(student_z, _without_last_layer(state["student"]))  # z [b,V,256]
+
+        def loss_of_logits(logits):
+            return dino_loss(logits, teacher_logits, state["center"], n_global=N_GLOBAL,
                              teacher_temp=sched["teacher_temp"], student_temp=config.student_temp)
 
-        loss, grads = jax.value_and_grad(loss_fn)(params["student"])
-        return loss, grads, teacher_logits
+        logits = last_layer_logits(z, head_w["student"], dtype)
+        loss, g_logits = jax.value_and_grad(loss_of_logits)(logits)
+        (grads,) = pullback(last_layer_input_grad(g_logits, head_w["student"], dtype))
+        return loss, grads, teacher_logits, z, g_logits, logits_dot(g_logits, logits)
 
-    def accumulate(state, views, sched, rng):
-        """Sum of the n microbatches' gradients (lax.scan), then their mean."""
-        chunks = jax.tree.map(lambda v: _microbatches(v, n_micro), views)
+    def loss_and_grads(state, views, sched, rng):
+        """(mean loss, mean grads, teacher logits) over ``n_micro`` chunks of the batch.
 
-        def body(carry, xs):
-            i, chunk = xs
-            loss, grads, t_logits = loss_and_grads(state, chunk, state["center"], sched,
-                                                   jax.random.fold_in(rng, i))
-            g_sum, l_sum = carry
-            return (jax.tree.map(jnp.add, g_sum, grads), l_sum + loss), t_logits
+        n > 1: the chunks run one after another in a lax.scan with their gradients summed;
+        the math is the same as one whole-batch pass (the center is fixed during a step and
+        the loss is a per-sample mean; stochastic depth draws differ), but each chunk's
+        activations stay in cache: on CPU this is much faster, and on accelerators it bounds
+        activation memory. Either way the head's last layer (16.8M weights at out_dim 65536)
+        is normalized once per step and its weight gradient is one matmul over every crop of
+        the batch: XLA:CPU runs that [256, rows] @ [rows, 65536] product at a fraction of its
+        speed when rows are one chunk's crops, and a per-chunk weight-norm chain rule and
+        gradient sum would each be a pass over the whole weight."""
+        v_student = state["student"]["head"][LAST_LAYER]["weight_v"]
+        w_student, r_student = weight_norm(v_student)
+        w_teacher, _ = weight_norm(state["teacher"]["head"][LAST_LAYER]["weight_v"])
+        head_w = {"student": w_student, "teacher": w_teacher}
+        if n_micro == 1:
+            loss, grads, t_logits, z, g_logits, s_dot = chunk_grads(state, head_w, views, sched, rng)
+        else:
+            chunks = jax.tree.map(lambda v: _microbatches(v, n_micro), views)
 
-        zeros = jax.tree.map(jnp.zeros_like, state["student"])
-        (g_sum, l_sum), t_logits = jax.lax.scan(
-            body, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(n_micro), chunks))
-        # t_logits [n, B/n, G, K]: the center needs only the mean over all teacher rows, which
-        # update_center takes over every leading axis (no reshape of the sharded sample axis).
-        return l_sum / n_micro, jax.tree.map(lambda g: g / n_micro, g_sum), t_logits
+            def body(carry, xs):
+                i, chunk = xs
+                loss, grads, t_logits, z, g_logits, s_dot = chunk_grads(
+                    state, head_w, chunk, sched, jax.random.fold_in(rng, i))
+                g_sum, l_sum, s_sum = carry
+                return ((jax.tree.map(jnp.add, g_sum, grads), l_sum + loss, s_sum + s_dot),
+                        (t_logits, z, g_logits))
+
+            zeros = jax.tree.map(jnp.zeros_like, _without_last_layer(state["student"]))
+            # t_logits [n, B/n, G, K]: the center needs only the mean over all teacher rows,
+            # which update_center takes over every leading axis (no reshape of the sharded
+            # sample axis); z and g_logits keep their [n, B/n, V, .] layout the same way.
+            carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros_like(r_student[0]))
+            (grads, loss, s_dot), (t_logits, z, g_logits) = jax.lax.scan(
+                body, carry, (jnp.arange(n_micro), chunks))
+        w_grad = last_layer_weight_grad(z, g_logits, dtype)
+        grads["head"][LAST_LAYER] = {
+            "weight_v": weight_norm_grad(w_student, r_student, w_grad, s_dot).astype(v_student.dtype)}
+        scale = 1.0 / n_micro
+        return loss * scale, jax.tree.map(lambda g: g * scale, grads), t_logits
 
     def update(state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
         step = state["step"]
         sched = all_schedules(step, config, steps_per_epoch)
         views = _prepare_views(batch, config)
         step_rng = jax.random.fold_in(rng, step)
-        if n_micro > 1:
-            loss, grads, teacher_logits = accumulate(state, views, sched, step_rng)
-        else:
-            loss, grads, teacher_logits = loss_and_grads(state, views, state["center"], sched,
-                                                         step_rng)
+        loss, grads, teacher_logits = loss_and_grads(state, views, sched, step_rng)
         o = config.optim
         student, opt = optimizer.update(
             grads, state["opt"], state["student"], lr=sched["lr"], weight_decay=sched["wd"],
