@@ -170,7 +170,10 @@ def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
         is normalized once per step and its weight gradient is one matmul over every crop of
         the batch: XLA:CPU runs that [256, rows] @ [rows, 65536] product at a fraction of its
         speed when rows are one chunk's crops, and a per-chunk weight-norm chain rule and
-        gradient sum would each be a pass over the whole weight."""
+        gradient sum would each be a pass over the whole weight. The price: the logits'
+        gradient of the whole batch ([B, V, out_dim] fp32, 168 MB at B=64) is kept until that
+        matmul, as a whole-batch step keeps it anyway; chunking still divides the backbone's
+        activation memory, which is the larger part."""
         v_student = state["student"]["head"][LAST_LAYER]["weight_v"]
         w_student, r_student = weight_norm(v_student)
         w_teacher, _ = weight_norm(state["teacher"]["head"][LAST_LAYER]["weight_v"])
