@@ -55,7 +55,7 @@ class DINOHead(nn.Module):
         self.mlp_0 = dense(self.hidden_dim)
         self.mlp_2 = dense(self.hidden_dim)
         self.mlp_4 = dense(self.bottleneck_dim)
-        self.last_layer = WeightNormLinear(self.out_dim, self.dtype)
+        self.last_layer = WeightNormLinear(self.out_dim, self.dtype)  # param name == LAST_LAYER
 
     def bottleneck(self, x: jnp.ndarray) -> jnp.ndarray:
         """[N, D] -> [N, bottleneck_dim], L2-normalized, fp32."""
