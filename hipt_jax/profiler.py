@@ -32,7 +32,7 @@ import resource
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
