@@ -107,7 +107,7 @@ class Extractor:
         def full(p256, p4k, regions_u8):
             out = region_forward(p256, p4k, regions_u8, config256=model.config256,
                                  config4k=model.config4k, patch_batch=model.patch_batch,
-                                 dtype=model.dtype)
+                                 dtype=model.dtype, batch_shards=self.mesh.size)
             return out["features_cls256"], out.get("features_cls4k")
 
         self._full = jax.jit(full, in_shardings=(repl, repl, self._data), out_shardings=self._data)

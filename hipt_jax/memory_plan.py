@@ -12,15 +12,16 @@ SPMD program is per device, so it reads directly as:
 
 A plan compiled by XLA:CPU is an estimate of an accelerator's: the sharding, parameter and
 optimizer bytes are exact, the temporaries depend on the backend's fusion and layout choices.
-The largest per-device batch that fits is found from a few compiles (the line through two
-plans predicts it, compiles around the prediction bracket it to within 1/8); beyond it, a batch
-needs
+The largest per-device batch that fits is found from a few compiles (the line through the two
+probes that bracket it predicts it, to within 1/8); beyond it, a batch needs
 ``ceil(batch / largest)`` microbatches (hipt_jax.pretrain.trainer accumulates them).
 """
 from __future__ import annotations
 
 import math
 import re
+import sys
+import time
 from typing import Optional
 
 import jax
@@ -96,7 +97,8 @@ def hipt4k_plan(mesh, per_device_batch: int, region_px: int = 4096, patch_batch:
     p256 = jax.eval_shape(build_vit(c256).init, jax.random.PRNGKey(0), dummy_input(c256))
     p4k = jax.eval_shape(build_vit(c4k).init, jax.random.PRNGKey(0), dummy_input(c4k))
     repl, data = shd.replicated(mesh), shd.batch_sharding(mesh)
-    fn = functools.partial(region_forward, config256=c256, config4k=c4k, patch_batch=patch_batch)
+    fn = functools.partial(region_forward, config256=c256, config4k=c4k, patch_batch=patch_batch,
+                           batch_shards=mesh.size)
     regions = jax.ShapeDtypeStruct((per_device_batch * mesh.size, region_px, region_px, 3), np.uint8,
                                    sharding=data)
     jitted = jax.jit(lambda a, b, r: fn(a, b, r)["features_cls4k"], in_shardings=(repl, repl, data),
@@ -110,39 +112,49 @@ def hipt4k_plan(mesh, per_device_batch: int, region_px: int = 4096, patch_batch:
 # ------------------------------------------------------------------------------ the search
 def largest_fitting(plan_at, hbm: int, start: int = 1, limit: int = 4096) -> tuple[int, Optional[dict]]:
     """Largest per-device batch b <= limit with plan_at(b)["total"] <= hbm (0 when even
-    ``start`` does not fit), to within 1/8. XLA's buffers grow about linearly with the batch,
-    so the line through two compiles predicts the answer; compiles around the prediction then
-    bracket it (each probe is a full compile: a handful instead of a doubling search).
+    ``start`` does not fit), to within 1/8 (a fitting b whose b + b/8 is known not to fit).
+    Each probe is a full compile, so probes are predicted, not bisected: XLA's buffers grow
+    about linearly with the batch, and the line through the two probes that bracket the
+    answer (through ``start`` and ``2 * start`` at first) says where the total reaches
+    ``hbm``. A prediction that fits is followed by one at least just above it (b + b/16), one
+    that does not by one at most low enough to end the search if it fits (hi - hi/9): on a
+    straight line either closes the bracket. Buffer assignment has steps (layouts, padding),
+    so every prediction is clamped inside the bracket and the bracket shrinks with every probe.
     -> (b, its plan)."""
-    def fits(b):
-        return plan_at(b)["total"] <= hbm
+    def total(b):
+        return plan_at(b)["total"]
 
-    if not fits(start):
+    def crossing(a, b):  # where the line through probes a < b reaches hbm (None: not rising)
+        ta, tb = total(a), total(b)
+        return None if tb <= ta else a + int((hbm - ta) * (b - a) / (tb - ta))
+
+    if total(start) > hbm:
         return 0, None
-    lo, hi = start, limit + 1  # lo fits, hi does not (limit + 1: nothing known yet)
-    second = min(limit, 2 * start)
-    if second > lo:
-        if fits(second):
-            lo = second
+    lo, hi = start, limit + 1  # lo fits; hi does not (limit + 1: not probed)
+    guess = min(limit, 2 * start)
+    while guess > lo:
+        if total(guess) <= hbm:
+            lo, low_side = guess, True
         else:
-            hi = second
-    a, b = plan_at(start)["total"], plan_at(lo if lo > start else second)["total"]
-    x = lo if lo > start else second
-    slope = (b - a) / (x - start) if x > start else 0.0
-    guess = limit if slope <= 0 else start + int((hbm - a) / slope)
-    guess = max(lo + 1, min(guess, hi - 1))
-    while hi - lo > max(1, lo // 8):
-        if fits(guess):
-            lo = guess
-        else:
-            hi = guess
-        # next probe: just above a fitting guess (a near-exact prediction ends at once),
-        # else the middle of the bracket
-        step = max(1, lo // 16)
-        guess = lo + step if guess == lo and lo + step < hi else (lo + hi) // 2
-        if guess <= lo or guess >= hi:
+            hi, low_side = guess, False
+        if hi - lo <= max(1, lo // 8) or lo >= limit:
             break
+        line = crossing(lo, hi) if hi <= limit else crossing(start, lo) if lo > start else None
+        guess = hi - 1 if line is None else line
+        if low_side:  # the last probe fitted: the next one at least just above it
+            guess = max(guess, lo + max(1, lo // 16))
+        else:  # it did not: the next one at most low enough to close the bracket if it fits
+            guess = min(guess, _closing(hi))
+        guess = min(max(guess, lo + 1), hi - 1)
     return lo, plan_at(lo)
+
+
+def _closing(hi: int) -> int:
+    """Smallest b with hi - b <= b // 8: a fitting probe there ends the search."""
+    b = hi - 1
+    while b > 1 and hi - (b - 1) <= (b - 1) // 8:
+        b -= 1
+    return b
 
 
 def microbatches_needed(per_device_batch: int, largest: int) -> Optional[int]:
@@ -166,8 +178,12 @@ def plan_section(name: str, mesh, hbm: int, *, target_batch: int, search: bool =
 
     def plan_at(b):
         if b not in memo:
+            start = time.perf_counter()
             memo[b] = (hipt4k_plan(mesh, b, region_px=region_px, **archs) if name == "hipt4k"
                        else pretrain_plan(stage_config, mesh, b))
+            # each probe is a full compile (minutes at full size): say what it found
+            print(f"plan {name}: {b}/device on {mesh.size} devices -> {memo[b]['total'] / GIB:.2f} GiB per "
+                  f"device (compiled in {time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         return memo[b]
 
     row = {"name": name, "devices": mesh.size, "mesh": dict(mesh.shape), "hbm": hbm,

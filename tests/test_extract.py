@@ -111,3 +111,42 @@ def test_cli_on_two_devices_and_clear_errors(model, cohort, tmp_path):
                           "--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# The Extractor's region program on 4 fake devices, 1 region (4 patches of 256 px) per device:
+# all-gathers in the compiled program and the largest difference to the single-device model.
+_SPLIT = """
+import json, jax, numpy as np
+from hipt_jax import extraction
+from hipt_jax.models.hipt4k import HIPT4K
+regions = np.random.default_rng(0).integers(0, 256, (4, 512, 512, 3), dtype=np.uint8)
+out = {}
+for pb in (2, 4):  # 2 patches of each region per iteration; the whole region (the GPU default)
+    model = HIPT4K.random_init(seed=0, tiny=True, patch_batch=pb)
+    ex = extraction.Extractor(model, batch_per_device=1)
+    hlo = ex._full.lower(ex.params256, ex.params4k, ex._put(regions)).compile().as_text()
+    cls256, cls4k = ex.regions(regions)
+    ref = model.embed_batch(regions)
+    out[pb] = {"devices": ex.mesh.size, "all_gathers": hlo.count(" all-gather("),
+               "err256": float(np.abs(np.asarray(cls256) - ref["features_cls256"]).max()),
+               "err4k": float(np.abs(np.asarray(cls4k) - ref["features_cls4k"]).max())}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_region_program_split_over_devices_runs_each_region_once():
+    """With the regions split over the data axis, a device must run its own regions only.
+    The ViT-256 minibatch loop used to step over whole regions (the patch axis [B*R*C] cut
+    into consecutive minibatches): a loop over the device-split axis, so SPMD all-gathered
+    every region's patches onto every device and each device embedded all of them (right
+    results, D times the work and the input memory). Plant: that old loop -> 1+ all-gather."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", _SPLIT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    for pb, row in out.items():
+        assert row["devices"] == 4, row
+        assert row["all_gathers"] == 0, (pb, row)
+        assert row["err256"] < 1e-4 and row["err4k"] < 1e-4, (pb, row)

@@ -105,6 +105,24 @@ def test_patch_batch_does_not_change_results(tiny):
     assert full["features_mean256_cls4k"].shape == (2, 576)
 
 
+@pytest.mark.parametrize("groups,shards,batch_size", [(1, 1, 4), (3, 1, 4), (3, 3, 2), (2, 1, 64), (4, 2, 1)])
+def test_map_in_minibatches_keeps_order_and_pads_per_group(groups, shards, batch_size):
+    """Items come back in their order whatever the chunking (chunk j of every group runs in
+    iteration j, each group padded on its own). Plant: rearrange the output k-major instead of
+    group-major -> the rows of different regions swap, fails."""
+    from hipt_jax.models.hipt4k import _map_in_minibatches
+
+    xs = jnp.arange(groups * 5 * 2, dtype=jnp.float32).reshape(groups * 5, 2)  # 5 items per group
+
+    def fn(x):  # per-row, and a pytree output like the attention path's
+        return x.sum(axis=1) * 3, x[:, ::-1]
+
+    got = _map_in_minibatches(fn, xs, batch_size, groups=groups, group_shards=shards)
+    want = fn(xs)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_vit256_only_and_bf16(tiny):
     region = tissue_like(512, 512, seed=7)
     only256 = HIPT4K(tiny.params256, None, tiny.config256)(region)

@@ -50,9 +50,35 @@ def test_largest_fitting_and_microbatches():
     plan_at = lambda b: {"total": 100 * b}  # noqa: E731
     assert memory_plan.largest_fitting(plan_at, 850)[0] == 8
     assert memory_plan.largest_fitting(plan_at, 50)[0] == 0
+    assert memory_plan.largest_fitting(plan_at, 10**9, limit=64)[0] == 64
     assert memory_plan.microbatches_needed(32, 8) == 4
     assert memory_plan.microbatches_needed(24, 5) == 6  # 24 / 6 = 4 <= 5
     assert memory_plan.microbatches_needed(32, 0) is None
+
+
+def test_largest_fitting_predicts_instead_of_bisecting():
+    """Each probe is a full compile (~30 s to minutes at full size). A curve shaped like the
+    full-size stage-2 plan on 8 devices (0.54 GiB + 0.11 GiB per sample, a step of +19 GiB from
+    b = 420 on) must be bracketed to 1/8 in a handful of probes for either HBM size.
+    Plants: bisecting after a prediction that does not fit and crawling up by b/16 after one
+    that fits (the search before this one) -> 11 probes for 80 GiB; no cap after a failed
+    probe (plain regula falsi, which stalls on one side) -> 7; both fail."""
+    gib = 2**30
+
+    def curve(b):
+        return int((0.54 + 0.11 * b + (19 if b >= 420 else 0)) * gib)
+
+    for hbm in (80 * gib, 40 * gib):
+        probes = []
+
+        def plan_at(b):
+            probes.append(b)
+            return {"total": curve(b)}
+
+        best, plan = memory_plan.largest_fitting(plan_at, hbm)
+        exact = max(b for b in range(1, 4097) if curve(b) <= hbm)
+        assert plan["total"] <= hbm and exact - exact // 8 <= best <= exact, (hbm, best, exact)
+        assert len(set(probes)) <= 6, (hbm, probes)
 
 
 @pytest.mark.slow  # a fresh process that re-executes itself and compiles: ~20 s of CPU idle

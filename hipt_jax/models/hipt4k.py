@@ -52,20 +52,34 @@ def _cut_patches(regions: jnp.ndarray) -> tuple[jnp.ndarray, int, int]:
     return patches, rows, cols
 
 
-def _map_in_minibatches(fn, xs: jnp.ndarray, batch_size: int):
-    """Apply ``fn`` to ``xs`` in sequential minibatches (bounded activation memory), padding the
-    last one; returns the concatenated outputs (a pytree with leading dim len(xs))."""
+def _map_in_minibatches(fn, xs: jnp.ndarray, batch_size: int, groups: int = 1, group_shards: int = 1):
+    """Apply ``fn`` to ``xs`` = [G*P, ...] (G groups of P items: the patches of G regions, row
+    b*P + i is item i of group b) in sequential minibatches of about ``batch_size`` items per
+    device (bounded activation memory), padding each group's last chunk; returns the outputs
+    (a pytree with leading dim G*P, same order).
+
+    Every iteration takes the next ``c`` items of every group, never whole groups one after the
+    other: the groups are what a mesh splits over devices (``group_shards`` of them), and a loop
+    over a device-split axis makes SPMD gather every group onto every device, each device then
+    computing all of them. With the group axis inside each iteration a device runs its own
+    groups only. ``c = batch_size / (groups per device)``, at least 1."""
     n = xs.shape[0]
-    batch_size = max(1, min(batch_size, n))
-    n_chunks = -(-n // batch_size)
-    pad = n_chunks * batch_size - n
-    if pad:
-        xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)], axis=0)
-    # [n_chunks*bs, ...] -> [n_chunks, bs, ...] so lax.map runs one minibatch per iteration.
-    chunks = xs.reshape((n_chunks, batch_size) + xs.shape[1:])
+    g = max(1, groups)
+    p = n // g
+    local_groups = -(-g // max(1, group_shards))
+    c = max(1, min(p, batch_size // local_groups))
+    k = -(-p // c)
+    # [G*P, ...] -> [G, P, ...], padded to [G, k*c, ...]
+    xs = xs.reshape((g, p) + xs.shape[1:])
+    if k * c > p:
+        xs = jnp.pad(xs, [(0, 0), (0, k * c - p)] + [(0, 0)] * (xs.ndim - 2))
+    # [G, k*c, ...] -> [k, G*c, ...]: lax.map runs chunk j of every group in iteration j; the
+    # merged axis keeps G major, so a split of G over devices survives the merge.
+    chunks = einops.rearrange(xs, "g (k c) ... -> k (g c) ...", c=c)
     out = jax.lax.map(fn, chunks)
-    # [n_chunks, bs, ...] -> [n, ...]
-    return jax.tree.map(lambda y: y.reshape((n_chunks * batch_size,) + y.shape[2:])[:n], out)
+    # [k, G*c, ...] -> [G, k*c, ...] -> [G*P, ...]: drop each group's padding.
+    return jax.tree.map(
+        lambda y: einops.rearrange(y, "k (g c) ... -> g (k c) ...", g=g)[:, :p].reshape((n,) + y.shape[2:]), out)
 
 
 def region_forward(
@@ -78,8 +92,13 @@ def region_forward(
     patch_batch: int = DEFAULT_PATCH_BATCH,
     dtype: Any = jnp.float32,
     return_attention: bool = False,
+    batch_shards: int = 1,
 ) -> dict[str, jnp.ndarray]:
     """Pure function: uint8 regions [B,H,W,3] -> HIPT_4K outputs (jit it with the configs static).
+
+    ``patch_batch`` is the ViT-256 minibatch per device; ``batch_shards`` the number of devices
+    the region axis is split over (a data-parallel jit), so a minibatch holds patch_batch /
+    (B / batch_shards) patches of each region.
 
     Outputs (leading B): features_cls256 [B,R*C,384], features_mean256 [B,384]; with ViT-4K also
     features_cls4k [B,192] and features_mean256_cls4k [B,576]. With ``return_attention``:
@@ -99,7 +118,7 @@ def region_forward(
             return cls.astype(jnp.float32), aux["attention"][:, :, 0, 1:]  # [b,heads,256]
         return cls.astype(jnp.float32)
 
-    mapped = _map_in_minibatches(embed_patches, patches_u8, patch_batch)
+    mapped = _map_in_minibatches(embed_patches, patches_u8, patch_batch, groups=batch, group_shards=batch_shards)
     cls256 = mapped[0] if return_attention else mapped
     # [B*R*C,384] -> [B,R*C,384]
     cls256 = cls256.reshape(batch, rows * cols, -1)
