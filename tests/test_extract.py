@@ -120,13 +120,16 @@ import json, jax, numpy as np
 from hipt_jax import extraction
 from hipt_jax.models.hipt4k import HIPT4K
 regions = np.random.default_rng(0).integers(0, 256, (4, 512, 512, 3), dtype=np.uint8)
+base = HIPT4K.random_init(seed=0, tiny=True, patch_batch=4)
+ref = base.embed_batch(regions)  # one device (the minibatch size does not change results)
 out = {}
 for pb in (2, 4):  # 2 patches of each region per iteration; the whole region (the GPU default)
-    model = HIPT4K.random_init(seed=0, tiny=True, patch_batch=pb)
+    model = HIPT4K(base.params256, base.params4k, base.config256, base.config4k, patch_batch=pb)
     ex = extraction.Extractor(model, batch_per_device=1)
-    hlo = ex._full.lower(ex.params256, ex.params4k, ex._put(regions)).compile().as_text()
-    cls256, cls4k = ex.regions(regions)
-    ref = model.embed_batch(regions)
+    x = ex._put(regions)
+    compiled = ex._full.lower(ex.params256, ex.params4k, x).compile()  # what ex.regions runs
+    hlo = compiled.as_text()
+    cls256, cls4k = compiled(ex.params256, ex.params4k, x)
     out[pb] = {"devices": ex.mesh.size, "all_gathers": hlo.count(" all-gather("),
                "err256": float(np.abs(np.asarray(cls256) - ref["features_cls256"]).max()),
                "err4k": float(np.abs(np.asarray(cls4k) - ref["features_cls4k"]).max())}
