@@ -65,6 +65,8 @@ def _map_in_minibatches(fn, xs: jnp.ndarray, batch_size: int, groups: int = 1, g
     groups only. ``c = batch_size / (groups per device)``, at least 1."""
     n = xs.shape[0]
     g = max(1, groups)
+    if n % g:
+        raise ValueError(f"{n} items do not split into {g} equal groups")
     p = n // g
     local_groups = -(-g // max(1, group_shards))
     c = max(1, min(p, batch_size // local_groups))
