@@ -150,6 +150,9 @@ def test_full_update_matches_torch_dino_steps():
     state["teacher"] = jax.tree.map(jnp.asarray, params)
     mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
     sh = shd.param_shardings(state, mesh)
+    # Placed as the trainer places it: an unplaced state would make the second step (whose
+    # input is the first step's placed output) compile the update a second time.
+    state = jax.device_put(state, sh)
     update = trainer.jit_update(c, mesh, sh, freeze_last_layer_steps=2)
 
     rng = np.random.default_rng(0)

@@ -316,10 +316,10 @@ def preempted_run(slurm_cluster, feats, tmp_path_factory):  # noqa: F811
     The victim is set to run far past STOP, so it cannot finish before the cancel lands and the
     test has no race; its checkpoints after the first are removed (the state of a preemption
     right after the first checkpoint), so the resumed job always redoes STOP - EVERY steps.
-    Both jobs load with 2 Grain worker processes per task: their iterator state is part of the
+    Both jobs load with a Grain worker process per task: its iterator state is part of the
     checkpoint (the uninterrupted reference loads in-process: the batches are the same)."""
     workdir = tmp_path_factory.mktemp("preempt") / "run"
-    job = _submit(slurm_cluster, "hipt_jax.pretrain", _pretrain_args(workdir, feats, stop=1000, workers=2),
+    job = _submit(slurm_cluster, "hipt_jax.pretrain", _pretrain_args(workdir, feats, stop=1000, workers=1),
                   workdir.parent, wait=False)
     deadline, polled = time.monotonic() + 300, 0.0
     while not _checkpoints(workdir):  # watch the checkpoint folder, not the clock
@@ -338,7 +338,7 @@ def preempted_run(slurm_cluster, feats, tmp_path_factory):  # noqa: F811
         shutil.rmtree(os.path.join(str(workdir), "checkpoints", str(step)))
 
     before = _cache_entries()
-    again = _submit(slurm_cluster, "hipt_jax.pretrain", _pretrain_args(workdir, feats, workers=2), workdir.parent)
+    again = _submit(slurm_cluster, "hipt_jax.pretrain", _pretrain_args(workdir, feats, workers=1), workdir.parent)
     out = _job_output(again)
     assert again.returncode == 0, out[-3000:]
     return workdir, first, out, _cache_entries() - before

@@ -62,7 +62,15 @@ def dummy_batch(config: ml_collections.ConfigDict, batch: int = 1) -> dict[str, 
 
 
 def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
-    """Fresh train state (fp32 params); the teacher starts as a copy of the student."""
+    """Fresh train state (fp32 params); the teacher starts as a copy of the student.
+
+    One jitted program: called eagerly (a notebook, a test) the init would otherwise dispatch
+    and compile each of its hundreds of small ops one by one; inside another jit or
+    ``eval_shape`` it is inlined."""
+    return jax.jit(lambda r: _fresh_state(config, r))(rng)
+
+
+def _fresh_state(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
     model = build_model(config, student=False)
     views = _prepare_views(dummy_batch(config), config)
     params = model.init(rng, views["global"], views["local"])["params"]
