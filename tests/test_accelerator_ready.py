@@ -159,19 +159,26 @@ def test_lgp_and_profile_configs_default_to_auto():
 
 # ------------------------------------------------------------------------------ 3. fused attention
 def _attention_calls(monkeypatch) -> list:
+    """Counts the blocks that route their attention through ``vit.fused_attention``."""
+    from hipt_jax.models import vit
+
     calls = []
-    real = jax.nn.dot_product_attention
+    real = vit.fused_attention
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jax.nn, "dot_product_attention", counting)
+    monkeypatch.setattr(vit, "fused_attention", counting)
     return calls
 
 
 def test_fused_attention_equals_the_explicit_path_with_mask_and_cls_only():
-    """Plant: scale=head_dim**-1 in the dot_product_attention call -> fails."""
+    """Both lowerings of the fused path (``jax.nn.dot_product_attention``, which GPUs and TPUs
+    run, and the heads-first one CPUs run) give the explicit path's values.
+    Plants: scale=head_dim**-1 in the dot_product_attention call, or in the CPU branch -> fails."""
+    from hipt_jax.models import vit
+
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 24))
     mask = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
     attn = Attention(num_heads=3)
@@ -181,6 +188,36 @@ def test_fused_attention_equals_the_explicit_path_with_mask_and_cls_only():
         got, none = jax.jit(functools.partial(attn.apply, need_weights=False, **kwargs))(params, x)
         assert none is None and weights is not None
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0)
+    # The accelerator branch itself, run here on CPU, against the explicit weights.
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 7, 3, 8)) for i in (2, 3, 4))
+    for key_mask in (None, mask):
+        want = vit.attend(vit.attention_weights(q, k, key_mask), v)
+        for branch in (vit._xla_dot_product_attention, vit._cpu_attention):
+            got = jax.jit(functools.partial(branch, scale=8 ** -0.5))(q, k, v, key_mask)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0,
+                                       err_msg=branch.__name__)
+
+
+def _dot_result_types(fn, args, platform) -> list:
+    """The result types of the dot products in fn's program lowered for ``platform``."""
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    return sorted(re.findall(r"stablehlo\.dot_general.*-> (tensor<[^>]*>)", text))
+
+
+def test_fused_attention_is_dot_product_attention_on_gpu_and_tpu():
+    """Lowered for TPU or CUDA (no such device needed), ``fused_attention`` is exactly the
+    ``jax.nn.dot_product_attention`` program; for CPU, the heads-first one.
+    Plant: the two branches of ``lax.platform_dependent`` swapped -> fails."""
+    from hipt_jax.models import vit
+
+    q = k = v = jnp.zeros((2, 7, 3, 8))
+    fused = functools.partial(vit.fused_attention, scale=0.25)
+    xla = functools.partial(vit._xla_dot_product_attention, scale=0.25)
+    cpu = functools.partial(vit._cpu_attention, scale=0.25)
+    assert _dot_result_types(xla, (q, k, v), "tpu") != _dot_result_types(cpu, (q, k, v), "tpu")
+    for platform in ("tpu", "cuda"):
+        assert _dot_result_types(fused, (q, k, v), platform) == _dot_result_types(xla, (q, k, v), platform)
+    assert _dot_result_types(fused, (q, k, v), "cpu") == _dot_result_types(cpu, (q, k, v), "cpu")
 
 
 def test_which_blocks_take_the_fused_path(monkeypatch):

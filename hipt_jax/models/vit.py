@@ -108,14 +108,65 @@ class QKV(nn.Module):
         return project(x_q, 0), project(x, 1), project(x, 2)
 
 
+def attention_weights(q, k, key_mask=None, scale=None):
+    """Softmax attention weights, heads first: q [B,Nq,H,hd], k [B,N,H,hd], key_mask [B,N]
+    (True = real token) -> [B,H,Nq,N] in fp32 (logits and softmax in fp32 under any compute
+    dtype: the weights feed heatmaps and pooling)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # [B,N,H,hd] -> [B,H,N,hd]: each product is then one batched matmul over (B,H) with
+    # contiguous operands, which XLA:CPU fuses with the softmax into one YNNPACK kernel.
+    qh, kh = (einops.rearrange(t, "b n h d -> b h n d") for t in (q, k))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh * jnp.asarray(scale, qh.dtype), kh,
+                        preferred_element_type=jnp.float32)  # [B,H,Nq,N]
+    if key_mask is not None:
+        # padded keys get no weight: [B,N] -> [B,1,1,N] over (heads, queries)
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def attend(weights, v):
+    """weights [B,H,Nq,N], v [B,N,H,hd] -> [B,Nq,H,hd] (in v's dtype)."""
+    vh = einops.rearrange(v, "b n h d -> b h n d")  # [B,N,H,hd] -> [B,H,N,hd]
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(vh.dtype), vh)
+    return einops.rearrange(out, "b h n d -> b n h d")  # [B,H,Nq,hd] -> [B,Nq,H,hd]
+
+
+def _xla_dot_product_attention(q, k, v, key_mask=None, scale=None):
+    """``jax.nn.dot_product_attention`` on [B,N,H,hd] tensors (the GPU/TPU kernel)."""
+    # key_mask [B,N] -> [B,1,1,N] over (heads, queries); softmax in fp32 inside.
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+
+def _cpu_attention(q, k, v, key_mask=None, scale=None):
+    """The same arithmetic as ``_xla_dot_product_attention``, heads first (see ``fused_attention``)."""
+    return attend(attention_weights(q, k, key_mask, scale), v)
+
+
+def fused_attention(q, k, v, key_mask=None, scale=None):
+    """Attention without its weights: ``jax.nn.dot_product_attention`` on GPUs and TPUs; on
+    CPUs the same arithmetic, heads first (``attention_weights``, ``attend``).
+
+    Why two lowerings of one op: XLA's ``dot_product_attention`` vmaps over a head-group axis
+    (size 1 here); on XLA:CPU that degenerate axis leads layout assignment to materialize the
+    transposed [N,N] softmax weights and split the attention into two kernels, 1.2-2.3x slower
+    than the heads-first form (forward + backward of the ViT-4K backbone: 13-16%; see
+    BENCHMARKS.md). ``lax.platform_dependent`` picks the branch when the program is lowered for
+    its platform, so a GPU/TPU program is exactly the ``dot_product_attention`` one."""
+    args = (q, k, v) if key_mask is None else (q, k, v, key_mask)
+    return jax.lax.platform_dependent(
+        *args, cpu=lambda *a: _cpu_attention(*a, scale=scale),
+        default=lambda *a: _xla_dot_product_attention(*a, scale=scale))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; its qkv projection is stored fused (see ``QKV``).
 
     Two paths, same values: when the caller needs the softmax weights (``need_weights`` at
     inference: heatmaps, the last block's CLS row) or dropout acts on them (training with
-    ``dropout_rate`` > 0), the explicit einsum/softmax below; otherwise
-    ``jax.nn.dot_product_attention``, which is cuDNN's fused kernel on GPUs and XLA's on TPUs
-    and CPUs, and returns no weights (None)."""
+    ``dropout_rate`` > 0), the explicit heads-first einsum/softmax (``attention_weights``);
+    otherwise ``fused_attention``, which is ``jax.nn.dot_product_attention`` on GPUs (cuDNN's
+    fused kernel where it applies) and TPUs and returns no weights (None)."""
 
     num_heads: int
     dropout_rate: float = 0.0  # on the attention weights (torch MHA's dropout)
@@ -128,31 +179,23 @@ class Attention(nn.Module):
         width = x.shape[-1]
         head_dim = width // self.num_heads
         q, k, v = QKV(self.dtype, name="qkv")(x, x[:, :1] if cls_only else None)
-        # [B,N,D] -> [B,N,H,hd]: channels are head-major, so this is a free reshape; the
-        # einsums take the heads where they are instead of transposing them to the front.
+        # [B,N,D] -> [B,N,H,hd]: channels are head-major, so this is a free reshape.
         q, k, v = (einops.rearrange(t, "b n (h d) -> b n h d", h=self.num_heads) for t in (q, k, v))
         dropout_active = self.dropout_rate > 0.0 and not deterministic
         if (need_weights and deterministic) or dropout_active:
             out, attn = self._explicit(q, k, v, key_mask, deterministic)
         else:
-            # key_mask [B,N] True for real tokens -> [B,1,1,N] over (heads, queries). Softmax in
-            # fp32 inside, as below.
-            mask = None if key_mask is None else key_mask[:, None, None, :]
-            out, attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5), None
+            out, attn = fused_attention(q, k, v, key_mask, scale=head_dim**-0.5), None
         # [B,Nq,H,hd] -> [B,Nq,D]: heads back to head-major channels (a free reshape).
         out = einops.rearrange(out, "b n h d -> b n (h d)")
         return _dense(width, "proj", self.dtype)(out), attn
 
     def _explicit(self, q, k, v, key_mask, deterministic):
-        """q [B,Nq,H,hd], k, v [B,N,H,hd] -> (out [B,Nq,H,hd], softmax weights [B,H,Nq,N] fp32)."""
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1]**-0.5, k)  # [B,H,Nq,N]
-        if key_mask is not None:
-            # key_mask [B,N] True for real tokens: padded keys get no weight.
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-        # Softmax in fp32 even under bf16 compute: the maps feed heatmaps and pooling.
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        """q [B,Nq,H,hd], k, v [B,N,H,hd] -> (out [B,Nq,H,hd], softmax weights [B,H,Nq,N] fp32).
+        The weights are returned before dropout."""
+        attn = attention_weights(q, k, key_mask)
         dropped = nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
-        return jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v), attn
+        return attend(dropped, v), attn
 
 
 class Mlp(nn.Module):
