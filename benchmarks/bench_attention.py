@@ -1,21 +1,23 @@
-"""Attention sub-layer: the explicit einsum/softmax path vs jax.nn.dot_product_attention.
+"""Attention on CPU: `jax.nn.dot_product_attention` vs the heads-first lowering we use on CPUs.
 
-    python benchmarks/bench_attention.py                       # ViT-256 and ViT-4K block shapes
-    python benchmarks/bench_attention.py --batch 4 --repeats 3 # a quick look
+    python benchmarks/bench_attention.py                        # block shapes, batch 8
+    python benchmarks/bench_attention.py --batch 4 --repeats 5  # a quick look
 
-Times ``hipt_jax.models.vit.Attention`` (qkv projection, attention, output projection) at the
-shapes of a ViT-256 block (257 tokens, width 384, 6 heads) and a ViT-4K block (257 tokens,
-width 192, 3 heads), jitted, forward alone (inference) and forward + backward (training), once
-with the weights requested (explicit path) and once without (fused ``dot_product_attention``).
-Repeats are interleaved (explicit, fused, explicit, ...) and the best time counts, which is
-fairest on a machine shared with other jobs. Prints the CPU model and the XLA flags.
+``hipt_jax.models.vit.fused_attention`` is ``jax.nn.dot_product_attention`` when a program is
+lowered for a GPU or TPU and the same arithmetic with the heads in front of the tokens when it
+is lowered for a CPU (``lax.platform_dependent``). This script times one ``Attention`` layer
+(qkv projection, attention, output projection), jitted, fp32, forward (inference) and
+forward + backward (training), with each of the two lowerings forced on this CPU, and the
+in-tree PyTorch reference's attention (the official code's qkv reshape, q @ k^T, softmax, @ v)
+on the same weights. Shapes: a ViT-256 block (257 tokens, width 384, 6 heads), a ViT-4K block on
+a 14 x 14 global crop (197 tokens, width 192, 6 heads) and on a full 16 x 16 region (257 tokens).
+Repeats alternate the variants and the median counts; the ratios are the figure. Prints the
+CPU model and the XLA flags.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -23,74 +25,111 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SHAPES = {"vit256 block": (257, 384, 6), "vit4k block": (257, 192, 3)}
+from benchmarks.machine import machine_tag  # noqa: E402
+
+SHAPES = {"vit256 block": (257, 384, 6), "vit4k global crop": (197, 192, 6), "vit4k region": (257, 192, 6)}
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
+def jax_variants(tokens: int, width: int, heads: int, batch: int):
+    """{lowering: (forward, fwd+bwd)} jitted on one Attention layer, params, x."""
+    import functools
 
-
-def build(tokens: int, width: int, heads: int, batch: int):
-    """(forward(need_weights), train_step(need_weights), params, x) for one Attention layer."""
     import jax
     import jax.numpy as jnp
 
-    from hipt_jax.models.vit import Attention
+    from hipt_jax.models import vit
 
-    layer = Attention(num_heads=heads)
+    layer = vit.Attention(num_heads=heads)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, tokens, width), jnp.float32)
     params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    out = {}
+    for name, kernel in (("dot_product_attention", vit._xla_dot_product_attention), ("heads-first", vit._cpu_attention)):
+        def apply(p, x, kernel=kernel):
+            real = vit.fused_attention
+            vit.fused_attention = lambda q, k, v, m=None, scale=None: kernel(q, k, v, m, scale=scale)
+            try:  # traced once per jit: the kernel is baked into the program
+                return layer.apply(p, x, need_weights=False)[0]
+            finally:
+                vit.fused_attention = real
+        fwd = jax.jit(apply)
+        grad = jax.jit(jax.grad(lambda p, x, f=apply: jnp.sum(f(p, x) ** 2)))
+        out[name] = (functools.partial(fwd, params, x), functools.partial(grad, params, x))
+    return out, params, x
 
-    def forward(need_weights: bool):
-        return jax.jit(lambda p, x: layer.apply(p, x, need_weights=need_weights)[0])
 
-    def train_step(need_weights: bool):
-        def loss(p, x):  # training: deterministic=False, no dropout -> fused when not need_weights
-            return jnp.sum(layer.apply(p, x, deterministic=False, need_weights=need_weights)[0] ** 2)
-        return jax.jit(jax.grad(loss))
+def torch_variant(params, x, heads: int):
+    """The reference's attention (timm/official layout) on the same weights: (forward, fwd+bwd)."""
+    import numpy as np
+    import torch
 
-    return forward, train_step, params, x
+    w = {k: torch.tensor(np.asarray(v)) for k, v in (("qkv_w", params["params"]["qkv"]["kernel"]),
+                                                      ("qkv_b", params["params"]["qkv"]["bias"]),
+                                                      ("proj_w", params["params"]["proj"]["kernel"]),
+                                                      ("proj_b", params["params"]["proj"]["bias"]))}
+    xt = torch.tensor(np.asarray(x))
+    B, N, C = xt.shape
+
+    def attn(inp):
+        qkv = (inp @ w["qkv_w"] + w["qkv_b"]).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(dim=-1)
+        return (a @ v).transpose(1, 2).reshape(B, N, C) @ w["proj_w"] + w["proj_b"]
+
+    def forward():
+        with torch.no_grad():
+            return attn(xt)
+
+    def train():
+        for t in w.values():
+            t.requires_grad_(True)
+            t.grad = None
+        (attn(xt) ** 2).sum().backward()
+
+    return forward, train
 
 
-def best_times(fns: dict, args, repeats: int) -> dict:
+def median_times(fns: dict, repeats: int) -> dict:
+    import statistics
+
     import jax
 
     for fn in fns.values():  # compile + warm up
-        jax.block_until_ready(fn(*args))
-    best = {name: float("inf") for name in fns}
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16, help="sequences per call (default 16)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant, best counts")
+    p.add_argument("--batch", type=int, default=8, help="sequences per call (default 8)")
+    p.add_argument("--repeats", type=int, default=15, help="alternated timed runs per variant, median counts")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: one per core)")
     args = p.parse_args(argv)
 
     import jax
+    import torch
 
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; JAX {jax.__version__} backend "
-          f"{jax.default_backend()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"batch {args.batch}, best of {args.repeats}")
-    print(f"{'shape':<14} {'pass':<10} {'explicit ms':>12} {'fused ms':>10} {'fused/explicit':>15}")
+    torch.set_num_threads(args.torch_threads or os.cpu_count())
+    print(f"machine: {machine_tag()}")
+    print(f"JAX {jax.__version__} backend {jax.default_backend()}; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); batch {args.batch}, median of {args.repeats} alternated runs")
+    print(f"{'shape':<18} {'pass':<8} {'dot_product_attention ms':>25} {'heads-first ms':>15} {'torch ms':>9} "
+          f"{'dpa/heads-first':>16} {'torch/heads-first':>18}")
     for name, (tokens, width, heads) in SHAPES.items():
-        forward, train_step, params, x = build(tokens, width, heads, args.batch)
-        for label, make in (("forward", forward), ("fwd+bwd", train_step)):
-            t = best_times({"explicit": make(True), "fused": make(False)}, (params, x), args.repeats)
-            print(f"{name:<14} {label:<10} {t['explicit'] * 1e3:>12.2f} {t['fused'] * 1e3:>10.2f} "
-                  f"{t['fused'] / t['explicit']:>15.2f}", flush=True)
+        variants, params, x = jax_variants(tokens, width, heads, args.batch)
+        t_fwd, t_train = torch_variant(params, x, heads)
+        for i, (label, t_fn) in enumerate((("forward", t_fwd), ("fwd+bwd", t_train))):
+            fns = {k: v[i] for k, v in variants.items()}
+            fns["torch"] = t_fn
+            t = median_times(fns, args.repeats)
+            dpa, ours, ref = t["dot_product_attention"], t["heads-first"], t["torch"]
+            print(f"{name:<18} {label:<8} {dpa * 1e3:>25.2f} {ours * 1e3:>15.2f} {ref * 1e3:>9.2f} "
+                  f"{dpa / ours:>16.2f} {ref / ours:>18.2f}", flush=True)
     return 0
 
 

@@ -275,12 +275,17 @@ def main(argv=None) -> int:
           f"(patch_batch {args.patch_batch}; first call incl. compile {compile_s:.1f} s), torch as shipped "
           f"(minibatch 256) {st:.1f} s/region, torch at its best (minibatch {best_mb}) {st_best:.1f} s/region "
           f"{tag}", flush=True)
-    print(f"  speed-up vs the reference as shipped {st / sj:.2f}x; best vs best {st_best / sj:.2f}x; "
-          f"headline (the lower) {min(st, st_best) / sj:.2f}x (target >= 1.5x: "
-          f"{'MET' if min(st, st_best) / sj >= 1.5 else 'NOT MET'}) {tag}", flush=True)
+    # The 1.5x target is against the reference as shipped; the headline is the lower ratio.
+    print(f"  speed-up vs the reference as shipped {st / sj:.2f}x (target >= 1.5x: "
+          f"{'MET' if st / sj >= 1.5 else 'NOT MET'}); best vs best {st_best / sj:.2f}x; "
+          f"headline (the lower) {min(st, st_best) / sj:.2f}x {tag}", flush=True)
     print(f"  achieved: jax {gj:.0f} GFLOP/s = {gj / peak_jax:.0%} of its matmul peak; torch as shipped "
           f"{gt:.0f} GFLOP/s = {gt / peak_torch:.0%}, at its best {gt_best:.0f} GFLOP/s = "
           f"{gt_best / peak_torch:.0%} of its matmul peak {tag}", flush=True)
+    # The same work (one region's embeddings), counted for both sides as the reference's arithmetic.
+    print(f"  share of own matmul peak on the same work (reference GFLOP for both): jax "
+          f"{flops_region / sj / 1e9 / peak_jax:.0%}, torch at its best {gt_best / peak_torch:.0%} {tag}",
+          flush=True)
     print(f"  agreement: max|cls4k| err {np.abs(got['features_cls4k'] - want['features_cls4k']).max():.2e}, "
           f"max|cls256| err {np.abs(got['features_cls256'] - want['features_cls256']).max():.2e}", flush=True)
 

@@ -10,7 +10,7 @@ after the final norm, the last block's softmax attention).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import einops
 import flax.linen as nn
@@ -132,7 +132,8 @@ def attend(weights, v):
 
 
 def _xla_dot_product_attention(q, k, v, key_mask=None, scale=None):
-    """``jax.nn.dot_product_attention`` on [B,N,H,hd] tensors (the GPU/TPU kernel)."""
+    """``jax.nn.dot_product_attention`` on [B,N,H,hd] tensors (the GPU/TPU path; jax picks the
+    implementation: XLA's in jax 0.10, cuDNN's only when asked for explicitly)."""
     # key_mask [B,N] -> [B,1,1,N] over (heads, queries); softmax in fp32 inside.
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
@@ -165,8 +166,8 @@ class Attention(nn.Module):
     Two paths, same values: when the caller needs the softmax weights (``need_weights`` at
     inference: heatmaps, the last block's CLS row) or dropout acts on them (training with
     ``dropout_rate`` > 0), the explicit heads-first einsum/softmax (``attention_weights``);
-    otherwise ``fused_attention``, which is ``jax.nn.dot_product_attention`` on GPUs (cuDNN's
-    fused kernel where it applies) and TPUs and returns no weights (None)."""
+    otherwise ``fused_attention``, which is ``jax.nn.dot_product_attention`` on GPUs and TPUs
+    and returns no weights (None)."""
 
     num_heads: int
     dropout_rate: float = 0.0  # on the attention weights (torch MHA's dropout)
