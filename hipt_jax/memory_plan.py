@@ -12,6 +12,8 @@ SPMD program is per device, so it reads directly as:
 
 A plan compiled by XLA:CPU is an estimate of an accelerator's: the sharding, parameter and
 optimizer bytes are exact, the temporaries depend on the backend's fusion and layout choices.
+Attention is compiled as GPUs and TPUs run it (``jax.nn.dot_product_attention``), not in the
+heads-first form CPUs get (``vit.accelerator_attention``).
 The largest per-device batch that fits is found from a few compiles (the line through the two
 probes that bracket it predicts it, to within 1/8); beyond it, a batch needs
 ``ceil(batch / largest)`` microbatches (hipt_jax.pretrain.trainer accumulates them).
@@ -26,6 +28,8 @@ from typing import Optional
 
 import jax
 import numpy as np
+
+from hipt_jax.models.vit import accelerator_attention
 
 GIB = 2**30
 
@@ -62,6 +66,11 @@ def _xla_bytes(compiled) -> dict:
 # ------------------------------------------------------------------------------ the programs
 def pretrain_plan(config, mesh, per_device_batch: int, microbatches: int = 1) -> dict:
     """Compile one DINO update (abstract shapes only) -> per-device bytes."""
+    with accelerator_attention():  # the attention GPUs and TPUs run, not the CPU lowering
+        return _pretrain_plan(config, mesh, per_device_batch, microbatches)
+
+
+def _pretrain_plan(config, mesh, per_device_batch: int, microbatches: int) -> dict:
     from hipt_jax import sharding as shd
     from hipt_jax.pretrain import trainer
 
@@ -87,6 +96,12 @@ def hipt4k_plan(mesh, per_device_batch: int, region_px: int = 4096, patch_batch:
                 arch256: str = "vit256", arch4k: str = "vit4k") -> dict:
     """Compile the HIPT4K region program as the extractor runs it (params replicated, regions
     split over the devices) -> per-device bytes."""
+    with accelerator_attention():  # the attention GPUs and TPUs run, not the CPU lowering
+        return _hipt4k_plan(mesh, per_device_batch, region_px, patch_batch, arch256, arch4k)
+
+
+def _hipt4k_plan(mesh, per_device_batch: int, region_px: int, patch_batch: int, arch256: str,
+                 arch4k: str) -> dict:
     import functools
 
     from hipt_jax import sharding as shd

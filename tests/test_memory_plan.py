@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -110,3 +111,30 @@ def test_cli_plan_bad_input_is_one_line_exit_2():
     res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "1", "--hbm", "lots"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert res.returncode == 2 and "--hbm 'lots'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_plans_compile_the_attention_accelerators_run(monkeypatch):
+    """A plan for GPUs/TPUs compiled on this CPU must hold their program: attention through
+    jax.nn.dot_product_attention, not the heads-first CPU lowering.
+    Plant: hipt4k_plan without `with accelerator_attention()` -> the CPU lowering is traced, fails."""
+    from hipt_jax import sharding as shd
+    from hipt_jax.models import vit
+
+    calls = {"dpa": 0, "cpu": 0}
+
+    def counting(name, real):
+        def fn(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return fn
+
+    monkeypatch.setattr(vit, "_xla_dot_product_attention", counting("dpa", vit._xla_dot_product_attention))
+    monkeypatch.setattr(vit, "_cpu_attention", counting("cpu", vit._cpu_attention))
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    memory_plan.hipt4k_plan(mesh, 1, region_px=512, patch_batch=8, arch256="vit256_tiny", arch4k="vit4k_tiny")
+    assert calls["dpa"] > 0 and calls["cpu"] == 0, calls
+    # Outside a plan, this CPU lowers its own form again.
+    calls.update(dpa=0, cpu=0)
+    x = jnp.zeros((1, 5, 2, 4))
+    jax.jit(vit.fused_attention).lower(x, x, x)
+    assert calls["cpu"] == 1, calls

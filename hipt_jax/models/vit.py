@@ -10,6 +10,7 @@ after the final norm, the last block's softmax attention).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import einops
@@ -144,6 +145,22 @@ def _cpu_attention(q, k, v, key_mask=None, scale=None):
     return attend(attention_weights(q, k, key_mask, scale), v)
 
 
+_ACCELERATOR_LOWERING = {"forced": False}
+
+
+@contextlib.contextmanager
+def accelerator_attention():
+    """Programs traced inside use ``jax.nn.dot_product_attention`` on every platform, CPU
+    included: memory plans for GPUs and TPUs are compiled by XLA:CPU and must hold the
+    program those devices would run."""
+    before = _ACCELERATOR_LOWERING["forced"]
+    _ACCELERATOR_LOWERING["forced"] = True
+    try:
+        yield
+    finally:
+        _ACCELERATOR_LOWERING["forced"] = before
+
+
 def fused_attention(q, k, v, key_mask=None, scale=None):
     """Attention without its weights: ``jax.nn.dot_product_attention`` on GPUs and TPUs; on
     CPUs the same arithmetic, heads first (``attention_weights``, ``attend``).
@@ -154,6 +171,8 @@ def fused_attention(q, k, v, key_mask=None, scale=None):
     than the heads-first form (forward + backward of the ViT-4K backbone: 13-16%; see
     BENCHMARKS.md). ``lax.platform_dependent`` picks the branch when the program is lowered for
     its platform, so a GPU/TPU program is exactly the ``dot_product_attention`` one."""
+    if _ACCELERATOR_LOWERING["forced"]:
+        return _xla_dot_product_attention(q, k, v, key_mask, scale=scale)
     args = (q, k, v) if key_mask is None else (q, k, v, key_mask)
     return jax.lax.platform_dependent(
         *args, cpu=lambda *a: _cpu_attention(*a, scale=scale),
