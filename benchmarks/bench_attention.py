@@ -32,6 +32,7 @@ SHAPES = {"vit256 block": (257, 384, 6), "vit4k global crop": (197, 192, 6), "vi
 
 def jax_variants(tokens: int, width: int, heads: int, batch: int):
     """{lowering: (forward, fwd+bwd)} jitted on one Attention layer, params, x."""
+    import contextlib
     import functools
 
     import jax
@@ -43,16 +44,14 @@ def jax_variants(tokens: int, width: int, heads: int, batch: int):
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, tokens, width), jnp.float32)
     params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
     out = {}
-    for name, kernel in (("dot_product_attention", vit._xla_dot_product_attention), ("heads-first", vit._cpu_attention)):
-        def apply(p, x, kernel=kernel):
-            real = vit.fused_attention
-            vit.fused_attention = lambda q, k, v, m=None, scale=None: kernel(q, k, v, m, scale=scale)
-            try:  # traced once per jit: the kernel is baked into the program
-                return layer.apply(p, x, need_weights=False)[0]
-            finally:
-                vit.fused_attention = real
+    for name, lowering in (("dot_product_attention", vit.accelerator_attention), ("heads-first", contextlib.nullcontext)):
+        def apply(p, x):
+            return layer.apply(p, x, need_weights=False)[0]
         fwd = jax.jit(apply)
-        grad = jax.jit(jax.grad(lambda p, x, f=apply: jnp.sum(f(p, x) ** 2)))
+        grad = jax.jit(jax.grad(lambda p, x: jnp.sum(apply(p, x) ** 2)))
+        with lowering():  # traced (and so lowered) here: the CPU's own form, or the GPU/TPU one
+            fwd = fwd.lower(params, x).compile()
+            grad = grad.lower(params, x).compile()
         out[name] = (functools.partial(fwd, params, x), functools.partial(grad, params, x))
     return out, params, x
 
