@@ -167,9 +167,9 @@ def fused_attention(q, k, v, key_mask=None, scale=None):
 
     Why two lowerings of one op: XLA's ``dot_product_attention`` vmaps over a head-group axis
     (size 1 here); on XLA:CPU that degenerate axis leads layout assignment to materialize the
-    transposed [N,N] softmax weights and split the attention into two kernels, 1.2-2.3x slower
-    than the heads-first form (forward + backward of the ViT-4K backbone: 13-16%; see
-    BENCHMARKS.md). ``lax.platform_dependent`` picks the branch when the program is lowered for
+    transposed [N,N] softmax weights and split the attention into two kernels: the attention
+    core 1.2-2.3x slower than the heads-first form, a whole attention layer 1.06-1.62x, the
+    ViT-4K backbone's forward + backward 13-16% (BENCHMARKS.md, docs/performance_notes.md). ``lax.platform_dependent`` picks the branch when the program is lowered for
     its platform, so a GPU/TPU program is exactly the ``dot_product_attention`` one."""
     if _ACCELERATOR_LOWERING["forced"]:
         return _xla_dot_product_attention(q, k, v, key_mask, scale=scale)
