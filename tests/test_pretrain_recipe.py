@@ -214,6 +214,8 @@ def test_bf16_compute_keeps_fp32_params_and_finite_loss():
     assert np.abs(np.asarray(state["student"]["vit"]["norm"]["bias"]) - before).max() > 0
 
 
+@pytest.mark.slow  # ~45 s (two compiled updates); make test was at its 15-minute limit. In
+# `make test-all`, with test_parity_drop_path's microbatched update against torch.
 def test_microbatched_update_equals_whole_batch_update():
     """config.microbatches=4 (strided chunks, gradients averaged in a lax.scan) is the same
     update as the whole batch at once: losses, center, Adam moments and parameters."""
