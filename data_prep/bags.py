@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from typing import Callable
 
 import numpy as np
@@ -47,6 +48,22 @@ ATTRS_KEY = "coords_attrs_json"  # npz: the h5 coords attributes, as JSON
 
 class BagError(ValueError):
     """A missing or unreadable bag (the message names the file)."""
+
+
+# numpy parses every .npy header (also each array inside an .npz) with ast.literal_eval, and
+# CPython releases without the fix for python/cpython#106905 (3.11.7, for one) keep that
+# parser's recursion counter per interpreter, not per thread: two threads parsing at once can
+# fail a valid file with "SystemError: AST constructor recursion depth mismatch" (seen in a
+# 2-task pretraining job here). Grain reads records from several
+# threads, so every numpy read of ours goes through this lock (headers are tiny; the arrays
+# read here are feature files and bags, read once per file).
+NUMPY_READ_LOCK = threading.Lock()
+
+
+def load_npy(path: str) -> np.ndarray:
+    """``np.load`` of one .npy file, safe to call from several threads (``NUMPY_READ_LOCK``)."""
+    with NUMPY_READ_LOCK:
+        return np.load(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +83,17 @@ def _write_npz(path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
 
 
 def _read_npz(path: str, keys: tuple[str, ...] | None) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
+    with NUMPY_READ_LOCK, np.load(path) as z:
         return {k: z[k] for k in (keys or z.files) if k in z.files and k != ATTRS_KEY}
 
 
 def _npz_keys(path: str) -> tuple[str, ...]:
-    with np.load(path) as z:
+    with NUMPY_READ_LOCK, np.load(path) as z:
         return tuple(k for k in z.files if k != ATTRS_KEY)
 
 
 def _npz_attrs(path: str) -> dict:
-    with np.load(path) as z:
+    with NUMPY_READ_LOCK, np.load(path) as z:
         return json.loads(str(z[ATTRS_KEY])) if ATTRS_KEY in z.files else {}
 
 

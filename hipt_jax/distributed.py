@@ -30,6 +30,11 @@ def _get(config: Optional[Any], key: str, env: str, default=None):
     return value
 
 
+def started() -> bool:
+    """Whether ``initialize`` started jax.distributed in this process."""
+    return _started
+
+
 def initialize(config: Optional[Any] = None) -> bool:
     """Start jax.distributed when config or environment says multi-process.
 

@@ -179,3 +179,52 @@ def test_official_pt_bags_train_lgp_and_feed_stage2(tmp_path):
         assert len(src) == len(first)
         for i in range(len(first)):
             np.testing.assert_array_equal(src[i]["features"], first[i])
+
+
+def test_numpy_reads_are_serialized_across_threads(tmp_path, monkeypatch):
+    """numpy parses .npy/.npz headers with ast.literal_eval, which CPython 3.11.7 cannot run in
+    two threads at once (python/cpython#106905: a valid file fails with "AST constructor
+    recursion depth mismatch", seen in a 2-task pretraining job whose Grain threads read feature
+    files). Every numpy read in data_prep.bags holds one lock: with a slow stand-in parser that
+    counts how many threads are inside it, never more than one is."""
+    import ast
+    import threading
+    import time
+
+    from hipt_jax.pretrain.data import FeatureFolderSource
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(tmp_path / f"r{i}.npy", rng.normal(size=(256, 384)).astype(np.float32))
+    bags.write_bag_file(str(tmp_path / "s.npz"), _bag(rng))
+    inside, most, count_lock = [0], [0], threading.Lock()
+    real = ast.literal_eval
+
+    def slow_literal_eval(text):
+        with count_lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.005)
+        with count_lock:
+            inside[0] -= 1
+        return real(text)
+
+    monkeypatch.setattr(ast, "literal_eval", slow_literal_eval)
+    source = FeatureFolderSource(str(tmp_path))
+    errors = []
+
+    def reader(k):
+        try:
+            for i in range(8):
+                assert source[(i + k) % len(source)]["features"].shape == (256, 384)
+                bags.read_bag_file(str(tmp_path / "s.npz"), ("features_cls4k",))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert most[0] == 1, f"{most[0]} threads parsed numpy headers at once"

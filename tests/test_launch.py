@@ -83,6 +83,31 @@ def test_launcher_propagates_failure_and_stops_peers():
     assert res.returncode == 2 and "after --" in res.stderr
 
 
+def test_an_error_in_one_process_ends_the_run_without_the_shutdown_barrier():
+    """Process 1 fails (bad input) while process 0 waits for it in a collective. Without
+    hipt_jax.cli.flags._exit_if_peers_hang process 1 would sit in jax.distributed's shutdown
+    barrier for its 5-minute timeout (process 0 never arrives) and the job would hang that long:
+    the run must end within seconds, with process 1's error and exit code."""
+    code = ("import sys\n"
+            "from hipt_jax import distributed\n"
+            "from hipt_jax.cli import flags\n"
+            "flags.PEER_EXIT_GRACE_S = 2.0\n"
+            "def main():\n"
+            "    distributed.initialize()\n"
+            "    import jax\n"
+            "    from jax.experimental import multihost_utils\n"
+            "    multihost_utils.process_allgather(jax.numpy.ones(1))  # both: the gloo group is up\n"
+            "    if jax.process_index() == 1:\n"
+            "        raise ValueError('feats/region2.npy: cannot read features')\n"
+            "    multihost_utils.process_allgather(jax.numpy.ones(1))  # a gloo all-gather, never joined\n"
+            "    return 0\n"
+            "sys.exit(flags.run_command('t', main, devices_at_start=False))\n")
+    res = _launch(["-n", "2", "--", sys.executable, "-c", code], timeout=60)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "[1] t: error: feats/region2.npy: cannot read features" in res.stdout + res.stderr
+    assert "exiting now" in res.stdout + res.stderr
+
+
 def _stub(path, body):
     path.write_text("#!/usr/bin/env bash\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)

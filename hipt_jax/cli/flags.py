@@ -174,7 +174,8 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
     """``fn()``'s exit code, with library exceptions mapped to the policy in the docstring, and
     Ctrl-C (KeyboardInterrupt) to one line and exit code 130. ``devices_at_start``: report the
     JAX backend and devices first (``report_devices``); commands that start jax.distributed
-    pass False and call ``report_devices`` right after starting it."""
+    pass False and call ``report_devices`` right after starting it. In a multi-process run an
+    exception also arms ``_exit_if_peers_hang``."""
     _interrupt_watchdog(prog)
     try:
         if devices_at_start:
@@ -186,14 +187,47 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 -- narrowed right below, everything else re-raised
         if os.environ.get("HIPT_DEBUG"):
+            _exit_if_peers_hang(prog, 1)
             raise
         if isinstance(e, failure_errors()):
             print_error(prog, e)
-            return EXIT_ITEMS_FAILED
+            return _exit_if_peers_hang(prog, EXIT_ITEMS_FAILED)
         if isinstance(e, input_errors()):
             print_error(prog, e)
-            return EXIT_BAD_INPUT
+            return _exit_if_peers_hang(prog, EXIT_BAD_INPUT)
+        _exit_if_peers_hang(prog, 1)
         raise
+
+
+PEER_EXIT_GRACE_S = 30.0  # see _exit_if_peers_hang
+
+
+def _exit_if_peers_hang(prog: str, code: int) -> int:
+    """After an error in one process of a multi-process run (jax.distributed started), end this
+    process with ``code`` if it has not exited normally within PEER_EXIT_GRACE_S; returns ``code``.
+
+    Why: a normal exit waits in jax.distributed's shutdown barrier for every other process, and
+    a peer blocked in a collective that needs this process (the next training step's all-reduce)
+    never arrives: both would sit there until the barrier's 5-minute timeout and then abort.
+    Exiting lets the launcher (``srun --kill-on-bad-exit``, launch/local_multiprocess.py) stop
+    the others at once. The grace keeps the clean path for errors every process meets together
+    (a diverged loss, a bad config): they finish their last writes and pass the barrier."""
+    import threading
+
+    distributed = sys.modules.get("hipt_jax.distributed")
+    if distributed is None or not distributed.started():
+        return code
+
+    def exit_now() -> None:
+        print(f"{prog}: the other processes did not finish within {PEER_EXIT_GRACE_S:.0f} s of this "
+              "process's error (they may be waiting for it in a collective): exiting now",
+              file=sys.stderr, flush=True)
+        os._exit(code)
+
+    timer = threading.Timer(PEER_EXIT_GRACE_S, exit_now)
+    timer.daemon = True
+    timer.start()
+    return code
 
 
 def command(prog: str, build_parser: Callable[[], argparse.ArgumentParser],

@@ -80,7 +80,7 @@ class FeatureFolderSource:
                 import torch  # only for the reference's .pt files
                 feats = torch.load(path, map_location="cpu", weights_only=True).numpy()
             else:
-                feats = np.load(path)
+                feats = bags.load_npy(path)  # thread-safe: Grain reads from several threads
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
             raise ValueError(f"{path}: cannot read features ({type(e).__name__}: {e})") from None
         feats = np.asarray(feats, np.float32)
@@ -108,10 +108,14 @@ class BagRegionSource:
         return int(self._starts[-1])
 
     def _features(self, path: str) -> np.ndarray:
-        if self._cache is None or self._cache[0] != path:
+        # Grain calls __getitem__ from several threads: read the cache once into a local, so a
+        # bag another thread stores meanwhile is never returned for this path.
+        cached = self._cache
+        if cached is None or cached[0] != path:
             feats = bags.read_bag_file(path, ("features_cls256",))["features_cls256"]
-            self._cache = (path, np.asarray(feats, np.float32))  # [M,R*C,384]
-        return self._cache[1]
+            cached = (path, np.asarray(feats, np.float32))  # [M,R*C,384]
+            self._cache = cached
+        return cached[1]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         file = int(np.searchsorted(self._starts, int(index), side="right")) - 1
