@@ -214,8 +214,42 @@ def test_bf16_compute_keeps_fp32_params_and_finite_loss():
     assert np.abs(np.asarray(state["student"]["vit"]["norm"]["bias"]) - before).max() > 0
 
 
-@pytest.mark.slow  # ~45 s (two compiled updates); make test was at its 15-minute limit. In
-# `make test-all`, with test_parity_drop_path's microbatched update against torch.
+def test_microbatched_loss_and_gradients_equal_the_whole_batch():
+    """The fast guard of microbatching (the whole update over 3 steps is the slow test below):
+    loss, every student gradient and the teacher logits of 2 strided chunks (gradients summed
+    in a lax.scan, the head's last layer once over both) equal one whole-batch pass.
+    Plants that fail it: the mean over chunks left out (scale 1), only the last chunk's
+    gradients kept, the last layer's weight gradient from one chunk's rows."""
+    from hipt_jax.pretrain import trainer
+    from hipt_jax.pretrain.schedules import all_schedules
+
+    c = get_config_4k("runlocal")
+    c.model.depth, c.drop_path_rate, c.global_batch = 1, 0.0, 4  # no stochastic depth draws
+    state = trainer.create_state(c, jax.random.key(0))
+    b = trainer.dummy_batch(c, c.global_batch)
+    rng = np.random.default_rng(0)
+    b = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in b.items()}
+    views = trainer._prepare_views(b, c)
+    sched = all_schedules(jnp.asarray(3), c, 1)
+    out = {n: jax.jit(trainer.make_loss_and_grads(c, n))(state, views, sched, jax.random.key(1))
+           for n in (1, 2)}
+    (loss1, grads1, t1), (loss2, grads2, t2) = out[1], out[2]
+    np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-6)
+    # teacher logits come back per chunk, [2, B/2, G, K]; chunk i holds samples i, i+2, ...
+    np.testing.assert_allclose(np.swapaxes(np.asarray(t2), 0, 1).reshape(np.shape(t1)), t1,
+                               rtol=1e-5, atol=1e-6)
+    flat1 = jax.tree_util.tree_flatten_with_path(grads1)[0]
+    assert len(flat1) == len(jax.tree.leaves(grads2)) > 10
+    for (path, want), have in zip(flat1, jax.tree.leaves(grads2)):
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5 * scale + 1e-9,
+                                   err_msg=jax.tree_util.keystr(path))
+    last = grads1["head"]["last_layer"]["weight_v"]
+    assert np.abs(np.asarray(last)).max() > 0
+
+
+@pytest.mark.slow  # ~45 s (two compiled updates); make test runs the loss-and-gradients guard
+# above. In `make test-all`, with test_parity_drop_path's microbatched update against torch.
 def test_microbatched_update_equals_whole_batch_update():
     """config.microbatches=4 (strided chunks, gradients averaged in a lax.scan) is the same
     update as the whole batch at once: losses, center, Adam moments and parameters."""

@@ -129,11 +129,11 @@ def _without_last_layer(params: dict) -> dict:
     return {**params, "head": head}
 
 
-def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
-                microbatches: int = 1, steps_per_epoch: int = 1):
-    """The pure DINO update (to be jitted by the caller with shardings and donation).
-    ``microbatches = n > 1`` (see ``resolve_microbatches`` and ``loss_and_grads`` below) runs
-    teacher and student over the batch in n sequential chunks and averages their gradients."""
+def make_loss_and_grads(config: ml_collections.ConfigDict, microbatches: int = 1):
+    """``loss_and_grads(state, views, sched, rng) -> (loss, student grads, teacher logits)``,
+    the DINO loss and gradients of one batch (see its docstring); ``microbatches = n > 1``
+    runs teacher and student over the batch in n sequential chunks and averages their
+    gradients (the same math: ``resolve_microbatches`` picks n)."""
     student_model = build_model(config, student=True)
     teacher_model = build_model(config, student=False)
     dtype = student_model.dtype
@@ -210,6 +210,16 @@ def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
             "weight_v": weight_norm_grad(w_student, r_student, w_grad, s_dot).astype(v_student.dtype)}
         scale = 1.0 / n_micro
         return loss * scale, jax.tree.map(lambda g: g * scale, grads), t_logits
+
+    return loss_and_grads
+
+
+def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
+                microbatches: int = 1, steps_per_epoch: int = 1):
+    """The pure DINO update (to be jitted by the caller with shardings and donation).
+    ``microbatches = n > 1`` (see ``resolve_microbatches`` and ``make_loss_and_grads``) runs
+    teacher and student over the batch in n sequential chunks and averages their gradients."""
+    loss_and_grads = make_loss_and_grads(config, microbatches)
 
     def update(state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
         step = state["step"]
