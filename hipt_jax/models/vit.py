@@ -145,35 +145,39 @@ def _cpu_attention(q, k, v, key_mask=None, scale=None):
     """The same arithmetic as ``_xla_dot_product_attention``, heads first (see ``fused_attention``),
     with the backward written out (``_heads_first_core``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # [B,N,H,hd] -> [B,H,N,hd] (see attention_weights); key_mask [B,N] -> float [B,1,1,N]
+    # [B,N,H,hd] -> [B,H,N,hd] (see attention_weights)
     qh, kh, vh = (einops.rearrange(t, "b n h d -> b h n d") for t in (q, k, v))
-    keep = (jnp.ones((q.shape[0], 1, 1, k.shape[1]), jnp.float32) if key_mask is None
+    # key_mask [B,N] -> [B,1,1,N] over (heads, queries), as a float: it gets a (zero) cotangent
+    keep = (jnp.zeros((), jnp.float32) if key_mask is None
             else key_mask[:, None, None, :].astype(jnp.float32))
-    out = _heads_first_core(qh, kh, vh, keep, float(scale))
+    out = _heads_first_core(qh, kh, vh, keep, float(scale), key_mask is not None)
     return einops.rearrange(out, "b h n d -> b n h d")  # [B,H,Nq,hd] -> [B,Nq,H,hd]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _heads_first_core(qh, kh, vh, keep, scale):
-    """softmax(q k^T * scale, keys where keep > 0) v on [B,H,N,hd] tensors (softmax in fp32)."""
-    return _heads_first_core_fwd(qh, kh, vh, keep, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _heads_first_core(qh, kh, vh, keep, scale, masked):
+    """softmax(q k^T * scale) v on [B,H,N,hd] tensors, softmax in fp32; ``masked``: only keys
+    where keep [B,1,1,N] > 0 (else ``keep`` is unused)."""
+    return _heads_first_core_fwd(qh, kh, vh, keep, scale, masked)[0]
 
 
-def _heads_first_core_fwd(qh, kh, vh, keep, scale):
+def _heads_first_core_fwd(qh, kh, vh, keep, scale, masked):
     logits = jnp.einsum("bhqd,bhkd->bhqk", qh * jnp.asarray(scale, qh.dtype), kh,
                         preferred_element_type=jnp.float32)  # [B,H,Nq,N]
-    logits = jnp.where(keep > 0, logits, jnp.finfo(logits.dtype).min)
+    if masked:
+        logits = jnp.where(keep > 0, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(vh.dtype), vh)  # [B,H,Nq,hd]
     return out, (qh, kh, vh, keep, weights, out)
 
 
-def _heads_first_core_bwd(scale, residuals, d_out):
+def _heads_first_core_bwd(scale, masked, residuals, d_out):
     """The softmax backward as flash attention writes it: d logits = P * (dP - rowsum(dO * O)).
     rowsum(dO * O) equals autodiff's rowsum(dP * P) (O = P V) but reads [B,H,Nq,hd] instead of
     a second [B,H,Nq,N] map; on XLA:CPU, where these maps' memory traffic is most of the cost,
-    this and the fixed product layouts make the attention layer's forward + backward 5-20%
-    faster than differentiating the forward (benchmarks/bench_attention.py)."""
+    this and the fixed product layouts made the attention layer's forward + backward 0-20%
+    faster than autodiff of the same forward on a 2-core EPYC (most at the ViT-4K region shape;
+    BENCHMARKS.md). Masked keys have P = 0, so they get no gradient."""
     qh, kh, vh, keep, weights, out = residuals
     d_v = jnp.einsum("bhqk,bhqd->bhkd", weights.astype(vh.dtype), d_out)         # [B,H,N,hd]
     d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, vh, preferred_element_type=jnp.float32)
@@ -205,14 +209,15 @@ def accelerator_attention():
 
 def fused_attention(q, k, v, key_mask=None, scale=None):
     """Attention without its weights: ``jax.nn.dot_product_attention`` on GPUs and TPUs; on
-    CPUs the same arithmetic, heads first (``attention_weights``, ``attend``).
+    CPUs the same arithmetic, heads first, with a hand-written backward (``_cpu_attention``).
 
     Why two lowerings of one op: XLA's ``dot_product_attention`` vmaps over a head-group axis
     (size 1 here); on XLA:CPU that degenerate axis leads layout assignment to materialize the
     transposed [N,N] softmax weights and split the attention into two kernels: the attention
     core 1.2-2.3x slower than the heads-first form, a whole attention layer 1.06-1.62x, the
-    ViT-4K backbone's forward + backward 13-16% (BENCHMARKS.md, docs/performance_notes.md). ``lax.platform_dependent`` picks the branch when the program is lowered for
-    its platform, so a GPU/TPU program is exactly the ``dot_product_attention`` one."""
+    ViT-4K backbone's forward + backward 13-16% (BENCHMARKS.md, docs/performance_notes.md).
+    ``lax.platform_dependent`` picks the branch when the program is lowered for its platform,
+    so a GPU/TPU program is exactly the ``dot_product_attention`` one."""
     if _ACCELERATOR_LOWERING["forced"]:
         return _xla_dot_product_attention(q, k, v, key_mask, scale=scale)
     args = (q, k, v) if key_mask is None else (q, k, v, key_mask)
