@@ -118,11 +118,18 @@ def attention_weights(q, k, key_mask=None, scale=None):
     # [B,N,H,hd] -> [B,H,N,hd]: each product is then one batched matmul over (B,H) with
     # contiguous operands, which XLA:CPU fuses with the softmax into one YNNPACK kernel.
     qh, kh = (einops.rearrange(t, "b n h d -> b h n d") for t in (q, k))
+    # padded keys get no weight: [B,N] -> [B,1,1,N] over (heads, queries)
+    keep = None if key_mask is None else key_mask[:, None, None, :]
+    return _heads_first_weights(qh, kh, keep, scale)
+
+
+def _heads_first_weights(qh, kh, keep, scale):
+    """qh [B,H,Nq,hd], kh [B,H,N,hd], keep None or bool [B,1,1,N] -> softmax weights [B,H,Nq,N]
+    in fp32."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", qh * jnp.asarray(scale, qh.dtype), kh,
                         preferred_element_type=jnp.float32)  # [B,H,Nq,N]
-    if key_mask is not None:
-        # padded keys get no weight: [B,N] -> [B,1,1,N] over (heads, queries)
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    if keep is not None:
+        logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
     return jax.nn.softmax(logits, axis=-1)
 
 
@@ -162,11 +169,7 @@ def _heads_first_core(qh, kh, vh, keep, scale, masked):
 
 
 def _heads_first_core_fwd(qh, kh, vh, keep, scale, masked):
-    logits = jnp.einsum("bhqd,bhkd->bhqk", qh * jnp.asarray(scale, qh.dtype), kh,
-                        preferred_element_type=jnp.float32)  # [B,H,Nq,N]
-    if masked:
-        logits = jnp.where(keep > 0, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = _heads_first_weights(qh, kh, keep > 0 if masked else None, scale)  # [B,H,Nq,N]
     out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(vh.dtype), vh)  # [B,H,Nq,hd]
     return out, (qh, kh, vh, keep, weights, out)
 
