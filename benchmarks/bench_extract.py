@@ -162,7 +162,8 @@ def main() -> None:
         print(f"devices: {jax.local_devices()}  torch threads as shipped: {shipped_threads}  "
               f"load avg: {os.getloadavg()}")
         print(f"regions: {n} x {args.region_px} px ({(args.region_px // 256) ** 2} patches each), "
-              f"patch_batch {ours.patch_batch}, batch {extractor.batch}")
+              f"patch_batch {ours.patch_batch}, XLA:CPU dot options {ours.compiler_options or 'default'} "
+              f"(hipt_jax.models.minibatch: as calibrated on this machine), batch {extractor.batch}")
         mib = 2.0 ** 20
         print(f"ours (hipt-extract, warm): {ours_rps:.4f} regions/s  (times {['%.2f' % t for t in t_ours]} s; "
               f"first call incl. compile {compile_s:.1f} s)  peak RSS +{max(m_ours) / mib:.0f} MiB  "

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     bench.REGION = args.region
 
     # A: the program hipt-profile times (profiler.profile_hipt4k = hipt4k_forward + compile_and_time).
-    fn, (p256, p4k), c256, c4k = profiler.hipt4k_forward(cfg)
+    fn, (p256, p4k), c256, c4k, _ = profiler.hipt4k_forward(cfg)
     flops = profiler.hipt4k_region_flops(c256, c4k, args.region, args.region)
     regions = jax.device_put(np.random.default_rng(0).integers(0, 256, (1, args.region, args.region, 3), np.uint8))
     first = profiler.compile_and_time(fn, (p256, p4k, regions), 1)

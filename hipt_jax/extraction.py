@@ -110,7 +110,8 @@ class Extractor:
                                  dtype=model.dtype, batch_shards=self.mesh.size)
             return out["features_cls256"], out.get("features_cls4k")
 
-        self._full = jax.jit(full, in_shardings=(repl, repl, self._data), out_shardings=self._data)
+        self._full = jax.jit(full, in_shardings=(repl, repl, self._data), out_shardings=self._data,
+                             compiler_options=model.compiler_options)
         if self.has_vit4k:
             vit4k = build_vit(model.config4k, dtype=model.dtype)
 
@@ -118,7 +119,8 @@ class Extractor:
                 cls, _ = vit4k.apply(p4k, grids)
                 return cls.astype(np.float32)
 
-            self._only4k = jax.jit(only4k, in_shardings=(repl, self._data), out_shardings=self._data)
+            self._only4k = jax.jit(only4k, in_shardings=(repl, self._data), out_shardings=self._data,
+                                   compiler_options=model.compiler_options)
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
         """Pad the batch axis to the fixed batch size (one compiled shape per region size)."""

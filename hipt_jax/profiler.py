@@ -211,30 +211,32 @@ def profile_vit256(cfg, peak: float, trace_dir: str = "") -> dict:
 
 
 def hipt4k_forward(cfg):
-    """The HIPT4K region path exactly as HIPT4K.embed_batch runs it: (fn, params, config256, config4k)."""
+    """The HIPT4K region path exactly as HIPT4K.embed_batch runs it (jitted with the same CPU
+    compile options): (fn, params, config256, config4k, patch_batch)."""
     import functools
 
     from hipt_jax.models.archs import build_vit, dummy_input, get_arch
-    from hipt_jax.models.hipt4k import auto_patch_batch, region_forward
+    from hipt_jax.models.hipt4k import auto_patch_batch, region_compiler_options, region_forward
 
     c256, c4k = get_arch(cfg.hipt4k.arch256), get_arch(cfg.hipt4k.arch4k)
     k256, k4k = jax.random.split(jax.random.PRNGKey(cfg.seed))
     p256 = jax.jit(build_vit(c256).init)(k256, dummy_input(c256))
     p4k = jax.jit(build_vit(c4k).init)(k4k, dummy_input(c4k))
     patch_batch = auto_patch_batch(cfg.hipt4k.patch_batch or None, c256, _dtype(cfg.dtype))  # 0: auto
-    fn = functools.partial(region_forward, config256=c256, config4k=c4k, patch_batch=patch_batch,
-                           dtype=_dtype(cfg.dtype))
-    return fn, (p256, p4k), c256, c4k
+    fn = jax.jit(functools.partial(region_forward, config256=c256, config4k=c4k, patch_batch=patch_batch,
+                                   dtype=_dtype(cfg.dtype)),
+                 compiler_options=region_compiler_options(c256, _dtype(cfg.dtype)))
+    return fn, (p256, p4k), c256, c4k, patch_batch
 
 
 def profile_hipt4k(cfg, peak: float, trace_dir: str = "") -> dict:
-    fn, (p256, p4k), c256, c4k = hipt4k_forward(cfg)
+    fn, (p256, p4k), c256, c4k, patch_batch = hipt4k_forward(cfg)
     side, batch = cfg.hipt4k.region_px, cfg.hipt4k.batch
     regions = jax.device_put(np.random.default_rng(cfg.seed).integers(0, 256, (batch, side, side, 3), np.uint8))
     res = compile_and_time(fn, (p256, p4k, regions), cfg.repeats, trace_dir=trace_dir, name="hipt4k")
     flops = batch * hipt4k_region_flops(c256, c4k, side, side)
     return _row("HIPT4K region", "regions/s", batch, res, flops, peak, "analytic",
-                region_px=side, patch_batch=fn.keywords["patch_batch"], s_per_region=res["step_s"] / batch)
+                region_px=side, patch_batch=patch_batch, s_per_region=res["step_s"] / batch)
 
 
 def pretrain_config(stage: int, section):
@@ -439,8 +441,11 @@ def calibrate(cfg) -> list[str]:
 
     lines = []
     if cfg.hipt4k.enabled:
-        best = calibrate_patch_batch(get_arch(cfg.hipt4k.arch256), _dtype(cfg.dtype), repeats=cfg.repeats)
-        lines.append(f"HIPT4K patch_batch: {best} (stored in {minibatch.cache_file()})")
+        arch256, dtype = get_arch(cfg.hipt4k.arch256), _dtype(cfg.dtype)
+        best = calibrate_patch_batch(arch256, dtype, repeats=cfg.repeats)
+        key = minibatch.patch_batch_key(arch256, jnp.dtype(dtype).itemsize)
+        backend = minibatch.calibrated_dot_backend(key) or "XLA's default (not calibrated)"
+        lines.append(f"HIPT4K patch_batch: {best}, dots: {backend} (stored in {minibatch.cache_file()})")
     for stage, section in ((1, cfg.pretrain_vit256), (2, cfg.pretrain_vit4k)):
         if not section.enabled:
             continue
@@ -449,17 +454,23 @@ def calibrate(cfg) -> list[str]:
         per_device = config.global_batch // mesh.size
         rules = tuple(tuple(r) for r in config.sharding_rules)
 
-        def seconds_per_sample(samples: int) -> float:
+        def seconds_per_sample(samples: int, backend: str = "ynnpack") -> float:
             config.microbatches = per_device // samples
             state, state_sh = trainer.init_sharded_state(config, mesh, jax.random.key(cfg.seed))
             batch = shd.global_batch(trainer.dummy_batch(config, config.global_batch),
                                      shd.batch_sharding(mesh, rules))
-            update = trainer.jit_update(config, mesh, state_sh, freeze_last_layer_steps=0)
+            update = trainer.jit_update(config, mesh, state_sh, freeze_last_layer_steps=0,
+                                        dot_backend=backend)
             res = compile_and_time(update, (state, batch, jax.random.key(1)), cfg.repeats,
                                    carry=lambda args, out: (out[0], args[1], args[2]))
             return res["step_s"] / config.global_batch
 
         candidates = [s for s in (1, 2, 4, 8, 16, 32) if s <= per_device and per_device % s == 0]
-        best = minibatch.calibrate(minibatch.microbatch_key(config), candidates, seconds_per_sample)
-        lines.append(f"pretraining stage {stage}: {best} sample(s) per device per microbatch")
+        key = minibatch.microbatch_key(config)
+        if jax.default_backend() == "cpu" and not minibatch.user_sets_dot_backend():
+            best = minibatch.calibrate(key, candidates, seconds_per_sample, dot_backends=minibatch.DOT_BACKENDS)
+        else:
+            best = minibatch.calibrate(key, candidates, seconds_per_sample)
+        lines.append(f"pretraining stage {stage}: {best} sample(s) per device per microbatch, dots: "
+                     f"{minibatch.calibrated_dot_backend(key) or 'XLA default (not calibrated)'}")
     return lines

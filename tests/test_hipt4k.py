@@ -150,3 +150,57 @@ def test_bad_region_input(tiny):
         tiny.embed_batch(np.zeros((1, 256, 256, 3), np.float32))
     with pytest.raises(ValueError, match="one uint8"):
         tiny(np.zeros((256, 256), np.uint8))
+
+
+def test_calibrated_dot_backend_reaches_the_compiled_region_programs(tmp_path, monkeypatch):
+    """A calibration that chose Eigen dots compiles the region program, both HIPT4K's and
+    hipt-extract's (Extractor), without YNNPACK fusions and with the same features; forcing
+    XLA's default keeps them. Plants: drop compiler_options from HIPT4K._forward_fn or from
+    Extractor._full -> YNNPACK fusions are back in that program and the check fails."""
+    from hipt_jax import extraction
+    from hipt_jax.models import minibatch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    c256 = get_arch("vit256_tiny")
+    minibatch.calibrate(minibatch.patch_batch_key(c256, 4), [4], lambda b, backend: {"ynnpack": 2.0, "eigen": 1.0}[backend],
+                        dot_backends=["ynnpack", "eigen"])
+    eigen = HIPT4K.random_init(seed=0, tiny=True, dtype="float32")
+    default = HIPT4K(eigen.params256, eigen.params4k, eigen.config256, eigen.config4k, dtype="float32",
+                     dot_backend="ynnpack")
+    region = tissue_like(512, 512)
+
+    def compiled(model):
+        return model._forward_fn(False).lower(model.params256, model.params4k, region[None]).compile()
+
+    with_eigen, with_default = compiled(eigen), compiled(default)
+    assert "ynn" in with_default.as_text() and "ynn" not in with_eigen.as_text()
+    got, want = with_eigen(eigen.params256, eigen.params4k, region[None]), with_default(
+        default.params256, default.params4k, region[None])
+    for key in want:
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), atol=1e-5, rtol=0)
+    ex = extraction.Extractor(eigen, batch_per_device=1)
+    text = ex._full.lower(ex.params256, ex.params4k, ex._put(region[None])).compile().as_text()
+    assert "ynn" not in text
+
+
+@pytest.mark.slow  # ~12 s of compiles; make test covers the logic with fake timings (test_minibatch)
+def test_calibration_times_every_minibatch_with_every_dot_backend(tmp_path, monkeypatch):
+    """The real calibration (tiny ViT-256, 4 patches) times each (size, backend) pair and stores
+    the fastest; with a dot choice in XLA_FLAGS it times sizes only and stores no backend.
+    Plant: calibrate sizes only (dot_backends=()) by default -> the pair timings are missing."""
+    from hipt_jax.models import minibatch
+    from hipt_jax.models.hipt4k import calibrate_patch_batch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    c256 = get_arch("vit256_tiny")
+    key = minibatch.patch_batch_key(c256, 4)
+    best = calibrate_patch_batch(c256, candidates=(2, 4), patches=4, repeats=1)
+    timings = minibatch.calibration_timings(key)
+    assert sorted(timings) == ["eigen/2", "eigen/4", "ynnpack/2", "ynnpack/4"]
+    fastest = min(timings, key=timings.get)
+    assert fastest == f"{minibatch.calibrated_dot_backend(key)}/{best}" and minibatch.calibrated(key) == best
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    calibrate_patch_batch(c256, candidates=(2, 4), patches=4, repeats=1)
+    assert sorted(minibatch.calibration_timings(key)) == ["2", "4"] and minibatch.calibrated_dot_backend(key) is None

@@ -65,3 +65,55 @@ def test_pretraining_samples_per_microbatch_from_the_rule(monkeypatch, tmp_path)
     assert s == minibatch.fit_power_of_two(minibatch.training_bytes_per_sample(c), 33 << 20, 64)
     assert minibatch.samples_per_microbatch(c, 64, dict(info, l3=256 << 20)) > s
     assert minibatch.samples_per_microbatch(c, 1, info) == 1
+
+
+def _fake_timings(b, backend):
+    """A CPU where Eigen dots at 8 patches win (the pair a calibration must find)."""
+    return {("ynnpack", 4): 3.0, ("ynnpack", 8): 2.0, ("eigen", 4): 2.5, ("eigen", 8): 1.5}[(backend, b)]
+
+
+def test_calibration_stores_the_dot_backend_of_the_fastest_pair(tmp_path, monkeypatch):
+    """Every (size, dot backend) pair is timed and the fastest pair's backend is stored beside its
+    size. Plants: keep the size but store XLA's default backend -> the "eigen" check fails; time
+    only the default backend -> 8 is still found but the backend check fails."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    key = minibatch.patch_batch_key(get_arch("vit256"), 4)
+    assert minibatch.calibrated_dot_backend(key) is None
+    assert minibatch.cpu_compiler_options(key) == {}  # no calibration: XLA's default
+    timed = []
+    best = minibatch.calibrate(key, [4, 8], lambda b, backend: timed.append((backend, b)) or _fake_timings(b, backend),
+                               dot_backends=["ynnpack", "eigen"])
+    assert best == 8 and sorted(timed) == sorted([("ynnpack", 4), ("ynnpack", 8), ("eigen", 4), ("eigen", 8)])
+    assert minibatch.calibrated(key) == 8 and minibatch.calibrated_dot_backend(key) == "eigen"
+    assert minibatch.cpu_compiler_options(key) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert minibatch.dot_backend_name(minibatch.cpu_compiler_options(key)) == "eigen"
+    assert minibatch.cpu_compiler_options(key, "ynnpack") == {}  # a named backend wins
+    with pytest.raises(ValueError, match="unknown dot backend"):
+        minibatch.cpu_compiler_options(key, "onednn")
+    # A calibration that timed only the default stores no backend; an old-format entry reads too.
+    other = minibatch.patch_batch_key(get_arch("vit256"), 2)
+    minibatch.calibrate(other, [4, 8], lambda b: {4: 1.0, 8: 2.0}[b])
+    assert minibatch.calibrated(other) == 4 and minibatch.calibrated_dot_backend(other) is None
+
+
+def test_compiler_options_leave_the_users_xla_flags_and_accelerators_alone(tmp_path, monkeypatch):
+    """A dot choice in XLA_FLAGS is the user's and no calibration overrides it; GPU/TPU programs
+    get no CPU option. Plants: drop either guard in cpu_compiler_options -> the eigen option
+    comes back and the check fails."""
+    import jax
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    key = minibatch.patch_batch_key(get_arch("vit256"), 4)
+    minibatch.calibrate(key, [4, 8], _fake_timings, dot_backends=["ynnpack", "eigen"])
+    # The machine key holds XLA_FLAGS, so the calibration is looked up under the flags it was
+    # measured with: set them after looking it up the way a user's shell would differ.
+    entry_key = minibatch.machine_key()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=true")
+    monkeypatch.setattr(minibatch, "machine_key", lambda info=None: entry_key)
+    assert minibatch.cpu_compiler_options(key) == {}
+    monkeypatch.delenv("XLA_FLAGS")
+    assert minibatch.cpu_compiler_options(key) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert minibatch.cpu_compiler_options(key) == {}

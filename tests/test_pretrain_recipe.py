@@ -348,3 +348,29 @@ def test_microbatches_auto_and_bad_counts():
     c.microbatches = 8
     assert trainer.resolve_microbatches(c, mesh) == 8
     mp.undo()
+
+
+def test_update_compiles_with_the_calibrated_dot_backend(tmp_path, monkeypatch):
+    """The update is compiled with the XLA:CPU dot backend calibrated for its model (here a
+    stored "eigen" calibration: no YNNPACK fusion left); without a calibration XLA's default
+    (YNNPACK fusions). Plant: drop compiler_options from
+    jit_update -> the calibrated program keeps YNNPACK and the check fails."""
+    from hipt_jax import sharding as shd
+    from hipt_jax.models import minibatch
+    from hipt_jax.pretrain import trainer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    c = get_config_4k("runlocal")  # feature grids: the cheapest update to compile
+    c.model.depth, c.crops.n_local, c.microbatches = 1, 0, 1
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    state, sh = trainer.init_sharded_state(c, mesh, jax.random.key(0))
+    args = (state, trainer.dummy_batch(c, c.global_batch), jax.random.key(1))
+
+    def compiled_text(**kw):
+        return trainer.jit_update(c, mesh, sh, freeze_last_layer_steps=0, **kw).lower(*args).compile().as_text()
+
+    assert "ynn" in compiled_text()
+    minibatch.calibrate(minibatch.microbatch_key(c), [1], lambda b, backend: {"ynnpack": 2.0, "eigen": 1.0}[backend],
+                        dot_backends=["ynnpack", "eigen"])
+    assert "ynn" not in compiled_text()

@@ -8,8 +8,10 @@
 the hardware (hipt_jax.memory_plan); on CPU the command re-executes itself with N fake devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N). No --config needed.
 --calibrate: times the candidate ViT-256 minibatches of the region program (and, for the enabled
-pretraining sections, the samples per microbatch of the update) and stores the fastest for this
-machine (hipt_jax.models.minibatch), which "auto" then uses.
+pretraining sections, the samples per microbatch of the update), each with XLA:CPU's dots on
+YNNPACK and on Eigen, and stores the fastest pair for this machine (hipt_jax.models.minibatch),
+which "auto" then uses: the region program, hipt-extract and the patch-feature extractor (and
+the pretraining update) compile with the calibrated minibatch and dot backend.
 
 What it measures: hipt_jax.profiler (run_profile). Shared flags (hipt_jax.cli.flags): --seed
 (sets config.seed), --compute-dtype (sets config.dtype, the models' compute dtype),

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from hipt_jax.models.archs import build_vit, dummy_input, get_arch
+from hipt_jax.models.hipt4k import region_compiler_options
 from hipt_jax.pretrain.augment import normalize_images
 
 DEFAULT_SIZE = 224
@@ -116,14 +117,18 @@ def _jitted_forward(config_json: str, norm: str, dtype_name: str, mesh: Mesh):
     import ml_collections
 
     dtype = jnp.dtype(dtype_name)
-    model = build_vit(ml_collections.ConfigDict(json.loads(config_json)), dtype=dtype)
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    model = build_vit(config, dtype=dtype)
 
     def forward(variables, tiles_u8):
         cls, _ = model.apply(variables, normalize_images(tiles_u8, norm).astype(dtype), cls_only=True)
         return cls.astype(jnp.float32)  # [B,D]
 
+    # On a CPU, the dot backend calibrated for this architecture's region program (forward only,
+    # like this one); XLA's default otherwise.
     return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
-                   out_shardings=NamedSharding(mesh, P("data")))
+                   out_shardings=NamedSharding(mesh, P("data")),
+                   compiler_options=region_compiler_options(config, dtype))
 
 
 def _model_identity(checkpoint: Optional[str], random_init: str, seed: int) -> dict:

@@ -150,6 +150,14 @@ def auto_patch_batch(patch_batch: Optional[int], config256, dtype: Any = jnp.flo
     return minibatch.region_patch_batch(config256, jnp.dtype(dtype).itemsize)
 
 
+def region_compiler_options(config256, dtype: Any = jnp.float32, dot_backend: Optional[str] = "auto") -> dict:
+    """``jax.jit`` compiler options of the region program (and of any ViT-256 forward): on a CPU
+    the dot backend calibrated with its minibatch ("auto"; XLA's default without a calibration)
+    or the one named; {} on GPU/TPU."""
+    return minibatch.cpu_compiler_options(minibatch.patch_batch_key(config256, jnp.dtype(dtype).itemsize),
+                                          dot_backend)
+
+
 class HIPT4K:
     """Region model: ``HIPT4K.from_checkpoints(vit256=..., vit4k=...)(region_u8)``.
 
@@ -162,14 +170,18 @@ class HIPT4K:
         (hipt_jax.models.minibatch), the whole region (256) on GPU/TPU.
       dtype: compute dtype: "auto" (default: bfloat16 on GPU/TPU, float32 on CPU), "float32",
         "bfloat16" or a dtype; parameters stay float32 (hipt_jax.models.precision).
+      dot_backend: how XLA:CPU computes the dots ("auto": as calibrated on this machine with the
+        minibatch, XLA's default without a calibration; "ynnpack" or "eigen" to force one;
+        hipt_jax.models.minibatch.DOT_BACKENDS). Ignored on GPU/TPU.
     """
 
     def __init__(self, params256, params4k, config256, config4k=None, *, patch_batch: Optional[int] = None,
-                 dtype: Any = "auto"):
+                 dtype: Any = "auto", dot_backend: Optional[str] = "auto"):
         self.params256, self.params4k = params256, params4k
         self.config256, self.config4k = config256, config4k
         self.dtype = resolve_dtype(dtype)
         self.patch_batch = auto_patch_batch(patch_batch, config256, self.dtype)
+        self.compiler_options = region_compiler_options(config256, self.dtype, dot_backend)
         self._jitted = {}
 
     @classmethod
@@ -201,7 +213,7 @@ class HIPT4K:
             self._jitted[return_attention] = jax.jit(functools.partial(
                 region_forward, config256=self.config256, config4k=self.config4k,
                 patch_batch=self.patch_batch, dtype=self.dtype, return_attention=return_attention,
-            ))
+            ), compiler_options=self.compiler_options)
         return self._jitted[return_attention]
 
     def embed_batch(self, regions_u8, return_attention: bool = False) -> dict[str, np.ndarray]:
@@ -223,21 +235,27 @@ class HIPT4K:
 
 
 def calibrate_patch_batch(config256, dtype: Any = jnp.float32, candidates=(4, 8, 16, 32, 64),
-                          patches: int = 64, repeats: int = 2, seed: int = 0) -> int:
+                          patches: int = 64, repeats: int = 2, seed: int = 0,
+                          dot_backends: Optional[tuple] = None) -> int:
     """Time the region program's ViT-256 stage (``patches`` random patches in minibatches of each
     candidate size, best of ``repeats`` after a warm-up), store the fastest for this machine
-    (hipt_jax.models.minibatch) and return it. About a minute for the full ViT-256 on a CPU."""
+    (hipt_jax.models.minibatch) and return it. ``dot_backends`` (default: every one XLA:CPU
+    offers, unless XLA_FLAGS already chooses) are crossed with the sizes and the fastest pair's
+    backend is stored too. About 20 s per pair for the full ViT-256 on a 2-core CPU."""
     import time
 
+    if dot_backends is None:
+        dot_backends = () if minibatch.user_sets_dot_backend() else tuple(minibatch.DOT_BACKENDS)
     vit = build_vit(config256, dtype=dtype)
     params = jax.jit(vit.init)(jax.random.PRNGKey(seed), dummy_input(config256))
     x = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (patches, PATCH, PATCH, 3), np.uint8))
 
-    def seconds_per_patch(b: int) -> float:
+    def seconds_per_patch(b: int, backend: Optional[str] = None) -> float:
         def embed(chunk_u8):
             return vit.apply(params, normalize(chunk_u8, dtype), cls_only=True)[0]
 
-        fn = jax.jit(lambda u8: _map_in_minibatches(embed, u8, b))
+        fn = jax.jit(lambda u8: _map_in_minibatches(embed, u8, b),
+                     compiler_options=minibatch.DOT_BACKENDS[backend] if backend else None)
         fn(x).block_until_ready()  # compile + warm-up
         best = float("inf")
         for _ in range(repeats):
@@ -247,4 +265,7 @@ def calibrate_patch_batch(config256, dtype: Any = jnp.float32, candidates=(4, 8,
         return best / patches
 
     key = minibatch.patch_batch_key(config256, jnp.dtype(dtype).itemsize)
-    return minibatch.calibrate(key, [b for b in candidates if b <= patches], seconds_per_patch)
+    sizes = [b for b in candidates if b <= patches]
+    if jax.default_backend() != "cpu" or not dot_backends:
+        return minibatch.calibrate(key, sizes, seconds_per_patch)
+    return minibatch.calibrate(key, sizes, seconds_per_patch, dot_backends=dot_backends)

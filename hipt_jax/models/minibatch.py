@@ -14,8 +14,14 @@ program (``patch_batch``) and the samples per pretraining microbatch. Both are r
    live activations for one sample (``block_bytes``; summed over
    the crops of one sample for a training step).
 
+The calibration of the region program also chooses how XLA:CPU computes its dots
+(``DOT_BACKENDS``): through YNNPACK (XLA's default) or its own Eigen GEMMs. Which is faster
+depends on the CPU and on the program: on a 2-core AMD EPYC the forward-only region program
+ran 1.26x faster with Eigen while a training step ran 30% slower, so it is measured per machine
+and model, never assumed. Without a calibration XLA's default stays.
+
 An explicit value (flag or config field) always wins. On GPU/TPU there is no cache to fit:
-callers use the whole batch there.
+callers use the whole batch there, and no CPU compile option applies.
 """
 from __future__ import annotations
 
@@ -26,6 +32,11 @@ import platform
 from typing import Callable, Iterable, Optional
 
 MAX_PATCH_BATCH = 256  # a 4096 px region has 256 patches: the reference's single minibatch
+
+# How XLA:CPU lowers dots, as per-program compile options (``jax.jit(compiler_options=...)``).
+# "ynnpack": XLA's default (dots and their fusions through YNNPACK); "eigen": the YNNPACK
+# fusions off, dots on XLA's Eigen GEMMs.
+DOT_BACKENDS = {"ynnpack": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 
 
 # ------------------------------------------------------------------------------ the machine
@@ -127,19 +138,82 @@ def _read_cache() -> dict:
         return {}
 
 
+def _entry(model_key: str, info: Optional[dict]) -> Optional[dict]:
+    entry = _read_cache().get(machine_key(info), {}).get(model_key)
+    return entry if isinstance(entry, dict) and "best" in entry else None
+
+
 def calibrated(model_key: str, info: Optional[dict] = None) -> Optional[int]:
     """The size calibrated for ``model_key`` on this machine (or on the one ``info`` describes), or None."""
-    entry = _read_cache().get(machine_key(info), {}).get(model_key)
+    entry = _entry(model_key, info)
     return int(entry["best"]) if entry else None
 
 
-def calibrate(model_key: str, candidates: Iterable[int], seconds_per_sample: Callable[[int], float]) -> int:
+def calibrated_dot_backend(model_key: str, info: Optional[dict] = None) -> Optional[str]:
+    """The dot backend (a ``DOT_BACKENDS`` name) calibrated for ``model_key`` on this machine, or
+    None (no calibration, or one that timed only XLA's default)."""
+    entry = _entry(model_key, info)
+    backend = entry.get("dot_backend") if entry else None
+    return backend if backend in DOT_BACKENDS else None
+
+
+def calibration_timings(model_key: str, info: Optional[dict] = None) -> Optional[dict]:
+    """Seconds per sample of every candidate the stored calibration timed, or None."""
+    entry = _entry(model_key, info)
+    return entry.get("s_per_sample") if entry else None
+
+
+def user_sets_dot_backend() -> bool:
+    """XLA_FLAGS already says how to lower dots: the user's choice, never overridden."""
+    return any(f"xla_cpu_{name}" in os.environ.get("XLA_FLAGS", "")
+               for name in ("experimental_ynn_fusion_type", "use_xnnpack", "use_onednn"))
+
+
+def cpu_compiler_options(model_key: str, backend: Optional[str] = "auto") -> dict:
+    """``jax.jit`` compiler options for the program ``model_key`` names: the calibrated dot
+    backend on a CPU ("auto"), or the named one; {} on GPU/TPU, without a calibration, or when
+    XLA_FLAGS already chooses."""
+    import jax
+
+    if backend is None or jax.default_backend() != "cpu" or user_sets_dot_backend():
+        return {}
+    if backend == "auto":
+        backend = calibrated_dot_backend(model_key) or "ynnpack"
+    if backend not in DOT_BACKENDS:
+        raise ValueError(f"unknown dot backend {backend!r}: expected 'auto' or one of {sorted(DOT_BACKENDS)}")
+    return dict(DOT_BACKENDS[backend])
+
+
+def dot_backend_name(compiler_options: dict) -> str:
+    """The ``DOT_BACKENDS`` name of a program's CPU compile options ("ynnpack": XLA's default)."""
+    if not compiler_options and user_sets_dot_backend():
+        return "as XLA_FLAGS says"
+    return next((name for name, opts in DOT_BACKENDS.items() if opts == dict(compiler_options or {})), "custom")
+
+
+def calibrate(model_key: str, candidates: Iterable[int], seconds_per_sample: Callable[..., float],
+              dot_backends: Optional[Iterable[str]] = None) -> int:
     """Time every candidate (``seconds_per_sample(b)``: compile, warm up and time the program at
-    size b), store the fastest for this machine and model, and return it."""
-    timings = {int(b): float(seconds_per_sample(int(b))) for b in candidates}
-    best = min(timings, key=timings.get)
+    size b), store the fastest for this machine and model, and return it. With ``dot_backends``
+    every (size, backend) pair is timed (``seconds_per_sample(b, backend)``) and the backend
+    of the fastest pair is stored beside its size (``calibrated_dot_backend``)."""
+    if dot_backends is None:
+        timings = {str(int(b)): float(seconds_per_sample(int(b))) for b in candidates}
+        best_key = min(timings, key=timings.get)
+        record = {"best": int(best_key), "s_per_sample": timings}
+    else:
+        backends = list(dot_backends)
+        unknown = [b for b in backends if b not in DOT_BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown dot backend(s) {unknown}: expected some of {sorted(DOT_BACKENDS)}")
+        timings = {f"{name}/{int(b)}": float(seconds_per_sample(int(b), name))
+                   for name in backends for b in candidates}
+        best_key = min(timings, key=timings.get)
+        name, _, size = best_key.partition("/")
+        record = {"best": int(size), "dot_backend": name, "s_per_sample": timings}
+    best = record["best"]
     data = _read_cache()
-    data.setdefault(machine_key(), {})[model_key] = {"best": best, "s_per_sample": timings}
+    data.setdefault(machine_key(), {})[model_key] = record
     path = cache_file()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"

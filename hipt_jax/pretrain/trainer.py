@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -244,9 +245,22 @@ def make_update(config: ml_collections.ConfigDict, freeze_last_layer_steps: int,
     return update
 
 
+def update_compiler_options(config, mesh, dot_backend: Optional[str] = "auto") -> dict:
+    """XLA:CPU compile options of the update: the dot backend calibrated for this model with its
+    microbatch (``hipt-profile --calibrate``; XLA's default without one) or the one named;
+    {} on GPU/TPU (hipt_jax.models.minibatch.cpu_compiler_options)."""
+    from hipt_jax.models import minibatch
+
+    if mesh.devices.flat[0].platform != "cpu":
+        return {}
+    return minibatch.cpu_compiler_options(minibatch.microbatch_key(config), dot_backend)
+
+
 def jit_update(config, mesh, state_shardings, freeze_last_layer_steps: int,
-               steps_per_epoch: int = 1):
-    """jax.jit of the update: explicit in/out shardings, the state donated."""
+               steps_per_epoch: int = 1, dot_backend: Optional[str] = "auto"):
+    """jax.jit of the update: explicit in/out shardings, the state donated; on a CPU the dot
+    backend calibrated for this machine and model (``dot_backend``: "auto", or a name of
+    hipt_jax.models.minibatch.DOT_BACKENDS)."""
     rules = tuple(tuple(r) for r in config.sharding_rules)
     batch_sh = shd.batch_sharding(mesh, rules)
     rep = shd.replicated(mesh)
@@ -255,7 +269,8 @@ def jit_update(config, mesh, state_shardings, freeze_last_layer_steps: int,
                          steps_per_epoch)
     return jax.jit(update,
                    in_shardings=(state_shardings, batch_shardings, rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,),
+                   compiler_options=update_compiler_options(config, mesh, dot_backend))
 
 
 def init_sharded_state(config, mesh, rng):
