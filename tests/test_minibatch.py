@@ -117,3 +117,23 @@ def test_compiler_options_leave_the_users_xla_flags_and_accelerators_alone(tmp_p
     assert minibatch.cpu_compiler_options(key) == {"xla_cpu_experimental_ynn_fusion_type": ""}
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert minibatch.cpu_compiler_options(key) == {}
+
+
+@pytest.mark.parametrize("bad", ["{not json", '{"KEY": {"MODEL": {"best": "abc"}}}', '{"KEY": {"MODEL": {"best": 0}}}',
+                                 '{"KEY": {"MODEL": [8]}}', '{"KEY": []}'])
+def test_a_damaged_calibration_file_falls_back_to_the_rule(tmp_path, monkeypatch, caplog, bad):
+    """A hand-edited or truncated minibatch.json never crashes a run or gives a nonsense size:
+    the rule decides and (for a readable but wrong entry) a warning names the file.
+    Plant: return entries without checking "best" -> "abc" raises, 0 gives minibatch 0."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    vit256 = get_arch("vit256")
+    key = minibatch.patch_batch_key(vit256, 4)
+    path = tmp_path / "hipt_jax" / "minibatch.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(bad.replace("KEY", minibatch.machine_key().replace('"', '\\\\"')).replace("MODEL", key))
+    info = minibatch.cpu_info()
+    rule = minibatch.fit_power_of_two(minibatch.block_bytes(257, 384, 1536, 6), minibatch.cache_budget(info), 256)
+    assert minibatch.calibrated(key) is None and minibatch.calibrated_dot_backend(key) is None
+    assert minibatch.region_patch_batch(vit256, 4) == rule
+    if "best" in bad:
+        assert "minibatch.json" in caplog.text

@@ -14,8 +14,8 @@ program (``patch_batch``) and the samples per pretraining microbatch. Both are r
    live activations for one sample (``block_bytes``; summed over
    the crops of one sample for a training step).
 
-The calibration of the region program also chooses how XLA:CPU computes its dots
-(``DOT_BACKENDS``): through YNNPACK (XLA's default) or its own Eigen GEMMs. Which is faster
+The calibration also chooses how XLA:CPU computes each program's dots (``DOT_BACKENDS``):
+through YNNPACK (XLA's default) or its own Eigen GEMMs. Which is faster
 depends on the CPU and on the program: on a 2-core AMD EPYC the forward-only region program
 ran 1.26x faster with Eigen while a training step ran 30% slower, so it is measured per machine
 and model, never assumed. Without a calibration XLA's default stays.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import platform
 from typing import Callable, Iterable, Optional
@@ -139,8 +140,20 @@ def _read_cache() -> dict:
 
 
 def _entry(model_key: str, info: Optional[dict]) -> Optional[dict]:
-    entry = _read_cache().get(machine_key(info), {}).get(model_key)
-    return entry if isinstance(entry, dict) and "best" in entry else None
+    """The stored calibration of ``model_key`` on this machine, or None; an entry that is not
+    a positive whole size (a hand-edited or truncated file) is ignored with a warning, so the
+    rule decides instead of a crash or a nonsense minibatch."""
+    machine = _read_cache().get(machine_key(info), {})
+    entry = machine.get(model_key) if isinstance(machine, dict) else None
+    if entry is None:
+        return None
+    best = entry.get("best") if isinstance(entry, dict) else None
+    if isinstance(best, bool) or not isinstance(best, int) or best < 1:
+        logging.getLogger(__name__).warning(
+            "ignoring the calibration of %s in %s: expected a positive whole size, got %r",
+            model_key, cache_file(), entry)
+        return None
+    return entry
 
 
 def calibrated(model_key: str, info: Optional[dict] = None) -> Optional[int]:
