@@ -87,13 +87,6 @@ def matmul_peaks(reps: int) -> tuple[float, float]:
     return 2 * n**3 / t_jax / 1e9, 2 * n**3 / t_torch / 1e9
 
 
-def dot_backend_name(model) -> str:
-    """Which XLA:CPU dot backend ``model``'s region program was compiled with."""
-    from hipt_jax.models import minibatch
-
-    return minibatch.dot_backend_name(model.compiler_options)
-
-
 def region_flops(region: int) -> float:
     """Reference FLOPs of one region of ``region`` px (a grid of 256 px patches)."""
     n = (region // 256) ** 2
@@ -295,13 +288,15 @@ def main(argv=None) -> int:
     # agrees); ours skips the last ViT-256 block's non-CLS tokens (XLA cost analysis of the
     # loop-free program, see profiler.region_xla_flops).
     from hipt_jax import profiler
+    from hipt_jax.models import minibatch
 
     flops_ours = profiler.region_xla_flops(ours.params256, ours.params4k, ours.config256, ours.config4k,
                                            args.region, ours.dtype) or flops_region
     gj, gt, gt_best = flops_ours / sj / 1e9, flops_region / st / 1e9, flops_region / st_best / 1e9
     print(f"HIPT4K {args.region} px region (executed GFLOP: ours {flops_ours / 1e9:.0f}, reference "
           f"{flops_region / 1e9:.0f}): jax {sj:.1f} s/region "
-          f"(patch_batch {args.patch_batch}, dots {dot_backend_name(ours)}; first call incl. compile "
+          f"(patch_batch {args.patch_batch}, dots {minibatch.dot_backend_name(ours.compiler_options)}; "
+          f"first call incl. compile "
           f"{compile_s:.1f} s), torch as shipped "
           f"(minibatch 256) {st:.1f} s/region, torch at its best (minibatch {best_mb}) {st_best:.1f} s/region "
           f"{tag}", flush=True)
