@@ -77,7 +77,7 @@ def matmul_peaks(reps: int) -> tuple[float, float]:
     a = jnp.asarray(jax.random.normal(jax.random.PRNGKey(0), (n, n)))
     # XLA's ceiling is the faster of its CPU dot backends (the region program may run on either).
     t_jax = float("inf")
-    for options in ([{}] if minibatch.user_sets_dot_backend() else minibatch.DOT_BACKENDS.values()):
+    for options in [minibatch.DOT_BACKENDS[n] for n in minibatch.dot_backends_to_try()] or [{}]:
         mm = jax.jit(lambda x, y: x @ y, compiler_options=options or None)
         mm(a, a).block_until_ready()
         t_jax = min(t_jax, best_time(lambda: mm(a, a).block_until_ready(), reps))

@@ -203,7 +203,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
     best_jax = float("inf")
     # XLA's ceiling is the faster of its CPU dot backends (a calibrated update may use either).
-    for options in ([{}] if minibatch.user_sets_dot_backend() else minibatch.DOT_BACKENDS.values()):
+    for options in [minibatch.DOT_BACKENDS[n] for n in minibatch.dot_backends_to_try()] or [{}]:
         mm = jax.jit(lambda x: x @ x, compiler_options=options or None)
         mm(a).block_until_ready()
         best_jax = min(best_jax, min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats)))

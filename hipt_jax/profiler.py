@@ -467,10 +467,8 @@ def calibrate(cfg) -> list[str]:
 
         candidates = [s for s in (1, 2, 4, 8, 16, 32) if s <= per_device and per_device % s == 0]
         key = minibatch.microbatch_key(config)
-        if jax.default_backend() == "cpu" and not minibatch.user_sets_dot_backend():
-            best = minibatch.calibrate(key, candidates, seconds_per_sample, dot_backends=minibatch.DOT_BACKENDS)
-        else:
-            best = minibatch.calibrate(key, candidates, seconds_per_sample)
+        best = minibatch.calibrate(key, candidates, seconds_per_sample,
+                                   dot_backends=minibatch.dot_backends_to_try() or None)
         lines.append(f"pretraining stage {stage}: {best} sample(s) per device per microbatch, dots: "
                      f"{minibatch.calibrated_dot_backend(key) or 'XLA default (not calibrated)'}")
     return lines

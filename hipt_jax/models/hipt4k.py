@@ -245,7 +245,7 @@ def calibrate_patch_batch(config256, dtype: Any = jnp.float32, candidates=(4, 8,
     import time
 
     if dot_backends is None:
-        dot_backends = () if minibatch.user_sets_dot_backend() else tuple(minibatch.DOT_BACKENDS)
+        dot_backends = minibatch.dot_backends_to_try()
     vit = build_vit(config256, dtype=dtype)
     params = jax.jit(vit.init)(jax.random.PRNGKey(seed), dummy_input(config256))
     x = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (patches, PATCH, PATCH, 3), np.uint8))
@@ -266,6 +266,6 @@ def calibrate_patch_batch(config256, dtype: Any = jnp.float32, candidates=(4, 8,
 
     key = minibatch.patch_batch_key(config256, jnp.dtype(dtype).itemsize)
     sizes = [b for b in candidates if b <= patches]
-    if jax.default_backend() != "cpu" or not dot_backends:
+    if not dot_backends:
         return minibatch.calibrate(key, sizes, seconds_per_patch)
     return minibatch.calibrate(key, sizes, seconds_per_patch, dot_backends=dot_backends)

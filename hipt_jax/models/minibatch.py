@@ -197,6 +197,16 @@ def cpu_compiler_options(model_key: str, backend: Optional[str] = "auto") -> dic
     return dict(DOT_BACKENDS[backend])
 
 
+def dot_backends_to_try() -> tuple:
+    """The ``DOT_BACKENDS`` names a calibration (or a peak probe) should time here: all of them on
+    a CPU, none on GPU/TPU or when XLA_FLAGS already chooses."""
+    import jax
+
+    if jax.default_backend() != "cpu" or user_sets_dot_backend():
+        return ()
+    return tuple(DOT_BACKENDS)
+
+
 def dot_backend_name(compiler_options: dict) -> str:
     """The ``DOT_BACKENDS`` name of a program's CPU compile options ("ynnpack": XLA's default)."""
     if not compiler_options and user_sets_dot_backend():
