@@ -237,6 +237,27 @@ CHECKSUM_EXT = ".sha256"
 _verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) of a bag verified in this process
 
 
+SOURCE_EXT = ".source"
+
+
+def write_source(path: str, source: dict) -> None:
+    """Record next to the bag ``path`` what it was made from (<bag>.source, JSON: e.g. the
+    region shard's SHA-256), so a rerun can tell a finished bag from a stale one."""
+    tmp = f"{path}{SOURCE_EXT}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(source, f, sort_keys=True)
+    os.replace(tmp, path + SOURCE_EXT)
+
+
+def read_source(path: str) -> dict | None:
+    """What the bag ``path`` was made from (``write_source``); None when not recorded."""
+    try:
+        with open(path + SOURCE_EXT) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def checksum_path(path: str) -> str:
     """Where the SHA-256 of the bag file ``path`` is recorded when it is written (<bag>.sha256)."""
     return path + CHECKSUM_EXT
@@ -306,7 +327,25 @@ def read_bag_file(path: str, keys: tuple[str, ...] | None = None) -> dict[str, n
     missing = [k for k in (keys or ()) if k not in out]
     if missing:
         raise BagError(f"{path}: bag has no {', '.join(missing)} (it holds {', '.join(sorted(out)) or 'nothing'})")
+    _check_finite(path, out)
     return out
+
+
+# The arrays a model or a slide embedding is computed from (not coords or attention maps).
+FEATURE_KEYS = ("features_cls256", "features_cls4k", "features_region", "slide_embedding")
+
+
+def _check_finite(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """A NaN or Inf in a bag's features would flow into every score made from it (an argmax
+    over NaN probabilities is a confident class 0): refuse the bag, naming it."""
+    for key in FEATURE_KEYS:
+        arr = arrays.get(key)
+        if arr is None or not np.issubdtype(np.asarray(arr).dtype, np.floating):
+            continue
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise BagError(f"{path}: {bad} non-finite value(s) (NaN/Inf) in {key} {tuple(arr.shape)}; "
+                           "re-extract this slide")
 
 
 def bag_keys(path: str) -> tuple[str, ...]:
@@ -339,6 +378,9 @@ def read_bag(out_dir: str, slide_id: str) -> dict[str, np.ndarray]:
     if path is None:
         raise BagError(f"{bag_path(out_dir, slide_id)}: slide {slide_id!r} was not extracted")
     out = read_bag_file(path)
+    for key in ("features_cls256", "features_cls4k", "features_region"):
+        if key in out and len(out[key]) == 0:
+            raise BagError(f"{path}: bag of slide {slide_id!r} has no regions ({key} {tuple(out[key].shape)})")
     if "features_cls256" in out:
         out["features_cls256"] = out["features_cls256"].astype(np.float32)
     return out
@@ -361,7 +403,11 @@ def read_slide_embedding(path: str) -> np.ndarray:
             arr = read_bag_file(path, (key,))[key]
             if key != "slide_embedding" and len(arr) == 0:
                 raise BagError(f"{path}: bag has no regions")
-            return np.asarray(reduce(np.asarray(arr, np.float32)), np.float32)
+            emb = np.asarray(reduce(np.asarray(arr, np.float32)), np.float32)
+            if emb.ndim != 1:
+                raise BagError(f"{path}: {key} has shape {tuple(np.shape(arr))}, which gives no "
+                               "slide embedding vector (expected [M, D] region features)")
+            return emb
     raise BagError(f"{path}: bag has no features ({', '.join(held) or 'empty'})")
 
 
@@ -385,13 +431,18 @@ def read_slide_embeddings(out_dir: str, failed: dict[str, str] | None = None) ->
                 raise
             failed[sid] = str(e)
             continue
-        if out and emb.shape != next(iter(out.values())).shape:
-            first = next(iter(out))
-            raise BagError(f"{path}: slide embedding has width {emb.shape[0]} but {found[first]} "
-                           f"has {next(iter(out.values())).shape[0]}; one cohort needs one kind of bag")
         out[sid] = emb
     if not out:
         raise BagError(f"{os.path.join(out_dir, SLIDES)}: no extracted slides")
+    widths: dict[int, list[str]] = {}
+    for sid, emb in out.items():
+        widths.setdefault(emb.shape[0], []).append(sid)
+    if len(widths) > 1:  # name the odd bags, not whichever sorted first
+        common = max(widths, key=lambda w: len(widths[w]))
+        odd = next(sid for w, sids in widths.items() if w != common for sid in sids)
+        raise BagError(f"{found[odd]}: slide embedding has width {out[odd].shape[0]} but "
+                       f"{len(widths[common])} of the {len(out)} bags (e.g. {found[widths[common][0]]}) "
+                       f"have {common}; one cohort needs one kind of bag")
     return out
 
 

@@ -70,7 +70,7 @@ def derive_shard(slide_id: str, regions_dir: str, out_dir: str, kind: str, write
         with open_shard_writer(path) as writer:
             fields = write_records(iter_records(find_slide_shard(regions_dir, REGION, slide_id), REGION),
                                    writer)
-        result.update(status="done", sha256=file_sha256(path), **fields)
+        result.update(status="done", sha256=file_sha256(path), shard_bytes=os.path.getsize(path), **fields)
     except Exception as e:
         result["error"] = f"{slide_id}: {type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc(limit=5)

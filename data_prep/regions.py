@@ -22,7 +22,7 @@ import traceback
 import cv2
 import numpy as np
 
-from data_prep.shards import (REGION, encode_jpeg, file_sha256, open_shard_writer, shard_path,
+from data_prep.shards import (REGION, encode_jpeg, file_sha256, input_identity, open_shard_writer, shard_path,
                               write_item_status)
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, open_slide,
                                 read_region_geometry, region_geometry, resolve_mpp, snap_scale)
@@ -239,7 +239,8 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
             _write_coords(slide, task.slide_id, product, geom, kept, params, mpp, mpp_source)
         else:
             _write_region_shard(slide, task.slide_id, product, geom, kept, params)
-        result.update(status="done", n_regions=len(kept), sha256=file_sha256(product))
+        result.update(status="done", n_regions=len(kept), sha256=file_sha256(product),
+                      shard_bytes=os.path.getsize(product), source=input_identity(task.path))
     except SlideError as e:
         result["error"] = str(e)
     except Exception as e:  # a bug or an OpenSlide read error mid-slide: keep the run going

@@ -15,13 +15,14 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import time
 from typing import Callable, Sequence
 
 from tqdm import tqdm
 
 from data_prep.regions import SlideTask, status_path
-from data_prep.shards import MANIFEST, package_versions, write_run_manifest
+from data_prep.shards import MANIFEST, input_identity, package_versions, write_run_manifest
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
                     ".svslide", ".dcm")
@@ -108,10 +109,24 @@ def read_status(out_dir: str, item_id: str) -> dict | None:
         return None
 
 
-def is_done(out_dir: str, item_id: str) -> bool:
+def is_done(out_dir: str, item_id: str, source: dict | None = None) -> bool:
+    """A finished item whose output is still whole (its recorded size) and, when ``source`` is
+    given, was made from that input; a line on stderr says why an item is redone."""
     st = read_status(out_dir, item_id)
-    return bool(st and st.get("status") == "done" and
-                os.path.exists(os.path.join(out_dir, st["shard"])))
+    if not (st and st.get("status") == "done"):
+        return False
+    product = os.path.join(out_dir, st["shard"])
+    if not os.path.exists(product):
+        return False
+    if st.get("shard_bytes") is not None and os.path.getsize(product) != st["shard_bytes"]:
+        print(f"{product}: {os.path.getsize(product)} bytes, {st['shard_bytes']} when it was written "
+              "(truncated or replaced); redoing it", file=sys.stderr)
+        return False
+    if source is not None and st.get("source") is not None and st["source"] != source:
+        print(f"{item_id}: now {st.get('path')!s} -> {source}, but its output was made from "
+              f"{st['source']}; redoing it", file=sys.stderr)
+        return False
+    return True
 
 
 def check_params(out_dir: str, kind: str, params: dict) -> None:
@@ -230,7 +245,8 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
     os.makedirs(os.path.join(out_dir, "status"), exist_ok=True)
     check_params(out_dir, kind, params)
     clean_stale_tmp(out_dir)
-    todo = [(it, i) for it, i in zip(items, ids) if redo or not is_done(out_dir, i)]
+    todo = [(it, i) for it, i in zip(items, ids)
+            if redo or not is_done(out_dir, i, input_identity(it.path) if hasattr(it, "path") else None)]
     for _, item_id in todo:
         retire_output(out_dir, item_id)
     skipped = len(items) - len(todo)

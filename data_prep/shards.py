@@ -351,6 +351,16 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def input_identity(path: str) -> dict:
+    """What says a slide file is the one a finished item was made from: its name and size (not
+    its folder or mtime, so moving or copying a cohort does not redo it)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    return {"name": os.path.basename(os.path.normpath(path)), "bytes": size}
+
+
 def shard_status_path(path: str) -> str:
     """OUT/status/<slide_id>.json of a shard OUT/<kind>/<slide_id>.array_record."""
     out = os.path.dirname(os.path.dirname(os.path.abspath(path)))

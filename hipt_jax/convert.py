@@ -33,7 +33,8 @@ def to_orbax(src: str, dst: str, which: str = "teacher", arch: str = "auto", kee
     with atomic_path(dst) as tmp:  # a full disk leaves no half-written checkpoint directory
         checkpoint.save(tmp, variables["params"], "vit", config, meta=meta, head=head)
     n_params = sum(int(np.prod(np.shape(a))) for a in torch_io.variables_to_reference(variables).values())
-    return {"arch": config.arch, "params": n_params, "head": head is not None, "dst": os.path.abspath(dst)}
+    return {"arch": config.arch, "params": n_params, "head": head is not None, "dst": os.path.abspath(dst),
+            "cast_from": layout.get("cast_from", [])}
 
 
 def to_torch(src: str, dst: str) -> dict:

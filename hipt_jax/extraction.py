@@ -367,8 +367,24 @@ def _intact(bag: str) -> bool:
         return False
 
 
+def _unchanged(slide_id: str, bag: str, source: dict) -> bool:
+    """False (and a line on stderr) when a finished bag was made from other input than the
+    slide's input now (a region shard redone by hipt-prep, another slide under the same id);
+    bags without a record (made before it was kept) count as unchanged."""
+    recorded = bags.read_source(bag)
+    if recorded is None or recorded == source:
+        return True
+    print(f"hipt-extract: redoing {slide_id}: its input changed since {bag} was made "
+          f"({recorded} -> {source})", file=sys.stderr)
+    for stale in (bag, bags.checksum_path(bag), bag + bags.SOURCE_EXT):  # never left to be read
+        if os.path.exists(stale):
+            os.remove(stale)
+    return False
+
+
 def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor: Extractor,
-                    fmt: str, store_dtype: str, params: dict, show_progress: bool) -> dict:
+                    fmt: str, store_dtype: str, params: dict, show_progress: bool,
+                    source_of: Callable[[str], dict] = lambda slide_id: {}) -> dict:
     """The per-slide loop shared by the shard path and the direct path.
 
     ``embed_one(slide_id, progress) -> (arrays, coordinate attributes)`` embeds one slide. In a
@@ -381,7 +397,9 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
 
     os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)
     mine = slide_ids[jax.process_index()::jax.process_count()]
-    done = {s: p for s, p in bags.list_bags(out_dir).items() if _intact(p)}  # damaged bags are redone
+    # Damaged bags and bags made from other input are redone.
+    done = {s: p for s, p in bags.list_bags(out_dir).items()
+            if s in set(mine) and _intact(p) and _unchanged(s, p, source_of(s))}
     status: dict[str, dict] = {s: {"status": "done"} for s in mine if s in done}
     n_regions = 0
     t0 = time.time()
@@ -391,7 +409,8 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
         try:
             arrays, attrs = embed_one(slide_id, bar)
             arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
-            bags.write_bag(out_dir, slide_id, arrays, fmt, attrs=attrs)
+            source = source_of(slide_id)
+            bags.write_source(bags.write_bag(out_dir, slide_id, arrays, fmt, attrs=attrs), source)
         except (ValueError, SlideError) as e:  # ExtractError, ShardError, BagError, bad pixels:
             status[slide_id] = {"status": "failed", "error": str(e)}  # the slide fails, the run goes on
             continue
@@ -449,9 +468,18 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
         return extractor.embed_slide_bag(region_shards[slide_id],
                                          _existing_feature_shard(features_dir, slide_id), bar)
 
+    def source_of(slide_id):  # the shard's checksum as hipt-prep recorded it (no re-hash)
+        path = region_shards[slide_id]
+        try:
+            with open(shards.shard_status_path(path)) as f:
+                sha = json.load(f).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            sha = None
+        return {"shard": os.path.basename(path), "sha256": sha or f"{os.path.getsize(path)} bytes"}
+
     return _extract_slides(out_dir, list(region_shards), embed_one, extractor=extractor, fmt=fmt,
                            store_dtype=store_dtype, params=dict(params or {}),
-                           show_progress=show_progress)
+                           show_progress=show_progress, source_of=source_of)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +543,13 @@ def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region
                            f"{path}; give matching --size/--target-mpp")
     if len(coords_file.coords) == 0:
         raise ExtractError(f"{coords_file.path}: no coordinates")
+    width, height = slide.dimensions
+    xy = np.asarray(coords_file.coords)
+    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
+    if outside.any():
+        raise ExtractError(f"{coords_file.path}: {int(outside.sum())} of {len(xy)} regions start outside "
+                           f"{path} ({width} x {height} level-0 px; e.g. {tuple(int(v) for v in xy[outside][0])}): "
+                           "coordinates made for another slide?")
     return geom, mpp, source
 
 
@@ -567,6 +602,10 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
                  "name": slide_id, "mpp": float(geom.mpp)}
         return arrays, attrs
 
+    def source_of(slide_id):  # the slide file and its coordinate file
+        coords_sha = shards.file_sha256(files[slide_id]) if slide_id in files else None
+        return {"slide": shards.input_identity(slides[slide_id]), "coords_sha256": coords_sha}
+
     return _extract_slides(out_dir, sorted(slides), embed_one, extractor=extractor, fmt=fmt,
                            store_dtype=store_dtype, params=dict(params or {}, direct=True),
-                           show_progress=show_progress)
+                           show_progress=show_progress, source_of=source_of)

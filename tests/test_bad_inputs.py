@@ -102,6 +102,20 @@ def test_config_fields_range_checked_and_unknown_ones_name_the_closest(module, a
     assert not workdir.exists()
 
 
+def test_finetune_splits_spec_takes_the_documented_val_form():
+    """kfold:K:val=F (README, patient-level protocol) is accepted; K < 2, a val fraction >= 1
+    or junk is refused before any work. Plant: the old check (everything after "kfold:" must
+    be an integer) -> kfold:3:val=0.3 refused, fails."""
+    from hipt_jax.cli.finetune import check_splits_spec
+    from hipt_jax.cli.flags import UsageError
+
+    for good in ("kfold:3", "kfold:3:val=0.3", "splits/brca"):
+        check_splits_spec(good)
+    for bad, needle in (("kfold:1", "K >= 2"), ("kfold:3:val=1.5", "val fraction"), ("kfold:x", "kfold:K")):
+        with pytest.raises(UsageError, match=needle):
+            check_splits_spec(bad)
+
+
 def test_closest_config_field_is_named_even_when_far_off():
     """Plant: difflib cutoff left at its default 0.6 (no suggestion for a far-off name)."""
     from configs.lgp_subtyping import get_config

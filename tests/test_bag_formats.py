@@ -135,6 +135,14 @@ def test_trident_h5_folder_is_read_by_hipt_knn(tmp_path, capsys):
     os.rename(tmp_path / "r384.h5", folder / "zz.h5")
     with pytest.raises(bags.BagError, match="zz.h5: slide embedding has width 384"):
         bags.read_slide_embeddings(str(folder))
+    # The odd bag is named even when it sorts first (plant: compare with the first bag read).
+    os.rename(folder / "zz.h5", folder / "000.h5")
+    with pytest.raises(bags.BagError, match="000.h5: slide embedding has width 384 but 20 of the 21 bags"):
+        bags.read_slide_embeddings(str(folder))
+    # A 1-D features dataset is a named error, not an IndexError (plant: no ndim check).
+    _trident_h5(str(tmp_path / "flat.h5"), rng.normal(size=(7,)).astype(np.float32), rng)
+    with pytest.raises(bags.BagError, match="flat.h5: .* has shape \\(7,\\)"):
+        bags.read_slide_embedding(str(tmp_path / "flat.h5"))
 
 
 def test_official_pt_bags_train_lgp_and_feed_stage2(tmp_path):
@@ -163,6 +171,15 @@ def test_official_pt_bags_train_lgp_and_feed_stage2(tmp_path):
     variables = finetune._init_variables(model, c, seed=0, grid=finetune._bag_shape(c, coh.slide_ids)[0])
     items, _, info = finetune.load_items(c, coh, model, variables)
     assert info["n_slides"] == 6 and items[0].inputs.shape[1:] == (192,)  # frozen ViT-4K ran on them
+    assert info["instance_shape"] == [4, 384]
+    # A bag of another region size (3x3 patches) in the cohort fails alone, named (plant: no
+    # instance-shape check -> it is encoded with the others, n_slides 6).
+    odd = folder / "s05.pt"
+    torch.save(torch.zeros(2, 9, 384), odd)
+    failed = {}
+    _, _, odd_info = finetune.load_items(c, coh, model, variables, failed)
+    assert odd_info["n_slides"] == 5 and "s05.pt: instances (9, 384) while the cohort's first bag" in failed["s05"]
+    torch.save(torch.from_numpy(sample(classes[5], (2, 4, 384))), odd)
     trainer = LGPTrainer(model, TrainConfig(epochs=1))
     params = trainer.fit(variables, items, desc=None)
     assert not np.array_equal(params["classifier"]["kernel"], variables["params"]["classifier"]["kernel"])

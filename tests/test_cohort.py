@@ -27,6 +27,36 @@ def test_labels_csv_errors_name_the_file(tmp_path):
         cohort.read_labels_csv(dup)
 
 
+def test_labels_csv_refuses_two_outcomes_for_one_patient_and_flags_case_clashes(tmp_path, capsys):
+    """Plants: no outcome check (the first row's survival silently wins) -> no error, fails;
+    no case-clash warning ('idc' next to 'IDC' became a third class unannounced) -> fails."""
+    rows = [{"slide_id": "a", "label": "IDC", "case_id": "p1", "survival_months": "110.3", "censorship": "0"},
+            {"slide_id": "b", "label": "IDC", "case_id": "p1", "survival_months": "20", "censorship": "1"}]
+    path = write_labels(str(tmp_path / "surv.csv"), rows)
+    with pytest.raises(cohort.CohortError, match=r"surv.csv: case 'p1' has survival 110.3/censored=0 on row 2 "
+                                                 r"but 20/censored=1 on row 3"):
+        cohort.read_labels_csv(path, require_survival=True)
+    labels = write_labels(str(tmp_path / "case.csv"), [
+        {"slide_id": "a", "label": "IDC"}, {"slide_id": "b", "label": "idc"}, {"slide_id": "c", "label": "ILC"}])
+    coh = cohort.read_labels_csv(labels)
+    assert coh.class_names == ["IDC", "ILC", "idc"]
+    assert "differ only by case: [['IDC', 'idc']]" in capsys.readouterr().err
+    cohort.read_labels_csv(labels, classes=["IDC", "ILC"])  # an explicit class list: no warning
+    assert "differ only by case" not in capsys.readouterr().err
+
+
+def test_generated_folds_without_case_ids_say_they_are_slide_level(tmp_path, capsys):
+    """Plant: no warning (a patient's slides split across train and test without a word) -> fails."""
+    rows = [{"slide_id": f"s{i}", "label": "AB"[i % 2]} for i in range(8)]
+    coh = cohort.read_labels_csv(write_labels(str(tmp_path / "l.csv"), rows))
+    cohort.plan_folds(coh, "kfold:2", coh.slide_ids, coh.labels)
+    assert "l.csv: no case_id column, so the generated folds are slide-level" in capsys.readouterr().err
+    rows = [dict(r, case_id=f"p{i}") for i, r in enumerate(rows)]
+    coh = cohort.read_labels_csv(write_labels(str(tmp_path / "c.csv"), rows))
+    cohort.plan_folds(coh, "kfold:2", coh.slide_ids, coh.labels)
+    assert "slide-level" not in capsys.readouterr().err
+
+
 def test_clam_split_files_with_uneven_columns_and_leak_check(tmp_path):
     (tmp_path / "splits_0.csv").write_text(",train,val,test\n0,a,b,c\n1,d,,e\n2,f,,\n")
     (tmp_path / "splits_1.csv").write_text(",train,val,test\n0,c,e,a\n")

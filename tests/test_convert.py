@@ -188,6 +188,51 @@ def test_other_bad_inputs(released, tmp_path, capsys):
     assert_one_line_error(code, err, "no arch.json")
 
 
+def test_what_trainers_save_converts_and_what_cannot_work_is_named(released, tmp_path, capsys):
+    """Low-precision and fp64 weights are stored as fp32 and said; wrapper prefixes
+    (torch.compile's "_orig_mod.", nested "module.", Lightning's "model.") and containers are
+    stripped; NaN weights, a partial DINO head and a pickled nn.Module are one-line errors.
+    Plants: .numpy() on the raw tensor (bfloat16: TypeError traceback), no finite check (NaN
+    converted, exit 0), no head check (a one-layer head written, exit 0)."""
+    teacher = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    want = checkpoint.load_backbone(released["vit4k"])[0]["params"]["phi"]["dense"]["kernel"]
+
+    torch.save({k: v.to(torch.bfloat16) for k, v in backbone.items()}, tmp_path / "bf16.pth")
+    code, out, err = run_cli(capsys, tmp_path / "bf16.pth", tmp_path / "bf16")
+    assert code == 0 and "stored as float32; the file held bfloat16" in out, err
+    got = checkpoint.load(str(tmp_path / "bf16")).params["phi"]["dense"]["kernel"]
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-2 * np.abs(want).max()
+
+    wrapped = {"state_dict": {f"model.module._orig_mod.{k}": v for k, v in backbone.items()}}
+    torch.save(wrapped, tmp_path / "lightning.pth")
+    code, _, err = run_cli(capsys, tmp_path / "lightning.pth", tmp_path / "lightning")
+    assert code == 0, err
+    np.testing.assert_array_equal(checkpoint.load(str(tmp_path / "lightning")).params["phi"]["dense"]["kernel"], want)
+
+    nan = dict(backbone)
+    nan["blocks.1.attn.qkv.weight"] = nan["blocks.1.attn.qkv.weight"].clone()
+    nan["blocks.1.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pth")
+    assert_one_line_error(*run_cli(capsys, tmp_path / "nan.pth", tmp_path / "nan")[::2],
+                          "nan.pth: non-finite values (NaN/Inf) in blocks.1.attn.qkv.weight")
+
+    partial = {k: v for k, v in teacher.items() if not k.startswith("head.") or k.startswith("head.mlp.0.")}
+    torch.save({"teacher": partial}, tmp_path / "head.pth")
+    assert_one_line_error(*run_cli(capsys, tmp_path / "head.pth", tmp_path / "head", "--keep-head")[::2],
+                          "not a valid DINO head: missing head.mlp.2.weight")
+    short = dict(teacher, **{"head.mlp.2.weight": teacher["head.mlp.2.weight"][:7]})
+    torch.save({"teacher": short}, tmp_path / "short.pth")
+    assert_one_line_error(*run_cli(capsys, tmp_path / "short.pth", tmp_path / "short", "--keep-head")[::2],
+                          "head.mlp.2.weight has shape (7,")
+
+    module = ref.VisionTransformer4K() if hasattr(ref, "VisionTransformer4K") else torch.nn.Linear(2, 2)
+    torch.save(module, tmp_path / "module.pth")
+    assert_one_line_error(*run_cli(capsys, tmp_path / "module.pth", tmp_path / "module")[::2],
+                          "holds pickled Python objects", "save model.state_dict()")
+    assert not any((tmp_path / d).exists() for d in ("nan", "head", "short", "module"))
+
+
 def test_entry_point_exits_nonzero_without_traceback(tmp_path):
     (tmp_path / "weights.pth").write_text("hello")
     proc = subprocess.run([sys.executable, "-m", "hipt_jax.cli.convert", str(tmp_path / "weights.pth"),

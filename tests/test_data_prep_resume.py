@@ -98,3 +98,36 @@ def test_sigkill_and_resume_gives_identical_records(slides_dir, tmp_path):
     keys = [(r["slide_id"], r["x"], r["y"]) for r in (src.raw(i) for i in range(len(src)))]
     assert len(keys) == len(set(keys)) == m["n_records"]
     assert list(iter_records(os.path.join(out, "regions", "slide0.array_record")))[0]["slide_id"] == "slide0"
+
+
+def test_rerun_redoes_a_replaced_slide_and_a_truncated_shard(slides_dir, tmp_path, capsys):
+    """A finished slide is skipped on rerun only while its shard is whole and its id still names
+    the same slide file. Plant: the old is_done (status says done and the shard exists) -> the
+    replaced slide and the truncated shard are both skipped, fails."""
+    import shutil
+
+    from data_prep.runner import prepare_regions
+
+    folder, out = tmp_path / "slides", str(tmp_path / "out")
+    folder.mkdir()
+    a, b = os.path.join(slides_dir, "slide0.svs"), os.path.join(slides_dir, "slide1.svs")
+    assert os.path.getsize(a) != os.path.getsize(b)  # else "replaced" would not be visible
+    shutil.copy(a, folder / "s.svs")
+    prepare_regions(str(folder), out, region_px=int(REGION))
+    shard, status = os.path.join(out, "regions", "s.array_record"), os.path.join(out, "status", "s.json")
+    first = open(shard, "rb").read()
+
+    prepare_regions(str(folder), out, region_px=int(REGION))  # unchanged: skipped
+    assert "redoing" not in capsys.readouterr().err and open(shard, "rb").read() == first
+
+    shutil.copy(b, folder / "s.svs")  # same id, another slide
+    prepare_regions(str(folder), out, region_px=int(REGION))
+    assert "its output was made from" in capsys.readouterr().err
+    assert json.load(open(status))["source"]["bytes"] == os.path.getsize(b)
+    assert open(shard, "rb").read() != first
+
+    with open(shard, "r+b") as f:  # a shard cut short after it was finished
+        f.truncate(os.path.getsize(shard) // 2)
+    m = prepare_regions(str(folder), out, region_px=int(REGION))
+    assert "truncated or replaced" in capsys.readouterr().err
+    assert os.path.getsize(shard) == json.load(open(status))["shard_bytes"] and m["counts"] == {"done": 1}

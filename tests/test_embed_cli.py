@@ -60,6 +60,39 @@ def test_slide_region(setup, tmp_path, capsys):
     want = model(region, return_attention=True)
     np.testing.assert_allclose(saved["features_cls4k"], want["features_cls4k"], atol=1e-6, rtol=0)
     assert saved["attention256"].shape == (4, 6, 256) and saved["attention4k"].shape == (6, 4)
+    # A region past the slide's edge would be all white padding (plant: no bounds check).
+    code, _, err = run(capsys, "--vit256", d / "vit256", "--vit4k", d / "vit4k", "--slide", slide_path,
+                       "--x", 4096, "--y", 0, "--size", 512, "--out", tmp_path / "w.npz")
+    assert code == 2 and "(--x 4096, --y 0) is outside the slide (2048 x 2048 level-0 px)" in err
+
+
+def test_image_files_are_read_as_a_viewer_shows_them(tmp_path, capsys):
+    """16-bit and float images are refused (PIL's convert("RGB") clips them to near-white);
+    transparency is composited over white, EXIF orientation applied, and each conversion said.
+    Plants: the old read (convert("RGB") only) -> the 16-bit image reads, alpha is dropped
+    (black), the rotated JPEG keeps its stored size: fails."""
+    from hipt_jax.cli.flags import UsageError, read_image
+
+    Image.fromarray(np.full((300, 300), 4000, np.uint16)).save(tmp_path / "g16.png")
+    with pytest.raises(UsageError, match="g16.png: I;16 image \\(not 8-bit\\)"):
+        read_image(str(tmp_path / "g16.png"))
+    with pytest.raises(UsageError, match="is a directory"):
+        read_image(str(tmp_path))
+    rgba = np.zeros((300, 300, 4), np.uint8)
+    rgba[:, :150] = (200, 50, 100, 255)  # left half opaque, right half fully transparent
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    got = read_image(str(tmp_path / "a.png"))
+    assert (got[:, 150:] == 255).all() and (got[:, :150] == (200, 50, 100)).all()
+    assert "RGBA -> RGB: alpha composited over white" in capsys.readouterr().err
+    im = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees
+    im.save(tmp_path / "r.jpg", exif=exif)
+    assert read_image(str(tmp_path / "r.jpg")).shape == (400, 300, 3)
+    assert "EXIF orientation 6" in capsys.readouterr().err
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / "plain.png")
+    read_image(str(tmp_path / "plain.png"))
+    assert capsys.readouterr().err == ""  # plain 8-bit RGB: nothing to say
 
 
 def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):

@@ -58,6 +58,33 @@ def test_extract_matches_region_model_and_resumes(model, cohort, tmp_path):
     assert not [f for f in os.listdir(os.path.join(out, "slides")) if ".tmp-" in f]
 
 
+def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, capsys):
+    """hipt-prep redid a slide's shard (new regions, new checksum in its status): the bag made
+    from the old shard is not "done". Plant: done = any intact bag -> the stale bag is kept
+    (0 regions embedded, old features), fails."""
+    import shutil
+
+    prep_src, rows = cohort
+    prep = str(tmp_path / "prep")
+    shutil.copytree(prep_src, prep)
+    os.makedirs(os.path.join(prep, "status"), exist_ok=True)
+    for r in rows:  # the checksums hipt-prep records in each slide's status
+        shard = os.path.join(prep, "regions", r["slide_id"] + ".array_record")
+        with open(shards.shard_status_path(shard), "w") as f:
+            json.dump({"status": "done", "sha256": shards.file_sha256(shard)}, f)
+    out = str(tmp_path / "emb")
+    extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    sid, other = rows[0]["slide_id"], rows[-1]["slide_id"]
+    for sub, ext in (("regions", ".array_record"), ("status", ".json")):  # as a --redo would leave it
+        shutil.copy(os.path.join(prep, sub, other + ext), os.path.join(prep, sub, sid + ext))
+    capsys.readouterr()
+    again = extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    assert f"redoing {sid}: its input changed" in capsys.readouterr().err
+    want = bags.read_bag(out, other)["features_cls4k"]
+    assert again["run"]["regions"] == len(want)
+    np.testing.assert_allclose(bags.read_bag(out, sid)["features_cls4k"], want, atol=1e-5)
+
+
 def test_precomputed_feature_shards_are_reused(model, cohort, tmp_path):
     prep, rows = cohort
     sid = rows[-1]["slide_id"]

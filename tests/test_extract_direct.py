@@ -105,3 +105,15 @@ def test_trident_and_clam_coordinates(model, extractor, prepared, tmp_path, caps
     assert _direct(model, extractor, slides, str(tmp_path / "clam"), str(tmp_path / "e3"))["slides"][SID]["status"] == "done"
     a, b = (bags.read_bag(str(tmp_path / e), SID) for e in ("e1", "e3"))
     np.testing.assert_allclose(a["features_cls4k"], b["features_cls4k"], atol=1e-6)
+
+
+def test_coordinates_outside_the_slide_fail_it(model, extractor, prepared, tmp_path):
+    """Coordinates made for a larger slide would embed white padding as tissue. Plant: no
+    bounds check -> the slide is "done", fails."""
+    root, slides, _ = prepared
+    ours = read_coords(str(root / "prep" / "coords" / f"{SID}_patches.h5")).coords[:2]
+    width, height = open_slide(REAL_SLIDE).dimensions
+    off = np.asarray([ours[0], (width + 10, 0)], np.int64)
+    _trident_file(str(tmp_path / "t" / "job" / "patches" / f"{SID}_patches.h5"), off, SIZE)
+    result = _direct(model, extractor, slides, str(tmp_path / "t"), str(tmp_path / "e"))["slides"][SID]
+    assert result["status"] == "failed" and f"1 of 2 regions start outside {REAL_SLIDE}" in result["error"]

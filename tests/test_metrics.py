@@ -63,3 +63,20 @@ def test_cindex_perfect_and_reversed():
     events = np.ones(10, bool)
     assert metrics.concordance_index(times, events, -times) == 1.0
     assert metrics.concordance_index(times, events, times) == 0.0
+
+
+def test_fold_summary_says_when_folds_have_no_value():
+    """A fold whose test part holds one class has no AUC: the mean is over the other folds, and
+    that is said (stderr line naming the fold; "n of K folds" in the table cell). Plant: the old
+    silent NaN drop (no warning, no n/of) -> fails."""
+    import io
+
+    from hipt_jax.evaluation.metrics import fold_summary, format_mean_std
+
+    err = io.StringIO()
+    s = fold_summary([0.8, float("nan"), 0.6], "test auc", warn_to=err)
+    assert (s["n"], s["of"]) == (2, 3) and abs(s["mean"] - 0.7) < 1e-12
+    assert "fold(s) [1]" in err.getvalue() and "2 of 3 folds" in err.getvalue()
+    assert format_mean_std(s).endswith("(2 of 3 folds)")
+    full = fold_summary([0.8, 0.6], warn_to=err)
+    assert "folds" not in format_mean_std(full) and err.getvalue().count("\n") == 1

@@ -12,6 +12,7 @@ import pytest
 from configs import lgp_subtyping
 from data_prep import bags
 from hipt_jax.finetune import main as finetune
+from hipt_jax.finetune import predict
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig
 from hipt_jax.models import mil
 from tests.synthetic_cohort import write_labels
@@ -181,6 +182,36 @@ def test_finetune_with_val_reports_selection_and_predict_reproduces_fold_test(co
     att = np.load(os.path.join(str(tmp_path / "preds_attention"), "slide_0000.npz"))
     assert att["attention"].shape[0] == 2 and np.allclose(att["attention"].sum(1), 1, atol=1e-5)
     assert predict_cli.main(["--run", str(tmp_path / "nope"), "--embeddings", emb, "--out", out]) == 2
+    _predict_refuses_what_it_cannot_score(run, emb, tmp_path, predict_cli)
+
+
+def _predict_refuses_what_it_cannot_score(run, emb, tmp_path, predict_cli):
+    """Non-finite, empty and foreign-width bags fail one by one (named, left out of the CSV, exit
+    1) and the good slide is still scored; a run whose class names do not match its model is
+    refused. Plants: no finite check (NaN probabilities, ensemble_pred the first class, exit 0);
+    no instance-shape check / no per-slide catch (a traceback ends the run); the old silent
+    fallback to class indices."""
+    new = str(tmp_path / "new")
+    good = bags.read_bag(emb, "slide_0000")
+    nan = dict(good, features_cls4k=np.where(np.arange(192) == 3, np.nan, good["features_cls4k"]))
+    wide = dict(good, features_cls4k=good["features_cls4k"][:, :128])
+    empty = {k: v[:0] if k != "slide_embedding" else v for k, v in good.items()}
+    for sid, arrays in (("a_good", good), ("b_nan", nan), ("c_wide", wide), ("d_empty", empty)):
+        bags.write_bag(new, sid, arrays)
+    assert json.load(open(os.path.join(run, "results.json")))["info"]["instance_shape"] == [192]
+    out = str(tmp_path / "new.csv")
+    assert predict_cli.main(["--run", run, "--embeddings", new, "--out", out, "--no-progress"]) == 1
+    assert [r["slide_id"] for r in csv.DictReader(open(out))] == ["a_good"]
+    res = predict.predict_run(run, new, str(tmp_path / "again.csv"), show_progress=False)
+    failed = res["failed_slides"]
+    assert "non-finite value(s) (NaN/Inf) in features_cls4k" in failed["b_nan"]
+    assert "instances (128,), but this run was trained on (192,)" in failed["c_wide"]
+    assert "has no regions" in failed["d_empty"]
+    info = json.load(open(os.path.join(run, "results.json")))
+    info["class_names"] = ["IDC", "ILC", "MIXED"]
+    json.dump(info, open(os.path.join(run, "results.json"), "w"))
+    with pytest.raises(finetune.FinetuneError, match="3 class names .* for a 2-class model"):
+        predict.predict_run(run, new, str(tmp_path / "x.csv"), show_progress=False)
 
 
 def test_baseline_survival_learns_class_dependent_times(cohort, tmp_path):

@@ -46,7 +46,8 @@ def _run(args) -> int:
     else:
         info = to_orbax(args.src, args.dst, which=args.which, arch=args.arch, keep_head=args.keep_head)
         head = " + DINO head" if info["head"] else ""
-        print(f"wrote {info['dst']}: {info['arch']} {args.which} backbone, {info['params']:,} parameters{head}")
+        cast = f" (stored as float32; the file held {'/'.join(info['cast_from'])})" if info["cast_from"] else ""
+        print(f"wrote {info['dst']}: {info['arch']} {args.which} backbone, {info['params']:,} parameters{head}{cast}")
     return flags.EXIT_OK
 
 

@@ -26,6 +26,22 @@ CONFIG_RANGES = {
 }
 
 
+def check_splits_spec(splits: str) -> None:
+    """A ``kfold:K[:val=F]`` spec must be well formed before any work (a split folder is
+    checked when it is read)."""
+    if not splits.startswith("kfold:"):
+        return
+    from hipt_jax.evaluation.cohort import CohortError, parse_kfold
+
+    try:
+        kfold = parse_kfold(splits)
+    except CohortError as e:
+        raise flags.UsageError(f"config.data.splits={e}") from None
+    if kfold is None or kfold[0] < 2:
+        raise flags.UsageError(f"config.data.splits={splits!r}: expected kfold:K or kfold:K:val=F "
+                               "with an integer K >= 2 and 0 <= F < 1")
+
+
 def _run() -> int:
     from absl import flags as absl_flags
     from absl import logging
@@ -35,9 +51,7 @@ def _run() -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "compute_dtype"})
     flags.check_config(config, CONFIG_RANGES)
-    splits = str(config.data.splits)
-    if splits.startswith("kfold:"):
-        flags.check_config({"data": {"splits": splits[len("kfold:"):]}}, {"data.splits": _I(2)})
+    check_splits_spec(str(config.data.splits))
     if not absl_flags.FLAGS.workdir:
         raise flags.UsageError("--workdir is required")
     flags.check_output_dir(absl_flags.FLAGS.workdir)

@@ -542,17 +542,50 @@ def load_hipt4k(args, *, need_vit4k: bool = False):
     return HIPT4K.from_checkpoints(vit256=args.vit256, vit4k=args.vit4k, **kwargs)
 
 
-def read_image(path: str):
-    """An RGB image file -> uint8 [H,W,3] (alpha dropped, grayscale expanded)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+# PIL modes that hold 8-bit colour or grey, and what becoming RGB does to them.
+_EIGHT_BIT_MODES = {"RGB": None, "L": "grayscale, copied to R, G and B", "P": "palette colours",
+                    "RGBA": "alpha composited over white", "LA": "alpha composited over white",
+                    "PA": "alpha composited over white", "CMYK": "CMYK converted", "YCbCr": "YCbCr converted",
+                    "1": "1-bit, black and white", "RGBX": None}
 
+
+def read_image(path: str):
+    """An 8-bit image file -> uint8 [H,W,3] RGB, as a viewer shows it: EXIF orientation applied,
+    transparency composited over white (a slide's background), grey expanded. Every conversion is
+    said on stderr; 16-bit, 32-bit and float images are refused (rescaling them to 8 bits is a
+    choice the user has to make: an H&E model expects 8-bit RGB)."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory; --image takes one image file")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
     Image.MAX_IMAGE_PIXELS = None  # regions are large on purpose; the size check is ours
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            notes = []
+            if getattr(im, "n_frames", 1) > 1:
+                notes.append(f"first of its {im.n_frames} pages/frames")
+            if im.mode not in _EIGHT_BIT_MODES:
+                raise UsageError(f"{path}: {im.mode} image (not 8-bit); convert it to 8-bit RGB first")
+            orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation; 1 = upright
+            upright = ImageOps.exif_transpose(im) if orientation not in (0, 1) else im
+            if orientation not in (0, 1):
+                notes.append(f"rotated/flipped by its EXIF orientation {orientation}")
+            if _EIGHT_BIT_MODES[upright.mode]:
+                notes.append(f"{upright.mode} -> RGB: {_EIGHT_BIT_MODES[upright.mode]}")
+            if upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P" and "transparency" in upright.info):
+                rgba = upright.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                rgb = Image.alpha_composite(white, rgba).convert("RGB")
+            else:
+                rgb = upright.convert("RGB")
+            if notes:
+                print(f"{path}: {'; '.join(notes)}", file=sys.stderr)
+            return np.asarray(rgb)
+    except UsageError:
+        raise
     except UnidentifiedImageError:
         raise UsageError(f"{path}: not an image file PIL can read") from None
     except (OSError, ValueError) as e:
@@ -570,7 +603,12 @@ def read_region(args):
 
         if args.x is None or args.y is None:
             raise UsageError("--slide needs --x and --y (level-0 top-left of the region)")
-        region = read_region_at_mpp(open_slide(args.slide), args.x, args.y, size_px=args.size,
+        slide = open_slide(args.slide)
+        width, height = slide.dimensions
+        if args.x >= width or args.y >= height:  # it would read nothing but white padding
+            raise UsageError(f"{args.slide}: (--x {args.x}, --y {args.y}) is outside the slide "
+                             f"({width} x {height} level-0 px)")
+        region = read_region_at_mpp(slide, args.x, args.y, size_px=args.size,
                                     target_mpp=args.target_mpp, assume_mpp=args.assume_mpp)
     if min(region.shape[:2]) < 256:
         raise UsageError(f"{args.image or args.slide}: region is {region.shape[0]}x{region.shape[1]} px; "

@@ -3,8 +3,9 @@
     hipt-predict --run WORKDIR --embeddings EMB --out preds.csv
 
 What it writes: hipt_jax.finetune.predict (per-fold and ensemble class probabilities or risk per
-slide, attention over regions in OUT_attention/). Exit codes: 0 ok, 1 some slides' feature
-files could not be read (named on stderr, left out of the CSV), 2 bad usage or input.
+slide, attention over regions in OUT_attention/). Exit codes: 0 ok, 1 some slides could not be
+scored (unreadable, empty or non-finite bags, or bags unlike the ones the run was trained on: named
+on stderr, left out of the CSV), 2 bad usage or input.
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ import io
 import math
 import os
 import re
+import sys
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -205,6 +206,17 @@ def _survival(rows, path: str, lines: list[int]) -> tuple[np.ndarray, np.ndarray
     return np.array(times, np.float64), np.array(censored, bool)
 
 
+def _check_one_outcome_per_case(path: str, cases: list[str], times, censored, lines: list[int]) -> None:
+    """A patient's slides share one survival outcome; rows that disagree are an error (which
+    row to believe is the user's call), named with their line numbers."""
+    first: dict[str, tuple] = {}
+    for case, t, c, n in zip(cases, times, censored, lines):
+        seen = first.setdefault(case, (float(t), bool(c), n))
+        if (seen[0], seen[1]) != (float(t), bool(c)):
+            raise CohortError(f"{path}: case {case!r} has survival {seen[0]:g}/censored={int(seen[1])} on row "
+                              f"{seen[2]} but {float(t):g}/censored={int(c)} on row {n}; one outcome per patient")
+
+
 def read_labels_csv(path: str, require_survival: bool = False, label_column: str = "label",
                     classes: Optional[Sequence[str]] = None,
                     case_insensitive: Optional[bool] = None) -> Cohort:
@@ -261,6 +273,17 @@ def read_labels_csv(path: str, require_survival: bool = False, label_column: str
             if require_survival:
                 raise
             times = censored = None  # a classification run ignores unusable survival columns
+    if times is not None and has_cases:
+        _check_one_outcome_per_case(path, [cases[i] for i in np.flatnonzero(keep)], times, censored,
+                                    [n for n, k in zip(lines, keep) if k])
+    if class_names and not classes:
+        folded: dict[str, list[str]] = {}
+        for name in class_names:
+            folded.setdefault(name.casefold(), []).append(name)
+        clashes = [names for names in folded.values() if len(names) > 1]
+        if clashes:
+            print(f"{path}: column {label_column!r} has classes that differ only by case: {clashes}; "
+                  "they are kept apart (give the class list to merge or choose)", file=sys.stderr)
     dropped_ids = {x for i, s, c in zip(range(len(ids)), ids, cases) if not keep[i] for x in (s, c)}
     sel = np.flatnonzero(keep)
     return Cohort([ids[i] for i in sel], labels[sel], class_names, [cases[i] for i in sel],
@@ -528,6 +551,10 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
     leaks: dict = {}
     if kf:
         grouped = coh.has_case_ids and unit == "slide"
+        if not coh.has_case_ids:
+            print(f"{coh.path or 'labels'}: no case_id column, so the generated folds are slide-level: "
+                  f"one patient's slides can land in both train and test (add case_id to keep them "
+                  "together)", file=sys.stderr)
         groups = [case_of_item[i] for i in items] if grouped else None
         folds = stratified_kfold(items, strata, kf[0], seed, groups)
         if kf[1]:

@@ -12,6 +12,7 @@ accuracy; then mean +/- std over folds as a table and a JSON file.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import numpy as np
@@ -64,9 +65,8 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
     for p in PROTOCOLS:
         summary[p] = {}
         for m in ("auc", "balanced_acc", "acc"):
-            vals = np.array([r[m] for r in rows[p] if r[m] == r[m]])
-            summary[p][m] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
-                             "std": float(vals.std()) if len(vals) else float("nan")}
+            summary[p][m] = metrics.fold_summary([r[m] for r in rows[p]], f"{p} {m}",
+                                                 warn_to=sys.stderr if p == PROTOCOLS[0] else None)
     return {"folds": rows, "summary": summary, "class_names": coh.class_names,
             "params": {"k_paper": k_paper, "k_dino": k_dino, "temperature": temperature, "fit_on": fit_on,
                        "label_fraction": label_fraction}}
@@ -95,7 +95,7 @@ def format_table(result: dict) -> str:
              "dino": f"DINO (k={result['params']['k_dino']}, cosine, T={result['params']['temperature']})"}
     for p in PROTOCOLS:
         s = result["summary"][p]
-        cells = [f"{s[m]['mean']:.4f} +/- {s[m]['std']:.4f}" for m in ("auc", "balanced_acc", "acc")]
+        cells = [metrics.format_mean_std(s[m]) for m in ("auc", "balanced_acc", "acc")]
         lines.append(f"| {names[p]} | " + " | ".join(cells) + f" | {len(result['folds'][p])} |")
     return "\n".join(lines)
 
@@ -148,7 +148,7 @@ def baseline_table(results: dict[str, dict]) -> str:
         dim = len(next(iter(result["_embeddings"].values()))) if "_embeddings" in result else ""
         for p in PROTOCOLS:
             s = result["summary"][p]
-            cells = [f"{s[m]['mean']:.4f} +/- {s[m]['std']:.4f}" for m in ("auc", "balanced_acc", "acc")]
+            cells = [metrics.format_mean_std(s[m]) for m in ("auc", "balanced_acc", "acc")]
             lines.append(f"| {name} | {dim} | {p} | " + " | ".join(cells) + f" | {len(result['folds'][p])} |")
     return "\n".join(lines)
 

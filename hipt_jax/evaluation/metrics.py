@@ -108,3 +108,28 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     out = np.zeros((n_classes, n_classes), np.int64)
     np.add.at(out, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
     return out
+
+
+def fold_summary(values, metric: str = "", warn_to=None) -> dict:
+    """Mean and std over folds of one metric, over the folds where it is defined: a fold whose
+    test part holds one class has no AUC (NaN). ``n`` counts the folds averaged, ``of`` all of
+    them; when some are left out, a line names them on ``warn_to`` (a file, e.g. sys.stderr),
+    so a mean over fewer folds is never read as the K-fold figure."""
+    values = [float(v) for v in values]
+    kept = np.array([v for v in values if np.isfinite(v)], np.float64)
+    if warn_to is not None and len(kept) < len(values):
+        dropped = [k for k, v in enumerate(values) if not np.isfinite(v)]
+        print(f"{metric or 'metric'}: undefined in fold(s) {dropped} (e.g. a test part with one "
+              f"class); the mean is over {len(kept)} of {len(values)} folds", file=warn_to)
+    return {"mean": float(kept.mean()) if len(kept) else float("nan"),
+            "std": float(kept.std()) if len(kept) else float("nan"),
+            "n": int(len(kept)), "of": len(values)}
+
+
+def format_mean_std(summary: dict) -> str:
+    """"0.8123 +/- 0.0456", with " (n of K folds)" when some folds had no value."""
+    text = f"{summary['mean']:.4f} +/- {summary['std']:.4f}"
+    if summary.get("n", summary.get("of")) != summary.get("of"):
+        text += f" ({summary['n']} of {summary['of']} folds)"
+    return text
+

@@ -40,6 +40,7 @@ import numpy as np
 from data_prep import bags
 from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
+from hipt_jax.evaluation import metrics
 from hipt_jax import provenance, workdir_lock
 from hipt_jax.outputs import atomic_path, write_json, write_text
 from hipt_jax.finetune import plots, reporting, survival
@@ -101,19 +102,30 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     file that cannot be read is skipped and recorded in ``failed`` (slide_id -> error).
     """
     emb = config.data.embeddings
+    name, level = _model_name(config), config.model.get("bag", "region")
     per_slide: dict[str, np.ndarray] = {}
     missing = []
+    first: Optional[tuple[str, tuple]] = None  # (bag path, instance shape) of the first good bag
     for sid in coh.slide_ids:
-        if cohort_lib.bag_file(emb, sid) is None:  # ids are names inside EMB/slides, never paths
+        path = cohort_lib.bag_file(emb, sid)
+        if path is None:  # ids are names inside EMB/slides, never paths
             missing.append(sid)
             continue
         try:
             bag = read_bag(emb, sid)
+            try:
+                shape = instance_shape(bag, name, level)
+            except BagError as e:
+                raise BagError(f"{path}: {e}") from None
+            if first is not None and shape != first[1]:
+                raise BagError(f"{path}: instances {shape} while the cohort's first bag ({first[0]}) has "
+                               f"{first[1]}: extracted with another region size or backbone")
         except BagError as e:
             if failed is None:
                 raise
             failed[sid] = str(e)
             continue
+        first = first or (path, shape)
         per_slide[sid] = bag_input(model, local_variables, bag, config.model.get("bag", "region"),
                                    config.train.buckets)
     if missing:
@@ -121,7 +133,7 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
               f"{missing[:5]}", file=sys.stderr)
     if not per_slide:
         raise FinetuneError(f"{emb}: none of the labelled slides were extracted")
-    info: dict[str, Any] = {"n_slides": len(per_slide)}
+    info: dict[str, Any] = {"n_slides": len(per_slide), "instance_shape": list(first[1])}
     if config.task == "subtyping":
         items = [Item(sid, per_slide[sid], int(lab))
                  for sid, lab in zip(coh.slide_ids, coh.labels) if sid in per_slide]
@@ -152,6 +164,18 @@ def bag_input(model, variables, bag: dict, level: str, buckets=lgp.DEFAULT_BUCKE
     if level == "region":
         return np.asarray(bag["features_cls4k"], np.float32)  # [M,192]
     return feats.reshape(-1, feats.shape[-1])  # [M,R*C,384] -> [M*R*C,384]
+
+
+def instance_shape(bag: dict, model_name: str, level: str) -> tuple[int, ...]:
+    """The shape of one instance a model reads from ``bag``: a region's ViT-256 grid [R*C, 384]
+    (HIPT-LGP), a region's CLS-4K [192] (region-level baselines) or a patch's [384] (patch-level
+    baselines). Bags of one cohort, and the slides a finished run scores, must agree on it."""
+    key = "features_cls4k" if model_name != "hipt_lgp" and level == "region" else "features_cls256"
+    if key not in bag:
+        raise BagError(f"bag has no {key}, which a {model_name} model on {level} bags reads "
+                       f"(it holds {', '.join(sorted(bag))})")
+    shape = tuple(bag[key].shape[1:])
+    return shape if key == "features_cls4k" or model_name == "hipt_lgp" else shape[1:]
 
 
 def _map_split_ids(folds, items: list[Item], coh: cohort_lib.Cohort, task: str):
@@ -242,12 +266,6 @@ def _save_checkpoint(path: str, params, model, task: str, config=None, in_featur
             checkpoint.save(tmp, params, "hipt_lgp", lgp.lgp_arch(model, task), meta=meta)
         else:
             checkpoint.save(tmp, params, "mil", _mil_arch(config, model.n_classes, in_features), meta=meta)
-
-
-def _summary(values: list[float]) -> dict:
-    arr = np.array([v for v in values if v == v], np.float64)  # drop NaN folds
-    return {"mean": float(arr.mean()) if len(arr) else float("nan"),
-            "std": float(arr.std()) if len(arr) else float("nan")}
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
@@ -393,7 +411,8 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
                   f"epoch {evaluated['epoch']})", flush=True)
         fold_results.append(result)
     names = list(fold_results[0]["test"])
-    summary = {m: _summary([r["test"][m] for r in fold_results]) for m in names}
+    summary = {m: metrics.fold_summary([r["test"][m] for r in fold_results], f"test {m}", sys.stderr)
+               for m in names}
     results = {"task": config.task, "model": _model_name(config), "n_items": len(items), "info": info,
                "class_names": coh.class_names,
                "folds": [{"fold": r["fold"], **r["test"],
@@ -441,6 +460,5 @@ def format_table(rows: list[dict], names: list[str], summary: dict) -> str:
     lines = ["| fold | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for r in rows:
         lines.append(f"| {r['fold']} | " + " | ".join(f"{r[m]:.4f}" for m in names) + " |")
-    lines.append("| mean +/- std | " + " | ".join(
-        f"{summary[m]['mean']:.4f} +/- {summary[m]['std']:.4f}" for m in names) + " |")
+    lines.append("| mean +/- std | " + " | ".join(metrics.format_mean_std(summary[m]) for m in names) + " |")
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data_prep import bags
 from data_prep.bags import BagError
 from hipt_jax.finetune import survival
-from hipt_jax.finetune.main import FinetuneError, bag_input
+from hipt_jax.finetune.main import FinetuneError, bag_input, instance_shape
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig
 from hipt_jax.models import checkpoint
 from hipt_jax.outputs import atomic_path
@@ -63,6 +63,7 @@ class FoldModel:
     def __init__(self, path: str, task: str, buckets):
         loaded = checkpoint.load(path)
         self.module, self.params = loaded.module(), loaded.params
+        self.n_outputs = loaded.config.get("n_classes")
         self.level = loaded.config.get("bag", "region") if loaded.kind == "mil" else "region"
         self.trainer = LGPTrainer(self.module, TrainConfig(task=task, buckets=tuple(buckets)))
 
@@ -81,6 +82,10 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
     task, class_names = info.get("task"), info.get("class_names") or []
     buckets = info.get("config", {}).get("train", {}).get("buckets") or (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
     folds = [FoldModel(os.path.join(d, "checkpoint"), task, buckets) for d in _fold_dirs(run_dir)]
+    if task != "survival" and class_names and folds[0].n_outputs not in (None, len(class_names)):
+        raise FinetuneError(f"{os.path.join(run_dir, 'results.json')}: {len(class_names)} class names "
+                            f"{class_names} for a {folds[0].n_outputs}-class model")
+    expected = (info.get("info") or {}).get("instance_shape")  # absent in runs before it was recorded
     available = bags.list_bags(embeddings)
     if not available:
         raise FinetuneError(f"{embeddings}: no extracted slides (expected hipt-extract output with slides/)")
@@ -91,11 +96,11 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
     for sid in tqdm(ids, desc="predict", disable=not show_progress, dynamic_ncols=True):
         try:
             bag = bags.read_bag(embeddings, sid)
+            scores = _score(folds, sid, bag, available[sid], info.get("model"), expected)
         except BagError as e:
             failed[sid] = str(e)
             print(f"hipt-predict: {e}", file=sys.stderr)
             continue
-        scores = [f.score(sid, bag) for f in folds]
         logits = np.stack([s[0] for s in scores])  # [folds,K]
         attention = np.stack([s[1] for s in scores])  # [folds,M] or [folds,M*R*C]
         m = len(bag["features_cls256"])
@@ -112,6 +117,27 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
             "attention_dir": att_dir}
 
 
+def _score(folds: list[FoldModel], sid: str, bag: dict, path: str, model_name, expected) -> list:
+    """Every fold's (logits, attention) for one bag; BagError naming the file when the bag's
+    instances are not the ones the run was trained on (another region size, feature width or
+    backbone) or the model cannot take them."""
+    if expected is not None:
+        try:
+            shape = instance_shape(bag, model_name, folds[0].level)
+        except BagError as e:
+            raise BagError(f"{path}: {e}") from None
+        if list(shape) != list(expected):
+            raise BagError(f"{path}: instances {tuple(shape)}, but this run was trained on "
+                           f"{tuple(expected)}: extracted with another region size or backbone")
+    try:
+        return [f.score(sid, bag) for f in folds]
+    except Exception as e:  # noqa: BLE001 - one slide's failure is reported, the rest are scored
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        shapes = {k: tuple(v.shape) for k, v in bag.items() if k.startswith("features")}
+        raise BagError(f"{path}: this run's model cannot score the bag {shapes} "
+                       f"({type(e).__name__}: {first[:300]})") from None
+
+
 def _row(slide_id: str, logits: np.ndarray, task: str, class_names: list[str]) -> dict:
     row: dict = {"slide_id": slide_id}
     if task == "survival":
@@ -120,7 +146,7 @@ def _row(slide_id: str, logits: np.ndarray, task: str, class_names: list[str]) -
         row["ensemble_risk"] = float(risk.mean())
         return row
     probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)  # [folds,K]
-    names = class_names if len(class_names) == probs.shape[1] else [str(c) for c in range(probs.shape[1])]
+    names = class_names or [str(c) for c in range(probs.shape[1])]  # checked against the model above
     for k, p in enumerate(probs):
         row.update({f"fold{k}_p_{n}": float(v) for n, v in zip(names, p)})
     mean = probs.mean(0)

@@ -163,7 +163,8 @@ def infer_arch(backbone: dict[str, np.ndarray]) -> str:
     elif "phi.0.weight" in backbone:
         stem = "features"
     else:
-        raise CheckpointError("no patch_embed.proj.weight or phi.0.weight: not a ViT-256 or ViT-4K backbone")
+        raise CheckpointError("no patch_embed.proj.weight or phi.0.weight: not a ViT-256 or ViT-4K backbone "
+                              f"(keys: {short_list(sorted(backbone))})")
     depth = len({k.split(".")[1] for k in backbone if k.startswith("blocks.")})
     fc1 = backbone.get("blocks.0.mlp.fc1.weight")
     mlp_dim = int(fc1.shape[0]) if fc1 is not None else None
@@ -257,6 +258,11 @@ def read_pth(path: str) -> dict:
         msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         if "central directory" in msg or "EOF" in msg or "truncated" in msg.lower() or "failed reading" in msg:
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg})") from None
+        pickled = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if pickled:
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects ({pickled.group(1)}; e.g. a whole nn.Module), which "
+                "a weights-only load does not execute; save model.state_dict() with torch.save instead") from None
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({msg})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
@@ -275,21 +281,19 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
         if which not in obj:
             raise CheckpointError(f"{source}: has no '{which}' entry (keys: {short_list(sorted(map(str, obj)))})")
         state, container = obj[which], which
-    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        state, container = obj["state_dict"], "state_dict"
     else:
-        state, container = obj, None  # a plain state dict
+        # Trainer wrappers (Lightning's "state_dict", a {"model": ...} checkpoint) or a plain dict.
+        wrapped = [k for k in _STATE_CONTAINERS if isinstance(obj.get(k), dict)]
+        state, container = (obj[wrapped[0]], wrapped[0]) if wrapped else (obj, None)
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise CheckpointError(f"{source}: '{container or 'file'}' is not a state dict of tensors")
-    backbone, head, prefixes = {}, {}, set()
+        raise CheckpointError(f"{source}: '{container or 'file'}' is not a state dict of tensors "
+                              f"(keys: {short_list(sorted(map(str, state)) if isinstance(state, dict) else [])})")
+    backbone, head, prefixes, cast = {}, {}, set(), set()
     for key, tensor in state.items():
-        name = key
-        prefix = ""
-        for strip in ("module.", "backbone."):
-            if name.startswith(strip):
-                prefix += strip
-                name = name[len(strip):]
-        array = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+        name, prefix = _strip_wrappers(key)
+        array, dtype = _float32_array(tensor)
+        if dtype:
+            cast.add(dtype)
         if name.startswith("head."):
             head[name[len("head."):]] = array
         else:
@@ -297,8 +301,73 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
             prefixes.add(prefix)
     if not backbone:
         raise CheckpointError(f"{source}: no backbone tensors in '{container or 'file'}'")
+    bad = [k for k, a in {**backbone, **{"head." + k: a for k, a in head.items()}}.items()
+           if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
+    if bad:
+        raise CheckpointError(f"{source}: non-finite values (NaN/Inf) in {short_list(bad)}")
     prefix = prefixes.pop() if len(prefixes) == 1 else ""
-    return backbone, head, {"container": container, "prefix": prefix}
+    return backbone, head, {"container": container, "prefix": prefix, "cast_from": sorted(cast)}
+
+
+# Where trainers put the state dict inside a checkpoint, and the prefixes their wrappers add to
+# every key: DataParallel/DDP "module.", torch.compile "_orig_mod.", DINO's MultiCropWrapper
+# "backbone.", Lightning modules "model.".
+_STATE_CONTAINERS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.")
+
+
+def _strip_wrappers(key: str) -> tuple[str, str]:
+    """"module._orig_mod.backbone.blocks.0..." -> ("blocks.0...", "module._orig_mod.backbone.")."""
+    name, prefix = key, ""
+    while name.startswith(_WRAPPER_PREFIXES):
+        strip = next(p for p in _WRAPPER_PREFIXES if name.startswith(p))
+        prefix, name = prefix + strip, name[len(strip):]
+    return name, prefix
+
+
+def _float32_array(tensor) -> tuple[np.ndarray, Optional[str]]:
+    """A torch tensor (or array) -> numpy, floating point as float32 (the reference computes in
+    fp32; numpy has no bfloat16); the second value names the dtype it was cast from, if any."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point() and str(tensor.dtype) != "torch.float32":
+            return tensor.float().numpy(), str(tensor.dtype).replace("torch.", "")
+        return tensor.numpy(), None
+    array = np.asarray(tensor)
+    if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
+        return array.astype(np.float32), str(array.dtype)
+    return array, None
+
+
+# The DINO head's tensors (3-layer MLP, then the weight-normalized last layer) and how their
+# shapes chain: reference name -> (rows, columns) as names of dimensions.
+_HEAD_SHAPES = {"mlp.0.weight": ("hidden", "embed"), "mlp.0.bias": ("hidden",),
+                "mlp.2.weight": ("hidden", "hidden"), "mlp.2.bias": ("hidden",),
+                "mlp.4.weight": ("bottleneck", "hidden"), "mlp.4.bias": ("bottleneck",),
+                "last_layer.weight_v": ("out", "bottleneck"), "last_layer.weight_g": ("out", 1)}
+
+
+def check_head(head: dict[str, np.ndarray], embed_dim: int, source: str) -> None:
+    """Raise a one-line CheckpointError when a DINO head's tensors are missing, unexpected or do
+    not chain (embed -> hidden -> hidden -> bottleneck -> out)."""
+    missing = [k for k in _HEAD_SHAPES if k not in head]
+    unexpected = [k for k in head if k not in _HEAD_SHAPES]
+    problems = ([f"missing {short_list(['head.' + k for k in missing])}"] if missing else []) + (
+        [f"unexpected {short_list(['head.' + k for k in unexpected])}"] if unexpected else [])
+    if not problems:
+        dims: dict = {"embed": embed_dim, 1: 1}
+        for name, want in _HEAD_SHAPES.items():
+            got = tuple(head[name].shape)
+            if len(got) != len(want):
+                problems.append(f"head.{name} has shape {got}")
+                continue
+            for size, dim in zip(got, want):
+                if dims.setdefault(dim, size) != size:
+                    problems.append(f"head.{name} has shape {got}, expected "
+                                    f"{tuple(dims.get(d, '?') for d in want)}")
+                    break
+    if problems:
+        raise CheckpointError(f"{source}: not a valid DINO head: " + "; ".join(problems))
 
 
 def load_reference_backbone(path: str, which: str = "teacher", arch: str = "auto",
@@ -311,9 +380,11 @@ def load_reference_backbone(path: str, which: str = "teacher", arch: str = "auto
         raise CheckpointError(f"{path}: is a {get_arch(detected).arch} checkpoint, but --arch {arch} was asked for")
     config = get_arch(detected if arch == "auto" else arch)
     check_backbone(backbone, config, path)
-    head_tree = reference_head_to_tree(head) if keep_head and head else None
     if keep_head and not head:
         raise CheckpointError(f"{path}: --keep-head given but the file has no head.* tensors")
+    if keep_head:
+        check_head(head, int(config.width), path)
+    head_tree = reference_head_to_tree(head) if keep_head else None
     return reference_to_variables(backbone), config, head_tree, layout
 
 
