@@ -140,8 +140,12 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
         raise InputError(f"{out_dir}: holds `hipt-prep {old.get('kind')}` output; give "
                          f"`hipt-prep {kind}` its own --out folder")
     if old.get("params") != params:
+        before = old.get("params") or {}
+        changed = [f"{k}: {before.get(k)!r} -> {params.get(k)!r}" for k in sorted(set(before) | set(params))
+                   if before.get(k) != params.get(k)]
         raise InputError(f"{out_dir}: existing shards were made with different parameters "
-                         f"({MANIFEST}); use a new --out folder")
+                         f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}; {MANIFEST}); "
+                         "use a new --out folder")
 
 
 def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str],

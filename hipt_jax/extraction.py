@@ -440,6 +440,21 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     return manifest
 
 
+def _say_prep_failures(shards_dir: str, region_shards: dict) -> None:
+    """Slides hipt-prep could not cut have no shard, so nothing here would mention them."""
+    try:
+        with open(os.path.join(shards_dir, shards.MANIFEST)) as f:
+            items = json.load(f).get("items") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    missing = sorted(sid for sid, it in items.items()
+                     if isinstance(it, dict) and it.get("status") != "done" and sid not in region_shards)
+    if missing:
+        print(f"hipt-extract: {len(missing)} slide(s) failed in hipt-prep and have no region shard "
+              f"(reasons in {os.path.join(shards_dir, shards.MANIFEST)}): {missing[:5]}"
+              + (" ..." if len(missing) > 5 else ""), file=sys.stderr)
+
+
 def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Optional[str] = None,
                    batch_per_device: int = 1, store_dtype: str = "float32",
                    params: Optional[dict] = None, show_progress: bool = True,
@@ -456,6 +471,7 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
     """
     bags.check_format(fmt)  # before any work: an unknown format or .pt without torch
     region_shards = shards.list_slide_shards(shards_dir, shards.REGION)
+    _say_prep_failures(shards_dir, region_shards)
     features_dir = features_dir if features_dir is not None else shards_dir
     if fingerprint is not None:
         check_feature_model(features_dir, fingerprint.get("vit256"))

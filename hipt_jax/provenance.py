@@ -78,13 +78,36 @@ def read(out_dir: str) -> Optional[dict]:
                               "use --overwrite to start over") from None
 
 
-def write(out_dir: str, fingerprint: dict) -> None:
+def read_details(out_dir: str) -> dict:
+    """What ``write`` kept beside the fingerprint to explain a mismatch ({} when nothing)."""
+    try:
+        with open(os.path.join(out_dir, FILE)) as f:
+            details = json.load(f).get("details")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
+def write(out_dir: str, fingerprint: dict, details: Optional[dict] = None) -> None:
+    """``details`` (e.g. the config's values behind its hash, the kind of folder) are kept to
+    name what changed; they are not compared."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, FILE)
     tmp = f"{path}.tmp-{os.getpid()}"
+    record = {"schema": SCHEMA, "fingerprint": fingerprint, **({"details": details} if details else {})}
     with open(tmp, "w") as f:
-        json.dump({"schema": SCHEMA, "fingerprint": fingerprint}, f, indent=1, sort_keys=True, default=str)
+        json.dump(record, f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
+
+
+def _flat(value: Any, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict = {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 def _short(value: Any) -> str:
@@ -92,11 +115,27 @@ def _short(value: Any) -> str:
     return text[:12] + "..." if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text[:60]
 
 
-def diff(old: dict, new: dict) -> str:
-    """'key: old -> new; ...' for every key whose value differs ("" when equal)."""
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+def diff(old: dict, new: dict, old_details: Optional[dict] = None, new_details: Optional[dict] = None) -> str:
+    """'key: old -> new; ...' for every key whose value differs ("" when equal); a key with
+    values in both ``details`` names the fields that changed behind its hash instead."""
+    old_details, new_details = old_details or {}, new_details or {}
+    parts = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) == new.get(k):
+            continue
+        if k in old_details and k in new_details:
+            a, b = _flat(_normalize_any(old_details[k])), _flat(_normalize_any(new_details[k]))
+            fields = [f"{f} {_short(a.get(f))} -> {_short(b.get(f))}" for f in sorted(set(a) | set(b))
+                      if a.get(f) != b.get(f)]
+            if fields:
+                parts.append(f"{k}: " + ", ".join(fields[:4]) + (" ..." if len(fields) > 4 else ""))
+                continue
+        parts.append(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}")
     return "; ".join(parts)
+
+
+def _normalize_any(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def _normalize(fingerprint: dict) -> dict:
@@ -104,28 +143,35 @@ def _normalize(fingerprint: dict) -> dict:
 
 
 def check(out_dir: str, fingerprint: dict, *, outputs: Iterable[str] = (), overwrite: bool = False,
-          resume_anyway: bool = False, what: str = "output folder") -> str:
+          resume_anyway: bool = False, what: Optional[str] = None, details: Optional[dict] = None) -> str:
     """Make ``out_dir`` safe to continue: returns "new", "match", "overwritten" or "resumed".
 
     ``outputs`` are the entries (relative to ``out_dir``) this command writes; --overwrite
     deletes them. A folder that has outputs but no provenance file (made before provenance
     existed, or by hand) is treated as a mismatch."""
     fingerprint = _normalize(fingerprint)
+    details = dict(details or {}, **({"kind": what} if what else {}))
+    what = what or "output folder"
     old = read(out_dir)
     existing = [o for o in outputs if os.path.lexists(os.path.join(out_dir, o))]
     if overwrite:
         clear(out_dir, existing)
-        write(out_dir, fingerprint)
+        write(out_dir, fingerprint, details)
         return "overwritten"
     if old is None and not existing:
-        write(out_dir, fingerprint)
+        write(out_dir, fingerprint, details)
         return "new"
     if old == fingerprint:
         return "match"
-    change = diff(old, fingerprint) if old is not None else "no provenance.json (made by an unknown run)"
+    old_details = read_details(out_dir)
+    if details.get("kind") and old_details.get("kind", what) != what:  # another command's folder
+        raise ProvenanceError(f"{out_dir}: is a {old_details['kind']}, not a {what}; give this run its "
+                              "own folder")
+    change = (diff(old, fingerprint, old_details, details) if old is not None
+              else "no provenance.json (made by an unknown run)")
     if resume_anyway:
         print(f"warning: {out_dir}: resuming a {what} made with other inputs ({change})", file=sys.stderr)
-        write(out_dir, fingerprint)
+        write(out_dir, fingerprint, details)
         return "resumed"
     raise ProvenanceError(f"{out_dir}: {what} was made with other inputs ({change}); "
                           "use --overwrite to start over or --resume-anyway to keep it")

@@ -367,3 +367,63 @@ def test_ctrl_c_during_a_run_exits_130_with_one_line(prep, tmp_path):
         pytest.skip("the run finished before the signal arrived")
     assert_one_line(proc.returncode, err, "hipt-extract", "interrupted", exit_code=130)
     assert not [f for f in os.listdir(out / "slides") if ".tmp-" in f] if (out / "slides").exists() else True
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("model.name", "abmill", "config.model.name='abmill'"),
+    ("model.local_arch", "vit4k_tiyn", "config.model.local_arch='vit4k_tiyn'"),
+    ("selection.metric", "aucc", "config.selection.metric='aucc'"),
+])
+def test_finetune_config_typos_stop_before_the_workdir_records_anything(feature_cohort, tmp_path, field,
+                                                                        value, needle):
+    """A typo must not leave provenance.json behind (the corrected run was then refused as
+    "made with other inputs"). Plant: the model/selection checks only in _run_folds, after
+    provenance.check -> provenance.json exists, fails."""
+    from configs.lgp_subtyping import get_config
+    from hipt_jax.finetune.main import FinetuneError, run
+
+    emb, labels = feature_cohort
+    config = get_config("runlocal")
+    config.data.embeddings, config.data.labels, config.data.splits = emb, labels, "kfold:2"
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(FinetuneError, match=needle.replace("(", "\\(")):
+        run(config, str(tmp_path / "run"), show_progress=False)
+    assert not (tmp_path / "run" / "provenance.json").exists()
+
+
+def test_extract_shards_folder_and_region_flags_are_checked(prep, tmp_path, capsys):
+    """--shards given the regions/ subfolder, or a --target-mpp other than the one the shards
+    were cut at, is exit 2 naming the fix (both were silently taken: the first as a feature
+    folder, the second ignored). Plant: no _check_shards_folder -> no such line, fails."""
+    from hipt_jax.cli.extract import main
+
+    out = tmp_path / "emb"
+    code, _, err = _in_process(main, ["--random-init", "tiny", "--shards", os.path.join(prep, "regions"),
+                                      "--out", out], capsys)
+    assert_one_line(code, err, "hipt-extract", "holds the shards themselves", prep)
+    import shutil
+
+    mine = str(tmp_path / "prep")
+    shutil.copytree(prep, mine)
+    with open(os.path.join(mine, "manifest.json"), "w") as f:  # as hipt-prep records its parameters
+        json.dump({"params": {"region_px": 256, "target_mpp": 0.5}}, f)
+    code, _, err = _in_process(main, ["--random-init", "tiny", "--shards", mine, "--target-mpp", "0.25",
+                                      "--out", out], capsys)
+    assert_one_line(code, err, "hipt-extract", "--target-mpp 0.25", "target_mpp=0.5")
+
+
+def test_provenance_refusal_names_the_changed_field_and_another_commands_folder(tmp_path):
+    """Plants: diff without details (only "config: 1a2b... -> 3c4d..."); no kind check (a
+    fine-tuning workdir given to pretraining read as "made with other inputs") -> fails."""
+    folder = str(tmp_path / "run")
+    old = {"optim": {"lr": 2e-4, "epochs": 3}, "seed": 0}
+    new = {"optim": {"lr": 1e-3, "epochs": 3}, "seed": 0}
+    provenance.check(folder, {"config": provenance.config_hash(old)}, what="fine-tuning workdir",
+                     details={"config": old})
+    with pytest.raises(provenance.ProvenanceError, match=r"\(config: optim.lr 0.0002 -> 0.001\)"):
+        provenance.check(folder, {"config": provenance.config_hash(new)}, what="fine-tuning workdir",
+                         details={"config": new})
+    with pytest.raises(provenance.ProvenanceError,
+                       match="is a fine-tuning workdir, not a pretraining run directory"):
+        provenance.check(folder, {"config": provenance.config_hash(new)}, what="pretraining run directory")

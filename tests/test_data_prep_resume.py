@@ -131,3 +131,13 @@ def test_rerun_redoes_a_replaced_slide_and_a_truncated_shard(slides_dir, tmp_pat
     m = prepare_regions(str(folder), out, region_px=int(REGION))
     assert "truncated or replaced" in capsys.readouterr().err
     assert os.path.getsize(shard) == json.load(open(status))["shard_bytes"] and m["counts"] == {"done": 1}
+
+
+def test_a_rerun_with_other_parameters_names_what_changed(tmp_path):
+    """Plant: the old message (no list of changed parameters) -> fails."""
+    from data_prep.runner import InputError, check_params
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "regions", "params": {"region_px": 1024, "jpeg_quality": 95}}))
+    check_params(str(tmp_path), "regions", {"region_px": 1024, "jpeg_quality": 95})
+    with pytest.raises(InputError, match=r"\(region_px: 1024 -> 512; manifest.json\)"):
+        check_params(str(tmp_path), "regions", {"region_px": 512, "jpeg_quality": 95})

@@ -60,8 +60,9 @@ def test_extract_matches_region_model_and_resumes(model, cohort, tmp_path):
 
 def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, capsys):
     """hipt-prep redid a slide's shard (new regions, new checksum in its status): the bag made
-    from the old shard is not "done". Plant: done = any intact bag -> the stale bag is kept
-    (0 regions embedded, old features), fails."""
+    from the old shard is not "done"; slides that failed in hipt-prep are named. Plants: done =
+    any intact bag -> the stale bag is kept (0 regions embedded, old features); no
+    _say_prep_failures -> nothing names the lost slide: fails."""
     import shutil
 
     prep_src, rows = cohort
@@ -72,8 +73,11 @@ def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, 
         shard = os.path.join(prep, "regions", r["slide_id"] + ".array_record")
         with open(shards.shard_status_path(shard), "w") as f:
             json.dump({"status": "done", "sha256": shards.file_sha256(shard)}, f)
+    with open(os.path.join(prep, "manifest.json"), "w") as f:  # a slide hipt-prep could not cut
+        json.dump({"items": {"ghost": {"status": "failed", "error": "no tissue"}}}, f)
     out = str(tmp_path / "emb")
     extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    assert "1 slide(s) failed in hipt-prep and have no region shard" in capsys.readouterr().err
     sid, other = rows[0]["slide_id"], rows[-1]["slide_id"]
     for sub, ext in (("regions", ".array_record"), ("status", ".json")):  # as a --redo would leave it
         shutil.copy(os.path.join(prep, sub, other + ext), os.path.join(prep, sub, sid + ext))

@@ -79,6 +79,31 @@ def _vitwsi(args) -> int:
     return flags.report_failed(PROG, failed)
 
 
+def _check_shards_folder(args) -> None:
+    """--shards is hipt-prep's --out folder (not its regions/ subfolder), and region flags that
+    would be ignored (the shards fix the region size and mpp) must not disagree with it."""
+    import glob
+    import json
+
+    from data_prep.shards import MANIFEST, REGION
+
+    if not os.path.isdir(os.path.join(args.shards, REGION.folder)) and glob.glob(os.path.join(args.shards, "*.array_record")):
+        raise flags.UsageError(f"{args.shards}: holds the shards themselves; give the hipt-prep --out folder "
+                               f"that contains {REGION.folder}/ ({os.path.dirname(os.path.abspath(args.shards))})")
+    try:
+        with open(os.path.join(args.shards, MANIFEST)) as f:
+            made = json.load(f).get("params") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    parser = build_parser()
+    for flag, key in (("size", "region_px"), ("target_mpp", "target_mpp")):
+        given, cut = getattr(args, flag), made.get(key)
+        if given != parser.get_default(flag) and cut is not None and given != cut:
+            raise flags.UsageError(
+                f"--{flag.replace('_', '-')} {given}: the region shards in {args.shards} were cut by hipt-prep "
+                f"with {key}={cut}; region flags apply to direct reads (--slides --coords) only")
+
+
 def _run_extract(args) -> int:
     import jax
 
@@ -93,6 +118,7 @@ def _run_extract(args) -> int:
     fingerprint = dict(provenance.model_fingerprint(args.vit256, args.vit4k, args.random_init, args.seed),
                        compute_dtype=args.compute_dtype)
     if args.shards:
+        _check_shards_folder(args)
         check_feature_model(args.features if args.features is not None else args.shards, fingerprint["vit256"])
     model = flags.load_hipt4k(args, need_vit4k=True)
     params = {"vit256": args.vit256, "vit4k": args.vit4k,

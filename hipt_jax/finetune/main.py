@@ -44,8 +44,9 @@ from hipt_jax.evaluation import metrics
 from hipt_jax import provenance, workdir_lock
 from hipt_jax.outputs import atomic_path, write_json, write_text
 from hipt_jax.finetune import plots, reporting, survival
-from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig, encode_local
+from hipt_jax.finetune.trainer import METRICS, Item, LGPTrainer, TrainConfig, encode_local
 from hipt_jax.models import checkpoint, lgp, mil
+from hipt_jax.models.archs import ARCHITECTURES
 from hipt_jax.models.precision import resolve_dtype
 
 OUTPUTS = ("results.json", "results.md", "roc.png", "km.png")  # + fold_*/
@@ -268,6 +269,11 @@ def _save_checkpoint(path: str, params, model, task: str, config=None, in_featur
             checkpoint.save(tmp, params, "mil", _mil_arch(config, model.n_classes, in_features), meta=meta)
 
 
+def _hashed_config(config: ml_collections.ConfigDict) -> dict:
+    """The config fields a fold's numbers depend on beyond the data files (hashed separately)."""
+    return {k: v for k, v in config.to_dict().items() if k != "data"}
+
+
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
     """What decides a fold's numbers: the config, the label file, the split files, the
     embeddings (their provenance, or their slide files' names when they have none) and the
@@ -275,7 +281,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
     splits = config.data.splits
     emb_fp = provenance.read(config.data.embeddings) if os.path.isdir(config.data.embeddings) else None
     return {
-        "config": provenance.config_hash({k: v for k, v in config.to_dict().items() if k != "data"}),
+        "config": provenance.config_hash(_hashed_config(config)),
         "labels": provenance.content_hash(config.data.labels),
         "splits": splits if str(splits).startswith("kfold:") else provenance.content_hash(splits),
         "embeddings": provenance.config_hash(emb_fp) if emb_fp is not None else
@@ -299,7 +305,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
     os.makedirs(workdir, exist_ok=True)
     with workdir_lock.hold(workdir):
         provenance.check(workdir, fingerprint(config), outputs=_outputs(workdir), overwrite=overwrite,
-                         resume_anyway=resume_anyway, what="fine-tuning workdir")
+                         resume_anyway=resume_anyway, what="fine-tuning workdir",
+                         details={"config": _hashed_config(config)})
         return _run_folds(config, workdir, show_progress, coh)
 
 
@@ -333,6 +340,17 @@ def _check_inputs(config) -> None:
     vit4k = config.model.pretrained_vit4k
     if vit4k and not os.path.exists(vit4k):
         raise FinetuneError(f"{vit4k}: no such checkpoint (config.model.pretrained_vit4k)")
+    # Checked here, before the workdir records a fingerprint: a typo must not lock the workdir
+    # against the corrected run.
+    local_archs = sorted(a for a in ARCHITECTURES if a.startswith("vit4k"))
+    if _model_name(config) == "hipt_lgp" and config.model.get("local_arch", "vit4k") not in local_archs:
+        raise FinetuneError(f"config.model.local_arch={config.model.local_arch!r}: expected one of {local_archs}")
+    sel = config.get("selection")
+    if sel is not None:
+        if sel.get("evaluate", "best") not in ("best", "final"):
+            raise FinetuneError(f"config.selection.evaluate={sel.evaluate!r}: expected best or final")
+        if sel.get("metric", "loss") not in METRICS[config.task]:
+            raise FinetuneError(f"config.selection.metric={sel.metric!r}: expected one of {list(METRICS[config.task])}")
 
 
 def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: bool,

@@ -189,6 +189,10 @@ class EarlyStopping:
         return False, self.counter >= self.patience and epoch > self.min_epochs
 
 
+# What ``evaluate`` reports per task (each also a possible ``select_metric``).
+METRICS = {"subtyping": ("loss", "auc", "acc", "balanced_acc"), "survival": ("loss", "c_index")}
+
+
 class LGPTrainer:
     """Training and evaluation of one model + task; ``fit`` trains one fold."""
 
@@ -299,7 +303,7 @@ class LGPTrainer:
         losses = np.array([o[1] for o in out], np.float64)
         return logits, losses, [np.asarray(o[2])[: len(it.inputs)] for o, it in zip(out, items)]
 
-    def _metrics(self, logits: np.ndarray, items: Sequence[Item]) -> dict:
+    def _metrics(self, logits: np.ndarray, items: Sequence[Item]) -> dict:  # names: METRICS
         if self.cfg.task == "subtyping":
             labels = np.array([it.label for it in items])
             probs = np.asarray(jax.nn.softmax(logits, axis=-1))

@@ -508,11 +508,8 @@ RUN_CONTROL_FIELDS = ("stop_at_step", "log_every", "checkpoint", "export_dir", "
 RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", CHECKSUMS)
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> dict:
-    """What a run directory's checkpoints depend on: the config without its run-control fields,
-    and the content of the warm-start checkpoint."""
-    from hipt_jax import provenance
-
+def hashed_config(config: ml_collections.ConfigDict) -> dict:
+    """The config without its run-control fields: what the checkpoints depend on."""
     data = config.to_dict()
     for field in RUN_CONTROL_FIELDS:
         node, *rest = field.split(".")
@@ -520,7 +517,15 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
             data.get(node, {}).pop(rest[0], None)
         else:
             data.pop(node, None)
-    return {"config": provenance.config_hash(data), "data_path": str(config.data.path),
+    return data
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict:
+    """What a run directory's checkpoints depend on: the config without its run-control fields,
+    and the content of the warm-start checkpoint."""
+    from hipt_jax import provenance
+
+    return {"config": provenance.config_hash(hashed_config(config)), "data_path": str(config.data.path),
             "warm_start": provenance.content_hash(config.warm_start or None)}
 
 
@@ -569,7 +574,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     with workdir_lock.hold(workdir, enabled=is_main):
         if is_main:
             provenance.check(workdir, fingerprint(config), outputs=RUN_OUTPUTS, overwrite=overwrite,
-                             resume_anyway=resume_anyway, what="pretraining run directory")
+                             resume_anyway=resume_anyway, what="pretraining run directory",
+                             details={"config": hashed_config(config)})
         return _train(config, workdir, is_main)
 
 
