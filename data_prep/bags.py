@@ -455,10 +455,11 @@ def num_regions(path: str) -> int:
 
 def manifest_items(out_dir: str, slide_ids: list[str], errors: dict[str, str]) -> dict[str, dict]:
     """Manifest entries of a bag-writing run: per slide {file, num_regions, status done}, or
-    {status failed, error}, or {status pending}."""
+    {status failed, error}, or {status pending}; bags an earlier run left in the folder are
+    listed too (the manifest says what the folder holds, which is what readers use)."""
     bags = list_bags(out_dir)
     items = {}
-    for s in slide_ids:
+    for s in list(slide_ids) + sorted(set(bags) - set(slide_ids)):
         if s in bags:
             try:
                 items[s] = {"file": os.path.relpath(bags[s], out_dir), "status": "done",

@@ -150,9 +150,14 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
 
 def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str],
                      results: dict[str, dict] | None = None) -> dict:
-    """Rebuild OUT/manifest.json from the status files of `ids` (atomic replace); ``results``
-    (item id -> returned result) stand in for status files that could not be written."""
+    """Rebuild OUT/manifest.json from the status files of `ids` and of every item an earlier
+    run finished in this folder (same parameters, ``check_params``), so the manifest lists
+    every shard the folder holds (atomic replace); ``results`` (item id -> returned result)
+    stand in for status files that could not be written."""
     results = results or {}
+    earlier = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(out_dir, "status"))
+                     if f.endswith(".json")) if os.path.isdir(os.path.join(out_dir, "status")) else []
+    ids = list(ids) + [i for i in earlier if i not in set(ids)]
     items = {i: read_status(out_dir, i) or results.get(i) or dict(status="pending") for i in ids}
     n_records = sum(st.get("n_regions", st.get("n_records", 0)) or 0 for st in items.values())
     return write_run_manifest(out_dir, schema="hipt.prep-manifest.v1", items=items, params=params,

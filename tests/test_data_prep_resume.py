@@ -141,3 +141,20 @@ def test_a_rerun_with_other_parameters_names_what_changed(tmp_path):
     check_params(str(tmp_path), "regions", {"region_px": 1024, "jpeg_quality": 95})
     with pytest.raises(InputError, match=r"\(region_px: 1024 -> 512; manifest.json\)"):
         check_params(str(tmp_path), "regions", {"region_px": 512, "jpeg_quality": 95})
+
+
+def test_manifest_lists_every_shard_the_folder_holds(slides_dir, tmp_path):
+    """Two runs over different slide folders into one --out: the manifest (what hipt-extract
+    and the loaders go by) lists both runs' slides. Plant: manifest rebuilt from this run's ids
+    only -> the first run's slide is missing from it, fails."""
+    import shutil
+
+    from data_prep.runner import prepare_regions
+
+    out = str(tmp_path / "out")
+    for name, src in (("a", "slide0.svs"), ("b", "slide1.svs")):
+        (tmp_path / name).mkdir()
+        shutil.copy(os.path.join(slides_dir, src), tmp_path / name / f"{name}.svs")
+        m = prepare_regions(str(tmp_path / name), out, region_px=int(REGION))
+    assert set(m["items"]) == {"a", "b"} and m["counts"] == {"done": 2}
+    assert sorted(os.listdir(os.path.join(out, "regions"))) == ["a.array_record", "b.array_record"]

@@ -87,6 +87,11 @@ def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, 
     want = bags.read_bag(out, other)["features_cls4k"]
     assert again["run"]["regions"] == len(want)
     np.testing.assert_allclose(bags.read_bag(out, sid)["features_cls4k"], want, atol=1e-5)
+    # A bag an earlier run (other shards) left in the folder is in the manifest: readers use
+    # every bag of slides/ (plant: manifest items of this run's slides only).
+    bags.write_bag(out, "zz_earlier", bags.read_bag(out, other))
+    m = extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    assert m["slides"]["zz_earlier"]["status"] == "done" and m["run"]["regions"] == 0
 
 
 def test_precomputed_feature_shards_are_reused(model, cohort, tmp_path):
