@@ -83,3 +83,13 @@ def test_stratified_kfold_is_seeded_disjoint_and_stratified():
     for f in folds:
         assert not set(f["train"]) & set(f["test"])
         assert sum(labels[ids.index(s)] for s in f["test"]) == 2  # 10 positives / 5 folds
+
+
+def test_too_small_class_is_named_with_the_labels_file(tmp_path):
+    """Plant: the old message ("a class/stratum has only 1 member(s)") -> no file, no class."""
+    rows = [{"slide_id": f"s{i}", "label": "A", "case_id": f"p{i}"} for i in range(6)]
+    rows.append({"slide_id": "m", "label": "MDLC", "case_id": "pm"})
+    coh = cohort.read_labels_csv(write_labels(str(tmp_path / "l.csv"), rows))
+    with pytest.raises(cohort.CohortError, match=r"l.csv: stratum 1 has 1 patient\(s\): fewer than the 3 folds "
+                                                 r"\(class index -> name: \{0: 'A', 1: 'MDLC'\}\)"):
+        cohort.plan_folds(coh, "kfold:3", coh.slide_ids, coh.labels)

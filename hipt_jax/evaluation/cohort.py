@@ -360,11 +360,13 @@ def stratified_kfold(ids: Sequence[str], strata: Sequence, k: int, seed: int,
         unit_strata = {}
         for g, s in zip(groups, strata):
             unit_strata.setdefault(g, s)
-        counts = np.unique(list(unit_strata.values()), return_counts=True)[1]
+        values, counts = np.unique(list(unit_strata.values()), return_counts=True)
     else:
-        counts = np.unique(strata, return_counts=True)[1]
+        values, counts = np.unique(strata, return_counts=True)
     if counts.min() < k:
-        raise CohortError(f"a class/stratum has only {counts.min()} member(s), fewer than {k} folds")
+        unit = "patient(s)" if groups is not None else "item(s)"
+        few = ", ".join(f"stratum {v} has {c} {unit}" for v, c in zip(values, counts) if c < k)
+        raise CohortError(f"{few}: fewer than the {k} folds")
     if groups is None:
         splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         parts = splitter.split(np.zeros(len(ids)), strata)
@@ -556,7 +558,12 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
                   f"one patient's slides can land in both train and test (add case_id to keep them "
                   "together)", file=sys.stderr)
         groups = [case_of_item[i] for i in items] if grouped else None
-        folds = stratified_kfold(items, strata, kf[0], seed, groups)
+        try:
+            folds = stratified_kfold(items, strata, kf[0], seed, groups)
+        except CohortError as e:
+            named = (f" (class index -> name: {dict(enumerate(coh.class_names))})"
+                     if coh.class_names and unit == "slide" else "")
+            raise CohortError(f"{coh.path or 'labels'}: {e}{named}") from None
         if kf[1]:
             folds = [carve_val(f, case_of_item, stratum_of, kf[1], seed + k) for k, f in enumerate(folds)]
         where = f"{spec} fold {{k}}"
