@@ -314,6 +314,14 @@ def find_bag(out_dir: str, slide_id: str) -> str | None:
     return None
 
 
+def _first_sentence(e: Exception) -> str:
+    """"Type: first sentence" of a reader's error: torch appends paragraphs of advice (among
+    them loading with weights_only=False, which would run the file's code) that do not belong
+    in a one-line error about a damaged file."""
+    text = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
 def read_bag_file(path: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """The arrays of one bag file (only ``keys`` when given); BagError when unreadable or when
     a requested array is not in the file."""
@@ -323,7 +331,7 @@ def read_bag_file(path: str, keys: tuple[str, ...] | None = None) -> dict[str, n
     except BagError:
         raise
     except Exception as e:  # truncated zip, bad h5, bad pickle...: one clear message
-        raise BagError(f"{path}: truncated or corrupt bag ({type(e).__name__}: {e})") from None
+        raise BagError(f"{path}: truncated or corrupt bag ({_first_sentence(e)})") from None
     missing = [k for k in (keys or ()) if k not in out]
     if missing:
         raise BagError(f"{path}: bag has no {', '.join(missing)} (it holds {', '.join(sorted(out)) or 'nothing'})")
@@ -356,7 +364,7 @@ def bag_keys(path: str) -> tuple[str, ...]:
     except BagError:
         raise
     except Exception as e:  # noqa: BLE001 - same message as read_bag_file
-        raise BagError(f"{path}: truncated or corrupt bag ({type(e).__name__}: {e})") from None
+        raise BagError(f"{path}: truncated or corrupt bag ({_first_sentence(e)})") from None
 
 
 def read_coords_attrs(path: str) -> dict:
@@ -364,7 +372,7 @@ def read_coords_attrs(path: str) -> dict:
     try:
         return _format_of(path).attrs(path)
     except Exception as e:  # noqa: BLE001
-        raise BagError(f"{path}: truncated or corrupt bag ({type(e).__name__}: {e})") from None
+        raise BagError(f"{path}: truncated or corrupt bag ({_first_sentence(e)})") from None
 
 
 def convert_bag(src: str, dst: str) -> None:

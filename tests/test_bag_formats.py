@@ -75,6 +75,12 @@ def test_float16_bag_and_bad_files_give_clear_errors(tmp_path, monkeypatch):
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
     with pytest.raises(bags.BagError, match="bad.h5: truncated or corrupt"):
         bags.read_bag_file(str(tmp_path / "bad.h5"))
+    # A .pt whose pickle holds code: the message names the file and does not pass on torch's
+    # advice to load it with weights_only=False (plant: the raw torch message).
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(bags.BagError, match="module.pt: truncated or corrupt bag") as caught:
+        bags.read_bag_file(str(tmp_path / "module.pt"))
+    assert "weights_only=False" not in str(caught.value) and "\n" not in str(caught.value)
     torch.save({"a": torch.zeros(2)}, tmp_path / "dict.pt")
     with pytest.raises(bags.BagError, match=r"dict.pt: expected a tensor \[M, R\*C, 384\]"):
         bags.read_bag_file(str(tmp_path / "dict.pt"))

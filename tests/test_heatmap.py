@@ -216,10 +216,16 @@ def test_cli_image_and_errors(tissue, tmp_path, capsys):
 
     image = tmp_path / "region.png"
     Image.fromarray(tissue[:512, :512]).save(image)
-    # One real entry-point run (subprocess), the error paths in-process.
+    # One real entry-point run (subprocess), the error paths in-process. Maps an earlier run
+    # left under the same name are removed (plant: no _remove_stale_maps -> they stay).
+    (tmp_path / "out").mkdir()
+    for stale in ("region_blend_4k0_2561.png", "region_4k_head9.png", "other_4k_head0.png"):
+        (tmp_path / "out" / stale).write_bytes(b"")
     res = _cli("--random-init", "tiny", "--image", str(image), "--out", str(tmp_path / "out"),
                "--scale", "16", "--blends", "none")
     assert res.returncode == 0, res.stderr
+    left = set(os.listdir(tmp_path / "out"))
+    assert "other_4k_head0.png" in left and not {"region_blend_4k0_2561.png", "region_4k_head9.png"} & left
     outputs = json.load(open(tmp_path / "out" / "heatmap_outputs.json"))
     assert len(outputs["4k"]) == 6 and outputs["blend"] == []
     (tmp_path / "bad.png").write_text("not an image")

@@ -202,6 +202,10 @@ def _predict_refuses_what_it_cannot_score(run, emb, tmp_path, predict_cli):
     out = str(tmp_path / "new.csv")
     assert predict_cli.main(["--run", run, "--embeddings", new, "--out", out, "--no-progress"]) == 1
     assert [r["slide_id"] for r in csv.DictReader(open(out))] == ["a_good"]
+    # Maps of the CSV's slides only (plant: no clean-up -> an earlier run's maps stay beside).
+    open(os.path.join(str(tmp_path / "new_attention"), "old_slide.npz"), "wb").close()
+    assert predict_cli.main(["--run", run, "--embeddings", new, "--out", out, "--no-progress"]) == 1
+    assert sorted(os.listdir(str(tmp_path / "new_attention"))) == ["a_good.npz"]
     res = predict.predict_run(run, new, str(tmp_path / "again.csv"), show_progress=False)
     failed = res["failed_slides"]
     assert "non-finite value(s) (NaN/Inf) in features_cls4k" in failed["b_nan"]

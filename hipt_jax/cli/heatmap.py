@@ -103,10 +103,23 @@ def run_region(args) -> dict:
                                    shifts4k=args.shifts)
     written = write_region_heatmaps(maps, args.out, name, alpha=args.alpha, cmap=args.cmap,
                                     blends=args.blends, blend_weighting=args.blend_weighting)
+    _remove_stale_maps(args.out, name, written)
     n_files = sum(len(v) for v in written.values())
     print(f"{n_files} files in {args.out} ({time.perf_counter() - t0:.1f} s); "
           f"contact sheet: {written['contact_sheet'][0]}")
     return written
+
+
+def _remove_stale_maps(out: str, name: str, written: dict) -> None:
+    """Maps an earlier run wrote under the same name (other heads, blends, shifts) would sit
+    beside this run's and read as its own: remove the ones this run did not write."""
+    import glob
+
+    keep = {os.path.abspath(p) for paths in written.values() for p in paths}
+    for pattern in ("_256_head*.png", "_4k_head*.png", "_blend_4k*_256*.png"):
+        for path in glob.glob(os.path.join(glob.escape(out), glob.escape(name) + pattern)):
+            if os.path.abspath(path) not in keep:
+                os.remove(path)
 
 
 def _file_scores(path: str):

@@ -113,6 +113,10 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["slide_id"])
         w.writeheader()
         w.writerows(rows)
+    scored = {r["slide_id"] for r in rows}
+    for name in os.listdir(att_dir):  # an earlier run's maps of slides not in this CSV
+        if name.endswith(".npz") and name[:-len(".npz")] not in scored:
+            os.remove(os.path.join(att_dir, name))
     return {"n_slides": len(rows), "folds": len(folds), "failed_slides": failed, "out": out_csv,
             "attention_dir": att_dir}
 
