@@ -93,6 +93,19 @@ def test_knn_and_probe_separate_stains_and_not_shuffled(features):
     assert abs(np.mean(accs) - 0.5) < 0.15, accs
 
 
+def test_knn_with_fewer_training_tiles_than_k_says_the_k_it_used(capsys):
+    """Plant: the fixed method names -> the table says k=20 with 16 training tiles, fails."""
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(24, 8)).astype(np.float32)
+    labels = np.arange(24) % 2
+    splits = np.array(["train"] * 16 + ["test"] * 8)
+    res = patch_eval.evaluate_features(feats, labels, splits, ["a", "b"], methods=("knn_dino", "knn5"))
+    assert res["k"] == {"knn_dino": 16, "knn5": 5}
+    table = patch_eval.format_table(res)
+    assert "KNN DINO (k=16, cosine" in table and "k=20" not in table
+    assert "only 16 training tiles: KNN DINO uses k=16" in capsys.readouterr().err
+
+
 def test_knn_equals_sklearn(features):
     """Both KNNs give scikit-learn's predictions and accuracy (<= 1e-9) on the same features;
     vote fractions equal too (float32 similarities: 1e-5 for the exp-weighted vote).

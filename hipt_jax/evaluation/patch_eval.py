@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
@@ -43,8 +44,13 @@ def evaluate_features(features: np.ndarray, labels: np.ndarray, splits: np.ndarr
     x_tr, y_tr = features[tr], labels[tr]
     eval_splits = [s for s in ("test", "val") if (splits == s).any()]
     has_val = "val" in eval_splits
+    # KNN uses at most all training tiles: the k actually used is recorded and printed.
+    ks = {"knn_dino": min(20, int(tr.sum())), "knn5": min(5, int(tr.sum()))}
     out = {"results": {}, "predictions": {}, "class_names": class_names,
-           "n_train": int(tr.sum())}
+           "n_train": int(tr.sum()), "k": ks}
+    if ks["knn_dino"] < 20:
+        print(f"hipt-patch-eval: only {int(tr.sum())} training tiles: KNN DINO uses k={ks['knn_dino']} "
+              f"(not 20), KNN k={ks['knn5']}", file=sys.stderr)
     probe = None
     if "probe" in methods:
         # The regularization search uses the dataset's own val split when it has one.
@@ -72,12 +78,20 @@ METHOD_NAMES = {"knn_dino": "KNN DINO (k=20, cosine, T=0.07)", "knn5": "KNN (k=5
                 "probe": "linear probe"}
 
 
+def method_name(method: str, result: dict) -> str:
+    """The table's name of a method, with the k it really used."""
+    name = METHOD_NAMES[method]
+    k = (result.get("k") or {}).get(method)
+    default = {"knn_dino": 20, "knn5": 5}.get(method)
+    return name.replace(f"k={default}", f"k={k}") if k is not None and k != default else name
+
+
 def format_table(result: dict) -> str:
     lines = ["| split | method | acc | balanced acc | macro AUC | weighted F1 | n |",
              "|---|---|---|---|---|---|---|"]
     for split, rows in result["results"].items():
         for m, s in rows.items():
-            name = METHOD_NAMES[m] + (f" (C={result['probe_C']:g})" if m == "probe" else "")
+            name = method_name(m, result) + (f" (C={result['probe_C']:g})" if m == "probe" else "")
             lines.append(f"| {split} | {name} | {s['acc']:.4f} | {s['balanced_acc']:.4f} | "
                          f"{s['auc']:.4f} | {s['weighted_f1']:.4f} | {s['n']} |")
     return "\n".join(lines)
@@ -97,5 +111,5 @@ def write_plots(result: dict, features: np.ndarray, labels: np.ndarray, splits: 
                 cm = metrics.confusion_matrix(preds["true"], preds[m], len(names))
                 written.append(plots.plot_confusion(
                     cm, names, os.path.join(out_dir, f"confusion_{split}_{m}.png"),
-                    f"{METHOD_NAMES[m]}, {split}"))
+                    f"{method_name(m, result)}, {split}"))
     return written
