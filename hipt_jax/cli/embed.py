@@ -61,7 +61,7 @@ def _run(args) -> int:
         if key in out:
             v = out[key]
             print(f"  {key:<24} {str(list(v.shape)):<11} mean {v.mean():+.4f}  std {v.std():.4f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
     return flags.EXIT_OK
 
 

@@ -147,7 +147,10 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     case_ids = sorted(cases)
     times = np.array([coh.times[cases[c][0]] for c in case_ids])
     cens = np.array([bool(coh.censored[cases[c][0]]) for c in case_ids])
-    bins, edges = survival.quartile_bins(times, cens, config.train.n_bins)
+    try:
+        bins, edges = survival.quartile_bins(times, cens, config.train.n_bins)
+    except ValueError as e:  # e.g. all patients censored: no event times to cut bins from
+        raise FinetuneError(f"{config.data.labels}: {e}") from None
     info["bin_edges"] = edges.tolist()
     items = [Item(c, np.concatenate([per_slide[coh.slide_ids[i]] for i in cases[c]]), int(b), float(t), bool(e))
              for c, b, t, e in zip(case_ids, bins, times, cens)]
