@@ -76,13 +76,14 @@ def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, 
     with open(os.path.join(prep, "manifest.json"), "w") as f:  # a slide hipt-prep could not cut
         json.dump({"items": {"ghost": {"status": "failed", "error": "no tissue"}}}, f)
     out = str(tmp_path / "emb")
-    extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    engine = extraction.Extractor(model, batch_per_device=2)  # compiled once for the four runs
+    extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine)
     assert "1 slide(s) failed in hipt-prep and have no region shard" in capsys.readouterr().err
     sid, other = rows[0]["slide_id"], rows[-1]["slide_id"]
     for sub, ext in (("regions", ".array_record"), ("status", ".json")):  # as a --redo would leave it
         shutil.copy(os.path.join(prep, sub, other + ext), os.path.join(prep, sub, sid + ext))
     capsys.readouterr()
-    again = extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    again = extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine)
     assert f"redoing {sid}: its input changed" in capsys.readouterr().err
     want = bags.read_bag(out, other)["features_cls4k"]
     assert again["run"]["regions"] == len(want)
@@ -90,7 +91,7 @@ def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, 
     # A bag an earlier run (other shards) left in the folder is in the manifest: readers use
     # every bag of slides/ (plant: manifest items of this run's slides only).
     bags.write_bag(out, "zz_earlier", bags.read_bag(out, other))
-    m = extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    m = extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine)
     assert m["slides"]["zz_earlier"]["status"] == "done" and m["run"]["regions"] == 0
 
 
