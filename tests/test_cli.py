@@ -170,6 +170,8 @@ def test_knn_skips_and_names_a_truncated_bag(data, capsys):
     assert result["n_slides"] == 8 and "+/-" in stdout and "FAILED truncated" in err
 
 
+@pytest.mark.slow  # a ~40 s subprocess; in make test: the loader's per-slide failures (test_bag_formats),
+# the shared report_failed exit 1 (hipt-knn above) and hipt-finetune's CLI (test_bad_inputs)
 def test_finetune_skips_and_names_a_truncated_bag(data, tmp_path):
     code, _, err = _cli("hipt_jax.cli.finetune", "--config", "configs/lgp_subtyping.py:runlocal",
                         f"--workdir={tmp_path / 'lgp'}", f"--config.data.embeddings={data['emb']}",

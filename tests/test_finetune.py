@@ -50,7 +50,7 @@ def test_knn_and_lgp_subtyping_learn_stain_classes_from_tissue(tissue_embeddings
     assert "mean +/- std" in (tmp_path / "run" / "results.md").read_text()
 
 
-def test_shuffled_labels_give_chance_level(tmp_path):
+def _shuffled_cohort(tmp_path):
     emb = str(tmp_path / "emb")
     classes = make_feature_cohort(emb, 180, signal=0.5, seed=3)
     rng = np.random.default_rng(0)
@@ -59,11 +59,21 @@ def test_shuffled_labels_give_chance_level(tmp_path):
     shuffled = write_labels(str(tmp_path / "shuffled.csv"),
                             [{"slide_id": f"slide_{i:04d}", "label": int(c)}
                              for i, c in enumerate(rng.permutation(classes))])
+    return emb, labels, shuffled
+
+
+def test_shuffled_labels_give_chance_level(tmp_path):
+    emb, labels, shuffled = _shuffled_cohort(tmp_path)
     real = knn_eval.run(emb, labels, "kfold:3", seed=0)["summary"]
     fake = knn_eval.run(emb, shuffled, "kfold:3", seed=0)["summary"]
     print({"knn_real": real["paper"]["auc"], "knn_fake": fake["paper"]["auc"], "dino_fake": fake["dino"]["auc"]})
     assert real["paper"]["auc"]["mean"] > 0.9
     assert abs(fake["paper"]["auc"]["mean"] - 0.5) < 0.12 and abs(fake["dino"]["auc"]["mean"] - 0.5) < 0.12
+
+
+@pytest.mark.slow  # ~20 s of training; HIPT-LGP learning real labels stays in make test (stain classes above)
+def test_lgp_shuffled_labels_give_chance_level(tmp_path):
+    emb, labels, shuffled = _shuffled_cohort(tmp_path)
     lgp_real = finetune.run(_subtyping_config(emb, labels, epochs=2), str(tmp_path / "r"), show_progress=False)
     lgp_fake = finetune.run(_subtyping_config(emb, shuffled, epochs=2), str(tmp_path / "f"), show_progress=False)
     print({"lgp_real": lgp_real["summary"]["auc"], "lgp_fake": lgp_fake["summary"]["auc"]})

@@ -63,10 +63,7 @@ def test_non_square_cropped_region_parity(models):
     want = reference.embed_region(region, attention=True)
     got = ours(region, return_attention=True)
     assert got["features_cls256"].shape == (20, 384) and got["attention4k"].shape == (6, 20)
-    assert_parity(got, want)
-    # The crop really is the reference's: embedding the pre-cropped region gives the same result.
-    cropped = ours(np.ascontiguousarray(region[38:38 + 1024, 60:60 + 1280]))
-    np.testing.assert_array_equal(cropped["features_cls4k"], got["features_cls4k"])
+    assert_parity(got, want)  # the reference crops the region itself: a wrong crop fails here
 
 
 @pytest.mark.parametrize("diff,offset", [(0, 0), (1, 0), (3, 2), (5, 2), (7, 4), (255, 128), (253, 126)])
