@@ -102,8 +102,9 @@ def test_sigkill_and_resume_gives_identical_records(slides_dir, tmp_path):
 
 def test_rerun_redoes_a_replaced_slide_and_a_truncated_shard(slides_dir, tmp_path, capsys):
     """A finished slide is skipped on rerun only while its shard is whole and its id still names
-    the same slide file. Plant: the old is_done (status says done and the shard exists) -> the
-    replaced slide and the truncated shard are both skipped, fails."""
+    the same slide file; the manifest lists every slide the folder holds. Plant: the old
+    is_done (status says done and the shard exists) -> the replaced slide and the truncated
+    shard are both skipped, fails."""
     import shutil
 
     from data_prep.runner import prepare_regions
@@ -132,6 +133,14 @@ def test_rerun_redoes_a_replaced_slide_and_a_truncated_shard(slides_dir, tmp_pat
     assert "truncated or replaced" in capsys.readouterr().err
     assert os.path.getsize(shard) == json.load(open(status))["shard_bytes"] and m["counts"] == {"done": 1}
 
+    # Another slide folder into the same --out: the manifest (what hipt-extract and the loaders
+    # go by) lists both runs' slides (plant: rebuilt from this run's ids only -> "s" missing).
+    other = tmp_path / "more"
+    other.mkdir()
+    shutil.copy(a, other / "t.svs")
+    m = prepare_regions(str(other), out, region_px=int(REGION))
+    assert set(m["items"]) == {"s", "t"} and m["counts"] == {"done": 2}
+
 
 def test_a_rerun_with_other_parameters_names_what_changed(tmp_path):
     """Plant: the old message (no list of changed parameters) -> fails."""
@@ -141,20 +150,3 @@ def test_a_rerun_with_other_parameters_names_what_changed(tmp_path):
     check_params(str(tmp_path), "regions", {"region_px": 1024, "jpeg_quality": 95})
     with pytest.raises(InputError, match=r"\(region_px: 1024 -> 512; manifest.json\)"):
         check_params(str(tmp_path), "regions", {"region_px": 512, "jpeg_quality": 95})
-
-
-def test_manifest_lists_every_shard_the_folder_holds(slides_dir, tmp_path):
-    """Two runs over different slide folders into one --out: the manifest (what hipt-extract
-    and the loaders go by) lists both runs' slides. Plant: manifest rebuilt from this run's ids
-    only -> the first run's slide is missing from it, fails."""
-    import shutil
-
-    from data_prep.runner import prepare_regions
-
-    out = str(tmp_path / "out")
-    for name, src in (("a", "slide0.svs"), ("b", "slide1.svs")):
-        (tmp_path / name).mkdir()
-        shutil.copy(os.path.join(slides_dir, src), tmp_path / name / f"{name}.svs")
-        m = prepare_regions(str(tmp_path / name), out, region_px=int(REGION))
-    assert set(m["items"]) == {"a", "b"} and m["counts"] == {"done": 2}
-    assert sorted(os.listdir(os.path.join(out, "regions"))) == ["a.array_record", "b.array_record"]

@@ -152,6 +152,7 @@ def test_pretrained_frozen_vit4k_is_loaded_and_never_updated(tmp_path):
     assert not np.array_equal(params["classifier"]["kernel"], variables["params"]["classifier"]["kernel"])
 
 
+@pytest.mark.slow  # ~27 s; in make test the unfrozen ViT-4K's training step is held to torch (test_parity_lgp_train)
 def test_unfrozen_local_vit_trains_end_to_end_on_raw_features():
     from hipt_jax.finetune.trainer import LGPTrainer, TrainConfig
     from hipt_jax.models import lgp
