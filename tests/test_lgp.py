@@ -62,7 +62,7 @@ def test_training_mode_dropout_is_active_and_frozen_local_gets_no_gradient():
     a = jloss(variables["params"], jax.random.PRNGKey(0))
     b = jloss(variables["params"], jax.random.PRNGKey(1))
     assert a != b  # dropout differs between keys
-    # (freeze_local=False training is covered by tests/test_finetune.py.)
+    # (freeze_local=False: its training step is held to torch in tests/test_parity_lgp_train.py.)
 
 
 def test_local_then_aggregate_equals_full_forward():
