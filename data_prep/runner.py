@@ -157,7 +157,8 @@ def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str],
     results = results or {}
     earlier = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(out_dir, "status"))
                      if f.endswith(".json")) if os.path.isdir(os.path.join(out_dir, "status")) else []
-    ids = list(ids) + [i for i in earlier if i not in set(ids)]
+    current = set(ids)
+    ids = list(ids) + [i for i in earlier if i not in current]
     items = {i: read_status(out_dir, i) or results.get(i) or dict(status="pending") for i in ids}
     n_records = sum(st.get("n_regions", st.get("n_records", 0)) or 0 for st in items.values())
     return write_run_manifest(out_dir, schema="hipt.prep-manifest.v1", items=items, params=params,

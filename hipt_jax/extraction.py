@@ -398,8 +398,9 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)
     mine = slide_ids[jax.process_index()::jax.process_count()]
     # Damaged bags and bags made from other input are redone.
+    mine_set = set(mine)
     done = {s: p for s, p in bags.list_bags(out_dir).items()
-            if s in set(mine) and _intact(p) and _unchanged(s, p, source_of(s))}
+            if s in mine_set and _intact(p) and _unchanged(s, p, source_of(s))}
     status: dict[str, dict] = {s: {"status": "done"} for s in mine if s in done}
     n_regions = 0
     t0 = time.time()
