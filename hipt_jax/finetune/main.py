@@ -372,8 +372,6 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
     by_id = {it.item_id: it for it in items}
     sel = config.get("selection", ml_collections.ConfigDict(dict(
         metric="loss", evaluate="best", early_stopping=False, patience=20, min_epochs=50)))
-    if sel.evaluate not in ("best", "final"):
-        raise FinetuneError(f"config.selection.evaluate={sel.evaluate!r}: expected best or final")
     trainer_cfg = TrainConfig(
         task=config.task, epochs=config.optim.epochs, lr=config.optim.lr,
         weight_decay=config.optim.weight_decay, accumulate_steps=config.train.accumulate_steps,
