@@ -137,3 +137,19 @@ def test_a_damaged_calibration_file_falls_back_to_the_rule(tmp_path, monkeypatch
     assert minibatch.region_patch_batch(vit256, 4) == rule
     if "best" in bad:
         assert "minibatch.json" in caplog.text
+
+
+def test_cpu_model_names_the_generation(tmp_path):
+    """Two cloud CPUs both called "AMD EPYC" (Zen 4 and Zen 5) must not share a calibration or
+    read the same in a benchmark line: the family/model/stepping and vector ISA are in the name.
+    Plant: return the bare model name -> both generations give "AMD EPYC"."""
+    def fake(family, flags):
+        path = tmp_path / f"cpuinfo{family}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: 2\n"
+                        f"model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu {flags}\n\n"
+                        "processor\t: 1\ncpu family\t: 99\n")
+        return minibatch._cpu_model(str(path))
+    zen4, zen5 = fake(25, "avx2 avx512f"), fake(26, "avx2 avx512f")
+    assert zen4 == "AMD EPYC (family 25 model 2 stepping 1, avx512)" and zen4 != zen5
+    assert fake(6, "avx2 avx512f amx_tile").endswith("amx)")
+    assert minibatch._cpu_model(str(tmp_path / "missing"))  # no /proc: still a name

@@ -57,15 +57,30 @@ def _cpu_list(text: str) -> set[int]:
     return out
 
 
-def _cpu_model() -> str:
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's name plus its generation: cloud CPUs often report a bare "AMD EPYC" or
+    "Intel Xeon Processor" for several generations, whose best minibatch and dot backend differ,
+    so the family/model/stepping numbers and the widest vector ISA are part of the name (and so
+    of the calibration key): 'AMD EPYC (family 26 model 2 stepping 1, avx512)'."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    generation = " ".join(f"{label} {fields[key]}" for key, label in
+                          (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))
+                          if fields.get(key))
+    flags = set(fields.get("flags", "").split())
+    isa = next((tag for tag, flag in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2"))
+                if flag in flags), "")
+    extra = ", ".join(filter(None, (generation, isa)))
+    return f"{name} ({extra})" if extra else name
 
 
 def cpu_info(sysfs: str = "/sys/devices/system/cpu") -> dict:
