@@ -14,7 +14,7 @@ from hipt_jax.cli import patch_eval as cli
 from hipt_jax.evaluation import knn, patch_eval
 from hipt_jax.evaluation.linear_probe import standardize_fit
 from hipt_jax.evaluation.patch_features import cache_key, cached_features, load_tile
-from hipt_jax.evaluation.tiles import TileDatasetError, read_tiles
+from hipt_jax.evaluation.tiles import TileDatasetError, read_tiles, split_tiles
 from tests.synthetic_cohort import CLASS_STAINS, tissue_crop
 
 N_PER_CLASS = 30
@@ -104,6 +104,36 @@ def test_knn_with_fewer_training_tiles_than_k_says_the_k_it_used(capsys):
     table = patch_eval.format_table(res)
     assert "KNN DINO (k=16, cosine" in table and "k=20" not in table
     assert "only 16 training tiles: KNN DINO uses k=16" in capsys.readouterr().err
+
+
+def test_a_class_missing_from_the_test_split_gives_a_macro_auc_over_the_present_classes(capsys):
+    """A one-tile class stays in train under the seeded split: its one-vs-rest AUC does not
+    exist, and the macro AUC must average the classes present (and say so), not print NaN.
+    Plant: scores_of back to metrics.auc over every class -> auc NaN, fails."""
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 12 + [1] * 12 + [2])  # class "c" has one tile
+    feats = (np.eye(3)[labels] * 3 + rng.normal(size=(25, 3))).astype(np.float32)
+    splits = split_tiles(labels, 0.3, seed=0)
+    assert not ((labels == 2) & (splits == "test")).any()
+    res = patch_eval.evaluate_features(feats, labels, splits, ["a", "b", "c"], methods=("knn_dino", "knn5"))
+    for scores in res["results"]["test"].values():
+        assert np.isfinite(scores["auc"]) and scores["auc"] > 0.9 and scores["auc_classes"] == 2
+    assert res["absent_classes"] == {"test": ["c"]}
+    assert "(2 of 3 classes)" in patch_eval.format_table(res)
+    assert "no tile of class(es) c" in capsys.readouterr().err
+
+
+def test_a_tile_listed_twice_is_refused(tmp_path):
+    """The same tile in train and in test would be its own nearest neighbour: every score
+    inflated, exit 0. Plant: drop the uniqueness check -> read_tiles returns, fails."""
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    Image.fromarray(np.ones((8, 8, 3), np.uint8)).save(tmp_path / "b.png")
+    csv_path = tmp_path / "tiles.csv"
+    csv_path.write_text("path,label,split\na.png,tumor,train\nb.png,stroma,train\n./a.png,tumor,test\n")
+    with pytest.raises(TileDatasetError, match=r"a\.png is listed more than once \(label 'tumor', split train; "
+                                               r"label 'tumor', split test\)"):
+        read_tiles(str(csv_path))
 
 
 def test_knn_equals_sklearn(features):

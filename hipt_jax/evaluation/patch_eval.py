@@ -22,9 +22,25 @@ METRICS = ("acc", "balanced_acc", "auc", "weighted_f1")
 
 
 def scores_of(probs: np.ndarray, y: np.ndarray) -> dict:
+    """Scores of one method on one split. A class with no tile in the split (a one-tile class
+    stays in train under the seeded split) has no one-vs-rest AUC: the macro AUC then averages
+    the classes present and ``auc_classes`` says how many those were (NaN only when fewer than
+    two classes are present, where no AUC exists)."""
     pred = probs.argmax(1)
+    present = np.unique(y)
+    if len(present) == probs.shape[1]:
+        auc = metrics.auc(y, probs)
+    elif len(present) < 2:
+        auc = float("nan")
+    else:
+        auc = float(np.mean([metrics.binary_auc(y == k, probs[:, k]) for k in present]))
     return {"acc": metrics.accuracy(y, pred), "balanced_acc": metrics.balanced_accuracy(y, pred),
-            "auc": metrics.auc(y, probs), "weighted_f1": metrics.weighted_f1(y, pred), "n": int(len(y))}
+            "auc": auc, "auc_classes": int(len(present)), "weighted_f1": metrics.weighted_f1(y, pred),
+            "n": int(len(y))}
+
+
+def absent_classes(y: np.ndarray, class_names: list[str]) -> list[str]:
+    return [name for k, name in enumerate(class_names) if not (y == k).any()]
 
 
 def knn_probs(x_tr, y_tr, x_ev, n_classes: int, *, k_dino: int = 20, temperature: float = 0.07,
@@ -65,6 +81,12 @@ def evaluate_features(features: np.ndarray, labels: np.ndarray, splits: np.ndarr
         out["probe_search"] = {f"{c:g}": v for c, v in first.val_scores.items()}
     for s in eval_splits:
         x_ev, y_ev = features[splits == s], labels[splits == s]
+        missing = absent_classes(y_ev, class_names)
+        if missing:
+            out.setdefault("absent_classes", {})[s] = missing
+            print(f"hipt-patch-eval: the {s} split has no tile of class(es) {', '.join(missing)}: "
+                  f"its macro AUC averages the {n_classes - len(missing)} classes present",
+                  file=sys.stderr)
         probs = knn_probs(x_tr, y_tr, x_ev, n_classes)
         if probe is not None:
             probs["probe"] = probe[s].probs
@@ -92,8 +114,11 @@ def format_table(result: dict) -> str:
     for split, rows in result["results"].items():
         for m, s in rows.items():
             name = method_name(m, result) + (f" (C={result['probe_C']:g})" if m == "probe" else "")
+            auc = f"{s['auc']:.4f}"
+            if s.get("auc_classes", len(result["class_names"])) < len(result["class_names"]):
+                auc += f" ({s['auc_classes']} of {len(result['class_names'])} classes)"
             lines.append(f"| {split} | {name} | {s['acc']:.4f} | {s['balanced_acc']:.4f} | "
-                         f"{s['auc']:.4f} | {s['weighted_f1']:.4f} | {s['n']} |")
+                         f"{auc} | {s['weighted_f1']:.4f} | {s['n']} |")
     return "\n".join(lines)
 
 

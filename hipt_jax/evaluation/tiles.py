@@ -86,6 +86,21 @@ def _read_csv(path: str) -> tuple[list[str], list[str], list[str]]:
     return paths, [r["label"].strip() for r in rows], splits
 
 
+def _check_unique(source: str, paths: list[str], names: list[str], splits: list[str]) -> None:
+    """A tile listed twice (or reached twice through a link) would sit on both sides of a split,
+    or count twice, and inflate every score: refused, naming the tile and its entries."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        key = os.path.realpath(p)
+        if key in seen:
+            j = seen[key]
+            where = lambda k: f"label {names[k]!r}" + (f", split {splits[k]}" if splits[k] else "")  # noqa: E731
+            raise TileDatasetError(
+                f"{source}: tile {p} is listed more than once ({where(j)}; {where(i)}); "
+                "list every tile once")
+        seen[key] = i
+
+
 def split_tiles(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
     """Seeded stratified train/test assignment (str [N]); at least one test tile per class
     that has two or more tiles."""
@@ -124,6 +139,7 @@ def read_tiles(source: str, *, test_fraction: float = 0.3, seed: int = 0,
         raise TileDatasetError(f"{source}: not a tile folder or a .csv file")
     if not paths:
         raise TileDatasetError(f"{source}: no tiles ({', '.join(IMAGE_EXTS)}) in class folders")
+    _check_unique(source, paths, names, splits)
     class_names = sorted(set(names))
     if len(class_names) < 2:
         raise TileDatasetError(f"{source}: needs at least 2 classes, found {class_names}")
