@@ -254,3 +254,30 @@ def test_full_size_released_file(tmp_path, capsys):
     assert code == 0, err
     head = checkpoint.load(str(tmp_path / "ckpt")).head
     assert head["last_layer"]["weight_v"].shape == (256, 65536)
+
+
+def test_flat_teacher_student_dict_and_encoder_prefix(released, tmp_path, capsys):
+    """A flat dict of both networks ("teacher.backbone.*" beside "student.backbone.*", as a
+    whole-model state_dict of a DINO wrapper saves them) converts the network --which asks for,
+    and writes back under the same keys; an "encoder." wrapper is stripped. Plant: no flat-role
+    selection -> the keys read as unexpected (exit 2); the student's weights are taken -> wrong
+    kernel, fails."""
+    teacher = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    want = checkpoint.load_backbone(released["vit4k"])[0]["params"]["phi"]["dense"]["kernel"]
+    flat = {f"teacher.{k}": v for k, v in teacher.items()}
+    flat.update({f"student.{k}": v + 1.0 for k, v in teacher.items()})
+    torch.save(flat, tmp_path / "flat.pth")
+    for which, shift in (("teacher", 0.0), ("student", 1.0)):
+        code, _, err = run_cli(capsys, tmp_path / "flat.pth", tmp_path / which, "--which", which)
+        assert code == 0, err
+        got = checkpoint.load(str(tmp_path / which)).params["phi"]["dense"]["kernel"]
+        np.testing.assert_allclose(got, want + shift, rtol=0, atol=1e-6)
+    backbone, _, layout = torch_io.split_reference_state(flat, "student", "flat.pth")
+    assert layout["prefix"] == "student.backbone." and layout["container"] is None
+    back = torch_io.reference_state(torch_io.reference_to_variables(backbone), None, layout)
+    assert set(back) == {k for k in flat if k.startswith("student.backbone.")}
+    torch.save({k.replace("teacher.backbone.", "teacher.encoder."): v for k, v in flat.items()
+                if k.startswith("teacher.backbone.")}, tmp_path / "encoder.pth")
+    code, _, err = run_cli(capsys, tmp_path / "encoder.pth", tmp_path / "encoder")
+    assert code == 0, err
+    np.testing.assert_array_equal(checkpoint.load(str(tmp_path / "encoder")).params["phi"]["dense"]["kernel"], want)

@@ -277,10 +277,18 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
     """
     if which not in ("teacher", "student"):
         raise CheckpointError(f"--which must be teacher or student, not {which!r}")
+    flat_roles = {str(k).split(".", 1)[0] for k in obj} & {"teacher", "student"}
+    outer = ""  # a flat dict of both networks: "teacher.backbone.blocks.0...", "student...."
     if "teacher" in obj or "student" in obj:
         if which not in obj:
             raise CheckpointError(f"{source}: has no '{which}' entry (keys: {short_list(sorted(map(str, obj)))})")
         state, container = obj[which], which
+    elif flat_roles and all(hasattr(v, "shape") for v in obj.values()):
+        if which not in flat_roles:
+            raise CheckpointError(f"{source}: has no '{which}.*' tensors (prefixes: {sorted(flat_roles)})")
+        outer = f"{which}."
+        state = {k[len(outer):]: v for k, v in obj.items() if str(k).startswith(outer)}
+        container = None
     else:
         # Trainer wrappers (Lightning's "state_dict", a {"model": ...} checkpoint) or a plain dict.
         wrapped = [k for k in _STATE_CONTAINERS if isinstance(obj.get(k), dict)]
@@ -305,15 +313,15 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
     if bad:
         raise CheckpointError(f"{source}: non-finite values (NaN/Inf) in {short_list(bad)}")
-    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    prefix = outer + (prefixes.pop() if len(prefixes) == 1 else "")
     return backbone, head, {"container": container, "prefix": prefix, "cast_from": sorted(cast)}
 
 
 # Where trainers put the state dict inside a checkpoint, and the prefixes their wrappers add to
 # every key: DataParallel/DDP "module.", torch.compile "_orig_mod.", DINO's MultiCropWrapper
-# "backbone.", Lightning modules "model.".
+# "backbone.", Lightning modules "model.", encoder-decoder and SSL wrappers "encoder.".
 _STATE_CONTAINERS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "encoder.")
 
 
 def _strip_wrappers(key: str) -> tuple[str, str]:
