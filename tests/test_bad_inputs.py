@@ -395,13 +395,17 @@ def test_finetune_config_typos_stop_before_the_workdir_records_anything(feature_
 def test_extract_shards_folder_and_region_flags_are_checked(prep, tmp_path, capsys):
     """--shards given the regions/ subfolder, or a --target-mpp other than the one the shards
     were cut at, is exit 2 naming the fix (both were silently taken: the first as a feature
-    folder, the second ignored). Plant: no _check_shards_folder -> no such line, fails."""
+    folder, the second ignored). A refused run leaves no empty --out behind (folders it
+    made are removed, a folder that existed stays). Plants: no _check_shards_folder -> no such
+    line, fails; no remove_empty_created_dirs -> emb/run exists, fails."""
     from hipt_jax.cli.extract import main
 
-    out = tmp_path / "emb"
+    out = tmp_path / "emb" / "run"
     code, _, err = _in_process(main, ["--random-init", "tiny", "--shards", os.path.join(prep, "regions"),
                                       "--out", out], capsys)
     assert_one_line(code, err, "hipt-extract", "holds the shards themselves", prep)
+    assert not (tmp_path / "emb").exists()
+    out.mkdir(parents=True)
     import shutil
 
     mine = str(tmp_path / "prep")
@@ -411,6 +415,7 @@ def test_extract_shards_folder_and_region_flags_are_checked(prep, tmp_path, caps
     code, _, err = _in_process(main, ["--random-init", "tiny", "--shards", mine, "--target-mpp", "0.25",
                                       "--out", out], capsys)
     assert_one_line(code, err, "hipt-extract", "--target-mpp 0.25", "target_mpp=0.5")
+    assert out.is_dir()
 
 
 def test_provenance_refusal_names_the_changed_field_and_another_commands_folder(tmp_path):

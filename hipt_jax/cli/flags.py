@@ -177,6 +177,7 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
     pass False and call ``report_devices`` right after starting it. In a multi-process run an
     exception also arms ``_exit_if_peers_hang``."""
     _interrupt_watchdog(prog)
+    _CREATED_DIRS.clear()
     try:
         if devices_at_start:
             report_devices(prog)
@@ -194,6 +195,7 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
             return _exit_if_peers_hang(prog, EXIT_ITEMS_FAILED)
         if isinstance(e, input_errors()):
             print_error(prog, e)
+            remove_empty_created_dirs()
             return _exit_if_peers_hang(prog, EXIT_BAD_INPUT)
         _exit_if_peers_hang(prog, 1)
         raise
@@ -371,6 +373,20 @@ def check_output_file(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
     check_output_dir(os.path.dirname(os.path.abspath(path)), need_bytes)
 
 
+# Output folders check_output_dir created in this process. A command that then refuses its
+# input (exit 2) removes those still empty, so a rejected run leaves nothing behind.
+_CREATED_DIRS: list[str] = []
+
+
+def remove_empty_created_dirs() -> None:
+    while _CREATED_DIRS:
+        path = _CREATED_DIRS.pop(0)
+        try:
+            os.rmdir(path)  # only an empty folder: anything written there stays
+        except OSError:
+            pass
+
+
 def check_output_dir(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
     """Before any work: ``path`` can be created, is a folder, is writable, and its filesystem has
     at least ``need_bytes`` free (an estimate the caller states). UsageError naming it if not."""
@@ -379,6 +395,11 @@ def check_output_dir(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{path}: output location exists and is not a folder")
+    new, up = [], os.path.abspath(path)
+    while up and not os.path.exists(up) and up != os.path.dirname(up):
+        new.append(up)  # deepest first: removed in this order if the command refuses its input
+        up = os.path.dirname(up)
+    _CREATED_DIRS.extend(new)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
