@@ -397,7 +397,8 @@ def test_extract_shards_folder_and_region_flags_are_checked(prep, tmp_path, caps
     were cut at, is exit 2 naming the fix (both were silently taken: the first as a feature
     folder, the second ignored). A refused run leaves no empty --out behind (folders it
     made are removed, a folder that existed stays). Plants: no _check_shards_folder -> no such
-    line, fails; no remove_empty_created_dirs -> emb/run exists, fails."""
+    line, fails; no remove_empty_created_dirs -> emb/run exists, fails; explicit flags told
+    by comparing to the default -> --size=4096 passes, fails."""
     from hipt_jax.cli.extract import main
 
     out = tmp_path / "emb" / "run"
@@ -416,6 +417,10 @@ def test_extract_shards_folder_and_region_flags_are_checked(prep, tmp_path, caps
                                       "--out", out], capsys)
     assert_one_line(code, err, "hipt-extract", "--target-mpp 0.25", "target_mpp=0.5")
     assert out.is_dir()
+    # Asked for explicitly, the default value counts too (compared to the default, it passed).
+    code, _, err = _in_process(main, ["--random-init", "tiny", "--shards", mine, "--size=4096",
+                                      "--out", out], capsys)
+    assert_one_line(code, err, "hipt-extract", "--size 4096", "region_px=256")
 
 
 def test_provenance_refusal_names_the_changed_field_and_another_commands_folder(tmp_path):

@@ -95,10 +95,9 @@ def _check_shards_folder(args) -> None:
             made = json.load(f).get("params") or {}
     except (OSError, ValueError, AttributeError):
         return
-    parser = build_parser()
     for flag, key in (("size", "region_px"), ("target_mpp", "target_mpp")):
         given, cut = getattr(args, flag), made.get(key)
-        if given != parser.get_default(flag) and cut is not None and given != cut:
+        if flag in getattr(args, "given", ()) and cut is not None and given != cut:
             raise flags.UsageError(
                 f"--{flag.replace('_', '-')} {given}: the region shards in {args.shards} were cut by hipt-prep "
                 f"with {key}={cut}; region flags apply to direct reads (--slides --coords) only")

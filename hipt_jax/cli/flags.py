@@ -266,9 +266,27 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extra = super().parse_known_args(args, namespace)
+        namespace.given = self._given(sys.argv[1:] if args is None else [str(a) for a in args])
         for fn in self._finishers:
             fn(self, namespace)
         return namespace, extra
+
+    def _given(self, argv: list[str]) -> set[str]:
+        """Destinations of the flags the command line spelled out (``--size 4096`` even when 4096
+        is the default), so a check can tell "asked for" from "left at the default". Matches
+        ``--flag``, ``--flag=value`` and argparse's unambiguous prefixes."""
+        options = {o: a.dest for a in self._actions for o in a.option_strings}
+        given = set()
+        for token in argv:
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            if not name.startswith("-") or name in ("-", ):
+                continue
+            hits = [o for o in options if o == name] or [o for o in options if o.startswith(name) and name.startswith("--")]
+            if len({options[o] for o in hits}) == 1:
+                given.add(options[hits[0]])
+        return given
 
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {one_line(message)} (see --help)\n")
