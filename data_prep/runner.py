@@ -207,7 +207,10 @@ def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str
              on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """fn(item, *args) over items on `workers` spawn processes (inline if workers == 1)."""
     results = []
-    bar = tqdm(total=len(items), desc=desc, unit="slide", dynamic_ncols=True)
+    # tqdm reads TQDM_DISABLE (set by --no-progress) when it is imported, so in this process the
+    # variable is honoured here; the spawned workers import tqdm after it is set.
+    bar = tqdm(total=len(items), desc=desc, unit="slide", dynamic_ncols=True,
+               disable=os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"))
     if workers <= 1:
         _init_worker()
         it = map(_Call(fn, args), items)

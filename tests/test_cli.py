@@ -132,6 +132,7 @@ def test_prep_regions_patches_features_name_the_bad_item(data, capsys):
     items = _manifest(root / "regions_out")["items"]
     assert items["good"]["status"] == "done" and items["corrupt"]["status"] == "failed"
     assert "FAILED corrupt" in err and "Traceback" not in err
+    assert "slide/s" not in err and "it/s" not in err, err  # --no-progress: no bar (plant: bar kept)
     code, _, err = _call(prep.main, ["patches", "--regions", data["prep"], "--out", root / "patches_out",
                                      "--workers", 1, "--no-progress"], capsys)
     assert code == flags.EXIT_ITEMS_FAILED, err
