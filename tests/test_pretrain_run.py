@@ -188,10 +188,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         np.save(feats / f"r{i}.npy", rng.normal(size=(256, 384)).astype(np.float32))
     # A float32-denormal teacher temperature (0 itself is refused as out of range) turns the
     # loss into NaN at the first step.
+    # log_every 2 turns the step bar on; --no-progress must turn it off again (plant: the
+    # trainer's bar ignores --no-progress -> "0%|" on stderr, fails).
     code, out, err = _pretrain(tmp_path / "run", feats, "--config.teacher.temp=1e-45",
-                               "--config.teacher.warmup_temp=1e-45", stage=2)
+                               "--config.teacher.warmup_temp=1e-45", "--config.log_every=2",
+                               "--no-progress", stage=2)
     assert code != 0
     assert "non-finite loss" in err and "Traceback" not in err
+    assert "0%|" not in err and "step/s" not in err, err
     assert _finished_checkpoints(tmp_path / "run") == []
 
 

@@ -624,7 +624,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
     knn_monitor = knn_monitor_from_config(config, workdir)
     try:
         from tqdm import tqdm
-        bar = tqdm(total=stop, initial=step, disable=not is_main or config.log_every <= 1,
+        # --no-progress sets TQDM_DISABLE, which tqdm itself reads only at import: checked here.
+        bars_off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+        bar = tqdm(total=stop, initial=step, disable=not is_main or config.log_every <= 1 or bars_off,
                    desc="pretrain", unit="step", file=sys.stderr)
         pending = []  # (step, device metrics) not fetched yet: no host round trip per step
         while step < stop:
