@@ -36,7 +36,7 @@ def open_slide(path: str) -> openslide.OpenSlide:
     try:
         slide = openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(f"{path}: not a slide format OpenSlide can read") from None
+        raise SlideError(f"{path}: {_tiff_problem(path) or 'not a slide format OpenSlide can read'}") from None
     except openslide.OpenSlideError as e:
         raise SlideError(f"{path}: unreadable or corrupt slide ({e})") from None
     except Exception as e:  # PIL/ctypes errors on odd files
@@ -44,6 +44,33 @@ def open_slide(path: str) -> openslide.OpenSlide:
     if slide.dimensions[0] <= 0 or slide.dimensions[1] <= 0:
         raise SlideError(f"{path}: slide has no pixels")
     return slide
+
+
+def _tiff_problem(path: str) -> str | None:
+    """Why a file with a TIFF header (SVS, generic and BigTIFF slides) was refused: OpenSlide
+    calls a truncated or damaged TIFF "unsupported", which sends users looking for a format
+    problem. None when the file is not a TIFF."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    if order is None or len(head) < 8:
+        return None
+    magic = int.from_bytes(head[2:4], "little" if order == "<" else "big")
+    if magic == 42:  # classic TIFF: 4-byte offset of the first directory
+        first = int.from_bytes(head[4:8], "little" if order == "<" else "big")
+    elif magic == 43 and len(head) == 16:  # BigTIFF: 8-byte offset
+        first = int.from_bytes(head[8:16], "little" if order == "<" else "big")
+    else:
+        return None
+    if first >= size:
+        return (f"truncated TIFF/SVS file: its first image directory is at byte {first:,} but the "
+                f"file has {size:,} bytes (an interrupted copy or download?)")
+    return (f"a TIFF/SVS file OpenSlide cannot parse ({size:,} bytes): truncated or corrupt "
+            "(an interrupted copy or download?), or a TIFF that is not a slide")
 
 
 # A microscope's level-0 resolution lies well inside this range (um/px); outside it the metadata

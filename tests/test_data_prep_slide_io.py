@@ -66,6 +66,21 @@ def test_open_slide_errors(tmp_path):
         assert str(path) in str(e.value)
 
 
+def test_truncated_svs_is_called_truncated(real_slide, tmp_path):
+    """OpenSlide reports a cut-off SVS as an unsupported format: the message must say truncated,
+    or people hunt for a format problem. Plant: the plain OpenSlide message -> fails."""
+    data = open(real_slide, "rb").read()
+    for name, size in (("head.svs", 3000), ("half.svs", len(data) // 2)):
+        (tmp_path / name).write_bytes(data[:size])
+        with pytest.raises(SlideError, match=rf"{name}: truncated TIFF/SVS file: its first image directory "
+                                             rf"is at byte [\d,]+ but the file has {size:,} bytes"):
+            open_slide(str(tmp_path / name))
+    # A TIFF header whose directory lies inside the file but is garbage: corrupt, not "format".
+    (tmp_path / "bad.svs").write_bytes(b"II*\x00\x08\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(SlideError, match="bad.svs: a TIFF/SVS file OpenSlide cannot parse"):
+        open_slide(str(tmp_path / "bad.svs"))
+
+
 def test_missing_mpp_needs_assume_mpp(tmp_path):
     p = make_aperio_slide(str(tmp_path / "nompp.svs"), (512, 512), levels=(1,), mpp=None)
     slide = open_slide(p)
