@@ -116,6 +116,11 @@ def test_pretrain_and_profile_bad_input_exit_2_and_take_the_shared_flags(tmp_pat
     code, _, err = _cli("hipt_jax.cli.profile", "--config", tmp_path / "nope.py", "--no-progress", "--seed=1",
                         "--compute-dtype=float32")
     assert_exit_2(code, err, "hipt-profile", "nope.py")
+    # A region side that is not whole 256 px patches was profiled as a smaller region, labelled
+    # with the asked size (plant: region_px back to int_at_least(256) -> exit 0, fails).
+    code, _, err = _cli("hipt_jax.cli.profile", "--config", "configs/profile.py:runlocal",
+                        "--config.hipt4k.region_px=300", "--no-progress")
+    assert_exit_2(code, err, "hipt-profile", "config.hipt4k.region_px=300", "multiple of 256")
 
 
 # ------------------------------------------------------------------------------ one bad item -> 1

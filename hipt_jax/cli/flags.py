@@ -346,6 +346,22 @@ def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
     return parse
 
 
+def int_multiple_of(step: int, low: int) -> Callable[[str], int]:
+    """argparse/config type: an integer >= ``low`` that is a multiple of ``step`` (a region
+    side in whole 256 px patches)."""
+    at_least = int_at_least(low)
+    what = f"a multiple of {step} >= {low}"
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value % step:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
 def float_in(low: float, high: float = float("inf"), *, low_open: bool = True,
              high_open: bool = False) -> Callable[[str], float]:
     """argparse type: a finite float in the interval (low, high] (ends as given)."""

@@ -33,7 +33,7 @@ PROG = "hipt-profile"
 _I = flags.int_at_least
 CONFIG_RANGES = {
     "repeats": _I(1), "seed": _I(0), "matmul.n": _I(1), "matmul.repeats": _I(1), "vit256.batch": _I(1),
-    "hipt4k.region_px": _I(256), "hipt4k.batch": _I(1), "hipt4k.patch_batch": _I(0),
+    "hipt4k.region_px": flags.int_multiple_of(256, 256), "hipt4k.batch": _I(1), "hipt4k.patch_batch": _I(0),
     "pretrain_vit256.global_batch": _I(1), "pretrain_vit4k.global_batch": _I(1),
     "loader.num_records": _I(1), "loader.batches": _I(1), "loader.num_workers": _I(0),
 }
