@@ -154,6 +154,13 @@ def check(out_dir: str, fingerprint: dict, *, outputs: Iterable[str] = (), overw
     what = what or "output folder"
     old = read(out_dir)
     existing = [o for o in outputs if os.path.lexists(os.path.join(out_dir, o))]
+    old_details = read_details(out_dir) if old is not None else _unrecorded_kind(out_dir)
+    if details.get("kind") and old_details.get("kind", what) != what:
+        # Another command's folder: its files may share names with ours (manifest.json), so
+        # not even --overwrite may delete them.
+        raise ProvenanceError(f"{out_dir}: is {_article(old_details['kind'])}, not {_article(what)}; give this run its "
+                              "own folder" + (" (--overwrite only clears a folder of this command's own)"
+                                              if overwrite else ""))
     if overwrite:
         clear(out_dir, existing)
         write(out_dir, fingerprint, details)
@@ -163,10 +170,6 @@ def check(out_dir: str, fingerprint: dict, *, outputs: Iterable[str] = (), overw
         return "new"
     if old == fingerprint:
         return "match"
-    old_details = read_details(out_dir)
-    if details.get("kind") and old_details.get("kind", what) != what:  # another command's folder
-        raise ProvenanceError(f"{out_dir}: is a {old_details['kind']}, not a {what}; give this run its "
-                              "own folder")
     change = (diff(old, fingerprint, old_details, details) if old is not None
               else "no provenance.json (made by an unknown run)")
     if resume_anyway:
@@ -175,6 +178,26 @@ def check(out_dir: str, fingerprint: dict, *, outputs: Iterable[str] = (), overw
         return "resumed"
     raise ProvenanceError(f"{out_dir}: {what} was made with other inputs ({change}); "
                           "use --overwrite to start over or --resume-anyway to keep it")
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _unrecorded_kind(out_dir: str) -> dict:
+    """{"kind": ...} for a folder of a command that keeps no provenance file of its own: a
+    hipt-prep output folder is told by its manifest (its schema; items per slide, where an
+    embeddings folder's lists slides), so no other command reads it as stale output of its own and deletes
+    its manifest.json on --overwrite."""
+    try:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if isinstance(manifest, dict) and (str(manifest.get("schema", "")).startswith("hipt.prep-manifest")
+                                       or ("items" in manifest and "slides" not in manifest)):
+        return {"kind": "hipt-prep output folder"}
+    return {}
 
 
 def clear(out_dir: str, entries: Iterable[str]) -> None:

@@ -412,7 +412,8 @@ def test_extract_shards_folder_and_region_flags_are_checked(prep, tmp_path, caps
     mine = str(tmp_path / "prep")
     shutil.copytree(prep, mine)
     with open(os.path.join(mine, "manifest.json"), "w") as f:  # as hipt-prep records its parameters
-        json.dump({"params": {"region_px": 256, "target_mpp": 0.5}}, f)
+        json.dump({"schema": "hipt.prep-manifest.v1", "params": {"region_px": 256, "target_mpp": 0.5},
+                   "items": {}}, f)
     code, _, err = _in_process(main, ["--random-init", "tiny", "--shards", mine, "--target-mpp", "0.25",
                                       "--out", out], capsys)
     assert_one_line(code, err, "hipt-extract", "--target-mpp 0.25", "target_mpp=0.5")
@@ -421,6 +422,13 @@ def test_extract_shards_folder_and_region_flags_are_checked(prep, tmp_path, caps
     code, _, err = _in_process(main, ["--random-init", "tiny", "--shards", mine, "--size=4096",
                                       "--out", out], capsys)
     assert_one_line(code, err, "hipt-extract", "--size 4096", "region_px=256")
+    # hipt-prep's folder as --out (it keeps no provenance file): refused, --overwrite or not,
+    # and its manifest stays (plant: no _unrecorded_kind -> manifest.json deleted, exit 0).
+    for extra in ([], ["--overwrite"]):
+        code, _, err = _in_process(main, ["--random-init", "tiny", "--shards", prep, "--out", mine,
+                                          "--no-progress", *extra], capsys)
+        assert_one_line(code, err, "hipt-extract", "is a hipt-prep output folder, not an embeddings folder")
+        assert json.load(open(os.path.join(mine, "manifest.json")))["params"]["region_px"] == 256
 
 
 def test_provenance_refusal_names_the_changed_field_and_another_commands_folder(tmp_path):
@@ -437,3 +445,9 @@ def test_provenance_refusal_names_the_changed_field_and_another_commands_folder(
     with pytest.raises(provenance.ProvenanceError,
                        match="is a fine-tuning workdir, not a pretraining run directory"):
         provenance.check(folder, {"config": provenance.config_hash(new)}, what="pretraining run directory")
+    # Not even --overwrite clears another command's folder (plant: kind checked after the
+    # overwrite branch -> the fine-tuning provenance is deleted, fails).
+    with pytest.raises(provenance.ProvenanceError, match="only clears a folder of this command's own"):
+        provenance.check(folder, {"config": "x"}, outputs=("checkpoints",), overwrite=True,
+                         what="pretraining run directory")
+    assert provenance.read_details(folder)["kind"] == "fine-tuning workdir"
