@@ -353,9 +353,11 @@ def test_full_disk_during_extract_is_a_clean_per_slide_failure(prep, tmp_path, m
 
 
 def test_ctrl_c_during_a_run_exits_130_with_one_line(prep, tmp_path):
-    """Plant: run_command without the KeyboardInterrupt branch (a traceback and exit 1)."""
+    """Plant: run_command without the KeyboardInterrupt branch (a traceback and exit 1).
+    The full-size model: with the tiny one a fast CPU finished the whole run before the signal
+    arrived, and the test skipped instead of checking anything."""
     out = tmp_path / "emb"
-    proc = subprocess.Popen([sys.executable, "-m", "hipt_jax.cli.extract", "--random-init", "tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "hipt_jax.cli.extract", "--random-init", "full",
                              "--shards", prep, "--out", out, "--no-progress"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
