@@ -93,3 +93,29 @@ def test_too_small_class_is_named_with_the_labels_file(tmp_path):
     with pytest.raises(cohort.CohortError, match=r"l.csv: stratum 1 has 1 patient\(s\): fewer than the 3 folds "
                                                  r"\(class index -> name: \{0: 'A', 1: 'MDLC'\}\)"):
         cohort.plan_folds(coh, "kfold:3", coh.slide_ids, coh.labels)
+
+
+def test_missing_value_markers_and_numbers_written_two_ways(tmp_path):
+    """'NA' / '[Not Available]' cells are empty cells, not a third class; '1' beside '1.0' is
+    refused, not two classes; a class list drops rows without a value, also in a survival file.
+    Plants: no is_missing -> class_names ['IDC','ILC','NA'], fails; no spelling check -> four
+    classes, fails; survival with an empty cell skipping the class list -> MDLC kept, fails."""
+    def write(name, rows, header="slide_id,label"):
+        path = tmp_path / name
+        path.write_text(header + "\n" + "\n".join(rows) + "\n")
+        return str(path)
+
+    na = write("na.csv", [f"s{i},{['IDC', 'ILC'][i % 2]}" for i in range(6)] + ["s6,NA", "s7,[Not Available]"])
+    with pytest.raises(cohort.CohortError, match=r"row 8: 'label' is 'NA', a missing value \(2 such row"):
+        cohort.read_labels_csv(na)
+    kept = cohort.read_labels_csv(na, classes=["IDC", "ILC"])
+    assert kept.class_names == ["IDC", "ILC"] and len(kept.slide_ids) == 6
+    assert kept.dropped == {"NA": 1, "[Not Available]": 1}
+    mixed = write("mixed.csv", [f"s{i},{i % 2}" for i in range(4)] + [f"t{i},{i % 2}.0" for i in range(4)])
+    with pytest.raises(cohort.CohortError, match=r"'0' \(row 2\) and '0.0' \(row 6\)"):
+        cohort.read_labels_csv(mixed)
+    surv = write("surv.csv", [f"s{i},c{i},{['IDC', 'ILC', 'MDLC'][i % 3]},{10 + i},{i % 2}" for i in range(9)]
+                 + ["s9,c9,,5,0"], header="slide_id,case_id,oncotree_code,survival_months,censorship")
+    surv_cohort = cohort.read_labels_csv(surv, require_survival=True, label_column="oncotree_code", classes=["IDC", "ILC"])
+    assert surv_cohort.class_names == ["IDC", "ILC"] and len(surv_cohort.slide_ids) == 6
+    assert surv_cohort.dropped == {"MDLC": 3, "(empty)": 1}

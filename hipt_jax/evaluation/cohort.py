@@ -169,6 +169,31 @@ def bag_file(embeddings: str, slide_id: str, where: str = "") -> Optional[str]:
 
 # ---------------------------------------------------------------------------------- labels CSV
 
+# Cells that spreadsheets, pandas and TCGA's clinical tables write for "no value": read as a
+# class they would become one more class of the model, so they count as empty cells.
+MISSING_VALUES = frozenset({"na", "n/a", "nan", "none", "null", "[not available]", "[not applicable]",
+                            "[unknown]", "[discrepancy]", "[not evaluated]", "[completed]"})
+
+
+def is_missing(value: str) -> bool:
+    return not value.strip() or value.strip().lower() in MISSING_VALUES
+
+
+def _check_one_spelling_per_number(raw: list[str], path: str, column: str, lines: list[int]) -> None:
+    """'1' on one row and '1.0' on another (a column pandas wrote as floats, then edited) are
+    the same label written two ways; as strings they would be two classes."""
+    first: dict[float, tuple[str, int]] = {}
+    for v, n in zip(raw, lines):
+        try:
+            number = float(v)
+        except ValueError:
+            continue
+        seen = first.setdefault(number, (v, n))
+        if seen[0] != v:
+            raise CohortError(f"{path}: column {column!r} has {seen[0]!r} (row {seen[1]}) and {v!r} (row {n}): "
+                              "the same number written two ways would be two classes; write it one way")
+
+
 def _parse_labels(raw: list[str], classes: Optional[Sequence[str]], path: str, column: str):
     """(class index per row or -1 when dropped, class names)."""
     is_int = all(re.fullmatch(r"\s*-?\d+\s*", v) for v in raw)
@@ -250,15 +275,23 @@ def read_labels_csv(path: str, require_survival: bool = False, label_column: str
     if label_column in cols and (not require_survival or classes
                                  or any((r.get(label_column) or "").strip() for r in rows)):
         raw = [(r.get(label_column) or "").strip() for r in rows]
-        empty = [n for v, n in zip(raw, lines) if not v]
-        if empty and not require_survival:
-            raise CohortError(f"{path}: row {empty[0]}: empty {label_column!r}")
-        if not empty:
-            labels, class_names = _parse_labels(raw, classes, path, label_column)
+        empty = [(n, v) for v, n in zip(raw, lines) if is_missing(v)]
+        if empty and not require_survival and not classes:
+            n, v = empty[0]
+            raise CohortError(f"{path}: row {n}: " + (f"{label_column!r} is {v!r}, a missing value" if v else
+                                                      f"empty {label_column!r}")
+                              + f" ({len(empty)} such row(s)); remove those rows or choose the classes to keep")
+        if not empty or classes:
+            # Rows without a value are dropped by a class list (they are in no class).
+            present = [i for i, v in enumerate(raw) if not is_missing(v)]
+            _check_one_spelling_per_number([raw[i] for i in present], path, label_column,
+                                           [lines[i] for i in present])
+            sub, class_names = _parse_labels([raw[i] for i in present], classes, path, label_column)
+            labels[present] = sub
             keep = labels >= 0
             for v, k in zip(raw, keep):
                 if not k:
-                    dropped[v] = dropped.get(v, 0) + 1
+                    dropped[v or "(empty)"] = dropped.get(v or "(empty)", 0) + 1
             if not require_survival and len(class_names) < 2:
                 raise CohortError(f"{path}: column {label_column!r} has {len(class_names)} class(es) "
                                   f"{class_names}; classification needs at least 2")
