@@ -56,3 +56,21 @@ def test_wsi_without_its_pass_and_unknown_names_fail(tmp_path, capsys):
     assert len(err) == 1 and "hipt-extract --vitwsi" in err[0]
     assert knn_cli.main(argv + ["--embedding", "cls4k_mean,nope"]) == 2
     assert "nope: unknown" in capsys.readouterr().err
+
+
+def test_plots_use_the_evaluated_label_column_and_class_order(tmp_path, monkeypatch):
+    """--plot drew from the labels re-read with defaults: --label-column failed after all the
+    work (no 'label' column) and --classes b,a put class 0 under the name 'a'. Plant: the
+    default re-read -> exit 2 here, fails."""
+    from hipt_jax.evaluation import knn_eval
+
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 8, n_classes=2, signal=2.0, seed=0)
+    labels = write_labels(str(tmp_path / "labels.csv"),
+                          [{"slide_id": f"slide_{i:04d}", "subtype": "ab"[c]} for i, c in enumerate(classes)])
+    seen = []
+    monkeypatch.setattr(knn_eval, "write_plots", lambda r, coh, *a, **k: seen.append(coh.class_names) or [])
+    argv = ["--embeddings", emb, "--labels", labels, "--splits", "kfold:4", "--k", "3", "--out",
+            str(tmp_path / "knn.json"), "--label-column", "subtype", "--classes", "b,a", "--plot"]
+    assert knn_cli.main(argv) == 0
+    assert seen == [["b", "a"]]

@@ -94,7 +94,10 @@ def _run(args) -> int:
                for name in _names(args.embedding)}
     out = args.out or os.path.join(args.embeddings, "knn_results.json")
     if args.plot:
-        coh = knn_eval.cohort_lib.read_labels_csv(args.labels)
+        # The cohort the evaluation used: same label column and class list (class order and
+        # dropped classes), so the plots' class indices match the results'.
+        coh = knn_eval.cohort_lib.read_labels_csv(args.labels, label_column=args.label_column,
+                                                  classes=args.classes)
         stem = os.path.splitext(out)[0]
         for name, r in results.items():
             r["plots"] = knn_eval.write_plots(r, coh, os.path.dirname(os.path.abspath(out)),
