@@ -222,8 +222,9 @@ def test_cli_image_and_errors(tissue, tmp_path, capsys):
     for stale in ("region_blend_4k0_2561.png", "region_4k_head9.png", "other_4k_head0.png"):
         (tmp_path / "out" / stale).write_bytes(b"")
     res = _cli("--random-init", "tiny", "--image", str(image), "--out", str(tmp_path / "out"),
-               "--scale", "16", "--blends", "none")
+               "--scale", "16", "--blends", "none", "--no-progress")
     assert res.returncode == 0, res.stderr
+    assert "heatmap evaluations" not in res.stderr  # --no-progress taken and honoured (was exit 2)
     left = set(os.listdir(tmp_path / "out"))
     assert "other_4k_head0.png" in left and not {"region_blend_4k0_2561.png", "region_4k_head9.png"} & left
     outputs = json.load(open(tmp_path / "out" / "heatmap_outputs.json"))

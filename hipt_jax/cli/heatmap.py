@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--vitwsi", help="slide mode: stage-3 ViT-WSI export (its CLS attention over the "
                                       "regions), or 'stored' for the bag's attention_wsi (hipt-extract --vitwsi)")
     out.add_argument("--thumb-px", type=flags.int_at_least(64), default=2048, help="slide mode: longest side of the picture")
+    flags.add_progress_flag(p)
     return p
 
 
@@ -100,7 +101,7 @@ def run_region(args) -> dict:
     model = flags.load_hipt4k(args)
     t0 = time.perf_counter()
     maps = compute_region_heatmaps(model, region, scale=args.scale, shifts256=args.shifts256,
-                                   shifts4k=args.shifts)
+                                   shifts4k=args.shifts, progress=not args.no_progress)
     written = write_region_heatmaps(maps, args.out, name, alpha=args.alpha, cmap=args.cmap,
                                     blends=args.blends, blend_weighting=args.blend_weighting)
     _remove_stale_maps(args.out, name, written)
