@@ -53,9 +53,17 @@ def find_slide_files(slides: str) -> list[SlideTask]:
     CSV paths are relative to the CSV's folder.
     """
     if os.path.isdir(slides):
-        found, dicom_dirs = [], set()
-        for root, _, files in os.walk(slides):
+        found, dicom_dirs, visited = [], set(), set()
+        # Linked subfolders are followed (cohorts are often assembled from links), each real
+        # folder once; hidden entries are skipped: macOS "._x.svs" AppleDouble files and
+        # ".Trash-*" copies are not slides, and would otherwise clash with x.svs's id.
+        for root, dirs, files in os.walk(slides, followlinks=True):
+            visited.add(os.path.realpath(root))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                             and os.path.realpath(os.path.join(root, d)) not in visited)
             for f in sorted(files):
+                if f.startswith("."):
+                    continue
                 ext = os.path.splitext(f)[1].lower()
                 if ext == ".dcm":
                     if root not in dicom_dirs:
@@ -67,15 +75,19 @@ def find_slide_files(slides: str) -> list[SlideTask]:
     elif os.path.isfile(slides) and slides.lower().endswith(".csv"):
         base = os.path.dirname(os.path.abspath(slides))
         reader = csv.DictReader(io.StringIO(_read_utf8(slides), newline=""))
+        if reader.fieldnames:  # "slide_id, path": spaces after the commas are not part of a name
+            reader.fieldnames = [(f or "").strip() for f in reader.fieldnames]
         if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise InputError(f"{slides}: CSV needs a 'path' column (and optionally 'slide_id')")
+            raise InputError(f"{slides}: CSV needs a 'path' column (and optionally 'slide_id'); "
+                             f"its header has {reader.fieldnames or []}")
         tasks = []
         for n, row in enumerate(reader, start=2):
-            if not row["path"]:
+            path, given_id = (row["path"] or "").strip(), (row.get("slide_id") or "").strip()
+            if not path:
                 raise InputError(f"{slides}: line {n} has an empty path")
-            p = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
-            sid = row.get("slide_id") or os.path.splitext(os.path.basename(p))[0]
-            if row.get("slide_id") and (re.search(r"[/\\]", sid) or sid.strip() in (".", "..")):
+            p = path if os.path.isabs(path) else os.path.join(base, path)
+            sid = given_id or os.path.splitext(os.path.basename(p))[0]
+            if given_id and (re.search(r"[/\\]", sid) or sid.strip() in (".", "..")):
                 raise InputError(f"{slides}: line {n}: slide_id {sid!r} is a path; ids must be plain names")
             tasks.append(SlideTask(_safe_id(sid), p))
     else:

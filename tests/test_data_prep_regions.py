@@ -209,3 +209,26 @@ def test_python_api_matches_cli(cohort_out, synthetic_slides, tmp_path):
         with open(os.path.join(cohort_out, "regions", sid + ".array_record"), "rb") as a, \
                 open(tmp_path / "regions" / (sid + ".array_record"), "rb") as b:
             assert a.read() == b.read()
+
+
+def test_find_slide_files_links_hidden_files_and_spaced_header(tmp_path):
+    """A linked subfolder is searched (it was skipped: its slides silently missing), a link back
+    up does not loop, macOS "._x.svs" files are not slides (they blocked the run as a duplicate
+    id), and a "slide_id, path" header with spaces is read. Plants: os.walk without followlinks
+    -> s2 missing; no hidden-file skip -> 'used by both'; no header strip -> 'needs a path'."""
+    from data_prep.runner import find_slide_files
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "s2.svs").write_bytes(b"")
+    root = tmp_path / "cohort"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "s1.svs").write_bytes(b"")
+    (root / "real" / "._s1.svs").write_bytes(b"\x00\x05\x16\x07")
+    (root / "linked").symlink_to(tmp_path / "other")
+    (root / "real" / "loop").symlink_to(root)
+    tasks = find_slide_files(str(root))
+    assert sorted(t.slide_id for t in tasks) == ["s1", "s2"]
+    spaced = tmp_path / "slides.csv"
+    spaced.write_text("slide_id, path\ncase_1, cohort/real/s1.svs\n")
+    assert [(t.slide_id, t.path) for t in find_slide_files(str(spaced))] == \
+        [("case_1", os.path.join(str(tmp_path), "cohort/real/s1.svs"))]
