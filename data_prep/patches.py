@@ -17,6 +17,7 @@ import numpy as np
 
 from data_prep.regions import status_path
 from data_prep.shards import (PATCH, REGION, decode_jpeg, encode_jpeg, file_sha256, find_slide_shard, iter_records,
+                               region_shard_identity,
                               open_shard_writer, shard_path, write_item_status)
 
 
@@ -65,7 +66,8 @@ def derive_shard(slide_id: str, regions_dir: str, out_dir: str, kind: str, write
     t0 = time.time()
     path = shard_path(out_dir, kind, slide_id)
     result = dict(slide_id=slide_id, status="failed", n_records=0, error=None,
-                  shard=os.path.relpath(path, out_dir))
+                  shard=os.path.relpath(path, out_dir),
+                  source=region_shard_identity(regions_dir, slide_id))  # reruns redo it when that changes
     try:
         with open_shard_writer(path) as writer:
             fields = write_records(iter_records(find_slide_shard(regions_dir, REGION, slide_id), REGION),

@@ -265,13 +265,17 @@ def run_beam(fn: Callable, items: Sequence, args: tuple, runner: str, beam_args:
 
 def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, kind: str,
               params: dict, fn_args: tuple, workers: int = 1, runner: str = "pool",
-              beam_args: Sequence[str] = (), redo: bool = False) -> dict:
-    """Skip finished items, run the rest, write the manifest; returns the manifest."""
+              beam_args: Sequence[str] = (), redo: bool = False,
+              source_of: Callable | None = None) -> dict:
+    """Skip finished items, run the rest, write the manifest; returns the manifest.
+    ``source_of(item)``: what an item is made from (default: the identity of ``item.path``, a
+    slide file); a finished item whose recorded source differs is redone."""
     os.makedirs(os.path.join(out_dir, "status"), exist_ok=True)
     check_params(out_dir, kind, params)
     clean_stale_tmp(out_dir)
-    todo = [(it, i) for it, i in zip(items, ids)
-            if redo or not is_done(out_dir, i, input_identity(it.path) if hasattr(it, "path") else None)]
+    if source_of is None:
+        source_of = lambda it: input_identity(it.path) if hasattr(it, "path") else None  # noqa: E731
+    todo = [(it, i) for it, i in zip(items, ids) if redo or not is_done(out_dir, i, source_of(it))]
     for _, item_id in todo:
         retire_output(out_dir, item_id)
     skipped = len(items) - len(todo)

@@ -361,6 +361,22 @@ def input_identity(path: str) -> dict:
     return {"name": os.path.basename(os.path.normpath(path)), "bytes": size}
 
 
+def region_shard_identity(regions_dir: str, slide_id: str) -> dict:
+    """What says a derived shard (patches, features) was made from a slide's current region
+    shard: its name, the SHA-256 its hipt-prep status recorded (the bytes when there is none)."""
+    path = find_slide_shard(regions_dir, REGION, slide_id)
+    try:
+        with open(shard_status_path(path)) as f:
+            digest = json.load(f).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        digest = None
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    return {"name": os.path.basename(path), "sha256": digest, "bytes": size}
+
+
 def shard_status_path(path: str) -> str:
     """OUT/status/<slide_id>.json of a shard OUT/<kind>/<slide_id>.array_record."""
     out = os.path.dirname(os.path.dirname(os.path.abspath(path)))

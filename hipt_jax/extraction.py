@@ -261,11 +261,32 @@ def coords_attrs(recs: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Cohort -> bags
 # ---------------------------------------------------------------------------------------------
-def _existing_feature_shard(features_dir: Optional[str], slide_id: str) -> Optional[str]:
+def _existing_feature_shard(features_dir: Optional[str], slide_id: str,
+                            region_shard: Optional[str] = None) -> Optional[str]:
+    """The slide's precomputed ViT-256 feature shard, if there is one. Features made from
+    another version of the slide's region shard (the slide was replaced and hipt-prep regions
+    redone, features not) are refused: they would give the old slide's embedding."""
     if not features_dir:
         return None
     path = shards.find_slide_shard(features_dir, shards.FEATURE, slide_id)
-    return path if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    if region_shard is not None:
+        made_from = (_read_json(shards.shard_status_path(path)).get("source") or {}).get("sha256")
+        now = _read_json(shards.shard_status_path(region_shard)).get("sha256")
+        if made_from and now and made_from != now:
+            raise ExtractError(f"{path}: made from another version of {region_shard} (its region shard "
+                               "changed since); rerun hipt-prep features, or omit --features")
+    return path
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _feature_manifest(features_dir: str) -> Optional[str]:
@@ -483,7 +504,8 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
 
     def embed_one(slide_id, bar):
         return extractor.embed_slide_bag(region_shards[slide_id],
-                                         _existing_feature_shard(features_dir, slide_id), bar)
+                                         _existing_feature_shard(features_dir, slide_id,
+                                                                 region_shards[slide_id]), bar)
 
     def source_of(slide_id):  # the shard's checksum as hipt-prep recorded it (no re-hash)
         path = region_shards[slide_id]

@@ -121,11 +121,21 @@ def test_rerun_redoes_a_replaced_slide_and_a_truncated_shard(slides_dir, tmp_pat
     prepare_regions(str(folder), out, region_px=int(REGION))  # unchanged: skipped
     assert "redoing" not in capsys.readouterr().err and open(shard, "rb").read() == first
 
+    patches = str(tmp_path / "patches")  # derived from the region shard
+    assert main(["patches", "--regions", out, "--out", patches, "--workers", "1", "--no-progress"]) == 0
+    patch_status = os.path.join(patches, "status", "s.json")
+    assert json.load(open(patch_status))["source"]["sha256"] == json.load(open(status))["sha256"]
+
     shutil.copy(b, folder / "s.svs")  # same id, another slide
     prepare_regions(str(folder), out, region_px=int(REGION))
     assert "its output was made from" in capsys.readouterr().err
     assert json.load(open(status))["source"]["bytes"] == os.path.getsize(b)
     assert open(shard, "rb").read() != first
+    # The patches (and features) of the old region shard are redone, not kept as "already
+    # done" (plant: run_items without source_of for derived shards -> skipped, fails).
+    assert main(["patches", "--regions", out, "--out", patches, "--workers", "1", "--no-progress"]) == 0
+    assert "its output was made from" in capsys.readouterr().err
+    assert json.load(open(patch_status))["source"]["sha256"] == json.load(open(status))["sha256"]
 
     with open(shard, "r+b") as f:  # a shard cut short after it was finished
         f.truncate(os.path.getsize(shard) // 2)

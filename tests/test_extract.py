@@ -189,3 +189,26 @@ def test_region_program_split_over_devices_runs_each_region_once():
     for pb, row in out.items():
         assert row["devices"] == 4, row
         assert row["all_gathers"] == 0, (pb, row)
+
+
+def test_features_of_an_older_region_shard_are_refused(tmp_path):
+    """hipt-prep features skipped as done after the slide's region shard was redone would give
+    the old slide's embedding with exit 0. Plant: no source check -> the stale path returned."""
+    import json as _json
+
+    from hipt_jax import extraction
+    from data_prep import shards as shards_lib
+
+    feats, regions = tmp_path / "feat", tmp_path / "prep"
+    for root, kind in ((feats, "features"), (regions, "regions")):
+        (root / kind).mkdir(parents=True)
+        (root / "status").mkdir()
+        (root / kind / "s.array_record").write_bytes(b"x")
+    region_shard = str(regions / "regions" / "s.array_record")
+    (regions / "status" / "s.json").write_text(_json.dumps({"sha256": "new"}))
+    (feats / "status" / "s.json").write_text(_json.dumps({"source": {"sha256": "old"}}))
+    with pytest.raises(extraction.ExtractError, match="made from another version of"):
+        extraction._existing_feature_shard(str(feats), "s", region_shard)
+    (feats / "status" / "s.json").write_text(_json.dumps({"source": {"sha256": "new"}}))
+    assert extraction._existing_feature_shard(str(feats), "s", region_shard) == \
+        shards_lib.find_slide_shard(str(feats), shards_lib.FEATURE, "s")

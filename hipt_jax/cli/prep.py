@@ -155,7 +155,7 @@ def _coords(args, beam_args) -> int:
 def _patches(args, beam_args) -> int:
     from data_prep.patches import PatchParams, process_region_shard
     from data_prep.runner import run_items
-    from data_prep.shards import REGION, list_slide_shards
+    from data_prep.shards import REGION, list_slide_shards, region_shard_identity
 
     params = PatchParams(patch_px=args.patch, min_tissue_fraction=args.min_tissue,
                          background_saturation=args.background_saturation,
@@ -165,14 +165,15 @@ def _patches(args, beam_args) -> int:
     out = os.path.abspath(args.out)
     manifest = run_items(process_region_shard, ids, ids, out, "patches",
                          dict(dataclasses.asdict(params), regions=src), (src, out, params),
-                         workers=args.workers, runner=args.runner, beam_args=beam_args, redo=args.redo)
+                         workers=args.workers, runner=args.runner, beam_args=beam_args, redo=args.redo,
+                         source_of=functools.partial(region_shard_identity, src))
     return _report(manifest, out)
 
 
 def _features(args) -> int:
     from data_prep.patches import derive_shard
     from data_prep.runner import run_items
-    from data_prep.shards import REGION, list_slide_shards
+    from data_prep.shards import REGION, list_slide_shards, region_shard_identity
     from hipt_jax.extraction import Extractor
     from hipt_jax.models.hipt4k import HIPT4K
 
@@ -195,7 +196,7 @@ def _features(args) -> int:
     # JAX already spreads each batch over every core/accelerator of the host: one process.
     manifest = run_items(derive_shard, ids, ids, out, "features", params,
                          (src, out, "features", write_features), workers=1, runner="pool",
-                         redo=args.redo)
+                         redo=args.redo, source_of=functools.partial(region_shard_identity, src))
     return _report(manifest, out)
 
 
