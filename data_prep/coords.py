@@ -97,17 +97,29 @@ def coords_file_extent(cf: CoordsFile, level_downsamples) -> int | None:
     return None
 
 
-def find_coords_files(folder: str) -> dict[str, str]:
-    """slide_id -> coordinate file under `folder` (recursive): `<id>_patches.h5` or `<id>.h5`."""
+def find_coords_files(folder: str, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """slide_id -> coordinate file under `folder` (recursive, links followed, hidden entries
+    and the folders in ``exclude`` skipped): `<id>_patches.h5` or `<id>.h5`. Two files for one
+    slide (CLAM and TRIDENT outputs side by side, two job folders) are refused naming both:
+    which one to use is the user's call."""
     if not os.path.isdir(folder):
         raise CoordsError(f"{folder}: not a folder of coordinate files")
+    skip = {os.path.realpath(e) for e in exclude}
     found: dict[str, str] = {}
-    for root, _, files in os.walk(folder):
+    visited = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        visited.add(os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.realpath(os.path.join(root, d)) not in skip | visited)
         for name in sorted(files):
-            if not name.endswith(".h5"):
+            if not name.endswith(".h5") or name.startswith("."):
                 continue
             sid = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name[:-3]
-            found.setdefault(sid, os.path.join(root, name))
+            path = os.path.join(root, name)
+            if sid in found:
+                raise CoordsError(f"{folder}: two coordinate files for slide {sid!r}: {found[sid]} and {path}; "
+                                  "keep one (or give each set its own --coords folder)")
+            found[sid] = path
     if not found:
         raise CoordsError(f"{folder}: no .h5 coordinate files found")
     return found

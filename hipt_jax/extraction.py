@@ -613,7 +613,7 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
     from data_prep import slide_io
 
     bags.check_format(fmt)
-    files = coords_io.find_coords_files(coords_dir)
+    files = coords_io.find_coords_files(coords_dir, exclude=(out_dir,))  # --out may sit inside it
     if fingerprint is not None:
         fingerprint = dict(fingerprint, store_dtype=store_dtype, format=fmt, target_mpp=target_mpp,
                            region_px=region_px, assume_mpp=assume_mpp,

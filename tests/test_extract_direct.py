@@ -117,3 +117,25 @@ def test_coordinates_outside_the_slide_fail_it(model, extractor, prepared, tmp_p
     _trident_file(str(tmp_path / "t" / "job" / "patches" / f"{SID}_patches.h5"), off, SIZE)
     result = _direct(model, extractor, slides, str(tmp_path / "t"), str(tmp_path / "e"))["slides"][SID]
     assert result["status"] == "failed" and f"1 of 2 regions start outside {REAL_SLIDE}" in result["error"]
+
+
+def test_coordinate_files_two_per_slide_refused_and_out_folder_skipped(tmp_path):
+    """Two coordinate files for one slide (a TRIDENT job folder beside CLAM's) were resolved by
+    walk order, silently; an --out inside --coords had its own .h5 bags read as coordinates on
+    the rerun (refused, then with --resume-anyway the bags deleted). Plants: setdefault on the
+    id -> no error; no exclude -> the bag is taken as a second coordinate file, fails."""
+    from data_prep.coords import CoordsError, find_coords_files
+
+    coords = tmp_path / "coords"
+    (coords / "trident" / "patches").mkdir(parents=True)
+    (coords / "trident" / "patches" / "a.h5").write_bytes(b"")
+    (coords / "clam").mkdir()
+    (coords / "clam" / "a_patches.h5").write_bytes(b"")
+    (coords / "clam" / "._b_patches.h5").write_bytes(b"")  # macOS metadata, not a slide
+    with pytest.raises(CoordsError, match=r"two coordinate files for slide 'a': .*a_patches.h5 and .*a.h5"):
+        find_coords_files(str(coords))
+    os.remove(coords / "trident" / "patches" / "a.h5")
+    out = coords / "emb"
+    (out / "slides").mkdir(parents=True)
+    (out / "slides" / "a.h5").write_bytes(b"")  # a bag of an earlier run, in h5 format
+    assert find_coords_files(str(coords), exclude=(str(out),)) == {"a": str(coords / "clam" / "a_patches.h5")}
