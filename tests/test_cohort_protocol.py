@@ -338,3 +338,10 @@ def test_leaky_split_files_need_an_explicit_opt_in(tmp_path):
         "1,TCGA-IL-0000-01Z-00-DX1,,TCGA-IL-0003-01Z-00-DX1\n")
     plan = cohort.plan_folds(coh, str(tmp_path), coh.slide_ids, coh.labels, allow_leaks=True)
     assert plan.leaky_patients == {0: ["TCGA-ID-0001"]}
+    # The same slide in train and test is not a patient leak: refused even with the opt-in
+    # (plant: no _check_no_item_in_two_parts -> the plan is made, fails).
+    (tmp_path / "splits_0.csv").write_text(
+        ",train,val,test\n0,TCGA-ID-0001-01Z-00-DX1,,TCGA-ID-0001-01Z-00-DX1\n"
+        "1,TCGA-IL-0000-01Z-00-DX1,,TCGA-IL-0003-01Z-00-DX1\n")
+    with pytest.raises(CohortError, match=r"'TCGA-ID-0001-01Z-00-DX1' is in both train and test"):
+        cohort.plan_folds(coh, str(tmp_path), coh.slide_ids, coh.labels, allow_leaks=True)

@@ -564,6 +564,20 @@ def check_training_classes(folds: Sequence[dict], label_of_item: dict, class_nam
                               "training part; every class needs at least one")
 
 
+def _check_no_item_in_two_parts(folds: Sequence[dict], where: str) -> None:
+    """The same slide (or patient) id in two parts of one fold: the model would be tested on
+    what it was fit on. Unlike a patient whose slides are split (the opt-in for the official
+    splits' patient leaks), this is never what a split file means."""
+    for k, fold in enumerate(folds):
+        seen: dict[str, str] = {}
+        for part in PARTS:
+            for item in fold.get(part, []):
+                if item in seen and seen[item] != part:
+                    raise CohortError(f"{where.format(k=k)}: {item!r} is in both {seen[item]} and {part}; "
+                                      "an id belongs to one part")
+                seen.setdefault(item, part)
+
+
 def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *, unit: str = "slide",
                seed: int = 0, label_frac: float = 1.0, allow_leaks: bool = False) -> FoldPlan:
     """The one fold builder of hipt-knn and hipt-finetune.
@@ -610,7 +624,8 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
         folds = [{p: _split_to_items(f[p], coh, item_set, unit, insensitive, skipped) for p in PARTS}
                  for f in raw]
         where = os.path.join(spec, "splits_{k}.csv")
-        if allow_leaks:
+        if allow_leaks:  # (without the opt-in the patient check below refuses it too)
+            _check_no_item_in_two_parts(folds, where)  # not even --allow-leaky-splits takes this
             leaks = patient_leaks(folds, case_of_item)
         else:
             check_no_patient_leak(folds, case_of_item, where)
