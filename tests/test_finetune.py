@@ -243,3 +243,30 @@ def test_gradient_accumulation_is_one_step_on_the_mean_gradient():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)  # Adam: ~lr per step
     assert not np.allclose(got["classifier"]["kernel"], params["classifier"]["kernel"])
+
+
+def test_bags_of_cls4k_features_alone(tmp_path):
+    """A TRIDENT-style h5 with only `features` [M,192] (CLS-4K) and `coords`: the region
+    baselines read exactly that; HIPT-LGP, which needs the ViT-256 grid, gets a one-line error
+    naming the bag. Plants: bag_input reading features_cls256 first -> KeyError; _bag_shape
+    indexing features_cls256 -> a KeyError traceback instead of FinetuneError."""
+    import h5py
+
+    emb = tmp_path / "h5"
+    emb.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        with h5py.File(emb / f"s{i}.h5", "w") as f:
+            f["features"] = rng.normal(size=(3, 192)).astype(np.float32) + (i % 2)
+            f["coords"] = np.arange(6, dtype=np.int64).reshape(3, 2) * 4096
+        rows.append({"slide_id": f"s{i}", "label": "ab"[i % 2]})
+    labels = write_labels(str(tmp_path / "labels.csv"), rows)
+    bag = finetune.read_bag(str(emb), "s0")
+    assert "features_cls256" not in bag
+    np.testing.assert_array_equal(finetune.bag_input(None, None, bag, "region"), bag["features_cls4k"])
+    c = _subtyping_config(str(emb), labels)
+    with pytest.raises(finetune.FinetuneError, match=r"s0.h5: bag has no features_cls256, which a hipt_lgp"):
+        finetune._bag_shape(c, ["s0"])
+    c.model.name = "abmil"
+    assert finetune._bag_shape(c, ["s0"]) == (16, 192)

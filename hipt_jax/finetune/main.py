@@ -162,11 +162,12 @@ def bag_input(model, variables, bag: dict, level: str, buckets=lgp.DEFAULT_BUCKE
     its [M,192] outputs (computed here once), an unfrozen one the raw [M,R*C,384] features; a
     baseline gets the [M,192] features_cls4k (``level`` "region") or the [M*R*C,384] patch
     features (``level`` "patch")."""
+    if not isinstance(model, lgp.HIPTLGP) and level == "region":
+        # A bag of CLS-4K features alone (a TRIDENT-style h5 with only `features`) is enough.
+        return np.asarray(bag["features_cls4k"], np.float32)  # [M,192]
     feats = bag["features_cls256"]  # [M,R*C,384]
     if isinstance(model, lgp.HIPTLGP):
         return encode_local(model, variables, feats, buckets) if model.freeze_local else feats
-    if level == "region":
-        return np.asarray(bag["features_cls4k"], np.float32)  # [M,192]
     return feats.reshape(-1, feats.shape[-1])  # [M,R*C,384] -> [M*R*C,384]
 
 
@@ -466,11 +467,18 @@ def _bag_shape(config, slide_ids: list[str]) -> tuple[int, int]:
                 bag = read_bag(emb, sid)
             except BagError:
                 continue  # recorded as failed by load_items
+            name = _model_name(config)
+            level = "region" if name == "hipt_lgp" else config.model.bag
+            try:
+                shape = instance_shape(bag, name, level)  # names what the bag lacks
+            except BagError as e:
+                raise FinetuneError(f"{cohort_lib.bag_file(emb, sid)}: {e}") from None
+            if name != "hipt_lgp" and level == "region":
+                feats = bag.get("features_cls256")  # the grid side is unused by these models
+                grid = int(round(feats.shape[1] ** 0.5)) if feats is not None and feats.ndim == 3 else 16
+                return grid, int(shape[-1])
             feats = bag["features_cls256"]
-            grid = int(round(feats.shape[1] ** 0.5))
-            if _model_name(config) != "hipt_lgp" and config.model.bag == "region":
-                return grid, int(bag["features_cls4k"].shape[-1])
-            return grid, int(feats.shape[-1])
+            return int(round(feats.shape[1] ** 0.5)), int(feats.shape[-1])
     raise FinetuneError(f"{emb}: none of the labelled slides were extracted")
 
 
