@@ -121,6 +121,11 @@ def test_a_class_missing_from_the_test_split_gives_a_macro_auc_over_the_present_
     assert res["absent_classes"] == {"test": ["c"]}
     assert "(2 of 3 classes)" in patch_eval.format_table(res)
     assert "no tile of class(es) c" in capsys.readouterr().err
+    # A class with tiles only in test is named too (plant: no train check -> no line, fails).
+    only_test = np.where(splits == "train", labels % 2, 2)
+    res2 = patch_eval.evaluate_features(feats, only_test, splits, ["a", "b", "c"], methods=("knn5",))
+    assert res2["untrained_classes"] == ["c"]
+    assert "no training tile of class(es) c" in capsys.readouterr().err
 
 
 def test_a_tile_listed_twice_is_refused(tmp_path):
@@ -133,6 +138,10 @@ def test_a_tile_listed_twice_is_refused(tmp_path):
     csv_path.write_text("path,label,split\na.png,tumor,train\nb.png,stroma,train\n./a.png,tumor,test\n")
     with pytest.raises(TileDatasetError, match=r"a\.png is listed more than once \(label 'tumor', split train; "
                                                r"label 'tumor', split test\)"):
+        read_tiles(str(csv_path))
+    # An empty or 'NA' label is not a class (plant: no missing-label check -> class '' or 'NA').
+    csv_path.write_text("path,label,split\na.png,tumor,train\nb.png,NA,test\n")
+    with pytest.raises(TileDatasetError, match=r"line 3: label 'NA' is empty or a missing value"):
         read_tiles(str(csv_path))
 
 

@@ -67,6 +67,11 @@ def evaluate_features(features: np.ndarray, labels: np.ndarray, splits: np.ndarr
     if ks["knn_dino"] < 20:
         print(f"hipt-patch-eval: only {int(tr.sum())} training tiles: KNN DINO uses k={ks['knn_dino']} "
               f"(not 20), KNN k={ks['knn5']}", file=sys.stderr)
+    untrained = absent_classes(y_tr, class_names)
+    if untrained:
+        out["untrained_classes"] = untrained
+        print(f"hipt-patch-eval: no training tile of class(es) {', '.join(untrained)}: no method can "
+              "predict them, and their test tiles count as errors", file=sys.stderr)
     probe = None
     if "probe" in methods:
         # The regularization search uses the dataset's own val split when it has one.

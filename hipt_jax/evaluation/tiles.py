@@ -83,7 +83,15 @@ def _read_csv(path: str) -> tuple[list[str], list[str], list[str]]:
     bad = sorted({s for s in splits if s and s not in SPLITS})
     if bad:
         raise TileDatasetError(f"{path}: unknown split value(s) {bad}; use train/val/test")
-    return paths, [r["label"].strip() for r in rows], splits
+    labels = [(r["label"] or "").strip() for r in rows]
+    from hipt_jax.evaluation.cohort import is_missing
+
+    missing = [(n, v) for n, v in enumerate(labels, start=2) if is_missing(v)]
+    if missing:
+        n, v = missing[0]
+        raise TileDatasetError(f"{path}: line {n}: label {v!r} is empty or a missing value "
+                               f"({len(missing)} such line(s)); label every tile or leave it out")
+    return paths, labels, splits
 
 
 def _check_unique(source: str, paths: list[str], names: list[str], splits: list[str]) -> None:
