@@ -76,7 +76,21 @@ def read_coords(path: str) -> CoordsFile:
         raise CoordsError(f"{path}: not a readable h5 file ({e})") from None
     if xy.ndim != 2 or xy.shape[1] != 2 or not np.issubdtype(xy.dtype, np.number):
         raise CoordsError(f"{path}: 'coords' must be a numeric [N, 2] array, got {xy.dtype} {xy.shape}")
-    return CoordsFile(path, xy.astype(np.int64), attrs)
+    if not np.isfinite(xy).all():
+        raise CoordsError(f"{path}: 'coords' holds NaN/Inf values")
+    if np.issubdtype(xy.dtype, np.floating) and (xy != np.round(xy)).any():
+        bad = xy[(xy != np.round(xy)).any(axis=1)][0]
+        raise CoordsError(f"{path}: coordinates must be whole level-0 pixels, got ({bad[0]:g}, {bad[1]:g}); "
+                          "truncating them would read other regions than the file names")
+    xy = xy.astype(np.int64)
+    _, first, counts = np.unique(xy, axis=0, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        # A region listed twice counts twice in every mean over the bag: a file written twice
+        # over, or two coordinate sets concatenated.
+        dup = xy[first[np.argmax(counts > 1)]]
+        raise CoordsError(f"{path}: {int((counts - 1).sum())} duplicate coordinate row(s), e.g. "
+                          f"({dup[0]}, {dup[1]}); each region once")
+    return CoordsFile(path, xy, attrs)
 
 
 def coords_file_extent(cf: CoordsFile, level_downsamples) -> int | None:

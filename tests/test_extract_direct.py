@@ -139,3 +139,23 @@ def test_coordinate_files_two_per_slide_refused_and_out_folder_skipped(tmp_path)
     (out / "slides").mkdir(parents=True)
     (out / "slides" / "a.h5").write_bytes(b"")  # a bag of an earlier run, in h5 format
     assert find_coords_files(str(coords), exclude=(str(out),)) == {"a": str(coords / "clam" / "a_patches.h5")}
+
+
+def test_coordinate_rows_duplicated_or_fractional_are_refused(tmp_path):
+    """Duplicated rows were kept (a region counted twice in every mean of the bag) and 512.9
+    read as 512: both wrong with exit 0. Plant: no checks -> read_coords returns, fails."""
+    import h5py
+
+    from data_prep.coords import CoordsError, read_coords
+
+    def write(name, xy):
+        with h5py.File(tmp_path / name, "w") as f:
+            f["coords"] = np.asarray(xy)
+        return str(tmp_path / name)
+
+    assert read_coords(write("ok.h5", [[0, 0], [512, 0]])).coords.tolist() == [[0, 0], [512, 0]]
+    assert read_coords(write("whole.h5", [[0.0, 0.0], [512.0, 0.0]])).coords.dtype == np.int64
+    with pytest.raises(CoordsError, match=r"dup.h5: 2 duplicate coordinate row\(s\), e.g. \(0, 0\)"):
+        read_coords(write("dup.h5", [[0, 0], [512, 0], [0, 0], [0, 0]]))
+    with pytest.raises(CoordsError, match=r"frac.h5: coordinates must be whole level-0 pixels, got \(512.9, 0\)"):
+        read_coords(write("frac.h5", [[0.0, 0.0], [512.9, 0.0]]))
