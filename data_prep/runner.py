@@ -94,12 +94,18 @@ def find_slide_files(slides: str) -> list[SlideTask]:
         raise InputError(f"{slides}: not a folder or a .csv file")
     if not tasks:
         raise InputError(f"{slides}: no slides found (extensions: {' '.join(SLIDE_EXTENSIONS)})")
-    seen = {}
+    seen, files = {}, {}
     for t in tasks:
         if t.slide_id in seen:
             raise InputError(f"{slides}: slide id {t.slide_id!r} used by both {seen[t.slide_id]} and "
                              f"{t.path}; give unique ids in a CSV")
         seen[t.slide_id] = t.path
+        # One file under two ids would be two "slides" (and could sit in train and test).
+        real = os.path.realpath(t.path)
+        if real in files:
+            raise InputError(f"{slides}: {t.path} is listed as slide {files[real]!r} and as {t.slide_id!r}; "
+                             "list each slide file once")
+        files[real] = t.slide_id
     return tasks
 
 

@@ -216,7 +216,7 @@ def test_find_slide_files_links_hidden_files_and_spaced_header(tmp_path):
     up does not loop, macOS "._x.svs" files are not slides (they blocked the run as a duplicate
     id), and a "slide_id, path" header with spaces is read. Plants: os.walk without followlinks
     -> s2 missing; no hidden-file skip -> 'used by both'; no header strip -> 'needs a path'."""
-    from data_prep.runner import find_slide_files
+    from data_prep.runner import InputError, find_slide_files
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "s2.svs").write_bytes(b"")
@@ -232,3 +232,8 @@ def test_find_slide_files_links_hidden_files_and_spaced_header(tmp_path):
     spaced.write_text("slide_id, path\ncase_1, cohort/real/s1.svs\n")
     assert [(t.slide_id, t.path) for t in find_slide_files(str(spaced))] == \
         [("case_1", os.path.join(str(tmp_path), "cohort/real/s1.svs"))]
+    # One file under two ids (plant: no realpath check -> two tasks, a train/test leak).
+    twice = tmp_path / "twice.csv"
+    twice.write_text("slide_id,path\nx,cohort/real/s1.svs\ny,cohort/real/../real/s1.svs\n")
+    with pytest.raises(InputError, match=r"s1.svs is listed as slide 'x' and as 'y'"):
+        find_slide_files(str(twice))
