@@ -69,8 +69,8 @@ def _tiff_problem(path: str) -> str | None:
     if first >= size:
         return (f"truncated TIFF/SVS file: its first image directory is at byte {first:,} but the "
                 f"file has {size:,} bytes (an interrupted copy or download?)")
-    return (f"a TIFF/SVS file OpenSlide cannot parse ({size:,} bytes): truncated or corrupt "
-            "(an interrupted copy or download?), or a TIFF that is not a slide")
+    return (f"a TIFF/SVS file OpenSlide cannot open as a slide ({size:,} bytes): an image TIFF that is "
+            "not a tiled slide, or a damaged or truncated file (an interrupted copy?)")
 
 
 # A microscope's level-0 resolution lies well inside this range (um/px); outside it the metadata
