@@ -22,6 +22,8 @@ import os
 import h5py
 import numpy as np
 
+from data_prep.shards import safe_slide_id
+
 SUFFIX = "_patches.h5"
 
 
@@ -128,7 +130,8 @@ def find_coords_files(folder: str, exclude: tuple[str, ...] = ()) -> dict[str, s
         for name in sorted(files):
             if not name.endswith(".h5") or name.startswith("."):
                 continue
-            sid = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name[:-3]
+            # Keyed like the slides ("my slide_patches.h5" -> "my_slide", as "my slide.svs").
+            sid = safe_slide_id(name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name[:-3])
             path = os.path.join(root, name)
             if sid in found:
                 raise CoordsError(f"{folder}: two coordinate files for slide {sid!r}: {found[sid]} and {path}; "

@@ -33,7 +33,9 @@ class InputError(Exception):
 
 
 def _safe_id(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
+    from data_prep.shards import safe_slide_id
+
+    return safe_slide_id(name)
 
 
 def _read_utf8(path: str) -> str:

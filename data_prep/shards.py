@@ -22,6 +22,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import platform
 import time
 from importlib import metadata
@@ -261,6 +262,14 @@ def kind_folder(root: str, kind: str | RecordKind) -> str:
     """OUT/<kind folder> when ``root`` is a hipt-prep output folder, else ``root`` itself."""
     sub = os.path.join(root, kind_of(kind).folder)
     return sub if os.path.isdir(sub) else root
+
+
+def safe_slide_id(name: str) -> str:
+    """A slide file's stem as the id its outputs are named by: letters and digits of any script,
+    '.', '-' and '_' kept, every other run of characters (spaces, slashes, ...) one '_':
+    'my slide' -> 'my_slide', '患者 1' -> '患者_1'. Every command that maps a slide, a coordinate
+    file or a bag to an id goes through here, so their names meet."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "slide"
 
 
 def slide_id_of(path: str) -> str:

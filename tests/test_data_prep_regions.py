@@ -237,3 +237,19 @@ def test_find_slide_files_links_hidden_files_and_spaced_header(tmp_path):
     twice.write_text("slide_id,path\nx,cohort/real/s1.svs\ny,cohort/real/../real/s1.svs\n")
     with pytest.raises(InputError, match=r"s1.svs is listed as slide 'x' and as 'y'"):
         find_slide_files(str(twice))
+
+
+def test_ids_keep_letters_of_any_script_and_coordinate_files_meet_them(tmp_path):
+    """'患者1.svs' and '病人1.svs' were both id '1' (the whole run refused as a duplicate), and
+    'my slide.svs' (id 'my_slide') never found its 'my slide_patches.h5'. Plants: the ASCII-only
+    id -> 'used by both'; coordinate ids not normalized -> key 'my slide', fails."""
+    from data_prep.coords import find_coords_files
+    from data_prep.runner import find_slide_files
+
+    for name in ("患者1.svs", "病人1.svs", "my slide.svs"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(t.slide_id for t in find_slide_files(str(tmp_path))) == sorted(["患者1", "病人1", "my_slide"])
+    coords = tmp_path / "coords"
+    coords.mkdir()
+    (coords / "my slide_patches.h5").write_bytes(b"")
+    assert list(find_coords_files(str(coords))) == ["my_slide"]

@@ -136,11 +136,12 @@ def _file_scores(path: str):
 def _lgp_scores(args, slide):
     """HIPT-LGP pooling weights of this slide's regions, from hipt-extract's per-slide npz."""
     from data_prep import bags, slide_io
+    from data_prep.shards import safe_slide_id
     from hipt_jax.heatmap.slide import lgp_region_attention
 
     if not args.embeddings:
         raise ValueError("--lgp needs --embeddings (the hipt-extract output with slides/<id>.npz)")
-    slide_id = os.path.splitext(os.path.basename(args.slide))[0]
+    slide_id = safe_slide_id(os.path.splitext(os.path.basename(args.slide))[0])  # as hipt-prep names it
     bag = bags.read_bag(args.embeddings, slide_id)  # BagError (a ValueError) when not extracted
     if "coords" not in bag:  # an official .pt bag holds features only
         raise ValueError(f"{bags.find_bag(args.embeddings, slide_id)}: bag has no region coordinates "
@@ -154,11 +155,12 @@ def _lgp_scores(args, slide):
 def _vitwsi_scores(args, slide):
     """Stage-3 CLS attention over this slide's regions (hipt_jax.wsi.wsi_attention)."""
     from data_prep import bags, slide_io
+    from data_prep.shards import safe_slide_id
     from hipt_jax.wsi import wsi_attention
 
     if not args.embeddings:
         raise ValueError("--vitwsi needs --embeddings (the hipt-extract output with slides/<id>.npz)")
-    slide_id = os.path.splitext(os.path.basename(args.slide))[0]
+    slide_id = safe_slide_id(os.path.splitext(os.path.basename(args.slide))[0])  # as hipt-prep names it
     bag = bags.find_bag(args.embeddings, slide_id)
     if bag is None:
         raise ValueError(f"{args.embeddings}: slide {slide_id!r} was not extracted")
