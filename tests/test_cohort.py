@@ -119,3 +119,16 @@ def test_missing_value_markers_and_numbers_written_two_ways(tmp_path):
     surv_cohort = cohort.read_labels_csv(surv, require_survival=True, label_column="oncotree_code", classes=["IDC", "ILC"])
     assert surv_cohort.class_names == ["IDC", "ILC"] and len(surv_cohort.slide_ids) == 6
     assert surv_cohort.dropped == {"MDLC": 3, "(empty)": 1}
+
+
+def test_trailing_empty_spreadsheet_rows_and_the_all_censored_hint(tmp_path):
+    """Excel's trailing ',,' rows were refused as 'empty id'; an all-censored cohort (a 0/1
+    column coded the other way round) now says how censorship is coded. Plants: no trailing-row
+    strip -> CohortError; the old message -> no hint, fails."""
+    from hipt_jax.finetune import survival
+
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,x\nb,y\n,\n,\n")
+    assert cohort.read_labels_csv(str(path)).slide_ids == ["a", "b"]
+    with pytest.raises(ValueError, match=r"got 0 of 5 \(censorship is 1 for a censored patient"):
+        survival.quartile_bins(np.arange(5.0), np.ones(5, bool))

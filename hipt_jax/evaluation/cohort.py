@@ -93,6 +93,8 @@ def read_csv_rows(path: str, what: str = "CSV") -> list[dict[str, str]]:
         raise CohortError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = list(reader)
+    while rows and not any(isinstance(v, str) and v.strip() for v in rows[-1].values()):
+        rows.pop()  # trailing ",,," rows a spreadsheet leaves after its last line
     if reader.fieldnames:
         for r in rows:  # strip header whitespace ("slide_id " -> "slide_id")
             for k in list(r):

@@ -214,7 +214,10 @@ def check_folds_before_work(config, coh: cohort_lib.Cohort) -> None:
         cases = sorted(first)
         times = np.array([coh.times[first[c]] for c in cases])
         cens = np.array([bool(coh.censored[first[c]]) for c in cases])
-        bins, _ = survival.quartile_bins(times, cens, config.train.n_bins)
+        try:
+            bins, _ = survival.quartile_bins(times, cens, config.train.n_bins)
+        except ValueError as e:
+            raise FinetuneError(f"{config.data.labels}: {e}") from None
         items = [Item(c, None, int(b)) for c, b in zip(cases, bins)]
         strata = bins * 2 + cens
     _splits(config, items, strata, coh, quiet=True)

@@ -38,7 +38,9 @@ def quartile_bins(times: np.ndarray, censored: np.ndarray, n_bins: int = 4,
     uncensored = times[~censored]
     if len(uncensored) < n_bins:
         raise ValueError(f"need at least {n_bins} uncensored patients to make {n_bins} bins, "
-                         f"got {len(uncensored)}")
+                         f"got {len(uncensored)} of {len(times)} (censorship is 1 for a censored "
+                         "patient, 0 for an event: a column coded the other way round reads as "
+                         "all censored)")
     edges = np.quantile(uncensored, np.linspace(0.0, 1.0, n_bins + 1))
     edges[0], edges[-1] = times.min() - eps, times.max() + eps
     labels = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, n_bins - 1)
