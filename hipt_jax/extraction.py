@@ -614,6 +614,10 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
 
     bags.check_format(fmt)
     files = coords_io.find_coords_files(coords_dir, exclude=(out_dir,))  # --out may sit inside it
+    orphans = sorted(set(files) - set(slides))
+    if orphans and jax.process_index() == 0:  # a slide folder that lost files, or the wrong one
+        print(f"hipt-extract: {len(orphans)} coordinate file(s) in {coords_dir} match no slide of --slides "
+              f"(not extracted): {', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''}", file=sys.stderr)
     if fingerprint is not None:
         fingerprint = dict(fingerprint, store_dtype=store_dtype, format=fmt, target_mpp=target_mpp,
                            region_px=region_px, assume_mpp=assume_mpp,

@@ -85,7 +85,10 @@ def test_trident_and_clam_coordinates(model, extractor, prepared, tmp_path, caps
     ours = read_coords(str(root / "prep" / "coords" / f"{SID}_patches.h5")).coords[:2]
     trident = tmp_path / "trident"
     _trident_file(str(trident / "job" / "patches" / f"{SID}_patches.h5"), ours, SIZE)
+    _trident_file(str(trident / "job" / "patches" / "other_patches.h5"), ours, SIZE)  # no such slide
     assert _direct(model, extractor, slides, str(trident), str(tmp_path / "e1"))["slides"][SID]["status"] == "done"
+    # Named, not silently ignored (plant: no orphan line -> fails).
+    assert "1 coordinate file(s) in" in capsys.readouterr().err
     np.testing.assert_array_equal(bags.read_bag(str(tmp_path / "e1"), SID)["coords"], ours)
 
     clam = tmp_path / "clam" / "patches"
