@@ -345,3 +345,8 @@ def test_leaky_split_files_need_an_explicit_opt_in(tmp_path):
         "1,TCGA-IL-0000-01Z-00-DX1,,TCGA-IL-0003-01Z-00-DX1\n")
     with pytest.raises(CohortError, match=r"'TCGA-ID-0001-01Z-00-DX1' is in both train and test"):
         cohort.plan_folds(coh, str(tmp_path), coh.slide_ids, coh.labels, allow_leaks=True)
+    # A CLAM boolean split saved under the ids file's name says so (plant: no hint -> fails).
+    (tmp_path / "splits_0.csv").write_text(
+        ",train,val,test\nTCGA-ID-0001-01Z-00-DX1,True,False,False\nTCGA-IL-0000-01Z-00-DX1,False,False,True\n")
+    with pytest.raises(CohortError, match=r"no extracted item in its train or test part; its cells are True/False"):
+        cohort.plan_folds(coh, str(tmp_path), coh.slide_ids, coh.labels)

@@ -633,7 +633,11 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
             check_no_patient_leak(folds, case_of_item, where)
         for k, f in enumerate(folds):
             if not f["train"] or not f["test"]:
-                raise CohortError(f"{where.format(k=k)}: no extracted item in its train or test part")
+                ids = {x.lower() for part in PARTS for x in raw[k][part]}
+                hint = ("; its cells are True/False: a CLAM boolean split (splits_{i}_bool.csv) lists "
+                        "slides in its first column, use the splits_{i}.csv of ids" if ids and
+                        ids <= {"true", "false", "1", "0"} else "")
+                raise CohortError(f"{where.format(k=k)}: no extracted item in its train or test part{hint}")
     if label_frac != 1.0:
         folds = apply_label_frac(folds, label_frac, case_of_item, stratum_of, seed)
     return FoldPlan(folds, unit, grouped, list(skipped), spec, leaks)
