@@ -74,3 +74,17 @@ def test_plots_use_the_evaluated_label_column_and_class_order(tmp_path, monkeypa
             str(tmp_path / "knn.json"), "--label-column", "subtype", "--classes", "b,a", "--plot"]
     assert knn_cli.main(argv) == 0
     assert seen == [["b", "a"]]
+
+
+def test_bags_without_a_label_row_are_named(tmp_path, capsys):
+    """Slides extracted but absent from the labels were left out without a word (only
+    n_slides showed it). Plant: no unlabelled list -> no line, fails."""
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 8, n_classes=2, signal=2.0, seed=0)
+    labels = write_labels(str(tmp_path / "labels.csv"),
+                          [{"slide_id": f"slide_{i:04d}", "label": "ab"[c]} for i, c in enumerate(classes) if i < 6])
+    out = str(tmp_path / "knn.json")
+    assert knn_cli.main(["--embeddings", emb, "--labels", labels, "--splits", "kfold:3", "--k", "3",
+                         "--out", out]) == 0
+    assert "2 slide(s) in" in capsys.readouterr().err
+    assert json.load(open(out))["unlabelled_slides"] == ["slide_0006", "slide_0007"]

@@ -110,6 +110,9 @@ def _run(args) -> int:
         result["baselines"] = results
         result["baseline_table"] = table
     write_json(out, result, indent=1)
+    if result.get("unlabelled_slides"):
+        print(f"{PROG}: {len(result['unlabelled_slides'])} slide(s) in {args.embeddings} have no row in "
+              f"{args.labels} (not evaluated): {result['unlabelled_slides'][:5]}", file=sys.stderr)
     if result["missing_slides"]:
         print(f"{PROG}: {len(result['missing_slides'])} labelled slide(s) have no embedding "
               f"(skipped): {result['missing_slides'][:5]}", file=sys.stderr)

@@ -137,6 +137,9 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_c
     result["skipped_split_ids"] = plan.skipped_ids
     result["leaky_patients"] = {str(k): v for k, v in plan.leaky_patients.items()}
     result["missing_slides"] = [s for s in coh.slide_ids if s not in emb and s not in failed]
+    # Bags with no row in the labels (or only a row the class list dropped): not evaluated.
+    labelled = set(coh.slide_ids) | set(coh.dropped_ids)
+    result["unlabelled_slides"] = sorted(s for s in emb if s not in labelled)
     result["failed_slides"] = failed
     return result
 
