@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from data_prep.regions import SlideTask, status_path
-from data_prep.shards import MANIFEST, input_identity, package_versions, write_run_manifest
+from data_prep.shards import MANIFEST, input_identity, package_versions, safe_slide_id, write_run_manifest
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
                     ".svslide", ".dcm")
@@ -30,12 +30,6 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", "
 
 class InputError(Exception):
     """Bad command-line input (missing folder, malformed CSV, duplicate slide ids...)."""
-
-
-def _safe_id(name: str) -> str:
-    from data_prep.shards import safe_slide_id
-
-    return safe_slide_id(name)
 
 
 def _read_utf8(path: str) -> str:
@@ -73,7 +67,7 @@ def find_slide_files(slides: str) -> list[SlideTask]:
                         found.append((os.path.basename(root), os.path.join(root, f)))
                 elif ext in SLIDE_EXTENSIONS:
                     found.append((os.path.splitext(f)[0], os.path.join(root, f)))
-        tasks = [SlideTask(_safe_id(i), p) for i, p in sorted(found, key=lambda t: t[1])]
+        tasks = [SlideTask(safe_slide_id(i), p) for i, p in sorted(found, key=lambda t: t[1])]
     elif os.path.isfile(slides) and slides.lower().endswith(".csv"):
         base = os.path.dirname(os.path.abspath(slides))
         reader = csv.DictReader(io.StringIO(_read_utf8(slides), newline=""))
@@ -91,7 +85,7 @@ def find_slide_files(slides: str) -> list[SlideTask]:
             sid = given_id or os.path.splitext(os.path.basename(p))[0]
             if given_id and (re.search(r"[/\\]", sid) or sid.strip() in (".", "..")):
                 raise InputError(f"{slides}: line {n}: slide_id {sid!r} is a path; ids must be plain names")
-            tasks.append(SlideTask(_safe_id(sid), p))
+            tasks.append(SlideTask(safe_slide_id(sid), p))
     else:
         raise InputError(f"{slides}: not a folder or a .csv file")
     if not tasks:

@@ -509,11 +509,7 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
 
     def source_of(slide_id):  # the shard's checksum as hipt-prep recorded it (no re-hash)
         path = region_shards[slide_id]
-        try:
-            with open(shards.shard_status_path(path)) as f:
-                sha = json.load(f).get("sha256")
-        except (OSError, ValueError, AttributeError):
-            sha = None
+        sha = _read_json(shards.shard_status_path(path)).get("sha256")
         return {"shard": os.path.basename(path), "sha256": sha or f"{os.path.getsize(path)} bytes"}
 
     return _extract_slides(out_dir, list(region_shards), embed_one, extractor=extractor, fmt=fmt,

@@ -174,7 +174,7 @@ def bag_file(embeddings: str, slide_id: str, where: str = "") -> Optional[str]:
 # Cells that spreadsheets, pandas and TCGA's clinical tables write for "no value": read as a
 # class they would become one more class of the model, so they count as empty cells.
 MISSING_VALUES = frozenset({"na", "n/a", "nan", "none", "null", "[not available]", "[not applicable]",
-                            "[unknown]", "[discrepancy]", "[not evaluated]", "[completed]"})
+                            "[unknown]", "[discrepancy]", "[not evaluated]"})
 
 
 def is_missing(value: str) -> bool:
