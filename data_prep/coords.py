@@ -22,7 +22,7 @@ import os
 import h5py
 import numpy as np
 
-from data_prep.shards import safe_slide_id
+from data_prep.shards import safe_slide_id, walk_visible
 
 SUFFIX = "_patches.h5"
 
@@ -120,15 +120,10 @@ def find_coords_files(folder: str, exclude: tuple[str, ...] = ()) -> dict[str, s
     which one to use is the user's call."""
     if not os.path.isdir(folder):
         raise CoordsError(f"{folder}: not a folder of coordinate files")
-    skip = {os.path.realpath(e) for e in exclude}
     found: dict[str, str] = {}
-    visited = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        visited.add(os.path.realpath(root))
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and os.path.realpath(os.path.join(root, d)) not in skip | visited)
-        for name in sorted(files):
-            if not name.endswith(".h5") or name.startswith("."):
+    for root, files in walk_visible(folder, exclude):
+        for name in files:
+            if not name.endswith(".h5"):
                 continue
             # Keyed like the slides ("my slide_patches.h5" -> "my_slide", as "my slide.svs").
             sid = safe_slide_id(name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name[:-3])

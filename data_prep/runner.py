@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from data_prep.regions import SlideTask, status_path
-from data_prep.shards import MANIFEST, input_identity, package_versions, safe_slide_id, write_run_manifest
+from data_prep.shards import (MANIFEST, input_identity, package_versions, safe_slide_id, walk_visible,
+                              write_run_manifest)
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
                     ".svslide", ".dcm")
@@ -49,17 +50,9 @@ def find_slide_files(slides: str) -> list[SlideTask]:
     CSV paths are relative to the CSV's folder.
     """
     if os.path.isdir(slides):
-        found, dicom_dirs, visited = [], set(), set()
-        # Linked subfolders are followed (cohorts are often assembled from links), each real
-        # folder once; hidden entries are skipped: macOS "._x.svs" AppleDouble files and
-        # ".Trash-*" copies are not slides, and would otherwise clash with x.svs's id.
-        for root, dirs, files in os.walk(slides, followlinks=True):
-            visited.add(os.path.realpath(root))
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                             and os.path.realpath(os.path.join(root, d)) not in visited)
-            for f in sorted(files):
-                if f.startswith("."):
-                    continue
+        found, dicom_dirs = [], set()
+        for root, files in walk_visible(slides):  # links followed, "._x.svs" and the like skipped
+            for f in files:
                 ext = os.path.splitext(f)[1].lower()
                 if ext == ".dcm":
                     if root not in dicom_dirs:

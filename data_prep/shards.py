@@ -272,6 +272,20 @@ def safe_slide_id(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("._") or "slide"
 
 
+def walk_visible(folder: str, exclude: tuple[str, ...] = ()):
+    """os.walk for input folders: linked subfolders followed (cohorts are often assembled from
+    links), each real folder once (a link back up does not loop); hidden entries skipped (macOS
+    "._x.svs" AppleDouble files, ".Trash-*" copies are not inputs); the folders in ``exclude``
+    (an output folder inside the input one) skipped. Yields (folder, sorted visible file names)."""
+    skip = {os.path.realpath(e) for e in exclude}
+    visited = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        visited.add(os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.realpath(os.path.join(root, d)) not in skip | visited)
+        yield root, sorted(f for f in files if not f.startswith("."))
+
+
 def slide_id_of(path: str) -> str:
     return os.path.basename(path)[: -len(SHARD_EXT)]
 

@@ -354,19 +354,22 @@ def test_full_disk_during_extract_is_a_clean_per_slide_failure(prep, tmp_path, m
 
 def test_ctrl_c_during_a_run_exits_130_with_one_line(prep, tmp_path):
     """Plant: run_command without the KeyboardInterrupt branch (a traceback and exit 1).
-    The full-size model: with the tiny one a fast CPU finished the whole run before the signal
-    arrived, and the test skipped instead of checking anything."""
+    Each slide's embedding waits in Python first (a wrapper around the entry point), so the
+    signal always lands mid-run: with a plain run a fast CPU finished before the signal arrived
+    and the test could only skip."""
     out = tmp_path / "emb"
-    proc = subprocess.Popen([sys.executable, "-m", "hipt_jax.cli.extract", "--random-init", "full",
+    slow_main = ("import sys, time; from hipt_jax import extraction as e; f = e.Extractor.embed_slide_bag; "
+                 "e.Extractor.embed_slide_bag = lambda *a, **k: (time.sleep(60), f(*a, **k))[1]; "
+                 "from hipt_jax.cli.extract import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", slow_main, "--random-init", "tiny",
                              "--shards", prep, "--out", out, "--no-progress"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / workdir_lock.LOCK).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # the lock appears once the model is loaded, right before compiling
+    time.sleep(0.5)  # into the run (the first slide's wait), past start-up
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
     assert_one_line(proc.returncode, err, "hipt-extract", "interrupted", exit_code=130)
     assert not [f for f in os.listdir(out / "slides") if ".tmp-" in f] if (out / "slides").exists() else True
 

@@ -281,7 +281,7 @@ class Parser(argparse.ArgumentParser):
             if token == "--":
                 break
             name = token.split("=", 1)[0]
-            if not name.startswith("-") or name in ("-", ):
+            if not name.startswith("-") or name == "-":
                 continue
             hits = [o for o in options if o == name] or [o for o in options if o.startswith(name) and name.startswith("--")]
             if len({options[o] for o in hits}) == 1:
