@@ -222,10 +222,12 @@ def main(argv=None) -> int:
 
     from hipt_jax.models.archs import build_vit, get_arch
 
-    from benchmarks.machine import machine_tag
+    from benchmarks.machine import machine_tag, torch_blas_note
 
     tag = machine_tag()
     print(f"# {tag}")
+    if torch_blas_note():
+        print(f"# {torch_blas_note()}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpus={os.cpu_count()}  "
           f"load1={os.getloadavg()[0]:.1f}  jax {jax.__version__}  torch {torch.__version__} "
           f"(threads {torch.get_num_threads()})  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)

@@ -268,10 +268,12 @@ def main():
     args = p.parse_args()
     from absl import flags
     flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags
-    from benchmarks.machine import machine_tag
+    from benchmarks.machine import machine_tag, torch_blas_note
     tag = machine_tag()
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads) {tag}")
+    if torch_blas_note():
+        print(torch_blas_note())
     peak_jax, peak_torch = matmul_peak()
     print(f"fp32 2048^3 matmul peak: XLA {peak_jax / 1e9:.1f} GFLOP/s, torch "
           f"{peak_torch / 1e9:.1f} GFLOP/s (ceiling ratio {peak_jax / peak_torch:.2f}x) {tag}")
