@@ -270,3 +270,34 @@ def test_bags_of_cls4k_features_alone(tmp_path):
         finetune._bag_shape(c, ["s0"])
     c.model.name = "abmil"
     assert finetune._bag_shape(c, ["s0"]) == (16, 192)
+
+
+def test_extracted_slides_without_a_label_row_are_named(tmp_path, capsys):
+    """A bag with no row in the labels (a mistyped id, another cohort's labels file) is named on
+    stderr and in the results' info, as hipt-knn does; a row dropped by the class list is not
+    "unlabelled". Plants: no listing -> the stderr check fails; dropped ids counted as
+    unlabelled -> the list check fails."""
+    import h5py
+
+    from hipt_jax.evaluation import cohort as cohort_lib
+
+    emb = tmp_path / "h5"
+    emb.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        with h5py.File(emb / f"s{i}.h5", "w") as f:
+            f["features"] = rng.normal(size=(3, 192)).astype(np.float32)
+            f["coords"] = np.arange(6, dtype=np.int64).reshape(3, 2) * 4096
+        if i < 7:  # s7 has no row; s6's class is outside the class list
+            rows.append({"slide_id": f"s{i}", "label": "c" if i == 6 else "ab"[i % 2]})
+    (emb / "._s0.h5").write_bytes(b"\0")  # macOS metadata: not a bag
+    labels = write_labels(str(tmp_path / "labels.csv"), rows)
+    c = _subtyping_config(str(emb), labels)
+    c.model.name = "abmil"
+    coh = cohort_lib.read_labels_csv(labels, classes=["a", "b"])
+    items, _, info = finetune.load_items(c, coh, None, None, failed={})
+    assert len(items) == 6
+    assert info["unlabelled_slides"] == ["s7"]
+    err = capsys.readouterr().err
+    assert "1 extracted slide(s)" in err and "['s7']" in err and "labels.csv" in err

@@ -134,7 +134,11 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
               f"{missing[:5]}", file=sys.stderr)
     if not per_slide:
         raise FinetuneError(f"{emb}: none of the labelled slides were extracted")
-    info: dict[str, Any] = {"n_slides": len(per_slide), "instance_shape": list(first[1])}
+    info: dict[str, Any] = {"n_slides": len(per_slide), "instance_shape": list(first[1]),
+                            "unlabelled_slides": _unlabelled(emb, coh)}
+    if info["unlabelled_slides"]:
+        print(f"hipt-finetune: {len(info['unlabelled_slides'])} extracted slide(s) in {emb} have no row in "
+              f"{coh.path} (not used): {info['unlabelled_slides'][:5]}", file=sys.stderr)
     if config.task == "subtyping":
         items = [Item(sid, per_slide[sid], int(lab))
                  for sid, lab in zip(coh.slide_ids, coh.labels) if sid in per_slide]
@@ -155,6 +159,14 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     items = [Item(c, np.concatenate([per_slide[coh.slide_ids[i]] for i in cases[c]]), int(b), float(t), bool(e))
              for c, b, t, e in zip(case_ids, bins, times, cens)]
     return items, bins * 2 + cens, info
+
+
+def _unlabelled(embeddings: str, coh: cohort_lib.Cohort) -> list[str]:
+    """Extracted bags with no row in the labels, or only a row the class list dropped: a
+    mistyped id or a labels file of another cohort shows up here rather than as a smaller cohort."""
+    insensitive = cohort_lib._case_insensitive(embeddings)
+    labelled = {cohort_lib.id_key(s, insensitive) for s in (*coh.slide_ids, *coh.dropped_ids)}
+    return [s for s in cohort_lib.extracted_ids(embeddings) if cohort_lib.id_key(s, insensitive) not in labelled]
 
 
 def bag_input(model, variables, bag: dict, level: str, buckets=lgp.DEFAULT_BUCKETS) -> np.ndarray:
