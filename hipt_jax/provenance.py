@@ -142,6 +142,23 @@ def _normalize(fingerprint: dict) -> dict:
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
+# Provenance files ``check`` wrote in this process into folders that had none. A command that
+# then refuses its input (exit 2) removes those whose folder still holds none of its outputs:
+# otherwise the corrected rerun would be refused as "made with other inputs".
+_NEW_RECORDS: list[tuple[str, tuple[str, ...]]] = []
+
+
+def forget_new_records() -> None:
+    """Undo this process's "new" provenance records whose folders hold no outputs yet."""
+    while _NEW_RECORDS:
+        out_dir, outputs = _NEW_RECORDS.pop()
+        if not any(os.path.lexists(os.path.join(out_dir, o)) for o in outputs):
+            try:
+                os.remove(os.path.join(out_dir, FILE))
+            except OSError:
+                pass
+
+
 def check(out_dir: str, fingerprint: dict, *, outputs: Iterable[str] = (), overwrite: bool = False,
           resume_anyway: bool = False, what: Optional[str] = None, details: Optional[dict] = None) -> str:
     """Make ``out_dir`` safe to continue: returns "new", "match", "overwritten" or "resumed".
@@ -167,6 +184,7 @@ def check(out_dir: str, fingerprint: dict, *, outputs: Iterable[str] = (), overw
         return "overwritten"
     if old is None and not existing:
         write(out_dir, fingerprint, details)
+        _NEW_RECORDS.append((out_dir, tuple(outputs)))
         return "new"
     if old == fingerprint:
         return "match"

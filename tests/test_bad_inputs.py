@@ -92,6 +92,8 @@ def test_numeric_flags_out_of_range_exit_2_before_any_work(command, argv, needle
      ("config.optim.epochs",)),
     ("hipt_jax.cli.pretrain", ["--config", "configs/pretrain_vit256.py:runlocal", "--config.checkpoint.every_steps=0"],
      ("config.checkpoint.every_steps",)),
+    ("hipt_jax.cli.pretrain", ["--config", "configs/pretrain_vit256.py:runlocal", "--config.data.norm=halfs"],
+     ("config.data.norm='halfs'",)),
 ])
 def test_config_fields_range_checked_and_unknown_ones_name_the_closest(module, argv, needles, tmp_path):
     """Plant: no check_config call (epochs=-1 trained nothing and reported exit 0); the raw
@@ -255,6 +257,85 @@ def test_workdir_lock_names_the_holder_and_takes_over_dead_ones(tmp_path):
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     workdir_lock.release(path)
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("stage, field, value, needle", [
+    (1, "data.norm", "halfs", "config.data.norm='halfs': expected one of ['half', 'imagenet']"),
+    (1, "crops.global_size", 8, "config.crops.global_size=8: must be a multiple of the patch size"),
+    (1, "crops.local_scale", (0.4, 0.05), "config.crops.local_scale=(0.4, 0.05): expected (low, high)"),
+    (2, "crops.global_size", 20, "config.crops.global_size=20: a window of the 16x16 feature grid"),
+    (1, "model.num_heads", 5, "config.model.num_heads=5: must divide"),
+    (1, "model.depth", 0, "config.model.depth=0"),
+    (2, "data.samples_per_epoch", 0, "config.data.samples_per_epoch=0: expected -1 (auto) or an integer >= 1"),
+    (1, "microbatches", 0, "config.microbatches=0"),
+])
+def test_pretrain_config_values_that_cannot_work_are_refused_before_any_work(stage, field, value, needle):
+    """Without these checks: a KeyError traceback for the norm, ZeroDivisionError for 8 px
+    crops, "high - low < 0" after the build for a reversed scale, a blockless model exported
+    with exit 0. Plants seen failing: the scale check removed; model.depth dropped from the
+    ranges; samples_per_epoch back to int_at_least(-1). (The CLI's call is checked by the
+    data.norm case of test_config_fields_range_checked_and_unknown_ones_name_the_closest.)"""
+    from configs import pretrain_vit256, pretrain_vit4k
+    from hipt_jax.cli import flags, pretrain
+
+    config = (pretrain_vit256 if stage == 1 else pretrain_vit4k).get_config()
+    node, _, leaf = ("." + field).rpartition(".")
+    (config if not node else config[node[1:]])[leaf] = value
+    with pytest.raises(flags.UsageError) as e:
+        flags.check_config(config, pretrain.CONFIG_RANGES)
+        pretrain.check_views_and_model(config)
+    assert needle in str(e.value)
+    pretrain.check_views_and_model((pretrain_vit256 if stage == 1 else pretrain_vit4k).get_config())  # defaults pass
+
+
+def test_pretrain_data_path_is_fingerprinted_as_it_resolves(tmp_path):
+    """A resume typed with the same relative data path from another folder (or through a link
+    moved to other data) is other data: the fingerprint holds the resolved folder. Plant: the
+    path as typed -> both fingerprints equal, and the other dataset was trained on with exit 0."""
+    from configs import pretrain_vit256
+    from hipt_jax.pretrain import trainer
+
+    for name in ("a", "b"):
+        (tmp_path / f"data_{name}").mkdir()
+        (tmp_path / name).mkdir()
+        os.symlink(tmp_path / f"data_{name}", tmp_path / name / "pp")
+    config = pretrain_vit256.get_config()
+    config.data.path = "pp"
+    here = os.getcwd()
+    try:
+        prints = []
+        for name in ("a", "b"):
+            os.chdir(tmp_path / name)
+            prints.append(trainer.fingerprint(config))
+    finally:
+        os.chdir(here)
+    assert prints[0]["data_path"] == str((tmp_path / "data_a").resolve())
+    assert prints[0] != prints[1]
+
+
+def test_refused_run_leaves_no_provenance_behind(tmp_path, capsys):
+    """A run refused after its workdir's provenance was recorded (the data folder is checked
+    when the run starts) must not keep it: the corrected rerun was refused as "made with other
+    inputs". Outputs already written keep theirs. Plant: no forget_new_records on exit 2."""
+    from hipt_jax.cli import flags
+
+    work = tmp_path / "w"
+
+    def refused():
+        provenance.check(str(work), {"data": "typo"}, outputs=("checkpoints",))
+        raise FileNotFoundError(f"{tmp_path}/typo: not a folder")
+
+    assert flags.run_command("prog", refused, devices_at_start=False) == flags.EXIT_BAD_INPUT
+    assert not (work / provenance.FILE).exists()
+    # once the run has written outputs, the record stays with them
+
+    def refused_after_work():
+        provenance.check(str(work), {"data": "x"}, outputs=("checkpoints",))
+        (work / "checkpoints").mkdir()
+        raise FileNotFoundError("late")
+
+    assert flags.run_command("prog", refused_after_work, devices_at_start=False) == flags.EXIT_BAD_INPUT
+    assert (work / provenance.FILE).exists()
 
 
 def test_second_pretrain_in_a_locked_workdir_fails_at_once(tmp_path):

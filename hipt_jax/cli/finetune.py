@@ -56,7 +56,8 @@ def _run() -> int:
         raise flags.UsageError("--workdir is required")
     flags.check_output_dir(absl_flags.FLAGS.workdir)
     with flags.progress(flags.absl_progress()):
-        results = run(config, absl_flags.FLAGS.workdir, overwrite=absl_flags.FLAGS.overwrite,
+        results = run(config, absl_flags.FLAGS.workdir, show_progress=flags.absl_progress(),
+                      overwrite=absl_flags.FLAGS.overwrite,
                       resume_anyway=absl_flags.FLAGS["resume-anyway"].value)
     return flags.report_failed(PROG, results["failed_slides"])
 

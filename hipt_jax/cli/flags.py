@@ -152,9 +152,14 @@ def report_devices(prog: str, *, visible: Optional[list[str]] = None) -> str:
     jax.distributed call this after it (``run_command(..., devices_at_start=False)``).
     Returns the backend name."""
     import collections
+    import logging
 
     import jax
 
+    # jax logs every platform it could not start at INFO ("Unable to initialize backend 'tpu'"),
+    # which absl programs print: the line below says what JAX did find, and the warning after it
+    # covers an accelerator that JAX missed.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     devices = jax.devices()
     backend = jax.default_backend()
     kinds = collections.Counter(d.device_kind for d in devices)
@@ -178,6 +183,9 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
     exception also arms ``_exit_if_peers_hang``."""
     _interrupt_watchdog(prog)
     _CREATED_DIRS.clear()
+    from hipt_jax import provenance
+
+    provenance._NEW_RECORDS.clear()
     try:
         if devices_at_start:
             report_devices(prog)
@@ -195,6 +203,9 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
             return _exit_if_peers_hang(prog, EXIT_ITEMS_FAILED)
         if isinstance(e, input_errors()):
             print_error(prog, e)
+            from hipt_jax import provenance
+
+            provenance.forget_new_records()
             remove_empty_created_dirs()
             return _exit_if_peers_hang(prog, EXIT_BAD_INPUT)
         _exit_if_peers_hang(prog, 1)
@@ -343,6 +354,23 @@ def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
         return value
 
     parse.__name__ = what
+    return parse
+
+
+def auto_or_int_at_least(low: int) -> Callable[[str], int]:
+    """config type: -1 ("auto": decided by the run) or an integer >= ``low``."""
+    at_least = int_at_least(low)
+
+    def parse(text: str) -> int:
+        try:
+            if int(text) == -1:
+                return -1
+        except ValueError:
+            pass
+        try:
+            return at_least(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected -1 (auto) or an integer >= {low}, got {text!r}") from None
     return parse
 
 

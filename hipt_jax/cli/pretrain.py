@@ -35,7 +35,11 @@ CONFIG_RANGES = {
     "optim.eps": _F(0.0, 1.0), "teacher.momentum": _F(0.0, 1.0, low_open=False),
     "teacher.temp": _F(0.0, 100.0), "teacher.warmup_temp": _F(0.0, 100.0), "teacher.warmup_temp_epochs": _I(0),
     "crops.global_size": _I(1), "crops.local_size": _I(1), "crops.n_local": _I(0),
-    "data.num_workers": _I(0), "data.read_threads": _I(1), "data.prefetch": _I(1), "data.samples_per_epoch": _I(-1),
+    "data.num_workers": _I(0), "data.read_threads": _I(1), "data.prefetch": _I(1),
+    "data.samples_per_epoch": flags.auto_or_int_at_least(1),
+    "microbatches": flags.auto_or_int_at_least(1),
+    "model.depth": _I(1), "model.width": _I(1), "model.num_heads": _I(1), "model.mlp_dim": _I(1),
+    "model.patch_size": _I(1),
     "checkpoint.every_steps": _I(1), "checkpoint.keep": _I(1),
 }
 # Stage 3 (ViT-WSI) views are windows of regions, not pixel or grid crops.
@@ -54,6 +58,7 @@ def _run() -> int:
     if not absl_flags.FLAGS.workdir:
         raise flags.UsageError("--workdir is required")
     flags.check_config(config, STAGE3_RANGES if config.get("stage") == 3 else CONFIG_RANGES)
+    check_views_and_model(config)
     flags.check_output_dir(absl_flags.FLAGS.workdir, _estimate_bytes(config))
     # Orbax logs every checkpoint step at INFO; keep the console for our progress lines.
     if logging.get_verbosity() == logging.INFO and not absl_flags.FLAGS["verbosity"].present:
@@ -69,6 +74,36 @@ def _run() -> int:
         train(config, absl_flags.FLAGS.workdir, overwrite=absl_flags.FLAGS.overwrite,
               resume_anyway=absl_flags.FLAGS["resume-anyway"].value)
     return flags.EXIT_OK
+
+
+def check_views_and_model(config) -> None:
+    """What single ranges cannot say, before any work: heads divide the width; stage-1 crops are
+    whole patches and their scale ranges ordered; stage-2 windows fit the grid; the
+    normalization exists. UsageError naming the field."""
+    from hipt_jax.pretrain.augment import MEAN_STD
+
+    model, crops, stage = config.model, config.crops, config.get("stage")
+    if model.width % model.num_heads:
+        raise flags.UsageError(f"config.model.num_heads={model.num_heads}: must divide config.model.width={model.width}")
+    if stage == 3:
+        return
+    for name in ("global_size", "local_size"):
+        size = crops[name]
+        if stage == 1 and size % model.patch_size:
+            raise flags.UsageError(f"config.crops.{name}={size}: must be a multiple of the patch size "
+                                   f"(config.model.patch_size={model.patch_size})")
+        grid = tuple(config.data.grid)
+        if stage == 2 and size > min(grid):
+            raise flags.UsageError(f"config.crops.{name}={size}: a window of the {grid[0]}x{grid[1]} feature "
+                                   "grid (config.data.grid) cannot be larger than it")
+    if stage == 1:
+        for name in ("global_scale", "local_scale"):
+            scale = tuple(crops[name])
+            if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+                raise flags.UsageError(f"config.crops.{name}={scale}: expected (low, high) with "
+                                       "0 < low <= high <= 1 (fractions of the image area)")
+        if config.data.norm not in MEAN_STD:
+            raise flags.UsageError(f"config.data.norm={config.data.norm!r}: expected one of {sorted(MEAN_STD)}")
 
 
 def _estimate_bytes(config) -> int:

@@ -525,7 +525,11 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
     and the content of the warm-start checkpoint."""
     from hipt_jax import provenance
 
-    return {"config": provenance.config_hash(hashed_config(config)), "data_path": str(config.data.path),
+    # The data as the path resolves now (links followed): "data" typed from another folder, or
+    # a link moved to another dataset, is other data, whatever the config says.
+    path = str(config.data.path)
+    data_path = os.path.realpath(path) if path and os.path.exists(path) else path
+    return {"config": provenance.config_hash(hashed_config(config)), "data_path": data_path,
             "warm_start": provenance.content_hash(config.warm_start or None)}
 
 
