@@ -70,6 +70,11 @@ def assert_exit_2(code, err, *needles):
     ("hipt-embed", ["--image", "x.png", "--out", "o.npz"], "--vit256"),
     ("hipt-extract", ["--random-init", "tiny", "--out", "o"], "--shards"),
     ("hipt-extract", ["--random-init", "tiny", "--vit256", "v", "--shards", "s", "--out", "o"], "not both"),
+    # the ViT-4K checkpoint was silently replaced by random weights (and named in the manifest)
+    ("hipt-extract", ["--random-init", "tiny", "--vit4k", "v", "--shards", "s", "--out", "o"],
+     "give --vit4k or --random-init, not both"),
+    ("hipt-embed", ["--random-init", "tiny", "--vit4k", "v", "--image", "x.png", "--out", "o.npz"],
+     "give --vit4k or --random-init, not both"),
     ("hipt-knn", ["--embeddings", "e", "--labels", "l", "--fit-on", "all"], "--fit-on"),
     ("hipt-heatmap", ["--out", "o", "--blends", "some"], "--blends"),
     ("hipt-heatmap", ["--out", "o", "--tiny"], "--tiny needs --random-init"),

@@ -84,6 +84,29 @@ def test_roundtrip_bit_exact_with_head(released, tmp_path, capsys, arch):
         assert torch.equal(back[key].view(torch.int32), tensor.view(torch.int32)), key
     # The reference loader takes it with no missing or unexpected keys (strict).
     ref.load_reference_weights(ref.build_reference(arch), str(tmp_path / "back.pth"))
+    if arch == "vit256":  # refusals of the reverse direction, on the files this test made
+        _to_torch_refusals(tmp_path, src, capsys)
+
+
+def _to_torch_refusals(tmp_path, released_pth, capsys):
+    """--to-torch never overwrites (it replaced the user's original checkpoint, student,
+    optimizer and head, with one network and exit 0), names a .pth given as its source, and
+    refuses the forward direction's options it used to ignore. Plant: no _check_to_torch ->
+    exit 0 and the file replaced."""
+    import shutil
+
+    original = tmp_path / "original.pth"
+    shutil.copy(released_pth, original)
+    before = original.read_bytes()
+    for argv, needle in [
+        ([tmp_path / "ckpt", original], "already exists; --to-torch does not overwrite"),
+        ([released_pth, tmp_path / "new.pth"], "is a file; --to-torch converts a converted directory"),
+        ([tmp_path / "ckpt", tmp_path / "new.pth", "--which", "student"], "--which: options of the forward"),
+        ([tmp_path / "ckpt", tmp_path / "new.pth", "--keep-head"], "--keep-head: options of the forward"),
+    ]:
+        code, _, err = run_cli(capsys, "--to-torch", *argv)
+        assert code == 2 and needle in err, err
+    assert original.read_bytes() == before and not (tmp_path / "new.pth").exists()
 
 
 def test_head_layout_for_pretraining(released, tmp_path):

@@ -37,6 +37,7 @@ def _run(args) -> int:
 
     need = max(flags.MIN_FREE_BYTES, _size(args.src))  # the output holds a subset of the input's tensors
     if args.to_torch:
+        _check_to_torch(args)
         flags.check_output_file(args.dst, need)
     else:
         flags.check_output_dir(os.path.dirname(os.path.abspath(args.dst)), need)
@@ -49,6 +50,23 @@ def _run(args) -> int:
         cast = f" (stored as float32; the file held {'/'.join(info['cast_from'])})" if info["cast_from"] else ""
         print(f"wrote {info['dst']}: {info['arch']} {args.which} backbone, {info['params']:,} parameters{head}{cast}")
     return flags.EXIT_OK
+
+
+def _check_to_torch(args) -> None:
+    """--to-torch writes one network (the converted directory's) to a new .pth: the forward
+    direction's options do not apply, and an existing file (often the original checkpoint,
+    with student, optimizer and head) is never replaced."""
+    given = [f for f, on in (("--which", args.which != "teacher"), ("--arch", args.arch != "auto"),
+                             ("--keep-head", args.keep_head)) if on]
+    if given:
+        raise flags.UsageError(f"{', '.join(given)}: options of the forward conversion; --to-torch writes "
+                               "what the converted directory holds")
+    if os.path.isfile(args.src):
+        raise flags.UsageError(f"{args.src}: is a file; --to-torch converts a converted directory "
+                               "(hipt-convert's output) back to a .pth")
+    if os.path.lexists(args.dst):
+        raise flags.UsageError(f"{args.dst}: already exists; --to-torch does not overwrite a checkpoint "
+                               "(remove it or choose another name)")
 
 
 def _size(path: str) -> int:

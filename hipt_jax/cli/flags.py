@@ -541,6 +541,9 @@ def _finish_model(parser: Parser, args: argparse.Namespace, required: bool) -> N
         args.random_init = "tiny"
     if args.random_init != "none" and args.vit256:
         parser.error("give --vit256 or --random-init, not both")
+    if args.random_init != "none" and getattr(args, "vit4k", None):
+        # the checkpoint would be replaced by random weights without a word
+        parser.error("give --vit4k or --random-init, not both")
     if required and args.random_init == "none" and not args.vit256:
         parser.error("give --vit256 CHECKPOINT (and usually --vit4k), or --random-init tiny|full")
 
