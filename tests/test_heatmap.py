@@ -248,6 +248,32 @@ def test_cli_slide_scores(tmp_path):
 
 
 
+def test_region_scores_file_is_checked_against_itself_and_the_slide(tmp_path):
+    """Each of these painted a map (or the unchanged thumbnail) with exit 0, or crashed with a
+    traceback (.npy). Plant: the checks removed -> the raises fail."""
+    from hipt_jax.cli.heatmap import _file_scores
+
+    dims = (2220, 2967)
+    np.save(tmp_path / "arr.npy", np.zeros((3, 2)))
+    cases = {
+        "arr.npy": ("need an npz", None),
+        "short.npz": ("coords [3, 2] and scores [2]", dict(coords=np.zeros((3, 2)), scores=np.ones(2), region_px=512)),
+        "zero.npz": ("region_px=0.0", dict(coords=np.zeros((1, 2)), scores=np.ones(1), region_px=0)),
+        "nan.npz": ("1 score(s) are NaN", dict(coords=np.zeros((2, 2)), scores=np.array([0.1, np.nan]), region_px=512)),
+        "other.npz": ("2 of 3 region(s) lie outside the slide (2220 x 2967",
+                      dict(coords=np.array([[0, 0], [50000, 0], [0, 60000]]), scores=np.ones(3), region_px=512)),
+    }
+    for name, (needle, arrays) in cases.items():
+        if arrays is not None:
+            np.savez(tmp_path / name, **arrays)
+        with pytest.raises(ValueError) as e:
+            _file_scores(str(tmp_path / name), dims)
+        assert name in str(e.value) and needle in str(e.value), str(e.value)
+    # an edge region reaching past the slide is fine
+    np.savez(tmp_path / "ok.npz", coords=np.array([[2048, 2560]]), scores=np.ones(1), region_px=1024)
+    assert len(_file_scores(str(tmp_path / "ok.npz"), dims)[0]) == 1
+
+
 def test_cli_lgp_slide_map(tmp_path):
     """--lgp: the map's region scores are the trained model's attention-pooling weights."""
     import jax

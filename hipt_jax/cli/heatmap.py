@@ -123,14 +123,32 @@ def _remove_stale_maps(out: str, name: str, written: dict) -> None:
                 os.remove(path)
 
 
-def _file_scores(path: str):
+def _file_scores(path: str, slide_dims: tuple[int, int]):
+    """coords [N,2] (level-0 x, y), scores [N], region_px of a --region-scores npz, checked
+    against each other and against the slide (W, H) they are painted on."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
+    need = "need an npz with coords [N,2], scores [N] and region_px"
     try:
         data = np.load(path)
-        return data["coords"], data["scores"], float(data["region_px"])
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: need an npz with coords, scores, region_px ({e})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("a single array")
+        coords, scores, region_px = np.asarray(data["coords"]), np.asarray(data["scores"]), float(data["region_px"])
+    except (KeyError, ValueError, TypeError, OSError) as e:
+        raise ValueError(f"{path}: {need} ({e})") from None
+    if coords.ndim != 2 or coords.shape[1:] != (2,) or scores.ndim != 1 or len(scores) != len(coords):
+        raise ValueError(f"{path}: {need}; it holds coords {list(coords.shape)} and scores {list(scores.shape)}")
+    if not (np.isfinite(region_px) and region_px > 0):
+        raise ValueError(f"{path}: region_px={region_px}: expected a positive region side in level-0 pixels")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{path}: {int(np.sum(~np.isfinite(scores)))} score(s) are NaN or infinite")
+    width, height = slide_dims
+    off = (coords[:, 0] >= width) | (coords[:, 1] >= height) | (coords + region_px <= 0).any(axis=1)
+    if off.any():
+        raise ValueError(f"{path}: {int(off.sum())} of {len(coords)} region(s) lie outside the slide "
+                         f"({width} x {height} px at level 0), e.g. at {coords[off][0].tolist()}: "
+                         "scores of another slide?")
+    return coords, scores, region_px
 
 
 def _lgp_scores(args, slide):
@@ -183,7 +201,7 @@ def run_slide(args) -> dict:
     elif args.vitwsi:
         coords, region_scores, region_px = _vitwsi_scores(args, slide)
     else:
-        coords, region_scores, region_px = _file_scores(args.region_scores)
+        coords, region_scores, region_px = _file_scores(args.region_scores, slide.dimensions)
     thumb = np.asarray(slide.get_thumbnail((args.thumb_px, args.thumb_px)).convert("RGB"))
     downsample = slide.dimensions[0] / thumb.shape[1]  # level-0 px per thumbnail px
     picture, _ = slide_attention_map(thumb, downsample, coords, region_px, region_scores,
