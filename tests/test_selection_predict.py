@@ -211,6 +211,22 @@ def _predict_refuses_what_it_cannot_score(run, emb, tmp_path, predict_cli):
     assert "non-finite value(s) (NaN/Inf) in features_cls4k" in failed["b_nan"]
     assert "instances (128,), but this run was trained on (192,)" in failed["c_wide"]
     assert "has no regions" in failed["d_empty"]
+    # A copy missing a fold's folder is not the run: refused (it was ensembled from the folds
+    # left, columns renumbered). Listed folds only, named by their numbers. Plant: no
+    # _run_folds check -> no raise; enumerate() column names -> fold0_* for fold 1.
+    import shutil
+
+    partial = str(tmp_path / "partial")
+    shutil.copytree(run, partial)
+    shutil.rmtree(os.path.join(partial, "fold_0"))
+    with pytest.raises(finetune.FinetuneError, match=r"lists folds \[0, 1\], but fold_0/checkpoint is missing"):
+        predict.predict_run(partial, new, str(tmp_path / "p.csv"), show_progress=False)
+    info = json.load(open(os.path.join(partial, "results.json")))
+    info["folds"] = info["folds"][1:]
+    json.dump(info, open(os.path.join(partial, "results.json"), "w"))
+    predict.predict_run(partial, new, str(tmp_path / "p.csv"), show_progress=False)
+    header = open(str(tmp_path / "p.csv")).readline().strip().split(",")
+    assert "fold1_p_0" in header and not any(h.startswith("fold0_") for h in header), header
     info = json.load(open(os.path.join(run, "results.json")))
     info["class_names"] = ["IDC", "ILC", "MIXED"]
     json.dump(info, open(os.path.join(run, "results.json"), "w"))

@@ -46,6 +46,21 @@ def _fold_dirs(run_dir: str) -> list[str]:
     return dirs
 
 
+def _run_folds(run_dir: str, info: dict) -> tuple[list[int], list[str]]:
+    """(fold numbers, fold folders) of the run: every fold its results.json lists, each with its
+    checkpoint. A copy or a run missing one is refused: the ensemble would silently be another
+    (and its columns misnamed)."""
+    found = {int(os.path.basename(d).rsplit("_", 1)[1]): d for d in _fold_dirs(run_dir)}
+    listed = [int(f["fold"]) for f in info.get("folds") or [] if isinstance(f, dict) and "fold" in f]
+    missing = [k for k in listed if k not in found]
+    if missing:
+        raise FinetuneError(f"{run_dir}: results.json lists folds {listed}, but "
+                            f"{', '.join(f'fold_{k}/checkpoint' for k in missing)} is missing "
+                            "(an unfinished run, or an incomplete copy)")
+    numbers = listed or sorted(found)
+    return numbers, [found[k] for k in numbers]
+
+
 def _run_info(run_dir: str) -> dict:
     path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(path):
@@ -81,7 +96,8 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
     info = _run_info(run_dir)
     task, class_names = info.get("task"), info.get("class_names") or []
     buckets = info.get("config", {}).get("train", {}).get("buckets") or (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-    folds = [FoldModel(os.path.join(d, "checkpoint"), task, buckets) for d in _fold_dirs(run_dir)]
+    numbers, dirs = _run_folds(run_dir, info)
+    folds = [FoldModel(os.path.join(d, "checkpoint"), task, buckets) for d in dirs]
     if task != "survival" and class_names and folds[0].n_outputs not in (None, len(class_names)):
         raise FinetuneError(f"{os.path.join(run_dir, 'results.json')}: {len(class_names)} class names "
                             f"{class_names} for a {folds[0].n_outputs}-class model")
@@ -108,7 +124,7 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
         with atomic_path(os.path.join(att_dir, sid + ".npz")) as tmp, open(tmp, "wb") as f:
             np.savez(f, attention=attention, attention_mean=attention.mean(0),
                      coords=bag.get("coords", np.zeros((m, 2), np.int64)))
-        rows.append(_row(sid, logits, task, class_names))
+        rows.append(_row(sid, logits, task, class_names, numbers))
     with atomic_path(out_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["slide_id"])
         w.writeheader()
@@ -142,16 +158,18 @@ def _score(folds: list[FoldModel], sid: str, bag: dict, path: str, model_name, e
                        f"({type(e).__name__}: {first[:300]})") from None
 
 
-def _row(slide_id: str, logits: np.ndarray, task: str, class_names: list[str]) -> dict:
+def _row(slide_id: str, logits: np.ndarray, task: str, class_names: list[str], numbers: list[int]) -> dict:
+    """One CSV row; columns are named after the run's fold numbers (``numbers``, one per row of
+    ``logits``)."""
     row: dict = {"slide_id": slide_id}
     if task == "survival":
         risk = np.asarray(survival.risk_score(logits))  # [folds]
-        row.update({f"fold{k}_risk": float(r) for k, r in enumerate(risk)})
+        row.update({f"fold{k}_risk": float(r) for k, r in zip(numbers, risk)})
         row["ensemble_risk"] = float(risk.mean())
         return row
     probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)  # [folds,K]
     names = class_names or [str(c) for c in range(probs.shape[1])]  # checked against the model above
-    for k, p in enumerate(probs):
+    for k, p in zip(numbers, probs):
         row.update({f"fold{k}_p_{n}": float(v) for n, v in zip(names, p)})
     mean = probs.mean(0)
     row.update({f"ensemble_p_{n}": float(v) for n, v in zip(names, mean)})
