@@ -462,19 +462,24 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     return manifest
 
 
-def _say_prep_failures(shards_dir: str, region_shards: dict) -> None:
-    """Slides hipt-prep could not cut have no shard, so nothing here would mention them."""
+def _say_prep_failures(shards_dir: str, region_shards: dict) -> list[str]:
+    """Slides hipt-prep could not cut have no shard, so nothing here would mention them.
+    Returns the slides it recorded as done whose shard is gone (an incomplete copy of the prep
+    folder): they fail here rather than vanish from the cohort."""
     try:
         with open(os.path.join(shards_dir, shards.MANIFEST)) as f:
             items = json.load(f).get("items") or {}
     except (OSError, ValueError, AttributeError):
-        return
+        return []
+    lost = sorted(sid for sid, it in items.items()
+                  if isinstance(it, dict) and it.get("status") == "done" and sid not in region_shards)
     missing = sorted(sid for sid, it in items.items()
                      if isinstance(it, dict) and it.get("status") != "done" and sid not in region_shards)
     if missing:
         print(f"hipt-extract: {len(missing)} slide(s) failed in hipt-prep and have no region shard "
               f"(reasons in {os.path.join(shards_dir, shards.MANIFEST)}): {missing[:5]}"
               + (" ..." if len(missing) > 5 else ""), file=sys.stderr)
+    return lost
 
 
 def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Optional[str] = None,
@@ -493,7 +498,7 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
     """
     bags.check_format(fmt)  # before any work: an unknown format or .pt without torch
     region_shards = shards.list_slide_shards(shards_dir, shards.REGION)
-    _say_prep_failures(shards_dir, region_shards)
+    lost = _say_prep_failures(shards_dir, region_shards)
     features_dir = features_dir if features_dir is not None else shards_dir
     if fingerprint is not None:
         check_feature_model(features_dir, fingerprint.get("vit256"))
@@ -503,6 +508,9 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
     extractor = extractor or Extractor(model, batch_per_device)
 
     def embed_one(slide_id, bar):
+        if slide_id not in region_shards:
+            raise ExtractError(f"{shards.shard_path(shards_dir, shards.REGION, slide_id)}: region shard missing "
+                               f"(hipt-prep recorded {slide_id} as done in {os.path.join(shards_dir, shards.MANIFEST)})")
         return extractor.embed_slide_bag(region_shards[slide_id],
                                          _existing_feature_shard(features_dir, slide_id,
                                                                  region_shards[slide_id]), bar)
@@ -512,7 +520,7 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
         sha = _read_json(shards.shard_status_path(path)).get("sha256")
         return {"shard": os.path.basename(path), "sha256": sha or f"{os.path.getsize(path)} bytes"}
 
-    return _extract_slides(out_dir, list(region_shards), embed_one, extractor=extractor, fmt=fmt,
+    return _extract_slides(out_dir, list(region_shards) + lost, embed_one, extractor=extractor, fmt=fmt,
                            store_dtype=store_dtype, params=dict(params or {}),
                            show_progress=show_progress, source_of=source_of)
 

@@ -73,12 +73,16 @@ def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, 
         shard = os.path.join(prep, "regions", r["slide_id"] + ".array_record")
         with open(shards.shard_status_path(shard), "w") as f:
             json.dump({"status": "done", "sha256": shards.file_sha256(shard)}, f)
-    with open(os.path.join(prep, "manifest.json"), "w") as f:  # a slide hipt-prep could not cut
-        json.dump({"items": {"ghost": {"status": "failed", "error": "no tissue"}}}, f)
+    with open(os.path.join(prep, "manifest.json"), "w") as f:  # a slide hipt-prep could not cut,
+        # and one it cut whose shard is gone (an incomplete copy): it fails, it does not vanish
+        # (plant: the slide list without the lost ones -> "lost" absent from the manifest, exit 0)
+        json.dump({"items": {"ghost": {"status": "failed", "error": "no tissue"}, "lost": {"status": "done"}}}, f)
     out = str(tmp_path / "emb")
     engine = extraction.Extractor(model, batch_per_device=2)  # compiled once for the four runs
-    extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine)
+    first = extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine)
     assert "1 slide(s) failed in hipt-prep and have no region shard" in capsys.readouterr().err
+    assert first["slides"]["lost"]["status"] == "failed"
+    assert "lost.array_record: region shard missing" in first["slides"]["lost"]["error"]
     sid, other = rows[0]["slide_id"], rows[-1]["slide_id"]
     for sub, ext in (("regions", ".array_record"), ("status", ".json")):  # as a --redo would leave it
         shutil.copy(os.path.join(prep, sub, other + ext), os.path.join(prep, sub, sid + ext))
