@@ -172,6 +172,18 @@ def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str],
                               versions=versions(), extra=dict(kind=kind, n_records=n_records))
 
 
+def _drop_orphans(out_dir: str, kind: str, ids: set) -> None:
+    """Remove the items (shard and status) made from inputs that are gone: downstream readers
+    glob the shards, so a kept one would still be trained on."""
+    status_dir = os.path.join(out_dir, "status")
+    for name in sorted(os.listdir(status_dir)):
+        item_id = os.path.splitext(name)[0]
+        if name.endswith(".json") and item_id not in ids:
+            retire_output(out_dir, item_id)
+            print(f"{kind}: {item_id}: its input is gone (no region shard now; failed or removed in "
+                  f"hipt-prep regions): its {kind} shard is removed", file=sys.stderr)
+
+
 def retire_output(out_dir: str, item_id: str) -> None:
     """Remove an item's old shard and status before it is (re)done: if the new attempt fails,
     no stale shard is left for downstream tools to read."""
@@ -261,13 +273,17 @@ def run_beam(fn: Callable, items: Sequence, args: tuple, runner: str, beam_args:
 def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, kind: str,
               params: dict, fn_args: tuple, workers: int = 1, runner: str = "pool",
               beam_args: Sequence[str] = (), redo: bool = False,
-              source_of: Callable | None = None) -> dict:
+              source_of: Callable | None = None, drop_orphans: bool = False) -> dict:
     """Skip finished items, run the rest, write the manifest; returns the manifest.
     ``source_of(item)``: what an item is made from (default: the identity of ``item.path``, a
-    slide file); a finished item whose recorded source differs is redone."""
+    slide file); a finished item whose recorded source differs is redone. ``drop_orphans``
+    (shards derived from region shards): an item this folder holds whose input is no longer
+    among ``ids`` (its slide failed or was removed on a hipt-prep rerun) is removed, named."""
     os.makedirs(os.path.join(out_dir, "status"), exist_ok=True)
     check_params(out_dir, kind, params)
     clean_stale_tmp(out_dir)
+    if drop_orphans:
+        _drop_orphans(out_dir, kind, set(ids))
     if source_of is None:
         source_of = lambda it: input_identity(it.path) if hasattr(it, "path") else None  # noqa: E731
     todo = [(it, i) for it, i in zip(items, ids) if redo or not is_done(out_dir, i, source_of(it))]

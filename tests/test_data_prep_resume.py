@@ -151,6 +151,19 @@ def test_rerun_redoes_a_replaced_slide_and_a_truncated_shard(slides_dir, tmp_pat
     m = prepare_regions(str(other), out, region_px=int(REGION))
     assert set(m["items"]) == {"s", "t"} and m["counts"] == {"done": 2}
 
+    # The slide now fails (damaged): its region shard is retired, and the patches made from it
+    # go too, named (plant: no drop_orphans -> "2 of 2 already done"-style skip, the old
+    # patch shard still read by pretraining).
+    with open(folder / "s.svs", "r+b") as f:
+        f.truncate(1000)
+    m = prepare_regions(str(folder), out, region_px=int(REGION))
+    assert m["items"]["s"]["status"] == "failed" and not os.path.exists(shard)
+    capsys.readouterr()
+    assert main(["patches", "--regions", out, "--out", patches, "--workers", "1", "--no-progress"]) == 0
+    assert "s: its input is gone" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(patches, "patches", "s.array_record"))
+    assert "s" not in json.load(open(os.path.join(patches, "manifest.json")))["items"]
+
 
 def test_a_rerun_with_other_parameters_names_what_changed(tmp_path):
     """Plant: the old message (no list of changed parameters) -> fails."""

@@ -166,7 +166,7 @@ def _patches(args, beam_args) -> int:
     manifest = run_items(process_region_shard, ids, ids, out, "patches",
                          dict(dataclasses.asdict(params), regions=src), (src, out, params),
                          workers=args.workers, runner=args.runner, beam_args=beam_args, redo=args.redo,
-                         source_of=functools.partial(region_shard_identity, src))
+                         source_of=functools.partial(region_shard_identity, src), drop_orphans=True)
     return _report(manifest, out)
 
 
@@ -196,7 +196,8 @@ def _features(args) -> int:
     # JAX already spreads each batch over every core/accelerator of the host: one process.
     manifest = run_items(derive_shard, ids, ids, out, "features", params,
                          (src, out, "features", write_features), workers=1, runner="pool",
-                         redo=args.redo, source_of=functools.partial(region_shard_identity, src))
+                         redo=args.redo, source_of=functools.partial(region_shard_identity, src),
+                         drop_orphans=True)
     return _report(manifest, out)
 
 
