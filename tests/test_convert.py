@@ -160,6 +160,25 @@ def test_pth_and_converted_dir_give_the_same_model(released, tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
 
 
+def test_zero_filled_hole_is_refused(released, tmp_path, capsys):
+    """Zero-filled bytes inside a tensor (what an interrupted, preallocated download leaves)
+    loaded with exit 0 and zeros in the weights: torch does not check the zip CRCs. Plant: no
+    _check_zip_members -> exit 0, fails."""
+    import struct
+    import zipfile
+
+    data = bytearray(open(released["vit4k"], "rb").read())
+    with zipfile.ZipFile(released["vit4k"]) as zf:  # inside the largest tensor's bytes
+        info = max(zf.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[start:start + 1024] = bytes(1024)
+    (tmp_path / "holed.pth").write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, tmp_path / "holed.pth", tmp_path / "out")
+    assert_one_line_error(code, err, "holed.pth", "do not match their checksum")
+    assert not (tmp_path / "out" / "arch.json").exists()
+
+
 def test_truncated_file(released, tmp_path, capsys):
     data = open(released["vit4k"], "rb").read()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])

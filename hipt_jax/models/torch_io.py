@@ -266,7 +266,26 @@ def read_pth(path: str) -> dict:
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({msg})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
+    _check_zip_members(path)
     return obj
+
+
+def _check_zip_members(path: str) -> None:
+    """A zip-format .pth whose tensor bytes were damaged after it was written (zero-filled holes
+    of an interrupted, preallocated copy) still loads: torch does not check the members' CRCs.
+    CheckpointError naming the first damaged member."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (pre-1.6) format has no checksums
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint: the bytes of {bad} do not match their checksum "
+                              "(a damaged or incomplete copy)")
 
 
 def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -> tuple[dict, dict, dict]:
