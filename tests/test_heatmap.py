@@ -334,6 +334,19 @@ def test_cli_vitwsi_slide_map(tmp_path):
     _, aux = module.apply({"params": params}, feats[None], coords=cells[None])
     want = np.asarray(aux["attention"])[0, :, 0, 1:].mean(axis=0)  # [H,1+M,1+M] -> CLS row [M]
     np.testing.assert_allclose(scores, want / want.sum(), atol=1e-6)
+    # A bag that records its region side (as hipt-extract writes it): used without --size, and a
+    # --size asking for another is refused (plant: always --size -> the default 4096 px squares
+    # collapse the 2 x 3 grid to 1 x 1 with exit 0).
+    json_attrs = np.array('{"patch_size_level0": 1024, "patch_size": 1024}')
+    np.savez(tmp_path / "emb" / "slides" / "cmu_small_region.npz", features_cls4k=feats,
+             coords=cells[:, ::-1] * 1024, coords_attrs_json=json_attrs)
+    code = main(["--slide", REAL_SLIDE, "--vitwsi", export, "--embeddings", str(tmp_path / "emb"),
+                 "--out", str(tmp_path / "maps2"), "--thumb-px", "128"])
+    assert code == 0
+    with np.load(tmp_path / "maps2" / "cmu_small_region_region_scores.npz") as z:
+        assert z["grid"].shape == (2, 3) and float(z["region_px"]) == 1024
+    assert main(["--slide", REAL_SLIDE, "--vitwsi", export, "--embeddings", str(tmp_path / "emb"),
+                 "--size", "2048", "--out", str(tmp_path / "maps3"), "--thumb-px", "128"]) == 2
 
 
 if __name__ == "__main__":

@@ -165,9 +165,28 @@ def _lgp_scores(args, slide):
         raise ValueError(f"{bags.find_bag(args.embeddings, slide_id)}: bag has no region coordinates "
                          "(use an npz or h5 bag)")
     feats, coords = bag["features_cls256"], bag["coords"]
-    mpp = slide_io.slide_mpp(slide, args.assume_mpp, args.slide)
-    read_px = slide_io.region_geometry(slide, mpp, args.size, args.target_mpp).read_px
+    read_px = _bag_read_px(args, slide, bags.find_bag(args.embeddings, slide_id))
     return coords, lgp_region_attention(args.lgp, feats), read_px
+
+
+def _bag_read_px(args, slide, bag_path: str) -> float:
+    """Level-0 side of the bag's regions: as the bag records it (hipt-extract writes it with
+    the coordinates), checked against --size / --target-mpp when they are given; computed from
+    them for bags without the record. A 512 px cohort painted with the default 4096 drew each
+    region as a 4096 px square."""
+    from data_prep import bags, slide_io
+
+    mpp = slide_io.slide_mpp(slide, args.assume_mpp, args.slide)
+    asked = slide_io.region_geometry(slide, mpp, args.size, args.target_mpp).read_px
+    recorded = bags.read_coords_attrs(bag_path).get("patch_size_level0")
+    if not recorded:
+        return asked
+    given = {"size", "target_mpp"} & set(getattr(args, "given", ()))
+    if given and int(recorded) != int(asked):
+        raise ValueError(f"{bag_path}: its regions are {int(recorded)} px at level 0, but "
+                         f"{' / '.join('--' + g.replace('_', '-') for g in sorted(given))} ask for "
+                         f"{int(asked)}: leave them out to use the bag's")
+    return float(recorded)
 
 
 def _vitwsi_scores(args, slide):
@@ -183,9 +202,7 @@ def _vitwsi_scores(args, slide):
     if bag is None:
         raise ValueError(f"{args.embeddings}: slide {slide_id!r} was not extracted")
     coords, scores = wsi_attention(bag, None if args.vitwsi == "stored" else args.vitwsi)
-    mpp = slide_io.slide_mpp(slide, args.assume_mpp, args.slide)
-    read_px = slide_io.region_geometry(slide, mpp, args.size, args.target_mpp).read_px
-    return coords, scores, read_px
+    return coords, scores, _bag_read_px(args, slide, bag)
 
 
 def run_slide(args) -> dict:
