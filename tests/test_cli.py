@@ -80,6 +80,13 @@ def assert_exit_2(code, err, *needles):
     ("hipt-heatmap", ["--out", "o", "--tiny"], "--tiny needs --random-init"),
     ("hipt-prep", ["regions", "--slides", "s", "--out", "o", "--bogus"], "unrecognized arguments"),
     ("hipt-prep", ["features", "--regions", "r", "--out", "o", "--batch-per-device", "0"], "--batch-per-device"),
+    # contradictions that were ignored with exit 0 (plants: no check_mode / no --image check)
+    ("hipt-heatmap", ["--slide", "s.svs", "--lgp", "c", "--vitwsi", "stored", "--out", "o"],
+     "--lgp and --vitwsi: slide mode paints one source"),
+    ("hipt-heatmap", ["--slide", "s.svs", "--region-scores", "r.npz", "--vit256", "v", "--x", "5", "--out", "o"],
+     "--vit256, --x: options of region mode"),
+    ("hipt-embed", ["--random-init", "tiny", "--image", "x.png", "--x", "256", "--size", "256", "--out", "o.npz"],
+     "--x, --size: choose a region of --slide"),
 ])
 def test_bad_usage_exits_2_with_one_line(name, argv, needle, capsys):
     code, _, err = _call(MAINS[name], argv, capsys)

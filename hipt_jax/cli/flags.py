@@ -683,6 +683,10 @@ def read_region(args):
     if bool(args.image) == bool(args.slide):
         raise UsageError("give exactly one of --image or --slide")
     if args.image:
+        slide_only = [f for f in ("x", "y", "size", "target_mpp", "assume_mpp") if f in getattr(args, "given", ())]
+        if slide_only:  # the whole image was embedded as it is, with exit 0
+            raise UsageError(f"{', '.join('--' + f.replace('_', '-') for f in slide_only)}: choose a region "
+                             "of --slide; --image is used whole, as the region")
         region = read_image(args.image)
     else:
         from data_prep.slide_io import open_slide, read_region_at_mpp

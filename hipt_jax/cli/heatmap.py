@@ -249,7 +249,25 @@ def _save_region_scores(path: str, coords, scores, region_px: float) -> str:
     return path
 
 
+def check_mode(args) -> None:
+    """One map per run: slide mode takes one source of region scores and no region weights or
+    region position (they were ignored with exit 0). UsageError naming the conflict."""
+    sources = [f for f in ("region_scores", "lgp", "vitwsi") if getattr(args, f)]
+    if len(sources) > 1:
+        raise flags.UsageError(f"{' and '.join('--' + f.replace('_', '-') for f in sources)}: slide mode paints "
+                               "one source of region scores; give one")
+    if not sources:
+        return
+    given = set(getattr(args, "given", ()))
+    region_only = [f for f in ("vit256", "vit4k", "random_init", "image", "x", "y", "scale", "shifts", "shifts256",
+                               "blends", "blend_weighting") if f in given]
+    if region_only:
+        raise flags.UsageError(f"{', '.join('--' + f.replace('_', '-') for f in region_only)}: options of region "
+                               f"mode, not used by slide mode (--{sources[0].replace('_', '-')})")
+
+
 def _run(args) -> int:
+    check_mode(args)
     flags.check_output_dir(args.out)
     written = run_slide(args) if (args.region_scores or args.lgp or args.vitwsi) else run_region(args)
     from hipt_jax.outputs import write_json
