@@ -587,6 +587,12 @@ def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region
     if len(coords_file.coords) == 0:
         raise ExtractError(f"{coords_file.path}: no coordinates")
     width, height = slide.dimensions
+    recorded = (coords_file.attrs.get("level0_width"), coords_file.attrs.get("level0_height"))
+    if None not in recorded and (int(recorded[0]), int(recorded[1])) != (width, height):
+        # TRIDENT and HIPT-JAX record the slide a coordinate file was made on: another size is
+        # another slide, even when every coordinate happens to fall inside this one
+        raise ExtractError(f"{coords_file.path}: made for a {int(recorded[0])} x {int(recorded[1])} px slide, "
+                           f"but {path} is {width} x {height} level-0 px: coordinates of another slide?")
     xy = np.asarray(coords_file.coords)
     outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
     if outside.any():

@@ -120,6 +120,17 @@ def test_coordinates_outside_the_slide_fail_it(model, extractor, prepared, tmp_p
     _trident_file(str(tmp_path / "t" / "job" / "patches" / f"{SID}_patches.h5"), off, SIZE)
     result = _direct(model, extractor, slides, str(tmp_path / "t"), str(tmp_path / "e"))["slides"][SID]
     assert result["status"] == "failed" and f"1 of 2 regions start outside {REAL_SLIDE}" in result["error"]
+    # A file that records the slide it was made on (TRIDENT, hipt-prep coords) and names another
+    # size: other slide's coordinates even when all fall inside (plant: no size check -> "done").
+    import shutil
+
+    other = tmp_path / "o" / f"{SID}_patches.h5"
+    other.parent.mkdir()
+    shutil.copy(root / "prep" / "coords" / f"{SID}_patches.h5", other)
+    with h5py.File(other, "a") as f:
+        f["coords"].attrs["level0_width"] = width + 2000
+    result = _direct(model, extractor, slides, str(tmp_path / "o"), str(tmp_path / "e4"))["slides"][SID]
+    assert result["status"] == "failed" and f"made for a {width + 2000} x {height} px slide" in result["error"]
 
 
 def test_coordinate_files_two_per_slide_refused_and_out_folder_skipped(tmp_path):
