@@ -311,13 +311,24 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
     else:
         # Trainer wrappers (Lightning's "state_dict", a {"model": ...} checkpoint) or a plain dict.
         wrapped = [k for k in _STATE_CONTAINERS if isinstance(obj.get(k), dict)]
+        if len(wrapped) > 1:  # e.g. raw weights under "model" beside their EMA: which one is meant?
+            raise CheckpointError(f"{source}: holds several state dicts ({', '.join(wrapped)}); which network "
+                                  "to convert is not clear: save the one you want on its own with torch.save")
+        if which == "student":
+            raise CheckpointError(f"{source}: holds one network (no teacher/student entries); --which student "
+                                  "applies to DINO checkpoints")
         state, container = (obj[wrapped[0]], wrapped[0]) if wrapped else (obj, None)
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{source}: '{container or 'file'}' is not a state dict of tensors "
                               f"(keys: {short_list(sorted(map(str, state)) if isinstance(state, dict) else [])})")
     backbone, head, prefixes, cast = {}, {}, set(), set()
+    original: dict[str, str] = {}  # stripped name -> key, to catch two networks in one dict
     for key, tensor in state.items():
         name, prefix = _strip_wrappers(key)
+        if name in original:
+            raise CheckpointError(f"{source}: keys {original[name]!r} and {key!r} name the same tensor "
+                                  "once prefixes are stripped: two networks in one state dict?")
+        original[name] = key
         array, dtype = _float32_array(tensor)
         if dtype:
             cast.add(dtype)
