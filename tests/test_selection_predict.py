@@ -255,3 +255,25 @@ def test_baseline_survival_learns_class_dependent_times(cohort, tmp_path):
     print({"clam_sb_survival": res["summary"]["c_index"]})
     assert res["model"] == "clam_sb" and res["summary"]["c_index"]["mean"] > 0.68, res["folds"]
     assert os.path.isfile(tmp_path / "surv" / "km.png")
+
+
+def test_predict_refuses_bags_extracted_with_other_weights(tmp_path, capsys):
+    """Bags of the same shape from other weights (another checkpoint or seed) were scored with
+    exit 0 and confident probabilities. The run records the weights of its training bags
+    (results info "embedding_models"); predict compares them with the new folder's record.
+    Plant: the comparison removed (nothing "changed") -> no raise."""
+    from hipt_jax import provenance
+    from hipt_jax.finetune.main import embedding_models
+
+    trained, same, other, bare = (str(tmp_path / n) for n in ("trained", "same", "other", "bare"))
+    provenance.write(trained, {"vit256": "sha-a", "vit4k": "sha-b", "format": "npz"})
+    provenance.write(same, {"vit256": "sha-a", "vit4k": "sha-b", "format": "h5"})
+    provenance.write(other, {"vit256": "sha-a", "vit4k": "random:tiny:seed5"})
+    os.makedirs(bare)
+    recorded = embedding_models(trained)
+    assert recorded == {"vit256": "sha-a", "vit4k": "sha-b"}
+    predict._check_embedding_models("run", recorded, same)
+    with pytest.raises(finetune.FinetuneError, match=r"vit4k random:tiny:seed5 \(trained on sha-b\)"):
+        predict._check_embedding_models("run", recorded, other)
+    predict._check_embedding_models("run", recorded, bare)  # no record: a warning, not a refusal
+    assert "does not record the weights" in capsys.readouterr().err

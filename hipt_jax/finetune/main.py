@@ -135,7 +135,8 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     if not per_slide:
         raise FinetuneError(f"{emb}: none of the labelled slides were extracted")
     info: dict[str, Any] = {"n_slides": len(per_slide), "instance_shape": list(first[1]),
-                            "unlabelled_slides": _unlabelled(emb, coh)}
+                            "unlabelled_slides": _unlabelled(emb, coh),
+                            "embedding_models": embedding_models(emb)}
     if info["unlabelled_slides"]:
         print(f"hipt-finetune: {len(info['unlabelled_slides'])} extracted slide(s) in {emb} have no row in "
               f"{coh.path} (not used): {info['unlabelled_slides'][:5]}", file=sys.stderr)
@@ -159,6 +160,13 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     items = [Item(c, np.concatenate([per_slide[coh.slide_ids[i]] for i in cases[c]]), int(b), float(t), bool(e))
              for c, b, t, e in zip(case_ids, bins, times, cens)]
     return items, bins * 2 + cens, info
+
+
+def embedding_models(embeddings: str) -> dict:
+    """The weights an embeddings folder was extracted with, as hipt-extract recorded them
+    ({"vit256": ..., "vit4k": ...}; {} for folders without a record, e.g. TRIDENT bags)."""
+    recorded = provenance.read(embeddings) if os.path.isdir(embeddings) else None
+    return {k: recorded[k] for k in ("vit256", "vit4k") if k in (recorded or {})}
 
 
 def _unlabelled(embeddings: str, coh: cohort_lib.Cohort) -> list[str]:

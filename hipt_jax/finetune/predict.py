@@ -46,6 +46,21 @@ def _fold_dirs(run_dir: str) -> list[str]:
     return dirs
 
 
+def _check_embedding_models(run_dir: str, trained_on: dict, embeddings: str) -> None:
+    """Bags extracted with other weights than the run's training bags have the same shape and
+    get confident, meaningless scores: refused when both folders record their weights."""
+    from hipt_jax.finetune.main import embedding_models
+
+    now = embedding_models(embeddings)
+    changed = [f"{k} {now[k]} (trained on {trained_on[k]})" for k in trained_on if k in now and now[k] != trained_on[k]]
+    if changed:
+        raise FinetuneError(f"{embeddings}: extracted with other weights than the bags {run_dir} was trained on: "
+                            f"{'; '.join(changed)}; extract these slides with the run's weights")
+    if trained_on and not now:
+        print(f"hipt-predict: warning: {embeddings} does not record the weights it was extracted with; "
+              f"the run was trained on bags from {trained_on}", file=sys.stderr)
+
+
 def _run_folds(run_dir: str, info: dict) -> tuple[list[int], list[str]]:
     """(fold numbers, fold folders) of the run: every fold its results.json lists, each with its
     checkpoint. A copy or a run missing one is refused: the ensemble would silently be another
@@ -102,6 +117,7 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
         raise FinetuneError(f"{os.path.join(run_dir, 'results.json')}: {len(class_names)} class names "
                             f"{class_names} for a {folds[0].n_outputs}-class model")
     expected = (info.get("info") or {}).get("instance_shape")  # absent in runs before it was recorded
+    _check_embedding_models(run_dir, (info.get("info") or {}).get("embedding_models") or {}, embeddings)
     available = bags.list_bags(embeddings)
     if not available:
         raise FinetuneError(f"{embeddings}: no extracted slides (expected hipt-extract output with slides/)")
