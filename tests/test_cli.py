@@ -112,6 +112,12 @@ def test_single_input_commands_bad_input_exit_2(data, capsys):
     code, _, err = _call(embed.main, ["--random-init", "tiny", "--image", root / "missing.png", "--out",
                                       root / "o.npz"], capsys)
     assert_exit_2(code, err, "hipt-embed", "missing.png: no such file")
+    # --out dd writes dd.npz: a folder of that name is refused before the work (it failed after
+    # it, exit 1; plant: check args.out as given -> fails)
+    (root / "dd.npz").mkdir()
+    code, _, err = _call(embed.main, ["--random-init", "tiny", "--image", root / "missing.png", "--out",
+                                      root / "dd"], capsys)
+    assert_exit_2(code, err, "hipt-embed", "dd.npz: output file is a folder")
     code, _, err = _call(heatmap.main, ["--random-init", "tiny", "--slide", os.path.join(data["slides"], "corrupt.svs"),
                                         "--out", root / "maps"], capsys)
     assert_exit_2(code, err, "hipt-heatmap", "corrupt.svs")

@@ -45,7 +45,8 @@ def embed(args) -> dict[str, np.ndarray]:
 
 
 def _run(args) -> int:
-    flags.check_output_file(args.out)
+    # np.savez appends .npz to a name without it: check the file it will actually write
+    flags.check_output_file(args.out if args.out.endswith(".npz") else args.out + ".npz")
     start = time.perf_counter()
     out = embed(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
