@@ -204,6 +204,21 @@ def output_path(out_dir: str, slide_id: str, output: str) -> str:
     return shard_path(out_dir, "regions", slide_id)
 
 
+def _no_tissue_reason(path: str, slide, geom, tm, params: RegionParams) -> str:
+    """Why a slide has no tissue piece: a slide smaller than the smallest piece kept (a small
+    crop that is all tissue) says so rather than "no tissue"."""
+    scale = geom.read_px / geom.region_px  # level-0 px per target px
+    width, height = (round(d / scale) for d in slide.dimensions)
+    if width * height < params.tissue.min_tissue_area:
+        side = round(params.tissue.min_tissue_area ** 0.5)
+        return (f"{path}: the whole slide is {width} x {height} px at {geom.mpp:g} um/px, smaller than the "
+                f"smallest tissue piece kept ({side} x {side} px, tissue min_tissue_area): nothing to cut")
+    side = round(params.tissue.min_tissue_area ** 0.5)
+    return (f"{path}: no tissue piece of at least {side} x {side} px at {geom.mpp:g} um/px found (HSV "
+            f"saturation threshold {tm.threshold:.0f}, Otsu's; on a crop with no glass around the tissue "
+            "Otsu's threshold splits the tissue itself: see the qc/ mask picture)")
+
+
 def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: str = "regions") -> dict:
     """Do one slide end to end; never raises for a bad slide (the error goes in the result).
 
@@ -230,7 +245,7 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
                       n_candidates=len(region_grid(*slide.dimensions, geom.read_px)))
         _qc_pictures(out_dir, task.slide_id, slide, tm, geom, kept, params.qc_max_px, annotations)
         if not tm.contours:
-            raise SlideError(f"{task.path}: no tissue found (saturation threshold {tm.threshold:.0f})")
+            raise SlideError(_no_tissue_reason(task.path, slide, geom, tm, params))
         if not kept:
             raise SlideError(f"{task.path}: tissue found but no {params.region_px} px region reaches "
                              f"tissue fraction {params.min_tissue_fraction}"

@@ -113,13 +113,17 @@ def test_bad_inputs_reported_and_run_continues(tmp_path, synthetic_slides):
     (slides / "corrupt.svs").write_bytes(bytes(data))
     make_aperio_slide(str(slides / "blank.svs"), (1024, 1024), levels=(1,), tissue=np.zeros((1, 1), bool))
     make_aperio_slide(str(slides / "nompp.svs"), (1024, 1024), levels=(1,), mpp=None)
+    # all tissue but smaller than the smallest piece kept: said so, not "no tissue" (plant: the
+    # old message -> fails)
+    make_aperio_slide(str(slides / "small.svs"), (200, 200), levels=(1,))
     out = tmp_path / "out"
     assert _run(["--slides", str(slides), "--out", str(out), "--region", str(REGION)]) == 1
     with open(out / "manifest.json") as f:
         items = json.load(f)["items"]
     assert items["good"]["status"] == "done" and items["good"]["n_regions"] == len(expected_regions())
     reasons = {k: v["error"] for k, v in items.items() if v["status"] == "failed"}
-    assert set(reasons) == {"text", "truncated", "zero", "corrupt", "blank", "nompp"}
+    assert set(reasons) == {"text", "truncated", "zero", "corrupt", "blank", "nompp", "small"}
+    assert "the whole slide is 200 x 200 px at 0.5 um/px, smaller than the smallest tissue piece" in reasons["small"]
     assert "corrupt.svs" in reasons["corrupt"] and "JPEG" in reasons["corrupt"]
     assert not os.path.exists(out / "regions" / "corrupt.array_record")  # no partial shard
     assert "not a slide format" in reasons["text"]
