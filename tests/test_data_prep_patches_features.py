@@ -38,6 +38,10 @@ def test_patches_grid_coordinates_pixels_and_filter(regions_out, tmp_path):
         assert np.abs(img - crop).mean() < 6.5
 
     assert main(["patches", "--regions", regions_out, "--out", regions_out, "--workers", "1"]) == 2
+    # A patch side that does not divide the region: refused, nothing written (it kept 3 x 3
+    # patches of 300 px per 1024 px region and dropped the rest; plant: no check -> exit 0)
+    assert main(["patches", "--regions", regions_out, "--out", str(tmp_path / "p300"), "--patch", "300"]) == 2
+    assert not (tmp_path / "p300").exists()
     assert main(["patches", "--regions", regions_out, "--out", str(tmp_path / "tissue"),
                  "--workers", "1", "--min-tissue", "0.5"]) == 0
     kept = list(iter_records(str(tmp_path / "tissue" / "patches" / "cmu_small_region.array_record")))

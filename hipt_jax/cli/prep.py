@@ -162,12 +162,31 @@ def _patches(args, beam_args) -> int:
                          jpeg_quality=args.jpeg_quality)
     src = os.path.abspath(args.regions)
     ids = list(list_slide_shards(src, REGION))
+    _check_patch_divides(src, args.patch)
     out = os.path.abspath(args.out)
     manifest = run_items(process_region_shard, ids, ids, out, "patches",
                          dict(dataclasses.asdict(params), regions=src), (src, out, params),
                          workers=args.workers, runner=args.runner, beam_args=beam_args, redo=args.redo,
                          source_of=functools.partial(region_shard_identity, src), drop_orphans=True)
     return _report(manifest, out)
+
+
+def _check_patch_divides(regions_dir: str, patch: int) -> None:
+    """--patch must cut the regions into whole patches: 300 px in 512 px regions kept one patch
+    per region and dropped the rest without a word. The region side as hipt-prep recorded it."""
+    import json
+
+    from data_prep.shards import MANIFEST
+
+    try:
+        with open(os.path.join(regions_dir, MANIFEST)) as f:
+            region_px = int(json.load(f)["params"]["region_px"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a folder of region shards without hipt-prep's manifest: nothing recorded to check
+    if region_px % patch:
+        raise InputError(f"--patch {patch}: does not divide the {region_px} px regions of {regions_dir} "
+                         f"({region_px % patch} px of every region row and column would be dropped); "
+                         f"use a divisor of {region_px}")
 
 
 def _features(args) -> int:
