@@ -217,6 +217,10 @@ def test_text_file(tmp_path, capsys):
 def test_other_architecture(released, tmp_path, capsys):
     code, _, err = run_cli(capsys, released["vit4k"], tmp_path / "out", "--arch", "vit256")
     assert_one_line_error(code, err, "vit4k_dino.pth", "vit4k checkpoint", "--arch vit256")
+    # Same family, other size: one line naming both (it listed every mismatched tensor; plant:
+    # compare the family name only -> the long shape list, fails)
+    code, _, err = run_cli(capsys, released["vit4k"], tmp_path / "out", "--arch", "vit4k_tiny")
+    assert_one_line_error(code, err, "is a vit4k checkpoint (width 192, depth 6), but --arch vit4k_tiny")
     # The Python API refuses a ViT-4K file passed as ViT-256, with the same kind of message.
     from hipt_jax import HIPT4K
 

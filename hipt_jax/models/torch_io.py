@@ -414,8 +414,11 @@ def load_reference_backbone(path: str, which: str = "teacher", arch: str = "auto
     obj = read_pth(path)
     backbone, head, layout = split_reference_state(obj, which, path)
     detected = infer_arch_or_explain(backbone, path)
-    if arch != "auto" and get_arch(arch).arch != get_arch(detected).arch:
-        raise CheckpointError(f"{path}: is a {get_arch(detected).arch} checkpoint, but --arch {arch} was asked for")
+    if arch != "auto" and dict(get_arch(arch)) != dict(get_arch(detected)):
+        # same family, other size (vit256_tiny against vit256) too: one line, not every tensor
+        have, want = get_arch(detected), get_arch(arch)
+        raise CheckpointError(f"{path}: is a {detected} checkpoint (width {have.width}, depth {have.depth}), but "
+                              f"--arch {arch} (width {want.width}, depth {want.depth}) was asked for")
     config = get_arch(detected if arch == "auto" else arch)
     check_backbone(backbone, config, path)
     if keep_head and not head:
