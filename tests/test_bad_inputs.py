@@ -313,6 +313,19 @@ def test_pretrain_data_path_is_fingerprinted_as_it_resolves(tmp_path):
     assert prints[0] != prints[1]
 
 
+def test_a_dataset_smaller_than_one_batch_is_noted(capsys):
+    """Three images and a batch of four trained with no word (plant: no note -> fails)."""
+    from configs import pretrain_vit256
+    from hipt_jax.pretrain import trainer
+
+    config = pretrain_vit256.get_config("runlocal")
+    config.data.path = "tiny_folder"
+    assert trainer._steps_per_epoch(config, [0] * 3) == 1
+    assert "tiny_folder holds 3 sample(s), fewer than one global batch of 4" in capsys.readouterr().err
+    trainer._steps_per_epoch(config, [0] * 4)
+    assert "note" not in capsys.readouterr().err
+
+
 def test_refused_run_leaves_no_provenance_behind(tmp_path, capsys):
     """A run refused after its workdir's provenance was recorded (the data folder is checked
     when the run starts) must not keep it: the corrected rerun was refused as "made with other

@@ -285,6 +285,10 @@ def init_sharded_state(config, mesh, rng):
 # ------------------------------------------------------------------------------ 3. the loop
 def _steps_per_epoch(config, source) -> int:
     n = config.data.samples_per_epoch if config.data.samples_per_epoch > 0 else len(source)
+    if len(source) < config.global_batch and jax.process_index() == 0:
+        # allowed (a smoke test), but every batch repeats samples: say so rather than train quietly
+        print(f"hipt-pretrain: note: {config.data.path} holds {len(source)} sample(s), fewer than one global "
+              f"batch of {config.global_batch}: every batch repeats samples", file=sys.stderr)
     return max(1, n // config.global_batch)
 
 
