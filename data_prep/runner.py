@@ -130,7 +130,7 @@ def is_done(out_dir: str, item_id: str, source: dict | None = None) -> bool:
               "(truncated or replaced); redoing it", file=sys.stderr)
         return False
     if source is not None and st.get("source") is not None and st["source"] != source:
-        print(f"{item_id}: now {st.get('path')!s} -> {source}, but its output was made from "
+        print(f"{item_id}: its input is now {source}, but its output was made from "
               f"{st['source']}; redoing it", file=sys.stderr)
         return False
     return True
