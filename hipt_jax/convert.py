@@ -34,7 +34,8 @@ def to_orbax(src: str, dst: str, which: str = "teacher", arch: str = "auto", kee
         checkpoint.save(tmp, variables["params"], "vit", config, meta=meta, head=head)
     n_params = sum(int(np.prod(np.shape(a))) for a in torch_io.variables_to_reference(variables).values())
     return {"arch": config.arch, "params": n_params, "head": head is not None, "dst": os.path.abspath(dst),
-            "cast_from": layout.get("cast_from", [])}
+            "cast_from": layout.get("cast_from", []), "container": layout.get("container"),
+            "ignored": layout.get("ignored", [])}
 
 
 def to_torch(src: str, dst: str) -> dict:

@@ -160,25 +160,30 @@ def test_pth_and_converted_dir_give_the_same_model(released, tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
 
 
-def test_ambiguous_single_network_files_are_refused(released, tmp_path, capsys):
-    """Each converted with exit 0 and a misleading label: raw weights beside their EMA (the
-    first container taken, called "teacher"); --which student on a one-network file (printed as
-    the student); a dict holding both "backbone.X" and "X" (the last one kept). Plants: each
-    check removed in turn -> exit 0."""
+def test_ambiguous_single_network_files_are_refused_or_named(released, tmp_path, capsys):
+    """Converted with exit 0 and no word: --which student on a one-network file (printed as the
+    student); a dict holding "backbone.X" and "X" with different values (the last one kept);
+    weights beside their EMA (one container taken silently). Now: refused, refused, taken and
+    named. The same tensor under two prefixes (one module saved under two names) converts.
+    Plants: each check removed in turn -> fails."""
     teacher = ref.torch_load_trusted(released["vit4k"])["teacher"]
     plain = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
-    torch.save({"model": plain, "state_dict_ema": plain}, tmp_path / "ema.pth")
     torch.save(plain, tmp_path / "plain.pth")
-    torch.save({**plain, **{"backbone." + k: v for k, v in plain.items()}}, tmp_path / "both.pth")
+    torch.save({**plain, **{"backbone." + k: v + 1 for k, v in plain.items()}}, tmp_path / "both.pth")
     for argv, needle in [
-        ([tmp_path / "ema.pth", tmp_path / "o1"], "holds several state dicts (model, state_dict_ema)"),
         ([tmp_path / "plain.pth", tmp_path / "o2", "--which", "student"], "holds one network"),
-        ([tmp_path / "both.pth", tmp_path / "o3"], "name the same tensor once prefixes are stripped"),
+        ([tmp_path / "both.pth", tmp_path / "o3"], "name the same tensor once prefixes are stripped but hold "
+                                                   "different values"),
     ]:
         code, _, err = run_cli(capsys, *argv)
         assert_one_line_error(code, err, needle)
-    code, _, err = run_cli(capsys, tmp_path / "plain.pth", tmp_path / "o4")  # the plain file itself is fine
+    torch.save({"model." + k: v for k, v in plain.items()} | {"backbone." + k: v for k, v in plain.items()},
+               tmp_path / "shared.pth")
+    code, _, err = run_cli(capsys, tmp_path / "shared.pth", tmp_path / "o4")
     assert code == 0, err
+    torch.save({"state_dict": plain, "state_dict_ema": plain}, tmp_path / "ema.pth")
+    code, _, err = run_cli(capsys, tmp_path / "ema.pth", tmp_path / "o5")
+    assert code == 0 and "converted 'state_dict'" in err and "not converted: state_dict_ema" in err, err
 
 
 def test_zero_filled_hole_is_refused(released, tmp_path, capsys):

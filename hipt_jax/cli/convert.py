@@ -49,6 +49,10 @@ def _run(args) -> int:
         head = " + DINO head" if info["head"] else ""
         cast = f" (stored as float32; the file held {'/'.join(info['cast_from'])})" if info["cast_from"] else ""
         print(f"wrote {info['dst']}: {info['arch']} {args.which} backbone, {info['params']:,} parameters{head}{cast}")
+        if info["ignored"]:  # e.g. timm's state_dict_ema beside state_dict
+            print(f"{PROG}: note: converted '{info['container']}' of {args.src}; also in the file and not "
+                  f"converted: {', '.join(info['ignored'])} (save that one on its own to convert it)",
+                  file=sys.stderr)
     return flags.EXIT_OK
 
 

@@ -298,6 +298,7 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
         raise CheckpointError(f"--which must be teacher or student, not {which!r}")
     flat_roles = {str(k).split(".", 1)[0] for k in obj} & {"teacher", "student"}
     outer = ""  # a flat dict of both networks: "teacher.backbone.blocks.0...", "student...."
+    ignored: list[str] = []  # state-dict containers not taken (see below)
     if "teacher" in obj or "student" in obj:
         if which not in obj:
             raise CheckpointError(f"{source}: has no '{which}' entry (keys: {short_list(sorted(map(str, obj)))})")
@@ -311,13 +312,14 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
     else:
         # Trainer wrappers (Lightning's "state_dict", a {"model": ...} checkpoint) or a plain dict.
         wrapped = [k for k in _STATE_CONTAINERS if isinstance(obj.get(k), dict)]
-        if len(wrapped) > 1:  # e.g. raw weights under "model" beside their EMA: which one is meant?
-            raise CheckpointError(f"{source}: holds several state dicts ({', '.join(wrapped)}); which network "
-                                  "to convert is not clear: save the one you want on its own with torch.save")
         if which == "student":
             raise CheckpointError(f"{source}: holds one network (no teacher/student entries); --which student "
                                   "applies to DINO checkpoints")
+        # Several (timm's "state_dict" beside "state_dict_ema", "model" beside its EMA): the
+        # first in _STATE_CONTAINERS order, the others named in the layout ("ignored") so the
+        # command says which network it took.
         state, container = (obj[wrapped[0]], wrapped[0]) if wrapped else (obj, None)
+        ignored = wrapped[1:]
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{source}: '{container or 'file'}' is not a state dict of tensors "
                               f"(keys: {short_list(sorted(map(str, state)) if isinstance(state, dict) else [])})")
@@ -325,11 +327,17 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
     original: dict[str, str] = {}  # stripped name -> key, to catch two networks in one dict
     for key, tensor in state.items():
         name, prefix = _strip_wrappers(key)
-        if name in original:
-            raise CheckpointError(f"{source}: keys {original[name]!r} and {key!r} name the same tensor "
-                                  "once prefixes are stripped: two networks in one state dict?")
-        original[name] = key
         array, dtype = _float32_array(tensor)
+        if name in original:
+            # one module reachable under two names (Lightning's self.model and self.backbone) saves
+            # the same tensor twice: fine; different values are two networks in one dict
+            in_head = name.startswith("head.")
+            seen = (head if in_head else backbone).get(name[len("head."):] if in_head else name)
+            if seen is not None and seen.shape == array.shape and np.array_equal(seen, array):
+                continue
+            raise CheckpointError(f"{source}: keys {original[name]!r} and {key!r} name the same tensor once "
+                                  "prefixes are stripped but hold different values: two networks in one state dict?")
+        original[name] = key
         if dtype:
             cast.add(dtype)
         if name.startswith("head."):
@@ -344,7 +352,8 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
     if bad:
         raise CheckpointError(f"{source}: non-finite values (NaN/Inf) in {short_list(bad)}")
     prefix = outer + (prefixes.pop() if len(prefixes) == 1 else "")
-    return backbone, head, {"container": container, "prefix": prefix, "cast_from": sorted(cast)}
+    return backbone, head, {"container": container, "prefix": prefix, "cast_from": sorted(cast),
+                            **({"ignored": ignored} if ignored else {})}
 
 
 # Where trainers put the state dict inside a checkpoint, and the prefixes their wrappers add to
