@@ -48,15 +48,18 @@ def _fold_dirs(run_dir: str) -> list[str]:
 
 def _check_embedding_models(run_dir: str, trained_on: dict, embeddings: str) -> None:
     """Bags extracted with other weights than the run's training bags have the same shape and
-    get confident, meaningless scores: refused when both folders record their weights."""
+    get confident, meaningless scores: a warning naming both when the folders' records differ.
+    Not a refusal: the records identify checkpoint FILES (the same weights as a .pth and as its
+    converted folder, or converted twice, record differently)."""
     from hipt_jax.finetune.main import embedding_models
 
     now = embedding_models(embeddings)
     changed = [f"{k} {now[k]} (trained on {trained_on[k]})" for k in trained_on if k in now and now[k] != trained_on[k]]
     if changed:
-        raise FinetuneError(f"{embeddings}: extracted with other weights than the bags {run_dir} was trained on: "
-                            f"{'; '.join(changed)}; extract these slides with the run's weights")
-    if trained_on and not now:
+        print(f"hipt-predict: warning: {embeddings} was extracted from other checkpoint files than the bags "
+              f"{run_dir} was trained on: {'; '.join(changed)}. Unless they hold the same weights (a .pth "
+              "and its hipt-convert output, a second conversion), the scores mean nothing", file=sys.stderr)
+    elif trained_on and not now:
         print(f"hipt-predict: warning: {embeddings} does not record the weights it was extracted with; "
               f"the run was trained on bags from {trained_on}", file=sys.stderr)
 
