@@ -245,22 +245,27 @@ def test_gradient_accumulation_is_one_step_on_the_mean_gradient():
     assert not np.allclose(got["classifier"]["kernel"], params["classifier"]["kernel"])
 
 
+def _cls4k_h5_bags(emb, n: int, class_offset: bool = False):
+    """n TRIDENT-style h5 bags s0..s{n-1} holding only `features` [3,192] (CLS-4K) and `coords`;
+    ``class_offset``: odd slides' features shifted by 1 (a learnable class signal)."""
+    import h5py
+
+    emb.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        with h5py.File(emb / f"s{i}.h5", "w") as f:
+            f["features"] = rng.normal(size=(3, 192)).astype(np.float32) + (i % 2 if class_offset else 0)
+            f["coords"] = np.arange(6, dtype=np.int64).reshape(3, 2) * 4096
+    return emb
+
+
 def test_bags_of_cls4k_features_alone(tmp_path):
     """A TRIDENT-style h5 with only `features` [M,192] (CLS-4K) and `coords`: the region
     baselines read exactly that; HIPT-LGP, which needs the ViT-256 grid, gets a one-line error
     naming the bag. Plants: bag_input reading features_cls256 first -> KeyError; _bag_shape
     indexing features_cls256 -> a KeyError traceback instead of FinetuneError."""
-    import h5py
-
-    emb = tmp_path / "h5"
-    emb.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(6):
-        with h5py.File(emb / f"s{i}.h5", "w") as f:
-            f["features"] = rng.normal(size=(3, 192)).astype(np.float32) + (i % 2)
-            f["coords"] = np.arange(6, dtype=np.int64).reshape(3, 2) * 4096
-        rows.append({"slide_id": f"s{i}", "label": "ab"[i % 2]})
+    emb = _cls4k_h5_bags(tmp_path / "h5", 6, class_offset=True)
+    rows = [{"slide_id": f"s{i}", "label": "ab"[i % 2]} for i in range(6)]
     labels = write_labels(str(tmp_path / "labels.csv"), rows)
     bag = finetune.read_bag(str(emb), "s0")
     assert "features_cls256" not in bag
@@ -277,20 +282,11 @@ def test_extracted_slides_without_a_label_row_are_named(tmp_path, capsys):
     stderr and in the results' info, as hipt-knn does; a row dropped by the class list is not
     "unlabelled". Plants: no listing -> the stderr check fails; dropped ids counted as
     unlabelled -> the list check fails."""
-    import h5py
-
     from hipt_jax.evaluation import cohort as cohort_lib
 
-    emb = tmp_path / "h5"
-    emb.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(8):
-        with h5py.File(emb / f"s{i}.h5", "w") as f:
-            f["features"] = rng.normal(size=(3, 192)).astype(np.float32)
-            f["coords"] = np.arange(6, dtype=np.int64).reshape(3, 2) * 4096
-        if i < 7:  # s7 has no row; s6's class is outside the class list
-            rows.append({"slide_id": f"s{i}", "label": "c" if i == 6 else "ab"[i % 2]})
+    emb = _cls4k_h5_bags(tmp_path / "h5", 8)
+    # s7 has no row; s6's class is outside the class list
+    rows = [{"slide_id": f"s{i}", "label": "c" if i == 6 else "ab"[i % 2]} for i in range(7)]
     (emb / "._s0.h5").write_bytes(b"\0")  # macOS metadata: not a bag
     labels = write_labels(str(tmp_path / "labels.csv"), rows)
     c = _subtyping_config(str(emb), labels)
