@@ -289,7 +289,7 @@ def verify_bag(path: str) -> None:
 def list_bags(out_dir: str) -> dict[str, str]:
     """slide_id -> bag path of every finished bag under OUT/slides (sorted by slide id), or
     directly in ``out_dir`` when it has no slides/ folder (a folder of CLAM/TRIDENT h5 or
-    official .pt bags)."""
+    official .pt bags). Hidden files (macOS ``._x.h5`` metadata) are not bags."""
     folder = os.path.join(out_dir, SLIDES)
     if not os.path.isdir(folder):
         folder = out_dir
@@ -297,6 +297,8 @@ def list_bags(out_dir: str) -> dict[str, str]:
         return {}
     out = {}
     for name in sorted(os.listdir(folder)):
+        if name.startswith("."):
+            continue
         for fmt in FORMATS.values():
             if name.endswith(fmt.ext) and ".tmp-" not in name:
                 out.setdefault(name[: -len(fmt.ext)], os.path.join(folder, name))

@@ -181,10 +181,10 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
     JAX backend and devices first (``report_devices``); commands that start jax.distributed
     pass False and call ``report_devices`` right after starting it. In a multi-process run an
     exception also arms ``_exit_if_peers_hang``."""
-    _interrupt_watchdog(prog)
-    _CREATED_DIRS.clear()
     from hipt_jax import provenance
 
+    _interrupt_watchdog(prog)
+    _CREATED_DIRS.clear()
     provenance._NEW_RECORDS.clear()
     try:
         if devices_at_start:
@@ -203,8 +203,6 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
             return _exit_if_peers_hang(prog, EXIT_ITEMS_FAILED)
         if isinstance(e, input_errors()):
             print_error(prog, e)
-            from hipt_jax import provenance
-
             provenance.forget_new_records()
             remove_empty_created_dirs()
             return _exit_if_peers_hang(prog, EXIT_BAD_INPUT)

@@ -153,7 +153,7 @@ def _file_scores(path: str, slide_dims: tuple[int, int]):
 
 def _lgp_scores(args, slide):
     """HIPT-LGP pooling weights of this slide's regions, from hipt-extract's per-slide npz."""
-    from data_prep import bags, slide_io
+    from data_prep import bags
     from data_prep.shards import safe_slide_id
     from hipt_jax.heatmap.slide import lgp_region_attention
 
@@ -191,7 +191,7 @@ def _bag_read_px(args, slide, bag_path: str) -> float:
 
 def _vitwsi_scores(args, slide):
     """Stage-3 CLS attention over this slide's regions (hipt_jax.wsi.wsi_attention)."""
-    from data_prep import bags, slide_io
+    from data_prep import bags
     from data_prep.shards import safe_slide_id
     from hipt_jax.wsi import wsi_attention
 

@@ -169,22 +169,6 @@ def bag_file(embeddings: str, slide_id: str, where: str = "") -> Optional[str]:
     return None
 
 
-def extracted_ids(embeddings: str) -> list[str]:
-    """Ids of every bag ``bag_file`` can find in EMB/slides/ (or EMB): one per file with a bag
-    extension, hidden files (e.g. macOS ``._x.h5``) skipped."""
-    from data_prep import bags
-
-    folder = os.path.join(embeddings, bags.SLIDES)
-    folder = folder if os.path.isdir(folder) else embeddings
-    exts = tuple(fmt.ext for fmt in bags.FORMATS.values())
-    ids = set()
-    for name in os.listdir(folder):
-        ext = next((e for e in exts if name.endswith(e)), None)
-        if ext and not name.startswith(".") and os.path.isfile(os.path.join(folder, name)):
-            ids.add(name[: -len(ext)])
-    return sorted(ids)
-
-
 # ---------------------------------------------------------------------------------- labels CSV
 
 # Cells that spreadsheets, pandas and TCGA's clinical tables write for "no value": read as a

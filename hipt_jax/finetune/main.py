@@ -174,7 +174,7 @@ def _unlabelled(embeddings: str, coh: cohort_lib.Cohort) -> list[str]:
     mistyped id or a labels file of another cohort shows up here rather than as a smaller cohort."""
     insensitive = cohort_lib._case_insensitive(embeddings)
     labelled = {cohort_lib.id_key(s, insensitive) for s in (*coh.slide_ids, *coh.dropped_ids)}
-    return [s for s in cohort_lib.extracted_ids(embeddings) if cohort_lib.id_key(s, insensitive) not in labelled]
+    return [s for s in bags.list_bags(embeddings) if cohort_lib.id_key(s, insensitive) not in labelled]
 
 
 def bag_input(model, variables, bag: dict, level: str, buckets=lgp.DEFAULT_BUCKETS) -> np.ndarray:
