@@ -305,6 +305,17 @@ def _folder_shards(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*" + SHARD_EXT)))
 
 
+def read_prep_manifest(out_dir: str) -> dict:
+    """OUT/manifest.json of a hipt-prep folder ({} when absent or unreadable: callers check what
+    it records only where it records it)."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _manifest_shards(path: str, kind: RecordKind | None) -> list[str]:
     """The shards of the finished items of a hipt-prep manifest.json."""
     try:

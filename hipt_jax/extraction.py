@@ -466,10 +466,8 @@ def _say_prep_failures(shards_dir: str, region_shards: dict) -> list[str]:
     """Slides hipt-prep could not cut have no shard, so nothing here would mention them.
     Returns the slides it recorded as done whose shard is gone (an incomplete copy of the prep
     folder): they fail here rather than vanish from the cohort."""
-    try:
-        with open(os.path.join(shards_dir, shards.MANIFEST)) as f:
-            items = json.load(f).get("items") or {}
-    except (OSError, ValueError, AttributeError):
+    items = shards.read_prep_manifest(shards_dir).get("items") or {}
+    if not isinstance(items, dict):
         return []
     lost = sorted(sid for sid, it in items.items()
                   if isinstance(it, dict) and it.get("status") == "done" and sid not in region_shards)

@@ -85,16 +85,12 @@ def _check_shards_folder(args) -> None:
     import glob
     import json
 
-    from data_prep.shards import MANIFEST, REGION
+    from data_prep.shards import REGION, read_prep_manifest
 
     if not os.path.isdir(os.path.join(args.shards, REGION.folder)) and glob.glob(os.path.join(args.shards, "*.array_record")):
         raise flags.UsageError(f"{args.shards}: holds the shards themselves; give the hipt-prep --out folder "
                                f"that contains {REGION.folder}/ ({os.path.dirname(os.path.abspath(args.shards))})")
-    try:
-        with open(os.path.join(args.shards, MANIFEST)) as f:
-            made = json.load(f).get("params") or {}
-    except (OSError, ValueError, AttributeError):
-        return
+    made = read_prep_manifest(args.shards).get("params") or {}
     for flag, key in (("size", "region_px"), ("target_mpp", "target_mpp")):
         given, cut = getattr(args, flag), made.get(key)
         if flag in getattr(args, "given", ()) and cut is not None and given != cut:

@@ -174,14 +174,11 @@ def _patches(args, beam_args) -> int:
 def _check_patch_divides(regions_dir: str, patch: int) -> None:
     """--patch must cut the regions into whole patches: 300 px in 512 px regions kept one patch
     per region and dropped the rest without a word. The region side as hipt-prep recorded it."""
-    import json
-
-    from data_prep.shards import MANIFEST
+    from data_prep.shards import read_prep_manifest
 
     try:
-        with open(os.path.join(regions_dir, MANIFEST)) as f:
-            region_px = int(json.load(f)["params"]["region_px"])
-    except (OSError, ValueError, KeyError, TypeError):
+        region_px = int(read_prep_manifest(regions_dir)["params"]["region_px"])
+    except (KeyError, TypeError, ValueError):
         return  # a folder of region shards without hipt-prep's manifest: nothing recorded to check
     if region_px % patch:
         raise InputError(f"--patch {patch}: does not divide the {region_px} px regions of {regions_dir} "
