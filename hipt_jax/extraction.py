@@ -568,6 +568,19 @@ def embed_slide_direct(extractor: Extractor, slide, coords: np.ndarray, geom, *,
             "slide_embedding": cls4k_all.mean(axis=0), "coords": np.asarray(coords, np.int64)}
 
 
+def _recorded_slide_size(coords_file, slide) -> tuple[Optional[tuple[int, int]], tuple[int, int]]:
+    """(size the coordinate file records for its slide, this slide's size at the same level);
+    None when it records none: level0_width/height (TRIDENT, hipt-prep coords) or CLAM's
+    level_dim at its patch_level."""
+    a = coords_file.attrs
+    if "level0_width" in a and "level0_height" in a:
+        return (int(a["level0_width"]), int(a["level0_height"])), tuple(slide.dimensions)
+    if "level_dim" in a and "patch_level" in a and 0 <= int(a["patch_level"]) < len(slide.level_dimensions):
+        dims = [int(v) for v in np.ravel(a["level_dim"])[:2]]
+        return (dims[0], dims[1]), tuple(slide.level_dimensions[int(a["patch_level"])])
+    return None, tuple(slide.dimensions)
+
+
 def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region_px: int,
                      assume_mpp: Optional[float], mpp_tolerance: float, allow_upsample: bool):
     """RegionGeometry of a slide for the direct path, checked against its coordinate file."""
@@ -585,12 +598,12 @@ def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region
     if len(coords_file.coords) == 0:
         raise ExtractError(f"{coords_file.path}: no coordinates")
     width, height = slide.dimensions
-    recorded = (coords_file.attrs.get("level0_width"), coords_file.attrs.get("level0_height"))
-    if None not in recorded and (int(recorded[0]), int(recorded[1])) != (width, height):
-        # TRIDENT and HIPT-JAX record the slide a coordinate file was made on: another size is
-        # another slide, even when every coordinate happens to fall inside this one
-        raise ExtractError(f"{coords_file.path}: made for a {int(recorded[0])} x {int(recorded[1])} px slide, "
-                           f"but {path} is {width} x {height} level-0 px: coordinates of another slide?")
+    made_for, here = _recorded_slide_size(coords_file, slide)
+    if made_for is not None and made_for != here:
+        # The slide a coordinate file was made on (TRIDENT, HIPT-JAX: level 0; CLAM: its
+        # patch_level): another size is another slide, even when every coordinate falls inside
+        raise ExtractError(f"{coords_file.path}: made for a {made_for[0]} x {made_for[1]} px slide, "
+                           f"but {path} is {here[0]} x {here[1]} px there: coordinates of another slide?")
     xy = np.asarray(coords_file.coords)
     outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
     if outside.any():

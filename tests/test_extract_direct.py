@@ -95,7 +95,8 @@ def test_trident_and_clam_coordinates(model, extractor, prepared, tmp_path, caps
     clam.mkdir(parents=True)
     with h5py.File(clam / f"{SID}.h5", "w") as f:
         d = f.create_dataset("coords", data=np.asarray(ours, np.int64))
-        d.attrs.update(dict(patch_size=256, patch_level=0, name=SID))
+        d.attrs.update(dict(patch_size=256, patch_level=0, name=SID,  # level_dim as CLAM writes it
+                            level_dim=np.asarray(open_slide(REAL_SLIDE).dimensions, np.int64)))
     cli = ["--random-init", "tiny", "--slides", slides_dir, "--size", str(SIZE), "--no-progress",
            "--coords", str(tmp_path / "clam"), "--out", str(tmp_path / "e2")]
     assert extract_main(cli) == 1
@@ -131,6 +132,14 @@ def test_coordinates_outside_the_slide_fail_it(model, extractor, prepared, tmp_p
         f["coords"].attrs["level0_width"] = width + 2000
     result = _direct(model, extractor, slides, str(tmp_path / "o"), str(tmp_path / "e4"))["slides"][SID]
     assert result["status"] == "failed" and f"made for a {width + 2000} x {height} px slide" in result["error"]
+    # CLAM records the slide's size at its patch_level (level_dim); same check
+    clam = tmp_path / "c" / f"{SID}.h5"
+    clam.parent.mkdir()
+    with h5py.File(clam, "w") as f:
+        d = f.create_dataset("coords", data=np.asarray(ours, np.int64))
+        d.attrs.update(dict(patch_size=SIZE, patch_level=0, level_dim=np.asarray([width, height + 500])))
+    result = _direct(model, extractor, slides, str(tmp_path / "c"), str(tmp_path / "e5"))["slides"][SID]
+    assert result["status"] == "failed" and f"made for a {width} x {height + 500} px slide" in result["error"]
 
 
 def test_coordinate_files_two_per_slide_refused_and_out_folder_skipped(tmp_path):
