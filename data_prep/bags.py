@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.shards import file_sha256
+from data_prep.shards import file_sha256, safe_slide_id
 
 SLIDES = "slides"
 ATTRS_KEY = "coords_attrs_json"  # npz: the h5 coords attributes, as JSON
@@ -258,6 +258,13 @@ def read_source(path: str) -> dict | None:
         return None
 
 
+def remove_bag(path: str) -> None:
+    """Remove a bag file with its checksum and source record (nothing is left to be read)."""
+    for f in (path, checksum_path(path), path + SOURCE_EXT):
+        if os.path.exists(f):
+            os.remove(f)
+
+
 def checksum_path(path: str) -> str:
     """Where the SHA-256 of the bag file ``path`` is recorded when it is written (<bag>.sha256)."""
     return path + CHECKSUM_EXT
@@ -295,25 +302,52 @@ def list_bags(out_dir: str) -> dict[str, str]:
         folder = out_dir
     if not os.path.isdir(folder):
         return {}
-    out = {}
+    out: dict[str, str] = {}
     for name in sorted(os.listdir(folder)):
         if name.startswith("."):
             continue
         for fmt in FORMATS.values():
             if name.endswith(fmt.ext) and ".tmp-" not in name:
-                out.setdefault(name[: -len(fmt.ext)], os.path.join(folder, name))
+                # Keyed as hipt-prep names slides (and the labels name rows): a TRIDENT bag
+                # named after its slide file, "my slide.h5", is slide my_slide.
+                slide_id = safe_slide_id(name[: -len(fmt.ext)])
+                if slide_id in out:
+                    raise same_id_error(slide_id, [out[slide_id], os.path.join(folder, name)])
+                out[slide_id] = os.path.join(folder, name)
     return out
 
 
+def same_id_error(slide_id: str, paths: list[str]) -> BagError:
+    """Two bag files of one slide id: the same name in two formats, or two names that map to
+    one id ("my slide.h5" and "my_slide.h5")."""
+    stems = {os.path.splitext(os.path.basename(p))[0] for p in paths}
+    if len(stems) == 1:
+        return two_formats_error(slide_id, paths)
+    return BagError(f"{' and '.join(paths)}: both are the bag of slide {slide_id!r} (ids are file names "
+                    "with spaces and other punctuation as '_'); keep one of them")
+
+
+def two_formats_error(slide_id: str, paths: list[str]) -> BagError:
+    """One slide with bags in two formats (x.npz beside x.h5): which one a reader took would
+    depend on the reader, so the commands could score different embeddings of one slide."""
+    return BagError(f"{' and '.join(paths)}: slide {slide_id!r} has bags in two formats; "
+                    "keep one of them (hipt-extract writes one format per folder)")
+
+
 def find_bag(out_dir: str, slide_id: str) -> str | None:
-    """The bag file of ``slide_id`` under ``out_dir`` in any format, or None."""
+    """The bag file of ``slide_id`` under ``out_dir`` in any format, or None (BagError when
+    it has bags in two formats)."""
     folder = os.path.join(out_dir, SLIDES)
     folder = folder if os.path.isdir(folder) else out_dir
-    for fmt in FORMATS.values():
-        path = os.path.join(folder, slide_id + fmt.ext)
-        if os.path.isfile(path):
-            return path
-    return None
+    found = [p for p in (os.path.join(folder, slide_id + fmt.ext) for fmt in FORMATS.values())
+             if os.path.isfile(p)]
+    if not found and os.path.isdir(folder):  # a bag named after its slide file: "my slide.h5"
+        found = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                 for fmt in FORMATS.values() if n.endswith(fmt.ext) and not n.startswith(".")
+                 and ".tmp-" not in n and safe_slide_id(n[: -len(fmt.ext)]) == slide_id]
+    if len(found) > 1:
+        raise same_id_error(slide_id, found)
+    return found[0] if found else None
 
 
 def _first_sentence(e: Exception) -> str:

@@ -78,6 +78,10 @@ def find_slide_files(slides: str) -> list[SlideTask]:
             sid = given_id or os.path.splitext(os.path.basename(p))[0]
             if given_id and (re.search(r"[/\\]", sid) or sid.strip() in (".", "..")):
                 raise InputError(f"{slides}: line {n}: slide_id {sid!r} is a path; ids must be plain names")
+            if given_id and os.path.splitext(sid)[1].lower() in SLIDE_EXTENSIONS and os.path.splitext(sid)[0]:
+                # CLAM's slide tables write slide_id as the file name (x.svs); the labels strip
+                # the extension, so the shards and bags must be named x, not x.svs.
+                sid = os.path.splitext(sid)[0]
             tasks.append(SlideTask(safe_slide_id(sid), p))
     else:
         raise InputError(f"{slides}: not a folder or a .csv file")
@@ -109,11 +113,13 @@ def versions() -> dict:
 
 
 def read_status(out_dir: str, item_id: str) -> dict | None:
+    """An item's status record; None when absent or unreadable (the item is then redone)."""
     try:
         with open(status_path(out_dir, item_id)) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+            st = json.load(f)
+    except (FileNotFoundError, ValueError):  # ValueError: invalid JSON or text
         return None
+    return st if isinstance(st, dict) else None
 
 
 def is_done(out_dir: str, item_id: str, source: dict | None = None) -> bool:
@@ -141,11 +147,19 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        old = json.load(f)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        problem = None if isinstance(old, dict) and isinstance(old.get("params"), dict) else "not a hipt-prep manifest"
+    except (OSError, ValueError) as e:
+        problem = f"unreadable ({e.strerror if isinstance(e, OSError) and e.strerror else e})"
+    if problem:
+        _unreadable_manifest(out_dir, path, problem)
+        return
     if old.get("kind") != kind:  # status files are per item id: kinds must not share a folder
-        raise InputError(f"{out_dir}: holds `hipt-prep {old.get('kind')}` output; give "
-                         f"`hipt-prep {kind}` its own --out folder")
+        held = (f"`hipt-prep {old['kind']}` output" if old.get("kind") else
+                f"another command's output ({old.get('schema') or 'not hipt-prep'})")
+        raise InputError(f"{out_dir}: holds {held}; give `hipt-prep {kind}` its own --out folder")
     if old.get("params") != params:
         before = old.get("params") or {}
         changed = [f"{k}: {before.get(k)!r} -> {params.get(k)!r}" for k in sorted(set(before) | set(params))
@@ -153,6 +167,22 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
         raise InputError(f"{out_dir}: existing shards were made with different parameters "
                          f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}; {MANIFEST}); "
                          "use a new --out folder")
+
+
+def _unreadable_manifest(out_dir: str, path: str, problem: str) -> None:
+    """The manifest is rebuilt from OUT/status, except for one thing only it records: the
+    parameters the shards were made with. With no finished item there is nothing to mix, so it
+    is rebuilt (said on stderr); with finished items this run could mix parameters, so refuse."""
+    status_dir = os.path.join(out_dir, "status")
+    done = [name for name in sorted(os.listdir(status_dir)) if name.endswith(".json")
+            and (read_status(out_dir, name[:-len(".json")]) or {}).get("status") == "done"
+            ] if os.path.isdir(status_dir) else []
+    if not done:
+        print(f"{path}: {problem}; rebuilding it", file=sys.stderr)
+        return
+    raise InputError(f"{path}: {problem}, so the parameters the {len(done)} finished item(s) in {out_dir} "
+                     f"were made with are unknown; if this run uses the same parameters, remove {MANIFEST} "
+                     "(it is rebuilt from status/), otherwise use a new --out folder")
 
 
 def rebuild_manifest(out_dir: str, kind: str, params: dict, ids: Sequence[str],
@@ -182,6 +212,20 @@ def _drop_orphans(out_dir: str, kind: str, ids: set) -> None:
             retire_output(out_dir, item_id)
             print(f"{kind}: {item_id}: its input is gone (no region shard now; failed or removed in "
                   f"hipt-prep regions): its {kind} shard is removed", file=sys.stderr)
+
+
+def _say_earlier_items(out_dir: str, kind: str, ids: set) -> None:
+    """Name the items an earlier run left that this run's inputs do not list. They stay (one
+    folder may gather several batches of slides), but a slide deleted after QC or renamed
+    since would otherwise go on to extraction and training without a word."""
+    status_dir = os.path.join(out_dir, "status")
+    earlier = sorted(os.path.splitext(n)[0] for n in os.listdir(status_dir) if n.endswith(".json"))
+    extra = [i for i in earlier if i not in ids]
+    if extra:
+        print(f"{kind}: {len(extra)} item(s) of earlier runs in {out_dir} are not among this run's "
+              f"inputs and are kept (downstream commands use them; a slide removed or renamed since? "
+              f"delete its shard and status/<id>.json): {extra[:5]}{' ...' if len(extra) > 5 else ''}",
+              file=sys.stderr)
 
 
 def retire_output(out_dir: str, item_id: str) -> None:
@@ -284,6 +328,8 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
     clean_stale_tmp(out_dir)
     if drop_orphans:
         _drop_orphans(out_dir, kind, set(ids))
+    else:
+        _say_earlier_items(out_dir, kind, set(ids))
     if source_of is None:
         source_of = lambda it: input_identity(it.path) if hasattr(it, "path") else None  # noqa: E731
     todo = [(it, i) for it, i in zip(items, ids) if redo or not is_done(out_dir, i, source_of(it))]

@@ -24,7 +24,9 @@ import json
 import os
 import re
 import platform
+import sys
 import time
+import unicodedata
 from importlib import metadata
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -268,7 +270,10 @@ def safe_slide_id(name: str) -> str:
     """A slide file's stem as the id its outputs are named by: letters and digits of any script,
     '.', '-' and '_' kept, every other run of characters (spaces, slashes, ...) one '_':
     'my slide' -> 'my_slide', '患者 1' -> '患者_1'. Every command that maps a slide, a coordinate
-    file or a bag to an id goes through here, so their names meet."""
+    file, a bag or a labels/split row to an id goes through here, so their names meet.
+    NFC first: macOS writes 'café' as 'cafe' + a combining accent (NFD), which is not a word
+    character, so without it the same name typed (NFC) and listed (NFD) would differ."""
+    name = unicodedata.normalize("NFC", name)
     return re.sub(r"[^\w.-]+", "_", name).strip("._") or "slide"
 
 
@@ -305,15 +310,30 @@ def _folder_shards(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*" + SHARD_EXT)))
 
 
+_WARNED_MANIFESTS: set[str] = set()
+
+
 def read_prep_manifest(out_dir: str) -> dict:
     """OUT/manifest.json of a hipt-prep folder ({} when absent or unreadable: callers check what
-    it records only where it records it)."""
+    it records only where it records it). An unreadable one is named on stderr (once): the checks
+    it feeds (failed slides, region size) are then skipped, which the user should know."""
+    path = os.path.join(out_dir, MANIFEST)
     try:
-        with open(os.path.join(out_dir, MANIFEST)) as f:
+        with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError):
+        problem = None if isinstance(data, dict) and all(
+            isinstance(data.get(key, {}), dict) for key in ("params", "items")) else "not a hipt-prep manifest"
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except (OSError, ValueError) as e:
+        data, problem = {}, f"unreadable ({e.strerror if isinstance(e, OSError) and e.strerror else e})"
+    if problem:
+        if path not in _WARNED_MANIFESTS:
+            _WARNED_MANIFESTS.add(path)
+            print(f"warning: {path}: {problem}; what it records is not checked (remove it and rerun "
+                  "the same hipt-prep command to rebuild it)", file=sys.stderr)
+        return {}
+    return data
 
 
 def _manifest_shards(path: str, kind: RecordKind | None) -> list[str]:

@@ -322,7 +322,7 @@ def demo_picture(heatmap_dir: str, head: int = 0, side: int = 256) -> str:
     """One small PNG for the README: region | 4K head | 256 head | their blend (palette PNG)."""
     from PIL import Image
 
-    names = ["region.png", f"region_4k_head{head}.png", f"region_256_head{head}.png",
+    names = ["region_region.png", f"region_4k_head{head}.png", f"region_256_head{head}.png",
              f"region_blend_4k{head}_256{head}.png"]
     tiles = [Image.open(os.path.join(heatmap_dir, n)).convert("RGB").resize((side, side), Image.LANCZOS)
              for n in names if os.path.exists(os.path.join(heatmap_dir, n))]

@@ -420,6 +420,7 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     mine = slide_ids[jax.process_index()::jax.process_count()]
     # Damaged bags and bags made from other input are redone.
     mine_set = set(mine)
+    _check_one_format(out_dir, fmt)
     done = {s: p for s, p in bags.list_bags(out_dir).items()
             if s in mine_set and _intact(p) and _unchanged(s, p, source_of(s))}
     status: dict[str, dict] = {s: {"status": "done"} for s in mine if s in done}
@@ -462,13 +463,14 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     return manifest
 
 
-def _say_prep_failures(shards_dir: str, region_shards: dict) -> list[str]:
+def _say_prep_failures(shards_dir: str, region_shards: dict) -> tuple[list[str], list[str]]:
     """Slides hipt-prep could not cut have no shard, so nothing here would mention them.
-    Returns the slides it recorded as done whose shard is gone (an incomplete copy of the prep
-    folder): they fail here rather than vanish from the cohort."""
+    Returns (the slides it recorded as done whose shard is gone (an incomplete copy of the prep
+    folder): they fail here rather than vanish from the cohort; the slides it recorded as
+    failed)."""
     items = shards.read_prep_manifest(shards_dir).get("items") or {}
     if not isinstance(items, dict):
-        return []
+        return [], []
     lost = sorted(sid for sid, it in items.items()
                   if isinstance(it, dict) and it.get("status") == "done" and sid not in region_shards)
     missing = sorted(sid for sid, it in items.items()
@@ -477,7 +479,33 @@ def _say_prep_failures(shards_dir: str, region_shards: dict) -> list[str]:
         print(f"hipt-extract: {len(missing)} slide(s) failed in hipt-prep and have no region shard "
               f"(reasons in {os.path.join(shards_dir, shards.MANIFEST)}): {missing[:5]}"
               + (" ..." if len(missing) > 5 else ""), file=sys.stderr)
-    return lost
+    return lost, missing
+
+
+def _check_one_format(out_dir: str, fmt: str) -> None:
+    """ExtractError when ``out_dir`` holds bags of another format than this run writes (reached
+    with --resume-anyway past the fingerprint's format): its bags would count as done and the
+    run would report them as ok without writing one file in the format asked for."""
+    ext = bags.FORMATS[fmt].ext
+    other = sorted({os.path.splitext(p)[1] for p in bags.list_bags(out_dir).values()} - {ext})
+    if other:
+        raise ExtractError(f"{out_dir}: holds {'/'.join(other)} bags and this run writes {ext}; one "
+                           "folder holds one format (a new --out, or --overwrite to redo it)")
+
+
+def _drop_stale_bags(out_dir: str, failed: list[str], shards_dir: str) -> None:
+    """Remove the bags of slides that failed in hipt-prep (a rerun found the slide file damaged
+    or changed and removed its shard): every reader lists the bag folder, so the bag of the old
+    shard would go on being scored as current. Bags of slides the prep folder does not mention
+    stay (one embeddings folder may gather several prep folders). Process 0 removes, named."""
+    if jax.process_index() == 0 and os.path.isdir(out_dir):
+        for slide_id in failed:
+            path = bags.find_bag(out_dir, slide_id)
+            if path is not None:
+                bags.remove_bag(path)
+                print(f"hipt-extract: {slide_id}: failed in hipt-prep, so its region shard is gone; "
+                      f"the bag made from the old shard ({path}) is removed", file=sys.stderr)
+    _barrier("hipt-extract stale bags")
 
 
 def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Optional[str] = None,
@@ -496,13 +524,14 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
     """
     bags.check_format(fmt)  # before any work: an unknown format or .pt without torch
     region_shards = shards.list_slide_shards(shards_dir, shards.REGION)
-    lost = _say_prep_failures(shards_dir, region_shards)
+    lost, failed = _say_prep_failures(shards_dir, region_shards)
     features_dir = features_dir if features_dir is not None else shards_dir
     if fingerprint is not None:
         check_feature_model(features_dir, fingerprint.get("vit256"))
         fingerprint = dict(fingerprint, shards=provenance.params_hash(os.path.join(shards_dir, shards.MANIFEST)),
                            store_dtype=store_dtype, format=fmt)
     check_provenance(out_dir, fingerprint, overwrite=overwrite, resume_anyway=resume_anyway)
+    _drop_stale_bags(out_dir, failed, shards_dir)
     extractor = extractor or Extractor(model, batch_per_device)
 
     def embed_one(slide_id, bar):

@@ -9,14 +9,21 @@ the commands report in one line with exit code 1.
     with atomic_path("out/results.json") as tmp:   # write tmp (a file or a directory)
         ...
     write_json("out/results.json", result)         # the usual case
+
+Where a command may write a user-named output is checked before any work (``check_target``):
+never over one of its own inputs, never inside a folder another command manages (an embeddings
+folder's slides/, a hipt-prep folder, a fine-tuning or pretraining workdir, or over their
+manifest.json / provenance.json / results.json), never over an existing file that is not an
+earlier output of the same command. A refusal is an ``OutputPathError`` (exit 2, one line).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 
 class OutputWriteError(OSError):
@@ -64,3 +71,125 @@ def write_text(path: str, text: str) -> str:
 def write_json(path: str, obj: Any, **dump_kwargs) -> str:
     """``obj`` as JSON at ``path`` (json.dump keyword arguments: indent, default, ...)."""
     return write_text(path, json.dumps(obj, **dump_kwargs))
+
+
+# ------------------------------------------------------------------------------ where to write
+# The files that make a folder another command's (hipt_jax.provenance.folder_kind): an output
+# under one of these names would replace that folder's record or change what it is read as.
+MARKERS = ("manifest.json", "provenance.json", "results.json")
+
+
+class OutputPathError(ValueError):
+    """A planned output that would replace one of the command's inputs, land in a folder another
+    command manages, or replace a file the command did not write (exit 2, before any work)."""
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links and symlinks included
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+# The sub-folders the commands write their items into (bags, shards, status files, checkpoints,
+# folds, exports): a file written there is read back as one of them. A sub-folder of the user's
+# own (EMB/eval/) is not among them.
+ITEM_FOLDERS = re.compile(r"slides|status|regions|patches|features|features_cache|coords|qc|checkpoints"
+                          r"|export(_best)?|tensorboard|splits|fold_\d+")
+
+
+def _is_item_folder(name: str) -> bool:
+    return ITEM_FOLDERS.fullmatch(name) is not None
+
+
+def check_outside_managed(path: str) -> None:
+    """``path`` (a file or folder to be written) may sit directly in a folder another command
+    manages (hipt-knn's default is EMB/knn_results.json), but not under one of that folder's
+    record names (MARKERS), nor deeper, among its items: EMB/slides/ holds the bags every later
+    command reads, a workdir's fold_k/ its checkpoints."""
+    from hipt_jax import provenance
+
+    full = os.path.abspath(path)
+    parent = os.path.realpath(os.path.dirname(full))
+    name = os.path.basename(full)
+    folder = parent
+    while True:
+        kind = provenance.folder_kind(folder)
+        if kind and folder != parent and _is_item_folder(os.path.relpath(parent, folder).split(os.sep)[0]):
+            raise OutputPathError(f"{path}: lies inside {folder} ({kind}: another command's output, read by "
+                                  "later commands); write it outside that folder")
+        if kind and name in MARKERS:
+            raise OutputPathError(f"{path}: is the {name} of {folder} ({kind}: another command's output); "
+                                  "choose another name")
+        up = os.path.dirname(folder)
+        if up == folder:
+            return
+        folder = up
+
+
+def _check_bag_folders(path: str, bag_folders: Iterable[Optional[str]]) -> None:
+    """A file named like a bag among the bags of a folder the command reads would be read as one
+    by every later command (and fail as a "corrupt bag")."""
+    from data_prep import bags
+
+    if not path.endswith(tuple(fmt.ext for fmt in bags.FORMATS.values())):
+        return
+    here = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for folder in filter(None, bag_folders):
+        held = os.path.join(folder, bags.SLIDES)
+        held = held if os.path.isdir(held) else folder
+        if os.path.realpath(held) == here:
+            raise OutputPathError(f"{path}: would sit among the bags of {folder} and be read as one; "
+                                  "write it elsewhere")
+
+
+def check_target(path: str, *, writer: str, inputs: Optional[Mapping[str, Union[str, Iterable[str], None]]] = None,
+                 is_own: Optional[Callable[[str], bool]] = None, bag_folders: Iterable[Optional[str]] = ()) -> None:
+    """Before any work, for an output ``writer`` (the command, e.g. "hipt-knn") will write at the
+    user-named ``path``: OutputPathError naming it when it is one of ``inputs`` (flag -> path or
+    paths, compared as files, links resolved), lies in a folder another command manages
+    (``check_outside_managed``) or among the bags of a folder in ``bag_folders``, or exists and
+    ``is_own(path)`` does not recognise it as an earlier output of ``writer`` (so a rerun with the
+    same --out keeps working, and a labels file or someone else's results are never replaced)."""
+    for flag, given in (inputs or {}).items():
+        for item in ([given] if isinstance(given, str) else list(given or ())):
+            if item and os.path.lexists(item) and os.path.lexists(path) and _same_file(path, item):
+                raise OutputPathError(f"{path}: is an input of this command ({flag} {item}); "
+                                      "write the output elsewhere")
+    check_outside_managed(path)
+    _check_bag_folders(path, bag_folders)
+    if os.path.lexists(path):
+        try:
+            own = bool(is_own and is_own(path))
+        except Exception:  # noqa: BLE001 -- a file the recogniser cannot even read is not ours
+            own = False
+        if not own:
+            raise OutputPathError(f"{path}: exists and is not an earlier {writer} output (it would be "
+                                  "replaced); choose another name, or remove it first")
+
+
+def write_file_set(folder: str, files: Mapping[str, bytes], family: str) -> list[str]:
+    """Write ``files`` (name -> bytes) into ``folder`` as one set, each file atomically. The
+    files already there whose names match the regular expression ``family`` are read with the
+    new ones as one set (split files splits_{i}.csv): OutputPathError naming the folder and the
+    first such file when one holds other bytes or is not in ``files`` (a rerun that writes the
+    same set again is fine). Returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(folder)):
+        if not re.fullmatch(family, name):
+            continue
+        path = os.path.join(folder, name)
+        if name not in files:
+            raise OutputPathError(f"{folder}: already holds {name}, which this run would not write (it would be "
+                                  "read as part of this run's set); choose an empty folder")
+        with open(path, "rb") as f:
+            if f.read() != files[name]:
+                raise OutputPathError(f"{folder}: already holds a different {name} (it would be replaced); "
+                                      "choose an empty folder, or remove the old files first")
+    paths = []
+    for name, data in files.items():
+        path = os.path.join(folder, name)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+        paths.append(path)
+    return paths

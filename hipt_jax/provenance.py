@@ -218,6 +218,30 @@ def _unrecorded_kind(out_dir: str) -> dict:
     return {}
 
 
+def folder_kind(folder: str) -> Optional[str]:
+    """What command output ``folder`` is ("embeddings folder", "fine-tuning workdir",
+    "pretraining run directory", "hipt-prep output folder", ...), None for a folder no command
+    manages. Told by the records ``check`` reads (the provenance file's kind, a hipt-prep
+    manifest), and for folders written without a provenance record (hipt-extract without a
+    fingerprint, runs from before the record existed) by an embeddings manifest or by a
+    results.json beside fold_k folders."""
+    if os.path.isfile(os.path.join(folder, FILE)):
+        return read_details(folder).get("kind") or "output folder of another command"
+    kind = _unrecorded_kind(folder).get("kind")
+    if kind:
+        return kind
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            manifest = json.load(f)
+        if isinstance(manifest, dict) and str(manifest.get("schema", "")).startswith("hipt.embeddings"):
+            return "embeddings folder"
+    except (OSError, ValueError):
+        pass
+    if os.path.isfile(os.path.join(folder, "results.json")) and os.path.isdir(os.path.join(folder, "fold_0")):
+        return "fine-tuning workdir"
+    return None
+
+
 def clear(out_dir: str, entries: Iterable[str]) -> None:
     """Delete ``entries`` (files or folders relative to ``out_dir``) and the provenance file."""
     for name in list(entries) + [FILE]:

@@ -43,6 +43,16 @@ def write_region_shard(prep_dir: str, slide_id: str, images: list[np.ndarray]) -
         for i, img in enumerate(images)))
 
 
+def write_feature_grids(folder, n: int, seed: int = 0):
+    """``n`` stage-2 pretraining inputs in ``folder`` (created): r{i}.npy, [256, 384] ViT-256
+    feature grids of random numbers. Returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        np.save(os.path.join(folder, f"r{i}.npy"), rng.normal(size=(256, 384)).astype(np.float32))
+    return folder
+
+
 def write_labels(path: str, rows: list[dict]) -> str:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

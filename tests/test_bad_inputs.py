@@ -23,7 +23,8 @@ import pytest
 from data_prep import bags
 from hipt_jax import provenance, workdir_lock
 from tests.cli_helpers import ENV, call_main, run_module
-from tests.synthetic_cohort import make_feature_cohort, make_tissue_cohort, write_labels, small_labelled_feature_cohort
+from tests.synthetic_cohort import (make_feature_cohort, make_tissue_cohort, small_labelled_feature_cohort,
+                                     write_feature_grids, write_labels)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -259,6 +260,39 @@ def test_workdir_lock_names_the_holder_and_takes_over_dead_ones(tmp_path):
     assert not lock.exists()
 
 
+@pytest.mark.parametrize("content", ["", '{"pid": 12', "[1, 2]", '{"pid": "7", "host": 3}', "ours"])
+def test_a_corrupt_lock_or_our_own_pid_is_taken_over(tmp_path, capsys, monkeypatch, content):
+    """A lock file left empty or half written (killed between its O_EXCL create and its write, a
+    full disk) named "pid None on host None" and refused every later run; one naming our own pid
+    on this host (a container restarted in a new pid namespace) was refused as "another run".
+    Both are stale. Plant: acquire() refusing unless the holder is a dead pid -> LockedError."""
+    monkeypatch.setattr(workdir_lock, "CORRUPT_WAIT_S", 0.1)
+    lock = tmp_path / workdir_lock.LOCK
+    if content == "ours":
+        content = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    lock.write_text(content)
+    path = workdir_lock.acquire(str(tmp_path))
+    assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert f"note: {lock}: taking over the lock: " in capsys.readouterr().err
+    workdir_lock.release(path)
+    assert not lock.exists()
+
+
+def test_a_lock_being_written_is_not_taken_over(tmp_path):
+    """A run that has just created the lock (empty for a moment) keeps it: the file is read again
+    for CORRUPT_WAIT_S before it counts as corrupt (plant: no wait -> the lock is stolen)."""
+    import threading
+
+    lock = tmp_path / workdir_lock.LOCK
+    lock.write_text("")
+    holder = {"pid": 1, "host": socket.gethostname()}  # pid 1 is always alive
+    timer = threading.Timer(0.2, lambda: lock.write_text(json.dumps(holder)))
+    timer.start()
+    with pytest.raises(workdir_lock.LockedError, match=f"pid 1 on host {socket.gethostname()}"):
+        workdir_lock.acquire(str(tmp_path))
+    timer.join()
+
+
 @pytest.mark.parametrize("stage, field, value, needle", [
     (1, "data.norm", "halfs", "config.data.norm='halfs': expected one of ['half', 'imagenet']"),
     (1, "crops.global_size", 8, "config.crops.global_size=8: must be a multiple of the patch size"),
@@ -374,11 +408,7 @@ def test_pretrain_falls_back_to_the_newest_checkpoint_that_restores(tmp_path, ca
     from configs.pretrain_vit4k import get_config
     from hipt_jax.pretrain import trainer
 
-    data = tmp_path / "feats"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        np.save(data / f"r{i}.npy", rng.normal(size=(256, 384)).astype(np.float32))
+    data = write_feature_grids(tmp_path / "feats", 8)
     config = get_config("runlocal")
     config.data.path = str(data)
     config.checkpoint.use_async = False

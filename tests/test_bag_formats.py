@@ -149,6 +149,18 @@ def test_trident_h5_folder_is_read_by_hipt_knn(tmp_path, capsys):
     _trident_h5(str(tmp_path / "flat.h5"), rng.normal(size=(7,)).astype(np.float32), rng)
     with pytest.raises(bags.BagError, match="flat.h5: .* has shape \\(7,\\)"):
         bags.read_slide_embedding(str(tmp_path / "flat.h5"))
+    # One slide with bags in two formats: readers took different ones (list_bags the first
+    # name in sort order, find_bag npz first), so every reader refuses, naming both files.
+    os.remove(folder / "000.h5")
+    bags.write_bag_file(str(folder / "s03.npz"), _bag(rng))
+    for read in (bags.list_bags, lambda f: bags.find_bag(f, "s03")):
+        with pytest.raises(bags.BagError, match=r"s03\.(h5|npz) and .*s03\.(h5|npz): slide 's03' has bags in two formats"):
+            read(str(folder))
+    from hipt_jax.evaluation import cohort
+    with pytest.raises(cohort.CohortError, match="s03.npz and .*s03.h5: slide 's03' has bags in two formats"):
+        cohort.bag_file(str(folder), "s03")
+    code = knn_cli.main(["--embeddings", str(folder), "--labels", labels, "--splits", "kfold:2", "--out", out])
+    assert code == 2 and "two formats" in capsys.readouterr().err
 
 
 def test_official_pt_bags_train_lgp_and_feed_stage2(tmp_path):

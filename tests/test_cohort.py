@@ -10,11 +10,11 @@ def test_labels_csv_string_classes_cases_and_survival(tmp_path):
     path = write_labels(str(tmp_path / "l.csv"), [
         {"slide_id": "a", "label": "LUSC", "case_id": "p1", "survival_months": "10.5", "censorship": "1"},
         {"slide_id": "b", "label": "LUAD", "case_id": "p1", "survival_months": "10.5", "censorship": "1"},
-        {"slide_id": "c", "label": "LUAD", "case_id": "", "survival_months": "3", "censorship": "0"},
+        {"slide_id": "c", "label": "LUAD", "case_id": "p2", "survival_months": "3", "censorship": "0"},
     ])
     c = cohort.read_labels_csv(path, require_survival=True)
     assert c.class_names == ["LUAD", "LUSC"] and c.labels.tolist() == [1, 0, 0]
-    assert c.case_ids == ["p1", "p1", "c"]
+    assert c.case_ids == ["p1", "p1", "p2"]
     assert c.censored.tolist() == [True, True, False] and c.times.tolist() == [10.5, 10.5, 3.0]
 
 
@@ -45,16 +45,18 @@ def test_labels_csv_refuses_two_outcomes_for_one_patient_and_flags_case_clashes(
     assert "differ only by case" not in capsys.readouterr().err
 
 
-def test_generated_folds_without_case_ids_say_they_are_slide_level(tmp_path, capsys):
-    """Plant: no warning (a patient's slides split across train and test without a word) -> fails."""
+def test_generated_folds_without_case_ids_say_they_are_slide_level(tmp_path):
+    """Plant: no warning (a patient's slides split across train and test without a word) -> fails.
+    The plan carries the warning; the commands print it once (the folds are planned twice)."""
     rows = [{"slide_id": f"s{i}", "label": "AB"[i % 2]} for i in range(8)]
     coh = cohort.read_labels_csv(write_labels(str(tmp_path / "l.csv"), rows))
-    cohort.plan_folds(coh, "kfold:2", coh.slide_ids, coh.labels)
-    assert "l.csv: no case_id column, so the generated folds are slide-level" in capsys.readouterr().err
+    plan = cohort.plan_folds(coh, "kfold:2", coh.slide_ids, coh.labels)
+    assert any("l.csv: no case_id column, so the generated folds are slide-level" in w for w in plan.warnings)
+    assert "slide-level (patients unknown" in plan.describe()
     rows = [dict(r, case_id=f"p{i}") for i, r in enumerate(rows)]
     coh = cohort.read_labels_csv(write_labels(str(tmp_path / "c.csv"), rows))
-    cohort.plan_folds(coh, "kfold:2", coh.slide_ids, coh.labels)
-    assert "slide-level" not in capsys.readouterr().err
+    plan = cohort.plan_folds(coh, "kfold:2", coh.slide_ids, coh.labels)
+    assert not plan.warnings and "patient-level (grouped by case_id)" in plan.describe()
 
 
 def test_clam_split_files_with_uneven_columns_and_leak_check(tmp_path):
@@ -132,3 +134,107 @@ def test_trailing_empty_spreadsheet_rows_and_the_all_censored_hint(tmp_path):
     assert cohort.read_labels_csv(str(path)).slide_ids == ["a", "b"]
     with pytest.raises(ValueError, match=r"got 0 of 5 \(censorship is 1 for a censored patient"):
         survival.quartile_bins(np.arange(5.0), np.ones(5, bool))
+
+
+TCGA = ["TCGA-A1-A0SB-01Z-00-DX1.8B9C", "TCGA-A1-A0SB-01Z-00-DX2.11AA", "TCGA-A2-A0CM-01Z-00-DX1.AAAA",
+        "TCGA-B6-A0RE-01Z-00-DX1.CCCC", "TCGA-B6-A0RG-01Z-00-DX1.DDDD", "TCGA-E2-A14N-01Z-00-DX1.EEEE"]
+
+
+def _split(folder, train, test):
+    folder.mkdir(exist_ok=True)
+    rows = [f"{i},{train[i] if i < len(train) else ''},,{test[i] if i < len(test) else ''}"
+            for i in range(max(len(train), len(test)))]
+    (folder / "splits_0.csv").write_text(",train,val,test\n" + "\n".join(rows) + "\n")
+    return str(folder)
+
+
+def test_split_files_without_case_ids_group_tcga_barcodes_and_say_when_patients_are_unknown(tmp_path):
+    """A split file putting DX1 in train and DX2 of one TCGA patient in test ran with exit 0 and
+    `leaky_patients: {}` when the labels had no case_id column. Plants: no barcode patients (the
+    leak passes, plan made) -> fails; no split-file warning for unknown patients -> fails."""
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": s + ".svs", "label": "AABBAB"[i]}
+                                                    for i, s in enumerate(TCGA)])
+    coh = cohort.read_labels_csv(labels)
+    assert coh.patients_from == cohort.PATIENTS_FROM_TCGA and coh.case_ids[:2] == ["TCGA-A1-A0SB"] * 2
+    leak = _split(tmp_path / "leak", [TCGA[0], TCGA[2], TCGA[3]], [TCGA[1], TCGA[4]])
+    with pytest.raises(cohort.CohortError, match=r"leak/splits_0.csv: patient\(s\) \['TCGA-A1-A0SB'\]"):
+        cohort.plan_folds(coh, leak, coh.slide_ids, coh.labels)
+    plan = cohort.plan_folds(coh, leak, coh.slide_ids, coh.labels, allow_leaks=True)
+    assert plan.leaky_patients == {0: ["TCGA-A1-A0SB"]} and not plan.warnings
+    assert "patients from TCGA barcodes" in plan.describe()
+    assert "patient-level (patients from TCGA barcodes)" in cohort.plan_folds(
+        coh, "kfold:2", coh.slide_ids, coh.labels).describe()
+    # Not barcodes, no case_id: the leak cannot be seen, and the plan says so, as kfold does.
+    plain = cohort.read_labels_csv(write_labels(str(tmp_path / "p.csv"), [
+        {"slide_id": f"s{i}", "label": "AB"[i % 2]} for i in range(4)]))
+    plan = cohort.plan_folds(plain, _split(tmp_path / "plain", ["s0", "s1"], ["s2", "s3"]),
+                             plain.slide_ids, plain.labels)
+    assert any("p.csv: no case_id column" in w and "cannot be checked" in w for w in plan.warnings)
+    assert "patients unknown" in plan.describe()
+
+
+def test_case_ids_written_two_ways_or_missing_are_refused(tmp_path):
+    """'TCGA-AA-0000' and 'tcga-aa-0000' were two patients (and an empty cell its slide's own
+    patient) under "patient-level (grouped by case_id)". Plants: no spelling check -> 3
+    patients, no error; no empty-cell check -> the row falls back to its slide id, no error."""
+    rows = [{"slide_id": f"s{i}", "case_id": c, "label": "AB"[i % 2]}
+            for i, c in enumerate(["TCGA-AA-0000", "p1", "tcga-aa-0000", "p2"])]
+    with pytest.raises(cohort.CohortError, match=r"two.csv: column 'case_id' has 'TCGA-AA-0000' \(row 2\) "
+                                                 r"and 'tcga-aa-0000' \(row 4\)"):
+        cohort.read_labels_csv(write_labels(str(tmp_path / "two.csv"), rows))
+    rows[2]["case_id"], rows[3]["case_id"] = "", "NA"
+    with pytest.raises(cohort.CohortError, match=r"empty.csv: row\(s\) 4, 5: empty 'case_id' \(2 such"):
+        cohort.read_labels_csv(write_labels(str(tmp_path / "empty.csv"), rows))
+    # A row the class list drops needs no patient.
+    rows = [dict(r, label="C") if not r["case_id"] else r for r in rows[:3]] + [dict(rows[1], slide_id="s9")]
+    coh = cohort.read_labels_csv(write_labels(str(tmp_path / "drop.csv"), rows), classes=["A", "B"])
+    assert coh.case_ids == ["TCGA-AA-0000", "p1", "p1"]
+
+
+def test_label_ids_are_named_like_slide_files_and_semicolon_csvs_are_read(tmp_path):
+    """'my slide.svs' (slide file id my_slide) and NFD 'café' (macOS) never met their bags;
+    a ';'-separated CSV was one column. Plants: normalize_id without safe_slide_id -> 'my slide';
+    no NFC in safe_slide_id -> 'cafe'; no delimiter sniffing -> missing columns; list_bags keyed
+    by raw file stems -> 'my slide'; no renamed-bag lookup in find_bag -> bag_file is None."""
+    import unicodedata
+
+    from data_prep import bags
+    from data_prep.shards import safe_slide_id
+
+    nfd = unicodedata.normalize("NFD", "café")
+    path = tmp_path / "semi.csv"
+    path.write_text(f"slide_id;label\nmy slide.svs;A\n{nfd}.svs;B\n", encoding="utf-8")
+    coh = cohort.read_labels_csv(str(path))
+    assert coh.slide_ids == ["my_slide", "café"] and coh.class_names == ["A", "B"]
+    assert coh.slide_ids == [safe_slide_id("my slide"), safe_slide_id(nfd)]  # the slide side
+    # A foreign bag folder named after the slide files (TRIDENT: "my slide.h5") meets them too.
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    bags.write_bag_file(str(emb / "my slide.npz"), {"features_cls4k": np.ones((2, 192), np.float32)})
+    assert list(bags.list_bags(str(emb))) == ["my_slide"]
+    assert cohort.bag_file(str(emb), "my_slide") == str(emb / "my slide.npz")
+
+
+def test_split_ids_that_are_not_slide_ids_and_case_ids_as_slide_ids_are_named(tmp_path):
+    """A split file of patient ids against labels without case_id said only 'no extracted item
+    in its train or test part'; labels keyed by TCGA case ids said 'none of its slides are in'.
+    Plants: no _refuse_unknown_part_ids -> the old message; no hint -> empty string."""
+    coh = cohort.read_labels_csv(write_labels(str(tmp_path / "l.csv"), [
+        {"slide_id": f"slide_{i}", "label": "AB"[i % 2]} for i in range(4)]))
+    splits = _split(tmp_path / "byp", ["patient_0", "patient_1"], ["patient_2"])
+    with pytest.raises(cohort.CohortError, match=r"byp/splits_0.csv: none of the 2 id\(s\) of its train part "
+                                                 r"\(e.g. 'patient_0'\) are slide ids of .*l.csv; if they are "
+                                                 "patient .* case_id column"):
+        cohort.plan_folds(coh, splits, coh.slide_ids, coh.labels)
+    assert "look like TCGA case (patient) ids" in cohort.case_ids_as_slide_ids_hint(["TCGA-A1-A0SB", "TCGA-A2-A0CM"])
+    assert cohort.case_ids_as_slide_ids_hint(TCGA) == ""
+
+
+def test_an_id_with_nul_bytes_is_refused_for_what_it_is(tmp_path):
+    """A labels row '\\x00\\x00\\x00' (a damaged or binary file) was refused as "is a path".
+    Plant: normalize_id without the control-character check -> the path message."""
+    (tmp_path / "nul.csv").write_bytes(b"slide_id,label\n\x00\x00\x00,a\n")
+    with pytest.raises(cohort.CohortError, match=r"nul.csv.*contains control characters"):
+        cohort.read_labels_csv(str(tmp_path / "nul.csv"))
+    with pytest.raises(cohort.CohortError, match="is a path"):
+        cohort.normalize_id("a/b", "x.csv: row 2")

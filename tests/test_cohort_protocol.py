@@ -210,8 +210,11 @@ def test_knn_cli_official_cohort_save_splits_and_bad_splits(emb, tmp_path, capsy
     assert res["summary"]["paper"]["auc"]["mean"] > 0.9
     saved_folds = cohort.read_clam_splits(saved)
     assert [len(f["test"]) for f in saved_folds] == [r["n_test"] for r in res["folds"]["paper"]]
-    # Generated patient-level folds + label fraction; the saved files reload as the same folds.
-    assert knn_cli.main(argv[:5] + ["kfold:3:val=0.2", "--label-frac", "0.5"] + argv[6:]) == 0
+    # Generated patient-level folds + label fraction; the saved files reload as the same folds
+    # (another folder: one that holds other split files is refused, tests/test_knn_cli.py).
+    saved = str(tmp_path / "saved_kfold")
+    assert knn_cli.main(argv[:5] + ["kfold:3:val=0.2", "--label-frac", "0.5"] + argv[6:]
+                        + ["--save-splits", saved]) == 0
     coh = _brca(classes=["IDC", "ILC"])
     reloaded = cohort.plan_folds(coh, saved, coh.slide_ids, coh.labels)
     assert reloaded.folds == cohort.read_clam_splits(saved)
@@ -350,3 +353,20 @@ def test_leaky_split_files_need_an_explicit_opt_in(tmp_path):
         ",train,val,test\nTCGA-ID-0001-01Z-00-DX1,True,False,False\nTCGA-IL-0000-01Z-00-DX1,False,False,True\n")
     with pytest.raises(CohortError, match=r"no extracted item in its train or test part; its cells are True/False"):
         cohort.plan_folds(coh, str(tmp_path), coh.slide_ids, coh.labels)
+
+
+def test_finetune_survival_without_case_ids_warns_once(tmp_path, capsys, instant_finetune):
+    """The slide-level-folds warning of a survival run without case_id was printed twice (the
+    folds are planned before any work and again for the run). Plant: _splits printing the
+    plan's warnings also when quiet -> twice."""
+    from tests.synthetic_cohort import make_feature_cohort
+
+    emb = str(tmp_path / "emb")
+    make_feature_cohort(emb, 8, grid=2, regions=(1, 1))
+    labels = write_labels(str(tmp_path / "surv.csv"), [
+        {"slide_id": f"slide_{i:04d}", "survival_months": 5 + i, "censorship": int(i % 3 == 0)} for i in range(8)])
+    cfg = _lgp_config("survival", emb, "kfold:2", labels=labels)
+    res = instant_finetune.run(cfg, str(tmp_path / "run"), show_progress=False)
+    err = capsys.readouterr().err
+    assert err.count("no case_id column, so the generated folds are slide-level") == 1, err
+    assert res["patients_from"] == "unknown" and "slide-level" in res["folds_source"]

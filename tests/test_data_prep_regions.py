@@ -257,3 +257,20 @@ def test_ids_keep_letters_of_any_script_and_coordinate_files_meet_them(tmp_path)
     coords.mkdir()
     (coords / "my slide_patches.h5").write_bytes(b"")
     assert list(find_coords_files(str(coords))) == ["my_slide"]
+
+
+def test_slide_csv_ids_lose_their_extension_and_nfd_names_are_nfc(tmp_path):
+    """A CLAM slide table (slide_id=good.svs) made shards and bags named good.svs, which no labels
+    row (with or without .svs) ever met; a macOS (NFD) 'café.svs' became id 'cafe'. Plants: no
+    extension strip in find_slide_files -> 'good.svs'; no NFC in safe_slide_id -> 'cafe'."""
+    import unicodedata
+
+    from data_prep.runner import find_slide_files
+
+    nfd = unicodedata.normalize("NFD", "café")
+    (tmp_path / f"{nfd}.svs").write_bytes(b"")
+    (tmp_path / "good.svs").write_bytes(b"")
+    (tmp_path / "slides.csv").write_text("slide_id,path\ngood.svs,good.svs\n")
+    assert [t.slide_id for t in find_slide_files(str(tmp_path / "slides.csv"))] == ["good"]
+    (tmp_path / "slides.csv").unlink()
+    assert sorted(t.slide_id for t in find_slide_files(str(tmp_path))) == ["café", "good"]

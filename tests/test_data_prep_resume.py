@@ -150,6 +150,9 @@ def test_rerun_redoes_a_replaced_slide_and_a_truncated_shard(slides_dir, tmp_pat
     shutil.copy(a, other / "t.svs")
     m = prepare_regions(str(other), out, region_px=int(REGION))
     assert set(m["items"]) == {"s", "t"} and m["counts"] == {"done": 2}
+    # ... and the earlier slide this run does not list is named (it may have been removed or
+    # renamed since; plant: no _say_earlier_items -> silent).
+    assert "1 item(s) of earlier runs" in capsys.readouterr().err
 
     # The slide now fails (damaged): its region shard is retired, and the patches made from it
     # go too, named (plant: no drop_orphans -> "2 of 2 already done"-style skip, the old
@@ -173,3 +176,32 @@ def test_a_rerun_with_other_parameters_names_what_changed(tmp_path):
     check_params(str(tmp_path), "regions", {"region_px": 1024, "jpeg_quality": 95})
     with pytest.raises(InputError, match=r"\(region_px: 1024 -> 512; manifest.json\)"):
         check_params(str(tmp_path), "regions", {"region_px": 512, "jpeg_quality": 95})
+    # Another kind, and another command's folder (an embeddings manifest has no kind; plant:
+    # the old message -> "holds `hipt-prep None` output").
+    with pytest.raises(InputError, match=r"holds `hipt-prep regions` output; give `hipt-prep patches`"):
+        check_params(str(tmp_path), "patches", {})
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": "hipt.embeddings.v1", "params": {}}))
+    with pytest.raises(InputError, match=r"holds another command's output \(hipt.embeddings.v1\)"):
+        check_params(str(tmp_path), "regions", {})
+
+
+@pytest.mark.parametrize("text", ["[1, 2, 3]", "{\n", '{"kind": "regions", "params": [1]}', "\xff\xfe"])
+def test_an_unreadable_prep_manifest_is_named_never_a_traceback(tmp_path, capsys, text):
+    """OUT/manifest.json is rebuilt from status/, but only it records the parameters: unreadable
+    with no finished item it is rebuilt (named on stderr); with finished items the run is refused
+    naming it (it could mix parameters). Plant: check_params without its guard -> AttributeError
+    (a list) or a bare "Expecting value" (invalid JSON) without the file name."""
+    from data_prep.runner import InputError, check_params
+    from data_prep.shards import read_prep_manifest
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes(text.encode("latin-1"))
+    check_params(str(tmp_path), "regions", {"region_px": 1024})
+    assert f"{manifest}: " in capsys.readouterr().err
+    (tmp_path / "status").mkdir()
+    (tmp_path / "status" / "s.json").write_text(json.dumps({"status": "done", "shard": "regions/s.array_record"}))
+    with pytest.raises(InputError, match=f"{manifest}: .*1 finished item.*remove manifest.json"):
+        check_params(str(tmp_path), "regions", {"region_px": 1024})
+    # the readers downstream (hipt-extract, hipt-prep patches) skip its checks, and say so once
+    assert read_prep_manifest(str(tmp_path)) == {} and read_prep_manifest(str(tmp_path)) == {}
+    assert capsys.readouterr().err.count(f"warning: {manifest}: ") == 1

@@ -66,6 +66,31 @@ def test_slide_region(setup, tmp_path, capsys):
     assert code == 2 and "(--x 4096, --y 0) is outside the slide (2048 x 2048 level-0 px)" in err
 
 
+def test_region_past_the_slide_edge_is_noted_and_a_plain_image_named(tmp_path, capsys):
+    """A 512 px region at (400, 400) of a 600 px slide is 85% white padding: it was embedded with
+    exit 0 and no word; the share outside the slide is noted now (nothing for a region inside). A
+    PNG given as --slide got "not a slide format OpenSlide can read": it is named as a plain image,
+    with the flag that takes one. (flags.read_region: hipt-embed's and hipt-heatmap's region.)
+    Plants: no _note_outside -> no note; flags.open_slide without the plain-image case ->
+    OpenSlide's message alone."""
+    import argparse
+
+    from data_prep.synth import make_aperio_slide
+    from hipt_jax.cli.flags import UsageError, read_region
+
+    slide = make_aperio_slide(str(tmp_path / "small.svs"), (600, 600), mag=20, levels=(1,))
+    args = argparse.Namespace(image=None, slide=slide, x=400, y=400, size=512, target_mpp=0.5, assume_mpp=None)
+    assert read_region(args).shape == (512, 512, 3)
+    assert ("small.svs: note: 85% of the region (512 x 512 level-0 px at (400, 400)) lies outside the slide "
+            "(600 x 600 px)") in capsys.readouterr().err
+    read_region(argparse.Namespace(**dict(vars(args), x=0, y=0)))  # inside the slide
+    assert "note" not in capsys.readouterr().err
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / "photo.png")
+    with pytest.raises(UsageError, match="photo.png: a plain PNG image, not a whole-slide format OpenSlide can "
+                                         "read; give it as --image"):
+        read_region(argparse.Namespace(**dict(vars(args), slide=str(tmp_path / "photo.png"), x=0, y=0)))
+
+
 def test_image_files_are_read_as_a_viewer_shows_them(tmp_path, capsys):
     """16-bit and float images are refused (PIL's convert("RGB") clips them to near-white);
     transparency is composited over white, EXIF orientation applied, and each conversion said.
@@ -114,6 +139,28 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
     code, _, err = run(capsys, "--vit256", d / "vit4k", "--image", tmp_path / "ok.png", "--out", tmp_path / "o.npz")
     assert code == 2 and "is a vit4k checkpoint, expected vit256" in err
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_out_never_replaces_another_file(tmp_path, capsys):
+    """--out replaced any file, exit 0: a bag of an embeddings folder, an .npz hipt-embed did not
+    write. Refused before any work, one line naming the path; an earlier hipt-embed output is
+    replaced as before. Plant: no outputs.check_target in embed._run -> exit 0, the file replaced."""
+    from hipt_jax import outputs
+
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "ok.png")
+    emb = tmp_path / "emb"
+    (emb / "slides").mkdir(parents=True)
+    (emb / "manifest.json").write_text('{"schema": "hipt.embeddings.v1", "slides": {}}')
+    np.savez(emb / "slides" / "s1.npz", features_cls4k=np.zeros((1, 192), np.float32))
+    np.savez(tmp_path / "theirs.npz", scores=np.zeros(3))
+    for out, needle in ((emb / "slides" / "s1.npz", "lies inside"),
+                        (tmp_path / "theirs.npz", "exists and is not an earlier hipt-embed output")):
+        before = out.read_bytes()
+        code, _, err = run(capsys, "--random-init", "tiny", "--image", tmp_path / "ok.png", "--out", out)
+        assert code == 2 and needle in err and str(out) in err and len(err.strip().splitlines()) == 1, err
+        assert out.read_bytes() == before
+    np.savez(tmp_path / "mine.npz", features_cls256=np.zeros((1, 384)), region_shape=np.array([256, 256]))
+    outputs.check_target(str(tmp_path / "mine.npz"), writer="hipt-embed", is_own=embed._own_output)
 
 
 def test_entry_point_subprocess(setup, tmp_path):

@@ -79,8 +79,17 @@ def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, 
         json.dump({"items": {"ghost": {"status": "failed", "error": "no tissue"}, "lost": {"status": "done"}}}, f)
     out = str(tmp_path / "emb")
     engine = extraction.Extractor(model, batch_per_device=2)  # compiled once for the four runs
+    z = np.zeros
+    bags.write_bag(out, "ghost", {"features_cls256": z((1, 4, 384), np.float32), "features_cls4k": z((1, 192), np.float32),
+                                  "slide_embedding": z((192,), np.float32), "coords": z((1, 2), np.int64)})
+    # (a bag made before the slide failed on a hipt-prep rerun)
     first = extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine)
-    assert "1 slide(s) failed in hipt-prep and have no region shard" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 slide(s) failed in hipt-prep and have no region shard" in err
+    # ... is removed, named: every reader lists the bag folder (plant: no _drop_stale_bags ->
+    # "ghost" stays a done slide of the manifest).
+    assert "ghost: failed in hipt-prep" in err and "ghost" not in first["slides"]
+    assert bags.find_bag(out, "ghost") is None
     assert first["slides"]["lost"]["status"] == "failed"
     assert "lost.array_record: region shard missing" in first["slides"]["lost"]["error"]
     sid, other = rows[0]["slide_id"], rows[-1]["slide_id"]
@@ -97,6 +106,10 @@ def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, 
     bags.write_bag(out, "zz_earlier", bags.read_bag(out, other))
     m = extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine)
     assert m["slides"]["zz_earlier"]["status"] == "done" and m["run"]["regions"] == 0
+    # Another format asked for (past the fingerprint with --resume-anyway): the npz bags were
+    # reported as ok and no h5 written (plant: no _check_one_format -> returns, fails).
+    with pytest.raises(extraction.ExtractError, match="holds .npz bags and this run writes .h5"):
+        extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine, fmt="h5")
 
 
 def test_precomputed_feature_shards_are_reused(model, cohort, tmp_path):

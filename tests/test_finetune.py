@@ -297,3 +297,32 @@ def test_extracted_slides_without_a_label_row_are_named(tmp_path, capsys):
     assert info["unlabelled_slides"] == ["s7"]
     err = capsys.readouterr().err
     assert "1 extracted slide(s)" in err and "['s7']" in err and "labels.csv" in err
+
+
+def test_resumed_run_redoes_folds_made_on_other_slides(tmp_path, capsys):
+    """A bag unreadable in the first run (that slide failed, its folds trained without it) and
+    repaired before the rerun: the folds are redone on the whole cohort, not reported from the
+    first run under `failed_slides {}`; an unreadable fold result is redone, named. Plants:
+    _finished_fold returning any parsable result -> folds of 7 slides kept; json.load without
+    the check -> a traceback."""
+    emb = _cls4k_h5_bags(tmp_path / "h5", 8, class_offset=True)
+    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": f"s{i}", "label": "ab"[i % 2]} for i in range(8)])
+    c = _subtyping_config(str(emb), labels, splits="kfold:2", epochs=1)
+    c.model.name = "abmil"
+    good = (emb / "s3.h5").read_bytes()
+    (emb / "s3.h5").write_bytes(good[:500])
+    first = finetune.run(c, str(tmp_path / "run"), show_progress=False)
+    assert "s3" in first["failed_slides"] and first["n_items"] == 7
+    (emb / "s3.h5").write_bytes(good)
+    capsys.readouterr()
+    again = finetune.run(c, str(tmp_path / "run"), show_progress=False)
+    assert again["n_items"] == 8 and again["failed_slides"] == {}
+    assert "fold 0 was trained on other slides" in capsys.readouterr().err
+    for k in range(2):
+        fold = json.load(open(tmp_path / "run" / f"fold_{k}" / "result.json"))
+        assert fold["n_train"] + fold["n_test"] == 8
+    bad = tmp_path / "run" / "fold_1" / "result.json"
+    for text in ("[1]", "{", '{"test": 1}'):
+        bad.write_text(text)
+        assert finetune._finished_fold(str(bad), 1, fold["items"]) is None
+        assert "fold_1/result.json: unreadable" in capsys.readouterr().err

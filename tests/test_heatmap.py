@@ -237,6 +237,82 @@ def test_cli_image_and_errors(tissue, tmp_path, capsys):
     assert "--vit256" in capsys.readouterr().err
 
 
+def test_cli_never_writes_over_its_input_image(tiny_model, tissue, tmp_path, capsys, monkeypatch):
+    """--out the image's own folder (`--out .`): the region copy was saved as {name}.png, i.e. over
+    the input image (a 256 px RGBA replaced by the tool's RGB copy; the rerun then read the copy),
+    exit 0. The copy is {name}_region.png now, and a --name that gives any output the input's
+    name is refused before any work. (The module's tiny model stands in for --random-init tiny's,
+    one compile.) Plants: the copy back at {name}.png -> the input replaced; no check_targets ->
+    the input replaced by a map, exit 0."""
+    from hipt_jax.cli import flags
+    from hipt_jax.cli.heatmap import main
+
+    monkeypatch.setattr(flags, "load_hipt4k", lambda args: tiny_model)
+
+    rgba = np.dstack([tissue[:256, :256], np.full((256, 256), 200, np.uint8)])
+    image = tmp_path / "region.png"
+    Image.fromarray(rgba).save(image)
+    before = image.read_bytes()
+    argv = ["--random-init", "tiny", "--scale", "16", "--blends", "none", "--shifts", "none",
+            "--shifts256", "none", "--no-progress", "--out", str(tmp_path)]
+    for _ in range(2):  # the rerun reads the same input
+        assert main(argv + ["--image", str(image)]) == 0
+        assert image.read_bytes() == before
+    assert np.asarray(Image.open(tmp_path / "region_region.png")).shape == (16, 16, 3)  # RGB, at --scale
+    named = tmp_path / "x_256_head0.png"
+    named.write_bytes(before)
+    capsys.readouterr()
+    assert main(argv + ["--image", str(named), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "x_256_head0.png: is an input (--image)" in err and len(err.strip().splitlines()) == 1
+    assert named.read_bytes() == before and not (tmp_path / "x_region.png").exists()
+
+
+def test_slide_map_refuses_another_slide_of_the_same_name(tmp_path, capsys):
+    """The bag is looked up by the slide's file name, so another file of that name (a re-scan,
+    another cohort) got this bag's scores painted on it, exit 0. Checked against what the bag's
+    records say about its slide: the file size beside a bag made from the slide (hipt-extract
+    --slides), the hipt-prep record (size, level-0 size) of a bag made from region shards. A
+    plain image given as --slide is named as such. Plant: no check_bag_slide -> exit 0."""
+    import shutil
+
+    from data_prep import bags
+    from hipt_jax.cli.heatmap import main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    slide = str(other / os.path.basename(REAL_SLIDE))
+    shutil.copy(REAL_SLIDE, slide)
+    with open(slide, "ab") as f:  # same pixels, another file (a re-saved copy would differ more)
+        f.write(b"\0" * 16)
+    emb = str(tmp_path / "emb")
+    bag = bags.write_bag(emb, "cmu_small_region", {"coords": np.array([[0, 0], [1024, 0]]),
+                                                   "features_cls4k": np.zeros((2, 192), np.float32),
+                                                   "attention_wsi": np.array([0.25, 0.75], np.float32)})
+    argv = ["--vitwsi", "stored", "--embeddings", emb, "--size", "1024", "--thumb-px", "64"]
+    bags.write_source(bag, {"slide": {"name": "cmu_small_region.svs", "bytes": os.path.getsize(REAL_SLIDE)},
+                            "coords_sha256": None})
+    assert main(argv + ["--slide", REAL_SLIDE, "--out", str(tmp_path / "m0")]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--slide", slide, "--out", str(tmp_path / "m1")]) == 2
+    err = capsys.readouterr().err
+    assert f"{slide}: is not the slide {bag} was made from" in err and "bytes when extracted" in err
+    assert not os.path.exists(tmp_path / "m1" / "cmu_small_region_slide_attention.png")
+    # Bags of region shards: the hipt-prep record the embeddings manifest leads to.
+    prep = tmp_path / "prep"
+    prep.mkdir()
+    (prep / "manifest.json").write_text(json.dumps({"schema": "hipt.prep-manifest.v1", "items": {
+        "cmu_small_region": {"width": 999, "height": 999, "source": {"bytes": os.path.getsize(REAL_SLIDE)}}}}))
+    (tmp_path / "emb" / "manifest.json").write_text(json.dumps({"schema": "hipt.embeddings.v1",
+                                                                "params": {"shards": str(prep)}, "slides": {}}))
+    bags.write_source(bag, {"shard": "cmu_small_region.array_record", "sha256": "x"})
+    assert main(argv + ["--slide", REAL_SLIDE, "--out", str(tmp_path / "m2")]) == 2
+    assert "level 0 999 x 999 px when extracted" in capsys.readouterr().err
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / "photo.png")
+    assert main(argv + ["--slide", str(tmp_path / "photo.png"), "--out", str(tmp_path / "m3")]) == 2
+    assert "a plain PNG image, not a whole-slide format" in capsys.readouterr().err
+
+
 def test_cli_slide_scores(tmp_path):
     np.savez(tmp_path / "scores.npz", coords=np.array([[0, 0], [1024, 0], [0, 1024]]),
              scores=np.array([0.2, 0.5, 0.3]), region_px=1024)

@@ -43,3 +43,129 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert knn_cli.main(["--embeddings", str(tmp_path), "--labels", labels]) == 2
     assert "run hipt-extract first" in capsys.readouterr().err
     assert os.path.exists(labels)
+
+
+def test_no_progress_is_accepted_and_cohort_warnings_are_said_once(tmp_path, capsys, monkeypatch):
+    """The README lists --no-progress among the shared flags; hipt-knn refused it (exit 2). And
+    with several --embedding names the slide-level-folds warning was printed once per name.
+    Plants: no add_progress_flag -> exit 2; no flags.progress -> TQDM_DISABLE unset during the
+    run; warnings printed by plan_folds -> twice."""
+    from hipt_jax.evaluation import knn_eval
+
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 8, grid=2, regions=(1, 2))
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": f"slide_{i:04d}", "label": "ab"[c]}
+                                                     for i, c in enumerate(classes)])
+    seen = []
+    real_run = knn_eval.run
+    monkeypatch.setattr(knn_eval, "run", lambda *a, **k: seen.append(os.environ.get("TQDM_DISABLE")) or real_run(*a, **k))
+    argv = ["--embeddings", emb, "--labels", labels, "--splits", "kfold:2", "--k", "1", "--k-dino", "1",
+            "--embedding", "cls4k_mean,cls256_mean", "--out", str(tmp_path / "k.json"), "--no-progress"]
+    assert knn_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert seen == ["1", "1"] and err.count("no case_id column, so the generated folds are slide-level") == 1
+    result = json.load(open(tmp_path / "k.json"))
+    assert result["patients_from"] == "unknown" and len(result["fold_warnings"]) == 1
+
+
+def test_labels_keyed_by_tcga_case_ids_get_a_hint(tmp_path, capsys):
+    """'none of its slides are in EMB' gave no clue that the slide_id column held patient ids.
+    Plant: the hint left out of knn_eval.run's error -> fails."""
+    emb = str(tmp_path / "emb")
+    make_feature_cohort(emb, 2, grid=2, regions=(1, 1))
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": "TCGA-A1-A0SB", "label": "a"},
+                                                     {"slide_id": "TCGA-A2-A0CM", "label": "b"}])
+    assert knn_cli.main(["--embeddings", emb, "--labels", labels, "--out", str(tmp_path / "k.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "none of its slides are in" in err and "look like TCGA case (patient) ids" in err
+    assert len(err.splitlines()) == 1
+
+
+def _small_cohort(tmp_path):
+    """8 extracted slides (marked as hipt-extract's folder by a manifest) and their labels."""
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 8, grid=2, regions=(1, 2))
+    with open(os.path.join(emb, "manifest.json"), "w") as f:
+        json.dump({"schema": "hipt.embeddings.v1", "slides": {}}, f)
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": f"slide_{i:04d}", "label": "ab"[c]}
+                                                     for i, c in enumerate(classes)])
+    return emb, labels, ["--embeddings", emb, "--labels", labels, "--splits", "kfold:2", "--k", "1", "--k-dino", "1"]
+
+
+def test_out_never_replaces_an_input_or_another_commands_file(tmp_path, capsys):
+    """--out replaced anything, exit 0: the labels CSV, a split file it read, a fine-tuning run's
+    results.json (hipt-predict then failed on the run), the embeddings manifest, and a JSON named
+    .npz among the bags (every later command: "corrupt bag"). Each is refused in one line naming
+    the path, nothing is written; a rerun with the same --out (and the default one) still works.
+    Plant: no _check_targets -> exit 0 and the file replaced."""
+    emb, labels, argv = _small_cohort(tmp_path)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "splits_0.csv").write_text(",train,val,test\n" + "".join(
+        f"{i},slide_{i:04d},,slide_{i + 4:04d}\n" for i in range(4)))
+    run_dir = tmp_path / "ft"
+    (run_dir / "fold_0").mkdir(parents=True)
+    (run_dir / "results.json").write_text('{"task": "subtyping", "folds": []}')
+    (run_dir / "provenance.json").write_text('{"fingerprint": {}, "details": {"kind": "fine-tuning workdir"}}')
+    cases = [(["--out", labels], f"{labels}: is an input of this command (--labels"),
+             (["--splits", str(splits), "--out", str(splits / "splits_0.csv")],
+              "is an input of this command (--splits"),
+             (["--out", str(run_dir / "results.json")], "is the results.json of"),
+             (["--out", os.path.join(emb, "manifest.json")], "is the manifest.json of"),
+             (["--out", os.path.join(emb, "slides", "x.npz")], "lies inside"),
+             (["--out", str(tmp_path / "other.json")], "exists and is not an earlier hipt-knn output")]
+    (tmp_path / "other.json").write_text('{"someone": "else"}')
+    for extra, needle in cases:
+        target = extra[-1]
+        before = open(target, "rb").read() if os.path.exists(target) else None
+        assert knn_cli.main(argv + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert needle in err and target in err and len(err.splitlines()) == 1, (extra, err)
+        assert (open(target, "rb").read() if os.path.exists(target) else None) == before
+    # A folder of the user's own inside the embeddings folder is not one of its item folders
+    # (plant: refuse everything below a managed folder -> exit 2).
+    for out in (["--out", str(tmp_path / "k.json")], [], ["--out", os.path.join(emb, "eval", "k.json")]):
+        for _ in range(2):  # a rerun replaces its own results
+            assert knn_cli.main(argv + out) == 0
+    assert json.load(open(os.path.join(emb, "knn_results.json")))["written_by"] == "hipt-knn"
+
+
+def test_save_splits_never_mixes_with_another_set(tmp_path, capsys):
+    """--save-splits overwrote a folder of published split files (and left a file of theirs
+    beside, read with the new ones as one set), exit 0. A folder whose split files differ is
+    refused, untouched; the same folds again (a rerun) are fine. Plant: write_clam_splits
+    straight into the folder -> exit 0, files replaced."""
+    emb, labels, argv = _small_cohort(tmp_path)
+    spl = tmp_path / "spl"
+    assert knn_cli.main(argv + ["--save-splits", str(spl), "--out", str(tmp_path / "a.json")]) == 0
+    saved = {p.name: p.read_bytes() for p in spl.iterdir()}
+    assert sorted(saved) == ["splits_0.csv", "splits_1.csv"]
+    assert knn_cli.main(argv + ["--save-splits", str(spl), "--out", str(tmp_path / "a.json")]) == 0
+    capsys.readouterr()
+    assert knn_cli.main(argv + ["--seed", "3", "--save-splits", str(spl),
+                                "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{spl}: already holds a different splits_" in err and len(err.splitlines()) == 1
+    (spl / "splits_2.csv").write_text("x\n")  # a third fold of a published 3-fold set
+    assert knn_cli.main(argv + ["--save-splits", str(spl), "--out", str(tmp_path / "a.json")]) == 2
+    assert "already holds splits_2.csv, which this run would not write" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in spl.iterdir() if p.name != "splits_2.csv"} == saved
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_a_k_refusal_names_the_unreadable_bags(tmp_path, capsys):
+    """3 of 8 bags damaged: the refusal said only "--k 5: must be between 1 and the smallest
+    training set", steering the user to change --k; the damaged bags (the reason the training
+    sets are small) were never named. Plant: knn_eval.run without its CohortError note -> fails."""
+    emb, labels, argv = _small_cohort(tmp_path)
+    slides = os.path.join(emb, "slides")
+    with open(os.path.join(slides, "slide_0001.npz"), "r+b") as f:
+        f.truncate(100)
+    open(os.path.join(slides, "slide_0004.npz"), "w").close()
+    with open(os.path.join(slides, "slide_0007.npz.sha256"), "w") as f:
+        f.write("garbage\n")
+    argv = argv[:-4] + ["--k", "4", "--out", str(tmp_path / "k.json")]  # 8 slides, 2 folds: 4 would fit
+    assert knn_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--k 4: must be between 1 and the smallest training set" in err[0]
+    assert "3 slide file(s)" in err[0] and "slide_0001, slide_0004, slide_0007" in err[0], err[0]

@@ -153,3 +153,39 @@ def test_cpu_model_names_the_generation(tmp_path):
     assert zen4 == "AMD EPYC (family 25 model 2 stepping 1, avx512)" and zen4 != zen5
     assert fake(6, "avx2 avx512f amx_tile").endswith("amx)")
     assert minibatch._cpu_model(str(tmp_path / "missing"))  # no /proc: still a name
+
+
+def test_a_calibration_entry_of_the_wrong_types_counts_as_absent(tmp_path, monkeypatch, caplog):
+    """{"best": 4, "dot_backend": ["eigen"]} passed the check of "best" and then crashed
+    hipt-extract ("unhashable type: 'list'"). Plant: _entry checking only "best" -> TypeError."""
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = minibatch.patch_batch_key(get_arch("vit256"), 4)
+    path = tmp_path / "hipt_jax" / "minibatch.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({minibatch.machine_key(): {key: {"best": 4, "dot_backend": ["eigen"]}}}))
+    assert minibatch.calibrated_dot_backend(key) is None and minibatch.calibrated(key) is None
+    assert str(path) in caplog.text
+
+
+@pytest.mark.parametrize("old", ['{"KEY": [1, 2]}', "{truncated", "[]"])
+def test_calibrate_stores_its_result_whatever_the_file_held(tmp_path, monkeypatch, capsys, old):
+    """A machine entry that was a list made calibrate() raise after the whole timing run (minutes
+    lost); an unreadable file was silently replaced, dropping other machines' calibrations. The
+    result is stored (and returned) in every case, and an unreadable file is kept aside, named.
+    Plants: data.setdefault(...)[model] -> TypeError; _read_cache without keep_aside -> no copy."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = minibatch.patch_batch_key(get_arch("vit256"), 4)
+    path = tmp_path / "hipt_jax" / "minibatch.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(old.replace("KEY", minibatch.machine_key().replace('"', '\\"')))
+    assert minibatch.calibrate(key, [4, 16], lambda b: {4: 2.0, 16: 1.0}[b]) == 16
+    assert minibatch.calibrated(key) == 16
+    aside = [p for p in os.listdir(path.parent) if p.startswith("minibatch.json.unreadable-")]
+    err = capsys.readouterr().err
+    if old.startswith("{\""):  # readable: nothing to keep aside
+        assert aside == [] and err == ""
+    else:
+        assert len(aside) == 1 and (path.parent / aside[0]).read_text() == old
+        assert f"{path}: " in err and f"kept aside as {path.parent / aside[0]}" in err

@@ -224,6 +224,27 @@ def test_cli_end_to_end(tiles_dir, tmp_path, capsys):
     assert len(err) == 1 and "missing: not a tile folder" in err[0]
 
 
+def test_cli_out_never_replaces_another_commands_files(tiles_dir, tmp_path, capsys):
+    """OUT/patch_eval.json and .md replaced whatever had those names, and --out could be a
+    subfolder of another command's folder (an embeddings folder's slides/), exit 0. Refused before
+    any work, one line naming the file (test_cli_end_to_end reruns into its own --out). Plant: no
+    _check_targets -> the run goes on, exit 0, the file replaced."""
+    argv = ["--tiles", tiles_dir, "--random-init", "tiny", "--size", str(SIZE), "--batch-per-device", "16",
+            "--no-progress"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "patch_eval.json").write_text('{"mine": true}')
+    emb = tmp_path / "emb"
+    (emb / "slides").mkdir(parents=True)
+    (emb / "manifest.json").write_text('{"schema": "hipt.embeddings.v1", "slides": {}}')
+    for out, needle in ((theirs, "exists and is not an earlier hipt-patch-eval output"),
+                        (emb / "slides", "lies inside")):
+        assert cli.main(argv + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and str(out) in err and len(err.splitlines()) == 1, err
+    assert (theirs / "patch_eval.json").read_text() == '{"mine": true}' and os.listdir(emb / "slides") == []
+
+
 def tensorboard_steps(folder, tag):
     """Steps of the scalar ``tag`` in the event files of ``folder`` (TFRecord framing:
     u64 length, u32 crc, payload, u32 crc; payload = an Event protobuf)."""

@@ -15,6 +15,7 @@ from configs.pretrain_vit256 import get_config as get_config_256
 from configs.pretrain_vit4k import get_config as get_config_4k
 from hipt_jax.pretrain import data as data_lib
 from hipt_jax.pretrain.augment import FeatureMultiCrop, ImageMultiCrop
+from tests.synthetic_cohort import write_feature_grids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -181,11 +182,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # Stage 2 (its tiny update compiles in a third of stage 1's time; the check is shared).
-    feats = tmp_path / "feats"
-    feats.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        np.save(feats / f"r{i}.npy", rng.normal(size=(256, 384)).astype(np.float32))
+    feats = write_feature_grids(tmp_path / "feats", 8)
     # A float32-denormal teacher temperature (0 itself is refused as out of range) turns the
     # loss into NaN at the first step.
     # log_every 2 turns the step bar on; --no-progress must turn it off again (plant: the
@@ -197,6 +194,95 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert "non-finite loss" in err and "Traceback" not in err
     assert "0%|" not in err and "step/s" not in err, err
     assert _finished_checkpoints(tmp_path / "run") == []
+
+
+class _FakeManager:
+    """The part of an Orbax CheckpointManager _restore_newest uses: steps on disk, restore."""
+
+    def __init__(self, workdir, steps):
+        self.steps = steps
+        for step in steps:
+            folder = os.path.join(workdir, "checkpoints", str(step))
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "state"), "w") as f:
+                f.write(f"state of step {step}")
+
+    def all_steps(self):
+        return list(self.steps)
+
+    def restore(self, step, args):
+        return {"state": f"restored {step}"}
+
+
+@pytest.mark.parametrize("record", ["{", "[]", '{"8": 5}', '{"eight": "' + "0" * 64 + '"}'])
+def test_unreadable_checkpoint_checksums_are_refused_not_ignored(tmp_path, record):
+    """A checksum record that cannot be read verified nothing: a damaged checkpoint was resumed
+    and exported with exit 0 (and re-hashed as good by the next save). It is refused, naming
+    the file and what to do. Plant: _read_checksums returning {} on any error (resumes step 8)."""
+    from hipt_jax.pretrain import trainer
+
+    workdir = str(tmp_path)
+    manager = _FakeManager(workdir, [6, 8])
+    trainer._record_checksums(manager, workdir)
+    with open(os.path.join(workdir, "checkpoints", "8", "state"), "a") as f:
+        f.write("damage")  # a valid record catches this: resumes from 6
+    assert trainer._restore_newest(manager, workdir, {}, None, True)[0] == 6
+    with open(os.path.join(workdir, trainer.CHECKSUMS), "w") as f:
+        f.write(record)
+    with pytest.raises(trainer.CheckpointRestoreError) as e:
+        trainer._restore_newest(manager, workdir, {}, None, True)
+    message = str(e.value)
+    assert os.path.join(workdir, trainer.CHECKSUMS) in message and "Remove the file" in message
+    # with no checkpoint there is nothing to verify: the record is simply written anew
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / trainer.CHECKSUMS).write_text(record)
+    trainer._record_checksums(_FakeManager(str(fresh), []), str(fresh))
+    assert trainer._read_checksums(str(fresh)) == {}
+
+
+def test_resuming_a_checkpoint_without_recorded_checksum_says_so(tmp_path, capsys):
+    """Killed between a save and its checksum being written: the resumed checkpoint cannot be
+    verified, and stderr says so (plant: no warning -> silent)."""
+    from hipt_jax.pretrain import trainer
+
+    workdir = str(tmp_path)
+    trainer._record_checksums(_FakeManager(workdir, [6]), workdir)
+    manager = _FakeManager(workdir, [6, 8])  # 8 saved, its checksum not recorded yet
+    assert trainer._restore_newest(manager, workdir, {}, None, True)[0] == 8
+    err = capsys.readouterr().err
+    assert "checkpoints/8 has no recorded checksum" in err and "without verifying" in err
+    trainer._record_checksums(manager, workdir)
+    assert trainer._restore_newest(manager, workdir, {}, None, True)[0] == 8
+    assert "no recorded checksum" not in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~10 s; the SIGTERM mechanism's fast tests are in tests/test_robustness.py
+def test_sigterm_stops_between_steps_and_keeps_whole_checksummed_checkpoints(tmp_path):
+    """Preemption (SIGTERM) stops the run at a step boundary: the checkpoint in flight is
+    finished, every kept checkpoint is whole and has its checksum, the lock is released, one
+    line, exit 143. Plant: the loop without interrupts.deferred() -> Terminated raised inside
+    Orbax's wait (its traceback logged), a half-deleted old checkpoint, no checksum recorded
+    (failed 2 runs of 3: the signal has to land in Orbax's wait)."""
+    feats = write_feature_grids(tmp_path / "feats", 8)
+    workdir = tmp_path / "run"
+    proc = _pretrain(workdir, feats, "--config.total_steps=300", "--config.checkpoint.every_steps=1",
+                     "--config.checkpoint.keep=1", "--no-progress", stage=2, wait=False)
+    deadline = time.time() + 300
+    while len(_finished_checkpoints(workdir)) < 1 or _finished_checkpoints(workdir)[-1] < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "hipt-pretrain: terminated (SIGTERM)" in err, err[-2000:]
+    assert not (workdir / ".hipt-lock").exists()
+    kept = _finished_checkpoints(workdir)
+    with open(workdir / "checkpoint_checksums.json") as f:
+        assert sorted(int(k) for k in json.load(f)) == kept
+    for step in kept:
+        assert (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists(), step
 
 
 # ------------------------------------------------------------------------------ 2 stages

@@ -138,3 +138,21 @@ def test_region_xla_flops_counts_every_minibatch_of_the_region_loop():
     assert 3.0 * counted_once < whole < 4.5 * counted_once
     # at most the analytic count (the last ViT-256 block computes the CLS token only)
     assert whole <= profiler.hipt4k_region_flops(c256, c4k, 512, 512)
+
+
+def test_cli_json_never_replaces_another_file(tmp_path):
+    """--config.json replaced any file (a labels CSV, the config file itself), exit 0. Refused
+    before any measurement, one line naming it; an earlier report of hipt-profile is replaced as
+    before (its "written_by"). Plant: no outputs.check_target in hipt-profile's _run -> the
+    profile runs and replaces the CSV."""
+    from hipt_jax.cli import profile as profile_cli
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\na,1\n")
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--config",
+                          os.path.join(ROOT, "configs", "profile.py") + ":runlocal", f"--config.json={labels}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert res.returncode == 2 and f"{labels}: exists and is not an earlier hipt-profile output" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and labels.read_text() == "slide_id,label\na,1\n"
+    (tmp_path / "old.json").write_text(json.dumps({"written_by": "hipt-profile", "rows": []}))
+    assert profile_cli._own_report(str(tmp_path / "old.json"))

@@ -22,7 +22,8 @@ import pytest
 from data_prep import bags, shards
 from hipt_jax import workdir_lock
 from tests.cli_helpers import ENV, call_main, run_module
-from tests.synthetic_cohort import make_feature_cohort, make_tissue_cohort, write_labels, small_labelled_feature_cohort
+from tests.synthetic_cohort import (make_feature_cohort, make_tissue_cohort, small_labelled_feature_cohort,
+                                     write_feature_grids, write_labels)
 from tests.test_bad_inputs import assert_one_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,11 +290,7 @@ def test_ctrl_c_during_pretrain_compilation_exits_130_with_one_line(tmp_path):
     """Expected without the fix: a traceback from inside the compile or a hang until XLA
     returns (run_command's KeyboardInterrupt branch and watchdog; that plant was run on the
     hipt-extract test in test_bad_inputs, not on this one)."""
-    data = tmp_path / "feats"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        np.save(data / f"r{i}.npy", rng.normal(size=(256, 384)).astype(np.float32))
+    data = write_feature_grids(tmp_path / "feats", 4)
     workdir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "hipt_jax.cli.pretrain",
                              "--config", "configs/pretrain_vit4k.py:runlocal", f"--workdir={workdir}",
@@ -307,6 +304,134 @@ def test_ctrl_c_during_pretrain_compilation_exits_130_with_one_line(tmp_path):
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert_one_line(proc.returncode, err, "hipt-pretrain", "interrupted", exit_code=130)  # not -11 (SIGSEGV)
+
+
+# ------------------------------------------------------------------------------ SIGTERM
+_POOL_RUN = """
+import sys, time
+from hipt_jax import workdir_lock
+from hipt_jax.cli import flags
+
+def run():
+    with workdir_lock.hold(sys.argv[1]):
+        from data_prep.runner import run_pool
+        print("ready", flush=True)
+        run_pool(time.sleep, [30, 30], (), 2, "sleep")  # 2 spawned workers, busy
+    return 0
+
+sys.exit(flags.run_command("prog", run, devices_at_start=False, exit_on_stop=True))
+"""
+
+
+def test_sigterm_takes_the_ctrl_c_path(tmp_path):
+    """SIGTERM (SLURM/Kubernetes preemption) killed a command at once: exit 143 with no word, its
+    .hipt-lock left (a job resubmitted on another host was refused), pool workers orphaned
+    (BrokenPipeError tracebacks, leaked semaphores). Plant: run_command without
+    _catch_sigterm -> rc -15, the lock stays."""
+    proc = subprocess.Popen([sys.executable, "-c", _POOL_RUN, str(tmp_path)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    time.sleep(0.5)  # into run_pool: its workers are starting or asleep
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert_one_line(proc.returncode, err, "prog", "terminated (SIGTERM)", "finished outputs are kept",
+                    exit_code=143)
+    assert "leaked" not in err and "BrokenPipe" not in err, err
+    assert not (tmp_path / workdir_lock.LOCK).exists()
+
+
+def test_sigterm_in_a_deferred_block_waits_for_the_next_safe_point():
+    """Pretraining must not be broken off inside Orbax's save/delete threads (a half-deleted old
+    checkpoint, the newest one left without its checksum): its loop defers SIGTERM to the next
+    step. Plant: on_sigterm raising inside deferred() -> Terminated at the sleep below."""
+    from hipt_jax import interrupts
+
+    previous = signal.signal(signal.SIGTERM, interrupts.on_sigterm)
+    interrupts.reset()
+    reached = []
+    try:
+        with pytest.raises(interrupts.Terminated):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs here
+                os.kill(os.getpid(), signal.SIGTERM)  # a second one: ignored
+                time.sleep(0.05)
+                reached.append("the work in flight")
+                interrupts.check()
+                reached.append("past the safe point")
+        assert reached == ["the work in flight"] and interrupts.requested()
+        interrupts.reset()
+        with pytest.raises(interrupts.Terminated):  # one arriving at the end: raised on leaving
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        interrupts.reset()
+
+
+_COMPILE_RUN = """
+import sys
+from hipt_jax.cli import flags
+
+def run():
+    import jax, jax.numpy as jnp
+
+    def f(x):
+        for i in range(300):  # seconds of XLA compilation
+            x = jnp.sin(x @ x.T + i)
+        return x
+
+    print("ready", flush=True)
+    jax.jit(f).lower(jnp.ones((64, 64))).compile()
+    print("compiled", flush=True)
+    return 0
+
+sys.exit(flags.run_command("prog", run, devices_at_start=False, exit_on_stop=True))
+"""
+
+
+def test_sigterm_during_compilation_exits_143_not_sigsegv(tmp_path):
+    """A stop abandons the compile, which goes on in XLA's threads; the interpreter's teardown
+    then destroyed the JAX client under it: SIGSEGV (exit -11) after the one line, for Ctrl-C as
+    for SIGTERM. Plant: run_command(exit_on_stop=False) -> -11."""
+    proc = subprocess.Popen([sys.executable, "-c", _COMPILE_RUN], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert out == "", "the compile finished before the signal"
+    assert_one_line(proc.returncode, err, "prog", "terminated (SIGTERM)", exit_code=143)
+
+
+def test_a_sigterm_python_drops_is_delivered_again():
+    """The handler runs at any bytecode, also in a garbage-collection callback (jax has one),
+    where Python prints the exception and drops it: the run went on to exit 0 and the SIGTERM
+    was lost (seen with hipt-extract). Plant: install() without its unraisablehook -> no
+    Terminated below."""
+    import gc
+
+    from hipt_jax import interrupts
+
+    armed = [True]
+
+    def callback(phase, info):
+        if armed and phase == "start":
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside the collector
+
+    restore = interrupts.install()
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(interrupts.Terminated):
+            gc.collect()
+            time.sleep(0.5)  # delivered again: raised here
+    finally:
+        gc.callbacks.remove(callback)
+        restore()
+        interrupts.reset()
 
 
 # ------------------------------------------------------------------------------ free space
@@ -369,3 +494,22 @@ def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
     _truncate_metrics(str(path), 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
     assert not _leftovers(tmp_path)
+
+
+def test_the_watchdog_leaves_a_session_alone_once_its_command_returned(tmp_path):
+    """A command called from Python (a notebook, a test runner) armed the watchdog for the rest
+    of the process: a Ctrl-C or SIGTERM the session handled itself minutes later ended the
+    whole process (exit 130/143; it crashed pytest workers). Plant: the watchdog without the
+    "a command is running" check -> the child exits 130 instead of printing "alive"."""
+    script = (
+        "import os, signal, time\n"
+        "from hipt_jax.cli import flags, knn\n"
+        "flags.INTERRUPT_GRACE_S = 0.1\n"
+        "assert knn.main(['--embeddings', 'no/such/folder', '--labels', 'no.csv']) == 2\n"
+        "signal.signal(signal.SIGINT, lambda *a: None)  # the session's own handling\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(1.0)\n"
+        "print('alive')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout.strip().splitlines()[-1]) == (0, "alive"), proc.stderr[-2000:]

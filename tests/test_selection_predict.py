@@ -279,3 +279,88 @@ def test_predict_warns_about_bags_extracted_with_other_weights(tmp_path, capsys)
     assert "vit4k random:tiny:seed5 (trained on sha-b)" in capsys.readouterr().err
     predict._check_embedding_models("run", recorded, bare)
     assert "does not record the weights" in capsys.readouterr().err
+
+
+class _ConstantFold:
+    """Stands in for a fold's saved model: these tests check which slides are flagged, not scores."""
+
+    def __init__(self, path, task, buckets):
+        self.n_outputs, self.level = 2, "region"
+
+    def score(self, slide_id, bag):
+        m = len(bag["features_cls4k"])
+        return np.zeros(2, np.float32), np.full(m, 1.0 / m, np.float32)
+
+
+def test_predict_names_the_slides_the_run_trained_on(tmp_path, capsys, monkeypatch):
+    """hipt-predict on the run's own cohort scored slides that folds had been fit on without a
+    word. The run's split files (WORKDIR/splits/) say which; a slide counts when it, or its
+    patient (survival splits list case ids, mapped through the run's labels), is in a fold's
+    train or val part. Plant: _seen_in_training returning {} -> no warning, empty column."""
+    from tests.synthetic_cohort import write_embedding
+
+    monkeypatch.setattr(predict, "FoldModel", _ConstantFold)
+    run, emb = tmp_path / "run", str(tmp_path / "emb")
+    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": f"s{i}", "case_id": f"p{i}", "label": i % 2}
+                                                         for i in range(4)])
+    json.dump({"task": "subtyping", "class_names": ["0", "1"], "model": "abmil", "folds": [{"fold": 0}, {"fold": 1}],
+               "config": {"data": {"labels": labels}}, "info": {}}, open(tmp_path / "results.json", "w"))
+    run.mkdir()
+    os.replace(tmp_path / "results.json", run / "results.json")
+    for k in range(2):
+        os.makedirs(run / f"fold_{k}" / "checkpoint")
+        (run / f"fold_{k}" / "checkpoint" / "arch.json").write_text("{}")
+    (run / "splits").mkdir()
+    _write_split(run / "splits" / "splits_0.csv", ["s0", "s1"], ["s2"], ["s3"])
+    _write_split(run / "splits" / "splits_1.csv", ["s2", "p3"], [], ["s0", "s1"])  # p3: s3's patient
+    for sid in ("s0", "s1", "s2", "s3", "new"):
+        write_embedding(emb, sid, np.ones((2, 4, 384), np.float32))
+    out = str(tmp_path / "p.csv")
+    res = predict.predict_run(str(run), emb, out, show_progress=False)
+    assert res["seen_in_training"] == {"s0": [0], "s1": [0], "s2": [0, 1], "s3": [1]}
+    err = capsys.readouterr().err
+    assert "4 of the 5 slide(s)" in err and "training or validation part of folds" in err
+    rows = {r["slide_id"]: r[predict.SEEN_COLUMN] for r in csv.DictReader(open(out))}
+    assert rows == {"new": "", "s0": "0", "s1": "0", "s2": "0 1", "s3": "1"}
+
+
+def test_predict_out_never_replaces_an_input_or_another_commands_file(tmp_path, capsys, monkeypatch):
+    """--out replaced anything, exit 0: the embeddings manifest (with the CSV), a fine-tuning
+    run's results.json; a CSV named .npz among the bags made every later command fail on a
+    "corrupt bag"; OUT_attention/ (whose other .npz files each run deletes) could be the
+    --embeddings folder itself. Each refused before any work, one line naming the path; the same
+    --out again is fine. (predict_run stubbed: the checks come first.) Plant: no _check_targets
+    in hipt_jax/cli/predict.py -> exit 0, the files replaced."""
+    from hipt_jax.cli import predict as predict_cli
+
+    def fake_predict_run(run, emb, out, show_progress=True):
+        with open(out, "w") as f:
+            f.write("slide_id,fold0_p_a,ensemble_pred\n")
+        return {"n_slides": 0, "folds": 1, "failed_slides": {}, "out": out, "attention_dir": out + "_attention"}
+
+    monkeypatch.setattr(predict, "predict_run", fake_predict_run)
+    run = tmp_path / "run"
+    (run / "fold_0").mkdir(parents=True)
+    (run / "results.json").write_text('{"task": "subtyping", "folds": []}')
+    emb = tmp_path / "emb"
+    bags.write_bag(str(emb), "s1", {"features_cls4k": np.zeros((1, 192), np.float32)})
+    (emb / "manifest.json").write_text('{"schema": "hipt.embeddings.v1", "slides": {}}')
+    flat = tmp_path / "x_attention"  # a folder of bags without slides/ (CLAM/TRIDENT h5, .pt)
+    flat.mkdir()
+    np.savez(flat / "s1.npz", features_cls4k=np.zeros((1, 192), np.float32))
+    (tmp_path / "other.csv").write_text("case,value\n")
+    cases = [(emb, emb / "manifest.json", "is the manifest.json of"),
+             (emb, emb / "slides" / "preds.npz", "lies inside"),
+             (emb, run / "results.json", "is the results.json of"),
+             (flat, flat / "preds.npz", "would sit among the bags of"),
+             (flat, tmp_path / "x.csv", "is an input of this command (--embeddings"),
+             (emb, tmp_path / "other.csv", "exists and is not an earlier hipt-predict output")]
+    for embeddings, out, needle in cases:
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        code = predict_cli.main(["--run", str(run), "--embeddings", str(embeddings), "--out", str(out),
+                                 "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, (out, err)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, out
+    for _ in range(2):  # a rerun replaces its own CSV
+        assert predict_cli.main(["--run", str(run), "--embeddings", str(emb), "--out", str(tmp_path / "p.csv")]) == 0

@@ -205,8 +205,22 @@ def _script() -> str:
         return f.read()
 
 
+# The jobs' compilation cache and calibration folder, this module's own (set by _own_caches):
+# what the jobs reuse must be what this module's jobs wrote, not what other tests of the same
+# pytest worker left in its shared folders.
+_JOB_DIRS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_caches(tmp_path_factory):
+    _JOB_DIRS.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jobs-xla-cache")),
+                     XDG_CACHE_HOME=str(tmp_path_factory.mktemp("jobs-xdg-cache")))
+    yield
+    _JOB_DIRS.clear()
+
+
 def _clean_env(base: dict) -> dict:
-    env = dict(base, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+    env = dict(base, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", **_JOB_DIRS)
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
         env.pop(key, None)
     # Every program goes to (and comes from) the worker's persistent cache, however small.
@@ -268,7 +282,7 @@ def _checkpoints(workdir) -> list[int]:
 
 
 def _cache_entries() -> set:
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    folder = _JOB_DIRS.get("JAX_COMPILATION_CACHE_DIR", "")
     return set(os.listdir(folder)) if os.path.isdir(folder) else set()
 
 
@@ -374,12 +388,14 @@ def test_jobs_share_the_compilation_cache(two_task_run, preempted_run):
     update step, and the resumed job reuses it (it compiles only what a restore needs on top,
     e.g. Orbax's small restore programs, which a fresh run never compiles).
     Plant: _clean_env drops JAX_COMPILATION_CACHE_DIR -> the first job adds no entry."""
-    assert os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    assert _JOB_DIRS.get("JAX_COMPILATION_CACHE_DIR")
     first, resumed = two_task_run[2], preempted_run[3]
     assert any(e.startswith("jit_update-") for e in first), \
         f"the 2-task job cached no update step: {sorted(first)[:5]}"
     again = sorted(e for e in resumed if e.startswith("jit_update-"))
-    assert not again, f"the resumed job compiled its update step anew: {again}"
+    assert not again, (f"the resumed job compiled its update step anew: {again}; the first job's: "
+                       f"{sorted(e for e in first if e.startswith('jit_update-'))}; in the cache now: "
+                       f"{sorted(e for e in _cache_entries() if e.startswith('jit_update-'))}")
 
 
 def _wait_until_queue_empty(cluster, timeout=60):  # noqa: F811

@@ -44,9 +44,23 @@ def embed(args) -> dict[str, np.ndarray]:
     return out
 
 
+def _own_output(path: str) -> bool:
+    """An earlier hipt-embed .npz: the keys it always writes."""
+    data = np.load(path)
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+        return False
+    with data:
+        return {"features_cls256", "region_shape"} <= set(data.files)
+
+
 def _run(args) -> int:
+    from hipt_jax import outputs
+
     # np.savez appends .npz to a name without it: check the file it will actually write
     flags.check_output_file(args.out if args.out.endswith(".npz") else args.out + ".npz")
+    outputs.check_target(args.out if args.out.endswith(".npz") else args.out + ".npz", writer=PROG,
+                         inputs={"--image": args.image, "--slide": args.slide, "--vit256": args.vit256,
+                                 "--vit4k": args.vit4k}, is_own=_own_output)
     start = time.perf_counter()
     out = embed(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

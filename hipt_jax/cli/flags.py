@@ -22,6 +22,8 @@ Exit codes, the same for every command:
        file that could not be written, e.g. disk full: one line naming it, nothing partial left)
     2  bad usage or bad input (unknown flag, invalid value, missing or unreadable input file,
        bad checkpoint): one line "PROG: error: ..." on stderr, no traceback
+    130 / 143  stopped by Ctrl-C / SIGTERM (preemption): one line, finished outputs kept, the
+       workdir lock released; rerunning the same command continues
 Library exceptions are mapped to these codes in one place, ``run_command``; HIPT_DEBUG=1 in
 the environment re-raises them with their traceback instead.
 """
@@ -37,7 +39,10 @@ EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C: one line, the work so far kept (128 + SIGINT, the shell's convention)
+EXIT_TERMINATED = 143  # SIGTERM (a scheduler's preemption, `kill`): as Ctrl-C (128 + SIGTERM)
 INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, a process still busy in native code (compiling) is ended
+EXIT_TIDY_S = 5.0  # a stopped run's last tidying (finalizers, child processes) before it ends
+CLEANUP_GRACE_S = 120.0  # after a SIGTERM Python has seen: time for its cleanup (finishing a checkpoint)
 
 RANDOM_INIT = ("none", "tiny", "full")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # = hipt_jax.models.precision.COMPUTE_DTYPES
@@ -92,6 +97,36 @@ def print_error(prog: str, error: BaseException | str) -> None:
     print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
 
 
+def _catch_sigterm() -> Callable[[], None]:
+    """Route SIGTERM to hipt_jax.interrupts (raised as Terminated, the Ctrl-C path); returns what
+    puts the previous handling back (nothing to do outside the main thread: no handler there)."""
+    import threading
+
+    from hipt_jax import interrupts
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    return interrupts.install()
+
+
+def _stopped_line(prog: str, terminated: bool) -> str:
+    what = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+    return f"{prog}: {what}; finished outputs are kept, rerun the same command to continue"
+
+
+_RUNNING: list[str] = []  # the commands run_command is inside (the watchdog acts only then)
+
+
+def _still_running_after(seconds: float) -> bool:
+    """Wait up to ``seconds`` for the running command to return; True when it has not."""
+    import time
+
+    end = time.monotonic() + seconds
+    while _RUNNING and time.monotonic() < end:
+        time.sleep(0.05)
+    return bool(_RUNNING)
+
+
 def _interrupt_watchdog(prog: str) -> None:
     """Ctrl-C while the main thread is inside native code (XLA compiling, a long device call)
     reaches Python only when that call returns. CPython's C-level handler writes the signal
@@ -114,12 +149,26 @@ def _interrupt_watchdog(prog: str) -> None:
     def watch() -> None:
         while True:
             data = os.read(read_fd, 64)
-            if not data or signal.SIGINT not in data:
+            if not data or (signal.SIGINT not in data and signal.SIGTERM not in data):
                 continue
-            threading.Event().wait(INTERRUPT_GRACE_S)
-            print(f"{prog}: interrupted (Ctrl-C); finished outputs are kept, rerun the same command "
-                  "to continue", file=sys.stderr, flush=True)
-            os._exit(EXIT_INTERRUPTED)
+            # Only a signal that lands while a command runs is ours to enforce: the process may
+            # be a Python session (a notebook, a test runner) that called a command earlier and
+            # handles its own signals now.
+            if not _RUNNING:
+                continue
+            terminated = signal.SIGTERM in data
+            if not _still_running_after(INTERRUPT_GRACE_S):
+                continue  # the command unwound and returned in time
+            interrupts = sys.modules.get("hipt_jax.interrupts")
+            if terminated and interrupts is not None and interrupts.requested():
+                # Python has it: let the main thread finish its cleanup (a checkpoint in flight)
+                if not _still_running_after(CLEANUP_GRACE_S):
+                    continue
+            lock = sys.modules.get("hipt_jax.workdir_lock")
+            if lock is not None:  # os._exit skips the `finally` that releases it
+                lock.release_held()
+            print(_stopped_line(_RUNNING[-1] if _RUNNING else prog, terminated), file=sys.stderr, flush=True)
+            os._exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
     threading.Thread(target=watch, name="hipt-interrupt-watchdog", daemon=True).start()
 
@@ -175,25 +224,33 @@ def report_devices(prog: str, *, visible: Optional[list[str]] = None) -> str:
     return backend
 
 
-def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = True) -> int:
+def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = True,
+                exit_on_stop: bool = False) -> int:
     """``fn()``'s exit code, with library exceptions mapped to the policy in the docstring, and
-    Ctrl-C (KeyboardInterrupt) to one line and exit code 130. ``devices_at_start``: report the
+    Ctrl-C (KeyboardInterrupt) to one line and exit code 130, SIGTERM (raised as Terminated, the
+    same cleanup) to one line and 143; ``exit_on_stop`` (a command-line run, not a call from
+    Python): the process then ends there (``_end_process``). ``devices_at_start``: report the
     JAX backend and devices first (``report_devices``); commands that start jax.distributed
     pass False and call ``report_devices`` right after starting it. In a multi-process run an
     exception also arms ``_exit_if_peers_hang``."""
-    from hipt_jax import provenance
+    from hipt_jax import interrupts, provenance
 
     _interrupt_watchdog(prog)
+    restore_sigterm = _catch_sigterm()
+    _RUNNING.append(prog)
     _CREATED_DIRS.clear()
     provenance._NEW_RECORDS.clear()
     try:
         if devices_at_start:
             report_devices(prog)
         return fn()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (Ctrl-C); finished outputs are kept, rerun the same command to continue",
-              file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        terminated = isinstance(e, interrupts.Terminated)
+        print(_stopped_line(prog, terminated), file=sys.stderr, flush=True)
+        code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        if exit_on_stop:
+            _end_process(code)
+        return code
     except Exception as e:  # noqa: BLE001 -- narrowed right below, everything else re-raised
         if os.environ.get("HIPT_DEBUG"):
             _exit_if_peers_hang(prog, 1)
@@ -208,6 +265,36 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
             return _exit_if_peers_hang(prog, EXIT_BAD_INPUT)
         _exit_if_peers_hang(prog, 1)
         raise
+    finally:
+        _RUNNING.pop()
+        restore_sigterm()  # in-process callers (tests) get their handling back
+
+
+def _end_process(code: int) -> None:
+    """End a stopped command-line run without the interpreter's teardown. A stop that lands while
+    XLA compiles abandons the compile, which goes on in XLA's threads: the teardown then destroyed
+    the JAX client under it and the process died of SIGSEGV (exit -11, not 130/143). What must
+    happen on a stop already did, in the `finally` blocks the exception ran through (lock
+    released, worker pools and loaders stopped, checkpoint finished); the collection below runs
+    the finalizers that unlink multiprocessing's semaphores, which os._exit would skip."""
+    import gc
+    import threading
+
+    def tidy() -> None:
+        gc.collect()
+        util = sys.modules.get("multiprocessing.util")
+        if util is not None:
+            with contextlib.suppress(Exception):  # private, but what a normal exit runs
+                util._exit_function()
+
+    # Bounded: a finalizer or a child that does not end must not keep a stopped run alive.
+    worker = threading.Thread(target=tidy, name="hipt-exit-tidy", daemon=True)
+    worker.start()
+    worker.join(EXIT_TIDY_S)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 PEER_EXIT_GRACE_S = 30.0  # see _exit_if_peers_hang
@@ -248,7 +335,8 @@ def command(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
     ``run_command``."""
     def main(argv: Optional[list[str]] = None) -> int:
         args = build_parser().parse_args(argv)
-        return run_command(prog, lambda: run(args), devices_at_start=devices_at_start)
+        return run_command(prog, lambda: run(args), devices_at_start=devices_at_start,
+                           exit_on_stop=argv is None)  # argv None: the command line
 
     main.__doc__ = f"{prog}: parse argv (default sys.argv[1:]) and run; returns the exit code."
     return main
@@ -676,6 +764,47 @@ def read_image(path: str):
         raise UsageError(f"{path}: unreadable image ({e})") from None
 
 
+def _plain_image_format(path: str) -> Optional[str]:
+    """"PNG", "JPEG", ... for an image file PIL reads that is not a TIFF (a TIFF may be a damaged
+    slide: slide_io names that case), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+    except Exception:  # noqa: BLE001 -- only used to improve an error message
+        return None
+    return None if fmt in (None, "TIFF") else fmt
+
+
+def open_slide(path: str, *, image_hint: str = "give it as --image (used whole, as the region)"):
+    """data_prep.slide_io.open_slide; a plain image file OpenSlide cannot read (a PNG or JPEG
+    crop) is refused with the flag that takes such files (``image_hint``)."""
+    from data_prep.slide_io import SlideError
+    from data_prep.slide_io import open_slide as open_wsi
+
+    try:
+        return open_wsi(path)
+    except SlideError:
+        fmt = _plain_image_format(path) if os.path.isfile(path) else None
+        if fmt is None:
+            raise
+        raise UsageError(f"{path}: a plain {fmt} image, not a whole-slide format OpenSlide can read; "
+                         f"{image_hint}") from None
+
+
+def _note_outside(path: str, slide, x: int, y: int, read_px: int) -> None:
+    """A region reaching past the slide's edge is padded with white; the model embeds the
+    padding like tissue, so say how much of the region it is."""
+    width, height = slide.dimensions
+    inside = max(0, min(x + read_px, width) - x) * max(0, min(y + read_px, height) - y)
+    outside = 1.0 - inside / float(read_px * read_px)
+    if outside > 0:
+        share = f"{outside:.0%}" if outside >= 0.01 else "<1%"
+        print(f"{path}: note: {share} of the region ({read_px} x {read_px} level-0 px at ({x}, {y})) lies outside "
+              f"the slide ({width} x {height} px) and is white padding", file=sys.stderr)
+
+
 def read_region(args):
     """The region the region-source flags name, as uint8 [H,W,3] (>= 256 px per side)."""
     if bool(args.image) == bool(args.slide):
@@ -687,7 +816,7 @@ def read_region(args):
                              "of --slide; --image is used whole, as the region")
         region = read_image(args.image)
     else:
-        from data_prep.slide_io import open_slide, read_region_at_mpp
+        from data_prep.slide_io import read_region_geometry, region_geometry, resolve_mpp
 
         if args.x is None or args.y is None:
             raise UsageError("--slide needs --x and --y (level-0 top-left of the region)")
@@ -696,8 +825,10 @@ def read_region(args):
         if args.x >= width or args.y >= height:  # it would read nothing but white padding
             raise UsageError(f"{args.slide}: (--x {args.x}, --y {args.y}) is outside the slide "
                              f"({width} x {height} level-0 px)")
-        region = read_region_at_mpp(slide, args.x, args.y, size_px=args.size,
-                                    target_mpp=args.target_mpp, assume_mpp=args.assume_mpp)
+        mpp, _ = resolve_mpp(slide, args.assume_mpp, args.slide)  # as read_region_at_mpp reads it
+        geom = region_geometry(slide, mpp, args.size, args.target_mpp)
+        _note_outside(args.slide, slide, args.x, args.y, geom.read_px)
+        region = read_region_geometry(slide, args.x, args.y, geom)
     if min(region.shape[:2]) < 256:
         raise UsageError(f"{args.image or args.slide}: region is {region.shape[0]}x{region.shape[1]} px; "
                          "a region needs >= 256 px per side")
@@ -733,8 +864,9 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
         if len(rest) > 1:
             print_error(prog, f"unexpected arguments {rest[1:]} (flags are --name=value)")
             sys.exit(EXIT_BAD_INPUT)
-        sys.exit(run_command(prog, body, devices_at_start=devices_at_start))
+        sys.exit(run_command(prog, body, devices_at_start=devices_at_start, exit_on_stop=cli))
 
+    cli = argv is None  # the command line, not a call from Python
     app.run(main, argv=argv, flags_parser=parse)
 
 

@@ -94,8 +94,7 @@ def run_region(args) -> dict:
     from hipt_jax.heatmap.render import write_region_heatmaps
 
     region = flags.read_region(args)
-    name = args.name or (os.path.splitext(os.path.basename(args.image))[0] if args.image
-                         else f"{os.path.splitext(os.path.basename(args.slide))[0]}_x{args.x}_y{args.y}")
+    name = output_name(args, slide_mode=False)
     if args.random_init == "none" and not args.vit256:
         raise flags.UsageError("give --vit256 CHECKPOINT (and usually --vit4k), or --random-init tiny|full")
     model = flags.load_hipt4k(args)
@@ -165,6 +164,7 @@ def _lgp_scores(args, slide):
         raise ValueError(f"{bags.find_bag(args.embeddings, slide_id)}: bag has no region coordinates "
                          "(use an npz or h5 bag)")
     feats, coords = bag["features_cls256"], bag["coords"]
+    check_bag_slide(args.slide, slide, bags.find_bag(args.embeddings, slide_id), args.embeddings, slide_id)
     read_px = _bag_read_px(args, slide, bags.find_bag(args.embeddings, slide_id))
     return coords, lgp_region_attention(args.lgp, feats), read_px
 
@@ -189,6 +189,58 @@ def _bag_read_px(args, slide, bag_path: str) -> float:
     return float(recorded)
 
 
+def _slide_record(bag_path: str, embeddings: str, slide_id: str) -> tuple[dict, str]:
+    """What the bag's records say about the slide it was made from, and where: {"bytes": file
+    size, "dims": (level-0 width, height)} (either may be missing). hipt-extract --slides records
+    the slide file beside the bag (<bag>.source); a bag made from region shards names its shard,
+    and the hipt-prep folder the embeddings manifest names has the slide's record (its status:
+    size and level-0 size); TRIDENT/CLAM coordinates may carry level0_width/level0_height."""
+    import json
+
+    from data_prep import bags, shards
+
+    source = bags.read_source(bag_path) or {}
+    if isinstance(source.get("slide"), dict):
+        return {"bytes": source["slide"].get("bytes")}, bag_path + bags.SOURCE_EXT
+    prep = (shards.read_prep_manifest(embeddings).get("params") or {}).get("shards") if source.get("shard") else None
+    if prep:
+        item = (shards.read_prep_manifest(prep).get("items") or {}).get(slide_id)
+        where = os.path.join(prep, shards.MANIFEST)
+        if not isinstance(item, dict):  # a manifest not yet rebuilt: the slide's own status file
+            where = os.path.join(prep, "status", f"{slide_id}.json")
+            try:
+                with open(where) as f:
+                    item = json.load(f)
+            except (OSError, ValueError):
+                item = None
+        if isinstance(item, dict):
+            dims = (item.get("width"), item.get("height"))
+            return {"bytes": (item.get("source") or {}).get("bytes"),
+                    "dims": dims if None not in dims else None}, where
+    attrs = bags.read_coords_attrs(bag_path)
+    if attrs.get("level0_width") and attrs.get("level0_height"):
+        return {"dims": (attrs["level0_width"], attrs["level0_height"])}, bag_path
+    return {}, ""
+
+
+def check_bag_slide(slide_path: str, slide, bag_path: str, embeddings: str, slide_id: str) -> None:
+    """The bag is found by the slide's file name alone: another slide of the same name (a
+    re-scan, another cohort's file) got this bag's scores painted on it with exit 0. ValueError
+    naming both when the slide differs from what the bag's records say about its own slide
+    (file size, level-0 size); nothing to compare when nothing was recorded."""
+    recorded, where = _slide_record(bag_path, embeddings, slide_id)
+    differences = []
+    size = os.path.getsize(slide_path) if os.path.isfile(slide_path) else None
+    if recorded.get("bytes") is not None and size is not None and int(recorded["bytes"]) != size:
+        differences.append(f"{int(recorded['bytes']):,} bytes when extracted, {size:,} now")
+    if recorded.get("dims") and tuple(int(v) for v in recorded["dims"]) != tuple(slide.dimensions):
+        w, h = (int(v) for v in recorded["dims"])
+        differences.append(f"level 0 {w} x {h} px when extracted, {slide.dimensions[0]} x {slide.dimensions[1]} now")
+    if differences:
+        raise ValueError(f"{slide_path}: is not the slide {bag_path} was made from ({'; '.join(differences)}; "
+                         f"recorded in {where}): give the slide the bag was extracted from")
+
+
 def _vitwsi_scores(args, slide):
     """Stage-3 CLS attention over this slide's regions (hipt_jax.wsi.wsi_attention)."""
     from data_prep import bags
@@ -201,18 +253,19 @@ def _vitwsi_scores(args, slide):
     bag = bags.find_bag(args.embeddings, slide_id)
     if bag is None:
         raise ValueError(f"{args.embeddings}: slide {slide_id!r} was not extracted")
+    check_bag_slide(args.slide, slide, bag, args.embeddings, slide_id)
     coords, scores = wsi_attention(bag, None if args.vitwsi == "stored" else args.vitwsi)
     return coords, scores, _bag_read_px(args, slide, bag)
 
 
 def run_slide(args) -> dict:
-    from data_prep import slide_io
     from hipt_jax.heatmap.render import save_png
     from hipt_jax.heatmap.slide import slide_attention_map
 
     if not args.slide:
         raise ValueError("slide mode needs --slide (the picture the scores are painted on)")
-    slide = slide_io.open_slide(args.slide)
+    slide = flags.open_slide(args.slide, image_hint="slide mode paints on a whole-slide image (a region image "
+                                                    "goes to region mode: --image with region weights)")
     if args.lgp:
         coords, region_scores, region_px = _lgp_scores(args, slide)
     elif args.vitwsi:
@@ -224,7 +277,7 @@ def run_slide(args) -> dict:
     picture, _ = slide_attention_map(thumb, downsample, coords, region_px, region_scores,
                                      alpha=args.alpha, cmap=args.cmap)
     os.makedirs(args.out, exist_ok=True)
-    name = args.name or os.path.splitext(os.path.basename(args.slide))[0]
+    name = output_name(args, slide_mode=True)
     path = save_png(os.path.join(args.out, f"{name}_slide_attention.png"), picture)
     scores_path = _save_region_scores(os.path.join(args.out, f"{name}_region_scores.npz"), coords,
                                       region_scores, region_px)
@@ -249,6 +302,62 @@ def _save_region_scores(path: str, coords, scores, region_px: float) -> str:
     return path
 
 
+# What a run writes into --out, as patterns of its --name (hipt_jax.heatmap.render, run_slide).
+REGION_OUTPUTS = ("{name}_region.png", "{name}_256_head*.png", "{name}_4k_head*.png", "{name}_blend_4k*_256*.png",
+                  "{name}_contact_sheet.png", "{name}_scores.npz")
+SLIDE_OUTPUTS = ("{name}_slide_attention.png", "{name}_region_scores.npz")
+LISTING = "heatmap_outputs.json"
+
+
+def output_name(args, *, slide_mode: bool) -> str:
+    """--name, else from the input: the image's stem, the slide's (slide mode), or the slide's
+    with the region's position."""
+    if args.name:
+        return args.name
+    if args.image and not slide_mode:
+        return os.path.splitext(os.path.basename(args.image))[0]
+    stem = os.path.splitext(os.path.basename(args.slide or ""))[0]
+    return stem if slide_mode else f"{stem}_x{args.x}_y{args.y}"
+
+
+def _own_listing(path: str) -> bool:
+    """An earlier heatmap_outputs.json: kinds of maps -> lists of paths."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return isinstance(data, dict) and all(isinstance(v, list) and all(isinstance(p, str) for p in v)
+                                          for v in data.values())
+
+
+def check_targets(args, *, slide_mode: bool) -> None:
+    """Before any work: no file this run writes (or removes as an earlier run's stale map) may be
+    one of its inputs (an image in the --out folder named like a map of this --name: the region
+    copy replaced the input image, exit 0), nor sit in a folder another command manages
+    (hipt_jax.outputs.check_target)."""
+    import fnmatch
+    import glob
+
+    from hipt_jax import outputs
+
+    name = output_name(args, slide_mode=slide_mode)
+    templates = SLIDE_OUTPUTS if slide_mode else REGION_OUTPUTS
+    patterns = [t.format(name=glob.escape(name)) for t in templates] + [LISTING]
+    inputs = {"--image": args.image, "--slide": args.slide, "--region-scores": args.region_scores,
+              "--vit256": args.vit256, "--vit4k": args.vit4k, "--lgp": args.lgp}
+    out = os.path.realpath(args.out)
+    for flag, given in inputs.items():
+        if given and os.path.realpath(os.path.dirname(os.path.abspath(given))) == out and \
+                any(fnmatch.fnmatchcase(os.path.basename(given), p) for p in patterns):
+            raise flags.UsageError(f"{given}: is an input ({flag}) and this run writes a file of that name in "
+                                   f"{args.out}; choose another --out or --name")
+    outputs.check_target(os.path.join(args.out, LISTING), writer=PROG, inputs=inputs, is_own=_own_listing)
+    for template in templates:
+        if "*" not in template:  # earlier maps of this --name are this command's own: replaced as before
+            outputs.check_target(os.path.join(args.out, template.format(name=name)), writer=PROG, inputs=inputs,
+                                 is_own=lambda path: True, bag_folders=[args.embeddings])
+
+
 def check_mode(args) -> None:
     """One map per run: slide mode takes one source of region scores and no region weights or
     region position (they were ignored with exit 0). UsageError naming the conflict."""
@@ -269,7 +378,9 @@ def check_mode(args) -> None:
 def _run(args) -> int:
     check_mode(args)
     flags.check_output_dir(args.out)
-    written = run_slide(args) if (args.region_scores or args.lgp or args.vitwsi) else run_region(args)
+    slide_mode = bool(args.region_scores or args.lgp or args.vitwsi)
+    check_targets(args, slide_mode=slide_mode)
+    written = run_slide(args) if slide_mode else run_region(args)
     from hipt_jax.outputs import write_json
 
     write_json(os.path.join(args.out, "heatmap_outputs.json"), written, indent=1)

@@ -51,6 +51,7 @@ def build_parser() -> flags.Parser:
                         "--vitwsi), a comma list, or all (all but wsi)")
     p.add_argument("--plot", action="store_true",
                    help="embedding map (t-SNE/UMAP) and confusion matrices next to --out")
+    flags.add_progress_flag(p)
     return p
 
 
@@ -81,11 +82,44 @@ def _names(text: str) -> list[str]:
 
 
 def _run(args) -> int:
+    flags.check_output_file(args.out or os.path.join(args.embeddings, "knn_results.json"))
+    _check_targets(args)
+    with flags.progress(not args.no_progress):
+        return _evaluate(args)
+
+
+def _own_results(path: str) -> bool:
+    """An earlier hipt-knn results file: its "written_by", or (files written before that field)
+    the keys only hipt-knn's results have together."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return isinstance(data, dict) and (data.get("written_by") == PROG
+                                       or {"folds_source", "missing_slides", "embedding"} <= set(data))
+
+
+def _check_targets(args) -> None:
+    """--out (and the --save-splits folder) must not replace the labels, a split file, another
+    command's files or anything hipt-knn did not write (hipt_jax.outputs.check_target)."""
+    import glob
+
+    from hipt_jax import outputs
+
+    split_files = (glob.glob(os.path.join(glob.escape(args.splits), "splits_*.csv"))
+                   if os.path.isdir(args.splits) else [])
+    outputs.check_target(args.out or os.path.join(args.embeddings, "knn_results.json"), writer=PROG,
+                         inputs={"--labels": args.labels, "--splits": split_files}, is_own=_own_results,
+                         bag_folders=[args.embeddings])
+    if args.save_splits:  # the files are compared once the folds are known (knn_eval.save_clam_splits)
+        outputs.check_outside_managed(os.path.join(args.save_splits, "splits_0.csv"))
+
+
+def _evaluate(args) -> int:
     from hipt_jax.evaluation import knn_eval
     from hipt_jax.evaluation.knn_eval import format_table, run
     from hipt_jax.outputs import write_json
 
-    flags.check_output_file(args.out or os.path.join(args.embeddings, "knn_results.json"))
     results = {name: run(args.embeddings, args.labels, args.splits, seed=args.seed, k_paper=args.k,
                          k_dino=args.k_dino, temperature=args.temperature, fit_on=args.fit_on,
                          label_column=args.label_column, classes=args.classes, label_frac=args.label_frac,
@@ -109,6 +143,7 @@ def _run(args) -> int:
     if len(results) > 1:
         result["baselines"] = results
         result["baseline_table"] = table
+    result["written_by"] = PROG  # tells a rerun's --out check this file is hipt-knn's own
     write_json(out, result, indent=1)
     if result.get("unlabelled_slides"):
         print(f"{PROG}: {len(result['unlabelled_slides'])} slide(s) in {args.embeddings} have no row in "
@@ -121,6 +156,8 @@ def _run(args) -> int:
     if result["skipped_split_ids"]:
         ids = result["skipped_split_ids"]
         print(f"{PROG}: {len(ids)} split id(s) not in the labels CSV (skipped): {ids[:10]}", file=sys.stderr)
+    for warning in result["fold_warnings"]:  # the same folds for every embedding: said once
+        print(f"{PROG}: {warning}", file=sys.stderr)
     if result["leaky_patients"]:
         n = sum(len(v) for v in result["leaky_patients"].values())
         print(f"{PROG}: WARNING: {n} patient(s) appear in two parts of a fold (--allow-leaky-splits; "

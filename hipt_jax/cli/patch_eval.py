@@ -46,14 +46,37 @@ def build_parser() -> flags.Parser:
     return p
 
 
+def _own_json(path: str) -> bool:
+    """An earlier patch_eval.json: its "written_by", or (before that field) the keys it records."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return isinstance(data, dict) and (data.get("written_by") == PROG
+                                       or {"tiles", "norm", "label_fraction"} <= set(data))
+
+
+def _check_targets(args) -> None:
+    """OUT/patch_eval.json and .md replace only an earlier run's, and never sit inside a folder
+    another command manages (hipt_jax.outputs.check_target)."""
+    from hipt_jax import outputs
+
+    inputs = {"--tiles": args.tiles, "--vit256": args.vit256}
+    json_path = os.path.join(args.out, "patch_eval.json")
+    outputs.check_target(json_path, writer=PROG, inputs=inputs, is_own=_own_json)
+    # the table is the JSON's companion: ours when the JSON beside it is
+    outputs.check_target(os.path.join(args.out, "patch_eval.md"), writer=PROG, inputs=inputs,
+                         is_own=lambda path: os.path.isfile(json_path) and _own_json(json_path))
+
+
 def _run(args) -> int:
     from hipt_jax.evaluation import patch_eval
     from hipt_jax.evaluation.patch_features import cached_features
     from hipt_jax.evaluation.tiles import read_tiles
+    from hipt_jax.outputs import write_json, write_text
 
     flags.check_output_dir(args.out)
     if args.cache:
         flags.check_output_dir(args.cache)
+    _check_targets(args)
     tiles = read_tiles(args.tiles, test_fraction=args.test_fraction, seed=args.seed,
                        label_fraction=args.label_fraction)
     if args.vit256 and not os.path.exists(args.vit256):
@@ -71,10 +94,9 @@ def _run(args) -> int:
     table = patch_eval.format_table(result)
     if args.plot:
         result["plots"] = patch_eval.write_plots(result, feats, tiles.labels, tiles.splits, args.out, args.seed)
-    with open(os.path.join(args.out, "patch_eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "patch_eval.md"), "w") as f:
-        f.write(table + "\n")
+    result["written_by"] = PROG  # tells a rerun's output check this file is hipt-patch-eval's own
+    write_json(os.path.join(args.out, "patch_eval.json"), result, indent=1)
+    write_text(os.path.join(args.out, "patch_eval.md"), table + "\n")
     print(table)
     print(f"-> {os.path.join(args.out, 'patch_eval.json')}"
           f"{' (features from cache)' if info['cache_hit'] else ''}")

@@ -9,6 +9,7 @@ on stderr, left out of the CSV), 2 bad usage or input.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from hipt_jax.cli import flags
@@ -31,12 +32,54 @@ def _run(args) -> int:
     from hipt_jax.finetune.predict import predict_run
 
     flags.check_output_file(args.out)
+    _check_targets(args)
     logging.set_verbosity(logging.WARNING)
     with flags.progress(not args.no_progress):
         result = predict_run(args.run, args.embeddings, args.out, show_progress=not args.no_progress)
     print(f"{result['n_slides']} slide(s) x {result['folds']} fold(s) -> {result['out']} "
           f"(attention: {result['attention_dir']})")
     return flags.report_failed(PROG, result["failed_slides"])
+
+
+def _own_csv(path: str) -> bool:
+    """An earlier hipt-predict CSV: slide_id, then fold/ensemble columns only."""
+    import csv
+
+    from hipt_jax.finetune.predict import SEEN_COLUMN
+
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return header[:1] == ["slide_id"] and all(h.startswith(("fold", "ensemble_")) or h == SEEN_COLUMN
+                                              for h in header[1:])
+
+
+def _own_attention_dir(path: str) -> bool:
+    """An earlier OUT_attention/ folder: .npz maps only, at least one of them hipt-predict's. Its
+    stale maps are deleted on every run, so a folder of anything else must not be taken."""
+    import numpy as np
+
+    names = [n for n in os.listdir(path) if not n.startswith(".") and ".tmp-" not in n]
+    if not all(n.endswith(".npz") and os.path.isfile(os.path.join(path, n)) for n in names):
+        return False
+    for name in names:
+        try:
+            with np.load(os.path.join(path, name)) as data:
+                if "attention_mean" in data.files:
+                    return True
+        except (OSError, ValueError, EOFError):
+            continue  # an empty or damaged map: the run replaces or removes it
+    return not names
+
+
+def _check_targets(args) -> None:
+    """Neither the CSV nor its attention folder may replace an input, another command's files
+    or anything hipt-predict did not write (hipt_jax.outputs.check_target)."""
+    from hipt_jax import outputs
+
+    inputs = {"--run": args.run, "--embeddings": args.embeddings}
+    outputs.check_target(args.out, writer=PROG, inputs=inputs, is_own=_own_csv, bag_folders=[args.embeddings])
+    outputs.check_target(os.path.splitext(args.out)[0] + "_attention", writer=PROG, inputs=inputs,
+                         is_own=_own_attention_dir, bag_folders=[args.embeddings])
 
 
 main = flags.command(PROG, build_parser, _run)

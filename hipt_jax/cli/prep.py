@@ -269,7 +269,8 @@ def main(argv=None) -> int:
     if extra and (runner == "pool" or args.command in ("features", "tfds")):
         ap.error(f"unrecognized arguments: {' '.join(extra)} (only Beam runners take extra flags)")
     with flags.progress(not getattr(args, "no_progress", False)):
-        return flags.run_command(f"hipt-prep {args.command}", lambda: _run(args, extra))
+        return flags.run_command(f"hipt-prep {args.command}", lambda: _run(args, extra),
+                                 exit_on_stop=argv is None)  # argv None: the command line
 
 
 def _run(args, extra) -> int:

@@ -39,14 +39,42 @@ CONFIG_RANGES = {
 }
 
 
+def _own_report(path: str) -> bool:
+    """An earlier --config.json report: its "written_by", or (before that field) its keys."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return isinstance(data, dict) and (data.get("written_by") == PROG
+                                       or {"backend", "device_kind", "rows"} <= set(data))
+
+
+def _own_plan(path: str) -> bool:
+    """An earlier --plan_json: a list of plan rows (hipt_jax.memory_plan.plan_section)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return isinstance(data, list) and all(isinstance(r, dict) and {"name", "hbm"} <= set(r) for r in data)
+
+
+def _config_file() -> Optional[str]:
+    """The --config file (without its :ARG): an input, never to be written over."""
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    spec = config_flags.get_config_filename(absl_flags.FLAGS["config"]) or ""
+    return spec.partition(":")[0] or None  # FILE:ARG names FILE
+
+
 def _run_plan() -> int:
     from absl import flags as absl_flags
 
-    from hipt_jax import memory_plan
+    from hipt_jax import memory_plan, outputs
+    from hipt_jax.outputs import write_json
 
     f = absl_flags.FLAGS
     if f.devices < 1:
         raise flags.UsageError("--plan needs --devices N (N >= 1)")
+    if f.plan_json:
+        flags.check_output_file(f.plan_json)
+        outputs.check_target(f.plan_json, writer=PROG, is_own=_own_plan)
     try:
         hbms = [memory_plan.parse_bytes(h) for h in f.hbm]
     except ValueError as e:
@@ -57,8 +85,7 @@ def _run_plan() -> int:
     print("(XLA:CPU buffer assignment of the SPMD program, per device: an estimate of an "
           "accelerator's; params/optimizer/inputs are exact)")
     if f.plan_json:
-        with open(f.plan_json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_json(f.plan_json, rows, indent=1)
         print(f"wrote {f.plan_json}")
     return flags.EXIT_OK
 
@@ -75,7 +102,8 @@ def _run() -> int:
     import jax
     from absl import flags as absl_flags
 
-    from hipt_jax import distributed
+    from hipt_jax import distributed, outputs
+    from hipt_jax.outputs import write_json
     from hipt_jax.profiler import format_table, run_profile
 
     if absl_flags.FLAGS.plan:
@@ -88,6 +116,8 @@ def _run() -> int:
     for path in (cfg.json and os.path.dirname(os.path.abspath(cfg.json)), cfg.trace_dir):
         if path:
             flags.check_output_dir(path)
+    if cfg.json:
+        outputs.check_target(cfg.json, writer=PROG, inputs={"--config": _config_file()}, is_own=_own_report)
     distributed.initialize()
     flags.report_devices(PROG)
     cfg.dtype = flags.compute_dtype_name(cfg.dtype)  # auto -> this backend's dtype
@@ -96,8 +126,8 @@ def _run() -> int:
         print(format_table(report), flush=True)
         if cfg.json:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-            with open(cfg.json, "w") as f:
-                json.dump(report, f, indent=1)
+            # "written_by" tells a rerun's output check the file is hipt-profile's own
+            write_json(cfg.json, dict(report, written_by=PROG), indent=1)
             print(f"wrote {cfg.json}")
         if cfg.trace_dir:
             print(f"traces in {cfg.trace_dir} (tensorboard --logdir {cfg.trace_dir})")

@@ -5,7 +5,9 @@ Labels CSV (the official HIPT / CLAM / MCAT dataset CSVs as they are; extra colu
     slide_id[,case_id][,<label column>][,survival_months,censorship]
 - ``slide_id`` is a NAME, never a path: ids with a path separator, ``.``/``..`` or that
   would resolve outside the embeddings folder are refused naming the CSV row. A slide-file
-  extension (.svs, .tif, .ndpi, ...) is stripped, so ids match the embedding files by stem.
+  extension (.svs, .tif, .ndpi, ...) is stripped and the rest mapped as hipt-prep names slide
+  files (data_prep.shards.safe_slide_id: NFC, 'my slide' -> 'my_slide'), so ids match the
+  embedding files by stem.
   Duplicates are detected after that normalization (and case-folded on a case-insensitive
   filesystem).
 - The label comes from ``label_column`` (default ``label``; e.g. ``oncotree_code``). Classes
@@ -13,8 +15,12 @@ Labels CSV (the official HIPT / CLAM / MCAT dataset CSVs as they are; extra colu
   classes, not 0..2). ``classes`` selects and orders classes: rows of other classes are
   dropped and counted (``Cohort.dropped``). At least 2 classes are required.
 - Survival: ``survival_months`` finite and >= 0, ``censorship`` 0/1 (CLAM/MCAT convention:
-  1 = censored, no event observed). ``case_id`` groups the slides of one patient.
-- Read as UTF-8 (a BOM is tolerated); other encodings fail naming the file.
+  1 = censored, no event observed). ``case_id`` groups the slides of one patient: every used
+  row needs one, written one way (letter case included). Without that column, slide ids that
+  are all TCGA barcodes give their patient (the first 12 characters); otherwise patients are
+  unknown, and the fold plan carries a warning saying leaks cannot be seen.
+- Read as UTF-8 (a BOM is tolerated); other encodings fail naming the file. A header with ';'
+  or a tab and no comma sets the separator.
 
 Splits (``spec``):
 - a folder of ``splits_{i}.csv``: CLAM/HIPT subtyping files (columns train,val,test) or
@@ -54,6 +60,11 @@ class CohortError(ValueError):
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu",
                     ".svslide", ".czi", ".dcm", ".isyntax", ".qptiff", ".npz", ".h5", ".pt")
 PARTS = ("train", "val", "test")
+PATIENTS_FROM_COLUMN = "grouped by case_id"
+PATIENTS_FROM_TCGA = "patients from TCGA barcodes"
+# A TCGA slide barcode starts with its patient's: TCGA-<site>-<participant>-<sample type>...
+TCGA_SLIDE = re.compile(r"(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-[0-9]{2}", re.IGNORECASE)
+TCGA_CASE = re.compile(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -61,11 +72,12 @@ class Cohort:
     slide_ids: list[str]
     labels: np.ndarray                 # int [N] class index (-1 when only survival is given)
     class_names: list[str]
-    case_ids: list[str]                # = slide_ids when the CSV has no case_id column
+    case_ids: list[str]                # = slide_ids when the patients are unknown
     times: Optional[np.ndarray] = None     # survival_months [N] float
     censored: Optional[np.ndarray] = None  # bool [N], True = censored
     path: str = ""
-    has_case_ids: bool = False         # the CSV has a (non-empty) case_id column
+    has_case_ids: bool = False         # the patient of every slide is known (see patients_from)
+    patients_from: str = ""            # PATIENTS_FROM_COLUMN, PATIENTS_FROM_TCGA or "" (unknown)
     dropped: dict = dataclasses.field(default_factory=dict)  # class -> rows dropped by `classes`
     dropped_ids: set = dataclasses.field(default_factory=set)  # slide and case ids of those rows
 
@@ -91,7 +103,11 @@ def read_csv_rows(path: str, what: str = "CSV") -> list[dict[str, str]]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise CohortError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # Spreadsheets in locales with a decimal comma save "CSV" with ';' (or tabs): a header
+    # without a comma but with one of those is read with it rather than as one column.
+    header = text.lstrip("\r\n").split("\n", 1)[0]
+    delimiter = next((d for d in (";", "\t") if "," not in header and d in header), ",")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows = list(reader)
     while rows and not any(isinstance(v, str) and v.strip() for v in rows[-1].values()):
         rows.pop()  # trailing ",,," rows a spreadsheet leaves after its last line
@@ -112,15 +128,30 @@ def strip_extension(name: str) -> str:
 
 
 def normalize_id(raw: str, where: str) -> str:
-    """A slide or case id as a file-name stem; ``where`` ("FILE: row N") names the row when the
-    id is empty or looks like a path."""
+    """A slide or case id as the file-name stem hipt-prep gives that slide (extension stripped,
+    then data_prep.shards.safe_slide_id: NFC, 'my slide' -> 'my_slide'), so a row written as
+    the slide file is named meets the bag made from it; ``where`` ("FILE: row N") names the
+    row when the id is empty or looks like a path."""
+    from data_prep.shards import safe_slide_id
+
     name = (raw or "").strip()
     if not name:
         raise CohortError(f"{where}: empty id")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):  # NUL bytes: a binary or damaged file
+        raise CohortError(f"{where}: id {name!r} contains control characters; ids must be plain slide names")
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if any(s in name for s in seps) or name in (".", "..") or "\0" in name:
+    if any(s in name for s in seps) or name in (".", ".."):
         raise CohortError(f"{where}: id {name!r} is a path; ids must be plain slide names")
-    return strip_extension(name)
+    return safe_slide_id(strip_extension(name))
+
+
+def case_ids_as_slide_ids_hint(slide_ids: Sequence[str]) -> str:
+    """The end of a "none of the labelled slides were found" error when the slide_id column
+    holds TCGA patient ids (TCGA-XX-XXXX), which no slide file is named after."""
+    if slide_ids and all(TCGA_CASE.fullmatch(s) for s in slide_ids):
+        return ("; the slide_id values look like TCGA case (patient) ids, TCGA-XX-XXXX: slide_id must name "
+                "the slide files (TCGA-XX-XXXX-01Z-00-DX1...), with the patient in a case_id column")
+    return ""
 
 
 def _case_insensitive(folder: str) -> bool:
@@ -162,11 +193,21 @@ def bag_file(embeddings: str, slide_id: str, where: str = "") -> Optional[str]:
 
     folder = os.path.join(embeddings, bags.SLIDES)
     folder = folder if os.path.isdir(folder) else embeddings
-    for fmt in bags.FORMATS.values():
-        path = resolve_in_folder(folder, slide_id, fmt.ext, where)
-        if os.path.isfile(path):
-            return path
-    return None
+    found = [p for p in (resolve_in_folder(folder, slide_id, fmt.ext, where) for fmt in bags.FORMATS.values())
+             if os.path.isfile(p)]
+    if len(found) > 1:
+        raise CohortError(str(bags.two_formats_error(slide_id, found)))
+    if not found:  # a bag named after its slide file ("my slide.h5" is slide my_slide)
+        try:
+            renamed = bags.find_bag(embeddings, normalize_id(slide_id, where or folder))
+        except bags.BagError as e:
+            raise CohortError(str(e)) from None
+        if renamed is not None:
+            root = os.path.realpath(folder)
+            if os.path.commonpath([root, os.path.realpath(renamed)]) != root:
+                raise CohortError(f"{where or folder}: id {slide_id!r} resolves outside {folder}")
+            found = [renamed]
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------------------------- labels CSV
@@ -233,14 +274,16 @@ def _survival(rows, path: str, lines: list[int]) -> tuple[np.ndarray, np.ndarray
     return np.array(times, np.float64), np.array(censored, bool)
 
 
-def _check_one_outcome_per_case(path: str, cases: list[str], times, censored, lines: list[int]) -> None:
+def _check_one_outcome_per_case(path: str, cases: list[str], times, censored, lines: list[int],
+                                source: str = PATIENTS_FROM_COLUMN) -> None:
     """A patient's slides share one survival outcome; rows that disagree are an error (which
     row to believe is the user's call), named with their line numbers."""
     first: dict[str, tuple] = {}
     for case, t, c, n in zip(cases, times, censored, lines):
         seen = first.setdefault(case, (float(t), bool(c), n))
         if (seen[0], seen[1]) != (float(t), bool(c)):
-            raise CohortError(f"{path}: case {case!r} has survival {seen[0]:g}/censored={int(seen[1])} on row "
+            what = "case" if source == PATIENTS_FROM_COLUMN else f"patient ({source})"
+            raise CohortError(f"{path}: {what} {case!r} has survival {seen[0]:g}/censored={int(seen[1])} on row "
                               f"{seen[2]} but {float(t):g}/censored={int(c)} on row {n}; one outcome per patient")
 
 
@@ -259,9 +302,16 @@ def read_labels_csv(path: str, require_survival: bool = False, label_column: str
         raise CohortError(f"{path}: missing column(s) {sorted(need - cols)}; has {sorted(cols)}")
     lines = list(range(2, len(rows) + 2))  # CSV line of each row (header = line 1)
     ids = [normalize_id(r["slide_id"], f"{path}: row {n}") for r, n in zip(rows, lines)]
-    has_cases = "case_id" in cols and any((r.get("case_id") or "").strip() for r in rows)
-    cases = [normalize_id(r["case_id"], f"{path}: row {n}") if (r.get("case_id") or "").strip() else s
-             for r, n, s in zip(rows, lines, ids)]
+    case_cells = [(r.get("case_id") or "").strip() for r in rows]
+    has_cases = "case_id" in cols and any(not is_missing(c) for c in case_cells)
+    cases = [normalize_id(c, f"{path}: row {n}") if has_cases and not is_missing(c) else s
+             for c, n, s in zip(case_cells, lines, ids)]
+    patients_from = PATIENTS_FROM_COLUMN if has_cases else ""
+    if not has_cases and all(TCGA_SLIDE.match(s) for s in ids):
+        # TCGA slide names carry their patient: grouping by it keeps DX1 and DX2 of one
+        # patient in one part of a fold (the labels need no case_id column for that).
+        cases = [TCGA_SLIDE.match(s).group(1).upper() for s in ids]
+        patients_from = PATIENTS_FROM_TCGA
     insensitive = _case_insensitive(os.path.dirname(os.path.abspath(path))) \
         if case_insensitive is None else case_insensitive
     seen: dict[str, int] = {}
@@ -308,9 +358,11 @@ def read_labels_csv(path: str, require_survival: bool = False, label_column: str
             if require_survival:
                 raise
             times = censored = None  # a classification run ignores unusable survival columns
-    if times is not None and has_cases:
+    if has_cases:
+        _check_case_cells(path, case_cells, cases, lines, keep)
+    if times is not None and patients_from:
         _check_one_outcome_per_case(path, [cases[i] for i in np.flatnonzero(keep)], times, censored,
-                                    [n for n, k in zip(lines, keep) if k])
+                                    [n for n, k in zip(lines, keep) if k], patients_from)
     if class_names and not classes:
         folded: dict[str, list[str]] = {}
         for name in class_names:
@@ -322,8 +374,27 @@ def read_labels_csv(path: str, require_survival: bool = False, label_column: str
     dropped_ids = {x for i, s, c in zip(range(len(ids)), ids, cases) if not keep[i] for x in (s, c)}
     sel = np.flatnonzero(keep)
     return Cohort([ids[i] for i in sel], labels[sel], class_names, [cases[i] for i in sel],
-                  times, censored, path=path, has_case_ids=has_cases, dropped=dropped,
-                  dropped_ids=dropped_ids - {cases[i] for i in sel})
+                  times, censored, path=path, has_case_ids=bool(patients_from), patients_from=patients_from,
+                  dropped=dropped, dropped_ids=dropped_ids - {cases[i] for i in sel})
+
+
+def _check_case_cells(path: str, cells: list[str], cases: list[str], lines: list[int], keep) -> None:
+    """Every used row of a case_id column names its patient, one way. An empty cell would make
+    its slide a patient of its own, and 'TCGA-A1-A0SB' beside 'tcga-a1-a0sb' two patients,
+    while the folds are announced as patient-level: one patient could sit in train and test."""
+    empty = [n for c, n, k in zip(cells, lines, keep) if k and is_missing(c)]
+    if empty:
+        raise CohortError(f"{path}: row(s) {', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''}: "
+                          f"empty 'case_id' ({len(empty)} such row(s)); give every slide its patient, or "
+                          "remove the case_id column (slide-level folds)")
+    first: dict[str, tuple[str, str, int]] = {}  # folded id -> (id, cell, row)
+    for c, case, n, k in zip(cells, cases, lines, keep):
+        if not k:
+            continue
+        seen = first.setdefault(case.casefold(), (case, c, n))
+        if seen[0] != case:
+            raise CohortError(f"{path}: column 'case_id' has {seen[1]!r} (row {seen[2]}) and {c!r} (row {n}): "
+                              "one patient written two ways would be two patients; write it one way")
 
 
 # ---------------------------------------------------------------------------------- split files
@@ -499,10 +570,19 @@ class FoldPlan:
     skipped_ids: list[str]             # split-file ids absent from the cohort (listed once)
     source: str                        # the spec
     leaky_patients: dict = dataclasses.field(default_factory=dict)  # fold -> patients (allow_leaks)
+    patients_from: str = ""            # Cohort.patients_from: how patients were known ("" = unknown)
+    warnings: list = dataclasses.field(default_factory=list)  # for the caller to print once and record
 
     def describe(self) -> str:
         kind = "generated" if parse_kfold(self.source) else f"from {self.source}"
-        grp = ", patient-level (grouped by case_id)" if self.grouped else ""
+        if not self.patients_from:
+            grp = ", slide-level (patients unknown: no case_id)"
+        elif parse_kfold(self.source):
+            grp = f", patient-level ({self.patients_from})"
+        else:
+            grp = f", checked for patients in two parts ({self.patients_from})"
+        if self.leaky_patients:
+            grp += f", {sum(map(len, self.leaky_patients.values()))} patient(s) in two parts (allowed)"
         return f"{len(self.folds)} folds {kind}{grp}"
 
 
@@ -600,12 +680,13 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
     skipped: dict[str, None] = {}
     grouped = False
     leaks: dict = {}
+    warnings = []
     if kf:
         grouped = coh.has_case_ids and unit == "slide"
         if not coh.has_case_ids:
-            print(f"{coh.path or 'labels'}: no case_id column, so the generated folds are slide-level: "
-                  f"one patient's slides can land in both train and test (add case_id to keep them "
-                  "together)", file=sys.stderr)
+            warnings.append(f"{coh.path or 'labels'}: no case_id column, so the generated folds are slide-level: "
+                            f"one patient's slides can land in both train and test (add case_id to keep them "
+                            "together)")
         groups = [case_of_item[i] for i in items] if grouped else None
         try:
             folds = stratified_kfold(items, strata, kf[0], seed, groups)
@@ -626,6 +707,10 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
         folds = [{p: _split_to_items(f[p], coh, item_set, unit, insensitive, skipped) for p in PARTS}
                  for f in raw]
         where = os.path.join(spec, "splits_{k}.csv")
+        if not coh.has_case_ids:  # the same caveat as generated folds without patients
+            warnings.append(f"{coh.path or 'labels'}: no case_id column (and the slide ids are not TCGA "
+                            f"barcodes), so {spec} cannot be checked for one patient's slides in both "
+                            "train and test (add case_id to check)")
         if allow_leaks:  # (without the opt-in the patient check below refuses it too)
             _check_no_item_in_two_parts(folds, where)  # not even --allow-leaky-splits takes this
             leaks = patient_leaks(folds, case_of_item)
@@ -637,7 +722,23 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
                 hint = ("; its cells are True/False: a CLAM boolean split (splits_{i}_bool.csv) lists "
                         "slides in its first column, use the splits_{i}.csv of ids" if ids and
                         ids <= {"true", "false", "1", "0"} else "")
+                if not hint:
+                    _refuse_unknown_part_ids(where.format(k=k), raw[k], f, skipped, coh)
                 raise CohortError(f"{where.format(k=k)}: no extracted item in its train or test part{hint}")
     if label_frac != 1.0:
         folds = apply_label_frac(folds, label_frac, case_of_item, stratum_of, seed)
-    return FoldPlan(folds, unit, grouped, list(skipped), spec, leaks)
+    return FoldPlan(folds, unit, grouped, list(skipped), spec, leaks, coh.patients_from, warnings)
+
+
+def _refuse_unknown_part_ids(where: str, raw: dict, fold: dict, unknown: dict, coh: Cohort) -> None:
+    """An empty train or test part whose ids are all absent from the labels: the split file and
+    the labels name different things (often patient ids against slide ids), which "no extracted
+    item" would hide."""
+    for part in ("train", "test"):
+        ids = raw[part]
+        if not fold[part] and ids and all(x in unknown for x in ids):
+            what = "slide or case ids" if coh.has_case_ids else "slide ids"
+            hint = ("" if coh.has_case_ids else
+                    "; if they are patient (case) ids, the labels need a case_id column naming each slide's patient")
+            raise CohortError(f"{where}: none of the {len(ids)} id(s) of its {part} part (e.g. {ids[0]!r}) are "
+                              f"{what} of {coh.path or 'the labels'}{hint}")

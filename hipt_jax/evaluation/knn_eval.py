@@ -100,6 +100,30 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def save_clam_splits(folds: list[dict], directory: str) -> list[str]:
+    """The folds as CLAM split files DIRECTORY/splits_{i}.csv (cohort.write_clam_splits), written
+    only when the folder holds no other set: split files with other content (a published set, or
+    more folds than these) would be replaced or read together with these as one set."""
+    import os
+    import tempfile
+
+    from hipt_jax.outputs import write_file_set
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for path in cohort_lib.write_clam_splits(folds, tmp):
+            with open(path, "rb") as f:
+                files[os.path.basename(path)] = f.read()
+    return write_file_set(directory, files, family=r"splits_\d+\.csv")
+
+
+def _failed_note(embeddings_dir: str, failed: dict[str, str]) -> str:
+    """The unreadable slide files, for an error that their absence may have caused."""
+    ids = sorted(failed)
+    return (f"{len(ids)} slide file(s) in {embeddings_dir} could not be read and were left out: "
+            f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} ({ids[0]}: {failed[ids[0]]})")
+
+
 def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_column: str = "label",
         classes=None, label_frac: float = 1.0, save_splits: str | None = None,
         allow_leaky_splits: bool = False, embedding: str = "cls4k_mean", **kwargs) -> dict:
@@ -113,20 +137,27 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_c
     else:
         from hipt_jax.evaluation import slide_embeddings
         emb = slide_embeddings.read(embeddings_dir, embedding, failed=failed)
-    present = [s for s in coh.slide_ids if cohort_lib.bag_file(embeddings_dir, s) and s in emb]
-    if not present:
-        raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}")
-    label_of = dict(zip(coh.slide_ids, coh.labels))
-    plan = cohort_lib.plan_folds(coh, splits, present, [label_of[s] for s in present],
-                                 seed=seed, label_frac=label_frac, allow_leaks=allow_leaky_splits)
-    fit_val = kwargs.get("fit_on") == "train+val"
-    check = [{**f, "train": f["train"] + (f["val"] if fit_val else [])} for f in plan.folds]
-    cohort_lib.check_training_classes(check, label_of, coh.class_names,
-                                      f"{splits} fold {{k}}" if splits.startswith("kfold:")
-                                      else f"{splits}/splits_{{k}}.csv")
-    if save_splits:
-        cohort_lib.write_clam_splits(plan.folds, save_splits)
-    result = evaluate_folds(emb, coh, plan.folds, seed=seed, **kwargs)
+    try:  # a refusal (too few slides for --k, a fold without a class) names the unreadable bags:
+        # they are why slides are missing, and the fix is to repair them, not to change the flags
+        present = [s for s in coh.slide_ids if cohort_lib.bag_file(embeddings_dir, s) and s in emb]
+        if not present:
+            raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}"
+                                         + cohort_lib.case_ids_as_slide_ids_hint(coh.slide_ids))
+        label_of = dict(zip(coh.slide_ids, coh.labels))
+        plan = cohort_lib.plan_folds(coh, splits, present, [label_of[s] for s in present],
+                                     seed=seed, label_frac=label_frac, allow_leaks=allow_leaky_splits)
+        fit_val = kwargs.get("fit_on") == "train+val"
+        check = [{**f, "train": f["train"] + (f["val"] if fit_val else [])} for f in plan.folds]
+        cohort_lib.check_training_classes(check, label_of, coh.class_names,
+                                          f"{splits} fold {{k}}" if splits.startswith("kfold:")
+                                          else f"{splits}/splits_{{k}}.csv")
+        if save_splits:
+            save_clam_splits(plan.folds, save_splits)
+        result = evaluate_folds(emb, coh, plan.folds, seed=seed, **kwargs)
+    except cohort_lib.CohortError as e:
+        if not failed:
+            raise
+        raise cohort_lib.CohortError(f"{e}; {_failed_note(embeddings_dir, failed)}") from None
     result["embedding"] = embedding
     result["_embeddings"] = emb  # for plots; dropped before writing JSON
     result["n_slides"] = len(present)
@@ -136,6 +167,8 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_c
     result["dropped_by_class"] = coh.dropped
     result["skipped_split_ids"] = plan.skipped_ids
     result["leaky_patients"] = {str(k): v for k, v in plan.leaky_patients.items()}
+    result["patients_from"] = plan.patients_from or "unknown"
+    result["fold_warnings"] = plan.warnings  # printed once by the command line
     result["missing_slides"] = [s for s in coh.slide_ids if s not in emb and s not in failed]
     # Bags with no row in the labels (or only a row the class list dropped): not evaluated.
     labelled = set(coh.slide_ids) | set(coh.dropped_ids)

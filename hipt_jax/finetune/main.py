@@ -22,13 +22,16 @@ A fold whose result.json exists is skipped, so an interrupted run resumes at the
 but only when the workdir's provenance.json (hashes of the config, the label and split files,
 the embeddings' provenance and the pretrained ViT-4K) matches this run: finished folds are never
 reported under other labels or another config (hipt_jax.provenance; ``overwrite`` /
-``resume_anyway``).
+``resume_anyway``). A finished fold is also redone when its slides differ from this run's (its
+result.json lists them: a bag unreadable then and repaired since, or gone now) or when its
+result.json cannot be read.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import shutil
 import sys
 from typing import Any, Optional
 
@@ -221,7 +224,8 @@ def check_folds_before_work(config, coh: cohort_lib.Cohort) -> None:
     split file or a class missing from a training part stops the run at once."""
     present = [s for s in coh.slide_ids if cohort_lib.bag_file(config.data.embeddings, s) is not None]
     if not present:
-        raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted")
+        raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted"
+                            + cohort_lib.case_ids_as_slide_ids_hint(coh.slide_ids))
     if config.task == "subtyping":
         label_of = dict(zip(coh.slide_ids, coh.labels))
         items = [Item(s, None, int(label_of[s])) for s in present]
@@ -265,6 +269,8 @@ def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohor
         where = f"{spec} fold {{k}}" if spec.startswith("kfold:") else os.path.join(spec, "splits_{k}.csv")
         cohort_lib.check_training_classes(plan.folds, {it.item_id: it.label for it in items},
                                           coh.class_names, where)
+    for warning in [] if quiet else plan.warnings:  # the folds are planned twice: said once
+        print(f"hipt-finetune: {warning}", file=sys.stderr)
     if plan.skipped_ids and not quiet:
         print(f"hipt-finetune: {len(plan.skipped_ids)} split id(s) not in {config.data.labels} "
               f"(skipped): {plan.skipped_ids[:10]}", file=sys.stderr)
@@ -380,6 +386,31 @@ def _check_inputs(config) -> None:
             raise FinetuneError(f"config.selection.metric={sel.metric!r}: expected one of {list(METRICS[config.task])}")
 
 
+def _finished_fold(result_path: str, k: int, fold_ids: dict) -> Optional[dict]:
+    """The result of fold ``k`` when an earlier run finished it on the same slides, else None
+    (a line on stderr says why it is redone). A resumed run must not report folds trained
+    without a slide whose bag was unreadable then and has been repaired since (or with one
+    that is gone now); an unreadable result.json is redone, not a traceback."""
+    if not os.path.isfile(result_path):
+        return None
+    try:
+        with open(result_path) as f:
+            result = json.load(f)
+        if not isinstance(result, dict) or not isinstance(result.get("test"), dict):
+            raise ValueError("not a fold result")
+    except (OSError, ValueError) as e:
+        print(f"hipt-finetune: {result_path}: unreadable ({e}); redoing fold {k}", file=sys.stderr)
+        return None
+    recorded = result.get("items")
+    if recorded is not None and recorded != fold_ids:
+        then = {p: len(v) for p, v in recorded.items()} if isinstance(recorded, dict) else recorded
+        now = {p: len(v) for p, v in fold_ids.items()}
+        print(f"hipt-finetune: fold {k} was trained on other slides ({then} then, {now} now: a bag "
+              "repaired, added or gone); redoing it", file=sys.stderr)
+        return None
+    return result
+
+
 def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: bool,
                coh: cohort_lib.Cohort) -> dict:
     frac = float(config.data.get("label_frac", 1.0))
@@ -409,10 +440,13 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
     for k, fold in enumerate(folds):
         fold_dir = os.path.join(workdir, f"fold_{k}")
         result_path = os.path.join(fold_dir, "result.json")
-        if os.path.isfile(result_path):
-            with open(result_path) as f:
-                fold_results.append(json.load(f))
+        fold_ids = {part: sorted(fold.get(part, [])) for part in ("train", "val", "test")}
+        done = _finished_fold(result_path, k, fold_ids)
+        if done is not None:
+            fold_results.append(done)
             continue
+        if os.path.isdir(fold_dir):  # an unfinished or outdated fold: nothing of it is kept
+            shutil.rmtree(fold_dir)
         os.makedirs(fold_dir, exist_ok=True)
         train = [by_id[i] for i in fold["train"]]
         test = [by_id[i] for i in fold["test"]]
@@ -436,6 +470,7 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
                      "best_val_epoch": fit.selected_epoch if fit.selected_by != "final_epoch" else None,
                      "last_epoch": fit.last_epoch, "stopped_early": fit.stopped_early}
         result = {"fold": k, "n_train": len(train), "n_val": len(val_items), "n_test": len(test),
+                  "items": fold_ids,
                   "test": test_metrics, "evaluated": evaluated, "history": fit.history,
                   "predictions": jax.tree.map(lambda a: a.tolist() if hasattr(a, "tolist") else a, preds)}
         if val_items:
@@ -463,7 +498,8 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
                "summary": summary, "failed_slides": failed, "config": config.to_dict(),
                "folds_source": plan.describe(), "label_frac": frac, "dropped_by_class": coh.dropped,
                "skipped_split_ids": plan.skipped_ids,
-               "leaky_patients": {str(k): v for k, v in plan.leaky_patients.items()}}
+               "leaky_patients": {str(k): v for k, v in plan.leaky_patients.items()},
+               "patients_from": plan.patients_from or "unknown", "fold_warnings": plan.warnings}
     write_json(os.path.join(workdir, "results.json"), results, indent=1, default=str)
     reporting.write_summary_csv(os.path.join(workdir, "summary.csv"), fold_results)
     table = format_table(results["folds"], names, summary)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from data_prep import bags
 from data_prep.bags import BagError
+from hipt_jax.evaluation import cohort as cohort_lib
 from hipt_jax.finetune import survival
 from hipt_jax.finetune.main import FinetuneError, bag_input, instance_shape
 from hipt_jax.finetune.trainer import Item, LGPTrainer, TrainConfig
@@ -125,6 +126,13 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
     if not available:
         raise FinetuneError(f"{embeddings}: no extracted slides (expected hipt-extract output with slides/)")
     ids = list(available) if slide_ids is None else [s for s in slide_ids if s in available]
+    seen = _seen_in_training(run_dir, info, numbers, ids)
+    if seen:
+        first = next(iter(seen))
+        print(f"hipt-predict: warning: {len(seen)} of the {len(ids)} slide(s) in {embeddings} were in the "
+              f"training or validation part of folds of {run_dir} (e.g. {first}: fold(s) "
+              f"{', '.join(map(str, seen[first]))}): those folds' scores and the ensemble's are not held-out "
+              f"predictions for them (column {SEEN_COLUMN})", file=sys.stderr)
     att_dir = os.path.splitext(out_csv)[0] + "_attention"
     os.makedirs(att_dir, exist_ok=True)
     rows, failed = [], {}
@@ -144,6 +152,8 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
             np.savez(f, attention=attention, attention_mean=attention.mean(0),
                      coords=bag.get("coords", np.zeros((m, 2), np.int64)))
         rows.append(_row(sid, logits, task, class_names, numbers))
+        if seen is not None:
+            rows[-1][SEEN_COLUMN] = " ".join(map(str, seen.get(sid, [])))
     with atomic_path(out_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["slide_id"])
         w.writeheader()
@@ -153,7 +163,45 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
         if name.endswith(".npz") and name[:-len(".npz")] not in scored:
             os.remove(os.path.join(att_dir, name))
     return {"n_slides": len(rows), "folds": len(folds), "failed_slides": failed, "out": out_csv,
-            "attention_dir": att_dir}
+            "attention_dir": att_dir, "seen_in_training": {s: f for s, f in (seen or {}).items() if s in scored}}
+
+
+SEEN_COLUMN = "in_training_of_folds"
+
+
+def _seen_in_training(run_dir: str, info: dict, numbers: list[int], slide_ids: list[str]) -> Optional[dict]:
+    """slide id -> the folds whose training or validation part held that slide (or its patient:
+    survival splits list case ids), read from the split files the run wrote (WORKDIR/splits/);
+    None when the run has none. Scoring the run's own cohort is legitimate for a fold's test
+    part, but the other folds (and the ensemble) were fit on those slides: their scores look
+    like held-out predictions and are not."""
+    try:
+        folds = cohort_lib.read_clam_splits(os.path.join(run_dir, "splits"))
+    except cohort_lib.CohortError:
+        return None
+    patient_of = _patients_of(info)
+    fitted = {k: {*folds[k]["train"], *folds[k]["val"]} for k in numbers if k < len(folds)}
+    out = {}
+    for sid in slide_ids:
+        keys = {sid, patient_of.get(sid, sid)}
+        if (m := cohort_lib.TCGA_SLIDE.match(sid)):
+            keys.add(m.group(1).upper())
+        hit = [k for k, ids in fitted.items() if keys & ids]
+        if hit:
+            out[sid] = hit
+    return out
+
+
+def _patients_of(info: dict) -> dict[str, str]:
+    """slide id -> case id from the run's labels CSV when it is still there and has a case_id
+    column ({} otherwise: slides are then matched by their own id and TCGA barcode)."""
+    labels = ((info.get("config") or {}).get("data") or {}).get("labels")
+    try:
+        rows = cohort_lib.read_csv_rows(labels, "labels") if labels else []
+        return {cohort_lib.normalize_id(r["slide_id"], labels): cohort_lib.normalize_id(r["case_id"], labels)
+                for r in rows if (r.get("slide_id") or "").strip() and (r.get("case_id") or "").strip()}
+    except cohort_lib.CohortError:
+        return {}
 
 
 def _score(folds: list[FoldModel], sid: str, bag: dict, path: str, model_name, expected) -> list:

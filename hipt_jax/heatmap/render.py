@@ -41,7 +41,9 @@ def write_region_heatmaps(heatmaps, out_dir: str, name: str = "region", *, alpha
                           blend_weighting: str = "official") -> dict[str, list[str]]:
     """Write every map of a ``RegionHeatmaps`` as overlay PNGs plus a contact sheet.
 
-    Files (in ``out_dir``): ``{name}.png`` (the region), ``{name}_256_head{j}.png``,
+    Files (in ``out_dir``): ``{name}_region.png`` (the region as RGB; never ``{name}.png``, which
+    is what the input image is usually called: written into the image's own folder, the copy
+    replaced it), ``{name}_256_head{j}.png``,
     ``{name}_4k_head{i}.png``, ``{name}_blend_4k{i}_256{j}.png`` (``blends``: "all" pairs,
     "diagonal" i == j, or "none"), ``{name}_contact_sheet.png`` and ``{name}_scores.npz`` (raw maps).
     Returns the written paths grouped by kind.
@@ -50,7 +52,7 @@ def write_region_heatmaps(heatmaps, out_dir: str, name: str = "region", *, alpha
         raise ValueError(f"blends must be all, diagonal or none, got {blends!r}")
     os.makedirs(out_dir, exist_ok=True)
     path = lambda suffix: os.path.join(out_dir, f"{name}{suffix}.png")  # noqa: E731
-    written = {"region": [save_png(path(""), heatmaps.region)], "256": [], "4k": [], "blend": []}
+    written = {"region": [save_png(path("_region"), heatmaps.region)], "256": [], "4k": [], "blend": []}
     ov256 = [overlay(heatmaps.region, s, alpha, cmap) for s in heatmaps.scores256]
     for j, img in enumerate(ov256):
         written["256"].append(save_png(path(f"_256_head{j}"), img))

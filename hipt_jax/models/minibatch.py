@@ -25,11 +25,14 @@ callers use the whole batch there, and no CPU compile option applies.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import platform
+import sys
+import time
 from typing import Callable, Iterable, Optional
 
 MAX_PATCH_BATCH = 256  # a 4096 px region has 256 patches: the reference's single minibatch
@@ -145,13 +148,38 @@ def machine_key(info: Optional[dict] = None) -> str:
             f"|{os.environ.get('XLA_FLAGS', '')}")
 
 
-def _read_cache() -> dict:
+_WARNED: set = set()  # unreadable files and entries already named (once per process)
+
+
+def _read_cache(keep_aside: bool = False) -> dict:
+    """The calibrations stored on this machine; {} when there are none or the file cannot be
+    read (named once on stderr). ``keep_aside`` (before a calibration replaces the file): an
+    unreadable file is renamed, not overwritten, so the calibrations of other machines and
+    models it may hold (a hand edit gone wrong) can be recovered."""
+    path = cache_file()
     try:
-        with open(cache_file()) as f:
+        with open(path) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        if isinstance(data, dict):
+            return data
+        problem = f"expected a JSON object, found {type(data).__name__}"
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        problem = e.strerror if isinstance(e, OSError) and e.strerror else f"invalid JSON ({e})"
+    if keep_aside:
+        aside = f"{path}.unreadable-{int(time.time())}"
+        try:
+            os.replace(path, aside)
+            print(f"warning: {path}: {problem}; kept aside as {aside}, a new calibration file is started",
+                  file=sys.stderr)
+        except OSError as e:
+            print(f"warning: {path}: {problem}, and it could not be kept aside ({e})", file=sys.stderr)
+    elif path not in _WARNED:
+        _WARNED.add(path)
+        print(f"warning: {path}: {problem}; its calibrations are ignored (the cache rule decides)",
+              file=sys.stderr)
+    return {}
 
 
 def _entry(model_key: str, info: Optional[dict]) -> Optional[dict]:
@@ -164,11 +192,17 @@ def _entry(model_key: str, info: Optional[dict]) -> Optional[dict]:
         return None
     best = entry.get("best") if isinstance(entry, dict) else None
     if isinstance(best, bool) or not isinstance(best, int) or best < 1:
-        logging.getLogger(__name__).warning(
-            "ignoring the calibration of %s in %s: expected a positive whole size, got %r",
-            model_key, cache_file(), entry)
-        return None
-    return entry
+        problem = "expected a positive whole size"
+    # The other fields are used too: a wrong type there (a list as dot_backend) crashed the run.
+    elif not isinstance(entry.get("dot_backend", ""), str) or not isinstance(entry.get("s_per_sample", {}), dict):
+        problem = "dot_backend must be a name and s_per_sample an object"
+    else:
+        return entry
+    if (cache_file(), model_key) not in _WARNED:  # said once, not for every field looked up
+        _WARNED.add((cache_file(), model_key))
+        logging.getLogger(__name__).warning("ignoring the calibration of %s in %s: %s, got %r",
+                                            model_key, cache_file(), problem, entry)
+    return None
 
 
 def calibrated(model_key: str, info: Optional[dict] = None) -> Optional[int]:
@@ -250,14 +284,23 @@ def calibrate(model_key: str, candidates: Iterable[int], seconds_per_sample: Cal
         name, _, size = best_key.partition("/")
         record = {"best": int(size), "dot_backend": name, "s_per_sample": timings}
     best = record["best"]
-    data = _read_cache()
-    data.setdefault(machine_key(), {})[model_key] = record
+    # Whatever the file held, the minutes of timing above are stored (a machine entry that was
+    # not an object made this raise after the whole run) and returned.
+    data = _read_cache(keep_aside=True)
+    if not isinstance(data.get(machine_key()), dict):
+        data[machine_key()] = {}
+    data[machine_key()][model_key] = record
     path = cache_file()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"warning: {path}: the calibration could not be stored ({e})", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
     return best
 
 

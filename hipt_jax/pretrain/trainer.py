@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from hipt_jax import interrupts
 from hipt_jax import sharding as shd
 from hipt_jax.prefetch import prefetch_to_device
 from hipt_jax.pretrain import data as data_lib
@@ -424,19 +425,44 @@ def _checksums_path(workdir: str) -> str:
 
 
 def _read_checksums(workdir: str) -> dict:
+    """{step: SHA-256} recorded for the run's checkpoints; {} when none was recorded yet.
+
+    A record that exists but cannot be read is refused (CheckpointRestoreError), not taken as
+    empty: an empty record verifies nothing, so a damaged checkpoint would be resumed, exported,
+    and then re-hashed as good by the next save, all with exit 0."""
+    path = _checksums_path(workdir)
     try:
-        with open(_checksums_path(workdir)) as f:
-            return {int(k): v for k, v in json.load(f).items()}
-    except (OSError, ValueError, AttributeError):
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or text
+        problem = e.strerror if isinstance(e, OSError) and e.strerror else f"invalid JSON ({e})"
+        raise CheckpointRestoreError(_checksums_refusal(path, problem)) from None
+    if not isinstance(data, dict):
+        raise CheckpointRestoreError(_checksums_refusal(path, f"expected an object, found {type(data).__name__}"))
+    sums = {}
+    for key, value in data.items():
+        if not (key.isdigit() and isinstance(value, str) and len(value) == 64):
+            raise CheckpointRestoreError(_checksums_refusal(
+                path, f"entry {key!r}: {value!r} is not a step number -> SHA-256"))
+        sums[int(key)] = value
+    return sums
+
+
+def _checksums_refusal(path: str, problem: str) -> str:
+    return (f"{path}: {problem}; the checkpoints cannot be verified against it. Remove the file to "
+            "resume without verification (the next checkpoint save records fresh checksums), "
+            "or use --overwrite to start over")
 
 
 def _record_checksums(manager, workdir: str) -> None:
     """Hash every finished checkpoint that has no checksum yet; drop those Orbax deleted."""
     from hipt_jax import provenance
 
-    sums = _read_checksums(workdir)
     steps = set(manager.all_steps())
+    # With no checkpoint there is nothing to verify: an unreadable old record is just replaced.
+    sums = _read_checksums(workdir) if steps else {}
     sums = {k: v for k, v in sums.items() if k in steps}
     for step in steps - set(sums):
         sums[step] = provenance.content_hash(os.path.join(workdir, "checkpoints", str(step)))
@@ -476,6 +502,9 @@ def _restore_newest(manager, workdir: str, state, iterator, is_main: bool):
         if is_main:
             for bad in skipped:
                 print(f"warning: checkpoint {bad} does not restore; skipped", file=sys.stderr, flush=True)
+            if step not in sums:  # e.g. killed between a save and its checksum being recorded
+                print(f"warning: checkpoint {path} has no recorded checksum in {_checksums_path(workdir)}: "
+                      "resumed without verifying its bytes", file=sys.stderr, flush=True)
             print(f"resumed from {path}" + (" (newest checkpoint that restores)" if skipped else ""), flush=True)
         return step, restored["state"]
     raise CheckpointRestoreError(f"{workdir}/checkpoints: no checkpoint restores ({'; '.join(skipped)}); "
@@ -630,45 +659,49 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
     metrics = {}
     from hipt_jax.pretrain.knn_monitor import from_config as knn_monitor_from_config
     knn_monitor = knn_monitor_from_config(config, workdir)
-    try:
-        from tqdm import tqdm
-        # --no-progress sets TQDM_DISABLE, which tqdm itself reads only at import: checked here.
-        bars_off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-        bar = tqdm(total=stop, initial=step, disable=not is_main or config.log_every <= 1 or bars_off,
-                   desc="pretrain", unit="step", file=sys.stderr)
-        pending = []  # (step, device metrics) not fetched yet: no host round trip per step
-        while step < stop:
-            # Batches go to the device two ahead of the update, within one checkpoint interval:
-            # the Grain iterator saved with a checkpoint is then exactly at the checkpointed step.
-            segment_end = min(stop, (step // config.checkpoint.every_steps + 1) * config.checkpoint.every_steps)
-            batches = itertools.islice(iterator, segment_end - step)
-            for batch in prefetch_to_device(batches, lambda b: shd.global_batch(b, batch_sh)):
-                state, dev_metrics = update(state, batch, step_rng)
-                pending.append((step, dev_metrics))
-                step += 1
-                bar.update(1)
-                if _fetch_due(step, stop, config, knn_monitor):
-                    metrics = _check_and_log(fetch_metrics(pending), workdir, logger, crops_per_step)
-                    pending = []
-                if knn_monitor is not None:  # eval.knn: KNN of the current teacher every N steps
-                    knn_monitor(step, stop, state, logger)
-            # A checkpoint is written only after its step's metrics (and all before) passed.
-            metrics = _check_and_log(fetch_metrics(pending), workdir, logger, crops_per_step) or metrics
-            pending = []
-            manager.wait_until_finished()  # Orbax waits for the previous save anyway
+    # SIGTERM (preemption) stops the run between steps, never inside Orbax's save/delete threads
+    # the loop waits for: the `finally` then finishes the checkpoint in flight (hipt_jax.interrupts).
+    with interrupts.deferred():
+        try:
+            from tqdm import tqdm
+            # --no-progress sets TQDM_DISABLE, which tqdm itself reads only at import: checked here.
+            bars_off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+            bar = tqdm(total=stop, initial=step, disable=not is_main or config.log_every <= 1 or bars_off,
+                       desc="pretrain", unit="step", file=sys.stderr)
+            pending = []  # (step, device metrics) not fetched yet: no host round trip per step
+            while step < stop:
+                # Batches go to the device two ahead of the update, within one checkpoint interval:
+                # the Grain iterator saved with a checkpoint is then exactly at the checkpointed step.
+                segment_end = min(stop, (step // config.checkpoint.every_steps + 1) * config.checkpoint.every_steps)
+                batches = itertools.islice(iterator, segment_end - step)
+                for batch in prefetch_to_device(batches, lambda b: shd.global_batch(b, batch_sh)):
+                    interrupts.check()  # a safe point: the last checkpoint is whole
+                    state, dev_metrics = update(state, batch, step_rng)
+                    pending.append((step, dev_metrics))
+                    step += 1
+                    bar.update(1)
+                    if _fetch_due(step, stop, config, knn_monitor):
+                        metrics = _check_and_log(fetch_metrics(pending), workdir, logger, crops_per_step)
+                        pending = []
+                    if knn_monitor is not None:  # eval.knn: KNN of the current teacher every N steps
+                        knn_monitor(step, stop, state, logger)
+                # A checkpoint is written only after its step's metrics (and all before) passed.
+                metrics = _check_and_log(fetch_metrics(pending), workdir, logger, crops_per_step) or metrics
+                pending = []
+                manager.wait_until_finished()  # Orbax waits for the previous save anyway
+                if is_main:
+                    _record_checksums(manager, workdir)
+                manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(iterator)))
+            bar.close()
+        finally:
+            manager.wait_until_finished()
             if is_main:
                 _record_checksums(manager, workdir)
-            manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(iterator)))
-        bar.close()
-    finally:
-        manager.wait_until_finished()
-        if is_main:
-            _record_checksums(manager, workdir)
-        manager.close()
-        logger.close()
-        iterator.close()  # stops loader worker processes
+            manager.close()
+            logger.close()
+            iterator.close()  # stops loader worker processes
     export_dir = config.export_dir or os.path.join(workdir, "export")
     export_teacher(state, config, export_dir)
     if is_main:
