@@ -91,15 +91,20 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-# The sub-folders the commands write their items into (bags, shards, status files, checkpoints,
-# folds, exports): a file written there is read back as one of them. A sub-folder of the user's
-# own (EMB/eval/) is not among them.
-ITEM_FOLDERS = re.compile(r"slides|status|regions|patches|features|features_cache|coords|qc|checkpoints"
-                          r"|export(_best)?|tensorboard|splits|fold_\d+")
+# The sub-folders each kind of managed folder writes its items into (bags, shards, status
+# files, checkpoints, folds, exports): a file written there is read back as one of them. Any other
+# sub-folder is the user's own (EMB/eval/, EMB/splits/) and takes outputs.
+ITEM_FOLDERS = {
+    "embeddings folder": r"slides|status|features_cache",
+    "hipt-prep output folder": r"regions|patches|features|coords|qc|status|masks|thumbnails",
+    "fine-tuning workdir": r"fold_\d+|splits",
+    "pretraining run directory": r"checkpoints|export(_best)?|tensorboard|knn",
+}
+_ANY_ITEM_FOLDER = "|".join(ITEM_FOLDERS.values())  # a managed folder of a kind not listed above
 
 
-def _is_item_folder(name: str) -> bool:
-    return ITEM_FOLDERS.fullmatch(name) is not None
+def _is_item_folder(kind: str, name: str) -> bool:
+    return re.fullmatch(ITEM_FOLDERS.get(kind, _ANY_ITEM_FOLDER), name) is not None
 
 
 def check_outside_managed(path: str) -> None:
@@ -115,7 +120,7 @@ def check_outside_managed(path: str) -> None:
     folder = parent
     while True:
         kind = provenance.folder_kind(folder)
-        if kind and folder != parent and _is_item_folder(os.path.relpath(parent, folder).split(os.sep)[0]):
+        if kind and folder != parent and _is_item_folder(kind, os.path.relpath(parent, folder).split(os.sep)[0]):
             raise OutputPathError(f"{path}: lies inside {folder} ({kind}: another command's output, read by "
                                   "later commands); write it outside that folder")
         if kind and name in MARKERS:

@@ -212,8 +212,12 @@ def _unrecorded_kind(out_dir: str) -> dict:
             manifest = json.load(f)
     except (OSError, ValueError):
         return {}
+    # Manifests from before the schema field: a kind name and per-item records (other tools'
+    # manifests often have an "items" list; that alone does not make a hipt-prep folder).
     if isinstance(manifest, dict) and (str(manifest.get("schema", "")).startswith("hipt.prep-manifest")
-                                       or ("items" in manifest and "slides" not in manifest)):
+                                       or (isinstance(manifest.get("kind"), str)
+                                           and isinstance(manifest.get("items"), dict)
+                                           and "slides" not in manifest)):
         return {"kind": "hipt-prep output folder"}
     return {}
 

@@ -321,6 +321,15 @@ def test_cli_slide_scores(tmp_path):
     assert res.returncode == 0, res.stderr
     picture = np.asarray(Image.open(tmp_path / "cmu_small_region_slide_attention.png"))
     assert max(picture.shape[:2]) == 256
+    # Re-rendered from the scores it wrote, into the same folder (another alpha): its own
+    # output, read in full before the same scores are written back (plant: --region-scores
+    # kept among the inputs -> exit 2, "is an input").
+    from hipt_jax.cli.heatmap import main
+    own = tmp_path / "cmu_small_region_region_scores.npz"
+    assert main(["--slide", REAL_SLIDE, "--region-scores", str(own), "--out", str(tmp_path), "--thumb-px", "256",
+                 "--alpha", "0.3", "--no-progress"]) == 0
+    with np.load(own) as z:
+        np.testing.assert_allclose(z["scores"], [0.2, 0.5, 0.3])
 
 
 

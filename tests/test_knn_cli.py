@@ -122,9 +122,17 @@ def test_out_never_replaces_an_input_or_another_commands_file(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert needle in err and target in err and len(err.splitlines()) == 1, (extra, err)
         assert (open(target, "rb").read() if os.path.exists(target) else None) == before
-    # A folder of the user's own inside the embeddings folder is not one of its item folders
-    # (plant: refuse everything below a managed folder -> exit 2).
-    for out in (["--out", str(tmp_path / "k.json")], [], ["--out", os.path.join(emb, "eval", "k.json")]):
+    # A folder of the user's own inside the embeddings folder is not one of its item folders,
+    # nor is one named like another kind's (EMB/splits/; plants: refuse everything below a
+    # managed folder, or one list of item folders for every kind -> exit 2); another tool's
+    # manifest.json with an "items" list does not make a hipt-prep folder (plant: the old
+    # "items" rule -> "is the results.json of").
+    other_tool = tmp_path / "other_tool"
+    other_tool.mkdir()
+    (other_tool / "manifest.json").write_text('{"version": 1, "items": ["a.svs"]}')
+    for out in (["--out", str(tmp_path / "k.json")], [], ["--out", os.path.join(emb, "eval", "k.json")],
+                ["--out", str(tmp_path / "k2.json"), "--save-splits", os.path.join(emb, "splits")],
+                ["--out", str(other_tool / "results.json")]):
         for _ in range(2):  # a rerun replaces its own results
             assert knn_cli.main(argv + out) == 0
     assert json.load(open(os.path.join(emb, "knn_results.json")))["written_by"] == "hipt-knn"

@@ -346,6 +346,11 @@ def check_targets(args, *, slide_mode: bool) -> None:
     inputs = {"--image": args.image, "--slide": args.slide, "--region-scores": args.region_scores,
               "--vit256": args.vit256, "--vit4k": args.vit4k, "--lgp": args.lgp}
     out = os.path.realpath(args.out)
+    # Slide mode re-rendered from its own NAME_region_scores.npz (another alpha or colormap):
+    # the scores are read in full before the same scores are written back (atomically).
+    if slide_mode and args.region_scores and os.path.realpath(args.region_scores) == os.path.realpath(
+            os.path.join(args.out, SLIDE_OUTPUTS[1].format(name=name))):
+        inputs = {k: v for k, v in inputs.items() if k != "--region-scores"}
     for flag, given in inputs.items():
         if given and os.path.realpath(os.path.dirname(os.path.abspath(given))) == out and \
                 any(fnmatch.fnmatchcase(os.path.basename(given), p) for p in patterns):
