@@ -173,6 +173,19 @@ def check_target(path: str, *, writer: str, inputs: Optional[Mapping[str, Union[
                                   "replaced); choose another name, or remove it first")
 
 
+def json_written_by(writer: str, legacy_keys: Iterable[str]) -> Callable[[str], bool]:
+    """An ``is_own`` for ``check_target``: a JSON object the command ``writer`` wrote (its
+    "written_by" field), or one written before that field, told by ``legacy_keys`` together."""
+    keys = set(legacy_keys)
+
+    def is_own(path: str) -> bool:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return isinstance(data, dict) and (data.get("written_by") == writer or keys <= set(data))
+
+    return is_own
+
+
 def write_file_set(folder: str, files: Mapping[str, bytes], family: str) -> list[str]:
     """Write ``files`` (name -> bytes) into ``folder`` as one set, each file atomically. The
     files already there whose names match the regular expression ``family`` are read with the

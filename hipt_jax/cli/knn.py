@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from hipt_jax import outputs
 from hipt_jax.cli import flags
 
 PROG = "hipt-knn"
@@ -88,15 +89,8 @@ def _run(args) -> int:
         return _evaluate(args)
 
 
-def _own_results(path: str) -> bool:
-    """An earlier hipt-knn results file: its "written_by", or (files written before that field)
-    the keys only hipt-knn's results have together."""
-    import json
-
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return isinstance(data, dict) and (data.get("written_by") == PROG
-                                       or {"folds_source", "missing_slides", "embedding"} <= set(data))
+# results files from before "written_by": their keys
+_own_results = outputs.json_written_by(PROG, {"folds_source", "missing_slides", "embedding"})
 
 
 def _check_targets(args) -> None:
@@ -104,7 +98,6 @@ def _check_targets(args) -> None:
     command's files or anything hipt-knn did not write (hipt_jax.outputs.check_target)."""
     import glob
 
-    from hipt_jax import outputs
 
     split_files = (glob.glob(os.path.join(glob.escape(args.splits), "splits_*.csv"))
                    if os.path.isdir(args.splits) else [])

@@ -11,10 +11,10 @@ OUT/confusion_<split>_<method>.png. Exit codes: 0 ok, 2 bad usage or input.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from hipt_jax import outputs
 from hipt_jax.cli import flags
 
 PROG = "hipt-patch-eval"
@@ -46,18 +46,13 @@ def build_parser() -> flags.Parser:
     return p
 
 
-def _own_json(path: str) -> bool:
-    """An earlier patch_eval.json: its "written_by", or (before that field) the keys it records."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return isinstance(data, dict) and (data.get("written_by") == PROG
-                                       or {"tiles", "norm", "label_fraction"} <= set(data))
+# patch_eval.json from before "written_by": its keys
+_own_json = outputs.json_written_by(PROG, {"tiles", "norm", "label_fraction"})
 
 
 def _check_targets(args) -> None:
     """OUT/patch_eval.json and .md replace only an earlier run's, and never sit inside a folder
     another command manages (hipt_jax.outputs.check_target)."""
-    from hipt_jax import outputs
 
     inputs = {"--tiles": args.tiles, "--vit256": args.vit256}
     json_path = os.path.join(args.out, "patch_eval.json")

@@ -26,6 +26,7 @@ import os
 import sys
 from typing import Optional
 
+from hipt_jax import outputs
 from hipt_jax.cli import flags
 
 PROG = "hipt-profile"
@@ -39,12 +40,8 @@ CONFIG_RANGES = {
 }
 
 
-def _own_report(path: str) -> bool:
-    """An earlier --config.json report: its "written_by", or (before that field) its keys."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return isinstance(data, dict) and (data.get("written_by") == PROG
-                                       or {"backend", "device_kind", "rows"} <= set(data))
+# --config.json from before "written_by": its keys
+_own_report = outputs.json_written_by(PROG, {"backend", "device_kind", "rows"})
 
 
 def _own_plan(path: str) -> bool:
