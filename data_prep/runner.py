@@ -8,8 +8,6 @@ an atomically rewritten summary of the status files plus the run parameters and 
 """
 from __future__ import annotations
 
-import csv
-import io
 import glob
 import json
 import multiprocessing
@@ -21,6 +19,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+from data_prep import csv_table
 from data_prep.regions import SlideTask, status_path
 from data_prep.shards import (MANIFEST, input_identity, package_versions, safe_slide_id, walk_visible,
                               write_run_manifest)
@@ -31,16 +30,6 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", "
 
 class InputError(Exception):
     """Bad command-line input (missing folder, malformed CSV, duplicate slide ids...)."""
-
-
-def _read_utf8(path: str) -> str:
-    """A CSV's text: UTF-8 with or without a BOM; another encoding is an InputError naming it."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8") from None
 
 
 def find_slide_files(slides: str) -> list[SlideTask]:
@@ -63,14 +52,12 @@ def find_slide_files(slides: str) -> list[SlideTask]:
         tasks = [SlideTask(safe_slide_id(i), p) for i, p in sorted(found, key=lambda t: t[1])]
     elif os.path.isfile(slides) and slides.lower().endswith(".csv"):
         base = os.path.dirname(os.path.abspath(slides))
-        reader = csv.DictReader(io.StringIO(_read_utf8(slides), newline=""))
-        if reader.fieldnames:  # "slide_id, path": spaces after the commas are not part of a name
-            reader.fieldnames = [(f or "").strip() for f in reader.fieldnames]
-        if not reader.fieldnames or "path" not in reader.fieldnames:
+        fieldnames, rows = csv_table.read_rows(slides, "slides CSV", InputError)
+        if "path" not in fieldnames:
             raise InputError(f"{slides}: CSV needs a 'path' column (and optionally 'slide_id'); "
-                             f"its header has {reader.fieldnames or []}")
+                             f"its header has {fieldnames}")
         tasks = []
-        for n, row in enumerate(reader, start=2):
+        for n, row in enumerate(rows, start=2):
             path, given_id = (row["path"] or "").strip(), (row.get("slide_id") or "").strip()
             if not path:
                 raise InputError(f"{slides}: line {n} has an empty path")

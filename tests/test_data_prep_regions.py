@@ -237,6 +237,12 @@ def test_find_slide_files_links_hidden_files_and_spaced_header(tmp_path):
     assert [(t.slide_id, t.path) for t in find_slide_files(str(spaced))] == \
         [("case_1", os.path.join(str(tmp_path), "cohort/real/s1.svs"))]
     # One file under two ids (plant: no realpath check -> two tasks, a train/test leak).
+    # A slides CSV saved by a decimal-comma spreadsheet: ';' separators, trailing ';' rows
+    # (plant: the slide list without data_prep.csv_table -> "needs a 'path' column").
+    semicolon = tmp_path / "slides_semicolon.csv"
+    semicolon.write_text("slide_id;path\ncase_1;cohort/real/s1.svs\n;\n")
+    assert [(t.slide_id, t.path) for t in find_slide_files(str(semicolon))] == \
+        [("case_1", os.path.join(str(tmp_path), "cohort/real/s1.svs"))]
     twice = tmp_path / "twice.csv"
     twice.write_text("slide_id,path\nx,cohort/real/s1.svs\ny,cohort/real/../real/s1.svs\n")
     with pytest.raises(InputError, match=r"s1.svs is listed as slide 'x' and as 'y'"):

@@ -67,6 +67,12 @@ def test_layouts_and_label_fraction(tmp_path):
                     + [[f"tt/train/b/{i}.png", "b", "test"] for i in range(2)])
     t = read_tiles(str(tmp_path / "t.csv"))
     assert list(t.splits) == ["train"] * 3 + ["test"] * 2
+    # The same list saved by a decimal-comma spreadsheet (';', padded header, trailing ';;'
+    # rows) reads alike (plant: the tile reader without data_prep.csv_table -> "expected a header").
+    (tmp_path / "t_semicolon.csv").write_text(
+        "path; label; split\n" + (tmp_path / "t.csv").read_text().split("\n", 1)[1].replace(",", ";") + ";;\n")
+    t_sc = read_tiles(str(tmp_path / "t_semicolon.csv"))
+    assert t_sc.paths == t.paths and list(t_sc.labels) == list(t.labels) and list(t_sc.splits) == list(t.splits)
     assert load_tile(t.paths[0], 24).shape == (24, 24, 3)  # 32x40 -> shorter side 24, center crop
     with open(tmp_path / "bad.csv", "w") as f:
         f.write("path,label\nnope.png,a\n")

@@ -42,7 +42,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
-import io
 import math
 import os
 import re
@@ -50,6 +49,8 @@ import sys
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from data_prep import csv_table
 
 
 class CohortError(ValueError):
@@ -94,29 +95,11 @@ class Cohort:
 # ---------------------------------------------------------------------------------- ids and files
 
 def read_csv_rows(path: str, what: str = "CSV") -> list[dict[str, str]]:
-    """Rows of a UTF-8 CSV (BOM tolerated); a missing file or another encoding is a CohortError."""
+    """Rows of a UTF-8 CSV (data_prep.csv_table: BOM, ';' or tab separators, padded header names,
+    trailing empty rows); a missing file or another encoding is a CohortError."""
     if not os.path.isfile(path):
         raise CohortError(f"{path}: {what} file not found")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise CohortError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
-    # Spreadsheets in locales with a decimal comma save "CSV" with ';' (or tabs): a header
-    # without a comma but with one of those is read with it rather than as one column.
-    header = text.lstrip("\r\n").split("\n", 1)[0]
-    delimiter = next((d for d in (";", "\t") if "," not in header and d in header), ",")
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows = list(reader)
-    while rows and not any(isinstance(v, str) and v.strip() for v in rows[-1].values()):
-        rows.pop()  # trailing ",,," rows a spreadsheet leaves after its last line
-    if reader.fieldnames:
-        for r in rows:  # strip header whitespace ("slide_id " -> "slide_id")
-            for k in list(r):
-                if k is not None and k != k.strip():
-                    r[k.strip()] = r.pop(k)
-    return rows
+    return csv_table.read_rows(path, what, CohortError)[1]
 
 
 def strip_extension(name: str) -> str:

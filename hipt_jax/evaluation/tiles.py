@@ -12,12 +12,12 @@ fraction of the TRAIN tiles (at least one per class), as in the few-label protoc
 """
 from __future__ import annotations
 
-import csv
-import io
 import dataclasses
 import os
 
 import numpy as np
+
+from data_prep import csv_table
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
@@ -65,13 +65,7 @@ def _read_folder(root: str) -> tuple[list[str], list[str], list[str]]:
 
 
 def _read_csv(path: str) -> tuple[list[str], list[str], list[str]]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")  # a BOM is tolerated
-    except UnicodeDecodeError as e:
-        raise TileDatasetError(f"{path}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8") from None
-    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    rows = csv_table.read_rows(path, "CSV", TileDatasetError)[1]
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise TileDatasetError(f"{path}: expected a header with columns path,label[,split]")
     base = os.path.dirname(os.path.abspath(path))
