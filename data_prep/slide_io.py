@@ -107,22 +107,47 @@ def resolve_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None,
     """Level-0 mpp and where it came from: ("slide property" | "assumed").
 
     A plausible mpp in the metadata wins. An implausible one (see `mpp_problem`) or none at all
-    needs `assume_mpp`; without it SlideError names the reason and the way out.
+    needs `assume_mpp`; without it SlideError names the reason and the way out. Non-square
+    pixels are refused whatever `assume_mpp` says (see `slide_mpp`).
     """
     name = path or getattr(slide, "_filename", "slide")
-    try:
-        mpp = slide_mpp(slide, None, name)
-    except SlideError:
+    mpp = _metadata_mpp(slide, name)
+    if mpp is None:
         if assume_mpp is not None:
             return float(assume_mpp), "assumed"
-        raise
+        raise SlideError(_NO_MPP.format(name=name))
     problem = mpp_problem(slide, mpp)
     if problem is None:
+        _warn_magnification_contradicts(slide, mpp, name)
         return mpp, "slide property"
     if assume_mpp is not None:
         return float(assume_mpp), "assumed"
     raise SlideError(f"{name}: refused: {problem}; if it really is a slide, pass --assume-mpp "
                      "(e.g. 0.25 for 40x, 0.5 for 20x)")
+
+
+# An objective power this far (as a ratio) from the one the mpp implies (10 / mpp) contradicts
+# it: scanners' 40x lie around 0.23-0.26 um/px, their 20x around 0.46-0.50.
+MAGNIFICATION_MISMATCH = 1.5
+_WARNED_MAGNIFICATION: set[str] = set()
+
+
+def _warn_magnification_contradicts(slide: openslide.OpenSlide, mpp: float, name: str) -> None:
+    """A header saying AppMag 20 with MPP 0.25 is read at 0.25 um/px (40x): the mpp is what
+    the pixels are measured in, but a user reading the header as 20x should hear that, once."""
+    try:
+        power = float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, "nan"))
+    except ValueError:
+        return
+    if not (np.isfinite(power) and power > 0) or name in _WARNED_MAGNIFICATION:
+        return
+    ratio = (10.0 / power) / mpp
+    if max(ratio, 1.0 / ratio) <= MAGNIFICATION_MISMATCH:
+        return
+    _WARNED_MAGNIFICATION.add(name)
+    said = f"AppMag {power:g}" if "aperio.AppMag" in slide.properties else f"objective power {power:g}x"
+    print(f"{name}: warning: its metadata says {said} but {mpp:.4g} um/px (about {10.0 / mpp:.0f}x); "
+          f"reading it at {mpp:.4g} um/px (the mpp wins)", file=sys.stderr)
 
 
 def check_upsample(mpp: float, target_mpp: float, tolerance: float = DEFAULT_MPP_TOLERANCE,
@@ -135,26 +160,46 @@ def check_upsample(mpp: float, target_mpp: float, tolerance: float = DEFAULT_MPP
                      "pass --allow-upsample to accept, or a --target-mpp >= the slide's")
 
 
-def slide_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None, path: str = "") -> float:
-    """Level-0 microns per pixel from the slide metadata, else `assume_mpp`, else SlideError.
+_NO_MPP = ("{name}: slide has no mpp in its metadata; pass --assume-mpp (e.g. 0.25 for 40x, "
+           "0.5 for 20x)")
 
-    No plausibility check (see `resolve_mpp`)."""
-    props = slide.properties
-    values = []
-    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+
+def _metadata_mpp(slide: openslide.OpenSlide, name: str) -> float | None:
+    """The level-0 mpp the metadata states (mean of mpp-x and mpp-y), None when it states none.
+
+    SlideError when the two axes differ beyond DEFAULT_MPP_TOLERANCE: one scale cannot read such
+    a slide, and their mean gave regions stretched along one axis with nothing said."""
+    values = {}
+    for axis, key in (("x", openslide.PROPERTY_NAME_MPP_X), ("y", openslide.PROPERTY_NAME_MPP_Y)):
         try:
-            v = float(props.get(key, "nan"))
+            v = float(slide.properties.get(key, "nan"))
         except ValueError:
             v = float("nan")
         if np.isfinite(v) and v > 0:
-            values.append(v)
-    if values:
-        return float(np.mean(values))
+            values[axis] = v
+    if not values:
+        return None
+    if len(values) == 2:
+        lo, hi = sorted(values.values())
+        if hi > lo * (1.0 + DEFAULT_MPP_TOLERANCE):
+            raise SlideError(f"{name}: refused: pixels are not square (mpp-x {values['x']:.4g}, mpp-y "
+                             f"{values['y']:.4g} um/px): its regions would be stretched {hi / lo:.2f}:1 along "
+                             "one axis; resample the slide to square pixels (or correct its metadata)")
+    return float(np.mean(list(values.values())))
+
+
+def slide_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None, path: str = "") -> float:
+    """Level-0 microns per pixel from the slide metadata, else `assume_mpp`, else SlideError.
+    Non-square pixels (mpp-x and mpp-y apart) are a SlideError even with `assume_mpp`.
+
+    No plausibility check (see `resolve_mpp`)."""
+    name = path or getattr(slide, "_filename", "slide")
+    mpp = _metadata_mpp(slide, name)
+    if mpp is not None:
+        return mpp
     if assume_mpp is not None:
         return float(assume_mpp)
-    name = path or getattr(slide, "_filename", "slide")
-    raise SlideError(f"{name}: slide has no mpp in its metadata; pass --assume-mpp (e.g. 0.25 for 40x, "
-                     "0.5 for 20x)")
+    raise SlideError(_NO_MPP.format(name=name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,10 +273,19 @@ def _read_bgra_premultiplied(slide: openslide.OpenSlide, x: int, y: int, level: 
 
 def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int,
              order: str = "rgb") -> np.ndarray:
-    """OpenSlide read_region composited over white -> uint8 [h,w,3]. (x, y) in level-0 pixels."""
-    bgra = _read_bgra_premultiplied(slide, x, y, level, w, h)
-    if bgra is None:  # not the C-backed OpenSlide class (or big-endian): public API
-        rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
+    """OpenSlide read_region composited over white -> uint8 [h,w,3]. (x, y) in level-0 pixels.
+
+    A read OpenSlide cannot decode (a damaged JPEG tile) is a SlideError naming the slide and
+    the region, so callers that go on past a bad slide catch it like any other."""
+    try:
+        bgra = _read_bgra_premultiplied(slide, x, y, level, w, h)
+        if bgra is None:  # not the C-backed OpenSlide class (or big-endian): public API
+            rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
+    except openslide.OpenSlideError as e:
+        name = getattr(slide, "_filename", None) or "slide"
+        raise SlideError(f"{name}: cannot read its pixels ({w} x {h} px at level {level} from level-0 "
+                         f"({x}, {y})): {e} (a damaged tile?)") from None
+    if bgra is None:
         return composite_white(rgba, order)
     alpha = bgra[:, :, 3]
     if alpha.min() != 255:
@@ -240,6 +294,17 @@ def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: 
         bgra[:, :, :3] += (255 - alpha)[:, :, None]
         bgra[:, :, 3] = 255
     return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB if order == "rgb" else cv2.COLOR_BGRA2BGR)
+
+
+def read_thumbnail(slide: openslide.OpenSlide, max_px: int) -> np.ndarray:
+    """The whole slide as uint8 [h,w,3] RGB, its longer side at most `max_px`; a damaged tile is
+    a SlideError naming the slide, as in `read_rgb`."""
+    try:
+        return np.asarray(slide.get_thumbnail((int(max_px), int(max_px))).convert("RGB"))
+    except openslide.OpenSlideError as e:
+        name = getattr(slide, "_filename", None) or "slide"
+        raise SlideError(f"{name}: cannot read its pixels (a thumbnail of at most {max_px} px): {e} "
+                         "(a damaged tile?)") from None
 
 
 def read_region_geometry(slide: openslide.OpenSlide, x: int, y: int, geom: RegionGeometry,

@@ -367,6 +367,8 @@ def summarize(p: Paths, outputs: dict, timings: dict, total: float) -> str:
 
 
 def _knn_line(path: str) -> str:
+    from hipt_jax.evaluation import metrics
+
     with open(path) as f:
         res = json.load(f)
     summary = res.get("summary", res)
@@ -376,7 +378,7 @@ def _knn_line(path: str) -> str:
         if isinstance(s, dict) and "auc" in s:
             auc = s["auc"]
             if isinstance(auc, dict):
-                parts.append(f"{proto} KNN AUC {auc.get('mean', float('nan')):.3f} +/- {auc.get('std', float('nan')):.3f}")
+                parts.append(f"{proto} KNN AUC {metrics.format_mean_std(auc)}")
             else:
                 parts.append(f"{proto} KNN AUC {auc}")
     return "slide KNN (class a vs b): " + ("; ".join(parts) if parts else f"see {_short(path)}")
@@ -385,7 +387,9 @@ def _knn_line(path: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hipt_jax.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_out", help="output folder")
+    from hipt_jax.cli.flags import path_arg
+
+    parser.add_argument("--out", default="demo_out", type=path_arg, help="output folder")
     parser.add_argument("--steps", default=",".join(STEPS),
                         help=f"comma-separated subset of {','.join(STEPS)} (optional: {','.join(OPTIONAL_STEPS)})")
     parser.add_argument("--slides", type=int, default=8, help="synthetic slides (half per class)")

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from data_prep.synth import REAL_SLIDE, make_aperio_slide
+from data_prep.synth import REAL_SLIDE, make_aperio_slide, real_tissue_pixels
 
 REGION = 512  # region side (px at 0.5 um/px) used by the data_prep tests
 # Level-0 (height, width) of the 20x slides: 4 x 6 region grid whose last column is only
@@ -74,3 +74,27 @@ def synthetic_slides(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def real_slide() -> str:
     return REAL_SLIDE
+
+
+def damage_tile(path: str, index: int, seed: int = 0) -> str:
+    """Overwrite level-0 JPEG tile `index` (row-major) of a slide with random bytes, keeping its
+    first and last two bytes (the SOI/EOI markers): OpenSlide opens the file and fails only
+    when a read decodes that tile ("Corrupt JPEG data"), as with a bad sector or a broken copy."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[index], tif.pages[0].databytecounts[index]
+    with open(path, "r+b") as f:
+        f.seek(offset + 2)
+        f.write(np.random.default_rng(seed).integers(0, 256, count - 4, dtype=np.uint8).tobytes())
+    return path
+
+
+def tiff_with_mpp(path: str, mpp_x: float, mpp_y: float, side: int = 1024) -> str:
+    """A tiled RGB TIFF of real tissue whose resolution tags give `mpp_x` and `mpp_y` um/px."""
+    import tifffile
+
+    img = np.ascontiguousarray(np.tile(real_tissue_pixels(), (2, 2, 1))[:side, :side])
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(1e4 / mpp_x, 1e4 / mpp_y), resolutionunit="CENTIMETER")
+    return path

@@ -253,3 +253,155 @@ def test_error_table_names_real_exceptions_and_bugs_keep_their_traceback():
     assert flags.run_command("t", lambda: (_ for _ in ()).throw(ExtractError("x"))) == flags.EXIT_BAD_INPUT
     with pytest.raises(ZeroDivisionError):  # a bug is not "bad input"
         flags.run_command("t", lambda: 1 // 0)
+
+
+# ------------------------------------------------------------------------------ paths with ~
+# String flags that name no file or folder (every other one takes flags.path_arg).
+NOT_PATHS = {"--label-column", "--embedding", "--include-classes", "--exclude-classes", "--beam-arg"}
+
+
+def _string_options(parser, where=""):
+    """(command words + flag, action) of every option that takes a free string."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _string_options(sub, f"{where}{name} ")
+        elif action.nargs != 0 and not action.choices and action.dest != "help" and \
+                action.type in (None, flags.path_arg) and action.default is not argparse.SUPPRESS:
+            yield where + (action.option_strings[0] if action.option_strings else action.dest), action
+
+
+def test_every_path_flag_expands_tilde(tmp_path, monkeypatch):
+    """`--out=~/e.npz` (bash does not expand ~ after `=`) made a folder literally named `~` in the
+    working directory, one `rm -rf ~` away from the user's home. Every argparse flag naming a file
+    or folder expands it (flags.path_arg); the absl commands expand theirs before parsing and every
+    ~ in a config field (file or --config.FIELD override) when the config is read.
+    Plants: hipt-embed's --out without type=flags.path_arg; _expand_user_flags or
+    expand_user_paths returning their input -> fails."""
+    import ml_collections
+
+    from hipt_jax.cli import patch_eval, predict
+
+    home = str(tmp_path)
+    monkeypatch.setenv("HOME", home)
+    for module in (convert, embed, extract, heatmap, knn, patch_eval, predict, prep):
+        for where, action in _string_options(module.build_parser()):
+            if where.split()[-1] not in NOT_PATHS:
+                assert action.type is flags.path_arg, f"{module.__name__}: {where}"
+    args = embed.build_parser().parse_args(["--random-init", "tiny", "--image=~/r.png", "--out=~/e.npz"])
+    assert (args.image, args.out) == (f"{home}/r.png", f"{home}/e.npz")
+    argv = ["prog", "--config=~/c.py:runlocal", "--workdir=~/w", "--plan_json", "~/p.json", "--seed=1", "--",
+            "--workdir=~/x"]
+    assert flags._expand_user_flags(argv, flags.ABSL_PATH_FLAGS) == [
+        "prog", f"--config={home}/c.py:runlocal", f"--workdir={home}/w", "--plan_json", f"{home}/p.json",
+        "--seed=1", "--", "--workdir=~/x"]
+    config = ml_collections.ConfigDict({"data": {"path": "~/d", "splits": "kfold:10"}, "seed": 1})
+    config.lock()
+    flags.expand_user_paths(config)
+    assert (config.data.path, config.data.splits) == (f"{home}/d", "kfold:10")
+
+
+def test_out_with_tilde_writes_under_home_not_a_folder_named_tilde(tmp_path, monkeypatch, capsys):
+    """hipt-prep coords --slides=~/slides --out=~/o with HOME set: the output is HOME/o and the
+    working directory gets no `~`. Plant: prep's --out without type=flags.path_arg -> ./~/o."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    (home / "slides").mkdir(parents=True)
+    make_aperio_slide(str(home / "slides" / "s.svs"), (512, 512), levels=(1,))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    code, _, err = _call(prep.main, ["coords", "--slides=~/slides", "--out=~/o", "--region", "256",
+                                     "--workers", "1", "--no-progress"], capsys)
+    assert code == 0, err
+    assert (home / "o" / "manifest.json").exists() and os.listdir(work) == []
+
+
+# ------------------------------------------------------------------------------ the absl commands
+# One subprocess runs every case below, each in a child forked after the slow imports: absl keeps
+# its flags in one registry per process, and a fresh interpreter per case costs ~2 s.
+_ABSL_DRIVER = r"""
+import importlib, os, sys
+import absl.flags, ml_collections.config_flags, hipt_jax.cli.flags
+out_dir, cases = sys.argv[1], sys.argv[2:]
+for i, case in enumerate(cases):
+    module, *argv = case.split("\x1f")
+    pid = os.fork()
+    if pid == 0:
+        for fd, ext in ((1, "out"), (2, "err")):
+            os.dup2(os.open(os.path.join(out_dir, f"{i}.{ext}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [module] + argv  # ml_collections reads the --config.FIELD overrides from sys.argv
+        try:
+            importlib.import_module(module).main(sys.argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    with open(os.path.join(out_dir, f"{i}.code"), "w") as f:
+        f.write(str(os.waitstatus_to_exitcode(status)))
+"""
+ABSL = ("pretrain", "finetune", "profile")
+
+
+@pytest.fixture(scope="module")
+def absl_runs(tmp_path_factory):
+    """{(command, case): (exit code, stdout, stderr)} with HOME a temporary folder."""
+    import subprocess
+    import sys
+
+    from tests.cli_helpers import ENV
+
+    root = tmp_path_factory.mktemp("absl")
+    home, out = root / "home", root / "out"
+    home.mkdir()
+    out.mkdir()
+    cases = {(c, h): [h] for c in ABSL for h in ("--help", "-h")}
+    cases.update({(c, "missing"): ["--config=~/missing.py", "--workdir=w"] for c in ABSL})
+    cases[("finetune", "tilde")] = [f"--config={ROOT}/configs/lgp_subtyping.py:runlocal", "--workdir=~/wd",
+                                    "--config.data.embeddings=~/emb", "--config.data.labels=~/labels.csv"]
+    keys = list(cases)
+    subprocess.run([sys.executable, "-c", _ABSL_DRIVER, str(out)]
+                   + ["\x1f".join([f"hipt_jax.cli.{c}"] + cases[(c, h)]) for c, h in keys],
+                   cwd=str(root), env=dict(ENV, HOME=str(home)), check=True, timeout=300)
+    read = lambda i, ext: (out / f"{i}.{ext}").read_text()  # noqa: E731
+    return {key: (int(read(i, "code")), read(i, "out"), read(i, "err")) for i, key in enumerate(keys)}, root
+
+
+@pytest.mark.parametrize("command", ABSL)
+def test_absl_help_exits_0_with_a_usage(absl_runs, command):
+    """`--help` printed a bare "USAGE: ... Try --helpfull" and exited 1, `-h` was an unknown flag.
+    Both print the command's usage, its flags (--config with its switches, --workdir) and how to
+    set a config field, exit 0. Plant: absl_main without the _help_asked branch -> fails."""
+    runs, _ = absl_runs
+    for spelled in ("--help", "-h"):
+        code, out, err = runs[(command, spelled)]
+        assert code == 0, err
+        assert f"hipt-{command}" in out and "--config=FILE[:SWITCHES]" in out and "runlocal" in out
+        assert "--config.FIELD=VALUE" in out and "--helpfull" in out
+        assert ("--plan" if command == "profile" else "--workdir=DIR") in out
+        assert command == "finetune" or "bf16" in out
+
+
+@pytest.mark.parametrize("command", ABSL)
+def test_absl_missing_config_file_is_named(absl_runs, command):
+    """A --config path that does not exist gave ml_collections' "Configuration is not available
+    because of an earlier failure to load: ..." (hipt-profile: an unknown --workdir first). One
+    line naming the path now, ~ expanded. Plant: absl_main without _missing_config_file -> fails."""
+    runs, root = absl_runs
+    code, _, err = runs[(command, "missing")]
+    assert_exit_2(code, err, f"hipt-{command}: error: config file not found: {root}/home/missing.py")
+
+
+def test_absl_config_fields_and_workdir_expand_tilde(absl_runs):
+    """--config.data.labels=~/labels.csv is looked for under HOME (the config is read through
+    absl_config). --workdir=~/wd is expanded before parsing (test_every_path_flag_expands_tilde:
+    a refused run removes the folder it made, so nothing is left here to tell).
+    Plant: absl_config without expand_user_paths -> "~/labels.csv: labels file not found"."""
+    runs, root = absl_runs
+    code, _, err = runs[("finetune", "tilde")]
+    assert_exit_2(code, err, f"{root}/home/labels.csv: labels file not found")
+    assert not (root / "~").exists()

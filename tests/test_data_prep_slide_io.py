@@ -6,8 +6,9 @@ import openslide
 import pytest
 
 from data_prep.slide_io import (SlideError, open_slide, read_region_at_mpp, region_geometry,
-                                slide_mpp, snap_scale)
+                                resolve_mpp, slide_mpp, snap_scale)
 from data_prep.synth import make_aperio_slide
+from tests.fixtures_slides import damage_tile, tiff_with_mpp
 from tests.fixtures_slides import real_slide, synthetic_slides  # noqa: F401  (fixtures)
 
 
@@ -130,3 +131,49 @@ def test_fast_read_equals_public_api_on_partially_transparent_edge(synthetic_sli
             public = composite_white(rgba, order=order).astype(int)
             np.testing.assert_array_equal(fast[~partial], public[~partial])
             assert np.abs(fast[partial] - public[partial]).max() <= 1, order
+
+
+def test_non_square_pixels_are_refused_naming_both_axes(tmp_path):
+    """mpp-x 0.5 and mpp-y 1.0 um/px were averaged to 0.75 um/px and every region came out
+    stretched 2:1, with exit 0. Refused now, naming both values, also with --assume-mpp (no
+    single mpp makes such pixels square); axes within the snapping tolerance still read as
+    their mean. Plant: slide_mpp taking np.mean of both axes unchecked -> fails."""
+    path = tiff_with_mpp(str(tmp_path / "nonsq.tif"), 0.5, 1.0, side=512)
+    slide = open_slide(path)
+    refused = r"nonsq.tif: refused: pixels are not square \(mpp-x 0.5, mpp-y 1 um/px\)"
+    for read in (lambda: slide_mpp(slide, path=path), lambda: resolve_mpp(slide, 0.5, path),
+                 lambda: read_region_at_mpp(slide, 0, 0, 256, 1.0)):
+        with pytest.raises(SlideError, match=refused):
+            read()
+    near = open_slide(tiff_with_mpp(str(tmp_path / "near.tif"), 0.5, 0.5025, side=512))
+    assert slide_mpp(near) == pytest.approx(0.50125)
+
+
+def test_damaged_tile_is_a_slide_error_naming_the_slide_and_region(tmp_path):
+    """A corrupt JPEG tile raised openslide's OpenSlideError, which the per-slide handlers of
+    hipt-extract did not catch (a traceback ended the cohort) and hipt-embed/hipt-heatmap
+    printed as a traceback. It is a SlideError naming the file and the region read now.
+    Plant: read_rgb without its OpenSlideError -> SlideError conversion -> fails."""
+    path = make_aperio_slide(str(tmp_path / "bad.svs"), (1024, 1024), levels=(1,), seed=2)
+    damage_tile(path, 5)  # row 1, column 1 of the 256 px tiles: level-0 px 256-511
+    slide = open_slide(path)
+    assert read_region_at_mpp(slide, 512, 512, 256).shape == (256, 256, 3)  # other tiles read
+    with pytest.raises(SlideError, match=r"bad.svs: cannot read its pixels \(512 x 512 px at level 0 "
+                                         r"from level-0 \(0, 0\)\): .+ \(a damaged tile\?\)"):
+        read_region_at_mpp(slide, 0, 0, 512)
+
+
+def test_objective_power_contradicting_the_mpp_is_warned_once(tmp_path, capsys):
+    """AppMag 20 with MPP 0.25 was read as 40x without a word. The mpp still wins (it measures
+    the pixels), but a one-line warning names both, once per slide; a consistent header says
+    nothing. Plant: resolve_mpp without the magnification check -> fails."""
+    path = make_aperio_slide(str(tmp_path / "m.svs"), (512, 512), mag=20, levels=(1,), mpp=0.25)
+    slide = open_slide(path)
+    assert resolve_mpp(slide, None, path) == (0.25, "slide property")
+    resolve_mpp(slide, None, path)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"{path}: warning: its metadata says AppMag 20 but 0.25 um/px (about 40x); reading it "
+                   "at 0.25 um/px (the mpp wins)"]
+    ok = make_aperio_slide(str(tmp_path / "ok.svs"), (512, 512), mag=40, levels=(1,), mpp=0.2527)
+    resolve_mpp(open_slide(ok), None, ok)
+    assert capsys.readouterr().err == ""

@@ -172,3 +172,44 @@ def test_entry_point_subprocess(setup, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "bad.pth: not a PyTorch checkpoint" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_slide_coarser_than_the_target_needs_allow_upsample(tmp_path, capsys):
+    """A 1.0 um/px slide read for 0.5 um/px was 256 level-0 px upsampled 2x, with exit 0 and no
+    word, where hipt-prep and hipt-extract --slides refuse it. Refused the same way now (one line,
+    exit 2); --allow-upsample reads it, and is refused beside --image (it would do nothing).
+    Plant: flags.read_region without check_upsample -> exit 0 -> fails."""
+    import argparse
+
+    from data_prep.synth import make_aperio_slide
+    from hipt_jax.cli.flags import read_region
+
+    slide = make_aperio_slide(str(tmp_path / "s10.svs"), (768, 768), mag=20, levels=(1,), mpp=1.0)
+    code, _, err = run(capsys, "--random-init", "tiny", "--slide", slide, "--x", 0, "--y", 0, "--size", 512,
+                       "--out", tmp_path / "e.npz")
+    assert code == 2 and not (tmp_path / "e.npz").exists()
+    # (the synthetic header also says AppMag 20: a warning line of its own comes first)
+    assert [ln for ln in err.splitlines() if "error" in ln] == [
+        f"hipt-embed: error: {slide}: refused: slide is 1 um/px, coarser than the target 0.5 um/px (regions "
+        "would be upsampled 2.00x); pass --allow-upsample to accept, or a --target-mpp >= the slide's"]
+    args = argparse.Namespace(image=None, slide=slide, x=0, y=0, size=512, target_mpp=0.5, assume_mpp=None,
+                              allow_upsample=True)
+    assert read_region(args).shape == (512, 512, 3)
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / "r.png")
+    code, _, err = run(capsys, "--random-init", "tiny", "--image", tmp_path / "r.png", "--allow-upsample",
+                       "--out", tmp_path / "i.npz")
+    assert code == 2 and "--allow-upsample: choose a region of --slide" in err
+
+
+def test_damaged_tile_is_one_line_exit_2(tmp_path, capsys):
+    """A corrupt JPEG tile under the region was an OpenSlideError traceback (exit 1); it is one
+    line naming the slide and the region read, exit 2.
+    Plant: read_rgb without its OpenSlideError -> SlideError conversion -> fails."""
+    from data_prep.synth import make_aperio_slide
+    from tests.fixtures_slides import damage_tile
+
+    slide = damage_tile(make_aperio_slide(str(tmp_path / "bad.svs"), (1024, 1024), levels=(1,), seed=2), 5)
+    code, _, err = run(capsys, "--random-init", "tiny", "--slide", slide, "--x", 0, "--y", 0, "--size", 512,
+                       "--out", tmp_path / "e.npz")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"hipt-embed: error: {slide}: cannot read its pixels (512 x 512 px at level 0 from level-0 (0, 0))" in err

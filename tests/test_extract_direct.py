@@ -11,10 +11,11 @@ from data_prep import bags
 from data_prep.coords import read_coords
 from data_prep.runner import prepare_coords
 from data_prep.slide_io import open_slide, read_region_at_mpp
-from data_prep.synth import REAL_SLIDE
+from data_prep.synth import REAL_SLIDE, make_aperio_slide
 from hipt_jax import extraction
 from hipt_jax.cli.extract import main as extract_main
 from hipt_jax.models.hipt4k import HIPT4K
+from tests.fixtures_slides import damage_tile
 
 SID = "cmu_small_region"
 SIZE = 512
@@ -182,3 +183,22 @@ def test_coordinate_rows_duplicated_or_fractional_are_refused(tmp_path):
         read_coords(write("dup.h5", [[0, 0], [512, 0], [0, 0], [0, 0]]))
     with pytest.raises(CoordsError, match=r"frac.h5: coordinates must be whole level-0 pixels, got \(512.9, 0\)"):
         read_coords(write("frac.h5", [[0.0, 0.0], [512.9, 0.0]]))
+
+
+def test_damaged_tile_fails_its_slide_and_the_cohort_goes_on(model, extractor, tmp_path):
+    """A corrupt JPEG tile in one slide raised openslide's OpenSlideError out of the reader
+    threads: a traceback, and the slides after it were never extracted. That slide fails now,
+    named with the region that could not be read, and the next one is done.
+    Plant: read_rgb without its OpenSlideError -> SlideError conversion -> fails."""
+    from data_prep.coords import coords_path, write_coords
+
+    slides = {}
+    for sid, seed in (("a_bad", 2), ("b_good", 1)):  # the damaged slide first: the run must go on
+        slides[sid] = make_aperio_slide(str(tmp_path / f"{sid}.svs"), (1024, 1024), levels=(1,), seed=seed)
+        write_coords(coords_path(str(tmp_path), sid), [(0, 0), (512, 512)], slide_id=sid, region_px=SIZE,
+                     read_px=SIZE, slide_mpp=0.5, target_mpp=0.5, width=1024, height=1024)
+    damage_tile(slides["a_bad"], 5)  # row 1, column 1 of the 256 px tiles: inside the region at (0, 0)
+    man = _direct(model, extractor, slides, str(tmp_path / "coords"), str(tmp_path / "emb"))
+    assert man["slides"]["b_good"]["status"] == "done"
+    bad = man["slides"]["a_bad"]
+    assert bad["status"] == "failed" and "a_bad.svs: cannot read its pixels" in bad["error"], bad

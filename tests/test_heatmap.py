@@ -434,6 +434,34 @@ def test_cli_vitwsi_slide_map(tmp_path):
                  "--size", "2048", "--out", str(tmp_path / "maps3"), "--thumb-px", "128"]) == 2
 
 
+def test_region_mode_refuses_upsampling_and_damaged_tiles_in_one_line(tmp_path, capsys):
+    """Region mode read a 1.0 um/px slide's 256 level-0 px upsampled 2x with exit 0, and a
+    corrupt JPEG tile under the region was an OpenSlideError traceback: both are one line, exit 2,
+    like hipt-embed (flags.read_region). --allow-upsample is a region-mode flag: refused in slide
+    mode. Slide mode's thumbnail of the damaged slide is one line too. Plants: read_region without
+    check_upsample -> a map of the upsampled region (exit 0); read_rgb / read_thumbnail without
+    their OpenSlideError -> SlideError conversion -> traceback: fails."""
+    from data_prep.synth import make_aperio_slide
+    from hipt_jax.cli.heatmap import main
+    from tests.fixtures_slides import damage_tile
+
+    s10 = make_aperio_slide(str(tmp_path / "s10.svs"), (768, 768), mag=20, levels=(1,), mpp=1.0)
+    bad = damage_tile(make_aperio_slide(str(tmp_path / "bad.svs"), (1024, 1024), levels=(1,), seed=2), 5)
+    for slide, needle in ((s10, "coarser than the target 0.5 um/px"), (bad, "cannot read its pixels")):
+        code = main(["--random-init", "tiny", "--slide", slide, "--size", "512", "--out", str(tmp_path / "o"),
+                     "--no-progress"])
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln or "Traceback" in ln]
+        assert code == 2 and len(errors) == 1 and f"{slide}: " in errors[0] and needle in errors[0], errors
+    np.savez(tmp_path / "scores.npz", coords=np.zeros((1, 2)), scores=np.ones(1), region_px=512)
+    assert main(["--slide", s10, "--region-scores", str(tmp_path / "scores.npz"), "--allow-upsample",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--allow-upsample: options of region mode" in capsys.readouterr().err
+    # slide mode paints on a thumbnail, read through the same damaged tile
+    assert main(["--slide", bad, "--region-scores", str(tmp_path / "scores.npz"), "--out", str(tmp_path / "o")]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln or "Traceback" in ln]
+    assert len(errors) == 1 and f"{bad}: cannot read its pixels (a thumbnail of at most 2048 px)" in errors[0]
+
+
 if __name__ == "__main__":
     # Regenerate the golden fixtures (only after an intended change of the maps):
     #   .venv/bin/python -m tests.test_heatmap

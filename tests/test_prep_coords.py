@@ -12,6 +12,7 @@ from data_prep.shards import decode_jpeg, read_records
 from data_prep.slide_io import open_slide, read_region_at_mpp
 from data_prep.synth import make_aperio_slide, real_tissue_pixels
 from hipt_jax.cli.prep import main
+from tests.fixtures_slides import tiff_with_mpp
 from tests.fixtures_slides import REGION, SIZE_20X, expected_regions, synthetic_slides  # noqa: F401
 
 
@@ -129,3 +130,20 @@ def test_10x_slide_needs_allow_upsample(tmp_path, capsys):
     assert _prep("coords", slides, tmp_path / "b", "--allow-upsample", "--min-tissue", "0.01") == 0
     cf = read_coords(str(tmp_path / "b" / "coords" / "s10x_patches.h5"))
     assert cf.attrs["patch_size_level0"] == REGION // 2
+
+
+def test_non_square_slide_fails_by_name_and_the_cohort_goes_on(tmp_path, capsys):
+    """mpp-x 0.5 / mpp-y 1.0 um/px was read at their mean, 0.75 um/px (exit 0, regions stretched
+    2:1). That slide fails now, named with both values; the square one beside it is done.
+    Plant: slide_mpp taking np.mean of both axes unchecked -> exit 0 -> fails."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    tiff_with_mpp(str(slides / "nonsq.tif"), 0.5, 1.0)
+    tiff_with_mpp(str(slides / "square.tif"), 1.0, 1.0)
+    out = tmp_path / "out"
+    assert _prep("coords", slides, out, "--target-mpp", "1.0") == 1
+    failed = [ln for ln in capsys.readouterr().err.splitlines() if "FAILED" in ln]
+    assert len(failed) == 1 and "FAILED nonsq:" in failed[0]
+    assert "pixels are not square (mpp-x 0.5, mpp-y 1 um/px)" in failed[0]
+    items = json.loads((out / "manifest.json").read_text())["items"]
+    assert items["square"]["status"] == "done" and items["square"]["slide_mpp"] == 1.0

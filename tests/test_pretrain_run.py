@@ -376,3 +376,24 @@ def test_arrayrecord_shards_drop_in_for_both_stages(tmp_path):
         if stage == 2:  # every global crop is a window of one of the stored grids
             crop = batch["global"][0, 0]
             assert any(np.isin(crop[0, 0], g).all() for g in grids)
+
+
+def test_log_line_has_no_speed_or_eta_until_known(tmp_path, capsys, monkeypatch):
+    """The first logged step printed "0.00 steps/s 0.0 img/s (0 crops/s) ETA nan min": no step
+    had been timed yet. It prints no speed or ETA; the next logged step has both.
+    Plant: the old line (speed and ETA always printed) -> fails."""
+    import types
+
+    from hipt_jax.pretrain import trainer
+
+    clock = iter([100.0, 100.0, 100.0, 110.0])  # start, first log (its start, its rate), second log
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    config = types.SimpleNamespace(log_every=10, global_batch=4)
+    logger = trainer._Logger(str(tmp_path), config, total_steps=101, active=True)
+    metrics = dict(loss=1.0, lr=1e-4, wd=0.04, momentum=0.996, teacher_temp=0.04)
+    logger.log(0, metrics, crops_per_step=40)
+    logger.log(10, metrics, crops_per_step=40)
+    logger.close()
+    first, second = capsys.readouterr().out.splitlines()
+    assert "nan" not in first and "ETA" not in first and "steps/s" not in first
+    assert "1.00 steps/s  4.0 img/s (40 crops/s)  ETA 1.5 min" in second

@@ -21,8 +21,9 @@ def build_parser() -> flags.Parser:
     p = flags.Parser(
         prog=PROG,
         description="Convert the released HIPT PyTorch checkpoints to hipt-jax Orbax directories, and back.")
-    p.add_argument("src", help="SRC.pth (forward) or a converted directory (--to-torch)")
-    p.add_argument("dst", help="DST_DIR (forward, must not exist or be empty) or DST.pth (--to-torch)")
+    p.add_argument("src", type=flags.path_arg, help="SRC.pth (forward) or a converted directory (--to-torch)")
+    p.add_argument("dst", type=flags.path_arg,
+                   help="DST_DIR (forward, must not exist or be empty) or DST.pth (--to-torch)")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher",
                    help="which network of a DINO checkpoint to take (default: teacher, as the reference)")
     p.add_argument("--arch", choices=["auto", "vit256", "vit4k", "vit256_tiny", "vit4k_tiny"], default="auto",

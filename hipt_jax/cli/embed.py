@@ -30,7 +30,7 @@ def build_parser() -> flags.Parser:
     flags.add_region_source_flags(p, required=True, xy_default=None)
     flags.add_region_flags(p, deprecated_mpp=True)
     flags.add_compute_flags(p, patch_batch=True, deprecated_dtype=True)
-    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--out", required=True, type=flags.path_arg, help="output .npz")
     p.add_argument("--attention", action="store_true", help="also save last-block attention maps")
     return p
 

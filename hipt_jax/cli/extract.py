@@ -26,21 +26,24 @@ PROG = "hipt-extract"
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     flags.add_model_flags(p, required=False)
-    p.add_argument("--vitwsi", default=None,
+    p.add_argument("--vitwsi", default=None, type=flags.path_arg,
                    help="stage-3 ViT-WSI export (hipt-pretrain configs/pretrain_vitwsi.py): add "
                         "slide_embedding_wsi and attention_wsi to every bag; alone (no --shards/"
                         "--slides) it runs over the bags already in --out")
-    p.add_argument("--shards", default=None, help="hipt-prep regions output folder (with regions/)")
+    p.add_argument("--shards", default=None, type=flags.path_arg,
+                   help="hipt-prep regions output folder (with regions/)")
     d = p.add_argument_group("direct reads (instead of --shards)")
-    d.add_argument("--slides", default=None, help="folder of slides (recursive) or CSV with path[,slide_id]")
-    d.add_argument("--coords", default=None,
+    d.add_argument("--slides", default=None, type=flags.path_arg,
+                   help="folder of slides (recursive) or CSV with path[,slide_id]")
+    d.add_argument("--coords", default=None, type=flags.path_arg,
                    help="folder of h5 coordinate files (hipt-prep coords, TRIDENT or CLAM), searched recursively")
     d.add_argument("--allow-upsample", action="store_true", help="accept slides coarser than --target-mpp")
     d.add_argument("--readers", type=flags.int_at_least(1, 256), default=4, help="threads reading regions from the slide")
     flags.add_region_flags(p, mpp_tolerance=True)
-    p.add_argument("--features", default=None,
+    p.add_argument("--features", default=None, type=flags.path_arg,
                    help="folder of precomputed ViT-256 feature shards (default: SHARDS/features if present)")
-    p.add_argument("--out", required=True, help="output folder (slides/<id>.<format> + manifest.json)")
+    p.add_argument("--out", required=True, type=flags.path_arg,
+                   help="output folder (slides/<id>.<format> + manifest.json)")
     p.add_argument("--format", choices=("npz", "h5", "pt"), default="npz",
                    help="bag format: npz (all arrays), h5 (TRIDENT/CLAM layout: features + coords "
                         "with attributes), pt (official HIPT region bag [M,256,384]; needs torch)")

@@ -1,4 +1,4 @@
-"""`hipt-finetune`: HIPT-LGP subtyping or survival with k-fold cross-validation.
+r"""`hipt-finetune`: HIPT-LGP subtyping or survival with k-fold cross-validation.
 
     hipt-finetune --config configs/lgp_subtyping.py --workdir runs/x \
         --config.data.embeddings=EMB --config.data.labels=labels.csv [--config.data.splits=DIR]
@@ -67,11 +67,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     from ml_collections import config_flags
 
     if "config" not in absl_flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "configs/lgp_subtyping.py or configs/lgp_survival.py[:runlocal]")
+        config_flags.DEFINE_config_file(
+            "config", None, "config file: configs/lgp_subtyping.py or configs/lgp_survival.py; :runlocal "
+            "after it: tiny model, 3 epochs, 3 folds")
         absl_flags.DEFINE_string("workdir", None, "output folder (checkpoints, results, plots)")
         absl_flags.mark_flags_as_required(["config", "workdir"])
     flags.define_absl_shared_flags(seed=True, compute_dtype=True, reuse=True)
-    flags.absl_main(PROG, _run, argv)
+    flags.absl_main(PROG, _run, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -501,6 +501,13 @@ def float_in(low: float, high: float = float("inf"), *, low_open: bool = True,
 positive_float = float_in(0.0)
 
 
+def path_arg(text: str) -> str:
+    """argparse type of every flag that names a file or folder: ``~`` expanded. The shell leaves
+    it alone after ``=`` (``--out=~/e.npz``), and a folder literally named ``~`` in the working
+    directory is one ``rm -rf ~`` away from the user's home."""
+    return os.path.expanduser(text)
+
+
 def add_reuse_flags(p) -> None:
     """--overwrite / --resume-anyway: what to do with an output folder made by another run
     (hipt_jax.provenance)."""
@@ -585,10 +592,12 @@ def add_region_flags(p, *, size_flag: str = "--size", size_default: int = 4096,
 def add_region_source_flags(p, *, required: bool, xy_default: Optional[int]) -> None:
     """The one region a single-region command reads: an image file, or a slide at (--x, --y)."""
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--image", help="region image file (PNG/JPEG/TIFF), >= 256 px per side")
-    src.add_argument("--slide", help="whole-slide image (anything OpenSlide reads)")
+    src.add_argument("--image", type=path_arg, help="region image file (PNG/JPEG/TIFF), >= 256 px per side")
+    src.add_argument("--slide", type=path_arg, help="whole-slide image (anything OpenSlide reads)")
     p.add_argument("--x", type=int_at_least(0), default=xy_default, help="level-0 x of the region's top-left corner")
     p.add_argument("--y", type=int_at_least(0), default=xy_default, help="level-0 y of the region's top-left corner")
+    p.add_argument("--allow-upsample", action="store_true",
+                   help="accept a --slide coarser than --target-mpp (the region is upsampled)")
 
 
 def add_model_flags(p, *, vit4k: bool = True, vit4k_help: str = "ViT-4K checkpoint",
@@ -597,9 +606,9 @@ def add_model_flags(p, *, vit4k: bool = True, vit4k_help: str = "ViT-4K checkpoi
 
     ``required``: after parsing, one of --vit256 or --random-init must be given."""
     g = p.add_argument_group("model")
-    g.add_argument("--vit256", help="ViT-256 checkpoint: converted/exported directory or released .pth")
+    g.add_argument("--vit256", type=path_arg, help="ViT-256 checkpoint: converted/exported directory or released .pth")
     if vit4k:
-        g.add_argument("--vit4k", help=f"{vit4k_help}: directory or .pth")
+        g.add_argument("--vit4k", type=path_arg, help=f"{vit4k_help}: directory or .pth")
     g.add_argument("--random-init", nargs="?", const=None, default="none", type=_random_init,
                    metavar="{none,tiny,full}",
                    help="random weights instead of checkpoints (demos, smoke tests): tiny = the "
@@ -810,13 +819,14 @@ def read_region(args):
     if bool(args.image) == bool(args.slide):
         raise UsageError("give exactly one of --image or --slide")
     if args.image:
-        slide_only = [f for f in ("x", "y", "size", "target_mpp", "assume_mpp") if f in getattr(args, "given", ())]
+        slide_only = [f for f in ("x", "y", "size", "target_mpp", "assume_mpp", "allow_upsample")
+                      if f in getattr(args, "given", ())]
         if slide_only:  # the whole image was embedded as it is, with exit 0
             raise UsageError(f"{', '.join('--' + f.replace('_', '-') for f in slide_only)}: choose a region "
                              "of --slide; --image is used whole, as the region")
         region = read_image(args.image)
     else:
-        from data_prep.slide_io import read_region_geometry, region_geometry, resolve_mpp
+        from data_prep.slide_io import check_upsample, read_region_geometry, region_geometry, resolve_mpp
 
         if args.x is None or args.y is None:
             raise UsageError("--slide needs --x and --y (level-0 top-left of the region)")
@@ -826,6 +836,9 @@ def read_region(args):
             raise UsageError(f"{args.slide}: (--x {args.x}, --y {args.y}) is outside the slide "
                              f"({width} x {height} level-0 px)")
         mpp, _ = resolve_mpp(slide, args.assume_mpp, args.slide)  # as read_region_at_mpp reads it
+        # refused as in hipt-prep and hipt-extract --slides: upsampled pixels pass for the target mpp
+        check_upsample(mpp, args.target_mpp, allow_upsample=getattr(args, "allow_upsample", False),
+                       path=args.slide)
         geom = region_geometry(slide, mpp, args.size, args.target_mpp)
         _note_outside(args.slide, slide, args.x, args.y, geom.read_px)
         region = read_region_geometry(slide, args.x, args.y, geom)
@@ -837,13 +850,27 @@ def read_region(args):
 
 # ------------------------------------------------------------------------------ absl commands
 def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = None, *,
-              devices_at_start: bool = True) -> None:
+              devices_at_start: bool = True, doc: str = "",
+              override_example: str = "--config.optim.lr=1e-3") -> None:
     """Run an absl / ml-collections command under the exit-code policy: flag errors (unknown
-    flag, missing --config, a config file that fails to load) exit 2 with one line."""
+    flag, missing --config, a config file that fails to load) exit 2 with one line. ``-h`` /
+    ``--help`` print ``doc`` (the command's module docstring) and its flags (``absl_usage``)."""
     from absl import app
     from absl import flags as absl_flags
 
     def parse(args: list[str]) -> list[str]:
+        args = _expand_user_flags(args, ABSL_PATH_FLAGS)
+        asked = _help_asked(args[1:])
+        if asked == "short":
+            print(absl_usage(prog, doc, override_example))
+            sys.exit(EXIT_OK)
+        if asked == "full":  # absl's own listing, but a help that was asked for is not a failure
+            app.usage(writeto_stdout=True)
+            sys.exit(EXIT_OK)
+        missing = _missing_config_file(args)
+        if missing:
+            print_error(prog, missing)
+            sys.exit(EXIT_BAD_INPUT)
         try:
             return absl_flags.FLAGS(args)
         except absl_flags.Error as e:
@@ -868,6 +895,93 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
 
     cli = argv is None  # the command line, not a call from Python
     app.run(main, argv=argv, flags_parser=parse)
+
+
+# The absl flags that name files or folders (config fields: ``expand_user_paths``).
+ABSL_PATH_FLAGS = ("config", "workdir", "plan_json")
+
+
+def _expand_user_flags(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """``--NAME=~/x`` (and ``--NAME ~/x``) with ``~`` expanded, for each NAME in ``names``: the
+    shell does not expand it after ``=`` (see ``path_arg``)."""
+    out = list(args[:1])
+    for i, arg in enumerate(args[1:], start=1):
+        if arg == "--":
+            return out + list(args[i:])
+        name, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name in names and eq:
+            arg = f"{arg[:len(arg) - len(value)]}{os.path.expanduser(value)}"
+        elif out[-1].startswith("-") and out[-1].lstrip("-") in names and not arg.startswith("-"):
+            arg = os.path.expanduser(arg)
+        out.append(arg)
+    return out
+
+
+def _help_asked(args: list[str]) -> Optional[str]:
+    """"short" for -h/--help (absl's own prints only a bare USAGE line and exits 1; -h was an
+    unknown flag), "full" for --helpfull, else None."""
+    for arg in args:
+        if arg == "--":
+            break
+        if arg in ("-h", "--help", "-help", "--helpshort", "-helpshort", "-?"):
+            return "short"
+        if arg in ("--helpfull", "-helpfull"):
+            return "full"
+    return None
+
+
+def _missing_config_file(args: list[str]) -> str:
+    """One line for a --config FILE that is not there (ml_collections' own says "Configuration
+    is not available because of an earlier failure to load ..."), else ""."""
+    spec = _config_spec(args)
+    if not spec:
+        return ""
+    path = spec.partition(":")[0]
+    if os.path.isdir(path):
+        return f"config file is a folder: {path}"
+    return "" if os.path.isfile(path) else f"config file not found: {path}"
+
+
+_ABSL_METAVARS = {"config": "FILE[:SWITCHES]", "workdir": "DIR", "plan_json": "FILE"}
+
+
+def absl_usage(prog: str, doc: str, override_example: str) -> str:
+    """What -h/--help print for an absl command: its docstring, then its own flags and the shared
+    ones with their help, how to set a config field, and where the rest is."""
+    from absl import flags as absl_flags
+
+    by_module = absl_flags.FLAGS.flags_by_module_dict()
+    own = [m for m in by_module if (m == "__main__" or m.startswith("hipt_jax.")) and m != __name__]
+    listed, lines = set(), []
+    for module in own + [__name__]:
+        for flag in by_module.get(module, []):
+            if flag.name in listed:
+                continue
+            listed.add(flag.name)
+            default = flag.default
+            if flag.flag_type() == "bool":
+                spelled, default = (f"--[no]{flag.name}", "on") if default else (f"--{flag.name}", None)
+            else:
+                spelled = f"--{flag.name}={_ABSL_METAVARS.get(flag.name, 'VALUE')}"
+                default = ",".join(map(str, default)) if isinstance(default, list) else default
+            default = "" if default in (None, "") else f" (default {default})"
+            lines.append(f"  {spelled:<26} {flag.help}{default}")
+    lines.append(f"  {'--config.FIELD=VALUE':<26} set one field of the config, e.g. {override_example}")
+    lines.append(f"  {'--helpfull':<26} every absl flag, the libraries' own included")
+    usage = (doc or f"{prog}").strip()
+    return f"{usage}\n\nflags:\n" + "\n".join(lines)
+
+
+def expand_user_paths(config) -> None:
+    """``~`` expanded in every string field of an absl command's config (data paths, labels,
+    splits, checkpoints, export and output files; see ``path_arg``), from the config file and
+    from --config.FIELD overrides alike, in place."""
+    for key in list(config.keys()):
+        value = config[key]
+        if hasattr(value, "keys"):
+            expand_user_paths(value)
+        elif isinstance(value, str) and value.startswith("~"):
+            config[key] = os.path.expanduser(value)
 
 
 def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False, reuse: bool = False) -> None:
@@ -906,6 +1020,7 @@ def absl_config(prog: str, fields: dict[str, str]):
         value = absl_flags.FLAGS[flag].value
         if value is not None:
             config[field] = value
+    expand_user_paths(config)
     return config
 
 

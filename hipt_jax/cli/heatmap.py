@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                           required=False)
     flags.add_compute_flags(p, patch_batch=True)
     out = p.add_argument_group("maps")
-    out.add_argument("--out", required=True, help="output directory")
+    out.add_argument("--out", required=True, type=flags.path_arg, help="output directory")
     out.add_argument("--name", type=_file_name, default=None, help="file name prefix (default: from the input)")
     out.add_argument("--scale", type=flags.int_at_least(1), default=4, help="output = region px / scale (1, 2, 4, 8, 16)")
     out.add_argument("--alpha", type=flags.float_in(0.0, 1.0, low_open=False), default=0.5)
@@ -79,11 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="official: the reference's module functions, (n4k*s4k + 2*n256*s256)/(n4k + 2*n256) "
                           "with n the evaluations per pixel; equal: plain mean of the two maps; "
                           "coverage: (n4k*s4k + n256*s256)/(n4k + n256)")
-    out.add_argument("--region-scores", help="slide mode: npz with coords, scores, region_px")
-    out.add_argument("--lgp", help="slide mode: trained HIPT-LGP checkpoint (hipt-finetune fold_k/checkpoint)")
-    out.add_argument("--embeddings", help="slide mode with --lgp/--vitwsi: hipt-extract output (slides/<id>.npz)")
-    out.add_argument("--vitwsi", help="slide mode: stage-3 ViT-WSI export (its CLS attention over the "
-                                      "regions), or 'stored' for the bag's attention_wsi (hipt-extract --vitwsi)")
+    out.add_argument("--region-scores", type=flags.path_arg, help="slide mode: npz with coords, scores, region_px")
+    out.add_argument("--lgp", type=flags.path_arg,
+                     help="slide mode: trained HIPT-LGP checkpoint (hipt-finetune fold_k/checkpoint)")
+    out.add_argument("--embeddings", type=flags.path_arg,
+                     help="slide mode with --lgp/--vitwsi: hipt-extract output (slides/<id>.npz)")
+    out.add_argument("--vitwsi", type=flags.path_arg,
+                     help="slide mode: stage-3 ViT-WSI export (its CLS attention over the "
+                          "regions), or 'stored' for the bag's attention_wsi (hipt-extract --vitwsi)")
     out.add_argument("--thumb-px", type=flags.int_at_least(64), default=2048, help="slide mode: longest side of the picture")
     flags.add_progress_flag(p)
     return p
@@ -272,7 +275,9 @@ def run_slide(args) -> dict:
         coords, region_scores, region_px = _vitwsi_scores(args, slide)
     else:
         coords, region_scores, region_px = _file_scores(args.region_scores, slide.dimensions)
-    thumb = np.asarray(slide.get_thumbnail((args.thumb_px, args.thumb_px)).convert("RGB"))
+    from data_prep.slide_io import read_thumbnail
+
+    thumb = read_thumbnail(slide, args.thumb_px)
     downsample = slide.dimensions[0] / thumb.shape[1]  # level-0 px per thumbnail px
     picture, _ = slide_attention_map(thumb, downsample, coords, region_px, region_scores,
                                      alpha=args.alpha, cmap=args.cmap)
@@ -374,7 +379,7 @@ def check_mode(args) -> None:
         return
     given = set(getattr(args, "given", ()))
     region_only = [f for f in ("vit256", "vit4k", "random_init", "image", "x", "y", "scale", "shifts", "shifts256",
-                               "blends", "blend_weighting") if f in given]
+                               "blends", "blend_weighting", "allow_upsample") if f in given]
     if region_only:
         raise flags.UsageError(f"{', '.join('--' + f.replace('_', '-') for f in region_only)}: options of region "
                                f"mode, not used by slide mode (--{sources[0].replace('_', '-')})")

@@ -25,24 +25,26 @@ PROG = "hipt-knn"
 
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--embeddings", required=True,
+    p.add_argument("--embeddings", required=True, type=flags.path_arg,
                    help="hipt-extract output folder, or a folder of bags (.npz, TRIDENT/CLAM .h5, official .pt)")
-    p.add_argument("--labels", required=True, help="labels CSV (slide_id + a label column; extra columns ignored)")
-    p.add_argument("--splits", default="kfold:10", help="folder of splits_{i}.csv or kfold:K")
+    p.add_argument("--labels", required=True, type=flags.path_arg,
+                   help="labels CSV (slide_id + a label column; extra columns ignored)")
+    p.add_argument("--splits", default="kfold:10", type=flags.path_arg, help="folder of splits_{i}.csv or kfold:K")
     p.add_argument("--seed", type=flags.int_at_least(0), default=0, help="seed of the generated k-fold")
     p.add_argument("--k", type=flags.int_at_least(1), default=5, help="k of the paper protocol")
     p.add_argument("--k-dino", type=flags.int_at_least(1), default=None,
                    help="k of DINO's protocol (default 20, capped at the smallest training set)")
     p.add_argument("--temperature", type=flags.float_in(0.0, 100.0), default=0.07)
     p.add_argument("--fit-on", choices=["train", "train+val"], default="train")
-    p.add_argument("--out", default=None, help="JSON output (default: EMBEDDINGS/knn_results.json)")
+    p.add_argument("--out", default=None, type=flags.path_arg,
+                   help="JSON output (default: EMBEDDINGS/knn_results.json)")
     p.add_argument("--label-column", default="label", help="CSV column holding the class (e.g. oncotree_code)")
     p.add_argument("--classes", default=None, type=_class_list,
                    help="comma-separated classes to keep, in this order (e.g. IDC,ILC); other rows dropped")
     p.add_argument("--label-frac", "--label-fraction", dest="label_frac", type=_fraction, default=1.0,
                    help="seeded per-class patient-level fraction of each training part, 0.25 or 25%% "
                         "(test unchanged)")
-    p.add_argument("--save-splits", default=None, metavar="DIR",
+    p.add_argument("--save-splits", default=None, type=flags.path_arg, metavar="DIR",
                    help="write the folds used as CLAM split files DIR/splits_{i}.csv")
     p.add_argument("--allow-leaky-splits", action="store_true",
                    help="accept split files that put one patient in two parts (warned and recorded; "

@@ -29,8 +29,8 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiles", required=True, help="tile folder (ImageFolder or train/test) or CSV")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tiles", required=True, type=flags.path_arg, help="tile folder (ImageFolder or train/test) or CSV")
+    p.add_argument("--out", required=True, type=flags.path_arg, help="output folder")
     flags.add_model_flags(p, vit4k=False)
     flags.add_compute_flags(p, batch_per_device=32, batch_help="tiles per device per step")
     flags.add_progress_flag(p)
@@ -41,7 +41,8 @@ def build_parser() -> flags.Parser:
                    help="fraction of TRAIN labels kept per class: 0.01, 0.1, 1 (or 1%%, 10%%, 100%%)")
     p.add_argument("--test-fraction", type=flags.float_in(0.0, 1.0, high_open=True), default=0.3,
                    help="test part of a dataset without splits (seeded, stratified)")
-    p.add_argument("--cache", default=None, help="feature cache folder (default OUT/features_cache)")
+    p.add_argument("--cache", default=None, type=flags.path_arg,
+                   help="feature cache folder (default OUT/features_cache)")
     p.add_argument("--plot", action="store_true", help="embedding map (t-SNE/UMAP) and confusion matrices")
     return p
 

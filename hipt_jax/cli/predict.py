@@ -19,9 +19,12 @@ PROG = "hipt-predict"
 
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="hipt-finetune workdir (fold_k/checkpoint, results.json)")
-    p.add_argument("--embeddings", required=True, help="hipt-extract output folder of the slides to score")
-    p.add_argument("--out", required=True, help="CSV of predictions (attention goes to OUT_attention/)")
+    p.add_argument("--run", required=True, type=flags.path_arg,
+                   help="hipt-finetune workdir (fold_k/checkpoint, results.json)")
+    p.add_argument("--embeddings", required=True, type=flags.path_arg,
+                   help="hipt-extract output folder of the slides to score")
+    p.add_argument("--out", required=True, type=flags.path_arg,
+                   help="CSV of predictions (attention goes to OUT_attention/)")
     flags.add_progress_flag(p)
     return p
 

@@ -42,8 +42,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_selection_flags(r: argparse.ArgumentParser) -> None:
     """Which regions of which slides: shared by `regions` and `coords` (one selection)."""
-    r.add_argument("--slides", required=True, help="folder of slides (recursive) or CSV with path[,slide_id]")
-    r.add_argument("--out", required=True)
+    r.add_argument("--slides", required=True, type=flags.path_arg,
+                   help="folder of slides (recursive) or CSV with path[,slide_id]")
+    r.add_argument("--out", required=True, type=flags.path_arg)
     flags.add_region_flags(r, size_flag="--region", mpp_tolerance=True)
     r.add_argument("--allow-upsample", action="store_true",
                    help="accept slides coarser than --target-mpp (their regions are upsampled)")
@@ -55,7 +56,7 @@ def _add_selection_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("--min-tissue-area", type=flags.int_at_least(0), default=256 * 256, help="target px^2")
     r.add_argument("--min-hole-area", type=flags.int_at_least(0), default=256 * 256, help="target px^2")
     a = r.add_argument_group("annotations (QuPath GeoJSON, one <slide_id>.geojson per slide)")
-    a.add_argument("--annotations", default=None, metavar="DIR",
+    a.add_argument("--annotations", default=None, type=flags.path_arg, metavar="DIR",
                    help="keep only regions inside the slide's inclusion polygons, drop those mostly "
                         "inside its exclusion polygons")
     a.add_argument("--include-classes", default="",
@@ -85,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(c)
 
     p = sub.add_parser("patches", help="region shards -> 256 px patch shards (stage-1 pretraining)")
-    p.add_argument("--regions", required=True, help="output folder of `hipt-prep regions`")
-    p.add_argument("--out", required=True)
+    p.add_argument("--regions", required=True, type=flags.path_arg, help="output folder of `hipt-prep regions`")
+    p.add_argument("--out", required=True, type=flags.path_arg)
     p.add_argument("--patch", type=flags.int_at_least(16), default=256)
     p.add_argument("--min-tissue", type=flags.float_in(0.0, 1.0, low_open=False), default=0.0,
                    help="drop patches whose non-background fraction is below this (0 = keep all)")
@@ -96,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
 
     f = sub.add_parser("features", help="region shards -> [R*C,384] ViT-256 feature shards")
-    f.add_argument("--regions", required=True, help="output folder of `hipt-prep regions`")
-    f.add_argument("--out", required=True)
+    f.add_argument("--regions", required=True, type=flags.path_arg, help="output folder of `hipt-prep regions`")
+    f.add_argument("--out", required=True, type=flags.path_arg)
     flags.add_model_flags(f, vit4k=False)
     flags.add_storage_flags(f, choices=("float16", "float32"), default="float16", deprecated_dtype=True)
     flags.add_compute_flags(f, compute_dtype=False, batch_per_device=1, batch_help="regions per forward pass")
@@ -106,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tfds", help="register existing shards as a TFDS dataset (array_record)")
     t.add_argument("--kind", required=True, choices=("regions", "patches", "features"))
-    t.add_argument("--shards", required=True, help="output folder of the matching hipt-prep command")
-    t.add_argument("--data-dir", required=True, help="TFDS data_dir to build into")
+    t.add_argument("--shards", required=True, type=flags.path_arg,
+                   help="output folder of the matching hipt-prep command")
+    t.add_argument("--data-dir", required=True, type=flags.path_arg, help="TFDS data_dir to build into")
     return ap
 
 

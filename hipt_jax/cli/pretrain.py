@@ -1,4 +1,4 @@
-"""``hipt-pretrain``: DINO pretraining from an ml_collections config.
+r"""``hipt-pretrain``: DINO pretraining from an ml_collections config.
 
     hipt-pretrain --config configs/pretrain_vit256.py:runlocal --workdir /tmp/run \
         --config.data.path=/tmp/patches --config.optim.lr=1e-4
@@ -127,14 +127,17 @@ def define_flags() -> None:
     from ml_collections import config_flags
 
     if "config" not in absl_flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "pretraining config file[:arg]", lock_config=True)
+        config_flags.DEFINE_config_file(
+            "config", None, "config file: configs/pretrain_vit256.py (stage 1), pretrain_vit4k.py (stage 2) "
+            "or pretrain_vitwsi.py (stage 3); :SWITCHES after it, comma-separated: runlocal (tiny model, "
+            "few steps: CPU seconds), bf16 (bfloat16 compute)", lock_config=True)
         absl_flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, export)")
     flags.define_absl_shared_flags(seed=True, compute_dtype=True, reuse=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     define_flags()
-    flags.absl_main(PROG, _run, argv, devices_at_start=False)  # after jax.distributed starts
+    flags.absl_main(PROG, _run, argv, devices_at_start=False, doc=__doc__)  # after jax.distributed starts
 
 
 if __name__ == "__main__":

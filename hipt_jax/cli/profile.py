@@ -136,7 +136,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     from ml_collections import config_flags
 
     if "config" not in absl_flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "profile config file[:runlocal]", lock_config=True)
+        config_flags.DEFINE_config_file(
+            "config", None, "config file: configs/profile.py; :SWITCHES after it, comma-separated: runlocal "
+            "(tiny models: CPU seconds), bf16 (bfloat16 compute)", lock_config=True)
     flags.define_absl_shared_flags(seed=True, compute_dtype=True)
     if "plan" not in absl_flags.FLAGS:
         absl_flags.DEFINE_bool("plan", False, "per-device memory plans for --devices N (no execution)")
@@ -149,7 +151,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         absl_flags.DEFINE_string("plan_json", "", "--plan: also write the rows here")
         absl_flags.DEFINE_bool("calibrate", False, "measure this machine's CPU minibatch sizes and store them")
     _fake_devices_for_plan(sys.argv if argv is None else argv, reexec=argv is None)
-    flags.absl_main(PROG, _run, argv, devices_at_start=False)  # after jax.distributed starts
+    flags.absl_main(PROG, _run, argv, devices_at_start=False, doc=__doc__,  # after jax.distributed starts
+                    override_example="--config.hipt4k.region_px=2048")
 
 
 def _requested_devices(argv: list[str]) -> int:

@@ -392,15 +392,16 @@ class _Logger:
             return
         done = step - self.step0
         rate = done / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - 1 - step) / rate if rate > 0 else float("nan")
         for k, v in metrics.items():
             self.writer.add_scalar(f"train/{k}", v, step)
-        self.writer.add_scalar("perf/steps_per_s", rate, step)
+        speed = ""
+        if rate > 0:  # the run's first logged step has no speed yet: "0.00 steps/s, ETA nan min"
+            self.writer.add_scalar("perf/steps_per_s", rate, step)
+            speed = (f"  {rate:.2f} steps/s  {rate * self.config.global_batch:.1f} img/s "
+                     f"({rate * crops_per_step:.0f} crops/s)  ETA {(self.total - 1 - step) / rate / 60:.1f} min")
         print(f"step {step:>7d}/{self.total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  "
               f"wd {metrics['wd']:.3g}  mom {metrics['momentum']:.5f}  "
-              f"t_temp {metrics['teacher_temp']:.3f}  {rate:.2f} steps/s  "
-              f"{rate * self.config.global_batch:.1f} img/s ({rate * crops_per_step:.0f} crops/s)"
-              f"  ETA {eta / 60:.1f} min", flush=True)
+              f"t_temp {metrics['teacher_temp']:.3f}{speed}", flush=True)
 
     def close(self):
         if self.active:
