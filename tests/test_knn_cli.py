@@ -177,3 +177,55 @@ def test_a_k_refusal_names_the_unreadable_bags(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--k 4: must be between 1 and the smallest training set" in err[0]
     assert "3 slide file(s)" in err[0] and "slide_0001, slide_0004, slide_0007" in err[0], err[0]
+
+
+def _split_file(path, train, val, test):
+    parts = (train, val, test)
+    rows = [",train,val,test"] + [f"{j}," + ",".join(p[j] if j < len(p) else "" for p in parts)
+                                  for j in range(max(map(len, parts)))]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_label_fraction_with_fit_on_train_and_val_is_a_fraction_of_both(tmp_path, capsys):
+    """--fit-on train+val --label-frac 0.25 fitted on 25% of train plus ALL of val (about half
+    the labels) while results.json said 0.25. Per class: train 10 + val 4 = 14 slides ->
+    ceil(0.25 * 14) = 4, 8 in all (train alone: ceil(2.5) = 3 per class, 6).
+    Plant: the fraction applied to train only (label_frac_parts=("train",)) -> 6 + 8 = 14, fails."""
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 40, grid=2, regions=(1, 2), classes=np.arange(40) % 2)
+    ids = [f"slide_{i:04d}" for i in range(40)]
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": s, "label": "ab"[c]} for s, c in zip(ids, classes)])
+    (tmp_path / "splits").mkdir()
+    _split_file(tmp_path / "splits" / "splits_0.csv", ids[:20], ids[20:28], ids[28:])
+    n_fit = {}
+    for fit_on in ("train+val", "train"):
+        out = str(tmp_path / f"{fit_on}.json")
+        assert knn_cli.main(["--embeddings", emb, "--labels", labels, "--splits", str(tmp_path / "splits"),
+                             "--fit-on", fit_on, "--label-frac", "0.25", "--k-dino", "3", "--out", out]) == 0
+        result = json.load(open(out))
+        assert result["params"]["label_fraction"] == 0.25
+        n_fit[fit_on] = {r["n_train"] for p in ("paper", "dino") for r in result["folds"][p]}
+    assert n_fit == {"train+val": {8}, "train": {6}}
+
+
+def test_a_class_absent_from_a_test_part_is_named_and_its_auc_kept(tmp_path, capsys):
+    """A 3-class fold whose test part has no slide of one class: the macro AUC averages the two
+    present (as hipt-patch-eval and CLAM's summary do), the fold names the absent class, and
+    the fold counts in the mean. Plant: metrics.auc over every class -> fold AUC NaN (null),
+    dropped from the mean, fails."""
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 30, n_classes=3, signal=2.0, grid=2, regions=(1, 2),
+                                  classes=np.arange(30) % 3)
+    ids = [f"slide_{i:04d}" for i in range(30)]
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": s, "label": "abc"[c]} for s, c in zip(ids, classes)])
+    test = [s for s, c in zip(ids, classes) if c != 2][:8]
+    (tmp_path / "splits").mkdir()
+    _split_file(tmp_path / "splits" / "splits_0.csv", [s for s in ids if s not in test], [], test)
+    out = str(tmp_path / "k.json")
+    assert knn_cli.main(["--embeddings", emb, "--labels", labels, "--splits", str(tmp_path / "splits"),
+                         "--out", out]) == 0
+    err = capsys.readouterr().err
+    fold = json.load(open(out))["folds"]["paper"][0]
+    assert fold["auc_absent_classes"] == ["c"] and fold["auc"] > 0.9
+    assert "no test slide of class(es) c" in err
+    assert json.load(open(out))["summary"]["paper"]["auc"]["n"] == 1

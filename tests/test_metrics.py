@@ -80,3 +80,49 @@ def test_fold_summary_says_when_folds_have_no_value():
     assert format_mean_std(s).endswith("(2 of 3 folds)")
     full = fold_summary([0.8, 0.6], warn_to=err)
     assert "folds" not in format_mean_std(full) and err.getvalue().count("\n") == 1
+
+
+def test_multiclass_auc_averages_the_classes_present_in_the_test_part():
+    """One policy everywhere (hipt-knn, hipt-finetune, hipt-patch-eval): a class absent from a
+    test part has no one-vs-rest AUC, so the macro AUC averages the present ones (CLAM's
+    nanmean over per-class AUCs); NaN only with fewer than two classes present.
+    Plant: the mean over every class -> NaN for the fold, fails."""
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(4), 60)
+    y = rng.choice([0, 1, 3], 60)  # class 2 absent
+    per_class = [roc_auc_score(y == k, probs[:, k]) if (y == k).any() else np.nan for k in range(4)]
+    assert metrics.auc(y, probs) == pytest.approx(np.nanmean(per_class), abs=1e-12)
+    assert metrics.absent_classes(y, 4) == [2]
+    assert np.isnan(metrics.auc(np.full(10, 3), probs[:10]))
+    from hipt_jax.evaluation import patch_eval
+    assert patch_eval.scores_of(probs, y)["auc"] == metrics.auc(y, probs)
+
+
+def test_fold_std_is_ddof0_and_one_fold_has_no_spread():
+    """The std over folds is the population std (ddof=0), as the official CLAM/HIPT code's
+    np.std; one fold with a value has no spread: the mean alone, "1 of K folds", never
+    "+/- 0.0000". Plants: ddof=1 -> 0.1414 != 0.1, fails; the one-fold cell printed as
+    "mean +/- std" -> fails."""
+    from hipt_jax.evaluation.metrics import fold_summary, format_mean_std
+
+    assert fold_summary([0.8, 0.6])["std"] == pytest.approx(0.1, abs=1e-12)
+    one = fold_summary([0.7, float("nan"), None])
+    assert (one["n"], one["of"], one["mean"]) == (1, 3, 0.7) and np.isnan(one["std"])
+    assert format_mean_std(one) == "0.7000 (1 of 3 folds)"
+    assert format_mean_std(fold_summary([0.7])) == "0.7000 (1 of 1 folds)"
+
+
+def test_cindex_risks_within_1e_8_are_tied_as_in_sksurv():
+    """scikit-survival (which MCAT/HIPT call) counts risks within tied_tol=1e-8 as tied (0.5):
+    float noise between two patients' risks must not decide their pair.
+    Plant: exact equality for ties -> 1.0 instead of 0.5, fails."""
+    sksurv_metrics = pytest.importorskip("sksurv.metrics")
+    times, events = np.array([1.0, 2.0]), np.array([True, True])
+    risks = np.array([0.5, 0.5 + 5e-9])  # the earlier event has the (noise-)lower risk
+    assert metrics.concordance_index(times, events, risks) == 0.5
+    assert sksurv_metrics.concordance_index_censored(events, times, risks)[0] == 0.5
+    rng = np.random.default_rng(6)
+    times, events = rng.integers(1, 20, 80).astype(float), rng.random(80) < 0.5
+    risks = rng.integers(0, 5, 80) + rng.uniform(-4e-9, 4e-9, 80)
+    assert metrics.concordance_index(times, events, risks) == pytest.approx(
+        sksurv_metrics.concordance_index_censored(events, times, risks)[0], abs=1e-12)

@@ -115,7 +115,7 @@ def test_knn_with_fewer_training_tiles_than_k_says_the_k_it_used(capsys):
 def test_a_class_missing_from_the_test_split_gives_a_macro_auc_over_the_present_classes(capsys):
     """A one-tile class stays in train under the seeded split: its one-vs-rest AUC does not
     exist, and the macro AUC must average the classes present (and say so), not print NaN.
-    Plant: scores_of back to metrics.auc over every class -> auc NaN, fails."""
+    Plant: metrics.auc averaging over every class -> auc NaN, fails."""
     rng = np.random.default_rng(1)
     labels = np.array([0] * 12 + [1] * 12 + [2])  # class "c" has one tile
     feats = (np.eye(3)[labels] * 3 + rng.normal(size=(25, 3))).astype(np.float32)
@@ -132,6 +132,17 @@ def test_a_class_missing_from_the_test_split_gives_a_macro_auc_over_the_present_
     res2 = patch_eval.evaluate_features(feats, only_test, splits, ["a", "b", "c"], methods=("knn5",))
     assert res2["untrained_classes"] == ["c"]
     assert "no training tile of class(es) c" in capsys.readouterr().err
+
+
+def test_label_fraction_keeps_the_ceiling_per_class():
+    """The tile-level fraction rounds like the slide/patient level and CLAM: ceil(0.25 * 10) = 3
+    per class (round() kept 2), at least one of a class. Plant: int(round(...)) -> 2, fails."""
+    from hipt_jax.evaluation.tiles import subsample_fraction
+
+    labels = np.repeat([0, 1, 2], [10, 10, 2])
+    kept = labels[subsample_fraction(labels, 0.25, seed=0)]
+    assert np.bincount(kept).tolist() == [3, 3, 1]
+    assert np.bincount(labels[subsample_fraction(labels, 0.01, seed=0)]).tolist() == [1, 1, 1]
 
 
 def test_a_tile_listed_twice_is_refused(tmp_path):
@@ -212,7 +223,8 @@ def test_cli_end_to_end(tiles_dir, tmp_path, capsys):
             "--batch-per-device", "16", "--no-progress"]
     assert cli.main(argv + ["--plot", "--label-fraction", "50%"]) == 0
     res = json.load(open(os.path.join(out, "patch_eval.json")))
-    assert res["label_fraction"] == 0.5 and res["n_train"] == 20 and not res["cache_hit"]
+    # 21 training tiles per class: ceil(0.5 * 21) = 11 each
+    assert res["label_fraction"] == 0.5 and res["n_train"] == 22 and not res["cache_hit"]
     assert "| test | linear probe" in open(os.path.join(out, "patch_eval.md")).read()
     for f in ("embedding_map.png", "confusion_test_knn_dino.png", "confusion_test_probe.png"):
         assert os.path.getsize(os.path.join(out, f)) > 1000

@@ -34,8 +34,9 @@ Splits (``spec``):
 Every fold list can be written back as CLAM split files (``write_clam_splits``).
 
 Label fraction (``label_frac`` in (0, 1]): per fold, per class, a seeded subsample of the
-training PATIENTS; a fixed seed gives nested training parts as the fraction grows, and the
-val and test parts never change.
+training PATIENTS (ceil(frac * n), at least one); a fixed seed gives nested training parts as
+the fraction grows, and the val and test parts never change, except that a fit on train and
+val together (hipt-knn --fit-on train+val) samples the fraction from both.
 """
 from __future__ import annotations
 
@@ -491,9 +492,11 @@ def carve_val(fold: dict, unit_of: dict, stratum_of: dict, frac: float, seed: in
 
 
 def apply_label_frac(folds: Sequence[dict], frac: float, unit_of: dict, stratum_of: dict,
-                     seed: int) -> list[dict]:
-    """Each fold's train part reduced to a seeded per-class sample of ``frac`` of its patients
-    (nested across fractions for one seed); val and test unchanged."""
+                     seed: int, parts: Sequence[str] = ("train",)) -> list[dict]:
+    """Each fold's training items reduced to a seeded per-class sample of ``frac`` of their
+    patients (nested across fractions for one seed); test unchanged. ``parts``: the parts the
+    model is fitted on, sampled together (("train", "val") when val is fitted on too, so the
+    fraction is of all the labels used), each keeping its sampled items."""
     if not 0.0 < frac <= 1.0:
         raise CohortError(f"label_frac={frac}: expected a fraction in (0, 1]")
     if frac == 1.0:
@@ -501,8 +504,9 @@ def apply_label_frac(folds: Sequence[dict], frac: float, unit_of: dict, stratum_
     out = []
     for k, fold in enumerate(folds):
         rng = np.random.default_rng([seed, k, 104729])
-        keep = _per_class_patient_subset(fold["train"], unit_of, stratum_of, frac, rng)
-        out.append({**fold, "train": [i for i in fold["train"] if unit_of[i] in keep]})
+        fit = [i for p in parts for i in fold.get(p, [])]
+        keep = _per_class_patient_subset(fit, unit_of, stratum_of, frac, rng)
+        out.append({**fold, **{p: [i for i in fold.get(p, []) if unit_of[i] in keep] for p in parts}})
     return out
 
 
@@ -644,7 +648,8 @@ def _check_no_item_in_two_parts(folds: Sequence[dict], where: str) -> None:
 
 
 def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *, unit: str = "slide",
-               seed: int = 0, label_frac: float = 1.0, allow_leaks: bool = False) -> FoldPlan:
+               seed: int = 0, label_frac: float = 1.0, allow_leaks: bool = False,
+               label_frac_parts: Sequence[str] = ("train",)) -> FoldPlan:
     """The one fold builder of hipt-knn and hipt-finetune.
 
     items: the item ids that can be used (extracted slides, or case ids of patients with an
@@ -652,7 +657,8 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
     (the class; for survival the time bin / censorship). Split-file ids absent from the cohort
     are skipped and listed in ``skipped_ids``; a patient in two parts is refused; generated
     folds are patient-level when the CSV has case ids; ``label_frac`` subsamples the training
-    patients per class. ``allow_leaks`` (explicit opt-in, e.g. to rerun the official HIPT BRCA
+    patients per class (of train and val together with ``label_frac_parts=("train", "val")``,
+    for a fit on both). ``allow_leaks`` (explicit opt-in, e.g. to rerun the official HIPT BRCA
     subtyping splits, which are slide-level) records leaking patients instead of refusing."""
     items = list(items)
     strata = list(strata)
@@ -709,7 +715,7 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
                     _refuse_unknown_part_ids(where.format(k=k), raw[k], f, skipped, coh)
                 raise CohortError(f"{where.format(k=k)}: no extracted item in its train or test part{hint}")
     if label_frac != 1.0:
-        folds = apply_label_frac(folds, label_frac, case_of_item, stratum_of, seed)
+        folds = apply_label_frac(folds, label_frac, case_of_item, stratum_of, seed, label_frac_parts)
     return FoldPlan(folds, unit, grouped, list(skipped), spec, leaks, coh.patients_from, warnings)
 
 

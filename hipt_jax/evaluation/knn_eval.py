@@ -7,8 +7,10 @@ For every fold: fit on the train slides (``--fit-on train+val`` to include val),
 slides with
   (a) "paper":  k=5 Euclidean uniform KNN (scikit-learn KNeighborsClassifier equivalent),
   (b) "dino":   k=20 cosine KNN with exp(sim / 0.07) weights on L2-normalized embeddings,
-and report AUC (binary: class 1; multi-class: macro one-vs-rest), balanced accuracy and
-accuracy; then mean +/- std over folds as a table and a JSON file.
+and report AUC (binary: class 1; multi-class: macro one-vs-rest over the classes present in the
+test part, the absent ones named under "auc_absent_classes"), balanced accuracy and accuracy;
+then mean +/- std over folds (ddof=0) as a table and a JSON file. ``--label-frac`` samples the
+fraction from the slides the KNN is fitted on (train, or train and val with --fit-on train+val).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
     seeded per-class fraction of each fold's training slides (the few-label protocol)."""
     label_of = dict(zip(coh.slide_ids, coh.labels))
     n_classes = len(coh.class_names)
+    if label_fraction < 1:  # before the k check: k must fit in the sampled training sets
+        folds = [_label_fraction(fold, fit_on, embeddings, label_of, label_fraction, seed + i)
+                 for i, fold in enumerate(folds)]
     k_paper, k_dino = _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature)
     rows = {p: [] for p in PROTOCOLS}
     for i, fold in enumerate(folds):
@@ -41,10 +46,6 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
         test_ids = [s for s in fold["test"] if s in embeddings]
         if not fit_ids or not test_ids:
             raise cohort_lib.CohortError(f"fold {i}: no extracted slides in train or test")
-        if label_fraction < 1:
-            from hipt_jax.evaluation.tiles import subsample_fraction
-            keep = subsample_fraction(np.array([label_of[s] for s in fit_ids]), label_fraction, seed + i)
-            fit_ids = [fit_ids[j] for j in keep]
         x_tr = np.stack([embeddings[s] for s in fit_ids])
         y_tr = np.array([label_of[s] for s in fit_ids])
         x_te = np.stack([embeddings[s] for s in test_ids])
@@ -54,12 +55,17 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
             "dino": knn.knn_cosine_weighted(x_tr, y_tr, x_te, k=k_dino, temperature=temperature,
                                             n_classes=n_classes),
         }
+        absent = [coh.class_names[c] for c in metrics.absent_classes(y_te, n_classes)]
+        if absent and len(absent) <= n_classes - 2:
+            print(f"fold {i}: no test slide of class(es) {', '.join(absent)}: its macro AUC averages the "
+                  f"{n_classes - len(absent)} classes present", file=sys.stderr)
         for p, probs in scores.items():
             pred = probs.argmax(1)
             rows[p].append({"fold": i, "n_train": len(fit_ids), "n_test": len(test_ids),
                             "auc": metrics.auc(y_te, probs),
                             "balanced_acc": metrics.balanced_accuracy(y_te, pred),
                             "acc": metrics.accuracy(y_te, pred),
+                            **({"auc_absent_classes": absent} if absent else {}),
                             "true": y_te.tolist(), "pred": pred.tolist()})
     summary = {}
     for p in PROTOCOLS:
@@ -70,6 +76,19 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
     return {"folds": rows, "summary": summary, "class_names": coh.class_names,
             "params": {"k_paper": k_paper, "k_dino": k_dino, "temperature": temperature, "fit_on": fit_on,
                        "label_fraction": label_fraction}}
+
+
+def _label_fraction(fold: dict, fit_on: str, embeddings, label_of: dict, fraction: float, seed: int) -> dict:
+    """``fold`` with a seeded per-class ``fraction`` of the slides fitted on (train, or train and
+    val together) kept in their parts."""
+    from hipt_jax.evaluation.tiles import subsample_fraction
+
+    parts = ("train", "val") if fit_on == "train+val" else ("train",)
+    fit_ids = [s for p in parts for s in fold.get(p, []) if s in embeddings]
+    if not fit_ids:
+        return fold
+    keep = {fit_ids[j] for j in subsample_fraction(np.array([label_of[s] for s in fit_ids]), fraction, seed)}
+    return {**fold, **{p: [s for s in fold.get(p, []) if s in keep] for p in parts}}
 
 
 def _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature) -> tuple[int, int]:
@@ -144,9 +163,12 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_c
             raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}"
                                          + cohort_lib.case_ids_as_slide_ids_hint(coh.slide_ids))
         label_of = dict(zip(coh.slide_ids, coh.labels))
-        plan = cohort_lib.plan_folds(coh, splits, present, [label_of[s] for s in present],
-                                     seed=seed, label_frac=label_frac, allow_leaks=allow_leaky_splits)
         fit_val = kwargs.get("fit_on") == "train+val"
+        # With --fit-on train+val the fraction is of every label the KNN is fitted on: sampling
+        # train alone and adding all of val would fit on far more than the stated fraction.
+        plan = cohort_lib.plan_folds(coh, splits, present, [label_of[s] for s in present],
+                                     seed=seed, label_frac=label_frac, allow_leaks=allow_leaky_splits,
+                                     label_frac_parts=("train", "val") if fit_val else ("train",))
         check = [{**f, "train": f["train"] + (f["val"] if fit_val else [])} for f in plan.folds]
         cohort_lib.check_training_classes(check, label_of, coh.class_names,
                                           f"{splits} fold {{k}}" if splits.startswith("kfold:")

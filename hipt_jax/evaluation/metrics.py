@@ -23,7 +23,12 @@ def binary_auc(y_true: np.ndarray, score: np.ndarray) -> float:
 
 def auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     """HIPT's reported AUC: binary -> AUC of class 1's probability; multi-class -> macro average of
-    one-vs-rest AUCs (scikit-learn's ``roc_auc_score(multi_class="ovr", average="macro")``).
+    the one-vs-rest AUCs of the classes PRESENT in ``y_true`` (scikit-learn's
+    ``roc_auc_score(multi_class="ovr", average="macro")`` when every class is present).
+
+    A class absent from a test part has no one-vs-rest AUC; CLAM's summary averages the others
+    (nanmean over per-class AUCs), and so does every command here (``absent_classes`` names the
+    left-out ones for the results). NaN only when fewer than two classes are present.
 
     Args:
       y_true: int labels [N] in 0..K-1.
@@ -35,7 +40,16 @@ def auc(y_true: np.ndarray, probs: np.ndarray) -> float:
         raise ValueError(f"probs must be [N,K] with N={len(y_true)}, got {probs.shape}")
     if probs.shape[1] == 2:
         return binary_auc(y_true == 1, probs[:, 1])
-    return float(np.mean([binary_auc(y_true == k, probs[:, k]) for k in range(probs.shape[1])]))
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    return float(np.mean([binary_auc(y_true == k, probs[:, k]) for k in present]))
+
+
+def absent_classes(y_true: np.ndarray, n_classes: int) -> list[int]:
+    """The classes (indices) with no item in ``y_true``: left out of its macro AUC."""
+    y_true = np.asarray(y_true).astype(int)
+    return [k for k in range(n_classes) if not (y_true == k).any()]
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -53,12 +67,19 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
         return float(balanced_accuracy_score(np.asarray(y_true), np.asarray(y_pred)))
 
 
-def concordance_index(times: np.ndarray, events: np.ndarray, risks: np.ndarray) -> float:
+TIED_TOL = 1e-8  # scikit-survival's and MCAT/HIPT's tied_tol
+
+
+def concordance_index(times: np.ndarray, events: np.ndarray, risks: np.ndarray,
+                      tied_tol: float = TIED_TOL) -> float:
     """Harrell's C: fraction of comparable pairs whose risks are ordered like their times.
 
     A pair (i, j) is comparable when patient i had the event (``events[i]`` true) and either
     t_i < t_j, or t_i == t_j and j is censored (scikit-survival's convention). It is concordant
-    when risk_i > risk_j; tied risks count 0.5. Returns NaN with no comparable pair.
+    when risk_i > risk_j; risks within ``tied_tol`` of each other count as tied, 0.5 (as
+    scikit-survival's ``concordance_index_censored`` and MCAT/HIPT, which call it: float noise
+    in two risks of the same model output must not decide a pair). Returns NaN with no
+    comparable pair.
 
     O(N^2) memory-free loop over event patients; cohorts are patients, so N is at most a few
     thousand.
@@ -70,8 +91,17 @@ def concordance_index(times: np.ndarray, events: np.ndarray, risks: np.ndarray) 
     for i in np.flatnonzero(events):
         others = (times > times[i]) | ((times == times[i]) & ~events)
         comparable += int(others.sum())
-        concordant += float((risks[i] > risks[others]).sum() + 0.5 * (risks[i] == risks[others]).sum())
+        diff = risks[i] - risks[others]
+        tied = np.abs(diff) <= tied_tol
+        concordant += float(((diff > 0) & ~tied).sum() + 0.5 * tied.sum())
     return concordant / comparable if comparable else float("nan")
+
+
+def comparable_pairs(times: np.ndarray, events: np.ndarray) -> int:
+    """The number of pairs ``concordance_index`` compares (0: the C-index is undefined)."""
+    times = np.asarray(times, np.float64)
+    events = np.asarray(events).astype(bool)
+    return int(sum(((times > times[i]) | ((times == times[i]) & ~events)).sum() for i in np.flatnonzero(events)))
 
 
 def logrank_pvalue(times: np.ndarray, events: np.ndarray, groups: np.ndarray) -> float:
@@ -111,25 +141,42 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
 
 
 def fold_summary(values, metric: str = "", warn_to=None) -> dict:
-    """Mean and std over folds of one metric, over the folds where it is defined: a fold whose
-    test part holds one class has no AUC (NaN). ``n`` counts the folds averaged, ``of`` all of
-    them; when some are left out, a line names them on ``warn_to`` (a file, e.g. sys.stderr),
-    so a mean over fewer folds is never read as the K-fold figure."""
-    values = [float(v) for v in values]
+    """Mean and std over folds of one metric, over the folds where it is defined (a test part
+    with fewer than two classes has no AUC, one without a comparable pair no C-index: NaN, or
+    None as read back from JSON). The std is the population std (ddof=0), as the official
+    CLAM/HIPT code's np.std computes it; with fewer than two folds averaged it is undefined
+    (NaN). ``n`` counts the folds averaged, ``of`` all of them; when some are left out, a line
+    names them on ``warn_to`` (a file, e.g. sys.stderr), so a mean over fewer folds is never
+    read as the K-fold figure."""
+    values = [float("nan") if v is None else float(v) for v in values]
     kept = np.array([v for v in values if np.isfinite(v)], np.float64)
     if warn_to is not None and len(kept) < len(values):
         dropped = [k for k, v in enumerate(values) if not np.isfinite(v)]
-        print(f"{metric or 'metric'}: undefined in fold(s) {dropped} (e.g. a test part with one "
-              f"class); the mean is over {len(kept)} of {len(values)} folds", file=warn_to)
+        print(f"{metric or 'metric'}: undefined in fold(s) {dropped} ({_undefined_reason(metric)}); "
+              f"the mean is over {len(kept)} of {len(values)} folds", file=warn_to)
     return {"mean": float(kept.mean()) if len(kept) else float("nan"),
-            "std": float(kept.std()) if len(kept) else float("nan"),
+            "std": float(kept.std()) if len(kept) > 1 else float("nan"),
             "n": int(len(kept)), "of": len(values)}
 
 
-def format_mean_std(summary: dict) -> str:
-    """"0.8123 +/- 0.0456", with " (n of K folds)" when some folds had no value."""
-    text = f"{summary['mean']:.4f} +/- {summary['std']:.4f}"
-    if summary.get("n", summary.get("of")) != summary.get("of"):
-        text += f" ({summary['n']} of {summary['of']} folds)"
-    return text
+def _undefined_reason(metric: str) -> str:
+    if "auc" in metric:
+        return "fewer than two classes in the test part"
+    if "c_index" in metric:
+        return "no comparable pair (no event) in the test part"
+    return "not a finite number"
 
+
+def format_mean_std(summary: dict) -> str:
+    """"0.8123 +/- 0.0456" (std over folds, ddof=0), with " (n of K folds)" when some folds had
+    no value; the mean alone with "(1 of K folds)" when one fold had (no spread to give)."""
+    n, of = summary.get("n", summary.get("of")), summary.get("of")
+    mean = summary["mean"]
+    if mean is None or not np.isfinite(mean):
+        return f"nan ({n} of {of} folds)" if of else "nan"
+    if n == 1:
+        return f"{mean:.4f} (1 of {of} folds)"
+    text = f"{mean:.4f} +/- {summary['std']:.4f}"
+    if n != of:
+        text += f" ({n} of {of} folds)"
+    return text

@@ -23,20 +23,13 @@ METRICS = ("acc", "balanced_acc", "auc", "weighted_f1")
 
 def scores_of(probs: np.ndarray, y: np.ndarray) -> dict:
     """Scores of one method on one split. A class with no tile in the split (a one-tile class
-    stays in train under the seeded split) has no one-vs-rest AUC: the macro AUC then averages
-    the classes present and ``auc_classes`` says how many those were (NaN only when fewer than
-    two classes are present, where no AUC exists)."""
+    stays in train under the seeded split) has no one-vs-rest AUC: the macro AUC averages the
+    classes present (metrics.auc, the policy of every command) and ``auc_classes`` says how many
+    those were (NaN only when fewer than two classes are present, where no AUC exists)."""
     pred = probs.argmax(1)
-    present = np.unique(y)
-    if len(present) == probs.shape[1]:
-        auc = metrics.auc(y, probs)
-    elif len(present) < 2:
-        auc = float("nan")
-    else:
-        auc = float(np.mean([metrics.binary_auc(y == k, probs[:, k]) for k in present]))
     return {"acc": metrics.accuracy(y, pred), "balanced_acc": metrics.balanced_accuracy(y, pred),
-            "auc": auc, "auc_classes": int(len(present)), "weighted_f1": metrics.weighted_f1(y, pred),
-            "n": int(len(y))}
+            "auc": metrics.auc(y, probs), "auc_classes": int(len(np.unique(y))),
+            "weighted_f1": metrics.weighted_f1(y, pred), "n": int(len(y))}
 
 
 def absent_classes(y: np.ndarray, class_names: list[str]) -> list[str]:
@@ -92,7 +85,7 @@ def evaluate_features(features: np.ndarray, labels: np.ndarray, splits: np.ndarr
             print(f"hipt-patch-eval: the {s} split has no tile of class(es) {', '.join(missing)}: "
                   f"its macro AUC averages the {n_classes - len(missing)} classes present",
                   file=sys.stderr)
-        probs = knn_probs(x_tr, y_tr, x_ev, n_classes)
+        probs = knn_probs(x_tr, y_tr, x_ev, n_classes, k_dino=ks["knn_dino"], k_plain=ks["knn5"])
         if probe is not None:
             probs["probe"] = probe[s].probs
         out["results"][s] = {m: scores_of(probs[m], y_ev) for m in methods}

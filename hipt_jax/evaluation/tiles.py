@@ -8,11 +8,12 @@ Three layouts are read:
   train/val/test; without the column the seeded split is used).
 
 Classes are the sorted unique label strings. ``label_fraction`` keeps a seeded, per-class
-fraction of the TRAIN tiles (at least one per class), as in the few-label protocol.
+fraction of the TRAIN tiles (ceil, so at least one per class), as in the few-label protocol.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -117,7 +118,9 @@ def split_tiles(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarr
 
 
 def subsample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices (sorted) of a seeded per-class ``fraction`` of ``labels`` (>= 1 per class)."""
+    """Indices (sorted) of a seeded per-class ``fraction`` of ``labels``: ceil(fraction * n) of
+    a class of n (so at least one), as CLAM and the slide/patient-level fraction
+    (cohort.apply_label_frac) round; round() would keep 2 of 10 at 0.25."""
     if not 0 < fraction <= 1:
         raise TileDatasetError(f"label fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
@@ -126,7 +129,7 @@ def subsample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.nda
     keep = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        keep.append(rng.choice(idx, max(1, int(round(fraction * len(idx)))), replace=False))
+        keep.append(rng.choice(idx, max(1, math.ceil(fraction * len(idx) - 1e-9)), replace=False))
     return np.sort(np.concatenate(keep))
 
 

@@ -90,7 +90,9 @@ class KnnMonitor:
         feats = self.items.embed(_teacher_backbone(state))
         tr, te = self.items.splits == "train", self.items.splits == "test"
         n_classes = int(self.items.labels.max()) + 1
-        probs = knn.knn_cosine_weighted(feats[tr], self.items.labels[tr], feats[te], k=self.cfg.k,
+        # A small monitoring set can hold fewer training items than k: then all of them vote.
+        k = min(self.cfg.k, int(tr.sum()))
+        probs = knn.knn_cosine_weighted(feats[tr], self.items.labels[tr], feats[te], k=k,
                                         temperature=self.cfg.temperature, n_classes=n_classes)
         y, pred = self.items.labels[te], probs.argmax(1)
         return {"knn/acc": metrics.accuracy(y, pred), "knn/balanced_acc": metrics.balanced_accuracy(y, pred),
