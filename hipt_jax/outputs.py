@@ -69,8 +69,39 @@ def write_text(path: str, text: str) -> str:
 
 
 def write_json(path: str, obj: Any, **dump_kwargs) -> str:
-    """``obj`` as JSON at ``path`` (json.dump keyword arguments: indent, default, ...)."""
-    return write_text(path, json.dumps(obj, **dump_kwargs))
+    """``obj`` as JSON at ``path`` (json.dump keyword arguments: indent, default, ...).
+
+    Non-finite numbers (an undefined AUC, a std over one fold) are written as null: Python's
+    bare NaN / Infinity tokens are not JSON and break other tools' readers. Our readers of these
+    files take null where a number may be undefined (``metric_or_nan``)."""
+    return write_text(path, json.dumps(finite_or_null(obj), allow_nan=False, **dump_kwargs))
+
+
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN / +-inf float (numpy's too) replaced by None, through dicts, lists,
+    tuples and numpy arrays."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_or_null(obj.tolist())
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def metric_or_nan(value: Any) -> float:
+    """A number read back from one of these JSON files: null (written for NaN) -> NaN."""
+    return float("nan") if value is None else float(value)
 
 
 # ------------------------------------------------------------------------------ where to write

@@ -326,3 +326,164 @@ def test_resumed_run_redoes_folds_made_on_other_slides(tmp_path, capsys):
         bad.write_text(text)
         assert finetune._finished_fold(str(bad), 1, fold["items"]) is None
         assert "fold_1/result.json: unreadable" in capsys.readouterr().err
+
+
+def _tiny_survival(tmp_path, censorship, n=24, splits="kfold:3"):
+    """``n`` one-slide patients with distinct times (months 1..n) and the given censorship
+    column; a mean-pool baseline for one epoch (seconds)."""
+    emb = str(tmp_path / "emb")
+    make_feature_cohort(emb, n, grid=2, regions=(1, 2))
+    labels = write_labels(str(tmp_path / "surv.csv"), [
+        {"slide_id": f"slide_{i:04d}", "case_id": f"case_{i:04d}", "survival_months": float(i + 1),
+         "censorship": int(censorship[i])} for i in range(n)])
+    c = lgp_survival.get_config("runlocal")
+    c.data.embeddings, c.data.labels, c.data.splits = emb, labels, splits
+    c.model.name, c.model.embed, c.model.attn_hidden = "mean_pool", 8, 4
+    c.optim.epochs, c.train.buckets = 1, (4,)
+    return c
+
+
+def test_survival_reports_censorship_and_warns_when_most_patients_have_an_event(tmp_path, capsys):
+    """A censorship column coded 1 = event gives a plausible C-index of the reversed outcome:
+    patients, events and censored fraction are printed and recorded, and under half censored
+    (TCGA cohorts: 60-90%) warns naming the file and the expected coding.
+    Plant: no _censorship_report call in load_items -> no "survival" info, no warning, fails."""
+    cens = np.arange(24) % 4 == 0  # 6 of 24 censored: a column coded the other way round
+    c = _tiny_survival(tmp_path, cens)
+    res = finetune.run(c, str(tmp_path / "run"), show_progress=False)
+    err = capsys.readouterr().err
+    s = res["info"]["survival"]
+    assert (s["n_patients"], s["n_events"], s["censored_fraction"]) == (24, 18, 0.25)
+    assert "24 patients, 18 events, 25% censored" in err
+    assert f"WARNING: {c.data.labels}: only 25% of the patients are censored (column censorship)" in err
+    assert "1 = censored, 0 = event" in err
+    assert json.load(open(tmp_path / "run" / "results.json"))["info"]["survival"]["warning"] == s["warning"]
+    # Mostly censored, as expected: recorded, no warning.
+    assert "warning" not in finetune._censorship_report(c.data.labels, ~cens)
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_survival_kfold_falling_back_to_censorship_strata_is_said_and_recorded(tmp_path, capsys):
+    """24 patients in 4 time bins x censorship: some strata hold fewer patients than the 3
+    folds, so the folds are stratified by censorship only; that was silent.
+    Plant: no warning appended in _splits' fallback -> fails."""
+    c = _tiny_survival(tmp_path, np.arange(24) % 3 != 0)
+    res = finetune.run(c, str(tmp_path / "run"), show_progress=False)
+    err = capsys.readouterr().err
+    notes = [w for w in res["fold_warnings"] if "stratified by censorship only" in w]
+    assert len(notes) == 1 and c.data.labels in notes[0] and "time bin" in notes[0]
+    assert err.count("stratified by censorship only") == 1
+
+
+def test_tied_event_times_giving_duplicate_bin_edges_are_refused_naming_the_file(tmp_path):
+    """MCAT's pd.qcut refuses duplicate quantile edges; ours made an empty time bin silently.
+    Plant: no duplicate-edge check in quartile_bins -> the run starts, fails."""
+    c = _tiny_survival(tmp_path, np.zeros(24, bool))
+    rows = open(c.data.labels).read().splitlines()
+    # 13 of the 24 event times equal: the 0, 25 and 50% quantiles coincide
+    fixed = [rows[0]] + [r.replace(f",{i + 1}.0,", ",1.0,") if i < 13 else r for i, r in enumerate(rows[1:])]
+    open(c.data.labels, "w").write("\n".join(fixed) + "\n")
+    with pytest.raises(finetune.FinetuneError, match=r"surv\.csv: the 4 time bins .* duplicate edges "
+                                                    r"\[1\.0, 1\.0, 1\.0, .*config\.train\.n_bins"):
+        finetune.run(c, str(tmp_path / "run"), show_progress=False)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def _write_splits(folder, folds):
+    os.makedirs(folder)
+    for k, (train, val, test) in enumerate(folds):
+        n = max(map(len, (train, val, test)))
+        with open(os.path.join(folder, f"splits_{k}.csv"), "w") as f:
+            f.write(",train,val,test\n" + "".join(
+                f"{j}," + ",".join(p[j] if j < len(p) else "" for p in (train, val, test)) + "\n" for j in range(n)))
+
+
+def test_an_undefined_fold_metric_is_written_as_null_and_read_back_on_resume(tmp_path, capsys):
+    """A fold whose test part has no event has no C-index: result.json and results.json held
+    bare NaN tokens (not JSON for other tools). They hold null now, and a resumed run reads
+    the finished fold's null back as an undefined value.
+    Plants: write_json without finite_or_null -> strict parse fails; _finished_fold without
+    the null -> NaN conversion -> the results table fails on None."""
+    cens = np.ones(24, bool)
+    cens[:10] = False
+    c = _tiny_survival(tmp_path, cens, splits=str(tmp_path / "splits"))
+    ids = [f"case_{i:04d}" for i in range(24)]
+    _write_splits(tmp_path / "splits", [(ids[:5] + ids[10:18], [], ids[5:10] + ids[18:]),
+                                        (ids[:10] + ids[10:14], [], ids[14:])])  # fold 1: no event in test
+    run_dir = tmp_path / "run"
+    first = finetune.run(c, str(run_dir), show_progress=False)
+    assert np.isnan(first["folds"][1]["c_index"])
+
+    def strict(path):
+        def refuse(token):
+            raise ValueError(f"{path}: bare {token}")
+        return json.loads(open(path).read(), parse_constant=refuse)
+
+    assert strict(run_dir / "fold_1" / "result.json")["test"]["c_index"] is None
+    summary = strict(run_dir / "results.json")["summary"]["c_index"]
+    assert (summary["n"], summary["of"], summary["std"]) == (1, 2, None)
+    capsys.readouterr()
+    again = finetune.run(c, str(run_dir), show_progress=False)  # both folds read from result.json
+    assert np.isnan(again["folds"][1]["c_index"]) and again["summary"]["c_index"]["n"] == 1
+    assert "(1 of 2 folds)" in (run_dir / "results.md").read_text()
+
+
+def test_a_selection_metric_undefined_on_a_val_part_is_refused_before_training(tmp_path):
+    """selection.metric=c_index with no event in a fold's val part (or auc with one class) is
+    NaN at every epoch; the epoch-0 model was then reported as selected by it, exit 0.
+    Refused before any work, naming the fold and the metric and suggesting metric=loss.
+    Plant: no _check_selection_metric call in _splits -> the run trains, fails."""
+    cens = np.ones(24, bool)
+    cens[:8] = False  # the events
+    c = _tiny_survival(tmp_path, cens, splits=str(tmp_path / "splits"))
+    ids = [f"case_{i:04d}" for i in range(24)]
+    _write_splits(tmp_path / "splits", [(ids[:4] + ids[8:18], ids[18:21], ids[4:8] + ids[21:])])  # val: censored only
+    c.selection.metric = "c_index"
+    with pytest.raises(finetune.FinetuneError, match=r"splits_0\.csv: its val part has 0 event\(s\) among 3 "
+                                                    r"patients.*selection\.metric=c_index.*metric=loss"):
+        finetune.run(c, str(tmp_path / "run"), show_progress=False)
+    assert not os.path.exists(tmp_path / "run")
+    c.selection.metric = "loss"  # the same splits with the loss: runs
+    assert finetune.run(c, str(tmp_path / "run"), show_progress=False)["folds"][0]["fold"] == 0
+
+
+def test_a_val_metric_never_finite_falls_back_to_the_final_epoch_and_says_so(tmp_path, capsys, monkeypatch):
+    """If the selection metric is still NaN at every epoch (here forced), the final epoch's
+    model is evaluated, and the fold's result and stderr say why instead of "selected by".
+    Plant: the note not copied into evaluated in _run_folds -> fails."""
+    from hipt_jax.finetune import trainer as trainer_mod
+
+    real = trainer_mod.LGPTrainer._metrics
+    monkeypatch.setattr(trainer_mod.LGPTrainer, "_metrics",
+                        lambda self, logits, items: {**real(self, logits, items), "c_index": float("nan")})
+    cens = np.arange(24) % 2 == 0
+    c = _tiny_survival(tmp_path, cens, splits=str(tmp_path / "splits"))
+    ids = [f"case_{i:04d}" for i in range(24)]
+    _write_splits(tmp_path / "splits", [(ids[:14], ids[14:18], ids[18:])])
+    c.selection.metric, c.optim.epochs = "c_index", 2
+    finetune.run(c, str(tmp_path / "run"), show_progress=False)
+    evaluated = json.load(open(tmp_path / "run" / "fold_0" / "result.json"))["evaluated"]
+    assert (evaluated["model"], evaluated["selected_by"], evaluated["epoch"]) == ("final_epoch", "final_epoch", 1)
+    assert evaluated["note"] == "val c_index was not finite at any epoch: the final epoch's model is used"
+    assert "fold 0: val c_index was not finite at any epoch" in capsys.readouterr().err
+
+
+def test_a_class_absent_from_a_val_part_is_named_and_its_auc_kept_for_selection(tmp_path, capsys):
+    """Three classes, a val part without class c: its macro AUC averages the two present (the
+    policy of every command), so selection.metric=auc selects by a real number, and the fold's
+    result names the absent class. Plant: no _record_absent_classes call -> fails."""
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 24, n_classes=3, grid=2, regions=(1, 2), classes=np.arange(24) % 3)
+    ids = [f"slide_{i:04d}" for i in range(24)]
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": s, "label": "abc"[c]} for s, c in zip(ids, classes)])
+    val = [s for s, c in zip(ids, classes) if c != 2][:4]
+    test = [s for s in ids[12:] if s not in val]
+    _write_splits(tmp_path / "splits", [([s for s in ids if s not in val + test], val, test)])
+    c = _subtyping_config(emb, labels, str(tmp_path / "splits"), epochs=2)
+    c.model.name, c.model.embed, c.model.attn_hidden, c.train.buckets = "mean_pool", 8, 4, (4,)
+    c.selection.metric = "auc"
+    finetune.run(c, str(tmp_path / "run"), show_progress=False)
+    result = json.load(open(tmp_path / "run" / "fold_0" / "result.json"))
+    assert result["auc_absent_classes"] == {"val": ["c"]}
+    assert result["evaluated"]["selected_by"] == "val_auc" and np.isfinite(result["val"]["auc"])
+    assert "fold 0: no val slide of class(es) c" in capsys.readouterr().err

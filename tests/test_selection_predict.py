@@ -147,6 +147,25 @@ def test_early_stopping_stops_at_patience_after_min_epochs():
     assert (fit.selected_epoch, fit.last_epoch, fit.stopped_early) == (2, 7, True)
 
 
+def test_a_non_finite_val_metric_is_never_the_selected_epoch():
+    """A val AUC that is NaN (a val part with one class) became the best at epoch 0, and since
+    no score is >= NaN, the epoch-0 model was reported as selected by val_auc. NaN epochs are
+    skipped; NaN at every epoch falls back to the final epoch and says so.
+    Plant: the isfinite test dropped from EarlyStopping -> selected epoch 0, fails."""
+    nan = float("nan")
+    model, trainer = _scripted_trainer([1.0] * 4, select_metric="auc")
+    aucs = iter([nan, 0.6, nan, 0.55])
+    trainer.evaluate = lambda params, items: ({"loss": 1.0, "auc": next(aucs)}, {})
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 8), np.float32))
+    fit = trainer.train(variables, _items(), val_items=_items()[:2], desc=None)
+    assert (fit.selected_epoch, fit.selected_by, fit.note) == (1, "val_auc", "")
+    model, trainer = _scripted_trainer([1.0] * 3, select_metric="auc")
+    trainer.evaluate = lambda params, items: ({"loss": 1.0, "auc": nan}, {})
+    fit = trainer.train(variables, _items(), val_items=_items()[:2], desc=None)
+    assert (fit.selected_epoch, fit.last_epoch, fit.selected_by) == (2, 2, "final_epoch")
+    assert fit.note == "val auc was not finite at any epoch: the final epoch's model is used"
+
+
 def test_finetune_with_val_reports_selection_and_predict_reproduces_fold_test(cohort, tmp_path):
     """CLAM split files with val: results say which model was evaluated; hipt-predict on the
     embeddings reproduces each fold's test probabilities exactly.

@@ -45,7 +45,7 @@ from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
 from hipt_jax.evaluation import metrics
 from hipt_jax import provenance, workdir_lock
-from hipt_jax.outputs import atomic_path, write_json, write_text
+from hipt_jax.outputs import atomic_path, metric_or_nan, write_json, write_text
 from hipt_jax.finetune import plots, reporting, survival
 from hipt_jax.finetune.trainer import METRICS, Item, LGPTrainer, TrainConfig, encode_local
 from hipt_jax.models import checkpoint, lgp, mil
@@ -155,6 +155,7 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     case_ids = sorted(cases)
     times = np.array([coh.times[cases[c][0]] for c in case_ids])
     cens = np.array([bool(coh.censored[cases[c][0]]) for c in case_ids])
+    info["survival"] = _censorship_report(config.data.labels, cens)
     try:
         bins, edges = survival.quartile_bins(times, cens, config.train.n_bins)
     except ValueError as e:  # e.g. all patients censored: no event times to cut bins from
@@ -163,6 +164,28 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     items = [Item(c, np.concatenate([per_slide[coh.slide_ids[i]] for i in cases[c]]), int(b), float(t), bool(e))
              for c, b, t, e in zip(case_ids, bins, times, cens)]
     return items, bins * 2 + cens, info
+
+
+# TCGA survival cohorts are typically 60-90% censored: a mostly-event cohort more likely has
+# its censorship column coded the other way round (1 = event), which still gives a plausible
+# C-index, of the reversed outcome.
+LOW_CENSORED_FRACTION = 0.5
+
+
+def _censorship_report(labels: str, censored: np.ndarray) -> dict:
+    """Patients, events and censored fraction of the survival items, printed and recorded;
+    a warning when fewer than half are censored."""
+    n, n_cens = len(censored), int(np.sum(censored))
+    report = {"n_patients": n, "n_events": n - n_cens, "censored_fraction": n_cens / n if n else float("nan")}
+    print(f"hipt-finetune: {n} patients, {n - n_cens} events, {report['censored_fraction']:.0%} censored",
+          file=sys.stderr)
+    if n and report["censored_fraction"] < LOW_CENSORED_FRACTION:
+        report["warning"] = (f"{labels}: only {report['censored_fraction']:.0%} of the patients are censored "
+                             "(column censorship); the expected coding is 1 = censored, 0 = event, and TCGA "
+                             "cohorts are typically 60-90% censored: check that the column is not coded "
+                             "1 = event")
+        print(f"hipt-finetune: WARNING: {report['warning']}", file=sys.stderr)
+    return report
 
 
 def embedding_models(embeddings: str) -> dict:
@@ -242,7 +265,7 @@ def check_folds_before_work(config, coh: cohort_lib.Cohort) -> None:
             bins, _ = survival.quartile_bins(times, cens, config.train.n_bins)
         except ValueError as e:
             raise FinetuneError(f"{config.data.labels}: {e}") from None
-        items = [Item(c, None, int(b)) for c, b in zip(cases, bins)]
+        items = [Item(c, None, int(b), float(t), bool(e)) for c, b, t, e in zip(cases, bins, times, cens)]
         strata = bins * 2 + cens
     _splits(config, items, strata, coh, quiet=True)
 
@@ -262,13 +285,16 @@ def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohor
     except cohort_lib.CohortError:
         if config.task != "survival" or not spec.startswith("kfold:"):
             raise
-        # Too few patients per (bin, censorship) stratum: stratify by censorship only.
+        # Too few patients per (bin, censorship) stratum: stratify by censorship only, and say so
+        # (the folds are then not balanced in survival time).
         plan = cohort_lib.plan_folds(coh, spec, ids, strata % 2, unit=unit, seed=config.seed, label_frac=frac,
                                      allow_leaks=allow)
+        plan.warnings.append(_censorship_only_note(config, strata, spec))
+    where = f"{spec} fold {{k}}" if spec.startswith("kfold:") else os.path.join(spec, "splits_{k}.csv")
     if config.task == "subtyping":
-        where = f"{spec} fold {{k}}" if spec.startswith("kfold:") else os.path.join(spec, "splits_{k}.csv")
         cohort_lib.check_training_classes(plan.folds, {it.item_id: it.label for it in items},
                                           coh.class_names, where)
+    _check_selection_metric(config, plan.folds, items, coh, where)
     for warning in [] if quiet else plan.warnings:  # the folds are planned twice: said once
         print(f"hipt-finetune: {warning}", file=sys.stderr)
     if plan.skipped_ids and not quiet:
@@ -281,6 +307,60 @@ def _splits(config, items: list[Item], strata: np.ndarray, coh: cohort_lib.Cohor
     if workdir:
         cohort_lib.write_clam_splits(plan.folds, os.path.join(workdir, "splits"))
     return plan
+
+
+def _record_absent_classes(result: dict, k: int, parts: dict, class_names: list[str]) -> None:
+    """The classes a part's macro AUC left out (no item of them there), named on stderr and
+    under ``auc_absent_classes`` in the fold's result."""
+    for part, items in parts.items():
+        if not items:
+            continue
+        absent = [class_names[c] for c in metrics.absent_classes([it.label for it in items], len(class_names))]
+        if absent:
+            result.setdefault("auc_absent_classes", {})[part] = absent
+            print(f"hipt-finetune: fold {k}: no {part} slide of class(es) {', '.join(absent)}: its macro AUC "
+                  f"averages the {len(class_names) - len(absent)} classes present", file=sys.stderr)
+
+
+def _censorship_only_note(config, strata: np.ndarray, spec: str) -> str:
+    k = cohort_lib.parse_kfold(spec)[0]
+    values, counts = np.unique(strata, return_counts=True)
+    few = ", ".join(f"time bin {v // 2} {'censored' if v % 2 else 'with event'}: {c}"
+                    for v, c in zip(values, counts) if c < k)
+    return (f"{config.data.labels}: fewer patients than the {k} folds in some (time bin x censorship) "
+            f"stratum ({few}): the folds are stratified by censorship only, not by survival time")
+
+
+def _check_selection_metric(config, folds: list[dict], items: list[Item], coh: cohort_lib.Cohort,
+                            where: str) -> None:
+    """A selection metric that cannot be computed on a fold's val part (an AUC without two
+    classes, a C-index without a comparable pair) is NaN at every epoch: no epoch could be
+    selected by it. Refused before any training, naming the fold."""
+    sel = config.get("selection")
+    metric = sel.get("metric", "loss") if sel is not None else "loss"
+    if metric not in ("auc", "c_index"):
+        return
+    by_id = {it.item_id: it for it in items}
+    for k, fold in enumerate(folds):
+        val = [by_id[i] for i in fold.get("val", []) if i in by_id]
+        if not val:  # no val part: the final epoch is evaluated, nothing is selected
+            continue
+        if metric == "auc":
+            present = sorted({it.label for it in val})
+            if len(present) >= 2:
+                continue
+            names = [coh.class_names[c] for c in present] if coh.class_names else present
+            problem = f"its val part holds {len(present)} class ({', '.join(map(str, names))}), an AUC needs two"
+        else:
+            times = np.array([it.time for it in val])
+            events = ~np.array([it.censored for it in val])
+            if metrics.comparable_pairs(times, events):
+                continue
+            problem = (f"its val part has {int(events.sum())} event(s) among {len(val)} patients and no "
+                       "comparable pair, a C-index needs one")
+        raise FinetuneError(f"{where.format(k=k)}: {problem}: config.selection.metric={metric} cannot be "
+                            "computed on it at any epoch; use --config.selection.metric=loss (or a val "
+                            "part with both outcomes)")
 
 
 def _class_list(classes) -> Optional[list[str]]:
@@ -408,6 +488,10 @@ def _finished_fold(result_path: str, k: int, fold_ids: dict) -> Optional[dict]:
         print(f"hipt-finetune: fold {k} was trained on other slides ({then} then, {now} now: a bag "
               "repaired, added or gone); redoing it", file=sys.stderr)
         return None
+    for part in ("test", "val", "test_final_epoch"):  # an undefined metric was written as null
+        if isinstance(result.get(part), dict):
+            result[part] = {m: metric_or_nan(v) if v is None or isinstance(v, (int, float)) else v
+                            for m, v in result[part].items()}
     return result
 
 
@@ -469,10 +553,15 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
                      "selected_by": fit.selected_by if use_best else "final_epoch",
                      "best_val_epoch": fit.selected_epoch if fit.selected_by != "final_epoch" else None,
                      "last_epoch": fit.last_epoch, "stopped_early": fit.stopped_early}
+        if fit.note:
+            evaluated["note"] = fit.note
+            print(f"hipt-finetune: fold {k}: {fit.note}", file=sys.stderr)
         result = {"fold": k, "n_train": len(train), "n_val": len(val_items), "n_test": len(test),
                   "items": fold_ids,
                   "test": test_metrics, "evaluated": evaluated, "history": fit.history,
                   "predictions": jax.tree.map(lambda a: a.tolist() if hasattr(a, "tolist") else a, preds)}
+        if config.task == "subtyping":
+            _record_absent_classes(result, k, {"test": test, "val": val_items}, coh.class_names)
         if val_items:
             result["val"] = trainer.evaluate(params, val_items)[0]
             if use_best:  # the final-epoch model on test, for comparison

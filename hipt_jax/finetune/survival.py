@@ -32,6 +32,7 @@ def quartile_bins(times: np.ndarray, censored: np.ndarray, n_bins: int = 4,
 
     Inner edges: quantiles (linear interpolation, pandas.qcut's rule) of the uncensored times;
     outer edges: min(times) - eps and max(times) + eps over all patients. Bins are [lo, hi).
+    Duplicate quantiles (tied event times) are a ValueError, as pandas.qcut's.
     """
     times = np.asarray(times, np.float64)
     censored = np.asarray(censored).astype(bool)
@@ -42,6 +43,12 @@ def quartile_bins(times: np.ndarray, censored: np.ndarray, n_bins: int = 4,
                          "patient, 0 for an event: a column coded the other way round reads as "
                          "all censored)")
     edges = np.quantile(uncensored, np.linspace(0.0, 1.0, n_bins + 1))
+    if np.any(np.diff(edges) <= 0):
+        # Tied event times make two quantiles equal: a bin no event falls in. MCAT's pd.qcut
+        # refuses these ("Bin edges must be unique"); so do we rather than train on it.
+        raise ValueError(f"the {n_bins} time bins cut at the quantiles of the {len(uncensored)} event times have "
+                         f"duplicate edges {np.round(edges, 4).tolist()} (tied survival times): use fewer bins "
+                         f"(config.train.n_bins, now {n_bins})")
     edges[0], edges[-1] = times.min() - eps, times.max() + eps
     labels = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, n_bins - 1)
     return labels.astype(np.int32), edges

@@ -168,12 +168,17 @@ class FitResult:
     stopped_early: bool
     selected_by: str                 # "val_loss", "val_auc", ... or "final_epoch"
     history: list = dataclasses.field(default_factory=list)  # one dict per epoch
+    note: str = ""                   # why the final epoch was taken although there was validation
 
 
 class EarlyStopping:
     """CLAM's rule: an epoch whose validation score is at least the best so far (ties count)
     becomes the best and resets the counter; otherwise the counter grows, and training stops
-    once it reaches ``patience`` at an epoch index (0-based) above ``min_epochs``."""
+    once it reaches ``patience`` at an epoch index (0-based) above ``min_epochs``.
+
+    A non-finite score (an AUC on a val part with one class, a C-index without events) is
+    never the best: taken once, no later ``score >= NaN`` would be true, and the first
+    such epoch would be reported as selected by the metric."""
 
     def __init__(self, patience: int, min_epochs: int, higher_is_better: bool):
         self.patience, self.min_epochs, self.sign = patience, min_epochs, 1.0 if higher_is_better else -1.0
@@ -181,8 +186,8 @@ class EarlyStopping:
 
     def __call__(self, epoch: int, value: float) -> tuple[bool, bool]:
         """-> (this epoch is the new best, stop now)."""
-        score = self.sign * value
-        if self.best is None or score >= self.best:
+        score = self.sign * float(value)
+        if np.isfinite(score) and (self.best is None or score >= self.best):
             self.best, self.counter = score, 0
             return True, False
         self.counter += 1
@@ -282,7 +287,10 @@ class LGPTrainer:
                 break
         stopped = stopped and cfg.early_stopping
         if best is None:
-            return FitResult(params, params, epoch, epoch, False, "final_epoch", history)
+            # No validation, or a metric that was not finite at any epoch: the final model, said so.
+            note = (f"val {metric} was not finite at any epoch: the final epoch's model is used"
+                    if val_items else "")
+            return FitResult(params, params, epoch, epoch, stopped, "final_epoch", history, note)
         return FitResult(params, jax.tree.map(jnp.asarray, best), best_epoch, epoch, stopped,
                          f"val_{metric}", history)
 
