@@ -14,11 +14,13 @@ Decision, in order:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 
 _started = False
 
@@ -63,3 +65,74 @@ def initialize(config: Optional[Any] = None) -> bool:
         return False
     _started = True
     return True
+
+
+class ProcessMismatchError(ValueError):
+    """The processes of one multi-process run were started with different output-affecting
+    arguments (another model file, another seed, another format...)."""
+
+
+def _allgather_bytes(payload: bytes) -> list[bytes]:
+    """Every process's ``payload``, in process order (two fixed-size collectives: the lengths,
+    then the bytes padded to the longest)."""
+    from jax.experimental import multihost_utils
+
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(payload)], np.int32))).reshape(-1)
+    buf = np.zeros(max(int(lengths.max()), 1), np.uint8)
+    buf[:len(payload)] = np.frombuffer(payload, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), -1)
+    return [rows[i, :int(n)].tobytes() for i, n in enumerate(lengths)]
+
+
+def _flat(value: Any, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: a difference is named down to its field."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict = {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    if len(text) > 16 and all(c in "0123456789abcdef" for c in text):  # a content hash
+        return text[:12] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def check_same_everywhere(fields: dict, *,
+                          gather: Optional[Callable[[bytes], list[bytes]]] = None) -> None:
+    """Refuse (ProcessMismatchError, in every process alike) unless every process of this run
+    holds the same ``fields`` (JSON-able: content hashes of the models, seeds, formats...).
+
+    Why every process and not process 0 alone: each process embeds or trains its own share with
+    its own arguments, and only process 0's are recorded; another model copy or seed on one host
+    would silently make part of the output with another model. Every process receives every
+    process's fields, so all reach the same decision and none is left waiting in a collective.
+    ``gather`` (tests): stands in for the cross-process exchange."""
+    if gather is None:
+        if jax.process_count() == 1:
+            return
+        gather = _allgather_bytes
+    mine = json.dumps(fields, sort_keys=True, default=str)
+    everyone = [_flat(json.loads(b.decode())) for b in gather(mine.encode())]
+    reference = everyone[0]
+    differing = {p: sorted(k for k in set(reference) | set(f) if reference.get(k) != f.get(k))
+                 for p, f in enumerate(everyone) if f != reference}
+    if not differing:
+        return
+    def named(keys: list[str]) -> str:
+        return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    listed = "; ".join(f"process {p} differs from process 0 in {named(keys)}"
+                       for p, keys in list(differing.items())[:4])
+    if len(differing) > 4:
+        listed += f"; {len(differing) - 4} more processes differ"
+    example_p, example_keys = next(iter(differing.items()))
+    shown = everyone[example_p]
+    values = ", ".join(f"{k}: {_short(reference.get(k))} (process 0) vs {_short(shown.get(k))} (process {example_p})"
+                       for k in example_keys[:3])
+    raise ProcessMismatchError(
+        f"the {len(everyone)} processes were started with different arguments ({listed}; "
+        f"{values}); give every process the same command and the same model files")

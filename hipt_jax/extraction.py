@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import bags, shards
-from hipt_jax import provenance, sharding
+from hipt_jax import distributed, provenance, sharding
 from hipt_jax.prefetch import prefetch_to_device
 
 PATCH = 256  # pixels per ViT-256 patch
@@ -332,7 +332,11 @@ def check_provenance(out_dir: str, fingerprint: Optional[dict], *, overwrite: bo
                      resume_anyway: bool = False) -> None:
     """Bags already in ``out_dir`` are reused only when ``fingerprint`` matches the folder's
     (``overwrite`` / ``resume_anyway``: see hipt_jax.provenance). Process 0 checks and writes
-    it; the others wait, so no process starts on a folder that is about to be cleared."""
+    it; the others wait, so no process starts on a folder that is about to be cleared. First
+    every process's fingerprint must equal process 0's (the one recorded): a process given
+    another model copy, seed or format would write its share of the slides with it."""
+    if fingerprint is not None:
+        distributed.check_same_everywhere(fingerprint)
     if fingerprint is not None and jax.process_index() == 0:
         provenance.check(out_dir, fingerprint, outputs=(bags.SLIDES, shards.MANIFEST),
                          overwrite=overwrite, resume_anyway=resume_anyway, what="embeddings folder")

@@ -48,3 +48,55 @@ def test_two_process_extraction_merges_every_status(tmp_path):
         attrs = dict(f["coords"].attrs)
         assert attrs["patch_size"] == 256 and attrs["patch_size_level0"] == 256
         assert attrs["target_magnification"] == 20.0 and attrs["name"] == "a_good"
+
+
+def test_processes_with_different_arguments_refuse_before_any_slide(tmp_path):
+    """Process 0 runs --seed 0, process 1 --seed 1 (in practice: another local copy of --vit256):
+    both must refuse (exit 2) naming the processes and the differing fields, before any bag.
+    Plant: drop the check_same_everywhere call in extraction.check_provenance -> exit 0 with
+    half the slides from another model (fails)."""
+    prep = str(tmp_path / "prep")
+    rng = np.random.default_rng(0)
+    write_region_shard(prep, "a", [tissue_crop(rng, 256)])
+    write_region_shard(prep, "b", [tissue_crop(rng, 256)])
+    out = tmp_path / "emb"
+    # The launcher gives every process one command; this one adds --seed <process id>.
+    per_process = ("import os, sys; from hipt_jax.cli import extract; "
+                   "sys.exit(extract.main(sys.argv[1:] + ['--seed', os.environ['JAX_PROCESS_ID']]))")
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), "-n", "2",
+         "--devices-per-process", "1", "--timeout", "200", "--",
+         sys.executable, "-c", per_process, "--random-init", "tiny", "--shards", prep,
+         "--out", str(out), "--no-progress"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=250)
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-2000:]
+    for rank in (0, 1):
+        line = next(l for l in res.stdout.splitlines() if l.startswith(f"[{rank}] hipt-extract: error:"))
+        assert "process 1 differs from process 0 in vit256, vit4k" in line, line
+        assert "random:tiny:seed0" in line and "random:tiny:seed1" in line, line
+    assert not (out / "slides").exists() or not any((out / "slides").iterdir())
+
+
+def test_process_mismatch_check_names_every_differing_process():
+    """The comparison itself, with a fake exchange of 3 processes (no JAX processes started).
+    Plant: compare only the digest of process 0 with its own (no cross-process exchange) -> no
+    error raised (fails)."""
+    import pytest
+
+    from hipt_jax import distributed
+
+    fields = [{"vit256": "aaa", "format": "npz", "target_mpp": 0.5},
+              {"vit256": "aaa", "format": "npz", "target_mpp": 0.5},
+              {"vit256": "bbb", "format": "h5", "target_mpp": 0.5}]
+
+    def fake_gather(_mine: bytes) -> list[bytes]:
+        return [json.dumps(f, sort_keys=True).encode() for f in fields]
+
+    with pytest.raises(distributed.ProcessMismatchError) as err:
+        distributed.check_same_everywhere(fields[0], gather=fake_gather)
+    message = str(err.value)
+    assert "process 2 differs from process 0 in format, vit256" in message
+    assert "process 1" not in message
+    assert "aaa (process 0) vs bbb (process 2)" in message and "npz (process 0) vs h5 (process 2)" in message
+    fields[2] = dict(fields[0])
+    distributed.check_same_everywhere(fields[0], gather=fake_gather)  # all alike: no error

@@ -397,3 +397,33 @@ def test_log_line_has_no_speed_or_eta_until_known(tmp_path, capsys, monkeypatch)
     first, second = capsys.readouterr().out.splitlines()
     assert "nan" not in first and "ETA" not in first and "steps/s" not in first
     assert "1.00 steps/s  4.0 img/s (40 crops/s)  ETA 1.5 min" in second
+
+
+def test_processes_with_different_configs_refuse_before_training(tmp_path, monkeypatch):
+    """Two processes of one run, process 1 with another seed: both refuse before the workdir is
+    touched, naming the field; host-local fields (process_id, loader workers) may differ. The
+    exchange is faked: process 0's fields and this process's.
+    Plant: drop the check_same_everywhere call in trainer.train -> no error, training starts
+    (fails)."""
+    from hipt_jax import distributed
+    from hipt_jax.pretrain import trainer
+
+    def config_of(process, seed):
+        c = get_config_256("runlocal")
+        c.data.path = str(tmp_path / "data")
+        c.distributed.process_id = process
+        c.data.num_workers = process
+        c.seed = seed
+        return c
+
+    workdir = str(tmp_path / "run")
+    process0 = json.dumps(trainer.cross_process_fields(config_of(0, 0), workdir), sort_keys=True, default=str)
+    real = distributed.check_same_everywhere
+    monkeypatch.setattr(distributed, "check_same_everywhere",
+                        lambda fields: real(fields, gather=lambda mine: [process0.encode(), mine]))
+    distributed.check_same_everywhere(trainer.cross_process_fields(config_of(1, 0), workdir))  # alike
+    with pytest.raises(distributed.ProcessMismatchError) as err:
+        trainer.train(config_of(1, 1), workdir)
+    assert "process 1 differs from process 0 in config.seed" in str(err.value)
+    assert "0 (process 0) vs 1 (process 1)" in str(err.value)
+    assert not os.path.exists(workdir)

@@ -567,6 +567,30 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
             "warm_start": provenance.content_hash(config.warm_start or None)}
 
 
+# Settings a host may tune for its own cores and network; every other config field must be
+# alike on every process of a run (see cross_process_fields).
+HOST_LOCAL_FIELDS = ("distributed", "data.num_workers", "data.read_threads", "data.prefetch")
+
+
+def cross_process_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """What every process of a multi-process run must agree on: the whole config but its
+    host-local fields, the warm-start checkpoint by content (each host may hold its own copy)
+    and the workdir. Only process 0's config is recorded in the provenance, yet every process
+    trains and checkpoints with its own: a seed, schedule, stop step or checkpoint cadence that
+    differs on one host trains something else or hangs in a collective."""
+    from hipt_jax import provenance
+
+    data = config.to_dict()
+    for field in HOST_LOCAL_FIELDS:
+        node, *rest = field.split(".")
+        if rest:
+            data.get(node, {}).pop(rest[0], None)
+        else:
+            data.pop(node, None)
+    data["warm_start"] = provenance.content_hash(config.warm_start or None)
+    return {"config": data, "workdir": workdir}
+
+
 def fetch_metrics(pending: list) -> list[tuple[int, dict]]:
     """ONE device-to-host transfer for the metrics of every pending step -> [(step, floats)]."""
     if not pending:
@@ -605,8 +629,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     ``resume_anyway``: hipt_jax.provenance). Raises NonFiniteLossError (after closing the
     checkpoint manager, so the last good checkpoint stays) when the loss stops being finite.
     """
-    from hipt_jax import provenance, workdir_lock
+    from hipt_jax import distributed, provenance, workdir_lock
 
+    distributed.check_same_everywhere(cross_process_fields(config, workdir))
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
