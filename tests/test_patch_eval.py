@@ -302,3 +302,124 @@ def test_knn_monitor_in_runlocal_pretraining(tiles_dir, tmp_path):
     assert all(r["knn/acc"] > 0.9 for r in knn_rows)
     assert tensorboard_steps(os.path.join(workdir, "tensorboard"), "knn/acc") == [2, 4]
     assert os.path.isfile(os.path.join(workdir, "export_best", "arch.json"))
+
+
+def test_out_or_cache_inside_the_tiles_folder_is_refused(tmp_path, capsys):
+    """--out inside --tiles: the run's own pictures (--plot) became a class "results" on the next
+    run, which scored it, exit 0. Refused before any work, one line naming the flag; --cache the
+    same. Plant: no _check_outside_tiles call -> the run goes on, exit 0 (fails)."""
+    tiles = make_tiles(tmp_path / "tiles", n=3)
+    argv = ["--tiles", tiles, "--random-init", "tiny", "--size", "32", "--no-progress"]
+    for extra, flag in ((["--out", os.path.join(tiles, "results")], "--out"),
+                        (["--out", str(tmp_path / "o"), "--cache", os.path.join(tiles, "tumor", "c")], "--cache")):
+        assert cli.main(argv + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{flag} " in err and "lies inside the --tiles folder" in err, err
+    assert sorted(os.listdir(tiles)) == ["stroma", "tumor"] and len(os.listdir(os.path.join(tiles, "tumor"))) == 3
+
+
+def test_hidden_entries_are_neither_tiles_nor_classes_and_an_empty_class_is_said(tmp_path, capsys):
+    """An unzipped macOS archive: AppleDouble "._x.png" files (not images: the run failed),
+    __MACOSX/ and dot-folders (became classes). An empty class folder was dropped silently.
+    Plant: _visible always True -> 4 classes and the ._ files listed (fails); plant: no note
+    for the empty folder -> nothing on stderr (fails)."""
+    root = make_tiles(tmp_path / "t", n=3)
+    (tmp_path / "t" / "tumor" / "._t000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    for hidden in ("__MACOSX/tumor", ".thumbnails"):
+        os.makedirs(tmp_path / "t" / hidden)
+        Image.new("RGB", (8, 8)).save(tmp_path / "t" / hidden / "x.png")
+    (tmp_path / "t" / "empty").mkdir()
+    tiles = read_tiles(root)
+    assert tiles.class_names == ["stroma", "tumor"] and len(tiles.paths) == 6
+    assert not any(os.path.basename(p).startswith(".") for p in tiles.paths)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "empty: class folder without tiles" in err[0], err
+
+
+def test_16_bit_and_float_gray_tiles_keep_their_brightness(tmp_path):
+    """PIL's convert("RGB") clips: a 16-bit gray tile came back all white (255), a float 0..1
+    tile all black. Rescaled by their mode's range; values no scale fits are refused naming the
+    tile and its mode. Plant: to_rgb = im.convert("RGB") -> means 255 / 0 (fails)."""
+    ramp8 = np.tile(np.arange(0, 256, 2, dtype=np.uint8), (128, 1))  # [128,128], mean 127
+    for name, arr in (("g16.png", ramp8.astype(np.uint16) * 257), ("g16.tif", ramp8.astype(np.uint16) * 257),
+                      ("f01.tif", ramp8.astype(np.float32) / 255), ("f255.tif", ramp8.astype(np.float32))):
+        Image.fromarray(arr).save(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            assert im.mode in ("I;16", "F"), (name, im.mode)
+        out = load_tile(str(tmp_path / name), size=128)
+        assert out.shape == (128, 128, 3) and abs(out.mean() - ramp8.mean()) < 0.5, (name, out.mean())
+        np.testing.assert_array_equal(out[..., 1], ramp8)
+    Image.fromarray(np.full((32, 32), -3.0, np.float32)).save(tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match=r"neg\.tif: float image \(mode F\) with values -3\.\.-3"):
+        load_tile(str(tmp_path / "neg.tif"), size=32)
+
+
+def test_unreadable_tiles_are_all_listed_before_any_feature_is_computed(tmp_path, capsys, monkeypatch):
+    """One bad tile among thousands ended the run after the features were computed (no cache
+    written: all lost), naming only the first. Now every tile is checked first: exit 2, one line
+    with the count and the first few, all of them in OUT/unreadable_tiles.txt, no backbone run.
+    Plant: no check_tiles call in cached_features -> the extractor runs (fails)."""
+    from hipt_jax.evaluation import patch_features
+
+    root = make_tiles(tmp_path / "t", n=4)
+    good = open(os.path.join(root, "tumor", "t000.png"), "rb").read()
+    bad = [os.path.join(root, "tumor", "t001.png"), os.path.join(root, "stroma", "t002.png"),
+           os.path.join(root, "stroma", "zz.jpg")]
+    open(bad[0], "wb").write(good[: len(good) // 2])  # truncated: the header still opens
+    open(bad[1], "wb").write(b"not an image")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(bad[2], quality=90)
+    open(bad[2], "r+b").truncate(300)
+    monkeypatch.setattr(patch_features.CLSExtractor, "from_files",
+                        lambda *a, **k: pytest.fail("features computed before the tiles were checked"))
+    out = tmp_path / "pe"
+    assert cli.main(["--tiles", root, "--out", str(out), "--random-init", "tiny", "--size", "32",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "3 of 9 tiles cannot be read" in err, err
+    assert str(out / "unreadable_tiles.txt") in err
+    listed = [line.split("\t")[0] for line in open(out / "unreadable_tiles.txt").read().splitlines()]
+    assert sorted(listed) == sorted(bad)
+
+
+def test_the_feature_cache_sees_a_tile_replaced_with_its_size_and_mtime(tmp_path):
+    """Uncompressed tiles all have one size, and `cp -p` / rsync copy the mtime: a replaced tile
+    kept its stale features. The key also takes the inode (rsync renames a new file into place)
+    and the ctime (cp -p writes in place; nothing can copy a ctime). A plain rerun (the tiles
+    read, not changed) keeps the key. Plant: key without st_ino/st_ctime_ns -> equal keys (fails)."""
+    import shutil
+    import time
+
+    a, b, tile = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "tile.tif"
+    for path, value in ((a, 10), (b, 200)):
+        Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(path)
+    shutil.copy2(a, tile)
+    key = lambda: cache_key([str(tile)], {"random_init": "tiny"}, {"size": 16})  # noqa: E731
+    first = key()
+    load_tile(str(tile), size=16)
+    assert key() == first  # reading it changes nothing
+    time.sleep(0.05)  # past the filesystem's timestamp tick
+    shutil.copy2(b, tile)  # cp -p writes in place: same inode
+    os.utime(tile, ns=(os.stat(a).st_atime_ns, os.stat(a).st_mtime_ns))  # the old mtime, as a copy of it had
+    assert os.path.getsize(tile) == os.path.getsize(a) and os.stat(tile).st_mtime_ns == os.stat(a).st_mtime_ns
+    assert key() != first
+    second = key()
+    shutil.copy2(a, tmp_path / "new.tif")  # rsync: a new file renamed into place
+    os.utime(tmp_path / "new.tif", ns=(os.stat(tile).st_atime_ns, os.stat(tile).st_mtime_ns))
+    os.replace(tmp_path / "new.tif", tile)
+    assert key() != second
+
+
+def test_class_names_the_font_lacks_give_one_line_not_a_warning_per_glyph(tmp_path, capsys):
+    """CJK class names gave ~10 matplotlib "Glyph ... missing from font" warnings per picture on
+    stderr. Now one line naming the picture; other warnings are kept. Plant: no
+    _glyph_warnings_as_one_line around the drawing -> Glyph warnings recorded (fails)."""
+    import warnings
+
+    from hipt_jax.evaluation import plots
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots.plot_confusion(np.array([[3, 1], [0, 4]]), ["TUMÖR 腫瘍", "正常"], str(tmp_path / "cm.png"))
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cm.png: the plot font has no glyph for 4 character(s)" in err[0], err

@@ -7,10 +7,13 @@
 path,label[,split] (hipt_jax.evaluation.tiles). Tiles are resized (shorter side) and
 center-cropped to --size px (224, the paper's probes). Writes OUT/patch_eval.json and
 OUT/patch_eval.md (table), OUT/features_cache/ and with --plot OUT/embedding_map.png and
-OUT/confusion_<split>_<method>.png. Exit codes: 0 ok, 2 bad usage or input.
+OUT/confusion_<split>_<method>.png. Every tile is checked to decode before any feature is
+computed: unreadable tiles are all listed in OUT/unreadable_tiles.txt and the run refused.
+Exit codes: 0 ok, 2 bad usage or input.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -63,12 +66,46 @@ def _check_targets(args) -> None:
                          is_own=lambda path: os.path.isfile(json_path) and _own_json(json_path))
 
 
+def _check_outside_tiles(args) -> None:
+    """--out and --cache may not lie inside a --tiles folder: the next run would read this run's
+    pictures (--plot) as the tiles of a class named after the folder, and score that."""
+    if not os.path.isdir(args.tiles):
+        return  # a CSV names its tiles; nothing beside it is scanned
+    tiles = os.path.realpath(args.tiles)
+    for flag, folder in (("--out", args.out), ("--cache", args.cache)):
+        if folder and os.path.commonpath([tiles, os.path.realpath(folder)]) == tiles:
+            raise flags.UsageError(f"{flag} {folder}: lies inside the --tiles folder {args.tiles} (a "
+                                   "later run would read its files as tiles); choose a folder outside it")
+
+
+UNREADABLE = "unreadable_tiles.txt"
+
+
+@contextlib.contextmanager
+def _unreadable_listed(out: str):
+    """Unreadable tiles refuse the run before any feature is computed (skipping them would
+    change the dataset being scored); all of them are listed in OUT/unreadable_tiles.txt, the
+    error line names the first few and that file."""
+    from hipt_jax.evaluation.patch_features import UnreadableTilesError
+    from hipt_jax.outputs import write_text
+
+    listed = os.path.join(out, UNREADABLE)
+    try:
+        yield
+    except UnreadableTilesError as e:
+        write_text(listed, "".join(f"{p}\t{r}\n" for p, r in e.bad))
+        raise flags.UsageError(f"{e}; all {len(e.bad)} listed in {listed}: fix or remove them") from None
+    if os.path.isfile(listed):  # an earlier run's list, no longer true
+        os.remove(listed)
+
+
 def _run(args) -> int:
     from hipt_jax.evaluation import patch_eval
     from hipt_jax.evaluation.patch_features import cached_features
     from hipt_jax.evaluation.tiles import read_tiles
     from hipt_jax.outputs import write_json, write_text
 
+    _check_outside_tiles(args)
     flags.check_output_dir(args.out)
     if args.cache:
         flags.check_output_dir(args.cache)
@@ -78,7 +115,7 @@ def _run(args) -> int:
     if args.vit256 and not os.path.exists(args.vit256):
         raise flags.UsageError(f"{args.vit256}: no such checkpoint")
     os.makedirs(args.out, exist_ok=True)
-    with flags.progress(not args.no_progress):
+    with flags.progress(not args.no_progress), _unreadable_listed(args.out):
         feats, info = cached_features(
             tiles.paths, checkpoint=args.vit256, random_init=args.random_init, seed=args.seed,
             size=args.size, norm=args.norm, batch_per_device=args.batch_per_device,

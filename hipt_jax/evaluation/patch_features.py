@@ -12,8 +12,9 @@ per local device, the batch sharded over a 1-D ``data`` mesh of all local device
 
 Cache: ``cache_dir/<key>.npz`` (features [N,D] float32, the tile paths), where the key hashes
 the model identity (checkpoint path and its files' mtimes, or random-init kind and seed), the
-preprocessing and every tile's path, size and mtime: a rerun with the same inputs loads
-instead of recomputing; any change recomputes.
+preprocessing and every tile's path, size, mtime, inode and ctime: a rerun with the same
+inputs loads instead of recomputing; any change recomputes. On a miss every tile is checked to
+decode first (``check_tiles``).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from hipt_jax.models.archs import build_vit, dummy_input, get_arch
 from hipt_jax.models.hipt4k import region_compiler_options
@@ -37,13 +38,47 @@ from hipt_jax.pretrain.augment import normalize_images
 DEFAULT_SIZE = 224
 
 
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class TileError(ValueError):
+    """A tile that cannot be used (message names the file and the problem)."""
+
+
+def _gray(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.repeat(values.astype(np.uint8)[..., None], 3, axis=2), "RGB")
+
+
+def to_rgb(im: Image.Image, path: str) -> Image.Image:
+    """``im`` as 8-bit RGB. PIL's convert("RGB") clips the wide grayscale modes to 0..255: a
+    16-bit tile came out all white, a float 0..1 tile all black. They are rescaled here by the
+    range of their mode instead; values outside it are refused, naming the tile."""
+    mode = im.mode
+    if mode in _16BIT_MODES or mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise TileError(f"{path}: integer image (mode {mode}) with values {lo}..{hi}, outside 0..65535")
+        # "I" (32-bit) holding 8-bit values converts exactly as PIL does; else 16-bit scale
+        return _gray(a if mode == "I" and hi <= 255 else (a + 128) // 257)
+    if mode == "F":
+        a = np.asarray(im, np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+            raise TileError(f"{path}: float image (mode F) with values {lo:g}..{hi:g}; expected 0..1 or 0..255")
+        return _gray(np.rint(a * 255 if hi <= 1 else a))
+    return im.convert("RGB")
+
+
 def load_tile(path: str, size: int = DEFAULT_SIZE) -> np.ndarray:
     """Image file -> uint8 [size,size,3]: shorter side resized to ``size``, center crop."""
     try:
         with Image.open(path) as im:
-            img = im.convert("RGB")
+            img = to_rgb(im, path)
+    except TileError:
+        raise
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+        raise TileError(f"{path}: cannot read image ({e})") from None
     w, h = img.size
     if min(w, h) != size:
         scale = size / min(w, h)
@@ -51,6 +86,54 @@ def load_tile(path: str, size: int = DEFAULT_SIZE) -> np.ndarray:
         w, h = img.size
     left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+
+
+# Modes convert("RGB") maps faithfully: checked by decoding alone, no conversion needed.
+_PLAIN_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LA", "PA")
+
+
+def tile_problem(path: str) -> Optional[str]:
+    """Why ``path`` would fail ``load_tile`` (None: it reads), found cheaply: JPEGs decode at
+    1/8 scale (PIL's draft), other tiles are small and decode whole (PNG's or TIFF's header
+    alone does not show a truncated file); wide modes also get their range checked."""
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+            if im.mode not in _PLAIN_MODES:
+                to_rgb(im, path)
+    except TileError as e:
+        return str(e).removeprefix(f"{path}: ")
+    except UnidentifiedImageError:
+        return "not an image (format not recognised)"
+    except Exception as e:  # noqa: BLE001 -- any failure to decode is the tile's problem, named
+        return str(e).replace(repr(path), "").strip(" :") or type(e).__name__
+    return None
+
+
+class UnreadableTilesError(ValueError):
+    """Tiles that cannot be read; ``bad`` lists every one as (path, reason)."""
+
+    def __init__(self, bad: list[tuple[str, str]], total: int):
+        self.bad, self.total = bad, total
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3])
+        super().__init__(f"{len(bad)} of {total} tiles cannot be read: {shown}"
+                         f"{' ...' if len(bad) > 3 else ''}")
+
+
+def check_tiles(paths: Sequence[str], progress: bool = True, threads: int = 4) -> None:
+    """Every tile of ``paths`` decodes (``tile_problem``), checked before any feature is
+    computed: one bad tile among thousands no longer ends a finished run, and every bad tile is
+    named at once (UnreadableTilesError), not the first one met."""
+    from tqdm import tqdm
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        problems = list(tqdm(pool.map(tile_problem, paths), total=len(paths), desc="checking tiles",
+                             unit="tile", disable=not progress))
+    bad = [(p, r) for p, r in zip(paths, problems) if r is not None]
+    if bad:
+        raise UnreadableTilesError(bad, len(paths))
 
 
 def random_backbone(kind: str, seed: int = 0):
@@ -143,10 +226,13 @@ def _model_identity(checkpoint: Optional[str], random_init: str, seed: int) -> d
 
 
 def cache_key(paths: Sequence[str], model: dict, preprocessing: dict) -> str:
+    # Size and mtime alone miss a tile replaced by `cp -p` or rsync (same size: uncompressed
+    # tiles all have one; mtime copied): the inode and the ctime (set by any content write or
+    # rename into place, and no tool can copy it) change then; reading the tiles changes neither.
     h = hashlib.sha1(json.dumps({"model": model, "pre": preprocessing}, sort_keys=True).encode())
     for p in paths:
         st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -162,6 +248,7 @@ def cached_features(paths: Sequence[str], *, checkpoint: Optional[str], random_i
     if cache and os.path.isfile(cache):
         with np.load(cache) as z:
             return z["features"], {"cache": cache, "cache_hit": True}
+    check_tiles(paths, progress)
     if checkpoint:
         from hipt_jax.models.checkpoint import load_backbone
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -39,18 +40,32 @@ class TileSet:
         return np.flatnonzero(self.splits == split)
 
 
+def _visible(name: str) -> bool:
+    """Hidden entries are not data: macOS's AppleDouble "._x.png" files (not images: they failed
+    the run), "__MACOSX" folders of unzipped archives and dot-folders (both became classes)."""
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def _subfolders(root: str) -> list[str]:
+    return sorted(d for d in os.listdir(root) if _visible(d) and os.path.isdir(os.path.join(root, d)))
+
+
 def _images_in(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f)))
+                  if _visible(f) and f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f)))
 
 
 def _class_folders(root: str) -> dict[str, list[str]]:
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    return {c: _images_in(os.path.join(root, c)) for c in classes}
+    classes = {c: _images_in(os.path.join(root, c)) for c in _subfolders(root)}
+    for c, files in classes.items():
+        if not files:  # said: a class the user expects must not vanish from the table unnoticed
+            print(f"{os.path.join(root, c)}: class folder without tiles ({', '.join(IMAGE_EXTS)}); "
+                  "left out", file=sys.stderr)
+    return {c: files for c, files in classes.items() if files}
 
 
 def _read_folder(root: str) -> tuple[list[str], list[str], list[str]]:
-    subdirs = {d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+    subdirs = set(_subfolders(root))
     if {"train", "test"} <= subdirs:
         parts = [s for s in SPLITS if s in subdirs]
     else:
