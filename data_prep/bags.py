@@ -219,7 +219,10 @@ def write_bag_file(path: str, arrays: dict[str, np.ndarray], attrs: dict | None 
         fmt.write(tmp, arrays, {k: v for k, v in (attrs or {}).items() if v is not None})
         with open(side_tmp, "w") as f:  # sha256sum's format: `sha256sum -c` checks it in the folder
             f.write(f"{file_sha256(tmp)}  {os.path.basename(path)}\n")
-        _remove(side)  # the old bag's checksum never sits next to the new bag
+        # Bag first, its checksum second, each renamed over the old one: a kill between the two
+        # leaves the new bag beside the old bag's checksum, which verify_bag takes for damage
+        # (the rerun redoes it). Removing the old checksum first left, on a kill before the
+        # bag's rename, the old bag (often a damaged one being redone) with no checksum at all.
         os.replace(tmp, path)
         os.replace(side_tmp, side)
     except BaseException:  # disk full, Ctrl-C: no partial file is left behind

@@ -17,12 +17,13 @@ them into the level-0 extent of a region so a reader can check it matches its ow
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import h5py
 import numpy as np
 
-from data_prep.shards import safe_slide_id, walk_visible
+from data_prep.shards import file_sha256, safe_slide_id, walk_visible
 
 SUFFIX = "_patches.h5"
 
@@ -61,6 +62,28 @@ def write_coords(path: str, coords, *, slide_id: str, region_px: int, read_px: i
         if tissue_fraction is not None:
             f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, np.float32))
     os.replace(tmp, path)
+
+
+def verify_coords(path: str) -> None:
+    """CoordsError naming the file when `hipt-prep coords` wrote it (the status record of its
+    prep folder, OUT/status/<id>.json, names this file) and its bytes now differ from the
+    SHA-256 recorded there: an h5 row changed in place still reads as valid coordinates, of
+    another region. Files without such a record (CLAM, TRIDENT) are not checked."""
+    name = os.path.basename(path)
+    if not name.endswith(SUFFIX):
+        return
+    out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    status = os.path.join(out, "status", name[: -len(SUFFIX)] + ".json")
+    try:
+        with open(status) as f:
+            record = json.load(f)
+        expected, made = record.get("sha256"), os.path.join(out, record["shard"])
+        ours = record.get("status") == "done" and os.path.samefile(made, path)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return  # no record of ours (or not for this file): nothing to compare with
+    if ours and expected and file_sha256(path) != expected:
+        raise CoordsError(f"{path}: damaged coordinate file (its SHA-256 does not match the one hipt-prep "
+                          f"recorded in {status}); rerun the same `hipt-prep coords ... --out {out}` to redo it")
 
 
 def read_coords(path: str) -> CoordsFile:

@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 
 from data_prep.regions import status_path
-from data_prep.shards import (PATCH, REGION, decode_jpeg, encode_jpeg, file_sha256, find_slide_shard, iter_records,
-                               region_shard_identity,
-                              open_shard_writer, shard_path, write_item_status)
+from data_prep.shards import (PATCH, REGION, decode_jpeg, encode_jpeg, find_slide_shard, iter_records,
+                              open_shard_writer, product_identity, region_shard_identity, shard_path,
+                              write_item_status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def derive_shard(slide_id: str, regions_dir: str, out_dir: str, kind: str, write
         with open_shard_writer(path) as writer:
             fields = write_records(iter_records(find_slide_shard(regions_dir, REGION, slide_id), REGION),
                                    writer)
-        result.update(status="done", sha256=file_sha256(path), shard_bytes=os.path.getsize(path), **fields)
+        result.update(status="done", **product_identity(path), **fields)
     except Exception as e:
         result["error"] = f"{slide_id}: {type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc(limit=5)

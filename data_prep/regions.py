@@ -22,8 +22,8 @@ import traceback
 import cv2
 import numpy as np
 
-from data_prep.shards import (REGION, encode_jpeg, file_sha256, input_identity, open_shard_writer, shard_path,
-                              write_item_status)
+from data_prep.shards import (REGION, encode_jpeg, input_identity, open_shard_writer, product_identity,
+                              shard_path, write_item_status)
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, open_slide,
                                 read_region_geometry, region_geometry, resolve_mpp, snap_scale)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
@@ -160,7 +160,10 @@ def _qc_pictures(out_dir: str, slide_id: str, slide, tm, geom, kept, max_px: int
     for name, img in (("mask", pair), ("regions", overlay)):
         path = os.path.join(qc, f"{slide_id}_{name}.png")
         tmp = f"{path}.tmp-{os.getpid()}.png"
-        cv2.imwrite(tmp, img[:, :, ::-1])
+        if not cv2.imwrite(tmp, img[:, :, ::-1]):  # a failed write (disk full, file too large) is only False
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise OSError(f"{path}: could not write the QC picture (disk full?)")
         os.replace(tmp, path)
 
 
@@ -254,8 +257,8 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
             _write_coords(slide, task.slide_id, product, geom, kept, params, mpp, mpp_source)
         else:
             _write_region_shard(slide, task.slide_id, product, geom, kept, params)
-        result.update(status="done", n_regions=len(kept), sha256=file_sha256(product),
-                      shard_bytes=os.path.getsize(product), source=input_identity(task.path))
+        result.update(status="done", n_regions=len(kept), **product_identity(product),
+                      source=input_identity(task.path))
     except SlideError as e:
         result["error"] = str(e)
     except Exception as e:  # a bug or an OpenSlide read error mid-slide: keep the run going

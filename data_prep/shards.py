@@ -405,6 +405,13 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def product_identity(path: str) -> dict:
+    """What a status record keeps of a finished item's output: its SHA-256, size and mtime. A
+    rerun compares size and mtime (cheap), and hashes only when one differs (data_prep.runner)."""
+    return {"sha256": file_sha256(path), "shard_bytes": os.path.getsize(path),
+            "shard_mtime_ns": os.stat(path).st_mtime_ns}
+
+
 def input_identity(path: str) -> dict:
     """What says a slide file is the one a finished item was made from: its name and size (not
     its folder or mtime, so moving or copying a cohort does not redo it)."""
@@ -571,7 +578,9 @@ def write_shard(path: str, records: Iterable[bytes]) -> int:
 # Run manifests (hipt-prep and hipt-extract)
 # ---------------------------------------------------------------------------------------------
 def write_json_atomic(path: str, obj: Any) -> None:
-    """``obj`` as JSON at ``path``, complete or not at all (a failed write leaves no temp file)."""
+    """``obj`` as JSON at ``path``, complete or not at all (a failed write leaves no temp file;
+    its OSError names ``path``, not the temporary, and often no file at all: a full disk shows
+    in f.write, whose error carries no file name)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -579,9 +588,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), path) from None
         raise
 
 

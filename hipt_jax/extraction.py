@@ -24,6 +24,7 @@ shape per region size).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from data_prep import bags, shards
 from hipt_jax import distributed, provenance, sharding
+from hipt_jax.outputs import OutputWriteError, write_failed
 from hipt_jax.prefetch import prefetch_to_device
 
 PATCH = 256  # pixels per ViT-256 patch
@@ -352,9 +354,22 @@ def _status_path(out_dir: str, process: int) -> str:
 
 def write_process_status(out_dir: str, process: int, slides: dict[str, dict], run: dict) -> None:
     """This process's own record of its slides: {slide_id: {status, error?}} and run figures."""
-    os.makedirs(os.path.join(out_dir, STATUS), exist_ok=True)
-    shards.write_json_atomic(_status_path(out_dir, process),
-                             {"process": process, "slides": slides, "run": run})
+    with _written(_status_path(out_dir, process)):
+        os.makedirs(os.path.join(out_dir, STATUS), exist_ok=True)
+        shards.write_json_atomic(_status_path(out_dir, process),
+                                 {"process": process, "slides": slides, "run": run})
+
+
+@contextlib.contextmanager
+def _written(path: str) -> Iterator[None]:
+    """A run's own record written after its bags (a full disk): exit 1 naming the file, not the
+    bad-input exit 2 a bare OSError maps to; the bags are kept and a rerun skips them."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, OutputWriteError):
+            raise
+        raise write_failed(e.filename or path, e) from None
 
 
 def merge_process_status(out_dir: str, process_count: int) -> tuple[dict[str, str], list[dict]]:
@@ -383,9 +398,14 @@ def _barrier(name: str) -> None:
 
 
 def _intact(bag: str) -> bool:
-    """False (and a line on stderr) when a finished bag's bytes no longer match its checksum."""
+    """False (and a line on stderr) when a finished bag's bytes no longer match its checksum,
+    or when a bag this command wrote (it has a .source record) has lost its checksum and does
+    not read: without a checksum there is nothing to verify, and such a bag (a kill between
+    an older release's checksum removal and the bag's rename) was kept, failing every reader."""
     try:
         bags.verify_bag(bag)
+        if bags.read_source(bag) is not None and not os.path.exists(bags.checksum_path(bag)):
+            bags.read_bag_file(bag)
         return True
     except bags.BagError as e:
         print(f"hipt-extract: redoing {e}", file=sys.stderr)
@@ -453,12 +473,13 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
                          {"regions": n_regions, "seconds": round(seconds, 3)})
     _barrier("hipt-extract status")  # every process's status file is on disk past this line
     errors, runs = merge_process_status(out_dir, jax.process_count())
-    manifest = shards.write_run_manifest(
-        out_dir, schema=EMBEDDINGS_SCHEMA, items=bags.manifest_items(out_dir, slide_ids, errors),
-        params=dict(params, store_dtype=store_dtype, batch=extractor.batch, format=fmt,
-                    processes=jax.process_count()),
-        versions=shards.package_versions(VERSION_PACKAGES), items_key="slides",
-        write=jax.process_index() == 0)
+    with _written(os.path.join(out_dir, shards.MANIFEST)):
+        manifest = shards.write_run_manifest(
+            out_dir, schema=EMBEDDINGS_SCHEMA, items=bags.manifest_items(out_dir, slide_ids, errors),
+            params=dict(params, store_dtype=store_dtype, batch=extractor.batch, format=fmt,
+                        processes=jax.process_count()),
+            versions=shards.package_versions(VERSION_PACKAGES), items_key="slides",
+            write=jax.process_index() == 0)
     total = sum(r["regions"] for r in runs)
     wall = max(r["seconds"] for r in runs)
     manifest["run"] = {"regions": total, "seconds": round(wall, 3),
@@ -684,6 +705,7 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
         path = slides[slide_id]
         if slide_id not in files:
             raise ExtractError(f"{path}: no coordinate file {slide_id}_patches.h5 in {coords_dir}")
+        coords_io.verify_coords(files[slide_id])
         cf = coords_io.read_coords(files[slide_id])
         slide = slide_io.open_slide(path)
         try:

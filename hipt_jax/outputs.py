@@ -27,7 +27,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 
 class OutputWriteError(OSError):
-    """An output could not be written (the message names it; nothing partial is left)."""
+    """An output could not be written (the message names it; no partial copy of it is left)."""
+
+
+def write_failed(path: str, error: BaseException) -> OutputWriteError:
+    """The OutputWriteError naming ``path``, which ``error`` (an OSError: disk full, quota, I/O)
+    kept from being written. It says only what is true of that file: the other outputs of the
+    run (a heatmap's other pictures, finished folds) stay, and a rerun completes them."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return OutputWriteError(f"{path}: write failed ({reason}); no partial copy of it is left, and what this "
+                            "run wrote before it is kept: rerun to finish")
 
 
 def _remove(path: str) -> None:
@@ -55,7 +64,7 @@ def atomic_path(path: str) -> Iterator[str]:
         _remove(tmp)
         if isinstance(e, OutputWriteError):
             raise
-        raise OutputWriteError(f"{path}: write failed ({e.strerror or e}); nothing partial was left") from None
+        raise write_failed(path, e) from None
     except BaseException:
         _remove(tmp)
         raise

@@ -263,3 +263,41 @@ def test_numpy_reads_are_serialized_across_threads(tmp_path, monkeypatch):
         t.join()
     assert not errors, errors
     assert most[0] == 1, f"{most[0]} threads parsed numpy headers at once"
+
+
+def test_a_redo_stopped_before_the_bag_is_renamed_keeps_the_old_checksum(tmp_path, monkeypatch):
+    """The old bag's checksum was removed before the new bag was renamed into place: a kill in
+    between left a damaged bag (the one being redone) with no checksum, read as it was by every
+    reader and never redone. Now the checksum is replaced after the bag, so a stop at either
+    point leaves a bag that verifies or one taken for damaged. Plant: _remove(side) before the
+    bag's os.replace -> the damaged bag passes verify_bag, fails."""
+    path = str(tmp_path / "s.npz")
+    arrays = {"features_cls4k": np.ones((2, 192), np.float32)}
+    bags.write_bag_file(path, arrays)
+    with open(path, "r+b") as f:  # damaged: this is what the redo below replaces
+        f.truncate(os.path.getsize(path) // 2)
+    real, calls = os.replace, []
+
+    def stopped_at(n):
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(src, dst)
+        return replace
+
+    monkeypatch.setattr(bags.os, "replace", stopped_at(1))  # before the bag's rename
+    with pytest.raises(KeyboardInterrupt):
+        bags.write_bag_file(path, {"features_cls4k": np.zeros((3, 192), np.float32)})
+    with pytest.raises(bags.BagError, match="truncated or corrupt bag"):
+        bags.verify_bag(path)
+    calls.clear()
+    monkeypatch.setattr(bags.os, "replace", stopped_at(2))  # between the bag's and the checksum's
+    with pytest.raises(KeyboardInterrupt):
+        bags.write_bag_file(path, {"features_cls4k": np.zeros((3, 192), np.float32)})
+    with pytest.raises(bags.BagError, match="does not match"):
+        bags.verify_bag(path)
+    monkeypatch.undo()
+    bags.write_bag_file(path, arrays)
+    assert bags.read_bag_file(path)["features_cls4k"].shape == (2, 192)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]

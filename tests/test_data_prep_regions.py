@@ -280,3 +280,29 @@ def test_slide_csv_ids_lose_their_extension_and_nfd_names_are_nfc(tmp_path):
     assert [t.slide_id for t in find_slide_files(str(tmp_path / "slides.csv"))] == ["good"]
     (tmp_path / "slides.csv").unlink()
     assert sorted(t.slide_id for t in find_slide_files(str(tmp_path))) == ["café", "good"]
+
+
+def test_a_qc_picture_that_cannot_be_written_fails_its_slide_naming_it(tmp_path, monkeypatch):
+    """cv2.imwrite reports a failed write (disk full, file too large) only by returning False:
+    the rename after it then failed as "FileNotFoundError ... s_mask.png.tmp-13274.png ->
+    s_mask.png", or, when a cut file was left, the slide was "done" with a broken picture. Plant:
+    _qc_pictures ignoring imwrite's result -> "done" (exit 0) here, fails."""
+    from data_prep import regions
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    make_aperio_slide(str(slides / "s.svs"), (1024, 1024), levels=(1,))
+    real = regions.cv2.imwrite
+
+    def full(path, img, *args):
+        if "_mask.png" not in path:
+            return real(path, img, *args)
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG")  # what a full disk lets through
+        return False
+
+    monkeypatch.setattr(regions.cv2, "imwrite", full)
+    assert _run(["--slides", str(slides), "--out", str(tmp_path / "o"), "--region", "512", "--no-progress"]) == 1
+    error = json.loads((tmp_path / "o" / "manifest.json").read_text())["items"]["s"]["error"]
+    assert f"{tmp_path / 'o' / 'qc' / 's_mask.png'}: could not write the QC picture (disk full?)" in error, error
+    assert os.listdir(tmp_path / "o" / "qc") == []

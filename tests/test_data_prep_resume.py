@@ -205,3 +205,41 @@ def test_an_unreadable_prep_manifest_is_named_never_a_traceback(tmp_path, capsys
     # the readers downstream (hipt-extract, hipt-prep patches) skip its checks, and say so once
     assert read_prep_manifest(str(tmp_path)) == {} and read_prep_manifest(str(tmp_path)) == {}
     assert capsys.readouterr().err.count(f"warning: {manifest}: ") == 1
+
+
+def test_a_shard_damaged_in_place_is_redone_and_a_copy_is_hashed_once(slides_dir, tmp_path, capsys, monkeypatch):
+    """A region shard zero-filled in place keeps its size: the rerun notices its new mtime,
+    hashes it against the status record and redoes it. A shard whose mtime moved but whose bytes
+    match (a copy, a touch; records from before the mtime was kept) is kept and its mtime
+    recorded, so the next rerun hashes nothing. Plant: is_done without _same_bytes -> the
+    zero-filled shard counts as done, fails."""
+    import shutil
+
+    from data_prep import runner
+    from data_prep.runner import prepare_regions
+
+    folder, out = tmp_path / "slides", str(tmp_path / "out")
+    folder.mkdir()
+    shutil.copy(os.path.join(slides_dir, "slide0.svs"), folder / "s.svs")
+    prepare_regions(str(folder), out, region_px=int(REGION))
+    shard, status = os.path.join(out, "regions", "s.array_record"), os.path.join(out, "status", "s.json")
+    first = open(shard, "rb").read()
+    with open(shard, "r+b") as f:
+        f.seek(len(first) // 3)
+        f.write(bytes(4096))
+    assert os.path.getsize(shard) == len(first)
+    m = prepare_regions(str(folder), out, region_px=int(REGION))
+    assert f"{shard}: its bytes changed since it was written" in capsys.readouterr().err
+    assert open(shard, "rb").read() == first and m["counts"] == {"done": 1}
+
+    record = json.load(open(status))
+    del record["shard_mtime_ns"]  # as an older release wrote it
+    json.dump(record, open(status, "w"))
+    hashed = []
+    real = runner.file_sha256
+    monkeypatch.setattr(runner, "file_sha256", lambda p: hashed.append(p) or real(p))
+    prepare_regions(str(folder), out, region_px=int(REGION))
+    assert hashed == [shard] and "redoing" not in capsys.readouterr().err
+    assert json.load(open(status))["shard_mtime_ns"] == os.stat(shard).st_mtime_ns
+    prepare_regions(str(folder), out, region_px=int(REGION))
+    assert hashed == [shard]  # the rerun after it compares size and mtime only

@@ -229,3 +229,67 @@ def test_features_of_an_older_region_shard_are_refused(tmp_path):
     (feats / "status" / "s.json").write_text(_json.dumps({"source": {"sha256": "new"}}))
     assert extraction._existing_feature_shard(str(feats), "s", region_shard) == \
         shards_lib.find_slide_shard(str(feats), shards_lib.FEATURE, "s")
+
+
+def test_a_full_disk_writing_the_run_status_is_exit_1_naming_it_and_the_rerun_finishes(model, cohort, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """The bags were written, then OUT/status/process_00000.json could not be: it was exit 2
+    ("bad input") with "[Errno 28] No space left on device", naming no file, and the folder's
+    provenance record taken back. Now exit 1 naming the file, the record and the bags kept, and
+    the rerun finishes without redoing them. Plant: write_process_status without _written ->
+    exit 2 and no file named, fails."""
+    import errno
+
+    from hipt_jax import provenance
+    from hipt_jax.cli import flags
+
+    prep, rows = cohort
+    out = tmp_path / "emb"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def extract():
+        extraction.extract_cohort(model, prep, str(out), batch_per_device=2, show_progress=False,
+                                  fingerprint={"vit256": "random:tiny:seed0"})
+        return 0
+
+    real_write = extraction.write_process_status
+
+    def status_disk_full(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(shards.os, "fsync", full)
+            real_write(*args, **kwargs)
+
+    monkeypatch.setattr(extraction, "write_process_status", status_disk_full)
+    assert flags.run_command("hipt-extract", extract, devices_at_start=False) == flags.EXIT_ITEMS_FAILED
+    status = out / "status" / "process_00000.json"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"hipt-extract: error: {status}: write failed (No space left on device)"), last
+    assert (out / provenance.FILE).is_file() and len(bags.list_bags(str(out))) == len(rows)
+    monkeypatch.undo()
+    assert flags.run_command("hipt-extract", extract, devices_at_start=False) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {v["status"] for v in manifest["slides"].values()} == {"done"}
+    assert json.loads(status.read_text())["run"]["regions"] == 0  # nothing redone
+
+
+def test_a_bag_of_ours_without_its_checksum_that_does_not_read_is_redone(model, cohort, tmp_path, capsys):
+    """A bag hipt-extract wrote (it has its .source record) whose checksum is gone (a kill in an
+    older release's redo) and which is cut short was kept on every rerun, and failed every
+    reader. Now it is opened, and redone when it does not read; one that reads is kept. Plant:
+    _intact verifying only the checksum -> kept, fails."""
+    prep, rows = cohort
+    out = str(tmp_path / "emb")
+    extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    bad, good = (bags.find_bag(out, r["slide_id"]) for r in rows[:2])
+    for path in (bad, good):
+        os.remove(bags.checksum_path(path))
+    whole = open(bad, "rb").read()
+    with open(bad, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    kept = os.stat(good).st_mtime_ns
+    again = extraction.extract_cohort(model, prep, out, batch_per_device=2, show_progress=False)
+    assert f"redoing {bad}: truncated or corrupt bag" in capsys.readouterr().err
+    assert again["run"]["regions"] == len(bags.read_bag_file(bad)["coords"])  # only the damaged one
+    assert os.path.exists(bags.checksum_path(bad)) and os.stat(good).st_mtime_ns == kept

@@ -202,3 +202,33 @@ def test_damaged_tile_fails_its_slide_and_the_cohort_goes_on(model, extractor, t
     assert man["slides"]["b_good"]["status"] == "done"
     bad = man["slides"]["a_bad"]
     assert bad["status"] == "failed" and "a_bad.svs: cannot read its pixels" in bad["error"], bad
+
+
+def test_a_coords_file_changed_in_place_fails_its_slide_until_hipt_prep_redoes_it(model, extractor, prepared,
+                                                                                   tmp_path, capsys):
+    """One row of a hipt-prep coords file changed in place (same size) still reads as valid
+    coordinates, of another region: the slide fails naming the file and the checksum its status
+    recorded, and the hipt-prep rerun (which notices the new mtime) redoes it. Plant: no
+    verify_coords in extract_cohort_direct -> the slide is "done" with the wrong region, fails;
+    plant: runner.is_done without _same_bytes -> the prep rerun keeps the damaged file, fails."""
+    import shutil
+
+    root, slides, slides_dir = prepared
+    prep = tmp_path / "prep"
+    shutil.copytree(root / "prep", prep)  # copy2: the recorded mtimes still hold
+    path = prep / "coords" / f"{SID}_patches.h5"
+    size = os.path.getsize(path)
+    with h5py.File(path, "r+") as f:
+        assert not (f["coords"][()] == (1, 1)).all(axis=1).any()
+        f["coords"][0] = (1, 1)
+    assert os.path.getsize(path) == size
+    result = _direct(model, extractor, slides, str(prep), str(tmp_path / "e"))["slides"][SID]
+    assert result["status"] == "failed"
+    assert str(path) in result["error"] and "damaged coordinate file" in result["error"]
+    assert "rerun the same `hipt-prep coords" in result["error"]
+
+    prepare_coords(slides_dir, str(prep), region_px=SIZE, min_tissue_fraction=0.5)
+    assert "its bytes changed since it was written" in capsys.readouterr().err
+    assert _direct(model, extractor, slides, str(prep), str(tmp_path / "e"))["slides"][SID]["status"] == "done"
+    np.testing.assert_array_equal(bags.read_bag(str(tmp_path / "e"), SID)["coords"],
+                                  read_coords(str(root / "prep" / "coords" / f"{SID}_patches.h5")).coords)

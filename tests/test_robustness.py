@@ -193,6 +193,25 @@ def test_full_disk_while_writing_results_is_one_line_and_no_partial_file(feature
     assert os.listdir(tmp_path) == []
 
 
+def test_a_failed_write_says_what_is_left_not_that_nothing_is(tmp_path):
+    """hipt-heatmap's 51st picture failing said "nothing partial was left" beside the 50 it had
+    written (hipt-predict: its attention folder): the message now says only what is true, of
+    that file and of the rest. Plant: the old wording -> fails."""
+    import errno
+
+    from hipt_jax import outputs
+
+    outputs.write_text(str(tmp_path / "a.png"), "first")
+    with pytest.raises(outputs.OutputWriteError) as e:
+        with outputs.atomic_path(str(tmp_path / "b.png")) as tmp:
+            open(tmp, "w").write("part")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'b.png'}: write failed (No space left on device); no partial copy of it")
+    assert "nothing partial" not in message and "what this run wrote before it is kept" in message
+    assert os.listdir(tmp_path) == ["a.png"]
+
+
 @pytest.mark.slow  # an Orbax save and torch: 97 s at load 20 (`make test-all`); full disk is fast-tested above
 def test_full_disk_in_hipt_convert_leaves_no_half_checkpoint(tmp_path, monkeypatch, capsys):
     """Plant: to_torch calling torch.save(out, dst) directly (a truncated .pth that

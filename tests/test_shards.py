@@ -93,3 +93,21 @@ def test_bags_write_read_list(tmp_path):
         f.write(open(path, "rb").read()[:100])
     with pytest.raises(bags.BagError, match="trunc.npz: truncated or corrupt bag"):
         bags.read_bag(out, "trunc")
+
+
+def test_a_failed_json_write_names_its_file_not_the_temporary(tmp_path, monkeypatch):
+    """A full disk shows in f.write or fsync, whose OSError names no file: the command then said
+    "error: [Errno 28] No space left on device" (hipt-extract's status/process_0.json). Plant:
+    write_json_atomic re-raising the bare error -> no file name, fails."""
+    import errno
+
+    path = str(tmp_path / "status.json")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        shards.write_json_atomic(path, {"a": 1})
+    assert e.value.filename == path and e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
