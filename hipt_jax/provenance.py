@@ -13,6 +13,7 @@ paths and bytes in sorted order, so the same weights written twice give the same
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -148,11 +149,24 @@ def _normalize(fingerprint: dict) -> dict:
 _NEW_RECORDS: list[tuple[str, tuple[str, ...]]] = []
 
 
+def present(out_dir: str, outputs: Iterable[str]) -> list[str]:
+    """The entries of ``outputs`` (names relative to ``out_dir``, or glob patterns such as
+    "fold_*" for outputs whose names are known only once made) that exist in ``out_dir`` now."""
+    found = []
+    for o in outputs:
+        if glob.has_magic(o):
+            found += sorted(os.path.relpath(p, out_dir) for p in glob.glob(os.path.join(glob.escape(out_dir), o)))
+        elif os.path.lexists(os.path.join(out_dir, o)):
+            found.append(o)
+    return found
+
+
 def forget_new_records() -> None:
-    """Undo this process's "new" provenance records whose folders hold no outputs yet."""
+    """Undo this process's "new" provenance records whose folders hold no outputs yet (looked
+    at now: a run refused midway keeps the record of what it finished)."""
     while _NEW_RECORDS:
         out_dir, outputs = _NEW_RECORDS.pop()
-        if not any(os.path.lexists(os.path.join(out_dir, o)) for o in outputs):
+        if not present(out_dir, outputs):
             try:
                 os.remove(os.path.join(out_dir, FILE))
             except OSError:
@@ -163,14 +177,14 @@ def check(out_dir: str, fingerprint: dict, *, outputs: Iterable[str] = (), overw
           resume_anyway: bool = False, what: Optional[str] = None, details: Optional[dict] = None) -> str:
     """Make ``out_dir`` safe to continue: returns "new", "match", "overwritten" or "resumed".
 
-    ``outputs`` are the entries (relative to ``out_dir``) this command writes; --overwrite
-    deletes them. A folder that has outputs but no provenance file (made before provenance
+    ``outputs`` are the entries (relative to ``out_dir``, or glob patterns: ``present``) this
+    command writes; --overwrite deletes them. A folder that has outputs but no provenance file (made before provenance
     existed, or by hand) is treated as a mismatch."""
     fingerprint = _normalize(fingerprint)
     details = dict(details or {}, **({"kind": what} if what else {}))
     what = what or "output folder"
     old = read(out_dir)
-    existing = [o for o in outputs if os.path.lexists(os.path.join(out_dir, o))]
+    existing = present(out_dir, outputs)
     old_details = read_details(out_dir) if old is not None else _unrecorded_kind(out_dir)
     if details.get("kind") and old_details.get("kind", what) != what:
         # Another command's folder: its files may share names with ours (manifest.json), so

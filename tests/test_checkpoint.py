@@ -148,3 +148,76 @@ def test_imported_reference_lgp_saves_and_computes_what_the_reference_computes(t
         want = ref(x)[0][0].numpy()
     got, _ = loaded.module().apply(loaded.variables, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+
+# Orbax's words for a full disk (it raises them as ValueError from its writer threads).
+ORBAX_DISK_FULL = ('RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database at local file "{path}": '
+                   "Failed to write 189 bytes to file 13: No space left on device [os_error_code='28']")
+
+
+def _orbax_save_failing(monkeypatch):
+    """StandardCheckpointer.save that leaves Orbax's temporary folder and raises as Orbax does
+    when the disk fills."""
+    import orbax.checkpoint as ocp
+
+    def full(self, directory, *args, **kwargs):
+        tmp = f"{directory}.orbax-checkpoint-tmp"
+        os.makedirs(os.path.join(tmp, "ocdbt.process_0"), exist_ok=True)
+        with open(os.path.join(tmp, "ocdbt.process_0", "d"), "wb") as f:
+            f.write(b"\0" * 100)
+        raise ValueError(ORBAX_DISK_FULL.format(path=tmp))
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
+
+
+def test_a_full_disk_during_save_is_an_oserror_naming_the_folder_and_leaves_it_empty(vit4k_tiny, tmp_path,
+                                                                                     monkeypatch):
+    """Orbax raises a full disk as ValueError, which the commands report as bad input (exit 2)
+    and which left state.orbax-checkpoint-tmp/ behind: every later save to the folder was
+    refused ("already exists and is not an empty directory"). Plant: save without its except
+    branch -> the ValueError and the leftover folder, fails."""
+    import errno
+
+    config, params = vit4k_tiny
+    path = str(tmp_path / "model")
+    _orbax_save_failing(monkeypatch)
+    with pytest.raises(OSError) as e:
+        checkpoint.save(path, params, "vit", config)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == path
+    assert os.listdir(path) == []
+    monkeypatch.undo()
+    checkpoint.save(path, params, "vit", config)  # the empty folder takes the next save
+    assert _tree_equal(checkpoint.load(path).params, params)
+
+
+def test_orbax_repeats_of_a_failed_write_are_dropped_other_messages_kept(capsys):
+    """A full disk during an Orbax save printed ~20 logged tracebacks of its writer threads
+    and hundreds of "Event loop is closed" ones after the command's one-line error. Plant:
+    quiet_write_failures doing nothing -> both printed, fails."""
+    import logging
+    import sys
+
+    from types import SimpleNamespace
+
+    logger = logging.getLogger("absl")
+    handler = logging.StreamHandler(sys.stderr)
+    logger.addHandler(handler)
+    saved_hook, printed = sys.unraisablehook, []
+    sys.unraisablehook = lambda info: printed.append(str(info.exc_value))
+    try:
+        with checkpoint.quiet_write_failures():
+            try:
+                raise ValueError(ORBAX_DISK_FULL.format(path="/x"))
+            except ValueError:
+                logger.error("_SignalingThread.run() raised an exception", exc_info=True)
+            logger.error("Failed to run 2 Handler Commit operations: No space left on device")
+            logger.error("an unrelated error")
+        for text in ("Event loop is closed", "something else"):  # they come after the block too
+            sys.unraisablehook(SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(text),
+                                               exc_traceback=None, err_msg=None, object=None))
+    finally:
+        logger.removeHandler(handler)
+        sys.unraisablehook = saved_hook
+    err = capsys.readouterr().err
+    assert "an unrelated error" in err and "RESOURCE_EXHAUSTED" not in err and "No space left" not in err
+    assert printed == ["something else"]

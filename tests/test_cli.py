@@ -255,6 +255,26 @@ def test_error_table_names_real_exceptions_and_bugs_keep_their_traceback():
         flags.run_command("t", lambda: 1 // 0)
 
 
+def test_a_full_disk_is_a_failed_run_not_bad_input_and_keeps_the_provenance(tmp_path, capsys):
+    """A full disk shows only once something is written, so after the work started: exit 1
+    naming the file, and the folder keeps its provenance record (the rerun resumes). It was
+    exit 2, which also took the record back. Plant: run_command without is_disk_full -> exit 2
+    and provenance.json removed, fails."""
+    import errno
+
+    from hipt_jax import provenance
+
+    work = tmp_path / "w"
+
+    def fills_the_disk():
+        provenance.check(str(work), {"data": "x"}, outputs=("slides",))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(work / "status.json"))
+
+    assert flags.run_command("prog", fills_the_disk, devices_at_start=False) == flags.EXIT_ITEMS_FAILED
+    assert capsys.readouterr().err.strip() == f"prog: error: {work / 'status.json'}: No space left on device"
+    assert (work / provenance.FILE).is_file()
+
+
 # ------------------------------------------------------------------------------ paths with ~
 # String flags that name no file or folder (every other one takes flags.path_arg).
 NOT_PATHS = {"--label-column", "--embedding", "--include-classes", "--exclude-classes", "--beam-arg"}

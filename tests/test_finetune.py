@@ -487,3 +487,106 @@ def test_a_class_absent_from_a_val_part_is_named_and_its_auc_kept_for_selection(
     assert result["auc_absent_classes"] == {"val": ["c"]}
     assert result["evaluated"]["selected_by"] == "val_auc" and np.isfinite(result["val"]["auc"])
     assert "fold 0: no val slide of class(es) c" in capsys.readouterr().err
+
+
+def _abmil_run(tmp_path, n=8):
+    """An abmil cohort of ``n`` CLS-4K h5 bags, 2 folds, 1 epoch (seconds)."""
+    emb = _cls4k_h5_bags(tmp_path / "h5", n, class_offset=True)
+    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": f"s{i}", "label": "ab"[i % 2]} for i in range(n)])
+    c = _subtyping_config(str(emb), labels, splits="kfold:2", epochs=1)
+    c.model.name = "abmil"
+    return c
+
+
+def test_a_full_disk_while_saving_a_fold_is_exit_1_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """Orbax raises a full disk as ValueError: it was reported as bad input (exit 2), which also
+    took back provenance.json although fold 0 was finished, so the plain rerun was refused as
+    "made with other inputs". Now: exit 1, one line naming the fold's checkpoint, no partial
+    checkpoint, and the rerun keeps fold 0. Plant: checkpoint.save without its write-failure
+    branch -> exit 2, fails."""
+    import orbax.checkpoint as ocp
+
+    from hipt_jax import provenance
+    from hipt_jax.cli import flags
+
+    c = _abmil_run(tmp_path)
+    real = ocp.StandardCheckpointer.save
+
+    def fills_at_fold_1(self, directory, *args, **kwargs):
+        if "fold_1" in str(directory):
+            os.makedirs(f"{directory}.orbax-checkpoint-tmp", exist_ok=True)
+            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database at local file '
+                             f'"{directory}.orbax-checkpoint-tmp/": No space left on device [os_error_code=\'28\']')
+        return real(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", fills_at_fold_1)
+    work = tmp_path / "run"
+    code = flags.run_command("hipt-finetune", lambda: finetune.run(c, str(work), show_progress=False) and 0,
+                             devices_at_start=False)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == flags.EXIT_ITEMS_FAILED
+    assert last.startswith(f"hipt-finetune: error: {work / 'fold_1' / 'checkpoint'}: write failed "
+                           "(No space left on device)"), last
+    assert (work / provenance.FILE).is_file() and (work / "fold_0" / "result.json").is_file()
+    assert not [p for p in os.listdir(work / "fold_1") if p.startswith("checkpoint")]
+    fold_0 = os.stat(work / "fold_0" / "result.json").st_mtime_ns
+    monkeypatch.undo()
+    again = finetune.run(c, str(work), show_progress=False)
+    assert len(again["folds"]) == 2 and os.stat(work / "fold_0" / "result.json").st_mtime_ns == fold_0
+
+
+def test_a_run_refused_after_a_finished_fold_keeps_its_provenance(tmp_path, monkeypatch):
+    """A bad-input refusal (exit 2) takes back a provenance record only while the folder holds
+    none of the run's outputs, looked at when it refuses: the folds were listed when the record
+    was written (none yet), so a refusal in fold 1 removed it and the rerun was refused ("no
+    provenance.json"). Plant: _outputs listing the fold_* folders there at the start -> fails."""
+    from hipt_jax import provenance
+    from hipt_jax.cli import flags
+
+    c = _abmil_run(tmp_path)
+    real, calls = finetune.LGPTrainer.train, []
+
+    def refused_in_fold_1(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise finetune.FinetuneError("fold 1: refused")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(finetune.LGPTrainer, "train", refused_in_fold_1)
+    work = tmp_path / "run"
+    code = flags.run_command("hipt-finetune", lambda: finetune.run(c, str(work), show_progress=False) and 0,
+                             devices_at_start=False)
+    assert code == flags.EXIT_BAD_INPUT and (work / "fold_0" / "result.json").is_file()
+    assert (work / provenance.FILE).is_file()
+    monkeypatch.undo()
+    assert len(finetune.run(c, str(work), show_progress=False)["folds"]) == 2
+
+
+def test_a_fold_whose_checkpoint_was_damaged_is_redone_by_the_rerun(tmp_path, capsys):
+    """A finished fold (its result.json) was skipped on rerun without looking at its checkpoint:
+    one zero-filled since stayed, and hipt-predict failed on it with no way out. The rerun now
+    verifies each finished fold's checkpoint against the checksum in its arch.json and redoes a
+    damaged fold, saying so; hipt-predict's error says to rerun hipt-finetune. Plant:
+    _finished_fold without _damaged_checkpoint -> fold 0 kept, predict still fails, fails;
+    FoldModel without the remedy -> the bare "damaged checkpoint" message, fails."""
+    from hipt_jax.finetune import predict
+    from hipt_jax.models import checkpoint
+    from tests.synthetic_cohort import small_labelled_feature_cohort
+
+    emb, labels = small_labelled_feature_cohort(tmp_path)
+    c, work = _subtyping_config(emb, labels, splits="kfold:2", epochs=1), tmp_path / "run"
+    c.model.name, c.model.embed, c.model.attn_hidden = "mean_pool", 8, 4
+    finetune.run(c, str(work), show_progress=False)
+    state = work / "fold_0" / "checkpoint" / checkpoint.STATE_DIR
+    data = max((os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs), key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.write(bytes(os.path.getsize(data)))
+    with pytest.raises(checkpoint.CheckpointError, match="damaged checkpoint .*rerun hipt-finetune on the run folder"):
+        predict.predict_run(str(work), c.data.embeddings, str(tmp_path / "p.csv"), show_progress=False)
+    kept = os.stat(work / "fold_1" / "result.json").st_mtime_ns
+    capsys.readouterr()
+    finetune.run(c, str(work), show_progress=False)
+    assert f"{state}: damaged checkpoint" in capsys.readouterr().err
+    assert os.stat(work / "fold_1" / "result.json").st_mtime_ns == kept
+    res = predict.predict_run(str(work), c.data.embeddings, str(tmp_path / "p.csv"), show_progress=False)
+    assert res["failed_slides"] == {}

@@ -399,6 +399,116 @@ def test_log_line_has_no_speed_or_eta_until_known(tmp_path, capsys, monkeypatch)
     assert "1.00 steps/s  4.0 img/s (40 crops/s)  ETA 1.5 min" in second
 
 
+class _FillingManager:
+    """A real Orbax CheckpointManager whose save at ``step`` fails as Orbax's async save does
+    when the disk fills: it leaves checkpoints/<step>.orbax-checkpoint-tmp/, the next wait
+    raises Orbax's ValueError, and waits after it "Event loop is closed"."""
+
+    def __init__(self, manager, folder, step):
+        self.manager, self.folder, self.step, self.failed, self.waits = manager, folder, step, False, 0
+
+    def save(self, step, *args, **kwargs):
+        if step != self.step:
+            return self.manager.save(step, *args, **kwargs)
+        tmp = os.path.join(self.folder, f"{step}.orbax-checkpoint-tmp")
+        os.makedirs(os.path.join(tmp, "state.orbax-checkpoint-tmp"))
+        with open(os.path.join(tmp, "state.orbax-checkpoint-tmp", "d"), "wb") as f:
+            f.write(b"\0" * 1000)
+        self.failed = True
+        return True
+
+    def wait_until_finished(self):
+        self.manager.wait_until_finished()
+        if self.failed:
+            self.waits += 1
+            if self.waits == 1:
+                raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "opt.count/0" in OCDBT database at local file '
+                                 f'"{self.folder}/{self.step}.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/": '
+                                 "No space left on device [os_error_code='28']")
+            raise RuntimeError("Event loop is closed")
+
+    def __getattr__(self, name):
+        return getattr(self.manager, name)
+
+
+def _stage2_run(tmp_path, total_steps):
+    c = get_config_4k("runlocal")
+    c.data.path = str(write_feature_grids(tmp_path / "feats", 8))
+    c.total_steps, c.checkpoint.every_steps, c.log_every = total_steps, 2, 1
+    return c
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_exit_1_and_the_rerun_resumes(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Orbax's full-disk ValueError was reported as bad input (exit 2, its provenance record
+    taken back) after ~780 lines of thread tracebacks, and checkpoints/4.orbax-checkpoint-tmp
+    stayed, holding the space the rerun's free-space check wants. Now: exit 1, the last line
+    names checkpoints/4, the unfinished folder is gone, checkpoints/2 and the record stay, and
+    the rerun resumes from step 2. Plant: no _checkpoint_writes around the loop's wait -> exit 2
+    and the tmp folder left, fails."""
+    from hipt_jax import provenance
+    from hipt_jax.cli import flags
+    from hipt_jax.pretrain import trainer
+
+    c, work = _stage2_run(tmp_path, 6), tmp_path / "run"
+    real = trainer._checkpoint_manager
+    monkeypatch.setattr(trainer, "_checkpoint_manager",
+                        lambda workdir, config: _FillingManager(real(workdir, config), str(work / "checkpoints"), 4))
+    code = flags.run_command("hipt-pretrain", lambda: trainer.train(c, str(work)) and 0, devices_at_start=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == flags.EXIT_ITEMS_FAILED
+    assert err[-1].startswith(f"hipt-pretrain: error: {work / 'checkpoints' / '4'}: write failed "
+                              "(No space left on device)"), err[-1]
+    assert sorted(os.listdir(work / "checkpoints")) == ["2"] and (work / provenance.FILE).is_file()
+    monkeypatch.undo()
+    trainer.train(c, str(work))
+    assert "resumed from" in capsys.readouterr().out
+    assert sorted(os.listdir(work / "checkpoints")) == ["2", "4", "6"] and (work / "export" / "arch.json").is_file()
+
+
+def test_an_export_killed_midway_is_replaced_and_a_failed_one_keeps_the_previous(tmp_path, capsys, monkeypatch):
+    """SIGKILL during the final export left export/ holding only state.orbax-checkpoint-tmp/,
+    and every rerun ended "export: already exists and is not an empty directory" (exit 2). The
+    export is now written beside it and renamed when whole; such debris is replaced, said on
+    stderr, and so is a partial export of this release; a full disk is one error naming the
+    export, keeping the previous one, leaving no partial folder. Plant: export_teacher saving
+    into ``path`` with the old arch.json-only check -> CheckpointError "already exists", fails."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from hipt_jax.models import checkpoint
+    from hipt_jax.outputs import OutputWriteError
+    from hipt_jax.pretrain import trainer
+
+    c = get_config_4k("runlocal")
+    state = jax.jit(lambda r: trainer.create_state(c, r))(jax.random.key(0))
+    export = tmp_path / "export"
+    (export / "state.orbax-checkpoint-tmp" / "ocdbt.process_0").mkdir(parents=True)  # what the kill left
+    trainer.export_teacher(state, c, str(export))
+    assert f"{export}: an unfinished export" in capsys.readouterr().err
+    assert checkpoint.load(str(export)).meta["source"] == "hipt-pretrain"
+    partial = tmp_path / ("export" + trainer.EXPORT_PARTIAL)
+    (partial / "state.orbax-checkpoint-tmp").mkdir(parents=True)  # killed while exporting now
+    trainer.export_teacher(state, c, str(export))
+    assert not partial.exists() and checkpoint.load(str(export)).meta["step"] == 0
+
+    def full(self, directory, *args, **kwargs):
+        os.makedirs(f"{directory}.orbax-checkpoint-tmp")
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing ... No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
+    with pytest.raises(OutputWriteError, match=f"^{export}: write failed \\(No space left on device\\)") as e:
+        trainer.export_teacher(state, c, str(export))
+    assert not partial.exists() and checkpoint.load(str(export)).meta["source"] == "hipt-pretrain"
+    # a folder of someone else's files is never taken for debris
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="is not an export of hipt-pretrain"):
+        trainer.export_teacher(state, c, str(other))
+    assert (other / "notes.txt").is_file()
+
+
 def test_processes_with_different_configs_refuse_before_training(tmp_path, monkeypatch):
     """Two processes of one run, process 1 with another seed: both refuse before the workdir is
     touched, naming the field; host-local fields (process_id, loader workers) may differ. The

@@ -19,7 +19,7 @@ Exit codes, the same for every command:
     0  everything succeeded
     1  some items (slides, shards, bags) failed; each is named, with its error, in the output
        manifest or results file and on stderr (also: a training run that diverged, a result
-       file that could not be written, e.g. disk full: one line naming it, nothing partial left)
+       file that could not be written, e.g. disk full: one line naming it, no partial copy of it)
     2  bad usage or bad input (unknown flag, invalid value, missing or unreadable input file,
        bad checkpoint): one line "PROG: error: ..." on stderr, no traceback
     130 / 143  stopped by Ctrl-C / SIGTERM (preemption): one line, finished outputs kept, the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from typing import Callable, Iterator, Optional
@@ -80,6 +81,16 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
 def failure_errors() -> tuple[type[BaseException], ...]:
     return _loaded(FAILURE_ERRORS)
+
+
+# A full disk, a quota or a file size limit shows only when something is written, so never
+# before the work started: a failed run (exit 1, its provenance record kept for the rerun that
+# resumes), not bad input, even where no writer turned it into an OutputWriteError naming the file.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 def one_line(error: BaseException | str) -> str:
@@ -255,7 +266,7 @@ def run_command(prog: str, fn: Callable[[], int], *, devices_at_start: bool = Tr
         if os.environ.get("HIPT_DEBUG"):
             _exit_if_peers_hang(prog, 1)
             raise
-        if isinstance(e, failure_errors()):
+        if isinstance(e, failure_errors()) or is_disk_full(e):
             print_error(prog, e)
             return _exit_if_peers_hang(prog, EXIT_ITEMS_FAILED)
         if isinstance(e, input_errors()):

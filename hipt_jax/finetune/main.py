@@ -28,7 +28,6 @@ result.json cannot be read.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -406,8 +405,9 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
 
 
 def _outputs(workdir: str) -> list[str]:
-    folds = [os.path.basename(p) for p in glob.glob(os.path.join(workdir, "fold_*"))]
-    return sorted(folds) + [o for o in OUTPUTS]
+    # A pattern, not the folds there now: a run refused after fold 0 finished must see it
+    # (provenance.forget_new_records looks when it runs).
+    return ["fold_*", *OUTPUTS]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True,
@@ -466,6 +466,22 @@ def _check_inputs(config) -> None:
             raise FinetuneError(f"config.selection.metric={sel.metric!r}: expected one of {list(METRICS[config.task])}")
 
 
+def _damaged_checkpoint(fold_dir: str) -> Optional[str]:
+    """Why a finished fold's saved models cannot be used (a description naming the file), None
+    when they verify against the checksum their arch.json records. Its result.json alone made
+    the fold "finished": a checkpoint damaged since was kept, and hipt-predict then failed on it
+    with no way to redo it."""
+    for name in ("checkpoint", "checkpoint_final"):
+        path = os.path.join(fold_dir, name)
+        if name == "checkpoint_final" and not os.path.exists(path):
+            continue  # written only when a selected epoch was evaluated
+        try:
+            checkpoint.verify_state(path, checkpoint.read_arch(path))
+        except checkpoint.CheckpointError as e:
+            return str(e)
+    return None
+
+
 def _finished_fold(result_path: str, k: int, fold_ids: dict) -> Optional[dict]:
     """The result of fold ``k`` when an earlier run finished it on the same slides, else None
     (a line on stderr says why it is redone). A resumed run must not report folds trained
@@ -487,6 +503,10 @@ def _finished_fold(result_path: str, k: int, fold_ids: dict) -> Optional[dict]:
         now = {p: len(v) for p, v in fold_ids.items()}
         print(f"hipt-finetune: fold {k} was trained on other slides ({then} then, {now} now: a bag "
               "repaired, added or gone); redoing it", file=sys.stderr)
+        return None
+    damaged = _damaged_checkpoint(os.path.dirname(result_path))
+    if damaged:
+        print(f"hipt-finetune: {damaged}; redoing fold {k}", file=sys.stderr)
         return None
     for part in ("test", "val", "test_final_epoch"):  # an undefined metric was written as null
         if isinstance(result.get(part), dict):

@@ -95,7 +95,14 @@ class FoldModel:
     """One fold's saved model and a trainer that scores bags with it."""
 
     def __init__(self, path: str, task: str, buckets):
-        loaded = checkpoint.load(path)
+        try:
+            loaded = checkpoint.load(path)
+        except checkpoint.CheckpointError as e:
+            if "damaged checkpoint" not in str(e):
+                raise
+            run_dir = os.path.dirname(os.path.dirname(path))  # RUN/fold_k/checkpoint
+            raise checkpoint.CheckpointError(f"{e}; rerun hipt-finetune on the run folder ({run_dir}, same "
+                                             "config) to redo the fold") from None
         self.module, self.params = loaded.module(), loaded.params
         self.n_outputs = loaded.config.get("n_classes")
         self.level = loaded.config.get("bag", "region") if loaded.kind == "mil" else "region"

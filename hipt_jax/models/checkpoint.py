@@ -23,9 +23,16 @@ state). ``load_backbone`` is the helper the region and slide models use: a direc
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
-from typing import Any, Callable, NamedTuple, Optional
+import re
+import shutil
+import sys
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -172,8 +179,6 @@ def save(path: str, params, kind: str, arch_config, meta: Optional[dict] = None,
     directory, unless ``overwrite`` (then a previous save there is replaced). Returns the
     absolute directory.
     """
-    import shutil
-
     import numpy as np
     import orbax.checkpoint as ocp
 
@@ -188,18 +193,120 @@ def save(path: str, params, kind: str, arch_config, meta: Optional[dict] = None,
     tree = {"params": jax.tree.map(np.asarray, dict(params))}
     if head is not None:
         tree["head"] = jax.tree.map(np.asarray, dict(head))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, STATE_DIR), tree)
-    info = {
-        "format": FORMAT, "version": VERSION, "kind": kind, "arch": KINDS[kind].arch_name(config),
-        "config": config.to_dict(), "has_head": head is not None, "meta": meta or {},
-        "state_sha256": state_sha256(os.path.join(path, STATE_DIR)),
-    }
-    if kind == "vit":
-        info["name"] = _vit_name(config)
-    with open(os.path.join(path, ARCH_FILE), "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
+    try:
+        with quiet_write_failures(), ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(path, STATE_DIR), tree)
+        info = {
+            "format": FORMAT, "version": VERSION, "kind": kind, "arch": KINDS[kind].arch_name(config),
+            "config": config.to_dict(), "has_head": head is not None, "meta": meta or {},
+            "state_sha256": state_sha256(os.path.join(path, STATE_DIR)),
+        }
+        if kind == "vit":
+            info["name"] = _vit_name(config)
+        with open(os.path.join(path, ARCH_FILE), "w") as f:  # last: it makes the folder a model
+            json.dump(info, f, indent=2, sort_keys=True)
+    except BaseException as e:
+        # The folder was empty: what a failed save left there (Orbax's *-tmp folders, a cut
+        # arch.json) would refuse every later save to it.
+        remove_settled(lambda: [os.path.join(path, name) for name in os.listdir(path)] if os.path.isdir(path) else [])
+        failure = write_failure(e) if isinstance(e, Exception) else None
+        if failure is None:
+            raise
+        # Orbax raises a full disk as ValueError("RESOURCE_EXHAUSTED ..."): as an OSError naming
+        # the folder, so callers report it as a failed write (exit 1), not as bad input.
+        raise OSError(failure.errno, failure.strerror, path) from None
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax's failed writes (a full disk)
+# ---------------------------------------------------------------------------------------------
+_WRITE_FAILURE_WORDS = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded", "File too large")
+
+
+SETTLE_S = 0.5  # see remove_settled
+SETTLE_LIMIT_S = 10.0
+
+
+def remove_settled(entries: Callable[[], list[str]]) -> None:
+    """Remove the files and folders ``entries()`` lists until none comes back for SETTLE_S
+    (at most SETTLE_LIMIT_S). When an Orbax save fails, the exception reaches us while
+    TensorStore's other writes are still in flight: they recreate the folders they write into
+    after a plain removal, and their callbacks into Orbax's closed event loops print tracebacks
+    past the command's last line, up to the interpreter's exit."""
+    deadline = time.monotonic() + SETTLE_LIMIT_S
+    quiet_since = time.monotonic()
+    while True:
+        found = entries()
+        for entry in found:
+            if os.path.isdir(entry) and not os.path.islink(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(entry)
+        now = time.monotonic()
+        if found:
+            quiet_since = now
+        if now - quiet_since >= SETTLE_S or now >= deadline:
+            return
+        time.sleep(0.05)
+
+
+def write_failure(error: BaseException) -> Optional[OSError]:
+    """``error`` as an OSError (errno and the OS's words) when it is a failure to write files,
+    None when it is anything else. Orbax and TensorStore raise a full disk as ValueError or
+    RuntimeError whose text carries the OS error: 'RESOURCE_EXHAUSTED: Error writing ... No space
+    left on device [os_error_code='28']'."""
+    if isinstance(error, OSError):
+        return error
+    if not isinstance(error, (ValueError, RuntimeError)):
+        return None
+    text = str(error)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        number = int(code.group(1))
+    elif any(w in text for w in _WRITE_FAILURE_WORDS):
+        number = errno.ENOSPC
+    else:
+        return None
+    return OSError(number, os.strerror(number))
+
+
+class _DropWriteFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and (
+            (error is not None and write_failure(error) is not None)
+            or any(w in record.getMessage() for w in _WRITE_FAILURE_WORDS)))
+
+
+def _drop_closed_loop_callbacks(hook):
+    def unraisable(info):
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            return
+        hook(info)
+    unraisable.drops_closed_loop_callbacks = True
+    return unraisable
+
+
+@contextlib.contextmanager
+def quiet_write_failures() -> Iterator[None]:
+    """While Orbax writes. When a write fails (a full disk), each of Orbax's writer threads logs
+    the same error with its traceback (tens of them), and TensorStore's callbacks into the
+    event loops Orbax has closed print "Event loop is closed" tracebacks (hundreds, until the
+    process ends). The failure itself reaches the caller as an exception, reported in one line:
+    these repeats of it are dropped, so that line is what the user reads (and the last one).
+    Other log records and unraisable errors pass through."""
+    logger = logging.getLogger("absl")  # Orbax logs through absl
+    dropper = _DropWriteFailures()
+    logger.addFilter(dropper)
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+        # Kept after the block: the callbacks keep coming after the exception is raised.
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropper)
 
 
 def state_sha256(state_dir: str) -> str:

@@ -12,6 +12,8 @@ Reading order:
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import itertools
 import json
 import logging
@@ -338,22 +340,59 @@ def _checked_replace(ours, theirs, what):
     return jax.tree.map(lambda x: np.asarray(x, np.float32), theirs)
 
 
+# Where an export is written before it is renamed into place: one name for every process
+# (Orbax's multi-host save writes one folder together), so not outputs.atomic_path's per-pid one.
+EXPORT_PARTIAL = ".partial"
+
+
+def _check_previous_export(path: str) -> None:
+    """What may be replaced at ``path``: a finished export of hipt-pretrain (its arch.json says
+    so), or the debris of an export that was killed (Orbax's state folders and no arch.json:
+    releases before exports were renamed into place wrote into ``path`` itself). Anything else
+    there is not ours: refused. A killed export of this release (``path + EXPORT_PARTIAL``) is
+    removed."""
+    from hipt_jax.models.checkpoint import ARCH_FILE, STATE_DIR
+
+    if os.path.isdir(path + EXPORT_PARTIAL):
+        shutil.rmtree(path + EXPORT_PARTIAL)
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    arch_file = os.path.join(path, ARCH_FILE)
+    if os.path.isfile(arch_file):
+        try:
+            with open(arch_file) as f:
+                source = json.load(f).get("meta", {}).get("source")
+        except (OSError, ValueError, AttributeError):
+            source = None
+        if source != "hipt-pretrain":
+            raise ValueError(f"{path}: holds a checkpoint not written by hipt-pretrain; "
+                             "refusing to overwrite it (set config.export_dir)")
+    elif all(name == STATE_DIR or name.startswith(STATE_DIR + ".orbax-checkpoint-tmp") for name in os.listdir(path)):
+        print(f"hipt-pretrain: {path}: an unfinished export (no {ARCH_FILE}: the run writing it was "
+              "stopped); replacing it", file=sys.stderr, flush=True)
+    else:
+        raise ValueError(f"{path}: exists and is not an export of hipt-pretrain (no {ARCH_FILE}); "
+                         "refusing to overwrite it (set config.export_dir)")
+
+
 def export_teacher(state, config, path: str, meta: dict | None = None) -> str:
     """Save the teacher backbone (and its DINO head) as a model of kind "vit", as hipt-convert.
 
     A previous export of hipt-pretrain at ``path`` is replaced; anything else there is an error.
+    The export is written at ``path + EXPORT_PARTIAL`` and renamed to ``path`` when whole: a run
+    killed while exporting leaves no half export at ``path`` (its rerun removes the partial
+    one), and a failed write (a full disk) keeps the previous export.
     """
-    from hipt_jax.models.checkpoint import ARCH_FILE, save
-    arch_file = os.path.join(path, ARCH_FILE)
-    if jax.process_index() == 0 and os.path.isfile(arch_file):
-        with open(arch_file) as f:
-            previous = json.load(f)
-        if previous.get("meta", {}).get("source") != "hipt-pretrain":
-            raise ValueError(f"{path}: holds a checkpoint not written by hipt-pretrain; "
-                             "refusing to overwrite it (set config.export_dir)")
-        shutil.rmtree(path)
+    from hipt_jax.models.checkpoint import save
+    from hipt_jax.outputs import OutputWriteError, write_failed
+
+    path = os.path.abspath(path)
+    partial = path + EXPORT_PARTIAL
+    main = jax.process_index() == 0
+    if main:
+        _check_previous_export(path)
     if jax.process_count() > 1:
-        # Every process takes part in Orbax's save; none may see the old export.
+        # Every process takes part in Orbax's save; none may start before the partial one is gone.
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("hipt-pretrain export")
     if jax.process_count() > 1:
@@ -364,7 +403,20 @@ def export_teacher(state, config, path: str, meta: dict | None = None) -> str:
         teacher = jax.device_get(state["teacher"])
     meta = dict(meta or {})
     meta.update(source="hipt-pretrain", stage=int(config.stage), step=int(state["step"]))
-    save(path, teacher["vit"], "vit", config.model, meta=meta, head=head_for_export(teacher["head"]))
+    try:
+        save(partial, teacher["vit"], "vit", config.model, meta=meta, head=head_for_export(teacher["head"]))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("hipt-pretrain export written")
+        if main:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            os.replace(partial, path)
+    except BaseException as e:
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
+            raise write_failed(path, e) from None
+        raise
     return path
 
 
@@ -413,7 +465,7 @@ def _checkpoint_manager(workdir, config):
     import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.keep, enable_async_checkpointing=config.checkpoint.use_async,
-        create=True)
+        create=True, cleanup_tmp_directories=True)  # the unfinished save of a killed run
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                  options=options, item_names=("state", "data"))
 
@@ -467,10 +519,53 @@ def _record_checksums(manager, workdir: str) -> None:
     sums = {k: v for k, v in sums.items() if k in steps}
     for step in steps - set(sums):
         sums[step] = provenance.content_hash(os.path.join(workdir, "checkpoints", str(step)))
-    tmp = _checksums_path(workdir) + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({str(k): v for k, v in sorted(sums.items())}, f, indent=1)
-    os.replace(tmp, _checksums_path(workdir))
+    from hipt_jax.outputs import write_json
+
+    write_json(_checksums_path(workdir), {str(k): v for k, v in sorted(sums.items())}, indent=1)
+
+
+@contextlib.contextmanager
+def _checkpoint_writes(workdir: str):
+    """Around Orbax's checkpoint saves: a failed write (a full disk; Orbax raises it as
+    ValueError "RESOURCE_EXHAUSTED ...", or when an async save is waited for) becomes one
+    OutputWriteError naming the checkpoint, exit 1, and the unfinished checkpoint folder is
+    removed: it holds the space the rerun's free-space check needs. Earlier checkpoints stay."""
+    from hipt_jax.models import checkpoint
+    from hipt_jax.outputs import OutputWriteError, write_failed
+
+    try:
+        with checkpoint.quiet_write_failures():
+            yield
+    except Exception as e:
+        failure = checkpoint.write_failure(e)
+        if failure is None or isinstance(e, OutputWriteError):
+            raise
+        folder = os.path.join(workdir, "checkpoints")
+        pattern = os.path.join(glob.escape(folder), "*.orbax-checkpoint-tmp*")
+        unfinished = sorted(glob.glob(pattern))
+        checkpoint.remove_settled(lambda: glob.glob(pattern))
+        named = unfinished[0].split(".orbax-checkpoint-tmp")[0] if unfinished else folder
+        raise write_failed(named, failure) from None
+
+
+def _finish_checkpoints(manager, workdir: str, is_main: bool, failing: bool) -> None:
+    """Wait for the save in flight, record its checksum, close the manager. When the run is
+    already failing or stopping (``failing``), an error here is a consequence of the first
+    (Orbax's event loops closed by a failed save), dropped so that one is reported."""
+    try:
+        with _checkpoint_writes(workdir):
+            try:
+                manager.wait_until_finished()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the wait's error is the one to report
+                    manager.close()
+                raise
+            manager.close()
+        if is_main:
+            _record_checksums(manager, workdir)
+    except Exception:
+        if not failing:
+            raise
 
 
 def _restore_newest(manager, workdir: str, state, iterator, is_main: bool):
@@ -687,6 +782,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
     knn_monitor = knn_monitor_from_config(config, workdir)
     # SIGTERM (preemption) stops the run between steps, never inside Orbax's save/delete threads
     # the loop waits for: the `finally` then finishes the checkpoint in flight (hipt_jax.interrupts).
+    finished = False
     with interrupts.deferred():
         try:
             from tqdm import tqdm
@@ -714,20 +810,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
                 # A checkpoint is written only after its step's metrics (and all before) passed.
                 metrics = _check_and_log(fetch_metrics(pending), workdir, logger, crops_per_step) or metrics
                 pending = []
-                manager.wait_until_finished()  # Orbax waits for the previous save anyway
+                with _checkpoint_writes(workdir):
+                    manager.wait_until_finished()  # Orbax waits for the previous save anyway
                 if is_main:
                     _record_checksums(manager, workdir)
-                manager.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=grain.checkpoint.CheckpointSave(iterator)))
+                with _checkpoint_writes(workdir):
+                    manager.save(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        data=grain.checkpoint.CheckpointSave(iterator)))
             bar.close()
+            finished = True
         finally:
-            manager.wait_until_finished()
-            if is_main:
-                _record_checksums(manager, workdir)
-            manager.close()
-            logger.close()
-            iterator.close()  # stops loader worker processes
+            try:
+                _finish_checkpoints(manager, workdir, is_main, failing=not finished)
+            finally:
+                logger.close()
+                iterator.close()  # stops loader worker processes
     export_dir = config.export_dir or os.path.join(workdir, "export")
     export_teacher(state, config, export_dir)
     if is_main:
