@@ -243,3 +243,27 @@ def test_cli_stop_then_resume_gives_identical_losses(tmp_path):
     assert sorted(res) == list(range(6))
     for step in range(3, 6):
         assert res[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
+def test_a_bag_of_another_width_is_named_before_training(tmp_path):
+    """One bag made by another ViT-4K (CLS-4K 384 wide instead of 192) failed in Grain's
+    batching ("Expected all input elements to have the same structure"), naming no bag. Now
+    resolve_config refuses before training, naming the bag, its width and the model's.
+    Plant: no check_width call in resolve_config -> no error (fails)."""
+    from data_prep import bags
+    from hipt_jax.pretrain import data as data_lib
+
+    emb = tmp_path / "emb"
+    write_cohort(str(emb), n_per_class=2, seed=0, grid_range=(3, 4))
+    path = bags.list_bags(str(emb))["arr_0001"]
+    a = bags.read_bag_file(path)
+    a["features_cls4k"] = np.zeros((len(a["coords"]), 384), np.float32)
+    bags.write_bag_file(path, a, bags.read_coords_attrs(path))
+    c = _runlocal_config(emb)
+    with pytest.raises(ValueError) as err:
+        data_lib.resolve_config(c, data_lib.make_source(c.data))
+    message = str(err.value)
+    assert message.startswith("1 of 4 bags have CLS-4K region embeddings of another width than the model's 192")
+    assert f"{path} (384)" in message
+    os.remove(path)
+    data_lib.resolve_config(c, data_lib.make_source(c.data))  # the others fit

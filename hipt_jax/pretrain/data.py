@@ -146,12 +146,34 @@ class SlideBagSource:
         if not found:
             raise FileNotFoundError(f"{folder}: no bags (slides/*.npz|h5|pt or *.npz|h5|pt) found")
         self.slide_ids, self.files, self.feature = list(found), list(found.values()), feature
+        self.in_features: int | None = None  # the model's input width, once check_width saw it
 
     def __len__(self) -> int:
         return len(self.files)
 
     def max_regions(self) -> int:
         return max(bags.num_regions(p) for p in self.files)
+
+    def check_width(self, in_features: int) -> None:
+        """Every bag's region embeddings are ``in_features`` wide (the model's input), checked
+        before training: a bag made by another ViT-4K (or another feature kind) failed deep in
+        Grain's batching ("Expected all input elements to have the same structure"), naming no
+        bag. Reads each bag's CLS-4K (small); the CLS-256 part of "mean256_cls4k" is checked as
+        each slide is read."""
+        cls256 = 384 if self.feature == "mean256_cls4k" else 0  # the ViT-256 CLS beside it
+        expected = int(in_features) - cls256
+        wrong = []
+        for path in self.files:
+            shape = bags.read_bag_file(path, ("features_cls4k",))["features_cls4k"].shape
+            if len(shape) != 2 or shape[1] != expected:
+                wrong.append((path, shape[-1] if len(shape) == 2 else shape))
+        if wrong:
+            listed = ", ".join(f"{p} ({w})" for p, w in wrong[:3]) + (" ..." if len(wrong) > 3 else "")
+            raise ValueError(
+                f"{len(wrong)} of {len(self.files)} bags have CLS-4K region embeddings of another width "
+                f"than the model's {expected}{f' (+ {cls256} CLS-256 = {in_features})' if cls256 else ''}: "
+                f"{listed}; use bags of one ViT-4K, or a model (config.model) of their width")
+        self.in_features = int(in_features)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from hipt_jax.models.vitwsi import grid_cells
@@ -162,6 +184,9 @@ class SlideBagSource:
         if self.feature == "mean256_cls4k":
             # [M,R*C,384] -> [M,384], next to [M,192] -> [M,576]
             feats = np.concatenate([np.asarray(a["features_cls256"], np.float32).mean(axis=1), feats], 1)
+        if self.in_features is not None and feats.shape[1] != self.in_features:
+            raise ValueError(f"{path}: region embeddings ({self.feature}) are {feats.shape[1]} wide, "
+                             f"the model takes {self.in_features}")
         if len(feats) == 0 or len(a["coords"]) != len(feats):
             raise ValueError(f"{path}: {len(feats)} region embeddings but {len(a['coords'])} "
                              "coordinates (a slide needs >= 1 region, one corner each)")
@@ -197,7 +222,10 @@ def make_source(data_config: ml_collections.ConfigDict):
 def resolve_config(config: ml_collections.ConfigDict, source) -> ml_collections.ConfigDict:
     """``config`` with its data-dependent fields decided for ``source``: stage 3's
     crops.global_tokens = -1 becomes the bucket length of the cohort's largest slide, so a global
-    view can always hold every region it keeps. Other stages: ``config`` unchanged."""
+    view can always hold every region it keeps. Other stages: ``config`` unchanged. Stage 3 also
+    checks that every bag fits the model's input width (``SlideBagSource.check_width``)."""
+    if config.stage == 3 and isinstance(source, SlideBagSource):
+        source.check_width(config.model.in_features)
     if config.stage != 3 or config.crops.global_tokens > 0:
         return config
     from hipt_jax.models.lgp import bucket_length
