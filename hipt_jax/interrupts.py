@@ -43,21 +43,28 @@ def requested() -> bool:
 
 
 def install() -> Callable[[], None]:
-    """Route SIGTERM here (main thread only); returns a function that puts the previous handlers
-    back (for callers that are not the whole process, e.g. tests)."""
+    """Route SIGTERM here (main thread only), and re-deliver a SIGTERM or Ctrl-C that Python
+    dropped inside a callback; returns a function that puts the previous handlers back (for
+    callers that are not the whole process, e.g. tests)."""
     reset()
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     previous_hook = sys.unraisablehook
 
     def hook(args) -> None:
-        # A handler runs at any bytecode, also inside a garbage-collection callback or a __del__,
-        # where Python prints the exception and drops it: the run went on (to exit 0) and the
-        # SIGTERM was lost. Deliver it again, from a thread, so that the main thread meets it
-        # after this hook (were it dropped again, this hook runs again).
-        if isinstance(args.exc_value, Terminated):
+        # A handler runs at any bytecode, also inside a garbage-collection callback or a __del__
+        # (jax's _xla_gc_callback runs during compilation), where Python prints the exception
+        # with a traceback and drops it: the run went on and the stop was lost, or ended later
+        # through the watchdog with that traceback above its one line. Deliver the same signal
+        # again, from a thread, so that the main thread meets it after this hook (were it
+        # dropped again, this hook runs again). Ctrl-C's KeyboardInterrupt alike.
+        if isinstance(args.exc_value, KeyboardInterrupt):
             global _requested, _raised
-            _requested = _raised = False
-            again = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
+            if isinstance(args.exc_value, Terminated):
+                _requested = _raised = False
+                signum = signal.SIGTERM
+            else:
+                signum = signal.SIGINT
+            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
             again.daemon = True
             again.start()
             return
