@@ -383,3 +383,28 @@ def test_predict_out_never_replaces_an_input_or_another_commands_file(tmp_path, 
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, out
     for _ in range(2):  # a rerun replaces its own CSV
         assert predict_cli.main(["--run", str(run), "--embeddings", str(emb), "--out", str(tmp_path / "p.csv")]) == 0
+
+
+def test_predict_reads_bags_of_cls4k_features_alone(tmp_path, monkeypatch):
+    """A region-level baseline trained on TRIDENT-style h5 bags (only `features` [M,192] and
+    `coords`) scores such bags: hipt-predict sized each slide's attention map by its
+    features_cls256. Plant: m = len(bag["features_cls256"]) -> KeyError, fails."""
+    import h5py
+
+    monkeypatch.setattr(predict, "FoldModel", _ConstantFold)
+    run, emb = tmp_path / "run", tmp_path / "h5"
+    run.mkdir()
+    emb.mkdir()
+    json.dump({"task": "subtyping", "class_names": ["0", "1"], "model": "abmil", "folds": [{"fold": 0}],
+               "config": {"data": {}}, "info": {}}, open(run / "results.json", "w"))
+    os.makedirs(run / "fold_0" / "checkpoint")
+    (run / "fold_0" / "checkpoint" / "arch.json").write_text("{}")
+    for i, m in enumerate((3, 5)):
+        with h5py.File(emb / f"s{i}.h5", "w") as f:
+            f["features"] = np.ones((m, 192), np.float32)
+            f["coords"] = np.arange(2 * m, dtype=np.int64).reshape(m, 2) * 4096
+    res = predict.predict_run(str(run), str(emb), str(tmp_path / "p.csv"), show_progress=False)
+    assert res["n_slides"] == 2 and not res["failed_slides"]
+    for i, m in enumerate((3, 5)):
+        att = np.load(os.path.join(res["attention_dir"], f"s{i}.npz"))
+        assert att["attention"].shape == (1, m) and att["coords"].shape == (m, 2)

@@ -153,7 +153,8 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
             continue
         logits = np.stack([s[0] for s in scores])  # [folds,K]
         attention = np.stack([s[1] for s in scores])  # [folds,M] or [folds,M*R*C]
-        m = len(bag["features_cls256"])
+        # regions in the bag: TRIDENT-style h5 bags hold CLS-4K features (and coords) alone
+        m = len(next(bag[k] for k in ("features_cls256", "features_cls4k", "coords") if k in bag))
         attention = attention.reshape((len(folds), m, -1)) if attention.shape[1] != m else attention
         with atomic_path(os.path.join(att_dir, sid + ".npz")) as tmp, open(tmp, "wb") as f:
             np.savez(f, attention=attention, attention_mean=attention.mean(0),
