@@ -3,13 +3,39 @@ labels, split files, tile lists).
 
 Spreadsheets write a BOM, pad header names with spaces ("slide_id, path"), leave ",,," rows
 after the last line, and in locales with a decimal comma save "CSV" with ';' (or tabs). A header
-without a comma but with one of those separators is read with it rather than as one column.
+is read with the separator that splits it into the most columns (``separator``).
 """
 from __future__ import annotations
 
 import csv
 import io
+import os
 from typing import Type
+
+
+SEPARATORS = (",", ";", "\t")
+EXTENSIONS = (".csv", ".tsv", ".txt")  # what spreadsheets and clinical exports name a table
+
+
+def is_table(path: str) -> bool:
+    """An existing file named like a table (.csv, .tsv, .txt): read by ``read_rows``."""
+    return os.path.isfile(path) and path.lower().endswith(EXTENSIONS)
+
+
+def separator(text: str) -> str:
+    """The separator that splits the header line into the most fields (quotes respected; ties go
+    to ','): a tab or ';' file whose column names hold commas ("note, free text") is not a
+    comma file."""
+    header = text.lstrip("\r\n").split("\n", 1)[0]
+    fields = {d: len(next(csv.reader([header], delimiter=d), [])) for d in SEPARATORS}
+    return max(SEPARATORS, key=lambda d: (fields[d], d == ","))
+
+
+def separator_of(path: str) -> str:
+    """``separator`` of a CSV file's first line (',' when it cannot be read as UTF-8)."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    return separator(head.decode("utf-8-sig", errors="replace"))
 
 
 def read_rows(path: str, what: str = "CSV", error: Type[Exception] = ValueError) -> tuple[list[str], list[dict]]:
@@ -21,9 +47,7 @@ def read_rows(path: str, what: str = "CSV", error: Type[Exception] = ValueError)
         text = raw.decode("utf-8-sig")  # a BOM is tolerated
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
-    header = text.lstrip("\r\n").split("\n", 1)[0]
-    delimiter = next((d for d in (";", "\t") if "," not in header and d in header), ",")
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator(text))
     if reader.fieldnames:
         reader.fieldnames = [(f or "").strip() for f in reader.fieldnames]
     rows = list(reader)

@@ -50,7 +50,7 @@ def find_slide_files(slides: str) -> list[SlideTask]:
                 elif ext in SLIDE_EXTENSIONS:
                     found.append((os.path.splitext(f)[0], os.path.join(root, f)))
         tasks = [SlideTask(safe_slide_id(i), p) for i, p in sorted(found, key=lambda t: t[1])]
-    elif os.path.isfile(slides) and slides.lower().endswith(".csv"):
+    elif csv_table.is_table(slides):
         base = os.path.dirname(os.path.abspath(slides))
         fieldnames, rows = csv_table.read_rows(slides, "slides CSV", InputError)
         if "path" not in fieldnames:
@@ -71,7 +71,7 @@ def find_slide_files(slides: str) -> list[SlideTask]:
                 sid = os.path.splitext(sid)[0]
             tasks.append(SlideTask(safe_slide_id(sid), p))
     else:
-        raise InputError(f"{slides}: not a folder or a .csv file")
+        raise InputError(f"{slides}: not a folder or a table of slides (.csv, .tsv, .txt)")
     if not tasks:
         raise InputError(f"{slides}: no slides found (extensions: {' '.join(SLIDE_EXTENSIONS)})")
     seen, files = {}, {}

@@ -151,12 +151,12 @@ def subsample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.nda
 def read_tiles(source: str, *, test_fraction: float = 0.3, seed: int = 0,
                label_fraction: float = 1.0) -> TileSet:
     """The tile dataset at ``source`` (folder or CSV), with every tile assigned to a split."""
-    if os.path.isfile(source) and source.lower().endswith(".csv"):
+    if csv_table.is_table(source):
         paths, names, splits = _read_csv(source)
     elif os.path.isdir(source):
         paths, names, splits = _read_folder(source)
     else:
-        raise TileDatasetError(f"{source}: not a tile folder or a .csv file")
+        raise TileDatasetError(f"{source}: not a tile folder or a table of tiles (.csv, .tsv, .txt)")
     if not paths:
         raise TileDatasetError(f"{source}: no tiles ({', '.join(IMAGE_EXTS)}) in class folders")
     _check_unique(source, paths, names, splits)

@@ -1,0 +1,45 @@
+"""data_prep.csv_table: the one reader of the tables users give (slide lists, labels, split
+files, tile lists) as spreadsheets and clinical exports save them."""
+import pytest
+
+from data_prep import csv_table
+
+
+@pytest.mark.parametrize("text, sep", [
+    ("slide_id,label\r\nx,1\r\n", ","),
+    ("slide_id\tlabel\tnote, free text\nx\tpos\tsome, words\n", "\t"),
+    ("slide_id;label;time, months\nx;1;22,5\n", ";"),
+    ('"id, as given",label\nx,1\n', ","),
+    ("slide_id\n", ","),
+])
+def test_the_separator_is_the_one_that_splits_the_header_most(text, sep):
+    """A tab or ';' file whose column names hold commas was read as a comma file (columns
+    'slide_id\\tlabel\\tnote' and 'free text'). Plant: "any comma in the header means ','" ->
+    the tab and ';' cases fail."""
+    assert csv_table.separator(text) == sep
+
+
+def test_rows_of_a_tab_file_with_commas_in_names_and_values(tmp_path):
+    path = tmp_path / "labels.tsv"
+    path.write_text("\ufeffslide_id \tlabel\tnote, free text\nx\tpos\ta, b\n\t\t\n", encoding="utf-8")
+    names, rows = csv_table.read_rows(str(path))
+    assert names == ["slide_id", "label", "note, free text"]
+    assert rows == [{"slide_id": "x", "label": "pos", "note, free text": "a, b"}]
+    assert csv_table.separator_of(str(path)) == "\t"
+
+
+def test_tables_are_named_csv_tsv_or_txt(tmp_path):
+    """Plant: only .csv accepted -> the .tsv slide list was "not a folder or a .csv file"."""
+    for name in ("a.csv", "b.TSV", "c.txt"):
+        (tmp_path / name).write_text("path\nx.svs\n")
+        assert csv_table.is_table(str(tmp_path / name))
+    (tmp_path / "d.xlsx").write_bytes(b"PK")
+    assert not csv_table.is_table(str(tmp_path / "d.xlsx"))
+    assert not csv_table.is_table(str(tmp_path / "missing.csv"))
+
+
+def test_other_encodings_name_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("slide_id,label\nsl\xe9,1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv: not UTF-8 text \(byte 17\)"):
+        csv_table.read_rows(str(path))
