@@ -91,14 +91,29 @@ def _print_dpi_tag(props) -> float | None:
     return dpi if any(abs(dpi - d) < 1e-3 for d in PRINT_DPI) else None
 
 
-def mpp_problem(slide: openslide.OpenSlide, mpp: float) -> str | None:
-    """Why a level-0 mpp read from the slide's metadata cannot be a microscope's, or None."""
+def mpp_problem(slide: openslide.OpenSlide, mpp: float, axis: str = "") -> str | None:
+    """Why a level-0 mpp read from the slide's metadata cannot be a microscope's, or None.
+    `axis` ("mpp-x"/"mpp-y") names the one value judged when the two axes differ."""
     dpi = _print_dpi_tag(slide.properties)
     if dpi is not None:
         return f"its TIFF resolution tag says {dpi:g} dpi ({mpp:.4g} um/px), a screen/print value"
     lo, hi = PLAUSIBLE_MPP
     if not lo <= mpp <= hi:
-        return f"its metadata says {mpp:.4g} um/px, outside the {lo}-{hi} um/px of a microscope"
+        said = f"{axis} {mpp:.4g}" if axis else f"{mpp:.4g}"
+        return f"its metadata says {said} um/px, outside the {lo}-{hi} um/px of a microscope"
+    return None
+
+
+def _axes_problem(slide: openslide.OpenSlide, axes: dict[str, float]) -> str | None:
+    """`mpp_problem` of the first implausible axis, or None. Each axis is judged alone: with
+    mpp-x 0.25 and mpp-y 0.01 their mean (0.13) looks like a microscope's while one axis is
+    garbage, and a converter's default on one axis (1 px/cm = 1e4 um/px) is not a slide's
+    anisotropy but metadata to overrule with --assume-mpp."""
+    differ = len(set(axes.values())) > 1
+    for axis, v in axes.items():
+        problem = mpp_problem(slide, v, f"mpp-{axis}" if differ else "")
+        if problem is not None:
+            return problem
     return None
 
 
@@ -106,18 +121,19 @@ def resolve_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None,
                 path: str = "") -> tuple[float, str]:
     """Level-0 mpp and where it came from: ("slide property" | "assumed").
 
-    A plausible mpp in the metadata wins. An implausible one (see `mpp_problem`) or none at all
-    needs `assume_mpp`; without it SlideError names the reason and the way out. Non-square
-    pixels are refused whatever `assume_mpp` says (see `slide_mpp`).
+    A plausible mpp in the metadata wins. An implausible one (see `mpp_problem`; either axis)
+    or none at all needs `assume_mpp`; without it SlideError names the reason and the way out.
+    Non-square pixels (both axes plausible) are refused whatever `assume_mpp` says.
     """
     name = path or getattr(slide, "_filename", "slide")
-    mpp = _metadata_mpp(slide, name)
-    if mpp is None:
+    axes = _metadata_axes(slide)
+    if not axes:
         if assume_mpp is not None:
             return float(assume_mpp), "assumed"
         raise SlideError(_NO_MPP.format(name=name))
-    problem = mpp_problem(slide, mpp)
+    problem = _axes_problem(slide, axes)
     if problem is None:
+        mpp = _metadata_mpp(slide, name)
         _warn_magnification_contradicts(slide, mpp, name)
         return mpp, "slide property"
     if assume_mpp is not None:
@@ -127,14 +143,17 @@ def resolve_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None,
 
 
 # An objective power this far (as a ratio) from the one the mpp implies (10 / mpp) contradicts
-# it: scanners' 40x lie around 0.23-0.26 um/px, their 20x around 0.46-0.50.
-MAGNIFICATION_MISMATCH = 1.5
+# it. Not nearer: the pixel size follows the camera and its adapter as much as the objective
+# (a 3DHistech Pannoramic's 20x objective gives 0.243 um/px, a ratio of 2.06), so only a
+# factor of 3 or more (AppMag 40 at 1.0 um/px, AppMag 10 at 0.25) is a header in error.
+MAGNIFICATION_MISMATCH = 3.0
 _WARNED_MAGNIFICATION: set[str] = set()
 
 
 def _warn_magnification_contradicts(slide: openslide.OpenSlide, mpp: float, name: str) -> None:
-    """A header saying AppMag 20 with MPP 0.25 is read at 0.25 um/px (40x): the mpp is what
-    the pixels are measured in, but a user reading the header as 20x should hear that, once."""
+    """A header saying AppMag 10 with MPP 0.25 is read at 0.25 um/px (40x): the mpp is what
+    the pixels are measured in, but a user reading the header as 10x should hear that, once
+    per slide (a command reads a slide's mpp more than once)."""
     try:
         power = float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, "nan"))
     except ValueError:
@@ -142,7 +161,7 @@ def _warn_magnification_contradicts(slide: openslide.OpenSlide, mpp: float, name
     if not (np.isfinite(power) and power > 0) or name in _WARNED_MAGNIFICATION:
         return
     ratio = (10.0 / power) / mpp
-    if max(ratio, 1.0 / ratio) <= MAGNIFICATION_MISMATCH:
+    if max(ratio, 1.0 / ratio) < MAGNIFICATION_MISMATCH:
         return
     _WARNED_MAGNIFICATION.add(name)
     said = f"AppMag {power:g}" if "aperio.AppMag" in slide.properties else f"objective power {power:g}x"
@@ -164,11 +183,8 @@ _NO_MPP = ("{name}: slide has no mpp in its metadata; pass --assume-mpp (e.g. 0.
            "0.5 for 20x)")
 
 
-def _metadata_mpp(slide: openslide.OpenSlide, name: str) -> float | None:
-    """The level-0 mpp the metadata states (mean of mpp-x and mpp-y), None when it states none.
-
-    SlideError when the two axes differ beyond DEFAULT_MPP_TOLERANCE: one scale cannot read such
-    a slide, and their mean gave regions stretched along one axis with nothing said."""
+def _metadata_axes(slide: openslide.OpenSlide) -> dict[str, float]:
+    """{"x": mpp-x, "y": mpp-y} as the metadata states them (finite and > 0), either may be absent."""
     values = {}
     for axis, key in (("x", openslide.PROPERTY_NAME_MPP_X), ("y", openslide.PROPERTY_NAME_MPP_Y)):
         try:
@@ -177,9 +193,20 @@ def _metadata_mpp(slide: openslide.OpenSlide, name: str) -> float | None:
             v = float("nan")
         if np.isfinite(v) and v > 0:
             values[axis] = v
+    return values
+
+
+def _metadata_mpp(slide: openslide.OpenSlide, name: str) -> float | None:
+    """The level-0 mpp the metadata states (mean of mpp-x and mpp-y), None when it states none.
+
+    SlideError when the two axes differ beyond DEFAULT_MPP_TOLERANCE, both plausible: one scale
+    cannot read such a slide, and their mean gave regions stretched along one axis with nothing
+    said. With an implausible axis the metadata is garbage, not the pixels' shape: the caller's
+    plausibility check (or --assume-mpp) decides."""
+    values = _metadata_axes(slide)
     if not values:
         return None
-    if len(values) == 2:
+    if len(values) == 2 and _axes_problem(slide, values) is None:
         lo, hi = sorted(values.values())
         if hi > lo * (1.0 + DEFAULT_MPP_TOLERANCE):
             raise SlideError(f"{name}: refused: pixels are not square (mpp-x {values['x']:.4g}, mpp-y "
@@ -190,12 +217,14 @@ def _metadata_mpp(slide: openslide.OpenSlide, name: str) -> float | None:
 
 def slide_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None, path: str = "") -> float:
     """Level-0 microns per pixel from the slide metadata, else `assume_mpp`, else SlideError.
-    Non-square pixels (mpp-x and mpp-y apart) are a SlideError even with `assume_mpp`.
+    Non-square pixels (mpp-x and mpp-y apart, both plausible) are a SlideError even with
+    `assume_mpp`.
 
-    No plausibility check (see `resolve_mpp`)."""
+    Metadata with an implausible axis yields to `assume_mpp` as in `resolve_mpp` (the slide
+    must be read at the scale hipt-extract read it); otherwise no plausibility check."""
     name = path or getattr(slide, "_filename", "slide")
     mpp = _metadata_mpp(slide, name)
-    if mpp is not None:
+    if mpp is not None and not (assume_mpp is not None and _axes_problem(slide, _metadata_axes(slide))):
         return mpp
     if assume_mpp is not None:
         return float(assume_mpp)

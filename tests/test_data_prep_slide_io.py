@@ -149,6 +149,24 @@ def test_non_square_pixels_are_refused_naming_both_axes(tmp_path):
     assert slide_mpp(near) == pytest.approx(0.50125)
 
 
+def test_one_garbage_resolution_axis_is_implausible_metadata_not_non_square(tmp_path):
+    """A converter's default of 1 px/cm on YResolution (mpp-y 1e4) beside a real mpp-x was
+    refused as 'pixels are not square' even with --assume-mpp 0.25, which rescued such slides
+    before. An implausible axis makes the metadata implausible: --assume-mpp takes over, and
+    without it the refusal names that axis and the way out. Plant: _metadata_mpp checking the
+    axes' ratio before their plausibility -> fails."""
+    path = tiff_with_mpp(str(tmp_path / "garbage_y.tif"), 0.25, 10000.0, side=512)
+    slide = open_slide(path)
+    assert resolve_mpp(slide, 0.25, path) == (0.25, "assumed")
+    assert slide_mpp(slide, 0.25, path) == 0.25  # hipt-heatmap reads it as hipt-extract did
+    with pytest.raises(SlideError, match=r"garbage_y.tif: refused: its metadata says mpp-y 1e\+04 um/px, "
+                                         r"outside the 0.1-10.0 um/px .*pass --assume-mpp"):
+        resolve_mpp(slide, None, path)
+    # The mean of a garbage-fine axis and a real one looks plausible (0.13): judged per axis.
+    fine = open_slide(tiff_with_mpp(str(tmp_path / "fine_y.tif"), 0.25, 0.01, side=512))
+    assert resolve_mpp(fine, 0.5, path) == (0.5, "assumed")
+
+
 def test_damaged_tile_is_a_slide_error_naming_the_slide_and_region(tmp_path):
     """A corrupt JPEG tile raised openslide's OpenSlideError, which the per-slide handlers of
     hipt-extract did not catch (a traceback ended the cohort) and hipt-embed/hipt-heatmap
@@ -164,16 +182,34 @@ def test_damaged_tile_is_a_slide_error_naming_the_slide_and_region(tmp_path):
 
 
 def test_objective_power_contradicting_the_mpp_is_warned_once(tmp_path, capsys):
-    """AppMag 20 with MPP 0.25 was read as 40x without a word. The mpp still wins (it measures
+    """AppMag 10 with MPP 0.25 was read as 40x without a word. The mpp still wins (it measures
     the pixels), but a one-line warning names both, once per slide; a consistent header says
     nothing. Plant: resolve_mpp without the magnification check -> fails."""
-    path = make_aperio_slide(str(tmp_path / "m.svs"), (512, 512), mag=20, levels=(1,), mpp=0.25)
+    path = make_aperio_slide(str(tmp_path / "m.svs"), (512, 512), mag=40, levels=(1,), mpp=0.25)
+    with open(path, "rb") as f:  # synth writes 20x/40x only; the header says 10x in as many bytes
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data.replace(b"AppMag = 40", b"AppMag = 10"))
     slide = open_slide(path)
     assert resolve_mpp(slide, None, path) == (0.25, "slide property")
     resolve_mpp(slide, None, path)
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"{path}: warning: its metadata says AppMag 20 but 0.25 um/px (about 40x); reading it "
+    assert err == [f"{path}: warning: its metadata says AppMag 10 but 0.25 um/px (about 40x); reading it "
                    "at 0.25 um/px (the mpp wins)"]
     ok = make_aperio_slide(str(tmp_path / "ok.svs"), (512, 512), mag=40, levels=(1,), mpp=0.2527)
     resolve_mpp(open_slide(ok), None, ok)
     assert capsys.readouterr().err == ""
+
+
+def test_camera_adapter_pixel_sizes_are_not_a_magnification_contradiction(tmp_path, capsys):
+    """A 3DHistech Pannoramic's 20x objective gives 0.243 um/px (ratio 2.06 to the 0.5 of a
+    '20x'): every such slide got a warning per command. The pixel size follows the camera
+    adapter too; only a factor of 3 or more contradicts the header. Plant:
+    MAGNIFICATION_MISMATCH back at 1.5 -> fails."""
+    for mag, mpp in ((20, 0.243), (40, 0.5)):
+        path = make_aperio_slide(str(tmp_path / f"p{mag}.svs"), (512, 512), mag=mag, levels=(1,), mpp=mpp)
+        assert resolve_mpp(open_slide(path), None, path) == (mpp, "slide property")
+    assert capsys.readouterr().err == ""
+    far = make_aperio_slide(str(tmp_path / "far.svs"), (512, 512), mag=40, levels=(1,), mpp=1.0)
+    resolve_mpp(open_slide(far), None, far)
+    assert "AppMag 40 but 1 um/px" in capsys.readouterr().err
