@@ -35,7 +35,8 @@ def to_orbax(src: str, dst: str, which: str = "teacher", arch: str = "auto", kee
     n_params = sum(int(np.prod(np.shape(a))) for a in torch_io.variables_to_reference(variables).values())
     return {"arch": config.arch, "params": n_params, "head": head is not None, "dst": os.path.abspath(dst),
             "cast_from": layout.get("cast_from", []), "container": layout.get("container"),
-            "ignored": layout.get("ignored", [])}
+            "ignored": layout.get("ignored", []), "which": layout.get("which"),
+            "not_converted": layout.get("not_converted")}
 
 
 def to_torch(src: str, dst: str) -> dict:

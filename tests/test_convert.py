@@ -353,3 +353,96 @@ def test_flat_teacher_student_dict_and_encoder_prefix(released, tmp_path, capsys
     code, _, err = run_cli(capsys, tmp_path / "encoder.pth", tmp_path / "encoder")
     assert code == 0, err
     np.testing.assert_array_equal(checkpoint.load(str(tmp_path / "encoder")).params["phi"]["dense"]["kernel"], want)
+
+
+def _write_safetensors(path, tensors):
+    """The safetensors layout by hand (no package): u64 header length, JSON header, raw bytes."""
+    import json
+    import struct
+
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_safetensors_converts_like_the_pth(released, tmp_path, capsys):
+    """A .safetensors file was called "not a PyTorch checkpoint (looks like a text file)". It
+    is read directly now (F32/F16/BF16 little-endian tensors after a JSON header) and gives the
+    same model as the .pth; a cut one is refused by name. Plant: read_pth without the
+    safetensors branch -> "not a PyTorch checkpoint" (fails)."""
+    teacher = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    plain = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    torch.save(plain, tmp_path / "plain.pth")
+    _write_safetensors(tmp_path / "model.safetensors",
+                       {k: ("F32", v.shape, v.numpy().astype("<f4").tobytes()) for k, v in plain.items()})
+    code, out, err = run_cli(capsys, tmp_path / "model.safetensors", tmp_path / "st")
+    assert code == 0, err
+    assert "vit4k backbone, 2,781,504 parameters" in out
+    from_st = torch_io.variables_to_reference(checkpoint.load(str(tmp_path / "st")).variables)
+    from_pth = torch_io.variables_to_reference(checkpoint.load_backbone(str(tmp_path / "plain.pth"))[0])
+    assert from_st.keys() == from_pth.keys()
+    for k in from_st:
+        np.testing.assert_array_equal(from_st[k], from_pth[k])
+    # Half precision: F16 as numpy reads it, BF16 widened exactly (the upper 16 bits of a float32).
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    _write_safetensors(tmp_path / "half.safetensors", {
+        "a": ("F16", x.shape, x.half().numpy().astype("<f2").tobytes()),
+        "b": ("BF16", x.shape, x.bfloat16().view(torch.int16).numpy().astype("<i2").tobytes())})
+    got = torch_io.read_safetensors(str(tmp_path / "half.safetensors"))
+    np.testing.assert_array_equal(got["a"], x.half().numpy())
+    np.testing.assert_array_equal(got["b"], x.bfloat16().float().numpy())
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 1000])
+    code, _, err = run_cli(capsys, tmp_path / "cut.safetensors", tmp_path / "cut")
+    assert_one_line_error(code, err, "cut.safetensors: truncated or corrupt safetensors file")
+
+
+def test_torchscript_is_named_before_torch_reads_it(tmp_path, capsys):
+    """A TorchScript .pt printed torch's jit UserWarning and a source line before our refusal.
+    Named first now, with what to do, and nothing else on stderr. Plant: no _refuse_torchscript
+    -> torch's warning and another message (fails)."""
+    traced = torch.jit.trace(torch.nn.Linear(4, 2), torch.zeros(1, 4))
+    traced.save(str(tmp_path / "model.pt"))
+    code, _, err = run_cli(capsys, tmp_path / "model.pt", tmp_path / "out")
+    assert_one_line_error(code, err, "model.pt: a TorchScript archive", "state_dict()")
+
+
+def test_what_is_not_converted_is_named_and_a_plain_file_is_no_teacher(released, tmp_path, capsys):
+    """A timm-style file's classifier head (head.weight/head.bias) and a DINO checkpoint's head
+    were dropped without a word; a plain state dict was printed and recorded as the "teacher".
+    Plants: no not_converted note -> nothing on stderr (fails); "which" recorded whatever the
+    file -> "vit4k teacher backbone" for the plain file (fails)."""
+    teacher = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    plain = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    torch.save({**plain, "head.weight": torch.zeros(9, 192), "head.bias": torch.zeros(9)}, tmp_path / "timm.pth")
+    code, out, err = run_cli(capsys, tmp_path / "timm.pth", tmp_path / "t")
+    assert code == 0 and "vit4k backbone" in out and "teacher" not in out, out + err
+    assert err.strip() == ("hipt-convert: note: not converted: a classifier head (head.weight (9, 192), "
+                           "head.bias; not part of the backbone)"), err
+    assert checkpoint.load(str(tmp_path / "t")).meta["which"] is None
+    code, out, err = run_cli(capsys, released["vit4k"], tmp_path / "d")
+    assert code == 0 and "vit4k teacher backbone" in out
+    assert "not converted: the DINO head (8 head.* tensors; --keep-head keeps it)" in err
+    assert checkpoint.load(str(tmp_path / "d")).meta["which"] == "teacher"
+    code, out, err = run_cli(capsys, released["vit4k"], tmp_path / "k", "--keep-head")
+    assert code == 0 and "not converted" not in err
+
+
+def test_an_unknown_architecture_names_what_it_found_and_what_is_supported(tmp_path, capsys):
+    """A ViT-B/16 (width 768) was refused as "no known architecture has stem=pixels depth=12
+    mlp_dim=3072". Now the width and depth found and the supported architectures are named.
+    Only the tensors the recognition reads are written (a real ViT-B is 340 MB).
+    Plant: the old message -> no "width 768" (fails)."""
+    fake = {"patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}
+    fake.update({f"blocks.{i}.mlp.fc1.weight": torch.zeros(3072, 1) for i in range(12)})
+    torch.save(fake, tmp_path / "vitb.pth")
+    code, _, err = run_cli(capsys, tmp_path / "vitb.pth", tmp_path / "out")
+    assert_one_line_error(code, err, "vitb.pth: a ViT-256-like (patch_embed) backbone of width 768, depth 12, "
+                                     "mlp 3072 is no supported architecture",
+                          "supported: vit256 (width 384, depth 12, mlp 1536), vit4k (width 192, depth 6, mlp 768)")

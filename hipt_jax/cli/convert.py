@@ -49,7 +49,10 @@ def _run(args) -> int:
         info = to_orbax(args.src, args.dst, which=args.which, arch=args.arch, keep_head=args.keep_head)
         head = " + DINO head" if info["head"] else ""
         cast = f" (stored as float32; the file held {'/'.join(info['cast_from'])})" if info["cast_from"] else ""
-        print(f"wrote {info['dst']}: {info['arch']} {args.which} backbone, {info['params']:,} parameters{head}{cast}")
+        which = f" {info['which']}" if info["which"] else ""  # a plain state dict has no teacher
+        print(f"wrote {info['dst']}: {info['arch']}{which} backbone, {info['params']:,} parameters{head}{cast}")
+        if info["not_converted"]:
+            print(f"{PROG}: note: not converted: {info['not_converted']}", file=sys.stderr)
         if info["ignored"]:  # e.g. timm's state_dict_ema beside state_dict
             print(f"{PROG}: note: converted '{info['container']}' of {args.src}; also in the file and not "
                   f"converted: {', '.join(info['ignored'])} (save that one on its own to convert it)",

@@ -168,11 +168,20 @@ def infer_arch(backbone: dict[str, np.ndarray]) -> str:
     depth = len({k.split(".")[1] for k in backbone if k.startswith("blocks.")})
     fc1 = backbone.get("blocks.0.mlp.fc1.weight")
     mlp_dim = int(fc1.shape[0]) if fc1 is not None else None
+    stem_weight = backbone["patch_embed.proj.weight" if stem == "pixels" else "phi.0.weight"]
+    width = int(stem_weight.shape[0]) if getattr(stem_weight, "ndim", 0) >= 1 else None
     for name, make in ARCHITECTURES.items():
         cfg = make()
-        if cfg.stem == stem and cfg.depth == depth and (mlp_dim is None or cfg.mlp_dim == mlp_dim):
+        if (cfg.stem == stem and cfg.depth == depth and (mlp_dim is None or cfg.mlp_dim == mlp_dim)
+                and (width is None or cfg.width == width)):
             return name
-    raise CheckpointError(f"no known architecture has stem={stem} depth={depth} mlp_dim={mlp_dim}")
+    # A ViT-B (width 768) or another published ViT: say what was found and what is supported,
+    # not only the fields that failed to match.
+    supported = ", ".join(f"{n} (width {c.width}, depth {c.depth}, mlp {c.mlp_dim})"
+                          for n, c in ((n, m()) for n, m in ARCHITECTURES.items()) if c.stem in ("pixels", "features"))
+    kind = "ViT-256-like (patch_embed)" if stem == "pixels" else "ViT-4K-like (phi)"
+    raise CheckpointError(f"a {kind} backbone of width {width}, depth {depth}, mlp {mlp_dim} is no supported "
+                          f"architecture; supported: {supported}")
 
 
 def check_backbone(backbone: dict[str, np.ndarray], config: ml_collections.ConfigDict, source: str) -> None:
@@ -230,8 +239,8 @@ def _sniff(path: str) -> None:
         raise CheckpointError(f"{path}: empty file")
     with open(path, "rb") as f:
         head = f.read(512)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return  # zip-format torch.save, or a legacy pickle
+    if head[:2] == b"PK" or head[:1] == b"\x80" or _is_safetensors(head, size):
+        return  # zip-format torch.save, a legacy pickle, or safetensors (read_pth)
     try:
         head.decode("utf-8")
         kind = "a text file"
@@ -240,10 +249,89 @@ def _sniff(path: str) -> None:
     raise CheckpointError(f"{path}: not a PyTorch checkpoint (looks like {kind})")
 
 
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    if len(head) < 10:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
+# safetensors dtype names -> numpy (little-endian); BF16 is widened to float32 by hand.
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A .safetensors file -> {name: numpy array}, read directly (no safetensors package): the
+    header length (8 bytes, little-endian), the JSON header {name: {dtype, shape, data_offsets}}
+    and the raw little-endian tensor bytes after it. BF16 comes back as float32 (exact); every
+    offset and size is checked against the file, so a cut or damaged file is refused by name."""
+    import json
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        data = np.fromfile(f, np.uint8)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name}") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which this reader does not take")
+        np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
+        if not 0 <= start <= end <= len(data) or end - start != int(np.prod(shape)) * np_dtype.itemsize:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (tensor {name}: bytes "
+                                  f"{start}..{end} of {len(data)} for shape {tuple(shape)} {dtype})")
+        array = data[start:end].view(np_dtype).reshape(shape)
+        if dtype == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        out[name] = array
+    if not out:
+        raise CheckpointError(f"{path}: safetensors file without tensors")
+    return out
+
+
+def _refuse_torchscript(path: str) -> None:
+    """A TorchScript archive (torch.jit.save) is a zip like torch.save's, with the model's code
+    in it: torch.load printed its jit warning and source line before refusing it; it is named
+    here first."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # torch.load's own error names it as corrupt
+    if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+        raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a state dict; in PyTorch, "
+                              "torch.save(torch.jit.load(FILE).state_dict(), 'weights.pth') and convert that")
+
+
 def read_pth(path: str) -> dict:
     """torch.load(weights_only=True) with DINO's argparse.Namespace allow-listed; numpy-free
-    errors become CheckpointError. Returns the loaded object (usually a dict)."""
+    errors become CheckpointError. Returns the loaded object (usually a dict). A .safetensors
+    file is read by ``read_safetensors`` (a plain state dict, no torch needed)."""
     _sniff(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if _is_safetensors(head, os.path.getsize(path)):
+        return read_safetensors(path)
+    _refuse_torchscript(path)
     try:
         import argparse
 
@@ -352,8 +440,10 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
     if bad:
         raise CheckpointError(f"{source}: non-finite values (NaN/Inf) in {short_list(bad)}")
     prefix = outer + (prefixes.pop() if len(prefixes) == 1 else "")
+    # "which" only where the file has teacher/student networks: a plain state dict has neither
+    dino = container in ("teacher", "student") or bool(outer)
     return backbone, head, {"container": container, "prefix": prefix, "cast_from": sorted(cast),
-                            **({"ignored": ignored} if ignored else {})}
+                            "which": which if dino else None, **({"ignored": ignored} if ignored else {})}
 
 
 # Where trainers put the state dict inside a checkpoint, and the prefixes their wrappers add to
@@ -434,8 +524,19 @@ def load_reference_backbone(path: str, which: str = "teacher", arch: str = "auto
         raise CheckpointError(f"{path}: --keep-head given but the file has no head.* tensors")
     if keep_head:
         check_head(head, int(config.width), path)
+    elif head:
+        layout = dict(layout, not_converted=_describe_head(head))
     head_tree = reference_head_to_tree(head) if keep_head else None
     return reference_to_variables(backbone), config, head_tree, layout
+
+
+def _describe_head(head: dict[str, np.ndarray]) -> str:
+    """What the head.* tensors left out of a conversion are, for the note that names them."""
+    if set(head) == {"weight", "bias"}:
+        return f"a classifier head (head.weight {tuple(head['weight'].shape)}, head.bias; not part of the backbone)"
+    if set(head) <= set(_HEAD_SHAPES):
+        return f"the DINO head ({len(head)} head.* tensors; --keep-head keeps it)"
+    return f"{len(head)} head.* tensors ({short_list(['head.' + k for k in sorted(head)])})"
 
 
 def infer_arch_or_explain(backbone: dict, source: str) -> str:
