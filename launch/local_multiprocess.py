@@ -10,7 +10,8 @@ reads: JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT, JAX_NUM_PROCESSES=N, JAX_PROCESS_
 hosts the coordinator; CPU collectives go through gloo). ``--devices-per-process K`` gives each
 process K fake CPU devices (XLA_FLAGS), so the global mesh has N*K devices, exactly like N hosts
 with K accelerators each. Output lines are prefixed with ``[i]``. If one process fails the others
-are stopped; the exit code is the first non-zero one.
+are stopped; the exit code is the first non-zero one (a process killed by signal N: 128 + N, as
+a shell reports it).
 """
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def _pump(rank: int, stream, sink, lock: threading.Lock) -> None:
             sink.write(f"[{rank}] {line}")
             sink.flush()
     stream.close()
+
+
+def exit_code(returncode: int) -> int:
+    """A child's Popen returncode as this launcher's exit code: killed by signal N (returncode
+    -N) is 128 + N, as a shell says it; sys.exit(-9) would have exited 247, which reads as an
+    ordinary failure code of the command."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def launch(command: list[str], num_processes: int, devices_per_process: int = 0, port: int = 0,
@@ -91,7 +99,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 0,
             t.join(timeout=5)
     if code == 0:
         code = next((p.returncode for p in procs if p.returncode != 0), 0)
-    return code
+    return exit_code(code)
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,11 @@
 #       --config.global_batch=1024
 #   launch/tpu_pod.sh logs | ssh | delete
 #   launch/tpu_pod.sh --dry-run run ...          # (or DRY_RUN=1) print every command, run none
+#   MODULE=hipt_jax.cli.extract launch/tpu_pod.sh run --vit256 A --vit4k B --shards P --out E
+#
+# MODULE (default hipt_jax.pretrain): the python -m module every worker runs (its log:
+# REMOTE_DIR/<last part of MODULE>.log), e.g. hipt_jax.cli.extract (each host embeds its share of
+# the slides). REMOTE_DIR (default hipt-jax, under the worker's home): where setup installs.
 #
 # Global batch: --config.global_batch is the batch of the whole slice; each host feeds
 # global_batch / num_hosts examples (its own slice of the shuffled data, by jax.process_index()),
@@ -24,6 +29,17 @@ ACCELERATOR="${ACCELERATOR:-v4-32}"
 RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
 PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 REMOTE_DIR="${REMOTE_DIR:-hipt-jax}"
+MODULE="${MODULE:-hipt_jax.pretrain}"
+if [[ ! "$MODULE" =~ ^hipt_jax(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]]; then
+  echo "tpu_pod.sh: MODULE=$MODULE: not a hipt_jax module (e.g. hipt_jax.pretrain, hipt_jax.cli.extract)" >&2
+  exit 2
+fi
+LOG="${MODULE##*.}.log"
+# Remote commands are one shell string: the folder goes in quoted, as the run's own arguments do.
+RDIR=$(printf '%q' "$REMOTE_DIR")
+# One tarball name per user and invocation: a fixed /tmp name was shared by every user of the
+# machine (and of each worker), and two setups at once overwrote each other's.
+TARBALL="/tmp/hipt-jax-$(id -un)-$$.tgz"
 # setup installs the package with this extra: tpu (libtpu matching the jax pin), or e.g. tpu,convert.
 EXTRA="${EXTRA:-tpu}"
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,9 +59,10 @@ case "$cmd" in
   setup)
     # Ship this checkout (code only) to every worker, then install it with the TPU extra (one pip
     # command, so the resolver sees jax and libtpu together).
-    x tar -C "$REPO_DIR" --exclude=.venv --exclude=.git --exclude=demo_out -czf /tmp/hipt-jax.tgz .
-    tpu scp /tmp/hipt-jax.tgz "$TPU_NAME":/tmp/hipt-jax.tgz --worker=all
-    on_all "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf /tmp/hipt-jax.tgz && cd $REMOTE_DIR && \
+    [[ "$DRY_RUN" == 1 ]] || trap 'rm -f "$TARBALL"' EXIT
+    x tar -C "$REPO_DIR" --exclude=.venv --exclude=.git --exclude=demo_out -czf "$TARBALL" .
+    tpu scp "$TARBALL" "$TPU_NAME":"$TARBALL" --worker=all
+    on_all "mkdir -p $RDIR && tar -C $RDIR -xzf $TARBALL && rm -f $TARBALL && cd $RDIR && \
       python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
       .venv/bin/pip install -q -e '.[$EXTRA]' \
         -f https://storage.googleapis.com/jax-releases/libtpu_releases.html && \
@@ -54,17 +71,17 @@ case "$cmd" in
   run)
     # The same command on every host, in the background with a log file per host.
     args=$(printf ' %q' "$@")
-    on_all "cd $REMOTE_DIR && nohup .venv/bin/python -m hipt_jax.pretrain$args > pretrain.log 2>&1 &"
+    on_all "cd $RDIR && nohup .venv/bin/python -m $MODULE$args > $LOG 2>&1 &"
     [[ "$DRY_RUN" == 1 ]] || echo "started on all workers; follow with: $0 logs"
     ;;
   logs)
-    tpu ssh "$TPU_NAME" --worker=0 --command="tail -f $REMOTE_DIR/pretrain.log"
+    tpu ssh "$TPU_NAME" --worker=0 --command="tail -f $RDIR/$LOG"
     ;;
   ssh)
     tpu ssh "$TPU_NAME" --worker="${1:-0}"
     ;;
   stop)
-    on_all "pkill -f 'hipt_jax.pretrain' || true"
+    on_all "pkill -f 'python -m $MODULE' || true"
     ;;
   delete)
     tpu delete "$TPU_NAME" --quiet

@@ -234,3 +234,48 @@ def test_tpu_script_dry_run_passes_only_existing_flags(tmp_path):
     assert len(run) == 1 and "--config.global_batch=1024" in run[0], invocations
     for module, args in invocations:
         _check_flags(module, args)
+
+
+def test_a_process_killed_by_a_signal_exits_128_plus_n():
+    """A child killed by SIGKILL made the launcher sys.exit(-9): exit 247, an ordinary-looking
+    failure code. Now 137 (128 + 9), as a shell reports it. Plant: return the raw returncode
+    -> 247 (fails)."""
+    code = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    res = _launch(["-n", "1", "--", sys.executable, "-c", code], timeout=60)
+    assert res.returncode == 137 and "exit code 137" in res.stderr, (res.returncode, res.stderr)
+
+
+def test_tpu_script_quotes_the_remote_folder_and_runs_the_chosen_module(tmp_path):
+    """REMOTE_DIR went unquoted into the workers' command lines (a space split it), setup used
+    one fixed /tmp/hipt-jax.tgz for every user and run, and only hipt_jax.pretrain could run.
+    Now REMOTE_DIR is quoted like the run's arguments, the tarball name is per user and
+    invocation, and MODULE picks the module (a non-hipt_jax one refused).
+    Plants: $REMOTE_DIR instead of the quoted $RDIR -> "my" and "runs/hipt" split (fails); the
+    fixed tarball name (fails)."""
+    import shlex
+
+    env = dict(os.environ, TPU_NAME="t", ZONE="z", REMOTE_DIR="my runs/hipt jax", MODULE="hipt_jax.cli.extract")
+
+    def remote(*argv):
+        res = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", *argv],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 0, res.stderr
+        lines = [shlex.split(line) for line in res.stdout.splitlines()]
+        commands = [shlex.split(w[len("--command="):]) for words in lines for w in words if w.startswith("--command=")]
+        return lines, commands
+
+    _, [run] = remote("run", "--out", "a b")
+    assert run[:2] == ["cd", "my runs/hipt jax"], run
+    assert run[run.index("-m") + 1:run.index(">")] == ["hipt_jax.cli.extract", "--out", "a b"]
+    assert run[run.index(">") + 1] == "extract.log"
+    lines, [setup] = remote("setup")
+    tarball = lines[0][lines[0].index("-czf") + 1]
+    assert tarball != "/tmp/hipt-jax.tgz" and tarball.startswith("/tmp/hipt-jax-") and tarball.endswith(".tgz")
+    assert f"t:{tarball}" in lines[1] and setup[:3] == ["mkdir", "-p", "my runs/hipt jax"], setup
+    assert ["rm", "-f", tarball] == setup[setup.index("rm"):setup.index("rm") + 3]
+    _, [logs] = remote("logs")
+    assert logs == ["tail", "-f", "my runs/hipt jax/extract.log"]
+    env["MODULE"] = "hipt_jax.pretrain; rm -rf ~"
+    res = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", "stop"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 2 and "not a hipt_jax module" in res.stderr and not res.stdout
