@@ -323,6 +323,36 @@ def test_every_path_flag_expands_tilde(tmp_path, monkeypatch):
     assert (config.data.path, config.data.splits) == (f"{home}/d", "kfold:10")
 
 
+def test_config_tilde_expanded_in_path_fields_only(tmp_path, monkeypatch):
+    """Every config field starting with '~' was expanded: label_column '~root' became '/root',
+    a class '~' the home folder. Only the fields naming files or folders are paths; the rest
+    keep their '~'. Plant: expand_user_paths without its CONFIG_PATH_FIELDS test -> fails."""
+    import ml_collections
+
+    from configs import lgp_survival, pretrain_vitwsi, profile
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = lgp_survival.get_config()
+    config.data.update(labels="~/x.csv", label_column="~root", classes="~")
+    config.model.pretrained_vit4k = "~/ckpt"
+    config.lock()
+    flags.expand_user_paths(config)
+    assert (config.data.labels, config.model.pretrained_vit4k) == (f"{tmp_path}/x.csv", f"{tmp_path}/ckpt")
+    assert (config.data.label_column, config.data.classes) == ("~root", "~")
+    # Every listed field is one a config has (a renamed field would silently stop expanding).
+    fields = set()
+    for c in (config, pretrain_vitwsi.get_config(), profile.get_config()):
+        stack = [("", c)]
+        while stack:
+            prefix, node = stack.pop()
+            for key, value in node.items():
+                if isinstance(value, ml_collections.ConfigDict):
+                    stack.append((f"{prefix}{key}.", value))
+                else:
+                    fields.add(f"{prefix}{key}")
+    assert flags.CONFIG_PATH_FIELDS <= fields, flags.CONFIG_PATH_FIELDS - fields
+
+
 def test_out_with_tilde_writes_under_home_not_a_folder_named_tilde(tmp_path, monkeypatch, capsys):
     """hipt-prep coords --slides=~/slides --out=~/o with HOME set: the output is HOME/o and the
     working directory gets no `~`. Plant: prep's --out without type=flags.path_arg -> ./~/o."""
@@ -404,6 +434,22 @@ def test_absl_help_exits_0_with_a_usage(absl_runs, command):
         assert "--config.FIELD=VALUE" in out and "--helpfull" in out
         assert ("--plan" if command == "profile" else "--workdir=DIR") in out
         assert command == "finetune" or "bf16" in out
+
+
+def test_absl_help_token_that_is_a_flag_value_is_not_help():
+    """`--config.data.label_column -h` (a column named -h) was taken as a help request: the usage
+    printed, exit 0, nothing run. A -h that the flag before it reads as its value is no help;
+    after a boolean flag, or after another flag's value, it still is.
+    Plant: _help_asked returning "short" for any -h token -> fails."""
+    import absl.logging  # noqa: F401  (defines the boolean --logtostderr every absl command has)
+
+    asked = flags._help_asked
+    assert asked(["--config=c.py", "--config.data.label_column", "-h"]) is None
+    assert asked(["--config.data.classes", "--help", "--workdir=w"]) is None
+    assert asked(["--workdir", "-h"]) is None
+    assert asked(["--config=c.py", "--logtostderr", "-h"]) == "short"
+    assert asked(["--workdir", "w", "--seed", "-1", "-h"]) == "short"
+    assert asked(["--config.data.label_column=-h", "--helpfull"]) == "full"
 
 
 @pytest.mark.parametrize("command", ABSL)

@@ -930,15 +930,38 @@ def _expand_user_flags(args: list[str], names: tuple[str, ...]) -> list[str]:
 
 def _help_asked(args: list[str]) -> Optional[str]:
     """"short" for -h/--help (absl's own prints only a bare USAGE line and exits 1; -h was an
-    unknown flag), "full" for --helpfull, else None."""
-    for arg in args:
+    unknown flag), "full" for --helpfull, else None. A -h that is the value of the flag before
+    it (``--config.data.label_column -h``) is not a help: absl reads it as that value."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
         if arg == "--":
             break
         if arg in ("-h", "--help", "-help", "--helpshort", "-helpshort", "-?"):
             return "short"
         if arg in ("--helpfull", "-helpfull"):
             return "full"
+        i += 2 if _takes_next_as_value(arg) else 1
     return None
+
+
+def _takes_next_as_value(arg: str) -> bool:
+    """Whether absl reads the token after ``arg`` as its value: a flag given without "=" that
+    is not boolean. A --config.FIELD flag is taken to take one (its fields are defined only
+    when the config loads; a boolean field followed by -h then fails as an unknown flag -h,
+    one line, rather than doing nothing)."""
+    if not arg.startswith("-") or "=" in arg or arg in ("-", "--"):
+        return False
+    name = arg.lstrip("-")
+    if name.startswith("config."):
+        return True
+    from absl import flags as absl_flags
+
+    defined = absl_flags.FLAGS
+    for candidate in (name, name[2:] if name.startswith("no") else ""):
+        if candidate and candidate in defined and defined[candidate].boolean:
+            return False
+    return True
 
 
 def _missing_config_file(args: list[str]) -> str:
@@ -983,15 +1006,26 @@ def absl_usage(prog: str, doc: str, override_example: str) -> str:
     return f"{usage}\n\nflags:\n" + "\n".join(lines)
 
 
-def expand_user_paths(config) -> None:
-    """``~`` expanded in every string field of an absl command's config (data paths, labels,
-    splits, checkpoints, export and output files; see ``path_arg``), from the config file and
-    from --config.FIELD overrides alike, in place."""
+# The config fields (configs/*.py) that name a file or folder. Only these are expanded: a class
+# column or class name may well start with "~" ("~root" read as /root, a bare "~" as HOME).
+CONFIG_PATH_FIELDS = frozenset({
+    "data.embeddings", "data.labels", "data.splits", "data.path",   # splits: "kfold:N" is left alone
+    "model.pretrained_vit4k", "model.pretrained_global", "warm_start",
+    "export_dir", "eval.knn.path", "eval.knn.labels",
+    "trace_dir", "json",
+})
+
+
+def expand_user_paths(config, _prefix: str = "") -> None:
+    """``~`` expanded in the path fields of an absl command's config (CONFIG_PATH_FIELDS: data
+    paths, labels, splits, checkpoints, export and output files; see ``path_arg``), from the
+    config file and from --config.FIELD overrides alike, in place. Other fields are left as
+    they are."""
     for key in list(config.keys()):
-        value = config[key]
+        value, field = config[key], f"{_prefix}{key}"
         if hasattr(value, "keys"):
-            expand_user_paths(value)
-        elif isinstance(value, str) and value.startswith("~"):
+            expand_user_paths(value, f"{field}.")
+        elif field in CONFIG_PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
             config[key] = os.path.expanduser(value)
 
 
