@@ -191,6 +191,24 @@ def test_case_ids_written_two_ways_or_missing_are_refused(tmp_path):
     assert coh.case_ids == ["TCGA-AA-0000", "p1", "p1"]
 
 
+def test_decimal_comma_survival_read_in_semicolon_and_tab_files_named_in_comma_files(tmp_path):
+    """A ';' or tab labels file from a decimal-comma locale ('22,5' months) was refused: 'must be
+    a finite number >= 0'. There the comma is the decimal point; in a comma CSV a quoted '22,5'
+    could be 225 with a thousands separator, so it is refused naming the fix.
+    Plant: _decimal_point returning the cell unchanged -> fails."""
+    for name, sep in (("semi.csv", ";"), ("tab.tsv", "\t")):
+        path = tmp_path / name
+        path.write_text(sep.join(["slide_id", "survival_months", "censorship"]) + "\n"
+                        + sep.join(["a", "22,5", "1"]) + "\n" + sep.join(["b", "3", "0,0"]) + "\n")
+        coh = cohort.read_labels_csv(str(path), require_survival=True)
+        assert coh.times.tolist() == [22.5, 3.0] and coh.censored.tolist() == [True, False], name
+    comma = tmp_path / "comma.csv"
+    comma.write_text('slide_id,survival_months,censorship\na,"22,5",1\nb,3,0\n')
+    with pytest.raises(cohort.CohortError, match=r"comma.csv: row 2: survival_months '22,5': decimal comma: "
+                                                 r"write 22.5$"):
+        cohort.read_labels_csv(str(comma), require_survival=True)
+
+
 def test_label_ids_are_named_like_slide_files_and_semicolon_csvs_are_read(tmp_path):
     """'my slide.svs' (slide file id my_slide) and NFD 'café' (macOS) never met their bags;
     a ';'-separated CSV was one column. Plants: normalize_id without safe_slide_id -> 'my slide';

@@ -241,10 +241,28 @@ def _parse_labels(raw: list[str], classes: Optional[Sequence[str]], path: str, c
     return np.array([index.get(v, -1) for v in canon], np.int64), names
 
 
-def _survival(rows, path: str, lines: list[int]) -> tuple[np.ndarray, np.ndarray]:
+# "22,5": a decimal comma, the convention of the locales whose spreadsheets save "CSV" with ';'
+# (or tabs), where a thousands separator is a point. In a comma CSV the same quoted cell may be
+# 22.5 or a thousands-separated 225 ("1,234"): refused there rather than guessed.
+DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
+
+
+def _decimal_point(cell: str, decimal_comma: bool, path: str, line: int, column: str) -> str:
+    """``cell`` with a decimal comma read as a point where the file's separator makes it the
+    convention (``decimal_comma``), else a CohortError naming it; other cells unchanged."""
+    if not DECIMAL_COMMA.fullmatch(cell):
+        return cell
+    if decimal_comma:
+        return cell.replace(",", ".")
+    raise CohortError(f"{path}: row {line}: {column} {cell!r}: decimal comma: write {cell.replace(',', '.')}")
+
+
+def _survival(rows, path: str, lines: list[int], decimal_comma: bool = False) -> tuple[np.ndarray, np.ndarray]:
     times, censored = [], []
     for r, line in zip(rows, lines):
         t, c = (r.get("survival_months") or "").strip(), (r.get("censorship") or "").strip()
+        t = _decimal_point(t, decimal_comma, path, line, "survival_months")
+        c = _decimal_point(c, decimal_comma, path, line, "censorship")
         try:
             tv = float(t)
         except ValueError:
@@ -337,7 +355,8 @@ def read_labels_csv(path: str, require_survival: bool = False, label_column: str
     if {"survival_months", "censorship"} <= cols:
         kept_rows = [r for r, k in zip(rows, keep) if k]
         try:
-            times, censored = _survival(kept_rows, path, [n for n, k in zip(lines, keep) if k])
+            times, censored = _survival(kept_rows, path, [n for n, k in zip(lines, keep) if k],
+                                        csv_table.separator_of(path) != ",")
         except CohortError:
             if require_survival:
                 raise
