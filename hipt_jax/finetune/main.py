@@ -165,25 +165,26 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
     return items, bins * 2 + cens, info
 
 
-# TCGA survival cohorts are typically 60-90% censored: a mostly-event cohort more likely has
-# its censorship column coded the other way round (1 = event), which still gives a plausible
-# C-index, of the reversed outcome.
+# Most survival cohorts are mostly censored, so a mostly-event one may have its censorship
+# column coded the other way round (1 = event), which still gives a plausible C-index, of the
+# reversed outcome. High-mortality cohorts (GBM, pancreatic) are mostly events and rightly
+# so: the note states the numbers and the coding and leaves the judgement to the user.
 LOW_CENSORED_FRACTION = 0.5
 
 
 def _censorship_report(labels: str, censored: np.ndarray) -> dict:
     """Patients, events and censored fraction of the survival items, printed and recorded;
-    a warning when fewer than half are censored."""
+    a note on the coding when fewer than half are censored (recorded as "warning")."""
     n, n_cens = len(censored), int(np.sum(censored))
     report = {"n_patients": n, "n_events": n - n_cens, "censored_fraction": n_cens / n if n else float("nan")}
     print(f"hipt-finetune: {n} patients, {n - n_cens} events, {report['censored_fraction']:.0%} censored",
           file=sys.stderr)
     if n and report["censored_fraction"] < LOW_CENSORED_FRACTION:
-        report["warning"] = (f"{labels}: only {report['censored_fraction']:.0%} of the patients are censored "
-                             "(column censorship); the expected coding is 1 = censored, 0 = event, and TCGA "
-                             "cohorts are typically 60-90% censored: check that the column is not coded "
-                             "1 = event")
-        print(f"hipt-finetune: WARNING: {report['warning']}", file=sys.stderr)
+        report["warning"] = (f"{labels}: {n_cens} of {n} patients ({report['censored_fraction']:.0%}) are "
+                             f"censored, {n - n_cens} had the event (column censorship: 1 = censored, "
+                             "0 = event); if most of your patients had the event this is expected; "
+                             "otherwise check the coding")
+        print(f"hipt-finetune: note: {report['warning']}", file=sys.stderr)
     return report
 
 
