@@ -367,6 +367,51 @@ def test_survival_reports_censorship_and_warns_when_most_patients_have_an_event(
     assert "note" not in capsys.readouterr().err
 
 
+def test_a_finished_rerun_reads_no_bag_and_a_partial_one_names_the_folds_it_keeps(tmp_path, capsys, monkeypatch):
+    """A rerun of a finished run loaded, checked and encoded every bag before finding each fold
+    done, and said nothing of the folds it kept. Now it rebuilds the same results from the
+    folds' records without reading the bags' features, saying so; a rerun with a fold left to
+    do names each fold it keeps. Plants: _run_folds without the _kept_run shortcut -> load_items
+    called, fails; no 'finished earlier, kept' line in the fold loop -> fails."""
+    cens = np.arange(24) % 4 != 0
+    c = _tiny_survival(tmp_path, cens)
+    run = tmp_path / "run"
+    first = finetune.run(c, str(run), show_progress=False)
+    capsys.readouterr()
+
+    def no_bags(*a, **k):
+        raise AssertionError("bags read for a run whose every fold was finished")
+
+    with monkeypatch.context() as m:
+        m.setattr(finetune, "load_items", no_bags)
+        again = finetune.run(c, str(run), show_progress=False)
+    assert "all 3 folds finished earlier, kept" in capsys.readouterr().err
+    for key in ("folds", "summary", "n_items", "info", "failed_slides", "folds_source"):
+        assert again[key] == first[key], key
+    assert json.load(open(run / "results.json"))["info"] == first["info"]
+    os.remove(run / "fold_2" / "result.json")
+    finetune.run(c, str(run), show_progress=False)
+    err = capsys.readouterr().err
+    assert "fold 0: finished earlier, kept" in err and "fold 1: finished earlier, kept" in err
+    assert "fold 2: finished" not in err and (run / "fold_2" / "result.json").is_file()
+
+
+def test_an_absent_class_leaving_one_class_says_the_auc_is_undefined(capsys):
+    """A binary fold whose test part has one class said its macro AUC 'averages the 1 classes
+    present', then 'test auc: undefined'. With one class left the AUC is undefined, and said so.
+    Plant: _record_absent_classes without the two-classes guard -> fails."""
+    from hipt_jax.finetune.trainer import Item
+
+    result = {}
+    finetune._record_absent_classes(result, 0, {"test": [Item("a", None, 0), Item("b", None, 0)]}, ["x", "y"])
+    assert capsys.readouterr().err == ("hipt-finetune: fold 0: no test slide of class(es) y: its AUC is "
+                                       "undefined with one class\n")
+    assert result["auc_absent_classes"] == {"test": ["y"]}
+    finetune._record_absent_classes({}, 1, {"val": [Item("a", None, 0), Item("b", None, 1)]}, ["x", "y", "z"])
+    assert "fold 1: no val slide of class(es) z: its macro AUC averages the 2 classes present" in \
+        capsys.readouterr().err
+
+
 def test_survival_kfold_falling_back_to_censorship_strata_is_said_and_recorded(tmp_path, capsys):
     """24 patients in 4 time bins x censorship: some strata hold fewer patients than the 3
     folds, so the folds are stratified by censorship only; that was silent.

@@ -24,7 +24,8 @@ the embeddings' provenance and the pretrained ViT-4K) matches this run: finished
 reported under other labels or another config (hipt_jax.provenance; ``overwrite`` /
 ``resume_anyway``). A finished fold is also redone when its slides differ from this run's (its
 result.json lists them: a bag unreadable then and repaired since, or gone now) or when its
-result.json cannot be read.
+result.json cannot be read. A rerun that finds every fold finished rebuilds the results from
+the folds' records without reading the bags.
 """
 from __future__ import annotations
 
@@ -131,17 +132,10 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
         first = first or (path, shape)
         per_slide[sid] = bag_input(model, local_variables, bag, config.model.get("bag", "region"),
                                    config.train.buckets)
-    if missing:
-        print(f"hipt-finetune: {len(missing)} labelled slide(s) not extracted in {emb}, skipped: "
-              f"{missing[:5]}", file=sys.stderr)
+    _say_missing(emb, missing)
     if not per_slide:
         raise FinetuneError(f"{emb}: none of the labelled slides were extracted")
-    info: dict[str, Any] = {"n_slides": len(per_slide), "instance_shape": list(first[1]),
-                            "unlabelled_slides": _unlabelled(emb, coh),
-                            "embedding_models": embedding_models(emb)}
-    if info["unlabelled_slides"]:
-        print(f"hipt-finetune: {len(info['unlabelled_slides'])} extracted slide(s) in {emb} have no row in "
-              f"{coh.path} (not used): {info['unlabelled_slides'][:5]}", file=sys.stderr)
+    info = _embeddings_info(emb, coh, len(per_slide), first[1])
     if config.task == "subtyping":
         items = [Item(sid, per_slide[sid], int(lab))
                  for sid, lab in zip(coh.slide_ids, coh.labels) if sid in per_slide]
@@ -195,6 +189,22 @@ def embedding_models(embeddings: str) -> dict:
     return {k: recorded[k] for k in ("vit256", "vit4k") if k in (recorded or {})}
 
 
+def _say_missing(emb: str, missing: list[str]) -> None:
+    if missing:
+        print(f"hipt-finetune: {len(missing)} labelled slide(s) not extracted in {emb}, skipped: "
+              f"{missing[:5]}", file=sys.stderr)
+
+
+def _embeddings_info(emb: str, coh: cohort_lib.Cohort, n_slides: int, shape: tuple) -> dict[str, Any]:
+    """The results' "info" on the bags used; the extracted slides without a label row are said."""
+    info: dict[str, Any] = {"n_slides": n_slides, "instance_shape": list(shape),
+                            "unlabelled_slides": _unlabelled(emb, coh), "embedding_models": embedding_models(emb)}
+    if info["unlabelled_slides"]:
+        print(f"hipt-finetune: {len(info['unlabelled_slides'])} extracted slide(s) in {emb} have no row in "
+              f"{coh.path} (not used): {info['unlabelled_slides'][:5]}", file=sys.stderr)
+    return info
+
+
 def _unlabelled(embeddings: str, coh: cohort_lib.Cohort) -> list[str]:
     """Extracted bags with no row in the labels, or only a row the class list dropped: a
     mistyped id or a labels file of another cohort shows up here rather than as a smaller cohort."""
@@ -242,31 +252,41 @@ def _map_split_ids(folds, items: list[Item], coh: cohort_lib.Cohort, task: str):
     return out
 
 
-def check_folds_before_work(config, coh: cohort_lib.Cohort) -> None:
-    """Build the folds from the slides that have a bag, before any feature is read, so a bad
-    split file or a class missing from a training part stops the run at once."""
+def _extracted(config, coh: cohort_lib.Cohort) -> list[str]:
+    """The labelled slides that have a bag (readable or not)."""
     present = [s for s in coh.slide_ids if cohort_lib.bag_file(config.data.embeddings, s) is not None]
     if not present:
         raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted"
                             + cohort_lib.case_ids_as_slide_ids_hint(coh.slide_ids))
+    return present
+
+
+def _featureless_items(config, coh: cohort_lib.Cohort, present: list[str]):
+    """(items without features, strata, survival info or {}) of the slides ``present``: what
+    ``load_items`` gives when every one of their bags reads."""
     if config.task == "subtyping":
         label_of = dict(zip(coh.slide_ids, coh.labels))
         items = [Item(s, None, int(label_of[s])) for s in present]
-        strata = np.array([it.label for it in items])
-    else:
-        first = {}
-        for i, (s, c) in enumerate(zip(coh.slide_ids, coh.case_ids)):
-            if s in set(present):
-                first.setdefault(c, i)
-        cases = sorted(first)
-        times = np.array([coh.times[first[c]] for c in cases])
-        cens = np.array([bool(coh.censored[first[c]]) for c in cases])
-        try:
-            bins, _ = survival.quartile_bins(times, cens, config.train.n_bins)
-        except ValueError as e:
-            raise FinetuneError(f"{config.data.labels}: {e}") from None
-        items = [Item(c, None, int(b), float(t), bool(e)) for c, b, t, e in zip(cases, bins, times, cens)]
-        strata = bins * 2 + cens
+        return items, np.array([it.label for it in items]), {}
+    first, extracted = {}, set(present)
+    for i, (s, c) in enumerate(zip(coh.slide_ids, coh.case_ids)):
+        if s in extracted:
+            first.setdefault(c, i)
+    cases = sorted(first)
+    times = np.array([coh.times[first[c]] for c in cases])
+    cens = np.array([bool(coh.censored[first[c]]) for c in cases])
+    try:
+        bins, edges = survival.quartile_bins(times, cens, config.train.n_bins)
+    except ValueError as e:
+        raise FinetuneError(f"{config.data.labels}: {e}") from None
+    items = [Item(c, None, int(b), float(t), bool(e)) for c, b, t, e in zip(cases, bins, times, cens)]
+    return items, bins * 2 + cens, {"censored": cens, "bin_edges": edges.tolist()}
+
+
+def check_folds_before_work(config, coh: cohort_lib.Cohort) -> None:
+    """Build the folds from the slides that have a bag, before any feature is read, so a bad
+    split file or a class missing from a training part stops the run at once."""
+    items, strata, _ = _featureless_items(config, coh, _extracted(config, coh))
     _splits(config, items, strata, coh, quiet=True)
 
 
@@ -318,8 +338,12 @@ def _record_absent_classes(result: dict, k: int, parts: dict, class_names: list[
         absent = [class_names[c] for c in metrics.absent_classes([it.label for it in items], len(class_names))]
         if absent:
             result.setdefault("auc_absent_classes", {})[part] = absent
-            print(f"hipt-finetune: fold {k}: no {part} slide of class(es) {', '.join(absent)}: its macro AUC "
-                  f"averages the {len(class_names) - len(absent)} classes present", file=sys.stderr)
+            left = len(class_names) - len(absent)
+            # An average over the classes present needs two of them; with one the AUC has no value.
+            said = (f"its macro AUC averages the {left} classes present" if left >= 2 else
+                    "its AUC is undefined with one class")
+            print(f"hipt-finetune: fold {k}: no {part} slide of class(es) {', '.join(absent)}: {said}",
+                  file=sys.stderr)
 
 
 def _censorship_only_note(config, strata: np.ndarray, spec: str) -> str:
@@ -483,11 +507,15 @@ def _damaged_checkpoint(fold_dir: str) -> Optional[str]:
     return None
 
 
-def _finished_fold(result_path: str, k: int, fold_ids: dict) -> Optional[dict]:
+def _finished_fold(result_path: str, k: int, fold_ids: dict, quiet: bool = False) -> Optional[dict]:
     """The result of fold ``k`` when an earlier run finished it on the same slides, else None
-    (a line on stderr says why it is redone). A resumed run must not report folds trained
-    without a slide whose bag was unreadable then and has been repaired since (or with one
-    that is gone now); an unreadable result.json is redone, not a traceback."""
+    (a line on stderr says why it is redone, unless ``quiet``). A resumed run must not report
+    folds trained without a slide whose bag was unreadable then and has been repaired since (or
+    with one that is gone now); an unreadable result.json is redone, not a traceback."""
+    def say(line: str) -> None:
+        if not quiet:
+            print(f"hipt-finetune: {line}", file=sys.stderr)
+
     if not os.path.isfile(result_path):
         return None
     try:
@@ -496,18 +524,18 @@ def _finished_fold(result_path: str, k: int, fold_ids: dict) -> Optional[dict]:
         if not isinstance(result, dict) or not isinstance(result.get("test"), dict):
             raise ValueError("not a fold result")
     except (OSError, ValueError) as e:
-        print(f"hipt-finetune: {result_path}: unreadable ({e}); redoing fold {k}", file=sys.stderr)
+        say(f"{result_path}: unreadable ({e}); redoing fold {k}")
         return None
     recorded = result.get("items")
     if recorded is not None and recorded != fold_ids:
         then = {p: len(v) for p, v in recorded.items()} if isinstance(recorded, dict) else recorded
         now = {p: len(v) for p, v in fold_ids.items()}
-        print(f"hipt-finetune: fold {k} was trained on other slides ({then} then, {now} now: a bag "
-              "repaired, added or gone); redoing it", file=sys.stderr)
+        say(f"fold {k} was trained on other slides ({then} then, {now} now: a bag repaired, added or "
+            "gone); redoing it")
         return None
     damaged = _damaged_checkpoint(os.path.dirname(result_path))
     if damaged:
-        print(f"hipt-finetune: {damaged}; redoing fold {k}", file=sys.stderr)
+        say(f"{damaged}; redoing fold {k}")
         return None
     for part in ("test", "val", "test_final_epoch"):  # an undefined metric was written as null
         if isinstance(result.get(part), dict):
@@ -516,9 +544,57 @@ def _finished_fold(result_path: str, k: int, fold_ids: dict) -> Optional[dict]:
     return result
 
 
+def _fold_ids(fold: dict) -> dict:
+    return {part: sorted(fold.get(part, [])) for part in ("train", "val", "test")}
+
+
+def _kept_run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool,
+              coh: cohort_lib.Cohort) -> Optional[dict]:
+    """The results of a rerun whose every fold an earlier run finished on the same slides,
+    rebuilt from the folds' result.json without reading the bags' features (loading, checking
+    and encoding every bag took minutes on a large cohort before each fold was found done);
+    None when a fold is to be (re)done, or when the earlier run could not read a bag (its folds
+    are planned without it: only reading them all tells whether it reads now)."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            if json.load(f).get("failed_slides"):
+                return None
+    except (OSError, ValueError, AttributeError):
+        pass  # no summary yet (killed after its last fold): the folds' own records decide
+    present = _extracted(config, coh)
+    items, strata, surv = _featureless_items(config, coh, present)
+    folds = _splits(config, items, strata, coh, quiet=True).folds
+    paths = [os.path.join(workdir, f"fold_{k}", "result.json") for k in range(len(folds))]
+    if not all(os.path.isfile(p) for p in paths):  # cheap first: no checkpoint verified in vain
+        return None
+    fold_results = []
+    for k, (fold, path) in enumerate(zip(folds, paths)):
+        done = _finished_fold(path, k, _fold_ids(fold), quiet=True)  # the full pass says why it redoes
+        if done is None:
+            return None
+        fold_results.append(done)
+    emb, name = config.data.embeddings, _model_name(config)
+    try:  # the instance shape the results record, from one bag
+        shape = instance_shape(read_bag(emb, present[0]), name,
+                               "region" if name == "hipt_lgp" else config.model.get("bag", "region"))
+    except BagError:
+        return None
+    _say_missing(emb, [s for s in coh.slide_ids if s not in set(present)])
+    info = _embeddings_info(emb, coh, len(present), shape)
+    if surv:
+        info["survival"] = _censorship_report(config.data.labels, surv["censored"])
+        info["bin_edges"] = surv["bin_edges"]
+    plan = _splits(config, items, strata, coh, workdir)  # said and written as a full run does
+    print(f"hipt-finetune: all {len(folds)} folds finished earlier, kept: results rebuilt from them "
+          "(--overwrite starts over)", file=sys.stderr)
+    return _write_results(config, workdir, show_progress, coh, fold_results, len(items), info, {}, plan)
+
+
 def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: bool,
                coh: cohort_lib.Cohort) -> dict:
-    frac = float(config.data.get("label_frac", 1.0))
+    kept = _kept_run(config, workdir, show_progress, coh)
+    if kept is not None:
+        return kept
     n_classes = config.model.n_classes
     if n_classes < 1:
         n_classes = config.train.n_bins if config.task == "survival" else len(coh.class_names)
@@ -545,9 +621,10 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
     for k, fold in enumerate(folds):
         fold_dir = os.path.join(workdir, f"fold_{k}")
         result_path = os.path.join(fold_dir, "result.json")
-        fold_ids = {part: sorted(fold.get(part, [])) for part in ("train", "val", "test")}
+        fold_ids = _fold_ids(fold)
         done = _finished_fold(result_path, k, fold_ids)
         if done is not None:
+            print(f"hipt-finetune: fold {k}: finished earlier, kept", file=sys.stderr)
             fold_results.append(done)
             continue
         if os.path.isdir(fold_dir):  # an unfinished or outdated fold: nothing of it is kept
@@ -598,10 +675,18 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
             print(f"fold {k}: test {metric} {test_metrics[metric]:.4f} ({evaluated['model']}, "
                   f"epoch {evaluated['epoch']})", flush=True)
         fold_results.append(result)
+    return _write_results(config, workdir, show_progress, coh, fold_results, len(items), info, failed, plan)
+
+
+def _write_results(config: ml_collections.ConfigDict, workdir: str, show_progress: bool,
+                   coh: cohort_lib.Cohort, fold_results: list[dict], n_items: int, info: dict,
+                   failed: dict, plan: cohort_lib.FoldPlan) -> dict:
+    """results.json, summary.csv, results.md and the ROC / Kaplan-Meier plot of the folds."""
+    frac = float(config.data.get("label_frac", 1.0))
     names = list(fold_results[0]["test"])
     summary = {m: metrics.fold_summary([r["test"][m] for r in fold_results], f"test {m}", sys.stderr)
                for m in names}
-    results = {"task": config.task, "model": _model_name(config), "n_items": len(items), "info": info,
+    results = {"task": config.task, "model": _model_name(config), "n_items": n_items, "info": info,
                "class_names": coh.class_names,
                "folds": [{"fold": r["fold"], **r["test"],
                           "evaluated": r.get("evaluated", {}).get("model", "final_epoch")} for r in fold_results],
