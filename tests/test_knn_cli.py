@@ -92,6 +92,23 @@ def _small_cohort(tmp_path):
     return emb, labels, ["--embeddings", emb, "--labels", labels, "--splits", "kfold:2", "--k", "1", "--k-dino", "1"]
 
 
+def test_default_k_is_capped_at_a_small_training_set_and_said(tmp_path, capsys):
+    """--label-frac on a small cohort leaves training sets of a few slides: the run was refused
+    with '--k 5: must be between 1 and the smallest training set', naming a flag never given.
+    A default k is capped and said (stderr and k_note); a --k given too large is still refused.
+    Plant: cli --k default=5 again -> refused, fails."""
+    emb, labels, argv = _small_cohort(tmp_path)
+    base = argv[:-4] + ["--label-frac", "0.5", "--out", str(tmp_path / "k.json")]  # 2 training slides
+    assert knn_cli.main(base) == 0
+    err = capsys.readouterr().err
+    result = json.load(open(tmp_path / "k.json"))
+    note = "the smallest training set has 2 slides (fold 0): using --k 2 (default 5), --k-dino 2 (default 20)"
+    assert f"hipt-knn: {note}\n" in err and result["k_note"] == note
+    assert (result["params"]["k_paper"], result["params"]["k_dino"]) == (2, 2)
+    assert knn_cli.main(base + ["--k", "5"]) == 2
+    assert "--k 5: must be between 1 and the smallest training set (2 slides" in capsys.readouterr().err
+
+
 def test_out_never_replaces_an_input_or_another_commands_file(tmp_path, capsys):
     """--out replaced anything, exit 0: the labels CSV, a split file it read, a fine-tuning run's
     results.json (hipt-predict then failed on the run), the embeddings manifest, and a JSON named
@@ -211,8 +228,8 @@ def test_label_fraction_with_fit_on_train_and_val_is_a_fraction_of_both(tmp_path
 def test_a_class_absent_from_a_test_part_is_named_and_its_auc_kept(tmp_path, capsys):
     """A 3-class fold whose test part has no slide of one class: the macro AUC averages the two
     present (as hipt-patch-eval and CLAM's summary do), the fold names the absent class, and
-    the fold counts in the mean. Plant: metrics.auc over every class -> fold AUC NaN (null),
-    dropped from the mean, fails."""
+    the fold counts in the mean. Plants: metrics.auc over every class -> fold AUC NaN (null),
+    dropped from the mean, fails; the fold line without its 'hipt-knn:' -> fails."""
     emb = str(tmp_path / "emb")
     classes = make_feature_cohort(emb, 30, n_classes=3, signal=2.0, grid=2, regions=(1, 2),
                                   classes=np.arange(30) % 3)
@@ -227,5 +244,5 @@ def test_a_class_absent_from_a_test_part_is_named_and_its_auc_kept(tmp_path, cap
     err = capsys.readouterr().err
     fold = json.load(open(out))["folds"]["paper"][0]
     assert fold["auc_absent_classes"] == ["c"] and fold["auc"] > 0.9
-    assert "no test slide of class(es) c" in err
+    assert "hipt-knn: fold 0: no test slide of class(es) c" in err  # named like every hipt-knn line
     assert json.load(open(out))["summary"]["paper"]["auc"]["n"] == 1

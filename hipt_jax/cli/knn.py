@@ -31,7 +31,8 @@ def build_parser() -> flags.Parser:
                    help="labels CSV (slide_id + a label column; extra columns ignored)")
     p.add_argument("--splits", default="kfold:10", type=flags.path_arg, help="folder of splits_{i}.csv or kfold:K")
     p.add_argument("--seed", type=flags.int_at_least(0), default=0, help="seed of the generated k-fold")
-    p.add_argument("--k", type=flags.int_at_least(1), default=5, help="k of the paper protocol")
+    p.add_argument("--k", type=flags.int_at_least(1), default=None,
+                   help="k of the paper protocol (default 5, capped at the smallest training set)")
     p.add_argument("--k-dino", type=flags.int_at_least(1), default=None,
                    help="k of DINO's protocol (default 20, capped at the smallest training set)")
     p.add_argument("--temperature", type=flags.float_in(0.0, 100.0), default=0.07)
@@ -153,6 +154,8 @@ def _evaluate(args) -> int:
         print(f"{PROG}: {len(ids)} split id(s) not in the labels CSV (skipped): {ids[:10]}", file=sys.stderr)
     for warning in result["fold_warnings"]:  # the same folds for every embedding: said once
         print(f"{PROG}: {warning}", file=sys.stderr)
+    if result.get("k_note"):
+        print(f"{PROG}: {result['k_note']}", file=sys.stderr)
     if result["leaky_patients"]:
         n = sum(len(v) for v in result["leaky_patients"].values())
         print(f"{PROG}: WARNING: {n} patient(s) appear in two parts of a fold (--allow-leaky-splits; "

@@ -26,19 +26,24 @@ from hipt_jax.evaluation import knn, metrics
 PROTOCOLS = ("paper", "dino")
 
 
+# The protocols' k when none is given: the paper's 5 (Euclidean) and DINO's 20 (cosine).
+DEFAULT_K = {"paper": 5, "dino": 20}
+
+
 def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, folds: list[dict],
-                   *, k_paper: int = 5, k_dino: Optional[int] = None, temperature: float = 0.07,
+                   *, k_paper: Optional[int] = None, k_dino: Optional[int] = None, temperature: float = 0.07,
                    fit_on: str = "train", label_fraction: float = 1.0, seed: int = 0) -> dict:
-    """Per-fold metrics of both protocols + mean/std summary. ``k_dino=None``: DINO's 20,
-    capped at the smallest training set; a k given explicitly must fit in every training set
-    (CohortError before any work otherwise), as must k_paper. ``label_fraction`` < 1 fits on a
-    seeded per-class fraction of each fold's training slides (the few-label protocol)."""
+    """Per-fold metrics of both protocols + mean/std summary. A k of None is the protocol's
+    DEFAULT_K, capped at the smallest training set (``k_note`` in the result says so); a k
+    given explicitly must fit in every training set (CohortError before any work otherwise).
+    ``label_fraction`` < 1 fits on a seeded per-class fraction of each fold's training slides
+    (the few-label protocol)."""
     label_of = dict(zip(coh.slide_ids, coh.labels))
     n_classes = len(coh.class_names)
     if label_fraction < 1:  # before the k check: k must fit in the sampled training sets
         folds = [_label_fraction(fold, fit_on, embeddings, label_of, label_fraction, seed + i)
                  for i, fold in enumerate(folds)]
-    k_paper, k_dino = _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature)
+    k_paper, k_dino, k_note = _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature)
     rows = {p: [] for p in PROTOCOLS}
     for i, fold in enumerate(folds):
         fit_ids = fold["train"] + (fold.get("val", []) if fit_on == "train+val" else [])
@@ -57,7 +62,7 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
         }
         absent = [coh.class_names[c] for c in metrics.absent_classes(y_te, n_classes)]
         if absent and len(absent) <= n_classes - 2:
-            print(f"fold {i}: no test slide of class(es) {', '.join(absent)}: its macro AUC averages the "
+            print(f"hipt-knn: fold {i}: no test slide of class(es) {', '.join(absent)}: its macro AUC averages the "
                   f"{n_classes - len(absent)} classes present", file=sys.stderr)
         for p, probs in scores.items():
             pred = probs.argmax(1)
@@ -75,7 +80,7 @@ def evaluate_folds(embeddings: dict[str, np.ndarray], coh: cohort_lib.Cohort, fo
                                                  warn_to=sys.stderr if p == PROTOCOLS[0] else None)
     return {"folds": rows, "summary": summary, "class_names": coh.class_names,
             "params": {"k_paper": k_paper, "k_dino": k_dino, "temperature": temperature, "fit_on": fit_on,
-                       "label_fraction": label_fraction}}
+                       "label_fraction": label_fraction}, **({"k_note": k_note} if k_note else {})}
 
 
 def _label_fraction(fold: dict, fit_on: str, embeddings, label_of: dict, fraction: float, seed: int) -> dict:
@@ -91,7 +96,10 @@ def _label_fraction(fold: dict, fit_on: str, embeddings, label_of: dict, fractio
     return {**fold, **{p: [s for s in fold.get(p, []) if s in keep] for p in parts}}
 
 
-def _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature) -> tuple[int, int]:
+def _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature) -> tuple[int, int, str]:
+    """(k_paper, k_dino, a note naming the defaults capped or ""). Only a k the user gave is
+    refused for not fitting: a default the user never chose is capped at the smallest training
+    set (2 slides with --label-frac 0.1 on a small cohort) and said."""
     if not temperature > 0:
         raise cohort_lib.CohortError(f"--temperature {temperature}: must be > 0")
     sizes = []
@@ -100,12 +108,19 @@ def _check_k(embeddings, folds, fit_on, k_paper, k_dino, temperature) -> tuple[i
         sizes.append(len([s for s in fit if s in embeddings]))
     smallest = min(sizes) if sizes else 0
     if smallest == 0:  # an empty training set: the fold loop names it
-        return k_paper, k_dino if k_dino is not None else 20
+        return (k_paper if k_paper is not None else DEFAULT_K["paper"],
+                k_dino if k_dino is not None else DEFAULT_K["dino"], "")
     for flag, k in (("--k", k_paper), ("--k-dino", k_dino)):
         if k is not None and not 1 <= k <= smallest:
             raise cohort_lib.CohortError(f"{flag} {k}: must be between 1 and the smallest training "
                                          f"set ({smallest} slides, fold {sizes.index(smallest)})")
-    return k_paper, k_dino if k_dino is not None else max(1, min(20, smallest))
+    capped = [f"{flag} {min(DEFAULT_K[p], smallest)} (default {DEFAULT_K[p]})"
+              for p, flag, k in (("paper", "--k", k_paper), ("dino", "--k-dino", k_dino))
+              if k is None and DEFAULT_K[p] > smallest]
+    note = (f"the smallest training set has {smallest} slides (fold {sizes.index(smallest)}): "
+            f"using {', '.join(capped)}" if capped else "")
+    return (k_paper if k_paper is not None else min(DEFAULT_K["paper"], smallest),
+            k_dino if k_dino is not None else min(DEFAULT_K["dino"], smallest), note)
 
 
 def format_table(result: dict) -> str:
