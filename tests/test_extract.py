@@ -293,3 +293,19 @@ def test_a_bag_of_ours_without_its_checksum_that_does_not_read_is_redone(model, 
     assert f"redoing {bad}: truncated or corrupt bag" in capsys.readouterr().err
     assert again["run"]["regions"] == len(bags.read_bag_file(bad)["coords"])  # only the damaged one
     assert os.path.exists(bags.checksum_path(bad)) and os.stat(good).st_mtime_ns == kept
+
+
+def test_a_rerun_with_every_slide_done_says_so_not_zero_regions_per_second():
+    """A rerun whose slides were all extracted printed '0 regions in 0.0 s (0.0 regions/s);
+    3 slides ok', as if the slides held nothing. It says they were already done; a run that
+    extracted or failed slides keeps its figures. Plant: summary_line without the
+    nothing-done case -> fails."""
+    from hipt_jax.cli.extract import summary_line
+
+    idle = {"regions": 0, "seconds": 0.01, "regions_per_s": 0.0}
+    assert summary_line(idle, 3, {}, "o/manifest.json") == \
+        "hipt-extract: 3 slide(s) already done, nothing to extract -> o/manifest.json"
+    assert summary_line(idle, 2, {"s": "bad"}, "o/manifest.json").startswith("hipt-extract: 0 regions in 0.0 s")
+    busy = {"regions": 12, "seconds": 2.0, "regions_per_s": 6.0}
+    assert summary_line(busy, 3, {}, "o/manifest.json") == \
+        "hipt-extract: 12 regions in 2.0 s (6.0 regions/s); 3 slides ok, 0 failed -> o/manifest.json"

@@ -126,11 +126,17 @@ def _run_extract(args) -> int:
         manifest = _extract(args, model, params, fingerprint)
     failed = {s: v["error"] for s, v in manifest["slides"].items() if v["status"] == "failed"}
     n_done = sum(v["status"] == "done" for v in manifest["slides"].values())
-    run = manifest["run"]
-    print(f"{PROG}: {run['regions']} regions in {run['seconds']:.1f} s "
-          f"({run['regions_per_s']} regions/s); {n_done} slides ok, "
-          f"{len(failed)} failed -> {os.path.join(args.out, MANIFEST)}")
+    print(summary_line(manifest["run"], n_done, failed, os.path.join(args.out, MANIFEST)))
     return flags.report_failed(PROG, failed)
+
+
+def summary_line(run: dict, n_done: int, failed: dict, manifest: str) -> str:
+    """The run's last line. A rerun that finds every slide done says so: "0 regions in 0.0 s
+    (0.0 regions/s)" read like an extraction that found nothing to do in the slides."""
+    if run["regions"] == 0 and not failed:
+        return f"{PROG}: {n_done} slide(s) already done, nothing to extract -> {manifest}"
+    return (f"{PROG}: {run['regions']} regions in {run['seconds']:.1f} s ({run['regions_per_s']} regions/s); "
+            f"{n_done} slides ok, {len(failed)} failed -> {manifest}")
 
 
 def _extract(args, model, params: dict, fingerprint: dict) -> dict:
