@@ -579,7 +579,8 @@ def _kept_run(config: ml_collections.ConfigDict, workdir: str, show_progress: bo
                                "region" if name == "hipt_lgp" else config.model.get("bag", "region"))
     except BagError:
         return None
-    _say_missing(emb, [s for s in coh.slide_ids if s not in set(present)])
+    extracted = set(present)
+    _say_missing(emb, [s for s in coh.slide_ids if s not in extracted])
     info = _embeddings_info(emb, coh, len(present), shape)
     if surv:
         info["survival"] = _censorship_report(config.data.labels, surv["censored"])
