@@ -158,7 +158,7 @@ def test_rerun_skips_done_slides(cohort_out, synthetic_slides, capsys):
 
 def test_cli_bad_folder_exit_2(tmp_path, capsys):
     assert _run(["--slides", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "not a folder or a .csv" in capsys.readouterr().err
+    assert "not a folder or a table of slides (.csv, .tsv, .txt)" in capsys.readouterr().err
 
 
 def test_csv_input(tmp_path, synthetic_slides):
