@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from hipt_jax import provenance
+
 _started = False
 
 
@@ -84,23 +86,6 @@ def _allgather_bytes(payload: bytes) -> list[bytes]:
     return [rows[i, :int(n)].tobytes() for i, n in enumerate(lengths)]
 
 
-def _flat(value: Any, prefix: str = "") -> dict:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: a difference is named down to its field."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out: dict = {}
-    for k, v in value.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def _short(value: Any, width: int = 40) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else value
-    if len(text) > 16 and all(c in "0123456789abcdef" for c in text):  # a content hash
-        return text[:12] + "..."
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
 def check_same_everywhere(fields: dict, *,
                           gather: Optional[Callable[[bytes], list[bytes]]] = None) -> None:
     """Refuse (ProcessMismatchError, in every process alike) unless every process of this run
@@ -116,7 +101,7 @@ def check_same_everywhere(fields: dict, *,
             return
         gather = _allgather_bytes
     mine = json.dumps(fields, sort_keys=True, default=str)
-    everyone = [_flat(json.loads(b.decode())) for b in gather(mine.encode())]
+    everyone = [provenance.flat_fields(json.loads(b.decode())) for b in gather(mine.encode())]
     reference = everyone[0]
     differing = {p: sorted(k for k in set(reference) | set(f) if reference.get(k) != f.get(k))
                  for p, f in enumerate(everyone) if f != reference}
@@ -131,7 +116,8 @@ def check_same_everywhere(fields: dict, *,
         listed += f"; {len(differing) - 4} more processes differ"
     example_p, example_keys = next(iter(differing.items()))
     shown = everyone[example_p]
-    values = ", ".join(f"{k}: {_short(reference.get(k))} (process 0) vs {_short(shown.get(k))} (process {example_p})"
+    values = ", ".join(f"{k}: {provenance.short_value(reference.get(k), 40)} (process 0) vs "
+                       f"{provenance.short_value(shown.get(k), 40)} (process {example_p})"
                        for k in example_keys[:3])
     raise ProcessMismatchError(
         f"the {len(everyone)} processes were started with different arguments ({listed}; "

@@ -101,19 +101,22 @@ def write(out_dir: str, fingerprint: dict, details: Optional[dict] = None) -> No
     os.replace(tmp, path)
 
 
-def _flat(value: Any, prefix: str = "") -> dict:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+def flat_fields(value: Any, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: a difference is named down to its field."""
     if not isinstance(value, dict):
         return {prefix: value}
     out: dict = {}
     for k, v in value.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flat_fields(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any, width: int = 60) -> str:
+    """A value as a message shows it: a content hash cut to 12 hex digits, other text to ``width``."""
     text = json.dumps(value, default=str, sort_keys=True) if not isinstance(value, str) else value
-    return text[:12] + "..." if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text[:60]
+    if len(text) > 16 and all(c in "0123456789abcdef" for c in text):
+        return text[:12] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def diff(old: dict, new: dict, old_details: Optional[dict] = None, new_details: Optional[dict] = None) -> str:
@@ -125,13 +128,13 @@ def diff(old: dict, new: dict, old_details: Optional[dict] = None, new_details: 
         if old.get(k) == new.get(k):
             continue
         if k in old_details and k in new_details:
-            a, b = _flat(_normalize_any(old_details[k])), _flat(_normalize_any(new_details[k]))
-            fields = [f"{f} {_short(a.get(f))} -> {_short(b.get(f))}" for f in sorted(set(a) | set(b))
+            a, b = flat_fields(_normalize_any(old_details[k])), flat_fields(_normalize_any(new_details[k]))
+            fields = [f"{f} {short_value(a.get(f))} -> {short_value(b.get(f))}" for f in sorted(set(a) | set(b))
                       if a.get(f) != b.get(f)]
             if fields:
                 parts.append(f"{k}: " + ", ".join(fields[:4]) + (" ..." if len(fields) > 4 else ""))
                 continue
-        parts.append(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}")
+        parts.append(f"{k}: {short_value(old.get(k))} -> {short_value(new.get(k))}")
     return "; ".join(parts)
 
 

@@ -637,16 +637,21 @@ RUN_CONTROL_FIELDS = ("stop_at_step", "log_every", "checkpoint", "export_dir", "
 RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", CHECKSUMS)
 
 
-def hashed_config(config: ml_collections.ConfigDict) -> dict:
-    """The config without its run-control fields: what the checkpoints depend on."""
+def _config_without(config: ml_collections.ConfigDict, fields: tuple[str, ...]) -> dict:
+    """The config as a dict without ``fields`` ("name" or "section.name")."""
     data = config.to_dict()
-    for field in RUN_CONTROL_FIELDS:
+    for field in fields:
         node, *rest = field.split(".")
         if rest:
             data.get(node, {}).pop(rest[0], None)
         else:
             data.pop(node, None)
     return data
+
+
+def hashed_config(config: ml_collections.ConfigDict) -> dict:
+    """The config without its run-control fields: what the checkpoints depend on."""
+    return _config_without(config, RUN_CONTROL_FIELDS)
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
@@ -675,13 +680,7 @@ def cross_process_fields(config: ml_collections.ConfigDict, workdir: str) -> dic
     differs on one host trains something else or hangs in a collective."""
     from hipt_jax import provenance
 
-    data = config.to_dict()
-    for field in HOST_LOCAL_FIELDS:
-        node, *rest = field.split(".")
-        if rest:
-            data.get(node, {}).pop(rest[0], None)
-        else:
-            data.pop(node, None)
+    data = _config_without(config, HOST_LOCAL_FIELDS)
     data["warm_start"] = provenance.content_hash(config.warm_start or None)
     return {"config": data, "workdir": workdir}
 
