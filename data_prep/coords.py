@@ -23,7 +23,7 @@ import os
 import h5py
 import numpy as np
 
-from data_prep.shards import file_sha256, safe_slide_id, walk_visible
+from data_prep.shards import file_sha256, item_status_path, safe_slide_id, walk_visible
 
 SUFFIX = "_patches.h5"
 
@@ -73,7 +73,7 @@ def verify_coords(path: str) -> None:
     if not name.endswith(SUFFIX):
         return
     out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    status = os.path.join(out, "status", name[: -len(SUFFIX)] + ".json")
+    status = item_status_path(out, name[: -len(SUFFIX)])
     try:
         with open(status) as f:
             record = json.load(f)

@@ -22,8 +22,8 @@ import traceback
 import cv2
 import numpy as np
 
-from data_prep.shards import (REGION, encode_jpeg, input_identity, open_shard_writer, product_identity,
-                              shard_path, write_item_status)
+from data_prep.shards import (REGION, encode_jpeg, input_identity, item_status_path, open_shard_writer,
+                              product_identity, shard_path, write_item_status)
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, open_slide,
                                 read_region_geometry, region_geometry, resolve_mpp, snap_scale)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
@@ -68,7 +68,7 @@ class SlideTask:
 
 
 def status_path(out_dir: str, slide_id: str) -> str:
-    return os.path.join(out_dir, "status", slide_id + ".json")
+    return item_status_path(out_dir, slide_id)
 
 
 def region_grid(width: int, height: int, read_px: int) -> list[tuple[int, int]]:

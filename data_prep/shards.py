@@ -438,10 +438,14 @@ def region_shard_identity(regions_dir: str, slide_id: str) -> dict:
     return {"name": os.path.basename(path), "sha256": digest, "bytes": size}
 
 
+def item_status_path(out_dir: str, item_id: str) -> str:
+    """OUT/status/<item_id>.json: where hipt-prep records a finished item (written last)."""
+    return os.path.join(out_dir, "status", item_id + ".json")
+
+
 def shard_status_path(path: str) -> str:
     """OUT/status/<slide_id>.json of a shard OUT/<kind>/<slide_id>.array_record."""
-    out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    return os.path.join(out, "status", slide_id_of(path) + ".json")
+    return item_status_path(os.path.dirname(os.path.dirname(os.path.abspath(path))), slide_id_of(path))
 
 
 def verify_shard(path: str) -> None:

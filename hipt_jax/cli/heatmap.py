@@ -210,7 +210,7 @@ def _slide_record(bag_path: str, embeddings: str, slide_id: str) -> tuple[dict, 
         item = (shards.read_prep_manifest(prep).get("items") or {}).get(slide_id)
         where = os.path.join(prep, shards.MANIFEST)
         if not isinstance(item, dict):  # a manifest not yet rebuilt: the slide's own status file
-            where = os.path.join(prep, "status", f"{slide_id}.json")
+            where = shards.item_status_path(prep, slide_id)
             try:
                 with open(where) as f:
                     item = json.load(f)
