@@ -311,9 +311,7 @@ def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: 
         if bgra is None:  # not the C-backed OpenSlide class (or big-endian): public API
             rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
     except openslide.OpenSlideError as e:
-        name = getattr(slide, "_filename", None) or "slide"
-        raise SlideError(f"{name}: cannot read its pixels ({w} x {h} px at level {level} from level-0 "
-                         f"({x}, {y})): {e} (a damaged tile?)") from None
+        raise _unreadable(slide, f"{w} x {h} px at level {level} from level-0 ({x}, {y})", e) from None
     if bgra is None:
         return composite_white(rgba, order)
     alpha = bgra[:, :, 3]
@@ -331,9 +329,13 @@ def read_thumbnail(slide: openslide.OpenSlide, max_px: int) -> np.ndarray:
     try:
         return np.asarray(slide.get_thumbnail((int(max_px), int(max_px))).convert("RGB"))
     except openslide.OpenSlideError as e:
-        name = getattr(slide, "_filename", None) or "slide"
-        raise SlideError(f"{name}: cannot read its pixels (a thumbnail of at most {max_px} px): {e} "
-                         "(a damaged tile?)") from None
+        raise _unreadable(slide, f"a thumbnail of at most {max_px} px", e) from None
+
+
+def _unreadable(slide: openslide.OpenSlide, what: str, error: Exception) -> SlideError:
+    """A read OpenSlide cannot decode, as a SlideError naming the slide and the read."""
+    name = getattr(slide, "_filename", None) or "slide"
+    return SlideError(f"{name}: cannot read its pixels ({what}): {error} (a damaged tile?)")
 
 
 def read_region_geometry(slide: openslide.OpenSlide, x: int, y: int, geom: RegionGeometry,
