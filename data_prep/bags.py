@@ -237,7 +237,8 @@ def _remove(path: str) -> None:
 
 
 CHECKSUM_EXT = ".sha256"
-_verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) of a bag verified in this process
+# path -> (size, mtime_ns, SHA-256) of a bag hashed in this process (``_sha256``)
+_verified: dict[str, tuple[int, int, str]] = {}
 
 
 SOURCE_EXT = ".source"
@@ -281,19 +282,49 @@ def verify_bag(path: str) -> None:
         st = os.stat(path)
     except OSError:
         return  # the read itself names a missing file
-    key = (st.st_size, st.st_mtime_ns)
-    if _verified.get(path) == key:
-        return
     side = checksum_path(path)
     try:
         with open(side) as f:
             expected = f.read().split()[0]
     except (OSError, IndexError, UnicodeDecodeError):
         return
-    if file_sha256(path) != expected:
+    if _sha256(path, st) != expected:
         raise BagError(f"{path}: truncated or corrupt bag (its SHA-256 does not match {side}); "
                        "rerun hipt-extract into the same folder (it redoes damaged bags)")
-    _verified[path] = key
+
+
+def bag_identity(path: str) -> dict:
+    """What a result made from the bag ``path`` records of it: {"sha256", "bytes", "mtime_ns"}.
+    The SHA-256 is the one its checksum verified in this process when it was read (no second
+    read of the file), else computed here (bags of other tools have no checksum)."""
+    st = os.stat(path)
+    return {"sha256": _sha256(path, st), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _sha256(path: str, st: os.stat_result) -> str:
+    """The SHA-256 of a bag, hashed once per process while its size and mtime stay the same."""
+    known = _verified.get(path)
+    if known is None or known[:2] != (st.st_size, st.st_mtime_ns):
+        known = (st.st_size, st.st_mtime_ns, file_sha256(path))
+        _verified[path] = known
+    return known[2]
+
+
+def bag_change(path: str | None, recorded: dict) -> str | None:
+    """Why the bag at ``path`` is not the one ``recorded`` (a ``bag_identity``) describes, None
+    when it is. Size and mtime are compared first; the file is hashed only when its mtime moved
+    (a bag damaged or rewritten in place keeps its size, and hashing a whole cohort on every
+    rerun would cost a read of every bag), so a copy or a touch costs one hash, not a redo."""
+    if path is None or not os.path.isfile(path):
+        return f"{path}: gone" if path else "its bag is gone"
+    st = os.stat(path)
+    if st.st_size != recorded.get("bytes"):
+        return f"{path}: {st.st_size} bytes, {recorded.get('bytes')} when it was read (replaced or truncated)"
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return None
+    if bag_identity(path)["sha256"] != recorded.get("sha256"):
+        return f"{path}: its bytes changed since it was read (SHA-256 differs: damaged or replaced)"
+    return None
 
 
 def list_bags(out_dir: str) -> dict[str, str]:

@@ -324,7 +324,7 @@ def test_resumed_run_redoes_folds_made_on_other_slides(tmp_path, capsys):
     bad = tmp_path / "run" / "fold_1" / "result.json"
     for text in ("[1]", "{", '{"test": 1}'):
         bad.write_text(text)
-        assert finetune._finished_fold(str(bad), 1, fold["items"]) is None
+        assert finetune._finished_fold(str(bad), 1, fold["items"], str(emb)) is None
         assert "fold_1/result.json: unreadable" in capsys.readouterr().err
 
 
@@ -394,6 +394,46 @@ def test_a_finished_rerun_reads_no_bag_and_a_partial_one_names_the_folds_it_keep
     err = capsys.readouterr().err
     assert "fold 0: finished earlier, kept" in err and "fold 1: finished earlier, kept" in err
     assert "fold 2: finished" not in err and (run / "fold_2" / "result.json").is_file()
+
+
+def test_a_rerun_redoes_the_folds_of_a_bag_replaced_since_and_keeps_a_touched_one(tmp_path, capsys):
+    """The finished-run shortcut kept every fold when a bag had been replaced since (another
+    extraction's bag with its own checksum, so nothing failed to read): results of bags that no
+    longer exist, exit 0. Each fold now records its bags (size, mtime, SHA-256); a rerun hashes
+    only bags whose mtime moved: a replaced bag redoes the folds trained on it, named; a touched
+    one (same bytes) is kept and its new mtime recorded; results of an older version get their
+    bags recorded, said. Plant: _finished_fold without the _changed_bag check -> all folds kept
+    on the replaced bag, fails."""
+    from data_prep import bags
+    from tests.synthetic_cohort import write_embedding
+
+    c = _tiny_survival(tmp_path, np.arange(12) % 3 == 0, n=12)
+    run = tmp_path / "run"
+    finetune.run(c, str(run), show_progress=False)
+    fold0 = json.load(open(run / "fold_0" / "result.json"))
+    assert "slide_0003" in fold0["bags"] and set(fold0["bags"]["slide_0003"]) == {"sha256", "bytes", "mtime_ns"}
+    path = bags.find_bag(c.data.embeddings, "slide_0003")
+    old = bags.read_bag(c.data.embeddings, "slide_0003")["features_cls256"]
+    write_embedding(c.data.embeddings, "slide_0003", old + 1.0)  # same shape and size, other bytes
+    capsys.readouterr()
+    finetune.run(c, str(run), show_progress=False)
+    err = capsys.readouterr().err
+    assert "finished earlier, kept" not in err, err
+    assert f"fold 0 was trained on {path}: its bytes changed since it was read" in err, err
+    now = bags.bag_identity(path)
+    for k in range(3):
+        assert json.load(open(run / f"fold_{k}" / "result.json"))["bags"]["slide_0003"] == now
+    os.utime(path, ns=(now["mtime_ns"] + 10**9, now["mtime_ns"] + 10**9))  # a touch: same bytes
+    finetune.run(c, str(run), show_progress=False)
+    assert "all 3 folds finished earlier, kept" in capsys.readouterr().err
+    assert json.load(open(run / "fold_0" / "result.json"))["bags"]["slide_0003"]["mtime_ns"] == now["mtime_ns"] + 10**9
+    for k in range(3):  # results of an older version: no record of their bags
+        result = json.load(open(run / f"fold_{k}" / "result.json"))
+        json.dump({key: v for key, v in result.items() if key != "bags"}, open(run / f"fold_{k}" / "result.json", "w"))
+    finetune.run(c, str(run), show_progress=False)
+    err = capsys.readouterr().err
+    assert "fold 0: finished earlier, kept" in err and "fold(s) 0, 1, 2 did not record their bags" in err, err
+    assert json.load(open(run / "fold_2" / "result.json"))["bags"] == result["bags"]
 
 
 def test_an_absent_class_leaving_one_class_says_the_auc_is_undefined(capsys):

@@ -23,9 +23,10 @@ but only when the workdir's provenance.json (hashes of the config, the label and
 the embeddings' provenance and the pretrained ViT-4K) matches this run: finished folds are never
 reported under other labels or another config (hipt_jax.provenance; ``overwrite`` /
 ``resume_anyway``). A finished fold is also redone when its slides differ from this run's (its
-result.json lists them: a bag unreadable then and repaired since, or gone now) or when its
-result.json cannot be read. A rerun that finds every fold finished rebuilds the results from
-the folds' records without reading the bags.
+result.json lists them: a bag unreadable then and repaired since, or gone now), when a bag it
+was trained on was damaged or replaced since (its result.json records each bag's size, mtime
+and SHA-256), or when its result.json cannot be read. A rerun that finds every fold finished
+rebuilds the results from the folds' records without reading the bags' features.
 """
 from __future__ import annotations
 
@@ -98,12 +99,15 @@ def _init_variables(model, config, seed: int, grid: int, in_features: int = 384)
 
 
 def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variables,
-               failed: Optional[dict[str, str]] = None) -> tuple[list[Item], np.ndarray, dict]:
+               failed: Optional[dict[str, str]] = None,
+               identities: Optional[dict[str, dict]] = None) -> tuple[list[Item], np.ndarray, dict]:
     """Items (slides or patients) and their stratification labels.
 
     With a frozen ViT-4K each slide is encoded once here ([M,256,384] -> [M,192]); otherwise the
     items hold the raw features. Slides without a feature file are skipped with a warning; a
-    file that cannot be read is skipped and recorded in ``failed`` (slide_id -> error).
+    file that cannot be read is skipped and recorded in ``failed`` (slide_id -> error). The
+    bag of every slide read is described in ``identities`` (slide_id -> bags.bag_identity) as
+    it was read: the folds trained on it record it.
     """
     emb = config.data.embeddings
     name, level = _model_name(config), config.model.get("bag", "region")
@@ -130,6 +134,8 @@ def load_items(config, coh: cohort_lib.Cohort, model: lgp.HIPTLGP, local_variabl
             failed[sid] = str(e)
             continue
         first = first or (path, shape)
+        if identities is not None:
+            identities[sid] = bags.bag_identity(path)
         per_slide[sid] = bag_input(model, local_variables, bag, config.model.get("bag", "region"),
                                    config.train.buckets)
     _say_missing(emb, missing)
@@ -507,11 +513,13 @@ def _damaged_checkpoint(fold_dir: str) -> Optional[str]:
     return None
 
 
-def _finished_fold(result_path: str, k: int, fold_ids: dict, quiet: bool = False) -> Optional[dict]:
-    """The result of fold ``k`` when an earlier run finished it on the same slides, else None
-    (a line on stderr says why it is redone, unless ``quiet``). A resumed run must not report
-    folds trained without a slide whose bag was unreadable then and has been repaired since (or
-    with one that is gone now); an unreadable result.json is redone, not a traceback."""
+def _finished_fold(result_path: str, k: int, fold_ids: dict, embeddings: str,
+                   quiet: bool = False) -> Optional[dict]:
+    """The result of fold ``k`` when an earlier run finished it on the same slides and bags,
+    else None (a line on stderr says why it is redone, unless ``quiet``). A resumed run must
+    not report folds trained without a slide whose bag was unreadable then and has been repaired
+    since (or with one that is gone now), nor folds trained on a bag damaged or replaced since
+    (``_changed_bag``); an unreadable result.json is redone, not a traceback."""
     def say(line: str) -> None:
         if not quiet:
             print(f"hipt-finetune: {line}", file=sys.stderr)
@@ -533,6 +541,10 @@ def _finished_fold(result_path: str, k: int, fold_ids: dict, quiet: bool = False
         say(f"fold {k} was trained on other slides ({then} then, {now} now: a bag repaired, added or "
             "gone); redoing it")
         return None
+    changed = _changed_bag(result, embeddings)
+    if changed:
+        say(f"fold {k} was trained on {changed}; redoing it")
+        return None
     damaged = _damaged_checkpoint(os.path.dirname(result_path))
     if damaged:
         say(f"{damaged}; redoing fold {k}")
@@ -541,11 +553,67 @@ def _finished_fold(result_path: str, k: int, fold_ids: dict, quiet: bool = False
         if isinstance(result.get(part), dict):
             result[part] = {m: metric_or_nan(v) if v is None or isinstance(v, (int, float)) else v
                             for m, v in result[part].items()}
+    _keep_bag_times(result_path, result, embeddings)
     return result
 
 
 def _fold_ids(fold: dict) -> dict:
     return {part: sorted(fold.get(part, [])) for part in ("train", "val", "test")}
+
+
+def _changed_bag(result: dict, embeddings: str) -> Optional[str]:
+    """The first bag the fold's result records (slide_id -> bags.bag_identity, as it was read
+    for training) that is not that bag any more ("<bag>: why"), with how many more; None when
+    all are the same, or when the result predates the record (``_record_bags`` adds it)."""
+    recorded = result.get("bags")
+    if not isinstance(recorded, dict):
+        return None
+    changes = []
+    for sid, rec in sorted(recorded.items()):
+        change = bags.bag_change(cohort_lib.bag_file(embeddings, sid), rec if isinstance(rec, dict) else {})
+        if change:
+            changes.append(change)
+    if not changes:
+        return None
+    return changes[0] + (f" (and {len(changes) - 1} more bag(s))" if len(changes) > 1 else "")
+
+
+def _keep_bag_times(result_path: str, result: dict, embeddings: str) -> None:
+    """A kept fold's bags with the same bytes but another mtime (a touch, a copy:
+    ``_changed_bag`` hashed them) get the new mtime recorded, so the next rerun does not hash
+    them again."""
+    recorded = result.get("bags")
+    if not isinstance(recorded, dict):
+        return
+    now = {sid: dict(rec, mtime_ns=os.stat(cohort_lib.bag_file(embeddings, sid)).st_mtime_ns)
+           for sid, rec in recorded.items()}
+    if now != recorded:
+        result["bags"] = now
+        write_json(result_path, result)
+
+
+def _record_bags(result_path: str, result: dict, identities: dict[str, dict], slides: list[str]) -> None:
+    """A kept fold whose result predates the record of its bags gets them as they are now
+    (read and checksum-verified by this run; a bag replaced before it cannot be told), so that
+    later reruns catch a bag damaged or replaced from here on."""
+    result["bags"] = {s: identities[s] for s in slides if s in identities}
+    write_json(result_path, result)
+
+
+def _fold_slides(fold_ids: dict, slides_of: dict[str, list[str]]) -> list[str]:
+    """The slides whose bags a fold was trained, selected or tested on (items are slides, or
+    patients whose slides were concatenated)."""
+    return sorted({s for ids in fold_ids.values() for i in ids for s in slides_of.get(i, [i])})
+
+
+def _slides_of_items(config, coh: cohort_lib.Cohort) -> dict[str, list[str]]:
+    """item id -> its slide ids: the slide itself (subtyping), a patient's slides (survival)."""
+    if config.task != "survival":
+        return {s: [s] for s in coh.slide_ids}
+    out: dict[str, list[str]] = {}
+    for sid, case in zip(coh.slide_ids, coh.case_ids):
+        out.setdefault(case, []).append(sid)
+    return out
 
 
 def _kept_run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool,
@@ -568,12 +636,12 @@ def _kept_run(config: ml_collections.ConfigDict, workdir: str, show_progress: bo
     if not all(os.path.isfile(p) for p in paths):  # cheap first: no checkpoint verified in vain
         return None
     fold_results = []
+    emb, name = config.data.embeddings, _model_name(config)
     for k, (fold, path) in enumerate(zip(folds, paths)):
-        done = _finished_fold(path, k, _fold_ids(fold), quiet=True)  # the full pass says why it redoes
-        if done is None:
+        done = _finished_fold(path, k, _fold_ids(fold), emb, quiet=True)  # the full pass says why it redoes
+        if done is None or "bags" not in done:  # a result without its bags: the full pass records them
             return None
         fold_results.append(done)
-    emb, name = config.data.embeddings, _model_name(config)
     try:  # the instance shape the results record, from one bag
         shape = instance_shape(read_bag(emb, present[0]), name,
                                "region" if name == "hipt_lgp" else config.model.get("bag", "region"))
@@ -603,7 +671,9 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
     model = _build_model(config, n_classes, in_features)
     base_vars = _init_variables(model, config, config.seed, grid, in_features)
     failed: dict[str, str] = {}
-    items, strata, info = load_items(config, coh, model, base_vars, failed)
+    identities: dict[str, dict] = {}
+    items, strata, info = load_items(config, coh, model, base_vars, failed, identities)
+    slides_of = _slides_of_items(config, coh)
     plan = _splits(config, items, strata, coh, workdir)
     folds = plan.folds
     by_id = {it.item_id: it for it in items}
@@ -618,14 +688,17 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
         early_stopping=sel.early_stopping, patience=sel.patience, min_epochs=sel.min_epochs)
     trainer = LGPTrainer(model, trainer_cfg)
     metric = "auc" if config.task == "subtyping" else "c_index"
-    fold_results = []
+    fold_results, unrecorded = [], []
     for k, fold in enumerate(folds):
         fold_dir = os.path.join(workdir, f"fold_{k}")
         result_path = os.path.join(fold_dir, "result.json")
         fold_ids = _fold_ids(fold)
-        done = _finished_fold(result_path, k, fold_ids)
+        done = _finished_fold(result_path, k, fold_ids, config.data.embeddings)
         if done is not None:
             print(f"hipt-finetune: fold {k}: finished earlier, kept", file=sys.stderr)
+            if "bags" not in done:
+                _record_bags(result_path, done, identities, _fold_slides(fold_ids, slides_of))
+                unrecorded.append(k)
             fold_results.append(done)
             continue
         if os.path.isdir(fold_dir):  # an unfinished or outdated fold: nothing of it is kept
@@ -657,6 +730,7 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
             print(f"hipt-finetune: fold {k}: {fit.note}", file=sys.stderr)
         result = {"fold": k, "n_train": len(train), "n_val": len(val_items), "n_test": len(test),
                   "items": fold_ids,
+                  "bags": {s: identities[s] for s in _fold_slides(fold_ids, slides_of) if s in identities},
                   "test": test_metrics, "evaluated": evaluated, "history": fit.history,
                   "predictions": jax.tree.map(lambda a: a.tolist() if hasattr(a, "tolist") else a, preds)}
         if config.task == "subtyping":
@@ -676,6 +750,10 @@ def _run_folds(config: ml_collections.ConfigDict, workdir: str, show_progress: b
             print(f"fold {k}: test {metric} {test_metrics[metric]:.4f} ({evaluated['model']}, "
                   f"epoch {evaluated['epoch']})", flush=True)
         fold_results.append(result)
+    if unrecorded:
+        print(f"hipt-finetune: note: fold(s) {', '.join(map(str, unrecorded))} did not record their bags "
+              "(an older version): recorded now as they are; a bag replaced before this run cannot be told "
+              "(--overwrite retrains)", file=sys.stderr)
     return _write_results(config, workdir, show_progress, coh, fold_results, len(items), info, failed, plan)
 
 
