@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 import numpy as np
@@ -86,10 +86,13 @@ def _allgather_bytes(payload: bytes) -> list[bytes]:
     return [rows[i, :int(n)].tobytes() for i, n in enumerate(lengths)]
 
 
-def check_same_everywhere(fields: dict, *,
+def check_same_everywhere(fields: Union[dict, Callable[[], dict]], *,
                           gather: Optional[Callable[[bytes], list[bytes]]] = None) -> None:
     """Refuse (ProcessMismatchError, in every process alike) unless every process of this run
-    holds the same ``fields`` (JSON-able: content hashes of the models, seeds, formats...).
+    holds the same ``fields`` (JSON-able: content hashes of the models, seeds, formats, the
+    identity of the data (provenance.data_identity, not its path: hosts may mount it apart),
+    the output folder...), or the same result of ``fields()``, called only when there are
+    several processes (a listing of the data costs a single-process run nothing).
 
     Why every process and not process 0 alone: each process embeds or trains its own share with
     its own arguments, and only process 0's are recorded; another model copy or seed on one host
@@ -100,7 +103,7 @@ def check_same_everywhere(fields: dict, *,
         if jax.process_count() == 1:
             return
         gather = _allgather_bytes
-    mine = json.dumps(fields, sort_keys=True, default=str)
+    mine = json.dumps(fields() if callable(fields) else fields, sort_keys=True, default=str)
     everyone = [provenance.flat_fields(json.loads(b.decode())) for b in gather(mine.encode())]
     reference = everyone[0]
     differing = {p: sorted(k for k in set(reference) | set(f) if reference.get(k) != f.get(k))
@@ -121,4 +124,4 @@ def check_same_everywhere(fields: dict, *,
                        for k in example_keys[:3])
     raise ProcessMismatchError(
         f"the {len(everyone)} processes were started with different arguments ({listed}; "
-        f"{values}); give every process the same command and the same model files")
+        f"{values}); give every process the same command, model files and data")

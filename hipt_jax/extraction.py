@@ -331,18 +331,27 @@ def glob_shards(folder: str) -> list[str]:
 
 
 def check_provenance(out_dir: str, fingerprint: Optional[dict], *, overwrite: bool = False,
-                     resume_anyway: bool = False) -> None:
+                     resume_anyway: bool = False, inputs: Optional[dict[str, str]] = None) -> None:
     """Bags already in ``out_dir`` are reused only when ``fingerprint`` matches the folder's
     (``overwrite`` / ``resume_anyway``: see hipt_jax.provenance). Process 0 checks and writes
     it; the others wait, so no process starts on a folder that is about to be cleared. First
-    every process's fingerprint must equal process 0's (the one recorded): a process given
-    another model copy, seed or format would write its share of the slides with it."""
+    every process must hold process 0's fingerprint (the one recorded), input and output
+    (``cross_process_fields``): a process given another model copy, seed, format, cohort or
+    --out would write its share of the slides with it, or elsewhere."""
     if fingerprint is not None:
-        distributed.check_same_everywhere(fingerprint)
+        distributed.check_same_everywhere(lambda: cross_process_fields(fingerprint, out_dir, inputs or {}))
     if fingerprint is not None and jax.process_index() == 0:
         provenance.check(out_dir, fingerprint, outputs=(bags.SLIDES, shards.MANIFEST),
                          overwrite=overwrite, resume_anyway=resume_anyway, what="embeddings folder")
     _barrier("hipt-extract provenance")
+
+
+def cross_process_fields(fingerprint: dict, out_dir: str, inputs: dict[str, str]) -> dict:
+    """The fingerprint, the identity of the input files (slide id -> region shard or slide
+    file: provenance.files_identity, so hosts may mount the cohort at different paths, while
+    another cohort made with the same hipt-prep parameters differs) and the output folder
+    (absolute: every process writes its bags there)."""
+    return dict(fingerprint, inputs=provenance.files_identity(inputs), out=os.path.abspath(out_dir))
 
 
 STATUS = "status"  # OUT/status/process_<i>.json: one process's slides of the last run
@@ -555,7 +564,7 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
         check_feature_model(features_dir, fingerprint.get("vit256"))
         fingerprint = dict(fingerprint, shards=provenance.params_hash(os.path.join(shards_dir, shards.MANIFEST)),
                            store_dtype=store_dtype, format=fmt)
-    check_provenance(out_dir, fingerprint, overwrite=overwrite, resume_anyway=resume_anyway)
+    check_provenance(out_dir, fingerprint, overwrite=overwrite, resume_anyway=resume_anyway, inputs=region_shards)
     _drop_stale_bags(out_dir, failed, shards_dir)
     extractor = extractor or Extractor(model, batch_per_device)
 
@@ -698,7 +707,7 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
                            region_px=region_px, assume_mpp=assume_mpp,
                            coords=provenance.config_hash({sid: shards.file_sha256(path)
                                                           for sid, path in files.items()}))
-    check_provenance(out_dir, fingerprint, overwrite=overwrite, resume_anyway=resume_anyway)
+    check_provenance(out_dir, fingerprint, overwrite=overwrite, resume_anyway=resume_anyway, inputs=slides)
     extractor = extractor or Extractor(model, batch_per_device)
 
     def embed_one(slide_id, bar):

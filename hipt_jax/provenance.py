@@ -59,6 +59,68 @@ def content_hash(path: Optional[str]) -> Optional[str]:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------ data identity
+_ENDS = 1 << 20  # bytes read from each end of a sampled data file
+
+
+def files_identity(files: dict[str, str]) -> str:
+    """"<N> files <hash>" of input files (name as the data knows it -> path here): the hash of
+    every name, and of the size and first and last MiB of the first, middle and last file in
+    name order. Not a content hash of the data (a TB of tiles is not read at start-up), yet
+    another dataset, a partial copy or features of another model (same names and sizes, other
+    bytes) give another identity; the folder the data sits in does not enter it."""
+    names = sorted(files)
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0")
+    for name in sorted({names[0], names[len(names) // 2], names[-1]} if names else ()):
+        path = files[name]
+        size = os.path.getsize(path)
+        h.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(_ENDS))
+            if size > 2 * _ENDS:
+                f.seek(size - _ENDS)
+                h.update(f.read(_ENDS))
+    return f"{len(names)} file{'s' if len(names) != 1 else ''} {h.hexdigest()}"
+
+
+def data_identity(path: Optional[str]) -> Optional[str]:
+    """What says two processes read the same data at ``path`` (a file, a folder, a glob)
+    wherever their hosts mount it: ``files_identity`` of its files, named relative to it. A
+    path that names nothing here (a dataset name, a URL) is its own identity, as written."""
+    if not path:
+        return None
+    path = str(path)
+    if glob.has_magic(path):
+        roots, base = sorted(glob.glob(path)), _glob_base(path)
+    else:
+        roots = [path] if os.path.exists(path) else []
+        base = os.path.dirname(path) if os.path.isfile(path) else path
+    if not roots:
+        return path
+    return files_identity({os.path.relpath(f, base): f for root in roots for f in _data_files(root)})
+
+
+def _data_files(root: str) -> list[str]:
+    """The files of a data path. Hidden files (NFS's .nfsXXXX, a lock) and temporary files are
+    not data: they come and go on one host and not on another."""
+    if os.path.isfile(root):
+        return [root]
+    out = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [os.path.join(folder, n) for n in names if not n.startswith(".") and ".tmp" not in n]
+    return out
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder of a glob pattern above its first wildcard ("/d/x/*.h5" -> "/d/x")."""
+    parts = pattern.split(os.sep)
+    head = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    return os.sep.join(parts[:head]) or os.curdir
+
+
 def config_hash(config: Any) -> str:
     """SHA-256 of a config (ConfigDict or plain dict) as canonical JSON."""
     data = config.to_dict() if hasattr(config, "to_dict") else config

@@ -100,3 +100,50 @@ def test_process_mismatch_check_names_every_differing_process():
     assert "aaa (process 0) vs bbb (process 2)" in message and "npz (process 0) vs h5 (process 2)" in message
     fields[2] = dict(fields[0])
     distributed.check_same_everywhere(fields[0], gather=fake_gather)  # all alike: no error
+
+
+def test_processes_agree_on_one_cohort_mounted_at_two_paths_and_refuse_another(tmp_path, monkeypatch):
+    """Hosts mounting one cohort at /mnt/a and /data/a hold the same input; a cohort cut with
+    the same hipt-prep parameters (same names, other bytes) or another --out is refused. The
+    exchange is faked: each case's fields against the first process's (no processes started).
+    Plants: cross_process_fields comparing the shard paths as written -> the two mounts are
+    refused, fails; leaving out the input identity -> the other cohort passes, fails."""
+    import shutil
+
+    import pytest
+
+    from hipt_jax import distributed, extraction
+
+    rng = np.random.default_rng(0)
+    mount_a = str(tmp_path / "mnt" / "prep")
+    write_region_shard(mount_a, "a", [tissue_crop(rng, 256)])
+    write_region_shard(mount_a, "b", [tissue_crop(rng, 256)])
+    mount_b = str(tmp_path / "data" / "prep")
+    shutil.copytree(mount_a, mount_b)
+    other = str(tmp_path / "other" / "prep")
+    write_region_shard(other, "a", [tissue_crop(rng, 256)])
+    write_region_shard(other, "b", [tissue_crop(rng, 256)])
+    real = distributed.check_same_everywhere
+    fields = []
+
+    class Checked(Exception):
+        pass
+
+    def capture(make_fields):  # stops the extraction once its fields are made
+        fields.append(make_fields())
+        raise Checked
+
+    monkeypatch.setattr(distributed, "check_same_everywhere", capture)
+    fingerprint = {"vit256": "random:tiny:seed0", "vit4k": "random:tiny:seed0"}
+    for prep, out in ((mount_a, "emb"), (mount_b, "emb"), (other, "emb"), (mount_a, "emb2")):
+        with pytest.raises(Checked):
+            extraction.extract_cohort(None, prep, str(tmp_path / out), fingerprint=fingerprint)
+
+    def exchange(mine):
+        return lambda _: [json.dumps(fields[0], sort_keys=True).encode(), json.dumps(mine, sort_keys=True).encode()]
+
+    real(fields[1], gather=exchange(fields[1]))  # one cohort at two mount points: alike
+    with pytest.raises(distributed.ProcessMismatchError, match="process 1 differs from process 0 in inputs;"):
+        real(fields[2], gather=exchange(fields[2]))
+    with pytest.raises(distributed.ProcessMismatchError, match="process 1 differs from process 0 in out;"):
+        real(fields[3], gather=exchange(fields[3]))

@@ -509,6 +509,37 @@ def test_an_export_killed_midway_is_replaced_and_a_failed_one_keeps_the_previous
     assert (other / "notes.txt").is_file()
 
 
+def test_processes_agree_on_data_mounted_at_two_paths_and_refuse_other_data_or_workdir(tmp_path):
+    """data.path compared as written refused a run whose hosts mount one tile folder at two
+    paths; it is now compared by what it holds: the same tiles at /mnt and /data agree, another
+    tile set at the same path, or another workdir, is refused. The exchange is faked.
+    Plant: cross_process_fields without the DATA_LOCATION_FIELDS loop -> the two mounts are
+    refused (config.data.path), fails."""
+    import shutil
+
+    from hipt_jax import distributed
+    from hipt_jax.pretrain import trainer
+
+    _make_pngs(tmp_path / "mnt" / "tiles", n=4, size=16)
+    shutil.copytree(tmp_path / "mnt" / "tiles", tmp_path / "data" / "tiles")
+    _make_pngs(tmp_path / "other" / "tiles", n=4, size=16, seed=1)
+
+    def fields(data, workdir="run"):
+        c = get_config_256("runlocal")
+        c.data.path = str(tmp_path / data / "tiles")
+        return trainer.cross_process_fields(c, str(tmp_path / workdir))
+
+    def check(mine):
+        process0 = json.dumps(fields("mnt"), sort_keys=True, default=str).encode()
+        distributed.check_same_everywhere(mine, gather=lambda b: [process0, b])
+
+    check(fields("data"))
+    with pytest.raises(distributed.ProcessMismatchError, match="differs from process 0 in config.data.path;"):
+        check(fields("other"))
+    with pytest.raises(distributed.ProcessMismatchError, match="differs from process 0 in workdir;"):
+        check(fields("data", workdir="run2"))
+
+
 def test_processes_with_different_configs_refuse_before_training(tmp_path, monkeypatch):
     """Two processes of one run, process 1 with another seed: both refuse before the workdir is
     touched, naming the field; host-local fields (process_id, loader workers) may differ. The

@@ -672,17 +672,32 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
 HOST_LOCAL_FIELDS = ("distributed", "data.num_workers", "data.read_threads", "data.prefetch")
 
 
+# Config fields that locate input data: compared across processes by what they hold
+# (provenance.data_identity), since each host may mount the data at its own path.
+DATA_LOCATION_FIELDS = ("data.path", "eval.knn.path", "eval.knn.labels")
+
+
 def cross_process_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """What every process of a multi-process run must agree on: the whole config but its
-    host-local fields, the warm-start checkpoint by content (each host may hold its own copy)
-    and the workdir. Only process 0's config is recorded in the provenance, yet every process
-    trains and checkpoints with its own: a seed, schedule, stop step or checkpoint cadence that
-    differs on one host trains something else or hangs in a collective."""
+    host-local fields, the warm-start checkpoint by content (each host may hold its own copy),
+    the data by what it holds (DATA_LOCATION_FIELDS: /mnt/a on one host and /data/a on another
+    is one dataset; another dataset at the same path is not) and the workdir, absolute: the
+    output every process writes, so two processes writing two folders are refused. Only process
+    0's config is recorded in the provenance, yet every process trains and checkpoints with its
+    own: a seed, schedule, stop step or checkpoint cadence that differs on one host trains
+    something else or hangs in a collective."""
     from hipt_jax import provenance
 
     data = _config_without(config, HOST_LOCAL_FIELDS)
     data["warm_start"] = provenance.content_hash(config.warm_start or None)
-    return {"config": data, "workdir": workdir}
+    for field in DATA_LOCATION_FIELDS:
+        *sections, name = field.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section, {})
+        if name in node:
+            node[name] = provenance.data_identity(node[name])
+    return {"config": data, "workdir": os.path.abspath(workdir)}
 
 
 def fetch_metrics(pending: list) -> list[tuple[int, dict]]:
@@ -725,7 +740,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     """
     from hipt_jax import distributed, provenance, workdir_lock
 
-    distributed.check_same_everywhere(cross_process_fields(config, workdir))
+    distributed.check_same_everywhere(lambda: cross_process_fields(config, workdir))
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
