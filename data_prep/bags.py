@@ -23,6 +23,8 @@ module. The file format follows the extension:
 
 Every bag written here gets its SHA-256 in ``<bag>.sha256`` next to it (sha256sum's format);
 every read verifies it, and a mismatch is a BagError naming the file (foreign bags have none).
+A bag of hipt-extract also carries the identity of the extraction that made it, which the
+readers of a folder of bags compare with the folder's (``check_extraction``).
 
 Slide embedding of a bag (`slide_embedding_of`, what hipt-knn uses): the stored
 ``slide_embedding`` if any, else the mean over regions of features_cls4k ([192], the paper's
@@ -35,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import threading
 from typing import Callable
 
@@ -198,14 +201,114 @@ def bag_path(out_dir: str, slide_id: str, fmt: str = DEFAULT_FORMAT) -> str:
 
 
 def write_bag(out_dir: str, slide_id: str, arrays: dict[str, np.ndarray],
-              fmt: str = DEFAULT_FORMAT, attrs: dict | None = None) -> str:
+              fmt: str = DEFAULT_FORMAT, attrs: dict | None = None, made_by: dict | None = None) -> str:
     """Write one slide's bag under a temporary name, then rename: a bag is complete or absent.
     ``attrs`` (h5 coords attributes: patch_size, patch_size_level0, ...) go where the format
-    keeps them (.pt keeps only features_cls256)."""
+    keeps them (.pt keeps only features_cls256), and with them ``made_by``, the identity of the
+    extraction (``check_extraction``)."""
     path = bag_path(out_dir, slide_id, fmt)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_bag_file(path, arrays, attrs)
+    extra = {EXTRACTION_ATTR: json.dumps(made_by, sort_keys=True)} if made_by else {}
+    write_bag_file(path, arrays, {**(attrs or {}), **extra})
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Which extraction made a bag
+# ---------------------------------------------------------------------------------------------
+# A bag carries the identity of the extraction that made it (weights, region size and
+# resolution: hipt-extract's ``made_by``) among its coordinate attributes, so it travels with the
+# file when bags are copied between folders; the folder's manifest records the identity of the
+# extraction that made the folder (params.extraction). A bag copied in from another extraction
+# has the same shapes (CLS-4K [M,192] whatever the region size) and would be scored silently.
+EXTRACTION_ATTR = "hipt_extraction"
+_GEOMETRY = ("region_px", "target_mpp")
+_WEIGHTS = ("vit256", "vit4k")
+_said: set[tuple[str, str]] = set()      # (folder, what) notes already printed by this process
+_first_recorded: dict[str, str] = {}     # folder -> its first bag read that records its extraction
+_manifests: dict[str, tuple[int, dict | None]] = {}  # manifest path -> (mtime_ns, params.extraction)
+
+
+def extraction_of(path: str) -> dict | None:
+    """The extraction identity the bag ``path`` records, None for bags without one (.pt, bags
+    of older versions and of other tools)."""
+    text = read_coords_attrs(path).get(EXTRACTION_ATTR)
+    try:
+        made_by = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return made_by if isinstance(made_by, dict) else None
+
+
+def folder_extraction(out_dir: str) -> dict | None:
+    """The extraction identity an embeddings folder's manifest records (None before it did);
+    read once per process while the manifest stays the same (it lists every slide)."""
+    path = os.path.join(out_dir, "manifest.json")
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    if _manifests.get(path, (None,))[0] != stamp:
+        try:
+            with open(path) as f:
+                made_by = (json.load(f).get("params") or {}).get("extraction")
+        except (OSError, ValueError, AttributeError):
+            made_by = None
+        _manifests[path] = (stamp, made_by if isinstance(made_by, dict) else None)
+    return _manifests[path][1]
+
+
+def extraction_difference(made_by: dict, expected: dict) -> tuple[list[str], list[str]]:
+    """(differences that make a bag another extraction's, differences only in checkpoint files),
+    each "key then -> now". Another region size or resolution, or another random init, is
+    another model input; two checkpoint FILES may hold the same weights (a .pth and its
+    hipt-convert output record differently), as hipt-predict reasons, so those only warn."""
+    refused, warned = [], []
+    for key in (*_WEIGHTS, *_GEOMETRY):
+        a, b = made_by.get(key), expected.get(key)
+        if a is None or b is None or a == b:
+            continue
+        said = f"{key} {_short(a)} (expected {_short(b)})"
+        files = key in _WEIGHTS and not str(a).startswith("random:") and not str(b).startswith("random:")
+        (warned if files else refused).append(said)
+    return refused, warned
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] + "..." if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text
+
+
+def check_extraction(out_dir: str, path: str) -> None:
+    """BagError naming the bag ``path`` of the folder ``out_dir`` when it records another
+    extraction than the folder's manifest (or, without one, than the folder's first recorded
+    bag read here) in region size, resolution or random init; a note (once per folder) when only
+    its checkpoint files differ, and when bags carry no record (they cannot be checked)."""
+    made_by = extraction_of(path)
+    folder = os.path.abspath(out_dir)
+    if made_by is None:
+        _say_once(folder, "unrecorded", f"{out_dir}: note: bags that do not record the extraction that made "
+                  f"them (an older hipt-extract, another tool, .pt; e.g. {path}) cannot be checked to "
+                  "come from this folder's extraction")
+        return
+    expected, where = folder_extraction(out_dir), f"{os.path.join(out_dir, 'manifest.json')} records"
+    if expected is None:
+        first = _first_recorded.setdefault(folder, path)
+        expected, where = extraction_of(first) or made_by, f"the folder's first bag ({first}) records"
+    refused, warned = extraction_difference(made_by, expected)
+    if refused:
+        raise BagError(f"{path}: made by another extraction than {where} ({'; '.join(refused)}): a bag "
+                       "copied from another embeddings folder? move it to a folder of its own, or re-extract it")
+    if warned:
+        _say_once(folder, "weights", f"{path}: warning: extracted from other checkpoint files than {where} "
+                  f"({'; '.join(warned)}); unless they hold the same weights (a .pth and its hipt-convert "
+                  "output), its features are another model's (further such bags in this folder not named)")
+
+
+def _say_once(folder: str, what: str, line: str) -> None:
+    if (folder, what) not in _said:
+        _said.add((folder, what))
+        print(line, file=sys.stderr)
 
 
 def write_bag_file(path: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
@@ -456,6 +559,7 @@ def read_bag(out_dir: str, slide_id: str) -> dict[str, np.ndarray]:
     if path is None:
         raise BagError(f"{bag_path(out_dir, slide_id)}: slide {slide_id!r} was not extracted")
     out = read_bag_file(path)
+    check_extraction(out_dir, path)
     for key in ("features_cls256", "features_cls4k", "features_region"):
         if key in out and len(out[key]) == 0:
             raise BagError(f"{path}: bag of slide {slide_id!r} has no regions ({key} {tuple(out[key].shape)})")
@@ -504,6 +608,7 @@ def read_slide_embeddings(out_dir: str, failed: dict[str, str] | None = None) ->
     for sid, path in found.items():
         try:
             emb = read_slide_embedding(path)
+            check_extraction(out_dir, path)
         except BagError as e:
             if failed is None:
                 raise

@@ -436,9 +436,32 @@ def _unchanged(slide_id: str, bag: str, source: dict) -> bool:
     return False
 
 
+def _made_by(fingerprint: Optional[dict], region_px, target_mpp) -> Optional[dict]:
+    """The extraction identity every bag of this run carries and the manifest records
+    (data_prep.bags.check_extraction): the weights as the fingerprint names them (content hash
+    or random init), the region size and resolution. None without a fingerprint."""
+    if fingerprint is None:
+        return None
+    return {"vit256": fingerprint.get("vit256"), "vit4k": fingerprint.get("vit4k"),
+            "region_px": region_px, "target_mpp": target_mpp}
+
+
+def _same_extraction(bag: str, made_by: Optional[dict]) -> bool:
+    """False (and a line on stderr) when a finished bag records another extraction than this
+    run in what readers refuse (region size, resolution, random init: a bag copied in from
+    another folder); bags without a record, and bags of other checkpoint files (the same
+    weights, perhaps: --resume-anyway after a re-conversion), are kept."""
+    recorded = bags.extraction_of(bag) if made_by else None
+    refused = bags.extraction_difference(recorded, made_by)[0] if recorded else []
+    if refused:
+        print(f"hipt-extract: redoing {bag}: made by another extraction ({'; '.join(refused)})", file=sys.stderr)
+    return not refused
+
+
 def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor: Extractor,
                     fmt: str, store_dtype: str, params: dict, show_progress: bool,
-                    source_of: Callable[[str], dict] = lambda slide_id: {}) -> dict:
+                    source_of: Callable[[str], dict] = lambda slide_id: {},
+                    made_by: Optional[dict] = None) -> dict:
     """The per-slide loop shared by the shard path and the direct path.
 
     ``embed_one(slide_id, progress) -> (arrays, coordinate attributes)`` embeds one slide. In a
@@ -446,6 +469,7 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     writes its own status file (OUT/status/process_<i>.json); after a barrier every process
     merges all of them, so the manifest (written by process 0) has every slide's status,
     including other processes' failures. A slide whose bag already exists is not redone.
+    Every bag written carries ``made_by`` (``_made_by``), which the manifest records too.
     """
     from data_prep.slide_io import SlideError
 
@@ -455,7 +479,7 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     mine_set = set(mine)
     _check_one_format(out_dir, fmt)
     done = {s: p for s, p in bags.list_bags(out_dir).items()
-            if s in mine_set and _intact(p) and _unchanged(s, p, source_of(s))}
+            if s in mine_set and _intact(p) and _unchanged(s, p, source_of(s)) and _same_extraction(p, made_by)}
     status: dict[str, dict] = {s: {"status": "done"} for s in mine if s in done}
     n_regions = 0
     t0 = time.time()
@@ -466,7 +490,7 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
             arrays, attrs = embed_one(slide_id, bar)
             arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
             source = source_of(slide_id)
-            bags.write_source(bags.write_bag(out_dir, slide_id, arrays, fmt, attrs=attrs), source)
+            bags.write_source(bags.write_bag(out_dir, slide_id, arrays, fmt, attrs=attrs, made_by=made_by), source)
         except (ValueError, SlideError) as e:  # ExtractError, ShardError, BagError, bad pixels:
             status[slide_id] = {"status": "failed", "error": str(e)}  # the slide fails, the run goes on
             continue
@@ -486,7 +510,7 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
         manifest = shards.write_run_manifest(
             out_dir, schema=EMBEDDINGS_SCHEMA, items=bags.manifest_items(out_dir, slide_ids, errors),
             params=dict(params, store_dtype=store_dtype, batch=extractor.batch, format=fmt,
-                        processes=jax.process_count()),
+                        processes=jax.process_count(), **({"extraction": made_by} if made_by else {})),
             versions=shards.package_versions(VERSION_PACKAGES), items_key="slides",
             write=jax.process_index() == 0)
     total = sum(r["regions"] for r in runs)
@@ -581,9 +605,11 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
         sha = _read_json(shards.shard_status_path(path)).get("sha256")
         return {"shard": os.path.basename(path), "sha256": sha or f"{os.path.getsize(path)} bytes"}
 
+    cut = shards.read_prep_manifest(shards_dir).get("params") or {}
     return _extract_slides(out_dir, list(region_shards) + lost, embed_one, extractor=extractor, fmt=fmt,
                            store_dtype=store_dtype, params=dict(params or {}),
-                           show_progress=show_progress, source_of=source_of)
+                           show_progress=show_progress, source_of=source_of,
+                           made_by=_made_by(fingerprint, cut.get("region_px"), cut.get("target_mpp")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,4 +762,5 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
 
     return _extract_slides(out_dir, sorted(slides), embed_one, extractor=extractor, fmt=fmt,
                            store_dtype=store_dtype, params=dict(params or {}, direct=True),
-                           show_progress=show_progress, source_of=source_of)
+                           show_progress=show_progress, source_of=source_of,
+                           made_by=_made_by(fingerprint, region_px, target_mpp))

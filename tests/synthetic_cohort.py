@@ -77,13 +77,17 @@ def make_tissue_cohort(root: str, n_per_class: int = 10, regions=(1, 3), size: i
     return prep, rows
 
 
+# What hipt-extract --random-init tiny records in each bag (data_prep.bags.check_extraction).
+MADE_BY = {"vit256": "random:tiny:seed0", "vit4k": "random:tiny:seed0", "region_px": 4096, "target_mpp": 0.5}
+
+
 def write_embedding(emb_dir: str, slide_id: str, features_cls256: np.ndarray) -> None:
     """One slide in hipt-extract's output layout (slide_embedding = feature mean stand-in)."""
     m = len(features_cls256)
     bags.write_bag(emb_dir, slide_id, dict(
         features_cls256=features_cls256, features_cls4k=np.zeros((m, 192), np.float32),
         slide_embedding=features_cls256.mean(axis=(0, 1))[:192].astype(np.float32),
-        coords=np.zeros((m, 2), np.int64)))
+        coords=np.zeros((m, 2), np.int64)), made_by=MADE_BY)
 
 
 def make_feature_cohort(emb_dir: str, n_items: int, n_classes: int = 2, grid: int = 2,

@@ -309,3 +309,45 @@ def test_a_rerun_with_every_slide_done_says_so_not_zero_regions_per_second():
     busy = {"regions": 12, "seconds": 2.0, "regions_per_s": 6.0}
     assert summary_line(busy, 3, {}, "o/manifest.json") == \
         "hipt-extract: 12 regions in 2.0 s (6.0 regions/s); 3 slides ok, 0 failed -> o/manifest.json"
+
+
+def test_a_bag_of_another_extraction_is_named_by_the_readers_and_redone_by_a_rerun(model, cohort, tmp_path, capsys):
+    """Bags copied into an embeddings folder from another extraction have the same shapes and
+    were scored silently. Each bag now carries its extraction's identity (weights, region size,
+    resolution), the manifest the folder's: another region size is refused by the bag readers
+    (hipt-finetune/predict/heatmap read_bag, hipt-knn read_slide_embeddings) naming the bag, and
+    redone by a hipt-extract rerun; other checkpoint files only warn (the same weights may sit in
+    two files); a bag without a record loads with a note. Plant: read_bag without
+    check_extraction -> the foreign bag reads, fails."""
+    import shutil
+
+    prep_src, rows = cohort
+    prep = str(tmp_path / "prep")
+    shutil.copytree(prep_src, prep)
+    with open(os.path.join(prep, "manifest.json"), "w") as f:  # as hipt-prep regions records them
+        json.dump({"params": {"region_px": 512, "target_mpp": 0.5}, "items": {}}, f)
+    out = str(tmp_path / "emb")
+    engine = extraction.Extractor(model, batch_per_device=2)
+    fingerprint = {"vit256": "a" * 64, "vit4k": "b" * 64}  # content hashes of checkpoint files
+    extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine, fingerprint=fingerprint)
+    ids = sorted(r["slide_id"] for r in rows)
+    made_by = bags.extraction_of(bags.find_bag(out, ids[0]))
+    assert made_by["vit4k"] == "b" * 64 and made_by["region_px"] == 512, made_by
+    assert bags.folder_extraction(out) == made_by
+    copied, refiled, older = (bags.find_bag(out, s) for s in ids[1:4])
+    arrays = {s: bags.read_bag(out, s) for s in ids[1:4]}
+    bags.write_bag(out, ids[1], arrays[ids[1]], made_by=dict(made_by, region_px=2048))
+    bags.write_bag(out, ids[2], arrays[ids[2]], made_by=dict(made_by, vit4k="c" * 64))
+    bags.write_bag(out, ids[3], arrays[ids[3]])  # an older version's bag: no record
+    capsys.readouterr()
+    with pytest.raises(bags.BagError, match=f"^{copied}: made by another extraction than {out}/manifest.json "
+                                            r"records \(region_px 2048 \(expected 512\)\)"):
+        bags.read_bag(out, ids[1])
+    failed = {}
+    assert set(bags.read_slide_embeddings(out, failed)) == set(ids) - {ids[1]} and list(failed) == [ids[1]]
+    err = capsys.readouterr().err
+    assert f"{refiled}: warning: extracted from other checkpoint files" in err and err.count("warning:") == 1, err
+    assert f"{out}: note: bags that do not record the extraction" in err and f"e.g. {older}" in err, err
+    extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine, fingerprint=fingerprint)
+    assert f"redoing {copied}: made by another extraction (region_px 2048 (expected 512))" in capsys.readouterr().err
+    assert bags.extraction_of(copied) == made_by and bags.extraction_of(refiled)["vit4k"] == "c" * 64

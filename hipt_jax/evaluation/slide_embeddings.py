@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.bags import SLIDES, BagError, bag_keys, list_bags, read_bag_file
+from data_prep.bags import SLIDES, BagError, bag_keys, check_extraction, list_bags, read_bag_file
 
 # name -> (bag keys read, function of those arrays -> [D])
 EMBEDDINGS: dict[str, tuple[tuple[str, ...], Callable[[dict], np.ndarray]]] = {}
@@ -72,6 +72,7 @@ def read(out_dir: str, name: str, failed: dict[str, str] | None = None) -> dict[
     for sid, path in found.items():
         try:
             out[sid] = np.asarray(fn(read_bag_file(path, keys)), np.float32)
+            check_extraction(out_dir, path)
         except BagError as e:
             if failed is None:
                 raise
