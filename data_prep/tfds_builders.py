@@ -15,10 +15,18 @@ DirectRunner). The TFDS copy duplicates the data; hipt_jax.data's sources read t
 shards in place.
 
 Splits: everything goes to "train" unless `splits={"train": [slide ids], "test": [...]}` is given.
+
+Which shards built a dataset is recorded beside it (DATA_DIR/hipt_<kind>/1.0.0/hipt_shards.json:
+the shards folder, and per shard its size, mtime and the SHA-256 hipt-prep recorded): TFDS reuses
+an existing dataset without looking at its sources, so a rerun with other or changed shards got
+the old dataset and its counts with exit 0. ``build_tfds`` reuses a dataset only when its shards
+are the same; otherwise it refuses (``ShardsChanged``) unless ``redo=True`` rebuilds it.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -163,10 +171,100 @@ class HiptFeatures(_HiptShardBuilder):
 BUILDERS = {"regions": HiptRegions, "patches": HiptPatches, "features": HiptFeatures}
 
 
-def build_tfds(kind: str, shards_dir: str, data_dir: str, splits=None, beam_runner=None):
-    """Build (or reuse) the TFDS dataset of `kind` from hipt-prep shards; returns the builder."""
+SOURCE_RECORD = "hipt_shards.json"  # in the dataset's version folder: which shards built it
+
+
+class ShardsChanged(ValueError):
+    """DATA_DIR already holds the dataset, built from other shards (or with no record of them)."""
+
+
+def _shard_identity(path: str) -> dict:
+    """Size and mtime of a shard, and the SHA-256 hipt-prep's status file recorded for it when
+    that record describes the file as it is now (same size and mtime): cheap, no hashing here."""
+    st = os.stat(path)
+    digest = None
+    try:
+        with open(shards.shard_status_path(path)) as f:
+            status = json.load(f)
+        if status.get("shard_bytes") == st.st_size and status.get("shard_mtime_ns") == st.st_mtime_ns:
+            digest = status.get("sha256")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+
+
+def shards_record(kind: str, shards_dir: str, splits=None) -> dict:
+    """What identifies the input of a build: the shards folder, splits, and every shard's identity
+    (FileNotFoundError naming the folder when it holds no shards of ``kind``)."""
+    by_id = shards.list_slide_shards(shards_dir, kind)
+    return {"kind": kind, "shards_dir": os.path.abspath(shards_dir), "splits": splits,
+            "shards": {sid: _shard_identity(p) for sid, p in by_id.items()}}
+
+
+def _same_shard(a: dict, b: dict) -> bool:
+    """Same bytes: by the recorded SHA-256 when both have one (a copied folder keeps matching),
+    else by size and mtime."""
+    if a.get("bytes") != b.get("bytes"):
+        return False
+    if a.get("sha256") and b.get("sha256"):
+        return a["sha256"] == b["sha256"]
+    return a.get("mtime_ns") == b.get("mtime_ns")
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between two shards records, in words (empty: the same input)."""
+    out = []
+    if old.get("splits") != new.get("splits"):
+        out.append("other splits")
+    gone = sorted(set(old["shards"]) - set(new["shards"]))
+    added = sorted(set(new["shards"]) - set(old["shards"]))
+    changed = sorted(s for s in set(old["shards"]) & set(new["shards"])
+                     if not _same_shard(old["shards"][s], new["shards"][s]))
+    for label, ids in (("shards added", added), ("shards gone", gone), ("shards changed", changed)):
+        if ids:
+            out.append(f"{len(ids)} {label} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})")
+    return out
+
+
+def _check_existing(dataset_dir: str, record: dict) -> bool:
+    """True when ``dataset_dir`` holds a finished dataset built from the same shards (reuse it);
+    False when there is none; ShardsChanged naming both inputs otherwise."""
+    if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+        return False
+    redo = "rebuild it with --redo (build_tfds(..., redo=True)) or use another --data-dir"
+    try:
+        with open(os.path.join(dataset_dir, SOURCE_RECORD)) as f:
+            old = json.load(f)
+        old["shards"].items()
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        raise ShardsChanged(f"{dataset_dir}: already holds a dataset with no record of the shards it was "
+                            f"built from (made before {SOURCE_RECORD}); {redo}") from None
+    diff = _differences(old, record)
+    if diff:
+        raise ShardsChanged(f"{dataset_dir}: already holds a dataset built from {old.get('shards_dir')}, "
+                            f"not from the shards in {record['shards_dir']} ({'; '.join(diff)}); {redo}")
+    return True
+
+
+def build_tfds(kind: str, shards_dir: str, data_dir: str, splits=None, beam_runner=None,
+               redo: bool = False):
+    """Build the TFDS dataset of `kind` from hipt-prep shards, or reuse the one in ``data_dir``
+    when it was built from the same shards (``ShardsChanged`` when it was not; ``redo``: rebuild
+    it). Returns the builder; ``builder.hipt_reused`` says whether it was reused."""
+    record = shards_record(kind, shards_dir, splits)  # before TFDS creates any folder
     builder = BUILDERS[kind](shards_dir=shards_dir, splits=splits, data_dir=data_dir)
+    dataset_dir = str(builder.data_dir)
+    if redo and os.path.isdir(dataset_dir):
+        shutil.rmtree(dataset_dir)  # this version's folder only: TFDS's own layout
+        builder = BUILDERS[kind](shards_dir=shards_dir, splits=splits, data_dir=data_dir)
+    builder.hipt_reused = _check_existing(dataset_dir, record)
+    if builder.hipt_reused:
+        return builder
     config = tfds.download.DownloadConfig(beam_runner=beam_runner) if beam_runner else None
     builder.download_and_prepare(download_config=config)
+    tmp = os.path.join(dataset_dir, SOURCE_RECORD + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(dataset_dir, SOURCE_RECORD))
     return builder
 

@@ -55,3 +55,28 @@ def test_features_tfds_beam_and_cli(shards, tmp_path):
         np.testing.assert_array_equal(ex["features"], want[(ex["slide_id"].decode(), int(ex["x"]))])
     assert main(["tfds", "--kind", "features", "--shards", shards, "--data-dir", str(tmp_path / "cli")]) == 0
     assert len(tfds.data_source("hipt_features", data_dir=str(tmp_path / "cli"), split="train")) == 9
+
+
+def test_tfds_rerun_reuses_same_shards_refuses_others(shards, tmp_path, capsys):
+    """A rerun into the same --data-dir reuses the dataset only when it was built from the same
+    shards: other or grown shards are refused naming both folders and --redo (TFDS reused the old
+    dataset and reported its counts with exit 0); --redo rebuilds; refusals leave no folders."""
+    import shutil
+
+    grown = tmp_path / "grown"
+    shutil.copytree(f"{shards}/features", grown / "features")
+    data_dir = str(tmp_path / "ds")
+    cli = lambda src, *extra: main(["tfds", "--kind", "features", "--shards", str(src), "--data-dir", data_dir, *extra])  # noqa: E731
+    assert cli(grown) == 0 and "built: train=9" in capsys.readouterr().out
+    assert cli(grown) == 0 and "reused (built from the same shards): train=9" in capsys.readouterr().out
+    write_shard(grown / "features" / "d.array_record",
+                [encode_feature(np.zeros((2, 384)), grid=(1, 2), slide_id="d", x=512 * i, y=0, mpp=0.5,
+                                region_px=512, dtype="float32") for i in range(3)])
+    assert cli(grown) == 2
+    err = capsys.readouterr().err
+    assert "already holds a dataset built from" in err and "1 shards added (d)" in err and "--redo" in err
+    assert cli(grown, "--redo") == 0 and "built: train=12" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["tfds", "--kind", "features", "--shards", str(empty), "--data-dir", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()  # nothing created by a refusal

@@ -5,7 +5,7 @@
     hipt-prep coords   --slides DIR_OR_CSV --out OUT [same selection flags]   # h5 coordinates, no pixels
     hipt-prep patches  --regions OUT --out OUT_PATCHES [--patch 256] [--min-tissue 0.5]
     hipt-prep features --regions OUT --out OUT_FEATS --vit256 CKPT [--store-dtype float16] [--batch-per-device 2]
-    hipt-prep tfds     --kind regions|patches|features --shards OUT --data-dir TFDS_DIR
+    hipt-prep tfds     --kind regions|patches|features --shards OUT --data-dir TFDS_DIR [--redo]
 
 Exit code (hipt_jax.cli.flags): 0 when every slide/shard succeeded, 1 when some failed (named
 in OUT/manifest.json), 2 for bad command-line input.
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shards", required=True, type=flags.path_arg,
                    help="output folder of the matching hipt-prep command")
     t.add_argument("--data-dir", required=True, type=flags.path_arg, help="TFDS data_dir to build into")
+    t.add_argument("--redo", action="store_true",
+                   help="rebuild the dataset when --data-dir holds one built from other or changed shards")
     return ap
 
 
@@ -220,10 +222,15 @@ def _features(args) -> int:
 
 
 def _tfds(args) -> int:
-    from data_prep.tfds_builders import build_tfds
+    from data_prep.tfds_builders import ShardsChanged, build_tfds
 
-    builder = build_tfds(args.kind, os.path.abspath(args.shards), os.path.abspath(args.data_dir))
-    print(f"TFDS dataset {builder.info.full_name} in {args.data_dir}: "
+    try:
+        builder = build_tfds(args.kind, os.path.abspath(args.shards), os.path.abspath(args.data_dir),
+                             redo=args.redo)
+    except (ShardsChanged, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+    how = "reused (built from the same shards)" if builder.hipt_reused else "built"
+    print(f"TFDS dataset {builder.info.full_name} in {args.data_dir}, {how}: "
           + ", ".join(f"{k}={v.num_examples}" for k, v in builder.info.splits.items()))
     return 0
 
@@ -268,7 +275,10 @@ def main(argv=None) -> int:
     args, extra = ap.parse_known_args(argv)
     runner = getattr(args, "runner", "pool")
     extra = list(extra) + list(getattr(args, "beam_arg", []))
-    if extra and (runner == "pool" or args.command in ("features", "tfds")):
+    if extra and args.command == "tfds":  # build_tfds(..., beam_runner=...) from Python runs on Beam
+        ap.error(f"unrecognized arguments: {' '.join(extra)} (hipt-prep tfds builds locally and takes no "
+                 "--runner or Beam flags; from Python, data_prep.tfds_builders.build_tfds(..., beam_runner=...))")
+    if extra and (runner == "pool" or args.command == "features"):
         ap.error(f"unrecognized arguments: {' '.join(extra)} (only Beam runners take extra flags)")
     with flags.progress(not getattr(args, "no_progress", False)):
         return flags.run_command(f"hipt-prep {args.command}", lambda: _run(args, extra),
