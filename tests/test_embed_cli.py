@@ -103,6 +103,19 @@ def test_image_files_are_read_as_a_viewer_shows_them(tmp_path, capsys):
         read_image(str(tmp_path / "g16.png"))
     with pytest.raises(UsageError, match="is a directory"):
         read_image(str(tmp_path))
+    # 16 bits per channel RGB: PIL opens it as "RGB" and keeps the high byte (12-bit data ->
+    # near black, exit 0). Plant: no depth check -> both read: fails.
+    import tifffile
+
+    rgb48 = np.full((300, 300, 3), 3000, np.uint16)
+    tifffile.imwrite(tmp_path / "c48.tif", rgb48, photometric="rgb")
+    with open(tmp_path / "c48.png", "wb") as f:  # PIL cannot write 48-bit PNGs: cv2 can
+        import cv2
+
+        f.write(cv2.imencode(".png", rgb48)[1].tobytes())
+    for name in ("c48.tif", "c48.png"):
+        with pytest.raises(UsageError, match=f"{name}: 16-bit-per-channel RGB image .*convert it to 8-bit RGB"):
+            read_image(str(tmp_path / name))
     rgba = np.zeros((300, 300, 4), np.uint8)
     rgba[:, :150] = (200, 50, 100, 255)  # left half opaque, right half fully transparent
     Image.fromarray(rgba).save(tmp_path / "a.png")

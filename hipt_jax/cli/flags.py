@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import sys
 from typing import Callable, Iterator, Optional
 
@@ -741,6 +742,28 @@ _EIGHT_BIT_MODES = {"RGB": None, "L": "grayscale, copied to R, G and B", "P": "p
                     "1": "1-bit, black and white", "RGBX": None}
 
 
+def _stored_channel_bits(im, path: str) -> int:
+    """Bits per channel as the file stores them. PIL opens 16-bit-per-channel RGB(A) PNGs and
+    TIFFs as 8-bit mode "RGB"/"RGBA" and keeps each value's high byte: 12-bit camera data came out
+    near black with exit 0. The depth shows in the decoder's raw mode ('RGB;16B'), the TIFF's
+    BitsPerSample and the PNG's IHDR."""
+    bits = 8
+    for tile in (getattr(im, "tile", None) or [])[:1]:
+        args = tile[3]
+        raw = args if isinstance(args, str) else (args[0] if args and isinstance(args[0], str) else "")
+        if re.search(r";(16|32)", raw):
+            bits = max(bits, 16)
+    tiff_bits = getattr(im, "tag_v2", {}).get(258) if im.format == "TIFF" else None  # BitsPerSample
+    if tiff_bits:
+        bits = max(bits, *(tiff_bits if isinstance(tiff_bits, tuple) else (tiff_bits,)))
+    if im.format == "PNG":
+        with open(path, "rb") as f:
+            header = f.read(25)  # signature (8), IHDR length/type (8), width, height, bit depth
+        if len(header) == 25 and header[12:16] == b"IHDR":
+            bits = max(bits, header[24])
+    return int(bits)
+
+
 def read_image(path: str):
     """An 8-bit image file -> uint8 [H,W,3] RGB, as a viewer shows it: EXIF orientation applied,
     transparency composited over white (a slide's background), grey expanded. Every conversion is
@@ -761,6 +784,10 @@ def read_image(path: str):
                 notes.append(f"first of its {im.n_frames} pages/frames")
             if im.mode not in _EIGHT_BIT_MODES:
                 raise UsageError(f"{path}: {im.mode} image (not 8-bit); convert it to 8-bit RGB first")
+            bits = _stored_channel_bits(im, path)
+            if bits > 8:
+                raise UsageError(f"{path}: {bits}-bit-per-channel {im.mode} image (not 8-bit; it would be cut "
+                                 "to its high byte); convert it to 8-bit RGB first")
             orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation; 1 = upright
             upright = ImageOps.exif_transpose(im) if orientation not in (0, 1) else im
             if orientation not in (0, 1):
