@@ -217,10 +217,19 @@ def test_cli_image_and_errors(tissue, tmp_path, capsys):
     image = tmp_path / "region.png"
     Image.fromarray(tissue[:512, :512]).save(image)
     # One real entry-point run (subprocess), the error paths in-process. Maps an earlier run
-    # left under the same name are removed (plant: no _remove_stale_maps -> they stay).
+    # left under the same name, listed in its heatmap_outputs.json, are removed (plant: no
+    # _remove_stale_maps -> they stay). A file named like a map that no listing names is the
+    # user's: refused before any work, kept (plant: check_targets taking any such file as its
+    # own -> it was deleted or replaced with exit 0).
     (tmp_path / "out").mkdir()
-    for stale in ("region_blend_4k0_2561.png", "region_4k_head9.png", "other_4k_head0.png"):
+    for stale in ("region_blend_4k0_2561.png", "region_4k_head9.png", "other_4k_head0.png", "region_256_head7.png"):
         (tmp_path / "out" / stale).write_bytes(b"")
+    (tmp_path / "out" / "heatmap_outputs.json").write_text(json.dumps(
+        {"4k": ["out/region_4k_head9.png"], "blend": ["region_blend_4k0_2561.png"]}))  # an older listing
+    assert main(["--random-init", "tiny", "--image", str(image), "--out", str(tmp_path / "out")]) == 2
+    assert "region_256_head7.png: exists and is not an earlier hipt-heatmap output" in capsys.readouterr().err
+    assert (tmp_path / "out" / "region_256_head7.png").exists()
+    os.rename(tmp_path / "out" / "region_256_head7.png", tmp_path / "mine.png")
     res = _cli("--random-init", "tiny", "--image", str(image), "--out", str(tmp_path / "out"),
                "--scale", "16", "--blends", "none", "--no-progress")
     assert res.returncode == 0, res.stderr
@@ -229,6 +238,7 @@ def test_cli_image_and_errors(tissue, tmp_path, capsys):
     assert "other_4k_head0.png" in left and not {"region_blend_4k0_2561.png", "region_4k_head9.png"} & left
     outputs = json.load(open(tmp_path / "out" / "heatmap_outputs.json"))
     assert len(outputs["4k"]) == 6 and outputs["blend"] == []
+    assert "region_4k_head0.png" in outputs["by_name"]["region"] and outputs["colors"]["cmap"] == "coolwarm"
     (tmp_path / "bad.png").write_text("not an image")
     assert main(["--random-init", "tiny", "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err

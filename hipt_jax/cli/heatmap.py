@@ -106,22 +106,24 @@ def run_region(args) -> dict:
                                    shifts4k=args.shifts, progress=not args.no_progress)
     written = write_region_heatmaps(maps, args.out, name, alpha=args.alpha, cmap=args.cmap,
                                     blends=args.blends, blend_weighting=args.blend_weighting)
-    _remove_stale_maps(args.out, name, written)
+    _remove_stale_maps(args.out, name, written, listed_outputs(args.out, name))
     n_files = sum(len(v) for v in written.values())
     print(f"{n_files} files in {args.out} ({time.perf_counter() - t0:.1f} s); "
           f"contact sheet: {written['contact_sheet'][0]}")
     return written
 
 
-def _remove_stale_maps(out: str, name: str, written: dict) -> None:
+def _remove_stale_maps(out: str, name: str, written: dict, listed: set) -> None:
     """Maps an earlier run wrote under the same name (other heads, blends, shifts) would sit
-    beside this run's and read as its own: remove the ones this run did not write."""
+    beside this run's and read as its own: remove the ones this run did not write, but only
+    those the earlier run's listing names (``listed``: basenames). A file of the user's that
+    merely matched the pattern (case12_4k_head9.png) was deleted without a word."""
     import glob
 
     keep = {os.path.abspath(p) for paths in written.values() for p in paths}
     for pattern in ("_256_head*.png", "_4k_head*.png", "_blend_4k*_256*.png"):
         for path in glob.glob(os.path.join(glob.escape(out), glob.escape(name) + pattern)):
-            if os.path.abspath(path) not in keep:
+            if os.path.abspath(path) not in keep and os.path.basename(path) in listed:
                 os.remove(path)
 
 
@@ -325,14 +327,56 @@ def output_name(args, *, slide_mode: bool) -> str:
     return stem if slide_mode else f"{stem}_x{args.x}_y{args.y}"
 
 
+def _paths(value) -> bool:
+    return isinstance(value, list) and all(isinstance(p, str) for p in value)
+
+
 def _own_listing(path: str) -> bool:
-    """An earlier heatmap_outputs.json: kinds of maps -> lists of paths."""
+    """An earlier heatmap_outputs.json: kinds of maps -> lists of paths (the last run's), and
+    "by_name": --name -> the files the last run of that name wrote (absent in older listings);
+    "colors": what the colours mean."""
     import json
 
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    return isinstance(data, dict) and all(isinstance(v, list) and all(isinstance(p, str) for p in v)
-                                          for v in data.values())
+    if not isinstance(data, dict):
+        return False
+    by_name = data.get("by_name", {})
+    return isinstance(by_name, dict) and all(_paths(v) for v in by_name.values()) and all(
+        _paths(v) for k, v in data.items() if k not in ("by_name", "colors"))
+
+
+def _read_listing(out: str) -> dict:
+    """The earlier heatmap_outputs.json of --out ({} when there is none or it is not ours)."""
+    import json
+
+    path = os.path.join(out, LISTING)
+    try:
+        if _own_listing(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def listed_outputs(out: str, name: str) -> set:
+    """Basenames of the files an earlier run of this --name wrote into --out, as its listing
+    says (a listing from before "by_name": every file it lists)."""
+    data = _read_listing(out)
+    if "by_name" in data:
+        return {os.path.basename(p) for p in data["by_name"].get(name, ())}
+    return {os.path.basename(p) for k, v in data.items() if k != "colors" for p in v}
+
+
+def write_listing(out: str, name: str, written: dict, colors: dict) -> None:
+    """heatmap_outputs.json: this run's files by kind (as before), what the colours mean, and
+    for every --name the files its last run wrote (what a rerun may replace or remove)."""
+    from hipt_jax.outputs import write_json
+
+    by_name = dict(_read_listing(out).get("by_name", {}))
+    by_name[name] = sorted(os.path.basename(p) for paths in written.values() for p in paths)
+    write_json(os.path.join(out, LISTING), dict(written, colors=colors, by_name=by_name), indent=1)
 
 
 def check_targets(args, *, slide_mode: bool) -> None:
@@ -362,10 +406,15 @@ def check_targets(args, *, slide_mode: bool) -> None:
             raise flags.UsageError(f"{given}: is an input ({flag}) and this run writes a file of that name in "
                                    f"{args.out}; choose another --out or --name")
     outputs.check_target(os.path.join(args.out, LISTING), writer=PROG, inputs=inputs, is_own=_own_listing)
+    # A file named like a map of this --name is replaced (or, a head/blend map, removed as stale)
+    # only when an earlier run's listing names it: anything else is the user's and is refused.
+    listed = listed_outputs(args.out, name)
+    is_own = lambda path: os.path.basename(path) in listed  # noqa: E731
     for template in templates:
-        if "*" not in template:  # earlier maps of this --name are this command's own: replaced as before
-            outputs.check_target(os.path.join(args.out, template.format(name=name)), writer=PROG, inputs=inputs,
-                                 is_own=lambda path: True, bag_folders=[args.embeddings])
+        targets = sorted(glob.glob(os.path.join(glob.escape(args.out), template.format(name=glob.escape(name))))) \
+            if "*" in template else [os.path.join(args.out, template.format(name=name))]
+        for target in targets:
+            outputs.check_target(target, writer=PROG, inputs=inputs, is_own=is_own, bag_folders=[args.embeddings])
 
 
 def check_mode(args) -> None:
@@ -385,15 +434,20 @@ def check_mode(args) -> None:
                                f"mode, not used by slide mode (--{sources[0].replace('_', '-')})")
 
 
+def colors_meaning(cmap: str, slide_mode: bool) -> dict:
+    """What the colours of the maps mean (heatmap_outputs.json "colors", and the colour bars)."""
+    within = "the slide's regions" if slide_mode else "the region (per head and level)"
+    return {"cmap": cmap, "value": f"percentile rank within {within}", "low": 0.0, "high": 1.0,
+            "reads": f"{cmap} low -> high: low -> high score"}
+
+
 def _run(args) -> int:
     check_mode(args)
     flags.check_output_dir(args.out)
     slide_mode = bool(args.region_scores or args.lgp or args.vitwsi)
     check_targets(args, slide_mode=slide_mode)
     written = run_slide(args) if slide_mode else run_region(args)
-    from hipt_jax.outputs import write_json
-
-    write_json(os.path.join(args.out, "heatmap_outputs.json"), written, indent=1)
+    write_listing(args.out, output_name(args, slide_mode=slide_mode), written, colors_meaning(args.cmap, slide_mode))
     return flags.EXIT_OK
 
 
