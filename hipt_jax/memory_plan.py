@@ -38,13 +38,19 @@ SECTIONS = ("stage1", "stage2", "hipt4k")
 
 
 def parse_bytes(text: str) -> int:
-    """'80GB' / '40GiB' / '16G' / '512MB' -> bytes (GB and GiB both read as 2**30: HBM sizes
-    are quoted in binary units)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    """'80GB' / '40GiB' / '16G' / '512MB' / '1024B' -> bytes (GB and GiB both read as 2**30: HBM
+    sizes are quoted in binary units). A bare number is refused (`--hbm 80` read as 80 bytes
+    planned every row "NO"), and so is a size of 0."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
     if not m:
         raise ValueError(f"--hbm {text!r}: expected a size such as 80GB, 40GB, 16GiB")
+    if not m.group(2) and not m.group(3):
+        raise ValueError(f"--hbm {text!r}: no unit ({text.strip()}GB?); give one, e.g. 80GB, 16GiB, 512MB")
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise ValueError(f"--hbm {text!r}: the memory per device must be more than 0 bytes")
+    return size
 
 
 def shard_bytes(tree, shardings) -> int:
@@ -219,17 +225,34 @@ def format_plan(rows: list[dict]) -> str:
     table = []
     for r in rows:
         p = r["plan"]
-        table.append([r["name"], f"{r['devices']} {r['mesh']}", str(r["target_per_device"]), gib(p["params"]),
+        mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
+        table.append([r["name"], f"{r['devices']} ({mesh})", str(r["target_per_device"]), gib(p["params"]),
                       gib(p["optimizer"]), gib(p["inputs"]), gib(p["temp"]), gib(p["total"]), gib(r["hbm"]),
                       "yes" if r["fits"] else "NO", str(r.get("largest_per_device", "")),
                       "" if r.get("microbatches") is None else str(r["microbatches"])])
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table]
-    return "\n".join(lines)
+    notes = dict.fromkeys(f"{r['name']}: {r['note']}" for r in rows if r.get("note"))
+    return "\n".join(lines + ["note: " + n for n in notes])
 
 
 # ------------------------------------------------------------------------------ the command
+def split_global_batch(global_batch: int, devices: int) -> tuple[int, str]:
+    """(per-device batch, note): the trainer refuses a global batch the devices do not divide
+    (hipt_jax.pretrain.trainer: "not divisible by the N devices"), so a plan of 256 over 3
+    devices is made for the nearest global batch that splits (255 = 3 x 85), and the note says
+    so; the note is empty when the config's batch splits as it is."""
+    low = global_batch // devices
+    if global_batch % devices == 0:
+        return low, ""
+    per_device = max(1, low if low and global_batch - low * devices <= (low + 1) * devices - global_batch
+                     else low + 1)
+    return per_device, (f"the configured global batch {global_batch} does not split over {devices} devices "
+                        f"(the trainer refuses it): planned {per_device * devices} = {devices} x {per_device}, "
+                        f"the nearest that runs (config.global_batch={per_device * devices})")
+
+
 def _stage_config(stage: int, tiny: bool, fsdp: int, compute_dtype: Optional[str] = None):
     import importlib
 
@@ -244,7 +267,8 @@ def _stage_config(stage: int, tiny: bool, fsdp: int, compute_dtype: Optional[str
 def run_plan(devices: int, hbms: list[int], *, fsdp: int = 1, sections=SECTIONS, tiny: bool = False,
              search: bool = True, region_px: int = 4096, compute_dtype: Optional[str] = None) -> list[dict]:
     """Rows for every (section, HBM size) on a mesh of ``devices`` devices (data x fsdp).
-    The per-device target batch is the configs' global batch (the paper's) over the devices;
+    The per-device target batch is the configs' global batch (the paper's) over the devices
+    (the nearest batch that splits when they do not divide it: ``split_global_batch``);
     extraction: 1 region per device. Plans are compiled once per batch size and shared by
     the HBM sizes."""
     from hipt_jax import sharding as shd
@@ -253,6 +277,8 @@ def run_plan(devices: int, hbms: list[int], *, fsdp: int = 1, sections=SECTIONS,
     if len(have) < devices:
         raise ValueError(f"--devices {devices}: JAX sees {len(have)} device(s); on CPU run with "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} (hipt-profile --plan sets it)")
+    if fsdp < 1:
+        raise ValueError(f"--fsdp {fsdp}: must be >= 1")
     if devices % fsdp:
         raise ValueError(f"--fsdp {fsdp} does not divide --devices {devices}")
     mesh = shd.make_mesh({"data": devices // fsdp, "fsdp": fsdp}, have[:devices])
@@ -262,10 +288,11 @@ def run_plan(devices: int, hbms: list[int], *, fsdp: int = 1, sections=SECTIONS,
             raise ValueError(f"unknown plan section {name!r}: expected one of {', '.join(SECTIONS)}")
         config = None if name == "hipt4k" else _stage_config(1 if name == "stage1" else 2, tiny, fsdp,
                                                                   compute_dtype)
-        target = 1 if name == "hipt4k" else max(1, config.global_batch // devices)
+        target, note = (1, "") if name == "hipt4k" else split_global_batch(config.global_batch, devices)
         memo: dict = {}
         for hbm in hbms:
-            rows.append(plan_section(name, mesh, hbm, target_batch=target, search=search, stage_config=config,
-                                     region_px=512 if tiny else region_px, memo=memo, tiny=tiny,
-                                     limit=64 if tiny else 4096))
+            row = plan_section(name, mesh, hbm, target_batch=target, search=search, stage_config=config,
+                               region_px=512 if tiny else region_px, memo=memo, tiny=tiny,
+                               limit=64 if tiny else 4096)
+            rows.append(dict(row, global_batch=target * devices, note=note))
     return rows

@@ -20,6 +20,33 @@ def test_parse_bytes():
     assert memory_plan.parse_bytes("512MB") == 512 * 2**20
     with pytest.raises(ValueError, match="--hbm"):
         memory_plan.parse_bytes("lots")
+    # A bare number read as bytes planned every row "NO"; 0 was accepted. Plant: unit optional
+    # and no size check (the old parse) -> both parse: fails.
+    with pytest.raises(ValueError, match=r"--hbm '80': no unit \(80GB\?\)"):
+        memory_plan.parse_bytes("80")
+    with pytest.raises(ValueError, match="more than 0 bytes"):
+        memory_plan.parse_bytes("0GB")
+    assert memory_plan.parse_bytes("1024B") == 1024
+
+
+def test_plan_batch_is_one_the_trainer_runs():
+    """256 over 3 devices: the plan said 85/device "fits" for a run the trainer refuses (256 is
+    not divisible by 3), without a word. It plans the nearest global batch that splits, labelled;
+    the microbatch count it advises divides the per-device batch, i.e. the trainer's condition
+    global % (n * devices) == 0. Plant: per-device = global // devices with no note -> fails."""
+    assert memory_plan.split_global_batch(256, 8) == (32, "")
+    per_device, note = memory_plan.split_global_batch(256, 3)
+    assert per_device == 85 and "256 does not split over 3 devices (the trainer refuses it)" in note
+    assert "planned 255 = 3 x 85" in note and "config.global_batch=255" in note
+    assert memory_plan.split_global_batch(256, 512)[0] == 1  # 512 x 1, said
+    assert "planned 512" in memory_plan.split_global_batch(256, 512)[1]
+    n = memory_plan.microbatches_needed(per_device, 20)
+    assert (per_device * 3) % (n * 3) == 0 and per_device // n <= 20
+    plan = dict.fromkeys(("params", "optimizer", "inputs", "temp", "total"), 0)
+    row = {"name": "stage2", "devices": 3, "mesh": {"data": 3, "fsdp": 1}, "hbm": 1, "target_per_device": 85,
+           "plan": plan, "fits": True, "note": note}
+    text = memory_plan.format_plan([row, dict(row, hbm=2)])
+    assert "3 (data 3 x fsdp 1)" in text and text.count("note: stage2: the configured global batch 256") == 1
 
 
 def test_plan_params_and_optimizer_bytes_match_a_hand_count():
@@ -111,6 +138,10 @@ def test_cli_plan_bad_input_is_one_line_exit_2():
     res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "1", "--hbm", "lots"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert res.returncode == 2 and "--hbm 'lots'" in res.stderr and "Traceback" not in res.stderr
+    # --fsdp 0 was a ZeroDivisionError traceback, -1 a numpy message. Plant: no lower_bound -> fails.
+    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "1", "--fsdp", "0"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 2 and "--fsdp=0: 0 is not a positive integer" in res.stderr, res.stderr[-500:]
 
 
 def test_plans_compile_the_attention_accelerators_run(monkeypatch):

@@ -144,7 +144,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         absl_flags.DEFINE_bool("plan", False, "per-device memory plans for --devices N (no execution)")
         absl_flags.DEFINE_integer("devices", 0, "--plan: number of devices of the mesh")
         absl_flags.DEFINE_list("hbm", ["80GB"], "--plan: memory per device, one or more (80GB,40GB)")
-        absl_flags.DEFINE_integer("fsdp", 1, "--plan: size of the mesh's fsdp axis (data = devices / fsdp)")
+        absl_flags.DEFINE_integer("fsdp", 1, "--plan: size of the mesh's fsdp axis (data = devices / fsdp)",
+                                  lower_bound=1)
         absl_flags.DEFINE_list("sections", ["stage1", "stage2", "hipt4k"], "--plan: programs to plan")
         absl_flags.DEFINE_bool("tiny", False, "--plan: tiny archs (a quick check of the command)")
         absl_flags.DEFINE_bool("search", True, "--plan: search the largest per-device batch that fits")
