@@ -95,16 +95,23 @@ def test_pipeline_global_batch_is_the_same_for_any_process_split(tmp_path):
     c = get_config_256("runlocal")
     c.global_batch = 4
 
+    states = {}
+
     def batches(pid, count, workers=0):
         c.data.num_workers = workers
         it = data_lib.make_iterator(c, src, process_index=pid, process_count=count, num_steps=4)
-        out = [next(it) for _ in range(4)]
+        out = [next(it) for _ in range(3)]
+        states[workers] = it.get_state()
+        out.append(next(it))
         it.close()
         return out
 
     whole = batches(0, 1)
     halves = [batches(p, 2) for p in range(2)]
     with_workers = batches(0, 1, workers=2)  # augmentation in 2 worker processes
+    # The position a resume with another worker count re-derives is the one Grain saves (plant:
+    # loader_state's worker w at step // n -> [2, 2] != Grain's [2, 1] after 3 batches).
+    assert states == {w: data_lib.loader_state(3, w) for w in (0, 2)}
     for step in range(4):
         joined = np.concatenate([halves[0][step]["global"], halves[1][step]["global"]])
         np.testing.assert_array_equal(joined, whole[step]["global"])
@@ -255,6 +262,91 @@ def test_resuming_a_checkpoint_without_recorded_checksum_says_so(tmp_path, capsy
     trainer._record_checksums(manager, workdir)
     assert trainer._restore_newest(manager, workdir, {}, None, True)[0] == 8
     assert "no recorded checksum" not in capsys.readouterr().err
+
+
+class _LoaderManager(_FakeManager):
+    """A manager whose loader state (the "data" item) fails to restore, as Grain's did for a
+    checkpoint saved with another data.num_workers; the train state restores. Records the items
+    each restore asked for."""
+
+    def __init__(self, workdir, steps, saved_state):
+        super().__init__(workdir, steps)
+        self.asked = []
+        for step in steps:
+            folder = os.path.join(workdir, "checkpoints", str(step), "data")
+            os.makedirs(folder)
+            with open(os.path.join(folder, "process_0-of-1.json"), "w") as f:
+                json.dump(saved_state, f)
+
+    def restore(self, step, args):
+        self.asked.append(sorted(args.keys()))
+        if "data" in args.keys():
+            raise KeyError("next_index")
+        return super().restore(step, args)
+
+
+class _Iterator:
+    def set_state(self, state):
+        self.state = state
+
+
+@pytest.mark.parametrize("saved_workers", [0, 2])
+def test_resume_with_another_num_workers_rederives_the_loader_position(tmp_path, capsys, saved_workers):
+    """data.num_workers is a run-control field, yet its change on resume was reported as every
+    checkpoint damaged, with the advice --overwrite (which deletes the run). The train state
+    restores and the loader position is re-derived from the step, said in one line; a loader
+    state that fails to restore in the same layout is not damage either. Plant: the old
+    `except Exception -> skipped` (CheckpointRestoreError "use --overwrite"), fails."""
+    from hipt_jax.pretrain import trainer
+
+    workdir = str(tmp_path)
+    manager = _LoaderManager(workdir, [5, 10], data_lib.loader_state(10, saved_workers))
+    trainer._record_checksums(manager, workdir)
+    it = _Iterator()
+    step, state = trainer._restore_newest(manager, workdir, {}, it, True, num_workers=1)
+    assert (step, state) == (10, "restored 10") and it.state == data_lib.loader_state(10, 1)
+    assert manager.asked == [["state"]]  # another layout: the loader state is not even tried
+    err = capsys.readouterr().err
+    assert f"saved with data.num_workers={saved_workers}, this run uses 1" in err
+    assert "re-derived from step 10" in err and "overwrite" not in err and "skipped" not in err
+    # same layout, but the loader state fails: the train state restores alone
+    manager.asked = []
+    step, _ = trainer._restore_newest(manager, workdir, {}, it, True, num_workers=saved_workers)
+    assert step == 10 and manager.asked == [["data", "state"], ["state"]]
+    assert it.state == data_lib.loader_state(10, saved_workers)
+    assert "loader state does not restore (KeyError" in capsys.readouterr().err
+
+
+def test_loader_workers_exit_when_the_trainer_is_killed(tmp_path):
+    """kill -9 of the trainer left its Grain workers (~250 MB each) running under pid 1. The
+    worker init (data.die_with_parent, make_iterator's worker_init_fn) watches the parent pid,
+    also when the parent died while the worker was still importing. Plant: die_with_parent
+    returning at once -> the worker outlives its killed parent, fails."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing as mp, sys, time\n"
+        "from hipt_jax.pretrain.data import die_with_parent\n"
+        "def worker():\n"
+        "    die_with_parent(poll_s=0.05)\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    p = mp.get_context('spawn').Process(target=worker); p.start()\n"
+        "    print(p.pid, flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()  # the child may still be importing: it must notice all the same
+    parent.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # exited, not reaped (yet)
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the loader worker outlived its killed parent")
 
 
 @pytest.mark.slow  # ~10 s; the SIGTERM mechanism's fast tests are in tests/test_robustness.py

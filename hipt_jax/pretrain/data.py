@@ -300,5 +300,55 @@ def make_iterator(config: ml_collections.ConfigDict, source, *, process_index: i
         if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (notebooks, tests)
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.data.num_workers, per_worker_buffer_size=2))
+            num_workers=config.data.num_workers, per_worker_buffer_size=2),
+            worker_init_fn=die_with_parent)
     return iter(it_ds)
+
+
+def loader_state(step: int, num_workers: int) -> dict:
+    """The state of ``make_iterator``'s iterator once it has yielded ``step`` batches, in the
+    layout of a loader with ``num_workers`` workers (grain 0.2's: a plain iterator's
+    {"next_index"}, or mp_prefetch's round robin over the workers, worker w yielding batches
+    w, w + N, ...). Batch i is the same whatever the worker count (the module docstring), so a
+    run resumed with another data.num_workers (or process count) continues at the same sample
+    from this state; tests check it against the states Grain itself saves."""
+    step, n = int(step), int(num_workers)
+    if n <= 0:
+        return {"next_index": step}
+    return {"next_index_in_cycle": step % n, "next_index_in_datasets": n,
+            "iterators_in_use_indices": list(range(n)),
+            "iterators_in_use_states": [{"next_index": (step - w + n - 1) // n} for w in range(n)],
+            "exhausted": [0] * n, "future_states": {}}
+
+
+def saved_loader_workers(state: dict) -> int | None:
+    """The worker count a saved loader state was written with (see ``loader_state``); None when
+    the layout is not one of those."""
+    if not isinstance(state, dict):
+        return None
+    if "next_index" in state:
+        return 0
+    workers = state.get("iterators_in_use_states")
+    return len(workers) if isinstance(workers, list) else None
+
+
+def die_with_parent(worker_index: int = 0, worker_count: int = 0, poll_s: float = 1.0) -> None:
+    """Grain worker init: the worker exits when the process that started it is gone. A trainer
+    killed with kill -9 runs no cleanup, and its loader workers (~250 MB each) were left running
+    under pid 1. A daemon thread polls the parent pid: Linux's prctl(PR_SET_PDEATHSIG) would
+    fire when the parent's *thread* that started the worker ends, and Grain starts workers from
+    its prefetch threads, which it stops and restarts (set_state), killing healthy workers."""
+    import multiprocessing
+    import threading
+    import time
+
+    # The pid multiprocessing started us from: the trainer may have died before this runs.
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None else os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)  # reparented: the trainer died without closing its loader
+
+    threading.Thread(target=watch, name="hipt-parent-watch", daemon=True).start()

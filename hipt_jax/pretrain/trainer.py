@@ -568,10 +568,15 @@ def _finish_checkpoints(manager, workdir: str, is_main: bool, failing: bool) -> 
             raise
 
 
-def _restore_newest(manager, workdir: str, state, iterator, is_main: bool):
+def _restore_newest(manager, workdir: str, state, iterator, is_main: bool, num_workers: int = 0):
     """(step, state) of the newest checkpoint that verifies and restores, or (None, state)
-    when there is none. A checkpoint whose bytes do not match its recorded checksum, or that
-    Orbax cannot restore, is skipped with a message naming it; the one used is named."""
+    when there is none. A checkpoint whose bytes do not match its recorded checksum, or whose
+    train state Orbax cannot restore, is skipped with a message naming it; the one used is named.
+
+    The data loader's position is part of the checkpoint, but it is not damage when it does not
+    restore: batch i is the same for any worker or process count (pretrain.data), so a loader
+    state saved with another ``data.num_workers`` (another layout), or one that fails to load,
+    is replaced by the position re-derived from the step (data.loader_state), said in one line."""
     import grain
     import orbax.checkpoint as ocp
 
@@ -588,23 +593,57 @@ def _restore_newest(manager, workdir: str, state, iterator, is_main: bool):
         if step in sums and provenance.content_hash(path) != sums[step]:
             skipped.append(f"{path} (checksum mismatch)")
             continue
+        saved_workers = data_lib.saved_loader_workers(_saved_loader_state(path))
+        loader_note = None
+        if saved_workers is not None and saved_workers != num_workers:
+            loader_note = (f"its loader state was saved with data.num_workers={saved_workers}, this run "
+                           f"uses {num_workers}")
+            items = {}
+        else:
+            items = {"data": grain.checkpoint.CheckpointRestore(iterator)}
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(iterator)))
-        except Exception as e:  # noqa: BLE001 -- any damage: try the next older checkpoint
-            skipped.append(f"{path} ({type(e).__name__})")
-            continue
+                state=ocp.args.StandardRestore(abstract), **items))
+        except Exception as e:  # noqa: BLE001 -- the train state or the loader state is damaged
+            try:  # the train state alone: when it restores, only the loader state was at fault
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract)))
+            except Exception:  # noqa: BLE001 -- any damage: try the next older checkpoint
+                skipped.append(f"{path} ({type(e).__name__})")
+                continue
+            loader_note = f"its loader state does not restore ({type(e).__name__}: {_first_line(e)})"
+        if loader_note is not None and iterator is not None:
+            iterator.set_state(data_lib.loader_state(step, num_workers))
         if is_main:
             for bad in skipped:
                 print(f"warning: checkpoint {bad} does not restore; skipped", file=sys.stderr, flush=True)
             if step not in sums:  # e.g. killed between a save and its checksum being recorded
                 print(f"warning: checkpoint {path} has no recorded checksum in {_checksums_path(workdir)}: "
                       "resumed without verifying its bytes", file=sys.stderr, flush=True)
+            if loader_note is not None:
+                print(f"hipt-pretrain: note: {path}: {loader_note}; the data position is re-derived from "
+                      f"step {step} (the sample order does not depend on the worker count)",
+                      file=sys.stderr, flush=True)
             print(f"resumed from {path}" + (" (newest checkpoint that restores)" if skipped else ""), flush=True)
         return step, restored["state"]
     raise CheckpointRestoreError(f"{workdir}/checkpoints: no checkpoint restores ({'; '.join(skipped)}); "
                                  "use --overwrite to start over")
+
+
+def _saved_loader_state(path: str):
+    """This process's Grain iterator state in checkpoint ``path`` (data/process_I-of-N.json),
+    or None when it is missing or unreadable (the restore then says what is wrong)."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    try:
+        with open(os.path.join(path, "data", name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else ""
 
 
 class CheckpointRestoreError(ValueError):
@@ -773,7 +812,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
     iterator = data_lib.make_iterator(config, source, process_index=jax.process_index(),
                                       process_count=jax.process_count(), num_steps=total)
     manager = _checkpoint_manager(workdir, config)
-    latest, state = _restore_newest(manager, workdir, state, iterator, is_main)
+    latest, state = _restore_newest(manager, workdir, state, iterator, is_main,
+                                    num_workers=config.data.num_workers)
     if is_main:
         _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), latest or 0)
     if latest is None and config.warm_start:
