@@ -462,6 +462,11 @@ def verify_shard(path: str) -> None:
                          "rerun hipt-prep with --redo")
 
 
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
 def _open_reader(path: str):
     from array_record.python import array_record_module
 
@@ -520,18 +525,56 @@ class RecordSource:
         if self._source is None:
             from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-            self._source = ArrayRecordDataSource(self.paths)
+            try:  # opens every shard's index: a truncated shard fails here, at start-up
+                source = ArrayRecordDataSource(self.paths)
+            except (RuntimeError, ValueError, OSError) as e:
+                raise ShardError(self._which_damaged(e)) from None
+            self._starts = np.cumsum([0] + [r.num_records for r in source._read_instructions])
+            self._source = source
         return self._source
+
+    def _which_damaged(self, error: Exception) -> str:
+        """The message for shards that do not open together: each opened alone names itself."""
+        for path in self.paths:
+            try:
+                _open_reader(path).close()
+            except ShardError as e:
+                return self.damaged(path, str(e).split(": ", 1)[1])
+        return f"{self.paths[0]} (+{len(self.paths) - 1} more shards): cannot be opened ({error})"
+
+    def damaged(self, path: str, problem: str, record: int | None = None) -> str:
+        """One line naming a damaged shard (and record) and the two ways on."""
+        where = "" if record is None else f"record {record}: "
+        return (f"{path}: {where}{problem}; re-run the `hipt-prep {self.kind.folder}` that wrote it "
+                f"(a rerun redoes a shard whose bytes changed) for slide {slide_id_of(path)!r}, or "
+                "move the shard out of the folder")
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(shard path, record index within it) of record ``index``."""
+        self._records()
+        shard = int(np.searchsorted(self._starts, int(index), side="right")) - 1
+        return self.paths[shard], int(index) - int(self._starts[shard])
 
     def __len__(self) -> int:
         return len(self._records())
 
     def raw(self, index: int) -> dict[str, Any]:
         """The undecoded record map (JPEG bytes and all)."""
-        return self.kind.decode(self._records()[index], f"record {index} of {type(self).__name__}")
+        try:
+            data = self._records()[index]
+        except (RuntimeError, ValueError, OSError) as e:  # a record whose chunk is corrupted
+            path, record = self.locate(index)
+            raise ShardError(self.damaged(path, f"cannot be read ({_first_line(e)})", record)) from None
+        path, record = self.locate(index)
+        return self.kind.decode(data, f"{path}: record {record}")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.kind.example(self.raw(int(index)))
+        raw = self.raw(int(index))
+        try:
+            return self.kind.example(raw)
+        except (ValueError, KeyError, TypeError) as e:  # e.g. JPEG bytes that do not decode
+            path, record = self.locate(int(index))
+            raise ShardError(self.damaged(path, f"cannot be decoded ({_first_line(e)})", record)) from None
 
     def __iter__(self):
         for i in range(len(self)):

@@ -219,6 +219,14 @@ def make_source(data_config: ml_collections.ConfigDict):
                      "patch_shards, feature_shards, slide_bags")
 
 
+def describe_source(source) -> str:
+    """What a source is made of, for messages: "0 records in 2 patch shard(s)", "3 files"."""
+    paths = getattr(source, "paths", None)
+    if paths is not None:  # hipt-prep shards (data_prep.shards.RecordSource)
+        return f"{len(source)} records in {len(paths)} {source.kind.name} shard(s)"
+    return f"{len(source)} samples in {len(getattr(source, 'files', []))} file(s)"
+
+
 def resolve_config(config: ml_collections.ConfigDict, source) -> ml_collections.ConfigDict:
     """``config`` with its data-dependent fields decided for ``source``: stage 3's
     crops.global_tokens = -1 becomes the bucket length of the cohort's largest slide, so a global

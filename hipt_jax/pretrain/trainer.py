@@ -287,6 +287,8 @@ def init_sharded_state(config, mesh, rng):
 
 # ------------------------------------------------------------------------------ 3. the loop
 def _steps_per_epoch(config, source) -> int:
+    if len(source) == 0:  # Grain's shuffle would divide by it, deep in the first batch
+        raise ValueError(f"{config.data.path}: 0 samples ({data_lib.describe_source(source)})")
     n = config.data.samples_per_epoch if config.data.samples_per_epoch > 0 else len(source)
     if len(source) < config.global_batch and jax.process_index() == 0:
         # allowed (a smoke test), but every batch repeats samples: say so rather than train quietly
