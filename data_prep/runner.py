@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -317,11 +318,117 @@ def run_beam(fn: Callable, items: Sequence, args: tuple, runner: str, beam_args:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(list(beam_args), runner=runner)
-    with beam.Pipeline(options=options) as p:
-        _ = (p
-             | "Items" >> beam.Create(list(items))
-             | "Spread" >> beam.Reshuffle()  # one slide per work item, spread over workers
-             | "Process" >> beam.Map(_Call(fn, args)))
+    # A stop inside a step is the user's Ctrl-C or a scheduler's SIGTERM, not a failure: Beam logs
+    # it with a 170-line traceback and re-raises it as a RuntimeError, which the CLI took for a
+    # crash (exit 1). Silence that log and raise the stop itself (one line, exit 130/143).
+    quiet = _StopLogFilter()
+    beam_log = logging.getLogger("apache_beam.runners.common")
+    beam_log.addFilter(quiet)
+    def run() -> None:
+        with beam.Pipeline(options=options) as p:
+            _ = (p
+                 | "Items" >> beam.Create(list(items))
+                 | "Spread" >> beam.Reshuffle()  # one slide per work item, spread over workers
+                 | "Process" >> beam.Map(_Call(fn, args)))
+
+    try:
+        if options.get_all_options().get("direct_running_mode") == "multi_processing":
+            _run_stoppable(run)
+        else:
+            run()
+    except Exception as e:
+        stop = stop_inside(e)
+        if stop is None:
+            raise
+        raise stop.with_traceback(None) from None
+    finally:
+        beam_log.removeFilter(quiet)
+
+
+def _run_stoppable(run: Callable[[], None]) -> None:
+    """``run()`` in a thread, the main thread waiting in Python: the multi_processing DirectRunner
+    blocks the main thread in its job service, where a SIGTERM's exception got lost (the run sat
+    idle until the CLI's watchdog ended it 130 s later, then its SDK workers printed 90 lines of
+    gRPC tracebacks). On Ctrl-C / SIGTERM the worker processes this run started are killed (each
+    slide's shard is renamed into place when complete: a rerun redoes the unfinished ones) and
+    the stop is raised; the pipeline thread, a daemon, ends with the process, its errors unsaid."""
+    import signal
+    import threading
+
+    before = _descendants(os.getpid())
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as e:  # noqa: BLE001 -- handed to the main thread
+            failed.append(e)
+
+    worker = threading.Thread(target=target, name="hipt-beam-pipeline", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        previous_hook = threading.excepthook
+        threading.excepthook = lambda a: None if _from_beam(a.exc_traceback) else previous_hook(a)
+        logging.getLogger("apache_beam").setLevel(logging.CRITICAL + 1)
+        for pid in sorted(_descendants(os.getpid()) - before):
+            try:
+                os.kill(pid, signal.SIGKILL)  # stateless SDK workers; SIGTERM made them print tracebacks
+            except OSError:
+                pass
+        raise
+    if failed:
+        raise failed[0]
+
+
+def _from_beam(tb) -> bool:
+    """Whether a traceback passes through Apache Beam's code (its threads' errors after a stop)."""
+    while tb is not None:
+        if "apache_beam" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _descendants(pid: int) -> set[int]:
+    """Process ids of every descendant of ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid
+            children.setdefault(ppid, []).append(int(stat.split("/")[2]))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def stop_inside(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or hipt_jax.interrupts.Terminated on SIGTERM, a subclass)
+    an error was raised while handling: Beam re-raises a stop inside a step as
+    RuntimeError("...Terminated [while running 'Process']"), chained to it. None if there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _StopLogFilter(logging.Filter):
+    """Drops Beam's log record of a step stopped by Ctrl-C / SIGTERM (its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and stop_inside(record.exc_info[1]))
 
 
 def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, kind: str,

@@ -77,3 +77,51 @@ def test_beam_multi_processing_two_workers_equals_pool(pool_regions, tmp_path):
 def test_pool_only_flags_rejected(tmp_path):
     with pytest.raises(SystemExit):
         main(["regions", "--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--bogus_flag", "1"])
+
+
+def _stopped_by_sigterm(item):
+    from hipt_jax.interrupts import Terminated
+
+    raise Terminated()
+
+
+def test_a_stop_inside_a_beam_step_is_the_stop_itself(capfd, caplog):
+    """SIGTERM / Ctrl-C inside the DoFn: Beam logged a 170-line traceback and re-raised it as a
+    RuntimeError, so the CLI ended with that traceback and exit 1 instead of its one line and
+    143/130. run_beam raises the stop itself (hipt_jax.cli.flags.run_command's path), Beam's log
+    of it silenced. Plants: no stop_inside unwrapping -> RuntimeError; no log filter -> Beam's
+    record with the traceback: each fails."""
+    from data_prep.runner import run_beam
+    from hipt_jax.interrupts import Terminated
+
+    with pytest.raises(Terminated):
+        run_beam(_stopped_by_sigterm, [1], (), "DirectRunner", [])
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+def test_multi_processing_stop_is_prompt_and_kills_its_workers():
+    """The multi_processing DirectRunner blocks the main thread in its job service: a SIGTERM sat
+    there until the watchdog ended the run 130 s later, its SDK workers alive. _run_stoppable runs
+    the pipeline in a thread, so the stop is raised at once, and kills the processes the run
+    started (here: a child standing in for an SDK worker). Plant: no kill -> the child lives: fails."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from data_prep.runner import _run_stoppable
+
+    children = []
+
+    def pipeline():  # starts a "worker" and blocks, as the job service does
+        children.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        children[0].wait()
+
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _run_stoppable(pipeline)
+    assert time.monotonic() - start < 5
+    assert children[0].wait(timeout=5) == -signal.SIGKILL
