@@ -83,6 +83,43 @@ def test_schedules_match_dino_at_every_step():
     np.testing.assert_allclose(np.asarray(got["momentum"]), m, atol=1e-7)
 
 
+@pytest.mark.parametrize("temp_epochs,lr_warmup", [(0, 0), (1, 1), (2, 1), (10, 40)])
+def test_one_step_or_epoch_warmups_match_dino(temp_epochs, lr_warmup):
+    """np.linspace(a, b, 1) == [a]: with warmup_temp_epochs=1 DINO's epoch 0 uses the warm-up
+    temperature, ours used the final one. Same edge for the lr's 1-step warm-up, and warm-ups
+    as long as the run. Plant: linear_then_constant's `if warmup_steps <= 1: return end`
+    -> fails at (1, 1) on teacher_temp."""
+    c = _schedule_config(total=40, warmup=lr_warmup, temp_warmup_epochs=temp_epochs)
+    per_epoch, epochs = 4, 10
+    steps = np.arange(c.total_steps)
+    got = jax.vmap(lambda s: schedules.all_schedules(s, c, per_epoch))(jnp.asarray(steps))
+    peak = c.optim.lr * c.global_batch / 256
+    temp = ref_dino.DINOLoss(8, 2, 0.02, 0.05, temp_epochs, epochs).teacher_temp_schedule
+    np.testing.assert_allclose(np.asarray(got["teacher_temp"]), temp[steps // per_epoch], rtol=1e-6)
+    lr = ref_dino.cosine_scheduler(peak, c.optim.min_lr, c.total_steps, 1, lr_warmup)
+    np.testing.assert_allclose(np.asarray(got["lr"]), lr, rtol=2e-6, atol=1e-9)
+
+
+def test_warmups_longer_than_the_run_are_refused_and_long_epoch_phases_noted():
+    """A warm-up longer than the run was clamped silently (lr still rising at the last step, no
+    cosine; DINO's scheduler fails its length assert). Refused naming both fields and values.
+    An epoch defaulting to the dataset size can freeze the last layer for most of the run: a
+    note names the share and data.samples_per_epoch. Plant: check_lengths returning [] at
+    once -> fails."""
+    c = _schedule_config(total=40, warmup=41, temp_warmup_epochs=0)
+    with pytest.raises(ValueError, match=r"config.optim.warmup_steps=41 .*config.total_steps=40"):
+        schedules.check_lengths(c, 4)
+    c.optim.warmup_steps = 40  # as long as the run: DINO's cosine is then empty, allowed
+    c.teacher.warmup_temp_epochs = 11  # 40 steps at 4 per epoch = 10 epochs
+    with pytest.raises(ValueError, match=r"warmup_temp_epochs=11 .*10 epoch\(s\) \(config.total_steps=40 at 4"):
+        schedules.check_lengths(c, 4)
+    c.teacher.warmup_temp_epochs, c.optim.freeze_last_layer_epochs = 0, 1
+    assert schedules.check_lengths(c, 4) == []  # 4 of 40 steps: 10%
+    (note,) = schedules.check_lengths(c, 39)  # ~ the paper's 390,625 of 400,000
+    assert note.startswith("the last layer is frozen for 39 of 40 steps (98%")
+    assert "config.optim.freeze_last_layer_epochs=1" in note and "config.data.samples_per_epoch" in note
+
+
 class _Params(torch.nn.Module):
     def __init__(self, tree):
         super().__init__()

@@ -32,11 +32,12 @@ def cosine_schedule(step, *, base: float, final: float, total_steps: int,
 
 
 def linear_then_constant(step, *, start: float, end: float, warmup_steps: int):
-    """Teacher temperature: np.linspace(start, end, warmup_steps)[step], then ``end``."""
+    """Teacher temperature: np.linspace(start, end, warmup_steps)[step], then ``end``.
+    np.linspace(a, b, 1) == [a]: one warm-up step is ``start`` at step 0, as in DINO."""
     step = jnp.asarray(step, jnp.float32)
-    if warmup_steps <= 1:
+    if warmup_steps <= 0:
         return jnp.full_like(step, end)
-    frac = jnp.minimum(step / (warmup_steps - 1), 1.0)
+    frac = jnp.minimum(step / max(warmup_steps - 1, 1), 1.0)
     return start + (end - start) * frac
 
 
@@ -66,3 +67,33 @@ def all_schedules(step, config: ml_collections.ConfigDict, steps_per_epoch: int 
                                     total_steps=total),
         "teacher_temp": teacher_temperature(step, config.teacher, steps_per_epoch),
     }
+
+
+def check_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[str]:
+    """Warm-ups that do not fit the run are refused (ValueError naming the fields): DINO's
+    schedulers fail on them, where ours would clamp silently (an lr still rising at the last
+    step, no cosine). Returns notes (one line each) for epoch-based phases that cover more than
+    a tenth of the run: an epoch defaults to the dataset size, which at the paper's scale
+    (~100M patches, batch 256) freezes the last layer for 390K of 400K steps."""
+    total, spe = int(config.total_steps), max(int(steps_per_epoch), 1)
+    warmup = int(config.optim.warmup_steps)
+    if warmup > total:
+        raise ValueError(f"config.optim.warmup_steps={warmup} is longer than config.total_steps={total}: "
+                         "the lr would never reach its peak nor decay (set a shorter warm-up)")
+    epochs = -(-total // spe)  # the epochs the run touches, the last maybe partial
+    temp_epochs = int(config.teacher.warmup_temp_epochs)
+    if temp_epochs > epochs:
+        raise ValueError(f"config.teacher.warmup_temp_epochs={temp_epochs} is longer than the run's {epochs} "
+                         f"epoch(s) (config.total_steps={total} at {spe} steps per epoch): the teacher "
+                         "temperature would never reach config.teacher.temp")
+    notes = []
+    phases = (("optim.freeze_last_layer_epochs", "the last layer is frozen"),
+              ("teacher.warmup_temp_epochs", "the teacher temperature warms up"))
+    for field, what in phases:
+        section, name = field.split(".")
+        steps = int(config[section][name]) * spe
+        if steps > 0.1 * total:
+            notes.append(f"{what} for {min(steps, total)} of {total} steps ({100 * min(steps, total) / total:.0f}%: "
+                         f"config.{field}={config[section][name]} at {spe} steps per epoch); an epoch is the "
+                         "dataset unless config.data.samples_per_epoch sets it")
+    return notes

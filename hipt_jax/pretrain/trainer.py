@@ -40,7 +40,7 @@ from hipt_jax.pretrain.head import (LAST_LAYER, MultiCropDINO, build_model, head
                                     last_layer_logits, last_layer_weight_grad, logits_dot,
                                     weight_norm, weight_norm_grad)
 from hipt_jax.pretrain.loss import dino_loss, update_center
-from hipt_jax.pretrain.schedules import all_schedules
+from hipt_jax.pretrain.schedules import all_schedules, check_lengths
 
 N_GLOBAL = 2  # DINO's teacher sees the 2 global crops
 
@@ -804,6 +804,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
     source = data_lib.make_source(config.data)
     config = data_lib.resolve_config(config, source)
     steps_per_epoch = _steps_per_epoch(config, source)
+    for note in check_lengths(config, steps_per_epoch):
+        if is_main:
+            print(f"hipt-pretrain: note: {note}", file=sys.stderr, flush=True)
     freeze_steps = config.optim.freeze_last_layer_epochs * steps_per_epoch
     total = config.total_steps
     stop = total if config.stop_at_step < 0 else min(config.stop_at_step, total)
