@@ -121,6 +121,29 @@ def test_pipeline_global_batch_is_the_same_for_any_process_split(tmp_path):
         np.testing.assert_array_equal(idx, np.arange(step * 4, step * 4 + 4))
 
 
+def test_a_resume_on_changed_data_warns_naming_what_moves(tmp_path):
+    """After deleting a damaged image (the expected path) a resume reshuffled the epoch and
+    moved the freeze without a word. Checkpoints keep the source's length, listing and steps per
+    epoch; a resume on another source says old -> new samples and what moves. Plant:
+    source_changes returning None -> fails."""
+    folder = _make_pngs(tmp_path / "png", n=10, size=16)
+    c = get_config_256("runlocal")
+    c.data.path, c.global_batch = str(folder), 2
+    saved = data_lib.source_record(data_lib.PngFolderSource(str(folder)), 5)
+    assert data_lib.source_changes(saved, dict(saved), c) is None
+    assert data_lib.source_changes(None, saved, c) is None  # checkpoints of older releases
+    os.remove(folder / "p003.png")
+    message = data_lib.source_changes(saved, data_lib.source_record(data_lib.PngFolderSource(str(folder)), 4), c)
+    assert message.startswith(f"{folder} changed since the checkpoint: 10 -> 9 samples")
+    assert "sample order" in message and "steps per epoch 5 -> 4 (last-layer freeze until step 5 -> 4" in message
+    os.rename(folder / "p004.png", folder / "p003.png")  # as many files, another listing
+    os.rename(folder / "p005.png", folder / "p004.png")
+    saved = data_lib.source_record(data_lib.PngFolderSource(str(folder)), 4)
+    os.rename(folder / "p004.png", folder / "p099.png")
+    message = data_lib.source_changes(saved, data_lib.source_record(data_lib.PngFolderSource(str(folder)), 4), c)
+    assert "9 samples, another listing" in message and "steps per epoch" not in message
+
+
 def test_feature_folder_rejects_bad_files_clearly(tmp_path):
     folder = tmp_path / "feats"
     folder.mkdir()

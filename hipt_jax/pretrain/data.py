@@ -227,6 +227,41 @@ def describe_source(source) -> str:
     return f"{len(source)} samples in {len(getattr(source, 'files', []))} file(s)"
 
 
+def source_record(source, steps_per_epoch: int) -> dict:
+    """What a checkpoint keeps of its data source: its length, a cheap identity of its listing
+    (file or shard names and per-shard record counts, hashed) and the steps per epoch. A resume
+    compares it: deleting a damaged image and resuming is the expected path, but it reshuffles
+    the epoch and may move the epoch-based phases, which should not be silent."""
+    import hashlib
+
+    names = [str(p) for p in (getattr(source, "paths", None) or getattr(source, "files", None) or [])]
+    root = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0]) if names else ""
+    counts = getattr(source, "_starts", None)
+    counts = [] if counts is None else np.diff(counts).tolist()
+    listing = "\n".join(os.path.relpath(n, root) if root else n for n in names) + "\n" + repr(counts)
+    return {"samples": int(len(source)), "files": len(names), "steps_per_epoch": int(steps_per_epoch),
+            "listing": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def source_changes(saved: dict, now: dict, config: ml_collections.ConfigDict) -> str | None:
+    """One line saying how the data source changed since a checkpoint and what that moves, or
+    None when it did not (or the checkpoint recorded nothing)."""
+    if not isinstance(saved, dict) or "samples" not in saved:
+        return None
+    if saved.get("samples") == now["samples"] and saved.get("listing") == now["listing"]:
+        return None
+    what = (f"{saved['samples']} -> {now['samples']} samples" if saved["samples"] != now["samples"]
+            else f"{now['samples']} samples, another listing")
+    moves = ["the sample order from the restored step on (another permutation of this epoch: "
+             "some samples are seen again, others not this epoch)"]
+    old_spe, new_spe = int(saved.get("steps_per_epoch", 0)), now["steps_per_epoch"]
+    if old_spe and old_spe != new_spe:
+        freeze = config.optim.freeze_last_layer_epochs
+        moves.append(f"steps per epoch {old_spe} -> {new_spe} (last-layer freeze until step "
+                     f"{freeze * old_spe} -> {freeze * new_spe}; teacher-temperature epochs move too)")
+    return f"{config.data.path} changed since the checkpoint: {what}; this changes " + " and ".join(moves)
+
+
 def resolve_config(config: ml_collections.ConfigDict, source) -> ml_collections.ConfigDict:
     """``config`` with its data-dependent fields decided for ``source``: stage 3's
     crops.global_tokens = -1 becomes the bucket length of the cohort's largest slide, so a global

@@ -469,7 +469,7 @@ def _checkpoint_manager(workdir, config):
         max_to_keep=config.checkpoint.keep, enable_async_checkpointing=config.checkpoint.use_async,
         create=True, cleanup_tmp_directories=True)  # the unfinished save of a killed run
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=options, item_names=("state", "data"))
+                                 options=options, item_names=("state", "data", "source"))
 
 
 CHECKSUMS = "checkpoint_checksums.json"  # step -> SHA-256 of checkpoints/<step>/ (written when final)
@@ -638,6 +638,16 @@ def _saved_loader_state(path: str):
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     try:
         with open(os.path.join(path, "data", name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _saved_source(workdir: str, step: int):
+    """The data source record (data.source_record) checkpoint ``step`` was saved with; None for
+    checkpoints of older releases, which did not keep one."""
+    try:
+        with open(os.path.join(workdir, "checkpoints", str(step), "source", "metadata")) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -819,6 +829,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
     manager = _checkpoint_manager(workdir, config)
     latest, state = _restore_newest(manager, workdir, state, iterator, is_main,
                                     num_workers=config.data.num_workers)
+    source_now = data_lib.source_record(source, steps_per_epoch)
+    if latest is not None and is_main:
+        change = data_lib.source_changes(_saved_source(workdir, latest), source_now, config)
+        if change:
+            print(f"hipt-pretrain: warning: {change}", file=sys.stderr, flush=True)
     if is_main:
         _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), latest or 0)
     if latest is None and config.warm_start:
@@ -876,7 +891,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
                 with _checkpoint_writes(workdir):
                     manager.save(step, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state),
-                        data=grain.checkpoint.CheckpointSave(iterator)))
+                        data=grain.checkpoint.CheckpointSave(iterator),
+                        source=ocp.args.JsonSave(source_now)))
             bar.close()
             finished = True
         finally:
