@@ -190,12 +190,12 @@ def microbatches_needed(per_device_batch: int, largest: int) -> Optional[int]:
 
 def plan_section(name: str, mesh, hbm: int, *, target_batch: int, search: bool = True,
                  stage_config=None, region_px: int = 4096, limit: int = 4096, memo: Optional[dict] = None,
-                 tiny: bool = False) -> dict:
+                 tiny: bool = False, archs: Optional[dict] = None) -> dict:
     """One row: the plan at the target (paper) per-device batch, fits or not, the largest batch
     that fits and the microbatches the target needs beyond it. ``memo`` (batch -> plan) lets
     rows of other HBM sizes reuse the compiles."""
     memo = {} if memo is None else memo
-    archs = dict(arch256="vit256_tiny", arch4k="vit4k_tiny") if tiny else {}
+    archs = archs or (dict(arch256="vit256_tiny", arch4k="vit4k_tiny") if tiny else {})
 
     def plan_at(b):
         if b not in memo:
@@ -233,8 +233,9 @@ def format_plan(rows: list[dict]) -> str:
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table]
+    setups = dict.fromkeys(f"{r['name']}: {r['setup']}" for r in rows if r.get("setup"))
     notes = dict.fromkeys(f"{r['name']}: {r['note']}" for r in rows if r.get("note"))
-    return "\n".join(lines + ["note: " + n for n in notes])
+    return "\n".join(lines + ["planned " + s for s in setups] + ["note: " + n for n in notes])
 
 
 # ------------------------------------------------------------------------------ the command
@@ -253,24 +254,37 @@ def split_global_batch(global_batch: int, devices: int) -> tuple[int, str]:
                         f"the nearest that runs (config.global_batch={per_device * devices})")
 
 
-def _stage_config(stage: int, tiny: bool, fsdp: int, compute_dtype: Optional[str] = None):
+def _stage_config(stage: int, tiny: bool, fsdp: int, compute_dtype: Optional[str] = None,
+                  config_arg: Optional[str] = None):
     import importlib
 
     module = importlib.import_module("configs.pretrain_vit256" if stage == 1 else "configs.pretrain_vit4k")
-    config = module.get_config("runlocal" if tiny else "")
+    config = module.get_config(("runlocal" if tiny else "") if config_arg is None else config_arg)
     config.mesh.fsdp = fsdp
     if compute_dtype:
         config.compute_dtype = compute_dtype
     return config
 
 
+def _setup(name: str, config, config_arg: Optional[str], tiny: bool, region_px: int, archs: dict) -> str:
+    """What a row planned, in words (printed under the table)."""
+    if name == "hipt4k":
+        return f"{region_px} px regions, {archs['arch256']} + {archs['arch4k']}"
+    arg = ("runlocal" if tiny else "") if config_arg is None else config_arg
+    module = "pretrain_vit256" if name == "stage1" else "pretrain_vit4k"
+    return f"configs/{module}.py{':' + arg if arg else ''}, global batch {config.global_batch}"
+
+
 def run_plan(devices: int, hbms: list[int], *, fsdp: int = 1, sections=SECTIONS, tiny: bool = False,
-             search: bool = True, region_px: int = 4096, compute_dtype: Optional[str] = None) -> list[dict]:
+             search: bool = True, region_px: Optional[int] = None, compute_dtype: Optional[str] = None,
+             archs: Optional[dict] = None, stage_args: Optional[dict] = None) -> list[dict]:
     """Rows for every (section, HBM size) on a mesh of ``devices`` devices (data x fsdp).
     The per-device target batch is the configs' global batch (the paper's) over the devices
     (the nearest batch that splits when they do not divide it: ``split_global_batch``);
     extraction: 1 region per device. Plans are compiled once per batch size and shared by
-    the HBM sizes."""
+    the HBM sizes. ``region_px``, ``archs`` (arch256/arch4k of the region program) and
+    ``stage_args`` ({1: ARG, 2: ARG} of configs/pretrain_vit*.py) default to the full-size
+    ones (``tiny``: the tiny ones); each row's "setup" says what was planned."""
     from hipt_jax import sharding as shd
 
     have = jax.devices()
@@ -282,17 +296,22 @@ def run_plan(devices: int, hbms: list[int], *, fsdp: int = 1, sections=SECTIONS,
     if devices % fsdp:
         raise ValueError(f"--fsdp {fsdp} does not divide --devices {devices}")
     mesh = shd.make_mesh({"data": devices // fsdp, "fsdp": fsdp}, have[:devices])
+    region_px = region_px or (512 if tiny else 4096)
+    archs = archs or (dict(arch256="vit256_tiny", arch4k="vit4k_tiny") if tiny
+                      else dict(arch256="vit256", arch4k="vit4k"))
+    stage_args = stage_args or {}
     rows = []
     for name in sections:
         if name not in SECTIONS:
             raise ValueError(f"unknown plan section {name!r}: expected one of {', '.join(SECTIONS)}")
-        config = None if name == "hipt4k" else _stage_config(1 if name == "stage1" else 2, tiny, fsdp,
-                                                                  compute_dtype)
+        stage = 1 if name == "stage1" else 2
+        config = None if name == "hipt4k" else _stage_config(stage, tiny, fsdp, compute_dtype,
+                                                                  stage_args.get(stage))
         target, note = (1, "") if name == "hipt4k" else split_global_batch(config.global_batch, devices)
         memo: dict = {}
         for hbm in hbms:
             row = plan_section(name, mesh, hbm, target_batch=target, search=search, stage_config=config,
-                               region_px=512 if tiny else region_px, memo=memo, tiny=tiny,
-                               limit=64 if tiny else 4096)
-            rows.append(dict(row, global_batch=target * devices, note=note))
+                               region_px=region_px, memo=memo, archs=archs, limit=64 if tiny else 4096)
+            rows.append(dict(row, global_batch=target * devices, note=note,
+                             setup=_setup(name, config, stage_args.get(stage), tiny, region_px, archs)))
     return rows

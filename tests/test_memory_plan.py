@@ -142,6 +142,27 @@ def test_cli_plan_bad_input_is_one_line_exit_2():
     res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "1", "--fsdp", "0"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert res.returncode == 2 and "--fsdp=0: 0 is not a positive integer" in res.stderr, res.stderr[-500:]
+    # Flags of one mode given to another were ignored with exit 0 (plant: no _check_plan_flags /
+    # no --calibrate check / no _plan_sizes -> exit 0 or a plan: fails).
+    for argv, needle in ((["--config", "configs/profile.py:runlocal", "--devices", "8", "--hbm", "40GB"],
+                          "--devices, --hbm: options of --plan"),
+                         (["--plan", "--calibrate", "--devices", "1", "--tiny"], "--plan and --calibrate: give one"),
+                         (["--plan", "--devices", "1", "--tiny", "--config", "configs/profile.py"],
+                          "--tiny and --config: give one")):
+        res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", *argv],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert res.returncode == 2 and needle in res.stderr, (argv, res.stderr[-500:])
+
+
+def test_plan_takes_the_region_size_and_says_what_it_planned():
+    """--config.hipt4k.region_px=2048 was ignored (the plan was of 4096 px regions, unsaid).
+    run_plan takes region_px / archs / stage_args and each row says its setup. Plant: plan_section
+    called with the tiny default region instead of region_px -> the inputs bytes differ: fails."""
+    rows = memory_plan.run_plan(1, [2**30], sections=["hipt4k"], search=False, region_px=768,
+                                archs=dict(arch256="vit256_tiny", arch4k="vit4k_tiny"))
+    assert rows[0]["plan"]["inputs"] == 768 * 768 * 3
+    assert rows[0]["setup"] == "768 px regions, vit256_tiny + vit4k_tiny"
+    assert "planned hipt4k: 768 px regions" in memory_plan.format_plan(rows)
 
 
 def test_plans_compile_the_attention_accelerators_run(monkeypatch):

@@ -6,7 +6,10 @@
 
 --plan: per-device memory plans of the full-size updates and extraction for N devices without
 the hardware (hipt_jax.memory_plan); on CPU the command re-executes itself with N fake devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=N). No --config needed.
+(XLA_FLAGS=--xla_force_host_platform_device_count=N). No --config needed; with one, the plan
+takes its hipt4k region_px/arch256/arch4k and pretrain_vit*.config_arg (not its measurement
+batches), and says under the table what it planned. Plan flags without --plan, and --plan with
+--calibrate, are refused.
 --calibrate: times the candidate ViT-256 minibatches of the region program (and, for the enabled
 pretraining sections, the samples per microbatch of the update), each with XLA:CPU's dots on
 YNNPACK and on Eigen, and stores the fastest pair for this machine (hipt_jax.models.minibatch),
@@ -67,8 +70,12 @@ def _run_plan() -> int:
     from hipt_jax.outputs import write_json
 
     f = absl_flags.FLAGS
+    if f.calibrate:
+        raise flags.UsageError("--plan and --calibrate: give one (the plan compiles for other devices, the "
+                               "calibration times this machine)")
     if f.devices < 1:
         raise flags.UsageError("--plan needs --devices N (N >= 1)")
+    sizes = _plan_sizes(f)
     if f.plan_json:
         flags.check_output_file(f.plan_json)
         outputs.check_target(f.plan_json, writer=PROG, is_own=_own_plan)
@@ -77,7 +84,7 @@ def _run_plan() -> int:
     except ValueError as e:
         raise flags.UsageError(str(e)) from None
     rows = memory_plan.run_plan(f.devices, hbms, fsdp=f.fsdp, sections=f.sections, tiny=f.tiny,
-                                search=f.search, compute_dtype=f["compute-dtype"].value)
+                                search=f.search, compute_dtype=f["compute-dtype"].value, **sizes)
     print(memory_plan.format_plan(rows), flush=True)
     print("(XLA:CPU buffer assignment of the SPMD program, per device: an estimate of an "
           "accelerator's; params/optimizer/inputs are exact)")
@@ -85,6 +92,37 @@ def _run_plan() -> int:
         write_json(f.plan_json, rows, indent=1)
         print(f"wrote {f.plan_json}")
     return flags.EXIT_OK
+
+
+def _plan_sizes(f) -> dict:
+    """What --plan takes from --config (when given): the region program's region side and
+    architectures, and the pretraining configs' ARG (configs/pretrain_vit*.py:ARG, which sets the
+    global batch the plan targets). The profile's measurement batches are not the plan's.
+    --config.hipt4k.region_px=2048 was ignored with exit 0 (the plan was for 4096)."""
+    if f["config"].value is None:
+        return {}
+    if f.tiny:
+        raise flags.UsageError("--tiny and --config: give one (--tiny plans the sizes of "
+                               "configs/profile.py:runlocal)")
+    cfg = f["config"].value
+    flags.check_config(cfg, CONFIG_RANGES)
+    return dict(region_px=int(cfg.hipt4k.region_px),
+                archs=dict(arch256=cfg.hipt4k.arch256, arch4k=cfg.hipt4k.arch4k),
+                stage_args={1: cfg.pretrain_vit256.config_arg, 2: cfg.pretrain_vit4k.config_arg})
+
+
+PLAN_ONLY = ("devices", "hbm", "fsdp", "sections", "tiny", "search", "plan_json")
+
+
+def _check_plan_flags() -> None:
+    """Flags of --plan given without it were ignored with exit 0 (`--devices 8 --hbm 40GB`
+    profiled this machine's one CPU)."""
+    from absl import flags as absl_flags
+
+    given = [n for n in PLAN_ONLY if absl_flags.FLAGS[n].present]
+    if given:
+        raise flags.UsageError(f"{', '.join('--' + n for n in given)}: options of --plan, which was not given "
+                               "(add --plan for a memory plan)")
 
 
 def _run_calibrate(cfg) -> int:
@@ -105,6 +143,7 @@ def _run() -> int:
 
     if absl_flags.FLAGS.plan:
         return _run_plan()
+    _check_plan_flags()
     cfg = flags.absl_config(PROG, {"seed": "seed", "compute-dtype": "dtype"})
     if absl_flags.FLAGS.calibrate:
         flags.check_config(cfg, CONFIG_RANGES)
