@@ -340,6 +340,11 @@ def test_cli_slide_scores(tmp_path):
                  "--alpha", "0.3", "--no-progress"]) == 0
     with np.load(own) as z:
         np.testing.assert_allclose(z["scores"], [0.2, 0.5, 0.3])
+    # No regions: the plain thumbnail was written as the map, exit 0 (plant: no count check -> 0).
+    np.savez(tmp_path / "empty.npz", coords=np.zeros((0, 2)), scores=np.zeros(0), region_px=1024)
+    assert main(["--slide", REAL_SLIDE, "--region-scores", str(tmp_path / "empty.npz"), "--out",
+                 str(tmp_path / "e"), "--thumb-px", "64"]) == 2
+    assert not os.path.exists(tmp_path / "e" / "cmu_small_region_slide_attention.png")
 
 
 
@@ -367,6 +372,28 @@ def test_region_scores_file_is_checked_against_itself_and_the_slide(tmp_path):
     # an edge region reaching past the slide is fine
     np.savez(tmp_path / "ok.npz", coords=np.array([[2048, 2560]]), scores=np.ones(1), region_px=1024)
     assert len(_file_scores(str(tmp_path / "ok.npz"), dims)[0]) == 1
+
+
+
+def test_region_scores_grid_only_when_one_region_per_cell(tmp_path, capsys):
+    """Overlapping (half-region stride), off-grid or duplicate coordinates: the grid of
+    NAME_region_scores.npz kept one score per cell, later ones over earlier, exit 0. Then it is
+    left out, said, and coords/scores keep every region. Plant: no _grid_problem check -> a 1 x 3
+    grid of mixed scores is written: fails."""
+    from hipt_jax.cli.heatmap import _save_region_scores
+
+    cases = {"half.npz": [[0, 0], [512, 0], [1024, 0], [1536, 0]], "neg.npz": [[-100, 0], [0, 0], [1024, 0]],
+             "dup.npz": [[0, 0], [0, 0], [1024, 0]]}
+    for name, coords in cases.items():
+        scores = np.arange(len(coords), dtype=np.float32)
+        _save_region_scores(str(tmp_path / name), np.array(coords), scores, 1024.0)
+        with np.load(tmp_path / name) as z:
+            assert "grid" not in z.files and np.array_equal(z["scores"], scores), name
+        assert f"{name}: no grid array" in capsys.readouterr().err
+    _save_region_scores(str(tmp_path / "ok.npz"), np.array([[0, 0], [2048, 1024]]), np.array([1.0, 2.0]), 1024.0)
+    with np.load(tmp_path / "ok.npz") as z:
+        assert z["grid"].shape == (2, 3) and z["grid"][1, 2] == 2.0 and np.isnan(z["grid"][0, 1])
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_lgp_slide_map(tmp_path):

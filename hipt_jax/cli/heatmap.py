@@ -277,6 +277,9 @@ def run_slide(args) -> dict:
         coords, region_scores, region_px = _vitwsi_scores(args, slide)
     else:
         coords, region_scores, region_px = _file_scores(args.region_scores, slide.dimensions)
+    if len(region_scores) == 0:  # painted the plain thumbnail as an "attention map", exit 0
+        source = args.region_scores or f"{args.embeddings} (slide {os.path.basename(args.slide)})"
+        raise ValueError(f"{source}: no regions to paint (0 scores)")
     from data_prep.slide_io import read_thumbnail
 
     thumb = read_thumbnail(slide, args.thumb_px)
@@ -295,18 +298,44 @@ def run_slide(args) -> dict:
 def _save_region_scores(path: str, coords, scores, region_px: float) -> str:
     """The painted scores as numbers: coords [M,2] (level-0 x, y), scores [M], region_px (the
     --region-scores input format) and grid [rows, columns] of the slide's region grid (row 0 /
-    column 0 = the top / left region; NaN where the slide has no region)."""
+    column 0 = the top / left region; NaN where the slide has no region). No grid, said on
+    stderr, when the regions do not lie one per cell on a grid of region_px (``_grid_problem``):
+    overlapping CLAM/TRIDENT coordinates wrote one score per cell, the later over the earlier."""
     from hipt_jax.models.vitwsi import grid_cells
     from hipt_jax.outputs import atomic_path
 
     coords = np.asarray(coords).reshape(-1, 2)
     scores = np.asarray(scores, np.float32).reshape(-1)
-    cells = grid_cells(coords, int(round(region_px)))  # [M,(row, column)]
-    grid = np.full(tuple(cells.max(axis=0) + 1) if len(cells) else (0, 0), np.nan, np.float32)
-    grid[cells[:, 0], cells[:, 1]] = scores
+    arrays = dict(coords=coords, scores=scores, region_px=float(region_px))
+    step = int(round(region_px))
+    problem = _grid_problem(coords, step)
+    if problem:
+        print(f"{path}: no grid array: {problem}; coords and scores hold every region", file=sys.stderr)
+    else:
+        cells = grid_cells(coords, step)  # [M,(row, column)]
+        grid = np.full(tuple(cells.max(axis=0) + 1) if len(cells) else (0, 0), np.nan, np.float32)
+        grid[cells[:, 0], cells[:, 1]] = scores
+        arrays["grid"] = grid
     with atomic_path(path) as tmp:
-        np.savez(tmp, coords=coords, scores=scores, region_px=float(region_px), grid=grid)
+        np.savez(tmp, **arrays)
     return path
+
+
+def _grid_problem(coords: np.ndarray, step: int) -> str:
+    """Why the regions do not form a grid of ``step`` px with one region per cell ("" if they
+    do): corners not whole steps apart (within 1 px), or two regions in one cell."""
+    if not len(coords):
+        return ""
+    offset = (np.asarray(coords, np.float64) - np.min(coords, axis=0)) / step  # [M,2] in steps
+    off = np.any(np.abs(offset - np.rint(offset)) * step > 1, axis=1)
+    if off.any():
+        return (f"{int(off.sum())} of {len(coords)} region corners are not whole {step} px steps from the "
+                f"others (e.g. {np.asarray(coords)[off][0].tolist()}): overlapping or off-grid regions")
+    cells = np.rint(offset).astype(np.int64)
+    shared = len(cells) - len(np.unique(cells, axis=0))
+    if shared:
+        return f"{shared} region(s) share a {step} px grid cell with another (duplicate coordinates)"
+    return ""
 
 
 # What a run writes into --out, as patterns of its --name (hipt_jax.heatmap.render, run_slide).
