@@ -581,6 +581,46 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_exit_1_and_the_rerun_r
     assert sorted(os.listdir(work / "checkpoints")) == ["2", "4", "6"] and (work / "export" / "arch.json").is_file()
 
 
+def _events(path):
+    """(step, session_log status, scalar tags) of every event in a TensorBoard event file."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out, data = [], open(path, "rb").read()
+    while data:
+        (n,) = struct.unpack("<Q", data[:8])
+        event = Event.FromString(data[12:12 + n])
+        out.append((event.step, event.session_log.status, [v.tag for v in event.summary.value]))
+        data = data[12 + n + 4:]
+    return out
+
+
+def test_tensorboard_is_flushed_at_checkpoints_and_purged_on_resume(tmp_path):
+    """After kill -9 + resume, TensorBoard showed steps logged twice (the killed run's file held
+    steps past the checkpoint) or lost (never flushed). The logger flushes at every checkpoint
+    and a resumed run's event file starts with a purge at the restored step (tensorboardX's
+    purge_step: TensorBoard drops the older files' steps >= it). Plant: SummaryWriter without
+    purge_step -> no START session log at step 3, fails."""
+    from hipt_jax.pretrain import trainer
+
+    config = get_config_256("runlocal")
+    config.log_every = 1
+    killed = trainer._Logger(str(tmp_path), config, total_steps=10, active=True)
+    for step in range(5):
+        killed.log(step, {"loss": 1.0, "lr": 0.0, "wd": 0.0, "momentum": 0.0, "teacher_temp": 0.0}, 1)
+    killed.flush()  # a checkpoint; then the run is "killed" (never closed)
+    (first,) = os.listdir(tmp_path / "tensorboard")
+    assert [e[0] for e in _events(tmp_path / "tensorboard" / first) if "train/loss" in e[2]] == list(range(5))
+    time.sleep(1.1)  # event file names carry the second
+    resumed = trainer._Logger(str(tmp_path), config, total_steps=10, active=True, resumed_step=3)
+    resumed.close()
+    (second,) = set(os.listdir(tmp_path / "tensorboard")) - {first}
+    START = 1  # SessionLog.START
+    assert (3, START, []) in _events(tmp_path / "tensorboard" / second)
+    killed.close()
+
+
 def test_an_export_killed_midway_is_replaced_and_a_failed_one_keeps_the_previous(tmp_path, capsys, monkeypatch):
     """SIGKILL during the final export left export/ holding only state.orbax-checkpoint-tmp/,
     and every rerun ended "export: already exists and is not an empty directory" (exit 2). The

@@ -425,13 +425,16 @@ def export_teacher(state, config, path: str, meta: dict | None = None) -> str:
 class _Logger:
     """Console progress + TensorBoard + metrics.jsonl (process 0 only)."""
 
-    def __init__(self, workdir, config, total_steps, active):
+    def __init__(self, workdir, config, total_steps, active, resumed_step: Optional[int] = None):
         self.active, self.config, self.total = active, config, total_steps
         self.writer = None
         self.jsonl = None
         if active:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # A resumed run's new event file starts with a purge at the restored step: TensorBoard
+            # drops what the stopped run logged past it (those steps are logged again), as
+            # metrics.jsonl is cut back.
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step)
             self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self.t0, self.step0 = time.time(), None
 
@@ -456,6 +459,20 @@ class _Logger:
         print(f"step {step:>7d}/{self.total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  "
               f"wd {metrics['wd']:.3g}  mom {metrics['momentum']:.5f}  "
               f"t_temp {metrics['teacher_temp']:.3f}{speed}", flush=True)
+
+    def flush(self, timeout_s: float = 5.0):
+        """At every checkpoint: what a killed run logged up to its checkpoint is on disk.
+        tensorboardX's flush() writes only what its writer thread has already taken from its
+        queue (the last events stayed in memory until flush_secs, 120 s, and a kill -9 lost
+        them): the queue is drained first (bounded wait), then the file flushed."""
+        if not self.active:
+            return
+        events = getattr(getattr(self.writer.file_writer, "event_writer", None), "_event_queue", None)
+        deadline = time.time() + timeout_s
+        while events is not None and not events.empty() and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.02)  # the thread may hold the last event it took: let it write it
+        self.writer.flush()
 
     def close(self):
         if self.active:
@@ -848,7 +865,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
               f"({dict(mesh.shape)}), {n_micro} microbatch(es)"
               f"{' (auto)' if config.microbatches == -1 else ''}", flush=True)
     batch_sh = shd.batch_sharding(mesh, rules)
-    logger = _Logger(workdir, config, total, is_main)
+    logger = _Logger(workdir, config, total, is_main, resumed_step=latest)
     crops_per_step = config.global_batch * (N_GLOBAL + config.crops.n_local)
     step = int(jax.device_get(state["step"]))
     metrics = {}
@@ -884,6 +901,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
                 # A checkpoint is written only after its step's metrics (and all before) passed.
                 metrics = _check_and_log(fetch_metrics(pending), workdir, logger, crops_per_step) or metrics
                 pending = []
+                logger.flush()
                 with _checkpoint_writes(workdir):
                     manager.wait_until_finished()  # Orbax waits for the previous save anyway
                 if is_main:
