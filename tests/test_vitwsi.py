@@ -267,3 +267,22 @@ def test_a_bag_of_another_width_is_named_before_training(tmp_path):
     assert f"{path} (384)" in message
     os.remove(path)
     data_lib.resolve_config(c, data_lib.make_source(c.data))  # the others fit
+
+
+def test_mean256_cls4k_with_a_model_of_another_width_names_the_width_to_set(tmp_path):
+    """data.feature=mean256_cls4k with the default 192-wide model said "... the model's -192
+    (+ 384 CLS-256 = 192)" about bags that were right. When every bag agrees the model is off:
+    the message names the feature's width and the field to set. Plant: no all-bags-agree
+    branch in check_width -> the old message, fails."""
+    from hipt_jax.pretrain import data as data_lib
+
+    emb = tmp_path / "emb"
+    write_cohort(str(emb), n_per_class=1, seed=0, grid_range=(3, 4))
+    c = _runlocal_config(emb)
+    c.data.feature = "mean256_cls4k"
+    with pytest.raises(ValueError) as err:
+        data_lib.resolve_config(c, data_lib.make_source(c.data))
+    assert str(err.value).endswith("gives region embeddings 384 (CLS-256) + 192 (CLS-4K) = 576 wide, the "
+                                   "model takes 192: set --config.model.in_features=576")
+    c.model.in_features = 576
+    data_lib.resolve_config(c, data_lib.make_source(c.data))

@@ -130,6 +130,10 @@ class BagRegionSource:
 SLIDE_FEATURES = ("cls4k", "mean256_cls4k")
 
 
+def folder_of(files: list[str]) -> str:
+    return os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+
+
 class SlideBagSource:
     """Stage 3 (ViT-WSI): one record per slide bag under ``folder`` (hipt-extract output, any
     bag format): {"features" [M,F], "cells" [M,2] (row, column) on the slide's region grid}.
@@ -167,6 +171,15 @@ class SlideBagSource:
             shape = bags.read_bag_file(path, ("features_cls4k",))["features_cls4k"].shape
             if len(shape) != 2 or shape[1] != expected:
                 wrong.append((path, shape[-1] if len(shape) == 2 else shape))
+        widths = {w for _, w in wrong if isinstance(w, int)}
+        if wrong and len(wrong) == len(self.files) and len(widths) == 1:
+            # every bag agrees: the model is what is off (e.g. mean256_cls4k with the 192-wide
+            # default model: "expected -192" said nothing useful); name the width to set
+            width = cls256 + widths.pop()
+            raise ValueError(
+                f"{folder_of(self.files)}: data.feature={self.feature} gives region embeddings "
+                f"{f'{cls256} (CLS-256) + {width - cls256} (CLS-4K) = ' if cls256 else ''}{width} wide, "
+                f"the model takes {in_features}: set --config.model.in_features={width}")
         if wrong:
             listed = ", ".join(f"{p} ({w})" for p, w in wrong[:3]) + (" ..." if len(wrong) > 3 else "")
             raise ValueError(
