@@ -190,6 +190,12 @@ def test_write_region_heatmaps_files(tiny_model, tissue, tmp_path):
     assert sheet.shape[0] > 100 and sheet.shape[1] > 100
     img = np.asarray(Image.open(tmp_path / "r_4k_head0.png"))
     assert img.shape == (32, 32, 3)
+    # What the colours mean: a colour bar file (the maps stay the region's size) and one under
+    # the contact sheet; the crop box maps the maps back onto the input image (plant: no legend
+    # / no crop_box -> fails).
+    assert np.asarray(Image.open(written["legend"][0])).shape[1] == 300
+    with np.load(tmp_path / "r_scores.npz") as z:
+        assert tuple(z["crop_box"]) == maps.crop_box == (0, 0, 512, 512)
 
 
 def test_slide_attention_map():
@@ -330,7 +336,9 @@ def test_cli_slide_scores(tmp_path):
                str(tmp_path), "--thumb-px", "256")
     assert res.returncode == 0, res.stderr
     picture = np.asarray(Image.open(tmp_path / "cmu_small_region_slide_attention.png"))
-    assert max(picture.shape[:2]) == 256
+    # the thumbnail (192 x 256) with a colour bar below it, saying what the colours mean
+    assert picture.shape[1] == 192 and 256 + 30 < picture.shape[0] < 256 + 80, picture.shape
+    assert "percentile rank within the slide's regions" in res.stdout
     # Re-rendered from the scores it wrote, into the same folder (another alpha): its own
     # output, read in full before the same scores are written back (plant: --region-scores
     # kept among the inputs -> exit 2, "is an input").
@@ -340,6 +348,14 @@ def test_cli_slide_scores(tmp_path):
                  "--alpha", "0.3", "--no-progress"]) == 0
     with np.load(own) as z:
         np.testing.assert_allclose(z["scores"], [0.2, 0.5, 0.3])
+    # Near-constant scores: ranks stretched a 1e-12 difference to the full colour range; now one
+    # colour, said on stderr and in the listing (plant: no _slide_values check -> fails).
+    np.savez(tmp_path / "flat.npz", coords=np.array([[0, 0], [1024, 0], [0, 1024]]),
+             scores=np.array([0.0, 0.0, 1e-12]), region_px=1024)
+    assert main(["--slide", REAL_SLIDE, "--region-scores", str(tmp_path / "flat.npz"), "--out",
+                 str(tmp_path / "f"), "--thumb-px", "64", "--no-progress"]) == 0
+    listing = json.load(open(tmp_path / "f" / "heatmap_outputs.json"))
+    assert listing["colors"]["value"].startswith("all scores equal")
     # No regions: the plain thumbnail was written as the map, exit 0 (plant: no count check -> 0).
     np.savez(tmp_path / "empty.npz", coords=np.zeros((0, 2)), scores=np.zeros(0), region_px=1024)
     assert main(["--slide", REAL_SLIDE, "--region-scores", str(tmp_path / "empty.npz"), "--out",

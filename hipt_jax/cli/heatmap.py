@@ -263,8 +263,8 @@ def _vitwsi_scores(args, slide):
     return coords, scores, _bag_read_px(args, slide, bag)
 
 
-def run_slide(args) -> dict:
-    from hipt_jax.heatmap.render import save_png
+def run_slide(args) -> tuple[dict, str]:
+    from hipt_jax.heatmap.render import save_png, with_legend
     from hipt_jax.heatmap.slide import slide_attention_map
 
     if not args.slide:
@@ -284,15 +284,35 @@ def run_slide(args) -> dict:
 
     thumb = read_thumbnail(slide, args.thumb_px)
     downsample = slide.dimensions[0] / thumb.shape[1]  # level-0 px per thumbnail px
-    picture, _ = slide_attention_map(thumb, downsample, coords, region_px, region_scores,
+    painted, meaning = _slide_values(args.region_scores or args.embeddings, region_scores)
+    picture, _ = slide_attention_map(thumb, downsample, coords, region_px, painted,
                                      alpha=args.alpha, cmap=args.cmap)
+    picture = with_legend(picture, args.cmap, meaning)  # below the thumbnail: its pixels unchanged
     os.makedirs(args.out, exist_ok=True)
     name = output_name(args, slide_mode=True)
     path = save_png(os.path.join(args.out, f"{name}_slide_attention.png"), picture)
     scores_path = _save_region_scores(os.path.join(args.out, f"{name}_region_scores.npz"), coords,
                                       region_scores, region_px)
-    print(f"slide attention map ({len(region_scores)} regions): {path}; scores: {scores_path}")
-    return {"slide": [path], "scores": [scores_path]}
+    print(f"slide map of {len(region_scores)} region scores ({args.cmap}: {meaning}): {path}; scores: {scores_path}")
+    return {"slide": [path], "scores": [scores_path]}, meaning
+
+
+SLIDE_LEGEND = "percentile rank within the slide's regions"
+# Scores whose spread is below this share of their magnitude (or below NEAR_CONSTANT_ABS) are one
+# value: their ranks would stretch float noise ([0]*8 + [1e-12]) to the full colour range.
+NEAR_CONSTANT_REL, NEAR_CONSTANT_ABS = 1e-6, 1e-9
+
+
+def _slide_values(source: str, scores: np.ndarray) -> tuple[np.ndarray, str]:
+    """(scores to paint, what their colours mean). Near-constant scores are painted as one
+    value (the middle colour), said on stderr and in the legend."""
+    scores = np.asarray(scores, np.float64)
+    spread = float(scores.max() - scores.min())
+    if len(scores) > 1 and spread <= max(NEAR_CONSTANT_REL * float(np.abs(scores).max()), NEAR_CONSTANT_ABS):
+        print(f"{source}: note: the {len(scores)} scores are (nearly) constant (range {spread:.3g}): "
+              "painted in one colour", file=sys.stderr)
+        return np.zeros_like(scores), f"all scores equal (range {spread:.3g}): one colour"
+    return scores, SLIDE_LEGEND
 
 
 def _save_region_scores(path: str, coords, scores, region_px: float) -> str:
@@ -340,7 +360,7 @@ def _grid_problem(coords: np.ndarray, step: int) -> str:
 
 # What a run writes into --out, as patterns of its --name (hipt_jax.heatmap.render, run_slide).
 REGION_OUTPUTS = ("{name}_region.png", "{name}_256_head*.png", "{name}_4k_head*.png", "{name}_blend_4k*_256*.png",
-                  "{name}_contact_sheet.png", "{name}_scores.npz")
+                  "{name}_contact_sheet.png", "{name}_legend.png", "{name}_scores.npz")
 SLIDE_OUTPUTS = ("{name}_slide_attention.png", "{name}_region_scores.npz")
 LISTING = "heatmap_outputs.json"
 
@@ -463,11 +483,12 @@ def check_mode(args) -> None:
                                f"mode, not used by slide mode (--{sources[0].replace('_', '-')})")
 
 
-def colors_meaning(cmap: str, slide_mode: bool) -> dict:
-    """What the colours of the maps mean (heatmap_outputs.json "colors", and the colour bars)."""
-    within = "the slide's regions" if slide_mode else "the region (per head and level)"
-    return {"cmap": cmap, "value": f"percentile rank within {within}", "low": 0.0, "high": 1.0,
-            "reads": f"{cmap} low -> high: low -> high score"}
+def colors_meaning(cmap: str, slide_mode: bool, meaning: str = "") -> dict:
+    """What the colours of the maps mean (heatmap_outputs.json "colors", as the colour bars say)."""
+    from hipt_jax.heatmap.render import REGION_LEGEND
+
+    return {"cmap": cmap, "value": meaning or (SLIDE_LEGEND if slide_mode else REGION_LEGEND),
+            "low": 0.0, "high": 1.0, "reads": f"{cmap} from its low end (0) to its high end (1): low -> high"}
 
 
 def _run(args) -> int:
@@ -475,8 +496,9 @@ def _run(args) -> int:
     flags.check_output_dir(args.out)
     slide_mode = bool(args.region_scores or args.lgp or args.vitwsi)
     check_targets(args, slide_mode=slide_mode)
-    written = run_slide(args) if slide_mode else run_region(args)
-    write_listing(args.out, output_name(args, slide_mode=slide_mode), written, colors_meaning(args.cmap, slide_mode))
+    written, meaning = run_slide(args) if slide_mode else (run_region(args), "")
+    write_listing(args.out, output_name(args, slide_mode=slide_mode), written,
+                  colors_meaning(args.cmap, slide_mode, meaning))
     return flags.EXIT_OK
 
 
