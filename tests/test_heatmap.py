@@ -251,6 +251,16 @@ def test_cli_image_and_errors(tissue, tmp_path, capsys):
     assert "bad.png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["--image", str(image), "--out", str(tmp_path / "o3")]) == 2
     assert "--vit256" in capsys.readouterr().err
+    # --scale and shifts are checked before the model loads, naming the flag (they failed after
+    # the first forward pass, blaming a default shift). Plants: --scale back to int_at_least(1)
+    # -> "scale must divide 16" after the model ran; no check_shifts -> "shift 100 px": fail.
+    for extra, needle in ((["--scale", "3"], "--scale: expected 1, 2, 4, 8 or 16"),
+                          (["--scale", "8", "--shifts", "100"], "--shifts 100: 100 px must be a multiple of --scale 8")):
+        try:
+            code = main(["--random-init", "tiny", "--image", str(image), "--out", str(tmp_path / "o4"), *extra])
+        except SystemExit as e:
+            code = e.code
+        assert code == 2 and needle in capsys.readouterr().err, extra
 
 
 def test_cli_never_writes_over_its_input_image(tiny_model, tissue, tmp_path, capsys, monkeypatch):

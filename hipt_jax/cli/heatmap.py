@@ -41,6 +41,37 @@ def _parse_shifts(text: str) -> tuple[int, ...]:
     return shifts
 
 
+def _scale(text: str) -> int:
+    """--scale divides the 16 x 16 attention tokens of a patch: checked here, not after the first
+    forward pass (minutes of CPU with real weights) with a message naming neither flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value not in (1, 2, 4, 8, 16):
+        raise argparse.ArgumentTypeError(f"expected 1, 2, 4, 8 or 16 (it must divide the 16 attention tokens "
+                                         f"of a 256 px patch), got {text!r}")
+    return value
+
+
+def check_shifts(args, region_shape) -> None:
+    """Before the model loads: every --shifts256 (and, with a ViT-4K, --shifts) value is a
+    multiple of --scale and smaller than the centre-cropped region (compute_region_heatmaps
+    refused them only after loading the weights, blaming a default the user never gave)."""
+    from hipt_jax.models.hipt4k import center_crop_box
+
+    _, _, crop_h, crop_w = center_crop_box(*region_shape[:2])
+    with4k = bool(args.vit4k) or args.random_init != "none"
+    for flag, shifts in (("--shifts256", args.shifts256), ("--shifts", args.shifts if with4k else ())):
+        for shift in shifts:
+            if shift % args.scale or shift >= min(crop_h, crop_w):
+                given = flag.lstrip("-") in getattr(args, "given", ())  # dest names of the flags given
+                raise flags.UsageError(
+                    f"{flag} {','.join(map(str, shifts))}{'' if given else ' (the default)'}: {shift} px must be a "
+                    f"multiple of --scale {args.scale} and smaller than the {crop_h} x {crop_w} px region; "
+                    f"give other {flag} (or {flag} none)")
+
+
 def _cmap(text: str) -> str:
     import matplotlib
 
@@ -67,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("maps")
     out.add_argument("--out", required=True, type=flags.path_arg, help="output directory")
     out.add_argument("--name", type=_file_name, default=None, help="file name prefix (default: from the input)")
-    out.add_argument("--scale", type=flags.int_at_least(1), default=4, help="output = region px / scale (1, 2, 4, 8, 16)")
+    out.add_argument("--scale", type=_scale, default=4, help="output = region px / scale (1, 2, 4, 8, 16)")
     out.add_argument("--alpha", type=flags.float_in(0.0, 1.0, low_open=False), default=0.5)
     out.add_argument("--cmap", type=_cmap, default="coolwarm")
     out.add_argument("--shifts", type=_parse_shifts, default=(128, 256, 384),
@@ -100,6 +131,7 @@ def run_region(args) -> dict:
     name = output_name(args, slide_mode=False)
     if args.random_init == "none" and not args.vit256:
         raise flags.UsageError("give --vit256 CHECKPOINT (and usually --vit4k), or --random-init tiny|full")
+    check_shifts(args, region.shape)
     model = flags.load_hipt4k(args)
     t0 = time.perf_counter()
     maps = compute_region_heatmaps(model, region, scale=args.scale, shifts256=args.shifts256,

@@ -81,6 +81,7 @@ def compute_region_heatmaps(model, region_u8: np.ndarray, *, scale: int = 4,
     region_u8 = np.asarray(region_u8)
     if region_u8.dtype != np.uint8 or region_u8.ndim != 3 or region_u8.shape[-1] != 3:
         raise ValueError(f"expected a uint8 [H,W,3] region, got {region_u8.dtype} {region_u8.shape}")
+    scores._check_scale(scale)  # before any forward pass, not after the first
     top, left, crop_h, crop_w = center_crop_box(*region_u8.shape[:2])
     region_u8 = region_u8[top : top + crop_h, left : left + crop_w]
     rows, cols = crop_h // scores.PATCH, crop_w // scores.PATCH
