@@ -72,6 +72,12 @@ def test_run_profile_tiny(tmp_path):
     table = profiler.format_table(report)
     assert "HIPT4K region" in table and "MFU" in table
     json.dumps(report)  # serializable as is
+    # An MFU above 100% (runlocal's n=512 peak probe: 159%) is flagged, not printed; memory in
+    # MiB as computed (b / 2**20). Plant: the old f"{100 * mfu:.0f}%" -> "150%" printed: fails.
+    h["mfu"] = 1.5
+    table = profiler.format_table(report)
+    assert "150%" not in table and "n/a*" in table and "MFU above 100% is not meaningful" in table
+    assert "memory MiB" in table and " MB" not in table
 
 
 @pytest.mark.slow
