@@ -37,8 +37,11 @@ def test_image_region(setup, capsys):
     code, out, err = run(capsys, "--vit256", d / "vit256", "--vit4k", d / "vit4k", "--image", d / "region.png",
                          "--out", d / "out" / "region.npz")
     assert code == 0, err
-    assert "region 600x530 px -> 4 patches" in out and "features_cls4k" in out
+    assert "region 600x530 px (its 512x512 centre at (9, 44); crop_box in the npz) -> 4 patches" in out
+    assert "features_cls4k" in out
     saved = np.load(d / "out" / "region.npz")
+    # the embedded centre crop, (top, left, height, width) of the input (plant: no crop_box -> fails)
+    assert tuple(saved["crop_box"]) == (44, 9, 512, 512)
     want = model(region)
     for key in embed.OUTPUT_KEYS:
         np.testing.assert_allclose(saved[key], want[key], atol=1e-6, rtol=0)
@@ -143,7 +146,12 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
         (["--image", tmp_path / "missing.png"], "missing.png: no such file"),
         (["--slide", tmp_path / "fake.png"], "--slide needs --x and --y"),
         (["--slide", tmp_path / "fake.png", "--x", 0, "--y", 0], "fake.png"),
+        # a whole slide as --image was decoded whole and embedded as one region, exit 0; --out
+        # a folder wrote DIR/.npz or DIR.npz (plants: no _refuse_whole_slide / no folder check)
+        (["--image", tmp_path / "slide.svs"], "slide.svs: a whole-slide image; give it as --slide"),
+        (["--image", tmp_path / "small.png", "--out", tmp_path], "is a folder; --out takes the .npz file"),
     ]
+    (tmp_path / "slide.svs").write_bytes(b"II*\x00")
     for extra, needle in cases:
         code, _, err = run(capsys, "--vit256", d / "vit256", "--out", tmp_path / "o.npz", *extra)
         assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (extra, err)

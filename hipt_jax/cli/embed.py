@@ -39,8 +39,14 @@ def embed(args) -> dict[str, np.ndarray]:
     """The region and model the flags name -> the arrays written to --out."""
     region = flags.read_region(args)
     model = flags.load_hipt4k(args)
+    from hipt_jax.models.hipt4k import center_crop_box
+
     out = model(region, return_attention=args.attention)
-    out["region_shape"] = np.asarray(region.shape[:2])
+    out["region_shape"] = np.asarray(region.shape[:2])  # the input, before the centre crop
+    # (top, left, height, width) of the centre crop that was embedded, in region_shape's pixels:
+    # a 700 x 900 image embeds its 512 x 768 centre; without it the features could not be put
+    # back on the image without redoing the crop rule
+    out["crop_box"] = np.asarray(center_crop_box(*region.shape[:2]), np.int64)
     return out
 
 
@@ -56,6 +62,9 @@ def _own_output(path: str) -> bool:
 def _run(args) -> int:
     from hipt_jax import outputs
 
+    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):  # DIR/ wrote DIR/.npz, DIR wrote DIR.npz
+        raise flags.UsageError(f"{args.out}: is a folder; --out takes the .npz file to write "
+                               f"(e.g. {os.path.join(args.out, 'region.npz')})")
     # np.savez appends .npz to a name without it: check the file it will actually write
     flags.check_output_file(args.out if args.out.endswith(".npz") else args.out + ".npz")
     outputs.check_target(args.out if args.out.endswith(".npz") else args.out + ".npz", writer=PROG,
@@ -70,7 +79,9 @@ def _run(args) -> int:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a full disk leaves no partial .npz
         np.savez(f, **out)
     h, w = (int(v) for v in out["region_shape"])
-    print(f"region {h}x{w} px -> {out['features_cls256'].shape[0]} patches of 256 px "
+    top, left, ch, cw = (int(v) for v in out["crop_box"])
+    crop = "" if (ch, cw) == (h, w) else f" (its {ch}x{cw} centre at ({left}, {top}); crop_box in the npz)"
+    print(f"region {h}x{w} px{crop} -> {out['features_cls256'].shape[0]} patches of 256 px "
           f"({time.perf_counter() - start:.1f} s)")
     for key in OUTPUT_KEYS:
         if key in out:

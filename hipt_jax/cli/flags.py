@@ -852,6 +852,29 @@ def _note_outside(path: str, slide, x: int, y: int, read_px: int) -> None:
               f"the slide ({width} x {height} px) and is white padding", file=sys.stderr)
 
 
+WSI_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".czi", ".isyntax",
+                  ".qptiff", ".dcm")
+WHOLE_SLIDE_PX = 4 * 4096 * 4096  # a multi-page TIFF beyond a few regions' pixels is a pyramid slide
+
+
+def _refuse_whole_slide(path: str) -> None:
+    """--image takes one region: a whole-slide file was decoded whole (level 0 of a 100k px slide)
+    and embedded as one "region" with exit 0. UsageError pointing to --slide."""
+    hint = "a whole-slide image; give it as --slide with --x/--y (one region), or use hipt-extract for every region"
+    if path.lower().endswith(WSI_EXTENSIONS):
+        raise UsageError(f"{path}: {hint}")
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            pages, (width, height) = getattr(im, "n_frames", 1), im.size
+            is_tiff = im.format == "TIFF"
+    except Exception:  # noqa: BLE001 -- read_image names an unreadable file
+        return
+    if is_tiff and pages > 1 and width * height > WHOLE_SLIDE_PX:
+        raise UsageError(f"{path}: a {pages}-page {width} x {height} px TIFF pyramid, {hint}")
+
+
 def read_region(args):
     """The region the region-source flags name, as uint8 [H,W,3] (>= 256 px per side)."""
     if bool(args.image) == bool(args.slide):
@@ -862,7 +885,12 @@ def read_region(args):
         if slide_only:  # the whole image was embedded as it is, with exit 0
             raise UsageError(f"{', '.join('--' + f.replace('_', '-') for f in slide_only)}: choose a region "
                              "of --slide; --image is used whole, as the region")
+        _refuse_whole_slide(args.image)
         region = read_image(args.image)
+        if max(region.shape[:2]) > 2 * 4096:
+            print(f"{args.image}: note: a {region.shape[0]}x{region.shape[1]} px region, far beyond the 4096 px "
+                  "regions the ViT-4K was trained on (a whole slide goes to --slide with --x/--y, or hipt-extract)",
+                  file=sys.stderr)
     else:
         from data_prep.slide_io import check_upsample, read_region_geometry, region_geometry, resolve_mpp
 
