@@ -77,6 +77,10 @@ def test_beam_multi_processing_two_workers_equals_pool(pool_regions, tmp_path):
 def test_pool_only_flags_rejected(tmp_path):
     with pytest.raises(SystemExit):
         main(["regions", "--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--bogus_flag", "1"])
+    # --workers with a Beam runner was ignored without a word (plant: no check -> no SystemExit)
+    with pytest.raises(SystemExit):
+        main(["regions", "--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--runner", "DirectRunner",
+              "--workers", "2"])
 
 
 def _stopped_by_sigterm(item):

@@ -278,6 +278,10 @@ def main(argv=None) -> int:
     if extra and args.command == "tfds":  # build_tfds(..., beam_runner=...) from Python runs on Beam
         ap.error(f"unrecognized arguments: {' '.join(extra)} (hipt-prep tfds builds locally and takes no "
                  "--runner or Beam flags; from Python, data_prep.tfds_builders.build_tfds(..., beam_runner=...))")
+    tokens = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if runner != "pool" and any(t == "--workers" or t.startswith("--workers=") for t in tokens):
+        ap.error(f"--workers sizes the process pool (--runner pool), not {runner}'s workers (it was ignored); "
+                 "DirectRunner: --direct_running_mode=multi_processing --direct_num_workers=N")
     if extra and (runner == "pool" or args.command == "features"):
         ap.error(f"unrecognized arguments: {' '.join(extra)} (only Beam runners take extra flags)")
     with flags.progress(not getattr(args, "no_progress", False)):
