@@ -373,8 +373,43 @@ def find_shards(paths: str | os.PathLike | Sequence, kind: str | RecordKind | No
     for p in items:
         out.extend(_resolve_one(os.fspath(p), kind))
     if not out:
+        held = folder_kind(os.fspath(items[0])) if kind is not None and len(items) == 1 else None
+        if held is not None and held is not kind:  # a hipt-prep folder of the other stage
+            raise FileNotFoundError(wrong_kind(os.fspath(items[0]), held, kind))
         raise FileNotFoundError(f"{paths}: no *{SHARD_EXT} shards found")
     return sorted(set(out), key=out.index)
+
+
+# How each kind of shard is made: said when a folder of another kind is given.
+PREP_COMMANDS = {
+    "regions": "hipt-prep regions --slides SLIDES --out OUT",
+    "patches": "hipt-prep patches --regions REGIONS --out OUT",
+    "features": "hipt-prep features --regions REGIONS --out OUT --vit256 MODEL",
+}
+
+
+def folder_kind(folder: str) -> RecordKind | None:
+    """The kind of shards a hipt-prep output folder holds (its manifest's kind, else the one
+    <kind folder>/ holding shards), None when it holds none."""
+    if not os.path.isdir(folder):
+        return None
+    manifest_kind = read_prep_manifest(folder).get("kind")
+    if manifest_kind in KINDS:
+        return KINDS[manifest_kind]
+    for kind in KINDS.values():
+        if _folder_shards(os.path.join(folder, kind.folder)):
+            return kind
+    return None
+
+
+def wrong_kind(where: str, held: RecordKind, wanted: RecordKind) -> str:
+    """One line for shards of another kind than the ones wanted: what ``where`` holds, what is
+    expected and the hipt-prep command that makes it (a folder of regions is its --regions)."""
+    make = PREP_COMMANDS[wanted.folder]
+    if held is REGION and os.path.isdir(where):
+        make = make.replace("REGIONS", where)
+    return (f"{where}: holds {held.name} shards (hipt-prep {held.folder}); {wanted.name} shards "
+            f"expected: {make} makes them")
 
 
 def list_slide_shards(root: str, kind: str | RecordKind) -> dict[str, str]:

@@ -493,6 +493,60 @@ def test_arrayrecord_shards_drop_in_for_both_stages(tmp_path):
             assert any(np.isin(crop[0, 0], g).all() for g in grids)
 
 
+def _patch_shard(path, px=256, n=2):
+    from data_prep.shards import PATCH, encode_jpeg
+    from tests.shards import write_shard
+
+    image = encode_jpeg(np.full((px, px, 3), 128, np.uint8))
+    return write_shard(path, (PATCH.encode(image_jpeg=image, slide_id="s", x=i, y=0, region_x=0,
+                                           region_y=0, row=0, col=i, patch_px=px, mpp=0.5,
+                                           tissue_fraction=1.0) for i in range(n)))
+
+
+def _feature_shard(path, grid=(16, 16), n=2):
+    from data_prep.shards import encode_feature
+    from tests.shards import write_shard
+
+    feats = np.zeros((grid[0] * grid[1], 384), np.float32)
+    return write_shard(path, (encode_feature(feats, grid=grid, slide_id="s", x=i, y=0, mpp=0.5,
+                                             region_px=256 * grid[0], dtype="float32") for i in range(n)))
+
+
+def test_shards_of_another_kind_or_grid_are_refused_at_start_naming_the_shard(tmp_path):
+    """Checked before the model is built (data.check_source): a hipt-prep folder of the other
+    stage says what it holds, a shard of the other kind given directly is named with its kind,
+    and feature shards of another grid name the grid found, config.data.grid and the fix."""
+    patch = _patch_shard(tmp_path / "patches_out" / "patches" / "s.array_record")
+    small = _feature_shard(tmp_path / "feat1024" / "features" / "s.array_record", grid=(4, 4))
+    c = get_config_4k("runlocal")
+    c.data.kind, c.data.path = "feature_shards", str(tmp_path / "patches_out")
+    with pytest.raises(FileNotFoundError, match=r"patches_out: holds patch shards \(hipt-prep patches\); "
+                                                r"feature shards expected: hipt-prep features --regions"):
+        data_lib.make_source(c.data)
+    c.data.path = os.path.dirname(patch)  # the shard folder itself: its first record's schema
+    with pytest.raises(ValueError, match=r"patches/s.array_record: holds patch shards"):
+        data_lib.check_source(c, data_lib.make_source(c.data))
+    c.data.path = str(tmp_path / "feat1024")
+    with pytest.raises(ValueError, match=r"features/s.array_record: its features are 4x4 grids \(regions of "
+                                         r"1024 px\), config.data.grid is \(16, 16\): set --config.data.grid=\(4,4\)"):
+        data_lib.check_source(c, data_lib.make_source(c.data))
+    c.data.grid = (4, 4)
+    assert data_lib.check_source(c, data_lib.make_source(c.data)) == []
+
+
+def test_stage1_patch_shards_not_256_px_get_a_note(tmp_path):
+    c = get_config_256("runlocal")
+    c.data.kind, c.data.path = "patch_shards", str(tmp_path / "p")
+    _patch_shard(tmp_path / "p" / "patches" / "a.array_record", px=256)
+    assert data_lib.check_source(c, data_lib.make_source(c.data)) == []
+    _patch_shard(tmp_path / "p" / "patches" / "b.array_record", px=512)
+    (note,) = data_lib.check_source(c, data_lib.make_source(c.data))
+    assert "mix patch sizes: 256 px" in note and "512 px (" in note and "expects 256 px patches at 20x" in note
+    c.data.path = str(tmp_path / "p" / "patches" / "b.array_record")
+    (note,) = data_lib.check_source(c, data_lib.make_source(c.data))
+    assert note.startswith("the patch shards hold 512 px patches (")
+
+
 def test_log_line_has_no_speed_or_eta_until_known(tmp_path, capsys, monkeypatch):
     """The first logged step printed "0.00 steps/s 0.0 img/s (0 crops/s) ETA nan min": no step
     had been timed yet. It prints no speed or ETA; the next logged step has both.

@@ -240,6 +240,69 @@ def describe_source(source) -> str:
     return f"{len(source)} samples in {len(getattr(source, 'files', []))} file(s)"
 
 
+def check_source(config: ml_collections.ConfigDict, source) -> list[str]:
+    """Start-up check of hipt-prep shards, before the model is built (ValueError naming the
+    shard; returns notes to print). Reads the first record of each shard: their kind (a shard
+    folder of the other stage failed on the first sample drawn, after model init, naming no
+    file), stage 2's feature grid and width against config.data (a 4x4 grid of 1024 px regions
+    failed as "cannot reshape array of size 6144 into shape (16,16,384)"), and stage 1's patch
+    size (the ViT-256 recipe is 256 px patches at 20x; 512 px ones trained without a word)."""
+    from data_prep import shards
+
+    paths = getattr(source, "paths", None)
+    if paths is None or not hasattr(source, "kind"):
+        return []
+    source._records()
+    firsts = [(path, int(start)) for path, start, end in zip(paths, source._starts, source._starts[1:])
+              if end > start]  # empty shards hold no first record
+    sizes: dict[int, str] = {}
+    for path, index in firsts:
+        record = shards.unpack(source._records()[index], f"{path}: record 0")
+        if record["schema"] != source.kind.schema:
+            held = next((k for k in shards.KINDS.values() if k.schema == record["schema"]), None)
+            if held is None:
+                raise shards.ShardError(f"{path}: record 0 has schema {record['schema']!r}, expected "
+                                        f"{source.kind.schema!r}")
+            raise shards.ShardError(shards.wrong_kind(path, held, source.kind))
+        if source.kind is shards.FEATURE:
+            check_feature_grid(path, record, config.data)
+        elif source.kind is shards.PATCH:
+            sizes.setdefault(int(record["patch_px"]), path)
+    return patch_size_notes(sizes)
+
+
+def check_feature_grid(path: str, record: dict, data_config: ml_collections.ConfigDict) -> None:
+    """A feature record's grid and width are config.data.grid and in_features, or ValueError
+    naming the shard, both layouts and the way on."""
+    grid, want = tuple(int(g) for g in record["grid"]), tuple(int(g) for g in data_config.grid)
+    if grid != want:
+        region = record.get("region_px")
+        raise ValueError(
+            f"{path}: its features are {grid[0]}x{grid[1]} grids (regions of {region} px), config.data.grid "
+            f"is {want}: set --config.data.grid=({grid[0]},{grid[1]}) with crops that fit it "
+            f"(--config.crops.global_size/local_size <= {min(grid)}), or use features of "
+            f"{want[0] * 256} px regions (hipt-prep regions --region {want[0] * 256}, then hipt-prep features)")
+    width = int(record["shape"][1])
+    if width != int(data_config.in_features):
+        raise ValueError(f"{path}: its features are {width} wide, config.data.in_features is "
+                         f"{data_config.in_features}: set --config.data.in_features={width} "
+                         "(and a model of that width), or features of the ViT-256 (384)")
+
+
+def patch_size_notes(sizes: dict[int, str]) -> list[str]:
+    """A note when stage-1 patch shards (patch size -> a shard of that size) are not all 256 px."""
+    if set(sizes) <= {256}:
+        return []
+    if len(sizes) > 1:
+        listed = ", ".join(f"{px} px ({path})" for px, path in sorted(sizes.items()))
+        found = f"the patch shards mix patch sizes: {listed}"
+    else:
+        (px, path), = sizes.items()
+        found = f"the patch shards hold {px} px patches ({path})"
+    return [f"{found}; the ViT-256 recipe expects 256 px patches at 20x (hipt-prep patches --patch 256); "
+            "crops are taken from whatever size is given"]
+
+
 def source_record(source, steps_per_epoch: int) -> dict:
     """What a checkpoint keeps of its data source: its length, a cheap identity of its listing
     (file or shard names and per-shard record counts, hashed) and the steps per epoch. A resume

@@ -831,7 +831,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
     source = data_lib.make_source(config.data)
     config = data_lib.resolve_config(config, source)
     steps_per_epoch = _steps_per_epoch(config, source)
-    for note in check_lengths(config, steps_per_epoch):
+    for note in data_lib.check_source(config, source) + check_lengths(config, steps_per_epoch):
         if is_main:
             print(f"hipt-pretrain: note: {note}", file=sys.stderr, flush=True)
     freeze_steps = config.optim.freeze_last_layer_epochs * steps_per_epoch
