@@ -302,6 +302,11 @@ def test_a_lock_being_written_is_not_taken_over(tmp_path):
     (1, "model.depth", 0, "config.model.depth=0"),
     (2, "data.samples_per_epoch", 0, "config.data.samples_per_epoch=0: expected -1 (auto) or an integer >= 1"),
     (1, "microbatches", 0, "config.microbatches=0"),
+    # model.arch labels the export: a pixel ViT labelled vit4k failed in hipt-embed (Flax shapes)
+    (1, "model.arch", "vit4k", "config.model.arch='vit4k': stage 1 trains a vit256 (model.arch='vit256', "
+                               "model.stem='pixels', model.in_features=3 (RGB))"),
+    (2, "model.stem", "pixels", "config.model.stem='pixels': stage 2 trains a vit4k"),
+    (1, "model.in_features", 384, "config.model.in_features=384: stage 1 trains a vit256"),
 ])
 def test_pretrain_config_values_that_cannot_work_are_refused_before_any_work(stage, field, value, needle):
     """Without these checks: a KeyError traceback for the norm, ZeroDivisionError for 8 px

@@ -83,6 +83,7 @@ def check_views_and_model(config) -> None:
     from hipt_jax.pretrain.augment import MEAN_STD
 
     model, crops, stage = config.model, config.crops, config.get("stage")
+    check_arch(config)
     if model.width % model.num_heads:
         raise flags.UsageError(f"config.model.num_heads={model.num_heads}: must divide config.model.width={model.width}")
     if stage == 3:
@@ -104,6 +105,32 @@ def check_views_and_model(config) -> None:
                                        "0 < low <= high <= 1 (fractions of the image area)")
         if config.data.norm not in MEAN_STD:
             raise flags.UsageError(f"config.data.norm={config.data.norm!r}: expected one of {sorted(MEAN_STD)}")
+
+
+# What each stage trains: the arch label its export gets and the stem that reads its data.
+STAGE_MODELS = {1: ("vit256", "pixels"), 2: ("vit4k", "features"), 3: ("vitwsi", "regions")}
+
+
+def check_arch(config) -> None:
+    """config.model.arch agrees with the stage's stem (and RGB input for pixels): the export is
+    labelled by arch, and hipt-embed/extract/convert load it by that label; a pixel ViT labelled
+    vit4k trained fine and failed downstream with a Flax shape traceback. UsageError naming
+    the fields."""
+    stage = config.get("stage")
+    if stage not in STAGE_MODELS:
+        return
+    arch, stem = STAGE_MODELS[stage]
+    model = config.model
+    wrong = [f"config.model.{name}={value!r}" for name, value, want
+             in (("arch", model.get("arch"), arch), ("stem", model.get("stem"), stem)) if value != want]
+    if stem == "pixels" and model.get("in_features") != 3:
+        wrong.append(f"config.model.in_features={model.get('in_features')!r}")
+    if wrong:
+        rgb = ", model.in_features=3 (RGB)" if stem == "pixels" else ""
+        raise flags.UsageError(
+            f"{', '.join(wrong)}: stage {stage} trains a {arch} (model.arch={arch!r}, model.stem={stem!r}{rgb}); "
+            "its export is labelled by model.arch, which hipt-embed/extract/convert load it by: "
+            "leave these fields as the config sets them")
 
 
 def _estimate_bytes(config) -> int:
