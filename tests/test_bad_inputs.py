@@ -585,3 +585,69 @@ def test_provenance_refusal_names_the_changed_field_and_another_commands_folder(
         provenance.check(folder, {"config": "x"}, outputs=("checkpoints",), overwrite=True,
                          what="pretraining run directory")
     assert provenance.read_details(folder)["kind"] == "fine-tuning workdir"
+
+
+def test_warm_start_head_of_other_sizes_names_both_and_the_fields_to_set():
+    """Was "DINO head layout/shapes differ from the config's model". Plant: check_head_dims
+    skipped -> the generic line from _checked_replace."""
+    from configs import pretrain_vit256
+    from hipt_jax.pretrain import trainer
+
+    config = pretrain_vit256.get_config("runlocal")  # head 64 / 32 / 512
+    config.warm_start = "conv/teacher"
+    head = {"mlp_0": {"kernel": np.zeros((384, 2048))}, "mlp_2": {"kernel": np.zeros((2048, 2048))},
+            "mlp_4": {"kernel": np.zeros((2048, 256))}, "last_layer": {"weight_v": np.zeros((256, 512))}}
+    with pytest.raises(ValueError, match=r"conv/teacher: its DINO head is hidden_dim 2048, bottleneck_dim 256, "
+                                         r"out_dim 512, the config's is hidden_dim 64, bottleneck_dim 32, out_dim 512: "
+                                         r"set --config.head.hidden_dim=2048 --config.head.bottleneck_dim=256$"):
+        trainer.check_head_dims(head, config)
+    config.head.update(hidden_dim=2048, bottleneck_dim=256)
+    trainer.check_head_dims(head, config)
+
+
+def test_a_pretraining_run_or_its_training_checkpoint_given_as_a_model_points_to_its_export(tmp_path):
+    """hipt-embed/extract/convert read_arch: was "(bare Orbax params from an older hipt-finetune:
+    re-run it)" for WORKDIR/checkpoints/STEP, nothing for WORKDIR. Plant: pretrain_run_of
+    returning None -> the finetune hint again."""
+    from hipt_jax.models import checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "30" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "30" / "_CHECKPOINT_METADATA").write_text("{}")
+    (run / "checkpoint_checksums.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match=r"a hipt-pretrain training checkpoint: its model is "
+                                                         r"the run's export, .*run/export, written when the run finishes\)$"):
+        checkpoint.read_arch(str(run / "checkpoints" / "30"))
+    (run / "export").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match=r"a hipt-pretrain run directory: its model is the "
+                                                         r"run's export, .*run/export\)$"):
+        checkpoint.read_arch(str(run))
+    other = tmp_path / "orbax"
+    other.mkdir()
+    (other / "_CHECKPOINT_METADATA").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="older hipt-finetune"):
+        checkpoint.read_arch(str(other))
+
+
+def test_a_student_only_dino_file_suggests_which_student():
+    """A --to-torch file of a --which student conversion holds {"student": ...}. Plant: the
+    hint dropped -> only "has no 'teacher' entry"."""
+    from hipt_jax.models import torch_io
+
+    with pytest.raises(torch_io.CheckpointError, match=r"s.pth: has no 'teacher' entry \(keys: student\): it "
+                                                       r"holds the student network; take it with hipt-convert --which student"):
+        torch_io.split_reference_state({"student": {"module.backbone.cls_token": np.zeros((1, 1, 4))}},
+                                       "teacher", "s.pth")
+
+
+def test_a_config_file_given_without_config_flag_says_to_use_it():
+    """`hipt-pretrain configs/x.py:runlocal --config.a=b` was "Unknown command line flag
+    'config.a'". Plant: _positional_config returning "" -> absl's line (checked end to end)."""
+    cmd = [sys.executable, "-m", "hipt_jax.cli.pretrain", "configs/pretrain_vit256.py:runlocal",
+           "--workdir=/nonexistent/w", "--config.data.kind=patch_shards"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "hipt-pretrain: error: configs/pretrain_vit256.py:runlocal: a config file is given with --config: "
+        "--config configs/pretrain_vit256.py:runlocal (then --config.FIELD=VALUE overrides)")

@@ -933,7 +933,7 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
         if asked == "full":  # absl's own listing, but a help that was asked for is not a failure
             app.usage(writeto_stdout=True)
             sys.exit(EXIT_OK)
-        missing = _missing_config_file(args)
+        missing = _positional_config(args) or _missing_config_file(args)
         if missing:
             print_error(prog, missing)
             sys.exit(EXIT_BAD_INPUT)
@@ -1017,6 +1017,21 @@ def _takes_next_as_value(arg: str) -> bool:
         if candidate and candidate in defined and defined[candidate].boolean:
             return False
     return True
+
+
+def _positional_config(args: list[str]) -> str:
+    """One line for a config file given without --config (``hipt-pretrain configs/x.py:runlocal
+    --config.a=b``, as a demo table wrote it): absl then named only the first override, "Unknown
+    command line flag 'config.a'"; else ""."""
+    if _config_spec(args):
+        return ""
+    for arg in args[1:]:
+        if arg == "--":
+            break
+        if not arg.startswith("-") and arg.partition(":")[0].endswith(".py"):
+            return (f"{arg}: a config file is given with --config: --config {arg} "
+                    "(then --config.FIELD=VALUE overrides)")
+    return ""
 
 
 def _missing_config_file(args: list[str]) -> str:

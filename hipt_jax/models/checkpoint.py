@@ -335,6 +335,21 @@ def verify_state(path: str, info: dict) -> None:
         raise CheckpointError(f"{state}: damaged checkpoint (checksum does not match {ARCH_FILE})")
 
 
+# What hipt-pretrain keeps in its run directory (hipt_jax.pretrain.trainer: CHECKSUMS, checkpoints/).
+PRETRAIN_RUN_FILES = ("checkpoint_checksums.json", "checkpoints")
+
+
+def pretrain_run_of(path: str) -> str | None:
+    """The hipt-pretrain run directory ``path`` is (WORKDIR) or holds a training checkpoint of
+    (WORKDIR/checkpoints/STEP), else None: given as a model, the user meant WORKDIR/export."""
+    path = os.path.normpath(path)
+    for run in (path, os.path.dirname(os.path.dirname(path))):
+        if all(os.path.exists(os.path.join(run, name)) for name in PRETRAIN_RUN_FILES) and (
+                run == path or os.path.basename(os.path.dirname(path)) == "checkpoints"):
+            return run
+    return None
+
+
 def read_arch(path: str) -> dict:
     """The arch.json of a saved model directory, validated; legacy formats get their "kind"."""
     arch_file = os.path.join(path, ARCH_FILE)
@@ -345,7 +360,11 @@ def read_arch(path: str) -> dict:
             info = json.load(f)
     except FileNotFoundError:
         bare = os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))
-        hint = " (bare Orbax params from an older hipt-finetune: re-run it)" if bare else ""
+        run = pretrain_run_of(path)
+        hint = (f" (a hipt-pretrain {'run directory' if run == os.path.normpath(path) else 'training checkpoint'}: "
+                f"its model is the run's export, {os.path.join(run, 'export')}"
+                f"{'' if os.path.isdir(os.path.join(run, 'export')) else ', written when the run finishes'})"
+                if run else " (bare Orbax params from an older hipt-finetune: re-run it)" if bare else "")
         raise CheckpointError(f"{path}: no {ARCH_FILE} (not a hipt-jax checkpoint directory){hint}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{arch_file}: invalid JSON ({e})") from None

@@ -388,8 +388,10 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
     outer = ""  # a flat dict of both networks: "teacher.backbone.blocks.0...", "student...."
     ignored: list[str] = []  # state-dict containers not taken (see below)
     if "teacher" in obj or "student" in obj:
-        if which not in obj:
-            raise CheckpointError(f"{source}: has no '{which}' entry (keys: {short_list(sorted(map(str, obj)))})")
+        if which not in obj:  # e.g. a --to-torch file of a --which student conversion
+            other = "student" if which == "teacher" else "teacher"
+            raise CheckpointError(f"{source}: has no '{which}' entry (keys: {short_list(sorted(map(str, obj)))}): "
+                                  f"it holds the {other} network; take it with hipt-convert --which {other}")
         state, container = obj[which], which
     elif flat_roles and all(hasattr(v, "shape") for v in obj.values()):
         if which not in flat_roles:

@@ -306,8 +306,9 @@ def _warm_start(state, config):
     backbone = _checked_replace(state["student"]["vit"], variables["params"], "backbone")
     state = dict(state)
     if head is not None:
-        head = _checked_replace(state["student"]["head"],
-                                head_from_checkpoint(head, config.warm_start), "DINO head")
+        head = head_from_checkpoint(head, config.warm_start)
+        check_head_dims(head, config)
+        head = _checked_replace(state["student"]["head"], head, "DINO head")
         state["student"] = {"vit": backbone, "head": head}
         state["teacher"] = jax.tree.map(np.copy, state["student"])
     else:
@@ -331,6 +332,34 @@ def _load_backbone_and_head(path, arch):
     if arch_config.arch != arch:
         raise ValueError(f"{path}: is a {arch_config.arch} checkpoint, this run trains {arch}")
     return variables, arch_config, head
+
+
+# The config fields of the DINO head and where a head tree holds each: (layer, kernel axis 1).
+HEAD_FIELDS = (("hidden_dim", "mlp_0", "kernel"), ("bottleneck_dim", "mlp_4", "kernel"),
+               ("out_dim", LAST_LAYER, "weight_v"))
+
+
+def head_dims(head: dict) -> dict:
+    """{hidden_dim, bottleneck_dim, out_dim} of a DINO head tree (the fields it can read)."""
+    dims = {}
+    for field, layer, leaf in HEAD_FIELDS:
+        shape = np.shape(head.get(layer, {}).get(leaf)) if isinstance(head.get(layer), dict) else ()
+        if len(shape) == 2:
+            dims[field] = int(shape[1])
+    return dims
+
+
+def check_head_dims(head: dict, config) -> None:
+    """A warm-start head of other sizes than config.head: ValueError naming both and the fields
+    to set (the converted official head is 2048/256/65536, runlocal's 64/32/512; "layout/shapes
+    differ" said neither)."""
+    found, want = head_dims(head), {field: int(config.head[field]) for field, _, _ in HEAD_FIELDS}
+    differ = [field for field in want if field in found and found[field] != want[field]]
+    if differ:
+        sizes = lambda dims: ", ".join(f"{f} {dims[f]}" for f in want if f in dims)  # noqa: E731
+        raise ValueError(
+            f"warm start: {config.warm_start}: its DINO head is {sizes(found)}, the config's is {sizes(want)}: "
+            f"set {' '.join(f'--config.head.{f}={found[f]}' for f in differ)}")
 
 
 def _checked_replace(ours, theirs, what):
