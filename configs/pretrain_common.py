@@ -92,6 +92,10 @@ def base_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
         else:
             c.crops.update(n_local=2)
         c.data.num_workers = 0
+        # One step per "epoch": the first-epoch last-layer freeze is then step 0 only, a short
+        # first epoch as the paper's recipe intends, not the whole small dataset (which froze
+        # the last layer for 19 of 20 steps of a runlocal run on 80 patches).
+        c.data.samples_per_epoch = c.global_batch
         c.checkpoint.every_steps = 3
         c.log_every = 1
         c.eval.knn.update(size=64, batch_per_device=8)

@@ -416,3 +416,25 @@ def test_update_compiles_with_the_calibrated_dot_backend(tmp_path, monkeypatch):
     trainer.jit_update(c, mesh, sh, freeze_last_layer_steps=0)
     trainer.jit_update(c, mesh, sh, freeze_last_layer_steps=0, dot_backend="ynnpack")
     assert seen == [{}, {"xla_cpu_experimental_ynn_fusion_type": ""}, {}]
+
+
+@pytest.mark.parametrize("name", ["pretrain_vit256", "pretrain_vit4k", "pretrain_vitwsi"])
+def test_runlocal_runs_freeze_the_last_layer_for_one_short_first_epoch(name):
+    """runlocal (and the demo, which runs it for 8 steps) trained with the last layer frozen for
+    most of the run (19 of 20 steps on 80 patches: an epoch was the whole small dataset). Its
+    epoch is now one step, and at one step per epoch the long-phase note stays quiet. Plants:
+    the runlocal samples_per_epoch removed -> 20 steps per epoch, note; the note's one-step
+    exception removed -> a note at 1 of 6 steps."""
+    import importlib
+
+    from hipt_jax.pretrain import trainer
+
+    c = importlib.import_module(f"configs.{name}").get_config("runlocal")
+    c.data.path = "data"
+    spe = trainer._steps_per_epoch(c, list(range(80)))
+    assert spe == 1
+    for total in (c.total_steps, 8, 20):  # runlocal's own, the demo's, a longer local run
+        c.total_steps = total
+        assert schedules.check_lengths(c, spe) == []
+    full = importlib.import_module(f"configs.{name}").get_config()
+    assert full.data.samples_per_epoch == -1  # the full configs keep an epoch = the dataset

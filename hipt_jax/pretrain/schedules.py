@@ -73,8 +73,9 @@ def check_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int) -> li
     """Warm-ups that do not fit the run are refused (ValueError naming the fields): DINO's
     schedulers fail on them, where ours would clamp silently (an lr still rising at the last
     step, no cosine). Returns notes (one line each) for epoch-based phases that cover more than
-    a tenth of the run: an epoch defaults to the dataset size, which at the paper's scale
-    (~100M patches, batch 256) freezes the last layer for 390K of 400K steps."""
+    a tenth of the run with epochs longer than one step: an epoch defaults to the dataset size,
+    which at the paper's scale (~100M patches, batch 256) freezes the last layer for 390K of
+    400K steps."""
     total, spe = int(config.total_steps), max(int(steps_per_epoch), 1)
     warmup = int(config.optim.warmup_steps)
     if warmup > total:
@@ -92,7 +93,9 @@ def check_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int) -> li
     for field, what in phases:
         section, name = field.split(".")
         steps = int(config[section][name]) * spe
-        if steps > 0.1 * total:
+        # At one step per epoch (runlocal, the demo) the phase is as short as its epoch count
+        # allows: no data.samples_per_epoch would shorten it, so the note would only be noise.
+        if steps > 0.1 * total and spe > 1:
             notes.append(f"{what} for {min(steps, total)} of {total} steps ({100 * min(steps, total) / total:.0f}%: "
                          f"config.{field}={config[section][name]} at {spe} steps per epoch); an epoch is the "
                          "dataset unless config.data.samples_per_epoch sets it")
