@@ -179,18 +179,36 @@ class ShardsChanged(ValueError):
 
 
 def _shard_identity(path: str) -> dict:
-    """Size and mtime of a shard, and the SHA-256 hipt-prep's status file recorded for it when
-    that record describes the file as it is now (same size and mtime): cheap, no hashing here."""
+    """Size and mtime of a shard, and its SHA-256 as hipt-prep's status file recorded it. The
+    record is trusted as is while size and mtime match it (cheap); when only the mtime moved (a
+    `touch`, `cp -r`, a restore), the shard is hashed once: equal bytes keep the recorded SHA-256
+    and the new mtime is recorded (as hipt-prep does for its outputs), other bytes give their own
+    SHA-256, so the comparison says "changed"."""
     st = os.stat(path)
-    digest = None
+    status_path = shards.shard_status_path(path)
     try:
-        with open(shards.shard_status_path(path)) as f:
+        with open(status_path) as f:
             status = json.load(f)
-        if status.get("shard_bytes") == st.st_size and status.get("shard_mtime_ns") == st.st_mtime_ns:
-            digest = status.get("sha256")
+        recorded, size = status.get("sha256"), status.get("shard_bytes")
     except (OSError, ValueError, AttributeError):
-        pass
+        status, recorded, size = None, None, None
+    digest = None
+    if recorded and size == st.st_size:
+        digest = recorded if status.get("shard_mtime_ns") == st.st_mtime_ns else _rehash(path, status_path,
+                                                                                        status, st)
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+
+
+def _rehash(path: str, status_path: str, status: dict, st) -> str:
+    """The shard's SHA-256 now; when it equals the recorded one, the status takes the new mtime
+    so the next rerun is cheap again (a read-only shards folder is hashed again next time)."""
+    digest = shards.file_sha256(path)
+    if digest == status["sha256"]:
+        try:
+            shards.write_json_atomic(status_path, dict(status, shard_mtime_ns=st.st_mtime_ns))
+        except OSError:
+            pass
+    return digest
 
 
 def shards_record(kind: str, shards_dir: str, splits=None) -> dict:
@@ -202,8 +220,8 @@ def shards_record(kind: str, shards_dir: str, splits=None) -> dict:
 
 
 def _same_shard(a: dict, b: dict) -> bool:
-    """Same bytes: by the recorded SHA-256 when both have one (a copied folder keeps matching),
-    else by size and mtime."""
+    """Same bytes: by the SHA-256 when both have one (a copied or touched folder keeps
+    matching: _shard_identity hashes a shard whose mtime moved), else by size and mtime."""
     if a.get("bytes") != b.get("bytes"):
         return False
     if a.get("sha256") and b.get("sha256"):

@@ -80,3 +80,31 @@ def test_tfds_rerun_reuses_same_shards_refuses_others(shards, tmp_path, capsys):
     empty.mkdir()
     assert main(["tfds", "--kind", "features", "--shards", str(empty), "--data-dir", str(tmp_path / "new")]) == 2
     assert not (tmp_path / "new").exists()  # nothing created by a refusal
+
+
+def test_tfds_record_matches_touched_and_copied_shards(tmp_path):
+    """A `touch` or `cp -r` of the shards (same bytes, other mtime) is the same input: the shard
+    is hashed against hipt-prep's recorded SHA-256 (was "N shards changed", a refused rerun);
+    other bytes of the same size still differ."""
+    import os
+    import shutil
+
+    from data_prep.shards import product_identity, shard_status_path, write_json_atomic
+    from data_prep.tfds_builders import _differences, shards_record
+
+    src = tmp_path / "prep"
+    path = write_shard(src / "features" / "a.array_record",
+                       [encode_feature(np.ones((2, 384)), grid=(1, 2), slide_id="a", x=0, y=0, mpp=0.5,
+                                       region_px=512, dtype="float32")])
+    os.makedirs(src / "status")
+    write_json_atomic(shard_status_path(path), dict(product_identity(path), done=True))
+    built = shards_record("features", str(src))
+    os.utime(path, ns=(1, 1))  # touch
+    assert _differences(built, shards_record("features", str(src))) == []
+    shutil.copytree(src, tmp_path / "copy")  # mtimes not kept (cp -r)
+    os.utime(tmp_path / "copy" / "features" / "a.array_record", ns=(2, 2))
+    assert _differences(built, shards_record("features", str(tmp_path / "copy"))) == []
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 1
+    open(path, "wb").write(bytes(data))
+    assert _differences(built, shards_record("features", str(src))) == ["1 shards changed (a)"]
