@@ -538,3 +538,34 @@ if __name__ == "__main__":
     Image.fromarray(_golden_strip(m)).save(os.path.join(FIXTURES, "heatmap_golden.png"))
     np.save(os.path.join(FIXTURES, "heatmap_golden_scores.npy"),
             np.stack([m.scores256, m.scores4k]).astype(np.float16))
+
+
+def test_outputs_of_the_version_before_by_name_stay_ours(tmp_path):
+    """A listing from before "by_name" named only its last run's files: old A, old B, then a new
+    run of A (or of B, then A) refused A's maps as "not an earlier hipt-heatmap output". Runs are
+    recognised by their pair of signature files and kept in the listing across runs of other
+    names; they may be replaced, never removed as stale; a user's file of no run stays refused.
+    Plants: own_outputs = listed_outputs -> A refused; write_listing without EARLIER -> A (and
+    the old listing's B) forgotten after a run of C."""
+    from hipt_jax.cli.heatmap import LISTING, listed_outputs, own_outputs, write_listing
+
+    out = tmp_path / "out"
+    out.mkdir()
+    run = lambda n: [f"{n}_region.png", f"{n}_4k_head0.png", f"{n}_contact_sheet.png", f"{n}_scores.npz"]  # noqa: E731
+    for f in run("A") + run("B") + ["s1_slide_attention.png", "s1_region_scores.npz", "D_4k_head0.png"]:
+        (out / f).write_bytes(b"")
+    (out / LISTING).write_text(json.dumps({"4k": [str(out / "B_4k_head0.png")],
+                                           "contact_sheet": [str(out / "B_contact_sheet.png")]}))
+    assert set(run("A")) <= own_outputs(str(out), "A") and not listed_outputs(str(out), "A")
+    assert {"s1_slide_attention.png", "s1_region_scores.npz"} <= own_outputs(str(out), "s1")
+    assert own_outputs(str(out), "D") == set()  # no signature pair: the user's
+    assert listed_outputs(str(out), "B") == {"B_4k_head0.png", "B_contact_sheet.png"}
+    for name in ("C", "C2"):  # new runs of other names rewrite the listing
+        (out / f"{name}_region.png").write_bytes(b"")
+        write_listing(str(out), name, {"region": [str(out / f"{name}_region.png")]}, {})
+    assert set(run("A")) <= own_outputs(str(out), "A") and not listed_outputs(str(out), "A")
+    assert listed_outputs(str(out), "B") == {"B_4k_head0.png", "B_contact_sheet.png"}
+    assert own_outputs(str(out), "D") == set() and own_outputs(str(out), "C") == {"C_region.png"}
+    write_listing(str(out), "A", {"region": [str(out / "A_region.png")]}, {})  # new A: its files now by_name
+    earlier = json.load(open(out / LISTING))["earlier"]
+    assert "A_region.png" not in earlier["recognised"] and "A_4k_head0.png" in earlier["recognised"]

@@ -395,6 +395,11 @@ REGION_OUTPUTS = ("{name}_region.png", "{name}_256_head*.png", "{name}_4k_head*.
                   "{name}_contact_sheet.png", "{name}_legend.png", "{name}_scores.npz")
 SLIDE_OUTPUTS = ("{name}_slide_attention.png", "{name}_region_scores.npz")
 LISTING = "heatmap_outputs.json"
+# Pairs of files every run of a --name writes (region mode, slide mode): the runs of a version
+# whose listing named only its last run are recognised by them (_earlier_outputs).
+SIGNATURES = (("{name}_scores.npz", "{name}_contact_sheet.png"),
+              ("{name}_slide_attention.png", "{name}_region_scores.npz"))
+EARLIER = "earlier"  # in the listing: outputs of a version from before "by_name" (_earlier_outputs)
 
 
 def output_name(args, *, slide_mode: bool) -> str:
@@ -422,9 +427,10 @@ def _own_listing(path: str) -> bool:
         data = json.load(f)
     if not isinstance(data, dict):
         return False
-    by_name = data.get("by_name", {})
-    return isinstance(by_name, dict) and all(_paths(v) for v in by_name.values()) and all(
-        _paths(v) for k, v in data.items() if k not in ("by_name", "colors"))
+    by_name, earlier = data.get("by_name", {}), data.get(EARLIER, {})
+    return isinstance(by_name, dict) and all(_paths(v) for v in by_name.values()) and \
+        isinstance(earlier, dict) and all(_paths(v) for v in earlier.values()) and all(
+            _paths(v) for k, v in data.items() if k not in ("by_name", "colors", EARLIER))
 
 
 def _read_listing(out: str) -> dict:
@@ -441,23 +447,70 @@ def _read_listing(out: str) -> dict:
     return {}
 
 
-def listed_outputs(out: str, name: str) -> set:
-    """Basenames of the files an earlier run of this --name wrote into --out, as its listing
-    says (a listing from before "by_name": every file it lists)."""
-    data = _read_listing(out)
+def _of_name(filename: str, name: str) -> bool:
+    """Whether ``filename`` is named like an output of ``name`` (region or slide mode)."""
+    import fnmatch
+    import glob
+
+    return any(fnmatch.fnmatchcase(filename, t.format(name=glob.escape(name)))
+               for t in REGION_OUTPUTS + SLIDE_OUTPUTS)
+
+
+def _earlier_outputs(out: str, data: dict) -> dict:
+    """Outputs of a hipt-heatmap from before "by_name", whose listing named only its last run's
+    files (basenames): "listed", those files; "recognised", the files of its other runs, told by
+    their --name's pair of SIGNATURES still being there. Read from the folder while its listing
+    is the old one; the first newer run keeps them in the listing (EARLIER), so a run of another
+    --name does not forget them (re-rendering an old map was refused as not ours)."""
     if "by_name" in data:
-        return {os.path.basename(p) for p in data["by_name"].get(name, ())}
-    return {os.path.basename(p) for k, v in data.items() if k != "colors" for p in v}
+        return {k: set(data.get(EARLIER, {}).get(k, ())) for k in ("listed", "recognised")}
+    listed = {os.path.basename(p) for k, v in data.items() if k != "colors" for p in v}
+    files = set(os.listdir(out)) if data and os.path.isdir(out) else set()
+    names = _signed_names(files)
+    return {"listed": listed, "recognised": {f for f in files - listed if any(_of_name(f, n) for n in names)}}
+
+
+def _signed_names(files: set) -> set:
+    """The --names whose pair of SIGNATURES is among ``files``."""
+    names = set()
+    for first, second in SIGNATURES:
+        suffix = first.format(name="")
+        names |= {f[:-len(suffix)] for f in files
+                  if f.endswith(suffix) and second.format(name=f[:-len(suffix)]) in files}
+    return names
+
+
+def listed_outputs(out: str, name: str) -> set:
+    """Basenames of the files earlier runs of this --name wrote into --out that a listing names:
+    what a rerun may replace or remove as stale."""
+    data = _read_listing(out)
+    return set(data.get("by_name", {}).get(name, ())) | {
+        f for f in _earlier_outputs(out, data)["listed"] if _of_name(f, name)}
+
+
+def own_outputs(out: str, name: str) -> set:
+    """``listed_outputs`` and the files of this --name's runs by a version whose listing did not
+    name them (recognised by SIGNATURES): a rerun may replace those, but never removes them."""
+    return listed_outputs(out, name) | {
+        f for f in _earlier_outputs(out, _read_listing(out))["recognised"] if _of_name(f, name)}
 
 
 def write_listing(out: str, name: str, written: dict, colors: dict) -> None:
-    """heatmap_outputs.json: this run's files by kind (as before), what the colours mean, and
-    for every --name the files its last run wrote (what a rerun may replace or remove)."""
+    """heatmap_outputs.json: this run's files by kind (as before), what the colours mean, for
+    every --name the files its last run wrote (what a rerun may replace or remove), and the
+    outputs of an older version no name claims yet (EARLIER), while they exist."""
     from hipt_jax.outputs import write_json
 
-    by_name = dict(_read_listing(out).get("by_name", {}))
+    data = _read_listing(out)
+    earlier = _earlier_outputs(out, data)
+    by_name = dict(data.get("by_name", {}))
     by_name[name] = sorted(os.path.basename(p) for paths in written.values() for p in paths)
-    write_json(os.path.join(out, LISTING), dict(written, colors=colors, by_name=by_name), indent=1)
+    record = dict(written, colors=colors, by_name=by_name)
+    left = {k: sorted(f for f in v if f not in by_name[name] and os.path.exists(os.path.join(out, f)))
+            for k, v in earlier.items()}
+    if any(left.values()):
+        record[EARLIER] = left
+    write_json(os.path.join(out, LISTING), record, indent=1)
 
 
 def check_targets(args, *, slide_mode: bool) -> None:
@@ -489,7 +542,7 @@ def check_targets(args, *, slide_mode: bool) -> None:
     outputs.check_target(os.path.join(args.out, LISTING), writer=PROG, inputs=inputs, is_own=_own_listing)
     # A file named like a map of this --name is replaced (or, a head/blend map, removed as stale)
     # only when an earlier run's listing names it: anything else is the user's and is refused.
-    listed = listed_outputs(args.out, name)
+    listed = own_outputs(args.out, name)
     is_own = lambda path: os.path.basename(path) in listed  # noqa: E731
     for template in templates:
         targets = sorted(glob.glob(os.path.join(glob.escape(args.out), template.format(name=glob.escape(name))))) \
