@@ -307,6 +307,9 @@ def test_a_lock_being_written_is_not_taken_over(tmp_path):
                                "model.stem='pixels', model.in_features=3 (RGB))"),
     (2, "model.stem", "pixels", "config.model.stem='pixels': stage 2 trains a vit4k"),
     (1, "model.in_features", 384, "config.model.in_features=384: stage 1 trains a vit256"),
+    # --config.data.grid=4 (one number for a pair) became (4,): an IndexError traceback
+    (2, "data.grid", (4,), "config.data.grid=(4,): expected a pair (rows, cols), e.g. --config.data.grid='(4,4)'"),
+    (1, "crops.global_scale", (0.5,), "config.crops.global_scale=(0.5,): expected a pair (low, high)"),
 ])
 def test_pretrain_config_values_that_cannot_work_are_refused_before_any_work(stage, field, value, needle):
     """Without these checks: a KeyError traceback for the norm, ZeroDivisionError for 8 px

@@ -76,6 +76,30 @@ def _run() -> int:
     return flags.EXIT_OK
 
 
+# Fields that hold a pair, with its form: an override with one number (--config.data.grid=4)
+# became a 1-tuple and failed later with an IndexError traceback.
+PAIR_FIELDS = {"data.grid": ("(rows, cols)", int), "crops.global_scale": ("(low, high)", float),
+               "crops.local_scale": ("(low, high)", float)}
+
+
+def check_pairs(config) -> None:
+    """Every PAIR_FIELDS field the config has is two numbers of its type. UsageError naming the
+    field and the form, e.g. config.data.grid=(4,): expected (rows, cols), e.g. (4,4)."""
+    for path, (form, kind) in PAIR_FIELDS.items():
+        section, _, field = path.partition(".")
+        if section not in config or field not in config[section]:
+            continue
+        value = config[section][field]
+        items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if len(items) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                                   (kind is float or float(v).is_integer()) for v in items):
+            continue
+        example = f"({items[0]},{items[0]})" if kind is int and len(items) == 1 else \
+            ("(16,16)" if kind is int else "(0.4,1.0)")
+        raise flags.UsageError(f"config.{path}={value!r}: expected a pair {form}, e.g. "
+                               f"--config.{path}='{example}'")
+
+
 def check_views_and_model(config) -> None:
     """What single ranges cannot say, before any work: heads divide the width; stage-1 crops are
     whole patches and their scale ranges ordered; stage-2 windows fit the grid; the
@@ -83,6 +107,7 @@ def check_views_and_model(config) -> None:
     from hipt_jax.pretrain.augment import MEAN_STD
 
     model, crops, stage = config.model, config.crops, config.get("stage")
+    check_pairs(config)
     check_arch(config)
     if model.width % model.num_heads:
         raise flags.UsageError(f"config.model.num_heads={model.num_heads}: must divide config.model.width={model.width}")
