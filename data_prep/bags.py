@@ -226,7 +226,8 @@ _GEOMETRY = ("region_px", "target_mpp")
 _WEIGHTS = ("vit256", "vit4k")
 _said: set[tuple[str, str]] = set()      # (folder, what) notes already printed by this process
 _first_recorded: dict[str, str] = {}     # folder -> its first bag read that records its extraction
-_manifests: dict[str, tuple[int, dict | None]] = {}  # manifest path -> (mtime_ns, params.extraction)
+# manifest path -> (mtime_ns, params.extraction, the bag files its slides list, relative to the folder)
+_manifests: dict[str, tuple[int, dict | None, frozenset]] = {}
 
 
 def extraction_of(path: str) -> dict | None:
@@ -241,21 +242,30 @@ def extraction_of(path: str) -> dict | None:
 
 
 def folder_extraction(out_dir: str) -> dict | None:
-    """The extraction identity an embeddings folder's manifest records (None before it did);
-    read once per process while the manifest stays the same (it lists every slide)."""
+    """The extraction identity an embeddings folder's manifest records (None before it did)."""
+    return _manifest(out_dir)[0]
+
+
+def _manifest(out_dir: str) -> tuple[dict | None, frozenset]:
+    """The extraction identity an embeddings folder's manifest records and the bag files it
+    lists (None and nothing without one); read once per process while the manifest stays the
+    same (it lists every slide)."""
     path = os.path.join(out_dir, "manifest.json")
     try:
         stamp = os.stat(path).st_mtime_ns
     except OSError:
-        return None
+        return None, frozenset()
     if _manifests.get(path, (None,))[0] != stamp:
         try:
             with open(path) as f:
-                made_by = (json.load(f).get("params") or {}).get("extraction")
+                data = json.load(f)
+            made_by = (data.get("params") or {}).get("extraction")
+            files = frozenset(os.path.normpath(e["file"]) for e in (data.get("slides") or {}).values()
+                              if isinstance(e, dict) and isinstance(e.get("file"), str))
         except (OSError, ValueError, AttributeError):
-            made_by = None
-        _manifests[path] = (stamp, made_by if isinstance(made_by, dict) else None)
-    return _manifests[path][1]
+            made_by, files = None, frozenset()
+        _manifests[path] = (stamp, made_by if isinstance(made_by, dict) else None, files)
+    return _manifests[path][1:]
 
 
 def extraction_difference(made_by: dict, expected: dict) -> tuple[list[str], list[str]]:
@@ -286,9 +296,12 @@ def check_extraction(out_dir: str, path: str) -> None:
     its checkpoint files differ, and when bags carry no record (they cannot be checked)."""
     made_by = extraction_of(path)
     folder = os.path.abspath(out_dir)
+    if made_by is None and _format_of(path) is PT:
+        _check_pt_listed(out_dir, path)
+        return
     if made_by is None:
         _say_once(folder, "unrecorded", f"{out_dir}: note: bags that do not record the extraction that made "
-                  f"them (an older hipt-extract, another tool, .pt; e.g. {path}) cannot be checked to "
+                  f"them (an older hipt-extract, another tool; e.g. {path}) cannot be checked to "
                   "come from this folder's extraction")
         return
     expected, where = folder_extraction(out_dir), f"{os.path.join(out_dir, 'manifest.json')} records"
@@ -303,6 +316,22 @@ def check_extraction(out_dir: str, path: str) -> None:
         _say_once(folder, "weights", f"{path}: warning: extracted from other checkpoint files than {where} "
                   f"({'; '.join(warned)}); unless they hold the same weights (a .pth and its hipt-convert "
                   "output), its features are another model's (further such bags in this folder not named)")
+
+
+def _check_pt_listed(out_dir: str, path: str) -> None:
+    """A .pt bag holds one tensor, so no bag can record its extraction: one the folder's
+    manifest lists, beside the extraction it records, is that extraction's (silent; the note
+    fired on every hipt-extract --format pt folder). Otherwise a note, once per folder, says why
+    such bags cannot be checked."""
+    made_by, files = _manifest(out_dir)
+    manifest = os.path.join(out_dir, "manifest.json")
+    if made_by is not None and os.path.normpath(os.path.relpath(path, out_dir)) in files:
+        return
+    why = (f"{manifest} does not list it" if made_by is not None else
+           f"{manifest} records no extraction" if os.path.exists(manifest) else f"there is no {manifest}")
+    _say_once(os.path.abspath(out_dir), "pt", f"{out_dir}: note: a .pt bag cannot record the extraction that made "
+              f"it (it holds one tensor) and {why} (e.g. {path}): such bags cannot be checked to come from "
+              "this folder's extraction")
 
 
 def _say_once(folder: str, what: str, line: str) -> None:

@@ -301,3 +301,27 @@ def test_a_redo_stopped_before_the_bag_is_renamed_keeps_the_old_checksum(tmp_pat
     bags.write_bag_file(path, arrays)
     assert bags.read_bag_file(path)["features_cls4k"].shape == (2, 192)
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_pt_bags_listed_by_the_manifest_are_silent_others_noted_once(tmp_path, capsys):
+    """hipt-extract --format pt bags cannot record their extraction (a .pt holds one tensor): the
+    folder's manifest records it and lists them, so reading them is silent (the "cannot be
+    checked" note fired on every such folder); a .pt bag the manifest does not list, or a folder
+    whose manifest records no extraction, gets one note per folder saying why. Plant: no
+    _check_pt_listed branch -> the note fires on the listed bags."""
+    import json
+
+    rng = np.random.default_rng(0)
+    out = str(tmp_path / "emb")
+    made_by = {"vit256": "a" * 64, "vit4k": "b" * 64, "region_px": 4096, "target_mpp": 0.5}
+    paths = [bags.write_bag(out, s, {"features_cls256": _bag(rng)["features_cls256"]}, "pt", made_by=made_by)
+             for s in ("s1", "s2")]
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump({"params": {"extraction": made_by}, "slides": {"s1": {"file": "slides/s1.pt"}}}, f)
+    capsys.readouterr()
+    bags.check_extraction(out, paths[0])
+    assert capsys.readouterr().err == ""
+    for _ in range(2):
+        bags.check_extraction(out, paths[1])  # not listed: the note, once
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "a .pt bag cannot record the extraction" in err and "does not list it" in err
