@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -84,6 +85,55 @@ def _allgather_bytes(payload: bytes) -> list[bytes]:
     buf[:len(payload)] = np.frombuffer(payload, np.uint8)
     rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), -1)
     return [rows[i, :int(n)].tobytes() for i, n in enumerate(lengths)]
+
+
+OUTPUT_TOKEN = ".hipt-output-token"  # in an output folder while the processes compare it
+
+
+def output_identity(folder: str, *, process: Optional[int] = None, sync: Optional[Callable[[], None]] = None) -> str:
+    """What says every process writes into one output folder, whatever path it sees it at (one
+    shared filesystem mounted at /mnt/x on one host and /data/x on another, or a relative --out
+    under two working directories, was refused when the absolute paths were compared): process
+    0 creates the folder and writes a fresh random token into it, all sync, then each reads the
+    token through its own path. Returns the token, or for a process that cannot see it a line
+    naming its path (so it differs from process 0's). Two folders never share a token, nor do
+    two hosts' local disks at one path. ``process``, ``sync``: stand-ins for tests."""
+    import secrets
+
+    path = os.path.join(folder, OUTPUT_TOKEN)
+    if (jax.process_index() if process is None else process) == 0:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(f"{path}.tmp-{os.getpid()}", "w") as f:
+                f.write(secrets.token_hex(16))
+            os.replace(f"{path}.tmp-{os.getpid()}", path)
+        except OSError:
+            pass  # every process then reports the token unseen at its own path
+    (sync or _sync_output_token)()
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:  # the mismatch message shortens values: this process names its path itself
+        print(f"{folder}: this process ({jax.process_index() if process is None else process}) does not see "
+              f"the {OUTPUT_TOKEN} process 0 wrote into its output folder: another folder than "
+              "process 0's?", file=sys.stderr)
+        return f"not seen at {os.path.abspath(folder)}"
+
+
+def _sync_output_token() -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("hipt output token")
+
+
+def drop_output_token(folder: str) -> None:
+    """Process 0, once every process compared its fields (they were exchanged, so each has read
+    the token): the folder keeps only the command's outputs."""
+    if jax.process_index() == 0:
+        try:
+            os.remove(os.path.join(folder, OUTPUT_TOKEN))
+        except OSError:
+            pass
 
 
 def check_same_everywhere(fields: Union[dict, Callable[[], dict]], *,

@@ -339,7 +339,10 @@ def check_provenance(out_dir: str, fingerprint: Optional[dict], *, overwrite: bo
     (``cross_process_fields``): a process given another model copy, seed, format, cohort or
     --out would write its share of the slides with it, or elsewhere."""
     if fingerprint is not None:
-        distributed.check_same_everywhere(lambda: cross_process_fields(fingerprint, out_dir, inputs or {}))
+        try:
+            distributed.check_same_everywhere(lambda: cross_process_fields(fingerprint, out_dir, inputs or {}))
+        finally:
+            distributed.drop_output_token(out_dir)
     if fingerprint is not None and jax.process_index() == 0:
         provenance.check(out_dir, fingerprint, outputs=(bags.SLIDES, shards.MANIFEST),
                          overwrite=overwrite, resume_anyway=resume_anyway, what="embeddings folder")
@@ -349,9 +352,10 @@ def check_provenance(out_dir: str, fingerprint: Optional[dict], *, overwrite: bo
 def cross_process_fields(fingerprint: dict, out_dir: str, inputs: dict[str, str]) -> dict:
     """The fingerprint, the identity of the input files (slide id -> region shard or slide
     file: provenance.files_identity, so hosts may mount the cohort at different paths, while
-    another cohort made with the same hipt-prep parameters differs) and the output folder
-    (absolute: every process writes its bags there)."""
-    return dict(fingerprint, inputs=provenance.files_identity(inputs), out=os.path.abspath(out_dir))
+    another cohort made with the same hipt-prep parameters differs) and the output folder by
+    identity (distributed.output_identity: every process writes its bags there, whatever path
+    its host mounts it at)."""
+    return dict(fingerprint, inputs=provenance.files_identity(inputs), out=distributed.output_identity(out_dir))
 
 
 STATUS = "status"  # OUT/status/process_<i>.json: one process's slides of the last run

@@ -107,7 +107,8 @@ def test_processes_agree_on_one_cohort_mounted_at_two_paths_and_refuse_another(t
     the same hipt-prep parameters (same names, other bytes) or another --out is refused. The
     exchange is faked: each case's fields against the first process's (no processes started).
     Plants: cross_process_fields comparing the shard paths as written -> the two mounts are
-    refused, fails; leaving out the input identity -> the other cohort passes, fails."""
+    refused, fails; leaving out the input identity -> the other cohort passes, fails; --out
+    compared by absolute path -> the symlinked --out is refused, fails."""
     import shutil
 
     import pytest
@@ -134,8 +135,14 @@ def test_processes_agree_on_one_cohort_mounted_at_two_paths_and_refuse_another(t
         raise Checked
 
     monkeypatch.setattr(distributed, "check_same_everywhere", capture)
+    # The first case is process 0 (writes the output token), the others process 1 (read it);
+    # process 0 drops the token only after the real exchange.
+    identity = distributed.output_identity
+    monkeypatch.setattr(distributed, "output_identity", lambda folder: identity(folder, process=1 if fields else 0))
+    monkeypatch.setattr(distributed, "drop_output_token", lambda folder: None)
+    os.symlink(tmp_path / "emb", tmp_path / "emb_link", target_is_directory=True)
     fingerprint = {"vit256": "random:tiny:seed0", "vit4k": "random:tiny:seed0"}
-    for prep, out in ((mount_a, "emb"), (mount_b, "emb"), (other, "emb"), (mount_a, "emb2")):
+    for prep, out in ((mount_a, "emb"), (mount_b, "emb"), (other, "emb"), (mount_a, "emb2"), (mount_b, "emb_link")):
         with pytest.raises(Checked):
             extraction.extract_cohort(None, prep, str(tmp_path / out), fingerprint=fingerprint)
 
@@ -147,3 +154,4 @@ def test_processes_agree_on_one_cohort_mounted_at_two_paths_and_refuse_another(t
         real(fields[2], gather=exchange(fields[2]))
     with pytest.raises(distributed.ProcessMismatchError, match="process 1 differs from process 0 in out;"):
         real(fields[3], gather=exchange(fields[3]))
+    real(fields[4], gather=exchange(fields[4]))  # one --out at two paths (a mount, a symlink): alike

@@ -718,12 +718,13 @@ def test_an_export_killed_midway_is_replaced_and_a_failed_one_keeps_the_previous
     assert (other / "notes.txt").is_file()
 
 
-def test_processes_agree_on_data_mounted_at_two_paths_and_refuse_other_data_or_workdir(tmp_path):
+def test_processes_agree_on_data_mounted_at_two_paths_and_refuse_other_data_or_workdir(tmp_path, monkeypatch):
     """data.path compared as written refused a run whose hosts mount one tile folder at two
     paths; it is now compared by what it holds: the same tiles at /mnt and /data agree, another
     tile set at the same path, or another workdir, is refused. The exchange is faked.
     Plant: cross_process_fields without the DATA_LOCATION_FIELDS loop -> the two mounts are
-    refused (config.data.path), fails."""
+    refused (config.data.path), fails; the workdir compared by absolute path -> the symlinked
+    workdir is refused, fails."""
     import shutil
 
     from hipt_jax import distributed
@@ -732,17 +733,23 @@ def test_processes_agree_on_data_mounted_at_two_paths_and_refuse_other_data_or_w
     _make_pngs(tmp_path / "mnt" / "tiles", n=4, size=16)
     shutil.copytree(tmp_path / "mnt" / "tiles", tmp_path / "data" / "tiles")
     _make_pngs(tmp_path / "other" / "tiles", n=4, size=16, seed=1)
+    os.symlink(tmp_path / "run", tmp_path / "run_link", target_is_directory=True)
+    identity, role = distributed.output_identity, []  # role: this process's index
+    monkeypatch.setattr(distributed, "output_identity", lambda folder: identity(folder, process=role[-1]))
 
-    def fields(data, workdir="run"):
+    def fields(data, workdir="run", process=1):
         c = get_config_256("runlocal")
         c.data.path = str(tmp_path / data / "tiles")
+        role.append(process)
         return trainer.cross_process_fields(c, str(tmp_path / workdir))
 
+    process0 = json.dumps(fields("mnt", process=0), sort_keys=True, default=str).encode()  # writes the token
+
     def check(mine):
-        process0 = json.dumps(fields("mnt"), sort_keys=True, default=str).encode()
         distributed.check_same_everywhere(mine, gather=lambda b: [process0, b])
 
     check(fields("data"))
+    check(fields("data", workdir="run_link"))  # one workdir at two paths
     with pytest.raises(distributed.ProcessMismatchError, match="differs from process 0 in config.data.path;"):
         check(fields("other"))
     with pytest.raises(distributed.ProcessMismatchError, match="differs from process 0 in workdir;"):
@@ -767,6 +774,7 @@ def test_processes_with_different_configs_refuse_before_training(tmp_path, monke
         return c
 
     workdir = str(tmp_path / "run")
+    monkeypatch.setattr(distributed, "output_identity", lambda folder: "one folder")  # tested above
     process0 = json.dumps(trainer.cross_process_fields(config_of(0, 0), workdir), sort_keys=True, default=str)
     real = distributed.check_same_everywhere
     monkeypatch.setattr(distributed, "check_same_everywhere",

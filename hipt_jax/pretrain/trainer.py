@@ -778,12 +778,13 @@ def cross_process_fields(config: ml_collections.ConfigDict, workdir: str) -> dic
     """What every process of a multi-process run must agree on: the whole config but its
     host-local fields, the warm-start checkpoint by content (each host may hold its own copy),
     the data by what it holds (DATA_LOCATION_FIELDS: /mnt/a on one host and /data/a on another
-    is one dataset; another dataset at the same path is not) and the workdir, absolute: the
-    output every process writes, so two processes writing two folders are refused. Only process
+    is one dataset; another dataset at the same path is not) and the workdir by identity
+    (distributed.output_identity): the output every process writes, so two processes writing
+    two folders are refused, one folder at two mount points is not. Only process
     0's config is recorded in the provenance, yet every process trains and checkpoints with its
     own: a seed, schedule, stop step or checkpoint cadence that differs on one host trains
     something else or hangs in a collective."""
-    from hipt_jax import provenance
+    from hipt_jax import distributed, provenance
 
     data = _config_without(config, HOST_LOCAL_FIELDS)
     data["warm_start"] = provenance.content_hash(config.warm_start or None)
@@ -794,7 +795,7 @@ def cross_process_fields(config: ml_collections.ConfigDict, workdir: str) -> dic
             node = node.get(section, {})
         if name in node:
             node[name] = provenance.data_identity(node[name])
-    return {"config": data, "workdir": os.path.abspath(workdir)}
+    return {"config": data, "workdir": distributed.output_identity(workdir)}
 
 
 def fetch_metrics(pending: list) -> list[tuple[int, dict]]:
@@ -837,7 +838,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     """
     from hipt_jax import distributed, provenance, workdir_lock
 
-    distributed.check_same_everywhere(lambda: cross_process_fields(config, workdir))
+    try:
+        distributed.check_same_everywhere(lambda: cross_process_fields(config, workdir))
+    finally:
+        distributed.drop_output_token(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
