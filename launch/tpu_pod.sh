@@ -5,8 +5,9 @@
 #   export TPU_NAME=hipt-v4-32 ZONE=us-central2-b ACCELERATOR=v4-32 RUNTIME=tpu-ubuntu2204-base
 #   launch/tpu_pod.sh create
 #   launch/tpu_pod.sh setup                      # copies this checkout, pip installs hipt-jax[tpu]
-#   launch/tpu_pod.sh run --config configs/pretrain_vit256.py --workdir gs://BUCKET/runs/vit256 \
-#       --config.data.kind=patch_shards --config.data.path=gs://BUCKET/prep/patches \
+#   launch/tpu_pod.sh mount BUCKET /mnt/BUCKET     # gcsfuse: the bucket at one path on every worker
+#   launch/tpu_pod.sh run --config configs/pretrain_vit256.py --workdir /mnt/BUCKET/runs/vit256 \
+#       --config.data.kind=patch_shards --config.data.path=/mnt/BUCKET/prep/patches \
 #       --config.global_batch=1024
 #   launch/tpu_pod.sh logs | ssh | delete
 #   launch/tpu_pod.sh --dry-run run ...          # (or DRY_RUN=1) print every command, run none
@@ -19,7 +20,8 @@
 # Global batch: --config.global_batch is the batch of the whole slice; each host feeds
 # global_batch / num_hosts examples (its own slice of the shuffled data, by jax.process_index()),
 # and every device holds global_batch / num_devices. lr scales with global_batch / 256 (as DINO).
-# --workdir must be on storage every host sees (a gs:// bucket); checkpoints resume from it.
+# --workdir must be on storage every host sees (a bucket mounted with gcsfuse at one path on every
+# worker, or NFS); checkpoints resume from it. gs:// URLs are refused: commands read and write files.
 set -euo pipefail
 
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
@@ -74,6 +76,14 @@ case "$cmd" in
     on_all "cd $RDIR && nohup .venv/bin/python -m $MODULE$args > $LOG 2>&1 &"
     [[ "$DRY_RUN" == 1 ]] || echo "started on all workers; follow with: $0 logs"
     ;;
+  mount)
+    # Commands read and write files (gs:// URLs are refused), so the bucket is mounted with gcsfuse
+    # at the same path on every worker (the image must have gcsfuse; TPU VMs allow sudo).
+    if [[ -z "${1:-}" ]]; then echo "usage: $0 mount BUCKET [DIR]" >&2; exit 2; fi
+    bucket="$1"; dir="${2:-/mnt/$bucket}"
+    qb=$(printf '%q' "$bucket"); qd=$(printf '%q' "$dir")
+    on_all "sudo mkdir -p $qd && sudo chown \$(id -u):\$(id -g) $qd && gcsfuse --implicit-dirs $qb $qd"
+    ;;
   logs)
     tpu ssh "$TPU_NAME" --worker=0 --command="tail -f $RDIR/$LOG"
     ;;
@@ -87,7 +97,7 @@ case "$cmd" in
     tpu delete "$TPU_NAME" --quiet
     ;;
   *)
-    echo "usage: $0 create|setup|run ARGS...|logs|ssh [WORKER]|stop|delete" >&2
+    echo "usage: $0 create|setup|mount BUCKET [DIR]|run ARGS...|logs|ssh [WORKER]|stop|delete" >&2
     exit 2
     ;;
 esac

@@ -323,6 +323,24 @@ def test_every_path_flag_expands_tilde(tmp_path, monkeypatch):
     assert (config.data.path, config.data.splits) == (f"{home}/d", "kfold:10")
 
 
+def test_urls_are_refused_where_a_path_is_expected(capsys):
+    """`--workdir gs://b/run` (as cluster guides write it) was taken as a local folder named
+    `gs:`, one per host of a pod: each wrote its own checkpoints. A URL in a path flag, a config
+    path field or an absl path flag is refused naming it and the mount to use instead; paths
+    that merely contain ':' stay paths. Plants: path_arg, expand_user_paths or absl_config
+    without the url_refusal test -> fails."""
+    import ml_collections
+
+    with pytest.raises(SystemExit) as e:
+        embed.build_parser().parse_args(["--random-init", "tiny", "--image=r.png", "--out=gs://b/e.npz"])
+    assert e.value.code == 2 and "gs://b/e.npz: a URL, not a path" in capsys.readouterr().err
+    assert flags.path_arg("C:/data/x.png") == "C:/data/x.png"
+    assert flags.path_arg("run:2/x") == "run:2/x"
+    config = ml_collections.ConfigDict({"data": {"path": "s3://bucket/patches", "splits": "kfold:10"}})
+    with pytest.raises(flags.UsageError, match=r"config\.data\.path=s3://bucket/patches: a URL.*mount"):
+        flags.expand_user_paths(config)
+
+
 def test_config_tilde_expanded_in_path_fields_only(tmp_path, monkeypatch):
     """Every config field starting with '~' was expanded: label_column '~root' became '/root',
     a class '~' the home folder. Only the fields naming files or folders are paths; the rest

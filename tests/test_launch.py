@@ -221,7 +221,7 @@ def test_tpu_script_dry_run_passes_only_existing_flags(tmp_path):
         _stub(bin_dir / tool, "echo CALLED >&2; exit 99\n")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="t", ZONE="z")
     examples = _documented_tpu_commands()
-    assert {e[0] for e in examples} >= {"create", "setup", "run", "logs", "ssh", "stop", "delete"}
+    assert {e[0] for e in examples} >= {"create", "setup", "mount", "run", "logs", "ssh", "stop", "delete"}
     invocations = []
     for example in examples:
         res = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", *example],

@@ -516,8 +516,26 @@ positive_float = float_in(0.0)
 def path_arg(text: str) -> str:
     """argparse type of every flag that names a file or folder: ``~`` expanded. The shell leaves
     it alone after ``=`` (``--out=~/e.npz``), and a folder literally named ``~`` in the working
-    directory is one ``rm -rf ~`` away from the user's home."""
+    directory is one ``rm -rf ~`` away from the user's home. A URL is refused (``url_refusal``)."""
+    refusal = url_refusal(text)
+    if refusal:
+        raise argparse.ArgumentTypeError(refusal)
     return os.path.expanduser(text)
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def url_refusal(text: str) -> str:
+    """Why ``text`` cannot be a path here ("" when it can). Every command reads and writes
+    through the operating system's files, so ``gs://b/run`` would be taken as a local folder
+    named ``gs:`` (a multi-host run then writes one per host): an object store is used through
+    a mount, which every host of a pod or cluster sees as one folder."""
+    if not _URL.match(text):
+        return ""
+    return (f"{text}: a URL, not a path: commands read and write files, so mount the bucket "
+            "(e.g. gcsfuse BUCKET /mnt/BUCKET, s3fs, or the cluster's shared filesystem) and give "
+            "the path inside the mount")
 
 
 def add_reuse_flags(p) -> None:
@@ -1089,14 +1107,17 @@ CONFIG_PATH_FIELDS = frozenset({
 def expand_user_paths(config, _prefix: str = "") -> None:
     """``~`` expanded in the path fields of an absl command's config (CONFIG_PATH_FIELDS: data
     paths, labels, splits, checkpoints, export and output files; see ``path_arg``), from the
-    config file and from --config.FIELD overrides alike, in place. Other fields are left as
-    they are."""
+    config file and from --config.FIELD overrides alike, in place; a URL there is refused
+    (``url_refusal``). Other fields are left as they are."""
     for key in list(config.keys()):
         value, field = config[key], f"{_prefix}{key}"
         if hasattr(value, "keys"):
             expand_user_paths(value, f"{field}.")
-        elif field in CONFIG_PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
-            config[key] = os.path.expanduser(value)
+        elif field in CONFIG_PATH_FIELDS and isinstance(value, str):
+            if url_refusal(value):
+                raise UsageError(f"config.{field}={url_refusal(value)}")
+            if value.startswith("~"):
+                config[key] = os.path.expanduser(value)
 
 
 def define_absl_shared_flags(*, seed: bool = False, compute_dtype: bool = False, reuse: bool = False) -> None:
@@ -1136,6 +1157,10 @@ def absl_config(prog: str, fields: dict[str, str]):
         if value is not None:
             config[field] = value
     expand_user_paths(config)
+    for flag in ABSL_PATH_FLAGS:  # --workdir, --plan_json: the config fields' rule
+        value = absl_flags.FLAGS[flag].value if flag in absl_flags.FLAGS else None
+        if isinstance(value, str) and url_refusal(value):
+            raise UsageError(f"--{flag}={url_refusal(value)}")
     return config
 
 
