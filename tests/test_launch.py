@@ -69,12 +69,18 @@ def test_two_processes_equal_one_process_two_devices(png_patches, tmp_path):
     np.testing.assert_allclose(_losses(res2.stdout, "[0] "), _losses(res1.stdout), atol=2e-4)
 
 
-def test_launcher_propagates_failure_and_stops_peers():
+def test_launcher_propagates_failure_and_stops_peers(tmp_path):
+    # Rank 1 fails only once rank 2 has printed (a file says so): under load rank 2 could start
+    # after rank 1 had already failed and been stopped before its line (seen in a full run).
+    ready = str(tmp_path / "rank2-printed")
     code = ("import os, sys, time\n"
             "rank = int(os.environ['JAX_PROCESS_ID'])\n"
             "assert os.environ['JAX_NUM_PROCESSES'] == '3'\n"
             "assert os.environ['JAX_COORDINATOR_ADDRESS'].startswith('127.0.0.1:')\n"
             "print('hello', rank, flush=True)\n"
+            f"open({ready!r}, 'w').close() if rank == 2 else None\n"
+            f"deadline = time.time() + 50\n"
+            f"while rank == 1 and not os.path.exists({ready!r}) and time.time() < deadline: time.sleep(0.05)\n"
             "sys.exit(7) if rank == 1 else time.sleep(120)\n")
     res = _launch(["-n", "3", "--", sys.executable, "-c", code], timeout=60)
     assert res.returncode == 7
