@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from data_prep import csv_table
 from data_prep.regions import SlideTask, status_path
-from data_prep.shards import (MANIFEST, file_sha256, input_identity, package_versions, safe_slide_id,
-                              walk_visible, write_json_atomic, write_run_manifest)
+from data_prep.shards import (MANIFEST, current_sha256, input_identity, package_versions, safe_slide_id,
+                              walk_visible, write_run_manifest)
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
                     ".svslide", ".dcm")
@@ -134,22 +134,14 @@ def is_done(out_dir: str, item_id: str, source: dict | None = None) -> bool:
 
 def _same_bytes(out_dir: str, item_id: str, st: dict, product: str) -> bool:
     """False (said on stderr) when the output's bytes differ from the SHA-256 its status
-    recorded. Damage in place (a zero-filled block, an edited h5 row) keeps the size, so the
-    size check above misses it; hashing every finished item on every rerun would cost a read of
-    the whole folder, so only an output whose mtime differs from the recorded one is hashed.
-    Records from before the mtime was kept are hashed once, and a match (a copy, a touch) is
-    recorded, so the next rerun is cheap again."""
-    mtime = os.stat(product).st_mtime_ns
-    if not st.get("sha256") or st.get("shard_mtime_ns") == mtime:
+    recorded (``current_sha256``: hashed only when its mtime moved). Damage in place (a
+    zero-filled block, an edited h5 row) keeps the size, so the size check above misses it."""
+    if not st.get("sha256"):
         return True
-    if file_sha256(product) != st["sha256"]:
+    if current_sha256(product, status_path(out_dir, item_id), st) != st["sha256"]:
         print(f"{product}: its bytes changed since it was written (SHA-256 does not match "
               f"{status_path(out_dir, item_id)}); redoing it", file=sys.stderr)
         return False
-    try:
-        write_json_atomic(status_path(out_dir, item_id), dict(st, shard_mtime_ns=mtime))
-    except OSError:
-        pass  # verified all the same: the next rerun hashes it again
     return True
 
 

@@ -447,6 +447,25 @@ def product_identity(path: str) -> dict:
             "shard_mtime_ns": os.stat(path).st_mtime_ns}
 
 
+def current_sha256(path: str, status_file: str, status: dict) -> str:
+    """The SHA-256 of the output ``path`` whose status record (``status``, read from
+    ``status_file``; a ``product_identity``) holds a SHA-256. Damage in place (a zero-filled
+    block) keeps the size, yet hashing every finished output on every rerun would read the whole
+    folder: the recorded hash is trusted while the mtime is the recorded one, and an output whose
+    mtime moved (a touch, ``cp -r``, damage) is hashed. Equal bytes then record the new mtime, so
+    the next rerun is cheap again (a read-only folder is hashed again next time)."""
+    mtime = os.stat(path).st_mtime_ns
+    if status.get("shard_mtime_ns") == mtime:
+        return status["sha256"]
+    digest = file_sha256(path)
+    if digest == status["sha256"]:
+        try:
+            write_json_atomic(status_file, dict(status, shard_mtime_ns=mtime))
+        except OSError:
+            pass
+    return digest
+
+
 def input_identity(path: str) -> dict:
     """What says a slide file is the one a finished item was made from: its name and size (not
     its folder or mtime, so moving or copying a cohort does not redo it)."""

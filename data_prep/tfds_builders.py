@@ -192,23 +192,8 @@ def _shard_identity(path: str) -> dict:
         recorded, size = status.get("sha256"), status.get("shard_bytes")
     except (OSError, ValueError, AttributeError):
         status, recorded, size = None, None, None
-    digest = None
-    if recorded and size == st.st_size:
-        digest = recorded if status.get("shard_mtime_ns") == st.st_mtime_ns else _rehash(path, status_path,
-                                                                                        status, st)
+    digest = shards.current_sha256(path, status_path, status) if recorded and size == st.st_size else None
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-
-
-def _rehash(path: str, status_path: str, status: dict, st) -> str:
-    """The shard's SHA-256 now; when it equals the recorded one, the status takes the new mtime
-    so the next rerun is cheap again (a read-only shards folder is hashed again next time)."""
-    digest = shards.file_sha256(path)
-    if digest == status["sha256"]:
-        try:
-            shards.write_json_atomic(status_path, dict(status, shard_mtime_ns=st.st_mtime_ns))
-        except OSError:
-            pass
-    return digest
 
 
 def shards_record(kind: str, shards_dir: str, splits=None) -> dict:

@@ -215,7 +215,7 @@ def test_a_shard_damaged_in_place_is_redone_and_a_copy_is_hashed_once(slides_dir
     zero-filled shard counts as done, fails."""
     import shutil
 
-    from data_prep import runner
+    from data_prep import shards
     from data_prep.runner import prepare_regions
 
     folder, out = tmp_path / "slides", str(tmp_path / "out")
@@ -236,8 +236,8 @@ def test_a_shard_damaged_in_place_is_redone_and_a_copy_is_hashed_once(slides_dir
     del record["shard_mtime_ns"]  # as an older release wrote it
     json.dump(record, open(status, "w"))
     hashed = []
-    real = runner.file_sha256
-    monkeypatch.setattr(runner, "file_sha256", lambda p: hashed.append(p) or real(p))
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda p: hashed.append(p) or real(p))
     prepare_regions(str(folder), out, region_px=int(REGION))
     assert hashed == [shard] and "redoing" not in capsys.readouterr().err
     assert json.load(open(status))["shard_mtime_ns"] == os.stat(shard).st_mtime_ns
