@@ -534,7 +534,7 @@ def test_shards_of_another_kind_or_grid_are_refused_at_start_naming_the_shard(tm
     assert data_lib.check_source(c, data_lib.make_source(c.data)) == []
 
 
-def test_stage1_patch_shards_not_256_px_get_a_note(tmp_path):
+def test_stage1_patch_shards_not_256_px_get_a_note(tmp_path, monkeypatch):
     c = get_config_256("runlocal")
     c.data.kind, c.data.path = "patch_shards", str(tmp_path / "p")
     _patch_shard(tmp_path / "p" / "patches" / "a.array_record", px=256)
@@ -542,6 +542,13 @@ def test_stage1_patch_shards_not_256_px_get_a_note(tmp_path):
     _patch_shard(tmp_path / "p" / "patches" / "b.array_record", px=512)
     (note,) = data_lib.check_source(c, data_lib.make_source(c.data))
     assert "mix patch sizes: 256 px" in note and "512 px (" in note and "expects 256 px patches at 20x" in note
+    # Past CHECKED_SHARDS, shards spread over the listing are read, the first and last included.
+    _patch_shard(tmp_path / "p" / "patches" / "c.array_record", px=256)
+    monkeypatch.setattr(data_lib, "CHECKED_SHARDS", 2)
+    assert data_lib.check_source(c, data_lib.make_source(c.data)) == []  # b (512 px) not read
+    _patch_shard(tmp_path / "p" / "patches" / "d.array_record", px=512)
+    (note,) = data_lib.check_source(c, data_lib.make_source(c.data))
+    assert "d.array_record" in note
     c.data.path = str(tmp_path / "p" / "patches" / "b.array_record")
     (note,) = data_lib.check_source(c, data_lib.make_source(c.data))
     assert note.startswith("the patch shards hold 512 px patches (")
