@@ -339,6 +339,18 @@ def test_slide_map_refuses_another_slide_of_the_same_name(tmp_path, capsys):
     assert "a plain PNG image, not a whole-slide format" in capsys.readouterr().err
 
 
+def test_region_mode_slide_needs_x_and_y(tmp_path, capsys):
+    """A region map of --slide without --x/--y painted the slide's (0, 0) corner (background on
+    most slides) with exit 0. Plant: xy_default=0 for hipt-heatmap again -> exit 0 and maps."""
+    from hipt_jax.cli.heatmap import main
+
+    for xy in ([], ["--x", "0"]):
+        assert main(["--random-init", "tiny", "--slide", REAL_SLIDE, "--size", "512", "--out",
+                     str(tmp_path / "o")] + xy) == 2
+        assert "--slide needs --x and --y" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_cli_slide_scores(tmp_path):
     np.savez(tmp_path / "scores.npz", coords=np.array([[0, 0], [1024, 0], [0, 1024]]),
              scores=np.array([0.2, 0.5, 0.3]), region_px=1024)

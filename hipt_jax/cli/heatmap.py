@@ -89,7 +89,7 @@ def _file_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = flags.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    flags.add_region_source_flags(p, required=False, xy_default=0)
+    flags.add_region_source_flags(p, required=False, xy_default=None)
     flags.add_region_flags(p)
     # Region mode needs weights; slide mode (--lgp / --region-scores) does not.
     flags.add_model_flags(p, vit4k_help="ViT-4K checkpoint (optional: without it only 256-level maps)",
@@ -559,6 +559,9 @@ def check_mode(args) -> None:
         raise flags.UsageError(f"{' and '.join('--' + f.replace('_', '-') for f in sources)}: slide mode paints "
                                "one source of region scores; give one")
     if not sources:
+        if args.slide and (args.x is None or args.y is None):  # a (0, 0) default painted the slide's corner
+            raise flags.UsageError("--slide needs --x and --y (level-0 top-left of the region to map); "
+                                   "for a whole-slide map give --lgp, --vitwsi or --region-scores")
         return
     given = set(getattr(args, "given", ()))
     region_only = [f for f in ("vit256", "vit4k", "random_init", "image", "x", "y", "scale", "shifts", "shifts256",
