@@ -371,6 +371,20 @@ def test_config_tilde_expanded_in_path_fields_only(tmp_path, monkeypatch):
     assert flags.CONFIG_PATH_FIELDS <= fields, flags.CONFIG_PATH_FIELDS - fields
 
 
+def test_out_named_like_a_file_is_refused_not_made_a_folder(tmp_path, data, capsys):
+    """`hipt-heatmap ... --out maps.png` made a folder called maps.png and wrote the maps into it,
+    exit 0. Plant: drop the file-ending check in flags.check_output_dir -> exit 0, folder made."""
+    from PIL import Image
+
+    Image.fromarray(tissue_crop(np.random.default_rng(0), 256)).save(tmp_path / "region.png")
+    code, _, err = _call(heatmap.main, ["--random-init", "tiny", "--image", str(tmp_path / "region.png"),
+                                        "--out", str(tmp_path / "maps.png")], capsys)
+    assert code == 2 and "maps.png: names a .png file, but this is an output folder" in err, err
+    assert not os.path.exists(tmp_path / "maps.png")
+    (tmp_path / "old.png").mkdir()  # an existing folder of that name is the user's choice
+    flags.check_output_dir(str(tmp_path / "old.png"))
+
+
 def test_out_with_tilde_writes_under_home_not_a_folder_named_tilde(tmp_path, monkeypatch, capsys):
     """hipt-prep coords --slides=~/slides --out=~/o with HOME set: the output is HOME/o and the
     working directory gets no `~`. Plant: prep's --out without type=flags.path_arg -> ./~/o."""

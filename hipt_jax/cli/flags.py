@@ -572,6 +572,11 @@ def remove_empty_created_dirs() -> None:
             pass
 
 
+# Endings of files a user may give where a command wants a folder to write into.
+FILE_EXTENSIONS = frozenset((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".pdf", ".svg", ".npz", ".npy", ".csv",
+                             ".tsv", ".json", ".txt", ".h5", ".pt", ".pth", ".pkl", ".svs"))
+
+
 def check_output_dir(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
     """Before any work: ``path`` can be created, is a folder, is writable, and its filesystem has
     at least ``need_bytes`` free (an estimate the caller states). UsageError naming it if not."""
@@ -580,6 +585,10 @@ def check_output_dir(path: str, need_bytes: int = MIN_FREE_BYTES) -> None:
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{path}: output location exists and is not a folder")
+    ext = os.path.splitext(path.rstrip("/\\"))[1].lower()
+    if not os.path.exists(path) and ext in FILE_EXTENSIONS:  # `--out maps.png` made a folder of that name
+        raise UsageError(f"{path}: names a {ext} file, but this is an output folder (the command writes "
+                         "several files into it); give a folder name")
     new, up = [], os.path.abspath(path)
     while up and not os.path.exists(up) and up != os.path.dirname(up):
         new.append(up)  # deepest first: removed in this order if the command refuses its input
