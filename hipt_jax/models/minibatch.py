@@ -263,24 +263,38 @@ def dot_backend_name(compiler_options: dict) -> str:
     return next((name for name, opts in DOT_BACKENDS.items() if opts == dict(compiler_options or {})), "custom")
 
 
+def _time_pairs(model_key: str, pairs: list, seconds_per_sample: Callable[..., float]) -> dict:
+    """{"backend/size" (or "size"): seconds per sample} over ``pairs``, with a progress bar: a
+    full-size calibration is a compile and a few steps per pair, up to an hour on a 2-core CPU."""
+    from tqdm import tqdm
+
+    timings = {}
+    bar = tqdm(pairs, desc=f"calibrating {model_key.split('|')[0]}", unit="setting", file=sys.stderr,
+               disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
+    for name, b in bar:
+        label = f"{name}/{b}" if name else str(b)
+        bar.set_postfix_str(f"timing {label}")
+        timings[label] = float(seconds_per_sample(b, name) if name else seconds_per_sample(b))
+        if bar.disable:  # a log still says where the minutes go, one line per setting
+            print(f"calibrating {model_key}: {label}: {timings[label]:.4g} s per sample", file=sys.stderr, flush=True)
+    return timings
+
+
 def calibrate(model_key: str, candidates: Iterable[int], seconds_per_sample: Callable[..., float],
               dot_backends: Optional[Iterable[str]] = None) -> int:
     """Time every candidate (``seconds_per_sample(b)``: compile, warm up and time the program at
     size b), store the fastest for this machine and model, and return it. With ``dot_backends``
     every (size, backend) pair is timed (``seconds_per_sample(b, backend)``) and the backend
     of the fastest pair is stored beside its size (``calibrated_dot_backend``)."""
+    backends = [None] if dot_backends is None else list(dot_backends)
+    unknown = [b for b in backends if b is not None and b not in DOT_BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown dot backend(s) {unknown}: expected some of {sorted(DOT_BACKENDS)}")
+    timings = _time_pairs(model_key, [(name, int(b)) for name in backends for b in candidates], seconds_per_sample)
+    best_key = min(timings, key=timings.get)
     if dot_backends is None:
-        timings = {str(int(b)): float(seconds_per_sample(int(b))) for b in candidates}
-        best_key = min(timings, key=timings.get)
         record = {"best": int(best_key), "s_per_sample": timings}
     else:
-        backends = list(dot_backends)
-        unknown = [b for b in backends if b not in DOT_BACKENDS]
-        if unknown:
-            raise ValueError(f"unknown dot backend(s) {unknown}: expected some of {sorted(DOT_BACKENDS)}")
-        timings = {f"{name}/{int(b)}": float(seconds_per_sample(int(b), name))
-                   for name in backends for b in candidates}
-        best_key = min(timings, key=timings.get)
         name, _, size = best_key.partition("/")
         record = {"best": int(size), "dot_backend": name, "s_per_sample": timings}
     best = record["best"]
