@@ -342,7 +342,23 @@ def model_fingerprint(vit256: Optional[str] = None, vit4k: Optional[str] = None,
     if random_init and random_init != "none":
         rand = f"random:{random_init}:seed{int(seed)}"
         return {"vit256": rand, "vit4k": rand}
-    return {"vit256": content_hash(vit256), "vit4k": content_hash(vit4k)}
+    return {"vit256": weights_identity(vit256), "vit4k": weights_identity(vit4k)}
+
+
+def weights_identity(path: Optional[str]) -> Optional[str]:
+    """What a checkpoint holds, as outputs record it: a saved model directory's own hash of its
+    parameter values (arch.json "params_sha256": the same .pth converted twice, or copied, is
+    the same weights), else the content hash of the files (a .pth; directories saved before
+    that field existed). None for None."""
+    if path and os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "arch.json")) as f:
+                recorded = json.load(f).get("params_sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None  # not one of ours, or damaged: its loader says so; the bytes identify it
+        if isinstance(recorded, str) and recorded:
+            return recorded
+    return content_hash(path)
 
 
 def params_hash(manifest_path: str) -> Optional[str]:

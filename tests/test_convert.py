@@ -160,6 +160,28 @@ def test_pth_and_converted_dir_give_the_same_model(released, tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
 
 
+def test_the_same_weights_converted_twice_have_one_identity(released, tmp_path, capsys):
+    """Converting the same .pth twice (a copy elsewhere, a re-run) gave other file hashes (Orbax
+    records times, arch.json the source path), so every bag extracted with one conversion
+    warned "other checkpoint files" against the other and a resumed hipt-extract needed
+    --resume-anyway. Plant: weights_identity returning the files' content hash -> unequal."""
+    from hipt_jax import provenance
+
+    copy = tmp_path / "elsewhere" / "same.pth"
+    copy.parent.mkdir()
+    shutil.copy(released["vit256"], copy)
+    assert run_cli(capsys, released["vit256"], tmp_path / "a")[0] == 0
+    assert run_cli(capsys, copy, tmp_path / "b", "--keep-head")[0] == 0  # the head is not the backbone
+    assert run_cli(capsys, released["vit4k"], tmp_path / "other")[0] == 0
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert provenance.content_hash(a) != provenance.content_hash(b)  # the files differ
+    assert provenance.weights_identity(a) == provenance.weights_identity(b)
+    assert provenance.weights_identity(a) != provenance.weights_identity(str(tmp_path / "other"))
+    assert provenance.model_fingerprint(a, None) == provenance.model_fingerprint(b, None)
+    # A .pth is identified by its bytes; a directory saved before the field existed too.
+    assert provenance.weights_identity(released["vit256"]) == provenance.content_hash(released["vit256"])
+
+
 def test_ambiguous_single_network_files_are_refused_or_named(released, tmp_path, capsys):
     """Converted with exit 0 and no word: --which student on a one-network file (printed as the
     student); a dict holding "backbone.X" and "X" with different values (the last one kept);

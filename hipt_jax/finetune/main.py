@@ -429,8 +429,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
         "splits": splits if str(splits).startswith("kfold:") else provenance.content_hash(splits),
         "embeddings": provenance.config_hash(emb_fp) if emb_fp is not None else
         provenance.config_hash(sorted(bags.list_bags(config.data.embeddings))),
-        "pretrained_vit4k": provenance.content_hash(config.model.pretrained_vit4k or None),
-        **({"pretrained_global": provenance.content_hash(config.model.pretrained_global)}
+        "pretrained_vit4k": provenance.weights_identity(config.model.pretrained_vit4k or None),
+        **({"pretrained_global": provenance.weights_identity(config.model.pretrained_global)}
            if config.model.get("pretrained_global") else {}),
     }
 

@@ -200,6 +200,7 @@ def save(path: str, params, kind: str, arch_config, meta: Optional[dict] = None,
             "format": FORMAT, "version": VERSION, "kind": kind, "arch": KINDS[kind].arch_name(config),
             "config": config.to_dict(), "has_head": head is not None, "meta": meta or {},
             "state_sha256": state_sha256(os.path.join(path, STATE_DIR)),
+            "params_sha256": params_sha256(tree["params"], kind, config),
         }
         if kind == "vit":
             info["name"] = _vit_name(config)
@@ -323,6 +324,23 @@ def state_sha256(state_dir: str) -> str:
             with open(full, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
+    return h.hexdigest()
+
+
+def params_sha256(params, kind: str, config: ml_collections.ConfigDict) -> str:
+    """SHA-256 of what the weights are: the kind, the architecture and every parameter's name,
+    dtype, shape and values (not the head, not the files). Two saves of the same weights (the
+    same .pth converted twice, elsewhere) share it, where the state files differ (Orbax writes
+    times and ids): outputs record it as the weights that made them (hipt_jax.provenance)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(json.dumps({"kind": kind, "config": config.to_dict()}, sort_keys=True).encode())
+    for name, leaf in sorted(flatten(params).items()):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 

@@ -761,7 +761,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
     path = str(config.data.path)
     data_path = os.path.realpath(path) if path and os.path.exists(path) else path
     return {"config": provenance.config_hash(hashed_config(config)), "data_path": data_path,
-            "warm_start": provenance.content_hash(config.warm_start or None)}
+            "warm_start": provenance.weights_identity(config.warm_start or None)}
 
 
 # Settings a host may tune for its own cores and network; every other config field must be
@@ -787,7 +787,7 @@ def cross_process_fields(config: ml_collections.ConfigDict, workdir: str) -> dic
     from hipt_jax import distributed, provenance
 
     data = _config_without(config, HOST_LOCAL_FIELDS)
-    data["warm_start"] = provenance.content_hash(config.warm_start or None)
+    data["warm_start"] = provenance.weights_identity(config.warm_start or None)
     for field in DATA_LOCATION_FIELDS:
         *sections, name = field.split(".")
         node = data
