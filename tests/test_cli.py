@@ -119,7 +119,7 @@ def test_single_input_commands_bad_input_exit_2(data, capsys):
                                       root / "dd"], capsys)
     assert_exit_2(code, err, "hipt-embed", "dd.npz: output file is a folder")
     code, _, err = _call(heatmap.main, ["--random-init", "tiny", "--slide", os.path.join(data["slides"], "corrupt.svs"),
-                                        "--out", root / "maps"], capsys)
+                                        "--x", 0, "--y", 0, "--out", root / "maps"], capsys)
     assert_exit_2(code, err, "hipt-heatmap", "corrupt.svs")
     code, _, err = _call(embed.main, ["--vit256", root / "notes.pth", "--image", root / "x.png", "--out",
                                       root / "o.npz"], capsys)

@@ -523,8 +523,8 @@ def test_region_mode_refuses_upsampling_and_damaged_tiles_in_one_line(tmp_path, 
     s10 = make_aperio_slide(str(tmp_path / "s10.svs"), (768, 768), mag=20, levels=(1,), mpp=1.0)
     bad = damage_tile(make_aperio_slide(str(tmp_path / "bad.svs"), (1024, 1024), levels=(1,), seed=2), 5)
     for slide, needle in ((s10, "coarser than the target 0.5 um/px"), (bad, "cannot read its pixels")):
-        code = main(["--random-init", "tiny", "--slide", slide, "--size", "512", "--out", str(tmp_path / "o"),
-                     "--no-progress"])
+        code = main(["--random-init", "tiny", "--slide", slide, "--x", "0", "--y", "0", "--size", "512",
+                     "--out", str(tmp_path / "o"), "--no-progress"])
         errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln or "Traceback" in ln]
         assert code == 2 and len(errors) == 1 and f"{slide}: " in errors[0] and needle in errors[0], errors
     np.savez(tmp_path / "scores.npz", coords=np.zeros((1, 2)), scores=np.ones(1), region_px=512)
