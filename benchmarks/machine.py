@@ -29,10 +29,27 @@ def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
     return ""
 
 
-def torch_blas_note(vendor: str = "", mkl: bool | None = None, preload: str | None = None) -> str:
+def cpu_has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the first CPU's flags include avx512f."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+def torch_blas_note(vendor: str = "", mkl: bool | None = None, preload: str | None = None,
+                    avx512: bool | None = None) -> str:
     """A warning line when torch's GEMMs run below the machine's peak for a reason outside both
-    codebases: MKL (torch's CPU BLAS) takes its AVX2 path on non-Intel CPUs. "" otherwise."""
+    codebases: MKL (torch's CPU BLAS) takes its AVX2 path on non-Intel CPUs that have AVX-512.
+    "" otherwise (on an AVX2-only CPU, AVX2 is the best path there is: nothing is held back)."""
     vendor = vendor or cpu_vendor()
+    avx512 = cpu_has_avx512() if avx512 is None else avx512
+    if not avx512:
+        return ""
     if mkl is None:
         import torch
         mkl = torch.backends.mkl.is_available()
