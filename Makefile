@@ -36,7 +36,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
-# The multi-host launch tests alone (all of them also run in `make test`): a real one-node SLURM
+# The multi-host launch tests alone (all but the SLURM extraction job also run in `make test`): a real one-node SLURM
 # cluster (installs slurm-wlm and munge with apt-get when missing; needs root) with the sbatch
 # script's 2-task pretraining / preemption / extraction jobs, Beam on 2 worker processes, the
 # TPU dry run.

@@ -23,24 +23,6 @@ def test_demo_bad_arguments(tmp_path):
     assert res.returncode == 2 and "--slides" in res.stderr
 
 
-def test_demo_first_steps_small_regions(tmp_path):
-    """synth + prep on 1024 px regions: the cohort, labels and region shards line up."""
-    res = _demo("--out", str(tmp_path), "--steps", "synth,prep", "--slides", "4", "--region-px", "1024")
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    with open(tmp_path / "labels.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["label"] for r in rows] == ["a", "b", "a", "b"]
-    shards = sorted(os.listdir(tmp_path / "prep" / "regions"))
-    assert shards == [r["slide_id"] + ".array_record" for r in rows]
-    status = json.load(open(tmp_path / "prep" / "status" / "slide00_a.json"))
-    assert status["status"] == "done" and status["n_regions"] == 3  # slide 0: 2x2 regions, 3 of tissue
-    assert json.load(open(tmp_path / "prep" / "status" / "slide01_b.json"))["n_regions"] == 1
-    assert len(os.listdir(tmp_path / "prep_patches" / "patches")) == 4
-    summary = json.load(open(tmp_path / "summary.json"))
-    assert summary["steps"] == ["synth", "prep"] and set(summary["seconds"]) == {"synth", "prep"}
-    assert "=== HIPT-JAX demo: summary" in res.stdout
-
-
 def test_wsi_step_commands(tmp_path, monkeypatch):
     """The optional stage-3 step runs hipt-pretrain (configs/pretrain_vitwsi.py:runlocal) on the
     demo's slide bags, hipt-extract --vitwsi with its export, then hipt-knn --embedding wsi (the
@@ -146,8 +128,9 @@ def _tree(folder):
 
 
 def test_demo_from_installed_package(tmp_path):
-    """The installed package runs the demo from any folder: configs and the embedded slide come
-    from the installed packages, the commands import it, and nothing is written into it."""
+    """The installed package runs the demo's first steps (synth + prep on 1024 px regions) from
+    any folder: configs and the embedded slide come from the installed packages, the commands
+    import it, nothing is written into it, and the cohort, labels and region shards line up."""
     site = tmp_path / "site"
     _install_non_editable(site)
     before = _tree(site)
@@ -166,8 +149,20 @@ def test_demo_from_installed_package(tmp_path):
                           "--slides", "4", "--region-px", "1024"], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    # The cohort, labels and region shards line up (one demo run serves both this check and the
+    # installed-package one: each costs a synth + prep of four slides).
+    with open(out / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["a", "b", "a", "b"]
+    shards = sorted(os.listdir(out / "prep" / "regions"))
+    assert shards == [r["slide_id"] + ".array_record" for r in rows]
+    status = json.load(open(out / "prep" / "status" / "slide00_a.json"))
+    assert status["status"] == "done" and status["n_regions"] == 3  # slide 0: 2x2 regions, 3 of tissue
+    assert json.load(open(out / "prep" / "status" / "slide01_b.json"))["n_regions"] == 1
+    assert len(os.listdir(out / "prep_patches" / "patches")) == 4
     summary = json.load(open(out / "summary.json"))
-    assert summary["steps"] == ["synth", "prep"]
+    assert summary["steps"] == ["synth", "prep"] and set(summary["seconds"]) == {"synth", "prep"}
+    assert "=== HIPT-JAX demo: summary" in res.stdout
     for step, items in summary["outputs"].items():
         for key, path in items.items():
             assert os.path.exists(path), f"{step}: {key} missing ({path})"

@@ -132,16 +132,21 @@ def test_cli_plan_on_two_fake_devices_with_fsdp(tmp_path):
     assert 0.5 * 8 * n <= rows[0]["plan"]["params"] < 0.75 * 8 * n
 
 
-def test_cli_plan_bad_input_is_one_line_exit_2():
-    """Plant: parse_bytes returns 0 for text it cannot read -> the plan runs, exit 0, fails."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "1", "--hbm", "lots"],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert res.returncode == 2 and "--hbm 'lots'" in res.stderr and "Traceback" not in res.stderr
+def test_cli_plan_bad_input_is_one_line_exit_2(capsys):
+    """In-process (each refusal comes before anything is compiled; the `python -m` path of the
+    command is test_cli's). Plant: parse_bytes returns 0 for text it cannot read -> the plan
+    runs, exit 0, fails. The calls share this process's absl flags, as a notebook's calls do.
+    Plant: no FLAGS.unparse_flags() before parsing (cli.flags.absl_main) -> the third call keeps
+    the first calls' --plan and gives a device-count error, not the mode mix: fails."""
+    from hipt_jax.cli import profile
+
+    from tests.cli_helpers import call_main
+
+    code, _, err = call_main(profile.main, ["hipt-profile", "--plan", "--devices", "1", "--hbm", "lots"], capsys)
+    assert code == 2 and "--hbm 'lots'" in err and "Traceback" not in err, err[-500:]
     # --fsdp 0 was a ZeroDivisionError traceback, -1 a numpy message. Plant: no lower_bound -> fails.
-    res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", "--plan", "--devices", "1", "--fsdp", "0"],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert res.returncode == 2 and "--fsdp=0: 0 is not a positive integer" in res.stderr, res.stderr[-500:]
+    code, _, err = call_main(profile.main, ["hipt-profile", "--plan", "--devices", "1", "--fsdp", "0"], capsys)
+    assert code == 2 and "--fsdp=0: 0 is not a positive integer" in err, err[-500:]
     # Flags of one mode given to another were ignored with exit 0 (plant: no _check_plan_flags /
     # no --calibrate check / no _plan_sizes -> exit 0 or a plan: fails).
     for argv, needle in ((["--config", "configs/profile.py:runlocal", "--devices", "8", "--hbm", "40GB"],
@@ -149,9 +154,9 @@ def test_cli_plan_bad_input_is_one_line_exit_2():
                          (["--plan", "--calibrate", "--devices", "1", "--tiny"], "--plan and --calibrate: give one"),
                          (["--plan", "--devices", "1", "--tiny", "--config", "configs/profile.py"],
                           "--tiny and --config: give one")):
-        res = subprocess.run([sys.executable, "-m", "hipt_jax.cli.profile", *argv],
-                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-        assert res.returncode == 2 and needle in res.stderr, (argv, res.stderr[-500:])
+        code, _, err = call_main(profile.main, ["hipt-profile"] + [a.replace("configs/", os.path.join(ROOT, "configs", ""))
+                                                for a in argv], capsys)
+        assert code == 2 and needle in err, (argv, err[-500:])
 
 
 def test_plan_takes_the_region_size_and_says_what_it_planned():

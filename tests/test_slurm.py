@@ -418,6 +418,8 @@ def cohort(tmp_path_factory):
     return prep, slide_ids
 
 
+@pytest.mark.slow  # `make test-cluster` / `make test-all`; in make test: the same 2-process extraction without
+# the scheduler (test_extract_multiprocess) and the sbatch script's per_host tasks (the pretraining jobs above)
 def test_two_task_extraction_equals_one_process(slurm_cluster, cohort, tmp_path, capsys):  # noqa: F811
     """The one-process reference runs in this (1-device) pytest process first, so the 2-task job
     loads its programs from the cache. Plant: every process takes the slides of process 0

@@ -964,6 +964,10 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
         if missing:
             print_error(prog, missing)
             sys.exit(EXIT_BAD_INPUT)
+        # A second main() in one process (a notebook, a test) must not inherit the first call's
+        # flags: absl keeps every parsed value until it is parsed again, so a flag the second
+        # call leaves out would silently keep the first call's value.
+        absl_flags.FLAGS.unparse_flags()
         try:
             return absl_flags.FLAGS(args)
         except absl_flags.Error as e:
