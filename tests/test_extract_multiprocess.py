@@ -8,6 +8,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 
 from tests.synthetic_cohort import tissue_crop, write_region_shard
 
@@ -50,6 +51,40 @@ def test_two_process_extraction_merges_every_status(tmp_path):
         assert attrs["target_magnification"] == 20.0 and attrs["name"] == "a_good"
 
 
+def test_a_process_with_another_seed_is_refused_by_the_cli_before_any_slide(tmp_path, monkeypatch, capsys):
+    """hipt-extract in this process as process 1 with --seed 1, the exchange faked with process
+    0's fields (--seed 0): exit 2 naming the processes, the fields and both models, no bag.
+    The cheap guard of the 2-process run below (slow-marked).
+    Plant: drop the check_same_everywhere call in extraction.extract_cohort -> exit 0 with the
+    slides embedded (fails)."""
+    from hipt_jax import distributed
+    from hipt_jax.cli import extract
+
+    from tests.cli_helpers import call_main
+
+    prep = str(tmp_path / "prep")
+    rng = np.random.default_rng(0)
+    write_region_shard(prep, "a", [tissue_crop(rng, 256)])
+    write_region_shard(prep, "b", [tissue_crop(rng, 256)])
+    out = tmp_path / "emb"
+    real, seen = distributed.check_same_everywhere, []
+
+    def as_process_1(fields):
+        mine = fields()
+        seen.append(mine)
+        process0 = json.loads(json.dumps(mine, sort_keys=True, default=str).replace("seed1", "seed0"))
+        real(mine, gather=lambda b: [json.dumps(process0, sort_keys=True).encode(), b])
+
+    monkeypatch.setattr(distributed, "check_same_everywhere", as_process_1)
+    code, _, err = call_main(extract.main, ["--random-init", "tiny", "--seed", "1", "--shards", prep,
+                                            "--out", out, "--no-progress"], capsys)
+    assert code == 2 and seen, err[-2000:]
+    assert "process 1 differs from process 0 in vit256, vit4k" in err, err[-2000:]
+    assert "random:tiny:seed0" in err and "random:tiny:seed1" in err, err[-2000:]
+    assert not (out / "slides").exists() or not any((out / "slides").iterdir())
+
+
+@pytest.mark.slow  # two JAX processes (~13 s); in make test: the in-process refusal above
 def test_processes_with_different_arguments_refuse_before_any_slide(tmp_path):
     """Process 0 runs --seed 0, process 1 --seed 1 (in practice: another local copy of --vit256):
     both must refuse (exit 2) naming the processes and the differing fields, before any bag.
