@@ -55,7 +55,7 @@ def test_a_process_with_another_seed_is_refused_by_the_cli_before_any_slide(tmp_
     """hipt-extract in this process as process 1 with --seed 1, the exchange faked with process
     0's fields (--seed 0): exit 2 naming the processes, the fields and both models, no bag.
     The cheap guard of the 2-process run below (slow-marked).
-    Plant: drop the check_same_everywhere call in extraction.extract_cohort -> exit 0 with the
+    Plant: drop the check_same_everywhere call in extraction.check_provenance -> exit 0 with the
     slides embedded (fails)."""
     from hipt_jax import distributed
     from hipt_jax.cli import extract
