@@ -299,6 +299,37 @@ def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str
     return results
 
 
+def unknown_beam_args(beam_args: Sequence[str]) -> list[str]:
+    """The flags of ``beam_args`` that no Beam pipeline option knows, each with Beam's nearest
+    option name when there is one. Beam itself only logs "Discarding unparseable args" and runs
+    with its defaults, so a mistyped ``--direct_num_worker=8`` would quietly run one worker."""
+    import difflib
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parsers = []  # the parser Beam builds from every registered options class, caught on its way
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    parser = parsers[0]
+    _, unknown = parser.parse_known_args(list(beam_args))
+    known = [opt for action in parser._actions for opt in action.option_strings]
+    named = []
+    for arg in unknown:
+        if not arg.startswith("-"):
+            continue  # the value of an unknown flag given as two tokens: its flag is named already
+        name = arg.split("=", 1)[0]
+        near = difflib.get_close_matches(name, known, n=1)
+        named.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return named
+
+
+def check_beam_args(beam_args: Sequence[str]) -> None:
+    """Refuse Beam flags that no pipeline option knows (see ``unknown_beam_args``)."""
+    unknown = unknown_beam_args(beam_args) if beam_args else []
+    if unknown:
+        raise InputError(f"Beam does not know {', '.join(unknown)}: Beam would discard "
+                         f"{'it' if len(unknown) == 1 else 'them'} and run with its defaults")
+
+
 def run_beam(fn: Callable, items: Sequence, args: tuple, runner: str, beam_args: Sequence[str]) -> None:
     """fn(item, *args) over items as an Apache Beam pipeline (the same function as the pool).
 
@@ -432,6 +463,8 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
     slide file); a finished item whose recorded source differs is redone. ``drop_orphans``
     (shards derived from region shards): an item this folder holds whose input is no longer
     among ``ids`` (its slide failed or was removed on a hipt-prep rerun) is removed, named."""
+    if runner != "pool":
+        check_beam_args(beam_args)  # before anything is written or retired
     os.makedirs(os.path.join(out_dir, "status"), exist_ok=True)
     check_params(out_dir, kind, params)
     clean_stale_tmp(out_dir)

@@ -83,6 +83,29 @@ def test_pool_only_flags_rejected(tmp_path):
               "--workers", "2"])
 
 
+def test_a_flag_beam_does_not_know_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Beam only logs "Discarding unparseable args" and runs on its defaults: a mistyped
+    --direct_num_worker=2 ran one worker with exit 0. Refused, with Beam's nearest option, on the
+    command line (exit 2) and from Python (InputError), before the output folder exists.
+    Plant: check_beam_args returns at once -> the run goes ahead (exit 1: the broken slide)."""
+    from data_prep.runner import InputError, prepare_regions
+
+    slides, out = tmp_path / "slides", tmp_path / "o"
+    slides.mkdir()
+    (slides / "a.svs").write_text("not a slide")  # found: the check must come before the slide's run
+    with pytest.raises(SystemExit) as e:
+        main(["regions", "--slides", str(slides), "--out", str(out), "--runner", "DirectRunner",
+              "--direct_num_worker=2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--direct_num_worker (did you mean --direct_num_workers?)" in err, err
+    assert not out.exists()
+    with pytest.raises(InputError, match="--no_such_beam_flag"):
+        prepare_regions(str(slides), str(out), runner="DirectRunner",
+                        beam_args=["--direct_num_workers", "1", "--no_such_beam_flag", "3"])
+    assert not out.exists()
+
+
 def _stopped_by_sigterm(item):
     from hipt_jax.interrupts import Terminated
 

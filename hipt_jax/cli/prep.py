@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from data_prep.runner import InputError
+from data_prep.runner import InputError, check_beam_args
 from hipt_jax.cli import flags
 
 RUNNERS = ("pool", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner",
@@ -284,6 +284,11 @@ def main(argv=None) -> int:
                  "DirectRunner: --direct_running_mode=multi_processing --direct_num_workers=N")
     if extra and (runner == "pool" or args.command == "features"):
         ap.error(f"unrecognized arguments: {' '.join(extra)} (only Beam runners take extra flags)")
+    if extra:
+        try:
+            check_beam_args(extra)
+        except InputError as e:
+            ap.error(str(e))
     with flags.progress(not getattr(args, "no_progress", False)):
         return flags.run_command(f"hipt-prep {args.command}", lambda: _run(args, extra),
                                  exit_on_stop=argv is None)  # argv None: the command line
