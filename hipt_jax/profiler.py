@@ -442,6 +442,16 @@ def _mfu_text(mfu) -> str:
 
 
 # ------------------------------------------------------------------------------ calibration
+def _model_label(name: str, model) -> str:
+    """What a calibration line was measured on. Results are stored per model shape, so a
+    calibration of the runlocal tiny models leaves the full-size ones uncalibrated: say so."""
+    shape = f"width {model.width}, depth {model.depth}"
+    if "tiny" in name or "runlocal" in name:
+        return (f"the runlocal tiny model ({shape}; the full-size models are not calibrated by this "
+                "run)")
+    return f"the model of {shape}"
+
+
 def calibrate(cfg) -> list[str]:
     """``hipt-profile --calibrate``: measure this machine's CPU minibatch sizes for the enabled
     sections and store them (hipt_jax.models.minibatch); returns one line per result."""
@@ -457,7 +467,8 @@ def calibrate(cfg) -> list[str]:
         best = calibrate_patch_batch(arch256, dtype, repeats=cfg.repeats)
         key = minibatch.patch_batch_key(arch256, jnp.dtype(dtype).itemsize)
         backend = minibatch.calibrated_dot_backend(key) or "XLA's default (not calibrated)"
-        lines.append(f"HIPT4K patch_batch: {best}, dots: {backend} (stored in {minibatch.cache_file()})")
+        lines.append(f"HIPT4K patch_batch for {_model_label(cfg.hipt4k.arch256, arch256)}: {best}, dots: "
+                     f"{backend} (stored in {minibatch.cache_file()})")
     for stage, section in ((1, cfg.pretrain_vit256), (2, cfg.pretrain_vit4k)):
         if not section.enabled:
             continue
@@ -481,6 +492,7 @@ def calibrate(cfg) -> list[str]:
         key = minibatch.microbatch_key(config)
         best = minibatch.calibrate(key, candidates, seconds_per_sample,
                                    dot_backends=minibatch.dot_backends_to_try() or None)
-        lines.append(f"pretraining stage {stage}: {best} sample(s) per device per microbatch, dots: "
+        lines.append(f"pretraining stage {stage} for {_model_label(section.config_arg, config.model)}: {best} "
+                     "sample(s) per device per microbatch, dots: "
                      f"{minibatch.calibrated_dot_backend(key) or 'XLA default (not calibrated)'}")
     return lines

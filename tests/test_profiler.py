@@ -162,3 +162,24 @@ def test_cli_json_never_replaces_another_file(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and labels.read_text() == "slide_id,label\na,1\n"
     (tmp_path / "old.json").write_text(json.dumps({"written_by": "hipt-profile", "rows": []}))
     assert profile_cli._own_report(str(tmp_path / "old.json"))
+
+
+def test_calibration_lines_name_the_model_they_were_measured_on(tmp_path, monkeypatch):
+    """Results are stored per model shape: a `:runlocal` calibration leaves the full-size models
+    uncalibrated, and said only "patch_batch: 4". Each line now names the model, and the tiny one
+    says the full-size models were not calibrated. The timings are stubbed (this checks the
+    report, not the measurement). Plant: _model_label drops the runlocal branch -> fails."""
+    from hipt_jax.models import hipt4k, minibatch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(hipt4k, "calibrate_patch_batch", lambda *a, **k: 4)
+    monkeypatch.setattr(minibatch, "calibrate", lambda key, candidates, *a, **k: candidates[-1])
+    for arg, tiny in (("runlocal", True), ("", False)):
+        cfg = profile_config.get_config(arg)
+        cfg.pretrain_vit4k.enabled = False
+        lines = profiler.calibrate(cfg)
+        assert len(lines) == 2, lines
+        width = 384 if not tiny else profiler.pretrain_config(1, cfg.pretrain_vit256).model.width
+        for line in lines:
+            assert f"width {width}" in line, line
+            assert ("the full-size models are not calibrated" in line) == tiny, line
