@@ -13,6 +13,7 @@ from hipt_jax import extraction
 from hipt_jax.models.hipt4k import HIPT4K
 from tests.shards import write_shard
 from tests.synthetic_cohort import make_tissue_cohort, write_region_shard, tissue_crop
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,7 +148,7 @@ def test_bad_shard_is_reported_and_run_continues(model, tmp_path):
 
 def test_cli_on_two_devices_and_clear_errors(model, cohort, tmp_path):
     prep, rows = cohort
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), PYTHONPATH=ROOT)
     # --patch-batch 2: the ViT-256 minibatch loop runs (2 of each region's 4 patches per
     # iteration) with the region axis split over the devices.
     cmd = [sys.executable, "-m", "hipt_jax.cli.extract", "--random-init", "tiny", "--patch-batch", "2",
@@ -197,7 +198,7 @@ def test_region_program_split_over_devices_runs_each_region_once():
     every region's patches onto every device and each device embedded all of them (right
     results, D times the work and the input memory). Plant: that old loop -> 1+ all-gather.
     The results of the split loop are checked by test_cli_on_two_devices_and_clear_errors."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, "-c", _SPLIT], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -62,7 +63,7 @@ def test_two_process_runlocal_pretraining(png_patches, tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_two_devices(png_patches, tmp_path):
     res2 = _launch(["-n", "2", "--devices-per-process", "1", "--", *_pretrain_cmd(tmp_path / "a", png_patches)])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     res1 = subprocess.run(_pretrain_cmd(tmp_path / "b", png_patches), capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=600)
     assert res2.returncode == 0 and res1.returncode == 0, res1.stderr[-2000:]

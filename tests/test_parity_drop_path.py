@@ -33,6 +33,7 @@ from hipt_jax.pretrain.head import build_model, view_major
 from tests import reference_torch as ref
 from tests import reference_torch_dino as ref_dino
 from tests import reference_torch_droppath as ref_dp
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTH, RATE, BATCH, STEPS = 3, 0.5, 4, 2
@@ -250,7 +251,7 @@ def test_drop_path_update_matches_torch_microbatched():
 def test_drop_path_update_matches_torch_sharded_2_devices():
     script = ("import json, sys; from tests.test_parity_drop_path import run_case; "
               "print('RESULT ' + json.dumps(run_case('2x1', 2)))")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2),
                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -12,6 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +66,7 @@ _EQUIVALENCE = textwrap.dedent("""
 
 
 def _run(script, args, n_devices, env_extra=None, timeout=600):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(n_devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
@@ -151,7 +152,7 @@ def test_two_processes_match_one_process(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     single = subprocess.Popen(
         [sys.executable, *_cli(tmp_path / "one", pngs)], cwd=ROOT, text=True,
-        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        env=dict(env, XLA_FLAGS=xla_flags(8)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     port = _free_port()
     procs = [subprocess.Popen(
@@ -160,7 +161,7 @@ def test_two_processes_match_one_process(tmp_path):
                                "--config.distributed.num_processes=2",
                                f"--config.distributed.process_id={pid}",
                                "--config.mesh.data=1", "--config.mesh.fsdp=8")],
-        cwd=ROOT, text=True, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        cwd=ROOT, text=True, env=dict(env, XLA_FLAGS=xla_flags(4)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pid in range(2)]
     for p in [single, *procs]:
         out, err = p.communicate(timeout=600)

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from tests.slurm_cluster import free_port, slurm_cluster  # noqa: F401  (the session fixture)
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +83,7 @@ _JAX_TASK = textwrap.dedent("""\
 
 def _jax_env(slurm_cluster):  # noqa: F811
     env = dict(slurm_cluster.env, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla_flags(1)
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(key, None)
     return env
@@ -233,7 +234,7 @@ def _job_env(cluster, module: str) -> dict:
     # JAX_PORT: a free coordinator port (the script's default derives it from the job id, and
     # every fresh test cluster numbers its jobs from 1: two clusters on one machine would collide).
     env.update(PYTHON=sys.executable, MODE="per_host", TASKS_PER_HOST="2", MODULE=module,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PORT=str(free_port()))
+               XLA_FLAGS=xla_flags(1), JAX_PORT=str(free_port()))
     return env
 
 

@@ -15,6 +15,7 @@ from hipt_jax.evaluation.arrangement import make_slide, write_cohort
 from hipt_jax.models.archs import build_vit, get_arch
 from hipt_jax.models.vitwsi import embed_slide, grid_cells, pad_slide
 from hipt_jax.pretrain.augment import region_views
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -112,7 +113,7 @@ _EQUIVALENCE = textwrap.dedent("""
 @pytest.mark.slow  # a fresh 8-device process (~40 s); test_pretrain_sharding checks the shared trainer on 8 devices in make test
 def test_one_update_same_on_1_and_8_devices():
     """Plant: in the 8-device run, shift the batch by one sample (b[k][1:] + b[k][:1])."""
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(ENV, XLA_FLAGS=xla_flags(8))
     proc = subprocess.run([sys.executable, "-c", _EQUIVALENCE, "1", "8"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
