@@ -255,7 +255,7 @@ def bench_loader(stage, batch, workers, n_batches):
         for _ in range(n_batches):
             next(it)
         dt = time.perf_counter() - t
-        it.close()
+        data_lib.close_iterator(it)
     return n_batches * batch * (2 + N_LOCAL) / dt
 
 

@@ -332,8 +332,7 @@ def profile_loader(stage: int, cfg, step_row: dict | None) -> dict:
         for _ in range(batches):
             next(iterator)
         step = (time.perf_counter() - t0) / batches
-        if hasattr(iterator, "close"):
-            iterator.close()  # stops the loader's worker processes
+        data_lib.close_iterator(iterator)  # stops the loader's worker processes
         crops = config.global_batch * (trainer.N_GLOBAL + config.crops.n_local)
         row = {"name": f"loader stage {stage}", "unit": "crops/s", "items_per_step": crops,
                "throughput": crops / step, "step_s": step, "compile_s": first,
@@ -350,8 +349,8 @@ def profile_loader(stage: int, cfg, step_row: dict | None) -> dict:
                 fed = (next(iterator) for _ in range(batches))
                 row["host_wait_share"] = host_wait_share(feed["step"], fed, feed["put"],
                                                          step_row["step_s"])
-                if hasattr(iterator, "close"):
-                    iterator.close()
+                fed = None
+                data_lib.close_iterator(iterator)
     return row
 
 

@@ -951,7 +951,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> di
                 _finish_checkpoints(manager, workdir, is_main, failing=not finished)
             finally:
                 logger.close()
-                iterator.close()  # stops loader worker processes
+                batch = batches = None  # the last batch may live in the loader's shared memory
+                data_lib.close_iterator(iterator)  # stops loader worker processes, frees their batches
     export_dir = config.export_dir or os.path.join(workdir, "export")
     export_teacher(state, config, export_dir)
     if is_main:
