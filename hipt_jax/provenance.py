@@ -208,6 +208,11 @@ def _normalize(fingerprint: dict) -> dict:
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
+def same(recorded: dict, fingerprint: dict) -> bool:
+    """A fingerprint as ``read`` returns it equals one computed now (JSON-normalized)."""
+    return recorded == _normalize(fingerprint)
+
+
 # Provenance files ``check`` wrote in this process into folders that had none. A command that
 # then refuses its input (exit 2) removes those whose folder still holds none of its outputs:
 # otherwise the corrected rerun would be refused as "made with other inputs".

@@ -330,15 +330,21 @@ def test_pretrain_config_values_that_cannot_work_are_refused_before_any_work(sta
     pretrain.check_views_and_model((pretrain_vit256 if stage == 1 else pretrain_vit4k).get_config())  # defaults pass
 
 
-def test_pretrain_data_path_is_fingerprinted_as_it_resolves(tmp_path):
-    """A resume typed with the same relative data path from another folder (or through a link
-    moved to other data) is other data: the fingerprint holds the resolved folder. Plant: the
-    path as typed -> both fingerprints equal, and the other dataset was trained on with exit 0."""
+def test_pretrain_data_is_fingerprinted_by_what_it_holds(tmp_path):
+    """A run directory records its data by content, not by path. Other data behind the same
+    relative path typed from another folder (or a link moved) is refused; a copy of the same data
+    elsewhere (staged to a node's local disk) resumes: the path was in the fingerprint, and
+    such a resume was refused until --resume-anyway. Plants: the fingerprint keeps data.path
+    (in the config hash or as data_path) -> the copy differs; it holds the path as typed ->
+    the two datasets are equal."""
+    import shutil
+
     from configs import pretrain_vit256
     from hipt_jax.pretrain import trainer
 
     for name in ("a", "b"):
         (tmp_path / f"data_{name}").mkdir()
+        (tmp_path / f"data_{name}" / "p0.png").write_bytes(b"image " + name.encode())
         (tmp_path / name).mkdir()
         os.symlink(tmp_path / f"data_{name}", tmp_path / name / "pp")
     config = pretrain_vit256.get_config()
@@ -351,8 +357,42 @@ def test_pretrain_data_path_is_fingerprinted_as_it_resolves(tmp_path):
             prints.append(trainer.fingerprint(config))
     finally:
         os.chdir(here)
-    assert prints[0]["data_path"] == str((tmp_path / "data_a").resolve())
     assert prints[0] != prints[1]
+    shutil.copytree(tmp_path / "data_a", tmp_path / "scratch" / "copy")
+    config.data.path = str(tmp_path / "scratch" / "copy")
+    assert trainer.fingerprint(config) == prints[0]
+
+
+def test_a_run_recorded_by_data_path_resumes_and_is_rewritten(tmp_path):
+    """Run directories recorded before the data entered by content hold the config hash with
+    data.path in it and data_path: the same run resumes (its record rewritten in today's form),
+    a run on data at another path is still refused (such a record cannot tell a copy apart). Plant: no _upgrade_record -> the same run is refused."""
+    from configs import pretrain_vit256
+    from hipt_jax import provenance
+    from hipt_jax.pretrain import trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "p0.png").write_bytes(b"image")
+    config = pretrain_vit256.get_config()
+    config.data.path = str(data)
+    workdir = str(tmp_path / "run")
+    old = trainer._recorded_by_path(config)
+    provenance.write(workdir, old, {"config": trainer.hashed_config(config)})
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    now = trainer.fingerprint(config)
+    trainer._upgrade_record(workdir, config, now, {"config": trainer.hashed_config(config)})
+    assert provenance.check(workdir, now, outputs=trainer.RUN_OUTPUTS) == "match"
+    provenance.write(workdir, old, {"config": trainer.hashed_config(config)})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "p0.png").write_bytes(b"other image")
+    config.data.path = str(other)  # what the old record can tell apart: another path
+    now = trainer.fingerprint(config)
+    trainer._upgrade_record(workdir, config, now, {})
+    assert provenance.read(workdir) == provenance._normalize(old)  # left for check to refuse
+    with pytest.raises(provenance.ProvenanceError, match="made with other inputs"):
+        provenance.check(workdir, now, outputs=trainer.RUN_OUTPUTS)
 
 
 def test_a_dataset_smaller_than_one_batch_is_noted(capsys):

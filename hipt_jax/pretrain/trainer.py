@@ -735,14 +735,15 @@ RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", CHECKSUM
 
 
 def _config_without(config: ml_collections.ConfigDict, fields: tuple[str, ...]) -> dict:
-    """The config as a dict without ``fields`` ("name" or "section.name")."""
+    """The config as a dict without ``fields`` ("name", "section.name", "a.b.name")."""
     data = config.to_dict()
     for field in fields:
-        node, *rest = field.split(".")
-        if rest:
-            data.get(node, {}).pop(rest[0], None)
-        else:
-            data.pop(node, None)
+        *sections, name = field.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
     return data
 
 
@@ -752,16 +753,45 @@ def hashed_config(config: ml_collections.ConfigDict) -> dict:
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
-    """What a run directory's checkpoints depend on: the config without its run-control fields,
-    and the content of the warm-start checkpoint."""
+    """What a run directory's checkpoints depend on: the config without its run-control fields
+    and data locations, the data by what it holds, and the content of the warm-start checkpoint.
+
+    The data enter by content (provenance.data_identity: the file names relative to the data
+    folder, sizes and sampled bytes), not by path: a resume from a copy of the data (staged to a
+    node's local disk, moved to another filesystem) continues, and other data at the same path,
+    or the same relative path typed from another folder, is refused."""
     from hipt_jax import provenance
 
-    # The data as the path resolves now (links followed): "data" typed from another folder, or
-    # a link moved to another dataset, is other data, whatever the config says.
+    return {"config": provenance.config_hash(_config_without(config, RUN_CONTROL_FIELDS + DATA_LOCATION_FIELDS)),
+            "data": {field: provenance.data_identity(_field(config, field)) for field in DATA_LOCATION_FIELDS},
+            "warm_start": provenance.weights_identity(config.warm_start or None)}
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for name in dotted.split("."):
+        node = node.get(name) if node is not None else None
+    return node
+
+
+def _recorded_by_path(config: ml_collections.ConfigDict) -> dict:
+    """The fingerprint run directories recorded before data entered by content (the config hash
+    with data.path in it, and data.path as it resolved): such a record that matches this run
+    is rewritten in today's form rather than refused."""
+    from hipt_jax import provenance
+
     path = str(config.data.path)
     data_path = os.path.realpath(path) if path and os.path.exists(path) else path
     return {"config": provenance.config_hash(hashed_config(config)), "data_path": data_path,
             "warm_start": provenance.weights_identity(config.warm_start or None)}
+
+
+def _upgrade_record(workdir: str, config: ml_collections.ConfigDict, now: dict, details: dict) -> None:
+    from hipt_jax import provenance
+
+    old = provenance.read(workdir)
+    if isinstance(old, dict) and "data_path" in old and provenance.same(old, _recorded_by_path(config)):
+        provenance.write(workdir, now, dict(provenance.read_details(workdir), **details))
 
 
 # Settings a host may tune for its own cores and network; every other config field must be
@@ -846,9 +876,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
         if is_main:
-            provenance.check(workdir, fingerprint(config), outputs=RUN_OUTPUTS, overwrite=overwrite,
+            now = fingerprint(config)
+            details = {"config": hashed_config(config), "data": now["data"]}  # to name what changed
+            _upgrade_record(workdir, config, now, details)
+            provenance.check(workdir, now, outputs=RUN_OUTPUTS, overwrite=overwrite,
                              resume_anyway=resume_anyway, what="pretraining run directory",
-                             details={"config": hashed_config(config)})
+                             details=details)
         return _train(config, workdir, is_main)
 
 
