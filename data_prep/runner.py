@@ -299,13 +299,34 @@ def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str
     return results
 
 
+class _BigQueryClientsNote(logging.Filter):
+    """Drops the warning Beam logs at import when Google's apitools is absent: it concerns
+    BigQuery clients hipt-prep never uses, and it was the one line of noise of every Beam run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
+def _import_beam():
+    """``apache_beam``, imported without its BigQuery note (see ``_BigQueryClientsNote``)."""
+    note = _BigQueryClientsNote()
+    root = logging.getLogger()
+    root.addFilter(note)
+    try:
+        import apache_beam
+        from apache_beam.options import pipeline_options  # noqa: F401  (the note's other way in)
+    finally:
+        root.removeFilter(note)
+    return apache_beam
+
+
 def unknown_beam_args(beam_args: Sequence[str]) -> list[str]:
     """The flags of ``beam_args`` that no Beam pipeline option knows, each with Beam's nearest
     option name when there is one. Beam itself only logs "Discarding unparseable args" and runs
     with its defaults, so a mistyped ``--direct_num_worker=8`` would quietly run one worker."""
     import difflib
 
-    from apache_beam.options.pipeline_options import PipelineOptions
+    PipelineOptions = _import_beam().options.pipeline_options.PipelineOptions
 
     parsers = []  # the parser Beam builds from every registered options class, caught on its way
     PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
@@ -337,10 +358,8 @@ def run_beam(fn: Callable, items: Sequence, args: tuple, runner: str, beam_args:
     runner that folder must be a filesystem every worker sees (NFS, Lustre, a GCS FUSE mount).
     The status files the workers write there are the results (the manifest is rebuilt from them).
     """
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    options = PipelineOptions(list(beam_args), runner=runner)
+    beam = _import_beam()
+    options = beam.options.pipeline_options.PipelineOptions(list(beam_args), runner=runner)
     # A stop inside a step is the user's Ctrl-C or a scheduler's SIGTERM, not a failure: Beam logs
     # it with a 170-line traceback and re-raises it as a RuntimeError, which the CLI took for a
     # crash (exit 1). Silence that log and raise the stop itself (one line, exit 130/143).
