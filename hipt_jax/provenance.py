@@ -208,6 +208,11 @@ def _normalize(fingerprint: dict) -> dict:
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
+def normalized(fingerprint: dict) -> dict:
+    """A fingerprint as ``read`` would return it once written (JSON types, sorted keys)."""
+    return _normalize(fingerprint)
+
+
 def same(recorded: dict, fingerprint: dict) -> bool:
     """A fingerprint as ``read`` returns it equals one computed now (JSON-normalized)."""
     return recorded == _normalize(fingerprint)

@@ -330,43 +330,74 @@ def test_pretrain_config_values_that_cannot_work_are_refused_before_any_work(sta
     pretrain.check_views_and_model((pretrain_vit256 if stage == 1 else pretrain_vit4k).get_config())  # defaults pass
 
 
-def test_pretrain_data_is_fingerprinted_by_what_it_holds(tmp_path):
-    """A run directory records its data by content, not by path. Other data behind the same
-    relative path typed from another folder (or a link moved) is refused; a copy of the same data
-    elsewhere (staged to a node's local disk) resumes: the path was in the fingerprint, and
-    such a resume was refused until --resume-anyway. Plants: the fingerprint keeps data.path
-    (in the config hash or as data_path) -> the copy differs; it holds the path as typed ->
-    the two datasets are equal."""
+def _resume(workdir, config):
+    """What hipt-pretrain does with a run directory before it trains: -> provenance.check's word."""
+    from hipt_jax import provenance
+    from hipt_jax.pretrain import trainer
+
+    now = trainer.fingerprint(config)
+    details = {"config": trainer.hashed_config(config), "data": now["data"]}
+    trainer.reconcile_record(workdir, config, now, details)
+    return provenance.check(workdir, now, outputs=trainer.RUN_OUTPUTS, details=details)
+
+
+def test_pretrain_resumes_on_moved_or_edited_data_and_refuses_other_data(tmp_path):
+    """A run directory records its data both where it resolves and by what it holds; a resume
+    goes on when either matches. A copy of the data elsewhere (staged to a node's local disk)
+    was refused until --resume-anyway (the path was the record); the same folder with an image
+    deleted goes on (the checkpoint's data record then warns); other data is refused, also
+    behind the same relative path typed from another folder. Plants: the path alone decides ->
+    the copy is refused; the content alone -> the edited folder is refused; the path as typed ->
+    the other folder's data resumes."""
     import shutil
 
     from configs import pretrain_vit256
-    from hipt_jax.pretrain import trainer
+    from hipt_jax import provenance
 
-    for name in ("a", "b"):
-        (tmp_path / f"data_{name}").mkdir()
-        (tmp_path / f"data_{name}" / "p0.png").write_bytes(b"image " + name.encode())
+    def dataset(folder, *images):
+        folder.mkdir(parents=True)
+        for i, content in enumerate(images):
+            (folder / f"p{i}.png").write_bytes(content)
+        return folder
+
+    data = dataset(tmp_path / "data", b"image 0", b"image 1")
+    config = pretrain_vit256.get_config()
+    config.data.path = str(data)
+    workdir = str(tmp_path / "run")
+    assert _resume(workdir, config) == "new"
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    shutil.copytree(data, tmp_path / "scratch" / "copy")
+    config.data.path = str(tmp_path / "scratch" / "copy")
+    assert _resume(workdir, config) == "match"  # the copy
+    (tmp_path / "scratch" / "copy" / "p1.png").unlink()
+    assert _resume(workdir, config) == "match"  # the same folder, an image deleted
+    config.data.path = str(dataset(tmp_path / "other", b"other image"))
+    with pytest.raises(provenance.ProvenanceError, match="made with other inputs"):
+        _resume(workdir, config)  # another path and other content
+
+    # The same relative path typed from another folder, a link to other data there.
+    for name, content in (("a", b"image a"), ("b", b"image b")):
+        dataset(tmp_path / f"data_{name}", content)
         (tmp_path / name).mkdir()
         os.symlink(tmp_path / f"data_{name}", tmp_path / name / "pp")
-    config = pretrain_vit256.get_config()
     config.data.path = "pp"
     here = os.getcwd()
     try:
-        prints = []
-        for name in ("a", "b"):
-            os.chdir(tmp_path / name)
-            prints.append(trainer.fingerprint(config))
+        os.chdir(tmp_path / "a")
+        assert _resume(str(tmp_path / "run2"), config) == "new"
+        os.makedirs(tmp_path / "run2" / "checkpoints")
+        os.chdir(tmp_path / "b")
+        with pytest.raises(provenance.ProvenanceError, match="made with other inputs"):
+            _resume(str(tmp_path / "run2"), config)
     finally:
         os.chdir(here)
-    assert prints[0] != prints[1]
-    shutil.copytree(tmp_path / "data_a", tmp_path / "scratch" / "copy")
-    config.data.path = str(tmp_path / "scratch" / "copy")
-    assert trainer.fingerprint(config) == prints[0]
 
 
 def test_a_run_recorded_by_data_path_resumes_and_is_rewritten(tmp_path):
     """Run directories recorded before the data entered by content hold the config hash with
     data.path in it and data_path: the same run resumes (its record rewritten in today's form),
-    a run on data at another path is still refused (such a record cannot tell a copy apart). Plant: no _upgrade_record -> the same run is refused."""
+    a run on data at another path is still refused. Plant: reconcile_record without its
+    data_path branch -> the same run is refused."""
     from configs import pretrain_vit256
     from hipt_jax import provenance
     from hipt_jax.pretrain import trainer
@@ -380,19 +411,15 @@ def test_a_run_recorded_by_data_path_resumes_and_is_rewritten(tmp_path):
     old = trainer._recorded_by_path(config)
     provenance.write(workdir, old, {"config": trainer.hashed_config(config)})
     os.makedirs(os.path.join(workdir, "checkpoints"))
-    now = trainer.fingerprint(config)
-    trainer._upgrade_record(workdir, config, now, {"config": trainer.hashed_config(config)})
-    assert provenance.check(workdir, now, outputs=trainer.RUN_OUTPUTS) == "match"
+    assert _resume(workdir, config) == "match"
+    assert "data" in provenance.read(workdir)  # rewritten
     provenance.write(workdir, old, {"config": trainer.hashed_config(config)})
     other = tmp_path / "other"
     other.mkdir()
     (other / "p0.png").write_bytes(b"other image")
-    config.data.path = str(other)  # what the old record can tell apart: another path
-    now = trainer.fingerprint(config)
-    trainer._upgrade_record(workdir, config, now, {})
-    assert provenance.read(workdir) == provenance._normalize(old)  # left for check to refuse
+    config.data.path = str(other)
     with pytest.raises(provenance.ProvenanceError, match="made with other inputs"):
-        provenance.check(workdir, now, outputs=trainer.RUN_OUTPUTS)
+        _resume(workdir, config)
 
 
 def test_a_dataset_smaller_than_one_batch_is_noted(capsys):

@@ -754,16 +754,19 @@ def hashed_config(config: ml_collections.ConfigDict) -> dict:
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
     """What a run directory's checkpoints depend on: the config without its run-control fields
-    and data locations, the data by what it holds, and the content of the warm-start checkpoint.
-
-    The data enter by content (provenance.data_identity: the file names relative to the data
-    folder, sizes and sampled bytes), not by path: a resume from a copy of the data (staged to a
-    node's local disk, moved to another filesystem) continues, and other data at the same path,
-    or the same relative path typed from another folder, is refused."""
+    and data locations, each data location both where it resolves (links followed) and what it
+    holds (provenance.data_identity: names relative to the data folder, sizes, sampled bytes),
+    and the content of the warm-start checkpoint. ``reconcile_record`` accepts a resume whose
+    data matches the record by either (see there)."""
     from hipt_jax import provenance
 
+    def located(value):
+        path = str(value) if value else ""
+        return {"path": os.path.realpath(path) if path and os.path.exists(path) else path,
+                "content": provenance.data_identity(path or None)}
+
     return {"config": provenance.config_hash(_config_without(config, RUN_CONTROL_FIELDS + DATA_LOCATION_FIELDS)),
-            "data": {field: provenance.data_identity(_field(config, field)) for field in DATA_LOCATION_FIELDS},
+            "data": {field: located(_field(config, field)) for field in DATA_LOCATION_FIELDS},
             "warm_start": provenance.weights_identity(config.warm_start or None)}
 
 
@@ -775,9 +778,8 @@ def _field(config: ml_collections.ConfigDict, dotted: str):
 
 
 def _recorded_by_path(config: ml_collections.ConfigDict) -> dict:
-    """The fingerprint run directories recorded before data entered by content (the config hash
-    with data.path in it, and data.path as it resolved): such a record that matches this run
-    is rewritten in today's form rather than refused."""
+    """The fingerprint run directories recorded before data entered by content as well (the
+    config hash with data.path in it, and data.path as it resolved)."""
     from hipt_jax import provenance
 
     path = str(config.data.path)
@@ -786,11 +788,33 @@ def _recorded_by_path(config: ml_collections.ConfigDict) -> dict:
             "warm_start": provenance.weights_identity(config.warm_start or None)}
 
 
-def _upgrade_record(workdir: str, config: ml_collections.ConfigDict, now: dict, details: dict) -> None:
+def _same_data(old: object, now: dict) -> bool:
+    """Every data location of the record is where this run's resolves, or holds what it holds:
+    the same folder with an image deleted (the checkpoint's data record warns of it), or a copy
+    of the data elsewhere (staged to a node's local disk). Both differ: other data."""
+    if not isinstance(old, dict) or set(old) != set(now):
+        return False
+    return all(isinstance(old[f], dict) and (old[f].get("path") == now[f]["path"]
+                                             or old[f].get("content") == now[f]["content"]) for f in now)
+
+
+def reconcile_record(workdir: str, config: ml_collections.ConfigDict, now: dict, details: dict) -> None:
+    """Rewrite ``workdir``'s provenance record as ``now`` when it differs only where a resume is
+    expected to go on: data that moved (same content, another path) or was edited in place
+    (same path), or a record made before data were recorded by content that matches by path.
+    Anything else is left for provenance.check to refuse."""
     from hipt_jax import provenance
 
     old = provenance.read(workdir)
-    if isinstance(old, dict) and "data_path" in old and provenance.same(old, _recorded_by_path(config)):
+    if not isinstance(old, dict) or provenance.same(old, now):
+        return
+    if "data_path" in old:
+        same = provenance.same(old, _recorded_by_path(config))
+    else:
+        norm = provenance.normalized(now)
+        same = (all(old.get(k) == norm[k] for k in norm if k != "data")
+                and set(old) == set(norm) and _same_data(old.get("data"), norm["data"]))
+    if same:
         provenance.write(workdir, now, dict(provenance.read_details(workdir), **details))
 
 
@@ -878,7 +902,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
         if is_main:
             now = fingerprint(config)
             details = {"config": hashed_config(config), "data": now["data"]}  # to name what changed
-            _upgrade_record(workdir, config, now, details)
+            reconcile_record(workdir, config, now, details)
             provenance.check(workdir, now, outputs=RUN_OUTPUTS, overwrite=overwrite,
                              resume_anyway=resume_anyway, what="pretraining run directory",
                              details=details)
