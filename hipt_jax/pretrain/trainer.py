@@ -762,12 +762,16 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
 
     def located(value):
         path = str(value) if value else ""
-        return {"path": os.path.realpath(path) if path and os.path.exists(path) else path,
-                "content": provenance.data_identity(path or None)}
+        return {"path": _resolved(path), "content": provenance.data_identity(path or None)}
 
     return {"config": provenance.config_hash(_config_without(config, RUN_CONTROL_FIELDS + DATA_LOCATION_FIELDS)),
             "data": {field: located(_field(config, field)) for field in DATA_LOCATION_FIELDS},
             "warm_start": provenance.weights_identity(config.warm_start or None)}
+
+
+def _resolved(path: str) -> str:
+    """A data path as it resolves here (links followed), or as written when it names nothing."""
+    return os.path.realpath(path) if path and os.path.exists(path) else path
 
 
 def _field(config: ml_collections.ConfigDict, dotted: str):
@@ -782,9 +786,7 @@ def _recorded_by_path(config: ml_collections.ConfigDict) -> dict:
     config hash with data.path in it, and data.path as it resolved)."""
     from hipt_jax import provenance
 
-    path = str(config.data.path)
-    data_path = os.path.realpath(path) if path and os.path.exists(path) else path
-    return {"config": provenance.config_hash(hashed_config(config)), "data_path": data_path,
+    return {"config": provenance.config_hash(hashed_config(config)), "data_path": _resolved(str(config.data.path)),
             "warm_start": provenance.weights_identity(config.warm_start or None)}
 
 
