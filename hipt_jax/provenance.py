@@ -213,11 +213,6 @@ def normalized(fingerprint: dict) -> dict:
     return _normalize(fingerprint)
 
 
-def same(recorded: dict, fingerprint: dict) -> bool:
-    """A fingerprint as ``read`` returns it equals one computed now (JSON-normalized)."""
-    return recorded == _normalize(fingerprint)
-
-
 # Provenance files ``check`` wrote in this process into folders that had none. A command that
 # then refuses its input (exit 2) removes those whose folder still holds none of its outputs:
 # otherwise the corrected rerun would be refused as "made with other inputs".

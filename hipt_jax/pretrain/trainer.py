@@ -808,12 +808,12 @@ def reconcile_record(workdir: str, config: ml_collections.ConfigDict, now: dict,
     from hipt_jax import provenance
 
     old = provenance.read(workdir)
-    if not isinstance(old, dict) or provenance.same(old, now):
+    norm = provenance.normalized(now)
+    if not isinstance(old, dict) or old == norm:
         return
     if "data_path" in old:
-        same = provenance.same(old, _recorded_by_path(config))
+        same = old == provenance.normalized(_recorded_by_path(config))
     else:
-        norm = provenance.normalized(now)
         same = (all(old.get(k) == norm[k] for k in norm if k != "data")
                 and set(old) == set(norm) and _same_data(old.get("data"), norm["data"]))
     if same:
