@@ -763,6 +763,30 @@ def test_processes_agree_on_data_mounted_at_two_paths_and_refuse_other_data_or_w
         check(fields("data", workdir="run2"))
 
 
+def test_multi_process_start_lists_the_data_once(tmp_path, monkeypatch):
+    """Process 0 of a multi-process run listed its data folder twice at start-up (the
+    cross-process check and the run record), each a walk of a folder that can hold millions of
+    tiles. Several processes are faked (the exchange echoes this process's fields) and
+    training itself is stubbed out. Plant: fingerprint(config) without the identities train
+    took for the check -> two listings (fails)."""
+    from hipt_jax import distributed, provenance
+    from hipt_jax.pretrain import trainer
+
+    _make_pngs(tmp_path / "tiles", n=4, size=16)
+    c = get_config_256("runlocal")
+    c.data.path = str(tmp_path / "tiles")
+    listed = []
+    real_identity, real_check = provenance.data_identity, distributed.check_same_everywhere
+    monkeypatch.setattr(provenance, "data_identity", lambda path: listed.append(path) or real_identity(path))
+    monkeypatch.setattr(distributed, "check_same_everywhere",
+                        lambda fields: real_check(fields, gather=lambda mine: [mine, mine]))
+    monkeypatch.setattr(trainer, "_train", lambda config, workdir, is_main: {})
+    trainer.train(c, str(tmp_path / "run"))
+    assert listed.count(str(tmp_path / "tiles")) == 1, listed
+    record = provenance.read(str(tmp_path / "run"))
+    assert record["data"]["data.path"]["content"] == real_identity(str(tmp_path / "tiles"))
+
+
 def test_processes_with_different_configs_refuse_before_training(tmp_path, monkeypatch):
     """Two processes of one run, process 1 with another seed: both refuse before the workdir is
     touched, naming the field; host-local fields (process_id, loader workers) may differ. The

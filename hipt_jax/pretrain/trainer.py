@@ -13,6 +13,7 @@ Reading order:
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import itertools
 import json
@@ -752,20 +753,28 @@ def hashed_config(config: ml_collections.ConfigDict) -> dict:
     return _config_without(config, RUN_CONTROL_FIELDS)
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> dict:
-    """What a run directory's checkpoints depend on: the config without its run-control fields
-    and data locations, each data location both where it resolves (links followed) and what it
-    holds (provenance.data_identity: names relative to the data folder, sizes, sampled bytes),
-    and the content of the warm-start checkpoint. ``reconcile_record`` accepts a resume whose
-    data matches the record by either (see there)."""
+def data_identities(config: ml_collections.ConfigDict) -> dict:
+    """DATA_LOCATION_FIELDS -> what each holds (provenance.data_identity: names relative to the
+    data folder, sizes, sampled bytes; None for an empty field). A listing of the data folder
+    each: ``train`` takes it once for the cross-process check and the run record alike."""
     from hipt_jax import provenance
 
-    def located(value):
-        path = str(value) if value else ""
-        return {"path": _resolved(path), "content": provenance.data_identity(path or None)}
+    return {field: provenance.data_identity(str(_field(config, field) or "") or None)
+            for field in DATA_LOCATION_FIELDS}
 
+
+def fingerprint(config: ml_collections.ConfigDict, identities: Optional[dict] = None) -> dict:
+    """What a run directory's checkpoints depend on: the config without its run-control fields
+    and data locations, each data location both where it resolves (links followed) and what it
+    holds (``identities``, from ``data_identities`` when not given), and the content of the
+    warm-start checkpoint. ``reconcile_record`` accepts a resume whose data matches the record
+    by either (see there)."""
+    from hipt_jax import provenance
+
+    identities = data_identities(config) if identities is None else identities
     return {"config": provenance.config_hash(_config_without(config, RUN_CONTROL_FIELDS + DATA_LOCATION_FIELDS)),
-            "data": {field: located(_field(config, field)) for field in DATA_LOCATION_FIELDS},
+            "data": {field: {"path": _resolved(str(_field(config, field) or "")), "content": identities[field]}
+                     for field in DATA_LOCATION_FIELDS},
             "warm_start": provenance.weights_identity(config.warm_start or None)}
 
 
@@ -830,7 +839,8 @@ HOST_LOCAL_FIELDS = ("distributed", "data.num_workers", "data.read_threads", "da
 DATA_LOCATION_FIELDS = ("data.path", "eval.knn.path", "eval.knn.labels")
 
 
-def cross_process_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def cross_process_fields(config: ml_collections.ConfigDict, workdir: str,
+                         identities: Optional[dict] = None) -> dict:
     """What every process of a multi-process run must agree on: the whole config but its
     host-local fields, the warm-start checkpoint by content (each host may hold its own copy),
     the data by what it holds (DATA_LOCATION_FIELDS: /mnt/a on one host and /data/a on another
@@ -844,13 +854,14 @@ def cross_process_fields(config: ml_collections.ConfigDict, workdir: str) -> dic
 
     data = _config_without(config, HOST_LOCAL_FIELDS)
     data["warm_start"] = provenance.weights_identity(config.warm_start or None)
+    identities = data_identities(config) if identities is None else identities
     for field in DATA_LOCATION_FIELDS:
         *sections, name = field.split(".")
         node = data
         for section in sections:
             node = node.get(section, {})
         if name in node:
-            node[name] = provenance.data_identity(node[name])
+            node[name] = identities[field]
     return {"config": data, "workdir": distributed.output_identity(workdir)}
 
 
@@ -894,15 +905,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     """
     from hipt_jax import distributed, provenance, workdir_lock
 
+    # One listing of each data folder for both uses (a tile folder can hold millions of files).
+    identities = functools.cache(lambda: data_identities(config))
     try:
-        distributed.check_same_everywhere(lambda: cross_process_fields(config, workdir))
+        distributed.check_same_everywhere(lambda: cross_process_fields(config, workdir, identities()))
     finally:
         distributed.drop_output_token(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
         if is_main:
-            now = fingerprint(config)
+            now = fingerprint(config, identities())
             details = {"config": hashed_config(config), "data": now["data"]}  # to name what changed
             reconcile_record(workdir, config, now, details)
             provenance.check(workdir, now, outputs=RUN_OUTPUTS, overwrite=overwrite,
