@@ -323,7 +323,7 @@ def demo_picture(heatmap_dir: str, head: int = 0, side: int = 256) -> str:
     from PIL import Image
 
     names = ["region_region.png", f"region_4k_head{head}.png", f"region_256_head{head}.png",
-             f"region_blend_4k{head}_256{head}.png"]
+             f"region_blend_4k_head{head}_256_head{head}.png"]
     tiles = [Image.open(os.path.join(heatmap_dir, n)).convert("RGB").resize((side, side), Image.LANCZOS)
              for n in names if os.path.exists(os.path.join(heatmap_dir, n))]
     sheet = Image.new("RGB", (side * len(tiles) + 4 * (len(tiles) - 1), side), "white")

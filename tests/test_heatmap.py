@@ -185,7 +185,7 @@ def test_write_region_heatmaps_files(tiny_model, tissue, tmp_path):
     maps = compute_region_heatmaps(tiny_model, tissue[:512, :512], scale=16, progress=False)
     written = write_region_heatmaps(maps, str(tmp_path), "r", blends="diagonal")
     assert len(written["256"]) == 6 and len(written["4k"]) == 6 and len(written["blend"]) == 6
-    assert os.path.exists(tmp_path / "r_blend_4k3_2563.png")
+    assert os.path.exists(tmp_path / "r_blend_4k_head3_256_head3.png")  # not r_blend_4k3_2563.png
     sheet = np.asarray(Image.open(written["contact_sheet"][0]))
     assert sheet.shape[0] > 100 and sheet.shape[1] > 100
     img = np.asarray(Image.open(tmp_path / "r_4k_head0.png"))
@@ -226,7 +226,8 @@ def test_cli_image_and_errors(tissue, tmp_path, capsys):
     # left under the same name, listed in its heatmap_outputs.json, are removed (plant: no
     # _remove_stale_maps -> they stay). A file named like a map that no listing names is the
     # user's: refused before any work, kept (plant: check_targets taking any such file as its
-    # own -> it was deleted or replaced with exit 0).
+    # own -> it was deleted or replaced with exit 0). The stale blend map carries the name older
+    # versions gave (_blend_4k{i}_256{j}, now _blend_4k_head{i}_256_head{j}): still removed.
     (tmp_path / "out").mkdir()
     for stale in ("region_blend_4k0_2561.png", "region_4k_head9.png", "other_4k_head0.png", "region_256_head7.png"):
         (tmp_path / "out" / stale).write_bytes(b"")

@@ -78,7 +78,7 @@ def write_region_heatmaps(heatmaps, out_dir: str, name: str = "region", *, alpha
     Files (in ``out_dir``): ``{name}_region.png`` (the region as RGB; never ``{name}.png``, which
     is what the input image is usually called: written into the image's own folder, the copy
     replaced it), ``{name}_256_head{j}.png``,
-    ``{name}_4k_head{i}.png``, ``{name}_blend_4k{i}_256{j}.png`` (``blends``: "all" pairs,
+    ``{name}_4k_head{i}.png``, ``{name}_blend_4k_head{i}_256_head{j}.png`` (``blends``: "all" pairs,
     "diagonal" i == j, or "none"), ``{name}_contact_sheet.png`` (with a colour bar),
     ``{name}_legend.png`` (the colour bar of every map: the maps stay the region's size) and
     ``{name}_scores.npz`` (raw maps; crop_box: top, left, height, width of the region in the input).
@@ -103,7 +103,7 @@ def write_region_heatmaps(heatmaps, out_dir: str, name: str = "region", *, alpha
                     if blends == "diagonal" and i != j:
                         continue
                     ovblend[i, j] = overlay(heatmaps.region, heatmaps.blend(i, j, blend_weighting), alpha, cmap)
-                    written["blend"].append(save_png(path(f"_blend_4k{i}_256{j}"), ovblend[i, j]))
+                    written["blend"].append(save_png(path(f"_blend_4k_head{i}_256_head{j}"), ovblend[i, j]))
     npz = os.path.join(out_dir, f"{name}_scores.npz")
     arrays = {"scores256": heatmaps.scores256, "count256": heatmaps.count256,
               "crop_box": np.asarray(heatmaps.crop_box, np.int64)}  # maps -> input image px
