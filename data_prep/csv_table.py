@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from typing import Type
 
 
@@ -26,7 +27,7 @@ def separator(text: str) -> str:
     """The separator that splits the header line into the most fields (quotes respected; ties go
     to ','): a tab or ';' file whose column names hold commas ("note, free text") is not a
     comma file."""
-    header = text.lstrip("\r\n").split("\n", 1)[0]
+    header = re.split(r"\r\n?|\n", text.lstrip("\r\n"), maxsplit=1)[0]  # "\r" alone: Excel's old Mac CSV
     fields = {d: len(next(csv.reader([header], delimiter=d), [])) for d in SEPARATORS}
     return max(SEPARATORS, key=lambda d: (fields[d], d == ","))
 
@@ -48,9 +49,17 @@ def read_rows(path: str, what: str = "CSV", error: Type[Exception] = ValueError)
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator(text))
-    if reader.fieldnames:
-        reader.fieldnames = [(f or "").strip() for f in reader.fieldnames]
-    rows = list(reader)
+    try:
+        if reader.fieldnames:
+            reader.fieldnames = [(f or "").strip() for f in reader.fieldnames]
+        rows = list(reader)
+    except csv.Error as e:  # e.g. a cell over the csv module's field size limit
+        raise error(f"{path}: not a readable {what} ({e})") from None
+    names = [f for f in reader.fieldnames or [] if f]
+    twice = sorted({f for f in names if names.count(f) > 1})
+    if twice:  # a dict row keeps the last of them: which one a command read would go unsaid
+        raise error(f"{path}: column(s) {twice} appear more than once in the header; "
+                    f"rename or remove the copies")
     while rows and not any(isinstance(v, str) and v.strip() for v in rows[-1].values()):
         rows.pop()  # trailing ",,," rows a spreadsheet leaves after its last line
     return list(reader.fieldnames or []), rows
