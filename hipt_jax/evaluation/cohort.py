@@ -408,6 +408,14 @@ def _split_files(directory: str) -> list[str]:
                       if (m := re.fullmatch(r"splits_(\d+)\.csv", os.path.basename(f))))
     if not numbered:
         raise CohortError(f"{directory}: no splits_{{i}}.csv files")
+    numbers = [n for n, _ in numbered]
+    if numbers != list(range(len(numbers))):
+        # Fold k is splits_k.csv in every message, record and output folder: a set numbered
+        # from 1, or one with a file missing, would have its folds reported under other numbers.
+        gaps = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        raise CohortError(f"{directory}: split files are numbered {numbers[:10]}{' ...' if len(numbers) > 10 else ''}, "
+                          f"but splits_{gaps[0]}.csv is missing; number them splits_0.csv ... "
+                          f"splits_{len(numbers) - 1}.csv (fold k is splits_k.csv)")
     return [f for _, f in numbered]
 
 
