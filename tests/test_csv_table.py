@@ -70,3 +70,15 @@ def test_an_unreadable_cell_names_the_file(tmp_path):
     path.write_text('slide_id,label\na,"' + "x" * 200_000 + '"\n')
     with pytest.raises(ValueError, match=r"big.csv: not a readable CSV \(field larger"):
         csv_table.read_rows(str(path))
+
+
+@pytest.mark.parametrize("text", ["\nslide_id,label\na,x\n", "\r\n\r\nslide_id,label\r\na,x\r\n",
+                                  "sep=;\nslide_id;label\na;x\n", "sep=,\r\n\r\nslide_id,label\r\na,x\r\n"])
+def test_blank_lines_and_excel_sep_line_above_the_header(tmp_path, text):
+    """A blank first line made the header empty and every row vanish ("no rows"); Excel's
+    "sep=;" line was read as the header (missing columns ['', 'sep=']). Plant: no
+    _table_text -> both fail."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes(text.encode())
+    assert csv_table.read_rows(str(path)) == (["slide_id", "label"], [{"slide_id": "a", "label": "x"}])
+    assert csv_table.separator_of(str(path)) == ("," if "," in text else ";")
