@@ -19,7 +19,8 @@ module. The file format follows the extension:
   region); [M, R*C, 384] -> features_cls256 (the official region bags); any other [M, D]
   (a patch encoder's features, or a mean ViT-256 vector per region) -> features_region.
 - ``.pt``: the official HIPT region bag, ``torch.save`` of one float tensor [M, R*C, 384]
-  (features_cls256 only; torch is imported only for this format).
+  (features_cls256 only; torch is imported only for this format). A foreign 2-D tensor [M, D]
+  (CLAM's pt_files) is named by its shape as an h5 ``features`` is.
 
 Every bag written here gets its SHA-256 in ``<bag>.sha256`` next to it (sha256sum's format);
 every read verifies it, and a mismatch is a BagError naming the file (foreign bags have none).
@@ -105,18 +106,20 @@ def _h5py():
     return h5py
 
 
+def _features_key(shape: tuple) -> str:
+    """The bag key of a foreign file's one feature array (an h5 ``features``, a .pt tensor),
+    from its shape: [M, R*C, 384] ViT-256 grids, [M, 192] CLS-4K, any other [M, D] generic
+    region features."""
+    if len(shape) == 3:
+        return "features_cls256"
+    return "features_cls4k" if len(shape) == 2 and shape[1] == 192 else "features_region"
+
+
 def _h5_names(f) -> dict[str, str]:
     """bag key -> h5 dataset name, deciding what ``features`` holds from its shape."""
     names = {k: k for k in f.keys() if k != "features"}
     if "features" in f:
-        shape = f["features"].shape
-        if len(shape) == 3:
-            key = "features_cls256"
-        elif len(shape) == 2 and shape[1] == 192:
-            key = "features_cls4k"
-        else:
-            key = "features_region"
-        names.setdefault(key, "features")
+        names.setdefault(_features_key(f["features"].shape), "features")
     return names
 
 
@@ -163,19 +166,24 @@ def _write_pt(path: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     torch.save(torch.from_numpy(feats), path)
 
 
-def _read_pt(path: str, keys: tuple[str, ...] | None) -> dict[str, np.ndarray]:
-    if keys and "features_cls256" not in keys:
-        return {}
+def _pt_tensor(path: str):
     t = _torch().load(path, map_location="cpu", weights_only=True)
-    if not hasattr(t, "numpy") or t.ndim != 3:
-        raise BagError(f"{path}: expected a tensor [M, R*C, 384] (official HIPT region bag), "
-                       f"got {getattr(t, 'shape', type(t).__name__)}")
-    return {"features_cls256": t.float().numpy()}
+    if not hasattr(t, "numpy") or t.ndim not in (2, 3):
+        raise BagError(f"{path}: expected a tensor [M, R*C, 384] (official HIPT region bag) or [M, D] "
+                       f"(CLAM's pt_files), got {getattr(t, 'shape', type(t).__name__)}")
+    return t
+
+
+def _read_pt(path: str, keys: tuple[str, ...] | None) -> dict[str, np.ndarray]:
+    t = _pt_tensor(path)
+    key = _features_key(tuple(t.shape))
+    return {key: t.float().numpy()} if not keys or key in keys else {}
 
 
 NPZ = BagFormat(".npz", _write_npz, _read_npz, _npz_keys, _npz_attrs)
 H5 = BagFormat(".h5", _write_h5, _read_h5, _h5_keys, _h5_attrs)
-PT = BagFormat(".pt", _write_pt, _read_pt, lambda path: ("features_cls256",), lambda path: {})
+PT = BagFormat(".pt", _write_pt, _read_pt, lambda path: (_features_key(tuple(_pt_tensor(path).shape)),),
+               lambda path: {})
 FORMATS = {"npz": NPZ, "h5": H5, "pt": PT}
 DEFAULT_FORMAT = "npz"
 
@@ -536,7 +544,8 @@ def read_bag_file(path: str, keys: tuple[str, ...] | None = None) -> dict[str, n
         raise BagError(f"{path}: truncated or corrupt bag ({_first_sentence(e)})") from None
     missing = [k for k in (keys or ()) if k not in out]
     if missing:
-        raise BagError(f"{path}: bag has no {', '.join(missing)} (it holds {', '.join(sorted(out)) or 'nothing'})")
+        held = sorted(_format_of(path).keys(path))  # not just the keys asked for ("it holds nothing")
+        raise BagError(f"{path}: bag has no {', '.join(missing)} (it holds {', '.join(held) or 'nothing'})")
     _check_finite(path, out)
     return out
 
@@ -622,6 +631,17 @@ def read_slide_embedding(path: str) -> np.ndarray:
     raise BagError(f"{path}: bag has no features ({', '.join(held) or 'empty'})")
 
 
+def no_bag_read_error(out_dir: str, failed: dict[str, str] | None) -> BagError:
+    """The error of a folder that gave no slide: it has no bags, or none of them could be read
+    (then the first reason: "no extracted slides" sent the user looking for missing files)."""
+    folder = os.path.join(out_dir, SLIDES)
+    folder = folder if os.path.isdir(folder) else out_dir
+    if not failed:
+        return BagError(f"{folder}: no extracted slides")
+    first = sorted(failed)[0]
+    return BagError(f"{folder}: none of its {len(failed)} bag(s) could be read ({first}: {failed[first]})")
+
+
 def read_slide_embeddings(out_dir: str, failed: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """slide_id -> slide embedding for every bag under ``out_dir`` (its slides/ folder, or the
     folder itself for a folder of h5/.pt bags).
@@ -645,7 +665,7 @@ def read_slide_embeddings(out_dir: str, failed: dict[str, str] | None = None) ->
             continue
         out[sid] = emb
     if not out:
-        raise BagError(f"{os.path.join(out_dir, SLIDES)}: no extracted slides")
+        raise no_bag_read_error(out_dir, failed)
     widths: dict[int, list[str]] = {}
     for sid, emb in out.items():
         widths.setdefault(emb.shape[0], []).append(sid)
@@ -661,7 +681,8 @@ def read_slide_embeddings(out_dir: str, failed: dict[str, str] | None = None) ->
 def num_regions(path: str) -> int:
     """M, the number of regions of a bag file."""
     held = bag_keys(path)
-    key = "coords" if "coords" in held else "features_cls256"
+    key = next((k for k in ("coords", "features_cls256", "features_cls4k", "features_region") if k in held),
+               "features_cls256")
     return int(read_bag_file(path, (key,))[key].shape[0])
 
 

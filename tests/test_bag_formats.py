@@ -163,6 +163,30 @@ def test_trident_h5_folder_is_read_by_hipt_knn(tmp_path, capsys):
     assert code == 2 and "two formats" in capsys.readouterr().err
 
 
+def test_clam_pt_files_are_region_features_and_a_folder_of_unreadable_bags_says_why(tmp_path):
+    """CLAM's pt_files (one 2-D tensor [M, 1024] per slide) were refused as "not [M, R*C, 384]"
+    bag by bag, and hipt-knn then said "FOLDER/slides: no extracted slides" (a folder that does
+    not exist) without the reason. Now a 2-D .pt is named by its shape as an h5 `features` is.
+    Plants: the old 3-D-only .pt reader -> not read; the old message -> no reason."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "pt_files"
+    folder.mkdir()
+    feats = rng.normal(size=(5, 1024)).astype(np.float32)
+    torch.save(torch.from_numpy(feats), folder / "s0.pt")
+    torch.save(torch.from_numpy(rng.normal(size=(3, 192)).astype(np.float32)), tmp_path / "cls4k.pt")
+    assert bags.bag_keys(str(folder / "s0.pt")) == ("features_region",)
+    assert bags.bag_keys(str(tmp_path / "cls4k.pt")) == ("features_cls4k",)
+    assert bags.num_regions(str(folder / "s0.pt")) == 5
+    np.testing.assert_allclose(bags.read_slide_embeddings(str(folder))["s0"], feats.mean(0), rtol=1e-6)
+    with pytest.raises(bags.BagError, match=r"s0.pt: bag has no features_cls256 \(it holds features_region\)"):
+        bags.read_bag_file(str(folder / "s0.pt"), ("features_cls256",))
+    torch.save(torch.zeros(4), folder / "s0.pt")
+    (folder / "s1.h5").write_bytes(b"not hdf5")
+    with pytest.raises(bags.BagError, match=r"pt_files: none of its 2 bag\(s\) could be read \(s0: .*s0.pt: "
+                                            r"expected a tensor"):
+        bags.read_slide_embeddings(str(folder), failed={})
+
+
 def test_official_pt_bags_train_lgp_and_feed_stage2(tmp_path):
     """torch.save of [M,4,384] tensors (the official layout, tiny 2x2 grid) in a plain folder
     are found, read and encoded by hipt-finetune's loader and train HIPT-LGP (one epoch, the

@@ -1,4 +1,6 @@
 """Cohort tables: labels CSV parsing, CLAM split files, seeded stratified k-fold."""
+import os
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,14 @@ def test_clam_split_files_with_uneven_columns_and_leak_check(tmp_path):
     (tmp_path / "splits_2.csv").write_text(",train,val,test\n0,a,,a\n")
     with pytest.raises(cohort.CohortError, match="both train and test"):
         cohort.resolve_splits(str(tmp_path), ids, [0] * 6)
+    # A set numbered from 1, or with a file missing: its folds would be named and recorded
+    # under other numbers (splits_2.csv's leak reported as splits_1.csv's). Plant: no check.
+    os.remove(tmp_path / "splits_1.csv")
+    with pytest.raises(cohort.CohortError, match=r"numbered \[0, 2\], but splits_1.csv is missing"):
+        cohort.read_clam_splits(str(tmp_path))
+    os.remove(tmp_path / "splits_0.csv")
+    with pytest.raises(cohort.CohortError, match=r"numbered \[2\], but splits_0.csv is missing"):
+        cohort.read_clam_splits(str(tmp_path))
 
 
 def test_stratified_kfold_is_seeded_disjoint_and_stratified():

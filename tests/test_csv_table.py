@@ -43,3 +43,42 @@ def test_other_encodings_name_the_file_and_the_byte(tmp_path):
     path.write_bytes("slide_id,label\nsl\xe9,1\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.csv: not UTF-8 text \(byte 17\)"):
         csv_table.read_rows(str(path))
+
+
+def test_old_mac_line_ends_are_lines(tmp_path):
+    """Excel's "CSV (Macintosh)" ends lines with a bare '\\r'. Plant: the header cut at '\\n'
+    only -> csv.Error 'new-line character seen in unquoted field' (a traceback)."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"slide_id;label\ra;x\rb;y\r")
+    assert csv_table.read_rows(str(path)) == (["slide_id", "label"],
+                                              [{"slide_id": "a", "label": "x"}, {"slide_id": "b", "label": "y"}])
+
+
+def test_a_column_named_twice_is_refused(tmp_path):
+    """Two 'label' columns (tables merged side by side): a row dict keeps the last one, so the
+    labels read would silently be the second column's. Plant: no check -> rows read."""
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label,,label\na,x,,y\nb,y,,x\n")
+    with pytest.raises(ValueError, match=r"labels.csv: column\(s\) \['label'\] appear more than once"):
+        csv_table.read_rows(str(path))
+
+
+def test_an_unreadable_cell_names_the_file(tmp_path):
+    """A cell over the csv module's field size limit (e.g. a binary file saved as .csv). Plant:
+    csv.Error not caught -> a traceback."""
+    path = tmp_path / "big.csv"
+    path.write_text('slide_id,label\na,"' + "x" * 200_000 + '"\n')
+    with pytest.raises(ValueError, match=r"big.csv: not a readable CSV \(field larger"):
+        csv_table.read_rows(str(path))
+
+
+@pytest.mark.parametrize("text", ["\nslide_id,label\na,x\n", "\r\n\r\nslide_id,label\r\na,x\r\n",
+                                  "sep=;\nslide_id;label\na;x\n", "sep=,\r\n\r\nslide_id,label\r\na,x\r\n"])
+def test_blank_lines_and_excel_sep_line_above_the_header(tmp_path, text):
+    """A blank first line made the header empty and every row vanish ("no rows"); Excel's
+    "sep=;" line was read as the header (missing columns ['', 'sep=']). Plant: no
+    _table_text -> both fail."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes(text.encode())
+    assert csv_table.read_rows(str(path)) == (["slide_id", "label"], [{"slide_id": "a", "label": "x"}])
+    assert csv_table.separator_of(str(path)) == ("," if "," in text else ";")

@@ -679,3 +679,23 @@ def test_a_fold_whose_checkpoint_was_damaged_is_redone_by_the_rerun(tmp_path, ca
     assert os.stat(work / "fold_1" / "result.json").st_mtime_ns == kept
     res = predict.predict_run(str(work), c.data.embeddings, str(tmp_path / "p.csv"), show_progress=False)
     assert res["failed_slides"] == {}
+
+
+def test_numeric_ids_that_lost_their_leading_zeros_are_refused_before_any_work(tmp_path):
+    """Slide ids 001..009 saved through a spreadsheet as 1..9: those slides were skipped as "not
+    extracted" and the run went on without them. Plant: no check_leading_zeros in _extracted ->
+    the run trains (here: no error raised)."""
+    from hipt_jax.evaluation.cohort import CohortError
+    from tests.synthetic_cohort import write_embedding
+
+    rng = np.random.default_rng(0)
+    emb, rows = str(tmp_path / "emb"), []
+    for i in range(1, 13):
+        sid = f"{i:03d}" if i < 10 else str(i * 10)
+        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
+        rows.append({"slide_id": str(int(sid)), "label": "ab"[i % 2]})
+    c = _subtyping_config(emb, write_labels(str(tmp_path / "labels.csv"), rows), splits="kfold:2", epochs=1)
+    c.model.name = "abmil"
+    with pytest.raises(CohortError, match=r"slide_id '1' has no bag but '001' .* lost their leading zeros"):
+        finetune.run(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

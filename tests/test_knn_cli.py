@@ -246,3 +246,22 @@ def test_a_class_absent_from_a_test_part_is_named_and_its_auc_kept(tmp_path, cap
     assert fold["auc_absent_classes"] == ["c"] and fold["auc"] > 0.9
     assert "hipt-knn: fold 0: no test slide of class(es) c" in err  # named like every hipt-knn line
     assert json.load(open(out))["summary"]["paper"]["auc"]["n"] == 1
+
+
+def test_numeric_ids_that_lost_their_leading_zeros_are_refused(tmp_path, capsys):
+    """Labels saved through a spreadsheet turn slide ids 001..009 into 1..9: those slides were
+    skipped as "not extracted" (and their bags as "unlabelled") and the KNN ran, exit 0, on the
+    rest. Plant: no cohort.check_leading_zeros call -> exit 0."""
+    from tests.synthetic_cohort import write_embedding
+
+    rng = np.random.default_rng(0)
+    emb, rows = str(tmp_path / "emb"), []
+    for i in range(1, 17):
+        sid = f"{i:03d}" if i < 10 else str(i * 10)
+        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
+        rows.append({"slide_id": str(int(sid)), "label": "ab"[i % 2]})
+    labels = write_labels(str(tmp_path / "labels.csv"), rows)
+    assert knn_cli.main(["--embeddings", emb, "--labels", labels, "--splits", "kfold:2",
+                         "--out", str(tmp_path / "k.json")]) == 2
+    assert ("labels.csv: slide_id '1' has no bag but '001' in " in capsys.readouterr().err
+            and not os.path.exists(tmp_path / "k.json"))

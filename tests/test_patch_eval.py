@@ -64,9 +64,10 @@ def test_layouts_and_label_fraction(tmp_path):
         w = csv.writer(f)
         w.writerow(["path", "label", "split"])
         w.writerows([[f"tt/train/a/{i}.png", "a", "train"] for i in range(3)]
+                    + [[f"tt/train/b/{i}.png", "b", "train"] for i in range(2, 4)]
                     + [[f"tt/train/b/{i}.png", "b", "test"] for i in range(2)])
     t = read_tiles(str(tmp_path / "t.csv"))
-    assert list(t.splits) == ["train"] * 3 + ["test"] * 2
+    assert list(t.splits) == ["train"] * 5 + ["test"] * 2
     # The same list saved by a decimal-comma spreadsheet (';', padded header, trailing ';;'
     # rows) reads alike (plant: the tile reader without data_prep.csv_table -> "expected a header").
     (tmp_path / "t_semicolon.csv").write_text(
@@ -74,6 +75,13 @@ def test_layouts_and_label_fraction(tmp_path):
     t_sc = read_tiles(str(tmp_path / "t_semicolon.csv"))
     assert t_sc.paths == t.paths and list(t_sc.labels) == list(t.labels) and list(t_sc.splits) == list(t.splits)
     assert load_tile(t.paths[0], 24).shape == (24, 24, 3)  # 32x40 -> shorter side 24, center crop
+    # Train of one class (b only in test): the probe could not be fitted (scikit-learn's
+    # ValueError, naming no file, after every feature was computed). Plant: no check -> read.
+    (tmp_path / "one_class_train.csv").write_text(
+        "path,label,split\n" + "".join(f"tt/train/a/{i}.png,a,train\n" for i in range(3))
+        + "".join(f"tt/train/b/{i}.png,b,test\n" for i in range(2)))
+    with pytest.raises(TileDatasetError, match=r"one_class_train.csv: the train split holds only class 'a'"):
+        read_tiles(str(tmp_path / "one_class_train.csv"))
     with open(tmp_path / "bad.csv", "w") as f:
         f.write("path,label\nnope.png,a\n")
     with pytest.raises(TileDatasetError, match="bad.csv.*do not exist"):

@@ -138,6 +138,21 @@ def case_ids_as_slide_ids_hint(slide_ids: Sequence[str]) -> str:
     return ""
 
 
+def check_leading_zeros(coh: "Cohort", bag_ids: Iterable[str], embeddings: str) -> None:
+    """Refuse labels whose numeric slide ids lost the leading zeros of the bags' names ('7' for
+    007.npz: a spreadsheet read the column as numbers): those slides would be left out as "not
+    extracted" while their bags are left out as "unlabelled"."""
+    bag_ids = set(bag_ids)
+    labelled = set(coh.slide_ids) | set(coh.dropped_ids)
+    stripped = {b.lstrip("0") or "0": b for b in bag_ids if b.isdigit() and b not in labelled}
+    lost = [(s, stripped[s]) for s in coh.slide_ids if s.isdigit() and s not in bag_ids and s in stripped]
+    if lost:
+        s, b = lost[0]
+        raise CohortError(f"{coh.path or 'labels'}: slide_id {s!r} has no bag but {b!r} in {embeddings} has no label "
+                          f"row ({len(lost)} such id(s)): the ids lost their leading zeros (a spreadsheet read "
+                          "them as numbers?); write them as the bags are named")
+
+
 def _case_insensitive(folder: str) -> bool:
     """Whether the filesystem holding ``folder`` ignores case (probe: the swapped-case name of an
     existing folder resolves to the same folder)."""
@@ -408,6 +423,14 @@ def _split_files(directory: str) -> list[str]:
                       if (m := re.fullmatch(r"splits_(\d+)\.csv", os.path.basename(f))))
     if not numbered:
         raise CohortError(f"{directory}: no splits_{{i}}.csv files")
+    numbers = [n for n, _ in numbered]
+    if numbers != list(range(len(numbers))):
+        # Fold k is splits_k.csv in every message, record and output folder: a set numbered
+        # from 1, or one with a file missing, would have its folds reported under other numbers.
+        gaps = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        raise CohortError(f"{directory}: split files are numbered {numbers[:10]}{' ...' if len(numbers) > 10 else ''}, "
+                          f"but splits_{gaps[0]}.csv is missing; number them splits_0.csv ... "
+                          f"splits_{len(numbers) - 1}.csv (fold k is splits_k.csv)")
     return [f for _, f in numbered]
 
 

@@ -173,6 +173,7 @@ def run(embeddings_dir: str, labels: str, splits: str, *, seed: int = 0, label_c
         emb = slide_embeddings.read(embeddings_dir, embedding, failed=failed)
     try:  # a refusal (too few slides for --k, a fold without a class) names the unreadable bags:
         # they are why slides are missing, and the fix is to repair them, not to change the flags
+        cohort_lib.check_leading_zeros(coh, [*emb, *failed], embeddings_dir)
         present = [s for s in coh.slide_ids if cohort_lib.bag_file(embeddings_dir, s) and s in emb]
         if not present:
             raise cohort_lib.CohortError(f"{labels}: none of its slides are in {embeddings_dir}"

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.bags import SLIDES, BagError, bag_keys, check_extraction, list_bags, read_bag_file
+from data_prep.bags import BagError, bag_keys, check_extraction, list_bags, no_bag_read_error, read_bag_file
 
 # name -> (bag keys read, function of those arrays -> [D])
 EMBEDDINGS: dict[str, tuple[tuple[str, ...], Callable[[dict], np.ndarray]]] = {}
@@ -78,5 +78,5 @@ def read(out_dir: str, name: str, failed: dict[str, str] | None = None) -> dict[
                 raise
             failed[sid] = str(e)
     if not out:
-        raise BagError(f"{out_dir}/{SLIDES}: no extracted slides")
+        raise no_bag_read_error(out_dir, failed)
     return out

@@ -172,6 +172,10 @@ def read_tiles(source: str, *, test_fraction: float = 0.3, seed: int = 0,
     splits = splits.astype(str)
     if not (splits == "train").any() or not (splits == "test").any():
         raise TileDatasetError(f"{source}: needs both train and test tiles")
+    trained = sorted({class_names[c] for c in labels[splits == "train"]})
+    if len(trained) < 2:  # nothing to tell apart: the probe could not be fitted, every KNN vote is one class
+        raise TileDatasetError(f"{source}: the train split holds only class {trained[0]!r} (of {class_names}); "
+                               "train needs tiles of at least 2 classes")
     train = np.flatnonzero(splits == "train")
     kept = train[subsample_fraction(labels[train], label_fraction, seed)]
     dropped = np.setdiff1d(train, kept)

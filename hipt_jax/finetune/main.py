@@ -260,6 +260,7 @@ def _map_split_ids(folds, items: list[Item], coh: cohort_lib.Cohort, task: str):
 
 def _extracted(config, coh: cohort_lib.Cohort) -> list[str]:
     """The labelled slides that have a bag (readable or not)."""
+    cohort_lib.check_leading_zeros(coh, bags.list_bags(config.data.embeddings), config.data.embeddings)
     present = [s for s in coh.slide_ids if cohort_lib.bag_file(config.data.embeddings, s) is not None]
     if not present:
         raise FinetuneError(f"{config.data.embeddings}: none of the labelled slides were extracted"
