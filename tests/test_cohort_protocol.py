@@ -370,3 +370,30 @@ def test_finetune_survival_without_case_ids_warns_once(tmp_path, capsys, instant
     err = capsys.readouterr().err
     assert err.count("no case_id column, so the generated folds are slide-level") == 1, err
     assert res["patients_from"] == "unknown" and "slide-level" in res["folds_source"]
+
+
+def test_ids_that_differ_only_by_leading_zeros_are_refused_either_way(tmp_path):
+    """Split ids written with fewer or more leading zeros than the labels' ids ('1' or '0001'
+    for '001', case ids too), and labels written with more zeros than the bags ('007' for
+    7.npz), are refused naming both spellings; an id that is simply unknown is skipped.
+    Plants: check_split_leading_zeros not called -> no error; zero_padding_twins comparing
+    only the id stripped -> the '0001' and '007' cases pass."""
+    ids = [f"{i:03d}" for i in range(1, 9)]
+    coh = cohort.read_labels_csv(write_labels(str(tmp_path / "l.csv"),
+                                              [{"slide_id": s, "case_id": f"0{100 + i}", "label": "ab"[i % 2]}
+                                               for i, s in enumerate(ids)]))
+    for name, odd, meant, cause in (("fewer", "1", "001", "lost their leading zeros"),
+                                    ("more", "0001", "001", "have leading zeros that the labels' ids lack"),
+                                    ("case", "101", "0101", "lost their leading zeros")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "splits_0.csv").write_text(",train,val,test\n0,002,,004\n1,003,,005\n")
+        (folder / "splits_1.csv").write_text(f",train,val,test\n0,{odd},,002\n1,004,,003\n2,005,,\n")
+        with pytest.raises(CohortError, match=rf"splits_1\.csv: id '{odd}' is not in .*l\.csv, which has "
+                                              rf"'{meant}' \(1 such id\(s\)\): the ids {cause}"):
+            cohort.plan_folds(coh, str(folder), ids, [0, 1] * 4)
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "splits_0.csv").write_text(",train,val,test\n0,002,,004\n1,9,,005\n")
+    assert cohort.plan_folds(coh, str(tmp_path / "unknown"), ids, [0, 1] * 4).skipped_ids == ["9"]
+    with pytest.raises(CohortError, match=r"slide_id '007' has no bag but '7' in EMB .*leading zeros that the bags'"):
+        cohort.check_leading_zeros(coh, [*ids[:6], "7", "008"], "EMB")

@@ -699,3 +699,25 @@ def test_numeric_ids_that_lost_their_leading_zeros_are_refused_before_any_work(t
     with pytest.raises(CohortError, match=r"slide_id '1' has no bag but '001' .* lost their leading zeros"):
         finetune.run(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_split_ids_that_lost_their_leading_zeros_are_refused_before_any_work(tmp_path):
+    """A split file listing slides 001..003 as 1..3 beside correct ids: they were skipped as
+    "not in the labels" and the folds trained without them. Plant: no check_split_leading_zeros
+    call in plan_folds -> the run trains (here: no error raised)."""
+    from hipt_jax.evaluation.cohort import CohortError
+    from tests.synthetic_cohort import write_embedding
+
+    rng = np.random.default_rng(0)
+    emb, ids = str(tmp_path / "emb"), [f"{i:03d}" for i in range(1, 13)]
+    for i, sid in enumerate(ids):
+        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
+    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": s, "label": "ab"[i % 2]}
+                                                         for i, s in enumerate(ids)])
+    _write_splits(tmp_path / "splits", [(["1", "2", "3", *ids[3:8]], [], ids[8:])])
+    c = _subtyping_config(emb, labels, splits=str(tmp_path / "splits"), epochs=1)
+    c.model.name = "abmil"
+    with pytest.raises(CohortError, match=r"splits_0\.csv: id '1' is not in .*labels\.csv, which has '001' "
+                                          r"\(3 such id\(s\)\): the ids lost their leading zeros"):
+        finetune.run(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

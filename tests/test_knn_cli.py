@@ -265,3 +265,35 @@ def test_numeric_ids_that_lost_their_leading_zeros_are_refused(tmp_path, capsys)
                          "--out", str(tmp_path / "k.json")]) == 2
     assert ("labels.csv: slide_id '1' has no bag but '001' in " in capsys.readouterr().err
             and not os.path.exists(tmp_path / "k.json"))
+
+
+def test_split_ids_that_lost_their_leading_zeros_are_refused(tmp_path, capsys):
+    """A split file saved through a spreadsheet lists slides 001..003 as 1..3 beside correct
+    ids: those were skipped as "not in the labels CSV" and the KNN ran, exit 0, on the rest.
+    An id that is simply unknown is still skipped. Plant: no check_split_leading_zeros call in
+    plan_folds -> exit 0."""
+    from tests.synthetic_cohort import write_embedding
+
+    rng = np.random.default_rng(0)
+    emb, ids = str(tmp_path / "emb"), [f"{i:03d}" for i in range(1, 13)]
+    for i, sid in enumerate(ids):
+        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
+    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": s, "label": "ab"[i % 2]}
+                                                         for i, s in enumerate(ids)])
+
+    def run(train_ids, name):
+        splits = tmp_path / name
+        splits.mkdir()
+        test = ids[8:]
+        rows = [",train,val,test"] + [f"{j},{s},,{test[j] if j < len(test) else ''}" for j, s in enumerate(train_ids)]
+        (splits / "splits_0.csv").write_text("\n".join(rows) + "\n")
+        out = tmp_path / f"{name}.json"
+        return knn_cli.main(["--embeddings", emb, "--labels", labels, "--splits", str(splits), "--k", "1",
+                             "--out", str(out)]), capsys.readouterr().err, out
+
+    code, err, out = run(["1", "2", "3", *ids[3:8]], "stripped")
+    assert code == 2 and not out.exists()
+    assert (f"{tmp_path / 'stripped' / 'splits_0.csv'}: id '1' is not in {labels}, which has '001' (3 such id(s)): "
+            "the ids lost their leading zeros") in err
+    code, err, out = run([*ids[:8], "0999"], "unknown")
+    assert code == 0 and "1 split id(s) not in the labels CSV (skipped): ['0999']" in err

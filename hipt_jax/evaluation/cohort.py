@@ -26,7 +26,9 @@ Splits (``spec``):
 - a folder of ``splits_{i}.csv``: CLAM/HIPT subtyping files (columns train,val,test) or
   MCAT/HIPT survival files (columns train,val only: ``val`` is the held-out fold and becomes
   the test part). Ids may be slide ids (with or without extension) or case ids (a case id
-  selects all that patient's slides). Ids absent from the cohort are listed once and skipped.
+  selects all that patient's slides). Ids absent from the cohort are listed once and skipped,
+  unless they are numeric and match a cohort id once leading zeros are restored or stripped
+  ('7' for '007'): that is refused naming the file.
   A file that puts one patient in two parts is refused naming the patient ids.
 - ``kfold:K`` (optionally ``kfold:K:val=F``): a seeded stratified K-fold; with case ids in the
   CSV it is a stratified GROUP k-fold (no patient in two parts), and ``val=F`` carves a
@@ -138,19 +140,48 @@ def case_ids_as_slide_ids_hint(slide_ids: Sequence[str]) -> str:
     return ""
 
 
+def zero_padding_twins(ids: Iterable[str], targets: Iterable[str]) -> list[tuple[str, str]]:
+    """(id, target) for each numeric id that is no target but equals one once the leading zeros
+    of both are stripped ('7' and '007': a column a spreadsheet read as numbers)."""
+    targets = set(targets)
+    by_number = {t.lstrip("0") or "0": t for t in targets if t.isdigit()}
+    return [(i, by_number[i.lstrip("0") or "0"]) for i in ids
+            if i.isdigit() and i not in targets and (i.lstrip("0") or "0") in by_number]
+
+
+def _zeros_cause(found: str, meant: str, of: str) -> str:
+    """Why ``found`` was written for ``meant``, for the end of a leading-zeros refusal."""
+    if len(found) < len(meant):
+        return "the ids lost their leading zeros (a spreadsheet read them as numbers?)"
+    return f"the ids have leading zeros that {of} lack"
+
+
 def check_leading_zeros(coh: "Cohort", bag_ids: Iterable[str], embeddings: str) -> None:
     """Refuse labels whose numeric slide ids lost the leading zeros of the bags' names ('7' for
     007.npz: a spreadsheet read the column as numbers): those slides would be left out as "not
     extracted" while their bags are left out as "unlabelled"."""
     bag_ids = set(bag_ids)
     labelled = set(coh.slide_ids) | set(coh.dropped_ids)
-    stripped = {b.lstrip("0") or "0": b for b in bag_ids if b.isdigit() and b not in labelled}
-    lost = [(s, stripped[s]) for s in coh.slide_ids if s.isdigit() and s not in bag_ids and s in stripped]
+    lost = zero_padding_twins([s for s in coh.slide_ids if s not in bag_ids], bag_ids - labelled)
     if lost:
         s, b = lost[0]
+        cause = _zeros_cause(s, b, "the bags' names")
         raise CohortError(f"{coh.path or 'labels'}: slide_id {s!r} has no bag but {b!r} in {embeddings} has no label "
-                          f"row ({len(lost)} such id(s)): the ids lost their leading zeros (a spreadsheet read "
-                          "them as numbers?); write them as the bags are named")
+                          f"row ({len(lost)} such id(s)): {cause}; write them as the bags are named")
+
+
+def check_split_leading_zeros(raw: Sequence[dict], unknown: Iterable[str], coh: "Cohort", where: str) -> None:
+    """Refuse split files whose numeric ids are not in the labels until leading zeros are
+    restored or stripped ('7' for the labels' '007'): those slides would be skipped as "not in
+    the labels CSV" and the folds run without them. ``where``: the split file, with {k}."""
+    labelled = set(coh.slide_ids) | set(coh.case_ids) | set(coh.dropped_ids)
+    twins = zero_padding_twins(unknown, labelled)
+    if twins:
+        s, t = twins[0]
+        k = next(k for k, fold in enumerate(raw) if any(s in fold[p] for p in PARTS))
+        cause = _zeros_cause(s, t, "the labels' ids")
+        raise CohortError(f"{where.format(k=k)}: id {s!r} is not in {coh.path or 'the labels'}, which has {t!r} "
+                          f"({len(twins)} such id(s)): {cause}; write them as the labels do")
 
 
 def _case_insensitive(folder: str) -> bool:
@@ -738,6 +769,7 @@ def plan_folds(coh: Cohort, spec: str, items: Sequence[str], strata: Sequence, *
         folds = [{p: _split_to_items(f[p], coh, item_set, unit, insensitive, skipped) for p in PARTS}
                  for f in raw]
         where = os.path.join(spec, "splits_{k}.csv")
+        check_split_leading_zeros(raw, skipped, coh, where)
         if not coh.has_case_ids:  # the same caveat as generated folds without patients
             warnings.append(f"{coh.path or 'labels'}: no case_id column (and the slide ids are not TCGA "
                             f"barcodes), so {spec} cannot be checked for one patient's slides in both "
