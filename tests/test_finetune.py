@@ -3,6 +3,7 @@ KNN and HIPT-LGP subtyping (AUC > 0.9); survival with class-dependent times (c-i
 shuffled labels giving chance-level results (a leak between folds would not)."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -721,3 +722,35 @@ def test_split_ids_that_lost_their_leading_zeros_are_refused_before_any_work(tmp
                                           r"\(3 such id\(s\)\): the ids lost their leading zeros"):
         finetune.run(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_workdir_that_holds_the_input_bags_is_refused(tmp_path):
+    """--workdir equal to a folder of TRIDENT h5 bags given as data.embeddings (no
+    provenance.json there): the run wrote fold_*/, results.json and provenance.json among the
+    bags, exit 0, and the next run read that provenance.json as the embeddings'. A symlink to
+    it, and an embeddings folder that is one of the workdir's outputs (WORKDIR/fold_0), are
+    refused too; a workdir inside the bag folder still runs, and its outputs are not read as
+    bags. Plant: no _check_workdir_apart call in run -> the first run trains."""
+    emb = _cls4k_h5_bags(tmp_path / "h5", 8, class_offset=True)
+    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": f"s{i}", "label": "ab"[i % 2]}
+                                                         for i in range(8)])
+    c = _subtyping_config(str(emb), labels, splits="kfold:2", epochs=1)
+    c.model.name = "abmil"
+    bags_there = sorted(os.listdir(emb))
+    os.symlink(emb, tmp_path / "link")
+    for work in (emb, tmp_path / "link"):
+        with pytest.raises(finetune.FinetuneError, match=rf"^{re.escape(str(work))}: holds the input bags \(config.data.embeddings="):
+            finetune.run(c, str(work), show_progress=False)
+        assert sorted(os.listdir(emb)) == bags_there
+    os.makedirs(tmp_path / "w")
+    os.rename(emb, tmp_path / "w" / "fold_0")
+    c.data.embeddings = str(tmp_path / "w" / "fold_0")
+    with pytest.raises(finetune.FinetuneError, match=r"fold_0: the embeddings folder .* lies in .*w/fold_0, which "):
+        finetune.run(c, str(tmp_path / "w"), show_progress=False)
+    assert sorted(os.listdir(tmp_path / "w")) == ["fold_0"]
+    os.rename(tmp_path / "w" / "fold_0", emb)
+    c.data.embeddings = str(emb)
+    finetune.run(c, str(emb / "run"), show_progress=False)
+    assert os.path.isfile(emb / "run" / "results.json")
+    from data_prep import bags
+    assert sorted(bags.list_bags(str(emb))) == [f"s{i}" for i in range(8)]

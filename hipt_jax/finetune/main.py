@@ -18,6 +18,8 @@ With a val part, the epoch with the best validation loss (or ``selection.metric`
     results.json, results.md   per-fold table with mean +/- std (results.json also names the
                                slides whose feature file could not be read: "failed_slides")
     roc.png (subtyping) or km.png (survival)
+The workdir may not hold the input bags, nor have the embeddings folder among its outputs
+(``_check_workdir_apart``); a workdir inside the embeddings folder is fine.
 A fold whose result.json exists is skipped, so an interrupted run resumes at the next fold,
 but only when the workdir's provenance.json (hashes of the config, the label and split files,
 the embeddings' provenance and the pretrained ViT-4K) matches this run: finished folds are never
@@ -446,6 +448,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = T
         overwrite: bool = False, resume_anyway: bool = False) -> dict:
     """Run every fold; returns the results dict written to workdir/results.json."""
     _check_inputs(config)
+    _check_workdir_apart(config, workdir)
     coh = _read_cohort(config)  # labels and folds validated: bad input writes nothing
     os.makedirs(workdir, exist_ok=True)
     with workdir_lock.hold(workdir):
@@ -496,6 +499,34 @@ def _check_inputs(config) -> None:
             raise FinetuneError(f"config.selection.evaluate={sel.evaluate!r}: expected best or final")
         if sel.get("metric", "loss") not in METRICS[config.task]:
             raise FinetuneError(f"config.selection.metric={sel.metric!r}: expected one of {list(METRICS[config.task])}")
+
+
+# What a workdir holds besides its lock (shell patterns): an input under one of these names would
+# be written over, or removed by an ``overwrite``.
+WORKDIR_ENTRIES = ("fold_*", "splits", "summary.csv", provenance.FILE, *OUTPUTS)
+
+
+def _check_workdir_apart(config, workdir: str) -> None:
+    """The workdir must not be the embeddings folder or its bag folder (the run's folds, results
+    and provenance.json would sit among the input bags, and the next run would read that
+    provenance.json as the embeddings'), nor a folder one of whose outputs is the embeddings
+    folder or holds it (WORKDIR/fold_0 as the embeddings). A workdir inside the embeddings
+    folder is fine, unless it is named like a bag among the bags."""
+    import fnmatch
+
+    emb, here = config.data.embeddings, os.path.realpath(workdir)
+    held = os.path.join(emb, bags.SLIDES)
+    held = held if os.path.isdir(held) else emb
+    if here in (os.path.realpath(emb), os.path.realpath(held)):
+        raise FinetuneError(f"{workdir}: holds the input bags (config.data.embeddings={emb}); the run would write "
+                            "its folds, results and provenance.json among them: give --workdir another folder")
+    if os.path.dirname(here) == os.path.realpath(held) and here.endswith(tuple(f.ext for f in bags.FORMATS.values())):
+        raise FinetuneError(f"{workdir}: would sit among the bags of {emb} and be read as one; "
+                            "give --workdir another name")
+    inside = os.path.relpath(os.path.realpath(emb), here).split(os.sep)[0]
+    if inside != os.pardir and any(fnmatch.fnmatchcase(inside, p) for p in WORKDIR_ENTRIES):
+        raise FinetuneError(f"{emb}: the embeddings folder (config.data.embeddings) lies in {workdir}/{inside}, "
+                            "which the run writes (or removes to start over): give --workdir another folder")
 
 
 def _damaged_checkpoint(fold_dir: str) -> Optional[str]:
