@@ -172,11 +172,12 @@ def check_outside_managed(path: str) -> None:
         folder = up
 
 
-def _check_bag_folders(path: str, bag_folders: Iterable[Optional[str]]) -> None:
-    """A file named like a bag among the bags of a folder the command reads would be read as one
-    by every later command (and fail as a "corrupt bag")."""
+def check_not_among_bags(path: str, bag_folders: Iterable[Optional[str]]) -> None:
+    """A file (or an output folder) named like a bag among the bags of a folder the command reads
+    would be read as one by every later command (and fail as a "corrupt bag")."""
     from data_prep import bags
 
+    path = os.path.normpath(path)
     if not path.endswith(tuple(fmt.ext for fmt in bags.FORMATS.values())):
         return
     here = os.path.realpath(os.path.dirname(os.path.abspath(path)))
@@ -202,7 +203,7 @@ def check_target(path: str, *, writer: str, inputs: Optional[Mapping[str, Union[
                 raise OutputPathError(f"{path}: is an input of this command ({flag} {item}); "
                                       "write the output elsewhere")
     check_outside_managed(path)
-    _check_bag_folders(path, bag_folders)
+    check_not_among_bags(path, bag_folders)
     if os.path.lexists(path):
         try:
             own = bool(is_own and is_own(path))

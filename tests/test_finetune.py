@@ -729,7 +729,8 @@ def test_a_workdir_that_holds_the_input_bags_is_refused(tmp_path):
     provenance.json there): the run wrote fold_*/, results.json and provenance.json among the
     bags, exit 0, and the next run read that provenance.json as the embeddings'. A symlink to
     it, and an embeddings folder that is one of the workdir's outputs (WORKDIR/fold_0), are
-    refused too; a workdir inside the bag folder still runs, and its outputs are not read as
+    refused too, and so is a workdir named like a bag among the bags (EMB/run.h5); a workdir
+    inside the bag folder otherwise still runs, and its outputs are not read as
     bags. Plant: no _check_workdir_apart call in run -> the first run trains."""
     emb = _cls4k_h5_bags(tmp_path / "h5", 8, class_offset=True)
     labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": f"s{i}", "label": "ab"[i % 2]}
@@ -750,6 +751,8 @@ def test_a_workdir_that_holds_the_input_bags_is_refused(tmp_path):
     assert sorted(os.listdir(tmp_path / "w")) == ["fold_0"]
     os.rename(tmp_path / "w" / "fold_0", emb)
     c.data.embeddings = str(emb)
+    with pytest.raises(ValueError, match=r"run\.h5: would sit among the bags of "):
+        finetune.run(c, str(emb / "run.h5"), show_progress=False)
     finetune.run(c, str(emb / "run"), show_progress=False)
     assert os.path.isfile(emb / "run" / "results.json")
     from data_prep import bags

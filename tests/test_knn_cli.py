@@ -297,3 +297,23 @@ def test_split_ids_that_lost_their_leading_zeros_are_refused(tmp_path, capsys):
             "the ids lost their leading zeros") in err
     code, err, out = run([*ids[:8], "0999"], "unknown")
     assert code == 0 and "1 split id(s) not in the labels CSV (skipped): ['0999']" in err
+
+
+def test_a_save_splits_folder_named_like_a_bag_among_the_bags_is_refused(tmp_path, capsys):
+    """--save-splits EMB/folds.h5 beside the bags of a folder of bags: the next run read that
+    folder as the bag of slide 'folds' and failed on it ("truncated or corrupt bag", exit 1).
+    Other outputs beside the bags (the default EMB/knn_results.json, --save-splits EMB) are
+    never read as bags and stay allowed. Plant: no check_not_among_bags for --save-splits ->
+    exit 0 and a folds.h5 folder."""
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 8, grid=2, regions=(1, 2))
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": f"slide_{i:04d}", "label": "ab"[c]}
+                                                     for i, c in enumerate(classes)])
+    held = os.path.join(emb, "slides") if os.path.isdir(os.path.join(emb, "slides")) else emb
+    args = ["--embeddings", emb, "--labels", labels, "--splits", "kfold:2", "--k", "1", "--save-splits"]
+    assert knn_cli.main([*args, os.path.join(held, "folds.h5")]) == 2
+    assert "folds.h5: would sit among the bags of" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(held, "folds.h5"))
+    for _ in range(2):  # the rerun reads none of the first run's outputs as a bag
+        assert knn_cli.main([*args, held]) == 0
+    assert os.path.isfile(os.path.join(held, "splits_0.csv"))

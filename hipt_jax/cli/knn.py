@@ -98,7 +98,8 @@ _own_results = outputs.json_written_by(PROG, {"folds_source", "missing_slides", 
 
 def _check_targets(args) -> None:
     """--out (and the --save-splits folder) must not replace the labels, a split file, another
-    command's files or anything hipt-knn did not write (hipt_jax.outputs.check_target)."""
+    command's files or anything hipt-knn did not write, nor be named like a bag among the bags
+    (hipt_jax.outputs.check_target)."""
     import glob
 
 
@@ -109,6 +110,7 @@ def _check_targets(args) -> None:
                          bag_folders=[args.embeddings])
     if args.save_splits:  # the files are compared once the folds are known (knn_eval.save_clam_splits)
         outputs.check_outside_managed(os.path.join(args.save_splits, "splits_0.csv"))
+        outputs.check_not_among_bags(args.save_splits, [args.embeddings])  # EMB/folds.h5: read as a bag
 
 
 def _evaluate(args) -> int:

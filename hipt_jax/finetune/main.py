@@ -48,7 +48,7 @@ from data_prep.bags import BagError, read_bag
 from hipt_jax.evaluation import cohort as cohort_lib
 from hipt_jax.evaluation import metrics
 from hipt_jax import provenance, workdir_lock
-from hipt_jax.outputs import atomic_path, metric_or_nan, write_json, write_text
+from hipt_jax.outputs import atomic_path, check_not_among_bags, metric_or_nan, write_json, write_text
 from hipt_jax.finetune import plots, reporting, survival
 from hipt_jax.finetune.trainer import METRICS, Item, LGPTrainer, TrainConfig, encode_local
 from hipt_jax.models import checkpoint, lgp, mil
@@ -520,9 +520,7 @@ def _check_workdir_apart(config, workdir: str) -> None:
     if here in (os.path.realpath(emb), os.path.realpath(held)):
         raise FinetuneError(f"{workdir}: holds the input bags (config.data.embeddings={emb}); the run would write "
                             "its folds, results and provenance.json among them: give --workdir another folder")
-    if os.path.dirname(here) == os.path.realpath(held) and here.endswith(tuple(f.ext for f in bags.FORMATS.values())):
-        raise FinetuneError(f"{workdir}: would sit among the bags of {emb} and be read as one; "
-                            "give --workdir another name")
+    check_not_among_bags(workdir, [emb])
     inside = os.path.relpath(os.path.realpath(emb), here).split(os.sep)[0]
     if inside != os.pardir and any(fnmatch.fnmatchcase(inside, p) for p in WORKDIR_ENTRIES):
         raise FinetuneError(f"{emb}: the embeddings folder (config.data.embeddings) lies in {workdir}/{inside}, "
