@@ -724,6 +724,34 @@ def test_split_ids_that_lost_their_leading_zeros_are_refused_before_any_work(tmp
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_an_earlier_runs_splits_in_the_workdir_are_refused_and_overwrite_clears_them(tmp_path, monkeypatch):
+    """data.splits = WORKDIR/splits (an earlier run's folds, reused in its own workdir): the
+    run wrote the folds it used over them (bagless slides dropped, case ids turned slide ids)
+    and the next run saw other inputs. Refused, the files untouched. And --overwrite cleared
+    fold_*/ and results but left splits/ and summary.csv: a run that then failed left the old
+    run's folds and metrics beside the new record. Plants: the splits dropped from
+    _check_workdir_apart's inputs -> the run goes on (fails); _outputs without splits and
+    summary.csv -> they survive the overwrite (fails)."""
+    emb = _cls4k_h5_bags(tmp_path / "h5", 8, class_offset=True)
+    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": f"s{i}", "label": "ab"[i % 2]}
+                                                         for i in range(8)])
+    c = _subtyping_config(str(emb), labels, splits="kfold:2", epochs=1)
+    c.model.name = "abmil"
+    work = tmp_path / "w"
+    finetune.run(c, str(work), show_progress=False)
+    written = {f: (work / "splits" / f).read_bytes() for f in os.listdir(work / "splits")}
+    c.data.splits = str(work / "splits")
+    with pytest.raises(finetune.FinetuneError, match=r"splits: the split files \(config.data.splits\) lies in .*w/splits, "):
+        finetune.run(c, str(work), show_progress=False)
+    assert {f: (work / "splits" / f).read_bytes() for f in os.listdir(work / "splits")} == written
+    c.data.splits = "kfold:2"
+    assert (work / "summary.csv").is_file()
+    monkeypatch.setattr(finetune, "_run_folds", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune.run(c, str(work), show_progress=False, overwrite=True)
+    assert sorted(os.listdir(work)) == ["provenance.json"]
+
+
 def test_a_workdir_that_holds_the_input_bags_is_refused(tmp_path):
     """--workdir equal to a folder of TRIDENT h5 bags given as data.embeddings (no
     provenance.json there): the run wrote fold_*/, results.json and provenance.json among the

@@ -440,8 +440,10 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
 
 def _outputs(workdir: str) -> list[str]:
     # A pattern, not the folds there now: a run refused after fold 0 finished must see it
-    # (provenance.forget_new_records looks when it runs).
-    return ["fold_*", *OUTPUTS]
+    # (provenance.forget_new_records looks when it runs). splits/ and summary.csv too: an
+    # --overwrite that left them would show the old run's folds and metrics beside the new
+    # record until the new run finished (or for good, if it failed).
+    return ["fold_*", "splits", "summary.csv", *OUTPUTS]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True,
@@ -503,15 +505,16 @@ def _check_inputs(config) -> None:
 
 # What a workdir holds besides its lock (shell patterns): an input under one of these names would
 # be written over, or removed by an ``overwrite``.
-WORKDIR_ENTRIES = ("fold_*", "splits", "summary.csv", provenance.FILE, *OUTPUTS)
+WORKDIR_ENTRIES = (*_outputs(""), provenance.FILE)
 
 
 def _check_workdir_apart(config, workdir: str) -> None:
     """The workdir must not be the embeddings folder or its bag folder (the run's folds, results
     and provenance.json would sit among the input bags, and the next run would read that
-    provenance.json as the embeddings'), nor a folder one of whose outputs is the embeddings
-    folder or holds it (WORKDIR/fold_0 as the embeddings). A workdir inside the embeddings
-    folder is fine, unless it is named like a bag among the bags."""
+    provenance.json as the embeddings'), nor a folder one of whose outputs is an input or holds
+    it (WORKDIR/fold_0 as the embeddings, an earlier run's WORKDIR/splits as data.splits, which
+    this run would write over with the folds it used). A workdir inside the embeddings folder is
+    fine, unless it is named like a bag among the bags."""
     import fnmatch
 
     emb, here = config.data.embeddings, os.path.realpath(workdir)
@@ -521,10 +524,16 @@ def _check_workdir_apart(config, workdir: str) -> None:
         raise FinetuneError(f"{workdir}: holds the input bags (config.data.embeddings={emb}); the run would write "
                             "its folds, results and provenance.json among them: give --workdir another folder")
     check_not_among_bags(workdir, [emb])
-    inside = os.path.relpath(os.path.realpath(emb), here).split(os.sep)[0]
-    if inside != os.pardir and any(fnmatch.fnmatchcase(inside, p) for p in WORKDIR_ENTRIES):
-        raise FinetuneError(f"{emb}: the embeddings folder (config.data.embeddings) lies in {workdir}/{inside}, "
-                            "which the run writes (or removes to start over): give --workdir another folder")
+    splits = str(config.data.splits or "")
+    inputs = {"the embeddings folder (config.data.embeddings)": emb,
+              "the labels (config.data.labels)": config.data.labels,
+              **({} if splits.startswith("kfold:") or not splits else {"the split files (config.data.splits)": splits})}
+    for role, path in inputs.items():
+        inside = os.path.relpath(os.path.realpath(path), here).split(os.sep)[0]
+        if inside != os.pardir and any(fnmatch.fnmatchcase(inside, p) for p in WORKDIR_ENTRIES):
+            # e.g. data.splits=WORKDIR/splits: the run writes the folds it used over them
+            raise FinetuneError(f"{path}: {role} lies in {workdir}/{inside}, which the run writes (or removes to "
+                                "start over): give --workdir another folder, or copy the input out of it")
 
 
 def _damaged_checkpoint(fold_dir: str) -> Optional[str]:
