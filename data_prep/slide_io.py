@@ -184,13 +184,46 @@ _NO_MPP = ("{name}: slide has no mpp in its metadata; pass --assume-mpp (e.g. 0.
 
 
 def _metadata_axes(slide: openslide.OpenSlide) -> dict[str, float]:
-    """{"x": mpp-x, "y": mpp-y} as the metadata states them (finite and > 0), either may be absent."""
+    """{"x": mpp-x, "y": mpp-y} as the metadata states them (finite and > 0), either may be absent.
+    OpenSlide's mpp properties, else the OME-XML of an OME-TIFF (``_ome_axes``)."""
     values = {}
     for axis, key in (("x", openslide.PROPERTY_NAME_MPP_X), ("y", openslide.PROPERTY_NAME_MPP_Y)):
         try:
             v = float(slide.properties.get(key, "nan"))
         except ValueError:
             v = float("nan")
+        if np.isfinite(v) and v > 0:
+            values[axis] = v
+    return values or _ome_axes(slide.properties)
+
+
+# OME-XML length units (PhysicalSizeXUnit; default micrometre) -> micrometres.
+_OME_UNITS_UM = {"µm": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "Å": 1e-4, "pm": 1e-6,
+                 "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_axes(props) -> dict[str, float]:
+    """{"x", "y"} um/px from the first image's <Pixels PhysicalSizeX/Y> of an OME-TIFF's OME-XML
+    (its ImageDescription). OpenSlide reads an OME-TIFF as a generic TIFF and takes the mpp from
+    the TIFF resolution tags only, which OME writers (tifffile's ome=True, many converters)
+    leave out: the pixel size is then stated in the file but "no mpp" was reported."""
+    description = str(props.get("tiff.ImageDescription", ""))
+    if "<OME" not in description[:2000]:
+        return {}
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(description.strip())
+    except ET.ParseError:
+        return {}
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    values = {}
+    for axis in ("x", "y") if pixels is not None else ():
+        size, unit = pixels.get(f"PhysicalSize{axis.upper()}"), pixels.get(f"PhysicalSize{axis.upper()}Unit", "µm")
+        try:
+            v = float(size) * _OME_UNITS_UM[unit]
+        except (TypeError, ValueError, KeyError):
+            continue
         if np.isfinite(v) and v > 0:
             values[axis] = v
     return values

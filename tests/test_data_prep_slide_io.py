@@ -91,6 +91,36 @@ def test_missing_mpp_needs_assume_mpp(tmp_path):
     assert os.path.getsize(p) > 0
 
 
+def test_ome_tiff_pixel_size_is_read_from_its_ome_xml(tmp_path):
+    """An OME-TIFF states its pixel size in the OME-XML (PhysicalSizeX/Y, unit default um), and
+    OME writers such as tifffile leave the TIFF resolution tags out: OpenSlide reads it as a
+    generic TIFF with no mpp, and the slide was refused as having none. Plant: _metadata_axes
+    without the OME fallback -> "no mpp", fails."""
+    import tifffile
+
+    from tests.fixtures_slides import real_tissue_pixels
+
+    img = np.ascontiguousarray(np.tile(real_tissue_pixels(), (2, 2, 1))[:1024, :1024])
+
+    def ome(name, **meta):
+        path = str(tmp_path / name)
+        tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", ome=True,
+                         metadata=dict(axes="YXS", **meta))
+        return path
+
+    um = ome("um.ome.tif", PhysicalSizeX=0.25, PhysicalSizeY=0.25)
+    nm = ome("nm.ome.tif", PhysicalSizeX=500.0, PhysicalSizeXUnit="nm", PhysicalSizeY=500.0,
+             PhysicalSizeYUnit="nm")
+    assert resolve_mpp(open_slide(um), path=um) == (0.25, "slide property")
+    assert slide_mpp(open_slide(nm)) == pytest.approx(0.5)
+    assert read_region_at_mpp(open_slide(um), 0, 0, 256, 0.5).shape == (256, 256, 3)  # read 512 px, 2:1
+    with pytest.raises(SlideError, match="not square"):  # checked like OpenSlide's mpp
+        resolve_mpp(open_slide(ome("aniso.ome.tif", PhysicalSizeX=0.25, PhysicalSizeY=0.5)))
+    bare = ome("bare.ome.tif")  # no pixel size stated: still "no mpp"
+    with pytest.raises(SlideError, match="bare.ome.tif: slide has no mpp"):
+        resolve_mpp(open_slide(bare), path=bare)
+
+
 def test_non_integer_scale_resamples(tmp_path):
     import cv2
 
