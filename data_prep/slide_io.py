@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import struct
 import sys
 
 import cv2
@@ -38,7 +39,9 @@ def open_slide(path: str) -> openslide.OpenSlide:
     except openslide.OpenSlideUnsupportedFormatError:
         raise SlideError(f"{path}: {_tiff_problem(path) or 'not a slide format OpenSlide can read'}") from None
     except openslide.OpenSlideError as e:
-        raise SlideError(f"{path}: unreadable or corrupt slide ({e})") from None
+        cut = _tiff_problem(path)  # "Short read": a cut-off TIFF whose directories survived
+        raise SlideError(f"{path}: {cut if cut and cut.startswith('truncated') else f'unreadable or corrupt slide ({e})'}"
+                         ) from None
     except Exception as e:  # PIL/ctypes errors on odd files
         raise SlideError(f"{path}: cannot open ({type(e).__name__}: {e})") from None
     if slide.dimensions[0] <= 0 or slide.dimensions[1] <= 0:
@@ -69,8 +72,68 @@ def _tiff_problem(path: str) -> str | None:
     if first >= size:
         return (f"truncated TIFF/SVS file: its first image directory is at byte {first:,} but the "
                 f"file has {size:,} bytes (an interrupted copy or download?)")
+    try:
+        with open(path, "rb") as f:
+            reaches, tiled = _tiff_extent(f, size, order, magic == 43, first)
+    except (OSError, struct.error, ValueError):
+        reaches, tiled = 0, None
+    if reaches > size:  # writers that put the directories first (tifffile, libvips) cut anywhere
+        return (f"truncated TIFF/SVS file: its image directories and data reach byte {reaches:,} but the "
+                f"file has {size:,} bytes (an interrupted copy or download?)")
+    if tiled is False:
+        return (f"a stripped (untiled) TIFF image ({size:,} bytes): OpenSlide reads TIFF slides stored in "
+                "tiles; convert it, e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg")
     return (f"a TIFF/SVS file OpenSlide cannot open as a slide ({size:,} bytes): an image TIFF that is "
             "not a tiled slide, or a damaged or truncated file (an interrupted copy?)")
+
+
+_TIFF_INT = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8: the types of offsets and byte counts
+
+
+def _tiff_extent(f, size: int, order: str, big: bool, first: int) -> tuple[int, bool | None]:
+    """(the last byte the file's image directories and image data point to, whether the first
+    image is tiled (None: unknown)), walking the directory chain from `first` (struct.error on
+    a malformed directory). A cut-off file points past its end; (0, None) when the first
+    directory itself does not fit in the file."""
+    count_fmt, entry_size, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+    off_size = struct.calcsize(off_fmt)
+    reaches, offset, seen, tiled = 0, first, set(), None
+    while offset and offset not in seen and len(seen) < 4096:
+        seen.add(offset)
+        f.seek(offset)
+        n = struct.unpack(order + count_fmt, f.read(struct.calcsize(count_fmt)))[0]
+        end = offset + struct.calcsize(count_fmt) + n * entry_size + off_size
+        if end > size:  # the first directory not whole: garbage as likely as a cut (unknown)
+            return (end, tiled) if offset != first else (0, None)
+        entries = f.read(n * entry_size)
+        values = {}
+        for i in range(n):
+            entry = entries[i * entry_size:(i + 1) * entry_size]
+            tag, typ = struct.unpack(order + "HH", entry[:4])
+            if tag not in (273, 279, 324, 325) or typ not in _TIFF_INT:  # strip/tile offsets, byte counts
+                continue
+            count = struct.unpack(order + off_fmt, entry[4:4 + off_size])[0]
+            fmt = f"{order}{count}{_TIFF_INT[typ]}"
+            nbytes = struct.calcsize(fmt)
+            if nbytes <= off_size:
+                raw = entry[4 + off_size:4 + off_size + nbytes]
+            else:
+                at = struct.unpack(order + off_fmt, entry[4 + off_size:])[0]
+                if at + nbytes > size:
+                    return at + nbytes, tiled
+                f.seek(at)
+                raw = f.read(nbytes)
+            values[tag] = struct.unpack(fmt, raw)
+        if tiled is None and values:
+            tiled = 324 in values
+        starts, counts = values.get(324, values.get(273)), values.get(325, values.get(279))
+        if starts and counts and len(starts) == len(counts):
+            reaches = max(reaches, max(s + c for s, c in zip(starts, counts)))
+        f.seek(end - off_size)
+        offset = struct.unpack(order + off_fmt, f.read(off_size))[0]
+        if offset >= size:
+            return offset + 1, tiled
+    return reaches, tiled
 
 
 # A microscope's level-0 resolution lies well inside this range (um/px); outside it the metadata

@@ -82,6 +82,30 @@ def test_truncated_svs_is_called_truncated(real_slide, tmp_path):
         open_slide(str(tmp_path / "bad.svs"))
 
 
+def test_cut_slide_whose_directories_come_first_is_called_truncated(tmp_path):
+    """tifffile (data_prep.synth, libvips too) writes each image directory before its tiles: the
+    first directory survives a cut, and the check above called such a file "an image TIFF that
+    is not a tiled slide, or a damaged or truncated file"; cut near its end OpenSlide's own
+    "Short read" was passed on. The directory chain and tile extents are walked. A stripped
+    TIFF (a plain image export) is named as such. Plant: the first-directory check only ->
+    the generic message, fails."""
+    import tifffile
+
+    from tests.fixtures_slides import real_tissue_pixels
+
+    p = make_aperio_slide(str(tmp_path / "whole.svs"), (1024, 1024), levels=(1, 4))
+    data = open(p, "rb").read()
+    for cut in (2000, len(data) // 2, len(data) - 10):
+        (tmp_path / "cut.svs").write_bytes(data[:cut])
+        with pytest.raises(SlideError, match=rf"cut.svs: truncated TIFF/SVS file: its image directories and "
+                                             rf"data reach byte [\d,]+ but the file has {cut:,} bytes"):
+            open_slide(str(tmp_path / "cut.svs"))
+    strips = str(tmp_path / "strips.tif")
+    tifffile.imwrite(strips, real_tissue_pixels()[:512, :512], photometric="rgb")
+    with pytest.raises(SlideError, match="strips.tif: a stripped \\(untiled\\) TIFF image"):
+        open_slide(strips)
+
+
 def test_missing_mpp_needs_assume_mpp(tmp_path):
     p = make_aperio_slide(str(tmp_path / "nompp.svs"), (512, 512), levels=(1,), mpp=None)
     slide = open_slide(p)
