@@ -37,7 +37,8 @@ def open_slide(path: str) -> openslide.OpenSlide:
     try:
         slide = openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(f"{path}: {_tiff_problem(path) or 'not a slide format OpenSlide can read'}") from None
+        raise SlideError(f"{path}: {_tiff_problem(path) or _plain_image(path) or 'not a slide format OpenSlide can read'}"
+                         ) from None
     except openslide.OpenSlideError as e:
         cut = _tiff_problem(path)  # "Short read": a cut-off TIFF whose directories survived
         raise SlideError(f"{path}: {cut if cut and cut.startswith('truncated') else f'unreadable or corrupt slide ({e})'}"
@@ -47,6 +48,21 @@ def open_slide(path: str) -> openslide.OpenSlide:
     if slide.dimensions[0] <= 0 or slide.dimensions[1] <= 0:
         raise SlideError(f"{path}: slide has no pixels")
     return slide
+
+
+def _plain_image(path: str) -> str | None:
+    """What a non-TIFF image file OpenSlide refused is ("a plain JPEG image, ..."): a crop or
+    screenshot saved under a slide's extension; None when PIL does not read it either."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+    except Exception:  # noqa: BLE001 -- only used to name the problem
+        return None
+    if fmt in (None, "TIFF"):
+        return None
+    return f"a plain {fmt} image, not a whole-slide format OpenSlide can read"
 
 
 def _tiff_problem(path: str) -> str | None:

@@ -60,8 +60,13 @@ def test_open_slide_errors(tmp_path):
     txt.write_text("not a slide")
     empty = tmp_path / "empty.svs"
     empty.write_bytes(b"")
+    from PIL import Image
+
+    crop = tmp_path / "crop.svs"  # a JPEG saved under a slide's extension (plant: no _plain_image)
+    Image.new("RGB", (64, 64), "white").save(crop, format="JPEG")
     for path, msg in ((txt, "not a slide format"), (empty, "empty file"),
-                      (tmp_path / "missing.svs", "no such file")):
+                      (tmp_path / "missing.svs", "no such file"),
+                      (crop, "a plain JPEG image, not a whole-slide format")):
         with pytest.raises(SlideError, match=msg) as e:
             open_slide(str(path))
         assert str(path) in str(e.value)
