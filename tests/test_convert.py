@@ -327,6 +327,31 @@ def test_what_trainers_save_converts_and_what_cannot_work_is_named(released, tmp
     assert not any((tmp_path / d).exists() for d in ("nan", "head", "short", "module"))
 
 
+def test_a_state_dict_under_a_trainers_own_key_converts(released, tmp_path, capsys):
+    """{"net": state_dict, "optimizer": ..., "epoch": ...}: a trainer's own container name was
+    refused as "'file' is not a state dict of tensors (keys: epoch, net, optimizer)"; the one
+    entry that is a state dict is taken (and --to-torch writes it back under it). Two state
+    dicts, or tensors beside an "epoch", are refused naming what is there. Plant: no search for
+    the entry -> exit 2, fails."""
+    teacher = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    want = checkpoint.load_backbone(released["vit4k"])[0]["params"]["phi"]["dense"]["kernel"]
+    torch.save({"net": backbone, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 3},
+               tmp_path / "net.pth")
+    code, out, err = run_cli(capsys, tmp_path / "net.pth", tmp_path / "net")
+    assert code == 0 and "vit4k backbone" in out, err
+    np.testing.assert_array_equal(checkpoint.load(str(tmp_path / "net")).params["phi"]["dense"]["kernel"], want)
+    code, _, err = run_cli(capsys, "--to-torch", tmp_path / "net", tmp_path / "back.pth")
+    assert code == 0 and list(ref.torch_load_trusted(str(tmp_path / "back.pth"))) == ["net"], err
+
+    torch.save({"net": backbone, "ema": backbone, "epoch": 3}, tmp_path / "two.pth")
+    assert_one_line_error(*run_cli(capsys, tmp_path / "two.pth", tmp_path / "two")[::2],
+                          "two.pth: holds several state dicts (ema, net)")
+    torch.save({**backbone, "epoch": 3}, tmp_path / "flat.pth")
+    assert_one_line_error(*run_cli(capsys, tmp_path / "flat.pth", tmp_path / "flat")[::2],
+                          "flat.pth: holds epoch (int) beside its tensors")
+
+
 def test_entry_point_exits_nonzero_without_traceback(tmp_path):
     (tmp_path / "weights.pth").write_text("hello")
     proc = subprocess.run([sys.executable, "-m", "hipt_jax.cli.convert", str(tmp_path / "weights.pth"),

@@ -410,6 +410,19 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
         # command says which network it took.
         state, container = (obj[wrapped[0]], wrapped[0]) if wrapped else (obj, None)
         ignored = wrapped[1:]
+        if not wrapped and not _is_state_dict(obj):
+            # A trainer's own name for it ({"net": ..., "optimizer": ..., "epoch": ...}): the one
+            # entry that is a state dict of tensors is the network (an optimizer's is not).
+            found = [k for k, v in obj.items() if _is_state_dict(v)]
+            if len(found) > 1:
+                raise CheckpointError(f"{source}: holds several state dicts ({short_list(sorted(map(str, found)))}); "
+                                      "save the network to convert on its own (torch.save(ckpt[KEY], FILE))")
+            if found:
+                state, container = obj[found[0]], found[0]
+            elif any(hasattr(v, "shape") for v in obj.values()):  # tensors beside other entries
+                other = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not hasattr(v, "shape")]
+                raise CheckpointError(f"{source}: holds {short_list(other)} beside its tensors; save the "
+                                      "network's state_dict() alone")
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{source}: '{container or 'file'}' is not a state dict of tensors "
                               f"(keys: {short_list(sorted(map(str, state)) if isinstance(state, dict) else [])})")
@@ -453,6 +466,11 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
 # "backbone.", Lightning modules "model.", encoder-decoder and SSL wrappers "encoder.".
 _STATE_CONTAINERS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "encoder.")
+
+
+def _is_state_dict(value) -> bool:
+    """A non-empty dict of tensors (arrays)."""
+    return isinstance(value, dict) and bool(value) and all(hasattr(v, "shape") for v in value.values())
 
 
 def _strip_wrappers(key: str) -> tuple[str, str]:
