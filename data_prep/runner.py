@@ -34,7 +34,8 @@ class InputError(Exception):
 
 
 def find_slide_files(slides: str) -> list[SlideTask]:
-    """Slides from a folder (searched recursively) or a CSV with a `path` and optional `slide_id`.
+    """Slides from a folder (searched recursively), a CSV with a `path` and optional `slide_id`,
+    or one slide file.
 
     DICOM slides are folders of .dcm files: one task per folder, named after the folder.
     CSV paths are relative to the CSV's folder.
@@ -71,8 +72,17 @@ def find_slide_files(slides: str) -> list[SlideTask]:
                 # the extension, so the shards and bags must be named x, not x.svs.
                 sid = os.path.splitext(sid)[0]
             tasks.append(SlideTask(safe_slide_id(sid), p))
+    elif os.path.isfile(slides) and os.path.splitext(slides)[1].lower() in SLIDE_EXTENSIONS:
+        # one slide file (a DICOM file stands for its folder, as in a folder search)
+        dicom = slides.lower().endswith(".dcm")
+        name = os.path.basename(os.path.dirname(os.path.abspath(slides))) if dicom else os.path.splitext(
+            os.path.basename(slides))[0]
+        tasks = [SlideTask(safe_slide_id(name), slides)]
+    elif not os.path.exists(slides):
+        raise InputError(f"{slides}: no such file or folder")
     else:
-        raise InputError(f"{slides}: not a folder or a table of slides (.csv, .tsv, .txt)")
+        raise InputError(f"{slides}: not a folder, a slide file ({' '.join(SLIDE_EXTENSIONS)}) or a table of "
+                         "slides (.csv, .tsv, .txt)")
     if not tasks:
         raise InputError(f"{slides}: no slides found (extensions: {' '.join(SLIDE_EXTENSIONS)})")
     seen, files = {}, {}

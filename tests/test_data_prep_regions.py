@@ -158,7 +158,18 @@ def test_rerun_skips_done_slides(cohort_out, synthetic_slides, capsys):
 
 def test_cli_bad_folder_exit_2(tmp_path, capsys):
     assert _run(["--slides", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "not a folder or a table of slides (.csv, .tsv, .txt)" in capsys.readouterr().err
+    assert "nope: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "crop.png").write_bytes(b"\x89PNG")
+    assert _run(["--slides", str(tmp_path / "crop.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "crop.png: not a folder, a slide file (.svs" in capsys.readouterr().err
+
+
+def test_one_slide_file_as_slides(tmp_path, synthetic_slides):
+    """--slides takes one slide file too (it was refused as "not a folder or a table of
+    slides"). Plant: no single-file branch -> exit 2, fails."""
+    out = tmp_path / "o"
+    assert _run(["--slides", synthetic_slides["s20"], "--out", str(out), "--region", str(REGION)]) == 0
+    assert len(_shard(str(out), "s20")) == len(expected_regions())
 
 
 def test_csv_input(tmp_path, synthetic_slides):
