@@ -248,6 +248,34 @@ def _warn_magnification_contradicts(slide: openslide.OpenSlide, mpp: float, name
           f"reading it at {mpp:.4g} um/px (the mpp wins)", file=sys.stderr)
 
 
+# A pixel "has signal" when its grey level is between black fill and glass, and "colour" when
+# its channels differ by more than JPEG noise; a slide whose signal is colourless (R = G = B)
+# is a greyscale or fluorescence image, which OpenSlide serves as grey RGB without a word.
+_SIGNAL_GREY = (20, 220)
+_COLOUR_SPREAD = 8
+_MIN_SIGNAL = 100  # sampled signal pixels needed before judging
+
+
+def colour_counts(rgb: np.ndarray, step: int = 8) -> np.ndarray:
+    """[signal pixels, signal pixels with colour] among every ``step``-th pixel of uint8
+    [..., H, W, 3] RGB (one image or a batch)."""
+    sub = np.asarray(rgb[..., ::step, ::step, :], np.int16)
+    grey = sub.mean(axis=-1)
+    signal = (grey > _SIGNAL_GREY[0]) & (grey < _SIGNAL_GREY[1])
+    colour = signal & (sub.max(axis=-1) - sub.min(axis=-1) > _COLOUR_SPREAD)
+    return np.array([int(signal.sum()), int(colour.sum())])
+
+
+def colourless_problem(counts, path: str) -> str | None:
+    """Why pixels with these ``colour_counts`` are not an H&E slide's, or None (also when there
+    is too little signal to tell)."""
+    signal, colour = (int(c) for c in counts)
+    if signal < _MIN_SIGNAL or colour > 0.01 * signal:
+        return None
+    return (f"{path}: its pixels have no colour (R = G = B wherever there is signal): a greyscale or "
+            "fluorescence image, not a brightfield H&E slide (the models take H&E RGB)")
+
+
 def check_upsample(mpp: float, target_mpp: float, tolerance: float = DEFAULT_MPP_TOLERANCE,
                    allow_upsample: bool = False, path: str = "slide") -> None:
     """SlideError when reading at `target_mpp` would enlarge the slide's pixels beyond snapping."""

@@ -647,15 +647,23 @@ def embed_slide_direct(extractor: Extractor, slide, coords: np.ndarray, geom, *,
                        progress: Optional[tqdm] = None) -> dict[str, np.ndarray]:
     """One open slide's regions at ``coords`` (level-0 top-left, [N,2]) read at ``geom`` (a
     data_prep.slide_io.RegionGeometry) -> the arrays of its bag, as ``Extractor.embed_slide``."""
+    from data_prep.slide_io import colour_counts, colourless_problem
+
     extractor._require_vit4k()
     progress = progress if progress is not None else tqdm(disable=True)
     cls256, cls4k = [], []
+    colour = np.zeros(2, np.int64)  # hipt-prep's tissue mask refuses a colourless slide; CLAM/TRIDENT
+    name = getattr(slide, "_filename", None) or "slide"  # coordinates come without that check
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, readers)) as read_pool:
         batches = _prefetch_read(slide, coords, geom, extractor.batch, read_pool, extractor._pool)
-        for chunk, _, (out256, out4k) in extractor.pipelined(batches):
+        for chunk, images, (out256, out4k) in extractor.pipelined(batches):
+            colour += colour_counts(images, step=16)
             cls256.append(out256)
             cls4k.append(out4k)
             progress.update(len(chunk))
+    grey = colourless_problem(colour, name)  # judged over every region (one may be black ink)
+    if grey:
+        raise ExtractError(grey)
     cls4k_all = np.concatenate(cls4k).astype(np.float32)
     return {"features_cls256": np.concatenate(cls256), "features_cls4k": cls4k_all,
             "slide_embedding": cls4k_all.mean(axis=0), "coords": np.asarray(coords, np.int64)}

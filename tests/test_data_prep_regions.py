@@ -116,13 +116,19 @@ def test_bad_inputs_reported_and_run_continues(tmp_path, synthetic_slides):
     # all tissue but smaller than the smallest piece kept: said so, not "no tissue" (plant: the
     # old message -> fails)
     make_aperio_slide(str(slides / "small.svs"), (200, 200), levels=(1,))
+    # a greyscale (fluorescence-like) TIFF: named as colourless, not "no tissue" (plant: no
+    # colour check in process_slide -> fails)
+    from tests.fixtures_slides import grey_tiff
+
+    grey_tiff(str(slides / "grey.tif"))
     out = tmp_path / "out"
     assert _run(["--slides", str(slides), "--out", str(out), "--region", str(REGION)]) == 1
     with open(out / "manifest.json") as f:
         items = json.load(f)["items"]
     assert items["good"]["status"] == "done" and items["good"]["n_regions"] == len(expected_regions())
     reasons = {k: v["error"] for k, v in items.items() if v["status"] == "failed"}
-    assert set(reasons) == {"text", "truncated", "zero", "corrupt", "blank", "nompp", "small"}
+    assert set(reasons) == {"text", "truncated", "zero", "corrupt", "blank", "nompp", "small", "grey"}
+    assert "grey.tif: its pixels have no colour" in reasons["grey"] and "not a brightfield H&E" in reasons["grey"]
     assert "the whole slide is 200 x 200 px at 0.5 um/px, smaller than the smallest tissue piece" in reasons["small"]
     assert "corrupt.svs" in reasons["corrupt"] and "JPEG" in reasons["corrupt"]
     assert not os.path.exists(out / "regions" / "corrupt.array_record")  # no partial shard
