@@ -280,6 +280,11 @@ def test_other_bad_inputs(released, tmp_path, capsys):
     assert_one_line_error(code, err, "already exists")
     code, _, err = run_cli(capsys, "--to-torch", tmp_path / "full", tmp_path / "x.pth")
     assert_one_line_error(code, err, "no arch.json")
+    # hipt-convert's own output given back to it: it was "a directory without arch.json"
+    # (plant: the arch.json case removed from _sniff -> that message, fails)
+    assert run_cli(capsys, released["vit4k"], tmp_path / "done")[0] == 0
+    code, _, err = run_cli(capsys, tmp_path / "done", tmp_path / "again")
+    assert_one_line_error(code, err, "done: is a converted checkpoint already (it has arch.json)", "--to-torch")
 
 
 def test_what_trainers_save_converts_and_what_cannot_work_is_named(released, tmp_path, capsys):

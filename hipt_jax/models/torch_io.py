@@ -233,6 +233,9 @@ def _sniff(path: str) -> None:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ARCH_FILE)):  # hipt-convert's own output given back to it
+            raise CheckpointError(f"{path}: is a converted checkpoint already (it has {ARCH_FILE}), not a .pth; "
+                                  "it loads as it is (--vit256/--vit4k), and --to-torch turns it back into a .pth")
         raise CheckpointError(f"{path}: is a directory without {ARCH_FILE} (not a converted checkpoint)")
     size = os.path.getsize(path)
     if size == 0:
