@@ -294,6 +294,41 @@ def test_cli_never_writes_over_its_input_image(tiny_model, tissue, tmp_path, cap
     assert named.read_bytes() == before and not (tmp_path / "x_region.png").exists()
 
 
+def test_a_run_stopped_while_writing_its_maps_is_rerun(tiny_model, tissue, tmp_path, capsys, monkeypatch):
+    """A run stopped half-way through its maps (Ctrl-C, SIGTERM, SIGKILL) left files of its
+    --name and no listing naming them: the rerun refused them as the user's (exit 2), so the
+    stopped job could not be resumed. The listing marks the name unfinished before the first
+    map, and the rerun replaces (and removes as stale) what the stopped run wrote. Plant: no
+    mark_unfinished -> the rerun exits 2, fails."""
+    from hipt_jax.cli import flags
+    from hipt_jax.cli.heatmap import main
+    from hipt_jax.heatmap import render
+
+    monkeypatch.setattr(flags, "load_hipt4k", lambda args: tiny_model)
+    image = tmp_path / "region.png"
+    Image.fromarray(tissue[:256, :256]).save(image)
+    out = tmp_path / "out"
+    argv = ["--random-init", "tiny", "--image", str(image), "--out", str(out), "--scale", "16",
+            "--shifts", "none", "--shifts256", "none", "--no-progress"]
+    save_png, calls = render.save_png, []
+
+    def stopped_after_three(path, picture):
+        calls.append(path)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return save_png(path, picture)
+
+    monkeypatch.setattr(render, "save_png", stopped_after_three)
+    assert main(argv) == 130
+    assert len([f for f in os.listdir(out) if f.endswith(".png")]) == 3
+    monkeypatch.setattr(render, "save_png", save_png)
+    capsys.readouterr()
+    assert main(argv + ["--blends", "none"]) == 0, capsys.readouterr().err
+    listing = json.loads((out / "heatmap_outputs.json").read_text())
+    assert "unfinished" not in listing and set(os.listdir(out)) == set(listing["by_name"]["region"]) | {
+        "heatmap_outputs.json"}
+
+
 def test_slide_map_refuses_another_slide_of_the_same_name(tmp_path, capsys):
     """The bag is looked up by the slide's file name, so another file of that name (a re-scan,
     another cohort) got this bag's scores painted on it, exit 0. Checked against what the bag's

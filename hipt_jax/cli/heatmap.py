@@ -136,6 +136,8 @@ def run_region(args) -> dict:
     t0 = time.perf_counter()
     maps = compute_region_heatmaps(model, region, scale=args.scale, shifts256=args.shifts256,
                                    shifts4k=args.shifts, progress=not args.no_progress)
+    os.makedirs(args.out, exist_ok=True)
+    mark_unfinished(args.out, name)
     written = write_region_heatmaps(maps, args.out, name, alpha=args.alpha, cmap=args.cmap,
                                     blends=args.blends, blend_weighting=args.blend_weighting)
     _remove_stale_maps(args.out, name, written, listed_outputs(args.out, name))
@@ -322,6 +324,7 @@ def run_slide(args) -> tuple[dict, str]:
     picture = with_legend(picture, args.cmap, meaning)  # below the thumbnail: its pixels unchanged
     os.makedirs(args.out, exist_ok=True)
     name = output_name(args, slide_mode=True)
+    mark_unfinished(args.out, name)
     path = save_png(os.path.join(args.out, f"{name}_slide_attention.png"), picture)
     scores_path = _save_region_scores(os.path.join(args.out, f"{name}_region_scores.npz"), coords,
                                       region_scores, region_px)
@@ -400,6 +403,7 @@ LISTING = "heatmap_outputs.json"
 SIGNATURES = (("{name}_scores.npz", "{name}_contact_sheet.png"),
               ("{name}_slide_attention.png", "{name}_region_scores.npz"))
 EARLIER = "earlier"  # in the listing: outputs of a version from before "by_name" (_earlier_outputs)
+UNFINISHED = "unfinished"  # in the listing: --names whose run was stopped while writing (mark_unfinished)
 
 
 def output_name(args, *, slide_mode: bool) -> str:
@@ -430,7 +434,7 @@ def _own_listing(path: str) -> bool:
     by_name, earlier = data.get("by_name", {}), data.get(EARLIER, {})
     return isinstance(by_name, dict) and all(_paths(v) for v in by_name.values()) and \
         isinstance(earlier, dict) and all(_paths(v) for v in earlier.values()) and all(
-            _paths(v) for k, v in data.items() if k not in ("by_name", "colors", EARLIER))
+            _paths(v) for k, v in data.items() if k not in ("by_name", "colors", EARLIER))  # UNFINISHED: names
 
 
 def _read_listing(out: str) -> dict:
@@ -485,7 +489,23 @@ def listed_outputs(out: str, name: str) -> set:
     what a rerun may replace or remove as stale."""
     data = _read_listing(out)
     return set(data.get("by_name", {}).get(name, ())) | {
-        f for f in _earlier_outputs(out, data)["listed"] if _of_name(f, name)}
+        f for f in _earlier_outputs(out, data)["listed"] if _of_name(f, name)} | _unfinished_outputs(out, data, name)
+
+
+def _unfinished_outputs(out: str, data: dict, name: str) -> set:
+    """Every file named like an output of ``name`` when a run of that name was stopped while
+    writing (its listing was never written): before it wrote, check_targets had refused any
+    such file that was not a listed output, so they are all runs' of this name."""
+    if name not in data.get(UNFINISHED, ()) or not os.path.isdir(out):
+        return set()
+    return {f for f in os.listdir(out) if _of_name(f, name)}
+
+
+def mark_unfinished(out: str, name: str) -> None:
+    """Just before a run writes its maps: record in the listing that ``name`` is being written,
+    so that files of a run stopped half-way (Ctrl-C, SIGKILL, a full disk) are replaced by its
+    rerun; they were refused as the user's, and the killed job could not be rerun."""
+    _write_listing(out, name, None, None)
 
 
 def own_outputs(out: str, name: str) -> set:
@@ -499,14 +519,35 @@ def write_listing(out: str, name: str, written: dict, colors: dict) -> None:
     """heatmap_outputs.json: this run's files by kind (as before), what the colours mean, for
     every --name the files its last run wrote (what a rerun may replace or remove), and the
     outputs of an older version no name claims yet (EARLIER), while they exist."""
+    import glob
+
+    _write_listing(out, name, written, colors)
+    for tmp in glob.glob(os.path.join(glob.escape(out), glob.escape(name) + "_*.tmp-*")):
+        os.remove(tmp)  # a stopped run's temporary files (outputs.atomic_path)
+
+
+def _write_listing(out: str, name: str, written: dict | None, colors: dict | None) -> None:
+    """write_listing, or with ``written`` None mark_unfinished (the last run's files and
+    colours kept as they are)."""
     from hipt_jax.outputs import write_json
 
     data = _read_listing(out)
     earlier = _earlier_outputs(out, data)
     by_name = dict(data.get("by_name", {}))
-    by_name[name] = sorted(os.path.basename(p) for paths in written.values() for p in paths)
-    record = dict(written, colors=colors, by_name=by_name)
-    left = {k: sorted(f for f in v if f not in by_name[name] and os.path.exists(os.path.join(out, f)))
+    unfinished = set(data.get(UNFINISHED, ()))
+    if written is None:
+        unfinished.add(name)
+        record = {k: v for k, v in data.items() if k not in ("by_name", EARLIER, UNFINISHED)}
+        taken = set(by_name.get(name, ()))
+    else:
+        unfinished.discard(name)
+        by_name[name] = sorted(os.path.basename(p) for paths in written.values() for p in paths)
+        record = dict(written, colors=colors)
+        taken = set(by_name[name])
+    record["by_name"] = by_name
+    if unfinished:
+        record[UNFINISHED] = sorted(unfinished)
+    left = {k: sorted(f for f in v if f not in taken and os.path.exists(os.path.join(out, f)))
             for k, v in earlier.items()}
     if any(left.values()):
         record[EARLIER] = left
