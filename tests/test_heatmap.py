@@ -329,6 +329,33 @@ def test_a_run_stopped_while_writing_its_maps_is_rerun(tiny_model, tissue, tmp_p
         "heatmap_outputs.json"}
 
 
+def test_another_input_of_the_same_file_name_does_not_replace_the_maps(tiny_model, tissue, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Maps are named after the input's file name: a/s1 then b/s1 (the same stem in two
+    folders, as in many cohorts) into one --out replaced the first input's maps with the
+    second's, exit 0. The listing records each name's input (file name and size); another
+    input under a name taken from its file name is refused before any work, and --name gives
+    it its own maps. Plant: no _check_same_input -> exit 0, fails."""
+    from hipt_jax.cli import flags
+    from hipt_jax.cli.heatmap import main
+
+    monkeypatch.setattr(flags, "load_hipt4k", lambda args: tiny_model)
+    for folder, crop in (("a", tissue[:256, :256]), ("b", tissue[256:512, 256:512])):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(crop).save(tmp_path / folder / "s1.png")
+    argv = ["--random-init", "tiny", "--out", str(tmp_path / "out"), "--scale", "16", "--blends", "none",
+            "--shifts", "none", "--shifts256", "none", "--no-progress"]
+    assert main(argv + ["--image", str(tmp_path / "a" / "s1.png")]) == 0
+    first = (tmp_path / "out" / "s1_region.png").read_bytes()
+    assert main(argv + ["--image", str(tmp_path / "a" / "s1.png")]) == 0  # a rerun replaces its own
+    capsys.readouterr()
+    assert main(argv + ["--image", str(tmp_path / "b" / "s1.png")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the maps s1_* of another input file named s1.png" in err and "give --name" in err, err
+    assert (tmp_path / "out" / "s1_region.png").read_bytes() == first
+    assert main(argv + ["--image", str(tmp_path / "b" / "s1.png"), "--name", "s1_b"]) == 0
+
+
 def test_slide_map_refuses_another_slide_of_the_same_name(tmp_path, capsys):
     """The bag is looked up by the slide's file name, so another file of that name (a re-scan,
     another cohort) got this bag's scores painted on it, exit 0. Checked against what the bag's
