@@ -31,15 +31,19 @@ def open_slide(path: str) -> openslide.OpenSlide:
     """Open a slide with OpenSlide, turning every failure into a one-line SlideError."""
     path = os.fspath(path)
     if not os.path.exists(path):
+        if os.path.islink(path):  # a linked cohort whose files moved or whose mount is gone
+            raise SlideError(f"{path}: a link to {os.readlink(path)}, which does not exist")
         raise SlideError(f"{path}: no such file")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise SlideError(f"{path}: empty file")
     try:
         slide = openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(f"{path}: {_tiff_problem(path) or _plain_image(path) or 'not a slide format OpenSlide can read'}"
+        raise SlideError(f"{path}: {_mrxs_problem(path) or _tiff_problem(path) or _plain_image(path) or 'not a slide format OpenSlide can read'}"
                          ) from None
     except openslide.OpenSlideError as e:
+        if _mrxs_problem(path):
+            raise SlideError(f"{path}: {_mrxs_problem(path)}") from None
         cut = _tiff_problem(path)  # "Short read": a cut-off TIFF whose directories survived
         raise SlideError(f"{path}: {cut if cut and cut.startswith('truncated') else f'unreadable or corrupt slide ({e})'}"
                          ) from None
@@ -48,6 +52,16 @@ def open_slide(path: str) -> openslide.OpenSlide:
     if slide.dimensions[0] <= 0 or slide.dimensions[1] <= 0:
         raise SlideError(f"{path}: slide has no pixels")
     return slide
+
+
+def _mrxs_problem(path: str) -> str | None:
+    """A MIRAX slide is its .mrxs file and a folder of the same name beside it (Slidedat.ini and
+    the Data*.dat tiles); the .mrxs alone, copied without it, was named "a plain JPEG image"."""
+    folder = os.path.splitext(path)[0]
+    if not path.lower().endswith(".mrxs") or os.path.isfile(os.path.join(folder, "Slidedat.ini")):
+        return None
+    return (f"an MRXS slide without its data folder {folder}{os.sep} (Slidedat.ini and the Data*.dat "
+            "files): copy that folder beside the .mrxs file")
 
 
 def _plain_image(path: str) -> str | None:

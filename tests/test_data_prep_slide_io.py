@@ -64,9 +64,16 @@ def test_open_slide_errors(tmp_path):
 
     crop = tmp_path / "crop.svs"  # a JPEG saved under a slide's extension (plant: no _plain_image)
     Image.new("RGB", (64, 64), "white").save(crop, format="JPEG")
+    # an MRXS index copied without its data folder (the .mrxs is a JPEG preview: it was "a plain
+    # JPEG image"), a link whose target is gone ("no such file"). Plants: no _mrxs_problem, no
+    # islink case -> the old messages, fail.
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "mirax.mrxs", format="JPEG")
+    os.symlink(tmp_path / "moved" / "x.svs", tmp_path / "link.svs")
     for path, msg in ((txt, "not a slide format"), (empty, "empty file"),
                       (tmp_path / "missing.svs", "no such file"),
-                      (crop, "a plain JPEG image, not a whole-slide format")):
+                      (crop, "a plain JPEG image, not a whole-slide format"),
+                      (tmp_path / "mirax.mrxs", "an MRXS slide without its data folder .*mirax/ \\(Slidedat.ini"),
+                      (tmp_path / "link.svs", "a link to .*moved/x.svs, which does not exist")):
         with pytest.raises(SlideError, match=msg) as e:
             open_slide(str(path))
         assert str(path) in str(e.value)
