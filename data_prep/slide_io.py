@@ -455,17 +455,18 @@ def _read_bgra_premultiplied(slide: openslide.OpenSlide, x: int, y: int, level: 
 
 
 def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int,
-             order: str = "rgb") -> np.ndarray:
+             order: str = "rgb", what: str | None = None) -> np.ndarray:
     """OpenSlide read_region composited over white -> uint8 [h,w,3]. (x, y) in level-0 pixels.
 
     A read OpenSlide cannot decode (a damaged JPEG tile) is a SlideError naming the slide and
-    the region, so callers that go on past a bad slide catch it like any other."""
+    the region (or ``what`` the read is part of), so callers that go on past a bad slide catch
+    it like any other."""
     try:
         bgra = _read_bgra_premultiplied(slide, x, y, level, w, h)
         if bgra is None:  # not the C-backed OpenSlide class (or big-endian): public API
             rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
     except openslide.OpenSlideError as e:
-        raise _unreadable(slide, f"{w} x {h} px at level {level} from level-0 ({x}, {y})", e) from None
+        raise _unreadable(slide, what or f"{w} x {h} px at level {level} from level-0 ({x}, {y})", e) from None
     if bgra is None:
         return composite_white(rgba, order)
     alpha = bgra[:, :, 3]
@@ -479,11 +480,14 @@ def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: 
 
 def read_thumbnail(slide: openslide.OpenSlide, max_px: int) -> np.ndarray:
     """The whole slide as uint8 [h,w,3] RGB, its longer side at most `max_px`; a damaged tile is
-    a SlideError naming the slide, as in `read_rgb`."""
-    try:
-        return np.asarray(slide.get_thumbnail((int(max_px), int(max_px))).convert("RGB"))
-    except openslide.OpenSlideError as e:
-        raise _unreadable(slide, f"a thumbnail of at most {max_px} px", e) from None
+    a SlideError naming the slide, as in `read_rgb`. Read in chunks from the best level
+    (data_prep.tissue.low_res_view): OpenSlide's get_thumbnail reads that whole level in one
+    buffer, which for a slide without a pyramid (a tiled TIFF, an OME-TIFF whose levels are
+    SubIFDs OpenSlide does not see) is level 0: 32 GB for 100k x 80k px."""
+    from data_prep.tissue import low_res_view
+
+    downsample = max(1.0, max(slide.dimensions) / float(max_px))
+    return low_res_view(slide, downsample, what=f"a thumbnail of at most {max_px} px")
 
 
 def _unreadable(slide: openslide.OpenSlide, what: str, error: Exception) -> SlideError:

@@ -118,6 +118,31 @@ def test_cut_slide_whose_directories_come_first_is_called_truncated(tmp_path):
         open_slide(strips)
 
 
+def test_thumbnail_of_a_slide_without_pyramid_is_read_in_chunks(tmp_path, monkeypatch):
+    """OpenSlide's get_thumbnail reads the whole best level into one buffer: level 0 for a slide
+    without a pyramid (a tiled TIFF; an OME-TIFF whose levels are SubIFDs), 32 GB for a 100k x
+    80k px slide (hipt-heatmap's slide map). read_thumbnail reads it in bounded chunks and gives
+    the same picture. Plant: back to get_thumbnail -> one read of the whole slide, fails."""
+    from data_prep import slide_io, tissue
+    from data_prep.slide_io import read_thumbnail
+
+    slide = open_slide(tiff_with_mpp(str(tmp_path / "flat.tif"), 0.5, 0.5, side=1024))
+    assert slide.level_count == 1
+    reads = []
+    fast = slide_io._read_bgra_premultiplied
+    monkeypatch.setattr(slide_io, "_read_bgra_premultiplied", lambda s, x, y, lvl, w, h: reads.append(w * h) or
+                        fast(s, x, y, lvl, w, h))
+    monkeypatch.setattr(slide.__class__, "read_region", lambda *a: reads.append(np.inf))  # get_thumbnail's
+    monkeypatch.setattr(tissue, "CHUNK_MASK_PX", 16)  # 16 thumbnail px = 128 level-0 px per chunk side
+    thumb = read_thumbnail(slide, 128)
+    assert thumb.shape == (128, 128, 3) and max(reads) <= 128 * 128 and len(reads) == 64
+    monkeypatch.undo()
+    import cv2
+
+    ref = cv2.resize(_direct(slide._filename, 0, 0, 0, 1024), (128, 128), interpolation=cv2.INTER_AREA)
+    assert np.abs(thumb - ref).max() <= 1  # the 8 x 8 box mean of level 0
+
+
 def test_missing_mpp_needs_assume_mpp(tmp_path):
     p = make_aperio_slide(str(tmp_path / "nompp.svs"), (512, 512), levels=(1,), mpp=None)
     slide = open_slide(p)
