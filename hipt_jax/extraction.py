@@ -688,11 +688,25 @@ def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region
     from data_prep import coords as coords_io
     from data_prep import slide_io
 
-    mpp, source = slide_io.resolve_mpp(slide, assume_mpp, path)
+    made_at = coords_file.attrs.get("hipt_slide_mpp")  # hipt-prep coords: the slide's mpp it used
+    assumed = made_at is not None and "assumed" in str(coords_file.attrs.get("hipt_mpp_source", ""))
+    try:
+        mpp, source = slide_io.resolve_mpp(slide, assume_mpp, path)
+    except slide_io.SlideError as e:
+        if assumed:  # the value the coordinates were cut with is known: name it
+            raise ExtractError(f"{e}; its coordinate file {coords_file.path} was made with --assume-mpp "
+                               f"{float(made_at):g}") from None
+        raise
     slide_io.check_upsample(mpp, target_mpp, mpp_tolerance, allow_upsample, path)
     geom = slide_io.region_geometry(slide, mpp, region_px, target_mpp, mpp_tolerance)
     extent = coords_io.coords_file_extent(coords_file, slide.level_downsamples)
     if extent is not None and abs(extent - geom.read_px) > 0.02 * geom.read_px:
+        if made_at is not None and abs(float(made_at) - mpp) > 0.01 * mpp:  # not --size/--target-mpp
+            raise ExtractError(
+                f"{coords_file.path}: coordinates are for {extent} px level-0 regions of {path} read at "
+                f"{float(made_at):g} um/px{' (assumed)' if assumed else ''}, but this run reads it at {mpp:g} um/px "
+                f"({source}{': --assume-mpp' if source == 'assumed' else ''}); give --assume-mpp "
+                f"{float(made_at):g}" + (" as hipt-prep coords did" if assumed else ", or redo the coordinates"))
         raise ExtractError(f"{coords_file.path}: coordinates are for {extent} px level-0 regions, but "
                            f"{region_px} px at {target_mpp} um/px reads {geom.read_px} level-0 px of "
                            f"{path}; give matching --size/--target-mpp")

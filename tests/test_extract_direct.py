@@ -221,6 +221,28 @@ def test_a_greyscale_slide_fails_and_the_cohort_goes_on(model, extractor, tmp_pa
     assert grey["status"] == "failed" and "a_grey.tif: its pixels have no colour" in grey["error"], grey
 
 
+def test_a_slide_without_mpp_is_read_at_the_mpp_its_coordinates_were_cut_with(model, extractor, tmp_path):
+    """hipt-prep coords --assume-mpp 0.5 on a slide without mpp, then hipt-extract: without
+    --assume-mpp the failure now names the value the coordinates were cut with, and another
+    --assume-mpp (0.25) is named as the cause; it said "give matching --size/--target-mpp",
+    which were right. Plant: the old extent message alone -> fails."""
+    from data_prep.coords import coords_path, write_coords
+
+    slides = {"nompp": make_aperio_slide(str(tmp_path / "nompp.svs"), (1024, 1024), levels=(1,), mpp=None)}
+    write_coords(coords_path(str(tmp_path), "nompp"), [(0, 0)], slide_id="nompp", region_px=SIZE, read_px=SIZE,
+                 slide_mpp=0.5, target_mpp=0.5, width=1024, height=1024, mpp_source="assumed")
+    for assume, needle in ((None, "made with --assume-mpp 0.5"),
+                           (0.25, "read at 0.5 um/px (assumed), but this run reads it at 0.25 um/px (assumed: "
+                                  "--assume-mpp); give --assume-mpp 0.5")):
+        man = extraction.extract_cohort_direct(model, slides, str(tmp_path / "coords"), str(tmp_path / f"e{assume}"),
+                                               region_px=SIZE, assume_mpp=assume, show_progress=False,
+                                               extractor=extractor)
+        assert needle in man["slides"]["nompp"]["error"], man["slides"]["nompp"]
+    man = extraction.extract_cohort_direct(model, slides, str(tmp_path / "coords"), str(tmp_path / "ok"),
+                                           region_px=SIZE, assume_mpp=0.5, show_progress=False, extractor=extractor)
+    assert man["slides"]["nompp"]["status"] == "done"
+
+
 def test_a_coords_file_changed_in_place_fails_its_slide_until_hipt_prep_redoes_it(model, extractor, prepared,
                                                                                    tmp_path, capsys):
     """One row of a hipt-prep coords file changed in place (same size) still reads as valid
