@@ -280,6 +280,11 @@ def test_other_bad_inputs(released, tmp_path, capsys):
     assert_one_line_error(code, err, "already exists")
     code, _, err = run_cli(capsys, "--to-torch", tmp_path / "full", tmp_path / "x.pth")
     assert_one_line_error(code, err, "no arch.json")
+    # a DST named like a weights file became a directory of that name (plant: no extension
+    # check -> exit 0 and a folder "jax.pth", fails)
+    code, _, err = run_cli(capsys, released["vit4k"], tmp_path / "jax.pth")
+    assert_one_line_error(code, err, "jax.pth: names a .pth file, but hipt-convert writes a directory")
+    assert not (tmp_path / "jax.pth").exists()
     # hipt-convert's own output given back to it: it was "a directory without arch.json"
     # (plant: the arch.json case removed from _sniff -> that message, fails)
     assert run_cli(capsys, released["vit4k"], tmp_path / "done")[0] == 0
