@@ -151,6 +151,48 @@ def test_bad_inputs_reported_and_run_continues(tmp_path, synthetic_slides):
                  "--assume-mpp", "0.5"]) == 0
 
 
+def _dies_on_crash_slides(task, out_dir, params):
+    """process_slide, except that the worker process dies on a slide named crash* (what a
+    segfault in the slide reader on a damaged file, or the OOM killer, does to it)."""
+    import signal
+
+    from data_prep.regions import process_slide
+
+    if task.slide_id.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return process_slide(task, out_dir, params)
+
+
+def test_a_worker_that_dies_fails_its_slide_and_the_run_goes_on(tmp_path, synthetic_slides):
+    """A pool worker that died under a slide (a crash in OpenSlide/libtiff, the OOM killer) was
+    replaced by the pool, but imap_unordered waited for that slide's result forever: hipt-prep
+    hung. The slide fails, named, and the others are done. Plant: run_pool back to
+    imap_unordered -> the run never ends (the test's timeout), fails."""
+    import threading
+
+    from data_prep.regions import RegionParams
+    from data_prep.runner import find_slide_files, run_items
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(synthetic_slides["s20"], slides / "good.svs")
+    os.symlink(synthetic_slides["s40"], slides / "crash.svs")
+    tasks = find_slide_files(str(slides))
+    params = RegionParams(region_px=REGION)
+    out = str(tmp_path / "out")
+    manifest = {}
+    run = threading.Thread(target=lambda: manifest.update(run_items(
+        _dies_on_crash_slides, tasks, [t.slide_id for t in tasks], out, "regions", params.to_dict(),
+        (out, params), workers=2)), daemon=True)
+    run.start()
+    run.join(timeout=240)
+    assert not run.is_alive(), "hipt-prep hung on a slide whose worker died"
+    items = manifest["items"]
+    assert items["good"]["status"] == "done" and items["good"]["n_regions"] == len(expected_regions())
+    assert items["crash"]["status"] == "failed"
+    assert "crash.svs: the worker process died while processing it" in items["crash"]["error"]
+
+
 def test_rerun_skips_done_slides(cohort_out, synthetic_slides, capsys):
     slides = os.path.dirname(synthetic_slides["s20"])
     before = {sid: os.path.getmtime(os.path.join(cohort_out, "regions", sid + ".array_record"))
