@@ -239,6 +239,17 @@ def test_text_file(tmp_path, capsys):
     (tmp_path / "notes.pth").write_text("these are not weights\n" * 10)
     code, _, err = run_cli(capsys, tmp_path / "notes.pth", tmp_path / "out")
     assert_one_line_error(code, err, "notes.pth", "not a PyTorch checkpoint", "text file")
+    # A NumPy .npz (a zip, like torch.save's) got torch's "[enforce fail at inline_container.cc:180]";
+    # an HDF5 bag "an unknown binary format". Plants: no _sniff_zip, no HDF5 case -> fail.
+    np.savez(tmp_path / "weights.npz", kernel=np.zeros(3))
+    code, _, err = run_cli(capsys, tmp_path / "weights.npz", tmp_path / "out")
+    assert_one_line_error(code, err, "weights.npz: not a PyTorch checkpoint: a NumPy .npz archive (kernel.npy)")
+    import h5py
+
+    with h5py.File(tmp_path / "bag.h5", "w") as f:
+        f["features"] = np.zeros((2, 192), np.float32)
+    code, _, err = run_cli(capsys, tmp_path / "bag.h5", tmp_path / "out")
+    assert_one_line_error(code, err, "bag.h5: not a PyTorch checkpoint (looks like an HDF5 file")
 
 
 def test_other_architecture(released, tmp_path, capsys):

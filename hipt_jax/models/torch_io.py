@@ -242,14 +242,38 @@ def _sniff(path: str) -> None:
         raise CheckpointError(f"{path}: empty file")
     with open(path, "rb") as f:
         head = f.read(512)
-    if head[:2] == b"PK" or head[:1] == b"\x80" or _is_safetensors(head, size):
-        return  # zip-format torch.save, a legacy pickle, or safetensors (read_pth)
-    try:
-        head.decode("utf-8")
-        kind = "a text file"
-    except UnicodeDecodeError:
-        kind = "an unknown binary format"
+    if head[:2] == b"PK":
+        _sniff_zip(path)
+        return  # zip-format torch.save (read_pth)
+    if head[:1] == b"\x80" or _is_safetensors(head, size):
+        return  # a legacy pickle, or safetensors (read_pth)
+    if head[:8] == b"\x89HDF\r\n\x1a\n":
+        kind = "an HDF5 file (a CLAM/TRIDENT feature bag, or Keras weights?)"
+    else:
+        try:
+            head.decode("utf-8")
+            kind = "a text file"
+        except UnicodeDecodeError:
+            kind = "an unknown binary format"
     raise CheckpointError(f"{path}: not a PyTorch checkpoint (looks like {kind})")
+
+
+def _sniff_zip(path: str) -> None:
+    """A zip that is not torch.save's (every torch.save zip holds ``<name>/data.pkl``): a NumPy
+    .npz (saved JAX/Flax weights, an embeddings bag) got torch's "[enforce fail at
+    inline_container.cc:180]"."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # torch.load's own error names it as truncated or corrupt
+    if names and not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        npz = all(n.endswith(".npy") for n in names)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: "
+                              + (f"a NumPy .npz archive ({short_list(sorted(names))})" if npz else
+                                 f"a zip archive without torch.save's data.pkl ({short_list(sorted(names))})"))
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
