@@ -24,8 +24,9 @@ import numpy as np
 
 from data_prep.shards import (REGION, encode_jpeg, input_identity, item_status_path, open_shard_writer,
                               product_identity, shard_path, write_item_status)
-from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, open_slide,
-                                read_region_geometry, region_geometry, resolve_mpp, snap_scale)
+from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, colour_counts,
+                                colourless_problem, open_slide, read_region_geometry, region_geometry,
+                                resolve_mpp, snap_scale)
 from data_prep.tissue import TissueParams, low_res_view, region_fraction, segment_slide
 
 
@@ -247,6 +248,9 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
                       tissue_fraction=float(tm.mask.mean()),
                       n_candidates=len(region_grid(*slide.dimensions, geom.read_px)))
         _qc_pictures(out_dir, task.slide_id, slide, tm, geom, kept, params.qc_max_px, annotations)
+        grey = colourless_problem(colour_counts(tm.thumb, step=1), task.path)
+        if grey:  # no saturation anywhere: it was reported as "no tissue"
+            raise SlideError(grey)
         if not tm.contours:
             raise SlideError(_no_tissue_reason(task.path, slide, geom, tm, params))
         if not kept:

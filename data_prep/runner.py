@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -34,7 +34,8 @@ class InputError(Exception):
 
 
 def find_slide_files(slides: str) -> list[SlideTask]:
-    """Slides from a folder (searched recursively) or a CSV with a `path` and optional `slide_id`.
+    """Slides from a folder (searched recursively), a CSV with a `path` and optional `slide_id`,
+    or one slide file.
 
     DICOM slides are folders of .dcm files: one task per folder, named after the folder.
     CSV paths are relative to the CSV's folder.
@@ -71,8 +72,17 @@ def find_slide_files(slides: str) -> list[SlideTask]:
                 # the extension, so the shards and bags must be named x, not x.svs.
                 sid = os.path.splitext(sid)[0]
             tasks.append(SlideTask(safe_slide_id(sid), p))
+    elif os.path.isfile(slides) and os.path.splitext(slides)[1].lower() in SLIDE_EXTENSIONS:
+        # one slide file (a DICOM file stands for its folder, as in a folder search)
+        dicom = slides.lower().endswith(".dcm")
+        name = os.path.basename(os.path.dirname(os.path.abspath(slides))) if dicom else os.path.splitext(
+            os.path.basename(slides))[0]
+        tasks = [SlideTask(safe_slide_id(name), slides)]
+    elif not os.path.exists(slides):
+        raise InputError(f"{slides}: no such file or folder")
     else:
-        raise InputError(f"{slides}: not a folder or a table of slides (.csv, .tsv, .txt)")
+        raise InputError(f"{slides}: not a folder, a slide file ({' '.join(SLIDE_EXTENSIONS)}) or a table of "
+                         "slides (.csv, .tsv, .txt)")
     if not tasks:
         raise InputError(f"{slides}: no slides found (extensions: {' '.join(SLIDE_EXTENSIONS)})")
     seen, files = {}, {}
@@ -253,25 +263,86 @@ def clean_stale_tmp(out_dir: str) -> None:
             pass
 
 
-def _init_worker() -> None:
+_STARTED = None  # in a pool worker: the queue it announces (item index, its pid) on
+
+
+def _init_worker(started=None) -> None:
     import cv2
     # One OpenCV thread per process: parallelism comes from the processes.
     cv2.setNumThreads(1)
+    global _STARTED
+    _STARTED = started
 
 
 class _Call:
-    """Picklable fn(item, *args) for Pool.imap_unordered."""
+    """Picklable fn(item, *args) for the pool; ``indexed`` takes (index, item) and first says on
+    the worker's queue which item this process works on (run_pool: who held a lost item)."""
 
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
+    def __init__(self, fn, args, indexed: bool = False):
+        self.fn, self.args, self.indexed = fn, args, indexed
 
     def __call__(self, item):
+        if self.indexed:
+            index, item = item
+            if _STARTED is not None:
+                _STARTED.put((index, os.getpid()))
         return self.fn(item, *self.args)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie the pool has not reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _lost_item(item) -> dict:
+    """The failure record of an item whose worker process died under it (no status written)."""
+    sid = getattr(item, "slide_id", item if isinstance(item, str) else None)
+    path = getattr(item, "path", None)
+    return dict(slide_id=sid, path=path, status="failed", n_regions=0,
+                error=f"{path or sid}: the worker process died while processing it (a crash in the slide "
+                      "reader on a damaged file, or killed for lack of memory); the other items went on")
+
+
+def _pool_results(pool, fn, items: Sequence, args: tuple, started) -> Iterator:
+    """fn(item, *args) of every item on ``pool``, in completion order. A worker that dies under
+    an item (a segfault in OpenSlide/libtiff on a damaged slide, the OOM killer) is replaced by
+    the pool, but its item's result never comes: imap_unordered waited for it forever. That
+    item yields ``_lost_item`` and the others go on."""
+    call = _Call(fn, args, indexed=True)
+    pending = {i: pool.apply_async(call, ((i, item),)) for i, item in enumerate(items)}
+    running: dict[int, int] = {}  # item index -> pid of the worker that took it
+    while pending:
+        while not started.empty():
+            index, pid = started.get()
+            running[index] = pid
+        done = [i for i, r in pending.items() if r.ready()]
+        for i in done:
+            running.pop(i, None)
+            yield pending.pop(i).get()
+        lost = [i for i, pid in running.items() if i in pending and not _alive(pid)]
+        for i in lost:
+            running.pop(i)
+            if pending.pop(i).ready():  # it finished as its worker exited
+                continue
+            yield _lost_item(items[i])
+        if not done and not lost:
+            time.sleep(0.05)
 
 
 def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str,
              on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """fn(item, *args) over items on `workers` spawn processes (inline if workers == 1)."""
+    """fn(item, *args) over items on `workers` spawn processes (inline if workers == 1); an
+    item whose worker process dies fails (``_pool_results``) and the rest go on."""
     results = []
     # tqdm reads TQDM_DISABLE (set by --no-progress) when it is imported, so in this process the
     # variable is honoured here; the spawned workers import tqdm after it is set.
@@ -282,13 +353,15 @@ def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str
         it = map(_Call(fn, args), items)
         pool = None
     else:
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
-        it = pool.imap_unordered(_Call(fn, args), items)
+        ctx = multiprocessing.get_context("spawn")
+        started = ctx.SimpleQueue()
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(started,))
+        it = _pool_results(pool, fn, items, args, started)
     try:
         for res in it:
             results.append(res)
             bar.update(1)
-            bar.set_postfix(failed=sum(r["status"] != "done" for r in results))
+            bar.set_postfix(failed=sum(isinstance(r, dict) and r.get("status") != "done" for r in results))
             if on_result is not None:
                 on_result(res)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import struct
 import sys
 
 import cv2
@@ -30,20 +31,52 @@ def open_slide(path: str) -> openslide.OpenSlide:
     """Open a slide with OpenSlide, turning every failure into a one-line SlideError."""
     path = os.fspath(path)
     if not os.path.exists(path):
+        if os.path.islink(path):  # a linked cohort whose files moved or whose mount is gone
+            raise SlideError(f"{path}: a link to {os.readlink(path)}, which does not exist")
         raise SlideError(f"{path}: no such file")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise SlideError(f"{path}: empty file")
     try:
         slide = openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(f"{path}: {_tiff_problem(path) or 'not a slide format OpenSlide can read'}") from None
+        raise SlideError(f"{path}: {_mrxs_problem(path) or _tiff_problem(path) or _plain_image(path) or 'not a slide format OpenSlide can read'}"
+                         ) from None
     except openslide.OpenSlideError as e:
-        raise SlideError(f"{path}: unreadable or corrupt slide ({e})") from None
+        if _mrxs_problem(path):
+            raise SlideError(f"{path}: {_mrxs_problem(path)}") from None
+        cut = _tiff_problem(path)  # "Short read": a cut-off TIFF whose directories survived
+        raise SlideError(f"{path}: {cut if cut and cut.startswith('truncated') else f'unreadable or corrupt slide ({e})'}"
+                         ) from None
     except Exception as e:  # PIL/ctypes errors on odd files
         raise SlideError(f"{path}: cannot open ({type(e).__name__}: {e})") from None
     if slide.dimensions[0] <= 0 or slide.dimensions[1] <= 0:
         raise SlideError(f"{path}: slide has no pixels")
     return slide
+
+
+def _mrxs_problem(path: str) -> str | None:
+    """A MIRAX slide is its .mrxs file and a folder of the same name beside it (Slidedat.ini and
+    the Data*.dat tiles); the .mrxs alone, copied without it, was named "a plain JPEG image"."""
+    folder = os.path.splitext(path)[0]
+    if not path.lower().endswith(".mrxs") or os.path.isfile(os.path.join(folder, "Slidedat.ini")):
+        return None
+    return (f"an MRXS slide without its data folder {folder}{os.sep} (Slidedat.ini and the Data*.dat "
+            "files): copy that folder beside the .mrxs file")
+
+
+def _plain_image(path: str) -> str | None:
+    """What a non-TIFF image file OpenSlide refused is ("a plain JPEG image, ..."): a crop or
+    screenshot saved under a slide's extension; None when PIL does not read it either."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+    except Exception:  # noqa: BLE001 -- only used to name the problem
+        return None
+    if fmt in (None, "TIFF"):
+        return None
+    return f"a plain {fmt} image, not a whole-slide format OpenSlide can read"
 
 
 def _tiff_problem(path: str) -> str | None:
@@ -69,8 +102,68 @@ def _tiff_problem(path: str) -> str | None:
     if first >= size:
         return (f"truncated TIFF/SVS file: its first image directory is at byte {first:,} but the "
                 f"file has {size:,} bytes (an interrupted copy or download?)")
+    try:
+        with open(path, "rb") as f:
+            reaches, tiled = _tiff_extent(f, size, order, magic == 43, first)
+    except (OSError, struct.error, ValueError):
+        reaches, tiled = 0, None
+    if reaches > size:  # writers that put the directories first (tifffile, libvips) cut anywhere
+        return (f"truncated TIFF/SVS file: its image directories and data reach byte {reaches:,} but the "
+                f"file has {size:,} bytes (an interrupted copy or download?)")
+    if tiled is False:
+        return (f"a stripped (untiled) TIFF image ({size:,} bytes): OpenSlide reads TIFF slides stored in "
+                "tiles; convert it, e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg")
     return (f"a TIFF/SVS file OpenSlide cannot open as a slide ({size:,} bytes): an image TIFF that is "
             "not a tiled slide, or a damaged or truncated file (an interrupted copy?)")
+
+
+_TIFF_INT = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8: the types of offsets and byte counts
+
+
+def _tiff_extent(f, size: int, order: str, big: bool, first: int) -> tuple[int, bool | None]:
+    """(the last byte the file's image directories and image data point to, whether the first
+    image is tiled (None: unknown)), walking the directory chain from `first` (struct.error on
+    a malformed directory). A cut-off file points past its end; (0, None) when the first
+    directory itself does not fit in the file."""
+    count_fmt, entry_size, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+    off_size = struct.calcsize(off_fmt)
+    reaches, offset, seen, tiled = 0, first, set(), None
+    while offset and offset not in seen and len(seen) < 4096:
+        seen.add(offset)
+        f.seek(offset)
+        n = struct.unpack(order + count_fmt, f.read(struct.calcsize(count_fmt)))[0]
+        end = offset + struct.calcsize(count_fmt) + n * entry_size + off_size
+        if end > size:  # the first directory not whole: garbage as likely as a cut (unknown)
+            return (end, tiled) if offset != first else (0, None)
+        entries = f.read(n * entry_size)
+        values = {}
+        for i in range(n):
+            entry = entries[i * entry_size:(i + 1) * entry_size]
+            tag, typ = struct.unpack(order + "HH", entry[:4])
+            if tag not in (273, 279, 324, 325) or typ not in _TIFF_INT:  # strip/tile offsets, byte counts
+                continue
+            count = struct.unpack(order + off_fmt, entry[4:4 + off_size])[0]
+            fmt = f"{order}{count}{_TIFF_INT[typ]}"
+            nbytes = struct.calcsize(fmt)
+            if nbytes <= off_size:
+                raw = entry[4 + off_size:4 + off_size + nbytes]
+            else:
+                at = struct.unpack(order + off_fmt, entry[4 + off_size:])[0]
+                if at + nbytes > size:
+                    return at + nbytes, tiled
+                f.seek(at)
+                raw = f.read(nbytes)
+            values[tag] = struct.unpack(fmt, raw)
+        if tiled is None and values:
+            tiled = 324 in values
+        starts, counts = values.get(324, values.get(273)), values.get(325, values.get(279))
+        if starts and counts and len(starts) == len(counts):
+            reaches = max(reaches, max(s + c for s, c in zip(starts, counts)))
+        f.seek(end - off_size)
+        offset = struct.unpack(order + off_fmt, f.read(off_size))[0]
+        if offset >= size:
+            return offset + 1, tiled
+    return reaches, tiled
 
 
 # A microscope's level-0 resolution lies well inside this range (um/px); outside it the metadata
@@ -169,6 +262,34 @@ def _warn_magnification_contradicts(slide: openslide.OpenSlide, mpp: float, name
           f"reading it at {mpp:.4g} um/px (the mpp wins)", file=sys.stderr)
 
 
+# A pixel "has signal" when its grey level is between black fill and glass, and "colour" when
+# its channels differ by more than JPEG noise; a slide whose signal is colourless (R = G = B)
+# is a greyscale or fluorescence image, which OpenSlide serves as grey RGB without a word.
+_SIGNAL_GREY = (20, 220)
+_COLOUR_SPREAD = 8
+_MIN_SIGNAL = 100  # sampled signal pixels needed before judging
+
+
+def colour_counts(rgb: np.ndarray, step: int = 8) -> np.ndarray:
+    """[signal pixels, signal pixels with colour] among every ``step``-th pixel of uint8
+    [..., H, W, 3] RGB (one image or a batch)."""
+    sub = np.asarray(rgb[..., ::step, ::step, :], np.int16)
+    grey = sub.mean(axis=-1)
+    signal = (grey > _SIGNAL_GREY[0]) & (grey < _SIGNAL_GREY[1])
+    colour = signal & (sub.max(axis=-1) - sub.min(axis=-1) > _COLOUR_SPREAD)
+    return np.array([int(signal.sum()), int(colour.sum())])
+
+
+def colourless_problem(counts, path: str) -> str | None:
+    """Why pixels with these ``colour_counts`` are not an H&E slide's, or None (also when there
+    is too little signal to tell)."""
+    signal, colour = (int(c) for c in counts)
+    if signal < _MIN_SIGNAL or colour > 0.01 * signal:
+        return None
+    return (f"{path}: its pixels have no colour (R = G = B wherever there is signal): a greyscale or "
+            "fluorescence image, not a brightfield H&E slide (the models take H&E RGB)")
+
+
 def check_upsample(mpp: float, target_mpp: float, tolerance: float = DEFAULT_MPP_TOLERANCE,
                    allow_upsample: bool = False, path: str = "slide") -> None:
     """SlideError when reading at `target_mpp` would enlarge the slide's pixels beyond snapping."""
@@ -184,13 +305,46 @@ _NO_MPP = ("{name}: slide has no mpp in its metadata; pass --assume-mpp (e.g. 0.
 
 
 def _metadata_axes(slide: openslide.OpenSlide) -> dict[str, float]:
-    """{"x": mpp-x, "y": mpp-y} as the metadata states them (finite and > 0), either may be absent."""
+    """{"x": mpp-x, "y": mpp-y} as the metadata states them (finite and > 0), either may be absent.
+    OpenSlide's mpp properties, else the OME-XML of an OME-TIFF (``_ome_axes``)."""
     values = {}
     for axis, key in (("x", openslide.PROPERTY_NAME_MPP_X), ("y", openslide.PROPERTY_NAME_MPP_Y)):
         try:
             v = float(slide.properties.get(key, "nan"))
         except ValueError:
             v = float("nan")
+        if np.isfinite(v) and v > 0:
+            values[axis] = v
+    return values or _ome_axes(slide.properties)
+
+
+# OME-XML length units (PhysicalSizeXUnit; default micrometre) -> micrometres.
+_OME_UNITS_UM = {"µm": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "Å": 1e-4, "pm": 1e-6,
+                 "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_axes(props) -> dict[str, float]:
+    """{"x", "y"} um/px from the first image's <Pixels PhysicalSizeX/Y> of an OME-TIFF's OME-XML
+    (its ImageDescription). OpenSlide reads an OME-TIFF as a generic TIFF and takes the mpp from
+    the TIFF resolution tags only, which OME writers (tifffile's ome=True, many converters)
+    leave out: the pixel size is then stated in the file but "no mpp" was reported."""
+    description = str(props.get("tiff.ImageDescription", ""))
+    if "<OME" not in description[:2000]:
+        return {}
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(description.strip())
+    except ET.ParseError:
+        return {}
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    values = {}
+    for axis in ("x", "y") if pixels is not None else ():
+        size, unit = pixels.get(f"PhysicalSize{axis.upper()}"), pixels.get(f"PhysicalSize{axis.upper()}Unit", "µm")
+        try:
+            v = float(size) * _OME_UNITS_UM[unit]
+        except (TypeError, ValueError, KeyError):
+            continue
         if np.isfinite(v) and v > 0:
             values[axis] = v
     return values
@@ -301,17 +455,18 @@ def _read_bgra_premultiplied(slide: openslide.OpenSlide, x: int, y: int, level: 
 
 
 def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: int,
-             order: str = "rgb") -> np.ndarray:
+             order: str = "rgb", what: str | None = None) -> np.ndarray:
     """OpenSlide read_region composited over white -> uint8 [h,w,3]. (x, y) in level-0 pixels.
 
     A read OpenSlide cannot decode (a damaged JPEG tile) is a SlideError naming the slide and
-    the region, so callers that go on past a bad slide catch it like any other."""
+    the region (or ``what`` the read is part of), so callers that go on past a bad slide catch
+    it like any other."""
     try:
         bgra = _read_bgra_premultiplied(slide, x, y, level, w, h)
         if bgra is None:  # not the C-backed OpenSlide class (or big-endian): public API
             rgba = np.asarray(slide.read_region((int(x), int(y)), int(level), (int(w), int(h))))
     except openslide.OpenSlideError as e:
-        raise _unreadable(slide, f"{w} x {h} px at level {level} from level-0 ({x}, {y})", e) from None
+        raise _unreadable(slide, what or f"{w} x {h} px at level {level} from level-0 ({x}, {y})", e) from None
     if bgra is None:
         return composite_white(rgba, order)
     alpha = bgra[:, :, 3]
@@ -325,11 +480,14 @@ def read_rgb(slide: openslide.OpenSlide, x: int, y: int, level: int, w: int, h: 
 
 def read_thumbnail(slide: openslide.OpenSlide, max_px: int) -> np.ndarray:
     """The whole slide as uint8 [h,w,3] RGB, its longer side at most `max_px`; a damaged tile is
-    a SlideError naming the slide, as in `read_rgb`."""
-    try:
-        return np.asarray(slide.get_thumbnail((int(max_px), int(max_px))).convert("RGB"))
-    except openslide.OpenSlideError as e:
-        raise _unreadable(slide, f"a thumbnail of at most {max_px} px", e) from None
+    a SlideError naming the slide, as in `read_rgb`. Read in chunks from the best level
+    (data_prep.tissue.low_res_view): OpenSlide's get_thumbnail reads that whole level in one
+    buffer, which for a slide without a pyramid (a tiled TIFF, an OME-TIFF whose levels are
+    SubIFDs OpenSlide does not see) is level 0: 32 GB for 100k x 80k px."""
+    from data_prep.tissue import low_res_view
+
+    downsample = max(1.0, max(slide.dimensions) / float(max_px))
+    return low_res_view(slide, downsample, what=f"a thumbnail of at most {max_px} px")
 
 
 def _unreadable(slide: openslide.OpenSlide, what: str, error: Exception) -> SlideError:

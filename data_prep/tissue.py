@@ -42,8 +42,9 @@ class TissueMask:
     threshold: float       # saturation threshold actually used
 
 
-def low_res_view(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
-    """Whole slide at `downsample` level-0 px per pixel -> uint8 [ceil(H/d), ceil(W/d), 3]."""
+def low_res_view(slide: openslide.OpenSlide, downsample: float, what: str | None = None) -> np.ndarray:
+    """Whole slide at `downsample` level-0 px per pixel -> uint8 [ceil(H/d), ceil(W/d), 3]
+    (``what``: the read a damaged tile's SlideError names; default each chunk's position)."""
     w0, h0 = slide.dimensions
     out_h, out_w = int(np.ceil(h0 / downsample)), int(np.ceil(w0 / downsample))
     level = 0
@@ -58,7 +59,7 @@ def low_res_view(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
             x0, y0 = int(round(mx * downsample)), int(round(my * downsample))
             lw = max(1, int(round(cw * downsample / d_level)))
             lh = max(1, int(round(ch * downsample / d_level)))
-            chunk = read_rgb(slide, x0, y0, level, lw, lh)
+            chunk = read_rgb(slide, x0, y0, level, lw, lh, what=what)
             out[my:my + ch, mx:mx + cw] = cv2.resize(chunk, (cw, ch), interpolation=cv2.INTER_AREA)
     return out
 

@@ -647,15 +647,23 @@ def embed_slide_direct(extractor: Extractor, slide, coords: np.ndarray, geom, *,
                        progress: Optional[tqdm] = None) -> dict[str, np.ndarray]:
     """One open slide's regions at ``coords`` (level-0 top-left, [N,2]) read at ``geom`` (a
     data_prep.slide_io.RegionGeometry) -> the arrays of its bag, as ``Extractor.embed_slide``."""
+    from data_prep.slide_io import colour_counts, colourless_problem
+
     extractor._require_vit4k()
     progress = progress if progress is not None else tqdm(disable=True)
     cls256, cls4k = [], []
+    colour = np.zeros(2, np.int64)  # hipt-prep's tissue mask refuses a colourless slide; CLAM/TRIDENT
+    name = getattr(slide, "_filename", None) or "slide"  # coordinates come without that check
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, readers)) as read_pool:
         batches = _prefetch_read(slide, coords, geom, extractor.batch, read_pool, extractor._pool)
-        for chunk, _, (out256, out4k) in extractor.pipelined(batches):
+        for chunk, images, (out256, out4k) in extractor.pipelined(batches):
+            colour += colour_counts(images, step=16)
             cls256.append(out256)
             cls4k.append(out4k)
             progress.update(len(chunk))
+    grey = colourless_problem(colour, name)  # judged over every region (one may be black ink)
+    if grey:
+        raise ExtractError(grey)
     cls4k_all = np.concatenate(cls4k).astype(np.float32)
     return {"features_cls256": np.concatenate(cls256), "features_cls4k": cls4k_all,
             "slide_embedding": cls4k_all.mean(axis=0), "coords": np.asarray(coords, np.int64)}
@@ -680,11 +688,25 @@ def _direct_geometry(slide, path: str, coords_file, *, target_mpp: float, region
     from data_prep import coords as coords_io
     from data_prep import slide_io
 
-    mpp, source = slide_io.resolve_mpp(slide, assume_mpp, path)
+    made_at = coords_file.attrs.get("hipt_slide_mpp")  # hipt-prep coords: the slide's mpp it used
+    assumed = made_at is not None and "assumed" in str(coords_file.attrs.get("hipt_mpp_source", ""))
+    try:
+        mpp, source = slide_io.resolve_mpp(slide, assume_mpp, path)
+    except slide_io.SlideError as e:
+        if assumed:  # the value the coordinates were cut with is known: name it
+            raise ExtractError(f"{e}; its coordinate file {coords_file.path} was made with --assume-mpp "
+                               f"{float(made_at):g}") from None
+        raise
     slide_io.check_upsample(mpp, target_mpp, mpp_tolerance, allow_upsample, path)
     geom = slide_io.region_geometry(slide, mpp, region_px, target_mpp, mpp_tolerance)
     extent = coords_io.coords_file_extent(coords_file, slide.level_downsamples)
     if extent is not None and abs(extent - geom.read_px) > 0.02 * geom.read_px:
+        if made_at is not None and abs(float(made_at) - mpp) > 0.01 * mpp:  # not --size/--target-mpp
+            raise ExtractError(
+                f"{coords_file.path}: coordinates are for {extent} px level-0 regions of {path} read at "
+                f"{float(made_at):g} um/px{' (assumed)' if assumed else ''}, but this run reads it at {mpp:g} um/px "
+                f"({source}{': --assume-mpp' if source == 'assumed' else ''}); give --assume-mpp "
+                f"{float(made_at):g}" + (" as hipt-prep coords did" if assumed else ", or redo the coordinates"))
         raise ExtractError(f"{coords_file.path}: coordinates are for {extent} px level-0 regions, but "
                            f"{region_px} px at {target_mpp} um/px reads {geom.read_px} level-0 px of "
                            f"{path}; give matching --size/--target-mpp")

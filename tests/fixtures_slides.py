@@ -98,3 +98,14 @@ def tiff_with_mpp(path: str, mpp_x: float, mpp_y: float, side: int = 1024) -> st
     tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg",
                      resolution=(1e4 / mpp_x, 1e4 / mpp_y), resolutionunit="CENTIMETER")
     return path
+
+
+def grey_tiff(path: str, side: int = 1024) -> str:
+    """A tiled greyscale TIFF of real tissue at 0.5 um/px (a fluorescence-like channel): OpenSlide
+    serves it as grey RGB."""
+    import tifffile
+
+    rgb = np.tile(real_tissue_pixels(), (2, 2, 1))[:side, :side]
+    tifffile.imwrite(path, np.ascontiguousarray(rgb.mean(-1).astype(np.uint8)), tile=(256, 256),
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    return path

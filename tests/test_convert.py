@@ -239,6 +239,17 @@ def test_text_file(tmp_path, capsys):
     (tmp_path / "notes.pth").write_text("these are not weights\n" * 10)
     code, _, err = run_cli(capsys, tmp_path / "notes.pth", tmp_path / "out")
     assert_one_line_error(code, err, "notes.pth", "not a PyTorch checkpoint", "text file")
+    # A NumPy .npz (a zip, like torch.save's) got torch's "[enforce fail at inline_container.cc:180]";
+    # an HDF5 bag "an unknown binary format". Plants: no _sniff_zip, no HDF5 case -> fail.
+    np.savez(tmp_path / "weights.npz", kernel=np.zeros(3))
+    code, _, err = run_cli(capsys, tmp_path / "weights.npz", tmp_path / "out")
+    assert_one_line_error(code, err, "weights.npz: not a PyTorch checkpoint: a NumPy .npz archive (kernel.npy)")
+    import h5py
+
+    with h5py.File(tmp_path / "bag.h5", "w") as f:
+        f["features"] = np.zeros((2, 192), np.float32)
+    code, _, err = run_cli(capsys, tmp_path / "bag.h5", tmp_path / "out")
+    assert_one_line_error(code, err, "bag.h5: not a PyTorch checkpoint (looks like an HDF5 file")
 
 
 def test_other_architecture(released, tmp_path, capsys):
@@ -280,6 +291,16 @@ def test_other_bad_inputs(released, tmp_path, capsys):
     assert_one_line_error(code, err, "already exists")
     code, _, err = run_cli(capsys, "--to-torch", tmp_path / "full", tmp_path / "x.pth")
     assert_one_line_error(code, err, "no arch.json")
+    # a DST named like a weights file became a directory of that name (plant: no extension
+    # check -> exit 0 and a folder "jax.pth", fails)
+    code, _, err = run_cli(capsys, released["vit4k"], tmp_path / "jax.pth")
+    assert_one_line_error(code, err, "jax.pth: names a .pth file, but hipt-convert writes a directory")
+    assert not (tmp_path / "jax.pth").exists()
+    # hipt-convert's own output given back to it: it was "a directory without arch.json"
+    # (plant: the arch.json case removed from _sniff -> that message, fails)
+    assert run_cli(capsys, released["vit4k"], tmp_path / "done")[0] == 0
+    code, _, err = run_cli(capsys, tmp_path / "done", tmp_path / "again")
+    assert_one_line_error(code, err, "done: is a converted checkpoint already (it has arch.json)", "--to-torch")
 
 
 def test_what_trainers_save_converts_and_what_cannot_work_is_named(released, tmp_path, capsys):
@@ -325,6 +346,31 @@ def test_what_trainers_save_converts_and_what_cannot_work_is_named(released, tmp
     assert_one_line_error(*run_cli(capsys, tmp_path / "module.pth", tmp_path / "module")[::2],
                           "holds pickled Python objects", "save model.state_dict()")
     assert not any((tmp_path / d).exists() for d in ("nan", "head", "short", "module"))
+
+
+def test_a_state_dict_under_a_trainers_own_key_converts(released, tmp_path, capsys):
+    """{"net": state_dict, "optimizer": ..., "epoch": ...}: a trainer's own container name was
+    refused as "'file' is not a state dict of tensors (keys: epoch, net, optimizer)"; the one
+    entry that is a state dict is taken (and --to-torch writes it back under it). Two state
+    dicts, or tensors beside an "epoch", are refused naming what is there. Plant: no search for
+    the entry -> exit 2, fails."""
+    teacher = ref.torch_load_trusted(released["vit4k"])["teacher"]
+    backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    want = checkpoint.load_backbone(released["vit4k"])[0]["params"]["phi"]["dense"]["kernel"]
+    torch.save({"net": backbone, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 3},
+               tmp_path / "net.pth")
+    code, out, err = run_cli(capsys, tmp_path / "net.pth", tmp_path / "net")
+    assert code == 0 and "vit4k backbone" in out, err
+    np.testing.assert_array_equal(checkpoint.load(str(tmp_path / "net")).params["phi"]["dense"]["kernel"], want)
+    code, _, err = run_cli(capsys, "--to-torch", tmp_path / "net", tmp_path / "back.pth")
+    assert code == 0 and list(ref.torch_load_trusted(str(tmp_path / "back.pth"))) == ["net"], err
+
+    torch.save({"net": backbone, "ema": backbone, "epoch": 3}, tmp_path / "two.pth")
+    assert_one_line_error(*run_cli(capsys, tmp_path / "two.pth", tmp_path / "two")[::2],
+                          "two.pth: holds several state dicts (ema, net)")
+    torch.save({**backbone, "epoch": 3}, tmp_path / "flat.pth")
+    assert_one_line_error(*run_cli(capsys, tmp_path / "flat.pth", tmp_path / "flat")[::2],
+                          "flat.pth: holds epoch (int) beside its tensors")
 
 
 def test_entry_point_exits_nonzero_without_traceback(tmp_path):

@@ -116,13 +116,19 @@ def test_bad_inputs_reported_and_run_continues(tmp_path, synthetic_slides):
     # all tissue but smaller than the smallest piece kept: said so, not "no tissue" (plant: the
     # old message -> fails)
     make_aperio_slide(str(slides / "small.svs"), (200, 200), levels=(1,))
+    # a greyscale (fluorescence-like) TIFF: named as colourless, not "no tissue" (plant: no
+    # colour check in process_slide -> fails)
+    from tests.fixtures_slides import grey_tiff
+
+    grey_tiff(str(slides / "grey.tif"))
     out = tmp_path / "out"
     assert _run(["--slides", str(slides), "--out", str(out), "--region", str(REGION)]) == 1
     with open(out / "manifest.json") as f:
         items = json.load(f)["items"]
     assert items["good"]["status"] == "done" and items["good"]["n_regions"] == len(expected_regions())
     reasons = {k: v["error"] for k, v in items.items() if v["status"] == "failed"}
-    assert set(reasons) == {"text", "truncated", "zero", "corrupt", "blank", "nompp", "small"}
+    assert set(reasons) == {"text", "truncated", "zero", "corrupt", "blank", "nompp", "small", "grey"}
+    assert "grey.tif: its pixels have no colour" in reasons["grey"] and "not a brightfield H&E" in reasons["grey"]
     assert "the whole slide is 200 x 200 px at 0.5 um/px, smaller than the smallest tissue piece" in reasons["small"]
     assert "corrupt.svs" in reasons["corrupt"] and "JPEG" in reasons["corrupt"]
     assert not os.path.exists(out / "regions" / "corrupt.array_record")  # no partial shard
@@ -145,6 +151,48 @@ def test_bad_inputs_reported_and_run_continues(tmp_path, synthetic_slides):
                  "--assume-mpp", "0.5"]) == 0
 
 
+def _dies_on_crash_slides(task, out_dir, params):
+    """process_slide, except that the worker process dies on a slide named crash* (what a
+    segfault in the slide reader on a damaged file, or the OOM killer, does to it)."""
+    import signal
+
+    from data_prep.regions import process_slide
+
+    if task.slide_id.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return process_slide(task, out_dir, params)
+
+
+def test_a_worker_that_dies_fails_its_slide_and_the_run_goes_on(tmp_path, synthetic_slides):
+    """A pool worker that died under a slide (a crash in OpenSlide/libtiff, the OOM killer) was
+    replaced by the pool, but imap_unordered waited for that slide's result forever: hipt-prep
+    hung. The slide fails, named, and the others are done. Plant: run_pool back to
+    imap_unordered -> the run never ends (the test's timeout), fails."""
+    import threading
+
+    from data_prep.regions import RegionParams
+    from data_prep.runner import find_slide_files, run_items
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(synthetic_slides["s20"], slides / "good.svs")
+    os.symlink(synthetic_slides["s40"], slides / "crash.svs")
+    tasks = find_slide_files(str(slides))
+    params = RegionParams(region_px=REGION)
+    out = str(tmp_path / "out")
+    manifest = {}
+    run = threading.Thread(target=lambda: manifest.update(run_items(
+        _dies_on_crash_slides, tasks, [t.slide_id for t in tasks], out, "regions", params.to_dict(),
+        (out, params), workers=2)), daemon=True)
+    run.start()
+    run.join(timeout=240)
+    assert not run.is_alive(), "hipt-prep hung on a slide whose worker died"
+    items = manifest["items"]
+    assert items["good"]["status"] == "done" and items["good"]["n_regions"] == len(expected_regions())
+    assert items["crash"]["status"] == "failed"
+    assert "crash.svs: the worker process died while processing it" in items["crash"]["error"]
+
+
 def test_rerun_skips_done_slides(cohort_out, synthetic_slides, capsys):
     slides = os.path.dirname(synthetic_slides["s20"])
     before = {sid: os.path.getmtime(os.path.join(cohort_out, "regions", sid + ".array_record"))
@@ -158,7 +206,18 @@ def test_rerun_skips_done_slides(cohort_out, synthetic_slides, capsys):
 
 def test_cli_bad_folder_exit_2(tmp_path, capsys):
     assert _run(["--slides", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "not a folder or a table of slides (.csv, .tsv, .txt)" in capsys.readouterr().err
+    assert "nope: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "crop.png").write_bytes(b"\x89PNG")
+    assert _run(["--slides", str(tmp_path / "crop.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "crop.png: not a folder, a slide file (.svs" in capsys.readouterr().err
+
+
+def test_one_slide_file_as_slides(tmp_path, synthetic_slides):
+    """--slides takes one slide file too (it was refused as "not a folder or a table of
+    slides"). Plant: no single-file branch -> exit 2, fails."""
+    out = tmp_path / "o"
+    assert _run(["--slides", synthetic_slides["s20"], "--out", str(out), "--region", str(REGION)]) == 0
+    assert len(_shard(str(out), "s20")) == len(expected_regions())
 
 
 def test_csv_input(tmp_path, synthetic_slides):

@@ -60,8 +60,20 @@ def test_open_slide_errors(tmp_path):
     txt.write_text("not a slide")
     empty = tmp_path / "empty.svs"
     empty.write_bytes(b"")
+    from PIL import Image
+
+    crop = tmp_path / "crop.svs"  # a JPEG saved under a slide's extension (plant: no _plain_image)
+    Image.new("RGB", (64, 64), "white").save(crop, format="JPEG")
+    # an MRXS index copied without its data folder (the .mrxs is a JPEG preview: it was "a plain
+    # JPEG image"), a link whose target is gone ("no such file"). Plants: no _mrxs_problem, no
+    # islink case -> the old messages, fail.
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "mirax.mrxs", format="JPEG")
+    os.symlink(tmp_path / "moved" / "x.svs", tmp_path / "link.svs")
     for path, msg in ((txt, "not a slide format"), (empty, "empty file"),
-                      (tmp_path / "missing.svs", "no such file")):
+                      (tmp_path / "missing.svs", "no such file"),
+                      (crop, "a plain JPEG image, not a whole-slide format"),
+                      (tmp_path / "mirax.mrxs", "an MRXS slide without its data folder .*mirax/ \\(Slidedat.ini"),
+                      (tmp_path / "link.svs", "a link to .*moved/x.svs, which does not exist")):
         with pytest.raises(SlideError, match=msg) as e:
             open_slide(str(path))
         assert str(path) in str(e.value)
@@ -82,6 +94,55 @@ def test_truncated_svs_is_called_truncated(real_slide, tmp_path):
         open_slide(str(tmp_path / "bad.svs"))
 
 
+def test_cut_slide_whose_directories_come_first_is_called_truncated(tmp_path):
+    """tifffile (data_prep.synth, libvips too) writes each image directory before its tiles: the
+    first directory survives a cut, and the check above called such a file "an image TIFF that
+    is not a tiled slide, or a damaged or truncated file"; cut near its end OpenSlide's own
+    "Short read" was passed on. The directory chain and tile extents are walked. A stripped
+    TIFF (a plain image export) is named as such. Plant: the first-directory check only ->
+    the generic message, fails."""
+    import tifffile
+
+    from tests.fixtures_slides import real_tissue_pixels
+
+    p = make_aperio_slide(str(tmp_path / "whole.svs"), (1024, 1024), levels=(1, 4))
+    data = open(p, "rb").read()
+    for cut in (2000, len(data) // 2, len(data) - 10):
+        (tmp_path / "cut.svs").write_bytes(data[:cut])
+        with pytest.raises(SlideError, match=rf"cut.svs: truncated TIFF/SVS file: its image directories and "
+                                             rf"data reach byte [\d,]+ but the file has {cut:,} bytes"):
+            open_slide(str(tmp_path / "cut.svs"))
+    strips = str(tmp_path / "strips.tif")
+    tifffile.imwrite(strips, real_tissue_pixels()[:512, :512], photometric="rgb")
+    with pytest.raises(SlideError, match="strips.tif: a stripped \\(untiled\\) TIFF image"):
+        open_slide(strips)
+
+
+def test_thumbnail_of_a_slide_without_pyramid_is_read_in_chunks(tmp_path, monkeypatch):
+    """OpenSlide's get_thumbnail reads the whole best level into one buffer: level 0 for a slide
+    without a pyramid (a tiled TIFF; an OME-TIFF whose levels are SubIFDs), 32 GB for a 100k x
+    80k px slide (hipt-heatmap's slide map). read_thumbnail reads it in bounded chunks and gives
+    the same picture. Plant: back to get_thumbnail -> one read of the whole slide, fails."""
+    from data_prep import slide_io, tissue
+    from data_prep.slide_io import read_thumbnail
+
+    slide = open_slide(tiff_with_mpp(str(tmp_path / "flat.tif"), 0.5, 0.5, side=1024))
+    assert slide.level_count == 1
+    reads = []
+    fast = slide_io._read_bgra_premultiplied
+    monkeypatch.setattr(slide_io, "_read_bgra_premultiplied", lambda s, x, y, lvl, w, h: reads.append(w * h) or
+                        fast(s, x, y, lvl, w, h))
+    monkeypatch.setattr(slide.__class__, "read_region", lambda *a: reads.append(np.inf))  # get_thumbnail's
+    monkeypatch.setattr(tissue, "CHUNK_MASK_PX", 16)  # 16 thumbnail px = 128 level-0 px per chunk side
+    thumb = read_thumbnail(slide, 128)
+    assert thumb.shape == (128, 128, 3) and max(reads) <= 128 * 128 and len(reads) == 64
+    monkeypatch.undo()
+    import cv2
+
+    ref = cv2.resize(_direct(slide._filename, 0, 0, 0, 1024), (128, 128), interpolation=cv2.INTER_AREA)
+    assert np.abs(thumb - ref).max() <= 1  # the 8 x 8 box mean of level 0
+
+
 def test_missing_mpp_needs_assume_mpp(tmp_path):
     p = make_aperio_slide(str(tmp_path / "nompp.svs"), (512, 512), levels=(1,), mpp=None)
     slide = open_slide(p)
@@ -89,6 +150,36 @@ def test_missing_mpp_needs_assume_mpp(tmp_path):
         slide_mpp(slide, path=p)
     assert slide_mpp(slide, assume_mpp=0.25) == 0.25
     assert os.path.getsize(p) > 0
+
+
+def test_ome_tiff_pixel_size_is_read_from_its_ome_xml(tmp_path):
+    """An OME-TIFF states its pixel size in the OME-XML (PhysicalSizeX/Y, unit default um), and
+    OME writers such as tifffile leave the TIFF resolution tags out: OpenSlide reads it as a
+    generic TIFF with no mpp, and the slide was refused as having none. Plant: _metadata_axes
+    without the OME fallback -> "no mpp", fails."""
+    import tifffile
+
+    from tests.fixtures_slides import real_tissue_pixels
+
+    img = np.ascontiguousarray(np.tile(real_tissue_pixels(), (2, 2, 1))[:1024, :1024])
+
+    def ome(name, **meta):
+        path = str(tmp_path / name)
+        tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", ome=True,
+                         metadata=dict(axes="YXS", **meta))
+        return path
+
+    um = ome("um.ome.tif", PhysicalSizeX=0.25, PhysicalSizeY=0.25)
+    nm = ome("nm.ome.tif", PhysicalSizeX=500.0, PhysicalSizeXUnit="nm", PhysicalSizeY=500.0,
+             PhysicalSizeYUnit="nm")
+    assert resolve_mpp(open_slide(um), path=um) == (0.25, "slide property")
+    assert slide_mpp(open_slide(nm)) == pytest.approx(0.5)
+    assert read_region_at_mpp(open_slide(um), 0, 0, 256, 0.5).shape == (256, 256, 3)  # read 512 px, 2:1
+    with pytest.raises(SlideError, match="not square"):  # checked like OpenSlide's mpp
+        resolve_mpp(open_slide(ome("aniso.ome.tif", PhysicalSizeX=0.25, PhysicalSizeY=0.5)))
+    bare = ome("bare.ome.tif")  # no pixel size stated: still "no mpp"
+    with pytest.raises(SlideError, match="bare.ome.tif: slide has no mpp"):
+        resolve_mpp(open_slide(bare), path=bare)
 
 
 def test_non_integer_scale_resamples(tmp_path):

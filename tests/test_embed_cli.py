@@ -234,3 +234,21 @@ def test_damaged_tile_is_one_line_exit_2(tmp_path, capsys):
                        "--out", tmp_path / "e.npz")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"hipt-embed: error: {slide}: cannot read its pixels (512 x 512 px at level 0 from level-0 (0, 0))" in err
+
+
+def test_greyscale_slide_region_is_refused(tmp_path):
+    """A greyscale (fluorescence-like) slide was read as grey RGB and embedded by the H&E model,
+    exit 0 (flags.read_region: hipt-embed's and hipt-heatmap's --slide). Refused, naming it;
+    an H&E region with a few grey pixels is not. Plant: no colour check -> no error, fails."""
+    import argparse
+
+    from data_prep.synth import make_aperio_slide
+    from hipt_jax.cli.flags import UsageError, read_region
+    from tests.fixtures_slides import grey_tiff
+
+    args = argparse.Namespace(image=None, slide=grey_tiff(str(tmp_path / "grey.tif")), x=0, y=0, size=512,
+                              target_mpp=0.5, assume_mpp=None)
+    with pytest.raises(UsageError, match="grey.tif: its pixels have no colour .* not a brightfield H&E slide"):
+        read_region(args)
+    he = make_aperio_slide(str(tmp_path / "he.svs"), (600, 600), mag=20, levels=(1,))
+    assert read_region(argparse.Namespace(**dict(vars(args), slide=he))).shape == (512, 512, 3)

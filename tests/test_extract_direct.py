@@ -15,7 +15,7 @@ from data_prep.synth import REAL_SLIDE, make_aperio_slide
 from hipt_jax import extraction
 from hipt_jax.cli.extract import main as extract_main
 from hipt_jax.models.hipt4k import HIPT4K
-from tests.fixtures_slides import damage_tile
+from tests.fixtures_slides import damage_tile, grey_tiff
 
 SID = "cmu_small_region"
 SIZE = 512
@@ -202,6 +202,45 @@ def test_damaged_tile_fails_its_slide_and_the_cohort_goes_on(model, extractor, t
     assert man["slides"]["b_good"]["status"] == "done"
     bad = man["slides"]["a_bad"]
     assert bad["status"] == "failed" and "a_bad.svs: cannot read its pixels" in bad["error"], bad
+
+
+def test_a_greyscale_slide_fails_and_the_cohort_goes_on(model, extractor, tmp_path):
+    """A greyscale (or fluorescence) slide with CLAM/TRIDENT coordinates was embedded as grey RGB
+    by an H&E model, exit 0. It fails, named; the H&E slide beside it is done. Plant: no
+    colour check in embed_slide_direct -> done, fails."""
+    from data_prep.coords import coords_path, write_coords
+
+    slides = {"a_grey": grey_tiff(str(tmp_path / "a_grey.tif")),
+              "b_he": make_aperio_slide(str(tmp_path / "b_he.svs"), (1024, 1024), levels=(1,), seed=1)}
+    for sid in slides:
+        write_coords(coords_path(str(tmp_path), sid), [(0, 0), (512, 512)], slide_id=sid, region_px=SIZE,
+                     read_px=SIZE, slide_mpp=0.5, target_mpp=0.5, width=1024, height=1024)
+    man = _direct(model, extractor, slides, str(tmp_path / "coords"), str(tmp_path / "emb"))
+    assert man["slides"]["b_he"]["status"] == "done"
+    grey = man["slides"]["a_grey"]
+    assert grey["status"] == "failed" and "a_grey.tif: its pixels have no colour" in grey["error"], grey
+
+
+def test_a_slide_without_mpp_is_read_at_the_mpp_its_coordinates_were_cut_with(model, extractor, tmp_path):
+    """hipt-prep coords --assume-mpp 0.5 on a slide without mpp, then hipt-extract: without
+    --assume-mpp the failure now names the value the coordinates were cut with, and another
+    --assume-mpp (0.25) is named as the cause; it said "give matching --size/--target-mpp",
+    which were right. Plant: the old extent message alone -> fails."""
+    from data_prep.coords import coords_path, write_coords
+
+    slides = {"nompp": make_aperio_slide(str(tmp_path / "nompp.svs"), (1024, 1024), levels=(1,), mpp=None)}
+    write_coords(coords_path(str(tmp_path), "nompp"), [(0, 0)], slide_id="nompp", region_px=SIZE, read_px=SIZE,
+                 slide_mpp=0.5, target_mpp=0.5, width=1024, height=1024, mpp_source="assumed")
+    for assume, needle in ((None, "made with --assume-mpp 0.5"),
+                           (0.25, "read at 0.5 um/px (assumed), but this run reads it at 0.25 um/px (assumed: "
+                                  "--assume-mpp); give --assume-mpp 0.5")):
+        man = extraction.extract_cohort_direct(model, slides, str(tmp_path / "coords"), str(tmp_path / f"e{assume}"),
+                                               region_px=SIZE, assume_mpp=assume, show_progress=False,
+                                               extractor=extractor)
+        assert needle in man["slides"]["nompp"]["error"], man["slides"]["nompp"]
+    man = extraction.extract_cohort_direct(model, slides, str(tmp_path / "coords"), str(tmp_path / "ok"),
+                                           region_px=SIZE, assume_mpp=0.5, show_progress=False, extractor=extractor)
+    assert man["slides"]["nompp"]["status"] == "done"
 
 
 def test_a_coords_file_changed_in_place_fails_its_slide_until_hipt_prep_redoes_it(model, extractor, prepared,

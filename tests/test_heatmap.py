@@ -295,6 +295,68 @@ def test_cli_never_writes_over_its_input_image(tiny_model, tissue, tmp_path, cap
     assert named.read_bytes() == before and not (tmp_path / "x_region.png").exists()
 
 
+def test_a_run_stopped_while_writing_its_maps_is_rerun(tiny_model, tissue, tmp_path, capsys, monkeypatch):
+    """A run stopped half-way through its maps (Ctrl-C, SIGTERM, SIGKILL) left files of its
+    --name and no listing naming them: the rerun refused them as the user's (exit 2), so the
+    stopped job could not be resumed. The listing marks the name unfinished before the first
+    map, and the rerun replaces (and removes as stale) what the stopped run wrote. Plant: no
+    mark_unfinished -> the rerun exits 2, fails."""
+    from hipt_jax.cli import flags
+    from hipt_jax.cli.heatmap import main
+    from hipt_jax.heatmap import render
+
+    monkeypatch.setattr(flags, "load_hipt4k", lambda args: tiny_model)
+    image = tmp_path / "region.png"
+    Image.fromarray(tissue[:256, :256]).save(image)
+    out = tmp_path / "out"
+    argv = ["--random-init", "tiny", "--image", str(image), "--out", str(out), "--scale", "16",
+            "--shifts", "none", "--shifts256", "none", "--no-progress"]
+    save_png, calls = render.save_png, []
+
+    def stopped_after_three(path, picture):
+        calls.append(path)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return save_png(path, picture)
+
+    monkeypatch.setattr(render, "save_png", stopped_after_three)
+    assert main(argv) == 130
+    assert len([f for f in os.listdir(out) if f.endswith(".png")]) == 3
+    monkeypatch.setattr(render, "save_png", save_png)
+    capsys.readouterr()
+    assert main(argv + ["--blends", "none"]) == 0, capsys.readouterr().err
+    listing = json.loads((out / "heatmap_outputs.json").read_text())
+    assert "unfinished" not in listing and set(os.listdir(out)) == set(listing["by_name"]["region"]) | {
+        "heatmap_outputs.json"}
+
+
+def test_another_input_of_the_same_file_name_does_not_replace_the_maps(tiny_model, tissue, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Maps are named after the input's file name: a/s1 then b/s1 (the same stem in two
+    folders, as in many cohorts) into one --out replaced the first input's maps with the
+    second's, exit 0. The listing records each name's input (file name and size); another
+    input under a name taken from its file name is refused before any work, and --name gives
+    it its own maps. Plant: no _check_same_input -> exit 0, fails."""
+    from hipt_jax.cli import flags
+    from hipt_jax.cli.heatmap import main
+
+    monkeypatch.setattr(flags, "load_hipt4k", lambda args: tiny_model)
+    for folder, crop in (("a", tissue[:256, :256]), ("b", tissue[256:512, 256:512])):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(crop).save(tmp_path / folder / "s1.png")
+    argv = ["--random-init", "tiny", "--out", str(tmp_path / "out"), "--scale", "16", "--blends", "none",
+            "--shifts", "none", "--shifts256", "none", "--no-progress"]
+    assert main(argv + ["--image", str(tmp_path / "a" / "s1.png")]) == 0
+    first = (tmp_path / "out" / "s1_region.png").read_bytes()
+    assert main(argv + ["--image", str(tmp_path / "a" / "s1.png")]) == 0  # a rerun replaces its own
+    capsys.readouterr()
+    assert main(argv + ["--image", str(tmp_path / "b" / "s1.png")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the maps s1_* of another input file named s1.png" in err and "give --name" in err, err
+    assert (tmp_path / "out" / "s1_region.png").read_bytes() == first
+    assert main(argv + ["--image", str(tmp_path / "b" / "s1.png"), "--name", "s1_b"]) == 0
+
+
 def test_slide_map_refuses_another_slide_of_the_same_name(tmp_path, capsys):
     """The bag is looked up by the slide's file name, so another file of that name (a re-scan,
     another cohort) got this bag's scores painted on it, exit 0. Checked against what the bag's

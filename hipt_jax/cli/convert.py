@@ -15,6 +15,7 @@ import sys
 from hipt_jax.cli import flags
 
 PROG = "hipt-convert"
+WEIGHT_FILE_EXTENSIONS = frozenset((".safetensors", ".bin", ".ckpt", ".msgpack", ".pkl"))
 
 
 def build_parser() -> flags.Parser:
@@ -41,6 +42,12 @@ def _run(args) -> int:
         _check_to_torch(args)
         flags.check_output_file(args.dst, need)
     else:
+        ext = os.path.splitext(args.dst.rstrip("/\\"))[1].lower()
+        if not os.path.exists(args.dst) and ext in flags.FILE_EXTENSIONS | WEIGHT_FILE_EXTENSIONS:
+            # it made a directory named like a weights file, which the user then looked for a file in
+            raise flags.UsageError(f"{args.dst}: names a {ext} file, but hipt-convert writes a directory "
+                                   "(arch.json + Orbax state; --vit256/--vit4k take it as it is); give a "
+                                   "directory name (--to-torch writes a .pth)")
         flags.check_output_dir(os.path.dirname(os.path.abspath(args.dst)), need)
     if args.to_torch:
         info = to_torch(args.src, args.dst)

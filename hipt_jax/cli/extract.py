@@ -34,7 +34,7 @@ def build_parser() -> flags.Parser:
                    help="hipt-prep regions output folder (with regions/)")
     d = p.add_argument_group("direct reads (instead of --shards)")
     d.add_argument("--slides", default=None, type=flags.path_arg,
-                   help="folder of slides (recursive) or CSV with path[,slide_id]")
+                   help="folder of slides (recursive), CSV with path[,slide_id], or one slide file")
     d.add_argument("--coords", default=None, type=flags.path_arg,
                    help="folder of h5 coordinate files (hipt-prep coords, TRIDENT or CLAM), searched recursively")
     d.add_argument("--allow-upsample", action="store_true", help="accept slides coarser than --target-mpp")

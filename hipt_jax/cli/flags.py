@@ -919,7 +919,8 @@ def read_region(args):
                   "regions the ViT-4K was trained on (a whole slide goes to --slide with --x/--y, or hipt-extract)",
                   file=sys.stderr)
     else:
-        from data_prep.slide_io import check_upsample, read_region_geometry, region_geometry, resolve_mpp
+        from data_prep.slide_io import (check_upsample, colour_counts, colourless_problem, read_region_geometry,
+                                        region_geometry, resolve_mpp)
 
         if args.x is None or args.y is None:
             raise UsageError("--slide needs --x and --y (level-0 top-left of the region)")
@@ -935,6 +936,9 @@ def read_region(args):
         geom = region_geometry(slide, mpp, args.size, args.target_mpp)
         _note_outside(args.slide, slide, args.x, args.y, geom.read_px)
         region = read_region_geometry(slide, args.x, args.y, geom)
+        grey = colourless_problem(colour_counts(region, step=4), args.slide)  # OpenSlide serves it as grey RGB
+        if grey:
+            raise UsageError(grey)
     if min(region.shape[:2]) < 256:
         raise UsageError(f"{args.image or args.slide}: region is {region.shape[0]}x{region.shape[1]} px; "
                          "a region needs >= 256 px per side")

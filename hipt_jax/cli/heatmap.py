@@ -136,6 +136,8 @@ def run_region(args) -> dict:
     t0 = time.perf_counter()
     maps = compute_region_heatmaps(model, region, scale=args.scale, shifts256=args.shifts256,
                                    shifts4k=args.shifts, progress=not args.no_progress)
+    os.makedirs(args.out, exist_ok=True)
+    mark_unfinished(args.out, name, input_of(args))
     written = write_region_heatmaps(maps, args.out, name, alpha=args.alpha, cmap=args.cmap,
                                     blends=args.blends, blend_weighting=args.blend_weighting)
     _remove_stale_maps(args.out, name, written, listed_outputs(args.out, name))
@@ -322,6 +324,7 @@ def run_slide(args) -> tuple[dict, str]:
     picture = with_legend(picture, args.cmap, meaning)  # below the thumbnail: its pixels unchanged
     os.makedirs(args.out, exist_ok=True)
     name = output_name(args, slide_mode=True)
+    mark_unfinished(args.out, name, input_of(args))
     path = save_png(os.path.join(args.out, f"{name}_slide_attention.png"), picture)
     scores_path = _save_region_scores(os.path.join(args.out, f"{name}_region_scores.npz"), coords,
                                       region_scores, region_px)
@@ -400,6 +403,8 @@ LISTING = "heatmap_outputs.json"
 SIGNATURES = (("{name}_scores.npz", "{name}_contact_sheet.png"),
               ("{name}_slide_attention.png", "{name}_region_scores.npz"))
 EARLIER = "earlier"  # in the listing: outputs of a version from before "by_name" (_earlier_outputs)
+UNFINISHED = "unfinished"  # in the listing: --names whose run was stopped while writing (mark_unfinished)
+INPUTS = "inputs"  # in the listing: --name -> the input file its last run read (name and size)
 
 
 def output_name(args, *, slide_mode: bool) -> str:
@@ -430,7 +435,7 @@ def _own_listing(path: str) -> bool:
     by_name, earlier = data.get("by_name", {}), data.get(EARLIER, {})
     return isinstance(by_name, dict) and all(_paths(v) for v in by_name.values()) and \
         isinstance(earlier, dict) and all(_paths(v) for v in earlier.values()) and all(
-            _paths(v) for k, v in data.items() if k not in ("by_name", "colors", EARLIER))
+            _paths(v) for k, v in data.items() if k not in ("by_name", "colors", EARLIER, INPUTS))  # UNFINISHED: names
 
 
 def _read_listing(out: str) -> dict:
@@ -485,7 +490,42 @@ def listed_outputs(out: str, name: str) -> set:
     what a rerun may replace or remove as stale."""
     data = _read_listing(out)
     return set(data.get("by_name", {}).get(name, ())) | {
-        f for f in _earlier_outputs(out, data)["listed"] if _of_name(f, name)}
+        f for f in _earlier_outputs(out, data)["listed"] if _of_name(f, name)} | _unfinished_outputs(out, data, name)
+
+
+def _unfinished_outputs(out: str, data: dict, name: str) -> set:
+    """Every file named like an output of ``name`` when a run of that name was stopped while
+    writing (its listing was never written): before it wrote, check_targets had refused any
+    such file that was not a listed output, so they are all runs' of this name."""
+    if name not in data.get(UNFINISHED, ()) or not os.path.isdir(out):
+        return set()
+    return {f for f in os.listdir(out) if _of_name(f, name)}
+
+
+def mark_unfinished(out: str, name: str, source: dict) -> None:
+    """Just before a run writes its maps: record in the listing that ``name`` is being written,
+    so that files of a run stopped half-way (Ctrl-C, SIGKILL, a full disk) are replaced by its
+    rerun; they were refused as the user's, and the killed job could not be rerun."""
+    _write_listing(out, name, None, None, source)
+
+
+def input_of(args) -> dict:
+    """What the listing records of a run's input (--image or --slide): its file name and size."""
+    from data_prep.shards import input_identity
+
+    return input_identity(args.image or args.slide)
+
+
+def _check_same_input(args, name: str) -> None:
+    """A name taken from the input's file name (no --name) whose maps in --out were made from
+    another file of that name (a/s1.svs, then b/s1.svs): they were replaced, exit 0."""
+    recorded = _read_listing(args.out).get(INPUTS, {}).get(name)
+    here = input_of(args)
+    if args.name is None and isinstance(recorded, dict) and recorded != here:
+        raise flags.UsageError(
+            f"{args.out}: holds the maps {name}_* of another input file named {recorded.get('name')} "
+            f"({recorded.get('bytes')} bytes; this run's {args.image or args.slide} has {here['bytes']}): "
+            "another slide with the same file name? give --name, or another --out")
 
 
 def own_outputs(out: str, name: str) -> set:
@@ -495,18 +535,42 @@ def own_outputs(out: str, name: str) -> set:
         f for f in _earlier_outputs(out, _read_listing(out))["recognised"] if _of_name(f, name)}
 
 
-def write_listing(out: str, name: str, written: dict, colors: dict) -> None:
+def write_listing(out: str, name: str, written: dict, colors: dict, source: dict | None = None) -> None:
     """heatmap_outputs.json: this run's files by kind (as before), what the colours mean, for
     every --name the files its last run wrote (what a rerun may replace or remove), and the
     outputs of an older version no name claims yet (EARLIER), while they exist."""
+    import glob
+
+    _write_listing(out, name, written, colors, source)
+    for tmp in glob.glob(os.path.join(glob.escape(out), glob.escape(name) + "_*.tmp-*")):
+        os.remove(tmp)  # a stopped run's temporary files (outputs.atomic_path)
+
+
+def _write_listing(out: str, name: str, written: dict | None, colors: dict | None, source: dict | None) -> None:
+    """write_listing, or with ``written`` None mark_unfinished (the last run's files and
+    colours kept as they are)."""
     from hipt_jax.outputs import write_json
 
     data = _read_listing(out)
     earlier = _earlier_outputs(out, data)
     by_name = dict(data.get("by_name", {}))
-    by_name[name] = sorted(os.path.basename(p) for paths in written.values() for p in paths)
-    record = dict(written, colors=colors, by_name=by_name)
-    left = {k: sorted(f for f in v if f not in by_name[name] and os.path.exists(os.path.join(out, f)))
+    unfinished = set(data.get(UNFINISHED, ()))
+    if written is None:
+        unfinished.add(name)
+        record = {k: v for k, v in data.items() if k not in ("by_name", EARLIER, UNFINISHED, INPUTS)}
+        taken = set(by_name.get(name, ()))
+    else:
+        unfinished.discard(name)
+        by_name[name] = sorted(os.path.basename(p) for paths in written.values() for p in paths)
+        record = dict(written, colors=colors)
+        taken = set(by_name[name])
+    record["by_name"] = by_name
+    inputs = dict(data.get(INPUTS) or {}, **({name: source} if source is not None else {}))
+    if inputs:
+        record[INPUTS] = inputs
+    if unfinished:
+        record[UNFINISHED] = sorted(unfinished)
+    left = {k: sorted(f for f in v if f not in taken and os.path.exists(os.path.join(out, f)))
             for k, v in earlier.items()}
     if any(left.values()):
         record[EARLIER] = left
@@ -524,6 +588,7 @@ def check_targets(args, *, slide_mode: bool) -> None:
     from hipt_jax import outputs
 
     name = output_name(args, slide_mode=slide_mode)
+    _check_same_input(args, name)
     templates = SLIDE_OUTPUTS if slide_mode else REGION_OUTPUTS
     patterns = [t.format(name=glob.escape(name)) for t in templates] + [LISTING]
     inputs = {"--image": args.image, "--slide": args.slide, "--region-scores": args.region_scores,
@@ -586,7 +651,7 @@ def _run(args) -> int:
     check_targets(args, slide_mode=slide_mode)
     written, meaning = run_slide(args) if slide_mode else (run_region(args), "")
     write_listing(args.out, output_name(args, slide_mode=slide_mode), written,
-                  colors_meaning(args.cmap, slide_mode, meaning))
+                  colors_meaning(args.cmap, slide_mode, meaning), input_of(args))
     return flags.EXIT_OK
 
 

@@ -43,7 +43,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 def _add_selection_flags(r: argparse.ArgumentParser) -> None:
     """Which regions of which slides: shared by `regions` and `coords` (one selection)."""
     r.add_argument("--slides", required=True, type=flags.path_arg,
-                   help="folder of slides (recursive) or CSV with path[,slide_id]")
+                   help="folder of slides (recursive), CSV with path[,slide_id], or one slide file")
     r.add_argument("--out", required=True, type=flags.path_arg)
     flags.add_region_flags(r, size_flag="--region", mpp_tolerance=True)
     r.add_argument("--allow-upsample", action="store_true",

@@ -233,20 +233,47 @@ def _sniff(path: str) -> None:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ARCH_FILE)):  # hipt-convert's own output given back to it
+            raise CheckpointError(f"{path}: is a converted checkpoint already (it has {ARCH_FILE}), not a .pth; "
+                                  "it loads as it is (--vit256/--vit4k), and --to-torch turns it back into a .pth")
         raise CheckpointError(f"{path}: is a directory without {ARCH_FILE} (not a converted checkpoint)")
     size = os.path.getsize(path)
     if size == 0:
         raise CheckpointError(f"{path}: empty file")
     with open(path, "rb") as f:
         head = f.read(512)
-    if head[:2] == b"PK" or head[:1] == b"\x80" or _is_safetensors(head, size):
-        return  # zip-format torch.save, a legacy pickle, or safetensors (read_pth)
-    try:
-        head.decode("utf-8")
-        kind = "a text file"
-    except UnicodeDecodeError:
-        kind = "an unknown binary format"
+    if head[:2] == b"PK":
+        _sniff_zip(path)
+        return  # zip-format torch.save (read_pth)
+    if head[:1] == b"\x80" or _is_safetensors(head, size):
+        return  # a legacy pickle, or safetensors (read_pth)
+    if head[:8] == b"\x89HDF\r\n\x1a\n":
+        kind = "an HDF5 file (a CLAM/TRIDENT feature bag, or Keras weights?)"
+    else:
+        try:
+            head.decode("utf-8")
+            kind = "a text file"
+        except UnicodeDecodeError:
+            kind = "an unknown binary format"
     raise CheckpointError(f"{path}: not a PyTorch checkpoint (looks like {kind})")
+
+
+def _sniff_zip(path: str) -> None:
+    """A zip that is not torch.save's (every torch.save zip holds ``<name>/data.pkl``): a NumPy
+    .npz (saved JAX/Flax weights, an embeddings bag) got torch's "[enforce fail at
+    inline_container.cc:180]"."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # torch.load's own error names it as truncated or corrupt
+    if names and not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        npz = all(n.endswith(".npy") for n in names)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: "
+                              + (f"a NumPy .npz archive ({short_list(sorted(names))})" if npz else
+                                 f"a zip archive without torch.save's data.pkl ({short_list(sorted(names))})"))
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
@@ -410,6 +437,19 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
         # command says which network it took.
         state, container = (obj[wrapped[0]], wrapped[0]) if wrapped else (obj, None)
         ignored = wrapped[1:]
+        if not wrapped and not _is_state_dict(obj):
+            # A trainer's own name for it ({"net": ..., "optimizer": ..., "epoch": ...}): the one
+            # entry that is a state dict of tensors is the network (an optimizer's is not).
+            found = [k for k, v in obj.items() if _is_state_dict(v)]
+            if len(found) > 1:
+                raise CheckpointError(f"{source}: holds several state dicts ({short_list(sorted(map(str, found)))}); "
+                                      "save the network to convert on its own (torch.save(ckpt[KEY], FILE))")
+            if found:
+                state, container = obj[found[0]], found[0]
+            elif any(hasattr(v, "shape") for v in obj.values()):  # tensors beside other entries
+                other = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not hasattr(v, "shape")]
+                raise CheckpointError(f"{source}: holds {short_list(other)} beside its tensors; save the "
+                                      "network's state_dict() alone")
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{source}: '{container or 'file'}' is not a state dict of tensors "
                               f"(keys: {short_list(sorted(map(str, state)) if isinstance(state, dict) else [])})")
@@ -453,6 +493,11 @@ def split_reference_state(obj: dict, which: str = "teacher", source: str = "") -
 # "backbone.", Lightning modules "model.", encoder-decoder and SSL wrappers "encoder.".
 _STATE_CONTAINERS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "encoder.")
+
+
+def _is_state_dict(value) -> bool:
+    """A non-empty dict of tensors (arrays)."""
+    return isinstance(value, dict) and bool(value) and all(hasattr(v, "shape") for v in value.values())
 
 
 def _strip_wrappers(key: str) -> tuple[str, str]:
