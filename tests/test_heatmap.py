@@ -463,6 +463,11 @@ def test_region_scores_file_is_checked_against_itself_and_the_slide(tmp_path):
         "nan.npz": ("1 score(s) are NaN", dict(coords=np.zeros((2, 2)), scores=np.array([0.1, np.nan]), region_px=512)),
         "other.npz": ("2 of 3 region(s) lie outside the slide (2220 x 2967",
                       dict(coords=np.array([[0, 0], [50000, 0], [0, 60000]]), scores=np.ones(3), region_px=512)),
+        # coordinates as fractions of the slide, or NaN: painted in the top-left corner, exit 0
+        "fractions.npz": ("2 of 2 coordinate pair(s) are not whole level-0 pixels, e.g. [0.25, 0.5]",
+                          dict(coords=np.array([[0.25, 0.5], [0.5, 0.75]]), scores=np.ones(2), region_px=512)),
+        "nan_xy.npz": ("1 of 2 coordinate pair(s)", dict(coords=np.array([[0, 0], [np.nan, 0]]), scores=np.ones(2),
+                                                          region_px=512)),
     }
     for name, (needle, arrays) in cases.items():
         if arrays is not None:
@@ -473,6 +478,8 @@ def test_region_scores_file_is_checked_against_itself_and_the_slide(tmp_path):
     # an edge region reaching past the slide is fine
     np.savez(tmp_path / "ok.npz", coords=np.array([[2048, 2560]]), scores=np.ones(1), region_px=1024)
     assert len(_file_scores(str(tmp_path / "ok.npz"), dims)[0]) == 1
+    np.savez(tmp_path / "floats.npz", coords=np.array([[2048.0, 0.0]]), scores=np.ones(1), region_px=1024)
+    assert len(_file_scores(str(tmp_path / "floats.npz"), dims)[0]) == 1  # whole pixels stored as floats
 
 
 

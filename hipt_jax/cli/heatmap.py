@@ -180,6 +180,11 @@ def _file_scores(path: str, slide_dims: tuple[int, int]):
         raise ValueError(f"{path}: region_px={region_px}: expected a positive region side in level-0 pixels")
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{path}: {int(np.sum(~np.isfinite(scores)))} score(s) are NaN or infinite")
+    bad = ~np.isfinite(coords).all(axis=1) | (coords != np.round(coords)).any(axis=1) if coords.size else []
+    if np.any(bad):  # 0-1 fractions or another level's scaled positions would paint the wrong place
+        raise ValueError(f"{path}: {int(np.sum(bad))} of {len(coords)} coordinate pair(s) are not whole level-0 "
+                         f"pixels, e.g. {coords[bad][0].tolist()}: expected each region's top-left corner in "
+                         "level-0 pixels")
     width, height = slide_dims
     off = (coords[:, 0] >= width) | (coords[:, 1] >= height) | (coords + region_px <= 0).any(axis=1)
     if off.any():
