@@ -38,7 +38,7 @@ def find_slide_files(slides: str) -> list[SlideTask]:
     or one slide file.
 
     DICOM slides are folders of .dcm files: one task per folder, named after the folder.
-    CSV paths are relative to the CSV's folder.
+    CSV paths are relative to the CSV's folder; a leading ~ is the home folder.
     """
     if os.path.isdir(slides):
         found, dicom_dirs = [], set()
@@ -63,6 +63,7 @@ def find_slide_files(slides: str) -> list[SlideTask]:
             path, given_id = (row["path"] or "").strip(), (row.get("slide_id") or "").strip()
             if not path:
                 raise InputError(f"{slides}: line {n} has an empty path")
+            path = os.path.expanduser(path)  # "~/slides/x.svs", as a flag would take it
             p = path if os.path.isabs(path) else os.path.join(base, path)
             sid = given_id or os.path.splitext(os.path.basename(p))[0]
             if given_id and (re.search(r"[/\\]", sid) or sid.strip() in (".", "..")):

@@ -227,7 +227,7 @@ def test_csv_input(tmp_path, synthetic_slides):
     assert len(_shard(str(tmp_path / "o"), "case_A")) == len(expected_regions())
 
 
-def test_find_slide_files_folder_dicom_and_duplicates(tmp_path):
+def test_find_slide_files_folder_dicom_and_duplicates(tmp_path, monkeypatch):
     from data_prep.runner import InputError, find_slide_files
 
     (tmp_path / "a").mkdir()
@@ -243,6 +243,13 @@ def test_find_slide_files_folder_dicom_and_duplicates(tmp_path):
     (tmp_path / "b" / "x.ndpi").write_bytes(b"")
     with pytest.raises(InputError, match="'x' used by both"):
         find_slide_files(str(tmp_path))
+    home = tmp_path / "home"
+    (home / "slides").mkdir(parents=True)
+    (home / "slides" / "h.svs").write_bytes(b"")
+    (tmp_path / "list.csv").write_text("path\n~/slides/h.svs\nb/x.ndpi\n")
+    monkeypatch.setenv("HOME", str(home))  # ~ was joined to the CSV's folder: ".../~/slides/h.svs: no such file"
+    assert [t.path for t in find_slide_files(str(tmp_path / "list.csv"))] == [
+        str(home / "slides" / "h.svs"), str(tmp_path / "b" / "x.ndpi")]
     bad_csv = tmp_path / "s.csv"
     bad_csv.write_text("file\nx.svs\n")
     with pytest.raises(InputError, match="needs a 'path' column"):
