@@ -290,21 +290,6 @@ class _Call:
         return self.fn(item, *self.args)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie the pool has not reaped yet does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _lost_item(item) -> dict:
     """The failure record of an item whose worker process died under it (no status written)."""
     sid = getattr(item, "slide_id", item if isinstance(item, str) else None)
@@ -330,7 +315,9 @@ def _pool_results(pool, fn, items: Sequence, args: tuple, started) -> Iterator:
         for i in done:
             running.pop(i, None)
             yield pending.pop(i).get()
-        lost = [i for i, pid in running.items() if i in pending and not _alive(pid)]
+        # The pool's live workers (active_children reaps the dead ones, zombies included).
+        alive = {p.pid for p in multiprocessing.active_children()}
+        lost = [i for i, pid in running.items() if i in pending and pid not in alive]
         for i in lost:
             running.pop(i)
             if pending.pop(i).ready():  # it finished as its worker exited
