@@ -90,6 +90,29 @@ def write_embedding(emb_dir: str, slide_id: str, features_cls256: np.ndarray) ->
         coords=np.zeros((m, 2), np.int64)), made_by=MADE_BY)
 
 
+def zero_padded_cohort(emb_dir: str, n: int) -> list[dict]:
+    """Bags 001..009, then 100, 110, ... (ids with and without leading zeros), two classes; the
+    label rows as a spreadsheet would save them: the zeros lost ('1' for bag 001)."""
+    rng, rows = np.random.default_rng(0), []
+    for i in range(1, n + 1):
+        sid = f"{i:03d}" if i < 10 else str(i * 10)
+        write_embedding(emb_dir, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
+        rows.append({"slide_id": str(int(sid)), "label": "ab"[i % 2]})
+    return rows
+
+
+def padded_id_cohort(root, n: int) -> tuple[str, list[str], str]:
+    """Bags 001..n (two classes, learnable) in ROOT/emb and their labels, zeros kept, in
+    ROOT/labels.csv -> (emb, ids, labels): for split files that lose the zeros."""
+    rng, emb = np.random.default_rng(0), os.path.join(str(root), "emb")
+    ids = [f"{i:03d}" for i in range(1, n + 1)]
+    for i, sid in enumerate(ids):
+        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
+    labels = write_labels(os.path.join(str(root), "labels.csv"), [{"slide_id": s, "label": "ab"[i % 2]}
+                                                                   for i, s in enumerate(ids)])
+    return emb, ids, labels
+
+
 def make_feature_cohort(emb_dir: str, n_items: int, n_classes: int = 2, grid: int = 2,
                         regions=(2, 6), signal: float = 1.0, seed: int = 0,
                         classes: np.ndarray | None = None) -> np.ndarray:

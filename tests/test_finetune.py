@@ -687,14 +687,10 @@ def test_numeric_ids_that_lost_their_leading_zeros_are_refused_before_any_work(t
     extracted" and the run went on without them. Plant: no check_leading_zeros in _extracted ->
     the run trains (here: no error raised)."""
     from hipt_jax.evaluation.cohort import CohortError
-    from tests.synthetic_cohort import write_embedding
+    from tests.synthetic_cohort import zero_padded_cohort
 
-    rng = np.random.default_rng(0)
-    emb, rows = str(tmp_path / "emb"), []
-    for i in range(1, 13):
-        sid = f"{i:03d}" if i < 10 else str(i * 10)
-        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
-        rows.append({"slide_id": str(int(sid)), "label": "ab"[i % 2]})
+    emb = str(tmp_path / "emb")
+    rows = zero_padded_cohort(emb, 12)
     c = _subtyping_config(emb, write_labels(str(tmp_path / "labels.csv"), rows), splits="kfold:2", epochs=1)
     c.model.name = "abmil"
     with pytest.raises(CohortError, match=r"slide_id '1' has no bag but '001' .* lost their leading zeros"):
@@ -707,14 +703,9 @@ def test_split_ids_that_lost_their_leading_zeros_are_refused_before_any_work(tmp
     "not in the labels" and the folds trained without them. Plant: no check_split_leading_zeros
     call in plan_folds -> the run trains (here: no error raised)."""
     from hipt_jax.evaluation.cohort import CohortError
-    from tests.synthetic_cohort import write_embedding
+    from tests.synthetic_cohort import padded_id_cohort
 
-    rng = np.random.default_rng(0)
-    emb, ids = str(tmp_path / "emb"), [f"{i:03d}" for i in range(1, 13)]
-    for i, sid in enumerate(ids):
-        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
-    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": s, "label": "ab"[i % 2]}
-                                                         for i, s in enumerate(ids)])
+    emb, ids, labels = padded_id_cohort(tmp_path, 12)
     _write_splits(tmp_path / "splits", [(["1", "2", "3", *ids[3:8]], [], ids[8:])])
     c = _subtyping_config(emb, labels, splits=str(tmp_path / "splits"), epochs=1)
     c.model.name = "abmil"

@@ -252,14 +252,10 @@ def test_numeric_ids_that_lost_their_leading_zeros_are_refused(tmp_path, capsys)
     """Labels saved through a spreadsheet turn slide ids 001..009 into 1..9: those slides were
     skipped as "not extracted" (and their bags as "unlabelled") and the KNN ran, exit 0, on the
     rest. Plant: no cohort.check_leading_zeros call -> exit 0."""
-    from tests.synthetic_cohort import write_embedding
+    from tests.synthetic_cohort import zero_padded_cohort
 
-    rng = np.random.default_rng(0)
-    emb, rows = str(tmp_path / "emb"), []
-    for i in range(1, 17):
-        sid = f"{i:03d}" if i < 10 else str(i * 10)
-        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
-        rows.append({"slide_id": str(int(sid)), "label": "ab"[i % 2]})
+    emb = str(tmp_path / "emb")
+    rows = zero_padded_cohort(emb, 16)
     labels = write_labels(str(tmp_path / "labels.csv"), rows)
     assert knn_cli.main(["--embeddings", emb, "--labels", labels, "--splits", "kfold:2",
                          "--out", str(tmp_path / "k.json")]) == 2
@@ -272,14 +268,9 @@ def test_split_ids_that_lost_their_leading_zeros_are_refused(tmp_path, capsys):
     ids: those were skipped as "not in the labels CSV" and the KNN ran, exit 0, on the rest.
     An id that is simply unknown is still skipped. Plant: no check_split_leading_zeros call in
     plan_folds -> exit 0."""
-    from tests.synthetic_cohort import write_embedding
+    from tests.synthetic_cohort import padded_id_cohort
 
-    rng = np.random.default_rng(0)
-    emb, ids = str(tmp_path / "emb"), [f"{i:03d}" for i in range(1, 13)]
-    for i, sid in enumerate(ids):
-        write_embedding(emb, sid, (rng.normal(size=(2, 4, 384)) + i % 2).astype(np.float32))
-    labels = write_labels(str(tmp_path / "labels.csv"), [{"slide_id": s, "label": "ab"[i % 2]}
-                                                         for i, s in enumerate(ids)])
+    emb, ids, labels = padded_id_cohort(tmp_path, 12)
 
     def run(train_ids, name):
         splits = tmp_path / name
