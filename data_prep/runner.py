@@ -20,10 +20,10 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from data_prep import csv_table
+from data_prep import crash_record, csv_table
 from data_prep.regions import SlideTask, status_path
 from data_prep.shards import (MANIFEST, current_sha256, input_identity, package_versions, safe_slide_id,
-                              walk_visible, write_run_manifest)
+                              walk_visible, write_json_atomic, write_run_manifest)
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
                     ".svslide", ".dcm")
@@ -290,16 +290,42 @@ class _Call:
         return self.fn(item, *self.args)
 
 
-def _lost_item(item) -> dict:
-    """The failure record of an item whose worker process died under it (no status written)."""
-    sid = getattr(item, "slide_id", item if isinstance(item, str) else None)
+def _item_id(item) -> str | None:
+    return getattr(item, "slide_id", item if isinstance(item, str) else None)
+
+
+def _record_source(item) -> dict | None:
+    """What a crash record of ``item`` was made from: its slide file's identity (None for the
+    items derived from region shards, whose records are then not compared)."""
+    return input_identity(item.path) if getattr(item, "path", None) else None
+
+
+class _Watched:
+    """Picklable fn(item, *args) under a crash record (data_prep.crash_record): a native crash
+    while the item is read leaves OUT/status/<id>.crash, so the next run skips that slide
+    instead of dying on it again."""
+
+    def __init__(self, fn, status_dir: str):
+        self.fn, self.status_dir = fn, status_dir
+
+    def __call__(self, item, *args):
+        with crash_record.watch(self.status_dir, _item_id(item), _record_source(item)):
+            return self.fn(item, *args)
+
+
+def _lost_item(item, status_dir: str | None = None) -> dict:
+    """The failure record of an item whose worker process died under it (no status written);
+    the fatal error its crash record caught, when it caught one."""
+    sid = _item_id(item)
     path = getattr(item, "path", None)
+    crash = crash_record.earlier(status_dir, sid, _record_source(item)) if status_dir and sid else None
+    how = (f"{crash.fatal.removeprefix(crash_record.FATAL).strip()}" if crash and crash.fatal else
+           "a crash in the slide reader on a damaged file, or killed for lack of memory")
     return dict(slide_id=sid, path=path, status="failed", n_regions=0,
-                error=f"{path or sid}: the worker process died while processing it (a crash in the slide "
-                      "reader on a damaged file, or killed for lack of memory); the other items went on")
+                error=f"{path or sid}: the worker process died while processing it ({how}); the other items went on")
 
 
-def _pool_results(pool, fn, items: Sequence, args: tuple, started) -> Iterator:
+def _pool_results(pool, fn, items: Sequence, args: tuple, started, status_dir: str | None = None) -> Iterator:
     """fn(item, *args) of every item on ``pool``, in completion order. A worker that dies under
     an item (a segfault in OpenSlide/libtiff on a damaged slide, the OOM killer) is replaced by
     the pool, but its item's result never comes: imap_unordered waited for it forever. That
@@ -322,15 +348,16 @@ def _pool_results(pool, fn, items: Sequence, args: tuple, started) -> Iterator:
             running.pop(i)
             if pending.pop(i).ready():  # it finished as its worker exited
                 continue
-            yield _lost_item(items[i])
+            yield _lost_item(items[i], status_dir)
         if not done and not lost:
             time.sleep(0.05)
 
 
 def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str,
-             on_result: Callable[[dict], None] | None = None) -> list[dict]:
+             on_result: Callable[[dict], None] | None = None, status_dir: str | None = None) -> list[dict]:
     """fn(item, *args) over items on `workers` spawn processes (inline if workers == 1); an
-    item whose worker process dies fails (``_pool_results``) and the rest go on."""
+    item whose worker process dies fails (``_pool_results``, naming the fatal error of its
+    crash record in ``status_dir``) and the rest go on."""
     results = []
     # tqdm reads TQDM_DISABLE (set by --no-progress) when it is imported, so in this process the
     # variable is honoured here; the spawned workers import tqdm after it is set.
@@ -344,7 +371,7 @@ def run_pool(fn: Callable, items: Sequence, args: tuple, workers: int, desc: str
         ctx = multiprocessing.get_context("spawn")
         started = ctx.SimpleQueue()
         pool = ctx.Pool(workers, initializer=_init_worker, initargs=(started,))
-        it = _pool_results(pool, fn, items, args, started)
+        it = _pool_results(pool, fn, items, args, started, status_dir)
     try:
         for res in it:
             results.append(res)
@@ -534,6 +561,30 @@ class _StopLogFilter(logging.Filter):
         return not (record.exc_info and stop_inside(record.exc_info[1]))
 
 
+def _skip_crashed(out_dir: str, todo: list, redo: bool) -> list:
+    """``todo`` without the slides the reader crashed on in an earlier run (crash_record): each
+    is recorded failed, naming the record to delete to retry, instead of killing this run too
+    where slides are read in the main process. Items an earlier run was killed on, or died on
+    elsewhere, are read again (said on stderr); ``redo`` reads every one again."""
+    status_dir = os.path.join(out_dir, "status")
+    kept = []
+    for item, item_id in todo:
+        crash = crash_record.earlier(status_dir, item_id, _record_source(item))
+        if crash is not None and crash.blames_slide and not redo:
+            name = getattr(item, "path", None) or item_id
+            write_json_atomic(status_path(out_dir, item_id), dict(
+                slide_id=item_id, path=getattr(item, "path", None), status="failed", n_regions=0,
+                error=crash_record.failure(name, crash)))
+            continue
+        if crash is not None:
+            print(crash_record.retrying(item_id, crash) if not crash.blames_slide else
+                  f"{item_id}: the slide reader crashed on it in an earlier run; reading it again (--redo)",
+                  file=sys.stderr)
+            crash_record.clear(status_dir, item_id)
+        kept.append((item, item_id))
+    return kept
+
+
 def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, kind: str,
               params: dict, fn_args: tuple, workers: int = 1, runner: str = "pool",
               beam_args: Sequence[str] = (), redo: bool = False,
@@ -545,7 +596,8 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
     among ``ids`` (its slide failed or was removed on a hipt-prep rerun) is removed, named."""
     if runner != "pool":
         check_beam_args(beam_args)  # before anything is written or retired
-    os.makedirs(os.path.join(out_dir, "status"), exist_ok=True)
+    status_dir = os.path.join(out_dir, "status")
+    os.makedirs(status_dir, exist_ok=True)
     check_params(out_dir, kind, params)
     clean_stale_tmp(out_dir)
     if drop_orphans:
@@ -558,6 +610,7 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
     for _, item_id in todo:
         retire_output(out_dir, item_id)
     skipped = len(items) - len(todo)
+    todo = _skip_crashed(out_dir, todo, redo)
     if skipped:
         print(f"{kind}: {skipped} of {len(items)} already done in {out_dir}, skipping them")
     rebuild_manifest(out_dir, kind, params, ids)
@@ -573,10 +626,11 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
                     rebuild_manifest(out_dir, kind, params, ids)
                     last[0] = time.time()
 
-            results = run_pool(fn, todo_items, fn_args, workers, kind, checkpoint)
+            results = run_pool(_Watched(fn, status_dir), todo_items, fn_args, workers, kind, checkpoint,
+                               status_dir=status_dir)
             returned = {r.get("slide_id"): r for r in results}
         else:
-            run_beam(fn, todo_items, fn_args, runner, beam_args)
+            run_beam(_Watched(fn, status_dir), todo_items, fn_args, runner, beam_args)
     return rebuild_manifest(out_dir, kind, params, ids, returned)
 
 

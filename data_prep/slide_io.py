@@ -223,7 +223,7 @@ def resolve_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None,
     if not axes:
         if assume_mpp is not None:
             return float(assume_mpp), "assumed"
-        raise SlideError(_NO_MPP.format(name=name))
+        raise SlideError(_no_mpp(slide, name))
     problem = _axes_problem(slide, axes)
     if problem is None:
         mpp = _metadata_mpp(slide, name)
@@ -247,11 +247,8 @@ def _warn_magnification_contradicts(slide: openslide.OpenSlide, mpp: float, name
     """A header saying AppMag 10 with MPP 0.25 is read at 0.25 um/px (40x): the mpp is what
     the pixels are measured in, but a user reading the header as 10x should hear that, once
     per slide (a command reads a slide's mpp more than once)."""
-    try:
-        power = float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, "nan"))
-    except ValueError:
-        return
-    if not (np.isfinite(power) and power > 0) or name in _WARNED_MAGNIFICATION:
+    power = _objective_power(slide)
+    if power is None or name in _WARNED_MAGNIFICATION:
         return
     ratio = (10.0 / power) / mpp
     if max(ratio, 1.0 / ratio) < MAGNIFICATION_MISMATCH:
@@ -302,6 +299,28 @@ def check_upsample(mpp: float, target_mpp: float, tolerance: float = DEFAULT_MPP
 
 _NO_MPP = ("{name}: slide has no mpp in its metadata; pass --assume-mpp (e.g. 0.25 for 40x, "
            "0.5 for 20x)")
+
+
+def _objective_power(slide: openslide.OpenSlide) -> float | None:
+    try:
+        power = float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, "nan"))
+    except ValueError:
+        return None
+    return power if np.isfinite(power) and power > 0 else None
+
+
+def _no_mpp(slide: openslide.OpenSlide, name: str) -> str:
+    """The refusal of a slide without a pixel size. An objective power in its header is named
+    with the mpp it usually means, but not used: the pixel size follows the camera and its
+    adapter as much as the objective (20x objectives give 0.24-0.50 um/px across scanners),
+    and a wrong guess would embed every region at the wrong scale without a word."""
+    power = _objective_power(slide)
+    if power is None:
+        return _NO_MPP.format(name=name)
+    return (f"{name}: slide has no mpp in its metadata, only an objective power ({power:g}x), which does "
+            f"not fix the pixel size (it depends on the scanner's camera as much as its objective); pass "
+            f"--assume-mpp with your scanner's pixel size at {power:g}x (10/{power:g} = {10 / power:g} um/px "
+            "on many scanners)")
 
 
 def _metadata_axes(slide: openslide.OpenSlide) -> dict[str, float]:
@@ -382,7 +401,7 @@ def slide_mpp(slide: openslide.OpenSlide, assume_mpp: float | None = None, path:
         return mpp
     if assume_mpp is not None:
         return float(assume_mpp)
-    raise SlideError(_NO_MPP.format(name=name))
+    raise SlideError(_no_mpp(slide, name))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -465,7 +465,7 @@ def _same_extraction(bag: str, made_by: Optional[dict]) -> bool:
 def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor: Extractor,
                     fmt: str, store_dtype: str, params: dict, show_progress: bool,
                     source_of: Callable[[str], dict] = lambda slide_id: {},
-                    made_by: Optional[dict] = None) -> dict:
+                    made_by: Optional[dict] = None, name_of: Callable[[str], str] = str) -> dict:
     """The per-slide loop shared by the shard path and the direct path.
 
     ``embed_one(slide_id, progress) -> (arrays, coordinate attributes)`` embeds one slide. In a
@@ -474,7 +474,11 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     merges all of them, so the manifest (written by process 0) has every slide's status,
     including other processes' failures. A slide whose bag already exists is not redone.
     Every bag written carries ``made_by`` (``_made_by``), which the manifest records too.
+    Each slide is embedded under a crash record (data_prep.crash_record): a slide whose reading
+    crashed an earlier run (a segfault in OpenSlide on a damaged file) fails, named by
+    ``name_of(slide_id)``, instead of being read again and ending this run as well.
     """
+    from data_prep import crash_record
     from data_prep.slide_io import SlideError
 
     os.makedirs(os.path.join(out_dir, bags.SLIDES), exist_ok=True)
@@ -488,12 +492,19 @@ def _extract_slides(out_dir: str, slide_ids: list[str], embed_one, *, extractor:
     n_regions = 0
     t0 = time.time()
     bar = tqdm(total=None, unit="region", desc="extract", disable=not show_progress, dynamic_ncols=True)
+    status_dir = os.path.join(out_dir, STATUS)
     for slide_id in (s for s in mine if s not in done):
         bar.set_postfix_str(slide_id)
         try:
-            arrays, attrs = embed_one(slide_id, bar)
-            arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
             source = source_of(slide_id)
+            crash = crash_record.earlier(status_dir, slide_id, source)
+            if crash is not None and crash.blames_slide:  # reading it would kill this run too
+                raise ExtractError(crash_record.failure(name_of(slide_id), crash))
+            if crash is not None:
+                print(f"hipt-extract: {crash_record.retrying(slide_id, crash)}", file=sys.stderr)
+            with crash_record.watch(status_dir, slide_id, source):
+                arrays, attrs = embed_one(slide_id, bar)
+            arrays["features_cls256"] = arrays["features_cls256"].astype(store_dtype)
             bags.write_source(bags.write_bag(out_dir, slide_id, arrays, fmt, attrs=attrs, made_by=made_by), source)
         except (ValueError, SlideError) as e:  # ExtractError, ShardError, BagError, bad pixels:
             status[slide_id] = {"status": "failed", "error": str(e)}  # the slide fails, the run goes on
@@ -605,6 +616,8 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
                                                                  region_shards[slide_id]), bar)
 
     def source_of(slide_id):  # the shard's checksum as hipt-prep recorded it (no re-hash)
+        if slide_id not in region_shards:  # lost: embed_one names it
+            return {}
         path = region_shards[slide_id]
         sha = _read_json(shards.shard_status_path(path)).get("sha256")
         return {"shard": os.path.basename(path), "sha256": sha or f"{os.path.getsize(path)} bytes"}
@@ -789,4 +802,4 @@ def extract_cohort_direct(model, slides: dict[str, str], coords_dir: str, out_di
     return _extract_slides(out_dir, sorted(slides), embed_one, extractor=extractor, fmt=fmt,
                            store_dtype=store_dtype, params=dict(params or {}, direct=True),
                            show_progress=show_progress, source_of=source_of,
-                           made_by=_made_by(fingerprint, region_px, target_mpp))
+                           made_by=_made_by(fingerprint, region_px, target_mpp), name_of=slides.__getitem__)

@@ -144,10 +144,15 @@ def test_thumbnail_of_a_slide_without_pyramid_is_read_in_chunks(tmp_path, monkey
 
 
 def test_missing_mpp_needs_assume_mpp(tmp_path):
+    """No mpp: refused, never guessed. A header with an objective power (AppMag 20) but no mpp
+    gets that power named with the mpp it usually means, still not used. Plant: resolve_mpp
+    with the generic hint -> "objective power (20x)" is missing, fails."""
     p = make_aperio_slide(str(tmp_path / "nompp.svs"), (512, 512), levels=(1,), mpp=None)
     slide = open_slide(p)
     with pytest.raises(SlideError, match="--assume-mpp"):
         slide_mpp(slide, path=p)
+    with pytest.raises(SlideError, match=r"nompp.svs: slide has no mpp .* objective power \(20x\).* 0.5 um/px"):
+        resolve_mpp(slide, path=p)
     assert slide_mpp(slide, assume_mpp=0.25) == 0.25
     assert os.path.getsize(p) > 0
 
