@@ -43,7 +43,15 @@ def _run(tmp_path, command, argv):
     script = tmp_path / "crashing_reader.py"
     script.write_text(CRASHING_READER)
     return subprocess.run([sys.executable, str(script), command] + [str(a) for a in argv], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600,
+                          preexec_fn=_no_core_file)
+
+
+def _no_core_file():
+    """The planted segfaults must not leave core files (in ROOT, on machines that keep them)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _cohort(tmp_path):
