@@ -15,7 +15,9 @@ record is removed when the item ends in any Python way (done, failed, interrupte
   reported failed and not read again (the message names the record to delete to retry);
 - no fatal error: that run was killed while on the item (``kill -9``, the out-of-memory
   killer, a scheduler's time limit), which says nothing about the slide: it is read again;
-- a fatal error elsewhere (the model, a bug): also read again, said on stderr;
+- a fatal error elsewhere (the model, a bug), or while other items were read by threads of
+  the same process (Beam's multi-threaded runner: whose slide it was is unknown): also read
+  again, said on stderr;
 - a record made from other input (the slide was replaced since): dropped, read again.
 """
 from __future__ import annotations
@@ -35,8 +37,10 @@ FATAL = "Fatal Python error:"
 # A crashing thread whose stack passes through these files was reading the slide.
 READER_FILES = (os.sep + os.path.join("openslide", ""), os.path.join("data_prep", "slide_io.py"))
 
+SHARED = "# shared:"  # in a record: other items were read in this process meanwhile
+
 _lock = threading.Lock()
-_active = [False]  # faulthandler has one file per process: one watch at a time
+_holder: list = [None]  # the open record of the watch in progress (faulthandler has one file)
 
 
 def record_path(status_dir: str, item_id: str) -> str:
@@ -59,37 +63,41 @@ class Earlier:
 @contextlib.contextmanager
 def watch(status_dir: str, item_id: str, source=None) -> Iterator[None]:
     """Record a native crash while the body runs (see the module docstring). Never stops the
-    work: when the record cannot be written, or another thread of this process holds the
-    watch, the body runs unwatched."""
+    work: when the record cannot be written the body runs unwatched. Items read at the same
+    time by threads of one process (Beam's multi-threaded runner) share faulthandler's one
+    file: the second runs unwatched and marks the first's record shared, so a crash then is
+    blamed on no slide (``earlier``)."""
+    f, previous = None, faulthandler.is_enabled()
     with _lock:
-        taken = not _active[0]
-        _active[0] = True
-    f = None
-    if taken:
-        try:
-            os.makedirs(status_dir, exist_ok=True)
-            f = open(record_path(status_dir, item_id), "w")
-            f.write(json.dumps({"item": item_id, "source": source, "pid": os.getpid()}) + "\n")
-            f.flush()
-        except OSError:
-            f = None
-    previous = faulthandler.is_enabled()
-    if f is not None:
-        faulthandler.enable(file=f, all_threads=True)
+        holder = _holder[0]
+        if holder is not None:
+            with contextlib.suppress(OSError, ValueError):
+                holder.write(f"{SHARED} {item_id} was read in this process too\n")
+                holder.flush()
+        else:
+            try:
+                os.makedirs(status_dir, exist_ok=True)
+                f = open(record_path(status_dir, item_id), "w")
+                f.write(json.dumps({"item": item_id, "source": source, "pid": os.getpid()}) + "\n")
+                f.flush()
+            except OSError:
+                f = None
+            _holder[0] = f
+            if f is not None:
+                faulthandler.enable(file=f, all_threads=True)
     try:
         yield
     finally:
         if f is not None:
-            faulthandler.disable()
-            if previous:  # as it was (pytest's, python -X faulthandler): on stderr
-                with contextlib.suppress(Exception):
-                    faulthandler.enable(file=sys.__stderr__, all_threads=True)
-            f.close()
+            with _lock:
+                faulthandler.disable()
+                if previous:  # as it was (pytest's, python -X faulthandler): on stderr
+                    with contextlib.suppress(Exception):
+                        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+                _holder[0] = None
+                f.close()
             with contextlib.suppress(OSError):
                 os.remove(record_path(status_dir, item_id))
-        if taken:
-            with _lock:
-                _active[0] = False
 
 
 def _crashing_stack(lines: list[str]) -> list[str]:
@@ -130,6 +138,8 @@ def earlier(status_dir: str, item_id: str, source=None) -> Optional[Earlier]:
     lines = rest.splitlines()
     fatal = next((ln.strip() for ln in lines if ln.startswith(FATAL)), None)
     stack = _crashing_stack(lines) if fatal else []
+    if any(ln.startswith(SHARED) for ln in lines):  # the crashing thread may have read another item
+        stack = [frame for frame in stack if not any(part in frame for part in READER_FILES)]
     reader = [frame for frame in stack if any(part in frame for part in READER_FILES)]
     where = (reader or stack or [None])[0]  # the innermost reader frame: what read which slide
     return Earlier(record=path, fatal=fatal, where=where, in_reader=bool(reader))

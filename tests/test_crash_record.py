@@ -184,3 +184,36 @@ def test_what_an_earlier_record_says(tmp_path):
     assert crash_record.earlier(str(tmp_path), "replaced", {"name": "s.svs", "bytes": 11}) is None
     assert not os.path.exists(path)  # dropped: the new file is read
     assert crash_record.earlier(str(tmp_path), "never", src) is None
+
+
+def test_a_record_shared_by_threads_blames_no_slide(tmp_path):
+    """Beam's multi-threaded runner reads several slides at once in one process, and
+    faulthandler has one file: a crash while another item was read too cannot say whose slide
+    it was, so it is read again, not blamed on the record's item. Plants: watch without the
+    shared mark, or ``earlier`` ignoring it -> the crash is blamed on "a", fails."""
+    import threading
+
+    src = {"name": "a.svs", "bytes": 1}
+    inside, release = threading.Event(), threading.Event()
+
+    def first():
+        with crash_record.watch(str(tmp_path), "a", src):
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(10)
+    with crash_record.watch(str(tmp_path), "b", src):  # meanwhile, in another thread
+        record = crash_record.record_path(str(tmp_path), "a")
+        assert not os.path.exists(crash_record.record_path(str(tmp_path), "b"))
+        with open(record) as f:
+            text = f.read()
+    release.set()
+    t.join()
+    assert "b was read in this process too" in text
+    # The crash that record would have caught, dumped below the shared mark:
+    _write(tmp_path, "a", src, text.partition("\n")[2] + IN_READER)
+    crash = crash_record.earlier(str(tmp_path), "a", src)
+    assert crash.fatal and not crash.blames_slide
+    assert not os.listdir(tmp_path) or os.listdir(tmp_path) == ["a.crash"]
