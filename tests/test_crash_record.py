@@ -21,7 +21,8 @@ SIZE = 512
 # Pixel reads segfault on slides whose file name starts with "crash" (what libtiff or libjpeg
 # can do on a damaged tile); then the command given in argv runs as its CLI would.
 CRASHING_READER = """
-import faulthandler, os, sys
+import faulthandler, os, resource, sys
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the planted segfaults leave no core file
 from data_prep import slide_io
 _read = slide_io._read_bgra_premultiplied  # every pixel read goes through it
 def read(slide, *args):
@@ -43,15 +44,7 @@ def _run(tmp_path, command, argv):
     script = tmp_path / "crashing_reader.py"
     script.write_text(CRASHING_READER)
     return subprocess.run([sys.executable, str(script), command] + [str(a) for a in argv], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600,
-                          preexec_fn=_no_core_file)
-
-
-def _no_core_file():
-    """The planted segfaults must not leave core files (in ROOT, on machines that keep them)."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
 
 
 def _cohort(tmp_path):
