@@ -295,8 +295,8 @@ def _item_id(item) -> str | None:
 
 
 def _record_source(item) -> dict | None:
-    """What a crash record of ``item`` was made from: its slide file's identity (None for the
-    items derived from region shards, whose records are then not compared)."""
+    """What ``item`` is made from, as its crash record and (by default) its finished status
+    compare it: its slide file's identity (None for the items derived from region shards)."""
     return input_identity(item.path) if getattr(item, "path", None) else None
 
 
@@ -605,7 +605,7 @@ def run_items(fn: Callable, items: Sequence, ids: Sequence[str], out_dir: str, k
     else:
         _say_earlier_items(out_dir, kind, set(ids))
     if source_of is None:
-        source_of = lambda it: input_identity(it.path) if hasattr(it, "path") else None  # noqa: E731
+        source_of = _record_source
     todo = [(it, i) for it, i in zip(items, ids) if redo or not is_done(out_dir, i, source_of(it))]
     for _, item_id in todo:
         retire_output(out_dir, item_id)
