@@ -124,7 +124,7 @@ def earlier(status_dir: str, item_id: str, source=None) -> Optional[Earlier]:
     try:
         with open(path, errors="replace") as f:
             text = f.read()
-    except (FileNotFoundError, IsADirectoryError):
+    except OSError:  # none, or unreadable: nothing to go on, the item is read
         return None
     head, _, rest = text.partition("\n")
     try:
@@ -138,11 +138,10 @@ def earlier(status_dir: str, item_id: str, source=None) -> Optional[Earlier]:
     lines = rest.splitlines()
     fatal = next((ln.strip() for ln in lines if ln.startswith(FATAL)), None)
     stack = _crashing_stack(lines) if fatal else []
-    if any(ln.startswith(SHARED) for ln in lines):  # the crashing thread may have read another item
-        stack = [frame for frame in stack if not any(part in frame for part in READER_FILES)]
+    shared = any(ln.startswith(SHARED) for ln in lines)  # the crashing thread may have read another item
     reader = [frame for frame in stack if any(part in frame for part in READER_FILES)]
     where = (reader or stack or [None])[0]  # the innermost reader frame: what read which slide
-    return Earlier(record=path, fatal=fatal, where=where, in_reader=bool(reader))
+    return Earlier(record=path, fatal=fatal, where=where, in_reader=bool(reader) and not shared)
 
 
 def _frame(line: str) -> str:
