@@ -64,6 +64,20 @@ def find_annotation_file(folder: str, slide_id: str, slide_path: str = "") -> st
     return None
 
 
+def annotation_identity(path: str | None) -> dict | None:
+    """What says a slide's annotation file is the one its finished regions were selected with:
+    its name and the SHA-256 of its bytes (an edit in QuPath often keeps the size). None when
+    there is no file."""
+    from data_prep.shards import file_sha256
+
+    if path is None:
+        return None
+    try:
+        return {"name": os.path.basename(path), "sha256": file_sha256(path)}
+    except OSError:
+        return None
+
+
 def load_annotations(path: str, include_classes: str = "", exclude_classes: str = "Exclude,Ignore"
                      ) -> Annotations:
     """Polygons of one QuPath GeoJSON file split into inclusions and exclusions."""

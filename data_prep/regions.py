@@ -117,6 +117,19 @@ def _load_slide_annotations(task: SlideTask, params: RegionParams):
         raise SlideError(str(e)) from None
 
 
+def slide_source(task: SlideTask, params: RegionParams) -> dict:
+    """What a slide's finished output is made from, compared on a rerun: the slide file and,
+    with --annotations, its annotation file. An annotation file edited after a run changes the
+    selection, so the slide is redone rather than its old regions reused."""
+    source = input_identity(task.path)
+    if params.annotations:
+        from data_prep.annotations import annotation_identity, find_annotation_file
+
+        path = find_annotation_file(params.annotations, task.slide_id, task.path)
+        source["annotations"] = annotation_identity(path)
+    return source
+
+
 def _qc_thumbnail(slide, tm, max_px: int) -> tuple[np.ndarray, float]:
     """Thumbnail for the QC pictures -> (uint8 [h,w,3], level-0 px per thumbnail px).
 
@@ -262,7 +275,7 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
         else:
             _write_region_shard(slide, task.slide_id, product, geom, kept, params)
         result.update(status="done", n_regions=len(kept), **product_identity(product),
-                      source=input_identity(task.path))
+                      source=slide_source(task, params))
     except SlideError as e:
         result["error"] = str(e)
     except Exception as e:  # a bug or an OpenSlide read error mid-slide: keep the run going

@@ -651,7 +651,7 @@ def prepare_regions(slides: str, out_dir: str, *, workers: int = 1, runner: str 
     out = os.path.abspath(out_dir)
     return run_items(process_slide, tasks, [t.slide_id for t in tasks], out, "regions",
                      region_params.to_dict(), (out, region_params), workers=workers, runner=runner,
-                     beam_args=beam_args, redo=redo)
+                     beam_args=beam_args, redo=redo, source_of=_slide_source(region_params))
 
 
 def prepare_coords(slides: str, out_dir: str, *, workers: int = 1, runner: str = "pool",
@@ -668,4 +668,14 @@ def prepare_coords(slides: str, out_dir: str, *, workers: int = 1, runner: str =
     fn = functools.partial(process_slide, output="coords")
     return run_items(fn, tasks, [t.slide_id for t in tasks], out, "coords",
                      region_params.to_dict(), (out, region_params), workers=workers, runner=runner,
-                     beam_args=beam_args, redo=redo)
+                     beam_args=beam_args, redo=redo, source_of=_slide_source(region_params))
+
+
+def _slide_source(params) -> Callable:
+    """source_of for the slide items of `regions` and `coords`: the slide file and its
+    annotation file (data_prep.regions.slide_source), as process_slide records it."""
+    import functools
+
+    from data_prep.regions import slide_source
+
+    return functools.partial(slide_source, params=params)

@@ -84,6 +84,31 @@ def test_annotations_keep_inside_and_drop_excluded(synthetic_slides, tmp_path):
     assert [tuple(c) for c in read_coords(str(out2 / "coords" / "s20_patches.h5")).coords] == inside[1:]
 
 
+def test_an_edited_annotation_file_redoes_its_slide(synthetic_slides, tmp_path, capsys):
+    """A rerun after the annotation file was edited (same size: only a coordinate changed) redid
+    nothing and kept the regions of the old polygon, exit 0. The file's SHA-256 is part of the
+    slide's source now, so the slide is redone with the new polygon; an unchanged file is still
+    skipped. (Plant: recording and comparing only the slide file's identity -> fails.)"""
+    slides = _one_slide_dir(tmp_path, synthetic_slides["s20"])
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    h = SIZE_20X[0]
+    _geojson(ann / "s20.geojson", [([(0, 0), (3 * REGION, 0), (3 * REGION, h), (0, h)], "Tumor")])
+    out = tmp_path / "out"
+    coords = lambda: [tuple(c) for c in read_coords(str(out / "coords" / "s20_patches.h5")).coords]
+    assert _prep("coords", slides, out, "--annotations", str(ann)) == 0
+    assert coords() == [(x, y) for x, y in expected_regions() if x < 3 * REGION]
+    assert _prep("coords", slides, out, "--annotations", str(ann)) == 0
+    assert "1 of 1 already done" in capsys.readouterr().out
+    text = (ann / "s20.geojson").read_text()
+    edited = text.replace(str(3 * REGION), str(2 * REGION))  # 1536 -> 1024: same length
+    assert edited != text and len(edited) == len(text)
+    (ann / "s20.geojson").write_text(edited)
+    assert _prep("coords", slides, out, "--annotations", str(ann)) == 0
+    assert "already done" not in capsys.readouterr().out
+    assert coords() == [(x, y) for x, y in expected_regions() if x < 2 * REGION]
+
+
 def _tiff_72dpi(path):
     tissue = real_tissue_pixels()
     img = np.ascontiguousarray(np.tile(tissue, (2, 2, 1))[:1024, :1024])  # [1024,1024,3] uint8
