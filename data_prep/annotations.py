@@ -4,7 +4,7 @@ A polygon whose classification name is in the exclude list is an exclusion; ever
 (or, when an include list is given, only those whose class is in it) is an inclusion. A region is
 kept when at least `min_overlap` of its area inside the slide lies in the inclusion polygons
 (all regions qualify when the file has no inclusion polygon) and less than `min_overlap` of it
-lies in the exclusion polygons. Coordinates are level-0 pixels, as QuPath exports them.
+lies in the exclusion polygons. A file with no polygon at all is refused: it would keep every region. Coordinates are level-0 pixels, as QuPath exports them.
 """
 from __future__ import annotations
 
@@ -88,20 +88,45 @@ def load_annotations(path: str, include_classes: str = "", exclude_classes: str 
         raise AnnotationError(f"{path}: cannot read GeoJSON ({e})") from None
     inc_names, exc_names = _names(include_classes), _names(exclude_classes)
     include, exclude = [], []
-    for n, feat in enumerate(_features(doc, path)):
+    features = _features(doc, path)
+    for n, feat in enumerate(features):
         geom = (feat or {}).get("geometry")
-        if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
+        if not geom or geom.get("type") not in ("Polygon", "MultiPolygon", "GeometryCollection"):
             continue  # points, lines: not areas
         try:
-            poly = shapely.make_valid(shape(geom))
+            poly = _area(shapely.make_valid(shape(geom)))
         except Exception as e:
             raise AnnotationError(f"{path}: feature {n}: bad geometry ({e})") from None
+        if poly is None:
+            continue  # a collection of points or lines, or a polygon of no area
         name = _class_name(feat.get("properties")).lower()
         if name in exc_names:
             exclude.append(poly)
         elif not inc_names or name in inc_names:
             include.append(poly)
+    if not include and not exclude:
+        # With no polygon at all every region would qualify: the slide as if unannotated.
+        raise AnnotationError(f"{path}: no area annotation (Polygon or MultiPolygon) among its "
+                              f"{len(features)} feature(s){_geometry_kinds(features)}; without one "
+                              "every region of the slide would be kept")
     return Annotations(path, include, exclude)
+
+
+def _area(geom):
+    """The polygonal part of a valid geometry, None when it has no area. A GeometryCollection
+    (a QuPath ROI of mixed parts, or make_valid's output) counts by its polygons."""
+    parts = [g for g in getattr(geom, "geoms", [geom])
+             if g.geom_type in ("Polygon", "MultiPolygon") and g.area > 0]
+    return shapely.union_all(parts) if parts else None
+
+
+def _geometry_kinds(features: list) -> str:
+    """' (3 Point, 1 LineString)': what the features of a file without areas are."""
+    import collections
+
+    kinds = collections.Counter(
+        str(((f or {}).get("geometry") or {}).get("type") or "no geometry") for f in features)
+    return f" ({', '.join(f'{c} {k}' for k, c in kinds.most_common())})" if kinds else ""
 
 
 def filter_regions(kept: list, read_px: int, slide_wh: tuple[int, int], ann: Annotations,

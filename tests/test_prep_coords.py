@@ -1,12 +1,14 @@
 """hipt-prep coords / --annotations / resolution sanity (synthetic slides, 512 px regions)."""
 import json
 import os
+import re
 
 import h5py
 import numpy as np
 import pytest
 import tifffile
 
+from data_prep.annotations import AnnotationError, load_annotations
 from data_prep.coords import read_coords
 from data_prep.shards import decode_jpeg, read_records
 from data_prep.slide_io import open_slide, read_region_at_mpp
@@ -107,6 +109,44 @@ def test_an_edited_annotation_file_redoes_its_slide(synthetic_slides, tmp_path, 
     assert _prep("coords", slides, out, "--annotations", str(ann)) == 0
     assert "already done" not in capsys.readouterr().out
     assert coords() == [(x, y) for x, y in expected_regions() if x < 2 * REGION]
+
+
+def _square(x0, y0, x1, y1):
+    return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+
+
+def _feature(geometry, cls="Tumor"):
+    return {"type": "Feature", "geometry": geometry,
+            "properties": {"objectType": "annotation", "classification": {"name": cls}}}
+
+
+@pytest.mark.parametrize("features, kinds", [
+    ([], "0 feature(s);"),
+    ([_feature({"type": "Point", "coordinates": [5, 5]})] * 2, "(2 Point)"),
+    ([_feature({"type": "LineString", "coordinates": [[0, 0], [9, 9]]})], "(1 LineString)"),
+    ([_feature(None)], "(1 no geometry)"),
+    ([_feature({"type": "Polygon", "coordinates": [[[0, 0], [9, 9], [0, 0]]]})], "(1 Polygon)"),  # no area
+])
+def test_an_annotation_file_without_any_area_is_refused(tmp_path, features, kinds):
+    """An empty FeatureCollection, or one of points/lines only, gave no inclusion polygon, so
+    every region of the slide was kept, exit 0: the annotation silently ignored. (Plant: no
+    check after the loop -> load_annotations returns, fails.)"""
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with pytest.raises(AnnotationError, match=rf"^{path}: no area annotation .*{re.escape(kinds)}"):
+        load_annotations(str(path))
+
+
+def test_a_geometry_collection_counts_by_its_polygons(tmp_path):
+    """A GeometryCollection feature (QuPath's ROI of mixed parts) was skipped as "not an area",
+    so its polygon restricted nothing. (Plant: accepting only Polygon/MultiPolygon -> refused
+    as a file without areas.)"""
+    path = tmp_path / "s.geojson"
+    collection = {"type": "GeometryCollection",
+                  "geometries": [_square(0, 0, 100, 50), {"type": "Point", "coordinates": [500, 500]}]}
+    path.write_text(json.dumps([_feature(collection)]))
+    ann = load_annotations(str(path))
+    assert len(ann.include) == 1 and ann.include[0].area == 5000 and not ann.exclude
 
 
 def _tiff_72dpi(path):
