@@ -87,7 +87,7 @@ def load_annotations(path: str, include_classes: str = "", exclude_classes: str 
     except (OSError, json.JSONDecodeError) as e:
         raise AnnotationError(f"{path}: cannot read GeoJSON ({e})") from None
     inc_names, exc_names = _names(include_classes), _names(exclude_classes)
-    include, exclude = [], []
+    include, exclude, seen = [], [], set()
     features = _features(doc, path)
     for n, feat in enumerate(features):
         geom = (feat or {}).get("geometry")
@@ -99,16 +99,23 @@ def load_annotations(path: str, include_classes: str = "", exclude_classes: str 
             raise AnnotationError(f"{path}: feature {n}: bad geometry ({e})") from None
         if poly is None:
             continue  # a collection of points or lines, or a polygon of no area
+        seen.add(_class_name(feat.get("properties")))
         name = _class_name(feat.get("properties")).lower()
         if name in exc_names:
             exclude.append(poly)
         elif not inc_names or name in inc_names:
             include.append(poly)
-    if not include and not exclude:
+    if not seen:
         # With no polygon at all every region would qualify: the slide as if unannotated.
         raise AnnotationError(f"{path}: no area annotation (Polygon or MultiPolygon) among its "
                               f"{len(features)} feature(s){_geometry_kinds(features)}; without one "
                               "every region of the slide would be kept")
+    if inc_names and not include:
+        # No inclusion polygon means "the whole slide": with a class list that matches nothing
+        # (a typo, "Tumour" for "Tumor") every region would be kept, the opposite of the intent.
+        found = ", ".join(sorted(repr(n) if n else "unclassified" for n in seen))
+        raise AnnotationError(f"{path}: no polygon of the include classes ({include_classes}, --include-classes); "
+                              f"its polygons are {found} (class names are matched case-insensitively)")
     return Annotations(path, include, exclude)
 
 

@@ -149,6 +149,22 @@ def test_a_geometry_collection_counts_by_its_polygons(tmp_path):
     assert len(ann.include) == 1 and ann.include[0].area == 5000 and not ann.exclude
 
 
+def test_include_classes_that_match_no_polygon_are_refused(tmp_path):
+    """--include-classes Tumour on a file whose polygons are "Tumor": no inclusion polygon, and
+    with none every region qualified, so the whole slide was kept, exit 0. Now the slide fails
+    naming the classes the file has; a matching class (any case) still loads. (Plant: no check
+    -> load_annotations returns an Annotations with no inclusion, fails.)"""
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps([_feature(_square(0, 0, 10, 10), "Tumor"),
+                                _feature(_square(0, 0, 5, 5), "Exclude"),
+                                {"type": "Feature", "geometry": _square(20, 20, 30, 30), "properties": None}]))
+    with pytest.raises(AnnotationError, match=rf"^{path}: no polygon of the include classes \(Tumour, "
+                                              r"--include-classes\); its polygons are 'Exclude', 'Tumor', unclassified"):
+        load_annotations(str(path), include_classes="Tumour")
+    ann = load_annotations(str(path), include_classes="tumor,Stroma")
+    assert len(ann.include) == 1 and len(ann.exclude) == 1
+
+
 def _tiff_72dpi(path):
     tissue = real_tissue_pixels()
     img = np.ascontiguousarray(np.tile(tissue, (2, 2, 1))[:1024, :1024])  # [1024,1024,3] uint8
