@@ -136,6 +136,24 @@ def _geometry_kinds(features: list) -> str:
     return f" ({', '.join(f'{c} {k}' for k, c in kinds.most_common())})" if kinds else ""
 
 
+def check_inside_slide(ann: Annotations, slide_wh: tuple[int, int]) -> None:
+    """Refuse polygons that lie wholly outside the slide: an exclusion there excluded nothing
+    and an inclusion included nothing, without a word. They come from another slide's file or
+    coordinates that are not level-0 pixels (an export at a downsample, or in micrometres)."""
+    w, h = slide_wh
+    slide = box(0, 0, w, h)
+    polys = [(p, "inclusion") for p in ann.include] + [(p, "exclusion") for p in ann.exclude]
+    outside = [(p, kind) for p, kind in polys if p.intersection(slide).area == 0]
+    if outside:
+        p, kind = outside[0]
+        x0, y0, x1, y1 = p.bounds
+        raise AnnotationError(
+            f"{ann.path}: {len(outside)} of {len(polys)} polygon(s) lie entirely outside the slide "
+            f"({w} x {h} level-0 px), e.g. an {kind} at x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f}: "
+            "the annotations of another slide, or coordinates not in level-0 pixels (exported at a "
+            "downsample?)")
+
+
 def filter_regions(kept: list, read_px: int, slide_wh: tuple[int, int], ann: Annotations,
                    min_overlap: float = 0.5) -> list:
     """The (x, y, ...) entries of `kept` whose region passes the inclusion/exclusion rules."""

@@ -102,19 +102,22 @@ def select_regions(slide, params: RegionParams, mpp: float, annotations=None):
     return geom, tm, kept
 
 
-def _load_slide_annotations(task: SlideTask, params: RegionParams):
-    """The slide's Annotations when --annotations is set (SlideError if its file is missing)."""
+def _load_slide_annotations(task: SlideTask, params: RegionParams, slide_wh: tuple[int, int]):
+    """The slide's Annotations when --annotations is set (SlideError if its file is missing or
+    cannot be used for this slide of level-0 size ``slide_wh``)."""
     if not params.annotations:
         return None
-    from data_prep.annotations import AnnotationError, find_annotation_file, load_annotations
+    from data_prep.annotations import AnnotationError, check_inside_slide, find_annotation_file, load_annotations
 
     path = find_annotation_file(params.annotations, task.slide_id, task.path)
     if path is None:
         raise SlideError(f"{task.path}: no annotation file {task.slide_id}.geojson in {params.annotations}")
     try:
-        return load_annotations(path, params.include_classes, params.exclude_classes)
+        annotations = load_annotations(path, params.include_classes, params.exclude_classes)
+        check_inside_slide(annotations, slide_wh)
     except AnnotationError as e:
         raise SlideError(str(e)) from None
+    return annotations
 
 
 def slide_source(task: SlideTask, params: RegionParams) -> dict:
@@ -254,7 +257,7 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
         snapped = snap_scale(params.target_mpp, mpp, params.mpp_tolerance) != params.target_mpp / mpp
         result.update(slide_mpp=mpp, mpp_source=mpp_source + (", snapped" if snapped else ""))
         check_upsample(mpp, params.target_mpp, params.mpp_tolerance, params.allow_upsample, task.path)
-        annotations = _load_slide_annotations(task, params)
+        annotations = _load_slide_annotations(task, params, slide.dimensions)
         geom, tm, kept = select_regions(slide, params, mpp, annotations)
         result.update(width=slide.dimensions[0], height=slide.dimensions[1],
                       level=geom.level, read_px=geom.read_px, mpp=geom.mpp,

@@ -165,6 +165,25 @@ def test_include_classes_that_match_no_polygon_are_refused(tmp_path):
     assert len(ann.include) == 1 and len(ann.exclude) == 1
 
 
+def test_a_polygon_wholly_outside_the_slide_fails_it(synthetic_slides, tmp_path, capsys):
+    """An exclusion polygon in other coordinates (here 4x the slide's: another slide's file, or
+    an export at another scale) lay outside the slide and excluded nothing: every region was
+    kept, exit 0. The slide fails now, naming the file and the polygon. (Plant: no
+    check_inside_slide call -> exit 0, fails.)"""
+    slides = _one_slide_dir(tmp_path, synthetic_slides["s20"])
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    h, w = SIZE_20X
+    (ann / "s20.geojson").write_text(json.dumps([
+        _feature(_square(0, 0, w, h), "Tumor"), _feature(_square(4 * w, 4 * h, 5 * w, 5 * h), "Exclude")]))
+    out = tmp_path / "out"
+    assert _prep("coords", slides, out, "--annotations", str(ann)) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "FAILED" in ln]
+    assert len(err) == 1 and (f"{ann / 's20.geojson'}: 1 of 2 polygon(s) lie entirely outside the slide "
+                              f"({w} x {h} level-0 px), e.g. an exclusion at x {4 * w}-{5 * w}") in err[0], err
+    assert not (out / "coords" / "s20_patches.h5").exists()
+
+
 def _tiff_72dpi(path):
     tissue = real_tissue_pixels()
     img = np.ascontiguousarray(np.tile(tissue, (2, 2, 1))[:1024, :1024])  # [1024,1024,3] uint8
