@@ -53,15 +53,17 @@ def _features(doc, path: str) -> list:
 
 
 def find_annotation_file(folder: str, slide_id: str, slide_path: str = "") -> str | None:
-    """DIR/<slide_id>.geojson (or .json, or <slide file name>.geojson as QuPath names it)."""
+    """DIR/<slide_id>.geojson (or .json, or <slide file name>.geojson as QuPath names it).
+    Two of them is an AnnotationError: which one was meant (an old export beside a new one)
+    cannot be told, and taking the first would select regions with the other one unsaid."""
     names = [slide_id + ".geojson", slide_id + ".json"]
     if slide_path:
         names.append(os.path.basename(slide_path) + ".geojson")
-    for n in names:
-        p = os.path.join(folder, n)
-        if os.path.isfile(p):
-            return p
-    return None
+    found = [p for p in dict.fromkeys(os.path.join(folder, n) for n in names) if os.path.isfile(p)]
+    if len(found) > 1:
+        raise AnnotationError(f"{' and '.join(found)}: two annotation files for slide {slide_id}; "
+                              "keep one")
+    return found[0] if found else None
 
 
 def annotation_identity(path: str | None) -> dict | None:

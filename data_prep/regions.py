@@ -109,10 +109,10 @@ def _load_slide_annotations(task: SlideTask, params: RegionParams, slide_wh: tup
         return None
     from data_prep.annotations import AnnotationError, check_inside_slide, find_annotation_file, load_annotations
 
-    path = find_annotation_file(params.annotations, task.slide_id, task.path)
-    if path is None:
-        raise SlideError(f"{task.path}: no annotation file {task.slide_id}.geojson in {params.annotations}")
     try:
+        path = find_annotation_file(params.annotations, task.slide_id, task.path)
+        if path is None:
+            raise SlideError(f"{task.path}: no annotation file {task.slide_id}.geojson in {params.annotations}")
         annotations = load_annotations(path, params.include_classes, params.exclude_classes)
         check_inside_slide(annotations, slide_wh)
     except AnnotationError as e:
@@ -126,9 +126,12 @@ def slide_source(task: SlideTask, params: RegionParams) -> dict:
     selection, so the slide is redone rather than its old regions reused."""
     source = input_identity(task.path)
     if params.annotations:
-        from data_prep.annotations import annotation_identity, find_annotation_file
+        from data_prep.annotations import AnnotationError, annotation_identity, find_annotation_file
 
-        path = find_annotation_file(params.annotations, task.slide_id, task.path)
+        try:
+            path = find_annotation_file(params.annotations, task.slide_id, task.path)
+        except AnnotationError:
+            path = None  # the slide fails when it is processed, naming the files
         source["annotations"] = annotation_identity(path)
     return source
 

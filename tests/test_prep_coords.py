@@ -184,6 +184,22 @@ def test_a_polygon_wholly_outside_the_slide_fails_it(synthetic_slides, tmp_path,
     assert not (out / "coords" / "s20_patches.h5").exists()
 
 
+def test_two_annotation_files_for_one_slide_fail_it(synthetic_slides, tmp_path, capsys):
+    """<id>.geojson beside QuPath's <file name>.geojson (an old export and a new one): the first
+    name was taken and the other ignored, exit 0. The slide fails naming both. (Plant:
+    find_annotation_file returning the first it finds -> exit 0, fails.)"""
+    slides = _one_slide_dir(tmp_path, synthetic_slides["s20"])
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    h, w = SIZE_20X
+    (ann / "s20.geojson").write_text(json.dumps([_feature(_square(0, 0, w, h))]))
+    (ann / "s20.svs.geojson").write_text(json.dumps([_feature(_square(0, 0, w // 2, h))]))
+    assert _prep("coords", slides, tmp_path / "out", "--annotations", str(ann)) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "FAILED" in ln]
+    assert len(err) == 1 and (f"{ann / 's20.geojson'} and {ann / 's20.svs.geojson'}: two annotation "
+                              "files for slide s20; keep one") in err[0], err
+
+
 def _tiff_72dpi(path):
     tissue = real_tissue_pixels()
     img = np.ascontiguousarray(np.tile(tissue, (2, 2, 1))[:1024, :1024])  # [1024,1024,3] uint8
