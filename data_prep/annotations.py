@@ -96,7 +96,7 @@ def load_annotations(path: str, include_classes: str = "", exclude_classes: str 
         if not geom or geom.get("type") not in ("Polygon", "MultiPolygon", "GeometryCollection"):
             continue  # points, lines: not areas
         try:
-            poly = _area(shapely.make_valid(shape(geom)))
+            poly = _area(_make_valid(shape(geom)))
         except Exception as e:
             raise AnnotationError(f"{path}: feature {n}: bad geometry ({e})") from None
         if poly is None:
@@ -119,6 +119,14 @@ def load_annotations(path: str, include_classes: str = "", exclude_classes: str 
         raise AnnotationError(f"{path}: no polygon of the include classes ({include_classes}, --include-classes); "
                               f"its polygons are {found} (class names are matched case-insensitively)")
     return Annotations(path, include, exclude)
+
+
+def _make_valid(geom):
+    """A valid geometry of what a hand-made polygon means: its shell minus its holes, the parts
+    of a MultiPolygon united. GEOS's default ("linework") rebuilds areas from the edges, so a
+    hole sharing an edge with its shell vanished (its regions were kept) and two overlapping
+    parts of a MultiPolygon lost their overlap (its regions were dropped)."""
+    return shapely.make_valid(geom, method="structure", keep_collapsed=False)
 
 
 def _area(geom):

@@ -200,6 +200,25 @@ def test_two_annotation_files_for_one_slide_fail_it(synthetic_slides, tmp_path, 
                               "files for slide s20; keep one") in err[0], err
 
 
+def test_invalid_polygons_mean_shell_minus_holes(tmp_path):
+    """Hand-made polygons that are not valid GeoJSON are read as their author meant: a hole that
+    shares an edge with its shell (the top half cut out of the slide) was dropped by GEOS's
+    default repair, so the regions in it were kept; two overlapping parts of a MultiPolygon lost
+    their overlap, so those regions were dropped. (Plant: shapely.make_valid's default method
+    -> areas 5200000 and 15000, fails.)"""
+    def ring(x0, y0, x1, y1):
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps([
+        _feature({"type": "Polygon", "coordinates": [ring(0, 0, 2600, 2000), ring(0, 0, 2600, 1024)[::-1]]}),
+        _feature({"type": "MultiPolygon", "coordinates": [[ring(0, 0, 100, 100)], [ring(50, 50, 150, 150)]]},
+                 "Exclude")]))
+    ann = load_annotations(str(path))
+    assert ann.include[0].area == 2600 * (2000 - 1024) and ann.include[0].bounds == (0, 1024, 2600, 2000)
+    assert ann.exclude[0].area == 2 * 100 * 100 - 50 * 50
+
+
 def _tiff_72dpi(path):
     tissue = real_tissue_pixels()
     img = np.ascontiguousarray(np.tile(tissue, (2, 2, 1))[:1024, :1024])  # [1024,1024,3] uint8
