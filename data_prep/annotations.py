@@ -38,7 +38,7 @@ def _names(csv: str) -> set[str]:
 def _class_name(props: dict) -> str:
     cls = (props or {}).get("classification")
     if isinstance(cls, dict):
-        return str(cls.get("name", ""))
+        return str(cls.get("name") or "")  # {"name": null}: unclassified, not "None"
     return str(cls or "")
 
 
@@ -84,14 +84,15 @@ def load_annotations(path: str, include_classes: str = "", exclude_classes: str 
                      ) -> Annotations:
     """Polygons of one QuPath GeoJSON file split into inclusions and exclusions."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # GeoJSON is UTF-8; an editor may add a BOM
             doc = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text (a binary file)
         raise AnnotationError(f"{path}: cannot read GeoJSON ({e})") from None
     inc_names, exc_names = _names(include_classes), _names(exclude_classes)
     include, exclude, seen = [], [], set()
     features = _features(doc, path)
     for n, feat in enumerate(features):
+        _check_feature(feat, n, path)
         geom = (feat or {}).get("geometry")
         if not geom or geom.get("type") not in ("Polygon", "MultiPolygon", "GeometryCollection"):
             continue  # points, lines: not areas
@@ -119,6 +120,19 @@ def load_annotations(path: str, include_classes: str = "", exclude_classes: str 
         raise AnnotationError(f"{path}: no polygon of the include classes ({include_classes}, --include-classes); "
                               f"its polygons are {found} (class names are matched case-insensitively)")
     return Annotations(path, include, exclude)
+
+
+def _check_feature(feat, n: int, path: str) -> None:
+    """A feature's parts must be JSON objects where GeoJSON has them (a string there failed the
+    slide with an AttributeError that named neither the file nor the feature)."""
+    if feat is None:
+        return
+    if not isinstance(feat, dict):
+        raise AnnotationError(f"{path}: feature {n}: not a GeoJSON Feature object ({type(feat).__name__})")
+    for key in ("geometry", "properties"):
+        if feat.get(key) is not None and not isinstance(feat[key], dict):
+            raise AnnotationError(f"{path}: feature {n}: its {key} is not a JSON object "
+                                  f"({type(feat[key]).__name__})")
 
 
 def _make_valid(geom):

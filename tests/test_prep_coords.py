@@ -219,6 +219,35 @@ def test_invalid_polygons_mean_shell_minus_holes(tmp_path):
     assert ann.exclude[0].area == 2 * 100 * 100 - 50 * 50
 
 
+@pytest.mark.parametrize("content, needle", [
+    (b"\xff\xfe\x00 not text", "cannot read GeoJSON ('utf-8' codec can't decode"),
+    (json.dumps(["hello"]).encode(), "feature 0: not a GeoJSON Feature object (str)"),
+    (json.dumps([None, {"type": "Feature", "geometry": "Polygon"}]).encode(),
+     "feature 1: its geometry is not a JSON object (str)"),
+    (json.dumps([{"type": "Feature", "geometry": _square(0, 0, 9, 9), "properties": "Tumor"}]).encode(),
+     "feature 0: its properties is not a JSON object (str)"),
+])
+def test_malformed_annotation_files_are_named(tmp_path, content, needle):
+    """A binary file or a feature that is not an object failed the slide with a
+    UnicodeDecodeError/AttributeError naming the slide, not the annotation file. (Plant: without
+    _check_feature and the ValueError catch -> those errors, fails.)"""
+    path = tmp_path / "s.geojson"
+    path.write_bytes(content)
+    with pytest.raises(AnnotationError, match=rf"^{path}: {re.escape(needle)}"):
+        load_annotations(str(path))
+
+
+def test_an_annotation_file_with_a_bom_and_null_class_name_loads(tmp_path):
+    """UTF-8 with a byte-order mark (a Windows editor's save) is read; {"name": null} is
+    unclassified, not the class "None"."""
+    path = tmp_path / "s.geojson"
+    feats = [_feature(_square(0, 0, 9, 9), None), _feature(_square(0, 0, 5, 5), "Exclude")]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(feats).encode())
+    assert len(load_annotations(str(path)).include) == 1
+    with pytest.raises(AnnotationError, match="its polygons are 'Exclude', unclassified"):
+        load_annotations(str(path), include_classes="None")
+
+
 def _tiff_72dpi(path):
     tissue = real_tissue_pixels()
     img = np.ascontiguousarray(np.tile(tissue, (2, 2, 1))[:1024, :1024])  # [1024,1024,3] uint8
