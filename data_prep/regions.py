@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from data_prep.shards import (REGION, encode_jpeg, input_identity, item_status_path, open_shard_writer,
-                              product_identity, shard_path, write_item_status)
+                              params_digest, product_identity, shard_path, write_item_status)
 from data_prep.slide_io import (DEFAULT_MPP_TOLERANCE, SlideError, check_upsample, colour_counts,
                                 colourless_problem, open_slide, read_region_geometry, region_geometry,
                                 resolve_mpp, snap_scale)
@@ -281,7 +281,7 @@ def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: s
         else:
             _write_region_shard(slide, task.slide_id, product, geom, kept, params)
         result.update(status="done", n_regions=len(kept), **product_identity(product),
-                      source=slide_source(task, params))
+                      source=slide_source(task, params), params_sha256=params_digest(params.to_dict()))
     except SlideError as e:
         result["error"] = str(e)
     except Exception as e:  # a bug or an OpenSlide read error mid-slide: keep the run going

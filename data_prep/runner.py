@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from data_prep import crash_record, csv_table
 from data_prep.regions import SlideTask, status_path
-from data_prep.shards import (MANIFEST, current_sha256, input_identity, package_versions, safe_slide_id,
-                              walk_visible, write_json_atomic, write_run_manifest)
+from data_prep.shards import (MANIFEST, current_sha256, input_identity, package_versions, params_digest,
+                              safe_slide_id, walk_visible, write_json_atomic, write_run_manifest)
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif",
                     ".svslide", ".dcm")
@@ -160,6 +160,7 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
     """Refuse to mix shards made with different parameters in one output folder."""
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
+        _check_finished_params(out_dir, params)
         return
     try:
         with open(path) as f:
@@ -181,6 +182,26 @@ def check_params(out_dir: str, kind: str, params: dict) -> None:
         raise InputError(f"{out_dir}: existing shards were made with different parameters "
                          f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}; {MANIFEST}); "
                          "use a new --out folder")
+
+
+def _check_finished_params(out_dir: str, params: dict) -> None:
+    """With no manifest (deleted, or only regions/ and status/ copied) the finished items were
+    taken as made with this run's parameters and skipped: regions of --min-tissue 0.1 went on
+    under a manifest saying 0.9. Items record a digest of their parameters; refuse when one
+    differs (items without one, from older runs, cannot be checked)."""
+    status_dir = os.path.join(out_dir, "status")
+    if not os.path.isdir(status_dir):
+        return
+    want = params_digest(params)
+    other = []
+    for name in sorted(os.listdir(status_dir)):
+        st = read_status(out_dir, name[:-len(".json")]) if name.endswith(".json") else None
+        if st and st.get("status") == "done" and st.get("params_sha256") not in (None, want):
+            other.append(name[:-len(".json")])
+    if other:
+        raise InputError(f"{out_dir}: {len(other)} finished item(s) ({', '.join(other[:3])}"
+                         f"{' ...' if len(other) > 3 else ''}) were made with other parameters than this "
+                         f"run's ({MANIFEST}, which named them, is missing); use a new --out folder")
 
 
 def _unreadable_manifest(out_dir: str, path: str, problem: str) -> None:

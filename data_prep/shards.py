@@ -440,6 +440,14 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def params_digest(params: dict) -> str:
+    """A short SHA-256 of the run parameters an item was made with (recorded in its status, so
+    that a folder whose manifest is gone still knows them)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def product_identity(path: str) -> dict:
     """What a status record keeps of a finished item's output: its SHA-256, size and mtime. A
     rerun compares size and mtime (cheap), and hashes only when one differs (data_prep.runner)."""

@@ -185,6 +185,27 @@ def test_a_rerun_with_other_parameters_names_what_changed(tmp_path):
         check_params(str(tmp_path), "regions", {})
 
 
+def test_finished_items_made_with_other_parameters_are_refused_without_a_manifest(tmp_path, capsys):
+    """With manifest.json gone (deleted, or only regions/ and status/ copied) a rerun with
+    --min-tissue 0.9 skipped the slide finished at 0.1 and wrote a manifest saying 0.9, exit 0.
+    Each status records a digest of its parameters now: the rerun is refused (exit 2), the same
+    parameters are still resumed. (Plant: check_params returning when there is no manifest ->
+    exit 0, fails.)"""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    make_aperio_slide(str(slides / "s.svs"), (768, 768), mag=20, levels=(1,), tissue=np.ones((3, 3), bool))
+    out = tmp_path / "out"
+    run = lambda *extra: main(["coords", "--slides", str(slides), "--out", str(out), "--region", REGION,
+                               "--workers", "1", "--no-progress", *extra])
+    assert run() == 0
+    os.remove(out / "manifest.json")
+    capsys.readouterr()
+    assert run("--min-tissue", "0.9") == 2
+    assert (f"{out}: 1 finished item(s) (s) were made with other parameters than this run's "
+            "(manifest.json, which named them, is missing)") in capsys.readouterr().err
+    assert run() == 0 and "1 of 1 already done" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("text", ["[1, 2, 3]", "{\n", '{"kind": "regions", "params": [1]}', "\xff\xfe"])
 def test_an_unreadable_prep_manifest_is_named_never_a_traceback(tmp_path, capsys, text):
     """OUT/manifest.json is rebuilt from status/, but only it records the parameters: unreadable
