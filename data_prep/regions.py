@@ -237,9 +237,14 @@ def _no_tissue_reason(path: str, slide, geom, tm, params: RegionParams) -> str:
         return (f"{path}: the whole slide is {width} x {height} px at {geom.mpp:g} um/px, smaller than the "
                 f"smallest tissue piece kept ({side} x {side} px, tissue min_tissue_area): nothing to cut")
     side = round(params.tissue.min_tissue_area ** 0.5)
-    return (f"{path}: no tissue piece of at least {side} x {side} px at {geom.mpp:g} um/px found (HSV "
-            f"saturation threshold {tm.threshold:.0f}, Otsu's; on a crop with no glass around the tissue "
-            "Otsu's threshold splits the tissue itself: see the qc/ mask picture)")
+    found = f"{path}: no tissue piece of at least {side} x {side} px at {geom.mpp:g} um/px found"
+    if tm.threshold <= params.tissue.min_saturation:
+        # The floor decided, not Otsu: naming Otsu sent the user after the wrong cause when the
+        # floor was set too high (nothing is more saturated than 255).
+        return (f"{found} (HSV saturation threshold {tm.threshold:.0f}: the --min-saturation floor, above "
+                "Otsu's; bare glass, or a floor set too high: see the qc/ mask picture)")
+    return (f"{found} (HSV saturation threshold {tm.threshold:.0f}, Otsu's; on a crop with no glass around "
+            "the tissue Otsu's threshold splits the tissue itself: see the qc/ mask picture)")
 
 
 def process_slide(task: SlideTask, out_dir: str, params: RegionParams, output: str = "regions") -> dict:

@@ -270,6 +270,21 @@ def test_tissue_too_small_for_a_region_is_reported(tmp_path):
     assert _run(["--slides", str(slides), "--out", str(tmp_path / "o2"), "--min-tissue", "0.01"]) == 0
 
 
+def test_no_tissue_under_a_saturation_floor_names_the_floor(tmp_path):
+    """--min-saturation 255 (nothing is more saturated) on a slide of tissue: the failure said
+    "threshold 255, Otsu's" and blamed a crop without glass, not the flag. (Plant: the Otsu
+    wording whatever decided -> fails.)"""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    make_aperio_slide(str(slides / "t.svs"), (768, 768), levels=(1,), tissue=np.ones((3, 3), bool))
+    assert main(["coords", "--workers", "1", "--no-progress", "--slides", str(slides), "--out",
+                 str(tmp_path / "o"), "--region", "256", "--min-saturation", "255"]) == 1
+    with open(tmp_path / "o" / "manifest.json") as f:
+        err = json.load(f)["items"]["t"]["error"]
+    assert "HSV saturation threshold 255: the --min-saturation floor, above Otsu's" in err, err
+    assert "Otsu's threshold splits" not in err
+
+
 def test_python_api_matches_cli(cohort_out, synthetic_slides, tmp_path):
     from data_prep.runner import prepare_regions
 
