@@ -64,6 +64,8 @@ def feature_cohort(tmp_path_factory):
     ("prep", ["regions", "--slides", "S", "--out", "{out}", "--assume-mpp", "-0.25"], "--assume-mpp"),
     ("prep", ["regions", "--slides", "S", "--out", "{out}", "--min-tissue", "1.5"], "--min-tissue"),
     ("prep", ["regions", "--slides", "S", "--out", "{out}", "--workers", "0"], "--workers"),
+    ("prep", ["coords", "--slides", "S", "--out", "{out}", "--region", "512", "--mask-px", "512"],
+     "--mask-px 512: tissue-mask pixels of 512 px leave 512 px regions 1 mask px a side"),
     ("prep", ["patches", "--regions", "R", "--out", "{out}", "--jpeg-quality", "0"], "--jpeg-quality"),
     ("embed", ["--random-init", "tiny", "--image", "x.png", "--out", "{out}/o.npz", "--patch-batch", "0"], "--patch-batch"),
     ("extract", ["--random-init", "tiny", "--shards", "S", "--out", "{out}", "--batch-per-device", "0"], "--batch-per-device"),

@@ -26,6 +26,7 @@ RUNNERS = ("pool", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner
            "PortableRunner", "PrismRunner")
 JPEG_QUALITY = flags.int_at_least(1, 100)
 SATURATION = flags.int_at_least(0, 255)  # HSV saturation, 8 bit
+MIN_MASK_PX_PER_REGION = 8  # tissue-mask px along a region side: fractions in steps of 1/64 at worst
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -121,6 +122,12 @@ def _selection_params(args) -> dict:
 
     if args.region < 256 or args.region % 256:
         raise InputError(f"--region {args.region}: must be a positive multiple of 256")
+    if args.mask_px * MIN_MASK_PX_PER_REGION > args.region:
+        # A region of a few mask pixels has no measurable tissue fraction: --mask-px 512 with
+        # --region 512 kept an arbitrary set of regions (blank ones too), exit 0.
+        raise InputError(f"--mask-px {args.mask_px}: tissue-mask pixels of {args.mask_px} px leave "
+                         f"{args.region} px regions {args.region / args.mask_px:g} mask px a side, too coarse "
+                         f"to measure their tissue fraction; use at most {args.region // MIN_MASK_PX_PER_REGION}")
     if args.annotations and not os.path.isdir(args.annotations):
         raise InputError(f"--annotations {args.annotations}: not a folder")
     tissue = TissueParams(mask_px=args.mask_px, median_blur=args.median_blur,
