@@ -601,9 +601,25 @@ def read_bag(out_dir: str, slide_id: str) -> dict[str, np.ndarray]:
     for key in ("features_cls256", "features_cls4k", "features_region"):
         if key in out and len(out[key]) == 0:
             raise BagError(f"{path}: bag of slide {slide_id!r} has no regions ({key} {tuple(out[key].shape)})")
+    _check_region_counts(path, out)
     if "features_cls256" in out:
         out["features_cls256"] = out["features_cls256"].astype(np.float32)
     return out
+
+
+# The arrays with one row per region of the slide (the first axis is the region).
+REGION_KEYS = ("features_cls256", "features_cls4k", "features_region", "coords")
+
+
+def _check_region_counts(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """A bag whose per-region arrays disagree on the number of regions (pieces of two
+    extractions, a hand-edited file) is refused, naming it: a model reads one of them and the
+    attention map is saved beside the coords of another, so each weight lands on some other
+    region of the heatmap (or the map cannot be shaped and the whole run stops)."""
+    counts = {k: len(arrays[k]) for k in REGION_KEYS if k in arrays and np.ndim(arrays[k]) >= 1}
+    if len(set(counts.values())) > 1:
+        said = ", ".join(f"{k} {tuple(arrays[k].shape)}" for k in counts)
+        raise BagError(f"{path}: its arrays disagree on the number of regions ({said}); re-extract this slide")
 
 
 # Which arrays give a slide embedding, best first, and how (see the module docstring).

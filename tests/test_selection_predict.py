@@ -408,3 +408,29 @@ def test_predict_reads_bags_of_cls4k_features_alone(tmp_path, monkeypatch):
     for i, m in enumerate((3, 5)):
         att = np.load(os.path.join(res["attention_dir"], f"s{i}.npz"))
         assert att["attention"].shape == (1, m) and att["coords"].shape == (m, 2)
+
+
+def test_predict_refuses_a_bag_whose_arrays_disagree_on_the_regions(tmp_path, monkeypatch):
+    """A bag whose coords (or features_cls256) have another number of rows than the features the
+    model reads: the attention map was saved beside the wrong coords with exit 0 (each weight
+    painted on another region), or could not be shaped and the whole run stopped on "cannot
+    reshape array" naming no file. Each such bag fails on its own now, named, and the rest are
+    scored. Plant: no bags._check_region_counts in read_bag -> exit 0 / ValueError: fails."""
+    monkeypatch.setattr(predict, "FoldModel", _ConstantFold)
+    run, emb = tmp_path / "run", str(tmp_path / "emb")
+    run.mkdir()
+    json.dump({"task": "subtyping", "class_names": ["0", "1"], "model": "abmil", "folds": [{"fold": 0}],
+               "config": {"data": {}}, "info": {}}, open(run / "results.json", "w"))
+    os.makedirs(run / "fold_0" / "checkpoint")
+    (run / "fold_0" / "checkpoint" / "arch.json").write_text("{}")
+    good = {"features_cls256": np.ones((2, 4, 384), np.float32), "features_cls4k": np.ones((2, 192), np.float32),
+            "coords": np.zeros((2, 2), np.int64)}
+    bags.write_bag(emb, "a_good", good)
+    bags.write_bag(emb, "b_coords", dict(good, coords=np.zeros((5, 2), np.int64)))
+    bags.write_bag(emb, "c_cls256", dict(good, features_cls256=np.ones((4, 4, 384), np.float32)))
+    res = predict.predict_run(str(run), emb, str(tmp_path / "p.csv"), show_progress=False)
+    assert res["n_slides"] == 1 and sorted(res["failed_slides"]) == ["b_coords", "c_cls256"]
+    assert "b_coords.npz: its arrays disagree on the number of regions" in res["failed_slides"]["b_coords"]
+    assert "coords (5, 2)" in res["failed_slides"]["b_coords"]
+    assert "features_cls256 (4, 4, 384)" in res["failed_slides"]["c_cls256"]
+    assert [r["slide_id"] for r in csv.DictReader(open(tmp_path / "p.csv"))] == ["a_good"]
