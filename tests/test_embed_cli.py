@@ -252,3 +252,31 @@ def test_greyscale_slide_region_is_refused(tmp_path):
         read_region(args)
     he = make_aperio_slide(str(tmp_path / "he.svs"), (600, 600), mag=20, levels=(1,))
     assert read_region(argparse.Namespace(**dict(vars(args), slide=he))).shape == (512, 512, 3)
+
+
+def test_greyscale_image_region_is_refused_like_a_greyscale_slide(tmp_path, capsys):
+    """A greyscale --image (an H&E crop saved as grey, or a TIFF whose pages are its R, G and B
+    planes, read as its first page) was copied to grey RGB and embedded with exit 0 and a note,
+    where the same pixels from --slide are refused. Refused now, one line naming the file (the
+    channel stack told how to fix it); the colour original and its palette copy are read.
+    Plant: no _refuse_colourless_image in flags.read_region -> exit 0: fails."""
+    import argparse
+
+    import tifffile
+
+    from hipt_jax.cli.flags import read_region
+    from tests.synthetic_cohort import tissue_crop
+
+    he = tissue_crop(np.random.default_rng(0), 300)
+    Image.fromarray(he).save(tmp_path / "he.png")
+    Image.fromarray(he).convert("L").save(tmp_path / "grey.png")
+    tifffile.imwrite(tmp_path / "planes.tif", np.moveaxis(he, -1, 0), photometric="minisblack")
+    for name, needle in (("grey.png", "grey.png: its pixels have no colour"),
+                         ("planes.tif", "its first page was read, of 3: if they are its colour channels")):
+        code, _, err = run(capsys, "--random-init", "tiny", "--image", tmp_path / name, "--out", tmp_path / "o.npz")
+        errors = [ln for ln in err.splitlines() if "error" in ln]
+        assert code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
+        assert not (tmp_path / "o.npz").exists()
+    Image.fromarray(he).convert("P").save(tmp_path / "palette.png")
+    for name in ("he.png", "palette.png"):
+        assert read_region(argparse.Namespace(image=str(tmp_path / name), slide=None)).shape == (300, 300, 3)

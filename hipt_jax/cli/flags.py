@@ -902,6 +902,29 @@ def _refuse_whole_slide(path: str) -> None:
         raise UsageError(f"{path}: a {pages}-page {width} x {height} px TIFF pyramid, {hint}")
 
 
+def _refuse_colourless_image(path: str, region) -> None:
+    """A greyscale --image (mode L, or RGB with R = G = B) was expanded to grey RGB and embedded
+    by the H&E models with exit 0, where the same pixels from --slide are refused: the features
+    mean nothing. A TIFF whose pages are its R, G and B planes (numpy/ImageJ channel stacks)
+    reads as its first page, the red plane in grey: said, since that is the likely cause."""
+    from PIL import Image
+
+    from data_prep.slide_io import colour_counts, colourless_problem
+
+    grey = colourless_problem(colour_counts(region, step=4), path)
+    if not grey:
+        return
+    try:
+        with Image.open(path) as im:
+            pages = getattr(im, "n_frames", 1)
+    except Exception:  # noqa: BLE001 -- only used to improve the message
+        pages = 1
+    if pages > 1:
+        grey += (f"; its first page was read, of {pages}: if they are its colour channels, save it as "
+                 "one RGB image")
+    raise UsageError(grey)
+
+
 def read_region(args):
     """The region the region-source flags name, as uint8 [H,W,3] (>= 256 px per side)."""
     if bool(args.image) == bool(args.slide):
@@ -914,6 +937,7 @@ def read_region(args):
                              "of --slide; --image is used whole, as the region")
         _refuse_whole_slide(args.image)
         region = read_image(args.image)
+        _refuse_colourless_image(args.image, region)
         if max(region.shape[:2]) > 2 * 4096:
             print(f"{args.image}: note: a {region.shape[0]}x{region.shape[1]} px region, far beyond the 4096 px "
                   "regions the ViT-4K was trained on (a whole slide goes to --slide with --x/--y, or hipt-extract)",
