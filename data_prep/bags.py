@@ -249,6 +249,12 @@ def extraction_of(path: str) -> dict | None:
     return made_by if isinstance(made_by, dict) else None
 
 
+def geometry_of(made_by: dict | None) -> dict:
+    """The region size and resolution ({"region_px", "target_mpp"}) of an extraction identity;
+    {} for None, and only the keys it records."""
+    return {k: made_by[k] for k in _GEOMETRY if (made_by or {}).get(k) is not None}
+
+
 def folder_extraction(out_dir: str) -> dict | None:
     """The extraction identity an embeddings folder's manifest records (None before it did)."""
     return _manifest(out_dir)[0]

@@ -379,6 +379,8 @@ def test_a_finished_rerun_reads_no_bag_and_a_partial_one_names_the_folds_it_keep
     run = tmp_path / "run"
     first = finetune.run(c, str(run), show_progress=False)
     capsys.readouterr()
+    # what hipt-predict checks new bags against (plant: no embedding_geometry in the info -> fails)
+    assert first["info"]["embedding_geometry"] == {"region_px": 4096, "target_mpp": 0.5}
 
     def no_bags(*a, **k):
         raise AssertionError("bags read for a run whose every fold was finished")

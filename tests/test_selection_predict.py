@@ -434,3 +434,38 @@ def test_predict_refuses_a_bag_whose_arrays_disagree_on_the_regions(tmp_path, mo
     assert "coords (5, 2)" in res["failed_slides"]["b_coords"]
     assert "features_cls256 (4, 4, 384)" in res["failed_slides"]["c_cls256"]
     assert [r["slide_id"] for r in csv.DictReader(open(tmp_path / "p.csv"))] == ["a_good"]
+
+
+def test_predict_refuses_bags_extracted_at_another_region_size_or_resolution(tmp_path, monkeypatch):
+    """Bags of new slides extracted at 1.0 um/px (or 2048 px regions) for a run trained on 0.5
+    um/px ones have the same CLS-4K shape [192] and were scored with exit 0. The run records its
+    bags' region size and resolution (results info "embedding_geometry", from the folder's
+    manifest or its first bag) and each bag recording others fails, named; a run from before the
+    record, or unrecorded bags, are scored as before. Plant: no _check_geometry in predict_run
+    -> both slides scored: fails."""
+    from hipt_jax.finetune.main import embedding_geometry
+    from tests.synthetic_cohort import MADE_BY
+
+    monkeypatch.setattr(predict, "FoldModel", _ConstantFold)
+    arrays = {"features_cls4k": np.ones((2, 192), np.float32), "coords": np.zeros((2, 2), np.int64)}
+    same, coarse, bare = (str(tmp_path / n) for n in ("same", "coarse", "bare"))
+    for sid in ("s1", "s2"):
+        bags.write_bag(same, sid, arrays, made_by=MADE_BY)
+        bags.write_bag(coarse, sid, arrays, made_by=dict(MADE_BY, target_mpp=1.0))
+        bags.write_bag(bare, sid, arrays)
+    assert embedding_geometry(same) == {"region_px": 4096, "target_mpp": 0.5}
+    assert embedding_geometry(bare) == {}
+    run = tmp_path / "run"
+    os.makedirs(run / "fold_0" / "checkpoint")
+    (run / "fold_0" / "checkpoint" / "arch.json").write_text("{}")
+    results = {"task": "subtyping", "class_names": ["0", "1"], "model": "abmil", "folds": [{"fold": 0}],
+               "config": {"data": {}}, "info": {"embedding_geometry": embedding_geometry(same)}}
+    json.dump(results, open(run / "results.json", "w"))
+    res = predict.predict_run(str(run), coarse, str(tmp_path / "c.csv"), show_progress=False)
+    assert res["n_slides"] == 0 and sorted(res["failed_slides"]) == ["s1", "s2"]
+    assert ("s1.npz: extracted at region_px 4096, target_mpp 1.0, but this run was trained on bags extracted at "
+            "region_px 4096, target_mpp 0.5") in res["failed_slides"]["s1"]
+    for emb in (same, bare):
+        assert predict.predict_run(str(run), emb, str(tmp_path / "p.csv"), show_progress=False)["n_slides"] == 2
+    json.dump(dict(results, info={}), open(run / "results.json", "w"))  # a run from before the record
+    assert predict.predict_run(str(run), coarse, str(tmp_path / "c.csv"), show_progress=False)["n_slides"] == 2

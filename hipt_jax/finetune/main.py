@@ -197,6 +197,21 @@ def embedding_models(embeddings: str) -> dict:
     return {k: recorded[k] for k in ("vit256", "vit4k") if k in (recorded or {})}
 
 
+def embedding_geometry(embeddings: str) -> dict:
+    """The region size and resolution an embeddings folder was extracted at ({"region_px",
+    "target_mpp"}), as hipt-extract recorded them: the folder's manifest, else its first bag
+    (bags of one folder agree: bags.check_extraction); {} when nothing records them (TRIDENT
+    bags, older folders)."""
+    made_by = bags.folder_extraction(embeddings) if os.path.isdir(embeddings) else None
+    if made_by is None:
+        first = next(iter(bags.list_bags(embeddings).values()), None)
+        try:
+            made_by = bags.extraction_of(first) if first else None
+        except BagError:
+            made_by = None  # a damaged first bag: its reader names it
+    return bags.geometry_of(made_by)
+
+
 def _say_missing(emb: str, missing: list[str]) -> None:
     if missing:
         print(f"hipt-finetune: {len(missing)} labelled slide(s) not extracted in {emb}, skipped: "
@@ -206,7 +221,8 @@ def _say_missing(emb: str, missing: list[str]) -> None:
 def _embeddings_info(emb: str, coh: cohort_lib.Cohort, n_slides: int, shape: tuple) -> dict[str, Any]:
     """The results' "info" on the bags used; the extracted slides without a label row are said."""
     info: dict[str, Any] = {"n_slides": n_slides, "instance_shape": list(shape),
-                            "unlabelled_slides": _unlabelled(emb, coh), "embedding_models": embedding_models(emb)}
+                            "unlabelled_slides": _unlabelled(emb, coh), "embedding_models": embedding_models(emb),
+                            "embedding_geometry": embedding_geometry(emb)}
     if info["unlabelled_slides"]:
         print(f"hipt-finetune: {len(info['unlabelled_slides'])} extracted slide(s) in {emb} have no row in "
               f"{coh.path} (not used): {info['unlabelled_slides'][:5]}", file=sys.stderr)

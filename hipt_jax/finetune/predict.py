@@ -128,6 +128,7 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
         raise FinetuneError(f"{os.path.join(run_dir, 'results.json')}: {len(class_names)} class names "
                             f"{class_names} for a {folds[0].n_outputs}-class model")
     expected = (info.get("info") or {}).get("instance_shape")  # absent in runs before it was recorded
+    geometry = (info.get("info") or {}).get("embedding_geometry") or {}  # likewise
     _check_embedding_models(run_dir, (info.get("info") or {}).get("embedding_models") or {}, embeddings)
     available = bags.list_bags(embeddings)
     if not available:
@@ -146,6 +147,7 @@ def predict_run(run_dir: str, embeddings: str, out_csv: str, show_progress: bool
     for sid in tqdm(ids, desc="predict", disable=not show_progress, dynamic_ncols=True):
         try:
             bag = bags.read_bag(embeddings, sid)
+            _check_geometry(available[sid], geometry)
             scores = _score(folds, sid, bag, available[sid], info.get("model"), expected)
         except BagError as e:
             failed[sid] = str(e)
@@ -210,6 +212,24 @@ def _patients_of(info: dict) -> dict[str, str]:
                 for r in rows if (r.get("slide_id") or "").strip() and (r.get("case_id") or "").strip()}
     except cohort_lib.CohortError:
         return {}
+
+
+def _geometry_text(geometry: dict) -> str:
+    return ", ".join(f"{k} {geometry[k]}" for k in ("region_px", "target_mpp") if k in geometry)
+
+
+def _check_geometry(path: str, trained: dict) -> None:
+    """BagError naming the bag when it records another region size or resolution than the run's
+    training bags. The instance shape cannot tell: CLS-4K is [192] for a 2048 px region or a
+    10x one alike, and such bags were scored with exit 0. Bags or runs that record nothing
+    cannot be checked (bags.check_extraction notes unrecorded bags)."""
+    if not trained:
+        return
+    now = bags.geometry_of(bags.extraction_of(path))
+    differ = [k for k in trained if k in now and not np.isclose(float(now[k]), float(trained[k]), rtol=1e-6)]
+    if differ:
+        raise BagError(f"{path}: extracted at {_geometry_text(now)}, but this run was trained on bags extracted "
+                       f"at {_geometry_text(trained)}: re-extract these slides at the run's region size and resolution")
 
 
 def _score(folds: list[FoldModel], sid: str, bag: dict, path: str, model_name, expected) -> list:
