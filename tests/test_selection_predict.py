@@ -281,21 +281,29 @@ def test_predict_warns_about_bags_extracted_with_other_weights(tmp_path, capsys)
     no word and confident probabilities. The run records the checkpoints of its training bags
     (results info "embedding_models"); predict names a difference (a warning: the records are of
     files, and the same weights converted twice record differently). Plant: the comparison
-    removed (nothing "changed") -> no warning."""
+    removed (nothing "changed") -> no warning. Random weights on one side (a --random-init
+    smoke-test extraction) are never the other's: refused, one line (it was this warning, exit 0).
+    Plant: no random-init refusal -> no raise: fails."""
     from hipt_jax import provenance
     from hipt_jax.finetune.main import embedding_models
 
-    trained, same, other, bare = (str(tmp_path / n) for n in ("trained", "same", "other", "bare"))
+    trained, same, other, rand, bare = (str(tmp_path / n) for n in ("trained", "same", "other", "rand", "bare"))
     provenance.write(trained, {"vit256": "sha-a", "vit4k": "sha-b", "format": "npz"})
     provenance.write(same, {"vit256": "sha-a", "vit4k": "sha-b", "format": "h5"})
-    provenance.write(other, {"vit256": "sha-a", "vit4k": "random:tiny:seed5"})
+    provenance.write(other, {"vit256": "sha-a", "vit4k": "sha-c"})
+    provenance.write(rand, {"vit256": "sha-a", "vit4k": "random:tiny:seed5"})
     os.makedirs(bare)
     recorded = embedding_models(trained)
     assert recorded == {"vit256": "sha-a", "vit4k": "sha-b"}
     predict._check_embedding_models("run", recorded, same)
     assert "warning" not in capsys.readouterr().err
     predict._check_embedding_models("run", recorded, other)
-    assert "vit4k random:tiny:seed5 (trained on sha-b)" in capsys.readouterr().err
+    assert "vit4k sha-c (trained on sha-b)" in capsys.readouterr().err
+    with pytest.raises(finetune.FinetuneError, match="rand: extracted with other weights .* one side randomly "
+                                                     r"initialized: vit4k random:tiny:seed5 \(trained on sha-b\)"):
+        predict._check_embedding_models("run", recorded, rand)
+    with pytest.raises(finetune.FinetuneError, match="one side randomly initialized"):  # a smoke-test run
+        predict._check_embedding_models("run", embedding_models(rand), other)
     predict._check_embedding_models("run", recorded, bare)
     assert "does not record the weights" in capsys.readouterr().err
 

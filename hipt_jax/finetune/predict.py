@@ -51,11 +51,18 @@ def _check_embedding_models(run_dir: str, trained_on: dict, embeddings: str) -> 
     """Bags extracted with other weights than the run's training bags have the same shape and
     get confident, meaningless scores: a warning naming both when the folders' records differ.
     Not a refusal: the records identify checkpoint FILES (the same weights as a .pth and as its
-    converted folder, or converted twice, record differently)."""
+    converted folder, or converted twice, record differently). A random init on either side
+    ("random:tiny:seed0", a smoke-test extraction) is never the other side's weights: refused,
+    as bags.extraction_difference refuses it inside one folder."""
     from hipt_jax.finetune.main import embedding_models
 
     now = embedding_models(embeddings)
-    changed = [f"{k} {now[k]} (trained on {trained_on[k]})" for k in trained_on if k in now and now[k] != trained_on[k]]
+    differ = [k for k in trained_on if k in now and now[k] != trained_on[k]]
+    changed = [f"{k} {now[k]} (trained on {trained_on[k]})" for k in differ]
+    if any(str(now[k]).startswith("random:") or str(trained_on[k]).startswith("random:") for k in differ):
+        raise FinetuneError(f"{embeddings}: extracted with other weights than the bags {run_dir} was trained on, "
+                            f"one side randomly initialized: {'; '.join(changed)}; extract these slides with the "
+                            "run's checkpoints")
     if changed:
         print(f"hipt-predict: warning: {embeddings} was extracted from other checkpoint files than the bags "
               f"{run_dir} was trained on: {'; '.join(changed)}. Unless they hold the same weights (a .pth "
