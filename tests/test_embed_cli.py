@@ -280,3 +280,25 @@ def test_greyscale_image_region_is_refused_like_a_greyscale_slide(tmp_path, caps
     Image.fromarray(he).convert("P").save(tmp_path / "palette.png")
     for name in ("he.png", "palette.png"):
         assert read_region(argparse.Namespace(image=str(tmp_path / name), slide=None)).shape == (300, 300, 3)
+
+
+def test_assume_mpp_for_a_slide_with_an_mpp_is_said_to_be_unused(tmp_path, capsys):
+    """--assume-mpp 1.0 on a slide whose metadata says 0.5 um/px was dropped without a word (the
+    region read at the metadata's scale, not the one asked for). A note names the slide and both
+    values; the same value, or a slide without an mpp (where it is used), says nothing.
+    Plant: no _note_assume_mpp_unused in flags.read_region -> no note: fails."""
+    import argparse
+
+    from data_prep.synth import make_aperio_slide
+    from hipt_jax.cli.flags import read_region
+
+    slide = make_aperio_slide(str(tmp_path / "s.svs"), (600, 600), mag=20, levels=(1,))
+    bare = make_aperio_slide(str(tmp_path / "bare.svs"), (600, 600), mag=20, levels=(1,), mpp=None)
+    args = argparse.Namespace(image=None, slide=slide, x=0, y=0, size=512, target_mpp=0.5, assume_mpp=1.0,
+                              allow_upsample=True)
+    capsys.readouterr()
+    read_region(args)
+    assert "s.svs: note: --assume-mpp 1 is not used: the slide's metadata gives 0.5 um/px" in capsys.readouterr().err
+    for changed in ({"assume_mpp": 0.5}, {"slide": bare, "assume_mpp": 0.5}):
+        read_region(argparse.Namespace(**dict(vars(args), **changed)))
+        assert "--assume-mpp" not in capsys.readouterr().err, changed

@@ -879,6 +879,15 @@ def _note_outside(path: str, slide, x: int, y: int, read_px: int) -> None:
               f"the slide ({width} x {height} px) and is white padding", file=sys.stderr)
 
 
+def _note_assume_mpp_unused(path: str, assume_mpp: Optional[float], mpp: float, source: str) -> None:
+    """--assume-mpp is for slides without an mpp: given for one whose metadata has one, it was
+    dropped without a word and the region read at another scale than the user asked for."""
+    if assume_mpp is None or source != "slide property" or abs(mpp - assume_mpp) <= 1e-6 * assume_mpp:
+        return
+    print(f"{path}: note: --assume-mpp {assume_mpp:g} is not used: the slide's metadata gives {mpp:.4g} um/px "
+          "(--assume-mpp is only for slides without one)", file=sys.stderr)
+
+
 WSI_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".czi", ".isyntax",
                   ".qptiff", ".dcm")
 WHOLE_SLIDE_PX = 4 * 4096 * 4096  # a multi-page TIFF beyond a few regions' pixels is a pyramid slide
@@ -953,7 +962,8 @@ def read_region(args):
         if args.x >= width or args.y >= height:  # it would read nothing but white padding
             raise UsageError(f"{args.slide}: (--x {args.x}, --y {args.y}) is outside the slide "
                              f"({width} x {height} level-0 px)")
-        mpp, _ = resolve_mpp(slide, args.assume_mpp, args.slide)  # as read_region_at_mpp reads it
+        mpp, source = resolve_mpp(slide, args.assume_mpp, args.slide)  # as read_region_at_mpp reads it
+        _note_assume_mpp_unused(args.slide, args.assume_mpp, mpp, source)
         # refused as in hipt-prep and hipt-extract --slides: upsampled pixels pass for the target mpp
         check_upsample(mpp, args.target_mpp, allow_upsample=getattr(args, "allow_upsample", False),
                        path=args.slide)
