@@ -184,6 +184,21 @@ def test_out_never_replaces_another_file(tmp_path, capsys):
     outputs.check_target(str(tmp_path / "mine.npz"), writer="hipt-embed", is_own=embed._own_output)
 
 
+def test_out_suffix_in_capitals_names_the_file_written(tmp_path, capsys):
+    """--out r.NPZ wrote r.NPZ.npz (the .npz check was case-sensitive) and checked that name, not
+    the one given: a foreign r.NPZ was neither replaced nor refused. Plant: endswith(".npz")
+    without .lower() in embed._npz_path -> r.NPZ.npz written, theirs.NPZ not refused."""
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "ok.png")
+    code, out, err = run(capsys, "--random-init", "tiny", "--image", tmp_path / "ok.png", "--out", tmp_path / "r.NPZ")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png", "r.NPZ"]
+    assert f"wrote {tmp_path / 'r.NPZ'}" in out and "features_cls256" in np.load(tmp_path / "r.NPZ")
+    np.savez(tmp_path / "theirs.npz", scores=np.zeros(3))
+    os.rename(tmp_path / "theirs.npz", tmp_path / "theirs.NPZ")
+    code, _, err = run(capsys, "--random-init", "tiny", "--image", tmp_path / "ok.png", "--out", tmp_path / "theirs.NPZ")
+    assert code == 2 and "exists and is not an earlier hipt-embed output" in err, err
+
+
 def test_entry_point_subprocess(setup, tmp_path):
     d, _ = setup
     (tmp_path / "bad.pth").write_bytes(b"\x00\x01garbage")

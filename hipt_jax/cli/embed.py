@@ -59,15 +59,21 @@ def _own_output(path: str) -> bool:
         return {"features_cls256", "region_shape"} <= set(data.files)
 
 
+def _npz_path(out: str) -> str:
+    """The file --out names: with ".npz" added when it has no such suffix, as np.savez would
+    name it; in any letter case (r.NPZ is that file, not r.NPZ.npz)."""
+    return out if out.lower().endswith(".npz") else out + ".npz"
+
+
 def _run(args) -> int:
     from hipt_jax import outputs
 
     if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):  # DIR/ wrote DIR/.npz, DIR wrote DIR.npz
         raise flags.UsageError(f"{args.out}: is a folder; --out takes the .npz file to write "
                                f"(e.g. {os.path.join(args.out, 'region.npz')})")
-    # np.savez appends .npz to a name without it: check the file it will actually write
-    flags.check_output_file(args.out if args.out.endswith(".npz") else args.out + ".npz")
-    outputs.check_target(args.out if args.out.endswith(".npz") else args.out + ".npz", writer=PROG,
+    path = _npz_path(args.out)
+    flags.check_output_file(path)
+    outputs.check_target(path, writer=PROG,
                          inputs={"--image": args.image, "--slide": args.slide, "--vit256": args.vit256,
                                  "--vit4k": args.vit4k}, is_own=_own_output)
     start = time.perf_counter()
@@ -75,7 +81,6 @@ def _run(args) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     from hipt_jax.outputs import atomic_path
 
-    path = args.out if args.out.endswith(".npz") else args.out + ".npz"  # as np.savez names it
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a full disk leaves no partial .npz
         np.savez(f, **out)
     h, w = (int(v) for v in out["region_shape"])
