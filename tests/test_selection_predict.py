@@ -251,6 +251,13 @@ def _predict_refuses_what_it_cannot_score(run, emb, tmp_path, predict_cli):
     json.dump(info, open(os.path.join(run, "results.json"), "w"))
     with pytest.raises(finetune.FinetuneError, match="3 class names .* for a 2-class model"):
         predict.predict_run(run, new, str(tmp_path / "x.csv"), show_progress=False)
+    # A results.json without its task (hand-edited) is named (plant: no task check in _run_info
+    # -> "unknown task None" from the trainer, naming no file).
+    info = json.load(open(os.path.join(partial, "results.json")))
+    del info["task"]
+    json.dump(info, open(os.path.join(partial, "results.json"), "w"))
+    with pytest.raises(finetune.FinetuneError, match=r"results.json: no task 'subtyping' or 'survival' \(task None\)"):
+        predict.predict_run(partial, new, str(tmp_path / "y.csv"), show_progress=False)
 
 
 def test_baseline_survival_learns_class_dependent_times(cohort, tmp_path):

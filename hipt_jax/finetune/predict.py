@@ -93,9 +93,16 @@ def _run_info(run_dir: str) -> dict:
         raise FinetuneError(f"{path}: not found (not a finished hipt-finetune run)")
     try:
         with open(path) as f:
-            return json.load(f)
+            info = json.load(f)
     except (OSError, ValueError) as e:
         raise FinetuneError(f"{path}: unreadable ({e})") from None
+    # The task decides what the scores mean (class probabilities or a risk): a file that does
+    # not say it (edited by hand, or not hipt-finetune's) failed later naming neither.
+    task = info.get("task") if isinstance(info, dict) else None
+    if task not in ("subtyping", "survival"):
+        raise FinetuneError(f"{path}: no task 'subtyping' or 'survival' (task {task!r}): not a "
+                            "hipt-finetune results file")
+    return info
 
 
 class FoldModel:
