@@ -197,10 +197,12 @@ def filter_regions(kept: list, read_px: int, slide_wh: tuple[int, int], ann: Ann
 
 
 def polygon_rings(polys: list) -> list:
-    """Exterior rings of polygons as [(x, y), ...] level-0 point lists (for QC drawings)."""
+    """Every ring of polygons, exterior and holes, as [(x, y), ...] level-0 point lists (for QC
+    drawings: a hole cut out of an inclusion excludes its regions, so the picture shows it)."""
     rings = []
     for p in polys:
         for g in getattr(p, "geoms", [p]):
             if g.geom_type == "Polygon":
                 rings.append(list(g.exterior.coords))
+                rings.extend(list(r.coords) for r in g.interiors)
     return rings

@@ -219,6 +219,19 @@ def test_invalid_polygons_mean_shell_minus_holes(tmp_path):
     assert ann.exclude[0].area == 2 * 100 * 100 - 50 * 50
 
 
+def test_qc_rings_include_the_holes():
+    """The QC picture drew only each polygon's outline, so a hole cut out of an inclusion (whose
+    regions are dropped) did not show. (Plant: no interiors in polygon_rings -> 1 ring.)"""
+    from shapely.geometry import Polygon
+
+    from data_prep.annotations import polygon_rings
+
+    shell = [(0, 0), (100, 0), (100, 100), (0, 100)]
+    hole = [(40, 40), (60, 40), (60, 60), (40, 60)]
+    rings = polygon_rings([Polygon(shell, [hole])])
+    assert len(rings) == 2 and sorted(rings[1])[0] == (40.0, 40.0)
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"\xff\xfe\x00 not text", "cannot read GeoJSON ('utf-8' codec can't decode"),
     (json.dumps(["hello"]).encode(), "feature 0: not a GeoJSON Feature object (str)"),
