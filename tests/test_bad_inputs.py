@@ -107,6 +107,20 @@ def test_config_fields_range_checked_and_unknown_ones_name_the_closest(module, a
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("module, argv, needle", [
+    ("hipt_jax.cli.pretrain", ["--config", "configs/lgp_subtyping.py:runlocal", "--workdir={workdir}"],
+     "configs/lgp_subtyping.py:runlocal: has no field config.global_batch"),
+    ("hipt_jax.cli.profile", ["--config", "configs/pretrain_vit256.py:runlocal"],
+     "configs/pretrain_vit256.py:runlocal: has no field config.repeats"),
+])
+def test_a_config_file_of_another_command_is_named_not_a_traceback(module, argv, needle, tmp_path):
+    """Plant: check_config indexing the config without looking (a KeyError traceback, exit 1)."""
+    workdir = tmp_path / "run"
+    code, _, err = _subprocess(module, *(a.format(workdir=workdir) for a in argv))
+    assert_one_line(code, err, module.replace("hipt_jax.cli.", "hipt-"), needle, "another command")
+    assert not workdir.exists()
+
+
 def test_finetune_splits_spec_takes_the_documented_val_form():
     """kfold:K:val=F (README, patient-level protocol) is accepted; K < 2, a val fraction >= 1
     or junk is refused before any work. Plant: the old check (everything after "kfold:" must

@@ -1281,12 +1281,29 @@ def config_override_error(argv: list[str], error: BaseException) -> str:
     return one_line(error).replace("\\n", " ")
 
 
+def _missing_field(path: str) -> str:
+    """One line for a config without a field the command reads: another command's config file
+    (hipt-pretrain --config configs/lgp_subtyping.py) was a KeyError traceback, exit 1."""
+    spec = ""
+    try:
+        from absl import flags as absl_flags
+        from ml_collections import config_flags
+
+        spec = config_flags.get_config_filename(absl_flags.FLAGS["config"]) or ""
+    except Exception:  # noqa: BLE001 -- no absl --config flag: a config built in Python
+        pass
+    return (f"{spec or 'the config'}: has no field config.{path}, which this command reads; "
+            "is it a config file of another command?")
+
+
 def check_config(config, rules: dict) -> None:
     """Range-check config fields before any work: ``rules`` maps a dotted field to an argparse
     type of this module (int_at_least, float_in, ...). UsageError naming the field."""
     for path, check in rules.items():
         node = config
         for part in path.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                raise UsageError(_missing_field(path))
             node = node[part]
         try:
             check(str(node))
