@@ -303,6 +303,14 @@ def test_a_config_file_that_is_not_python_is_one_line(bad_files, tmp_path):
     assert_one_line(code, err, "hipt-pretrain", "config.py", "cannot load the config file")
 
 
+def test_a_config_file_without_get_config_is_named(bad_files, tmp_path):
+    """ml_collections' "module 'config_config' has no attribute 'get_config'" named no file.
+    Plant: _no_get_config returning "" (that line again)."""
+    (bad_files / "noget.py").write_text("BATCH = 8\n")
+    code, _, err = run_module("hipt_jax.cli.profile", f"--config={bad_files}/noget.py")
+    assert_one_line(code, err, "hipt-profile", f"{bad_files}/noget.py: defines no get_config()")
+
+
 # ------------------------------------------------------------------------------ Ctrl-C
 @pytest.mark.slow  # up to the watchdog's 10 s grace + start-up; the fast Ctrl-C test is test_bad_inputs'
 def test_ctrl_c_during_pretrain_compilation_exits_130_with_one_line(tmp_path):

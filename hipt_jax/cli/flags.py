@@ -1013,7 +1013,7 @@ def absl_main(prog: str, body: Callable[[], int], argv: Optional[list[str]] = No
             print_error(prog, message)
             sys.exit(EXIT_BAD_INPUT)
         except (AttributeError, KeyError, TypeError, ValueError) as e:  # a bad --config.FIELD override
-            print_error(prog, config_override_error(args, e))
+            print_error(prog, _no_get_config(args, e) or config_override_error(args, e))
             sys.exit(EXIT_BAD_INPUT)
         except Exception as e:  # noqa: BLE001 -- a config file that is not Python (binary, syntax error)
             if os.environ.get("HIPT_DEBUG"):
@@ -1101,6 +1101,15 @@ def _positional_config(args: list[str]) -> str:
             return (f"{arg}: a config file is given with --config: --config {arg} "
                     "(then --config.FIELD=VALUE overrides)")
     return ""
+
+
+def _no_get_config(args: list[str], error: BaseException) -> str:
+    """One line for a --config FILE that defines no get_config, else "": ml_collections' own
+    ("module 'config_config' has no attribute 'get_config'") named neither the file nor the fix."""
+    if not isinstance(error, AttributeError) or "'get_config'" not in str(error):
+        return ""
+    path = (_config_spec(args) or "--config").partition(":")[0]
+    return f"{path}: defines no get_config(); a config file returns its ml_collections.ConfigDict from get_config(arg)"
 
 
 def _missing_config_file(args: list[str]) -> str:
