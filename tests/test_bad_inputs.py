@@ -520,6 +520,24 @@ def test_pretrain_falls_back_to_the_newest_checkpoint_that_restores(tmp_path, ca
     assert steps == list(range(6))
 
 
+def test_resuming_anyway_with_another_model_width_names_the_arrays(tmp_path):
+    """--resume-anyway after a change of model.width said "checkpoints/3 (ValueError)", naming no
+    array. Plant: _model_changes returning "" -> that line: fails."""
+    from configs.pretrain_vit4k import get_config
+    from hipt_jax.pretrain import trainer
+
+    config = get_config("runlocal")
+    config.data.path = str(write_feature_grids(tmp_path / "feats", 4))
+    config.checkpoint.use_async, config.stop_at_step = False, 3
+    workdir = str(tmp_path / "run")
+    trainer.train(config, workdir)
+    config.model.update(width=96, mlp_dim=96)
+    with pytest.raises(trainer.CheckpointRestoreError) as e:
+        trainer.train(config, workdir, resume_anyway=True)
+    assert "checkpoints/3 (made for another model: " in str(e.value), str(e.value)
+    assert "vit.cls_token saved (1, 1, 192), now (1, 1, 96)" in str(e.value), str(e.value)
+
+
 def test_flipped_bytes_in_a_saved_model_are_detected(tmp_path):
     """Plant: load() without verify_state (100 zeroed bytes loaded as weights)."""
     import jax

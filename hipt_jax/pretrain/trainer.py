@@ -658,7 +658,8 @@ def _restore_newest(manager, workdir: str, state, iterator, is_main: bool, num_w
                 restored = manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract)))
             except Exception:  # noqa: BLE001 -- any damage: try the next older checkpoint
-                skipped.append(f"{path} ({type(e).__name__})")
+                changed = _model_changes(manager, step, abstract)  # the failed restore told Orbax the layout
+                skipped.append(f"{path} ({f'made for another model: {changed}' if changed else type(e).__name__})")
                 continue
             loader_note = f"its loader state does not restore ({type(e).__name__}: {_first_line(e)})"
         if loader_note is not None and iterator is not None:
@@ -698,6 +699,33 @@ def _saved_source(workdir: str, step: int):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _model_changes(manager, step: int, abstract, limit: int = 3) -> str:
+    """How checkpoint ``step``'s train state differs in layout from this config's (``abstract``):
+    "student.backbone.x saved (384, 64), now (96, 64); ... (N arrays)", or "" when it does not
+    or its metadata cannot be read. A run resumed with --resume-anyway after a change of
+    model.width said only "(ValueError)" for every checkpoint, naming no array."""
+    try:
+        saved = {_dotted(p): tuple(getattr(v, "shape", ()) or ())
+                 for p, v in jax.tree_util.tree_flatten_with_path(manager.item_metadata(step)["state"])[0]}
+    except Exception:  # noqa: BLE001 -- damaged metadata: the caller names the error instead
+        return ""
+    if not saved:  # no metadata of the state item (Orbax returns None for it): nothing to compare
+        return ""
+    now = {_dotted(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    now = dict(sorted(now.items(), key=lambda kv: kv[0].startswith("opt.")))  # the models' arrays first
+    changes = [f"{k} saved {saved[k]}, now {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    changes += [f"{k} not saved" for k in now if k not in saved]
+    changes += [f"{k} saved, not in this config" for k in saved if k not in now]
+    if not changes:
+        return ""
+    more = f"; ... ({len(changes)} arrays)" if len(changes) > limit else ""
+    return "; ".join(changes[:limit]) + more
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
