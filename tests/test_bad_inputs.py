@@ -536,6 +536,12 @@ def test_resuming_anyway_with_another_model_width_names_the_arrays(tmp_path):
         trainer.train(config, workdir, resume_anyway=True)
     assert "checkpoints/3 (made for another model: " in str(e.value), str(e.value)
     assert "vit.cls_token saved (1, 1, 192), now (1, 1, 96)" in str(e.value), str(e.value)
+    # The refused attempt leaves the run's record as it was: the run's own config resumes it
+    # without --resume-anyway. Plant: no _write_record -> "made with other inputs": fails.
+    config.model.update(width=192, mlp_dim=192)
+    config.stop_at_step = 4
+    trainer.train(config, workdir)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
 
 
 def test_flipped_bytes_in_a_saved_model_are_detected(tmp_path):

@@ -942,14 +942,44 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
+        record, outcome = _read_record(workdir), None
         if is_main:
             now = fingerprint(config, identities())
             details = {"config": hashed_config(config), "data": now["data"]}  # to name what changed
             reconcile_record(workdir, config, now, details)
-            provenance.check(workdir, now, outputs=RUN_OUTPUTS, overwrite=overwrite,
-                             resume_anyway=resume_anyway, what="pretraining run directory",
-                             details=details)
-        return _train(config, workdir, is_main)
+            outcome = provenance.check(workdir, now, outputs=RUN_OUTPUTS, overwrite=overwrite,
+                                       resume_anyway=resume_anyway, what="pretraining run directory",
+                                       details=details)
+        try:
+            return _train(config, workdir, is_main)
+        except CheckpointRestoreError:
+            if outcome == "resumed" and record is not None:
+                _write_record(workdir, record)
+            raise
+
+
+def _read_record(workdir: str) -> Optional[bytes]:
+    """The bytes of the run directory's provenance record (None when it has none)."""
+    from hipt_jax import provenance
+
+    try:
+        with open(os.path.join(workdir, provenance.FILE), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _write_record(workdir: str, record: bytes) -> None:
+    """Put back the provenance record a --resume-anyway replaced when no checkpoint restored into
+    the new config: the record then named the failed attempt's config, and a rerun with the
+    config the checkpoints were made with was refused as "made with other inputs"."""
+    from hipt_jax import provenance
+
+    path = os.path.join(workdir, provenance.FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(record)
+    os.replace(tmp, path)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> dict:
