@@ -318,6 +318,8 @@ def test_a_lock_being_written_is_not_taken_over(tmp_path):
     (1, "model.depth", 0, "config.model.depth=0"),
     (2, "data.samples_per_epoch", 0, "config.data.samples_per_epoch=0: expected -1 (auto) or an integer >= 1"),
     (1, "microbatches", 0, "config.microbatches=0"),
+    # a mesh axis of 0 devices was a ZeroDivisionError traceback in sharding.make_mesh
+    (1, "mesh.fsdp", 0, "config.mesh.fsdp=0: expected -1 (auto) or an integer >= 1"),
     # model.arch labels the export: a pixel ViT labelled vit4k failed in hipt-embed (Flax shapes)
     (1, "model.arch", "vit4k", "config.model.arch='vit4k': stage 1 trains a vit256 (model.arch='vit256', "
                                "model.stem='pixels', model.in_features=3 (RGB))"),

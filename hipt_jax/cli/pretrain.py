@@ -41,6 +41,8 @@ CONFIG_RANGES = {
     "model.depth": _I(1), "model.width": _I(1), "model.num_heads": _I(1), "model.mlp_dim": _I(1),
     "model.patch_size": _I(1),
     "checkpoint.every_steps": _I(1), "checkpoint.keep": _I(1),
+    # mesh axis sizes (-1: the devices left over); fsdp=0 was a ZeroDivisionError traceback
+    "mesh.data": flags.auto_or_int_at_least(1), "mesh.fsdp": flags.auto_or_int_at_least(1),
 }
 # Stage 3 (ViT-WSI) views are windows of regions, not pixel or grid crops.
 STAGE3_RANGES = {
