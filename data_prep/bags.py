@@ -688,16 +688,24 @@ def read_slide_embeddings(out_dir: str, failed: dict[str, str] | None = None) ->
         out[sid] = emb
     if not out:
         raise no_bag_read_error(out_dir, failed)
+    check_one_width(out, found)
+    return out
+
+
+def check_one_width(embeddings: dict[str, np.ndarray], paths: dict[str, str],
+                    what: str = "slide embedding") -> None:
+    """BagError naming the odd bag when ``embeddings`` (slide_id -> [D], read from ``paths``)
+    differ in width (bags of two models or feature kinds in one folder): the slides cannot
+    be compared, and numpy's stack would fail without naming a file."""
     widths: dict[int, list[str]] = {}
-    for sid, emb in out.items():
+    for sid, emb in embeddings.items():
         widths.setdefault(emb.shape[0], []).append(sid)
     if len(widths) > 1:  # name the odd bags, not whichever sorted first
         common = max(widths, key=lambda w: len(widths[w]))
         odd = next(sid for w, sids in widths.items() if w != common for sid in sids)
-        raise BagError(f"{found[odd]}: slide embedding has width {out[odd].shape[0]} but "
-                       f"{len(widths[common])} of the {len(out)} bags (e.g. {found[widths[common][0]]}) "
+        raise BagError(f"{paths[odd]}: {what} has width {embeddings[odd].shape[0]} but "
+                       f"{len(widths[common])} of the {len(embeddings)} bags (e.g. {paths[widths[common][0]]}) "
                        f"have {common}; one cohort needs one kind of bag")
-    return out
 
 
 def num_regions(path: str) -> int:

@@ -308,3 +308,23 @@ def test_a_save_splits_folder_named_like_a_bag_among_the_bags_is_refused(tmp_pat
     for _ in range(2):  # the rerun reads none of the first run's outputs as a bag
         assert knn_cli.main([*args, held]) == 0
     assert os.path.isfile(os.path.join(held, "splits_0.csv"))
+
+
+def test_bags_of_two_feature_widths_are_named_for_every_embedding(tmp_path, capsys):
+    """A folder holding bags of two models (ViT-256 features of 384 and of 512 values, the
+    same slide_embedding width): --embedding cls256_mean stopped on numpy's "all input arrays
+    must have the same shape", naming no file. Plant: no width check in
+    slide_embeddings.read -> that message."""
+    from tests.synthetic_cohort import write_embedding
+
+    emb = str(tmp_path / "emb")
+    classes = make_feature_cohort(emb, 8, grid=2, regions=(1, 2))
+    write_embedding(emb, "slide_0003", np.random.default_rng(0).normal(size=(2, 4, 512)).astype(np.float32))
+    labels = write_labels(str(tmp_path / "l.csv"), [{"slide_id": f"slide_{i:04d}", "label": "ab"[c]}
+                                                     for i, c in enumerate(classes)])
+    for name in ("cls256_mean", "mean256_cls4k"):
+        code = knn_cli.main(["--embeddings", emb, "--labels", labels, "--splits", "kfold:2",
+                             "--embedding", name, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "slide_0003.npz: --embedding " + name in err and "one cohort needs one kind of bag" in err

@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.bags import BagError, bag_keys, check_extraction, list_bags, no_bag_read_error, read_bag_file
+from data_prep.bags import (BagError, bag_keys, check_extraction, check_one_width, list_bags, no_bag_read_error,
+                            read_bag_file)
 
 # name -> (bag keys read, function of those arrays -> [D])
 EMBEDDINGS: dict[str, tuple[tuple[str, ...], Callable[[dict], np.ndarray]]] = {}
@@ -79,4 +80,5 @@ def read(out_dir: str, name: str, failed: dict[str, str] | None = None) -> dict[
             failed[sid] = str(e)
     if not out:
         raise no_bag_read_error(out_dir, failed)
+    check_one_width(out, found, f"--embedding {name}")
     return out
