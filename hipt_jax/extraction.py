@@ -555,6 +555,30 @@ def _say_prep_failures(shards_dir: str, region_shards: dict) -> tuple[list[str],
     return lost, missing
 
 
+def _check_cut_as_recorded(region_shard: str, attrs: dict, cut: dict, manifest: str) -> None:
+    """ExtractError when a slide's regions (``attrs``: coords_attrs of its records) are not of
+    the size and resolution the prep folder's manifest records (``cut``: its params), e.g. a
+    shard copied in from another hipt-prep run: its bag would be labelled with the folder's
+    region size and resolution, and scored beside the others as if it had them. Checked on the
+    records, which are what the bag is made of (a shard's status file can be copied with it)."""
+    got, want = [], []
+    if cut.get("region_px") is not None and attrs["patch_size"] != int(cut["region_px"]):
+        got.append(f"of {attrs['patch_size']} px")
+        want.append(f"{cut['region_px']} px")
+    target, tolerance = cut.get("target_mpp"), cut.get("mpp_tolerance") or 0.0
+    # hipt-prep snaps the read scale to an integer level-0 factor within mpp_tolerance, and
+    # rounds the level-0 extent to whole pixels (half a pixel of the region side): a region's
+    # mpp may differ from the target by that much, not more.
+    slack = float(target or 0) * (float(tolerance) + 1.0 / attrs["patch_size"])
+    if target and abs(attrs["mpp"] - float(target)) > slack:
+        got.append(f"at {attrs['mpp']:g} um/px")
+        want.append(f"{target} um/px")
+    if got:
+        raise ExtractError(f"{region_shard}: regions {' '.join(got)}, but {manifest} records {' and '.join(want)} "
+                           "for this folder: a shard of another hipt-prep run? move it to that run's folder, "
+                           "or redo the slide with this folder's hipt-prep command")
+
+
 def _check_one_format(out_dir: str, fmt: str) -> None:
     """ExtractError when ``out_dir`` holds bags of another format than this run writes (reached
     with --resume-anyway past the fingerprint's format): its bags would count as done and the
@@ -607,13 +631,17 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
     _drop_stale_bags(out_dir, failed, shards_dir)
     extractor = extractor or Extractor(model, batch_per_device)
 
+    cut = shards.read_prep_manifest(shards_dir).get("params") or {}
+
     def embed_one(slide_id, bar):
         if slide_id not in region_shards:
             raise ExtractError(f"{shards.shard_path(shards_dir, shards.REGION, slide_id)}: region shard missing "
                                f"(hipt-prep recorded {slide_id} as done in {os.path.join(shards_dir, shards.MANIFEST)})")
-        return extractor.embed_slide_bag(region_shards[slide_id],
-                                         _existing_feature_shard(features_dir, slide_id,
-                                                                 region_shards[slide_id]), bar)
+        arrays, attrs = extractor.embed_slide_bag(region_shards[slide_id],
+                                                  _existing_feature_shard(features_dir, slide_id,
+                                                                          region_shards[slide_id]), bar)
+        _check_cut_as_recorded(region_shards[slide_id], attrs, cut, os.path.join(shards_dir, shards.MANIFEST))
+        return arrays, attrs
 
     def source_of(slide_id):  # the shard's checksum as hipt-prep recorded it (no re-hash)
         if slide_id not in region_shards:  # lost: embed_one names it
@@ -622,7 +650,6 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
         sha = _read_json(shards.shard_status_path(path)).get("sha256")
         return {"shard": os.path.basename(path), "sha256": sha or f"{os.path.getsize(path)} bytes"}
 
-    cut = shards.read_prep_manifest(shards_dir).get("params") or {}
     return _extract_slides(out_dir, list(region_shards) + lost, embed_one, extractor=extractor, fmt=fmt,
                            store_dtype=store_dtype, params=dict(params or {}),
                            show_progress=show_progress, source_of=source_of,

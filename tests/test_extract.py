@@ -352,3 +352,32 @@ def test_a_bag_of_another_extraction_is_named_by_the_readers_and_redone_by_a_rer
     extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine, fingerprint=fingerprint)
     assert f"redoing {copied}: made by another extraction (region_px 2048 (expected 512))" in capsys.readouterr().err
     assert bags.extraction_of(copied) == made_by and bags.extraction_of(refiled)["vit4k"] == "c" * 64
+
+
+def test_a_shard_of_another_prep_run_is_failed_not_labelled_with_the_folders_regions(model, tmp_path):
+    """A prep folder into which a shard of another hipt-prep run was copied (1024 px regions, or
+    1 um/px, beside the folder's 512 px at 0.5 um/px): its bag was written with the folder's
+    region size and resolution recorded, and the run ended with exit 0. Plant: no
+    _check_cut_as_recorded -> every slide done."""
+    prep = str(tmp_path / "prep")
+    rng = np.random.default_rng(0)
+    write_region_shard(prep, "good", [tissue_crop(rng, 512)])
+    write_region_shard(prep, "bigger", [tissue_crop(rng, 1024)])
+    img = tissue_crop(rng, 512)
+    write_shard(os.path.join(prep, "regions", "coarser.array_record"), [shards.REGION.encode(
+        image_jpeg=shards.encode_jpeg(img), slide_id="coarser", x=0, y=0, level=0, read_px=1024,
+        mpp=1.0, region_px=512, tissue_fraction=1.0, index=0)])
+    # 0.2527 um/px read 2026 px (not snapped, no tolerance): 0.50006 um/px is this folder's
+    write_shard(os.path.join(prep, "regions", "rounded.array_record"), [shards.REGION.encode(
+        image_jpeg=shards.encode_jpeg(img), slide_id="rounded", x=0, y=0, level=0, read_px=1013,
+        mpp=0.2527 * 1013 / 512, region_px=512, tissue_fraction=1.0, index=0)])
+    with open(os.path.join(prep, shards.MANIFEST), "w") as f:
+        json.dump({"params": {"region_px": 512, "target_mpp": 0.5, "mpp_tolerance": 0.0}, "items": {}}, f)
+    manifest = extraction.extract_cohort(model, prep, str(tmp_path / "emb"), show_progress=False)
+    status = {s: v["status"] for s, v in manifest["slides"].items()}
+    assert status == {"good": "done", "rounded": "done", "bigger": "failed", "coarser": "failed"}
+    assert "bigger.array_record: regions of 1024 px, but" in manifest["slides"]["bigger"]["error"]
+    assert "records 512 px" in manifest["slides"]["bigger"]["error"]
+    assert "coarser.array_record: regions at 1 um/px, but" in manifest["slides"]["coarser"]["error"]
+    assert "records 0.5 um/px for this folder" in manifest["slides"]["coarser"]["error"]
+    assert sorted(bags.list_bags(str(tmp_path / "emb"))) == ["good", "rounded"]
