@@ -555,6 +555,19 @@ def _say_prep_failures(shards_dir: str, region_shards: dict) -> tuple[list[str],
     return lost, missing
 
 
+def _check_records_are_of(slide_id: str, region_shard: str, attrs: dict) -> None:
+    """ExtractError when a shard's records are of another slide than its file name says (hipt-prep
+    names each shard after the slide in its records): a shard copied or renamed beside the
+    original would give the same slide a second bag under another id, which an evaluation may
+    put in train and test at once. Compared in NFC: HFS+ lists file names decomposed (NFD)."""
+    import unicodedata
+
+    if unicodedata.normalize("NFC", attrs["name"]) != unicodedata.normalize("NFC", slide_id):
+        raise ExtractError(f"{region_shard}: its regions are of slide {attrs['name']!r}, not {slide_id!r} as the "
+                           f"file is named: a copy or renamed shard? remove it, or redo the slide with hipt-prep "
+                           f"under the id {slide_id!r}")
+
+
 def _check_cut_as_recorded(region_shard: str, attrs: dict, cut: dict, manifest: str) -> None:
     """ExtractError when a slide's regions (``attrs``: coords_attrs of its records) are not of
     the size and resolution the prep folder's manifest records (``cut``: its params), e.g. a
@@ -640,6 +653,7 @@ def extract_cohort(model, shards_dir: str, out_dir: str, *, features_dir: Option
         arrays, attrs = extractor.embed_slide_bag(region_shards[slide_id],
                                                   _existing_feature_shard(features_dir, slide_id,
                                                                           region_shards[slide_id]), bar)
+        _check_records_are_of(slide_id, region_shards[slide_id], attrs)
         _check_cut_as_recorded(region_shards[slide_id], attrs, cut, os.path.join(shards_dir, shards.MANIFEST))
         return arrays, attrs
 

@@ -94,8 +94,13 @@ def test_a_bag_is_redone_when_its_region_shard_changed(model, cohort, tmp_path, 
     assert first["slides"]["lost"]["status"] == "failed"
     assert "lost.array_record: region shard missing" in first["slides"]["lost"]["error"]
     sid, other = rows[0]["slide_id"], rows[-1]["slide_id"]
-    for sub, ext in (("regions", ".array_record"), ("status", ".json")):  # as a --redo would leave it
-        shutil.copy(os.path.join(prep, sub, other + ext), os.path.join(prep, sub, sid + ext))
+    # As a --redo would leave it: new regions (the other slide's, relabelled: a shard's records
+    # name its slide) and their checksum in the status.
+    shard = os.path.join(prep, "regions", sid + ".array_record")
+    write_shard(shard, [shards.REGION.encode(**{k: v for k, v in dict(r, slide_id=sid).items() if k != "schema"})
+                        for r in shards.read_records(os.path.join(prep, "regions", other + ".array_record"))])
+    with open(shards.shard_status_path(shard), "w") as f:
+        json.dump({"status": "done", "sha256": shards.file_sha256(shard)}, f)
     capsys.readouterr()
     again = extraction.extract_cohort(model, prep, out, show_progress=False, extractor=engine)
     assert f"redoing {sid}: its input changed" in capsys.readouterr().err
@@ -381,3 +386,20 @@ def test_a_shard_of_another_prep_run_is_failed_not_labelled_with_the_folders_reg
     assert "coarser.array_record: regions at 1 um/px, but" in manifest["slides"]["coarser"]["error"]
     assert "records 0.5 um/px for this folder" in manifest["slides"]["coarser"]["error"]
     assert sorted(bags.list_bags(str(tmp_path / "emb"))) == ["good", "rounded"]
+
+
+def test_a_shard_copied_under_another_slide_id_is_failed_not_a_second_bag(model, tmp_path):
+    """regions/a.array_record copied to regions/a_copy.array_record (records of slide 'a'): the
+    run made two bags of the same slide under two ids, exit 0, and an evaluation could put one
+    in train and the other in test. Plant: no _check_records_are_of -> both done."""
+    prep = str(tmp_path / "prep")
+    write_region_shard(prep, "a", [tissue_crop(np.random.default_rng(0), 256)])
+    regions = os.path.join(prep, "regions")
+    with open(os.path.join(regions, "a.array_record"), "rb") as src, \
+            open(os.path.join(regions, "a_copy.array_record"), "wb") as dst:
+        dst.write(src.read())
+    manifest = extraction.extract_cohort(model, prep, str(tmp_path / "emb"), show_progress=False)
+    assert manifest["slides"]["a"]["status"] == "done"
+    assert manifest["slides"]["a_copy"]["status"] == "failed"
+    assert "a_copy.array_record: its regions are of slide 'a', not 'a_copy'" in manifest["slides"]["a_copy"]["error"]
+    assert sorted(bags.list_bags(str(tmp_path / "emb"))) == ["a"]
